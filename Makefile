@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv when it is missing.
+#
+# TORCH_SPEC is installed before the project so pip takes the CPU build that lies on these machines;
+# elsewhere, override it (e.g. `make test TORCH_SPEC=torch`) to take your platform's build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+DEMO_DIR ?= demo_out
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamp files re-run the install when pyproject.toml changes.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/gen-sr demo --output-dir $(DEMO_DIR) --overwrite
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

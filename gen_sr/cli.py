@@ -1,0 +1,214 @@
+"""The ``gen-sr`` command.
+
+Every subcommand checks its inputs and output paths before any work, writes outputs atomically, and turns a user
+mistake into one line on stderr with exit code 2 (``--debug`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gen_sr.errors import InputError
+
+__all__ = ["main"]
+
+EXIT_USER_ERROR = 2
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not np.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fmt(values: Sequence[float], digits: int = 3) -> str:
+    return " x ".join(f"{v:.{digits}f}".rstrip("0").rstrip(".") for v in values)
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return " x ".join(str(n) for n in shape)
+
+
+# ----------------------------------------------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> int:
+    import nibabel as nib
+
+    from gen_sr.volume import read_nifti
+
+    img, data = read_nifti(args.file)
+    hdr = img.header
+    affine = img.affine
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    units = hdr.get_xyzt_units()[0] or "unknown"
+    cosines = affine[:3, :3] / np.where(spacing > 0, spacing, 1)
+    obliquity = float(np.degrees(np.arccos(np.clip(np.abs(cosines).max(axis=0), -1, 1))).max())
+    finite = np.isfinite(data)
+    values = data[finite]
+    lines = [
+        f"file:        {args.file}",
+        f"format:      {type(img).__name__}, stored as {hdr.get_data_dtype()}",
+        f"shape:       {_shape(data.shape)}"
+        + (f"  ({data.shape[3]} volumes; pick one with --volume N)" if data.ndim == 4 and data.shape[3] > 1 else ""),
+        f"spacing:     {_fmt(spacing)} ({units})",
+        f"orientation: {''.join(nib.aff2axcodes(affine))}"
+        + (f" (oblique by {obliquity:.1f} deg)" if obliquity > 0.01 else ""),
+        f"qform/sform: codes {int(hdr['qform_code'])}/{int(hdr['sform_code'])}",
+        "affine:      " + "\n             ".join(" ".join(f"{v:9.3f}" for v in row) for row in affine[:3]),
+    ]
+    if values.size:
+        p1, p99 = np.percentile(values, [1, 99])
+        lines.append(
+            f"intensity:   min {values.min():.4g}, max {values.max():.4g}, mean {values.mean():.4g}, "
+            f"1st-99th percentile {p1:.4g}..{p99:.4g}"
+        )
+    if not finite.all():
+        lines.append(f"warning:     {int((~finite).sum())} NaN or Inf voxels")
+    print("\n".join(lines))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- degrade
+def cmd_degrade(args: argparse.Namespace) -> int:
+    from gen_sr.physics import SliceAcquisition, simulate_acquisition
+    from gen_sr.volume import check_output_path, load_volume, save_volume
+
+    out = check_output_path(args.output, args.overwrite, inputs=[args.input])
+    if args.save_operator:
+        _check_json_output(args.save_operator, args.overwrite)
+    hr = load_volume(args.input, volume_index=args.volume)
+    acquisition = SliceAcquisition(
+        axis=args.axis, thickness=args.slice_thickness, spacing=args.slice_spacing, profile=args.profile
+    )
+    try:
+        lr, operator, sigma = simulate_acquisition(hr, [acquisition], snr=args.snr, noise=args.noise, seed=args.seed)
+    except ValueError as e:  # e.g. a slice thicker than the field of view
+        raise InputError(str(e), args.input) from e
+    direction = hr.orientation[args.axis]
+    print(f"input:       {args.input} ({_shape(hr.shape)} voxels of {_fmt(hr.spacing)} mm, {''.join(hr.orientation)})")
+    print(
+        f"acquisition: {args.slice_thickness:g} mm {args.profile} slices every {acquisition.slice_spacing:g} mm "
+        f"along voxel axis {args.axis} ({direction})"
+    )
+    if args.snr is None:
+        print("noise:       none")
+    else:
+        print(f"noise:       {args.noise}, SNR {args.snr:g} (std {sigma:.4g}), seed {args.seed}")
+    save_volume(lr, out, overwrite=args.overwrite)
+    print(f"wrote:       {out} ({_shape(lr.shape)} voxels of {_fmt(lr.spacing)} mm)")
+    if args.save_operator:
+        _write_json(args.save_operator, {"operator": operator.to_dict(), "noise_std": sigma, "noise": args.noise})
+        print(f"wrote:       {args.save_operator} (the operator on the canonical RAS+ HR grid)")
+    return 0
+
+
+def _check_json_output(path: str, overwrite: bool) -> None:
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise InputError("the output directory does not exist", p)
+    if p.exists() and not overwrite:
+        raise InputError("output already exists", p, "pass --overwrite to replace it")
+
+
+def _write_json(path: str | Path, payload: dict) -> None:
+    from gen_sr.volume import atomic_write
+
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+
+
+# ----------------------------------------------------------------------------------------------------- sample data
+def cmd_sample_data(args: argparse.Namespace) -> int:
+    from gen_sr.sample_data import load_mni152
+    from gen_sr.volume import check_output_path, save_volume
+
+    out = check_output_path(args.output, args.overwrite)
+    vol = load_mni152(args.kind)
+    save_volume(vol, out, overwrite=args.overwrite)
+    print(f"wrote: {out} ({vol.source}, {_shape(vol.shape)} voxels of {_fmt(vol.spacing)} mm)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gen_sr.demo import run_demo
+
+    run_demo(Path(args.output_dir), overwrite=args.overwrite)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show a full traceback on errors")
+
+    parser = argparse.ArgumentParser(
+        prog="gen-sr",
+        description="MRI super-resolution with latent diffusion models and calibrated hallucination-risk maps.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = add("info", cmd_info, "print a NIfTI file's shape, spacing, orientation and intensity range")
+    p.add_argument("file", help="a .nii or .nii.gz file")
+
+    p = add("degrade", cmd_degrade, "simulate a low-resolution acquisition of a high-resolution volume")
+    p.add_argument("--input", required=True, help="high-resolution NIfTI volume")
+    p.add_argument("--output", required=True, help="where to write the simulated low-resolution volume")
+    p.add_argument("--slice-thickness", required=True, type=_positive_float, metavar="MM",
+                   help="slice thickness in mm (the FWHM for a Gaussian profile)")
+    p.add_argument("--axis", required=True, type=int, choices=(0, 1, 2),
+                   help="voxel axis of the input file the slices are stacked along (see `gen-sr info`)")
+    p.add_argument("--slice-spacing", type=_positive_float, metavar="MM",
+                   help="centre-to-centre slice distance in mm (default: the thickness; larger leaves gaps)")
+    p.add_argument("--profile", choices=("gaussian", "rect"), default="gaussian",
+                   help="slice profile (default: gaussian)")
+    p.add_argument("--snr", type=_positive_float,
+                   help="add noise at this SNR (mean foreground / noise std); default: none")
+    p.add_argument("--noise", choices=("rician", "gaussian"), default="rician", help="noise model (default: rician)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--volume", type=int, metavar="N", help="volume index to take from a 4D series")
+    p.add_argument("--save-operator", metavar="JSON", help="also write the acquisition operator as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    p = add("sample-data", cmd_sample_data, "write the embedded MNI152 2009 template (shipped by nilearn) as NIfTI")
+    p.add_argument("--output", required=True, help="where to write it (.nii or .nii.gz)")
+    p.add_argument("--kind", choices=("t1", "gm", "wm"), default="t1", help="T1 template or GM/WM map (default: t1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = add("demo", cmd_demo, "run the walkthrough on the embedded MNI152 template")
+    p.add_argument("--output-dir", default="demo_out", help="folder for the demo's files (default: demo_out)")
+    p.add_argument("--overwrite", action="store_true", help="replace files from an earlier run")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``gen-sr``; returns the exit code (0 success, 2 user error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as e:
+        if args.debug:
+            raise
+        print(f"gen-sr {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"gen-sr {args.command}: interrupted; no partial output was left", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Diffusers-style pipelines (``LatentDiffusionSRPipeline``); see the pipeline issue. Nothing here yet."""

@@ -1,0 +1,282 @@
+"""NIfTI volumes with exact geometry: loading with clear errors, orientation, normalisation, atomic writing.
+
+A :class:`Volume` is a 3D array with its voxel-to-world affine (voxel *centres*, in mm) and the source header. Work
+happens in one canonical orientation (RAS+, :meth:`Volume.canonical`); results go back to the input's orientation
+with :meth:`Volume.reorient`. The affine is carried exactly through both, and through every resampling (see
+:meth:`gen_sr.physics.AcquisitionOperator.lr_affine`).
+
+Outputs are written to a temporary file beside the target and renamed (:func:`save_volume`), so an interrupted run
+never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as ornt
+
+from gen_sr.errors import InputError
+
+__all__ = [
+    "IntensityNormalization",
+    "Volume",
+    "check_output_path",
+    "load_volume",
+    "read_nifti",
+    "save_volume",
+]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+CANONICAL = ("R", "A", "S")
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A 3D image with its geometry.
+
+    Attributes:
+        data: ``(X, Y, Z)`` array, in voxel order of ``affine``.
+        affine: ``(4, 4)`` voxel-index-to-world (mm) matrix; index ``(0, 0, 0)`` is the centre of the first voxel.
+        header: the source NIfTI header (units, description, codes), or ``None``.
+        source: where the volume came from, for messages.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header | None = None
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.data.ndim != 3:
+            raise ValueError(f"a Volume holds a 3D array, got shape {self.data.shape}")
+        object.__setattr__(self, "affine", np.asarray(self.affine, dtype=np.float64))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel spacing in mm along each voxel axis (exact for oblique affines)."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def orientation(self) -> tuple[str, str, str]:
+        """Closest anatomical axis codes, e.g. ``('R', 'A', 'S')``."""
+        return nib.aff2axcodes(self.affine)  # type: ignore[return-value]
+
+    def with_data(self, data: np.ndarray, affine: np.ndarray | None = None) -> Volume:
+        """A volume with new voxels (and optionally a new affine), keeping header and source."""
+        return replace(self, data=data, affine=self.affine if affine is None else affine)
+
+    def world_coordinates(self) -> np.ndarray:
+        """``(X, Y, Z, 3)`` world position (mm) of every voxel centre."""
+        idx = np.stack(np.meshgrid(*[np.arange(n) for n in self.shape], indexing="ij"), axis=-1)
+        return idx @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def reorient(self, axcodes: Sequence[str]) -> Volume:
+        """The same image with voxel axes permuted/flipped to the given axis codes. World geometry is unchanged."""
+        transform = ornt.ornt_transform(ornt.io_orientation(self.affine), ornt.axcodes2ornt(tuple(axcodes)))
+        data = np.ascontiguousarray(ornt.apply_orientation(self.data, transform))
+        affine = self.affine @ ornt.inv_ornt_aff(transform, self.shape)
+        return self.with_data(data, affine)
+
+    def canonical(self) -> Volume:
+        """This volume in RAS+ voxel order, the orientation all processing uses."""
+        return self.reorient(CANONICAL)
+
+    def axis_to_canonical(self, axis: int) -> int:
+        """The canonical (RAS+) voxel axis that this volume's voxel ``axis`` becomes."""
+        io = ornt.io_orientation(self.affine)
+        return int(ornt.ornt_transform(io, ornt.axcodes2ornt(CANONICAL))[axis, 0])
+
+    def to_nifti(self, dtype: np.dtype | type | None = None) -> nib.Nifti1Image:
+        """A NIfTI-1 image with this geometry; pixdim, qform and sform all match ``affine`` exactly."""
+        dtype = np.dtype(dtype or (np.float64 if self.data.dtype == np.float64 else np.float32))
+        header = self.header.copy() if self.header is not None else nib.Nifti1Header()
+        header.set_data_dtype(dtype)
+        header.set_slope_inter(None, None)
+        header["cal_min"], header["cal_max"] = 0, 0
+        if header.get_xyzt_units()[0] == "unknown":
+            header.set_xyzt_units(xyz="mm")  # affines here are in mm
+        img = nib.Nifti1Image(self.data.astype(dtype, copy=False), self.affine, header=header)
+        sform_code = int(header["sform_code"]) or 2  # keep the source's codes; 'aligned' when it had none
+        qform_code = int(header["qform_code"]) or 1
+        img.set_sform(self.affine, code=sform_code)
+        img.set_qform(self.affine, code=qform_code)
+        return img
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+def _is_nifti_name(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_nifti(path: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Open a NIfTI file and read its voxels, turning every way it can fail into one :class:`InputError`.
+
+    Returns:
+        The image and its voxel array (scaled to real values, any number of dimensions).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file", p)
+    if p.is_dir():
+        raise InputError("is a directory, not a NIfTI file", p)
+    try:
+        img = nib.load(p)
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as e:
+        raise InputError("is not a readable NIfTI image", p, "expected a .nii or .nii.gz file") from e
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(f"is a {type(img).__name__}, not NIfTI", p, "convert it to .nii.gz first")
+    try:
+        data = np.asarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        raise InputError("is truncated or corrupt: its voxel data cannot be read", p) from e
+    if np.iscomplexobj(data) or data.dtype.fields is not None:
+        raise InputError(f"has voxel type {data.dtype}; a real-valued (magnitude) image is needed", p)
+    return img, data
+
+
+def load_volume(path: str | os.PathLike[str], volume_index: int | None = None) -> Volume:
+    """Load a NIfTI file as a :class:`Volume`, checking that it can be processed.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        volume_index: which volume of a 4D series to take. A 4D series with several volumes and no index is refused.
+
+    Raises:
+        InputError: not NIfTI or truncated; 2D; 4D without ``volume_index``; zero or negative voxel size;
+            NaN/Inf voxels; a constant image.
+    """
+    img, data = read_nifti(path)
+    zooms = np.asarray(img.header["pixdim"][1:4], dtype=np.float64)
+    if np.any(zooms <= 0) or not np.all(np.isfinite(zooms)):
+        raise InputError(f"has zero or negative voxel size (pixdim {zooms.tolist()})", path, "fix the header's pixdim")
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        n = data.shape[3]
+        if volume_index is None:
+            raise InputError(f"is a 4D series of {n} volumes", path, f"pick one with --volume N, N in 0..{n - 1}")
+        if not 0 <= volume_index < n:
+            raise InputError(f"has {n} volumes; --volume {volume_index} is out of range", path, f"use 0..{n - 1}")
+        data = data[..., volume_index]
+    elif volume_index not in (None, 0):
+        raise InputError(f"is not a 4D series; --volume {volume_index} does not apply", path)
+    if data.ndim != 3 or min(data.shape) < 2:
+        raise InputError(
+            f"is not a 3D volume (shape {data.shape})", path, "a volume with at least 2 voxels per axis is needed"
+        )
+    affine = img.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError("has a degenerate voxel-to-world affine", path, "fix the header's qform/sform")
+    data = data.astype(np.float64 if data.dtype == np.float64 else np.float32, copy=False)
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise InputError(f"has {bad} NaN or Inf voxels", path, "replace them, e.g. with 0, before processing")
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi:
+        raise InputError(f"is constant (every voxel is {lo:g}); there is nothing to process", path)
+    return Volume(data=data, affine=affine, header=img.header, source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------------- writing
+def check_output_path(
+    path: str | os.PathLike[str], overwrite: bool = False, inputs: Sequence[str | os.PathLike[str]] = ()
+) -> Path:
+    """Check an output NIfTI path before any work is done; returns it as a ``Path``.
+
+    Raises:
+        InputError: wrong suffix, missing directory, an existing file without ``overwrite``, or one of the inputs.
+    """
+    p = Path(path)
+    if not _is_nifti_name(p):
+        raise InputError("output must end in .nii or .nii.gz", p)
+    if not p.parent.is_dir():
+        raise InputError("the output directory does not exist", p, "create it first")
+    for src in inputs:
+        if Path(src).exists() and p.exists() and p.resolve() == Path(src).resolve():
+            raise InputError("output is the same file as an input; inputs are never modified", p)
+    if p.exists() and not overwrite:
+        raise InputError("output already exists", p, "pass --overwrite to replace it")
+    return p
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; the temporary file never outlives a
+    failure. The temporary name keeps the suffix, so writers that choose the format by suffix still work."""
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+    stem = path.name[: len(path.name) - len(suffix)]
+    tmp = path.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_volume(
+    volume: Volume, path: str | os.PathLike[str], *, overwrite: bool = False, dtype: np.dtype | type | None = None
+) -> Path:
+    """Write a volume as NIfTI, atomically. Float32 unless the data are float64 or ``dtype`` says otherwise."""
+    p = check_output_path(path, overwrite)
+    img = volume.to_nifti(dtype)
+    atomic_write(p, lambda tmp: nib.save(img, tmp))
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------- intensity
+@dataclass(frozen=True)
+class IntensityNormalization:
+    """Robust linear intensity normalisation with its exact inverse.
+
+    Maps the ``lower`` percentile to 0 and the ``upper`` percentile to 1, without clipping, so
+    ``inverse(normalize(x)) == x``. Record it beside an output to bring results back to the input's units.
+
+    Attributes:
+        low: intensity mapped to 0.
+        high: intensity mapped to 1.
+    """
+
+    low: float
+    high: float
+
+    @classmethod
+    def fit(
+        cls, data: np.ndarray, lower: float = 0.5, upper: float = 99.5, mask: np.ndarray | None = None
+    ) -> IntensityNormalization:
+        """Fit the percentiles on ``data`` (optionally inside a boolean ``mask``)."""
+        values = np.asarray(data)[mask] if mask is not None else np.asarray(data)
+        low, high = np.percentile(values, [lower, upper])
+        if not high > low:
+            low, high = float(values.min()), float(values.max())
+        if not high > low:
+            raise ValueError("cannot normalise a constant image")
+        return cls(float(low), float(high))
+
+    @property
+    def scale(self) -> float:
+        return self.high - self.low
+
+    def __call__(self, x: Any) -> Any:
+        """Normalise an array or tensor."""
+        return (x - self.low) / self.scale
+
+    def inverse(self, x: Any) -> Any:
+        """Back to the original units."""
+        return x * self.scale + self.low
+
+    def inverse_scale(self, x: Any) -> Any:
+        """Back to original units for differences, standard deviations and residuals (no offset)."""
+        return x * self.scale
+
+    def to_dict(self) -> dict[str, float]:
+        return {"low": self.low, "high": self.high}

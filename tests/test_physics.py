@@ -1,0 +1,231 @@
+"""The acquisition operator: exact adjoint, projections, geometry, composition, serialisation and noise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gen_sr.physics import (
+    AcquisitionOperator,
+    AxisTransform,
+    KSpaceTruncation,
+    SliceAcquisition,
+    add_noise,
+    noise_std_for_snr,
+    operator_from_spacings,
+)
+
+# (transforms, hr_shape, hr_spacing): 2D and 3D, odd sizes, non-integer factors, gaps, overlaps, compositions.
+CASES = {
+    "slice-gauss-3d": ([SliceAcquisition(2, 4.0)], (9, 10, 33), (1.0, 1.0, 1.0)),
+    "slice-rect-gap-3d": ([SliceAcquisition(0, 3.0, spacing=4.5, profile="rect")], (31, 7, 6), (1.0, 1.2, 0.8)),
+    "slice-overlap-noninteger-3d": ([SliceAcquisition(1, 3.3, spacing=2.1)], (5, 27, 8), (1.1, 0.7, 1.0)),
+    "slice-custom-profile-3d": ([SliceAcquisition(1, 2.6, profile=(0.0, 1.0, 3.0, 1.0, 0.0))], (6, 19, 5), (1, 1, 1)),
+    "slice-2d": ([SliceAcquisition(1, 2.5)], (11, 23), (1.0, 1.0)),
+    "kspace-2d": ([KSpaceTruncation(0, 2.0)], (17, 9), (1.0, 1.0)),
+    "kspace-tukey-noninteger-3d": ([KSpaceTruncation(1, 2.7, window="tukey")], (6, 25, 7), (1.0, 0.9, 1.0)),
+    "kspace-hamming-two-axes-3d": (
+        [KSpaceTruncation(0, 1.5, window="hamming"), KSpaceTruncation(2, 3.0)], (13, 5, 20), (1, 1, 1),
+    ),
+    "composed-same-axis-3d": (
+        [KSpaceTruncation(2, 1.3), SliceAcquisition(2, 3.0, profile="rect")], (7, 6, 29), (1.0, 1.0, 0.9),
+    ),
+    "composed-all-axes-3d": (
+        [KSpaceTruncation(0, 2.0), KSpaceTruncation(1, 1.7, window="tukey"), SliceAcquisition(2, 5.0, spacing=6.0)],
+        (15, 16, 37),
+        (0.8, 0.8, 1.0),
+    ),
+    "composed-2d": ([SliceAcquisition(0, 2.0), KSpaceTruncation(1, 2.0, window="hamming")], (14, 21), (1.0, 1.0)),
+}
+
+
+def _op(name: str) -> AcquisitionOperator:
+    transforms, shape, spacing = CASES[name]
+    return AcquisitionOperator(transforms, shape, spacing)
+
+
+def _rand(shape, batch=2, channels=2, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(batch, channels, *shape, dtype=dtype)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_adjoint_dot_product(name: str) -> None:
+    op = _op(name)
+    x, y = _rand(op.hr_shape), _rand(op.lr_shape)
+    lhs, rhs = (op(x) * y).sum(), (x * op.adjoint(y)).sum()
+    assert abs(float(lhs - rhs)) <= 1e-6 * abs(float(lhs))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_project_is_consistent_and_idempotent(name: str) -> None:
+    op = _op(name)
+    x, y = _rand(op.hr_shape), op(_rand(op.hr_shape))
+    p = op.project(x, y)
+    assert _rel(op(p), y) < 1e-6
+    assert _rel(op.project(p, y), p) < 1e-6
+    # closest point: the correction is orthogonal to the null space, so moving along it only grows the distance
+    null = _rand(op.hr_shape)
+    null = null - op.pinv(op(null))
+    assert abs(float(((p - x) * null).sum())) < 1e-6 * float((p - x).norm() * null.norm())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pinv_matches_dense_pseudo_inverse(name: str) -> None:
+    op = _op(name)
+    dense = np.ones((1, 1))
+    for a in range(op.spatial_dims):
+        dense = np.kron(dense, op.axis_matrix(a))
+    y = _rand(op.lr_shape, batch=1, channels=1)
+    expected = np.linalg.pinv(dense) @ y.flatten().numpy()
+    assert np.allclose(op.pinv(y).flatten().numpy(), expected, rtol=1e-6, atol=1e-8)
+    assert np.allclose(op(_rand(op.hr_shape, 1, 1)).shape[2:], op.lr_shape)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_serialisation_round_trip(name: str) -> None:
+    op = _op(name)
+    back = AcquisitionOperator.from_json(json.dumps(op.to_dict()))
+    assert back.lr_shape == op.lr_shape and back.lr_spacing == pytest.approx(op.lr_spacing)
+    x = _rand(op.hr_shape)
+    assert torch.equal(back(x), op(x))
+
+
+def test_slice_rows_sum_to_one_and_centre_on_the_slice() -> None:
+    """Each slice's profile-weighted mean HR position is its centre, including the outermost slices."""
+    for t in (
+        SliceAcquisition(0, 4.0),
+        SliceAcquisition(0, 4.0, profile="rect"),
+        SliceAcquisition(0, 2.5, spacing=3.7),
+        SliceAcquisition(0, 6.0, spacing=2.0),
+        SliceAcquisition(0, 1.7, profile=(0.2, 1.0, 0.2)),
+    ):
+        factor = t.build(41, 0.9)
+        m = factor.matrix
+        centres = factor.first_center + factor.spacing * np.arange(m.shape[0])
+        assert np.allclose(m.sum(axis=1), 1.0, atol=1e-12)
+        assert np.abs(m @ (0.9 * np.arange(41)) - centres).max() < 1e-9
+        assert m.min() >= 0
+
+
+def test_four_mm_decimation_geometry() -> None:
+    op = AcquisitionOperator([SliceAcquisition(2, 4.0)], (10, 10, 189), (1.0, 1.0, 1.0))
+    assert op.lr_shape == (10, 10, 47)
+    assert op.lr_spacing == (1.0, 1.0, 4.0)
+    hr_affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    hr_affine[:3, 3] = (-98, -134, -72)
+    lr_affine = op.lr_affine(hr_affine)
+    assert lr_affine[2, 3] == pytest.approx(-72 + 1.5)  # first centre moves by 1.5 mm
+    assert lr_affine[2, 2] == pytest.approx(4.0)
+    assert np.allclose(op.hr_affine(lr_affine), hr_affine)
+
+
+def test_operator_from_spacings() -> None:
+    op = operator_from_spacings((1, 1, 1), (1, 1, 4), lr_shape=(20, 21, 12), profile="rect")
+    assert op.hr_shape == (20, 21, 48) and op.lr_shape == (20, 21, 12)
+    (t,) = op.transforms
+    assert isinstance(t, SliceAcquisition) and t.axis == 2 and t.slice_spacing == 4
+    # a non-integer through-plane factor and an in-plane k-space axis
+    op = operator_from_spacings((1, 1, 1), (2, 1, 3.5), hr_shape=(24, 8, 50), slice_axes=[2])
+    kinds = {t.axis: t.kind for t in op.transforms}
+    assert kinds == {0: "kspace", 2: "slice"}
+    assert op.lr_spacing == pytest.approx((2.0, 1.0, 3.5))
+    # and back: the HR grid recovered from the LR one
+    again = operator_from_spacings((1, 1, 1), (2, 1, 3.5), lr_shape=op.lr_shape, slice_axes=[2])
+    assert again.lr_shape == op.lr_shape
+    with pytest.raises(ValueError, match="coarser"):
+        operator_from_spacings((2, 1, 1), (1, 1, 4), hr_shape=(8, 8, 8))
+
+
+@pytest.mark.parametrize("thickness,spacing,h", [(4.0, None, 1.0), (2.5, 3.1, 0.7), (6.0, 2.0, 1.0), (0.5, 1.5, 1.0)])
+def test_hr_size_for_inverts_out_size(thickness: float, spacing: float | None, h: float) -> None:
+    t = SliceAcquisition(0, thickness, spacing)
+    for n_out in range(1, 30):
+        n_in = t.hr_size_for(n_out, h)
+        assert t.out_size(n_in, h) == n_out
+        assert n_in == 2 or t.out_size(n_in - 1, h) < n_out
+
+
+def test_composition_equals_sequential_application() -> None:
+    a1 = AcquisitionOperator([KSpaceTruncation(0, 2.0)], (16, 12, 20), (1, 1, 1))
+    a2 = AcquisitionOperator([SliceAcquisition(2, 4.0)], a1.lr_shape, a1.lr_spacing)
+    composed = a2 @ a1
+    x = _rand(a1.hr_shape)
+    assert torch.allclose(composed(x), a2(a1(x)))
+    assert composed.lr_shape == a2.lr_shape
+    with pytest.raises(ValueError, match="cannot compose"):
+        a1 @ a2
+
+
+def test_soft_projection() -> None:
+    op = _op("slice-gauss-3d")
+    x_true = _rand(op.hr_shape, batch=3, channels=1)
+    sigma = 0.05
+    y, _ = add_noise(op(x_true), noise_std=sigma, kind="gaussian", generator=torch.Generator().manual_seed(1))
+    x0 = torch.zeros_like(x_true)
+    assert torch.allclose(op.soft_project(x0, y, noise_std=0.0), op.project(x0, y))
+    # discrepancy principle: the residual lands at the noise level, per batch entry
+    soft = op.soft_project(x0, y, noise_std=sigma)
+    target = sigma * np.sqrt(np.prod(op.lr_shape))
+    residual = (op(soft) - y).flatten(1).norm(dim=1)
+    assert torch.allclose(residual, torch.full_like(residual, target), rtol=1e-4)
+    # an estimate already within the noise is left alone
+    assert torch.allclose(op.soft_project(op.project(x0, y), y, noise_std=sigma), op.project(x0, y))
+    # Bayesian form: between x and the exact projection, approaching it as prior_std grows
+    loose, tight = (op.soft_project(x0, y, noise_std=sigma, prior_std=p) for p in (1e3, 1e-3))
+    assert _rel(loose, op.project(x0, y)) < 1e-3
+    assert float(tight.norm()) < 1e-2 * float(loose.norm())
+
+
+def test_float32_autograd_and_batch_shapes() -> None:
+    op = _op("composed-all-axes-3d")
+    x = torch.randn(3, 1, *op.hr_shape, requires_grad=True)
+    y = torch.randn(3, 1, *op.lr_shape)
+    loss = ((op(x) - y) ** 2).sum()
+    loss.backward()
+    # d/dx ‖Ax − y‖² = 2 Aᵀ(Ax − y)
+    assert torch.allclose(x.grad, 2 * op.adjoint(op(x.detach()) - y), rtol=1e-4, atol=1e-4)
+    assert op.project(x.detach(), y).dtype == torch.float32
+    with pytest.raises(ValueError, match="shape"):
+        op(torch.zeros(1, 1, 4, 4, 4))
+    with pytest.raises(TypeError):
+        op(torch.zeros(1, 1, *op.hr_shape, dtype=torch.int64))
+
+
+def test_noise_models_are_seeded_and_at_the_requested_snr() -> None:
+    y = torch.ones(1, 1, 40, 40, 40) * 2.0
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    a, sigma = add_noise(y, snr=20.0, kind="gaussian", generator=g())
+    b, _ = add_noise(y, snr=20.0, kind="gaussian", generator=g())
+    assert torch.equal(a, b)
+    assert sigma == pytest.approx(0.1)
+    assert float((a - y).std()) == pytest.approx(0.1, rel=0.02)
+    rician, _ = add_noise(y, snr=20.0, kind="rician", generator=g())
+    assert float(rician.min()) >= 0
+    # Rician bias at high SNR: E|y + n| ≈ y + σ²/(2y)
+    assert float(rician.mean()) == pytest.approx(2.0 + 0.01 / 4.0, abs=2e-3)
+    assert noise_std_for_snr(torch.cat([y, torch.zeros_like(y)], dim=2), 10.0) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: SliceAcquisition(0, -1.0), "thickness"),
+        (lambda: SliceAcquisition(0, 2.0, spacing=0.0), "spacing"),
+        (lambda: SliceAcquisition(0, 2.0, profile="triangle"), "profile"),
+        (lambda: SliceAcquisition(0, 2.0, profile=(1.0, -1.0)), "profile"),
+        (lambda: KSpaceTruncation(0, 2.0, window="blackman"), "window"),
+        (lambda: AxisTransform.from_dict({"type": "slice", "axis": 0, "thickness": 2, "colour": 1}), "colour"),
+        (lambda: AcquisitionOperator([SliceAcquisition(3, 2.0)], (8, 8, 8), (1, 1, 1)), "axis"),
+        (lambda: AcquisitionOperator([SliceAcquisition(0, 20.0)], (8, 8, 8), (1, 1, 1)), "does not fit"),
+    ],
+)
+def test_invalid_acquisitions_are_refused(make, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
