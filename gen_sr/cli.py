@@ -43,7 +43,7 @@ def _shape(shape: Sequence[int]) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     import nibabel as nib
 
-    from gen_sr.volume import read_nifti
+    from gen_sr.volume import read_nifti, stored_pixdim
 
     img, data = read_nifti(args.file)
     hdr = img.header
@@ -71,6 +71,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"intensity:   min {values.min():.4g}, max {values.max():.4g}, mean {values.mean():.4g}, "
             f"1st-99th percentile {p1:.4g}..{p99:.4g}"
         )
+    pixdim = stored_pixdim(args.file, img)
+    if np.any(pixdim <= 0):
+        lines.append(f"warning:     stored voxel size (pixdim) {pixdim.tolist()} is not positive")
     if not finite.all():
         lines.append(f"warning:     {int((~finite).sum())} NaN or Inf voxels")
     print("\n".join(lines))

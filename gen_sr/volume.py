@@ -31,6 +31,7 @@ __all__ = [
     "load_volume",
     "read_nifti",
     "save_volume",
+    "stored_pixdim",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -131,7 +132,8 @@ def read_nifti(path: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, np.ndarra
     if p.is_dir():
         raise InputError("is a directory, not a NIfTI file", p)
     try:
-        img = nib.load(p)
+        with nib.imageglobals.LoggingOutputSuppressor():  # nibabel logs (and silently repairs) header problems
+            img = nib.load(p)
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as e:
         raise InputError("is not a readable NIfTI image", p, "expected a .nii or .nii.gz file") from e
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
@@ -143,6 +145,14 @@ def read_nifti(path: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, np.ndarra
     if np.iscomplexobj(data) or data.dtype.fields is not None:
         raise InputError(f"has voxel type {data.dtype}; a real-valued (magnitude) image is needed", p)
     return img, data
+
+
+def stored_pixdim(path: str | os.PathLike[str], img: nib.Nifti1Image) -> np.ndarray:
+    """The voxel sizes ``pixdim[1:4]`` exactly as stored in the header of ``img``, loaded from ``path``
+    (nibabel repairs bad ones on load)."""
+    with nib.openers.ImageOpener(path) as f:
+        header = type(img.header).from_fileobj(f, check=False)
+    return np.asarray(header["pixdim"][1:4], dtype=np.float64)
 
 
 def load_volume(path: str | os.PathLike[str], volume_index: int | None = None) -> Volume:
@@ -157,7 +167,7 @@ def load_volume(path: str | os.PathLike[str], volume_index: int | None = None) -
             NaN/Inf voxels; a constant image.
     """
     img, data = read_nifti(path)
-    zooms = np.asarray(img.header["pixdim"][1:4], dtype=np.float64)
+    zooms = stored_pixdim(path, img)
     if np.any(zooms <= 0) or not np.all(np.isfinite(zooms)):
         raise InputError(f"has zero or negative voxel size (pixdim {zooms.tolist()})", path, "fix the header's pixdim")
     while data.ndim > 3 and data.shape[-1] == 1:

@@ -1,0 +1,193 @@
+"""The ``gen-sr`` command: degrade with exact geometry, info, help, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import oblique_affine, write_nifti
+
+from gen_sr.cli import build_parser, main
+from gen_sr.volume import Volume, load_volume
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "axis,thickness,spacing,profile",
+    [(2, "4", None, "gaussian"), (1, "3.3", "2.7", "rect"), (0, "2.5", "3.1", "gaussian"), (2, "5", "3", "rect")],
+)
+def test_lr_voxel_centres_are_the_profile_weighted_mean_of_the_hr_voxels(
+    tmp_path: Path, capsys, axis: int, thickness: str, spacing: str | None, profile: str
+) -> None:
+    """Degrading an image whose intensity *is* a world coordinate gives, at each LR voxel, the profile-weighted
+    mean world position of the HR voxels it integrates; that must equal the LR voxel centre from the written
+    affine, to 1e-4 mm, with an oblique affine and non-integer factors."""
+    shape = (18, 20, 22)
+    hr = Volume(np.zeros(shape), oblique_affine(spacing=(1.0, 0.9, 1.1)))
+    world = hr.world_coordinates()
+    for coord in range(3):
+        src = write_nifti(tmp_path / f"coord{coord}.nii", world[..., coord].astype(np.float64), hr.affine)
+        out = tmp_path / f"lr{coord}.nii.gz"
+        args = ["degrade", "--input", src, "--output", out, "--slice-thickness", thickness, "--axis", str(axis),
+                "--profile", profile]
+        code, stdout, _ = _run(capsys, *args, *(["--slice-spacing", spacing] if spacing else []))
+        assert code == 0 and str(out) in stdout
+        lr = load_volume(out)
+        assert lr.data.dtype == np.float64
+        assert np.abs(lr.data - lr.world_coordinates()[..., coord]).max() < 1e-4
+        assert lr.shape[axis] < shape[axis]
+        assert [lr.shape[a] for a in range(3) if a != axis] == [shape[a] for a in range(3) if a != axis]
+        expected_spacing = float(spacing or thickness)
+        assert lr.spacing[axis] == pytest.approx(expected_spacing, abs=1e-6)
+        assert nib.load(out).header.get_zooms()[axis] == pytest.approx(expected_spacing, abs=1e-5)
+
+
+def test_degrade_with_noise_is_seeded_and_leaves_the_input_alone(tmp_path: Path, capsys, hr_file: Path) -> None:
+    before = _digest(hr_file)
+    outs = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        out = tmp_path / f"{name}.nii.gz"
+        code, stdout, _ = _run(capsys, "degrade", "--input", hr_file, "--output", out, "--slice-thickness", "2",
+                               "--axis", "0", "--snr", "20", "--seed", str(seed), "--save-operator",
+                               tmp_path / f"{name}.json")
+        assert code == 0 and "SNR 20" in stdout
+        outs.append(load_volume(out).data)
+    assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
+    assert _digest(hr_file) == before
+    assert (tmp_path / "a.json").read_text().count('"slice"') == 1
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str], str]]:
+    """name -> (input file, extra args, expected message fragment)."""
+    rng = np.random.default_rng(0)
+    good = rng.random((8, 9, 10)).astype(np.float32)
+    cases: dict[str, tuple[Path, list[str], str]] = {}
+    text = tmp / "notes.txt"
+    text.write_text("not an image")
+    cases["not-nifti"] = (text, [], "not a readable NIfTI")
+    fake = tmp / "fake.nii.gz"
+    fake.write_bytes(b"\x00" * 400)
+    cases["garbage-with-nifti-suffix"] = (fake, [], "not a readable NIfTI")
+    full = write_nifti(tmp / "full.nii.gz", rng.random((30, 30, 30)).astype(np.float32))
+    raw = gzip.decompress(full.read_bytes())
+    truncated = tmp / "truncated.nii.gz"
+    truncated.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    cases["truncated"] = (truncated, [], "truncated or corrupt")
+    cut_gzip = tmp / "cut_gzip.nii.gz"
+    cut_gzip.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
+    cases["truncated-gzip-stream"] = (cut_gzip, [], "truncated or corrupt")
+    cases["2d"] = (write_nifti(tmp / "slice2d.nii.gz", good[:, :, 0]), [], "not a 3D volume")
+    cases["4d"] = (write_nifti(tmp / "series.nii.gz", np.stack([good, good], -1)), [], "--volume N")
+    cases["4d-bad-index"] = (tmp / "series.nii.gz", ["--volume", "5"], "out of range")
+    nan = good.copy()
+    nan[1, 2, 3] = np.nan
+    nan[2, 2, 3] = np.inf
+    cases["nan"] = (write_nifti(tmp / "nan.nii.gz", nan), [], "2 NaN or Inf voxels")
+    for name, value in (("zero-pixdim", 0.0), ("negative-pixdim", -1.0)):
+        img = nib.Nifti1Image(good, np.eye(4))
+        img.header["pixdim"][3] = value
+        nib.save(img, tmp / f"{name}.nii.gz")
+        cases[name] = (tmp / f"{name}.nii.gz", [], "zero or negative voxel size")
+    cases["constant"] = (write_nifti(tmp / "constant.nii.gz", np.full((8, 8, 8), 7.0, np.float32)), [], "constant")
+    ok = write_nifti(tmp / "ok.nii.gz", good)
+    cases["too-thick"] = (ok, ["--slice-thickness", "50"], "does not fit")
+    cases["missing"] = (tmp / "missing.nii.gz", [], "no such file")
+    return cases
+
+
+def test_bad_inputs_give_one_line_exit_2_and_no_output(tmp_path: Path, capsys) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, (src, extra, fragment) in _bad_inputs(inputs).items():
+        outdir = tmp_path / name
+        outdir.mkdir()
+        out = outdir / "lr.nii.gz"
+        args = ["degrade", "--input", src, "--output", out, "--axis", "2"]
+        if "--slice-thickness" not in extra:
+            args += ["--slice-thickness", "2"]
+        code, _, err = _run(capsys, *args, *extra)
+        assert code == 2, name
+        assert fragment in err and str(src) in err, (name, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (name, err)
+        assert list(outdir.iterdir()) == [], name
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path: Path, capsys, hr_file: Path) -> None:
+    out = tmp_path / "lr.nii.gz"
+    out.write_bytes(b"precious")
+    args = ["degrade", "--input", hr_file, "--output", out, "--slice-thickness", "2", "--axis", "1"]
+    code, _, err = _run(capsys, *args)
+    assert code == 2 and "--overwrite" in err and str(out) in err
+    assert out.read_bytes() == b"precious"
+    assert _run(capsys, *args, "--overwrite")[0] == 0
+    assert load_volume(out).shape[1] < 14
+    code, _, err = _run(capsys, "degrade", "--input", hr_file, "--output", hr_file, "--slice-thickness", "2",
+                        "--axis", "1", "--overwrite")
+    assert code == 2 and "same file as an input" in err
+
+
+def test_volume_option_takes_one_volume_of_a_series(tmp_path: Path, capsys) -> None:
+    data = np.random.default_rng(0).random((8, 9, 10, 3)).astype(np.float32)
+    src = write_nifti(tmp_path / "series.nii.gz", data)
+    out = tmp_path / "lr.nii.gz"
+    code, _, _ = _run(capsys, "degrade", "--input", src, "--output", out, "--slice-thickness", "2", "--axis", "2",
+                      "--volume", "1")
+    assert code == 0 and load_volume(out).shape == (8, 9, 5)
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, capsys) -> None:
+    with pytest.raises(ValueError, match="no such file"):
+        main(["degrade", "--input", str(tmp_path / "nope.nii"), "--output", str(tmp_path / "o.nii"),
+              "--slice-thickness", "2", "--axis", "0", "--debug"])
+
+
+def test_info(capsys, hr_file: Path, tmp_path: Path) -> None:
+    code, out, _ = _run(capsys, "info", hr_file)
+    assert code == 0
+    for fragment in ("shape:       12 x 14 x 16", "spacing:", "orientation:", "oblique", "intensity:   min"):
+        assert fragment in out
+    series = write_nifti(tmp_path / "s.nii.gz", np.zeros((4, 5, 6, 3), np.float32))
+    assert "3 volumes" in _run(capsys, "info", series)[1]
+    code, _, err = _run(capsys, "info", tmp_path / "absent.nii.gz")
+    assert code == 2 and "no such file" in err
+
+
+def test_sample_data(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "gm.nii.gz"
+    code, stdout, _ = _run(capsys, "sample-data", "--kind", "gm", "--output", out)
+    assert code == 0 and "MNI152" in stdout
+    assert load_volume(out).shape == (197, 233, 189)
+
+
+def test_help_for_every_subcommand(capsys) -> None:
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert {"degrade", "info", "sample-data", "demo"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as exc:
+            main([name, "--help"])
+        assert exc.value.code == 0
+        assert "usage: gen-sr " + name in capsys.readouterr().out
+
+
+def test_console_script_runs_and_reports_usage_errors_with_exit_2() -> None:
+    ok = subprocess.run([sys.executable, "-m", "gen_sr.cli", "--help"], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and "degrade" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "gen_sr.cli", "degrade", "--axis", "7"], capture_output=True,
+                         text=True, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -1,0 +1,106 @@
+"""Volumes: exact geometry through load, orientation changes and save; normalisation; atomic writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import oblique_affine, write_nifti
+
+from gen_sr.errors import InputError
+from gen_sr.sample_data import load_mni152
+from gen_sr.volume import IntensityNormalization, Volume, atomic_write, load_volume, save_volume
+
+
+def _volume(shape=(6, 7, 8), affine=None) -> Volume:
+    data = np.random.default_rng(1).random(shape).astype(np.float32)
+    return Volume(data=data, affine=oblique_affine() if affine is None else affine)
+
+
+def test_save_load_round_trip_keeps_data_and_geometry(tmp_path: Path) -> None:
+    vol = _volume()
+    path = save_volume(vol, tmp_path / "v.nii.gz")
+    back = load_volume(path)
+    assert np.array_equal(back.data, vol.data)
+    assert np.allclose(back.affine, vol.affine, atol=1e-6)
+    img = nib.load(path)
+    assert np.allclose(img.header.get_zooms()[:3], vol.spacing, atol=1e-6)  # pixdim matches the affine
+    assert np.allclose(img.get_qform(), vol.affine, atol=1e-5) and np.allclose(img.get_sform(), vol.affine)
+    assert img.header.get_xyzt_units()[0] == "mm"
+
+
+@pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("L", "P", "S"), ("A", "S", "L"), ("I", "R", "P")])
+def test_reorientation_preserves_world_geometry(axcodes) -> None:
+    vol = _volume()
+    other = vol.reorient(axcodes)
+    assert other.orientation == axcodes
+    # the same world point carries the same value: compare sorted (world, value) lists
+    pts = vol.world_coordinates().reshape(-1, 3)
+    pts_other = other.world_coordinates().reshape(-1, 3)
+    order, order_other = np.lexsort(np.round(pts, 6).T), np.lexsort(np.round(pts_other, 6).T)
+    assert np.allclose(pts[order], pts_other[order_other])
+    assert np.array_equal(vol.data.reshape(-1)[order], other.data.reshape(-1)[order_other])
+    back = other.reorient(vol.orientation)
+    assert np.array_equal(back.data, vol.data) and np.allclose(back.affine, vol.affine)
+
+
+def test_canonical_axis_mapping() -> None:
+    vol = _volume()
+    canon = vol.canonical()
+    assert canon.orientation == ("R", "A", "S")
+    for axis in range(3):
+        assert canon.shape[vol.axis_to_canonical(axis)] == vol.shape[axis]
+
+
+def test_normalization_inverts_exactly() -> None:
+    data = np.random.default_rng(0).gamma(2.0, 300.0, size=(10, 10, 10))
+    norm = IntensityNormalization.fit(data, 1.0, 99.0)
+    x = norm(data)
+    assert np.percentile(x, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert np.percentile(x, 99.0) == pytest.approx(1.0)
+    assert np.allclose(norm.inverse(x), data)
+    assert norm.inverse_scale(np.float64(0.5)) == pytest.approx(0.5 * (norm.high - norm.low))
+    with pytest.raises(ValueError, match="constant"):
+        IntensityNormalization.fit(np.ones((4, 4, 4)))
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out.nii.gz"
+
+    def failing_writer(tmp: Path) -> None:
+        tmp.write_bytes(b"half a file")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, failing_writer)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_existing_output_without_overwrite(tmp_path: Path) -> None:
+    vol = _volume()
+    path = save_volume(vol, tmp_path / "v.nii")
+    with pytest.raises(InputError, match="--overwrite"):
+        save_volume(vol, path)
+    save_volume(vol.with_data(vol.data * 2), path, overwrite=True)
+    assert np.allclose(load_volume(path).data, vol.data * 2)
+
+
+def test_four_d_series_needs_a_volume_index(tmp_path: Path) -> None:
+    data = np.random.default_rng(0).random((5, 6, 7, 3)).astype(np.float32)
+    path = write_nifti(tmp_path / "series.nii.gz", data)
+    with pytest.raises(InputError, match="--volume"):
+        load_volume(path)
+    assert np.array_equal(load_volume(path, volume_index=2).data, data[..., 2])
+    single = write_nifti(tmp_path / "single.nii.gz", data[..., :1])
+    assert load_volume(single).shape == (5, 6, 7)
+
+
+def test_mni152_sample_data_is_embedded() -> None:
+    t1 = load_mni152("t1")
+    assert t1.shape == (197, 233, 189) and t1.spacing == (1.0, 1.0, 1.0)
+    assert t1.orientation == ("R", "A", "S") and float(t1.data.max()) > 0.5
+    gm = load_mni152("gm")
+    assert gm.shape == t1.shape and np.allclose(gm.affine, t1.affine)
+    assert 0.0 <= float(gm.data.min()) and float(gm.data.max()) <= 1.0
