@@ -1,0 +1,546 @@
+"""The two networks of latent diffusion super-resolution: a KL autoencoder and a conditional denoising UNet.
+
+Both wrap MONAI networks (:class:`monai.networks.nets.AutoencoderKL` and
+:class:`monai.networks.nets.DiffusionModelUNet`; no layers are written here) as diffusers models
+(:class:`~diffusers.ModelMixin` + :class:`~diffusers.ConfigMixin`), so they get ``save_pretrained`` /
+``from_pretrained`` (safetensors weights plus a JSON config), ``torch_dtype`` loading, and can sit in a diffusers
+pipeline next to a diffusers scheduler. The prediction type (``epsilon``, ``v_prediction``, ``sample``) is a property
+of the scheduler, not of the UNet, and is configured there.
+
+Conditioning design:
+
+* **Concat-conditioning on the LR at latent resolution.** The low-resolution (LR) acquisition, first brought onto
+  the high-resolution (HR) grid (e.g. with the adjoint or pseudo-inverse of the acquisition operator), is resampled
+  to the latent grid and concatenated to the noisy latent along channels, as in diffusers'
+  ``LDMSuperResolutionPipeline``. The condition is spatially aligned with the latent, so the UNet's convolutions see
+  "what was measured here" at every position; no cross-attention or pooling of the condition is needed, and the
+  same model runs on any field of view.
+* **Optional encoded-latent condition.** Instead of (``mode="latent"``) or in addition to (``mode="both"``) the
+  resampled image, the condition can be the VAE's scaled posterior mean of the LR-on-HR image. It lives in the same
+  space as the diffusion variable, which helps the UNet copy the low frequencies it should not change; the resampled
+  image keeps the raw measured intensities, which the VAE may smooth. :func:`latent_condition` builds all three and
+  :func:`condition_channels` gives the matching ``condition_channels`` for :class:`ConditionalUNetModel`.
+* **Noise-level conditioning of the LR (noise augmentation).** As in ``StableDiffusionUpscalePipeline``, the LR
+  condition can be corrupted with a known amount of noise during training and the UNet is told that amount as an
+  integer level in ``[0, num_noise_levels)``, embedded like a class label (MONAI's ``num_class_embeds`` /
+  ``class_labels``) and added to the timestep embedding. This makes the model robust to the difference between
+  simulated training LR and real scans, and gives a knob at inference time (a higher level trusts the LR less).
+
+Dimensionality: 2D models (``spatial_dims=2``) work on slices across the super-resolved axis, i.e. each sample is an
+in-plane slice that contains the through-plane direction, tensors ``(B, C, H, W)``; extra condition channels can
+hold neighbouring LR slices (2.5D). 3D models (``spatial_dims=3``) work on patches, tensors ``(B, C, D, H, W)``.
+Switching between the two is only the ``spatial_dims`` config value; everything else is dimension-agnostic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+__all__ = [
+    "CONDITION_MODES",
+    "AutoencoderKLModel",
+    "ConditionMode",
+    "ConditionalUNetModel",
+    "condition_channels",
+    "count_parameters",
+    "latent_condition",
+]
+
+ConditionMode = Literal["resample", "latent", "both"]
+CONDITION_MODES: tuple[str, ...] = ("resample", "latent", "both")
+
+
+def _as_tuple(value: int | bool | Sequence) -> int | bool | tuple:
+    """JSON configs give lists back: MONAI and the config are kept on tuples (scalars pass through)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return value
+    return tuple(value)
+
+
+def _shape_str(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+class AutoencoderKLModel(ModelMixin, ConfigMixin):
+    """KL-regularised autoencoder (MONAI ``AutoencoderKL``) that maps images to a scaled latent space and back.
+
+    Images are ``(B, in_channels, H, W)`` (``spatial_dims=2``) or ``(B, in_channels, D, H, W)``
+    (``spatial_dims=3``); latents are ``(B, latent_channels, *S / downsample_factor)``. Every spatial size must be a
+    multiple of :attr:`downsample_factor` (pad first, e.g. with MONAI's ``DivisiblePad``).
+
+    The diffusion model works on *scaled* latents ``z * scaling_factor`` (:meth:`encode_latent` /
+    :meth:`decode_latent`), as in Rombach et al.; ``scaling_factor`` is measured after training the autoencoder
+    (typically ``1 / std(z)``) and recorded in the config with :meth:`set_scaling_factor`.
+
+    Args:
+        spatial_dims: 2 for slices, 3 for volumes/patches.
+        in_channels: image channels at the input.
+        out_channels: image channels at the output.
+        channels: feature channels per level; ``len(channels) - 1`` downsamplings by 2.
+        latent_channels: channels of the latent space.
+        num_res_blocks: residual blocks per level.
+        attention_levels: self-attention at each level (same length as ``channels``).
+        norm_num_groups: GroupNorm groups; every entry of ``channels`` must be a multiple of it.
+        with_encoder_nonlocal_attn: self-attention at the bottom of the encoder.
+        with_decoder_nonlocal_attn: self-attention at the bottom of the decoder.
+        use_flash_attention: use ``torch.nn.functional.scaled_dot_product_attention`` in attention blocks.
+        scaling_factor: multiplies latents before diffusion (and divides them before decoding).
+
+    ``enable_gradient_checkpointing()`` switches on MONAI's activation checkpointing of the whole encoder and decoder
+    (``use_checkpoint``), which is what makes 3D autoencoder training fit in memory.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 64),
+        latent_channels: int = 3,
+        num_res_blocks: int | Sequence[int] = 1,
+        attention_levels: Sequence[bool] = (False, False, False),
+        norm_num_groups: int = 16,
+        with_encoder_nonlocal_attn: bool = False,
+        with_decoder_nonlocal_attn: bool = False,
+        use_flash_attention: bool = False,
+        scaling_factor: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if scaling_factor <= 0:
+            raise ValueError(f"scaling_factor must be positive, got {scaling_factor}.")
+        channels = tuple(int(c) for c in channels)
+        attention_levels = tuple(bool(a) for a in attention_levels)
+        num_res_blocks = _as_tuple(num_res_blocks)
+        # Keep the in-memory config on tuples whether it came from Python or from config.json (lists).
+        self.register_to_config(
+            channels=channels,
+            attention_levels=attention_levels,
+            num_res_blocks=num_res_blocks,
+            scaling_factor=float(scaling_factor),
+        )
+        self.net = AutoencoderKL(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            num_res_blocks=num_res_blocks,
+            channels=channels,
+            attention_levels=attention_levels,
+            latent_channels=latent_channels,
+            norm_num_groups=norm_num_groups,
+            with_encoder_nonlocal_attn=with_encoder_nonlocal_attn,
+            with_decoder_nonlocal_attn=with_decoder_nonlocal_attn,
+            use_flash_attention=use_flash_attention,
+        )
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable | None = None
+    ) -> None:
+        # MONAI checkpoints the encoder and decoder itself (torch.utils.checkpoint, use_reentrant=False).
+        self.net.use_checkpoint = bool(enable)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Ratio between image and latent size along every spatial axis: ``2 ** (len(channels) - 1)``."""
+        return 2 ** (len(self.config.channels) - 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        """The latent scaling factor recorded in the config."""
+        return float(self.config.scaling_factor)
+
+    def set_scaling_factor(self, value: float) -> None:
+        """Record a new latent scaling factor in the config (saved by ``save_pretrained``).
+
+        Args:
+            value: positive factor, typically ``1 / std`` of unscaled latents of training images.
+        """
+        value = float(value)
+        if not value > 0:
+            raise ValueError(f"scaling_factor must be positive, got {value}.")
+        self.register_to_config(scaling_factor=value)
+
+    def latent_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        """Spatial shape of the latent of an image with the given spatial shape.
+
+        Args:
+            spatial_shape: image spatial shape ``(H, W)`` or ``(D, H, W)``; each a multiple of
+                :attr:`downsample_factor`.
+
+        Returns:
+            The latent spatial shape, ``spatial_shape // downsample_factor``.
+        """
+        spatial_shape = tuple(int(s) for s in spatial_shape)
+        f = self.downsample_factor
+        if len(spatial_shape) != self.config.spatial_dims or any(s % f for s in spatial_shape):
+            raise ValueError(
+                f"Image spatial shape {_shape_str(spatial_shape)} must have {self.config.spatial_dims} entries, "
+                f"each a multiple of the autoencoder's downsample factor {f}."
+            )
+        return tuple(s // f for s in spatial_shape)
+
+    def _check_image(self, x: torch.Tensor) -> None:
+        cfg = self.config
+        f = self.downsample_factor
+        if x.ndim != cfg.spatial_dims + 2 or x.shape[1] != cfg.in_channels or any(s % f for s in x.shape[2:]):
+            axes = "(B, C, H, W)" if cfg.spatial_dims == 2 else "(B, C, D, H, W)"
+            raise ValueError(
+                f"AutoencoderKLModel expects images {axes} with C={cfg.in_channels} and spatial sizes that are "
+                f"multiples of {f}; got {_shape_str(x.shape)}."
+            )
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        cfg = self.config
+        if z.ndim != cfg.spatial_dims + 2 or z.shape[1] != cfg.latent_channels:
+            raise ValueError(
+                f"AutoencoderKLModel expects latents (B, {cfg.latent_channels}, *S) with {cfg.spatial_dims} "
+                f"spatial axes; got {_shape_str(z.shape)}."
+            )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and standard deviation of the (unscaled) latent.
+
+        Args:
+            x: images ``(B, C_in, H, W)`` or ``(B, C_in, D, H, W)``.
+
+        Returns:
+            ``(mu, sigma)``, each ``(B, latent_channels, *S / downsample_factor)``.
+        """
+        self._check_image(x)
+        return self.net.encode(x)
+
+    def sample_latent(
+        self, mu: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Reparameterised sample ``mu + sigma * eps`` of the (unscaled) posterior.
+
+        Args:
+            mu: posterior mean ``(B, latent_channels, *S)``.
+            sigma: posterior standard deviation, same shape.
+            generator: optional generator for ``eps`` (on ``mu``'s device); without one MONAI's own ``sampling``
+                draws from the global RNG.
+
+        Returns:
+            The sample, shape of ``mu``.
+        """
+        if generator is None:
+            return self.net.sampling(mu, sigma)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + eps * sigma
+
+    def encode_latent(
+        self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Scaled latent of images, the variable the diffusion model works on.
+
+        Args:
+            x: images ``(B, C_in, H, W)`` or ``(B, C_in, D, H, W)``.
+            sample: draw from the posterior instead of taking its mean.
+            generator: generator for the posterior sample.
+
+        Returns:
+            ``z * scaling_factor``, ``(B, latent_channels, *S / downsample_factor)``.
+        """
+        mu, sigma = self.encode(x)
+        z = self.sample_latent(mu, sigma, generator=generator) if sample else mu
+        return z * self.scaling_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode an *unscaled* latent.
+
+        Args:
+            z: latent ``(B, latent_channels, *S)``.
+
+        Returns:
+            Images ``(B, C_out, *S * downsample_factor)``.
+        """
+        self._check_latent(z)
+        return self.net.decode(z)
+
+    def decode_latent(self, z_scaled: torch.Tensor) -> torch.Tensor:
+        """Decode a *scaled* latent (divides by ``scaling_factor`` first).
+
+        Args:
+            z_scaled: scaled latent ``(B, latent_channels, *S)``.
+
+        Returns:
+            Images ``(B, C_out, *S * downsample_factor)``.
+        """
+        return self.decode(z_scaled / self.scaling_factor)
+
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Autoencoder training pass: encode, sample the posterior, decode.
+
+        Args:
+            x: images ``(B, C_in, H, W)`` or ``(B, C_in, D, H, W)``.
+            generator: optional generator for the posterior sample.
+
+        Returns:
+            ``(reconstruction, mu, sigma)``: reconstruction ``(B, C_out, *S)``; ``mu`` and ``sigma``
+            ``(B, latent_channels, *S / downsample_factor)`` for the KL term.
+        """
+        mu, sigma = self.encode(x)
+        z = self.sample_latent(mu, sigma, generator=generator)
+        return self.net.decode(z), mu, sigma
+
+
+class ConditionalUNetModel(ModelMixin, ConfigMixin):
+    """Denoising UNet (MONAI ``DiffusionModelUNet``) on latents concatenated with a spatially aligned condition.
+
+    The MONAI UNet gets ``in_channels = latent_channels + condition_channels`` and
+    ``out_channels = latent_channels``; what the output means (noise, ``v`` or the clean latent) is set by the
+    scheduler's ``prediction_type``. The LR noise-augmentation level enters as MONAI's class embedding.
+
+    Args:
+        spatial_dims: 2 for slices, 3 for patches.
+        latent_channels: channels of the diffusion variable (the autoencoder's ``latent_channels``).
+        condition_channels: channels of the condition; see :func:`condition_channels`.
+        channels: feature channels per level; latent spatial sizes must be multiples of
+            ``2 ** (len(channels) - 1)``.
+        attention_levels: self-attention at each level (same length as ``channels``).
+        num_res_blocks: residual blocks per level.
+        num_head_channels: channels per attention head (one value, or one per level).
+        norm_num_groups: GroupNorm groups; every entry of ``channels`` must be a multiple of it.
+        num_noise_levels: number of LR noise-augmentation levels, or None for no noise-level conditioning.
+        use_flash_attention: use ``torch.nn.functional.scaled_dot_product_attention`` in attention blocks.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        latent_channels: int = 3,
+        condition_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 64),
+        attention_levels: Sequence[bool] = (False, True, True),
+        num_res_blocks: int | Sequence[int] = 1,
+        num_head_channels: int | Sequence[int] = 16,
+        norm_num_groups: int = 16,
+        num_noise_levels: int | None = 1000,
+        use_flash_attention: bool = False,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if condition_channels < 1:
+            raise ValueError(f"condition_channels must be at least 1, got {condition_channels}.")
+        if num_noise_levels is not None and num_noise_levels < 1:
+            raise ValueError(f"num_noise_levels must be None or at least 1, got {num_noise_levels}.")
+        channels = tuple(int(c) for c in channels)
+        attention_levels = tuple(bool(a) for a in attention_levels)
+        num_res_blocks = _as_tuple(num_res_blocks)
+        num_head_channels = _as_tuple(num_head_channels)
+        self.register_to_config(
+            channels=channels,
+            attention_levels=attention_levels,
+            num_res_blocks=num_res_blocks,
+            num_head_channels=num_head_channels,
+        )
+        self.net = DiffusionModelUNet(
+            spatial_dims=spatial_dims,
+            in_channels=latent_channels + condition_channels,
+            out_channels=latent_channels,
+            num_res_blocks=num_res_blocks,
+            channels=channels,
+            attention_levels=attention_levels,
+            norm_num_groups=norm_num_groups,
+            num_head_channels=num_head_channels,
+            num_class_embeds=num_noise_levels,
+            use_flash_attention=use_flash_attention,
+        )
+
+    @property
+    def downsample_factor(self) -> int:
+        """Latent spatial sizes must be multiples of this: ``2 ** (len(channels) - 1)``."""
+        return 2 ** (len(self.config.channels) - 1)
+
+    @staticmethod
+    def _batch_vector(
+        value: int | float | torch.Tensor, batch: int, device: torch.device
+    ) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+        """A scalar, a 0-d/(1,) tensor or a (B,) tensor as a (B,) tensor (None if the shape does not fit)."""
+        t = torch.as_tensor(value, device=device)
+        if t.ndim == 0 or (t.ndim == 1 and t.shape[0] == 1):
+            return t.reshape(1).expand(batch), tuple(t.shape)
+        if t.ndim == 1 and t.shape[0] == batch:
+            return t, tuple(t.shape)
+        return None, tuple(t.shape)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: int | float | torch.Tensor,
+        condition: torch.Tensor,
+        noise_level: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict from a noisy latent and its condition.
+
+        Args:
+            sample: noisy scaled latent ``(B, latent_channels, H, W)`` or ``(B, latent_channels, D, H, W)``.
+            timestep: diffusion timestep, a scalar or a ``(B,)`` tensor.
+            condition: condition on the latent grid ``(B, condition_channels, *S)`` (see :func:`latent_condition`).
+            noise_level: LR noise-augmentation level in ``[0, num_noise_levels)``, a scalar or a ``(B,)`` integer
+                tensor; None means level 0. Must be None when the model has no noise-level conditioning. Its range
+                is checked eagerly (one host sync on GPU; skipped under ``torch.compile``).
+
+        Returns:
+            The model output ``(B, latent_channels, *S)`` (noise, ``v`` or clean latent per the scheduler).
+        """
+        cfg = self.config
+        problems = []
+        batch = sample.shape[0] if sample.ndim > 0 else 0
+        spatial = tuple(sample.shape[2:])
+        f = self.downsample_factor
+        if sample.ndim != cfg.spatial_dims + 2 or sample.shape[1] != cfg.latent_channels:
+            problems.append(f"sample must be (B, {cfg.latent_channels}, *S), got {_shape_str(sample.shape)}")
+        elif any(s % f for s in spatial):
+            problems.append(f"sample spatial sizes {_shape_str(spatial)} must be multiples of {f}")
+        if (
+            condition.ndim != cfg.spatial_dims + 2
+            or condition.shape[0] != batch
+            or condition.shape[1] != cfg.condition_channels
+            or tuple(condition.shape[2:]) != spatial
+        ):
+            problems.append(
+                f"condition must be (B, {cfg.condition_channels}, *S) with the B and S of sample "
+                f"{_shape_str(sample.shape)}, got {_shape_str(condition.shape)}"
+            )
+        timesteps, t_shape = self._batch_vector(timestep, batch, sample.device)
+        if timesteps is None:
+            problems.append(f"timestep must be a scalar or a ({batch},) tensor, got shape {t_shape}")
+        labels = None
+        if cfg.num_noise_levels is None:
+            if noise_level is not None:
+                problems.append("noise_level given, but the model was built with num_noise_levels=None")
+        else:
+            labels, l_shape = self._batch_vector(0 if noise_level is None else noise_level, batch, sample.device)
+            if labels is None:
+                problems.append(f"noise_level must be a scalar or a ({batch},) tensor, got shape {l_shape}")
+            elif labels.is_floating_point() or labels.is_complex():
+                problems.append(f"noise_level must be integer, got dtype {labels.dtype}")
+            elif (
+                not torch.compiler.is_compiling()
+                and labels.numel()
+                and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_noise_levels)
+            ):
+                problems.append(f"noise_level must lie in [0, {cfg.num_noise_levels})")
+        if problems:
+            raise ValueError("ConditionalUNetModel: " + "; ".join(problems) + ".")
+
+        x = torch.cat([sample, condition.to(dtype=sample.dtype)], dim=1)
+        if labels is not None:
+            labels = labels.long()
+        return self.net(x, timesteps=timesteps, class_labels=labels)
+
+
+def condition_channels(mode: ConditionMode, image_channels: int, latent_channels: int) -> int:
+    """Number of condition channels :func:`latent_condition` produces in a given mode.
+
+    Use it to set :class:`ConditionalUNetModel`'s ``condition_channels`` so the config matches the data.
+
+    Args:
+        mode: ``"resample"``, ``"latent"`` or ``"both"``.
+        image_channels: channels of the LR-on-HR image (e.g. ``k`` for ``k`` neighbouring LR slices in 2.5D).
+        latent_channels: the autoencoder's ``latent_channels``.
+
+    Returns:
+        ``image_channels``, ``latent_channels`` or their sum.
+    """
+    if mode == "resample":
+        return int(image_channels)
+    if mode == "latent":
+        return int(latent_channels)
+    if mode == "both":
+        return int(image_channels) + int(latent_channels)
+    raise ValueError(f"Unknown condition mode {mode!r}; choose one of {', '.join(CONDITION_MODES)}.")
+
+
+def _resample(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Area average for integer downsampling, else (bi/tri)linear with half-pixel centres (align_corners=False)."""
+    in_size = tuple(x.shape[2:])
+    if in_size == size:
+        return x
+    if all(i >= o and i % o == 0 for i, o in zip(in_size, size, strict=True)):
+        return F.interpolate(x, size=size, mode="area")
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(x, size=size, mode=mode, align_corners=False)
+
+
+def latent_condition(
+    lr_on_hr_grid: torch.Tensor,
+    latent_shape: Sequence[int],
+    vae: AutoencoderKLModel | None = None,
+    mode: ConditionMode = "resample",
+) -> torch.Tensor:
+    """Build the UNet condition on the latent grid from the LR image already brought onto the HR grid.
+
+    Modes:
+
+    * ``"resample"``: the image resampled to ``latent_shape`` (area average when every HR size is an integer
+      multiple of the latent size, otherwise bilinear/trilinear with ``align_corners=False``).
+    * ``"latent"``: ``vae.encode_latent(lr_on_hr_grid)``, the scaled posterior mean (needs ``C == vae``'s
+      ``in_channels``). Gradients flow through the VAE; call under ``torch.no_grad()`` when it is frozen.
+    * ``"both"``: ``cat([resample, latent], dim=1)``.
+
+    Args:
+        lr_on_hr_grid: LR image on the HR grid, ``(B, C, H, W)`` or ``(B, C, D, H, W)``.
+        latent_shape: latent spatial shape ``(h, w)`` / ``(d, h, w)`` (a full ``(B, C, *S)`` shape is accepted too;
+            only its spatial part is used).
+        vae: the autoencoder, needed for ``"latent"`` and ``"both"``.
+        mode: ``"resample"``, ``"latent"`` or ``"both"``.
+
+    Returns:
+        The condition ``(B, condition_channels(mode, C, latent_channels), *latent_shape)``.
+    """
+    if mode not in CONDITION_MODES:
+        raise ValueError(f"Unknown condition mode {mode!r}; choose one of {', '.join(CONDITION_MODES)}.")
+    x = lr_on_hr_grid
+    n_spatial = x.ndim - 2
+    shape = tuple(int(s) for s in latent_shape)
+    if len(shape) == x.ndim:
+        shape = shape[2:]
+    if n_spatial not in (1, 2, 3) or len(shape) != n_spatial or any(s < 1 for s in shape):
+        raise ValueError(
+            f"latent_condition expects lr_on_hr_grid (B, C, *S) with 1-3 spatial axes and a latent_shape with as "
+            f"many positive entries; got {_shape_str(x.shape)} and {_shape_str(latent_shape)}."
+        )
+    parts = []
+    if mode in ("resample", "both"):
+        parts.append(_resample(x, shape))
+    if mode in ("latent", "both"):
+        if vae is None:
+            raise ValueError(f"latent_condition mode {mode!r} needs the autoencoder (vae=...).")
+        z = vae.encode_latent(x)
+        if tuple(z.shape[2:]) != shape:
+            raise ValueError(
+                f"The autoencoder maps {_shape_str(x.shape[2:])} to {_shape_str(z.shape[2:])}, not to the latent "
+                f"shape {_shape_str(shape)}."
+            )
+        parts.append(z.to(dtype=x.dtype) if mode == "both" else z)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of a model.
+
+    Args:
+        model: any module.
+        trainable_only: count only parameters with ``requires_grad``.
+
+    Returns:
+        The total number of scalar parameters (shared parameters counted once).
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
