@@ -229,3 +229,18 @@ def test_noise_models_are_seeded_and_at_the_requested_snr() -> None:
 def test_invalid_acquisitions_are_refused(make, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("method", ["linear", "cubic"])
+def test_interpolate_reproduces_ramps_between_slice_centres(method: str) -> None:
+    op = AcquisitionOperator([SliceAcquisition(2, 4.0, spacing=3.3)], (3, 4, 41), (1.0, 1.0, 1.0))
+    ramp = torch.arange(41, dtype=torch.float64).expand(1, 1, 3, 4, 41).clone()
+    x = op.interpolate(op(ramp), method)
+    assert x.shape == ramp.shape
+    first = op.lr_index_to_hr_index()[2, 3]  # the first LR centre, in HR voxels
+    last = first + (op.lr_shape[2] - 1) * 3.3
+    inside = (ramp >= first) & (ramp <= last)
+    assert torch.allclose(x[inside], ramp[inside], atol=1e-9)
+    assert torch.allclose(x[..., 0], torch.full_like(x[..., 0], first))  # held constant beyond the ends
+    with pytest.raises(ValueError, match="method"):
+        op.interpolate(op(ramp), "sinc")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-__all__ = ["psnr"]
+__all__ = ["psnr", "ssim"]
 
 
 def psnr(estimate: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None,
@@ -29,3 +30,27 @@ def psnr(estimate: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = 
         data_range = float(ref.max() - ref.min())
     mse = float(np.mean((est - ref) ** 2))
     return float("inf") if mse == 0 else 10.0 * np.log10(data_range**2 / mse)
+
+
+def ssim(estimate: torch.Tensor, reference: torch.Tensor, data_range: float | None = None) -> torch.Tensor:
+    """Structural similarity per batch entry, with MONAI's :class:`~monai.metrics.SSIMMetric` (Gaussian window 11).
+
+    Args:
+        estimate: ``(B, C, H, W)`` or ``(B, C, D, H, W)``.
+        reference: same shape.
+        data_range: dynamic range of the reference; defaults to its ``max - min``.
+
+    Returns:
+        ``(B,)`` SSIM values.
+    """
+    from monai.metrics import SSIMMetric
+
+    if estimate.shape != reference.shape:
+        raise ValueError(f"shapes differ: {tuple(estimate.shape)} vs {tuple(reference.shape)}")
+    if data_range is None:
+        data_range = float(reference.max() - reference.min())
+    spatial_dims = reference.ndim - 2
+    win = min(11, *(int(n) for n in reference.shape[2:]))
+    win -= 1 - win % 2  # an odd window that fits
+    metric = SSIMMetric(spatial_dims=spatial_dims, data_range=data_range, win_size=win, reduction="none")
+    return metric(estimate.float(), reference.float()).reshape(-1)

@@ -1,0 +1,259 @@
+"""Training data: LR/HR pairs made on the fly with the acquisition operators.
+
+Each item is one HR crop (a 2D slice across the super-resolved axis, or a 3D patch) with its simulated LR
+acquisition brought back onto the HR grid by the operator's pseudo-inverse, ``A⁺ y``: the same condition the pipeline
+computes from a real LR scan. Acquisition parameters (slice thickness, gap or overlap, profile, SNR) are drawn per
+item from configured ranges, so a model does not learn one acquisition only.
+
+Reproducibility: item ``i`` of a split is a pure function of ``(seed, split, i)``; no sampler state exists. A
+sequential loader therefore replays exactly the same data order after ``--resume``, on any number of processes.
+
+Held-out data: each volume is cut into two slabs along ``holdout_axis``. Training items come only from the first
+slab, validation items only from the second, so training never sees a single held-out voxel (2D slices are taken
+inside a slab, never across it).
+
+All volumes are processed in RAS+ orientation and normalised with their robust percentiles
+(:class:`~gen_sr.volume.IntensityNormalization`) before the acquisition is simulated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from monai.transforms import SpatialPad
+
+from gen_sr.errors import InputError
+from gen_sr.physics import AcquisitionOperator, SliceAcquisition, add_noise
+from gen_sr.sample_data import load_mni152
+from gen_sr.volume import IntensityNormalization, Volume, load_volume
+
+__all__ = ["AcquisitionRanges", "DataConfig", "SRPairDataset", "find_volumes", "load_training_volumes"]
+
+_SPLITS = {"train": 0, "val": 1}
+
+
+@dataclass
+class AcquisitionRanges:
+    """The acquisitions training pairs are simulated with; each item draws its own.
+
+    Attributes:
+        axis: the super-resolved (through-plane) axis, in RAS+ voxel order (2 = inferior-superior).
+        thickness: slice thickness range in mm, drawn uniformly.
+        gap: range of ``spacing / thickness - 1`` (0 = contiguous, > 0 gaps, < 0 overlaps), drawn uniformly.
+        profiles: slice profiles to draw from.
+        snr: SNR range (log-uniform); ``None`` for noise-free only.
+        noise_free_fraction: fraction of items left noise-free even when ``snr`` is set.
+        noise: noise model.
+    """
+
+    axis: int = 2
+    thickness: tuple[float, float] = (2.0, 6.0)
+    gap: tuple[float, float] = (0.0, 0.0)
+    profiles: list[Literal["gaussian", "rect"]] = field(default_factory=lambda: ["gaussian"])
+    snr: tuple[float, float] | None = (20.0, 200.0)
+    noise_free_fraction: float = 0.25
+    noise: Literal["rician", "gaussian"] = "rician"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.axis <= 2:
+            raise ValueError(f"axis must be 0, 1 or 2, got {self.axis}")
+        if not 0 < self.thickness[0] <= self.thickness[1]:
+            raise ValueError(f"thickness must be an increasing pair of positive numbers, got {self.thickness}")
+        if not -0.9 < self.gap[0] <= self.gap[1]:
+            raise ValueError(f"gap must be an increasing pair above -0.9, got {self.gap}")
+        if self.snr is not None and not 0 < self.snr[0] <= self.snr[1]:
+            raise ValueError(f"snr must be an increasing pair of positive numbers, got {self.snr}")
+        if not self.profiles:
+            raise ValueError("profiles must not be empty")
+
+
+@dataclass
+class DataConfig:
+    """Where training volumes come from and how items are cut from them.
+
+    Attributes:
+        paths: HR NIfTI files or folders of them; empty for the embedded MNI152 T1 template.
+        crop_size: item size in voxels, ``(H, W)`` for 2D (the second entry runs along the super-resolved axis) or
+            ``(D, H, W)`` for 3D patches. Smaller volumes are zero-padded.
+        slice_normals: for 2D items, the RAS+ axes that slices are taken across (each must differ from the
+            acquisition axis): 0 gives sagittal slices, 1 coronal ones.
+        holdout_axis: RAS+ axis along which the held-out slab is cut.
+        holdout_fraction: size of the held-out slab (the far end of ``holdout_axis``), as a fraction.
+        normalize_percentiles: robust intensity range mapped to [0, 1].
+        condition: how the LR acquisition is brought onto the HR grid as the network condition: ``"cubic"`` or
+            ``"linear"`` interpolation between slice centres, or ``"pinv"`` (the operator's pseudo-inverse; it
+            follows the slice profile but shows profile ripples and amplifies noise).
+        min_foreground: a crop must have at least this fraction of voxels above 0.1 (normalised); up to 20 draws
+            are tried, so background-only crops are rare but possible.
+        acquisition: the simulated acquisitions.
+    """
+
+    paths: list[str] = field(default_factory=list)
+    crop_size: tuple[int, ...] = (64, 64)
+    slice_normals: list[int] = field(default_factory=lambda: [0, 1])
+    holdout_axis: int = 1
+    holdout_fraction: float = 0.2
+    normalize_percentiles: tuple[float, float] = (0.5, 99.5)
+    condition: Literal["cubic", "linear", "pinv"] = "cubic"
+    min_foreground: float = 0.2
+    acquisition: AcquisitionRanges = field(default_factory=AcquisitionRanges)
+
+    def __post_init__(self) -> None:
+        if len(self.crop_size) not in (2, 3) or min(self.crop_size) < 4:
+            raise ValueError(f"crop_size needs 2 or 3 sizes of at least 4, got {self.crop_size}")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if not 0 <= self.holdout_axis <= 2:
+            raise ValueError(f"holdout_axis must be 0, 1 or 2, got {self.holdout_axis}")
+        if self.acquisition.axis in self.slice_normals or not set(self.slice_normals) <= {0, 1, 2}:
+            raise ValueError(
+                f"slice_normals {self.slice_normals} must be RAS+ axes other than the acquisition axis "
+                f"{self.acquisition.axis}"
+            )
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.crop_size)
+
+
+def find_volumes(paths: Sequence[str]) -> list[Path]:
+    """Expand files and folders into a sorted list of NIfTI files; a missing path or an empty folder is an error."""
+    found: list[Path] = []
+    for entry in paths:
+        p = Path(entry)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.name.lower().endswith((".nii", ".nii.gz")))
+            if not files:
+                raise InputError("folder holds no .nii or .nii.gz files", p)
+            found.extend(files)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise InputError("no such data file or folder", p, "check data.paths in the config")
+    return found
+
+
+def load_training_volumes(cfg: DataConfig) -> list[tuple[np.ndarray, tuple[float, ...]]]:
+    """Load, reorient to RAS+ and normalise every training volume.
+
+    Returns:
+        ``(data, spacing)`` per volume, ``data`` float32 in RAS+ voxel order.
+    """
+    volumes: list[Volume] = [load_volume(p) for p in find_volumes(cfg.paths)] if cfg.paths else [load_mni152("t1")]
+    out = []
+    for vol in volumes:
+        canon = vol.canonical()
+        norm = IntensityNormalization.fit(canon.data, *cfg.normalize_percentiles)
+        out.append((norm(canon.data).astype(np.float32), canon.spacing))
+    return out
+
+
+class SRPairDataset(torch.utils.data.Dataset):
+    """LR/HR training pairs, simulated on the fly and deterministic per index.
+
+    Args:
+        volumes: ``(data, spacing)`` pairs from :func:`load_training_volumes`.
+        cfg: the data config.
+        split: ``"train"`` or ``"val"`` (the held-out slab).
+        length: number of items (items are generated, so any length works).
+        seed: base seed; item ``i`` depends only on ``(seed, split, i)``.
+
+    Items are dicts with:
+        ``hr``: ``(1, *crop_size)`` float32, the HR crop.
+        ``lr``: ``(1, *crop_size)`` float32, the noisy acquisition ``y`` brought onto the HR grid as
+        ``cfg.condition`` says.
+        ``thickness``, ``spacing``, ``noise_std``: float tensors, the acquisition drawn for this item.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[tuple[np.ndarray, Sequence[float]]],
+        cfg: DataConfig,
+        split: Literal["train", "val"] = "train",
+        length: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        if split not in _SPLITS:
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.cfg, self.split, self.length, self.seed = cfg, split, int(length), int(seed)
+        self.regions = [(self._region(data), tuple(spacing)) for data, spacing in volumes]
+        self.pad = SpatialPad(spatial_size=cfg.crop_size if cfg.spatial_dims == 3 else (*cfg.crop_size,))
+
+    def _region(self, data: np.ndarray) -> np.ndarray:
+        """The training slab or the held-out slab of one volume (a view)."""
+        n = data.shape[self.cfg.holdout_axis]
+        cut = n - max(1, round(n * self.cfg.holdout_fraction))
+        index = [slice(None)] * 3
+        index[self.cfg.holdout_axis] = slice(0, cut) if self.split == "train" else slice(cut, n)
+        return data[tuple(index)]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, _SPLITS[self.split], i])
+        region, spacing = self.regions[int(rng.integers(len(self.regions)))]
+        crop, crop_spacing, axis = self._crop(region, spacing, rng)
+        acq = self.cfg.acquisition
+        thickness = float(rng.uniform(*acq.thickness))
+        slice_spacing = thickness * (1.0 + float(rng.uniform(*acq.gap)))
+        profile = acq.profiles[int(rng.integers(len(acq.profiles)))]
+        op = AcquisitionOperator(
+            [SliceAcquisition(axis, thickness, slice_spacing, profile)], crop.shape, crop_spacing
+        )
+        hr = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float64))[None, None]
+        y = op(hr)
+        noise_std = 0.0
+        if acq.snr is not None and rng.random() >= acq.noise_free_fraction:
+            snr = math.exp(rng.uniform(math.log(acq.snr[0]), math.log(acq.snr[1])))
+            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            y, noise_std = add_noise(y, snr=snr, kind=acq.noise, generator=generator)
+        lr = op.pinv(y) if self.cfg.condition == "pinv" else op.interpolate(y, self.cfg.condition)
+        return {
+            "hr": hr[0].float(),
+            "lr": lr[0].float(),
+            "thickness": torch.tensor(thickness),
+            "spacing": torch.tensor(slice_spacing),
+            "noise_std": torch.tensor(noise_std),
+        }
+
+    def _crop(
+        self, region: np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator
+    ) -> tuple[np.ndarray, tuple[float, ...], int]:
+        """A random crop (zero-padded to ``crop_size``) with enough foreground, its spacing, and the acquisition
+        axis within it."""
+        for _ in range(20):
+            crop, crop_spacing, crop_axis = self._draw_crop(region, spacing, rng)
+            if np.mean(crop > 0.1) >= self.cfg.min_foreground:
+                break
+        return crop, crop_spacing, crop_axis
+
+    def _draw_crop(
+        self, region: np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator
+    ) -> tuple[np.ndarray, tuple[float, ...], int]:
+        cfg, axis = self.cfg, self.cfg.acquisition.axis
+        if cfg.spatial_dims == 3:
+            block, block_spacing, crop_axis = region, spacing, axis
+        else:
+            normal = cfg.slice_normals[int(rng.integers(len(cfg.slice_normals)))]
+            index = [slice(None)] * 3
+            index[normal] = int(rng.integers(region.shape[normal]))
+            block = region[tuple(index)]
+            kept = [a for a in range(3) if a != normal]
+            block_spacing = tuple(spacing[a] for a in kept)
+            if kept[1] != axis:  # the acquisition axis runs along the second (W) axis of a 2D item
+                block = block.T
+                block_spacing = block_spacing[::-1]
+            crop_axis = 1
+        starts = [int(rng.integers(max(n - c, 0) + 1)) for n, c in zip(block.shape, cfg.crop_size, strict=True)]
+        crop = block[tuple(slice(s, s + c) for s, c in zip(starts, cfg.crop_size, strict=True))]
+        crop = np.asarray(self.pad(crop[None]))[0]
+        return crop, block_spacing, crop_axis

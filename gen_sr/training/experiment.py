@@ -1,0 +1,124 @@
+"""The experiment config: one typed dataclass tree shared by both training scripts.
+
+One YAML file describes a whole experiment (data, both networks, the noise schedule, and the two training stages);
+``train_autoencoder`` reads ``autoencoder_training`` and ``train_diffusion`` reads ``diffusion_training``. Values come
+from the defaults below, then the YAML file, then ``--a.b=value`` overrides; an unknown key or a wrong type is an
+error naming it (see :mod:`gen_sr.config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from gen_sr.data import DataConfig
+
+__all__ = ["AutoencoderConfig", "ExperimentConfig", "NoiseScheduleConfig", "TrainConfig", "UNetConfig"]
+
+
+@dataclass
+class AutoencoderConfig:
+    """The KL autoencoder (:class:`gen_sr.models.AutoencoderKLModel`) and its loss."""
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 3
+    num_res_blocks: int = 1
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    norm_num_groups: int = 16
+    use_flash_attention: bool = False
+    kl_weight: float = 1e-6
+    adversarial_weight: float = 0.0
+    adversarial_start_step: int = 0
+    perceptual_weight: float = 0.0
+
+
+@dataclass
+class UNetConfig:
+    """The conditional denoiser (:class:`gen_sr.models.ConditionalUNetModel`).
+
+    ``condition``: ``"resample"`` (the LR image at latent resolution), ``"latent"`` (its encoded latent) or
+    ``"both"``; see :func:`gen_sr.models.latent_condition`.
+    """
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_res_blocks: int = 1
+    num_head_channels: int = 16
+    norm_num_groups: int = 16
+    use_flash_attention: bool = False
+    condition: Literal["resample", "latent", "both"] = "both"
+
+
+@dataclass
+class NoiseScheduleConfig:
+    """The diffusion noise schedule; it becomes the exported DDIM scheduler's config."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+
+
+@dataclass
+class TrainConfig:
+    """One training stage. ``batch_size`` is per process; ``steps`` counts optimizer updates."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-2
+    lr_schedule: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    lr_warmup_steps: int = 50
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    validate_every: int = 250
+    val_batches: int = 2
+    val_sampling_steps: int = 20
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "validate_every",
+                     "log_every", "keep_checkpoints", "val_batches", "val_sampling_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment.
+
+    Attributes:
+        output_dir: run folder; each stage writes ``<output_dir>/<stage>/`` with ``checkpoints/``, ``logs/``,
+            ``metrics.jsonl``, ``summary.json`` and the exported ``model/``.
+        autoencoder_path: exported autoencoder for the diffusion stage; default
+            ``<output_dir>/autoencoder/model``.
+    """
+
+    output_dir: str = "runs/experiment"
+    autoencoder_path: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    noise_schedule: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+    autoencoder_training: TrainConfig = field(default_factory=TrainConfig)
+    diffusion_training: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.data.spatial_dims
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.output_dir) / stage
+
+    def vae_dir(self) -> Path:
+        return Path(self.autoencoder_path) if self.autoencoder_path else self.stage_dir("autoencoder") / "model"

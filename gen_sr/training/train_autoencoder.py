@@ -1,0 +1,104 @@
+"""Train the KL autoencoder of a latent diffusion SR model.
+
+    accelerate launch -m gen_sr.training.train_autoencoder --config configs/tiny.yaml \\
+        [--a.b=value ...] [--resume latest]
+
+Reads the ``data``, ``autoencoder`` and ``autoencoder_training`` sections of the experiment config. Writes
+``<output_dir>/autoencoder/``: ``checkpoints/``, ``logs/`` (tensorboard), ``metrics.jsonl``, ``summary.json``, and
+the exported model (``model/``, diffusers layout, safetensors) with its measured latent scaling factor.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from gen_sr.data import load_training_volumes
+from gen_sr.models import AutoencoderKLModel, count_parameters
+from gen_sr.training.common import finish, make_loaders, make_optimizer, run_script, start_run, train_loop
+from gen_sr.training.experiment import ExperimentConfig
+from gen_sr.training.latents import estimate_scaling_factor
+from gen_sr.training.losses import AutoencoderLoss
+from gen_sr.training.validation import validate_autoencoder
+
+
+def build_autoencoder(cfg: ExperimentConfig) -> AutoencoderKLModel:
+    a = cfg.autoencoder
+    return AutoencoderKLModel(
+        spatial_dims=cfg.spatial_dims, in_channels=1, out_channels=1, channels=a.channels,
+        latent_channels=a.latent_channels, num_res_blocks=a.num_res_blocks, attention_levels=a.attention_levels,
+        norm_num_groups=a.norm_num_groups, use_flash_attention=a.use_flash_attention,
+    )
+
+
+def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    volumes = load_training_volumes(cfg.data)
+    run = start_run(cfg, "autoencoder", cfg.autoencoder_training)
+    acc, tc = run.accelerator, run.train
+    train_loader, val_loader = make_loaders(run, volumes)
+    vae = build_autoencoder(cfg)
+    a = cfg.autoencoder
+    loss_fn = AutoencoderLoss(
+        spatial_dims=cfg.spatial_dims, kl_weight=a.kl_weight, adversarial_weight=a.adversarial_weight,
+        adversarial_start_step=a.adversarial_start_step, perceptual_weight=a.perceptual_weight,
+    ).to(acc.device)
+    optimizer, schedule = make_optimizer(vae.parameters(), run)
+    vae, optimizer, schedule, train_loader = acc.prepare(vae, optimizer, schedule, train_loader)
+    disc = None
+    if loss_fn.discriminator is not None:
+        disc_optimizer, disc_schedule = make_optimizer(loss_fn.discriminator.parameters(), run)
+        disc, disc_optimizer, disc_schedule = acc.prepare(loss_fn.discriminator, disc_optimizer, disc_schedule)
+        loss_fn.discriminator = disc
+    acc.print(f"autoencoder: {count_parameters(vae):,} parameters, {acc.num_processes} process(es)")
+    start = run.checkpoints.resume(args.resume)
+    step = {"n": start}
+
+    def train_step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        x = batch["hr"]
+        recon, mu, sigma = vae(x)
+        loss, logs = loss_fn.generator_loss(x, recon, mu, sigma, step["n"])
+        acc.backward(loss)
+        if acc.sync_gradients:
+            acc.clip_grad_norm_(vae.parameters(), tc.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if disc is not None and loss_fn.adversarial_active(step["n"]):
+            disc_optimizer.zero_grad()  # the generator loss also filled the discriminator's gradients
+            d_loss, d_logs = loss_fn.discriminator_loss(x, recon, step["n"])
+            acc.backward(d_loss)
+            disc_optimizer.step()
+            disc_schedule.step()
+            disc_optimizer.zero_grad()
+            logs.update(d_logs)
+        if acc.sync_gradients:
+            step["n"] += 1
+        return {**logs, "loss": float(loss.detach()), "lr": schedule.get_last_lr()[0]}
+
+    def validate() -> dict[str, float]:
+        return validate_autoencoder(acc.unwrap_model(vae), val_loader, acc.device)
+
+    train_loop(run, vae, train_loader, start, train_step, validate)
+    export(run, acc.unwrap_model(vae), val_loader)
+    finish(run, vae, {"parameters": count_parameters(acc.unwrap_model(vae))})
+
+
+def export(run: Any, vae: AutoencoderKLModel, loader: Any) -> None:
+    """Measure the latent scaling factor and write ``model/`` (main process)."""
+    acc = run.accelerator
+    if acc.is_main_process:
+        vae.eval()
+        vae.set_scaling_factor(estimate_scaling_factor(vae, (b["hr"].to(acc.device) for b in loader)))
+        vae.save_pretrained(run.directory / "model")
+        acc.print(f"exported {run.directory / 'model'} (latent scaling factor {vae.scaling_factor:.4f})")
+    acc.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_script(train, argv, description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Train the conditional latent diffusion UNet on top of a trained autoencoder.
+
+    accelerate launch -m gen_sr.training.train_diffusion --config configs/tiny.yaml \\
+        [--a.b=value ...] [--resume latest]
+
+Reads the ``data``, ``unet``, ``noise_schedule`` and ``diffusion_training`` sections; the autoencoder comes from
+``autoencoder_path`` (default ``<output_dir>/autoencoder/model``) and stays frozen. Keeps an EMA of the UNet weights,
+validates and exports with them. Writes ``<output_dir>/diffusion/`` like the autoencoder stage; the exported
+``model/`` holds ``vae/``, ``unet/``, ``scheduler/`` (DDIM) and ``acquisition.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from gen_sr.config import config_to_dict
+from gen_sr.data import load_training_volumes
+from gen_sr.errors import InputError
+from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, condition_channels, count_parameters
+from gen_sr.training.common import finish, make_loaders, make_optimizer, run_script, start_run, train_loop
+from gen_sr.training.ema import create_ema, ema_weights
+from gen_sr.training.experiment import ExperimentConfig
+from gen_sr.training.latents import encode_pair
+from gen_sr.training.losses import diffusion_loss, diffusion_target
+from gen_sr.training.validation import validate_diffusion
+
+
+def load_autoencoder(cfg: ExperimentConfig) -> AutoencoderKLModel:
+    path = cfg.vae_dir()
+    if not (path / "config.json").is_file():
+        raise InputError("no trained autoencoder here", path, "run gen_sr.training.train_autoencoder first, "
+                         "or set autoencoder_path")
+    vae = AutoencoderKLModel.from_pretrained(path)
+    if vae.config.spatial_dims != cfg.spatial_dims:
+        raise InputError(f"the autoencoder is {vae.config.spatial_dims}D but data.crop_size is "
+                         f"{cfg.spatial_dims}D", path)
+    return vae.eval().requires_grad_(False)
+
+
+def build_unet(cfg: ExperimentConfig, vae: AutoencoderKLModel) -> ConditionalUNetModel:
+    u, latent = cfg.unet, vae.config.latent_channels
+    return ConditionalUNetModel(
+        spatial_dims=cfg.spatial_dims, latent_channels=latent,
+        condition_channels=condition_channels(u.condition, 1, latent), channels=u.channels,
+        attention_levels=u.attention_levels, num_res_blocks=u.num_res_blocks, num_head_channels=u.num_head_channels,
+        norm_num_groups=u.norm_num_groups, num_noise_levels=None, use_flash_attention=u.use_flash_attention,
+    )
+
+
+def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    vae = load_autoencoder(cfg)
+    volumes = load_training_volumes(cfg.data)
+    run = start_run(cfg, "diffusion", cfg.diffusion_training)
+    acc, tc = run.accelerator, run.train
+    train_loader, val_loader = make_loaders(run, volumes)
+    vae.to(acc.device)
+    unet = build_unet(cfg, vae)
+    noise_scheduler = DDPMScheduler(**config_to_dict(cfg.noise_schedule), clip_sample=False)
+    ema = create_ema(unet, decay=tc.ema_decay)
+    optimizer, schedule = make_optimizer(unet.parameters(), run)
+    unet, optimizer, schedule, train_loader = acc.prepare(unet, optimizer, schedule, train_loader)
+    acc.register_for_checkpointing(ema)
+    acc.print(f"unet: {count_parameters(unet):,} parameters, {acc.num_processes} process(es)")
+    start = run.checkpoints.resume(args.resume)
+    ema.to(acc.device)  # load_state puts it on the CPU
+
+    def train_step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        z0, cond = encode_pair(vae, batch["hr"], batch["lr"], cfg.unet.condition)
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
+        pred = unet(noise_scheduler.add_noise(z0, noise, t), t, cond)
+        loss = diffusion_loss(pred, diffusion_target(noise_scheduler, z0, noise, t))
+        acc.backward(loss)
+        if acc.sync_gradients:
+            acc.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if acc.sync_gradients:
+            ema.step(unet.parameters())
+        return {"loss": float(loss.detach()), "lr": schedule.get_last_lr()[0]}
+
+    def validate() -> dict[str, float]:
+        model = acc.unwrap_model(unet)
+        with ema_weights(ema, model):
+            return validate_diffusion(model, vae, noise_scheduler, val_loader, condition=cfg.unet.condition,
+                                      sampling_steps=tc.val_sampling_steps, seed=tc.seed, device=acc.device)
+
+    train_loop(run, unet, train_loader, start, train_step, validate)
+    export(run, acc.unwrap_model(unet), ema, vae, noise_scheduler)
+    finish(run, unet, {"parameters": count_parameters(acc.unwrap_model(unet))})
+
+
+def export(run: Any, unet: ConditionalUNetModel, ema: Any, vae: AutoencoderKLModel, noise_scheduler: Any) -> None:
+    """Write ``model/``: EMA UNet, VAE, DDIM scheduler config and the acquisition ranges (main process)."""
+    acc, out = run.accelerator, run.directory / "model"
+    if acc.is_main_process:
+        with ema_weights(ema, unet):
+            unet.save_pretrained(out / "unet")
+        vae.save_pretrained(out / "vae")
+        DDIMScheduler.from_config(noise_scheduler.config).save_pretrained(out / "scheduler")
+        data = config_to_dict(run.cfg.data)
+        acquisition = {"trained_for": data["acquisition"], "condition": data["condition"],
+                       "unet_condition": run.cfg.unet.condition,
+                       "normalize_percentiles": data["normalize_percentiles"]}
+        (out / "acquisition.json").write_text(json.dumps(acquisition, indent=2) + "\n")
+        acc.print(f"exported {out}")
+    acc.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_script(train, argv, description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

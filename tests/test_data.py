@@ -1,0 +1,105 @@
+"""Training pairs: deterministic per index, held-out slab never seen in training, acquisitions as configured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import write_nifti
+
+from gen_sr.data import AcquisitionRanges, DataConfig, SRPairDataset, find_volumes, load_training_volumes
+from gen_sr.errors import InputError
+
+
+def _y_ramp(shape=(24, 40, 32)) -> np.ndarray:
+    """Intensity = 1 + the voxel's index along axis 1 (the default held-out axis)."""
+    return np.broadcast_to(1.0 + np.arange(shape[1], dtype=np.float32)[None, :, None], shape).copy()
+
+
+def _dataset(cfg: DataConfig, split: str = "train", length: int = 20, volume: np.ndarray | None = None):
+    data = _y_ramp() if volume is None else volume
+    return SRPairDataset([(data, (1.0, 1.0, 1.0))], cfg, split=split, length=length, seed=3)
+
+
+@pytest.mark.parametrize("crop", [(16, 16), (8, 8, 8)])
+def test_items_are_deterministic_and_shaped(crop) -> None:
+    cfg = DataConfig(crop_size=crop, min_foreground=0.0)
+    a, b = _dataset(cfg), _dataset(cfg)
+    for i in (0, 7):
+        x, y = a[i], b[i]
+        assert x["hr"].shape == x["lr"].shape == (1, *crop)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert not torch.equal(a[0]["lr"], a[1]["lr"])
+    with pytest.raises(IndexError):
+        a[20]
+
+
+def test_training_never_sees_the_held_out_slab() -> None:
+    cfg = DataConfig(crop_size=(16, 16), holdout_fraction=0.25, min_foreground=0.0,
+                     acquisition=AcquisitionRanges(snr=None))
+    held_out_from = 1 + 40 - 10  # intensities of the last 10 indices along axis 1
+    train, val = _dataset(cfg, "train", 200), _dataset(cfg, "val", 50)
+    train_max = max(float(train[i]["hr"].max()) for i in range(len(train)))
+    val_values = torch.cat([val[i]["hr"].flatten() for i in range(len(val))])
+    assert train_max < held_out_from
+    assert float(val_values[val_values > 0].min()) >= held_out_from  # zeros are padding
+
+
+def test_the_acquisition_blurs_only_along_the_super_resolved_axis() -> None:
+    rng = np.random.default_rng(0)
+    # constant along the acquisition axis (2): the slice operator leaves it unchanged; varying along it: it doesn't
+    flat = np.broadcast_to(rng.random((24, 40, 1), dtype=np.float32) + 0.5, (24, 40, 32)).copy()
+    layered = np.broadcast_to(rng.random((1, 1, 32), dtype=np.float32) + 0.5, (24, 40, 32)).copy()
+    cfg = DataConfig(crop_size=(16, 16), acquisition=AcquisitionRanges(snr=None, thickness=(3.0, 5.0)))
+    for i in range(5):
+        item = _dataset(cfg, volume=flat)[i]
+        assert torch.allclose(item["lr"], item["hr"], atol=1e-5)
+        item = _dataset(cfg, volume=layered)[i]
+        assert float((item["lr"] - item["hr"]).abs().max()) > 1e-2
+        assert 3.0 <= float(item["thickness"]) <= 5.0 and float(item["noise_std"]) == 0.0
+
+
+def test_noise_and_profiles_follow_the_ranges() -> None:
+    acq = AcquisitionRanges(snr=(10.0, 20.0), noise_free_fraction=0.0, gap=(0.5, 0.5), profiles=["rect"])
+    cfg = DataConfig(crop_size=(16, 16), min_foreground=0.0, acquisition=acq)
+    items = [_dataset(cfg)[i] for i in range(10)]
+    assert all(float(it["noise_std"]) > 0 for it in items)
+    assert all(float(it["spacing"]) == pytest.approx(1.5 * float(it["thickness"])) for it in items)
+
+
+def test_foreground_crops_are_preferred() -> None:
+    volume = np.zeros((24, 40, 32), np.float32)
+    volume[:14, :20, :18] = 1.0  # an object in one corner of an empty field
+
+    def fractions(min_foreground: float) -> list[float]:
+        cfg = DataConfig(crop_size=(8, 8), min_foreground=min_foreground, acquisition=AcquisitionRanges(snr=None))
+        return [float((_dataset(cfg, volume=volume)[i]["hr"] > 0.1).float().mean()) for i in range(12)]
+
+    assert min(fractions(0.5)) >= 0.5
+    assert min(fractions(0.0)) < 0.5  # without the preference, background crops do come up
+
+
+def test_volume_loading_and_errors(tmp_path: Path) -> None:
+    write_nifti(tmp_path / "a.nii.gz", _y_ramp())
+    write_nifti(tmp_path / "b.nii", _y_ramp() * 2)
+    (tmp_path / "notes.txt").write_text("ignored")
+    assert [p.name for p in find_volumes([str(tmp_path)])] == ["a.nii.gz", "b.nii"]
+    volumes = load_training_volumes(DataConfig(paths=[str(tmp_path)]))
+    assert len(volumes) == 2 and volumes[0][0].max() == pytest.approx(volumes[1][0].max(), rel=1e-3)  # normalised
+    with pytest.raises(InputError, match="no such data"):
+        find_volumes([str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"no \.nii"):
+        find_volumes([str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"crop_size": (16,)}, "crop_size"), ({"slice_normals": [2]}, "slice_normals"),
+     ({"holdout_fraction": 1.5}, "holdout_fraction")],
+)
+def test_invalid_data_configs(kwargs, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DataConfig(**kwargs)

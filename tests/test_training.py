@@ -1,0 +1,192 @@
+"""Both training scripts, run for real on the tiny config: 2 gloo processes, resume, crash-safe checkpoints, and
+clear errors for bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gen_sr.training import train_autoencoder, train_diffusion
+
+ROOT = Path(__file__).parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+TIMEOUT = 300
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _script(stage: str, out: Path, *extra: str, processes: int = 1) -> list[str]:
+    module = f"gen_sr.training.train_{stage}"
+    args = ["--config", TINY, f"--output_dir={out}", *extra]
+    if processes == 1:
+        return [sys.executable, "-m", module, *args]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                str(processes), "--num_machines", "1", "--main_process_port", str(_free_port()),
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*launcher, "-m", module, *args]
+
+
+def _run(stage: str, out: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+    env = _env()
+    if processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"  # gloo ranks on the CPU (`--cpu` alone would run one process)
+    result = subprocess.run(_script(stage, out, *extra, processes=processes), env=env, capture_output=True,
+                            text=True, timeout=TIMEOUT, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _metrics(out: Path, stage: str) -> list[dict]:
+    return [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(out: Path, stage: str) -> list[float]:
+    return [m["loss"] for m in _metrics(out, stage) if "loss" in m]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    _run("autoencoder", out, processes=2)
+    _run("diffusion", out, processes=2)
+    return out
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "diffusion"])
+def test_two_gloo_processes_train_and_agree(two_process_run: Path, stage: str) -> None:
+    summary = json.loads((two_process_run / stage / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["parameters_identical_across_ranks"]
+    assert len(summary["parameter_fingerprints"]) == 2
+    losses = _losses(two_process_run, stage)
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
+    assert sorted(p.name for p in (two_process_run / stage / "checkpoints").iterdir()) == [
+        "checkpoint-3", "checkpoint-6"]
+    assert any((two_process_run / stage / "logs").rglob("events.out.tfevents*"))
+    model = two_process_run / stage / "model"
+    expected = ["config.json", "diffusion_pytorch_model.safetensors"] if stage == "autoencoder" else [
+        "acquisition.json", "scheduler", "unet", "vae"]
+    assert sorted(p.name for p in model.iterdir()) == expected
+    validations = [m for m in _metrics(two_process_run, stage) if "val/psnr" in m]
+    assert [m["step"] for m in validations] == [3, 6]
+
+
+def test_exported_models_load(two_process_run: Path) -> None:
+    from diffusers import DDIMScheduler
+
+    from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel
+
+    model = two_process_run / "diffusion" / "model"
+    vae = AutoencoderKLModel.from_pretrained(model / "vae")
+    assert vae.scaling_factor != 1.0  # measured at export
+    unet = ConditionalUNetModel.from_pretrained(model / "unet")
+    assert unet.config.condition_channels == 1 + vae.config.latent_channels  # condition "both"
+    assert DDIMScheduler.from_pretrained(model / "scheduler").config.prediction_type == "v_prediction"
+
+
+@pytest.fixture(scope="module")
+def autoencoder_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    _run("autoencoder", out)
+    return out
+
+
+def test_resume_matches_an_uninterrupted_run(autoencoder_run: Path, tmp_path: Path) -> None:
+    full = autoencoder_run
+    _run("diffusion", full)
+    # "N/2 steps": the uninterrupted run's checkpoint at step 3 is exactly that state; continue it to N = 6.
+    half = tmp_path / "half"
+    shutil.copytree(full / "autoencoder", half / "autoencoder")
+    (half / "diffusion" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "diffusion" / "checkpoints" / "checkpoint-3", half / "diffusion" / "checkpoints" /
+                    "checkpoint-3")
+    _run("diffusion", half, "--resume", "latest")
+    for weights in ("checkpoints/checkpoint-6/model.safetensors",  # the trained UNet
+                    "model/unet/diffusion_pytorch_model.safetensors"):  # its exported EMA
+        a, b = (load_file(run / "diffusion" / weights) for run in (full, half))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    data = [[m["data"] for m in _metrics(run, "diffusion") if "data" in m and m["step"] > 3] for run in (full, half)]
+    assert data[0] == data[1] and len(data[0]) == 3  # the same batches, in the same order
+
+
+def test_a_kill_during_checkpointing_leaves_the_previous_checkpoint_loadable(autoencoder_run: Path) -> None:
+    out = autoencoder_run
+    args = _script("diffusion", out, "--diffusion_training.steps=500", "--diffusion_training.checkpoint_every=1",
+                   "--diffusion_training.keep_checkpoints=3", "--diffusion_training.validate_every=1000",
+                   f"--autoencoder_path={out / 'autoencoder' / 'model'}")
+    args[args.index(f"--output_dir={out}")] = f"--output_dir={out / 'killed'}"
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = out / "killed" / "diffusion" / "checkpoints"
+    deadline = time.monotonic() + TIMEOUT
+    while not (ckpts.is_dir() and sum(1 for p in ckpts.iterdir() if p.name.startswith("checkpoint-")) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before two checkpoints"
+        time.sleep(0.05)
+    time.sleep(0.13)  # land somewhere inside the following save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    complete = [p for p in ckpts.iterdir() if p.name.startswith("checkpoint-")]
+    assert complete and all((p / "gen_sr_step.json").is_file() for p in complete)
+    last = max(int(p.name.split("-")[1]) for p in complete)
+    _run("diffusion", out / "killed", "--resume", "latest", f"--diffusion_training.steps={last + 1}",
+         "--diffusion_training.checkpoint_every=1", "--diffusion_training.validate_every=1000",
+         f"--autoencoder_path={out / 'autoencoder' / 'model'}")
+    summary = json.loads((out / "killed" / "diffusion" / "summary.json").read_text())
+    assert summary["steps"] == last + 1
+    assert not list(ckpts.glob(".tmp-*"))  # the killed write's leftovers are cleaned up by the next save
+
+
+@pytest.mark.parametrize(
+    "script,override,message",
+    [
+        (train_autoencoder, "--autoencoder_training.stepz=3", "unknown key 'autoencoder_training.stepz'"),
+        (train_autoencoder, "--autoencoder_training.steps=three", "expected int"),
+        (train_diffusion, "--unet.condition=pixels", "unet.condition"),
+        (train_autoencoder, "--data.paths=[/no/such/folder]", "/no/such/folder"),
+    ],
+)
+def test_bad_configs_exit_2_with_one_line(script, override: str, message: str, tmp_path: Path, capsys) -> None:
+    code = script.main(["--config", TINY, f"--output_dir={tmp_path}", override])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_diffusion_without_an_autoencoder_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert train_diffusion.main(["--config", TINY, f"--output_dir={tmp_path}"]) == 2
+    assert "train_autoencoder first" in capsys.readouterr().err
+
+
+def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
+    from gen_sr.training.common import Checkpoints
+
+    for name, complete in (("checkpoint-2", True), ("checkpoint-10", True), ("checkpoint-12", False),
+                           (".tmp-checkpoint-14", True), ("notes", True)):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / "gen_sr_step.json").write_text(json.dumps({"step": 0}))
+    found = Checkpoints(None, tmp_path, keep=2).complete()  # type: ignore[arg-type]
+    assert [p.name for p in found] == ["checkpoint-2", "checkpoint-10"]  # numeric order, partial ones ignored
