@@ -21,6 +21,7 @@ from gen_sr.training import train_autoencoder, train_diffusion
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
+CPU_2PROC = str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml")
 TIMEOUT = 300
 
 
@@ -41,16 +42,15 @@ def _script(stage: str, out: Path, *extra: str, processes: int = 1) -> list[str]
     args = ["--config", TINY, f"--output_dir={out}", *extra]
     if processes == 1:
         return [sys.executable, "-m", module, *args]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                str(processes), "--num_machines", "1", "--main_process_port", str(_free_port()),
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC,
+                "--num_processes", str(processes), "--main_process_port", str(_free_port())]
     return [*launcher, "-m", module, *args]
 
 
 def _run(stage: str, out: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
     env = _env()
     if processes > 1:
-        env["ACCELERATE_USE_CPU"] = "1"  # gloo ranks on the CPU (`--cpu` alone would run one process)
+        env["ACCELERATE_USE_CPU"] = "1"  # gloo ranks on the CPU (see configs/accelerate/cpu_2proc.yaml)
     result = subprocess.run(_script(stage, out, *extra, processes=processes), env=env, capture_output=True,
                             text=True, timeout=TIMEOUT, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -190,3 +190,23 @@ def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
             (tmp_path / name / "gen_sr_step.json").write_text(json.dumps({"step": 0}))
     found = Checkpoints(None, tmp_path, keep=2).complete()  # type: ignore[arg-type]
     assert [p.name for p in found] == ["checkpoint-2", "checkpoint-10"]  # numeric order, partial ones ignored
+
+
+def test_three_d_is_a_config_change(tmp_path: Path) -> None:
+    """The same scripts and tiny config train 3D models when crop_size has three entries."""
+    three_d = ["--data.crop_size=[8,8,8]", "--autoencoder_training.steps=2", "--diffusion_training.steps=2"]
+    _run("autoencoder", tmp_path, *three_d)
+    _run("diffusion", tmp_path, *three_d)
+    config = json.loads((tmp_path / "diffusion" / "model" / "unet" / "config.json").read_text())
+    assert config["spatial_dims"] == 3
+    assert json.loads((tmp_path / "diffusion" / "summary.json").read_text())["steps"] == 2
+
+
+def test_adversarial_term_and_gradient_accumulation(tmp_path: Path) -> None:
+    _run("autoencoder", tmp_path, "--autoencoder.adversarial_weight=0.1", "--autoencoder.adversarial_start_step=1",
+         "--autoencoder.discriminator_layers=2", "--autoencoder_training.gradient_accumulation_steps=2",
+         "--autoencoder_training.steps=3")
+    rows = [m for m in _metrics(tmp_path, "autoencoder") if "loss" in m]
+    assert [m["step"] for m in rows] == [1, 2, 3]
+    assert rows[0].get("disc_loss", 0.0) == 0.0 and rows[-1]["disc_loss"] > 0  # starts after step 1
+    assert "gen_adv" in rows[-1]

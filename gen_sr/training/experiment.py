@@ -19,7 +19,9 @@ __all__ = ["AutoencoderConfig", "ExperimentConfig", "NoiseScheduleConfig", "Trai
 
 @dataclass
 class AutoencoderConfig:
-    """The KL autoencoder (:class:`gen_sr.models.AutoencoderKLModel`) and its loss."""
+    """The KL autoencoder (:class:`gen_sr.models.AutoencoderKLModel`) and its loss (L1 + ``kl_weight`` KL, plus an
+    optional patch-adversarial term and a perceptual term that is skipped, with one warning, when its pretrained
+    weights are not available offline; see :class:`gen_sr.training.losses.AutoencoderLoss`)."""
 
     channels: tuple[int, ...] = (32, 64, 64)
     latent_channels: int = 3
@@ -30,6 +32,7 @@ class AutoencoderConfig:
     kl_weight: float = 1e-6
     adversarial_weight: float = 0.0
     adversarial_start_step: int = 0
+    discriminator_layers: int = 3
     perceptual_weight: float = 0.0
 
 

@@ -42,7 +42,8 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     a = cfg.autoencoder
     loss_fn = AutoencoderLoss(
         spatial_dims=cfg.spatial_dims, kl_weight=a.kl_weight, adversarial_weight=a.adversarial_weight,
-        adversarial_start_step=a.adversarial_start_step, perceptual_weight=a.perceptual_weight,
+        adversarial_start_step=a.adversarial_start_step, disc_num_layers=a.discriminator_layers,
+        perceptual_weight=a.perceptual_weight,
     ).to(acc.device)
     optimizer, schedule = make_optimizer(vae.parameters(), run)
     vae, optimizer, schedule, train_loader = acc.prepare(vae, optimizer, schedule, train_loader)
