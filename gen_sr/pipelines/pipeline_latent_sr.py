@@ -1,0 +1,368 @@
+"""``LatentDiffusionSRPipeline``: DDIM sampling conditioned on an LR volume, with data consistency, N samples and
+per-voxel uncertainty, on whole volumes with exact geometry.
+
+    pipe = LatentDiffusionSRPipeline.from_pretrained("models/mni2d")
+    out = pipe("lr.nii.gz", num_samples=8, num_inference_steps=50, guidance="projection")
+    out.mean, out.std, out.risk, out.dc_residual   # numpy volumes in the input's orientation, on the HR grid
+
+The generic ``DiffusionPipeline.from_pretrained`` does not know this class; call it on the class, as above.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from gen_sr.errors import InputError
+from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, latent_condition
+from gen_sr.physics import AcquisitionOperator, operator_from_spacings
+from gen_sr.pipelines.tiling import PatchTiler, SliceTiler
+from gen_sr.schedulers.guidance import GradientGuidance, ProjectionGuidance, final_projection
+from gen_sr.volume import IntensityNormalization, Volume, load_volume
+
+__all__ = ["LatentDiffusionSRPipeline", "SRPipelineOutput"]
+
+LRInput = str | Path | nib.Nifti1Image | Volume | np.ndarray | torch.Tensor
+
+
+@dataclass
+class SRPipelineOutput(BaseOutput):
+    """What a super-resolution run returns; volumes are on the HR grid, in the input's orientation and units.
+
+    Attributes:
+        mean: the estimate, the mean of the samples ``(X, Y, Z)``.
+        samples: all samples ``(N, X, Y, Z)``, or ``None`` with ``keep_samples=False``.
+        std: per-voxel standard deviation across samples.
+        risk: the hallucination-risk map: ``std`` as a fraction of the input's robust intensity range (its
+            0.5-99.5 percentile span), until a model folder carries a calibration.
+        dc_residual: ``|A x − y|`` of the mean, brought back onto the HR grid by linear interpolation.
+        affine: the HR voxel-to-world affine of the outputs.
+        metadata: seeds, steps, operator, guidance, final relative residuals ``‖A x − y‖/‖y‖`` and timings.
+    """
+
+    mean: Any
+    samples: Any
+    std: Any
+    risk: Any
+    dc_residual: Any
+    affine: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class LatentDiffusionSRPipeline(DiffusionPipeline):
+    """Latent diffusion super-resolution with data consistency and uncertainty.
+
+    Args:
+        vae: the autoencoder.
+        unet: the conditional denoiser.
+        scheduler: a diffusers scheduler; data consistency needs one whose ``step`` takes ``x0_hook`` (the default
+            :class:`~gen_sr.schedulers.DDIMDataConsistencyScheduler`). Others run with ``guidance="none"``.
+        acquisition: what the model was trained for (``trained_for``: the acquisition ranges, whose ``axis`` is the
+            super-resolved RAS+ axis; ``condition``: how the LR is brought onto the HR grid; ``unet_condition``).
+    """
+
+    model_cpu_offload_seq = "unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKLModel,
+        unet: ConditionalUNetModel,
+        scheduler: Any,
+        acquisition: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
+        self.register_to_config(acquisition=acquisition or {})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, allow_pickle: bool = False, **kwargs: Any):
+        """Load a model folder. Weights must be safetensors unless ``allow_pickle=True`` (pickles can run code)."""
+        if not allow_pickle:
+            if kwargs.get("use_safetensors") is False:
+                raise ValueError("use_safetensors=False loads pickled weights: pass allow_pickle=True to do that")
+            kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------- settings
+    @property
+    def sr_axis(self) -> int:
+        return int(self.config.acquisition.get("trained_for", {}).get("axis", 2))
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.unet.config.spatial_dims)
+
+    @property
+    def tile_multiple(self) -> int:
+        return self.vae.downsample_factor * self.unet.downsample_factor
+
+    # ------------------------------------------------------------------------------------------------- the call
+    @torch.no_grad()
+    def __call__(
+        self,
+        lr: LRInput,
+        *,
+        affine: np.ndarray | None = None,
+        lr_spacing: Sequence[float] | None = None,
+        target_spacing: Sequence[float] | None = None,
+        operator: AcquisitionOperator | None = None,
+        slice_profile: str = "gaussian",
+        slice_thickness: float | None = None,
+        noise_std: float = 0.0,
+        num_inference_steps: int = 50,
+        eta: float = 0.0,
+        num_samples: int = 8,
+        guidance: Literal["projection", "gradient", "none"] = "projection",
+        guidance_scale: float = 1.0,
+        guidance_interval: int = 5,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        batch_size: int = 16,
+        slice_normal: int | None = None,
+        patch_size: Sequence[int] | None = None,
+        patch_overlap: float = 0.25,
+        keep_samples: bool = True,
+        volume_index: int | None = None,
+        output_type: Literal["np", "pt", "nifti"] = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
+    ) -> SRPipelineOutput | tuple:
+        """Super-resolve one LR volume.
+
+        Args:
+            lr: a NIfTI path, a nibabel image, a :class:`~gen_sr.volume.Volume`, or a 3D array/tensor (then give
+                ``affine`` or ``lr_spacing``).
+            affine, lr_spacing: geometry of an array input.
+            target_spacing: HR voxel spacing in mm; default: the LR spacing with the super-resolved axis set to the
+                finest in-plane spacing.
+            operator: the acquisition on the canonical (RAS+) HR grid, instead of one built from the spacings.
+            slice_profile, slice_thickness: the acquisition's slice profile and thickness (default: the LR spacing).
+            noise_std: measurement noise std in input units (0: noise-free; > 0 makes projections noise-aware).
+            num_inference_steps, eta: DDIM settings.
+            num_samples: posterior samples ``N``; they are batch entries with one generator each.
+            guidance: data consistency during sampling; ``guidance_scale`` is the gradient step size;
+                ``guidance_interval`` applies it every k-th step, counted back from the last one.
+            generator: one generator, or one per sample (sample ``k`` then equals sample ``k`` run alone).
+            batch_size: tiles per network call: the memory knob.
+            slice_normal: 2D models: the RAS+ axis that slices are taken across (default: the first axis that is
+                not the super-resolved one).
+            patch_size, patch_overlap: 3D models: patch size (default: the largest multiple of the downsampling
+                factor up to 64 per axis) and overlap fraction.
+            keep_samples: keep all samples in the output (costs ``N`` volumes of memory).
+            volume_index: which volume of a 4D series.
+            output_type: ``"np"`` arrays, ``"pt"`` tensors, or ``"nifti"`` images with the HR geometry.
+            return_dict: return an :class:`SRPipelineOutput` (else a tuple in its field order).
+            callback_on_step_end: ``fn(pipe, step_index, timestep, {"latents": z})`` returning a dict that may
+                replace ``latents``.
+        """
+        timings: dict[str, float] = {}
+        tic = time.perf_counter()
+        # 1. check inputs
+        volume = self._as_volume(lr, affine, lr_spacing, volume_index)
+        generators = self._generators(generator, num_samples)
+        if guidance not in ("projection", "gradient", "none"):
+            raise ValueError(f"guidance must be 'projection', 'gradient' or 'none', not {guidance!r}")
+        step_kwargs = self._step_kwargs(guidance)
+        device, dtype = self._execution_device, self.unet.dtype
+        canon = volume.canonical()
+        norm = IntensityNormalization.fit(canon.data)
+
+        # 2. operator: the acquisition on the canonical HR grid, the measurement and the condition image
+        operator = operator or self._operator(canon, target_spacing, slice_profile, slice_thickness)
+        if tuple(operator.lr_shape) != canon.shape:
+            raise InputError(f"the operator expects an LR grid {operator.lr_shape}, the input is {canon.shape}",
+                             volume.source)
+        hr_affine = operator.hr_affine(canon.affine)
+        y = torch.from_numpy(norm(canon.data.astype(np.float32)))[None, None].to(device, dtype)
+        sigma = noise_std / norm.scale
+        condition_image = self._condition_image(operator, y)
+
+        # 3. timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        guided = timesteps.flip(0)[::guidance_interval].tolist() if guidance != "none" else []
+
+        # 4. latents: one generator per sample, tiles of all samples as one batch
+        tiler = self._tiler(operator.hr_shape, slice_normal, patch_size, patch_overlap)
+        cond_tiles = tiler.split(condition_image)
+        latent_shape = tuple(s // self.vae.downsample_factor for s in tiler.tile_shape)
+        mode = self.config.acquisition.get("unet_condition", "resample")
+        cond = torch.cat([latent_condition(c, latent_shape, self.vae, mode) for c in cond_tiles.split(batch_size)])
+        cond = cond.repeat(num_samples, *[1] * (cond.ndim - 1))
+        shape = (tiler.num_tiles, self.vae.config.latent_channels, *latent_shape)
+        latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
+        hook_cls = {"projection": ProjectionGuidance, "gradient": GradientGuidance}.get(guidance)
+        hook = None
+        if hook_cls is not None:
+            extra = {"scale": guidance_scale} if guidance == "gradient" else {}
+            hook = hook_cls(self.vae, tiler, operator, y, guided, batch_size, noise_std=sigma, **extra)
+        timings["prepare_s"] = time.perf_counter() - tic
+
+        # 5. denoising loop with data consistency
+        tic = time.perf_counter()
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_input = self.scheduler.scale_model_input(latents, t)
+            model_output = torch.cat([
+                self.unet(z, t, c) for z, c in zip(model_input.split(batch_size), cond.split(batch_size), strict=True)
+            ])
+            kwargs = dict(step_kwargs)
+            if "variance_noise" in kwargs and eta > 0:
+                kwargs["variance_noise"] = torch.cat(
+                    [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(latents)
+            elif "variance_noise" in kwargs:
+                del kwargs["variance_noise"]
+            if hook is not None:
+                kwargs["x0_hook"] = hook
+            if "eta" in kwargs:
+                kwargs["eta"] = eta
+            latents = self.scheduler.step(model_output, t, latents, **kwargs).prev_sample
+            if callback_on_step_end is not None:
+                latents = callback_on_step_end(self, i, int(t), {"latents": latents}).get("latents", latents)
+        timings["denoise_s"] = time.perf_counter() - tic
+
+        # 6. decode
+        tic = time.perf_counter()
+        tiles = torch.cat([self.vae.decode_latent(z) for z in latents.split(batch_size)]).float()
+        timings["decode_s"] = time.perf_counter() - tic
+
+        # 7. stitch, and project every sample onto the data
+        tic = time.perf_counter()
+        x = final_projection(tiler.merge(tiles), operator, y.float(), sigma)
+        residuals = operator.residual(x, y.float().expand(x.shape[0], *y.shape[1:])).tolist()
+
+        # 8. uncertainty
+        mean = x.mean(dim=0, keepdim=True)
+        std = x.std(dim=0, unbiased=False, keepdim=True)
+        dc = operator.interpolate((operator(mean) - y.float()).abs(), "linear")
+        timings["stitch_uncertainty_s"] = time.perf_counter() - tic
+
+        # 9. output: back to input units and orientation
+        metadata = {
+            "seeds": [g.initial_seed() for g in generators],
+            "num_inference_steps": num_inference_steps,
+            "eta": eta,
+            "num_samples": num_samples,
+            "guidance": guidance,
+            "guidance_scale": guidance_scale,
+            "guided_timesteps": guided,
+            "guidance_calls": hook.calls if hook is not None else 0,
+            "noise_std": noise_std,
+            "operator": operator.to_dict(),
+            "relative_residual": residuals,
+            "normalization": norm.to_dict(),
+            "risk": "std / robust intensity range (uncalibrated)",
+            "timings": timings,
+        }
+        fields = self._outputs(canon, volume, hr_affine, norm, mean, x if keep_samples else None, std, dc,
+                               output_type)
+        out = SRPipelineOutput(*fields, metadata=metadata)
+        return out if return_dict else out.to_tuple()
+
+    # ------------------------------------------------------------------------------------------------- helpers
+    def _as_volume(self, lr: LRInput, affine: np.ndarray | None, spacing: Sequence[float] | None,
+                   volume_index: int | None) -> Volume:
+        if isinstance(lr, Volume):
+            return lr
+        if isinstance(lr, str | Path):
+            return load_volume(lr, volume_index=volume_index)
+        if isinstance(lr, nib.spatialimages.SpatialImage):
+            return Volume(np.asarray(lr.get_fdata(dtype=np.float32)), lr.affine, source="<nibabel image>")
+        data = lr.detach().cpu().numpy() if isinstance(lr, torch.Tensor) else np.asarray(lr)
+        if data.ndim != 3:
+            raise InputError(f"an array input must be 3D, got shape {data.shape}")
+        if affine is None and spacing is None:
+            raise InputError("an array input needs its geometry: pass affine= or lr_spacing=")
+        affine = np.diag([*map(float, spacing), 1.0]) if affine is None else affine  # type: ignore[arg-type]
+        return Volume(data.astype(np.float32), affine, source="<array>")
+
+    @staticmethod
+    def _generators(generator: torch.Generator | list[torch.Generator] | None, n: int) -> list[torch.Generator]:
+        if isinstance(generator, list):
+            if len(generator) != n:
+                raise ValueError(f"got {len(generator)} generators for {n} samples")
+            return generator
+        base = generator if generator is not None else torch.Generator().manual_seed(torch.seed() % 2**31)
+        seeds = torch.randint(0, 2**31 - 1, (n,), generator=base).tolist()
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    def _step_kwargs(self, guidance: str) -> dict[str, Any]:
+        """The optional ``step`` arguments this scheduler accepts (the diffusers pattern)."""
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        if guidance != "none" and "x0_hook" not in accepted:
+            raise ValueError(f"{type(self.scheduler).__name__} has no data-consistency hook: use guidance='none', "
+                             "or gen_sr.schedulers.DDIMDataConsistencyScheduler")
+        return {k: None for k in ("eta", "variance_noise") if k in accepted}
+
+    def _operator(self, canon: Volume, target: Sequence[float] | None, profile: str,
+                  thickness: float | None) -> AcquisitionOperator:
+        spacing = np.asarray(canon.spacing)
+        axis = self.sr_axis
+        coarse = int(np.argmax(spacing))
+        if coarse != axis or spacing[axis] <= spacing.min() * (1 + 1e-6):
+            raise InputError(
+                f"the model super-resolves RAS+ axis {axis} ({'RAS'[axis]}), but the input's coarsest axis is "
+                f"{coarse} ({'RAS'[coarse]}) with spacing {spacing.round(3).tolist()} mm", canon.source)
+        if target is None:
+            target = spacing.copy()
+            target[axis] = np.delete(spacing, axis).min()
+        if len(target) != 3:
+            raise InputError(f"target spacing needs 3 values, got {list(target)}")
+        try:
+            return operator_from_spacings(target, spacing, lr_shape=canon.shape, slice_axes=[axis],
+                                          profile=profile, slice_thickness=thickness)
+        except ValueError as e:
+            raise InputError(str(e), canon.source) from e
+
+    def _condition_image(self, operator: AcquisitionOperator, y: torch.Tensor) -> torch.Tensor:
+        how = self.config.acquisition.get("condition", "cubic")
+        return operator.pinv(y) if how == "pinv" else operator.interpolate(y, how)
+
+    def _tiler(self, hr_shape: Sequence[int], normal: int | None, patch_size: Sequence[int] | None,
+               overlap: float) -> SliceTiler | PatchTiler:
+        f = self.tile_multiple
+        if self.spatial_dims == 2:
+            if normal is None:
+                normal = 0 if self.sr_axis != 0 else 1
+            return SliceTiler(hr_shape, normal, self.sr_axis, f)
+        if patch_size is None:
+            patch_size = [min(f * -(-n // f), max(f, 64 // f * f)) for n in hr_shape]
+        return PatchTiler(hr_shape, patch_size, overlap, f)
+
+    @staticmethod
+    def _outputs(canon: Volume, volume: Volume, hr_affine: np.ndarray, norm: IntensityNormalization,
+                 mean: torch.Tensor, samples: torch.Tensor | None, std: torch.Tensor, dc: torch.Tensor,
+                 output_type: str) -> tuple:
+        """Denormalise, reorient to the input's axes, and convert to the requested type."""
+
+        def to_input(arr: torch.Tensor) -> Volume:
+            return canon.with_data(arr.cpu().numpy().astype(np.float32), hr_affine).reorient(volume.orientation)
+
+        maps = [to_input(norm.inverse(mean[0, 0])), to_input(norm.inverse_scale(std[0, 0])), to_input(std[0, 0]),
+                to_input(norm.inverse_scale(dc[0, 0]))]
+        each = None if samples is None else [to_input(norm.inverse(s[0])) for s in samples]
+        affine = maps[0].affine
+        if output_type == "np":
+            arrays = [m.data for m in maps]
+            stacked = None if each is None else np.stack([v.data for v in each])
+        elif output_type == "pt":
+            arrays = [torch.from_numpy(m.data) for m in maps]
+            stacked = None if each is None else torch.stack([torch.from_numpy(v.data) for v in each])
+        elif output_type == "nifti":
+            arrays = [m.to_nifti() for m in maps]
+            stacked = None
+            if each is not None:  # samples as the 4th dimension, with the same spatial header
+                stacked = nib.Nifti1Image(np.stack([v.data for v in each], axis=-1), affine, header=arrays[0].header)
+        else:
+            raise ValueError(f"output_type must be 'np', 'pt' or 'nifti', not {output_type!r}")
+        mean_out, std_out, risk_out, dc_out = arrays
+        return mean_out, stacked, std_out, risk_out, dc_out, affine

@@ -1,0 +1,108 @@
+"""Cutting whole volumes into the tiles a model runs on, and putting them back.
+
+* :class:`SliceTiler` for 2D models: every slice across one axis is a tile ``(a, b)``, whose second axis is the
+  super-resolved one (as in training, see :mod:`gen_sr.data`). Tiles do not overlap; merging stacks them.
+* :class:`PatchTiler` for 3D models: overlapping patches, merged with a Gaussian importance map (MONAI's
+  ``dense_patch_slices`` and ``compute_importance_map``), so no seams show between patches.
+
+Both pad tiles to a multiple of the autoencoder's (and UNet's) downsampling factor with zeros, as training did, and
+crop the padding away when merging. Volumes are ``(N, C, X, Y, Z)`` (``N`` samples); tiles are
+``(N * T, C, *tile)`` with the ``T`` tiles of sample ``n`` at ``n * T … n * T + T − 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.data.utils import dense_patch_slices
+from monai.inferers.utils import compute_importance_map
+
+__all__ = ["PatchTiler", "SliceTiler"]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return multiple * math.ceil(n / multiple)
+
+
+class SliceTiler:
+    """2D tiles: the slices of a volume across ``normal``, each ``(other, sr_axis)``.
+
+    Args:
+        volume_shape: spatial shape ``(X, Y, Z)``.
+        normal: the axis slices are taken across.
+        sr_axis: the super-resolved axis; it becomes the tiles' second axis.
+        multiple: tile sizes are padded up to a multiple of this.
+    """
+
+    def __init__(self, volume_shape: Sequence[int], normal: int, sr_axis: int, multiple: int) -> None:
+        if normal == sr_axis or not {normal, sr_axis} <= {0, 1, 2}:
+            raise ValueError(f"slices across axis {normal} cannot contain the super-resolved axis {sr_axis}")
+        self.volume_shape = tuple(volume_shape)
+        other = ({0, 1, 2} - {normal, sr_axis}).pop()
+        self.order = (normal, other, sr_axis)  # spatial axes of the volume in tile order
+        self.inverse = tuple(self.order.index(a) for a in range(3))
+        self.size = (self.volume_shape[other], self.volume_shape[sr_axis])
+        self.tile_shape = tuple(_round_up(n, multiple) for n in self.size)
+        self.num_tiles = self.volume_shape[normal]
+
+    def split(self, volume: torch.Tensor) -> torch.Tensor:
+        """``(N, C, X, Y, Z)`` → ``(N * T, C, *tile_shape)``."""
+        n, c = volume.shape[:2]
+        v = volume.permute(0, 2 + self.order[0], 1, 2 + self.order[1], 2 + self.order[2])  # (N, T, C, a, b)
+        v = v.reshape(n * self.num_tiles, c, *self.size)
+        pad = [0, self.tile_shape[1] - self.size[1], 0, self.tile_shape[0] - self.size[0]]
+        return F.pad(v, pad)
+
+    def merge(self, tiles: torch.Tensor) -> torch.Tensor:
+        """``(N * T, C, *tile_shape)`` → ``(N, C, X, Y, Z)``."""
+        c = tiles.shape[1]
+        v = tiles[..., : self.size[0], : self.size[1]].reshape(-1, self.num_tiles, c, *self.size)
+        v = v.permute(0, 2, 1, 3, 4)  # (N, C, normal, other, sr)
+        return v.permute(0, 1, *(2 + a for a in self.inverse))
+
+
+class PatchTiler:
+    """3D tiles: overlapping patches blended with a Gaussian importance map.
+
+    Args:
+        volume_shape: spatial shape ``(X, Y, Z)``.
+        patch_size: patch size (a multiple of ``multiple``; smaller volumes are padded).
+        overlap: fraction of overlap between neighbouring patches.
+        multiple: the volume is padded to at least the patch size and a multiple of this.
+    """
+
+    def __init__(self, volume_shape: Sequence[int], patch_size: Sequence[int], overlap: float, multiple: int) -> None:
+        if any(p % multiple for p in patch_size):
+            raise ValueError(f"patch_size {tuple(patch_size)} must be a multiple of {multiple}")
+        self.volume_shape = tuple(volume_shape)
+        self.padded = tuple(max(_round_up(n, multiple), p) for n, p in zip(volume_shape, patch_size, strict=True))
+        self.tile_shape = tuple(patch_size)
+        interval = tuple(max(1, int(p * (1 - overlap))) for p in patch_size)
+        self.slices = dense_patch_slices(self.padded, self.tile_shape, interval)
+        self.num_tiles = len(self.slices)
+        self.weight = compute_importance_map(self.tile_shape, mode="gaussian", sigma_scale=0.125, device="cpu")
+
+    def split(self, volume: torch.Tensor) -> torch.Tensor:
+        """``(N, C, X, Y, Z)`` → ``(N * T, C, *patch_size)``."""
+        pad = []
+        for n, p in zip(reversed(self.volume_shape), reversed(self.padded), strict=True):
+            pad += [0, p - n]
+        v = F.pad(volume, pad)
+        tiles = torch.stack([v[(slice(None), slice(None), *s)] for s in self.slices], dim=1)
+        return tiles.reshape(-1, *tiles.shape[2:])
+
+    def merge(self, tiles: torch.Tensor) -> torch.Tensor:
+        """``(N * T, C, *patch_size)`` → ``(N, C, X, Y, Z)``, a weighted average where patches overlap."""
+        c = tiles.shape[1]
+        tiles = tiles.reshape(-1, self.num_tiles, c, *self.tile_shape)
+        weight = self.weight.to(tiles)
+        out = tiles.new_zeros(tiles.shape[0], c, *self.padded)
+        norm = tiles.new_zeros(*self.padded)
+        for i, s in enumerate(self.slices):
+            out[(slice(None), slice(None), *s)] += tiles[:, i] * weight
+            norm[s] += weight
+        out = out / norm
+        return out[(slice(None), slice(None), *(slice(0, n) for n in self.volume_shape))]

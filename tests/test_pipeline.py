@@ -1,0 +1,149 @@
+"""The super-resolution pipeline with tiny random-weight components: reproducibility, data consistency, geometry,
+uncertainty and save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from helpers import oblique_affine
+
+from gen_sr.errors import InputError
+from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, condition_channels
+from gen_sr.physics import SliceAcquisition, simulate_acquisition
+from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.schedulers import DDIMDataConsistencyScheduler
+from gen_sr.volume import Volume
+
+
+def _pipe(spatial_dims: int) -> LatentDiffusionSRPipeline:
+    torch.manual_seed(0)
+    vae = AutoencoderKLModel(spatial_dims=spatial_dims, channels=(8, 16), latent_channels=2,
+                             attention_levels=(False, False), norm_num_groups=4)
+    unet = ConditionalUNetModel(spatial_dims=spatial_dims, latent_channels=2,
+                                condition_channels=condition_channels("both", 1, 2), channels=(8, 16),
+                                attention_levels=(False, True), num_head_channels=8, norm_num_groups=4,
+                                num_noise_levels=None)
+    with torch.no_grad():  # MONAI zero-initialises output layers; random weights make the UNet's output matter
+        for p in unet.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    scheduler = DDIMDataConsistencyScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
+                                             prediction_type="v_prediction", clip_sample=False)
+    pipe = LatentDiffusionSRPipeline(vae=vae, unet=unet, scheduler=scheduler, acquisition={
+        "trained_for": {"axis": 2}, "condition": "cubic", "unet_condition": "both"})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _lr(shape=(12, 10, 5), affine=None) -> Volume:
+    data = np.random.default_rng(0).random(shape).astype(np.float32) * 100 + 50
+    return Volume(data, np.diag([1.0, 1.0, 3.0, 1.0]) if affine is None else affine)
+
+
+def _gens(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+RUN = {"num_inference_steps": 3, "guidance_interval": 1, "batch_size": 8}
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_same_seed_same_output_and_samples_are_independent(spatial_dims: int) -> None:
+    pipe, lr = _pipe(spatial_dims), _lr()
+    a = pipe(lr, num_samples=3, generator=_gens(1, 2, 3), eta=0.5, **RUN)
+    b = pipe(lr, num_samples=3, generator=_gens(1, 2, 3), eta=0.5, **RUN)
+    assert np.array_equal(a.samples, b.samples) and np.array_equal(a.mean, b.mean)
+    alone = pipe(lr, num_samples=1, generator=_gens(2), eta=0.5, guidance="none", **RUN)
+    batch = pipe(lr, num_samples=3, generator=_gens(1, 2, 3), eta=0.5, guidance="none", **RUN)
+    np.testing.assert_allclose(alone.samples[0], batch.samples[1], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("guidance", ["projection", "gradient"])
+def test_guided_outputs_match_noise_free_data(spatial_dims: int, guidance: str) -> None:
+    out = _pipe(spatial_dims)(_lr(), num_samples=2, generator=_gens(0, 1), guidance=guidance, **RUN)
+    assert max(out.metadata["relative_residual"]) <= 1e-4
+    assert out.metadata["guidance_calls"] == RUN["num_inference_steps"]
+    assert out.dc_residual.shape == out.mean.shape and float(np.abs(out.dc_residual).max()) < 1e-2
+
+
+def test_noise_aware_projection_stops_at_the_noise_level() -> None:
+    lr = _lr()
+    out = _pipe(2)(lr, num_samples=2, generator=_gens(0, 1), noise_std=2.0, **RUN)
+    y = lr.data.astype(np.float64)
+    # ‖A x − y‖ ≈ √m σ in input units: the relative residual equals the noise's relative size
+    expected = 2.0 * np.sqrt(y.size) / np.linalg.norm(y - np.percentile(y, 0.5))
+    assert out.metadata["relative_residual"][0] == pytest.approx(expected, rel=1e-2)
+
+
+def test_std_is_zero_for_identical_samples_and_positive_otherwise() -> None:
+    pipe, lr = _pipe(2), _lr()
+    same = pipe(lr, num_samples=3, generator=_gens(5, 5, 5), **RUN)
+    assert float(same.std.max()) == 0.0 and float(same.risk.max()) == 0.0
+    different = pipe(lr, num_samples=3, generator=_gens(5, 6, 7), **RUN)
+    assert float(different.std.mean()) > 0
+
+
+def test_outputs_land_at_the_right_world_coordinates() -> None:
+    """Re-acquiring the SR output (its own affine, an oblique one) reproduces the LR input on the LR grid."""
+    hr = Volume(np.random.default_rng(1).random((10, 12, 15)).astype(np.float32) + 1, oblique_affine())
+    canonical_axis = hr.canonical().orientation.index("S")
+    file_axis = next(a for a in range(3) if hr.axis_to_canonical(a) == canonical_axis)
+    lr, _, _ = simulate_acquisition(hr, [SliceAcquisition(file_axis, 3.0)])
+    out = _pipe(2)(lr, num_samples=2, generator=_gens(0, 1), slice_thickness=3.0, output_type="nifti", **RUN)
+    sr = Volume(out.mean.get_fdata(dtype=np.float32), out.mean.affine)
+    again, _, _ = simulate_acquisition(sr, [SliceAcquisition(file_axis, 3.0)])
+    assert again.shape == lr.shape
+    assert np.allclose(again.affine, lr.affine, atol=1e-4)
+    assert np.allclose(again.data, lr.data, rtol=1e-3, atol=1e-3 * float(np.abs(lr.data).max()))
+    assert out.samples.shape[:3] == out.mean.shape and out.samples.shape[3] == 2
+
+
+def test_save_and_load_give_identical_output(tmp_path: Path) -> None:
+    pipe, lr = _pipe(2), _lr()
+    pipe.save_pretrained(tmp_path)
+    assert not list(tmp_path.rglob("*.bin"))
+    loaded = LatentDiffusionSRPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    a = pipe(lr, num_samples=2, generator=_gens(0, 1), **RUN)
+    b = loaded(lr, num_samples=2, generator=_gens(0, 1), **RUN)
+    assert np.array_equal(a.mean, b.mean) and np.array_equal(a.std, b.std)
+    assert loaded.config.acquisition["trained_for"]["axis"] == 2
+
+
+def test_other_schedulers_run_without_guidance() -> None:
+    pipe = _pipe(2)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    out = pipe(_lr(), num_samples=2, generator=_gens(0, 1), guidance="none", **RUN)
+    assert max(out.metadata["relative_residual"]) <= 1e-4  # the final projection still applies
+    with pytest.raises(ValueError, match="no data-consistency hook"):
+        pipe(_lr(), num_samples=1, guidance="projection", **RUN)
+
+
+def test_model_axis_mismatch_is_a_clear_error() -> None:
+    sagittal_thick = _lr(shape=(4, 10, 12), affine=np.diag([3.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(InputError, match="super-resolves RAS"):
+        _pipe(2)(sagittal_thick, num_samples=1, **RUN)
+
+
+def test_cli_super_resolve(tmp_path: Path, capsys) -> None:
+    from gen_sr.cli import main
+    from gen_sr.volume import load_volume, save_volume
+
+    _pipe(2).save_pretrained(tmp_path / "model")
+    lr_path = save_volume(_lr(), tmp_path / "lr.nii.gz")
+    args = ["super-resolve", "--model", str(tmp_path / "model"), "--input", str(lr_path), "--output",
+            str(tmp_path / "sr.nii.gz"), "--std", str(tmp_path / "std.nii.gz"), "--risk", str(tmp_path / "risk.nii.gz"),
+            "--samples", "2", "--steps", "2"]
+    assert main(args) == 0
+    sr = load_volume(tmp_path / "sr.nii.gz")
+    assert sr.shape == (12, 10, 15) and sr.spacing == pytest.approx((1.0, 1.0, 1.0))
+    assert (tmp_path / "std.nii.gz").exists() and (tmp_path / "sr.json").exists()
+    assert "relative residual" in capsys.readouterr().out
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err  # outputs exist now
+    bad = ["super-resolve", "--model", str(tmp_path), "--input", str(lr_path), "--output", str(tmp_path / "o.nii")]
+    assert main(bad) == 2 and "not a gen_sr model folder" in capsys.readouterr().err
