@@ -86,23 +86,20 @@ def test_two_gloo_processes_train_and_agree(two_process_run: Path, stage: str) -
     assert any((two_process_run / stage / "logs").rglob("events.out.tfevents*"))
     model = two_process_run / stage / "model"
     expected = ["config.json", "diffusion_pytorch_model.safetensors"] if stage == "autoencoder" else [
-        "acquisition.json", "scheduler", "unet", "vae"]
+        "model_index.json", "scheduler", "unet", "vae"]
     assert sorted(p.name for p in model.iterdir()) == expected
     validations = [m for m in _metrics(two_process_run, stage) if "val/psnr" in m]
     assert [m["step"] for m in validations] == [3, 6]
 
 
-def test_exported_models_load(two_process_run: Path) -> None:
-    from diffusers import DDIMScheduler
+def test_the_exported_model_is_a_pipeline(two_process_run: Path) -> None:
+    from gen_sr.pipelines import LatentDiffusionSRPipeline
 
-    from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel
-
-    model = two_process_run / "diffusion" / "model"
-    vae = AutoencoderKLModel.from_pretrained(model / "vae")
-    assert vae.scaling_factor != 1.0  # measured at export
-    unet = ConditionalUNetModel.from_pretrained(model / "unet")
-    assert unet.config.condition_channels == 1 + vae.config.latent_channels  # condition "both"
-    assert DDIMScheduler.from_pretrained(model / "scheduler").config.prediction_type == "v_prediction"
+    pipe = LatentDiffusionSRPipeline.from_pretrained(two_process_run / "diffusion" / "model")
+    assert pipe.vae.scaling_factor != 1.0  # measured at export
+    assert pipe.unet.config.condition_channels == 1 + pipe.vae.config.latent_channels  # condition "both"
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and not pipe.scheduler.config.clip_sample
+    assert pipe.config.acquisition["trained_for"]["axis"] == 2
 
 
 @pytest.fixture(scope="module")

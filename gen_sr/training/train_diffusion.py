@@ -6,22 +6,24 @@
 Reads the ``data``, ``unet``, ``noise_schedule`` and ``diffusion_training`` sections; the autoencoder comes from
 ``autoencoder_path`` (default ``<output_dir>/autoencoder/model``) and stays frozen. Keeps an EMA of the UNet weights,
 validates and exports with them. Writes ``<output_dir>/diffusion/`` like the autoencoder stage; the exported
-``model/`` holds ``vae/``, ``unet/``, ``scheduler/`` (DDIM) and ``acquisition.json``.
+``model/`` is a pipeline folder: ``LatentDiffusionSRPipeline.from_pretrained(".../model")`` or
+``gen-sr super-resolve --model .../model``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 
 from gen_sr.config import config_to_dict
 from gen_sr.data import load_training_volumes
 from gen_sr.errors import InputError
 from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, condition_channels, count_parameters
+from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.schedulers import DDIMDataConsistencyScheduler
 from gen_sr.training.common import finish, make_loaders, make_optimizer, run_script, start_run, train_loop
 from gen_sr.training.ema import create_ema, ema_weights
 from gen_sr.training.experiment import ExperimentConfig
@@ -97,18 +99,18 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
 
 
 def export(run: Any, unet: ConditionalUNetModel, ema: Any, vae: AutoencoderKLModel, noise_scheduler: Any) -> None:
-    """Write ``model/``: EMA UNet, VAE, DDIM scheduler config and the acquisition ranges (main process)."""
+    """Write ``model/``: a :class:`~gen_sr.pipelines.LatentDiffusionSRPipeline` folder with the EMA UNet, the VAE,
+    a DDIM scheduler with the training schedule, and what the model was trained for (main process)."""
     acc, out = run.accelerator, run.directory / "model"
     if acc.is_main_process:
-        with ema_weights(ema, unet):
-            unet.save_pretrained(out / "unet")
-        vae.save_pretrained(out / "vae")
-        DDIMScheduler.from_config(noise_scheduler.config).save_pretrained(out / "scheduler")
         data = config_to_dict(run.cfg.data)
         acquisition = {"trained_for": data["acquisition"], "condition": data["condition"],
                        "unet_condition": run.cfg.unet.condition,
                        "normalize_percentiles": data["normalize_percentiles"]}
-        (out / "acquisition.json").write_text(json.dumps(acquisition, indent=2) + "\n")
+        scheduler = DDIMDataConsistencyScheduler.from_config(noise_scheduler.config)
+        with ema_weights(ema, unet):
+            LatentDiffusionSRPipeline(vae=vae, unet=unet, scheduler=scheduler, acquisition=acquisition).save_pretrained(
+                out)
         acc.print(f"exported {out}")
     acc.wait_for_everyone()
 
