@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gen_sr.distributed import exit_if_distributed, process_state
 from gen_sr.errors import InputError
 
 __all__ = ["main"]
@@ -159,12 +160,15 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
         pipe = LatentDiffusionSRPipeline.from_pretrained(model).to(args.device)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the model: {str(e).splitlines()[0]}", model) from e
+    pipe.set_progress_bar_config(disable=not process_state().is_local_main_process)
     out = pipe(
         lr, target_spacing=args.target_spacing, slice_profile=args.profile, slice_thickness=args.slice_thickness,
         noise_std=args.noise_std, num_inference_steps=args.steps, eta=args.eta, num_samples=args.samples,
         guidance=args.guidance, batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed),
         keep_samples=False, output_type="np",
     )
+    if not process_state().is_main_process:  # under `accelerate launch`, the main process writes the outputs
+        return 0
     for key, path in outputs.items():
         save_volume(lr.with_data(getattr(out, key), out.affine), path, overwrite=args.overwrite)
         print(f"wrote:    {path} ({key})")
@@ -273,7 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gen-sr``; returns the exit code (0 success, 2 user error)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        exit_if_distributed(code)  # under `accelerate launch`: see gen_sr.distributed
+        return code
     except InputError as e:
         if args.debug:
             raise

@@ -147,3 +147,32 @@ def test_cli_super_resolve(tmp_path: Path, capsys) -> None:
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err  # outputs exist now
     bad = ["super-resolve", "--model", str(tmp_path), "--input", str(lr_path), "--output", str(tmp_path / "o.nii")]
     assert main(bad) == 2 and "not a gen_sr model folder" in capsys.readouterr().err
+
+
+def test_two_processes_give_the_same_result_as_one(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from gen_sr.volume import load_volume, save_volume
+
+    _pipe(2).save_pretrained(tmp_path / "model")
+    lr_path = save_volume(_lr(), tmp_path / "lr.nii.gz")
+    root = Path(__file__).parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", ACCELERATE_USE_CPU="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(root / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port)]
+    for name, prefix in (("one", [sys.executable]), ("two", launch)):
+        cmd = [*prefix, "-m", "gen_sr.cli", "super-resolve", "--model", str(tmp_path / "model"), "--input",
+               str(lr_path), "--output", str(tmp_path / f"{name}.nii.gz"), "--std", str(tmp_path / f"{name}_std.nii.gz"),
+               "--samples", "3", "--steps", "2", "--eta", "0.5"]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert '"processes": 2' in (tmp_path / "two.json").read_text()
+    for suffix in ("", "_std"):
+        a, b = (load_volume(tmp_path / f"{n}{suffix}.nii.gz").data for n in ("one", "two"))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))

@@ -20,9 +20,11 @@ from typing import Any, Literal
 import nibabel as nib
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
 from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, latent_condition
 from gen_sr.physics import AcquisitionOperator, operator_from_spacings
@@ -171,7 +173,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         generators = self._generators(generator, num_samples)
         if guidance not in ("projection", "gradient", "none"):
             raise ValueError(f"guidance must be 'projection', 'gradient' or 'none', not {guidance!r}")
-        step_kwargs = self._step_kwargs(guidance)
+        state = process_state()  # under `accelerate launch`, each process draws every world_size-th sample
+        if num_samples < state.num_processes:
+            raise ValueError(f"{num_samples} samples cannot be split over {state.num_processes} processes")
+        local = generators[state.process_index :: state.num_processes]
         device, dtype = self._execution_device, self.unet.dtype
         canon = volume.canonical()
         norm = IntensityNormalization.fit(canon.data)
@@ -197,15 +202,15 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         latent_shape = tuple(s // self.vae.downsample_factor for s in tiler.tile_shape)
         mode = self.config.acquisition.get("unet_condition", "resample")
         cond = torch.cat([latent_condition(c, latent_shape, self.vae, mode) for c in cond_tiles.split(batch_size)])
-        cond = cond.repeat(num_samples, *[1] * (cond.ndim - 1))
+        cond = cond.repeat(len(local), *[1] * (cond.ndim - 1))
         shape = (tiler.num_tiles, self.vae.config.latent_channels, *latent_shape)
-        latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-        latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
-        hook_cls = {"projection": ProjectionGuidance, "gradient": GradientGuidance}.get(guidance)
-        hook = None
-        if hook_cls is not None:
-            extra = {"scale": guidance_scale} if guidance == "gradient" else {}
-            hook = hook_cls(self.vae, tiler, operator, y, guided, batch_size, noise_std=sigma, **extra)
+
+        def noise() -> torch.Tensor:  # one draw per sample, from that sample's own generator
+            return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in local]).to(device, dtype)
+
+        latents = noise() * self.scheduler.init_noise_sigma
+        hook = self._hook(guidance, tiler, operator, y, guided, batch_size, sigma, guidance_scale)
+        step_kwargs = self._step_kwargs(eta, hook)
         timings["prepare_s"] = time.perf_counter() - tic
 
         # 5. denoising loop with data consistency
@@ -215,17 +220,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             model_output = torch.cat([
                 self.unet(z, t, c) for z, c in zip(model_input.split(batch_size), cond.split(batch_size), strict=True)
             ])
-            kwargs = dict(step_kwargs)
-            if "variance_noise" in kwargs and eta > 0:
-                kwargs["variance_noise"] = torch.cat(
-                    [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(latents)
-            elif "variance_noise" in kwargs:
-                del kwargs["variance_noise"]
-            if hook is not None:
-                kwargs["x0_hook"] = hook
-            if "eta" in kwargs:
-                kwargs["eta"] = eta
-            latents = self.scheduler.step(model_output, t, latents, **kwargs).prev_sample
+            if "variance_noise" in step_kwargs:
+                step_kwargs["variance_noise"] = noise()
+            latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
                 latents = callback_on_step_end(self, i, int(t), {"latents": latents}).get("latents", latents)
         timings["denoise_s"] = time.perf_counter() - tic
@@ -238,6 +235,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         # 7. stitch, and project every sample onto the data
         tic = time.perf_counter()
         x = final_projection(tiler.merge(tiles), operator, y.float(), sigma)
+        if state.num_processes > 1:  # gather the samples, back in their original order
+            parts = gather_object([x.cpu()])
+            x = torch.stack([parts[k % state.num_processes][k // state.num_processes] for k in range(num_samples)])
+            x = x.to(device)
         residuals = operator.residual(x, y.float().expand(x.shape[0], *y.shape[1:])).tolist()
 
         # 8. uncertainty
@@ -256,6 +257,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "guidance_scale": guidance_scale,
             "guided_timesteps": guided,
             "guidance_calls": hook.calls if hook is not None else 0,
+            "processes": state.num_processes,
             "noise_std": noise_std,
             "operator": operator.to_dict(),
             "relative_residual": residuals,
@@ -295,13 +297,26 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         seeds = torch.randint(0, 2**31 - 1, (n,), generator=base).tolist()
         return [torch.Generator().manual_seed(s) for s in seeds]
 
-    def _step_kwargs(self, guidance: str) -> dict[str, Any]:
-        """The optional ``step`` arguments this scheduler accepts (the diffusers pattern)."""
+    def _hook(self, guidance: str, tiler: Any, operator: AcquisitionOperator, y: torch.Tensor, guided: list[int],
+              batch_size: int, sigma: float, scale: float) -> ProjectionGuidance | GradientGuidance | None:
+        if guidance == "projection":
+            return ProjectionGuidance(self.vae, tiler, operator, y, guided, batch_size, noise_std=sigma)
+        if guidance == "gradient":
+            return GradientGuidance(self.vae, tiler, operator, y, guided, batch_size, noise_std=sigma, scale=scale)
+        return None
+
+    def _step_kwargs(self, eta: float, hook: Callable | None) -> dict[str, Any]:
+        """The optional ``step`` arguments, as far as this scheduler accepts them (the diffusers pattern)."""
         accepted = set(inspect.signature(self.scheduler.step).parameters)
-        if guidance != "none" and "x0_hook" not in accepted:
+        if hook is not None and "x0_hook" not in accepted:
             raise ValueError(f"{type(self.scheduler).__name__} has no data-consistency hook: use guidance='none', "
                              "or gen_sr.schedulers.DDIMDataConsistencyScheduler")
-        return {k: None for k in ("eta", "variance_noise") if k in accepted}
+        kwargs: dict[str, Any] = {"x0_hook": hook} if hook is not None else {}
+        if "eta" in accepted:
+            kwargs["eta"] = eta
+        if eta > 0 and "variance_noise" in accepted:
+            kwargs["variance_noise"] = None  # drawn per step from the per-sample generators
+        return kwargs
 
     def _operator(self, canon: Volume, target: Sequence[float] | None, profile: str,
                   thickness: float | None) -> AcquisitionOperator:

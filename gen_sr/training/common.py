@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from gen_sr.config import config_to_dict, parse_cli, save_config
 from gen_sr.data import SRPairDataset
+from gen_sr.distributed import exit_if_distributed
 from gen_sr.errors import InputError
 from gen_sr.training.experiment import ExperimentConfig, TrainConfig
 
@@ -240,7 +241,7 @@ def finish(run: Run, model: torch.nn.Module, extra: dict[str, Any] | None = None
         (run.directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for tracker in acc.trackers:
         tracker.finish()
-    acc.wait_for_everyone()  # the process group stays up: see run_script
+    acc.wait_for_everyone()  # the process group stays up: see gen_sr.distributed
     return summary
 
 
@@ -255,11 +256,5 @@ def run_script(train: Callable[[ExperimentConfig, Any], None], argv: Sequence[st
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Everything is written and the trackers are closed. Skip the process-group teardown: destroying a gloo
-        # process group joins its worker threads while holding the GIL, and a worker that still has to release a
-        # Python-owned tensor then waits for the GIL forever (seen with torch 2.13 at the end of training).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_if_distributed(0)
     return 0
