@@ -168,11 +168,18 @@ def test_two_processes_give_the_same_result_as_one(tmp_path: Path) -> None:
               str(root / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port)]
     for name, prefix in (("one", [sys.executable]), ("two", launch)):
         cmd = [*prefix, "-m", "gen_sr.cli", "super-resolve", "--model", str(tmp_path / "model"), "--input",
-               str(lr_path), "--output", str(tmp_path / f"{name}.nii.gz"), "--std", str(tmp_path / f"{name}_std.nii.gz"),
-               "--samples", "3", "--steps", "2", "--eta", "0.5"]
+               str(lr_path), "--output", str(tmp_path / f"{name}.nii.gz"), "--std",
+               str(tmp_path / f"{name}_std.nii.gz"), "--samples", "3", "--steps", "2", "--eta", "0.5"]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
         assert result.returncode == 0, result.stderr[-2000:]
     assert '"processes": 2' in (tmp_path / "two.json").read_text()
     for suffix in ("", "_std"):
         a, b = (load_volume(tmp_path / f"{n}{suffix}.nii.gz").data for n in ("one", "two"))
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+def test_pipe_to_float64_runs_in_float64() -> None:
+    pipe = _pipe(2).to(torch.float64)
+    assert pipe.unet.dtype == torch.float64 and pipe.vae.dtype == torch.float64
+    out = pipe(_lr(), num_samples=2, generator=_gens(0, 1), output_type="pt", **RUN)
+    assert max(out.metadata["relative_residual"]) <= 1e-10  # exact projection, now in float64

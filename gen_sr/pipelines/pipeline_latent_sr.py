@@ -187,9 +187,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             raise InputError(f"the operator expects an LR grid {operator.lr_shape}, the input is {canon.shape}",
                              volume.source)
         hr_affine = operator.hr_affine(canon.affine)
-        y = torch.from_numpy(norm(canon.data.astype(np.float32)))[None, None].to(device, dtype)
+        work = torch.promote_types(dtype, torch.float32)  # physics, stitching and statistics in >= float32
+        y = torch.from_numpy(norm(canon.data.astype(np.float32)))[None, None].to(device, work)
         sigma = noise_std / norm.scale
-        condition_image = self._condition_image(operator, y)
+        condition_image = self._condition_image(operator, y).to(dtype)
 
         # 3. timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -229,22 +230,22 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
         # 6. decode
         tic = time.perf_counter()
-        tiles = torch.cat([self.vae.decode_latent(z) for z in latents.split(batch_size)]).float()
+        tiles = torch.cat([self.vae.decode_latent(z) for z in latents.split(batch_size)]).to(work)
         timings["decode_s"] = time.perf_counter() - tic
 
         # 7. stitch, and project every sample onto the data
         tic = time.perf_counter()
-        x = final_projection(tiler.merge(tiles), operator, y.float(), sigma)
+        x = final_projection(tiler.merge(tiles), operator, y, sigma)
         if state.num_processes > 1:  # gather the samples, back in their original order
             parts = gather_object([x.cpu()])
             x = torch.stack([parts[k % state.num_processes][k // state.num_processes] for k in range(num_samples)])
             x = x.to(device)
-        residuals = operator.residual(x, y.float().expand(x.shape[0], *y.shape[1:])).tolist()
+        residuals = operator.residual(x, y.expand(x.shape[0], *y.shape[1:])).tolist()
 
         # 8. uncertainty
         mean = x.mean(dim=0, keepdim=True)
         std = x.std(dim=0, unbiased=False, keepdim=True)
-        dc = operator.interpolate((operator(mean) - y.float()).abs(), "linear")
+        dc = operator.interpolate((operator(mean) - y).abs(), "linear")
         timings["stitch_uncertainty_s"] = time.perf_counter() - tic
 
         # 9. output: back to input units and orientation

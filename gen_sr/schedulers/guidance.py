@@ -85,7 +85,7 @@ class _VolumeHook:
 
     def _volumes(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tiles = self._chunked(self.vae.decode_latent, z0)
-        return tiles, self.tiler.merge(tiles)
+        return tiles, self.tiler.merge(tiles.to(self.y.dtype))  # the physics runs in the measurement's precision
 
     def _measurement(self, n: int) -> torch.Tensor:
         return self.y.expand(n, *self.y.shape[1:])
@@ -100,7 +100,7 @@ class ProjectionGuidance(_VolumeHook):
             return z0
         self.calls += 1
         tiles, x = self._volumes(z0)
-        delta = self.tiler.split(final_projection(x, self.operator, self.y, self.noise_std) - x)
+        delta = self.tiler.split(final_projection(x, self.operator, self.y, self.noise_std) - x).to(tiles.dtype)
         return z0 + self._chunked(self.vae.encode_latent, tiles + delta) - self._chunked(self.vae.encode_latent, tiles)
 
 
@@ -124,7 +124,7 @@ class GradientGuidance(_VolumeHook):
             _, x = self._volumes(z0)
             r = self.operator(x) - self._measurement(x.shape[0])
             norm = r.flatten(1).norm(dim=1).clamp_min(torch.finfo(r.dtype).tiny)
-            grad_x = self.tiler.split(self.operator.adjoint(r) / norm.view(-1, *([1] * (r.ndim - 1))))
+            grad_x = self.tiler.split(self.operator.adjoint(r) / norm.view(-1, *([1] * (r.ndim - 1)))).to(z0.dtype)
         grads = []
         for z_chunk, g_chunk in zip(z0.split(self.chunk_size), grad_x.split(self.chunk_size), strict=True):
             with torch.enable_grad():
