@@ -51,6 +51,7 @@ __all__ = [
     "condition_channels",
     "count_parameters",
     "latent_condition",
+    "set_sdpa_attention",
 ]
 
 ConditionMode = Literal["resample", "latent", "both"]
@@ -544,3 +545,19 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
         The total number of scalar parameters (shared parameters counted once).
     """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def set_sdpa_attention(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Switch every MONAI attention block in ``model`` to torch's ``scaled_dot_product_attention`` (or back to the
+    explicit attention matrix). The weights are the same either way; SDPA never materialises the attention matrix,
+    which is what bounds memory on large tiles.
+
+    Returns:
+        The number of attention blocks switched.
+    """
+    from monai.networks.blocks import CrossAttentionBlock, SABlock
+
+    blocks = [m for m in model.modules() if isinstance(m, SABlock | CrossAttentionBlock)]
+    for block in blocks:
+        block.use_flash_attention = enabled
+    return len(blocks)

@@ -183,3 +183,19 @@ def test_pipe_to_float64_runs_in_float64() -> None:
     assert pipe.unet.dtype == torch.float64 and pipe.vae.dtype == torch.float64
     out = pipe(_lr(), num_samples=2, generator=_gens(0, 1), output_type="pt", **RUN)
     assert max(out.metadata["relative_residual"]) <= 1e-10  # exact projection, now in float64
+
+
+def test_attention_uses_torch_sdpa_with_the_same_result() -> None:
+    from gen_sr.models import set_sdpa_attention
+
+    pipe = _pipe(2)
+    from monai.networks.blocks import SABlock
+
+    blocks = [m for m in pipe.unet.modules() if isinstance(m, SABlock)]
+    assert blocks and all(m.use_flash_attention for m in blocks)
+    sdpa = pipe(_lr(), num_samples=2, generator=_gens(0, 1), **RUN)
+    assert set_sdpa_attention(pipe.unet, False) > 0
+    explicit = pipe(_lr(), num_samples=2, generator=_gens(0, 1), **RUN)
+    np.testing.assert_allclose(sdpa.mean, explicit.mean, rtol=1e-4, atol=1e-3)
+    with pytest.raises((ImportError, NotImplementedError), match="scaled_dot_product_attention"):
+        pipe.enable_xformers_memory_efficient_attention()

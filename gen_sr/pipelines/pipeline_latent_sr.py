@@ -26,7 +26,7 @@ from diffusers.utils import BaseOutput
 
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
-from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, latent_condition
+from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, latent_condition, set_sdpa_attention
 from gen_sr.physics import AcquisitionOperator, operator_from_spacings
 from gen_sr.pipelines.tiling import PatchTiler, SliceTiler
 from gen_sr.schedulers.guidance import GradientGuidance, ProjectionGuidance, final_projection
@@ -85,6 +85,19 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
         self.register_to_config(acquisition=acquisition or {})
+        for model in (vae, unet):  # torch SDPA by default, whatever the training config said
+            set_sdpa_attention(model, True)
+
+    def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> None:
+        """xformers attention, where installed. The MONAI attention blocks these models are built from have no
+        xformers path, so this says so clearly; torch SDPA (the default) already avoids the attention matrix."""
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ImportError("xformers is not installed (pip install 'gen_sr[xformers]'); the pipeline keeps using "
+                              "torch scaled_dot_product_attention, its default")
+        raise NotImplementedError("MONAI's attention blocks have no xformers path; the pipeline keeps using torch "
+                                  "scaled_dot_product_attention, which has memory-efficient kernels of its own")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, allow_pickle: bool = False, **kwargs: Any):

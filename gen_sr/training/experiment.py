@@ -28,7 +28,7 @@ class AutoencoderConfig:
     num_res_blocks: int = 1
     attention_levels: tuple[bool, ...] = (False, False, False)
     norm_num_groups: int = 16
-    use_flash_attention: bool = False
+    use_flash_attention: bool = True
     kl_weight: float = 1e-6
     adversarial_weight: float = 0.0
     adversarial_start_step: int = 0
@@ -49,7 +49,7 @@ class UNetConfig:
     num_res_blocks: int = 1
     num_head_channels: int = 16
     norm_num_groups: int = 16
-    use_flash_attention: bool = False
+    use_flash_attention: bool = True
     condition: Literal["resample", "latent", "both"] = "both"
 
 
