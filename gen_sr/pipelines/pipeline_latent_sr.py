@@ -192,7 +192,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         local = generators[state.process_index :: state.num_processes]
         device, dtype = self._execution_device, self.unet.dtype
         canon = volume.canonical()
-        norm = IntensityNormalization.fit(canon.data)
+        percentiles = self.config.acquisition.get("normalize_percentiles", (0.5, 99.5))  # as in training
+        norm = IntensityNormalization.fit(canon.data, *percentiles)
 
         # 2. operator: the acquisition on the canonical HR grid, the measurement and the condition image
         operator = operator or self._operator(canon, target_spacing, slice_profile, slice_thickness)
