@@ -16,8 +16,8 @@ from gen_sr.training.losses import (
     diffusion_loss,
     diffusion_target,
     kl_divergence,
-    perceptual_weights_status,
 )
+from gen_sr.training.perceptual import perceptual_weights_status
 
 DISABLED = "perceptual loss disabled"
 
