@@ -33,7 +33,8 @@ from gen_sr.physics import AcquisitionOperator, SliceAcquisition, add_noise
 from gen_sr.sample_data import load_mni152
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
 
-__all__ = ["AcquisitionRanges", "DataConfig", "SRPairDataset", "find_volumes", "load_training_volumes"]
+__all__ = ["AcquisitionRanges", "DataConfig", "SRPairDataset", "find_volumes", "heldout_slab",
+           "load_training_volumes", "slab_bounds"]
 
 _SPLITS = {"train": 0, "val": 1}
 
@@ -122,6 +123,30 @@ class DataConfig:
         return len(self.crop_size)
 
 
+def slab_bounds(shape: Sequence[int], axis: int, fraction: float, split: str = "val") -> tuple[list[int], list[int]]:
+    """Voxel box ``(start, stop)`` of the training slab or the held-out slab (the far ``fraction`` of ``axis``)."""
+    n = shape[axis]
+    cut = n - max(1, round(n * fraction))
+    start, stop = [0, 0, 0], list(shape)
+    if split == "train":
+        stop[axis] = cut
+    else:
+        start[axis] = cut
+    return start, stop
+
+
+def heldout_slab(volume: Volume, axis: int = 1, fraction: float = 0.2) -> Volume:
+    """The held-out slab of a volume, in RAS+ orientation with its exact geometry: the part training never sees.
+
+    Args:
+        volume: any orientation; it is brought to RAS+ first, where ``axis`` is counted (1: posterior-anterior).
+        axis, fraction: as in :class:`DataConfig` (``holdout_axis``, ``holdout_fraction``), or as a model folder
+            records them (``acquisition["holdout"]``).
+    """
+    canon = volume.canonical()
+    return canon.crop(*slab_bounds(canon.shape, axis, fraction, "val"))
+
+
 def find_volumes(paths: Sequence[str]) -> list[Path]:
     """Expand files and folders into a sorted list of NIfTI files; a missing path or an empty folder is an error."""
     found: list[Path] = []
@@ -187,11 +212,8 @@ class SRPairDataset(torch.utils.data.Dataset):
 
     def _region(self, data: np.ndarray) -> np.ndarray:
         """The training slab or the held-out slab of one volume (a view)."""
-        n = data.shape[self.cfg.holdout_axis]
-        cut = n - max(1, round(n * self.cfg.holdout_fraction))
-        index = [slice(None)] * 3
-        index[self.cfg.holdout_axis] = slice(0, cut) if self.split == "train" else slice(cut, n)
-        return data[tuple(index)]
+        start, stop = slab_bounds(data.shape, self.cfg.holdout_axis, self.cfg.holdout_fraction, self.split)
+        return data[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
 
     def __len__(self) -> int:
         return self.length

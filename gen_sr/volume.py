@@ -77,6 +77,14 @@ class Volume:
         """A volume with new voxels (and optionally a new affine), keeping header and source."""
         return replace(self, data=data, affine=self.affine if affine is None else affine)
 
+    def crop(self, start: Sequence[int], stop: Sequence[int]) -> Volume:
+        """The box ``start <= index < stop`` (voxel indices per axis), with the affine that keeps it in place."""
+        start = [int(a) for a in start]
+        data = self.data[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
+        affine = self.affine.copy()
+        affine[:3, 3] = self.affine[:3, :3] @ np.asarray(start, dtype=float) + self.affine[:3, 3]
+        return self.with_data(np.ascontiguousarray(data), affine)
+
     def world_coordinates(self) -> np.ndarray:
         """``(X, Y, Z, 3)`` world position (mm) of every voxel centre."""
         idx = np.stack(np.meshgrid(*[np.arange(n) for n in self.shape], indexing="ij"), axis=-1)

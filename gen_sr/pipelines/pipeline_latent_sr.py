@@ -61,6 +61,10 @@ class SRPipelineOutput(BaseOutput):
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def _add_time(timings: dict[str, float], key: str, tic: float) -> None:
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - tic
+
+
 class LatentDiffusionSRPipeline(DiffusionPipeline):
     """Latent diffusion super-resolution with data consistency and uncertainty.
 
@@ -142,7 +146,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         guidance_interval: int = 5,
         generator: torch.Generator | list[torch.Generator] | None = None,
         batch_size: int = 16,
-        slice_normal: int | None = None,
+        slice_normal: int | Sequence[int] | None = None,
         patch_size: Sequence[int] | None = None,
         patch_overlap: float = 0.25,
         keep_samples: bool = True,
@@ -169,7 +173,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             generator: one generator, or one per sample (sample ``k`` then equals sample ``k`` run alone).
             batch_size: tiles per network call: the memory knob.
             slice_normal: 2D models: the RAS+ axis that slices are taken across (default: the first axis that is
-                not the super-resolved one).
+                not the super-resolved one), or two axes, e.g. ``(0, 1)``, to fuse orientations: each sample is then
+                drawn once per slicing plane (from its own generator) and the volumes are averaged before the final
+                projection, which removes most slice-to-slice jitter at twice the cost (see
+                ``benchmarks/slice_consistency.py``).
             patch_size, patch_overlap: 3D models: patch size (default: the largest multiple of the downsampling
                 factor up to 64 per axis) and overlap fraction.
             keep_samples: keep all samples in the output (costs ``N`` volumes of memory).
@@ -211,45 +218,54 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         guided = timesteps.flip(0)[::guidance_interval].tolist() if guidance != "none" else []
 
-        # 4. latents: one generator per sample, tiles of all samples as one batch
-        tiler = self._tiler(operator.hr_shape, slice_normal, patch_size, patch_overlap)
-        cond_tiles = tiler.split(condition_image)
-        latent_shape = tuple(s // self.vae.downsample_factor for s in tiler.tile_shape)
+        # 4. latents: one generator per sample, tiles of all samples as one batch; one set per slicing plane
+        tilers = self._tilers(operator.hr_shape, slice_normal, patch_size, patch_overlap)
         mode = self.config.acquisition.get("unet_condition", "resample")
-        cond = torch.cat([latent_condition(c, latent_shape, self.vae, mode) for c in cond_tiles.split(batch_size)])
-        cond = cond.repeat(len(local), *[1] * (cond.ndim - 1))
-        shape = (tiler.num_tiles, self.vae.config.latent_channels, *latent_shape)
-
-        def noise() -> torch.Tensor:  # one draw per sample, from that sample's own generator
-            return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in local]).to(device, dtype)
-
-        latents = noise() * self.scheduler.init_noise_sigma
-        hook = self._hook(guidance, tiler, operator, y, guided, batch_size, sigma, guidance_scale)
-        step_kwargs = self._step_kwargs(eta, hook)
+        hook_args = (operator, y, guided, batch_size, sigma, guidance_scale)
         timings["prepare_s"] = time.perf_counter() - tic
+        volumes, guidance_calls = [], 0
+        for tiler in tilers:  # one pass, or one per slicing plane when a 2D model fuses orientations
+            tic = time.perf_counter()
+            latent_shape = tuple(s // self.vae.downsample_factor for s in tiler.tile_shape)
+            cond = torch.cat([latent_condition(c, latent_shape, self.vae, mode)
+                              for c in tiler.split(condition_image).split(batch_size)])
+            cond = cond.repeat(len(local), *[1] * (cond.ndim - 1))
+            shape = (tiler.num_tiles, self.vae.config.latent_channels, *latent_shape)
 
-        # 5. denoising loop with data consistency
-        tic = time.perf_counter()
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            model_input = self.scheduler.scale_model_input(latents, t)
-            model_output = torch.cat([
-                self.unet(z, t, c) for z, c in zip(model_input.split(batch_size), cond.split(batch_size), strict=True)
-            ])
-            if "variance_noise" in step_kwargs:
-                step_kwargs["variance_noise"] = noise()
-            latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
-            if callback_on_step_end is not None:
-                latents = callback_on_step_end(self, i, int(t), {"latents": latents}).get("latents", latents)
-        timings["denoise_s"] = time.perf_counter() - tic
+            def noise(shape=shape) -> torch.Tensor:  # one draw per sample, from that sample's own generator
+                return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in local]).to(device,
+                                                                                                          dtype)
 
-        # 6. decode
-        tic = time.perf_counter()
-        tiles = torch.cat([self.vae.decode_latent(z) for z in latents.split(batch_size)]).to(work)
-        timings["decode_s"] = time.perf_counter() - tic
+            latents = noise() * self.scheduler.init_noise_sigma
+            hook = self._hook(guidance, tiler, *hook_args)
+            step_kwargs = self._step_kwargs(eta, hook)
+            _add_time(timings, "prepare_s", tic)
+
+            # 5. denoising loop with data consistency
+            tic = time.perf_counter()
+            for i, t in enumerate(self.progress_bar(timesteps)):
+                model_input = self.scheduler.scale_model_input(latents, t)
+                model_output = torch.cat([
+                    self.unet(z, t, c)
+                    for z, c in zip(model_input.split(batch_size), cond.split(batch_size), strict=True)
+                ])
+                if "variance_noise" in step_kwargs:
+                    step_kwargs["variance_noise"] = noise()
+                latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+                if callback_on_step_end is not None:
+                    latents = callback_on_step_end(self, i, int(t), {"latents": latents}).get("latents", latents)
+            _add_time(timings, "denoise_s", tic)
+            guidance_calls += hook.calls if hook is not None else 0
+
+            # 6. decode
+            tic = time.perf_counter()
+            tiles = torch.cat([self.vae.decode_latent(z) for z in latents.split(batch_size)]).to(work)
+            volumes.append(tiler.merge(tiles))
+            _add_time(timings, "decode_s", tic)
 
         # 7. stitch, and project every sample onto the data
         tic = time.perf_counter()
-        x = final_projection(tiler.merge(tiles), operator, y, sigma)
+        x = final_projection(torch.stack(volumes).mean(dim=0), operator, y, sigma)
         if state.num_processes > 1:  # gather the samples, back in their original order
             parts = gather_object([x.cpu()])
             x = torch.stack([parts[k % state.num_processes][k // state.num_processes] for k in range(num_samples)])
@@ -271,7 +287,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "guidance": guidance,
             "guidance_scale": guidance_scale,
             "guided_timesteps": guided,
-            "guidance_calls": hook.calls if hook is not None else 0,
+            "guidance_calls": guidance_calls,
+            "slice_normals": [t.normal for t in tilers] if self.spatial_dims == 2 else None,
             "processes": state.num_processes,
             "noise_std": noise_std,
             "operator": operator.to_dict(),
@@ -357,16 +374,22 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         how = self.config.acquisition.get("condition", "cubic")
         return operator.pinv(y) if how == "pinv" else operator.interpolate(y, how)
 
-    def _tiler(self, hr_shape: Sequence[int], normal: int | None, patch_size: Sequence[int] | None,
-               overlap: float) -> SliceTiler | PatchTiler:
+    def _tilers(self, hr_shape: Sequence[int], normals: int | Sequence[int] | None,
+                patch_size: Sequence[int] | None, overlap: float) -> list[SliceTiler] | list[PatchTiler]:
+        """The tilings to sample on: one per slicing plane for 2D models, one patch tiling for 3D models."""
         f = self.tile_multiple
         if self.spatial_dims == 2:
-            if normal is None:
-                normal = 0 if self.sr_axis != 0 else 1
-            return SliceTiler(hr_shape, normal, self.sr_axis, f)
+            if normals is None:
+                normals = 0 if self.sr_axis != 0 else 1
+            normals = [normals] if isinstance(normals, int) else list(normals)
+            bad = [n for n in normals if n == self.sr_axis or n not in (0, 1, 2)]
+            if bad or not normals or len(set(normals)) != len(normals):
+                raise ValueError(f"slice_normal must be distinct RAS+ axes other than the super-resolved axis "
+                                 f"{self.sr_axis}, got {normals}")
+            return [SliceTiler(hr_shape, n, self.sr_axis, f) for n in normals]
         if patch_size is None:
             patch_size = [min(f * -(-n // f), max(f, 64 // f * f)) for n in hr_shape]
-        return PatchTiler(hr_shape, patch_size, overlap, f)
+        return [PatchTiler(hr_shape, patch_size, overlap, f)]
 
     @staticmethod
     def _outputs(canon: Volume, volume: Volume, hr_affine: np.ndarray, norm: IntensityNormalization,

@@ -41,6 +41,7 @@ class SliceTiler:
         if normal == sr_axis or not {normal, sr_axis} <= {0, 1, 2}:
             raise ValueError(f"slices across axis {normal} cannot contain the super-resolved axis {sr_axis}")
         self.volume_shape = tuple(volume_shape)
+        self.normal = normal
         other = ({0, 1, 2} - {normal, sr_axis}).pop()
         self.order = (normal, other, sr_axis)  # spatial axes of the volume in tile order
         self.inverse = tuple(self.order.index(a) for a in range(3))

@@ -106,7 +106,8 @@ def export(run: Any, unet: ConditionalUNetModel, ema: Any, vae: AutoencoderKLMod
         data = config_to_dict(run.cfg.data)
         acquisition = {"trained_for": data["acquisition"], "condition": data["condition"],
                        "unet_condition": run.cfg.unet.condition,
-                       "normalize_percentiles": data["normalize_percentiles"]}
+                       "normalize_percentiles": data["normalize_percentiles"],
+                       "holdout": {"axis": data["holdout_axis"], "fraction": data["holdout_fraction"]}}
         scheduler = DDIMDataConsistencyScheduler.from_config(noise_scheduler.config)
         with ema_weights(ema, unet):
             LatentDiffusionSRPipeline(vae=vae, unet=unet, scheduler=scheduler, acquisition=acquisition).save_pretrained(
