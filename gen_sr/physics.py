@@ -510,14 +510,16 @@ class AcquisitionOperator:
 
         Args:
             y: ``(B, C, *lr_shape)``.
-            method: ``"linear"`` or ``"cubic"`` (interpolating cubic spline, not-a-knot ends).
+            method: ``"linear"``, ``"cubic"`` (interpolating cubic spline, not-a-knot ends) or ``"sinc"``
+                (band-limited interpolation, as zero-filling the centred k-space of the LR along the axis: the
+                field of view is taken as periodic, so nothing is clamped at the ends).
 
         Returns:
             ``(B, C, *hr_shape)``.
         """
         self._check(y, self.lr_shape, "y")
-        if method not in ("linear", "cubic"):
-            raise ValueError(f"interpolation method must be 'linear' or 'cubic', not {method!r}")
+        if method not in ("linear", "cubic", "sinc"):
+            raise ValueError(f"interpolation method must be 'linear', 'cubic' or 'sinc', not {method!r}")
         key = (method, y.device, y.dtype)
         if key not in self._cache:
             self._cache[key] = {
@@ -606,6 +608,11 @@ def _interpolation_matrix(factor: AxisFactor, n_hr: int, spacing_hr: float, meth
     positions = np.clip(spacing_hr * np.arange(n_hr), centers[0], centers[-1])
     if n_lr == 1:
         return np.ones((n_hr, 1))
+    if method == "sinc":  # k-space zero-filling: the periodic band-limited (Dirichlet) kernel, no end clamping
+        v = (spacing_hr * np.arange(n_hr) - centers[0])[:, None] / factor.spacing - np.arange(n_lr)[None, :]
+        den = n_lr * (np.tan if n_lr % 2 == 0 else np.sin)(np.pi * v / n_lr)  # even n: the Nyquist bin split
+        near = np.abs(np.sin(np.pi * v / n_lr)) < 1e-12  # v ≡ 0 (mod n): the kernel's limit there is 1
+        return np.where(near, 1.0, np.sin(np.pi * v) / np.where(near, 1.0, den))
     if method == "cubic" and n_lr >= 4:
         from scipy.interpolate import make_interp_spline
 

@@ -243,4 +243,20 @@ def test_interpolate_reproduces_ramps_between_slice_centres(method: str) -> None
     assert torch.allclose(x[inside], ramp[inside], atol=1e-9)
     assert torch.allclose(x[..., 0], torch.full_like(x[..., 0], first))  # held constant beyond the ends
     with pytest.raises(ValueError, match="method"):
-        op.interpolate(op(ramp), "sinc")
+        op.interpolate(op(ramp), "quintic")
+
+
+@pytest.mark.parametrize("n_lr", [10, 11])
+def test_sinc_interpolation_is_exact_for_band_limited_signals(n_lr: int) -> None:
+    """k-space zero-filling: a periodic signal below the LR Nyquist frequency comes back exactly at any position,
+    and the LR samples themselves are kept."""
+    op = AcquisitionOperator([SliceAcquisition(2, 3.0)], (2, 2, 3 * n_lr), (1.0, 1.0, 1.0))
+    assert op.lr_shape[2] == n_lr
+    first = op.lr_index_to_hr_index()[2, 3]
+    u = (torch.arange(3 * n_lr, dtype=torch.float64) - first) / 3.0  # HR positions in LR sample units
+    wave = lambda p: torch.cos(2 * torch.pi * 3 * p / n_lr + 0.4) + 0.5 * torch.sin(2 * torch.pi * p / n_lr)  # noqa: E731
+    y = wave(torch.arange(n_lr, dtype=torch.float64)).expand(1, 1, 2, 2, n_lr).clone()
+    x = op.interpolate(y, "sinc")
+    torch.testing.assert_close(x[0, 0, 0, 0], wave(u), atol=1e-10, rtol=0)
+    centres = (first + 3.0 * torch.arange(n_lr)).round().long()  # integer here: thickness 3 on a 1 mm grid
+    torch.testing.assert_close(x[0, 0, 0, 0, centres], y[0, 0, 0, 0], atol=1e-10, rtol=0)

@@ -213,3 +213,21 @@ def test_attention_uses_torch_sdpa_with_the_same_result() -> None:
     np.testing.assert_allclose(sdpa.mean, explicit.mean, rtol=1e-4, atol=1e-3)
     with pytest.raises((ImportError, NotImplementedError), match="scaled_dot_product_attention"):
         pipe.enable_xformers_memory_efficient_attention()
+
+
+def test_a_calibration_scales_risk_and_travels_with_the_model(tmp_path: Path) -> None:
+    from gen_sr.eval.calibration import Calibration
+
+    pipe, lr = _pipe(2), _lr()
+    plain = pipe(lr, num_samples=2, generator=_gens(0, 1), **RUN)
+    assert plain.metadata["risk"]["calibrated"] is False
+    pipe.calibration = Calibration(scale=2.5, alpha=0.1, delta=0.1, method="rcps", bound="hb", num_volumes=30,
+                                   risk_hat=0.05, risk_upper=0.09)
+    pipe.save_pretrained(tmp_path)
+    loaded = LatentDiffusionSRPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.calibration == pipe.calibration
+    calibrated = loaded(lr, num_samples=2, generator=_gens(0, 1), **RUN)
+    np.testing.assert_allclose(calibrated.risk, 2.5 * plain.risk, rtol=1e-6)
+    np.testing.assert_array_equal(calibrated.std, plain.std)
+    assert calibrated.metadata["risk"]["calibrated"] is True and calibrated.metadata["risk"]["scale"] == 2.5

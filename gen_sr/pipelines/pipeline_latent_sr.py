@@ -26,6 +26,7 @@ from diffusers.utils import BaseOutput
 
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
+from gen_sr.eval.calibration import Calibration
 from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, latent_condition, set_sdpa_attention
 from gen_sr.physics import AcquisitionOperator, operator_from_spacings
 from gen_sr.pipelines.tiling import PatchTiler, SliceTiler
@@ -45,8 +46,10 @@ class SRPipelineOutput(BaseOutput):
         mean: the estimate, the mean of the samples ``(X, Y, Z)``.
         samples: all samples ``(N, X, Y, Z)``, or ``None`` with ``keep_samples=False``.
         std: per-voxel standard deviation across samples.
-        risk: the hallucination-risk map: ``std`` as a fraction of the input's robust intensity range (its
-            0.5-99.5 percentile span), until a model folder carries a calibration.
+        risk: the hallucination-risk map, as a fraction of the input's robust intensity range (its 0.5-99.5
+            percentile span): ``std`` until the model folder carries a ``calibration.json``, then ``λ̂ · std``, the
+            half-width of the calibrated interval (``mean ± risk · range`` misses at most a fraction ``α`` of
+            voxels; see :mod:`gen_sr.eval.calibration`).
         dc_residual: ``|A x − y|`` of the mean, brought back onto the HR grid by linear interpolation.
         affine: the HR voxel-to-world affine of the outputs.
         metadata: seeds, steps, operator, guidance, final relative residuals ``‖A x − y‖/‖y‖`` and timings.
@@ -91,6 +94,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         self.register_to_config(acquisition=acquisition or {})
         for model in (vae, unet):  # torch SDPA by default, whatever the training config said
             set_sdpa_attention(model, True)
+        self.calibration: Calibration | None = None  # from the model folder's calibration.json, if any
 
     def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> None:
         """xformers attention, where installed. The MONAI attention blocks these models are built from have no
@@ -110,7 +114,15 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             if kwargs.get("use_safetensors") is False:
                 raise ValueError("use_safetensors=False loads pickled weights: pass allow_pickle=True to do that")
             kwargs["use_safetensors"] = True
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe.calibration = Calibration.load(pretrained_model_name_or_path)
+        return pipe
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """Save the components (safetensors) and, when there is one, the calibration."""
+        super().save_pretrained(save_directory, **kwargs)
+        if self.calibration is not None:
+            self.calibration.save(save_directory)
 
     # ------------------------------------------------------------------------------------------------- settings
     @property
@@ -272,9 +284,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             x = x.to(device)
         residuals = operator.residual(x, y.expand(x.shape[0], *y.shape[1:])).tolist()
 
-        # 8. uncertainty
+        # 8. uncertainty: risk is the std (or the calibrated interval half-width) over the robust intensity range
         mean = x.mean(dim=0, keepdim=True)
         std = x.std(dim=0, unbiased=False, keepdim=True)
+        risk = std * (self.calibration.scale if self.calibration is not None else 1.0)
         dc = operator.interpolate((operator(mean) - y).abs(), "linear")
         timings["stitch_uncertainty_s"] = time.perf_counter() - tic
 
@@ -294,10 +307,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "operator": operator.to_dict(),
             "relative_residual": residuals,
             "normalization": norm.to_dict(),
-            "risk": "std / robust intensity range (uncalibrated)",
+            "risk": self._risk_description(),
             "timings": timings,
         }
-        fields = self._outputs(canon, volume, hr_affine, norm, mean, x if keep_samples else None, std, dc,
+        fields = self._outputs(canon, volume, hr_affine, norm, mean, x if keep_samples else None, std, risk, dc,
                                output_type)
         out = SRPipelineOutput(*fields, metadata=metadata)
         return out if return_dict else out.to_tuple()
@@ -318,6 +331,14 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             raise InputError("an array input needs its geometry: pass affine= or lr_spacing=")
         affine = np.diag([*map(float, spacing), 1.0]) if affine is None else affine  # type: ignore[arg-type]
         return Volume(data.astype(np.float32), affine, source="<array>")
+
+    def _risk_description(self) -> dict[str, Any]:
+        cal = self.calibration
+        if cal is None:
+            return {"calibrated": False, "definition": "std / robust intensity range (uncalibrated)"}
+        return {"calibrated": True, "scale": cal.scale, "alpha": cal.alpha, "delta": cal.delta, "method": cal.method,
+                "definition": f"{cal.scale:.4g} x std / robust intensity range: the half-width of the interval "
+                              f"mean ± risk x range that misses at most {cal.alpha:g} of voxels ({cal.method})"}
 
     @staticmethod
     def _generators(generator: torch.Generator | list[torch.Generator] | None, n: int) -> list[torch.Generator]:
@@ -393,14 +414,14 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
     @staticmethod
     def _outputs(canon: Volume, volume: Volume, hr_affine: np.ndarray, norm: IntensityNormalization,
-                 mean: torch.Tensor, samples: torch.Tensor | None, std: torch.Tensor, dc: torch.Tensor,
-                 output_type: str) -> tuple:
+                 mean: torch.Tensor, samples: torch.Tensor | None, std: torch.Tensor, risk: torch.Tensor,
+                 dc: torch.Tensor, output_type: str) -> tuple:
         """Denormalise, reorient to the input's axes, and convert to the requested type."""
 
         def to_input(arr: torch.Tensor) -> Volume:
             return canon.with_data(arr.cpu().numpy().astype(np.float32), hr_affine).reorient(volume.orientation)
 
-        maps = [to_input(norm.inverse(mean[0, 0])), to_input(norm.inverse_scale(std[0, 0])), to_input(std[0, 0]),
+        maps = [to_input(norm.inverse(mean[0, 0])), to_input(norm.inverse_scale(std[0, 0])), to_input(risk[0, 0]),
                 to_input(norm.inverse_scale(dc[0, 0]))]
         each = None if samples is None else [to_input(norm.inverse(s[0])) for s in samples]
         affine = maps[0].affine
