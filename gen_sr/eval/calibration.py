@@ -37,7 +37,8 @@ __all__ = ["CALIBRATION_FILE", "Calibration", "fit_calibration", "hb_p_value", "
 CALIBRATION_FILE = "calibration.json"
 
 
-def miss_rate(error: np.ndarray, std: np.ndarray, lam: float | np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+def miss_rate(error: np.ndarray, std: np.ndarray, lam: float | np.ndarray,
+              mask: np.ndarray | None = None) -> np.ndarray:
     """Fraction of voxels outside ``mean ± λ σ`` for each ``λ``.
 
     Args:
