@@ -7,6 +7,7 @@ mistake into one line on stderr with exit code 2 (``--debug`` shows the tracebac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -140,10 +141,34 @@ def _spacing(text: str) -> list[float]:
     return values
 
 
-def cmd_super_resolve(args: argparse.Namespace) -> int:
+def _load_pipeline(folder: str, device: str):
+    """The model folder's pipeline on ``device``, or one clear error line."""
     import torch
 
     from gen_sr.pipelines import LatentDiffusionSRPipeline
+
+    model = Path(folder)
+    if not (model / "model_index.json").is_file():
+        raise InputError("is not a gen_sr model folder (no model_index.json)", model)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} was asked for, but no CUDA device is available", hint="use --device cpu")
+    try:
+        pipe = LatentDiffusionSRPipeline.from_pretrained(model).to(device)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the model: {str(e).splitlines()[0]}", model) from e
+    pipe.set_progress_bar_config(disable=not process_state().is_local_main_process)
+    return pipe
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    import torch
+
+    return {"num_inference_steps": args.steps, "eta": args.eta, "num_samples": args.samples,
+            "guidance": args.guidance, "batch_size": args.batch_size,
+            "generator": torch.Generator().manual_seed(args.seed)}
+
+
+def cmd_super_resolve(args: argparse.Namespace) -> int:
     from gen_sr.volume import check_output_path, load_volume, save_volume
 
     maps = {"mean": args.output, "std": args.std, "risk": args.risk, "dc_residual": args.dc_residual}
@@ -151,21 +176,10 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     sidecar = Path(str(outputs["mean"]).removesuffix(".gz").removesuffix(".nii") + ".json")
     _check_json_output(str(sidecar), args.overwrite)
     lr = load_volume(args.input, volume_index=args.volume)
-    model = Path(args.model)
-    if not (model / "model_index.json").is_file():
-        raise InputError("is not a gen_sr model folder (no model_index.json)", model)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for, but no CUDA device is available", hint="use --device cpu")
-    try:
-        pipe = LatentDiffusionSRPipeline.from_pretrained(model).to(args.device)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the model: {str(e).splitlines()[0]}", model) from e
-    pipe.set_progress_bar_config(disable=not process_state().is_local_main_process)
+    pipe = _load_pipeline(args.model, args.device)
     out = pipe(
         lr, target_spacing=args.target_spacing, slice_profile=args.profile, slice_thickness=args.slice_thickness,
-        noise_std=args.noise_std, num_inference_steps=args.steps, eta=args.eta, num_samples=args.samples,
-        guidance=args.guidance, batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed),
-        keep_samples=False, output_type="np",
+        noise_std=args.noise_std, keep_samples=False, output_type="np", **_sampling_kwargs(args),
     )
     if not process_state().is_main_process:  # under `accelerate launch`, the main process writes the outputs
         return 0
@@ -177,6 +191,83 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     print(f"wrote:    {sidecar} (seeds, operator, residuals, timings)")
     print(f"samples:  {args.samples}, {args.steps} steps, guidance {args.guidance}; "
           f"max relative residual ‖Ax−y‖/‖y‖ {residual:.2e}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+def _cases(args: argparse.Namespace, pipe) -> list:
+    """Load the HR volumes of ``--data``, cut the ``--region``, and simulate the acquisition on each."""
+    from gen_sr.data import find_volumes, slab
+    from gen_sr.eval.evaluate import simulate_case
+    from gen_sr.sample_data import load_mni152
+    from gen_sr.volume import load_volume
+
+    named = []
+    for entry in args.data:
+        if entry == "mni152":
+            named.append(("mni152", load_mni152("t1")))
+        else:
+            named += [(f.name.removesuffix(".gz").removesuffix(".nii"), load_volume(f)) for f in find_volumes([entry])]
+    if args.region != "all":
+        holdout = pipe.config.acquisition.get("holdout")
+        if not holdout:
+            raise InputError("the model folder records no held-out slab", args.model, "use --region all")
+        split = "val" if args.region == "heldout" else "train"
+        named = [(n, slab(v, split, holdout["axis"], holdout["fraction"])) for n, v in named]
+    try:
+        return [simulate_case(v, n, axis=pipe.sr_axis, thickness=args.slice_thickness, spacing=args.slice_spacing,
+                              profile=args.profile, snr=args.snr, seed=args.seed + i)
+                for i, (n, v) in enumerate(named)]
+    except ValueError as e:  # e.g. slices thicker than a volume
+        raise InputError(f"cannot simulate the acquisition: {e}") from e
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from gen_sr.eval.calibration import CALIBRATION_FILE, calibration_units, fit_calibration
+
+    target = Path(args.model) / CALIBRATION_FILE
+    if target.exists() and not args.overwrite:
+        raise InputError("the model is calibrated already", target, "pass --overwrite to replace its calibration")
+    pipe = _load_pipeline(args.model, args.device)
+    cases = _cases(args, pipe)
+    errors, stds, masks = calibration_units(pipe, cases, blocks=args.blocks, **_sampling_kwargs(args))
+    details = {"data": list(args.data), "region": args.region, "volumes": [c.name for c in cases],
+               "blocks_per_volume": args.blocks, "units": len(errors), "slice_thickness": args.slice_thickness,
+               "profile": args.profile, "snr": args.snr, "samples": args.samples, "steps": args.steps,
+               "guidance": args.guidance, "seed": args.seed, "mask": "foreground of the reference"}
+    try:
+        cal = fit_calibration(errors, stds, masks, alpha=args.alpha, delta=args.delta, method=args.method,
+                              details=details)
+    except ValueError as e:
+        raise InputError(str(e), args.model) from e
+    pipe.calibration = cal
+    cal.save(args.model)
+    print(f"wrote:    {target}")
+    print(f"scale:    λ = {cal.scale:.4g} (intervals mean ± λ·std) from {cal.num_volumes} units ({args.method})")
+    print(f"coverage: {1 - cal.risk_hat:.4f} on the calibration units; target ≥ {1 - cal.alpha:g}"
+          + (f" with probability ≥ {1 - cal.delta:g} (upper bound of the miss rate {cal.risk_upper:.4f})"
+             if cal.method == "rcps" else " in expectation"))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from gen_sr.eval.evaluate import evaluate, markdown_table, summarize, write_table
+
+    out = Path(args.output_dir)
+    if not out.parent.is_dir():
+        raise InputError("the output folder's parent does not exist", out)
+    if (out / "evaluation.json").exists() and not args.overwrite:
+        raise InputError("holds an evaluation already", out, "pass --overwrite to replace it")
+    pipe = _load_pipeline(args.model, args.device)
+    cases = _cases(args, pipe)
+    rows = evaluate(pipe, cases, **_sampling_kwargs(args))
+    meta = {"model": str(args.model), "data": list(args.data), "region": args.region,
+            "slice_thickness": args.slice_thickness, "profile": args.profile, "snr": args.snr,
+            "samples": args.samples, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+            "calibration": None if pipe.calibration is None else dataclasses.asdict(pipe.calibration)}
+    paths = write_table(out, rows, meta=meta)
+    print(markdown_table(summarize(rows)), end="")
+    print(f"wrote:    {', '.join(str(p) for p in paths.values())}")
     return 0
 
 
@@ -201,6 +292,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
+    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default: 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0, deterministic given the seed)")
+    p.add_argument("--guidance", choices=("projection", "gradient", "none"), default="projection",
+                   help="data consistency during sampling (default: projection); outputs are always projected")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="tiles per network call: the memory knob")
+
+
+def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
+    """HR volumes to simulate acquisitions from, and the acquisition."""
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH",
+                   help="HR NIfTI files or folders of them, or 'mni152' for the embedded template")
+    p.add_argument("--region", choices=("all", "train", "heldout"), default="all",
+                   help="use the whole volumes, or only the training or held-out slab the model folder records "
+                        "(default: all)")
+    p.add_argument("--slice-thickness", type=_positive_float, default=4.0, metavar="MM",
+                   help="simulated slice thickness in mm (default: 4)")
+    p.add_argument("--slice-spacing", type=_positive_float, metavar="MM", help="default: the thickness")
+    p.add_argument("--profile", choices=("gaussian", "rect"), default="gaussian", help="slice profile")
+    p.add_argument("--snr", type=_positive_float, help="add Rician noise at this SNR (default: noise-free)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show a full traceback on errors")
@@ -246,21 +372,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std", help="also write the per-voxel standard deviation across samples")
     p.add_argument("--risk", help="also write the hallucination-risk map")
     p.add_argument("--dc-residual", help="also write |A x - y| on the HR grid")
-    p.add_argument("--samples", type=int, default=8, help="posterior samples (default: 8)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0, deterministic given the seed)")
-    p.add_argument("--guidance", choices=("projection", "gradient", "none"), default="projection",
-                   help="data consistency during sampling (default: projection); outputs are always projected")
+    _add_sampling_arguments(p)
     p.add_argument("--target-spacing", type=_spacing, metavar="X,Y,Z",
                    help="HR voxel spacing in mm (default: isotropic at the finest input spacing)")
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
     p.add_argument("--profile", choices=("gaussian", "rect"), default="gaussian", help="slice profile")
     p.add_argument("--noise-std", type=float, default=0.0, help="measurement noise std in input units (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=16, help="tiles per network call: the memory knob")
     p.add_argument("--volume", type=int, metavar="N", help="volume index to take from a 4D series")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    p = add("calibrate", cmd_calibrate, "fit the scale that turns the sample std into intervals with a coverage "
+            "guarantee, and write calibration.json into the model folder")
+    p.add_argument("--model", required=True, help="a model folder; calibration.json is written into it")
+    _add_simulation_arguments(p)
+    p.add_argument("--alpha", type=float, default=0.1, help="target miss rate: coverage 1 - alpha (default: 0.1)")
+    p.add_argument("--delta", type=float, default=0.1, help="failure probability of the guarantee (default: 0.1)")
+    p.add_argument("--method", choices=("rcps", "crc"), default="rcps",
+                   help="rcps: coverage with probability 1 - delta (conservative); crc: conformal risk control, "
+                        "coverage in expectation (tight) (default: rcps)")
+    p.add_argument("--blocks", type=_positive_int, default=1,
+                   help="cut each volume into this many slabs, each a calibration unit (default: 1)")
+    _add_sampling_arguments(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing calibration")
+
+    p = add("evaluate", cmd_evaluate, "run the model and every baseline on HR volumes and tabulate all metrics")
+    p.add_argument("--model", required=True, help="a model folder")
+    _add_simulation_arguments(p)
+    p.add_argument("--output-dir", required=True, help="where to write evaluation.md/.csv/.json")
+    _add_sampling_arguments(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing evaluation")
 
     p = add("sample-data", cmd_sample_data, "write the embedded MNI152 2009 template (shipped by nilearn) as NIfTI")
     p.add_argument("--output", required=True, help="where to write it (.nii or .nii.gz)")

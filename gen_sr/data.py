@@ -33,8 +33,15 @@ from gen_sr.physics import AcquisitionOperator, SliceAcquisition, add_noise
 from gen_sr.sample_data import load_mni152
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
 
-__all__ = ["AcquisitionRanges", "DataConfig", "SRPairDataset", "find_volumes", "heldout_slab",
-           "load_training_volumes", "slab_bounds"]
+__all__ = [
+    "AcquisitionRanges",
+    "DataConfig",
+    "SRPairDataset",
+    "find_volumes",
+    "load_training_volumes",
+    "slab",
+    "slab_bounds",
+]
 
 _SPLITS = {"train": 0, "val": 1}
 
@@ -135,16 +142,18 @@ def slab_bounds(shape: Sequence[int], axis: int, fraction: float, split: str = "
     return start, stop
 
 
-def heldout_slab(volume: Volume, axis: int = 1, fraction: float = 0.2) -> Volume:
-    """The held-out slab of a volume, in RAS+ orientation with its exact geometry: the part training never sees.
+def slab(volume: Volume, split: str = "val", axis: int = 1, fraction: float = 0.2) -> Volume:
+    """The held-out slab (``split="val"``: the part training never sees) or the training slab of a volume, in RAS+
+    orientation with its exact geometry.
 
     Args:
         volume: any orientation; it is brought to RAS+ first, where ``axis`` is counted (1: posterior-anterior).
+        split: ``"val"`` or ``"train"``.
         axis, fraction: as in :class:`DataConfig` (``holdout_axis``, ``holdout_fraction``), or as a model folder
             records them (``acquisition["holdout"]``).
     """
     canon = volume.canonical()
-    return canon.crop(*slab_bounds(canon.shape, axis, fraction, "val"))
+    return canon.crop(*slab_bounds(canon.shape, axis, fraction, split))
 
 
 def find_volumes(paths: Sequence[str]) -> list[Path]:

@@ -108,15 +108,16 @@ def test_invalid_data_configs(kwargs, match: str) -> None:
 def test_heldout_slab_is_the_far_end_in_place() -> None:
     from helpers import oblique_affine
 
-    from gen_sr.data import heldout_slab, slab_bounds
+    from gen_sr.data import slab, slab_bounds
     from gen_sr.volume import Volume
 
     vol = Volume(np.arange(10 * 20 * 6, dtype=np.float32).reshape(10, 20, 6), oblique_affine())
-    slab = heldout_slab(vol, axis=1, fraction=0.2)
+    held = slab(vol, axis=1, fraction=0.2)
+    train = slab(vol, "train", axis=1, fraction=0.2)
     canon = vol.canonical()
     k = round(0.2 * canon.shape[1])
-    assert slab.shape == (canon.shape[0], k, canon.shape[2]) and k >= 2
-    assert np.array_equal(slab.data, canon.data[:, -k:])
-    np.testing.assert_allclose(slab.world_coordinates(), canon.world_coordinates()[:, -k:], atol=1e-9)
+    assert held.shape == (canon.shape[0], k, canon.shape[2]) and k >= 2
+    assert np.array_equal(held.data, canon.data[:, -k:]) and np.array_equal(train.data, canon.data[:, :-k])
+    np.testing.assert_allclose(held.world_coordinates(), canon.world_coordinates()[:, -k:], atol=1e-9)
     train, val = (slab_bounds(canon.shape, 1, 0.2, s) for s in ("train", "val"))
     assert train[1][1] == val[0][1] == canon.shape[1] - k  # the two slabs meet without overlap

@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from scipy.stats import binom
 
 from gen_sr.volume import atomic_write
 
-__all__ = ["CALIBRATION_FILE", "Calibration", "fit_calibration", "hb_p_value", "miss_rate", "upper_bound"]
+__all__ = ["CALIBRATION_FILE", "Calibration", "calibration_units", "fit_calibration", "hb_p_value", "miss_rate",
+           "upper_bound"]
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -179,3 +180,45 @@ def fit_calibration(
     return Calibration(scale=scale, alpha=alpha, delta=delta, method=method, bound=bound, num_volumes=n,
                        risk_hat=float(risk[first]), risk_upper=upper_bound(float(risk[first]), n, delta, bound),
                        details=dict(details or {}))
+
+
+def calibration_units(
+    pipe: Any,
+    cases: Sequence[Any],
+    *,
+    masks: Callable[[Any], np.ndarray] | None = None,
+    blocks: int = 1,
+    block_axis: int = 0,
+    progress: bool = True,
+    **pipe_kwargs: Any,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Super-resolve calibration cases and cut the results into exchangeable units.
+
+    Args:
+        pipe: the pipeline.
+        cases: :class:`gen_sr.eval.evaluate.Case` objects (HR truth, simulated LR, operator).
+        masks: per case, the voxels that count (default: the reference's foreground).
+        blocks: cut every case into this many slabs along RAS+ ``block_axis``, each one unit. With one template
+            (as in the demo) this is the only way to get enough units; slabs of one volume are only approximately
+            exchangeable, which the calibration record says.
+        pipe_kwargs: passed to the pipeline.
+
+    Returns:
+        ``(errors, stds, masks)``, one entry per unit.
+    """
+    from tqdm.auto import tqdm
+
+    from gen_sr.eval.evaluate import super_resolve
+    from gen_sr.eval.metrics import region_masks
+
+    errors, stds, unit_masks = [], [], []
+    for case in tqdm(cases, desc="calibrate", unit="volume", disable=not progress):
+        out = super_resolve(pipe, case, output_type="np", keep_samples=False, **pipe_kwargs)
+        mask = masks(case) if masks is not None else region_masks(case.hr.data)["brain"]
+        err = case.hr.data.astype(np.float64) - out.mean
+        for part in zip(*(np.array_split(a, blocks, axis=block_axis) for a in (err, out.std, mask)), strict=True):
+            if part[2].any():
+                errors.append(part[0])
+                stds.append(part[1])
+                unit_masks.append(part[2])
+    return errors, stds, unit_masks
