@@ -72,3 +72,16 @@ def test_region_masks_from_tissues_labels_and_foreground() -> None:
     ref[2:6, 2:6, 2:6] = 1.0
     ref[3:5, 3:5, 3:5] = 0.0  # a hole inside: still brain
     assert region_masks(ref)["brain"].sum() == 64
+
+
+def test_slice_jitter_by_hand() -> None:
+    from gen_sr.eval.metrics import slice_jitter
+
+    ref = np.zeros((4, 3))
+    ref[:, 1] = [0.0, 1.0, 2.0, 3.0]  # differences along axis 0: 1 in column 1, 0 elsewhere
+    est = ref.copy()
+    est[:, 2] = [0.0, 1.0, 0.0, 1.0]  # alternating slices: Δ² = 1 three times more
+    assert slice_jitter(ref, ref, axis=0) == pytest.approx(1.0)
+    assert slice_jitter(est, ref, axis=0) == pytest.approx(2.0)  # (3 + 3) / 3
+    assert slice_jitter(est, ref, axis=0, mask=np.array([[True, True, False]] * 4)) == pytest.approx(1.0)
+    assert slice_jitter(np.zeros_like(ref), ref, axis=0) == 0.0  # blurred flat across slices

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["LPIPS_NOTE", "hfen", "image_metrics", "nrmse", "psnr", "region_masks", "ssim", "ssim_volume"]
+__all__ = ["LPIPS_NOTE", "hfen", "image_metrics", "nrmse", "psnr", "region_masks", "slice_jitter", "ssim",
+           "ssim_volume"]
 
 LPIPS_NOTE = "LPIPS left out: its pretrained network weights are not available offline"
 HFEN_SIGMA = 1.5  # the Laplacian-of-Gaussian width of Ravishankar & Bresler (2011)
@@ -82,6 +83,19 @@ def hfen(estimate: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = 
     est, ref, mask = _pair(estimate, reference, mask)
     log = lambda a: ndimage.laplace(ndimage.gaussian_filter(a, sigma))  # noqa: E731  (exactly 0 on constants)
     return nrmse(log(est), log(ref), mask)
+
+
+def slice_jitter(estimate: np.ndarray, reference: np.ndarray, axis: int, mask: np.ndarray | None = None) -> float:
+    """Slice-to-slice roughness along ``axis`` relative to the reference's: ``mean(Δx²) / mean(Δr²)`` over pairs of
+    neighbouring voxels along ``axis`` that are both inside the mask.
+
+    1 means as smooth across slices as the truth; above 1, neighbouring slices disagree more than the anatomy does
+    (the seams or jitter of a 2D model run slice by slice); below 1, the estimate is blurred across ``axis``.
+    """
+    est, ref, mask = _pair(estimate, reference, mask)
+    pairs = None if mask is None else np.logical_and(*(np.moveaxis(mask, axis, 0)[s] for s in (np.s_[:-1], np.s_[1:])))
+    d_est, d_ref = (np.moveaxis(np.diff(a, axis=axis), axis, 0) for a in (est, ref))
+    return float(np.mean(_inside(d_est, pairs) ** 2) / np.mean(_inside(d_ref, pairs) ** 2))
 
 
 def _window(shape) -> int:
