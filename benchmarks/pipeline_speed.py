@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
 CROP = (slice(50, 146), slice(60, 172), slice(40, 136))  # 96 x 112 x 96 voxels of the 1 mm template
@@ -33,15 +32,9 @@ def lr_volume():
     from gen_sr.sample_data import load_mni152
 
     hr = load_mni152("t1")
-    hr = hr.with_data(np.ascontiguousarray(hr.data[CROP]), hr.affine @ _shift([s.start for s in CROP]))
+    hr = hr.crop([s.start for s in CROP], [s.stop for s in CROP])
     lr, _, _ = simulate_acquisition(hr, [SliceAcquisition(2, 4.0)])
     return lr
-
-
-def _shift(offset) -> np.ndarray:
-    t = np.eye(4)
-    t[:3, 3] = offset
-    return t
 
 
 def hand_loop(pipe, lr, n: int, steps: int, batch_size: int) -> float:
