@@ -195,10 +195,9 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
-def _cases(args: argparse.Namespace, pipe) -> list:
-    """Load the HR volumes of ``--data``, cut the ``--region``, and simulate the acquisition on each."""
+def _hr_volumes(args: argparse.Namespace, pipe) -> list:
+    """``(name, Volume)`` of every HR volume of ``--data``, cut to the ``--region``."""
     from gen_sr.data import find_volumes, slab
-    from gen_sr.eval.evaluate import simulate_case
     from gen_sr.sample_data import load_mni152
     from gen_sr.volume import load_volume
 
@@ -214,6 +213,14 @@ def _cases(args: argparse.Namespace, pipe) -> list:
             raise InputError("the model folder records no held-out slab", args.model, "use --region all")
         split = "val" if args.region == "heldout" else "train"
         named = [(n, slab(v, split, holdout["axis"], holdout["fraction"])) for n, v in named]
+    return named
+
+
+def _cases(args: argparse.Namespace, pipe) -> list:
+    """The HR volumes of ``--data`` with the acquisition simulated on each."""
+    from gen_sr.eval.evaluate import simulate_case
+
+    named = _hr_volumes(args, pipe)
     try:
         return [simulate_case(v, n, axis=pipe.sr_axis, thickness=args.slice_thickness, spacing=args.slice_spacing,
                               profile=args.profile, snr=args.snr, seed=args.seed + i)
@@ -268,6 +275,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     paths = write_table(out, rows, meta=meta)
     print(markdown_table(summarize(rows)), end="")
     print(f"wrote:    {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def cmd_stress_test(args: argparse.Namespace) -> int:
+    from gen_sr.eval.stress import run_stress_test
+
+    out = Path(args.output_dir)
+    if not out.parent.is_dir():
+        raise InputError("the output folder's parent does not exist", out)
+    if (out / "stress_test.json").exists() and not args.overwrite:
+        raise InputError("holds a stress test already", out, "pass --overwrite to replace it")
+    pipe = _load_pipeline(args.model, args.device)
+    if args.slice_spacing is not None:
+        raise InputError("the stress test simulates contiguous slices", hint="leave out --slice-spacing")
+    volumes = [v for _, v in _hr_volumes(args, pipe)]
+    kwargs = _sampling_kwargs(args)
+    kwargs.pop("generator")
+    try:
+        result = run_stress_test(
+            pipe, volumes, thickness_mm=args.slice_thickness, snr=args.snr, profile=args.profile,
+            num_samples=kwargs.pop("num_samples"), num_inference_steps=kwargs.pop("num_inference_steps"),
+            seed=args.seed, output_dir=out, contrast=args.contrast, n_per_size=args.lesions_per_size,
+            diameters_mm=args.diameters, **kwargs)
+    except ValueError as e:  # e.g. no room for lesions of that size
+        raise InputError(f"cannot run the stress test: {e}") from e
+    every = result["summary"]["all"]
+    print(f"lesions:  {every['n_added']} added, {every['n_controls']} control sites, {every['n_removed']} removed")
+    print(f"erasure:  {every['erasure']:.3f}   false structure: {every['false_structure']:.3f}   "
+          f"risk AUROC (|error| > tau): {result['auroc']:.3f}")
+    print(f"wrote:    {out}/stress_test.md, .csv, .json, .png")
     return 0
 
 
@@ -401,6 +438,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="where to write evaluation.md/.csv/.json")
     _add_sampling_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing evaluation")
+
+    p = add("stress-test", cmd_stress_test, "insert synthetic lesions into HR volumes, degrade, super-resolve, "
+            "and measure erasure, false structure and how well the risk map flags errors")
+    p.add_argument("--model", required=True, help="a model folder")
+    _add_simulation_arguments(p)
+    p.add_argument("--output-dir", required=True, help="where to write stress_test.md/.csv/.json/.png")
+    p.add_argument("--contrast", type=float, default=0.3,
+                   help="lesion contrast as a signed fraction of the robust intensity range (default: 0.3)")
+    p.add_argument("--diameters", type=_positive_float, nargs="+", metavar="MM",
+                   help="lesion diameters in mm (default: half and 1.5 times the slice thickness)")
+    p.add_argument("--lesions-per-size", type=_positive_int, default=2, help="lesions per size and volume (default 2)")
+    _add_sampling_arguments(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing stress test")
 
     p = add("sample-data", cmd_sample_data, "write the embedded MNI152 2009 template (shipped by nilearn) as NIfTI")
     p.add_argument("--output", required=True, help="where to write it (.nii or .nii.gz)")

@@ -84,3 +84,17 @@ def test_evaluate_command_and_its_errors(tmp_path: Path, capsys) -> None:
     assert "cannot simulate" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--samples", "0"])
+
+
+def test_stress_test_command(tmp_path: Path, capsys) -> None:
+    model = tmp_path / "model"
+    _pipe(2).save_pretrained(model)
+    data = np.zeros((20, 20, 20), dtype=np.float32)
+    data[2:18, 2:18, 2:18] = 100.0  # a bright cube with room for lesions
+    hr = save_volume(Volume(data, np.eye(4)), tmp_path / "hr.nii.gz")
+    args = ["stress-test", "--model", str(model), "--data", str(hr), "--output-dir", str(tmp_path / "st"),
+            "--samples", "2", "--steps", "2", "--diameters", "2", "5", "--lesions-per-size", "1"]
+    assert main(args) == 0
+    assert "erasure:" in capsys.readouterr().out
+    assert all((tmp_path / "st" / f"stress_test.{e}").is_file() for e in ("md", "csv", "json", "png"))
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
