@@ -168,6 +168,11 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
             "generator": torch.Generator().manual_seed(args.seed)}
 
 
+def _acquisition_kwargs(args: argparse.Namespace) -> dict:
+    return {"target_spacing": args.target_spacing, "slice_profile": args.profile,
+            "slice_thickness": args.slice_thickness, "noise_std": args.noise_std}
+
+
 def cmd_super_resolve(args: argparse.Namespace) -> int:
     from gen_sr.volume import check_output_path, load_volume, save_volume
 
@@ -177,10 +182,7 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     _check_json_output(str(sidecar), args.overwrite)
     lr = load_volume(args.input, volume_index=args.volume)
     pipe = _load_pipeline(args.model, args.device)
-    out = pipe(
-        lr, target_spacing=args.target_spacing, slice_profile=args.profile, slice_thickness=args.slice_thickness,
-        noise_std=args.noise_std, keep_samples=False, output_type="np", **_sampling_kwargs(args),
-    )
+    out = pipe(lr, keep_samples=False, output_type="np", **_acquisition_kwargs(args), **_sampling_kwargs(args))
     if not process_state().is_main_process:  # under `accelerate launch`, the main process writes the outputs
         return 0
     for key, path in outputs.items():
@@ -308,6 +310,35 @@ def cmd_stress_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tissue(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE, e.g. GM=gm.nii.gz, got {text!r}")
+    return name, path
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from gen_sr.eval.audit import audit
+    from gen_sr.volume import load_volume
+
+    out = Path(args.output_dir)
+    if not out.parent.is_dir():
+        raise InputError("the output folder's parent does not exist", out)
+    lr = load_volume(args.input, volume_index=args.volume)
+    reference = load_volume(args.reference) if args.reference else None
+    brain = load_volume(args.mask) if args.mask else None
+    tissues = {name: load_volume(path) for name, path in args.tissue} or None
+    pipe = _load_pipeline(args.model, args.device)
+    payload = audit(pipe, lr, out, input_name=Path(args.input).name, model_name=str(args.model), reference=reference,
+                    masks=tissues, brain_mask=brain, reuse=args.reuse, risk_threshold=args.risk_threshold,
+                    overwrite=args.overwrite, **_acquisition_kwargs(args), **_sampling_kwargs(args))
+    print(f"verdict:  {payload['verdict']['text']}")
+    for method, row in (payload.get("metrics") or {}).items():
+        print(f"          {method:<10} PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}")
+    print(f"wrote:    {out / 'report.html'} (open it in any browser; it is self-contained), report.json, maps")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------- sample data
 def cmd_sample_data(args: argparse.Namespace) -> int:
     from gen_sr.sample_data import load_mni152
@@ -348,6 +379,16 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="tiles per network call: the memory knob")
+
+
+def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
+    """How the LR input was acquired, and the HR grid to reconstruct on."""
+    p.add_argument("--target-spacing", type=_spacing, metavar="X,Y,Z",
+                   help="HR voxel spacing in mm (default: isotropic at the finest input spacing)")
+    p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
+    p.add_argument("--profile", choices=("gaussian", "rect"), default="gaussian", help="slice profile")
+    p.add_argument("--noise-std", type=float, default=0.0, help="measurement noise std in input units (default 0)")
+    p.add_argument("--volume", type=int, metavar="N", help="volume index to take from a 4D series")
 
 
 def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
@@ -410,12 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--risk", help="also write the hallucination-risk map")
     p.add_argument("--dc-residual", help="also write |A x - y| on the HR grid")
     _add_sampling_arguments(p)
-    p.add_argument("--target-spacing", type=_spacing, metavar="X,Y,Z",
-                   help="HR voxel spacing in mm (default: isotropic at the finest input spacing)")
-    p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
-    p.add_argument("--profile", choices=("gaussian", "rect"), default="gaussian", help="slice profile")
-    p.add_argument("--noise-std", type=float, default=0.0, help="measurement noise std in input units (default 0)")
-    p.add_argument("--volume", type=int, metavar="N", help="volume index to take from a 4D series")
+    _add_acquisition_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     p = add("calibrate", cmd_calibrate, "fit the scale that turns the sample std into intervals with a coverage "
@@ -451,6 +487,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesions-per-size", type=_positive_int, default=2, help="lesions per size and volume (default 2)")
     _add_sampling_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing stress test")
+
+    p = add("audit", cmd_audit, "super-resolve an LR volume (or reuse a run) and write a self-contained HTML "
+            "hallucination-audit report with its NIfTI maps")
+    p.add_argument("--model", required=True, help="a model folder")
+    p.add_argument("--input", required=True, help="the low-resolution NIfTI volume")
+    p.add_argument("--output-dir", required=True, help="where to write report.html, report.json and the maps")
+    p.add_argument("--reference", help="the HR truth on the SR grid: adds metrics against every baseline and the "
+                                       "calibration plot")
+    p.add_argument("--mask", help="brain mask on the SR grid: where the flagged fraction and metrics are counted")
+    p.add_argument("--tissue", type=_tissue, action="append", default=[], metavar="NAME=FILE",
+                   help="a tissue probability map on the SR grid, to label risk clusters (repeatable)")
+    p.add_argument("--reuse", nargs=2, metavar=("SR", "STD"),
+                   help="the mean and std of an earlier super-resolve run (its .json beside SR) instead of sampling")
+    p.add_argument("--risk-threshold", type=_positive_float, default=0.1,
+                   help="risk above which a voxel is flagged, as a fraction of the intensity range (default: 0.1)")
+    _add_acquisition_arguments(p)
+    _add_sampling_arguments(p)
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
     p = add("sample-data", cmd_sample_data, "write the embedded MNI152 2009 template (shipped by nilearn) as NIfTI")
     p.add_argument("--output", required=True, help="where to write it (.nii or .nii.gz)")

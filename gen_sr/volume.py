@@ -124,6 +124,32 @@ class Volume:
 
 
 # ----------------------------------------------------------------------------------------------------- loading
+def resample_to(volume: Volume, target: Volume, order: int = 1) -> Volume:
+    """``volume`` on ``target``'s grid (nibabel's ``resample_from_to``; values beyond the source's outermost voxel
+    centres repeat the edge). Returned as it is when the grids already match.
+
+    Args:
+        volume: the image to resample.
+        target: the grid (shape and affine) to resample onto.
+        order: spline order (0 nearest, 1 linear).
+    """
+    if volume.shape == target.shape and np.allclose(volume.affine, target.affine, atol=1e-4):
+        return volume
+    from nibabel.processing import resample_from_to
+
+    img = resample_from_to(volume.to_nifti(np.float32), (target.shape, target.affine), order=order, mode="nearest")
+    return volume.with_data(np.asarray(img.dataobj, dtype=np.float32), target.affine)
+
+
+def covers(volume: Volume, target: Volume, tolerance: float = 0.5) -> bool:
+    """Whether every voxel centre of ``target`` lies inside ``volume``'s field of view (within ``tolerance`` voxels
+    of its outermost centres)."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in target.shape], indexing="ij")).reshape(3, -1).T
+    world = corners @ target.affine[:3, :3].T + target.affine[:3, 3]
+    index = (world - volume.affine[:3, 3]) @ np.linalg.inv(volume.affine[:3, :3]).T
+    return bool(np.all(index >= -tolerance) and np.all(index <= np.asarray(volume.shape) - 1 + tolerance))
+
+
 def _is_nifti_name(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 

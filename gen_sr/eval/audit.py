@@ -1,0 +1,170 @@
+"""The hallucination audit of one LR volume: super-resolve (or reuse a run's outputs), write the maps as NIfTI, and
+build the self-contained report (:mod:`gen_sr.eval.report`).
+
+With a reference HR volume on the SR grid, the audit also measures SR and every baseline against it (inside the
+brain mask, or the reference's foreground) and draws the calibration plot: observed coverage of ``mean ± k·σ_eff``
+against the nominal coverage of a Gaussian with ``σ_eff = λ̂ σ / z_{1−α/2}`` (so that the nominal ``1 − α`` interval
+is exactly the calibrated one; without a calibration, ``σ_eff = σ``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import norm
+
+from gen_sr.errors import InputError
+from gen_sr.eval.evaluate import BASELINES, Case, baseline
+from gen_sr.eval.metrics import image_metrics, region_masks
+from gen_sr.eval.report import build_report
+from gen_sr.eval.uncertainty import coverage, uncertainty_report
+from gen_sr.physics import AcquisitionOperator
+from gen_sr.volume import IntensityNormalization, Volume, covers, load_volume, resample_to, save_volume
+
+__all__ = ["MAP_FILES", "NOMINAL_COVERAGE", "audit", "reuse_outputs"]
+
+NOMINAL_COVERAGE = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+MAP_FILES = {"mean": "sr_mean.nii.gz", "std": "sr_std.nii.gz", "risk": "risk.nii.gz",
+             "dc_residual": "dc_residual.nii.gz"}
+
+
+def _metadata_path(sr_path: Path) -> Path:
+    return sr_path.with_name(sr_path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+
+
+def reuse_outputs(pipe: Any, lr: Volume, sr_path: str | Path, std_path: str | Path) -> tuple[dict[str, Volume], dict]:
+    """Maps of an earlier ``gen-sr super-resolve`` run: its mean and std files and the ``.json`` beside the mean.
+
+    The risk is recomputed from the std with the model's current calibration, and the data-consistency residual
+    from the mean with the run's recorded operator, so both match what the pipeline would report.
+    """
+    sr_path, meta_path = Path(sr_path), _metadata_path(Path(sr_path))
+    if not meta_path.is_file():
+        raise InputError("has no run record beside it (the .json that super-resolve writes)", sr_path,
+                         f"expected {meta_path.name}")
+    meta = json.loads(meta_path.read_text())
+    mean, std = load_volume(sr_path), load_volume(std_path)
+    if mean.shape != std.shape or not np.allclose(mean.affine, std.affine, atol=1e-4):
+        raise InputError("is not on the grid of the SR mean", std_path)
+    operator = AcquisitionOperator.from_dict(meta["operator"])
+    canon_mean, canon_lr = mean.canonical(), lr.canonical()
+    if tuple(operator.hr_shape) != canon_mean.shape or tuple(operator.lr_shape) != canon_lr.shape:
+        raise InputError("does not belong to this input: its operator maps "
+                         f"{tuple(operator.hr_shape)} to {tuple(operator.lr_shape)}", meta_path)
+    y = torch.from_numpy(canon_lr.data.astype(np.float64))[None, None]
+    x = torch.from_numpy(canon_mean.data.astype(np.float64))[None, None]
+    dc = operator.interpolate((operator(x) - y).abs(), "linear")[0, 0].numpy()
+    scale = IntensityNormalization.fit(canon_lr.data, *pipe.config.acquisition.get("normalize_percentiles",
+                                                                                   (0.5, 99.5))).scale
+    lam = pipe.calibration.scale if pipe.calibration is not None else 1.0
+    maps = {"mean": mean, "std": std, "risk": std.with_data((lam * std.data / scale).astype(np.float32)),
+            "dc_residual": canon_mean.with_data(dc.astype(np.float32)).reorient(mean.orientation)}
+    return maps, meta
+
+
+def _calibration_curve(std: np.ndarray, error: np.ndarray, mask: np.ndarray, calibration: Any) -> dict:
+    alpha = calibration.alpha if calibration is not None else 0.1
+    lam = calibration.scale if calibration is not None else float(norm.ppf(1 - alpha / 2))
+    k = norm.ppf((1 + np.asarray(NOMINAL_COVERAGE)) / 2) * lam / norm.ppf(1 - alpha / 2)
+    observed = coverage(std, error, k, mask)
+    return {"nominal": list(NOMINAL_COVERAGE), "observed": [float(v) for v in observed], "alpha": alpha,
+            "lambda": lam, "calibrated": calibration is not None}
+
+
+def audit(
+    pipe: Any,
+    lr: Volume,
+    output_dir: str | Path,
+    *,
+    input_name: str,
+    model_name: str = "",
+    reference: Volume | None = None,
+    masks: dict[str, Volume] | None = None,
+    brain_mask: Volume | None = None,
+    reuse: tuple[str | Path, str | Path] | None = None,
+    risk_threshold: float = 0.1,
+    overwrite: bool = False,
+    **pipe_kwargs: Any,
+) -> dict:
+    """Audit one LR volume; writes the four NIfTI maps, ``report.html`` and ``report.json`` into ``output_dir``.
+
+    Args:
+        pipe: the pipeline (its calibration, if any, sets the risk units).
+        lr: the LR input.
+        input_name, model_name: how the report names the input and the model (escaped there).
+        reference: the HR truth covering the SR grid (resampled onto it linearly: exact where the grids align,
+            as when the LR was simulated from it), for metrics and the calibration plot.
+        masks: tissue probability maps on the SR grid, e.g. ``{"GM": gm, "WM": wm}``, for cluster labels.
+        brain_mask: where metrics and the flagged fraction are counted (default: the tissue maps' union, else the
+            foreground).
+        reuse: ``(sr_mean_path, sr_std_path)`` of an earlier ``super-resolve`` run instead of sampling again.
+        risk_threshold: risk above which a voxel is flagged (a fraction of the robust intensity range).
+        overwrite: replace existing outputs.
+        pipe_kwargs: for the pipeline call (``num_samples``, ``num_inference_steps``, ``generator``, ...).
+
+    Returns:
+        The report's JSON payload.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not overwrite and (existing := [n for n in (*MAP_FILES.values(), "report.html") if (out / n).exists()]):
+        raise InputError(f"holds outputs already ({', '.join(existing)})", out, "pass --overwrite to replace them")
+    if reuse is not None:
+        maps, meta = reuse_outputs(pipe, lr, *reuse)
+    else:
+        result = pipe(lr, output_type="np", keep_samples=False, **pipe_kwargs)
+        maps = {k: lr.with_data(np.asarray(getattr(result, k), np.float32), result.affine) for k in MAP_FILES}
+        meta = result.metadata
+    for key, name in MAP_FILES.items():
+        save_volume(maps[key], out / name, overwrite=True)
+    grid = maps["mean"]  # masks and tissue maps onto the SR grid
+    masks = {k: resample_to(m, grid) for k, m in masks.items()} if masks else None
+    brain_mask = resample_to(brain_mask, grid, order=0) if brain_mask is not None else None
+    calibration = pipe.calibration
+    card = {"input": input_name, "model": model_name,
+            "operator": AcquisitionOperator.from_dict(meta["operator"]).describe(),
+            "lr_spacing_mm": [round(float(s), 4) for s in lr.spacing],
+            "sr_spacing_mm": [round(float(s), 4) for s in maps["mean"].spacing],
+            "steps": meta.get("num_inference_steps"), "samples": meta.get("num_samples"), "seeds": meta.get("seeds"),
+            "guidance": meta.get("guidance"), "noise_std": meta.get("noise_std"),
+            "relative_residual_max": max(meta.get("relative_residual", [float("nan")])),
+            "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",
+            "risk": meta.get("risk"), "timings_s": meta.get("timings")}
+    metrics = curve = None
+    if reference is not None:
+        metrics, curve = _against_reference(maps, lr, reference, meta, brain_mask, masks, calibration)
+    return build_report(out, lr=lr, mean=maps["mean"], std=maps["std"], risk=maps["risk"],
+                        dc_residual=maps["dc_residual"], card=card, risk_threshold=risk_threshold,
+                        calibrated=calibration is not None, masks=masks, reference=reference, metrics=metrics,
+                        calibration_curve=curve, input_name=input_name,
+                        sr_axis=maps["risk"].canonical().orientation.index("S"))
+
+
+def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, meta: dict,
+                       brain_mask: Volume | None, masks: dict[str, Volume] | None, calibration: Any) -> tuple:
+    """Metrics of SR and every baseline against the reference, and the calibration curve, in RAS+."""
+    mean = maps["mean"].canonical()
+    if not covers(reference, mean):
+        raise InputError(f"does not cover the SR grid ({mean.shape} voxels of {np.round(mean.spacing, 3).tolist()} "
+                         "mm)", reference.source, "give the HR volume the LR was made from")
+    ref = resample_to(reference, mean)  # exact where the grids align (e.g. the LR was simulated from it)
+    if brain_mask is not None:
+        mask = brain_mask.canonical().data > 0
+    elif masks:
+        mask = sum(m.canonical().data for m in masks.values()) >= 0.5
+    else:
+        mask = region_masks(ref.data)["brain"]
+    case = Case("input", ref, lr.canonical(), AcquisitionOperator.from_dict(meta["operator"]), meta.get("noise_std", 0))
+    truth = ref.data.astype(np.float64)
+    data_range = float(np.ptp(truth[mask]))
+    metrics = {"gen_sr": image_metrics(mean.data, truth, mask, data_range)}
+    std = maps["std"].canonical().data
+    metrics["gen_sr"] |= uncertainty_report(std, truth - mean.data, mask)
+    for name in BASELINES:
+        metrics[name] = image_metrics(baseline(case, name), truth, mask, data_range)
+    return metrics, _calibration_curve(std, truth - mean.data, mask, calibration)

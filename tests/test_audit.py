@@ -1,0 +1,70 @@
+"""`gen-sr audit` end to end with a tiny random-weight model: maps, report, metrics against baselines, reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from helpers import oblique_affine
+from test_pipeline import _pipe
+
+from gen_sr.cli import main
+from gen_sr.eval.evaluate import BASELINES
+from gen_sr.volume import Volume, load_volume, save_volume
+
+
+def _files(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    data = np.zeros((14, 12, 24), dtype=np.float32)
+    data[2:12, 2:10, 3:21] = 60 + 40 * rng.random((10, 8, 18))
+    hr = Volume(data, oblique_affine(spacing=(1.0, 1.0, 1.0)))  # SR lands on this grid with default settings
+    gm = hr.with_data((data > 80).astype(np.float32))
+    _pipe(2).save_pretrained(tmp_path / "model")
+    files = {"model": tmp_path / "model", "hr": save_volume(hr, tmp_path / "hr.nii.gz"),
+             "gm": save_volume(gm, tmp_path / "gm.nii.gz")}
+    axis = next(a for a in range(3) if hr.axis_to_canonical(a) == 2)  # the file axis that runs inferior-superior
+    files["lr"] = tmp_path / "lr.nii.gz"
+    assert main(["degrade", "--input", str(files["hr"]), "--output", str(files["lr"]), "--slice-thickness", "3",
+                 "--axis", str(axis)]) == 0
+    return files
+
+
+def test_audit_with_reference_writes_maps_report_and_metrics(tmp_path: Path, capsys) -> None:
+    f = _files(tmp_path)
+    out = tmp_path / "audit"
+    args = ["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out), "--reference",
+            str(f["hr"]), "--tissue", f"GM={f['gm']}", "--samples", "2", "--steps", "2", "--slice-thickness", "3"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "verdict:" in printed and "report.html" in printed
+    payload = json.loads((out / "report.json").read_text())
+    assert set(payload["metrics"]) == {"gen_sr", *BASELINES}
+    assert 0 <= payload["metrics"]["gen_sr"]["coverage_2sigma"] <= 1
+    assert len(payload["calibration_curve"]["observed"]) == len(payload["calibration_curve"]["nominal"])
+    mean = load_volume(out / "sr_mean.nii.gz")
+    hr = load_volume(f["hr"])  # the SR grid is the HR grid up to the last slice the 7 LR slices cover (21 of 24)
+    assert mean.shape == (14, 12, 21) and np.allclose(mean.affine, hr.affine, atol=1e-4)
+    assert "<script" not in (out / "report.html").read_text()
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
+    f = _files(tmp_path)
+    sr, std = tmp_path / "sr.nii.gz", tmp_path / "std.nii.gz"
+    assert main(["super-resolve", "--model", str(f["model"]), "--input", str(f["lr"]), "--output", str(sr), "--std",
+                 str(std), "--risk", str(tmp_path / "risk.nii.gz"), "--dc-residual", str(tmp_path / "dc.nii.gz"),
+                 "--samples", "2", "--steps", "2", "--slice-thickness", "3"]) == 0
+    out = tmp_path / "audit"
+    assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
+                 "--reuse", str(sr), str(std)]) == 0
+    # recomputed from the reused mean and std, they equal what the run wrote (up to float32 storage of the mean)
+    np.testing.assert_allclose(load_volume(out / "risk.nii.gz").data, load_volume(tmp_path / "risk.nii.gz").data,
+                               rtol=1e-5, atol=1e-7)
+    peak = float(load_volume(f["lr"]).data.max())
+    np.testing.assert_allclose(load_volume(out / "dc_residual.nii.gz").data, load_volume(tmp_path / "dc.nii.gz").data,
+                               atol=1e-6 * peak)
+    capsys.readouterr()
+    assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
+                 "--reuse", str(f["hr"]), str(std), "--overwrite"]) == 2
+    assert "no run record" in capsys.readouterr().err
