@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -125,9 +124,9 @@ def _check_json_output(path: str, overwrite: bool) -> None:
 
 
 def _write_json(path: str | Path, payload: dict) -> None:
-    from gen_sr.volume import atomic_write
+    from gen_sr.volume import write_json
 
-    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+    write_json(path, payload)
 
 
 # ----------------------------------------------------------------------------------------------------- super-resolve
@@ -259,14 +258,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from gen_sr.eval.evaluate import evaluate, markdown_table, summarize, write_table
-
+def _output_dir(args: argparse.Namespace, marker: str | None = None) -> Path:
+    """``--output-dir``, checked before any work: its parent exists, and it holds no earlier ``marker`` file
+    unless ``--overwrite``."""
     out = Path(args.output_dir)
     if not out.parent.is_dir():
         raise InputError("the output folder's parent does not exist", out)
-    if (out / "evaluation.json").exists() and not args.overwrite:
-        raise InputError("holds an evaluation already", out, "pass --overwrite to replace it")
+    if marker is not None and (out / marker).exists() and not args.overwrite:
+        raise InputError(f"holds an earlier {marker}", out, "pass --overwrite to replace it")
+    return out
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from gen_sr.eval.evaluate import evaluate, markdown_table, summarize, write_table
+
+    out = _output_dir(args, "evaluation.json")
     pipe = _load_pipeline(args.model, args.device)
     cases = _cases(args, pipe)
     rows = evaluate(pipe, cases, **_sampling_kwargs(args))
@@ -283,11 +289,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_stress_test(args: argparse.Namespace) -> int:
     from gen_sr.eval.stress import run_stress_test
 
-    out = Path(args.output_dir)
-    if not out.parent.is_dir():
-        raise InputError("the output folder's parent does not exist", out)
-    if (out / "stress_test.json").exists() and not args.overwrite:
-        raise InputError("holds a stress test already", out, "pass --overwrite to replace it")
+    out = _output_dir(args, "stress_test.json")
     pipe = _load_pipeline(args.model, args.device)
     if args.slice_spacing is not None:
         raise InputError("the stress test simulates contiguous slices", hint="leave out --slice-spacing")
@@ -321,9 +323,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from gen_sr.eval.audit import audit
     from gen_sr.volume import load_volume
 
-    out = Path(args.output_dir)
-    if not out.parent.is_dir():
-        raise InputError("the output folder's parent does not exist", out)
+    out = _output_dir(args)
     lr = load_volume(args.input, volume_index=args.volume)
     reference = load_volume(args.reference) if args.reference else None
     brain = load_volume(args.mask) if args.mask else None

@@ -11,6 +11,7 @@ never leaves a half-written file.
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from collections.abc import Sequence
@@ -265,6 +266,26 @@ def atomic_write(path: Path, write: Any) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def json_ready(value: Any) -> Any:
+    """A strict-JSON version of ``value``: numpy to Python, NaN and ±inf to ``None``, tuples to lists, keys to
+    strings, anything else unknown to its string."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [json_ready(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    return value if value is None or isinstance(value, bool | int | str) else str(value)
+
+
+def write_json(path: str | os.PathLike[str], payload: Any) -> None:
+    """Write ``payload`` as indented strict JSON (see :func:`json_ready`), atomically."""
+    text = json.dumps(json_ready(payload), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def save_volume(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from gen_sr.eval.metrics import LPIPS_NOTE, image_metrics, region_masks
 from gen_sr.eval.uncertainty import uncertainty_report
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, simulate_acquisition
-from gen_sr.volume import Volume, atomic_write
+from gen_sr.volume import Volume, atomic_write, write_json
 
 __all__ = ["BASELINES", "Case", "baseline", "evaluate", "markdown_table", "simulate_case", "summarize", "super_resolve",
            "write_table"]
@@ -177,16 +176,6 @@ def markdown_table(table: Sequence[dict[str, Any]], columns: Sequence[str] = _CO
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_table(output_dir: str | Path, rows: Sequence[dict[str, Any]], stem: str = "evaluation",
                 meta: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write ``<stem>.md``, ``<stem>.csv`` (one line per volume, method and region) and ``<stem>.json`` (rows,
@@ -200,8 +189,8 @@ def write_table(output_dir: str | Path, rows: Sequence[dict[str, Any]], stem: st
     writer = csv.DictWriter(buffer, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
-    payload = _json_safe({"meta": meta or {}, "summary": table, "rows": list(rows), "note": LPIPS_NOTE})
     paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "csv", "json")}
-    for ext, text in (("md", md), ("csv", buffer.getvalue()), ("json", json.dumps(payload, indent=2) + "\n")):
+    for ext, text in (("md", md), ("csv", buffer.getvalue())):
         atomic_write(paths[ext], lambda tmp, text=text: tmp.write_text(text))
+    write_json(paths["json"], {"meta": meta or {}, "summary": table, "rows": list(rows), "note": LPIPS_NOTE})
     return paths

@@ -23,7 +23,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from scipy import ndimage
 
-from gen_sr.volume import Volume, atomic_write, resample_to
+from gen_sr.volume import Volume, atomic_write, json_ready, resample_to, write_json
 
 __all__ = ["build_report", "risk_clusters"]
 
@@ -113,19 +113,6 @@ def _profile(risk: np.ndarray, fg: np.ndarray, threshold: float, axis: int) -> d
         mean = (r * f).reshape(len(r), -1).sum(axis=1) / n
         frac = ((r > threshold) & f).reshape(len(r), -1).sum(axis=1) / n
     return {"slice": list(range(len(r))), "mean_risk": mean.tolist(), "flagged_fraction": frac.tolist()}
-
-
-def _clean(value: Any) -> Any:
-    """JSON-ready: numpy to Python, NaN and ±inf to None, tuples to lists, anything unknown to its string."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [_clean(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    return value if value is None or isinstance(value, bool | int | str) else str(value)
 
 
 # ----------------------------------------------------------------------------------------------------- figures
@@ -218,7 +205,7 @@ def _fmt(v: Any) -> str:
         return {True: "yes", False: "no", None: "—"}[v]
     if isinstance(v, int | float | np.number):
         return "∞" if v == math.inf else "—" if not math.isfinite(v) else f"{v:.4g}"
-    return json.dumps(_clean(v), ensure_ascii=False) if isinstance(v, dict | list | tuple) else str(v)
+    return json.dumps(json_ready(v), ensure_ascii=False) if isinstance(v, dict | list | tuple) else str(v)
 
 
 def _table(header: list[str], rows: list[list[str]], cls: str = "", numeric: range = range(0)) -> str:
@@ -397,7 +384,7 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
     if calibration_curve is not None:
         figures.append({"id": "calibration", "title": "Observed against nominal coverage",
                         "uri": _calibration_plot(calibration_curve)})
-    payload = _clean({
+    payload = json_ready({
         "input_name": str(input_name), "disclaimer": DISCLAIMER, "verdict": verdict, "risk_threshold": t,
         "calibrated": bool(calibrated), "card": card, "clusters": all_clusters[:10],
         "views": {"centred_on": centred_on, "centre_mm": (ref_vol.affine[:3, :3] @ centre + ref_vol.affine[:3, 3])},
@@ -406,6 +393,6 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
         "figures": [{"id": f["id"], "title": f["title"]} for f in figures],
     })
     page = _html(payload, figures)
-    atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n"))
+    write_json(out / "report.json", payload)
     atomic_write(out / "report.html", lambda p: p.write_text(page, encoding="utf-8"))
     return payload

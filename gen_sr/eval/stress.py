@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -44,7 +43,7 @@ from tqdm.auto import tqdm
 
 from gen_sr.eval.evaluate import baseline, simulate_case, super_resolve
 from gen_sr.eval.uncertainty import auroc
-from gen_sr.volume import IntensityNormalization, Volume, atomic_write, load_volume
+from gen_sr.volume import IntensityNormalization, Volume, atomic_write, load_volume, write_json
 
 __all__ = ["Lesion", "erasure_rate", "false_structure_rate", "flagging", "foreground_mask", "insert_lesions",
            "measure_sites", "run_stress_test", "summarize_sites"]
@@ -339,10 +338,9 @@ def _write_reports(result: dict[str, Any], out: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({c: _cell(r[c]) for c in COLUMNS} for r in rows)
-    strict = json.loads(json.dumps(result), parse_constant=lambda _: None)  # NaN -> null: strict JSON
-    for name, text in (("stress_test.md", "\n".join(md) + "\n"), ("stress_test.csv", buffer.getvalue()),
-                       ("stress_test.json", json.dumps(strict, indent=2) + "\n")):
+    for name, text in (("stress_test.md", "\n".join(md) + "\n"), ("stress_test.csv", buffer.getvalue())):
         atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
+    write_json(out / "stress_test.json", result)
 
 
 def run_stress_test(pipe: Any, hr_volumes: Sequence[Volume | str | Path], *, thickness_mm: float = 4.0,
