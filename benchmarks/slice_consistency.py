@@ -25,23 +25,12 @@ import time
 import numpy as np
 import torch
 
-from gen_sr.data import slab
-from gen_sr.eval.evaluate import baseline, simulate_case, super_resolve
+from gen_sr.eval.evaluate import baseline, heldout_case, super_resolve
 from gen_sr.eval.metrics import psnr, region_masks, slice_jitter, ssim_volume
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.sample_data import load_mni152
 
 VARIANTS = {"plane 0": 0, "plane 1": 1, "fused 0+1": (0, 1)}
-
-
-def held_out_case(pipe: LatentDiffusionSRPipeline, thickness: float, margin: int = 4):
-    """The model's held-out slab of the template, cropped to the brain's bounding box, degraded."""
-    holdout = pipe.config.acquisition.get("holdout", {"axis": 1, "fraction": 0.2})
-    hr = slab(load_mni152("t1"), "val", holdout["axis"], holdout["fraction"])
-    box = np.argwhere(region_masks(hr.data)["brain"])
-    start = np.maximum(box.min(0) - margin, 0)
-    stop = np.minimum(box.max(0) + 1 + margin, hr.shape)
-    return simulate_case(hr.crop(start, stop), "mni152 held-out slab", axis=pipe.sr_axis, thickness=thickness)
 
 
 def measure(estimate: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> dict[str, float]:
@@ -62,7 +51,7 @@ def main() -> None:
 
     pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    case = held_out_case(pipe, args.thickness)
+    case = heldout_case(pipe, load_mni152("t1"), "mni152 held-out slab", thickness=args.thickness)
     ref, mask = case.hr.data.astype(np.float64), region_masks(case.hr.data)["brain"]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"input {case.lr.shape} -> {case.hr.shape}, {args.samples} samples, {args.steps} DDIM steps")

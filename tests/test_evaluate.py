@@ -98,3 +98,18 @@ def test_stress_test_command(tmp_path: Path, capsys) -> None:
     assert "erasure:" in capsys.readouterr().out
     assert all((tmp_path / "st" / f"stress_test.{e}").is_file() for e in ("md", "csv", "json", "png"))
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_heldout_case_is_the_recorded_slab_cropped_to_the_foreground() -> None:
+    from gen_sr.eval.evaluate import heldout_case
+
+    pipe = _pipe(2)
+    with pytest.raises(ValueError, match="no held-out slab"):
+        heldout_case(pipe, _hr())
+    pipe.register_to_config(acquisition={**pipe.config.acquisition, "holdout": {"axis": 1, "fraction": 0.5}})
+    data = np.zeros((16, 20, 24), dtype=np.float32)
+    data[3:13, 2:18, 4:22] = 1.0 + np.random.default_rng(0).random((10, 16, 18))
+    case = heldout_case(pipe, Volume(data, np.eye(4)), margin=1, thickness=3.0)
+    assert case.hr.shape == (12, 9, 20)  # x 2..13, y 10..18 (the far half, up to the foreground + 1), z 3..22
+    np.testing.assert_array_equal(case.hr.data, data[2:14, 10:19, 3:23])
+    np.testing.assert_allclose(case.hr.affine[:3, 3], [2, 10, 3])

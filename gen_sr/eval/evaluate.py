@@ -28,8 +28,8 @@ from gen_sr.eval.uncertainty import uncertainty_report
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, simulate_acquisition
 from gen_sr.volume import Volume, atomic_write, write_json
 
-__all__ = ["BASELINES", "Case", "baseline", "evaluate", "markdown_table", "simulate_case", "summarize", "super_resolve",
-           "write_table"]
+__all__ = ["BASELINES", "Case", "baseline", "evaluate", "heldout_case", "markdown_table", "simulate_case", "summarize",
+           "super_resolve", "write_table"]
 
 BASELINES = {"trilinear": "linear", "cubic": "cubic", "sinc": "sinc"}
 """Baseline name → :meth:`AcquisitionOperator.interpolate` method: trilinear, cubic spline (B-spline) and k-space
@@ -74,6 +74,21 @@ def simulate_case(hr: Volume, name: str, *, axis: int = 2, thickness: float = 4.
     lr, operator, sigma = simulate_acquisition(canon, [SliceAcquisition(axis, thickness, spacing, profile)], snr=snr,
                                                seed=seed)
     return Case(name, canon, lr, operator, sigma)
+
+
+def heldout_case(pipe: Any, hr: Volume, name: str = "held-out slab", *, margin: int = 4, **simulate: Any) -> Case:
+    """The slab of ``hr`` that the model folder records as never seen in training, cropped to the foreground's
+    bounding box (plus ``margin`` voxels), degraded along the model's axis (``simulate``: see
+    :func:`simulate_case`)."""
+    from gen_sr.data import slab
+
+    holdout = pipe.config.acquisition.get("holdout")
+    if not holdout:
+        raise ValueError("the model folder records no held-out slab")
+    part = slab(hr, "val", holdout["axis"], holdout["fraction"])
+    box = np.argwhere(region_masks(part.data)["brain"])
+    start, stop = np.maximum(box.min(0) - margin, 0), np.minimum(box.max(0) + 1 + margin, part.shape)
+    return simulate_case(part.crop(start, stop), name, axis=pipe.sr_axis, **simulate)
 
 
 def super_resolve(pipe: Any, case: Case, **kwargs: Any) -> Any:
