@@ -355,7 +355,8 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gen_sr.demo import run_demo
 
-    run_demo(Path(args.output_dir), overwrite=args.overwrite)
+    run_demo(Path(args.output_dir), overwrite=args.overwrite, model=Path(args.model), num_samples=args.samples,
+             num_inference_steps=args.steps)
     return 0
 
 
@@ -511,8 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("t1", "gm", "wm"), default="t1", help="T1 template or GM/WM map (default: t1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
-    p = add("demo", cmd_demo, "run the walkthrough on the embedded MNI152 template")
+    p = add("demo", cmd_demo, "super-resolve the held-out slab of the embedded MNI152 template with the demo model "
+            "and write the hallucination audit")
     p.add_argument("--output-dir", default="demo_out", help="folder for the demo's files (default: demo_out)")
+    p.add_argument("--model", default="models/mni2d", help="model folder (default: models/mni2d)")
+    p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
+    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default: 50)")
     p.add_argument("--overwrite", action="store_true", help="replace files from an earlier run")
     return parser
 
