@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -217,14 +218,33 @@ def _hr_volumes(args: argparse.Namespace, pipe) -> list:
     return named
 
 
+def _operator_transforms(path: str, sr_axis: int) -> list:
+    """The acquisition of an operator JSON (``gen-sr degrade --save-operator``'s file, or ``A.to_json()``)."""
+    from gen_sr.physics import AxisTransform, SliceAcquisition
+
+    try:
+        d = json.loads(Path(path).read_text())
+        d = d.get("operator", d)
+        transforms = [AxisTransform.from_dict(t) for t in d["transforms"]]
+    except FileNotFoundError:
+        raise InputError("does not exist", path) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"is not an acquisition operator JSON ({e})", path) from None
+    sliced = {t.axis for t in transforms if isinstance(t, SliceAcquisition)}
+    if sliced != {sr_axis}:
+        raise InputError(f"slices along RAS+ axes {sorted(sliced)}, but the model super-resolves axis {sr_axis}", path)
+    return transforms
+
+
 def _cases(args: argparse.Namespace, pipe) -> list:
     """The HR volumes of ``--data`` with the acquisition simulated on each."""
     from gen_sr.eval.evaluate import simulate_case
 
     named = _hr_volumes(args, pipe)
+    transforms = _operator_transforms(args.operator, pipe.sr_axis) if args.operator else None
     try:
         return [simulate_case(v, n, axis=pipe.sr_axis, thickness=args.slice_thickness, spacing=args.slice_spacing,
-                              profile=args.profile, snr=args.snr, seed=args.seed + i)
+                              profile=args.profile, snr=args.snr, seed=args.seed + i, transforms=transforms)
                 for i, (n, v) in enumerate(named)]
     except ValueError as e:  # e.g. slices thicker than a volume
         raise InputError(f"cannot simulate the acquisition: {e}") from e
@@ -240,7 +260,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cases = _cases(args, pipe)
     errors, stds, masks = calibration_units(pipe, cases, blocks=args.blocks, **_sampling_kwargs(args))
     details = {"data": list(args.data), "region": args.region, "volumes": [c.name for c in cases],
-               "blocks_per_volume": args.blocks, "units": len(errors), "slice_thickness": args.slice_thickness,
+               "blocks_per_volume": args.blocks, "units": len(errors), "operator": args.operator,
+               "slice_thickness": args.slice_thickness,
                "profile": args.profile, "snr": args.snr, "samples": args.samples, "steps": args.steps,
                "guidance": args.guidance, "seed": args.seed, "mask": "foreground of the reference"}
     try:
@@ -277,8 +298,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cases = _cases(args, pipe)
     rows = evaluate(pipe, cases, **_sampling_kwargs(args))
     meta = {"model": str(args.model), "data": list(args.data), "region": args.region,
-            "slice_thickness": args.slice_thickness, "profile": args.profile, "snr": args.snr,
-            "samples": args.samples, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+            "operator": args.operator, "slice_thickness": args.slice_thickness, "profile": args.profile,
+            "snr": args.snr, "samples": args.samples, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
             "calibration": None if pipe.calibration is None else dataclasses.asdict(pipe.calibration)}
     paths = write_table(out, rows, meta=meta)
     print(markdown_table(summarize(rows)), end="")
@@ -291,8 +312,9 @@ def cmd_stress_test(args: argparse.Namespace) -> int:
 
     out = _output_dir(args, "stress_test.json")
     pipe = _load_pipeline(args.model, args.device)
-    if args.slice_spacing is not None:
-        raise InputError("the stress test simulates contiguous slices", hint="leave out --slice-spacing")
+    if args.slice_spacing is not None or args.operator is not None:
+        raise InputError("the stress test simulates contiguous slices of --slice-thickness",
+                         hint="leave out --slice-spacing and --operator")
     volumes = [v for _, v in _hr_volumes(args, pipe)]
     kwargs = _sampling_kwargs(args)
     kwargs.pop("generator")
@@ -404,6 +426,9 @@ def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slice-spacing", type=_positive_float, metavar="MM", help="default: the thickness")
     p.add_argument("--profile", choices=("gaussian", "rect"), default="gaussian", help="slice profile")
     p.add_argument("--snr", type=_positive_float, help="add Rician noise at this SNR (default: noise-free)")
+    p.add_argument("--operator", metavar="JSON",
+                   help="simulate this acquisition instead (as `gen-sr degrade --save-operator` writes it; its axes "
+                        "are RAS+ axes); replaces --slice-thickness, --slice-spacing and --profile")
 
 
 def build_parser() -> argparse.ArgumentParser:

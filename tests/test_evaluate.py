@@ -113,3 +113,24 @@ def test_heldout_case_is_the_recorded_slab_cropped_to_the_foreground() -> None:
     assert case.hr.shape == (12, 9, 20)  # x 2..13, y 10..18 (the far half, up to the foreground + 1), z 3..22
     np.testing.assert_array_equal(case.hr.data, data[2:14, 10:19, 3:23])
     np.testing.assert_allclose(case.hr.affine[:3, 3], [2, 10, 3])
+
+
+def test_evaluate_with_an_operator_file_from_degrade(tmp_path: Path, capsys) -> None:
+    model = tmp_path / "model"
+    _pipe(2).save_pretrained(model)
+    hr = save_volume(_hr(), tmp_path / "hr.nii.gz")
+    op = tmp_path / "op.json"
+    assert main(["degrade", "--input", str(hr), "--output", str(tmp_path / "lr.nii.gz"), "--slice-thickness", "3",
+                 "--slice-spacing", "4", "--profile", "rect", "--axis", "2", "--save-operator", str(op)]) == 0
+    args = ["evaluate", "--model", str(model), "--data", str(hr), "--output-dir", str(tmp_path / "eval"),
+            "--samples", "2", "--steps", "2", "--operator", str(op)]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["meta"]["operator"] == str(op)
+    wrong = tmp_path / "wrong.json"
+    assert main(["degrade", "--input", str(hr), "--output", str(tmp_path / "lr0.nii.gz"), "--slice-thickness", "3",
+                 "--axis", "0", "--save-operator", str(wrong)]) == 0
+    capsys.readouterr()
+    assert main([*args[:-1], str(wrong), "--overwrite"]) == 2
+    assert "super-resolves axis 2" in capsys.readouterr().err
+    (tmp_path / "junk.json").write_text("{}")
+    assert main([*args[:-1], str(tmp_path / "junk.json"), "--overwrite"]) == 2

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from gen_sr.eval.metrics import LPIPS_NOTE, image_metrics, region_masks
 from gen_sr.eval.uncertainty import uncertainty_report
-from gen_sr.physics import AcquisitionOperator, SliceAcquisition, simulate_acquisition
+from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, simulate_acquisition
 from gen_sr.volume import Volume, atomic_write, write_json
 
 __all__ = ["BASELINES", "Case", "baseline", "evaluate", "heldout_case", "markdown_table", "simulate_case", "summarize",
@@ -60,7 +60,8 @@ class Case:
 
 
 def simulate_case(hr: Volume, name: str, *, axis: int = 2, thickness: float = 4.0, spacing: float | None = None,
-                  profile: str = "gaussian", snr: float | None = None, seed: int = 0) -> Case:
+                  profile: str = "gaussian", snr: float | None = None, seed: int = 0,
+                  transforms: Sequence[AxisTransform] | None = None) -> Case:
     """Degrade an HR volume with through-plane slices along RAS+ ``axis`` (2: inferior-superior).
 
     Args:
@@ -69,10 +70,12 @@ def simulate_case(hr: Volume, name: str, *, axis: int = 2, thickness: float = 4.
         thickness, spacing, profile: the slices (spacing defaults to the thickness).
         snr: Rician noise at this SNR, or ``None`` for noise-free.
         seed: noise seed.
+        transforms: any acquisition instead of the slices (axes are RAS+ axes), e.g. the ``transforms`` of an
+            operator JSON that ``gen-sr degrade --save-operator`` wrote.
     """
     canon = hr.canonical()
-    lr, operator, sigma = simulate_acquisition(canon, [SliceAcquisition(axis, thickness, spacing, profile)], snr=snr,
-                                               seed=seed)
+    transforms = list(transforms) if transforms is not None else [SliceAcquisition(axis, thickness, spacing, profile)]
+    lr, operator, sigma = simulate_acquisition(canon, transforms, snr=snr, seed=seed)
     return Case(name, canon, lr, operator, sigma)
 
 
