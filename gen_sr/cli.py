@@ -173,6 +173,11 @@ def _acquisition_kwargs(args: argparse.Namespace) -> dict:
             "slice_thickness": args.slice_thickness, "noise_std": args.noise_std}
 
 
+def _steps(args: argparse.Namespace, pipe) -> int:
+    """The DDIM steps a run uses: ``--steps``, else the model folder's default."""
+    return args.steps or int(pipe.config.acquisition.get("num_inference_steps", 50))
+
+
 def cmd_super_resolve(args: argparse.Namespace) -> int:
     from gen_sr.volume import check_output_path, load_volume, save_volume
 
@@ -191,7 +196,7 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     _write_json(sidecar, out.metadata)
     residual = max(out.metadata["relative_residual"])
     print(f"wrote:    {sidecar} (seeds, operator, residuals, timings)")
-    print(f"samples:  {args.samples}, {args.steps} steps, guidance {args.guidance}; "
+    print(f"samples:  {args.samples}, {out.metadata['num_inference_steps']} steps, guidance {args.guidance}; "
           f"max relative residual ‖Ax−y‖/‖y‖ {residual:.2e}")
     return 0
 
@@ -262,7 +267,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     details = {"data": list(args.data), "region": args.region, "volumes": [c.name for c in cases],
                "blocks_per_volume": args.blocks, "units": len(errors), "operator": args.operator,
                "slice_thickness": args.slice_thickness,
-               "profile": args.profile, "snr": args.snr, "samples": args.samples, "steps": args.steps,
+               "profile": args.profile, "snr": args.snr, "samples": args.samples, "steps": _steps(args, pipe),
                "guidance": args.guidance, "seed": args.seed, "mask": "foreground of the reference"}
     try:
         cal = fit_calibration(errors, stds, masks, alpha=args.alpha, delta=args.delta, method=args.method,
@@ -296,10 +301,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = _output_dir(args, "evaluation.json")
     pipe = _load_pipeline(args.model, args.device)
     cases = _cases(args, pipe)
-    rows = evaluate(pipe, cases, **_sampling_kwargs(args))
-    meta = {"model": str(args.model), "data": list(args.data), "region": args.region,
+    regression = _load_pipeline(args.regression_model, args.device) if args.regression_model else None
+    rows = evaluate(pipe, cases, regression=regression, **_sampling_kwargs(args))
+    meta = {"model": str(args.model), "regression_model": args.regression_model, "data": list(args.data),
+            "region": args.region,
             "operator": args.operator, "slice_thickness": args.slice_thickness, "profile": args.profile,
-            "snr": args.snr, "samples": args.samples, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+            "snr": args.snr, "samples": args.samples, "steps": _steps(args, pipe), "guidance": args.guidance,
+            "seed": args.seed,
             "calibration": None if pipe.calibration is None else dataclasses.asdict(pipe.calibration)}
     paths = write_table(out, rows, meta=meta)
     print(markdown_table(summarize(rows)), end="")
@@ -395,7 +403,8 @@ def _positive_int(text: str) -> int:
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
-    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default: 50)")
+    p.add_argument("--steps", type=_positive_int,
+                   help="DDIM steps (default: the model folder's; 50 for diffusion, 1 for a regression model)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0, deterministic given the seed)")
     p.add_argument("--guidance", choices=("projection", "gradient", "none"), default="projection",
                    help="data consistency during sampling (default: projection); outputs are always projected")
@@ -498,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a model folder")
     _add_simulation_arguments(p)
     p.add_argument("--output-dir", required=True, help="where to write evaluation.md/.csv/.json")
+    p.add_argument("--regression-model", metavar="DIR",
+                   help="also evaluate a regression baseline (the same UNet trained with L1: train_diffusion with "
+                        "--unet.objective=regression --noise_schedule.prediction_type=sample)")
     _add_sampling_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing evaluation")
 

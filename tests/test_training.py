@@ -207,3 +207,31 @@ def test_adversarial_term_and_gradient_accumulation(tmp_path: Path) -> None:
     assert [m["step"] for m in rows] == [1, 2, 3]
     assert rows[0].get("disc_loss", 0.0) == 0.0 and rows[-1]["disc_loss"] > 0  # starts after step 1
     assert "gen_adv" in rows[-1]
+
+
+def test_regression_baseline_is_one_config_away(autoencoder_run: Path, tmp_path: Path) -> None:
+    """The same UNet trained with L1 at the last timestep; it exports as a pipeline that samples in one step."""
+    from gen_sr.eval.evaluate import evaluate, simulate_case
+    from gen_sr.pipelines import LatentDiffusionSRPipeline
+    from gen_sr.volume import Volume
+
+    shutil.copytree(autoencoder_run / "autoencoder", tmp_path / "autoencoder")
+    _run("diffusion", tmp_path, "--unet.objective=regression", "--noise_schedule.prediction_type=sample")
+    rows = _metrics(tmp_path, "diffusion")
+    assert [m["step"] for m in rows if "val/psnr" in m] == [3, 6]
+    pipe = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "diffusion" / "model")
+    assert pipe.config.acquisition["objective"] == "regression"
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.scheduler.config.prediction_type == "sample"
+    pipe.set_progress_bar_config(disable=True)
+    lr = Volume(torch.rand(12, 10, 5).numpy() + 1, torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0])).numpy())
+    out = pipe(lr, num_samples=1)
+    assert out.metadata["num_inference_steps"] == 1 and out.metadata["relative_residual"][0] < 1e-4
+    case = simulate_case(Volume(torch.rand(12, 10, 24).numpy() + 1, torch.eye(4).numpy()), "v", thickness=4.0)
+    methods = {r["method"] for r in evaluate(None, [case], regression=pipe, progress=False)}
+    assert "regression (L1)" in methods
+
+
+def test_regression_needs_the_sample_prediction_type(tmp_path: Path, capsys) -> None:
+    assert train_diffusion.main(["--config", TINY, f"--output_dir={tmp_path}", "--unet.objective=regression"]) == 2
+    assert "prediction_type=sample" in capsys.readouterr().err

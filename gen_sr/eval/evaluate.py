@@ -112,6 +112,7 @@ def evaluate(
     *,
     masks: Callable[[Case], dict[str, np.ndarray]] | None = None,
     baselines: Sequence[str] = tuple(BASELINES),
+    regression: Any | None = None,
     method_name: str = "gen_sr",
     progress: bool = True,
     **pipe_kwargs: Any,
@@ -123,6 +124,8 @@ def evaluate(
         cases: from :func:`simulate_case`.
         masks: per case, named boolean masks on the HR grid (default: the reference's foreground, "brain").
         baselines: baseline names.
+        regression: a regression model's pipeline (``unet.objective=regression``), run once per case with one
+            sample and its own default steps, as the method ``"regression (L1)"``.
         method_name: the model's name in the rows.
         progress: a progress bar over the cases.
         pipe_kwargs: passed to the pipeline (``num_samples``, ``num_inference_steps``, ``guidance``, ...).
@@ -138,11 +141,16 @@ def evaluate(
         regions = masks(case) if masks is not None else region_masks(case.hr.data)
         ref = case.hr.data.astype(np.float64)
         estimates: dict[str, tuple[np.ndarray, float, dict]] = {}
-        if pipe is not None:
+        models = {method_name: (pipe, pipe_kwargs), "regression (L1)": (regression, {"num_samples": 1})}
+        for name, (model, kwargs) in models.items():
+            if model is None:
+                continue
             tic = time.perf_counter()
-            out = super_resolve(pipe, case, output_type="np", keep_samples=False, **pipe_kwargs)
-            extra = {"relative_residual": float(max(out.metadata["relative_residual"])), "std": out.std}
-            estimates[method_name] = (out.mean, time.perf_counter() - tic, extra)
+            out = super_resolve(model, case, output_type="np", keep_samples=False, **kwargs)
+            extra = {"relative_residual": float(max(out.metadata["relative_residual"]))}
+            if out.metadata["num_samples"] > 1:
+                extra["std"] = out.std
+            estimates[name] = (out.mean, time.perf_counter() - tic, extra)
         for name in baselines:
             tic = time.perf_counter()
             estimates[name] = (baseline(case, name), time.perf_counter() - tic, {})
@@ -152,6 +160,7 @@ def evaluate(
                 row |= image_metrics(est, ref, mask)
                 if "std" in extra:
                     row |= uncertainty_report(extra["std"], ref - est, mask)
+                if "relative_residual" in extra:
                     row["relative_residual"] = extra["relative_residual"]
                 rows.append(row)
     return rows

@@ -150,7 +150,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         slice_profile: str = "gaussian",
         slice_thickness: float | None = None,
         noise_std: float = 0.0,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         eta: float = 0.0,
         num_samples: int = 8,
         guidance: Literal["projection", "gradient", "none"] = "projection",
@@ -178,7 +178,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             operator: the acquisition on the canonical (RAS+) HR grid, instead of one built from the spacings.
             slice_profile, slice_thickness: the acquisition's slice profile and thickness (default: the LR spacing).
             noise_std: measurement noise std in input units (0: noise-free; > 0 makes projections noise-aware).
-            num_inference_steps, eta: DDIM settings.
+            num_inference_steps, eta: DDIM settings; the default steps are the model folder's
+                (``acquisition["num_inference_steps"]``: 1 for a regression model), else 50.
             num_samples: posterior samples ``N``; they are batch entries with one generator each.
             guidance: data consistency during sampling; ``guidance_scale`` is the gradient step size;
                 ``guidance_interval`` applies it every k-th step, counted back from the last one.
@@ -226,6 +227,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         condition_image = self._condition_image(operator, y).to(dtype)
 
         # 3. timesteps
+        num_inference_steps = num_inference_steps or int(self.config.acquisition.get("num_inference_steps", 50))
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         guided = timesteps.flip(0)[::guidance_interval].tolist() if guidance != "none" else []

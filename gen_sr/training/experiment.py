@@ -42,6 +42,12 @@ class UNetConfig:
 
     ``condition``: ``"resample"`` (the LR image at latent resolution), ``"latent"`` (its encoded latent) or
     ``"both"``; see :func:`gen_sr.models.latent_condition`.
+
+    ``objective``: ``"diffusion"``, or ``"regression"``: the same UNet trained as a deterministic baseline, always at
+    the last timestep (its noise input carries no information about the image, so it learns to ignore it),
+    predicting the clean latent with an L1 loss (needs ``noise_schedule.prediction_type=sample``). It exports as a
+    pipeline that samples in one DDIM step ("trailing" timesteps, so that one step is the last timestep and lands
+    exactly on the prediction); see :mod:`gen_sr.training.losses`.
     """
 
     channels: tuple[int, ...] = (32, 64, 64)
@@ -51,6 +57,7 @@ class UNetConfig:
     norm_num_groups: int = 16
     use_flash_attention: bool = True
     condition: Literal["resample", "latent", "both"] = "both"
+    objective: Literal["diffusion", "regression"] = "diffusion"
 
 
 @dataclass
@@ -115,6 +122,11 @@ class ExperimentConfig:
     noise_schedule: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
     autoencoder_training: TrainConfig = field(default_factory=TrainConfig)
     diffusion_training: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.unet.objective == "regression" and self.noise_schedule.prediction_type != "sample":
+            raise ValueError("unet.objective=regression predicts the clean latent: set "
+                             "noise_schedule.prediction_type=sample")
 
     @property
     def spatial_dims(self) -> int:

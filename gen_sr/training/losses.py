@@ -284,3 +284,27 @@ def diffusion_target(
     if prediction_type == "sample":
         return latents
     raise ValueError(f"unsupported prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample")
+
+
+def training_timesteps(objective: str, num_train_timesteps: int, n: int, device: torch.device | str = "cpu",
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(n,)`` training timesteps: uniform over the schedule for ``"diffusion"``, always the last one for
+    ``"regression"`` (see :class:`gen_sr.training.experiment.UNetConfig`)."""
+    if objective == "regression":
+        return torch.full((n,), num_train_timesteps - 1, dtype=torch.long, device=device)
+    return torch.randint(0, num_train_timesteps, (n,), generator=generator).to(device)
+
+
+def objective_loss(objective: str, model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`diffusion_loss` (MSE) for ``"diffusion"``; the L1 loss of the clean-latent prediction for
+    ``"regression"``."""
+    if objective == "regression":
+        if model_output.shape != target.shape:
+            raise ValueError(f"model_output {tuple(model_output.shape)} and target {tuple(target.shape)} differ")
+        return F.l1_loss(model_output.float(), target.float())
+    return diffusion_loss(model_output, target)
+
+
+def sampling_overrides(objective: str) -> dict[str, object]:
+    """Scheduler config overrides for sampling: a regression model samples in one step at the last timestep."""
+    return {"timestep_spacing": "trailing"} if objective == "regression" else {}

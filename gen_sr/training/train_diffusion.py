@@ -28,7 +28,7 @@ from gen_sr.training.common import finish, make_loaders, make_optimizer, run_scr
 from gen_sr.training.ema import create_ema, ema_weights
 from gen_sr.training.experiment import ExperimentConfig
 from gen_sr.training.latents import encode_pair
-from gen_sr.training.losses import diffusion_loss, diffusion_target
+from gen_sr.training.losses import diffusion_target, objective_loss, sampling_overrides, training_timesteps
 from gen_sr.training.validation import validate_diffusion
 
 
@@ -70,13 +70,14 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     acc.print(f"unet: {count_parameters(unet):,} parameters, {acc.num_processes} process(es)")
     start = run.checkpoints.resume(args.resume)
     ema.to(acc.device)  # load_state puts it on the CPU
+    objective = cfg.unet.objective
 
     def train_step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
         z0, cond = encode_pair(vae, batch["hr"], batch["lr"], cfg.unet.condition)
         noise = torch.randn_like(z0)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
+        t = training_timesteps(objective, noise_scheduler.config.num_train_timesteps, z0.shape[0], z0.device)
         pred = unet(noise_scheduler.add_noise(z0, noise, t), t, cond)
-        loss = diffusion_loss(pred, diffusion_target(noise_scheduler, z0, noise, t))
+        loss = objective_loss(objective, pred, diffusion_target(noise_scheduler, z0, noise, t))
         acc.backward(loss)
         if acc.sync_gradients:
             acc.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
@@ -91,7 +92,8 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
         model = acc.unwrap_model(unet)
         with ema_weights(ema, model):
             return validate_diffusion(model, vae, noise_scheduler, val_loader, condition=cfg.unet.condition,
-                                      sampling_steps=tc.val_sampling_steps, seed=tc.seed, device=acc.device)
+                                      sampling_steps=tc.val_sampling_steps, seed=tc.seed, device=acc.device,
+                                      objective=objective)
 
     train_loop(run, unet, train_loader, start, train_step, validate)
     export(run, acc.unwrap_model(unet), ema, vae, noise_scheduler)
@@ -107,8 +109,12 @@ def export(run: Any, unet: ConditionalUNetModel, ema: Any, vae: AutoencoderKLMod
         acquisition = {"trained_for": data["acquisition"], "condition": data["condition"],
                        "unet_condition": run.cfg.unet.condition,
                        "normalize_percentiles": data["normalize_percentiles"],
-                       "holdout": {"axis": data["holdout_axis"], "fraction": data["holdout_fraction"]}}
-        scheduler = DDIMDataConsistencyScheduler.from_config(noise_scheduler.config)
+                       "holdout": {"axis": data["holdout_axis"], "fraction": data["holdout_fraction"]},
+                       "objective": run.cfg.unet.objective}
+        if run.cfg.unet.objective == "regression":
+            acquisition["num_inference_steps"] = 1  # the pipeline's default: one step lands on the prediction
+        scheduler = DDIMDataConsistencyScheduler.from_config(noise_scheduler.config,
+                                                             **sampling_overrides(run.cfg.unet.objective))
         with ema_weights(ema, unet):
             LatentDiffusionSRPipeline(vae=vae, unet=unet, scheduler=scheduler, acquisition=acquisition).save_pretrained(
                 out)

@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler, SchedulerMixin
 from gen_sr.eval.metrics import psnr, ssim
 from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel
 from gen_sr.training.latents import ddim_sample, encode_pair
-from gen_sr.training.losses import diffusion_loss, diffusion_target
+from gen_sr.training.losses import diffusion_target, objective_loss, sampling_overrides, training_timesteps
 
 __all__ = ["validate_autoencoder", "validate_diffusion"]
 
@@ -54,6 +54,7 @@ def validate_diffusion(
     sampling_steps: int,
     seed: int,
     device: torch.device,
+    objective: str = "diffusion",
 ) -> dict[str, float]:
     """Held-out diffusion loss (fixed noise and timesteps) and the quality of DDIM samples of the first batch.
 
@@ -69,13 +70,13 @@ def validate_diffusion(
         hr, lr = batch["hr"].to(device), batch["lr"].to(device)
         z0, cond = encode_pair(vae, hr, lr, condition)
         noise = torch.randn(z0.shape, generator=generator).to(z0)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z0.shape[0],), generator=generator)
-        t = t.to(device)
+        t = training_timesteps(objective, noise_scheduler.config.num_train_timesteps, z0.shape[0], device, generator)
         pred = unet(noise_scheduler.add_noise(z0, noise, t), t, cond)
-        losses.append(float(diffusion_loss(pred, diffusion_target(noise_scheduler, z0, noise, t))))
+        losses.append(float(objective_loss(objective, pred, diffusion_target(noise_scheduler, z0, noise, t))))
         if i == 0:
-            ddim = DDIMScheduler.from_config(noise_scheduler.config)
-            z = ddim_sample(unet, ddim, cond, z0.shape[1], sampling_steps, generator)
+            ddim = DDIMScheduler.from_config(noise_scheduler.config, **sampling_overrides(objective))
+            steps = 1 if objective == "regression" else sampling_steps
+            z = ddim_sample(unet, ddim, cond, z0.shape[1], steps, generator)
             sample = vae.decode_latent(z).float()
             figures = {
                 "val/psnr": _psnr_batch(sample, hr),
