@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gen_sr.eval.metrics import LPIPS_NOTE, image_metrics, region_masks
-from gen_sr.eval.uncertainty import uncertainty_report
+from gen_sr.eval.uncertainty import coverage, uncertainty_report
 from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, simulate_acquisition
 from gen_sr.volume import Volume, atomic_write, write_json
 
@@ -132,14 +132,15 @@ def evaluate(
 
     Returns:
         Rows ``{"volume", "method", "region", "seconds", "psnr", "ssim", "nrmse", "hfen", ...}``; the model's rows
-        also hold the uncertainty figures (Spearman, AUSE, UCE, ENCE, coverage) and the relative residual. All
-        intensities are compared on one data range per case (the reference's, inside the region), so methods are
-        on the same footing.
+        also hold the uncertainty figures (Spearman, AUSE, UCE, ENCE, coverage, and ``coverage_calibrated`` of
+        ``mean ± λ̂·std`` when the model is calibrated) and the relative residual. PSNR and SSIM use one data range
+        per case, the reference's inside the ``"brain"`` region (or the whole volume), for every method and region.
     """
     rows: list[dict[str, Any]] = []
     for case in tqdm(cases, desc="evaluate", unit="volume", disable=not progress):
         regions = masks(case) if masks is not None else region_masks(case.hr.data)
         ref = case.hr.data.astype(np.float64)
+        data_range = float(np.ptp(ref[regions["brain"]] if "brain" in regions else ref))
         estimates: dict[str, tuple[np.ndarray, float, dict]] = {}
         models = {method_name: (pipe, pipe_kwargs), "regression (L1)": (regression, {"num_samples": 1})}
         for name, (model, kwargs) in models.items():
@@ -150,6 +151,7 @@ def evaluate(
             extra = {"relative_residual": float(max(out.metadata["relative_residual"]))}
             if out.metadata["num_samples"] > 1:
                 extra["std"] = out.std
+                extra["scale"] = model.calibration.scale if getattr(model, "calibration", None) else None
             estimates[name] = (out.mean, time.perf_counter() - tic, extra)
         for name in baselines:
             tic = time.perf_counter()
@@ -157,9 +159,11 @@ def evaluate(
         for method, (est, seconds, extra) in estimates.items():
             for region, mask in regions.items():
                 row = {"volume": case.name, "method": method, "region": region, "seconds": seconds}
-                row |= image_metrics(est, ref, mask)
+                row |= image_metrics(est, ref, mask, data_range)
                 if "std" in extra:
                     row |= uncertainty_report(extra["std"], ref - est, mask)
+                    if extra["scale"] is not None:  # the calibrated interval mean ± λ̂·std
+                        row["coverage_calibrated"] = float(coverage(extra["std"], ref - est, extra["scale"], mask))
                 if "relative_residual" in extra:
                     row["relative_residual"] = extra["relative_residual"]
                 rows.append(row)

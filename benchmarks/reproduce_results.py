@@ -1,0 +1,149 @@
+"""Reproduce ``benchmarks/RESULTS.md``: quality, uncertainty, stress test and speed of the demo model, in one run.
+
+    python benchmarks/reproduce_results.py --model models/mni2d [--regression-model models/mni2d_regression] \\
+        [--samples 8] [--steps 50] [--output benchmarks/RESULTS.md] [--skip-speed]
+
+Every figure is measured on the slab of the MNI152 template that the model folder records as held out (training
+never saw it), cropped to the brain, beside the interpolation baselines and in the same masks (the template's brain,
+GM and WM). Sections:
+
+1. quality at 2x, 4x and 6x through-plane (2, 4, 6 mm Gaussian slices), noise-free and at SNR 30 for 4x;
+2. uncertainty quality at 4x (Spearman, AUSE, UCE, ENCE, coverage of the raw and of the calibrated intervals);
+3. the lesion stress test at 4x;
+4. speed: ``pipeline_speed.py`` (pipeline against a hand-written loop, N = 1, 4, 8) and ``slice_consistency.py``
+   (one slicing plane against two fused), each in its own processes.
+
+The file is written at the end (atomically); the sections' commands and the machine are recorded in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gen_sr.eval.evaluate import evaluate, heldout_case, markdown_table, summarize
+from gen_sr.eval.metrics import region_masks
+from gen_sr.eval.stress import run_stress_test
+from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.sample_data import load_mni152
+from gen_sr.volume import atomic_write, resample_to
+
+HERE = Path(__file__).parent
+QUALITY = [(2.0, None), (4.0, None), (4.0, 30.0), (6.0, None)]
+COLUMNS = ("psnr", "ssim", "nrmse", "hfen", "relative_residual", "seconds")
+UNCERTAINTY = ("spearman", "ause", "uce", "ence", "coverage_1sigma", "coverage_2sigma", "coverage_calibrated")
+
+
+def _masks(case) -> dict[str, np.ndarray]:
+    tissues = {k.upper(): resample_to(load_mni152(k), case.hr).data for k in ("gm", "wm")}
+    return region_masks(case.hr.data, tissues=tissues)
+
+
+def quality(pipe, regression, t1, kwargs: dict) -> tuple[str, list[dict]]:
+    lines, rows_4x = [], []
+    for thickness, snr in QUALITY:
+        case = heldout_case(pipe, t1, f"held-out slab, {thickness:g} mm", thickness=thickness, snr=snr)
+        rows = evaluate(pipe, [case], masks=_masks, regression=regression, progress=False, **kwargs)
+        noise = f"Rician noise at SNR {snr:g}" if snr else "noise-free"
+        label = f"{thickness:g} mm slices ({thickness:g}x), {noise}"
+        lines += [f"### {label}\n", f"input {case.lr.shape} -> {case.hr.shape} voxels\n",
+                  markdown_table(summarize(rows), COLUMNS)]
+        if thickness == 4.0 and snr is None:
+            rows_4x = rows
+    return "\n".join(lines), rows_4x
+
+
+def uncertainty(rows: list[dict]) -> str:
+    ours = [r for r in rows if r["method"] == "gen_sr"]
+    head = "| region | " + " | ".join(UNCERTAINTY) + " |\n|" + " --- |" * (len(UNCERTAINTY) + 1)
+    body = ["| " + r["region"] + " | " + " | ".join(f"{r[c]:.4f}" if c in r else "—" for c in UNCERTAINTY) + " |"
+            for r in ours]
+    return "\n".join([head, *body]) + "\n"
+
+
+def stress(pipe, t1, kwargs: dict) -> str:
+    holdout = pipe.config.acquisition["holdout"]
+    from gen_sr.data import slab
+
+    part = slab(t1, "val", holdout["axis"], holdout["fraction"])
+    out_dir = HERE / "stress_test"
+    result = run_stress_test(pipe, [part], thickness_mm=4.0, num_samples=kwargs["num_samples"],
+                             num_inference_steps=kwargs["num_inference_steps"], seed=0, output_dir=out_dir,
+                             progress=False, batch_size=kwargs.get("batch_size", 64))
+    return (out_dir / "stress_test.md").read_text().split("\n", 2)[2] + \
+        f"\nFigure: `benchmarks/stress_test/stress_test.png`; pooled voxel AUROC {result['auroc']:.3f}.\n"
+
+
+def run_script(args: list[str]) -> str:
+    tic = time.perf_counter()
+    out = subprocess.run([sys.executable, *args], check=True, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE")).stdout
+    return f"`python {' '.join(args)}` ({time.perf_counter() - tic:.0f} s)\n\n" + out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="models/mni2d")
+    parser.add_argument("--regression-model")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args()
+
+    pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    regression = None
+    if args.regression_model:
+        regression = LatentDiffusionSRPipeline.from_pretrained(args.regression_model)
+        regression.set_progress_bar_config(disable=True)
+    t1 = load_mni152("t1")
+    kwargs = {"num_samples": args.samples, "num_inference_steps": args.steps, "batch_size": args.batch_size,
+              "generator": [torch.Generator().manual_seed(k) for k in range(args.samples)]}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    command = "python " + " ".join(sys.argv)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, commit {commit}"
+    tic = time.perf_counter()
+    quality_md, rows_4x = quality(pipe, regression, t1, kwargs)
+    sections = [
+        "# Benchmark results\n",
+        f"Made by `{command}` on {datetime.date.today()} ({machine}). Each section names the command that made it; "
+        "all figures of a section come from one run. The machines are shared and noisy: compare figures within a "
+        "table, not across tables.\n",
+        f"## Quality on the held-out slab\n\nModel `{args.model}`"
+        + (f" (calibration: {pipe.calibration.method}, λ̂ = {pipe.calibration.scale:.4g})" if pipe.calibration else
+           " (uncalibrated)")
+        + f"; {args.samples} samples, {args.steps} DDIM steps, projection data consistency; regions: the template's "
+        "foreground (brain) and its GM/WM maps; data range of PSNR/SSIM: the reference's inside the brain, for every region.\n",
+        quality_md,
+        "## Uncertainty at 4x (noise-free)\n\nSpearman of std with |error|, AUSE (sparsification against the "
+        "oracle), UCE/ENCE (10 equal-count bins), coverage of mean ± 1σ, ± 2σ and of the calibrated interval "
+        "mean ± λ̂σ (target 1 − α).\n",
+        uncertainty(rows_4x),
+        "## Lesion stress test at 4x\n",
+        stress(pipe, t1, kwargs),
+    ]
+    if not args.skip_speed:
+        sections += ["## Speed: pipeline against a hand-written loop\n",
+                     run_script([str(HERE / "pipeline_speed.py"), "--model", args.model, "--steps", "5",
+                                 "--repeats", "3"]),
+                     "## Slice consistency of the 2D model: one plane or two fused\n",
+                     run_script([str(HERE / "slice_consistency.py"), "--model", args.model, "--samples", "4",
+                                 "--steps", "25"])]
+    sections.append(f"\nTotal time of this run: {time.perf_counter() - tic:.0f} s.\n")
+    atomic_write(Path(args.output), lambda tmp: tmp.write_text("\n".join(sections)))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
