@@ -124,7 +124,8 @@ def main() -> None:
         + (f" (calibration: {pipe.calibration.method}, λ̂ = {pipe.calibration.scale:.4g})" if pipe.calibration else
            " (uncalibrated)")
         + f"; {args.samples} samples, {args.steps} DDIM steps, projection data consistency; regions: the template's "
-        "foreground (brain) and its GM/WM maps; data range of PSNR/SSIM: the reference's inside the brain, for every region.\n",
+        "foreground (brain) and its GM/WM maps; data range of PSNR/SSIM: the reference's inside the brain, for "
+        "every region.\n",
         quality_md,
         "## Uncertainty at 4x (noise-free)\n\nSpearman of std with |error|, AUSE (sparsification against the "
         "oracle), UCE/ENCE (10 equal-count bins), coverage of mean ± 1σ, ± 2σ and of the calibrated interval "
