@@ -142,7 +142,7 @@ def audit(
                         dc_residual=maps["dc_residual"], card=card, risk_threshold=risk_threshold,
                         calibrated=calibration is not None, masks=masks, reference=reference, metrics=metrics,
                         calibration_curve=curve, input_name=input_name,
-                        sr_axis=maps["risk"].canonical().orientation.index("S"))
+                        sr_axis=next(a for a in range(3) if maps["risk"].axis_to_canonical(a) == pipe.sr_axis))
 
 
 def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, meta: dict,
