@@ -28,8 +28,8 @@ from gen_sr.eval.uncertainty import coverage, uncertainty_report
 from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, simulate_acquisition
 from gen_sr.volume import Volume, atomic_write, write_json
 
-__all__ = ["BASELINES", "Case", "baseline", "evaluate", "heldout_case", "markdown_table", "simulate_case", "summarize",
-           "super_resolve", "write_table"]
+__all__ = ["BASELINES", "Case", "baseline", "crop_to_foreground", "evaluate", "heldout_case", "markdown_table",
+           "simulate_case", "summarize", "super_resolve", "write_table"]
 
 BASELINES = {"trilinear": "linear", "cubic": "cubic", "sinc": "sinc"}
 """Baseline name → :meth:`AcquisitionOperator.interpolate` method: trilinear, cubic spline (B-spline) and k-space
@@ -88,10 +88,14 @@ def heldout_case(pipe: Any, hr: Volume, name: str = "held-out slab", *, margin: 
     holdout = pipe.config.acquisition.get("holdout")
     if not holdout:
         raise ValueError("the model folder records no held-out slab")
-    part = slab(hr, "val", holdout["axis"], holdout["fraction"])
-    box = np.argwhere(region_masks(part.data)["brain"])
-    start, stop = np.maximum(box.min(0) - margin, 0), np.minimum(box.max(0) + 1 + margin, part.shape)
-    return simulate_case(part.crop(start, stop), name, axis=pipe.sr_axis, **simulate)
+    part = crop_to_foreground(slab(hr, "val", holdout["axis"], holdout["fraction"]), margin)
+    return simulate_case(part, name, axis=pipe.sr_axis, **simulate)
+
+
+def crop_to_foreground(volume: Volume, margin: int = 4) -> Volume:
+    """The bounding box of the foreground (:func:`~gen_sr.eval.metrics.region_masks`), plus ``margin`` voxels."""
+    box = np.argwhere(region_masks(volume.data)["brain"])
+    return volume.crop(np.maximum(box.min(0) - margin, 0), np.minimum(box.max(0) + 1 + margin, volume.shape))
 
 
 def super_resolve(pipe: Any, case: Case, **kwargs: Any) -> Any:
