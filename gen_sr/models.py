@@ -3,7 +3,7 @@
 Both wrap MONAI networks (:class:`monai.networks.nets.AutoencoderKL` and
 :class:`monai.networks.nets.DiffusionModelUNet`; no layers are written here) as diffusers models
 (:class:`~diffusers.ModelMixin` + :class:`~diffusers.ConfigMixin`), so they get ``save_pretrained`` /
-``from_pretrained`` (safetensors weights plus a JSON config), ``torch_dtype`` loading, and can sit in a diffusers
+``from_pretrained`` (safetensors weights plus a JSON config), ``dtype`` loading, and can sit in a diffusers
 pipeline next to a diffusers scheduler. The prediction type (``epsilon``, ``v_prediction``, ``sample``) is a property
 of the scheduler, not of the UNet, and is configured there.
 

@@ -230,8 +230,8 @@ def test_from_pretrained_float64_and_count_parameters(tmp_path: Path) -> None:
     vae, unet = tiny_vae(2), tiny_unet(2)
     vae.save_pretrained(tmp_path / "vae")
     unet.save_pretrained(tmp_path / "unet")
-    vae64 = AutoencoderKLModel.from_pretrained(tmp_path / "vae", torch_dtype=torch.float64).eval()
-    unet64 = ConditionalUNetModel.from_pretrained(tmp_path / "unet", torch_dtype=torch.float64).eval()
+    vae64 = AutoencoderKLModel.from_pretrained(tmp_path / "vae", dtype=torch.float64).eval()
+    unet64 = ConditionalUNetModel.from_pretrained(tmp_path / "unet", dtype=torch.float64).eval()
     assert vae64.dtype == unet64.dtype == torch.float64
     x = image(2).double()
     with torch.no_grad():

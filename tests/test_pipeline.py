@@ -231,3 +231,14 @@ def test_a_calibration_scales_risk_and_travels_with_the_model(tmp_path: Path) ->
     np.testing.assert_allclose(calibrated.risk, 2.5 * plain.risk, rtol=1e-6)
     np.testing.assert_array_equal(calibrated.std, plain.std)
     assert calibrated.metadata["risk"]["calibrated"] is True and calibrated.metadata["risk"]["scale"] == 2.5
+
+
+def test_float16_storage_loads_as_float32(tmp_path: Path) -> None:
+    pipe, lr = _pipe(2), _lr()
+    pipe.to(torch.float16).save_pretrained(tmp_path)
+    loaded = LatentDiffusionSRPipeline.from_pretrained(tmp_path)
+    assert loaded.unet.dtype == torch.float32 and loaded.vae.dtype == torch.float32
+    loaded.set_progress_bar_config(disable=True)
+    out = loaded(lr, num_samples=2, generator=_gens(0, 1), **RUN)
+    assert max(out.metadata["relative_residual"]) <= 1e-4
+    assert LatentDiffusionSRPipeline.from_pretrained(tmp_path, dtype=torch.float16).unet.dtype == torch.float16

@@ -109,7 +109,13 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, allow_pickle: bool = False, **kwargs: Any):
-        """Load a model folder. Weights must be safetensors unless ``allow_pickle=True`` (pickles can run code)."""
+        """Load a model folder. Weights must be safetensors unless ``allow_pickle=True`` (pickles can run code).
+
+        Components load in float32 unless ``dtype`` says otherwise, whatever precision the weights are stored in (the
+        committed demo model stores float16 to halve its size).
+        """
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs["dtype"] = torch.float32
         if not allow_pickle:
             if kwargs.get("use_safetensors") is False:
                 raise ValueError("use_safetensors=False loads pickled weights: pass allow_pickle=True to do that")
