@@ -281,6 +281,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"coverage: {1 - cal.risk_hat:.4f} on the calibration units; target ≥ {1 - cal.alpha:g}"
           + (f" with probability ≥ {1 - cal.delta:g} (upper bound of the miss rate {cal.risk_upper:.4f})"
              if cal.method == "rcps" else " in expectation"))
+    other = "crc" if args.method == "rcps" else "rcps"
+    try:  # the other rule on the same units, for comparison (not written)
+        alt = fit_calibration(errors, stds, masks, alpha=args.alpha, delta=args.delta, method=other)
+        print(f"({other} would give λ = {alt.scale:.4g}, coverage {1 - alt.risk_hat:.4f} on these units)")
+    except ValueError as e:
+        print(f"({other} cannot certify with these units: {e})")
     return 0
 
 
