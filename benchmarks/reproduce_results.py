@@ -106,7 +106,8 @@ def run_script(args: list[str]) -> str:
     tic = time.perf_counter()
     out = subprocess.run([sys.executable, *args], check=True, capture_output=True, text=True,
                          env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE")).stdout
-    return f"`python {' '.join(args)}` ({time.perf_counter() - tic:.0f} s)\n\n" + out
+    shown = [os.path.relpath(a) if os.path.isabs(a) else a for a in args]
+    return f"`python {' '.join(shown)}` ({time.perf_counter() - tic:.0f} s)\n\n" + out
 
 
 def main() -> None:
@@ -138,7 +139,8 @@ def main() -> None:
         "# Benchmark results\n",
         f"Made by `{command}` on {datetime.date.today()} ({machine}). Each section names the command that made it; "
         "all figures of a section come from one run. The machines are shared and noisy: compare figures within a "
-        "table, not across tables.\n",
+        "table, not across tables. What the figures mean, and which targets are missed and why: the model card "
+        "`models/mni2d/README.md`.\n",
         f"## Quality on the held-out slab\n\nModel `{args.model}`"
         + (f" (calibration: {pipe.calibration.method}, λ̂ = {pipe.calibration.scale:.4g})" if pipe.calibration else
            " (uncalibrated)")
