@@ -57,11 +57,11 @@ def test_rcps_violation_rate_is_at_most_delta(bound: str, n: int) -> None:
 
 
 def test_conformal_risk_control_is_tight_in_expectation() -> None:
-    alpha, n = 0.1, 40
-    risks = [_true_risk(fit_calibration(*_volumes(np.random.default_rng(s), n), alpha=alpha, method="crc").scale)
-             for s in range(100)]
+    alpha, n = 0.1, 100
+    risks = [_true_risk(fit_calibration(*_volumes(np.random.default_rng(s), n, voxels=500), alpha=alpha,
+                                        method="crc").scale) for s in range(100)]
     assert np.mean(risks) <= alpha + 0.005
-    assert np.mean(risks) >= alpha - 2 / (n + 1)  # coverage within about 2 points of the target
+    assert np.mean(risks) >= alpha - 0.02  # on new volumes from the same distribution: within 2 points of 90 %
 
 
 def test_save_load_and_errors(tmp_path: Path) -> None:
