@@ -166,6 +166,9 @@ def main() -> None:
                      run_script([str(HERE / "slice_consistency.py"), "--model", args.model, "--samples", "4",
                                  "--steps", "25"])]
     sections.append(f"\nTotal time of this run: {time.perf_counter() - tic:.0f} s.\n")
+    notes = HERE / "RESULTS_NOTES.md"  # the hand-written reading of the figures; rewrite it after a new run
+    if notes.is_file():
+        sections.append(notes.read_text())
     atomic_write(Path(args.output), lambda tmp: tmp.write_text("\n".join(sections)))
     print(f"wrote {args.output}")
 
