@@ -194,8 +194,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             slice_normal: 2D models: the RAS+ axis that slices are taken across (default: the first axis that is
                 not the super-resolved one), or two axes, e.g. ``(0, 1)``, to fuse orientations: each sample is then
                 drawn once per slicing plane (from its own generator) and the volumes are averaged before the final
-                projection, which removes most slice-to-slice jitter at twice the cost (see
-                ``benchmarks/slice_consistency.py``).
+                projection, at twice the cost. For the demo model it did not reduce slice-to-slice jitter
+                measurably (``benchmarks/slice_consistency.py``, ``benchmarks/RESULTS.md``), so one plane is the
+                default.
             patch_size, patch_overlap: 3D models: patch size (default: the largest multiple of the downsampling
                 factor up to 64 per axis) and overlap fraction.
             keep_samples: keep all samples in the output (costs ``N`` volumes of memory).
