@@ -179,11 +179,11 @@ def _steps(args: argparse.Namespace, pipe) -> int:
 
 
 def cmd_super_resolve(args: argparse.Namespace) -> int:
-    from gen_sr.volume import check_output_path, load_volume, save_volume
+    from gen_sr.volume import check_output_path, load_volume, save_volume, sidecar_path
 
     maps = {"mean": args.output, "std": args.std, "risk": args.risk, "dc_residual": args.dc_residual}
     outputs = {k: check_output_path(v, args.overwrite, inputs=[args.input]) for k, v in maps.items() if v}
-    sidecar = Path(str(outputs["mean"]).removesuffix(".gz").removesuffix(".nii") + ".json")
+    sidecar = sidecar_path(outputs["mean"])
     _check_json_output(str(sidecar), args.overwrite)
     lr = load_volume(args.input, volume_index=args.volume)
     pipe = _load_pipeline(args.model, args.device)

@@ -531,6 +531,11 @@ class AcquisitionOperator:
             y = _apply_along(y, m, a + 2)
         return y
 
+    def residual_map(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``|A x − y|`` brought back onto the HR grid by linear interpolation between LR voxel centres: where on
+        the HR grid ``x`` disagrees with the measurement. ``x`` ``(B, C, *hr_shape)``, ``y`` ``(B, C, *lr_shape)``."""
+        return self.interpolate((self.forward(x) - y).abs(), "linear")
+
     def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Relative data-consistency residual ``‖A x − y‖ / ‖y‖`` per batch entry, shape ``(B,)``."""
         r = (self.forward(x) - y).flatten(1).norm(dim=1)

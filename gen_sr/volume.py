@@ -268,6 +268,12 @@ def atomic_write(path: Path, write: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """The ``.json`` beside a NIfTI file (``sr.nii.gz`` → ``sr.json``), where a run records how it was made."""
+    p = Path(path)
+    return p.with_name(p.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+
+
 def json_ready(value: Any) -> Any:
     """A strict-JSON version of ``value``: numpy to Python, NaN and ±inf to ``None``, tuples to lists, keys to
     strings, anything else unknown to its string."""

@@ -68,3 +68,19 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
                  "--reuse", str(f["hr"]), str(std), "--overwrite"]) == 2
     assert "no run record" in capsys.readouterr().err
+
+
+def test_a_reference_that_does_not_fit_is_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    f = _files(tmp_path)
+    small = save_volume(load_volume(f["hr"]).crop((0, 0, 0), (14, 12, 6)), tmp_path / "small.nii.gz")
+    out = tmp_path / "audit"
+    assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
+                 "--reference", str(small), "--samples", "2", "--steps", "2"]) == 2
+    assert "does not cover the SR grid" in capsys.readouterr().err
+    assert not any(out.iterdir())
+    record = tmp_path / "sr.json"
+    save_volume(load_volume(f["hr"]), tmp_path / "sr.nii.gz")
+    record.write_text("{not json")
+    assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
+                 "--reuse", str(tmp_path / "sr.nii.gz"), str(tmp_path / "sr.nii.gz")]) == 2
+    assert "is not a super-resolve run record" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from gen_sr.eval.metrics import image_metrics, region_masks
 from gen_sr.eval.report import build_report
 from gen_sr.eval.uncertainty import coverage, uncertainty_report
 from gen_sr.physics import AcquisitionOperator
-from gen_sr.volume import IntensityNormalization, Volume, covers, load_volume, resample_to, save_volume
+from gen_sr.volume import Volume, covers, load_volume, resample_to, save_volume, sidecar_path
 
 __all__ = ["MAP_FILES", "NOMINAL_COVERAGE", "audit", "reuse_outputs"]
 
@@ -33,34 +33,31 @@ MAP_FILES = {"mean": "sr_mean.nii.gz", "std": "sr_std.nii.gz", "risk": "risk.nii
              "dc_residual": "dc_residual.nii.gz"}
 
 
-def _metadata_path(sr_path: Path) -> Path:
-    return sr_path.with_name(sr_path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
-
-
 def reuse_outputs(pipe: Any, lr: Volume, sr_path: str | Path, std_path: str | Path) -> tuple[dict[str, Volume], dict]:
     """Maps of an earlier ``gen-sr super-resolve`` run: its mean and std files and the ``.json`` beside the mean.
 
     The risk is recomputed from the std with the model's current calibration, and the data-consistency residual
     from the mean with the run's recorded operator, so both match what the pipeline would report.
     """
-    sr_path, meta_path = Path(sr_path), _metadata_path(Path(sr_path))
+    sr_path, meta_path = Path(sr_path), sidecar_path(sr_path)
     if not meta_path.is_file():
         raise InputError("has no run record beside it (the .json that super-resolve writes)", sr_path,
                          f"expected {meta_path.name}")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        operator = AcquisitionOperator.from_dict(meta["operator"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"is not a super-resolve run record ({e})", meta_path) from None
     mean, std = load_volume(sr_path), load_volume(std_path)
     if mean.shape != std.shape or not np.allclose(mean.affine, std.affine, atol=1e-4):
         raise InputError("is not on the grid of the SR mean", std_path)
-    operator = AcquisitionOperator.from_dict(meta["operator"])
     canon_mean, canon_lr = mean.canonical(), lr.canonical()
     if tuple(operator.hr_shape) != canon_mean.shape or tuple(operator.lr_shape) != canon_lr.shape:
         raise InputError("does not belong to this input: its operator maps "
                          f"{tuple(operator.hr_shape)} to {tuple(operator.lr_shape)}", meta_path)
-    y = torch.from_numpy(canon_lr.data.astype(np.float64))[None, None]
-    x = torch.from_numpy(canon_mean.data.astype(np.float64))[None, None]
-    dc = operator.interpolate((operator(x) - y).abs(), "linear")[0, 0].numpy()
-    scale = IntensityNormalization.fit(canon_lr.data, *pipe.config.acquisition.get("normalize_percentiles",
-                                                                                   (0.5, 99.5))).scale
+    as_tensor = lambda v: torch.from_numpy(v.data.astype(np.float64))[None, None]  # noqa: E731
+    dc = operator.residual_map(as_tensor(canon_mean), as_tensor(canon_lr))[0, 0].numpy()
+    scale = pipe.intensity_normalization(canon_lr.data).scale
     lam = pipe.calibration.scale if pipe.calibration is not None else 1.0
     maps = {"mean": mean, "std": std, "risk": std.with_data((lam * std.data / scale).astype(np.float32)),
             "dc_residual": canon_mean.with_data(dc.astype(np.float32)).reorient(mean.orientation)}
@@ -120,14 +117,17 @@ def audit(
         result = pipe(lr, output_type="np", keep_samples=False, **pipe_kwargs)
         maps = {k: lr.with_data(np.asarray(getattr(result, k), np.float32), result.affine) for k in MAP_FILES}
         meta = result.metadata
-    for key, name in MAP_FILES.items():
-        save_volume(maps[key], out / name, overwrite=True)
     grid = maps["mean"]  # masks and tissue maps onto the SR grid
     masks = {k: resample_to(m, grid) for k, m in masks.items()} if masks else None
     brain_mask = resample_to(brain_mask, grid, order=0) if brain_mask is not None else None
     calibration = pipe.calibration
-    card = {"input": input_name, "model": model_name,
-            "operator": AcquisitionOperator.from_dict(meta["operator"]).describe(),
+    operator = AcquisitionOperator.from_dict(meta["operator"])
+    metrics = curve = None
+    if reference is not None:  # before anything is written: a reference that does not fit is an error
+        metrics, curve = _against_reference(maps, lr, reference, operator, meta, brain_mask, masks, calibration)
+    for key, name in MAP_FILES.items():
+        save_volume(maps[key], out / name, overwrite=True)
+    card = {"input": input_name, "model": model_name, "operator": operator.describe(),
             "lr_spacing_mm": [round(float(s), 4) for s in lr.spacing],
             "sr_spacing_mm": [round(float(s), 4) for s in maps["mean"].spacing],
             "steps": meta.get("num_inference_steps"), "samples": meta.get("num_samples"), "seeds": meta.get("seeds"),
@@ -135,9 +135,6 @@ def audit(
             "relative_residual_max": max(meta.get("relative_residual", [float("nan")])),
             "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",
             "risk": meta.get("risk"), "timings_s": meta.get("timings")}
-    metrics = curve = None
-    if reference is not None:
-        metrics, curve = _against_reference(maps, lr, reference, meta, brain_mask, masks, calibration)
     return build_report(out, lr=lr, mean=maps["mean"], std=maps["std"], risk=maps["risk"],
                         dc_residual=maps["dc_residual"], card=card, risk_threshold=risk_threshold,
                         calibrated=calibration is not None, masks=masks, reference=reference, metrics=metrics,
@@ -145,8 +142,9 @@ def audit(
                         sr_axis=next(a for a in range(3) if maps["risk"].axis_to_canonical(a) == pipe.sr_axis))
 
 
-def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, meta: dict,
-                       brain_mask: Volume | None, masks: dict[str, Volume] | None, calibration: Any) -> tuple:
+def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, operator: AcquisitionOperator,
+                       meta: dict, brain_mask: Volume | None, masks: dict[str, Volume] | None,
+                       calibration: Any) -> tuple:
     """Metrics of SR and every baseline against the reference, and the calibration curve, in RAS+."""
     mean = maps["mean"].canonical()
     if not covers(reference, mean):
@@ -159,7 +157,7 @@ def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, m
         mask = sum(m.canonical().data for m in masks.values()) >= 0.5
     else:
         mask = region_masks(ref.data)["brain"]
-    case = Case("input", ref, lr.canonical(), AcquisitionOperator.from_dict(meta["operator"]), meta.get("noise_std", 0))
+    case = Case("input", ref, lr.canonical(), operator, meta.get("noise_std", 0))
     truth = ref.data.astype(np.float64)
     data_range = float(np.ptp(truth[mask]))
     metrics = {"gen_sr": image_metrics(mean.data, truth, mask, data_range)}

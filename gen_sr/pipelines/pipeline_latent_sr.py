@@ -219,8 +219,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         local = generators[state.process_index :: state.num_processes]
         device, dtype = self._execution_device, self.unet.dtype
         canon = volume.canonical()
-        percentiles = self.config.acquisition.get("normalize_percentiles", (0.5, 99.5))  # as in training
-        norm = IntensityNormalization.fit(canon.data, *percentiles)
+        norm = self.intensity_normalization(canon.data)
 
         # 2. operator: the acquisition on the canonical HR grid, the measurement and the condition image
         operator = operator or self._operator(canon, target_spacing, slice_profile, slice_thickness)
@@ -297,7 +296,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         mean = x.mean(dim=0, keepdim=True)
         std = x.std(dim=0, unbiased=False, keepdim=True)
         risk = std * (self.calibration.scale if self.calibration is not None else 1.0)
-        dc = operator.interpolate((operator(mean) - y).abs(), "linear")
+        dc = operator.residual_map(mean, y)
         timings["stitch_uncertainty_s"] = time.perf_counter() - tic
 
         # 9. output: back to input units and orientation
@@ -325,6 +324,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         return out if return_dict else out.to_tuple()
 
     # ------------------------------------------------------------------------------------------------- helpers
+    def intensity_normalization(self, lr_data: np.ndarray) -> IntensityNormalization:
+        """The normalisation of an LR input: its robust percentiles, those the model was trained with."""
+        percentiles = self.config.acquisition.get("normalize_percentiles", (0.5, 99.5))
+        return IntensityNormalization.fit(lr_data, *percentiles)
+
     def _as_volume(self, lr: LRInput, affine: np.ndarray | None, spacing: Sequence[float] | None,
                    volume_index: int | None) -> Volume:
         if isinstance(lr, Volume):
