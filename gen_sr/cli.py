@@ -256,34 +256,58 @@ def _cases(args: argparse.Namespace, pipe) -> list:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from gen_sr.eval.calibration import CALIBRATION_FILE, calibration_units, fit_calibration
+    from gen_sr.eval.calibration import (
+        CALIBRATION_FILE,
+        IntervalShape,
+        calibration_volumes,
+        choose_shape,
+        fit_calibration,
+        split_units,
+        transfer_coverage,
+    )
 
     target = Path(args.model) / CALIBRATION_FILE
     if target.exists() and not args.overwrite:
         raise InputError("the model is calibrated already", target, "pass --overwrite to replace its calibration")
     pipe = _load_pipeline(args.model, args.device)
     cases = _cases(args, pipe)
-    errors, stds, masks = calibration_units(pipe, cases, blocks=args.blocks, **_sampling_kwargs(args))
+    if args.interval == "auto" and len(cases) < 3:
+        raise InputError(f"--interval auto chooses between shapes by leaving one volume out, and needs at least 3 "
+                         f"volumes; --data gives {len(cases)}", hint="add volumes, or use --interval std")
+    volumes = calibration_volumes(pipe, cases, **_sampling_kwargs(args))
+    fit = {"alpha": args.alpha, "delta": args.delta, "method": args.method}
+    shape, transfer = IntervalShape(), None
+    if args.interval == "auto":
+        shape, rows = choose_shape(volumes, blocks=args.blocks, **fit)
+        transfer = next(r["coverages"] for r in rows if IntervalShape(**r["shape"]) == shape)
+    elif len(volumes) >= 2:
+        transfer = transfer_coverage(volumes, shape, blocks=args.blocks, **fit)
+    errors, spreads, masks = split_units(volumes, shape, blocks=args.blocks)
     details = {"data": list(args.data), "region": args.region, "volumes": [c.name for c in cases],
                "blocks_per_volume": args.blocks, "units": len(errors), "operator": args.operator,
                "slice_thickness": args.slice_thickness,
                "profile": args.profile, "snr": args.snr, "samples": args.samples, "steps": _steps(args, pipe),
-               "guidance": args.guidance, "seed": args.seed, "mask": "foreground of the reference"}
+               "guidance": args.guidance, "seed": args.seed, "mask": "foreground of the reference",
+               "interval": args.interval,
+               "leave_one_volume_out_coverage": transfer}
     try:
-        cal = fit_calibration(errors, stds, masks, alpha=args.alpha, delta=args.delta, method=args.method,
-                              details=details)
+        cal = fit_calibration(errors, spreads, masks, **fit, details=details)
     except ValueError as e:
         raise InputError(str(e), args.model) from e
+    cal.shape = shape
     pipe.calibration = cal
     cal.save(args.model)
     print(f"wrote:    {target}")
-    print(f"scale:    λ = {cal.scale:.4g} (intervals mean ± λ·std) from {cal.num_volumes} units ({args.method})")
+    print(f"interval: {cal.describe()}, from {cal.num_volumes} units ({args.method})")
     print(f"coverage: {1 - cal.risk_hat:.4f} on the calibration units; target ≥ {1 - cal.alpha:g}"
           + (f" with probability ≥ {1 - cal.delta:g} (upper bound of the miss rate {cal.risk_upper:.4f})"
              if cal.method == "rcps" else " in expectation"))
+    if transfer is not None:
+        print("transfer: coverage of each volume calibrated on the others: "
+              + ", ".join(f"{n} {c:.4f}" for n, c in zip(details["volumes"], transfer, strict=True)))
     other = "crc" if args.method == "rcps" else "rcps"
     try:  # the other rule on the same units, for comparison (not written)
-        alt = fit_calibration(errors, stds, masks, alpha=args.alpha, delta=args.delta, method=other)
+        alt = fit_calibration(errors, spreads, masks, **(fit | {"method": other}))
         print(f"({other} would give λ = {alt.scale:.4g}, coverage {1 - alt.risk_hat:.4f} on these units)")
     except ValueError as e:
         print(f"({other} cannot certify with these units: {e})")
@@ -505,7 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rcps: coverage with probability 1 - delta (conservative); crc: conformal risk control, "
                         "coverage in expectation (tight) (default: rcps)")
     p.add_argument("--blocks", type=_positive_int, default=1,
-                   help="cut each volume into this many slabs, each a calibration unit (default: 1)")
+                   help="cut each volume into this many slabs of equal brain volume, each a calibration unit "
+                        "(default: 1)")
+    p.add_argument("--interval", choices=("std", "auto"), default="std",
+                   help="std: intervals mean ± λ·std; auto: also choose a spread from the std, a noise floor and an "
+                        "edge term, the one whose calibration transfers best when each volume is left out in turn "
+                        "(needs 3 or more volumes) (default: std)")
     _add_sampling_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing calibration")
 

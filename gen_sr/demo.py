@@ -20,7 +20,8 @@ import torch
 
 from gen_sr.errors import InputError
 from gen_sr.eval.audit import audit
-from gen_sr.eval.evaluate import BASELINES, heldout_case
+from gen_sr.eval.baselines import BASELINES
+from gen_sr.eval.evaluate import heldout_case
 from gen_sr.sample_data import load_mni152
 from gen_sr.volume import check_output_path, resample_to, save_volume
 

@@ -10,7 +10,7 @@ from helpers import oblique_affine
 from test_pipeline import _pipe
 
 from gen_sr.cli import main
-from gen_sr.eval.evaluate import BASELINES
+from gen_sr.eval.baselines import BASELINES
 from gen_sr.volume import Volume, load_volume, save_volume
 
 

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import norm
 
-from gen_sr.eval.calibration import Calibration, fit_calibration, hb_p_value, miss_rate, upper_bound
+from gen_sr.eval.calibration import (
+    Calibration,
+    CalibrationVolume,
+    IntervalShape,
+    choose_shape,
+    fit_calibration,
+    hb_p_value,
+    miss_rate,
+    split_units,
+    transfer_coverage,
+    upper_bound,
+)
 
 SCALE_SPREAD = 0.25  # per-volume log-normal spread of the error scale: volumes differ, as real ones do
 
@@ -76,3 +89,69 @@ def test_save_load_and_errors(tmp_path: Path) -> None:
         fit_calibration([np.ones(10)] * 3, [np.zeros(10)] * 3)
     with pytest.raises(ValueError, match="needs at least 22 volumes"):  # 0.9²² ≤ 0.1: no fewer can certify
         fit_calibration(errors[:21], stds[:21])
+
+
+def test_interval_shape_spread_by_hand() -> None:
+    rng = np.random.default_rng(0)
+    std, ramp = rng.uniform(0.5, 1.5, (14, 7, 8)), np.broadcast_to(3.0 * np.arange(14.0)[:, None, None], (14, 7, 8))
+    np.testing.assert_array_equal(IntervalShape().spread(std, ramp), std)
+    np.testing.assert_allclose(IntervalShape(noise_floor=2.0).spread(std, ramp, noise_std=0.25), std + 0.5)
+    np.testing.assert_allclose(IntervalShape(smoothing=1.5).spread(np.full_like(std, 2.0), ramp), 2.0)
+    smoothed = IntervalShape(smoothing=1.0).spread(std, ramp)
+    assert smoothed.std() < 0.7 * std.std() and abs(smoothed.mean() - std.mean()) < 0.02
+    # the gradient magnitude of a ramp of slope 3 is 3, away from the borders the smoothing reflects at
+    edge = IntervalShape(edge_weight=0.5).spread(np.zeros_like(std), ramp)
+    np.testing.assert_allclose(edge[5:-5], 1.5, rtol=1e-5)
+    as_tensor = IntervalShape(1.0, 2.0, 0.5).spread(torch.from_numpy(std)[None, None].float(),
+                                                    torch.from_numpy(ramp.copy())[None, None].float(), 0.25)
+    assert isinstance(as_tensor, torch.Tensor) and as_tensor.shape == (1, 1, 14, 7, 8)
+    np.testing.assert_allclose(as_tensor[0, 0].numpy(), IntervalShape(1.0, 2.0, 0.5).spread(std, ramp, 0.25),
+                               rtol=1e-5)
+
+
+def _volume(rng: np.random.Generator, cell: int, edge: float, name: str = "v") -> CalibrationVolume:
+    """A piecewise-constant mean with cells of ``cell`` voxels (small cells: many edges) and errors whose scale is
+    the std plus ``edge`` times the edge term: the spread of ``IntervalShape(edge_weight=edge)`` is exact."""
+    shape = (24, 16, 16)
+    coarse = rng.uniform(0, 10, [-(-n // cell) for n in shape])
+    mean = np.kron(coarse, np.ones((cell,) * 3))[:24, :16, :16]
+    std = rng.uniform(0.5, 1.5, shape)
+    truth_scale = IntervalShape(edge_weight=edge).spread(std, mean)
+    mask = np.ones(shape, dtype=bool)
+    mask[:, :2] = False
+    return CalibrationVolume(name, truth_scale * rng.standard_normal(shape), mean, std, mask)
+
+
+def test_split_units_have_equal_brain_volume() -> None:
+    v = _volume(np.random.default_rng(0), 4, 0.0)
+    v.mask[:6] = False
+    v.mask[6:12, :8] = False  # an uneven mask along the split axis
+    errors, spreads, masks = split_units([v], blocks=6)
+    counts = [int(m.sum()) for m in masks]
+    assert len(errors) == len(spreads) == 6 and sum(counts) == v.mask.sum()
+    assert max(counts) - min(counts) <= 14 * 16  # equal, up to one whole slice
+    assert sum(e.shape[0] for e in errors) == 24 - 0 and errors[0].shape[0] > errors[-1].shape[0]
+
+
+def test_choose_shape_finds_the_spread_that_transfers() -> None:
+    rng = np.random.default_rng(0)
+    volumes = [_volume(rng, cell, 0.5, f"v{k}") for k, cell in enumerate((2, 3, 4, 6, 8, 12))]
+    plain, edge = IntervalShape(), IntervalShape(edge_weight=0.5)
+    shape, rows = choose_shape(volumes, [plain, edge, IntervalShape(noise_floor=1.0)], blocks=24, method="crc")
+    assert shape == edge and rows[1]["rms"] < 0.5 * rows[0]["rms"]
+    cov = transfer_coverage(volumes, edge, blocks=24, method="crc")
+    assert all(abs(c - 0.9) < 0.02 for c in cov)  # exchangeable once the spread is right
+    # the plain std under-covers some volumes and over-covers those with few edges (the largest cells)
+    assert min(rows[0]["coverages"]) < 0.87 and rows[0]["coverages"][-1] > 0.93
+    with pytest.raises(ValueError, match="at least 3"):
+        choose_shape(volumes[:2])
+
+
+def test_calibration_records_its_shape(tmp_path: Path) -> None:
+    errors, stds = _volumes(np.random.default_rng(0), n=30)
+    cal = dataclasses.replace(fit_calibration(errors, stds), shape=IntervalShape(1.0, 0.5, 0.2))
+    cal.save(tmp_path)
+    assert Calibration.load(tmp_path) == cal
+    assert "std smoothed over 1 voxels + 0.5 x noise std + 0.2 x |gradient of the mean|" in cal.describe()
+    std, mean = np.ones((6, 6, 6)), np.zeros((6, 6, 6))
+    np.testing.assert_allclose(cal.halfwidth(std, mean, noise_std=2.0), cal.scale * 2.0)

@@ -10,7 +10,7 @@ from test_pipeline import _pipe
 
 from gen_sr.demo import run_demo
 from gen_sr.errors import InputError
-from gen_sr.eval.evaluate import BASELINES
+from gen_sr.eval.baselines import BASELINES
 from gen_sr.volume import load_volume
 
 

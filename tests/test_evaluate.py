@@ -11,7 +11,9 @@ from helpers import oblique_affine
 from test_pipeline import _pipe
 
 from gen_sr.cli import main
-from gen_sr.eval.evaluate import BASELINES, baseline, evaluate, simulate_case, summarize, write_table
+from gen_sr.eval.baselines import BASELINES, baseline
+from gen_sr.eval.calibration import SHAPE_CANDIDATES, Calibration
+from gen_sr.eval.evaluate import evaluate, simulate_case, summarize, write_table
 from gen_sr.volume import Volume, save_volume
 
 
@@ -67,6 +69,23 @@ def test_calibrate_then_super_resolve_reports_calibrated_risk(tmp_path: Path, ca
     assert json.loads((tmp_path / "sr.json").read_text())["risk"]["calibrated"] is True
 
 
+def test_calibrate_chooses_an_interval_shape_by_leaving_volumes_out(tmp_path: Path, capsys) -> None:
+    model = tmp_path / "model"
+    _pipe(2).save_pretrained(model)
+    paths = [str(save_volume(_hr(shape=(24, 10, 24)), tmp_path / f"hr{k}.nii.gz")) for k in range(3)]
+    args = ["calibrate", "--model", str(model), "--data", *paths[:2], "--blocks", "12", "--samples", "2",
+            "--steps", "2", "--method", "crc", "--interval", "auto"]
+    assert main(args) == 2 and "at least 3 volumes" in capsys.readouterr().err
+    assert not (model / "calibration.json").exists()
+    args[5:5] = paths[2:]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    cal = Calibration.load(model)
+    assert cal.num_volumes == 36 and cal.details["interval"] == "auto"  # 12 units of equal brain volume each
+    assert cal.shape in SHAPE_CANDIDATES and "transfer: coverage of each volume calibrated on the others" in out
+    assert len(cal.details["leave_one_volume_out_coverage"]) == 3 and cal.describe() in out
+
+
 def test_evaluate_command_and_its_errors(tmp_path: Path, capsys) -> None:
     model = tmp_path / "model"
     _pipe(2).save_pretrained(model)
@@ -113,6 +132,21 @@ def test_heldout_case_is_the_recorded_slab_cropped_to_the_foreground() -> None:
     assert case.hr.shape == (12, 9, 20)  # x 2..13, y 10..18 (the far half, up to the foreground + 1), z 3..22
     np.testing.assert_array_equal(case.hr.data, data[2:14, 10:19, 3:23])
     np.testing.assert_allclose(case.hr.affine[:3, 3], [2, 10, 3])
+
+
+def test_training_slabs_tile_the_training_region_only() -> None:
+    from gen_sr.eval.evaluate import training_slabs
+
+    pipe = _pipe(2)
+    pipe.register_to_config(acquisition={**pipe.config.acquisition, "holdout": {"axis": 1, "fraction": 0.25}})
+    data = np.zeros((16, 22, 24), dtype=np.float32)
+    data[3:13] = 1.0 + np.random.default_rng(0).random((10, 22, 24))
+    slabs = training_slabs(pipe, Volume(data, np.eye(4)), margin=1)
+    # held out: y 16..21 (6 voxels); training slabs of 6 from y 15 down, and the last 4 (at least half of 6)
+    assert [n for n, _ in slabs] == ["y10-15", "y4-9", "y0-3"]
+    for (_, v), (lo, hi) in zip(slabs, ((10, 16), (4, 10), (0, 4)), strict=True):
+        assert v.shape == (12, hi - lo, 24) and v.affine[1, 3] == lo
+        np.testing.assert_array_equal(v.data, data[2:14, lo:hi])
 
 
 def test_evaluate_with_an_operator_file_from_degrade(tmp_path: Path, capsys) -> None:

@@ -3,6 +3,7 @@ uncertainty and save/load."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -216,7 +217,7 @@ def test_attention_uses_torch_sdpa_with_the_same_result() -> None:
 
 
 def test_a_calibration_scales_risk_and_travels_with_the_model(tmp_path: Path) -> None:
-    from gen_sr.eval.calibration import Calibration
+    from gen_sr.eval.calibration import Calibration, IntervalShape
 
     pipe, lr = _pipe(2), _lr()
     plain = pipe(lr, num_samples=2, generator=_gens(0, 1), **RUN)
@@ -231,6 +232,13 @@ def test_a_calibration_scales_risk_and_travels_with_the_model(tmp_path: Path) ->
     np.testing.assert_allclose(calibrated.risk, 2.5 * plain.risk, rtol=1e-6)
     np.testing.assert_array_equal(calibrated.std, plain.std)
     assert calibrated.metadata["risk"]["calibrated"] is True and calibrated.metadata["risk"]["scale"] == 2.5
+    # a noise floor in the interval: the risk rises by λ̂ times the noise std over the input's intensity range
+    loaded.calibration = dataclasses.replace(pipe.calibration, shape=IntervalShape(noise_floor=1.0))
+    pipe.calibration = None
+    noisy, plain_noisy = (p(lr, num_samples=2, generator=_gens(0, 1), noise_std=3.0, **RUN) for p in (loaded, pipe))
+    scale = loaded.intensity_normalization(lr.data).scale
+    np.testing.assert_allclose(noisy.risk, 2.5 * (plain_noisy.risk + 3.0 / scale), rtol=1e-5)
+    assert noisy.metadata["risk"]["shape"]["noise_floor"] == 1.0 and "noise std" in noisy.metadata["risk"]["definition"]
 
 
 def test_float16_storage_loads_as_float32(tmp_path: Path) -> None:

@@ -3,8 +3,9 @@ build the self-contained report (:mod:`gen_sr.eval.report`).
 
 With a reference HR volume on the SR grid, the audit also measures SR and every baseline against it (inside the
 brain mask, or the reference's foreground) and draws the calibration plot: observed coverage of ``mean ± k·σ_eff``
-against the nominal coverage of a Gaussian with ``σ_eff = λ̂ σ / z_{1−α/2}`` (so that the nominal ``1 − α`` interval
-is exactly the calibrated one; without a calibration, ``σ_eff = σ``).
+against the nominal coverage of a Gaussian with ``σ_eff = λ̂ u / z_{1−α/2}``, ``u`` the calibration's spread (the
+std, or the std with a noise floor and an edge term), so that the nominal ``1 − α`` interval is exactly the
+calibrated one; without a calibration, ``σ_eff = σ``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 from scipy.stats import norm
 
 from gen_sr.errors import InputError
-from gen_sr.eval.evaluate import BASELINES, Case, baseline
+from gen_sr.eval.baselines import BASELINES, baseline
+from gen_sr.eval.evaluate import Case
 from gen_sr.eval.metrics import image_metrics, region_masks
 from gen_sr.eval.report import build_report
 from gen_sr.eval.uncertainty import coverage, uncertainty_report
@@ -58,17 +60,22 @@ def reuse_outputs(pipe: Any, lr: Volume, sr_path: str | Path, std_path: str | Pa
     as_tensor = lambda v: torch.from_numpy(v.data.astype(np.float64))[None, None]  # noqa: E731
     dc = operator.residual_map(as_tensor(canon_mean), as_tensor(canon_lr))[0, 0].numpy()
     scale = pipe.intensity_normalization(canon_lr.data).scale
-    lam = pipe.calibration.scale if pipe.calibration is not None else 1.0
-    maps = {"mean": mean, "std": std, "risk": std.with_data((lam * std.data / scale).astype(np.float32)),
+    cal = pipe.calibration
+    halfwidth = cal.halfwidth(std.data, mean.data, meta.get("noise_std") or 0.0) if cal is not None else std.data
+    maps = {"mean": mean, "std": std, "risk": std.with_data((halfwidth / scale).astype(np.float32)),
             "dc_residual": canon_mean.with_data(dc.astype(np.float32)).reorient(mean.orientation)}
     return maps, meta
 
 
-def _calibration_curve(std: np.ndarray, error: np.ndarray, mask: np.ndarray, calibration: Any) -> dict:
+def _calibration_curve(std: np.ndarray, mean: np.ndarray, error: np.ndarray, mask: np.ndarray, calibration: Any,
+                       noise_std: float) -> dict:
+    """Observed coverage of the intervals at nominal levels: the calibrated interval (or ± z σ uncalibrated)
+    widened or narrowed as a Gaussian's would be."""
     alpha = calibration.alpha if calibration is not None else 0.1
     lam = calibration.scale if calibration is not None else float(norm.ppf(1 - alpha / 2))
+    spread = calibration.shape.spread(std, mean, noise_std) if calibration is not None else std
     k = norm.ppf((1 + np.asarray(NOMINAL_COVERAGE)) / 2) * lam / norm.ppf(1 - alpha / 2)
-    observed = coverage(std, error, k, mask)
+    observed = coverage(spread, error, k, mask)
     return {"nominal": list(NOMINAL_COVERAGE), "observed": [float(v) for v in observed], "alpha": alpha,
             "lambda": lam, "calibrated": calibration is not None}
 
@@ -134,6 +141,7 @@ def audit(
             "guidance": meta.get("guidance"), "noise_std": meta.get("noise_std"),
             "relative_residual_max": max(meta.get("relative_residual", [float("nan")])),
             "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",
+            "interval": calibration.describe() if calibration is not None else "none (uncalibrated)",
             "risk": meta.get("risk"), "timings_s": meta.get("timings")}
     return build_report(out, lr=lr, mean=maps["mean"], std=maps["std"], risk=maps["risk"],
                         dc_residual=maps["dc_residual"], card=card, risk_threshold=risk_threshold,
@@ -165,4 +173,4 @@ def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, o
     metrics["gen_sr"] |= uncertainty_report(std, truth - mean.data, mask)
     for name in BASELINES:
         metrics[name] = image_metrics(baseline(case, name), truth, mask, data_range)
-    return metrics, _calibration_curve(std, truth - mean.data, mask, calibration)
+    return metrics, _calibration_curve(std, mean.data, truth - mean.data, mask, calibration, case.noise_std)

@@ -23,18 +23,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gen_sr.data import slab, slab_bounds
+from gen_sr.eval.baselines import BASELINES, baseline
 from gen_sr.eval.metrics import LPIPS_NOTE, image_metrics, region_masks
 from gen_sr.eval.uncertainty import coverage, uncertainty_report
 from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, simulate_acquisition
 from gen_sr.volume import Volume, atomic_write, write_json
 
-__all__ = ["BASELINES", "Case", "baseline", "crop_to_foreground", "evaluate", "heldout_case", "markdown_table",
-           "simulate_case", "summarize", "super_resolve", "write_table"]
-
-BASELINES = {"trilinear": "linear", "cubic": "cubic", "sinc": "sinc"}
-"""Baseline name → :meth:`AcquisitionOperator.interpolate` method: trilinear, cubic spline (B-spline) and k-space
-zero-filling (sinc) interpolation between the LR voxel centres, onto the HR grid."""
-
+__all__ = ["Case", "crop_to_foreground", "evaluate", "heldout_case", "markdown_table",
+           "simulate_case", "summarize", "super_resolve", "training_slabs", "write_table"]
 
 @dataclass
 class Case:
@@ -83,13 +80,35 @@ def heldout_case(pipe: Any, hr: Volume, name: str = "held-out slab", *, margin: 
     """The slab of ``hr`` that the model folder records as never seen in training, cropped to the foreground's
     bounding box (plus ``margin`` voxels), degraded along the model's axis (``simulate``: see
     :func:`simulate_case`)."""
-    from gen_sr.data import slab
-
     holdout = pipe.config.acquisition.get("holdout")
     if not holdout:
         raise ValueError("the model folder records no held-out slab")
     part = crop_to_foreground(slab(hr, "val", holdout["axis"], holdout["fraction"]), margin)
     return simulate_case(part, name, axis=pipe.sr_axis, **simulate)
+
+
+def training_slabs(pipe: Any, hr: Volume, *, margin: int = 4) -> list[tuple[str, Volume]]:
+    """The training region of ``hr`` (all but the held-out slab the model folder records) cut into slabs as thick as
+    the held-out slab, from its neighbour backwards, each cropped to the foreground like :func:`heldout_case`; a last
+    slab thinner than half that is dropped. With a single template these are the calibration volumes.
+
+    Returns:
+        ``(name, volume)`` pairs in RAS+, named by their voxel range along the held-out axis (``"y139-185"``).
+    """
+    holdout = pipe.config.acquisition.get("holdout")
+    if not holdout:
+        raise ValueError("the model folder records no held-out slab")
+    canon, axis = hr.canonical(), holdout["axis"]
+    start, _ = slab_bounds(canon.shape, axis, holdout["fraction"], "val")
+    width = canon.shape[axis] - start[axis]
+    slabs, hi = [], start[axis]
+    while hi - width // 2 > 0:
+        lo_box, hi_box = [0, 0, 0], list(canon.shape)
+        lo_box[axis], hi_box[axis] = max(hi - width, 0), hi
+        name = f"{'xyz'[axis]}{lo_box[axis]}-{hi - 1}"
+        slabs.append((name, crop_to_foreground(canon.crop(lo_box, hi_box), margin)))
+        hi -= width
+    return slabs
 
 
 def crop_to_foreground(volume: Volume, margin: int = 4) -> Volume:
@@ -101,13 +120,6 @@ def crop_to_foreground(volume: Volume, margin: int = 4) -> Volume:
 def super_resolve(pipe: Any, case: Case, **kwargs: Any) -> Any:
     """Run the pipeline on a case with its exact operator and noise level; outputs are on the HR grid."""
     return pipe(case.lr, operator=case.operator, noise_std=case.noise_std, **kwargs)
-
-
-def baseline(case: Case, name: str) -> np.ndarray:
-    """A baseline reconstruction of the case on the HR grid (see :data:`BASELINES`)."""
-    if name not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r}; choose from {sorted(BASELINES)}")
-    return case.operator.interpolate(case.lr_tensor(), BASELINES[name])[0, 0].numpy()
 
 
 def evaluate(
@@ -155,7 +167,8 @@ def evaluate(
             extra = {"relative_residual": float(max(out.metadata["relative_residual"]))}
             if out.metadata["num_samples"] > 1:
                 extra["std"] = out.std
-                extra["scale"] = model.calibration.scale if getattr(model, "calibration", None) else None
+                if (cal := getattr(model, "calibration", None)) is not None:
+                    extra["halfwidth"] = cal.halfwidth(out.std, out.mean, case.noise_std)
             estimates[name] = (out.mean, time.perf_counter() - tic, extra)
         for name in baselines:
             tic = time.perf_counter()
@@ -166,8 +179,8 @@ def evaluate(
                 row |= image_metrics(est, ref, mask, data_range)
                 if "std" in extra:
                     row |= uncertainty_report(extra["std"], ref - est, mask)
-                    if extra["scale"] is not None:  # the calibrated interval mean ± λ̂·std
-                        row["coverage_calibrated"] = float(coverage(extra["std"], ref - est, extra["scale"], mask))
+                    if "halfwidth" in extra:  # the calibrated interval mean ± λ̂·u
+                        row["coverage_calibrated"] = float(coverage(extra["halfwidth"], ref - est, 1.0, mask))
                 if "relative_residual" in extra:
                     row["relative_residual"] = extra["relative_residual"]
                 rows.append(row)

@@ -41,7 +41,8 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from gen_sr.eval.evaluate import baseline, simulate_case, super_resolve
+from gen_sr.eval.baselines import baseline
+from gen_sr.eval.evaluate import simulate_case, super_resolve
 from gen_sr.eval.uncertainty import auroc
 from gen_sr.volume import IntensityNormalization, Volume, atomic_write, load_volume, write_json
 

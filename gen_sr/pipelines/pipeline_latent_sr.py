@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,9 +47,9 @@ class SRPipelineOutput(BaseOutput):
         samples: all samples ``(N, X, Y, Z)``, or ``None`` with ``keep_samples=False``.
         std: per-voxel standard deviation across samples.
         risk: the hallucination-risk map, as a fraction of the input's robust intensity range (its 0.5-99.5
-            percentile span): ``std`` until the model folder carries a ``calibration.json``, then ``λ̂ · std``, the
-            half-width of the calibrated interval (``mean ± risk · range`` misses at most a fraction ``α`` of
-            voxels; see :mod:`gen_sr.eval.calibration`).
+            percentile span): ``std`` until the model folder carries a ``calibration.json``, then the half-width
+            ``λ̂ u`` of the calibrated interval (``u`` is the std, or the spread the calibration chose;
+            ``mean ± risk · range`` misses at most a fraction ``α`` of voxels; see :mod:`gen_sr.eval.calibration`).
         dc_residual: ``|A x − y|`` of the mean, brought back onto the HR grid by linear interpolation.
         affine: the HR voxel-to-world affine of the outputs.
         metadata: seeds, steps, operator, guidance, final relative residuals ``‖A x − y‖/‖y‖`` and timings.
@@ -295,7 +295,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         # 8. uncertainty: risk is the std (or the calibrated interval half-width) over the robust intensity range
         mean = x.mean(dim=0, keepdim=True)
         std = x.std(dim=0, unbiased=False, keepdim=True)
-        risk = std * (self.calibration.scale if self.calibration is not None else 1.0)
+        risk = self.calibration.halfwidth(std, mean, sigma) if self.calibration is not None else std
         dc = operator.residual_map(mean, y)
         timings["stitch_uncertainty_s"] = time.perf_counter() - tic
 
@@ -350,8 +350,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         if cal is None:
             return {"calibrated": False, "definition": "std / robust intensity range (uncalibrated)"}
         return {"calibrated": True, "scale": cal.scale, "alpha": cal.alpha, "delta": cal.delta, "method": cal.method,
-                "definition": f"{cal.scale:.4g} x std / robust intensity range: the half-width of the interval "
-                              f"mean ± risk x range that misses at most {cal.alpha:g} of voxels ({cal.method})"}
+                "shape": asdict(cal.shape),
+                "definition": f"the half-width of the interval {cal.describe()} over the robust intensity range: "
+                              f"the interval misses at most {cal.alpha:g} of voxels ({cal.method})"}
 
     @staticmethod
     def _generators(generator: torch.Generator | list[torch.Generator] | None, n: int) -> list[torch.Generator]:
