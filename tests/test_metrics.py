@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gen_sr.eval.metrics import hfen, image_metrics, nrmse, psnr, region_masks, ssim, ssim_volume
+from gen_sr.eval.metrics import foreground, hfen, image_metrics, nrmse, psnr, region_masks, ssim, ssim_volume
 
 REF = np.array([0.0, 1.0, 2.0, 3.0])
 EST = REF + np.array([1.0, 0.0, 0.0, 0.0])
@@ -72,6 +72,10 @@ def test_region_masks_from_tissues_labels_and_foreground() -> None:
     ref[2:6, 2:6, 2:6] = 1.0
     ref[3:5, 3:5, 3:5] = 0.0  # a hole inside: still brain
     assert region_masks(ref)["brain"].sum() == 64
+    assert foreground(ref, fill_holes=False).sum() == 64 - 8 and foreground(ref + 5.0).sum() == 64  # offset-free
+    ref[2:6, 2:6, 2] = 0.05  # a face below 10 % of the range: outside, and the hole opens through it
+    assert foreground(ref).sum() == 64 - 16 - 8 and foreground(ref, 0.02).sum() == 64
+    assert foreground(ref, smooth=1.0).sum() > foreground(ref, smooth=1.0, fraction=0.5).sum()
 
 
 def test_slice_jitter_by_hand() -> None:

@@ -14,8 +14,16 @@ volumes are the exchangeable units (never voxels: the voxels of one volume are n
   ``(n R̂(λ) + 1) / (n + 1) ≤ α``. It bounds the miss rate in expectation over the calibration draw, not with
   probability ``1 − δ``, and is tight: coverage lands within ``1 / (n + 1)`` of the target.
 
-``calibration.json`` in a model folder holds the result; the pipeline then reports ``risk = λ̂ σ`` as a fraction of
-the input's robust intensity range: the half-width of the calibrated interval.
+What ``λ̂`` multiplies is an :class:`IntervalShape`: the sample std ``σ`` by default, or ``σ`` plus a noise floor and
+an edge term. The sample spread misses what is the same in every sample (the autoencoder's error at edges, the
+measurement noise the projection keeps), and how much of that a volume holds depends on the region: with the plain
+std, a calibration fitted on mid-brain slabs under-covers a pole of the brain. :func:`choose_shape` picks the shape
+whose calibration transfers best when each calibration volume is left out in turn (:func:`transfer_coverage`); the
+guarantee then holds for that shape (chosen on the same volumes, so only approximately).
+
+Units: :func:`split_units` cuts volumes into blocks of equal brain volume, so that the mean of the units' miss rates
+is the miss rate over voxels. ``calibration.json`` in a model folder holds the result; the pipeline then reports
+``risk = λ̂ u`` as a fraction of the input's robust intensity range: the half-width of the calibrated interval.
 """
 
 from __future__ import annotations
@@ -357,7 +365,8 @@ SHAPE_CANDIDATES = tuple(IntervalShape(s, f, e) for s in (0.0, 1.0) for f in (0.
 
 
 def choose_shape(volumes: Sequence[CalibrationVolume], candidates: Sequence[IntervalShape] = SHAPE_CANDIDATES, *,
-                 blocks: int = 1, axis: int = 0, alpha: float = 0.1, **fit: Any) -> tuple[IntervalShape, list[dict]]:
+                 blocks: int = 1, axis: int = 0, alpha: float = 0.1, progress: bool = False,
+                 **fit: Any) -> tuple[IntervalShape, list[dict]]:
     """The interval shape whose calibration transfers best between calibration volumes: the smallest root mean
     square distance of the leave-one-volume-out coverages (:func:`transfer_coverage`) from ``1 − α``; ties go to
     the earlier candidate. Needs at least 3 volumes.
@@ -367,8 +376,10 @@ def choose_shape(volumes: Sequence[CalibrationVolume], candidates: Sequence[Inte
     """
     if len(volumes) < 3:
         raise ValueError(f"choosing the interval shape needs at least 3 calibration volumes, got {len(volumes)}")
+    from tqdm.auto import tqdm
+
     rows = []
-    for shape in candidates:
+    for shape in tqdm(candidates, desc="interval shapes", unit="shape", disable=not progress):
         cov = transfer_coverage(volumes, shape, blocks=blocks, axis=axis, alpha=alpha, **fit)
         rows.append({"shape": dataclasses.asdict(shape), "coverages": cov,
                      "rms": float(np.sqrt(np.mean((np.asarray(cov) - (1 - alpha)) ** 2)))})

@@ -23,6 +23,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from scipy import ndimage
 
+from gen_sr.eval.metrics import foreground
 from gen_sr.volume import Volume, atomic_write, json_ready, resample_to, write_json
 
 __all__ = ["build_report", "risk_clusters"]
@@ -99,9 +100,7 @@ def _foreground(mean: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[np.ndar
     if masks:
         fg, label = sum(masks.values()) >= 0.5, "brain (tissue masks, summed probability ≥ 0.5)"
     else:
-        lo, hi = np.percentile(mean, [0.5, 99.5])
-        fg = ndimage.binary_fill_holes(mean > lo + 0.1 * (hi - lo))
-        label = "foreground (SR mean above 10 % of its robust intensity range)"
+        fg, label = foreground(mean), "foreground (SR mean above 10 % of its robust intensity range)"
     return (fg, label) if fg.any() else (np.ones_like(mean, dtype=bool), "whole volume")
 
 

@@ -43,10 +43,11 @@ from tqdm.auto import tqdm
 
 from gen_sr.eval.baselines import baseline
 from gen_sr.eval.evaluate import simulate_case, super_resolve
+from gen_sr.eval.metrics import foreground
 from gen_sr.eval.uncertainty import auroc
 from gen_sr.volume import IntensityNormalization, Volume, atomic_write, load_volume, write_json
 
-__all__ = ["Lesion", "erasure_rate", "false_structure_rate", "flagging", "foreground_mask", "insert_lesions",
+__all__ = ["Lesion", "erasure_rate", "false_structure_rate", "flagging", "insert_lesions",
            "measure_sites", "run_stress_test", "summarize_sites"]
 
 Kind = Literal["added", "removed", "control"]
@@ -106,13 +107,6 @@ class Lesion:
         return out
 
 
-def foreground_mask(data: np.ndarray, fraction: float = 0.1) -> np.ndarray:
-    """Voxels whose lightly smoothed intensity exceeds ``fraction`` of the robust (0.5-99.5 %) range above its low
-    end: the brain, or the object, of an ``(X, Y, Z)`` volume."""
-    norm = IntensityNormalization.fit(data)
-    return ndimage.gaussian_filter(np.asarray(data, dtype=np.float64), 1.0) > norm.low + fraction * norm.scale
-
-
 def _semi_axes(diameter: float | Sequence[float]) -> tuple[float, float, float]:
     d = np.broadcast_to(np.asarray(diameter, dtype=np.float64), (3,))
     return tuple(float(v) / 2 for v in d)  # type: ignore[return-value]
@@ -141,7 +135,8 @@ def insert_lesions(volume: Volume, *, diameters_mm: Sequence[float | Sequence[fl
         diameters_mm: sizes: a diameter (sphere) or three diameters along world x, y, z (ellipsoid).
         contrast: added intensity, signed, as a fraction of the volume's robust (0.5-99.5 %) intensity range.
         n_per_size, controls, removed: sites per size of each kind (``controls`` defaults to ``n_per_size``).
-        mask: ``(X, Y, Z)`` boolean foreground; default :func:`foreground_mask`.
+        mask: ``(X, Y, Z)`` boolean foreground; default: :func:`~gen_sr.eval.metrics.foreground`, lightly
+            smoothed, holes kept (no lesion in a ventricle).
         seed: placement seed; the result is deterministic.
         min_distance_mm: gap between site surfaces (default ``shell_mm``, so no shell touches another site).
         shell_mm: thickness of the measurement shell around each site.
@@ -154,7 +149,7 @@ def insert_lesions(volume: Volume, *, diameters_mm: Sequence[float | Sequence[fl
     """
     data = volume.data.astype(np.result_type(volume.data.dtype, np.float32), copy=True)
     scale = IntensityNormalization.fit(volume.data).scale
-    fg = foreground_mask(volume.data) if mask is None else np.asarray(mask, dtype=bool)
+    fg = foreground(volume.data, smooth=1.0, fill_holes=False) if mask is None else np.asarray(mask, dtype=bool)
     spacing = np.asarray(volume.spacing)
     depth = ndimage.distance_transform_edt(np.pad(fg, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     gap = shell_mm if min_distance_mm is None else min_distance_mm
@@ -400,7 +395,7 @@ def run_stress_test(pipe: Any, hr_volumes: Sequence[Volume | str | Path], *, thi
                             generator=torch.Generator().manual_seed(seed),
                             **{"keep_samples": False, **pipe_kwargs, "output_type": "np"})
         sr, risk = np.asarray(out.mean, np.float64), np.asarray(out.risk, np.float64)
-        fg = foreground_mask(truth.data)
+        fg = foreground(truth.data, smooth=1.0, fill_holes=False)
         wrong = np.abs(sr - truth.data) > tau * scale
         scores.append(risk[fg])
         labels.append(wrong[fg])
