@@ -31,7 +31,8 @@ from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition,
 from gen_sr.volume import Volume, atomic_write, write_json
 
 __all__ = ["Case", "crop_to_foreground", "evaluate", "heldout_case", "markdown_table",
-           "simulate_case", "summarize", "super_resolve", "training_slabs", "write_table"]
+           "simulate_case", "summarize", "super_resolve", "training_slabs", "write_table",
+           "write_table_files"]
 
 @dataclass
 class Case:
@@ -228,17 +229,24 @@ def write_table(output_dir: str | Path, rows: Sequence[dict[str, Any]], stem: st
                 meta: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write ``<stem>.md``, ``<stem>.csv`` (one line per volume, method and region) and ``<stem>.json`` (rows,
     summary and ``meta``), each atomically."""
+    table = summarize(rows)
+    return write_table_files(output_dir, stem, markdown_table(table) + f"\n{LPIPS_NOTE}.\n", rows,
+                             {"meta": meta or {}, "summary": table, "rows": list(rows), "note": LPIPS_NOTE})
+
+
+def write_table_files(output_dir: str | Path, stem: str, markdown: str, rows: Sequence[dict[str, Any]],
+                      payload: dict[str, Any], columns: Sequence[str] | None = None) -> dict[str, Path]:
+    """Write a result three ways, each atomically: ``<stem>.md`` (``markdown``), ``<stem>.csv`` (``rows``, in
+    ``columns``, by default every key) and ``<stem>.json`` (``payload``). Returns the paths by extension."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = summarize(rows)
-    md = markdown_table(table) + f"\n{LPIPS_NOTE}.\n"
     buffer = io.StringIO()
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer = csv.DictWriter(buffer, fieldnames=list(columns or dict.fromkeys(k for r in rows for k in r)),
+                            lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "csv", "json")}
-    for ext, text in (("md", md), ("csv", buffer.getvalue())):
+    for ext, text in (("md", markdown), ("csv", buffer.getvalue())):
         atomic_write(paths[ext], lambda tmp, text=text: tmp.write_text(text))
-    write_json(paths["json"], {"meta": meta or {}, "summary": table, "rows": list(rows), "note": LPIPS_NOTE})
+    write_json(paths["json"], payload)
     return paths

@@ -28,8 +28,6 @@ Measurements, on numpy arrays on the HR grid (SR mean, risk, the true HR with le
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -42,10 +40,10 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from gen_sr.eval.baselines import baseline
-from gen_sr.eval.evaluate import simulate_case, super_resolve
+from gen_sr.eval.evaluate import simulate_case, super_resolve, write_table_files
 from gen_sr.eval.metrics import foreground
 from gen_sr.eval.uncertainty import auroc
-from gen_sr.volume import IntensityNormalization, Volume, atomic_write, load_volume, write_json
+from gen_sr.volume import IntensityNormalization, Volume, atomic_write, load_volume
 
 __all__ = ["Lesion", "erasure_rate", "false_structure_rate", "flagging", "insert_lesions",
            "measure_sites", "run_stress_test", "summarize_sites"]
@@ -330,13 +328,8 @@ def _write_reports(result: dict[str, Any], out: Path) -> None:
           f"range: **{_cell(result['auroc'])}**. Definitions: `gen_sr/eval/stress.py`.\n",
           "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     md += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({c: _cell(r[c]) for c in COLUMNS} for r in rows)
-    for name, text in (("stress_test.md", "\n".join(md) + "\n"), ("stress_test.csv", buffer.getvalue())):
-        atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
-    write_json(out / "stress_test.json", result)
+    write_table_files(out, "stress_test", "\n".join(md) + "\n", [{c: _cell(r[c]) for c in COLUMNS} for r in rows],
+                      result, COLUMNS)
 
 
 def run_stress_test(pipe: Any, hr_volumes: Sequence[Volume | str | Path], *, thickness_mm: float = 4.0,
