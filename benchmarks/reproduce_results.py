@@ -142,8 +142,8 @@ def main() -> None:
         "table, not across tables. What the figures mean, and which targets are missed and why: the model card "
         "`models/mni2d/README.md`.\n",
         f"## Quality on the held-out slab\n\nModel `{args.model}`"
-        + (f" (calibration: {pipe.calibration.method}, λ̂ = {pipe.calibration.scale:.4g})" if pipe.calibration else
-           " (uncalibrated)")
+        + (f" (calibration: {pipe.calibration.method}, interval {pipe.calibration.describe()})" if pipe.calibration
+           else " (uncalibrated)")
         + f"; {args.samples} samples, {args.steps} DDIM steps, projection data consistency; regions: the template's "
         "foreground (brain) and its GM/WM maps; data range of PSNR/SSIM: the reference's inside the brain, for "
         "every region.\n",
@@ -153,7 +153,8 @@ def main() -> None:
         f"## Uncertainty at 4x (Rician noise at SNR {CALIBRATED_SNR:g})\n\nSpearman of std with |error|, AUSE "
         "(sparsification against the "
         "oracle), UCE/ENCE (10 equal-count bins), coverage of mean ± 1σ, ± 2σ and of the calibrated interval "
-        "mean ± λ̂σ (target 1 − α).\n",
+        "(target 1 − α; the interval is named above). How the calibration transfers between regions: "
+        "`benchmarks/CALIBRATION_TRANSFER.md`.\n",
         uncertainty(results[4.0, CALIBRATED_SNR][0]),
         "## Lesion stress test at 4x\n",
         stress(pipe, t1, kwargs),
