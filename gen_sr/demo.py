@@ -84,8 +84,8 @@ def _print_summary(payload: dict[str, Any], audit_dir: Path, seconds: float) -> 
     clusters = payload["clusters"]
     if clusters:
         top = clusters[0]
-        print(f"  top risk cluster: ({', '.join(f'{x:.1f}' for x in top['centroid_mm'])}) mm, "
-              f"{top['size_mm3']:.0f} mm³, peak risk {top['peak_risk']:.3f}, {top.get('tissue') or 'no tissue map'}")
+        print(f"  top risk cluster: {top['size_mm3']:.0f} mm³, peak risk {top['peak_risk']:.3f} at "
+              f"({', '.join(f'{x:.1f}' for x in top['peak_mm'])}) mm, {top.get('tissue') or 'no tissue map'}")
     print(f"  {payload['verdict']['text']}")
     print(f"\nReport: {audit_dir / 'report.html'}  (self-contained; open it in any browser)  [{seconds:.0f} s]")
 

@@ -133,12 +133,14 @@ def test_report_is_self_contained_and_json_matches(full_report) -> None:
     assert v["flagged_voxels"] == flagged.sum() == len(BLOB)
     assert v["flagged_percent"] == pytest.approx(100 * flagged.sum() / fg.sum())
     assert v["n_clusters"] == 3 and v["largest_cluster"]["voxels"] == len(BLOB)
+    assert payload["views"]["centred_on"] == "the peak of the highest-risk cluster"
     assert f"{v['flagged_percent']:.1f} % of the brain flagged high-risk (risk &gt; 0.3, calibrated)" in page
     assert "not for diagnosis" in page
     top = payload["clusters"][0]
     np.testing.assert_allclose(top["centroid_mm"], _world(np.mean(BLOB, axis=0)), atol=1e-9)
     np.testing.assert_allclose(payload["views"]["centre_mm"], _world((5, 6, 4)), atol=1e-6)  # nearest voxel
     assert "".join(f'<td class="n">{x:.1f}</td>' for x in top["centroid_mm"]) in page
+    assert "<td>({})</td>".format(", ".join(f"{x:.1f}" for x in top["peak_mm"])) in page
 
     profile = payload["profile"]
     assert len(profile["mean_risk"]) == len(profile["flagged_fraction"]) == SHAPE[2]

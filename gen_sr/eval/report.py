@@ -270,10 +270,11 @@ def _html(p: dict, figures: list[dict]) -> str:
     card = _table(["field", "value"], [[str(k), _fmt(x)] for k, x in p["card"].items()], "kv")
     has_tissue = any(c["tissue"] is not None for c in p["clusters"])
     cluster_rows = [[str(c["rank"]), *(f"{x:.1f}" for x in c["centroid_mm"]), f"{c['size_mm3']:.4g}", str(c["voxels"]),
-                     f"{c['peak_risk']:.3g}", f"{c['mean_risk']:.3g}"] + ([c["tissue"]] if has_tissue else [])
+                     f"{c['peak_risk']:.3g}", f"{c['mean_risk']:.3g}",
+                     "({})".format(", ".join(f"{x:.1f}" for x in c["peak_mm"]))] + ([c["tissue"]] if has_tissue else [])
                     for c in p["clusters"]]
-    clusters = (_table(["#", "x [mm]", "y [mm]", "z [mm]", "size [mm³]", "voxels", "peak risk", "mean risk"]
-                       + (["tissue"] if has_tissue else []), cluster_rows, numeric=range(1, 8))
+    clusters = (_table(["#", "x [mm]", "y [mm]", "z [mm]", "size [mm³]", "voxels", "peak risk", "mean risk",
+                        "peak at [mm]"] + (["tissue"] if has_tissue else []), cluster_rows, numeric=range(1, 8))
                 if cluster_rows else "<p>No voxel exceeds the threshold.</p>")
     sections = [
         f'<section class="verdict{" ok" if v["flagged_voxels"] == 0 else ""}"><h2>Summary</h2>'
@@ -285,7 +286,7 @@ def _html(p: dict, figures: list[dict]) -> str:
         f" mm (dotted crosshair). The cyan contour marks risk = {p['risk_threshold']:g}.</p>{views}</section>",
         f'<section><h2>Top high-risk clusters</h2><p class="note">{v["n_clusters"]} connected component(s) '
         f"(26-connectivity) of risk &gt; {p['risk_threshold']:g}; highest peak first; world coordinates of each "
-        f"cluster's centroid.</p>{clusters}</section>",
+        f"cluster's centroid (x, y, z) and of its peak.</p>{clusters}</section>",
         f"<section><h2>Per-slice risk profile</h2>{others['profile']}</section>",
     ]
     if p["metrics"]:
@@ -341,8 +342,8 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
            f"{'calibrated' if calibrated else 'uncalibrated'})"
     largest = max(all_clusters, key=lambda c: c["voxels"], default=None)
     if largest is not None:
-        text += "; largest cluster at ({}) mm, {:.4g} mm³".format(
-            ", ".join(f"{x:.1f}" for x in largest["centroid_mm"]), largest["size_mm3"])
+        text += "; largest cluster {:.4g} mm³, peak risk at ({}) mm".format(
+            largest["size_mm3"], ", ".join(f"{x:.1f}" for x in largest["peak_mm"]))
     verdict = {"text": text, "flagged_percent": pct, "flagged_voxels": flagged, "flagged_mm3": flagged * voxel_mm3,
                "foreground_voxels": int(fg.sum()), "foreground": fg_label, "flagged_percent_of_volume":
                100 * float(np.mean(r > t)), "n_clusters": len(all_clusters), "largest_cluster": largest,
@@ -353,9 +354,10 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
     can = {k: Volume(a, risk.affine).canonical() for k, a in {**maps, "risk": r}.items()}
     ref_vol = can["mean"]
     if all_clusters:
-        world = np.append(all_clusters[0]["centroid_mm"], 1.0)
+        # the peak, not the centroid: the centroid of a curved cluster (a rim, a ribbon) can lie outside it
+        world = np.append(all_clusters[0]["peak_mm"], 1.0)
         centre = np.clip(np.rint(np.linalg.solve(ref_vol.affine, world)[:3]), 0, np.asarray(ref_vol.shape) - 1)
-        centred_on = "the centroid of the highest-risk cluster"
+        centred_on = "the peak of the highest-risk cluster"
     else:
         centre, centred_on = (np.asarray(ref_vol.shape) - 1) // 2, "the volume centre"
     risk_max = max(2 * t, float(np.percentile(r, 99.9)))
