@@ -11,6 +11,7 @@ from test_pipeline import _pipe
 
 from gen_sr.cli import main
 from gen_sr.eval.baselines import BASELINES
+from gen_sr.eval.calibration import Calibration, IntervalShape
 from gen_sr.volume import Volume, load_volume, save_volume
 
 
@@ -51,10 +52,13 @@ def test_audit_with_reference_writes_maps_report_and_metrics(tmp_path: Path, cap
 
 def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     f = _files(tmp_path)
+    # a calibration whose interval uses every term, so the reused risk must recompute all of them
+    Calibration(scale=2.0, alpha=0.1, delta=0.1, method="crc", bound="hb", num_volumes=30, risk_hat=0.09,
+                risk_upper=0.1, shape=IntervalShape(smoothing=1.0, noise_floor=1.0, edge_weight=0.5)).save(f["model"])
     sr, std = tmp_path / "sr.nii.gz", tmp_path / "std.nii.gz"
     assert main(["super-resolve", "--model", str(f["model"]), "--input", str(f["lr"]), "--output", str(sr), "--std",
                  str(std), "--risk", str(tmp_path / "risk.nii.gz"), "--dc-residual", str(tmp_path / "dc.nii.gz"),
-                 "--samples", "2", "--steps", "2", "--slice-thickness", "3"]) == 0
+                 "--samples", "2", "--steps", "2", "--slice-thickness", "3", "--noise-std", "2.0"]) == 0
     out = tmp_path / "audit"
     assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
                  "--reuse", str(sr), str(std)]) == 0
