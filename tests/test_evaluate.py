@@ -67,6 +67,11 @@ def test_calibrate_then_super_resolve_reports_calibrated_risk(tmp_path: Path, ca
     assert main(["super-resolve", "--model", str(model), "--input", str(lr), "--output", str(out), "--samples", "2",
                  "--steps", "2"]) == 0
     assert json.loads((tmp_path / "sr.json").read_text())["risk"]["calibrated"] is True
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(model), "--data", str(hr), "--output-dir", str(tmp_path / "eval"),
+                 "--samples", "2", "--steps", "2"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| method"))
+    assert "coverage_calibrated" in header  # a calibrated model's table shows its intervals' coverage
 
 
 def test_calibrate_chooses_an_interval_shape_by_leaving_volumes_out(tmp_path: Path, capsys) -> None:

@@ -206,7 +206,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-_COLUMNS = ("psnr", "ssim", "nrmse", "hfen", "spearman", "ause", "coverage_2sigma", "relative_residual", "seconds")
+_COLUMNS = ("psnr", "ssim", "nrmse", "hfen", "spearman", "ause", "coverage_2sigma", "coverage_calibrated",
+            "relative_residual", "seconds")
 
 
 def _fmt(value: Any) -> str:
