@@ -22,11 +22,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from scipy.stats import spearmanr
 
-from gen_sr.eval.calibration import CalibrationVolume, IntervalShape, choose_shape, fit_calibration, split_units
+from gen_sr.eval.calibration import (
+    CalibrationVolume,
+    IntervalShape,
+    choose_shape,
+    fit_calibration,
+    miss_rate,
+    split_units,
+)
 from gen_sr.eval.evaluate import heldout_case, simulate_case, super_resolve, training_slabs
-from gen_sr.eval.metrics import region_masks
+from gen_sr.eval.metrics import foreground, region_masks
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.sample_data import load_mni152
 from gen_sr.volume import write_json
@@ -99,11 +107,39 @@ def analyse(train: list[CalibrationVolume], held: CalibrationVolume, out: Path, 
         lines.append(f"| {sh['smoothing']:g} | {sh['noise_floor']:g} | {sh['edge_weight']:g}{mark} | "
                      f"{', '.join(f'{c:.3f}' for c in row['coverages'])} | {row['rms']:.4f} | {row['scale']:.3g} | "
                      f"{row['heldout_coverage']:.4f} | {row['heldout_spearman']:.3f} |")
+    lines += ["", f"Voxel-wise {1 - alpha:.0%} point of |error| / std (the λ a slab alone would need): "
+              + ", ".join(f"{v.name} {np.quantile(np.abs(v.error[v.mask]) / v.std[v.mask], 1 - alpha):.2f}"
+                          for v in [*train, held]) + "."]
+    lines += ["", "Separate λ̂ per band of distance (0-2, 2-5, > 5 voxels) to the SR mean's foreground surface "
+              "(Mondrian), left-out coverages:", ""]
+    lines += [f"- {sh}: {', '.join(f'{c:.3f}' for c in surface_bands(train, sh, blocks, alpha))}"
+              for sh in (IntervalShape(), chosen)]
     text = "\n".join(lines) + "\n"
     (out / "calibration_transfer.md").write_text(text)
     write_json(out / "calibration_transfer.json", {"rows": rows, "chosen": dataclasses.asdict(chosen),
                                                    "slabs": names, "blocks": blocks, "alpha": alpha})
     print(text)
+
+
+def surface_bands(train: list[CalibrationVolume], shape: IntervalShape, blocks: int, alpha: float,
+                  bands: tuple = ((0, 2), (2, 5), (5, np.inf))) -> list[float]:
+    """Leave-one-slab-out coverages when each band of distance (voxels) to the SR mean's foreground surface gets its
+    own λ̂; the left-out slab is scored inside the bands."""
+    def band_volumes(v: CalibrationVolume) -> list[CalibrationVolume]:
+        depth = ndimage.distance_transform_edt(np.pad(foreground(v.mean), 1))[1:-1, 1:-1, 1:-1]
+        return [dataclasses.replace(v, mask=v.mask & (depth > lo) & (depth <= hi)) for lo, hi in bands]
+
+    per_band = [band_volumes(v) for v in train]
+    coverages = []
+    for k, v in enumerate(train):
+        halfwidth = np.zeros_like(v.std)
+        for b in range(len(bands)):
+            rest = [per_band[j][b] for j in range(len(train)) if j != k]
+            lam = fit_calibration(*split_units(rest, shape, blocks=blocks), alpha=alpha, method="crc").scale
+            halfwidth += lam * shape.spread(v.std, v.mean, v.noise_std) * per_band[k][b].mask
+        inside = np.any([band.mask for band in per_band[k]], axis=0)
+        coverages.append(1.0 - float(miss_rate(v.error, halfwidth, 1.0, inside)))
+    return coverages
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen_sr.eval.evaluate import crop_to_foreground, evaluate, heldout_case, markdown_table, summarize
+from gen_sr.eval.evaluate import evaluate, heldout_case, heldout_slab, markdown_table, summarize
 from gen_sr.eval.metrics import region_masks
 from gen_sr.eval.stress import run_stress_test
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -90,10 +90,7 @@ def uncertainty(rows: list[dict]) -> str:
 
 
 def stress(pipe, t1, kwargs: dict) -> str:
-    holdout = pipe.config.acquisition["holdout"]
-    from gen_sr.data import slab
-
-    part = crop_to_foreground(slab(t1, "val", holdout["axis"], holdout["fraction"]))
+    part = heldout_slab(pipe, t1)
     out_dir = HERE / "stress_test"
     result = run_stress_test(pipe, [part], thickness_mm=4.0, num_samples=kwargs["num_samples"],
                              num_inference_steps=kwargs["num_inference_steps"], seed=0, output_dir=out_dir,

@@ -329,17 +329,21 @@ def split_units(
     Returns:
         ``(errors, spreads, masks)``, one entry per unit with any mask voxel; the spread is ``shape``'s.
     """
-    errors, spreads, masks = [], [], []
-    for v in volumes:
-        u = shape.spread(v.std, v.mean, v.noise_std)
-        counts = np.cumsum(np.moveaxis(v.mask, axis, 0).reshape(v.mask.shape[axis], -1).sum(1))
-        cuts = np.unique(np.searchsorted(counts, counts[-1] * np.arange(1, blocks) / blocks, side="right"))
-        for part in zip(*(np.split(a, cuts, axis=axis) for a in (v.error, u, v.mask)), strict=True):
-            if part[2].any():
-                errors.append(part[0])
-                spreads.append(part[1])
-                masks.append(part[2])
-    return errors, spreads, masks
+    parts = [_volume_units(v, shape.spread(v.std, v.mean, v.noise_std), blocks, axis) for v in volumes]
+    return _concat(parts)
+
+
+def _volume_units(v: CalibrationVolume, spread: np.ndarray, blocks: int, axis: int) -> list[tuple]:
+    """``(error, spread, mask)`` of each non-empty block of one volume (see :func:`split_units`)."""
+    counts = np.cumsum(np.moveaxis(v.mask, axis, 0).reshape(v.mask.shape[axis], -1).sum(1))
+    cuts = np.unique(np.searchsorted(counts, counts[-1] * np.arange(1, blocks) / blocks, side="right"))
+    blocks_of = [np.split(a, cuts, axis=axis) for a in (v.error, spread, v.mask)]
+    return [part for part in zip(*blocks_of, strict=True) if part[2].any()]
+
+
+def _concat(parts: Sequence[list[tuple]]) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    units = [unit for part in parts for unit in part]
+    return [u[0] for u in units], [u[1] for u in units], [u[2] for u in units]
 
 
 def transfer_coverage(volumes: Sequence[CalibrationVolume], shape: IntervalShape = IntervalShape(), *,
@@ -351,11 +355,12 @@ def transfer_coverage(volumes: Sequence[CalibrationVolume], shape: IntervalShape
     """
     if len(volumes) < 2:
         raise ValueError("leave-one-out needs at least 2 calibration volumes")
+    spreads = [shape.spread(v.std, v.mean, v.noise_std) for v in volumes]  # once per volume, not once per fold
+    parts = [_volume_units(v, u, blocks, axis) for v, u in zip(volumes, spreads, strict=True)]
     result = []
     for k, left_out in enumerate(volumes):
-        rest = [v for j, v in enumerate(volumes) if j != k]
-        cal = fit_calibration(*split_units(rest, shape, blocks=blocks, axis=axis), **fit)
-        result.append(left_out.coverage(dataclasses.replace(cal, shape=shape)))
+        cal = fit_calibration(*_concat([p for j, p in enumerate(parts) if j != k]), **fit)
+        result.append(1.0 - float(miss_rate(left_out.error, spreads[k], cal.scale, left_out.mask)))
     return result
 
 

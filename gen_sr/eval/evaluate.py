@@ -30,9 +30,10 @@ from gen_sr.eval.uncertainty import coverage, uncertainty_report
 from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, simulate_acquisition
 from gen_sr.volume import Volume, atomic_write, write_json
 
-__all__ = ["Case", "crop_to_foreground", "evaluate", "heldout_case", "markdown_table",
+__all__ = ["Case", "crop_to_foreground", "evaluate", "heldout_case", "heldout_slab", "markdown_table",
            "simulate_case", "summarize", "super_resolve", "training_slabs", "write_table",
            "write_table_files"]
+
 
 @dataclass
 class Case:
@@ -81,11 +82,14 @@ def heldout_case(pipe: Any, hr: Volume, name: str = "held-out slab", *, margin: 
     """The slab of ``hr`` that the model folder records as never seen in training, cropped to the foreground's
     bounding box (plus ``margin`` voxels), degraded along the model's axis (``simulate``: see
     :func:`simulate_case`)."""
-    holdout = pipe.config.acquisition.get("holdout")
-    if not holdout:
-        raise ValueError("the model folder records no held-out slab")
-    part = crop_to_foreground(slab(hr, "val", holdout["axis"], holdout["fraction"]), margin)
-    return simulate_case(part, name, axis=pipe.sr_axis, **simulate)
+    return simulate_case(heldout_slab(pipe, hr, margin=margin), name, axis=pipe.sr_axis, **simulate)
+
+
+def heldout_slab(pipe: Any, hr: Volume, *, margin: int = 4) -> Volume:
+    """The slab of ``hr`` that the model folder records as never seen in training, in RAS+, cropped to the
+    foreground's bounding box plus ``margin`` voxels."""
+    holdout = _holdout(pipe)
+    return crop_to_foreground(slab(hr, "val", holdout["axis"], holdout["fraction"]), margin)
 
 
 def training_slabs(pipe: Any, hr: Volume, *, margin: int = 4) -> list[tuple[str, Volume]]:
@@ -96,9 +100,7 @@ def training_slabs(pipe: Any, hr: Volume, *, margin: int = 4) -> list[tuple[str,
     Returns:
         ``(name, volume)`` pairs in RAS+, named by their voxel range along the held-out axis (``"y139-185"``).
     """
-    holdout = pipe.config.acquisition.get("holdout")
-    if not holdout:
-        raise ValueError("the model folder records no held-out slab")
+    holdout = _holdout(pipe)
     canon, axis = hr.canonical(), holdout["axis"]
     start, _ = slab_bounds(canon.shape, axis, holdout["fraction"], "val")
     width = canon.shape[axis] - start[axis]
@@ -110,6 +112,14 @@ def training_slabs(pipe: Any, hr: Volume, *, margin: int = 4) -> list[tuple[str,
         slabs.append((name, crop_to_foreground(canon.crop(lo_box, hi_box), margin)))
         hi -= width
     return slabs
+
+
+def _holdout(pipe: Any) -> dict:
+    """The held-out slab the model folder records (``{"axis", "fraction"}``)."""
+    holdout = pipe.config.acquisition.get("holdout")
+    if not holdout:
+        raise ValueError("the model folder records no held-out slab")
+    return holdout
 
 
 def crop_to_foreground(volume: Volume, margin: int = 4) -> Volume:

@@ -105,6 +105,12 @@ class Lesion:
         return out
 
 
+def _site_region(data: np.ndarray) -> np.ndarray:
+    """Where sites go and risk is scored: the :func:`~gen_sr.eval.metrics.foreground`, lightly smoothed, with its
+    holes kept (no lesion in a ventricle)."""
+    return foreground(data, smooth=1.0, fill_holes=False)
+
+
 def _semi_axes(diameter: float | Sequence[float]) -> tuple[float, float, float]:
     d = np.broadcast_to(np.asarray(diameter, dtype=np.float64), (3,))
     return tuple(float(v) / 2 for v in d)  # type: ignore[return-value]
@@ -133,8 +139,7 @@ def insert_lesions(volume: Volume, *, diameters_mm: Sequence[float | Sequence[fl
         diameters_mm: sizes: a diameter (sphere) or three diameters along world x, y, z (ellipsoid).
         contrast: added intensity, signed, as a fraction of the volume's robust (0.5-99.5 %) intensity range.
         n_per_size, controls, removed: sites per size of each kind (``controls`` defaults to ``n_per_size``).
-        mask: ``(X, Y, Z)`` boolean foreground; default: :func:`~gen_sr.eval.metrics.foreground`, lightly
-            smoothed, holes kept (no lesion in a ventricle).
+        mask: ``(X, Y, Z)`` boolean foreground; default: :func:`_site_region`.
         seed: placement seed; the result is deterministic.
         min_distance_mm: gap between site surfaces (default ``shell_mm``, so no shell touches another site).
         shell_mm: thickness of the measurement shell around each site.
@@ -147,7 +152,7 @@ def insert_lesions(volume: Volume, *, diameters_mm: Sequence[float | Sequence[fl
     """
     data = volume.data.astype(np.result_type(volume.data.dtype, np.float32), copy=True)
     scale = IntensityNormalization.fit(volume.data).scale
-    fg = foreground(volume.data, smooth=1.0, fill_holes=False) if mask is None else np.asarray(mask, dtype=bool)
+    fg = _site_region(volume.data) if mask is None else np.asarray(mask, dtype=bool)
     spacing = np.asarray(volume.spacing)
     depth = ndimage.distance_transform_edt(np.pad(fg, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     gap = shell_mm if min_distance_mm is None else min_distance_mm
@@ -388,7 +393,7 @@ def run_stress_test(pipe: Any, hr_volumes: Sequence[Volume | str | Path], *, thi
                             generator=torch.Generator().manual_seed(seed),
                             **{"keep_samples": False, **pipe_kwargs, "output_type": "np"})
         sr, risk = np.asarray(out.mean, np.float64), np.asarray(out.risk, np.float64)
-        fg = foreground(truth.data, smooth=1.0, fill_holes=False)
+        fg = _site_region(truth.data)
         wrong = np.abs(sr - truth.data) > tau * scale
         scores.append(risk[fg])
         labels.append(wrong[fg])
