@@ -1,15 +1,19 @@
-"""Does a calibration fitted on some parts of the brain hold on another? Leave-one-slab-out over the template's
-training region, then one measurement on the held-out slab.
+"""Does a calibration fitted on some parts of the brain hold on another? Leave-one-out over the calibration volumes
+of the MNI152 template, then one measurement on the held-out slab.
 
     python benchmarks/calibration_transfer.py --model models/mni2d --output-dir runs/calibration_transfer
 
-1. Cut the training region of the MNI152 template (RAS+ axis 1, below the held-out slab) into slabs as thick as the
-   held-out slab, crop each to the brain, degrade it (4 mm Gaussian slices, SNR 30) and super-resolve it once;
-   the outputs are cached in ``--output-dir`` (``<slab>.npz``), so a second run only re-analyses.
-2. For every interval family (``--shapes``), fit ``λ̂`` by conformal risk control on the blocks of all training
-   slabs but one and measure coverage on the left-out slab. The spread of these coverages is the transfer error
-   that a new region of the brain should expect; the held-out slab plays no part in it.
-3. Fit on blocks of every training slab and measure coverage on the held-out slab, once, for each family.
+1. The calibration volumes: the model's reserved calibration slab (training never saw it) in ``--pieces`` pieces
+   across sagittal slices, as ``benchmarks/calibration_volumes.py`` writes them; for a model without one, the
+   training region cut into slabs as thick as the held-out slab. Each is degraded (4 mm Gaussian slices, SNR 30) and
+   super-resolved once; the outputs are cached in ``--output-dir`` (``<name>.npz``), so a second run only
+   re-analyses.
+2. For every interval family, fit ``λ̂`` by conformal risk control on the blocks of all calibration volumes but one
+   and measure coverage on the left-out one. The spread of these coverages is the transfer error that a new region
+   should expect; the held-out slab plays no part in it.
+3. Fit on blocks of every calibration volume and measure coverage on the held-out slab, once, for each family.
+4. With ``--in-sample``, also super-resolve the training region's slabs, to compare errors where the model was
+   trained with errors where it was not (the |error| / std quantiles).
 
 Prints and writes ``calibration_transfer.md`` and ``.json`` into ``--output-dir``.
 """
@@ -33,7 +37,7 @@ from gen_sr.eval.calibration import (
     miss_rate,
     split_units,
 )
-from gen_sr.eval.evaluate import heldout_case, simulate_case, super_resolve, training_slabs
+from gen_sr.eval.evaluate import calibration_slabs, heldout_case, simulate_case, super_resolve, training_slabs
 from gen_sr.eval.metrics import foreground, region_masks
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.sample_data import load_mni152
@@ -68,7 +72,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--snr", type=float, default=30.0)
     parser.add_argument("--thickness", type=float, default=4.0)
-    parser.add_argument("--blocks", type=int, default=48, help="calibration units per training slab")
+    parser.add_argument("--blocks", type=int, default=12, help="calibration units per calibration volume")
+    parser.add_argument("--pieces", type=int, default=4, help="pieces of the calibration slab (default: 4)")
+    parser.add_argument("--in-sample", action="store_true", help="also measure the training region's slabs")
     parser.add_argument("--cache-only", action="store_true", help="super-resolve and cache, skip the analysis")
     args = parser.parse_args()
 
@@ -78,17 +84,27 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     t1 = load_mni152("t1")
     acq = {"axis": pipe.sr_axis, "thickness": args.thickness, "snr": args.snr}
-    cases = [simulate_case(v, f"train {n}", seed=1 + i, **acq) for i, (n, v) in enumerate(training_slabs(pipe, t1))]
+    reserved = bool(pipe.config.acquisition.get("holdout", {}).get("calibration_fraction"))
+    named = ([(f"calibration {n}", v) for n, v in calibration_slabs(pipe, t1, pieces=args.pieces)] if reserved
+             else [(f"train {n}", v) for n, v in training_slabs(pipe, t1)])
+    if reserved and args.in_sample:
+        named += [(f"train {n}", v) for n, v in training_slabs(pipe, t1)]
+    cases = [simulate_case(v, n, seed=1 + i, **acq) for i, (n, v) in enumerate(named)]
     cases.append(heldout_case(pipe, t1, "held-out", thickness=args.thickness, snr=args.snr))
     volumes = cached_volumes(pipe, cases, out, args.samples, args.steps)
     if not args.cache_only:
-        analyse(volumes[:-1], volumes[-1], out, args.blocks)
+        kind = "calibration" if reserved else "train"
+        calibration = [v for v in volumes[:-1] if v.name.startswith(kind)]
+        in_sample = [v for v in volumes[:-1] if not v.name.startswith(kind)]
+        analyse(calibration, volumes[-1], out, args.blocks, in_sample=in_sample)
 
 
 def analyse(train: list[CalibrationVolume], held: CalibrationVolume, out: Path, blocks: int,
-            alpha: float = 0.1) -> None:
+            alpha: float = 0.1, in_sample: list[CalibrationVolume] = ()) -> None:
+    """The tables, for calibration volumes ``train`` (the chosen shape, fitted on all of them, is measured on
+    ``held``); ``in_sample`` volumes enter only the |error| / std quantiles."""
     chosen, rows = choose_shape(train, blocks=blocks, alpha=alpha, method="crc")
-    for row in rows:  # every candidate fitted on all training slabs, measured on the held-out slab (not chosen on)
+    for row in rows:  # every candidate fitted on all calibration volumes, measured on the held-out slab (not chosen on)
         shape = IntervalShape(**row["shape"])
         cal = dataclasses.replace(fit_calibration(*split_units(train, shape, blocks=blocks), alpha=alpha,
                                                   method="crc"), shape=shape)
@@ -96,9 +112,9 @@ def analyse(train: list[CalibrationVolume], held: CalibrationVolume, out: Path, 
         row |= {"scale": cal.scale, "heldout_coverage": held.coverage(cal),
                 "heldout_spearman": float(spearmanr(u[held.mask], np.abs(held.error[held.mask]))[0])}
     names = [v.name for v in train]
-    lines = [f"Leave-one-slab-out over the training slabs ({', '.join(names)}); {blocks} blocks of equal brain "
-             f"volume per slab; conformal risk control at α = {alpha:g}. The shape is chosen on the left-out "
-             "coverages only; the held-out columns are measured after fitting on every training slab.", "",
+    lines = [f"Leave-one-out over the calibration volumes ({', '.join(names)}); {blocks} blocks of equal brain "
+             f"volume per volume; conformal risk control at α = {alpha:g}. The shape is chosen on the left-out "
+             "coverages only; the held-out columns are measured after fitting on every calibration volume.", "",
              "| std smoothing (voxels) | noise floor | edge weight | left-out coverages | RMS from target "
              "| λ̂ | held-out coverage | held-out Spearman |", "|" + " --- |" * 8]
     for row in rows:
@@ -107,9 +123,9 @@ def analyse(train: list[CalibrationVolume], held: CalibrationVolume, out: Path, 
         lines.append(f"| {sh['smoothing']:g} | {sh['noise_floor']:g} | {sh['edge_weight']:g}{mark} | "
                      f"{', '.join(f'{c:.3f}' for c in row['coverages'])} | {row['rms']:.4f} | {row['scale']:.3g} | "
                      f"{row['heldout_coverage']:.4f} | {row['heldout_spearman']:.3f} |")
-    lines += ["", f"Voxel-wise {1 - alpha:.0%} point of |error| / std (the λ a slab alone would need): "
+    lines += ["", f"Voxel-wise {1 - alpha:.0%} point of |error| / std (the λ a volume alone would need): "
               + ", ".join(f"{v.name} {np.quantile(np.abs(v.error[v.mask]) / v.std[v.mask], 1 - alpha):.2f}"
-                          for v in [*train, held]) + "."]
+                          for v in [*train, *in_sample, held]) + "."]
     lines += ["", "Separate λ̂ per band of distance (0-2, 2-5, > 5 voxels) to the SR mean's foreground surface "
               "(Mondrian), left-out coverages:", ""]
     lines += [f"- {sh}: {', '.join(f'{c:.3f}' for c in surface_bands(train, sh, blocks, alpha))}"
@@ -123,8 +139,8 @@ def analyse(train: list[CalibrationVolume], held: CalibrationVolume, out: Path, 
 
 def surface_bands(train: list[CalibrationVolume], shape: IntervalShape, blocks: int, alpha: float,
                   bands: tuple = ((0, 2), (2, 5), (5, np.inf))) -> list[float]:
-    """Leave-one-slab-out coverages when each band of distance (voxels) to the SR mean's foreground surface gets its
-    own λ̂; the left-out slab is scored inside the bands."""
+    """Leave-one-out coverages when each band of distance (voxels) to the SR mean's foreground surface gets its
+    own λ̂; the left-out volume is scored inside the bands."""
     def band_volumes(v: CalibrationVolume) -> list[CalibrationVolume]:
         depth = ndimage.distance_transform_edt(np.pad(foreground(v.mean), 1))[1:-1, 1:-1, 1:-1]
         return [dataclasses.replace(v, mask=v.mask & (depth > lo) & (depth <= hi)) for lo, hi in bands]

@@ -1,11 +1,15 @@
-"""Calibration volumes for the demo model: the MNI152 template's *training* region cut into slabs as thick as the
-held-out slab, each cropped to the brain (:func:`gen_sr.eval.evaluate.training_slabs`).
+"""Calibration volumes for the demo model: the MNI152 template's *calibration* slab, which training never saw, cut
+into pieces of equal brain volume across sagittal slices (:func:`gen_sr.eval.evaluate.calibration_slabs`).
 
     python benchmarks/calibration_volumes.py --model models/mni2d --output-dir runs/calibration_volumes
-    gen-sr calibrate --model models/mni2d --data runs/calibration_volumes --blocks 48 --interval auto ...
+    gen-sr calibrate --model models/mni2d --data runs/calibration_volumes --blocks 12 --interval auto ...
 
-With a single template there is only one brain, so the exchangeable units of the calibration are blocks of these
-slabs (``--blocks``), never voxels and never the held-out slab, on which coverage is then measured.
+Conformal calibration needs errors exchangeable with those on new data; errors on the training region are in-sample
+(smaller), so a model trained with ``data.calibration_fraction > 0`` is calibrated on that reserved slab. With a single
+template there is only one brain, so the units are blocks of these pieces (``--blocks``), never voxels and never the
+held-out slab, on which coverage is then measured. Several pieces (lateral and medial) let ``--interval auto`` check
+how a calibration transfers between regions. ``--training-slabs`` writes the training region's slabs instead (in
+sample: for models without a calibration slab, or to study transfer).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gen_sr.eval.evaluate import training_slabs
+from gen_sr.eval.evaluate import calibration_slabs, training_slabs
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.sample_data import load_mni152
 from gen_sr.volume import save_volume
@@ -23,15 +27,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--slabs", type=int, default=None, help="only the first this many (nearest the held-out slab)")
+    parser.add_argument("--pieces", type=int, default=4, help="pieces of the calibration slab (default: 4)")
+    parser.add_argument("--training-slabs", action="store_true", help="write the training region's slabs instead")
     parser.add_argument("--margin", type=int, default=4)
     args = parser.parse_args()
 
     pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
+    t1 = load_mni152("t1")
+    if args.training_slabs:
+        named = [(f"train_{n}", v) for n, v in training_slabs(pipe, t1, margin=args.margin)]
+    else:
+        named = [(f"calibration_{n.replace(' ', '_')}", v)
+                 for n, v in calibration_slabs(pipe, t1, pieces=args.pieces, margin=args.margin)]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, vol in training_slabs(pipe, load_mni152("t1"), margin=args.margin)[: args.slabs]:
-        path = save_volume(vol, out / f"train_{name}.nii.gz", overwrite=True)
+    for name, vol in named:
+        path = save_volume(vol, out / f"{name}.nii.gz", overwrite=True)
         print(f"{path}: {vol.shape} voxels")
 
 

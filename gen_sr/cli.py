@@ -204,7 +204,8 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------- evaluation
 def _hr_volumes(args: argparse.Namespace, pipe) -> list:
     """``(name, Volume)`` of every HR volume of ``--data``, cut to the ``--region``."""
-    from gen_sr.data import find_volumes, slab
+    from gen_sr.data import find_volumes
+    from gen_sr.eval.evaluate import model_slab
     from gen_sr.sample_data import load_mni152
     from gen_sr.volume import load_volume
 
@@ -215,11 +216,12 @@ def _hr_volumes(args: argparse.Namespace, pipe) -> list:
         else:
             named += [(f.name.removesuffix(".gz").removesuffix(".nii"), load_volume(f)) for f in find_volumes([entry])]
     if args.region != "all":
-        holdout = pipe.config.acquisition.get("holdout")
-        if not holdout:
-            raise InputError("the model folder records no held-out slab", args.model, "use --region all")
-        split = "val" if args.region == "heldout" else "train"
-        named = [(n, slab(v, split, holdout["axis"], holdout["fraction"])) for n, v in named]
+        holdout = pipe.config.acquisition.get("holdout") or {}
+        if not holdout or (args.region == "calibration" and not holdout.get("calibration_fraction")):
+            what = {"heldout": "held-out"}.get(args.region, args.region)
+            raise InputError(f"the model folder records no {what} slab", args.model, "use --region all")
+        split = {"heldout": "val"}.get(args.region, args.region)
+        named = [(n, model_slab(pipe, v, split)) for n, v in named]
     return named
 
 
@@ -463,9 +465,9 @@ def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
     """HR volumes to simulate acquisitions from, and the acquisition."""
     p.add_argument("--data", required=True, nargs="+", metavar="PATH",
                    help="HR NIfTI files or folders of them, or 'mni152' for the embedded template")
-    p.add_argument("--region", choices=("all", "train", "heldout"), default="all",
-                   help="use the whole volumes, or only the training or held-out slab the model folder records "
-                        "(default: all)")
+    p.add_argument("--region", choices=("all", "train", "calibration", "heldout"), default="all",
+                   help="use the whole volumes, or only the training, calibration or held-out slab the model folder "
+                        "records (default: all)")
     p.add_argument("--slice-thickness", type=_positive_float, default=4.0, metavar="MM",
                    help="simulated slice thickness in mm (default: 4)")
     p.add_argument("--slice-spacing", type=_positive_float, metavar="MM", help="default: the thickness")

@@ -8,9 +8,11 @@ item from configured ranges, so a model does not learn one acquisition only.
 Reproducibility: item ``i`` of a split is a pure function of ``(seed, split, i)``; no sampler state exists. A
 sequential loader therefore replays exactly the same data order after ``--resume``, on any number of processes.
 
-Held-out data: each volume is cut into two slabs along ``holdout_axis``. Training items come only from the first
-slab, validation items only from the second, so training never sees a single held-out voxel (2D slices are taken
-inside a slab, never across it).
+Held-out data: each volume is cut into slabs along ``holdout_axis``: the training slab, optionally a calibration slab
+(``calibration_fraction``), and the held-out slab at the far end. Training items come only from the first slab,
+validation items only from the last, so training never sees a single held-out or calibration voxel (2D slices are
+taken inside a slab, never across it). The calibration slab is for ``gen-sr calibrate``: conformal calibration needs
+errors that are exchangeable with those on new data, and errors on data the model was trained on are not.
 
 All volumes are processed in RAS+ orientation and normalised with their robust percentiles
 (:class:`~gen_sr.volume.IntensityNormalization`) before the acquisition is simulated.
@@ -93,6 +95,8 @@ class DataConfig:
             acquisition axis): 0 gives sagittal slices, 1 coronal ones.
         holdout_axis: RAS+ axis along which the held-out slab is cut.
         holdout_fraction: size of the held-out slab (the far end of ``holdout_axis``), as a fraction.
+        calibration_fraction: size of the calibration slab, next to the held-out slab, as a fraction; 0 for none.
+            Training never sees it either; ``gen-sr calibrate`` uses it (see :func:`slab_bounds`).
         normalize_percentiles: robust intensity range mapped to [0, 1].
         condition: how the LR acquisition is brought onto the HR grid as the network condition: ``"cubic"`` or
             ``"linear"`` interpolation between slice centres, or ``"pinv"`` (the operator's pseudo-inverse; it
@@ -107,6 +111,7 @@ class DataConfig:
     slice_normals: list[int] = field(default_factory=lambda: [0, 1])
     holdout_axis: int = 1
     holdout_fraction: float = 0.2
+    calibration_fraction: float = 0.0
     normalize_percentiles: tuple[float, float] = (0.5, 99.5)
     condition: Literal["cubic", "linear", "pinv"] = "cubic"
     min_foreground: float = 0.2
@@ -117,6 +122,9 @@ class DataConfig:
             raise ValueError(f"crop_size needs 2 or 3 sizes of at least 4, got {self.crop_size}")
         if not 0 < self.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if not 0 <= self.calibration_fraction < 1 - self.holdout_fraction:
+            raise ValueError(
+                f"calibration_fraction must be in [0, 1 - holdout_fraction), got {self.calibration_fraction}")
         if not 0 <= self.holdout_axis <= 2:
             raise ValueError(f"holdout_axis must be 0, 1 or 2, got {self.holdout_axis}")
         if self.acquisition.axis in self.slice_normals or not set(self.slice_normals) <= {0, 1, 2}:
@@ -130,30 +138,35 @@ class DataConfig:
         return len(self.crop_size)
 
 
-def slab_bounds(shape: Sequence[int], axis: int, fraction: float, split: str = "val") -> tuple[list[int], list[int]]:
-    """Voxel box ``(start, stop)`` of the training slab or the held-out slab (the far ``fraction`` of ``axis``)."""
+def slab_bounds(shape: Sequence[int], axis: int, fraction: float, split: str = "val",
+                calibration_fraction: float = 0.0) -> tuple[list[int], list[int]]:
+    """Voxel box ``(start, stop)`` of one slab along ``axis``: from the far end backwards, the held-out slab
+    (``"val"``, ``fraction`` of the axis), the calibration slab (``"calibration"``, ``calibration_fraction``; empty when
+    0) and the training slab (``"train"``, the rest)."""
+    if split not in ("train", "calibration", "val"):
+        raise ValueError(f"split must be 'train', 'calibration' or 'val', got {split!r}")
     n = shape[axis]
-    cut = n - max(1, round(n * fraction))
+    held = n - max(1, round(n * fraction))
+    cal = held - (round(n * calibration_fraction) if calibration_fraction > 0 else 0)
+    lo, hi = {"train": (0, cal), "calibration": (cal, held), "val": (held, n)}[split]
     start, stop = [0, 0, 0], list(shape)
-    if split == "train":
-        stop[axis] = cut
-    else:
-        start[axis] = cut
+    start[axis], stop[axis] = lo, hi
     return start, stop
 
 
-def slab(volume: Volume, split: str = "val", axis: int = 1, fraction: float = 0.2) -> Volume:
-    """The held-out slab (``split="val"``: the part training never sees) or the training slab of a volume, in RAS+
-    orientation with its exact geometry.
+def slab(volume: Volume, split: str = "val", axis: int = 1, fraction: float = 0.2,
+         calibration_fraction: float = 0.0) -> Volume:
+    """One slab of a volume (see :func:`slab_bounds`): the held-out slab (``split="val"``: the part training never
+    sees), the calibration slab or the training slab, in RAS+ orientation with its exact geometry.
 
     Args:
         volume: any orientation; it is brought to RAS+ first, where ``axis`` is counted (1: posterior-anterior).
-        split: ``"val"`` or ``"train"``.
-        axis, fraction: as in :class:`DataConfig` (``holdout_axis``, ``holdout_fraction``), or as a model folder
-            records them (``acquisition["holdout"]``).
+        split: ``"val"``, ``"calibration"`` or ``"train"``.
+        axis, fraction, calibration_fraction: as in :class:`DataConfig` (``holdout_axis``, ``holdout_fraction``,
+            ``calibration_fraction``), or as a model folder records them (``acquisition["holdout"]``).
     """
     canon = volume.canonical()
-    return canon.crop(*slab_bounds(canon.shape, axis, fraction, split))
+    return canon.crop(*slab_bounds(canon.shape, axis, fraction, split, calibration_fraction))
 
 
 def find_volumes(paths: Sequence[str]) -> list[Path]:
@@ -221,7 +234,9 @@ class SRPairDataset(torch.utils.data.Dataset):
 
     def _region(self, data: np.ndarray) -> np.ndarray:
         """The training slab or the held-out slab of one volume (a view)."""
-        start, stop = slab_bounds(data.shape, self.cfg.holdout_axis, self.cfg.holdout_fraction, self.split)
+        cfg = self.cfg
+        start, stop = slab_bounds(data.shape, cfg.holdout_axis, cfg.holdout_fraction, self.split,
+                                  cfg.calibration_fraction)
         return data[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
 
     def __len__(self) -> int:

@@ -47,6 +47,29 @@ def test_training_never_sees_the_held_out_slab() -> None:
     assert float(val_values[val_values > 0].min()) >= held_out_from  # zeros are padding
 
 
+def test_training_never_sees_the_calibration_slab_either() -> None:
+    cfg = DataConfig(crop_size=(16, 16), holdout_fraction=0.25, calibration_fraction=0.25, min_foreground=0.0,
+                     acquisition=AcquisitionRanges(snr=None))
+    calibration_from = 1 + 40 - 20  # along axis 1: training 0..19, calibration 20..29, held out 30..39
+    train, val = _dataset(cfg, "train", 200), _dataset(cfg, "val", 50)
+    assert max(float(train[i]["hr"].max()) for i in range(len(train))) < calibration_from
+    val_values = torch.cat([val[i]["hr"].flatten() for i in range(len(val))])
+    assert float(val_values[val_values > 0].min()) >= 1 + 30  # validation stays on the held-out slab
+
+
+def test_the_three_slabs_tile_the_axis_in_order() -> None:
+    from gen_sr.data import slab_bounds
+
+    shape = (5, 233, 7)
+    boxes = {s: slab_bounds(shape, 1, 0.2, s, 0.2) for s in ("train", "calibration", "val")}
+    assert [(b[0][1], b[1][1]) for b in boxes.values()] == [(0, 139), (139, 186), (186, 233)]
+    assert all(b[0][0] == b[0][2] == 0 and b[1][0] == 5 and b[1][2] == 7 for b in boxes.values())
+    assert slab_bounds(shape, 1, 0.2, "calibration")[0][1] == slab_bounds(shape, 1, 0.2, "calibration")[1][1] == 186
+    assert slab_bounds(shape, 1, 0.2, "train") == slab_bounds(shape, 1, 0.2, "train", 0.0)
+    with pytest.raises(ValueError, match="split"):
+        slab_bounds(shape, 1, 0.2, "test")
+
+
 def test_the_acquisition_blurs_only_along_the_super_resolved_axis() -> None:
     rng = np.random.default_rng(0)
     # constant along the acquisition axis (2): the slice operator leaves it unchanged; varying along it: it doesn't
@@ -98,7 +121,9 @@ def test_volume_loading_and_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "kwargs,match",
     [({"crop_size": (16,)}, "crop_size"), ({"slice_normals": [2]}, "slice_normals"),
-     ({"holdout_fraction": 1.5}, "holdout_fraction")],
+     ({"holdout_fraction": 1.5}, "holdout_fraction"),
+     ({"holdout_fraction": 0.5, "calibration_fraction": 0.5}, "calibration_fraction"),
+     ({"calibration_fraction": -0.1}, "calibration_fraction")],
 )
 def test_invalid_data_configs(kwargs, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -107,6 +107,8 @@ def test_evaluate_command_and_its_errors(tmp_path: Path, capsys) -> None:
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--region", "heldout"]) == 2
     assert "records no held-out slab" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--region", "calibration"]) == 2
+    assert "records no calibration slab" in capsys.readouterr().err
     assert main([*args[:4], str(tmp_path / "missing.nii.gz"), *args[5:], "--overwrite"]) == 2
     assert main([*args, "--overwrite", "--slice-thickness", "100"]) == 2
     assert "cannot simulate" in capsys.readouterr().err
@@ -156,6 +158,31 @@ def test_training_slabs_tile_the_training_region_only() -> None:
     for (_, v), (lo, hi) in zip(slabs, ((10, 16), (4, 10), (0, 4)), strict=True):
         assert v.shape == (12, hi - lo, 24) and v.affine[1, 3] == lo
         np.testing.assert_array_equal(v.data, data[2:14, lo:hi])
+
+
+def test_calibration_slabs_are_the_reserved_slab_in_pieces_of_equal_brain_volume() -> None:
+    from gen_sr.eval.evaluate import calibration_slabs, training_slabs
+
+    pipe = _pipe(2)
+    pipe.register_to_config(acquisition={**pipe.config.acquisition, "holdout": {"axis": 1, "fraction": 0.25}})
+    with pytest.raises(ValueError, match="no calibration slab"):
+        calibration_slabs(pipe, _hr())
+    holdout = {"axis": 1, "fraction": 0.25, "calibration_fraction": 0.25}
+    pipe.register_to_config(acquisition={**pipe.config.acquisition, "holdout": holdout})
+    data = np.zeros((30, 24, 20), dtype=np.float32)
+    data[4:26] = 1.0 + np.random.default_rng(0).random((22, 24, 20))  # brain: x 4..25, everywhere in y and z
+    vol = Volume(data, np.eye(4))
+    # y: training 0..11, calibration 12..17, held out 18..23
+    assert [n for n, _ in training_slabs(pipe, vol, margin=1)] == ["y6-11", "y0-5"]
+    ((name, whole),) = calibration_slabs(pipe, vol, margin=1)
+    assert name == "y12-17" and whole.shape == (24, 6, 20) and whole.affine[0, 3] == 3 and whole.affine[1, 3] == 12
+    np.testing.assert_array_equal(whole.data, data[3:27, 12:18])
+    pieces = calibration_slabs(pipe, vol, pieces=2, margin=1)
+    assert [n for n, _ in pieces] == ["y12-17 x3-14", "y12-17 x15-26"]
+    # each half of the brain (x 4..14 and 15..25, 11 slices each), with the margin outside; pieces do not overlap
+    for (_, v), (lo, hi) in zip(pieces, ((3, 15), (15, 27)), strict=True):
+        assert v.affine[0, 3] == lo and v.affine[1, 3] == 12
+        np.testing.assert_array_equal(v.data, data[lo:hi, 12:18])
 
 
 def test_evaluate_with_an_operator_file_from_degrade(tmp_path: Path, capsys) -> None:

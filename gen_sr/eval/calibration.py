@@ -45,8 +45,8 @@ from scipy.stats import binom
 from gen_sr.volume import atomic_write
 
 __all__ = ["CALIBRATION_FILE", "SHAPE_CANDIDATES", "Calibration", "CalibrationVolume", "IntervalShape",
-           "calibration_volumes", "choose_shape", "fit_calibration", "hb_p_value", "miss_rate", "split_units",
-           "transfer_coverage", "upper_bound"]
+           "balanced_cuts", "calibration_volumes", "choose_shape", "fit_calibration", "hb_p_value", "miss_rate",
+           "split_units", "transfer_coverage", "upper_bound"]
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -333,10 +333,16 @@ def split_units(
     return _concat(parts)
 
 
+def balanced_cuts(mask: np.ndarray, parts: int, axis: int = 0) -> np.ndarray:
+    """Indices along ``axis`` that cut ``mask`` into ``parts`` slabs holding equal numbers of mask voxels, as nearly
+    as whole slices allow (for ``np.split``; duplicates dropped, so a small mask may give fewer slabs)."""
+    counts = np.cumsum(np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1).sum(1))
+    return np.unique(np.searchsorted(counts, counts[-1] * np.arange(1, parts) / parts, side="right"))
+
+
 def _volume_units(v: CalibrationVolume, spread: np.ndarray, blocks: int, axis: int) -> list[tuple]:
     """``(error, spread, mask)`` of each non-empty block of one volume (see :func:`split_units`)."""
-    counts = np.cumsum(np.moveaxis(v.mask, axis, 0).reshape(v.mask.shape[axis], -1).sum(1))
-    cuts = np.unique(np.searchsorted(counts, counts[-1] * np.arange(1, blocks) / blocks, side="right"))
+    cuts = balanced_cuts(v.mask, blocks, axis)
     blocks_of = [np.split(a, cuts, axis=axis) for a in (v.error, spread, v.mask)]
     return [part for part in zip(*blocks_of, strict=True) if part[2].any()]
 

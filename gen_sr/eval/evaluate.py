@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -23,16 +24,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gen_sr.data import slab, slab_bounds
+from gen_sr.data import slab_bounds
 from gen_sr.eval.baselines import BASELINES, baseline
+from gen_sr.eval.calibration import balanced_cuts
 from gen_sr.eval.metrics import LPIPS_NOTE, image_metrics, region_masks
 from gen_sr.eval.uncertainty import coverage, uncertainty_report
 from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, simulate_acquisition
 from gen_sr.volume import Volume, atomic_write, write_json
 
-__all__ = ["Case", "crop_to_foreground", "evaluate", "heldout_case", "heldout_slab", "markdown_table",
-           "simulate_case", "summarize", "super_resolve", "training_slabs", "write_table",
-           "write_table_files"]
+__all__ = ["Case", "calibration_slabs", "crop_to_foreground", "evaluate", "heldout_case", "heldout_slab",
+           "markdown_table", "model_slab", "simulate_case", "summarize", "super_resolve", "training_slabs",
+           "write_table", "write_table_files"]
 
 
 @dataclass
@@ -88,23 +90,47 @@ def heldout_case(pipe: Any, hr: Volume, name: str = "held-out slab", *, margin: 
 def heldout_slab(pipe: Any, hr: Volume, *, margin: int = 4) -> Volume:
     """The slab of ``hr`` that the model folder records as never seen in training, in RAS+, cropped to the
     foreground's bounding box plus ``margin`` voxels."""
+    return crop_to_foreground(model_slab(pipe, hr, "val"), margin)
+
+
+def calibration_slabs(pipe: Any, hr: Volume, *, pieces: int = 1, margin: int = 4) -> list[tuple[str, Volume]]:
+    """The calibration slab that the model folder records (training never saw it; ``data.calibration_fraction``),
+    cropped to the foreground, and cut along RAS+ axis 0 (across sagittal slices, which stay whole) into ``pieces``
+    parts of equal brain volume, each cropped to its foreground plus ``margin`` voxels. Several pieces let
+    ``gen-sr calibrate --interval auto`` check how a calibration transfers between regions (lateral and medial).
+
+    Returns:
+        ``(name, volume)`` pairs in RAS+, named by their voxel ranges (``"y139-185 x0-71"``).
+    """
     holdout = _holdout(pipe)
-    return crop_to_foreground(slab(hr, "val", holdout["axis"], holdout["fraction"]), margin)
+    if not holdout.get("calibration_fraction"):
+        raise ValueError("the model folder records no calibration slab (train with data.calibration_fraction > 0)")
+    canon, axis = hr.canonical(), holdout["axis"]
+    start, stop = _bounds(pipe, canon, "calibration")
+    name = f"{'xyz'[axis]}{start[axis]}-{stop[axis] - 1}"
+    whole = canon.crop(start, stop)
+    start, stop = _foreground_box(whole, margin)
+    x = [start[0], *(start[0] + balanced_cuts(region_masks(whole.crop(start, stop).data)["brain"], pieces)), stop[0]]
+    out = []
+    for a, b in itertools.pairwise(x):
+        piece = whole.crop([a, *start[1:]], [b, *stop[1:]])
+        out.append((name, piece) if pieces == 1 else (f"{name} x{a}-{b - 1}", crop_to_foreground(piece, margin)))
+    return out
 
 
 def training_slabs(pipe: Any, hr: Volume, *, margin: int = 4) -> list[tuple[str, Volume]]:
-    """The training region of ``hr`` (all but the held-out slab the model folder records) cut into slabs as thick as
-    the held-out slab, from its neighbour backwards, each cropped to the foreground like :func:`heldout_case`; a last
-    slab thinner than half that is dropped. With a single template these are the calibration volumes.
+    """The training region of ``hr`` (all the model folder records as seen in training) cut into slabs as thick as
+    the held-out slab, from its far end backwards, each cropped to the foreground like :func:`heldout_case`; a last
+    slab thinner than half that is dropped. Errors there are in-sample: for studying how a calibration transfers
+    between regions, not for calibrating (:func:`calibration_slabs`).
 
     Returns:
         ``(name, volume)`` pairs in RAS+, named by their voxel range along the held-out axis (``"y139-185"``).
     """
     holdout = _holdout(pipe)
     canon, axis = hr.canonical(), holdout["axis"]
-    start, _ = slab_bounds(canon.shape, axis, holdout["fraction"], "val")
-    width = canon.shape[axis] - start[axis]
-    slabs, hi = [], start[axis]
+    width = canon.shape[axis] - slab_bounds(canon.shape, axis, holdout["fraction"], "val")[0][axis]
+    slabs, hi = [], _bounds(pipe, canon, "train")[1][axis]
     while hi - width // 2 > 0:
         lo_box, hi_box = [0, 0, 0], list(canon.shape)
         lo_box[axis], hi_box[axis] = max(hi - width, 0), hi
@@ -114,8 +140,21 @@ def training_slabs(pipe: Any, hr: Volume, *, margin: int = 4) -> list[tuple[str,
     return slabs
 
 
+def model_slab(pipe: Any, hr: Volume, split: str) -> Volume:
+    """The ``"train"``, ``"calibration"`` or ``"val"`` (held-out) slab of ``hr`` as the model folder records them
+    (:func:`gen_sr.data.slab`), in RAS+."""
+    canon = hr.canonical()
+    return canon.crop(*_bounds(pipe, canon, split))
+
+
+def _bounds(pipe: Any, canon: Volume, split: str) -> tuple[list[int], list[int]]:
+    holdout = _holdout(pipe)
+    return slab_bounds(canon.shape, holdout["axis"], holdout["fraction"], split, holdout.get("calibration_fraction", 0))
+
+
 def _holdout(pipe: Any) -> dict:
-    """The held-out slab the model folder records (``{"axis", "fraction"}``)."""
+    """The held-out slab the model folder records (``{"axis", "fraction"}``, and ``"calibration_fraction"`` when
+    a calibration slab was reserved)."""
     holdout = pipe.config.acquisition.get("holdout")
     if not holdout:
         raise ValueError("the model folder records no held-out slab")
@@ -124,8 +163,12 @@ def _holdout(pipe: Any) -> dict:
 
 def crop_to_foreground(volume: Volume, margin: int = 4) -> Volume:
     """The bounding box of the foreground (:func:`~gen_sr.eval.metrics.region_masks`), plus ``margin`` voxels."""
+    return volume.crop(*_foreground_box(volume, margin))
+
+
+def _foreground_box(volume: Volume, margin: int) -> tuple[np.ndarray, np.ndarray]:
     box = np.argwhere(region_masks(volume.data)["brain"])
-    return volume.crop(np.maximum(box.min(0) - margin, 0), np.minimum(box.max(0) + 1 + margin, volume.shape))
+    return np.maximum(box.min(0) - margin, 0), np.minimum(box.max(0) + 1 + margin, volume.shape)
 
 
 def super_resolve(pipe: Any, case: Case, **kwargs: Any) -> Any:

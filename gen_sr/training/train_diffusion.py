@@ -109,7 +109,8 @@ def export(run: Any, unet: ConditionalUNetModel, ema: Any, vae: AutoencoderKLMod
         acquisition = {"trained_for": data["acquisition"], "condition": data["condition"],
                        "unet_condition": run.cfg.unet.condition,
                        "normalize_percentiles": data["normalize_percentiles"],
-                       "holdout": {"axis": data["holdout_axis"], "fraction": data["holdout_fraction"]},
+                       "holdout": {"axis": data["holdout_axis"], "fraction": data["holdout_fraction"],
+                                   "calibration_fraction": data["calibration_fraction"]},
                        "objective": run.cfg.unet.objective}
         if run.cfg.unet.objective == "regression":
             acquisition["num_inference_steps"] = 1  # the pipeline's default: one step lands on the prediction
