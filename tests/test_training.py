@@ -100,6 +100,8 @@ def test_the_exported_model_is_a_pipeline(two_process_run: Path) -> None:
     assert pipe.unet.config.condition_channels == 1 + pipe.vae.config.latent_channels  # condition "both"
     assert pipe.scheduler.config.prediction_type == "v_prediction" and not pipe.scheduler.config.clip_sample
     assert pipe.config.acquisition["trained_for"]["axis"] == 2
+    # the slabs training never saw, for evaluate/calibrate --region (tiny.yaml keeps the defaults)
+    assert pipe.config.acquisition["holdout"] == {"axis": 1, "fraction": 0.2, "calibration_fraction": 0.0}
 
 
 @pytest.fixture(scope="module")
