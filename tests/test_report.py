@@ -15,7 +15,7 @@ import pytest
 from helpers import oblique_affine
 from PIL import Image
 
-from gen_sr.eval.report import BACKGROUND, build_report, risk_clusters
+from gen_sr.eval.report import BACKGROUND, build_report, risk_clusters, risk_peaks
 from gen_sr.volume import Volume
 
 SHAPE = (12, 14, 10)
@@ -109,6 +109,25 @@ def test_risk_clusters_options_and_orientation() -> None:
         assert (a["size_mm3"], a["voxels"], a["tissue"]) == pytest.approx((b["size_mm3"], b["voxels"], b["tissue"]))
 
 
+def test_risk_peaks_are_local_maxima_kept_apart_in_mm() -> None:
+    inputs = _inputs()
+    risk, masks = inputs["risk"], inputs["masks"]
+    clusters = risk_clusters(risk, THRESHOLD, top=None)
+    # 1.2 mm apart: the blob's 0.9 (its 0.6 plateau is no maximum), one of the pair's two 0.5 voxels (0.9-1 mm
+    # apart), the single voxel
+    peaks = risk_peaks(risk, THRESHOLD, clusters, masks=masks, min_distance_mm=1.2)
+    assert [(q["rank"], q["cluster"], q["tissue"]) for q in peaks] == [(1, 1, "GM"), (2, 2, BACKGROUND),
+                                                                          (3, 3, BACKGROUND)]
+    assert [q["risk"] for q in peaks] == pytest.approx([0.9, 0.5, 0.5])
+    np.testing.assert_allclose([q["position_mm"] for q in peaks], [_world(v) for v in ((5, 6, 4), PAIR[0], SINGLE)],
+                               atol=1e-9)
+    assert len(risk_peaks(risk, THRESHOLD, clusters, min_distance_mm=0.5)) == 4  # both voxels of the pair
+    (only,) = risk_peaks(risk, THRESHOLD, clusters, min_distance_mm=100.0)
+    assert only["cluster"] == 1 and only["tissue"] is None  # no masks, no tissue
+    assert len(risk_peaks(risk, THRESHOLD, clusters, min_distance_mm=0.5, top=2)) == 2
+    assert risk_peaks(risk, 1.0, []) == []
+
+
 # ----------------------------------------------------------------------------------------------------- report
 def test_report_is_self_contained_and_json_matches(full_report) -> None:
     out, payload, inputs = full_report
@@ -141,6 +160,9 @@ def test_report_is_self_contained_and_json_matches(full_report) -> None:
     np.testing.assert_allclose(payload["views"]["centre_mm"], _world((5, 6, 4)), atol=1e-6)  # nearest voxel
     assert "".join(f'<td class="n">{x:.1f}</td>' for x in top["centroid_mm"]) in page
     assert "<td>({})</td>".format(", ".join(f"{x:.1f}" for x in top["peak_mm"])) in page
+    assert [q["cluster"] for q in payload["peaks"]] == [1]  # the pair and the single voxel lie within 10 mm of it
+    assert "<h2>Highest-risk places</h2>" in page
+    assert "".join(f'<td class="n">{x:.1f}</td>' for x in payload["peaks"][0]["position_mm"]) in page
 
     profile = payload["profile"]
     assert len(profile["mean_risk"]) == len(profile["flagged_fraction"]) == SHAPE[2]

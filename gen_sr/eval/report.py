@@ -4,7 +4,8 @@
 and a calibration curve computed elsewhere) and writes both files atomically. The HTML embeds every image as a
 base64 PNG data URI and uses inline CSS only: no script, no external resource, so it opens offline. Every
 user-supplied string (input name, card, mask and metric names) is HTML-escaped. :func:`risk_clusters` finds the
-connected high-risk regions. This is a research tool, not for diagnosis.
+connected high-risk regions and :func:`risk_peaks` the places inside them to look at first. This is a research tool,
+not for diagnosis.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from scipy import ndimage
 from gen_sr.eval.metrics import foreground
 from gen_sr.volume import Volume, atomic_write, json_ready, resample_to, write_json
 
-__all__ = ["build_report", "risk_clusters"]
+__all__ = ["build_report", "risk_clusters", "risk_peaks"]
 
 BACKGROUND = "background/other"
 DISCLAIMER = ("Research tool, not for diagnosis. The risk map flags where the super-resolved image may differ from the "
@@ -65,7 +66,7 @@ def risk_clusters(risk: Volume, threshold: float, *, masks: dict[str, Volume] | 
         mean is below 0.5; with no masks, ``tissue`` is ``None`` and ``tissue_mean`` empty.
     """
     data = np.asarray(risk.data, dtype=np.float64)
-    labels, n = ndimage.label(data > threshold, structure=np.ones((3, 3, 3), dtype=bool))
+    labels, n = _components(data, threshold)
     if n == 0:
         return []
     idx = np.arange(1, n + 1)
@@ -81,9 +82,7 @@ def risk_clusters(risk: Volume, threshold: float, *, masks: dict[str, Volume] | 
     clusters = []
     for rank, i in enumerate(keep[:top] if top is not None else keep, start=1):
         fractions = {name: float(v[i]) for name, v in tissue_means.items()}
-        tissue = max(fractions, key=fractions.__getitem__) if fractions else None
-        if fractions and fractions[tissue] < 0.5:
-            tissue = BACKGROUND
+        tissue = _tissue(fractions)
         clusters.append({
             "rank": rank, "centroid_mm": (rot @ centres[i] + shift).tolist(),
             "peak_mm": (rot @ peak_at[i] + shift).tolist(), "size_mm3": float(counts[i]) * voxel_mm3,
@@ -92,6 +91,59 @@ def risk_clusters(risk: Volume, threshold: float, *, masks: dict[str, Volume] | 
             "tissue": tissue, "tissue_mean": fractions,
         })
     return clusters
+
+
+def risk_peaks(risk: Volume, threshold: float, clusters: list[dict], *, masks: dict[str, Volume] | None = None,
+               top: int = 10, min_distance_mm: float = 10.0) -> list[dict]:
+    """Where to look inside the clusters: local maxima of ``risk`` above ``threshold``, highest first, each at least
+    ``min_distance_mm`` from every higher one kept (as FSL ``cluster`` lists local maxima). One cluster can be a
+    whole cortical rim; its peaks still point at places.
+
+    Args:
+        risk, threshold, masks: as in :func:`risk_clusters`.
+        clusters: :func:`risk_clusters`'s output for the same map and threshold (``top=None``), for the cluster ranks.
+        top: how many peaks to return.
+        min_distance_mm: smallest distance between two peaks, in mm.
+
+    Returns:
+        One dict per peak: ``rank`` (1-based), ``position_mm``, ``risk``, ``cluster`` (the rank of its cluster) and
+        ``tissue`` (as in :func:`risk_clusters`, from the masks' values at the peak; ``None`` without masks).
+    """
+    data = np.asarray(risk.data, dtype=np.float64)
+    labels, _ = _components(data, threshold)
+    rank_of = {int(labels[tuple(np.rint(np.linalg.solve(risk.affine, [*c["peak_mm"], 1.0])[:3]).astype(int))]):
+               c["rank"] for c in clusters}
+    local = (data > threshold) & (data == ndimage.maximum_filter(data, size=3, mode="nearest"))
+    candidates = np.argwhere(local)
+    candidates = candidates[np.argsort(-data[local], kind="stable")]
+    world = candidates @ risk.affine[:3, :3].T + risk.affine[:3, 3]
+    on_grid = {name: _on_grid(m, risk) for name, m in (masks or {}).items()}
+    kept: list[int] = []
+    for k in range(len(candidates)):
+        if len(kept) == top:
+            break
+        if not kept or np.min(np.linalg.norm(world[kept] - world[k], axis=1)) >= min_distance_mm:
+            kept.append(k)
+    peaks = []
+    for rank, k in enumerate(kept, start=1):
+        voxel = tuple(candidates[k])
+        peaks.append({"rank": rank, "position_mm": world[k].tolist(), "risk": float(data[voxel]),
+                      "cluster": rank_of.get(int(labels[voxel])),
+                      "tissue": _tissue({name: float(m[voxel]) for name, m in on_grid.items()})})
+    return peaks
+
+
+def _components(data: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
+    """The connected components (26-connectivity) of ``data > threshold``: ``(labels, count)``."""
+    return ndimage.label(data > threshold, structure=np.ones((3, 3, 3), dtype=bool))
+
+
+def _tissue(fractions: dict[str, float]) -> str | None:
+    """The class with the highest mean probability, ``BACKGROUND`` when all are below 0.5, ``None`` without any."""
+    if not fractions:
+        return None
+    tissue = max(fractions, key=fractions.__getitem__)
+    return tissue if fractions[tissue] >= 0.5 else BACKGROUND
 
 
 def _foreground(mean: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[np.ndarray, str]:
@@ -276,6 +328,11 @@ def _html(p: dict, figures: list[dict]) -> str:
     clusters = (_table(["#", "x [mm]", "y [mm]", "z [mm]", "size [mm³]", "voxels", "peak risk", "mean risk",
                         "peak at [mm]"] + (["tissue"] if has_tissue else []), cluster_rows, numeric=range(1, 8))
                 if cluster_rows else "<p>No voxel exceeds the threshold.</p>")
+    has_tissue = any(q["tissue"] is not None for q in p["peaks"])
+    peak_rows = [[str(q["rank"]), *(f"{x:.1f}" for x in q["position_mm"]), f"{q['risk']:.3g}", str(q["cluster"])]
+                 + ([q["tissue"]] if has_tissue else []) for q in p["peaks"]]
+    peak_table = (_table(["#", "x [mm]", "y [mm]", "z [mm]", "risk", "cluster"] + (["tissue"] if has_tissue else []),
+                         peak_rows, numeric=range(1, 6)) if peak_rows else "<p>No voxel exceeds the threshold.</p>")
     sections = [
         f'<section class="verdict{" ok" if v["flagged_voxels"] == 0 else ""}"><h2>Summary</h2>'
         f'<p class="big">{esc(v["text"])}</p><p class="note">{esc(v["risk_note"])}</p></section>',
@@ -287,6 +344,9 @@ def _html(p: dict, figures: list[dict]) -> str:
         f'<section><h2>Top high-risk clusters</h2><p class="note">{v["n_clusters"]} connected component(s) '
         f"(26-connectivity) of risk &gt; {p['risk_threshold']:g}; highest peak first; world coordinates of each "
         f"cluster's centroid (x, y, z) and of its peak.</p>{clusters}</section>",
+        '<section><h2>Highest-risk places</h2><p class="note">Local maxima of risk above the threshold, at least '
+        f"10 mm apart, highest first, with the cluster each lies in: where to look first, even inside a large "
+        f"cluster.</p>{peak_table}</section>",
         f"<section><h2>Per-slice risk profile</h2>{others['profile']}</section>",
     ]
     if p["metrics"]:
@@ -335,6 +395,7 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
             "dc": _on_grid(dc_residual, risk)}
     fg, fg_label = _foreground(maps["mean"], {k: _on_grid(m, risk) for k, m in (masks or {}).items()})
     all_clusters = risk_clusters(risk, t, masks=masks, top=None)
+    peaks = risk_peaks(risk, t, all_clusters, masks=masks)
     voxel_mm3 = abs(float(np.linalg.det(risk.affine[:3, :3])))
     flagged = int(np.count_nonzero((r > t) & fg))
     pct = 100 * flagged / int(fg.sum())
@@ -387,7 +448,7 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
                         "uri": _calibration_plot(calibration_curve)})
     payload = json_ready({
         "input_name": str(input_name), "disclaimer": DISCLAIMER, "verdict": verdict, "risk_threshold": t,
-        "calibrated": bool(calibrated), "card": card, "clusters": all_clusters[:10],
+        "calibrated": bool(calibrated), "card": card, "clusters": all_clusters[:10], "peaks": peaks,
         "views": {"centred_on": centred_on, "centre_mm": (ref_vol.affine[:3, :3] @ centre + ref_vol.affine[:3, 3])},
         "profile": {**profile, "axis": sr_axis, "spacing_mm": risk.spacing[sr_axis]},
         "metrics": metrics, "calibration_curve": calibration_curve,
