@@ -239,6 +239,8 @@ def test_a_calibration_scales_risk_and_travels_with_the_model(tmp_path: Path) ->
     scale = loaded.intensity_normalization(lr.data).scale
     np.testing.assert_allclose(noisy.risk, 2.5 * (plain_noisy.risk + 3.0 / scale), rtol=1e-5)
     assert noisy.metadata["risk"]["shape"]["noise_floor"] == 1.0 and "noise std" in noisy.metadata["risk"]["definition"]
+    with pytest.warns(UserWarning, match="pass the input's noise std"):  # the noise term would silently vanish
+        loaded(lr, num_samples=1, generator=_gens(0), **RUN)
 
 
 def test_float16_storage_loads_as_float32(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -230,6 +231,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         work = torch.promote_types(dtype, torch.float32)  # physics, stitching and statistics in >= float32
         y = torch.from_numpy(norm(canon.data.astype(np.float32)))[None, None].to(device, work)
         sigma = noise_std / norm.scale
+        if self.calibration is not None and self.calibration.shape.noise_floor > 0 and noise_std == 0:
+            warnings.warn("the calibrated interval has a noise term but noise_std is 0: the risk map leaves the "
+                          "measurement noise out; pass the input's noise std (--noise-std)", stacklevel=2)
         condition_image = self._condition_image(operator, y).to(dtype)
 
         # 3. timesteps
