@@ -37,7 +37,14 @@ from gen_sr.eval.calibration import (
     miss_rate,
     split_units,
 )
-from gen_sr.eval.evaluate import calibration_slabs, heldout_case, simulate_case, super_resolve, training_slabs
+from gen_sr.eval.evaluate import (
+    calibration_slabs,
+    has_calibration_slab,
+    heldout_case,
+    simulate_case,
+    super_resolve,
+    training_slabs,
+)
 from gen_sr.eval.metrics import foreground, region_masks
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.sample_data import load_mni152
@@ -84,7 +91,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     t1 = load_mni152("t1")
     acq = {"axis": pipe.sr_axis, "thickness": args.thickness, "snr": args.snr}
-    reserved = bool(pipe.config.acquisition.get("holdout", {}).get("calibration_fraction"))
+    reserved = has_calibration_slab(pipe)
     named = ([(f"calibration {n}", v) for n, v in calibration_slabs(pipe, t1, pieces=args.pieces)] if reserved
              else [(f"train {n}", v) for n, v in training_slabs(pipe, t1)])
     if reserved and args.in_sample:

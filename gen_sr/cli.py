@@ -205,7 +205,7 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
 def _hr_volumes(args: argparse.Namespace, pipe) -> list:
     """``(name, Volume)`` of every HR volume of ``--data``, cut to the ``--region``."""
     from gen_sr.data import find_volumes
-    from gen_sr.eval.evaluate import model_slab
+    from gen_sr.eval.evaluate import has_calibration_slab, model_slab
     from gen_sr.sample_data import load_mni152
     from gen_sr.volume import load_volume
 
@@ -216,8 +216,8 @@ def _hr_volumes(args: argparse.Namespace, pipe) -> list:
         else:
             named += [(f.name.removesuffix(".gz").removesuffix(".nii"), load_volume(f)) for f in find_volumes([entry])]
     if args.region != "all":
-        holdout = pipe.config.acquisition.get("holdout") or {}
-        if not holdout or (args.region == "calibration" and not holdout.get("calibration_fraction")):
+        if not pipe.config.acquisition.get("holdout") or (args.region == "calibration"
+                                                          and not has_calibration_slab(pipe)):
             what = {"heldout": "held-out"}.get(args.region, args.region)
             raise InputError(f"the model folder records no {what} slab", args.model, "use --region all")
         split = {"heldout": "val"}.get(args.region, args.region)

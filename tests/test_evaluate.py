@@ -161,14 +161,16 @@ def test_training_slabs_tile_the_training_region_only() -> None:
 
 
 def test_calibration_slabs_are_the_reserved_slab_in_pieces_of_equal_brain_volume() -> None:
-    from gen_sr.eval.evaluate import calibration_slabs, training_slabs
+    from gen_sr.eval.evaluate import calibration_slabs, has_calibration_slab, training_slabs
 
     pipe = _pipe(2)
     pipe.register_to_config(acquisition={**pipe.config.acquisition, "holdout": {"axis": 1, "fraction": 0.25}})
     with pytest.raises(ValueError, match="no calibration slab"):
         calibration_slabs(pipe, _hr())
+    assert not has_calibration_slab(pipe)
     holdout = {"axis": 1, "fraction": 0.25, "calibration_fraction": 0.25}
     pipe.register_to_config(acquisition={**pipe.config.acquisition, "holdout": holdout})
+    assert has_calibration_slab(pipe)
     data = np.zeros((30, 24, 20), dtype=np.float32)
     data[4:26] = 1.0 + np.random.default_rng(0).random((22, 24, 20))  # brain: x 4..25, everywhere in y and z
     vol = Volume(data, np.eye(4))

@@ -32,9 +32,9 @@ from gen_sr.eval.uncertainty import coverage, uncertainty_report
 from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, simulate_acquisition
 from gen_sr.volume import Volume, atomic_write, write_json
 
-__all__ = ["Case", "calibration_slabs", "crop_to_foreground", "evaluate", "heldout_case", "heldout_slab",
-           "markdown_table", "model_slab", "simulate_case", "summarize", "super_resolve", "training_slabs",
-           "write_table", "write_table_files"]
+__all__ = ["Case", "calibration_slabs", "crop_to_foreground", "evaluate", "has_calibration_slab", "heldout_case",
+           "heldout_slab", "markdown_table", "model_slab", "simulate_case", "summarize", "super_resolve",
+           "training_slabs", "write_table", "write_table_files"]
 
 
 @dataclass
@@ -102,10 +102,9 @@ def calibration_slabs(pipe: Any, hr: Volume, *, pieces: int = 1, margin: int = 4
     Returns:
         ``(name, volume)`` pairs in RAS+, named by their voxel ranges (``"y139-185 x0-71"``).
     """
-    holdout = _holdout(pipe)
-    if not holdout.get("calibration_fraction"):
+    if not has_calibration_slab(pipe):
         raise ValueError("the model folder records no calibration slab (train with data.calibration_fraction > 0)")
-    canon, axis = hr.canonical(), holdout["axis"]
+    canon, axis = hr.canonical(), _holdout(pipe)["axis"]
     start, stop = _bounds(pipe, canon, "calibration")
     name = f"{'xyz'[axis]}{start[axis]}-{stop[axis] - 1}"
     whole = canon.crop(start, stop)
@@ -116,6 +115,11 @@ def calibration_slabs(pipe: Any, hr: Volume, *, pieces: int = 1, margin: int = 4
         piece = whole.crop([a, *start[1:]], [b, *stop[1:]])
         out.append((name, piece) if pieces == 1 else (f"{name} x{a}-{b - 1}", crop_to_foreground(piece, margin)))
     return out
+
+
+def has_calibration_slab(pipe: Any) -> bool:
+    """Whether the model folder records a calibration slab that training never saw (``data.calibration_fraction``)."""
+    return bool((pipe.config.acquisition.get("holdout") or {}).get("calibration_fraction"))
 
 
 def training_slabs(pipe: Any, hr: Volume, *, margin: int = 4) -> list[tuple[str, Volume]]:
