@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,22 +93,21 @@ def main() -> None:
     t1 = load_mni152("t1")
     acq = {"axis": pipe.sr_axis, "thickness": args.thickness, "snr": args.snr}
     reserved = has_calibration_slab(pipe)
-    named = ([(f"calibration {n}", v) for n, v in calibration_slabs(pipe, t1, pieces=args.pieces)] if reserved
-             else [(f"train {n}", v) for n, v in training_slabs(pipe, t1)])
+    training = [(f"train {n}", v) for n, v in training_slabs(pipe, t1)]
+    named = [(f"calibration {n}", v) for n, v in calibration_slabs(pipe, t1, pieces=args.pieces)] if reserved \
+        else list(training)
+    n_calibration = len(named)
     if reserved and args.in_sample:
-        named += [(f"train {n}", v) for n, v in training_slabs(pipe, t1)]
+        named += training
     cases = [simulate_case(v, n, seed=1 + i, **acq) for i, (n, v) in enumerate(named)]
     cases.append(heldout_case(pipe, t1, "held-out", thickness=args.thickness, snr=args.snr))
     volumes = cached_volumes(pipe, cases, out, args.samples, args.steps)
     if not args.cache_only:
-        kind = "calibration" if reserved else "train"
-        calibration = [v for v in volumes[:-1] if v.name.startswith(kind)]
-        in_sample = [v for v in volumes[:-1] if not v.name.startswith(kind)]
-        analyse(calibration, volumes[-1], out, args.blocks, in_sample=in_sample)
+        analyse(volumes[:n_calibration], volumes[-1], out, args.blocks, in_sample=volumes[n_calibration:-1])
 
 
 def analyse(train: list[CalibrationVolume], held: CalibrationVolume, out: Path, blocks: int,
-            alpha: float = 0.1, in_sample: list[CalibrationVolume] = ()) -> None:
+            alpha: float = 0.1, in_sample: Sequence[CalibrationVolume] = ()) -> None:
     """The tables, for calibration volumes ``train`` (the chosen shape, fitted on all of them, is measured on
     ``held``); ``in_sample`` volumes enter only the |error| / std quantiles."""
     chosen, rows = choose_shape(train, blocks=blocks, alpha=alpha, method="crc")

@@ -112,20 +112,19 @@ def test_risk_clusters_options_and_orientation() -> None:
 def test_risk_peaks_are_local_maxima_kept_apart_in_mm() -> None:
     inputs = _inputs()
     risk, masks = inputs["risk"], inputs["masks"]
-    clusters = risk_clusters(risk, THRESHOLD, top=None)
     # 1.2 mm apart: the blob's 0.9 (its 0.6 plateau is no maximum), one of the pair's two 0.5 voxels (0.9-1 mm
     # apart), the single voxel
-    peaks = risk_peaks(risk, THRESHOLD, clusters, masks=masks, min_distance_mm=1.2)
+    peaks = risk_peaks(risk, THRESHOLD, masks=masks, min_distance_mm=1.2)
     assert [(q["rank"], q["cluster"], q["tissue"]) for q in peaks] == [(1, 1, "GM"), (2, 2, BACKGROUND),
                                                                           (3, 3, BACKGROUND)]
     assert [q["risk"] for q in peaks] == pytest.approx([0.9, 0.5, 0.5])
     np.testing.assert_allclose([q["position_mm"] for q in peaks], [_world(v) for v in ((5, 6, 4), PAIR[0], SINGLE)],
                                atol=1e-9)
-    assert len(risk_peaks(risk, THRESHOLD, clusters, min_distance_mm=0.5)) == 4  # both voxels of the pair
-    (only,) = risk_peaks(risk, THRESHOLD, clusters, min_distance_mm=100.0)
+    assert len(risk_peaks(risk, THRESHOLD, min_distance_mm=0.5)) == 4  # both voxels of the pair
+    (only,) = risk_peaks(risk, THRESHOLD, min_distance_mm=100.0)
     assert only["cluster"] == 1 and only["tissue"] is None  # no masks, no tissue
-    assert len(risk_peaks(risk, THRESHOLD, clusters, min_distance_mm=0.5, top=2)) == 2
-    assert risk_peaks(risk, 1.0, []) == []
+    assert len(risk_peaks(risk, THRESHOLD, min_distance_mm=0.5, top=2)) == 2
+    assert risk_peaks(risk, 1.0) == []
 
 
 # ----------------------------------------------------------------------------------------------------- report

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gen_sr.data import slab_bounds
+from gen_sr.data import slab, slab_bounds
 from gen_sr.eval.baselines import BASELINES, baseline
 from gen_sr.eval.calibration import balanced_cuts
 from gen_sr.eval.metrics import LPIPS_NOTE, image_metrics, region_masks
@@ -131,9 +131,8 @@ def training_slabs(pipe: Any, hr: Volume, *, margin: int = 4) -> list[tuple[str,
     Returns:
         ``(name, volume)`` pairs in RAS+, named by their voxel range along the held-out axis (``"y139-185"``).
     """
-    holdout = _holdout(pipe)
-    canon, axis = hr.canonical(), holdout["axis"]
-    width = canon.shape[axis] - slab_bounds(canon.shape, axis, holdout["fraction"], "val")[0][axis]
+    canon, axis = hr.canonical(), _holdout(pipe)["axis"]
+    width = canon.shape[axis] - _bounds(pipe, canon, "val")[0][axis]
     slabs, hi = [], _bounds(pipe, canon, "train")[1][axis]
     while hi - width // 2 > 0:
         lo_box, hi_box = [0, 0, 0], list(canon.shape)
@@ -147,8 +146,8 @@ def training_slabs(pipe: Any, hr: Volume, *, margin: int = 4) -> list[tuple[str,
 def model_slab(pipe: Any, hr: Volume, split: str) -> Volume:
     """The ``"train"``, ``"calibration"`` or ``"val"`` (held-out) slab of ``hr`` as the model folder records them
     (:func:`gen_sr.data.slab`), in RAS+."""
-    canon = hr.canonical()
-    return canon.crop(*_bounds(pipe, canon, split))
+    holdout = _holdout(pipe)
+    return slab(hr, split, holdout["axis"], holdout["fraction"], holdout.get("calibration_fraction", 0))
 
 
 def _bounds(pipe: Any, canon: Volume, split: str) -> tuple[list[int], list[int]]:

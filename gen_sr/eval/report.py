@@ -66,19 +66,18 @@ def risk_clusters(risk: Volume, threshold: float, *, masks: dict[str, Volume] | 
         mean is below 0.5; with no masks, ``tissue`` is ``None`` and ``tissue_mean`` empty.
     """
     data = np.asarray(risk.data, dtype=np.float64)
-    labels, n = _components(data, threshold)
-    if n == 0:
+    labels, keep, counts, peaks = _ranked_components(data, threshold, min_voxels)
+    if not keep:
         return []
+    n = len(counts)
     idx = np.arange(1, n + 1)
-    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    peaks, means = ndimage.maximum(data, labels, idx), ndimage.mean(data, labels, idx)
+    means = ndimage.mean(data, labels, idx)
     centres = np.asarray(ndimage.center_of_mass(labels > 0, labels, idx), dtype=np.float64).reshape(n, 3)
     peak_at = np.asarray(ndimage.maximum_position(data, labels, idx), dtype=np.float64).reshape(n, 3)
     boxes = ndimage.find_objects(labels)
     tissue_means = {name: ndimage.mean(_on_grid(m, risk), labels, idx) for name, m in (masks or {}).items()}
     rot, shift = risk.affine[:3, :3], risk.affine[:3, 3]
     voxel_mm3 = abs(float(np.linalg.det(rot)))
-    keep = sorted((i for i in range(n) if counts[i] >= min_voxels), key=lambda i: (-peaks[i], -counts[i]))
     clusters = []
     for rank, i in enumerate(keep[:top] if top is not None else keep, start=1):
         fractions = {name: float(v[i]) for name, v in tissue_means.items()}
@@ -93,26 +92,25 @@ def risk_clusters(risk: Volume, threshold: float, *, masks: dict[str, Volume] | 
     return clusters
 
 
-def risk_peaks(risk: Volume, threshold: float, clusters: list[dict], *, masks: dict[str, Volume] | None = None,
-               top: int = 10, min_distance_mm: float = 10.0) -> list[dict]:
+def risk_peaks(risk: Volume, threshold: float, *, masks: dict[str, Volume] | None = None, top: int = 10,
+               min_distance_mm: float = 10.0) -> list[dict]:
     """Where to look inside the clusters: local maxima of ``risk`` above ``threshold``, highest first, each at least
     ``min_distance_mm`` from every higher one kept (as FSL ``cluster`` lists local maxima). One cluster can be a
     whole cortical rim; its peaks still point at places.
 
     Args:
         risk, threshold, masks: as in :func:`risk_clusters`.
-        clusters: :func:`risk_clusters`'s output for the same map and threshold (``top=None``), for the cluster ranks.
         top: how many peaks to return.
         min_distance_mm: smallest distance between two peaks, in mm.
 
     Returns:
-        One dict per peak: ``rank`` (1-based), ``position_mm``, ``risk``, ``cluster`` (the rank of its cluster) and
-        ``tissue`` (as in :func:`risk_clusters`, from the masks' values at the peak; ``None`` without masks).
+        One dict per peak: ``rank`` (1-based), ``position_mm``, ``risk``, ``cluster`` (its cluster's rank in
+        :func:`risk_clusters` with every cluster kept) and ``tissue`` (as in :func:`risk_clusters`, from the masks'
+        values at the peak; ``None`` without masks).
     """
     data = np.asarray(risk.data, dtype=np.float64)
-    labels, _ = _components(data, threshold)
-    rank_of = {int(labels[tuple(np.rint(np.linalg.solve(risk.affine, [*c["peak_mm"], 1.0])[:3]).astype(int))]):
-               c["rank"] for c in clusters}
+    labels, keep, _, _ = _ranked_components(data, threshold)
+    rank_of = {i + 1: rank for rank, i in enumerate(keep, start=1)}  # label -> cluster rank
     local = (data > threshold) & (data == ndimage.maximum_filter(data, size=3, mode="nearest"))
     candidates = np.argwhere(local)
     candidates = candidates[np.argsort(-data[local], kind="stable")]
@@ -133,9 +131,16 @@ def risk_peaks(risk: Volume, threshold: float, clusters: list[dict], *, masks: d
     return peaks
 
 
-def _components(data: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
-    """The connected components (26-connectivity) of ``data > threshold``: ``(labels, count)``."""
-    return ndimage.label(data > threshold, structure=np.ones((3, 3, 3), dtype=bool))
+def _ranked_components(data: np.ndarray, threshold: float,
+                       min_voxels: int = 1) -> tuple[np.ndarray, list[int], np.ndarray, np.ndarray]:
+    """The connected components (26-connectivity) of ``data > threshold``, ranked as :func:`risk_clusters` ranks
+    them: ``(labels, keep, counts, peaks)``, where ``keep`` lists component indices (label − 1) with at least
+    ``min_voxels`` voxels, highest peak first, then largest, and ``counts``/``peaks`` are per component."""
+    labels, n = ndimage.label(data > threshold, structure=np.ones((3, 3, 3), dtype=bool))
+    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    peaks = np.asarray(ndimage.maximum(data, labels, np.arange(1, n + 1)), dtype=np.float64).reshape(n)
+    keep = sorted((i for i in range(n) if counts[i] >= min_voxels), key=lambda i: (-peaks[i], -counts[i]))
+    return labels, keep, counts, peaks
 
 
 def _tissue(fractions: dict[str, float]) -> str | None:
@@ -328,10 +333,10 @@ def _html(p: dict, figures: list[dict]) -> str:
     clusters = (_table(["#", "x [mm]", "y [mm]", "z [mm]", "size [mm³]", "voxels", "peak risk", "mean risk",
                         "peak at [mm]"] + (["tissue"] if has_tissue else []), cluster_rows, numeric=range(1, 8))
                 if cluster_rows else "<p>No voxel exceeds the threshold.</p>")
-    has_tissue = any(q["tissue"] is not None for q in p["peaks"])
+    peak_tissue = any(q["tissue"] is not None for q in p["peaks"])
     peak_rows = [[str(q["rank"]), *(f"{x:.1f}" for x in q["position_mm"]), f"{q['risk']:.3g}", str(q["cluster"])]
-                 + ([q["tissue"]] if has_tissue else []) for q in p["peaks"]]
-    peak_table = (_table(["#", "x [mm]", "y [mm]", "z [mm]", "risk", "cluster"] + (["tissue"] if has_tissue else []),
+                 + ([q["tissue"]] if peak_tissue else []) for q in p["peaks"]]
+    peak_table = (_table(["#", "x [mm]", "y [mm]", "z [mm]", "risk", "cluster"] + (["tissue"] if peak_tissue else []),
                          peak_rows, numeric=range(1, 6)) if peak_rows else "<p>No voxel exceeds the threshold.</p>")
     sections = [
         f'<section class="verdict{" ok" if v["flagged_voxels"] == 0 else ""}"><h2>Summary</h2>'
@@ -395,7 +400,7 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
             "dc": _on_grid(dc_residual, risk)}
     fg, fg_label = _foreground(maps["mean"], {k: _on_grid(m, risk) for k, m in (masks or {}).items()})
     all_clusters = risk_clusters(risk, t, masks=masks, top=None)
-    peaks = risk_peaks(risk, t, all_clusters, masks=masks)
+    peaks = risk_peaks(risk, t, masks=masks)
     voxel_mm3 = abs(float(np.linalg.det(risk.affine[:3, :3])))
     flagged = int(np.count_nonzero((r > t) & fg))
     pct = 100 * flagged / int(fg.sum())
