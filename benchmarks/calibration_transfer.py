@@ -33,6 +33,7 @@ from scipy.stats import spearmanr
 from gen_sr.eval.calibration import (
     CalibrationVolume,
     IntervalShape,
+    calibration_volumes,
     choose_shape,
     fit_calibration,
     miss_rate,
@@ -43,10 +44,9 @@ from gen_sr.eval.evaluate import (
     has_calibration_slab,
     heldout_case,
     simulate_case,
-    super_resolve,
     training_slabs,
 )
-from gen_sr.eval.metrics import foreground, region_masks
+from gen_sr.eval.metrics import foreground
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.sample_data import load_mni152
 from gen_sr.volume import write_json
@@ -54,22 +54,9 @@ from gen_sr.volume import write_json
 
 def cached_volumes(pipe, cases, out: Path, samples: int, steps: int) -> list[CalibrationVolume]:
     """Each case super-resolved once (kept in ``out/<name>.npz``), as calibration volumes."""
-    volumes = []
-    for case in cases:
-        path = out / (case.name.replace(" ", "_") + ".npz")
-        if not path.exists():
-            gen = [torch.Generator().manual_seed(k) for k in range(samples)]
-            res = super_resolve(pipe, case, output_type="np", num_samples=samples, num_inference_steps=steps,
-                                generator=gen, keep_samples=False)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez_compressed(tmp, hr=case.hr.data.astype(np.float32), mean=res.mean.astype(np.float32),
-                                std=res.std.astype(np.float32))
-            tmp.rename(path)
-            print(f"cached {path}", flush=True)
-        with np.load(path) as z:
-            hr, mean, std = (z[k].astype(np.float64) for k in ("hr", "mean", "std"))
-        volumes.append(CalibrationVolume(case.name, hr - mean, mean, std, region_masks(hr)["brain"], case.noise_std))
-    return volumes
+    return calibration_volumes(pipe, cases, cache=out, progress=False, num_samples=samples,
+                               num_inference_steps=steps, generator=[torch.Generator().manual_seed(k)
+                                                                     for k in range(samples)])
 
 
 def main() -> None:

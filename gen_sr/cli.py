@@ -205,7 +205,7 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
 def _hr_volumes(args: argparse.Namespace, pipe) -> list:
     """``(name, Volume)`` of every HR volume of ``--data``, cut to the ``--region``."""
     from gen_sr.data import find_volumes
-    from gen_sr.eval.evaluate import has_calibration_slab, model_slab
+    from gen_sr.eval.evaluate import crop_to_foreground, has_calibration_slab, model_slab
     from gen_sr.sample_data import load_mni152
     from gen_sr.volume import load_volume
 
@@ -221,7 +221,7 @@ def _hr_volumes(args: argparse.Namespace, pipe) -> list:
             what = {"heldout": "held-out"}.get(args.region, args.region)
             raise InputError(f"the model folder records no {what} slab", args.model, "use --region all")
         split = {"heldout": "val"}.get(args.region, args.region)
-        named = [(n, model_slab(pipe, v, split)) for n, v in named]
+        named = [(n, crop_to_foreground(model_slab(pipe, v, split))) for n, v in named]  # as the benchmarks do
     return named
 
 
@@ -409,11 +409,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------------- sample data
 def cmd_sample_data(args: argparse.Namespace) -> int:
-    from gen_sr.sample_data import load_mni152
+    from gen_sr.sample_data import load_mni152, synthetic_subject
     from gen_sr.volume import check_output_path, save_volume
 
     out = check_output_path(args.output, args.overwrite)
-    vol = load_mni152(args.kind)
+    vol = load_mni152(args.kind) if args.subject is None else synthetic_subject(args.subject, args.kind)
     save_volume(vol, out, overwrite=args.overwrite)
     print(f"wrote: {out} ({vol.source}, {_shape(vol.shape)} voxels of {_fmt(vol.spacing)} mm)")
     return 0
@@ -467,7 +467,7 @@ def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
                    help="HR NIfTI files or folders of them, or 'mni152' for the embedded template")
     p.add_argument("--region", choices=("all", "train", "calibration", "heldout"), default="all",
                    help="use the whole volumes, or only the training, calibration or held-out slab the model folder "
-                        "records (default: all)")
+                        "records, cropped to the brain's bounding box (default: all)")
     p.add_argument("--slice-thickness", type=_positive_float, default=4.0, metavar="MM",
                    help="simulated slice thickness in mm (default: 4)")
     p.add_argument("--slice-spacing", type=_positive_float, metavar="MM", help="default: the thickness")
@@ -590,6 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample-data", cmd_sample_data, "write the embedded MNI152 2009 template (shipped by nilearn) as NIfTI")
     p.add_argument("--output", required=True, help="where to write it (.nii or .nii.gz)")
     p.add_argument("--kind", choices=("t1", "gm", "wm"), default="t1", help="T1 template or GM/WM map (default: t1)")
+    p.add_argument("--subject", type=int, metavar="SEED",
+                   help="write synthetic subject SEED instead: the template under a random smooth deformation (for "
+                        "the T1 also a bias field and contrast change); the same SEED with --kind gm/wm gives its "
+                        "tissue maps. Subjects are exchangeable: calibrate on some, test on others")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = add("demo", cmd_demo, "super-resolve the held-out slab of the embedded MNI152 template with the demo model "

@@ -172,6 +172,10 @@ def test_sample_data(tmp_path: Path, capsys) -> None:
     code, stdout, _ = _run(capsys, "sample-data", "--kind", "gm", "--output", out)
     assert code == 0 and "MNI152" in stdout
     assert load_volume(out).shape == (197, 233, 189)
+    subject = tmp_path / "subject_gm.nii.gz"
+    code, stdout, _ = _run(capsys, "sample-data", "--kind", "gm", "--subject", "5", "--output", subject)
+    assert code == 0 and "synthetic subject 5" in stdout
+    assert not np.allclose(load_volume(subject).data, load_volume(out).data, atol=0.05)
 
 
 def test_help_for_every_subcommand(capsys) -> None:

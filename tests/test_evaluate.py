@@ -206,3 +206,35 @@ def test_evaluate_with_an_operator_file_from_degrade(tmp_path: Path, capsys) -> 
     assert "super-resolves axis 2" in capsys.readouterr().err
     (tmp_path / "junk.json").write_text("{}")
     assert main([*args[:-1], str(tmp_path / "junk.json"), "--overwrite"]) == 2
+
+
+def test_region_volumes_are_cropped_to_the_brain(tmp_path: Path) -> None:
+    import argparse
+
+    from gen_sr.cli import _hr_volumes
+
+    pipe = _pipe(2)
+    pipe.register_to_config(acquisition={**pipe.config.acquisition, "holdout": {"axis": 1, "fraction": 0.5}})
+    data = np.zeros((30, 20, 36), dtype=np.float32)
+    data[8:18, 2:18, 10:28] = 1.0 + np.random.default_rng(0).random((10, 16, 18))
+    path = save_volume(Volume(data, np.eye(4)), tmp_path / "hr.nii.gz")
+    args = argparse.Namespace(data=[str(path)], region="heldout", model="m")
+    [(name, slab)] = _hr_volumes(args, pipe)
+    assert name == "hr" and slab.shape == (18, 10, 26)  # the far half, cut to the foreground + 4 voxels
+    np.testing.assert_array_equal(slab.data, data[4:22, 10:20, 6:32])
+    [(_, whole)] = _hr_volumes(argparse.Namespace(data=[str(path)], region="all", model="m"), pipe)
+    assert whole.shape == data.shape  # --region all keeps the volume as given
+
+
+def test_calibration_volumes_cache_their_outputs(tmp_path: Path) -> None:
+    from gen_sr.eval.calibration import calibration_volumes
+
+    cases = [simulate_case(_hr(), "case a", thickness=4.0, snr=20.0)]
+    first = calibration_volumes(_pipe(2), cases, cache=tmp_path, progress=False, num_samples=2,
+                                num_inference_steps=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_a.npz"]  # no temporary file left
+    again = calibration_volumes(None, cases, cache=tmp_path, progress=False)  # no pipeline needed: from the cache
+    for a, b in zip(first, again, strict=True):
+        assert a.name == b.name and a.noise_std == b.noise_std > 0
+        for key in ("error", "mean", "std", "mask"):  # float32 on disk
+            np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=1e-6, atol=1e-5)

@@ -288,6 +288,7 @@ def calibration_volumes(
     *,
     masks: Callable[[Any], np.ndarray] | None = None,
     progress: bool = True,
+    cache: str | Path | None = None,
     **pipe_kwargs: Any,
 ) -> list[CalibrationVolume]:
     """Super-resolve calibration cases.
@@ -296,20 +297,37 @@ def calibration_volumes(
         pipe: the pipeline.
         cases: :class:`gen_sr.eval.evaluate.Case` objects (HR truth, simulated LR, operator, noise level).
         masks: per case, the voxels that count (default: the reference's foreground).
+        cache: a folder that keeps each case's truth, mean and std (``<name>.npz``, written atomically) and reuses
+            them on the next call, for benchmarks that re-analyse; it does not record the pipeline's settings.
         pipe_kwargs: passed to the pipeline.
     """
     from tqdm.auto import tqdm
 
-    from gen_sr.eval.evaluate import super_resolve
     from gen_sr.eval.metrics import region_masks
 
     volumes = []
     for case in tqdm(cases, desc="calibrate", unit="volume", disable=not progress):
-        out = super_resolve(pipe, case, output_type="np", keep_samples=False, **pipe_kwargs)
-        mask = masks(case) if masks is not None else region_masks(case.hr.data)["brain"]
-        volumes.append(CalibrationVolume(case.name, case.hr.data.astype(np.float64) - out.mean, out.mean, out.std,
-                                         np.asarray(mask, dtype=bool), case.noise_std))
+        hr, mean, std = _super_resolved(pipe, case, cache, pipe_kwargs)
+        mask = masks(case) if masks is not None else region_masks(hr)["brain"]
+        volumes.append(CalibrationVolume(case.name, hr - mean, mean, std, np.asarray(mask, dtype=bool),
+                                         case.noise_std))
     return volumes
+
+
+def _super_resolved(pipe: Any, case: Any, cache: str | Path | None, pipe_kwargs: dict) -> tuple[np.ndarray, ...]:
+    """``(truth, mean, std)`` of one case in float64, from ``cache`` where it holds them."""
+    from gen_sr.eval.evaluate import super_resolve
+
+    path = None if cache is None else Path(cache) / (case.name.replace(" ", "_") + ".npz")
+    if path is None or not path.exists():
+        out = super_resolve(pipe, case, output_type="np", keep_samples=False, **pipe_kwargs)
+        arrays = {"hr": case.hr.data, "mean": out.mean, "std": out.std}
+        if path is None:
+            return tuple(np.asarray(a, dtype=np.float64) for a in arrays.values())
+        atomic_write(path, lambda tmp: np.savez_compressed(tmp, **{k: np.asarray(a, dtype=np.float32)
+                                                                    for k, a in arrays.items()}))
+    with np.load(path) as z:
+        return tuple(z[k].astype(np.float64) for k in ("hr", "mean", "std"))
 
 
 def split_units(
