@@ -14,8 +14,9 @@ exchangeable, as conformal calibration assumes; they vary less than real brains.
 
 This script measures the calibration on *other* subjects (``--seeds``, never used to calibrate) and on the template
 itself, all on the model's held-out slab (training never saw it), degraded as the calibration was (4 mm Gaussian
-slices, SNR 30). Each case is super-resolved once and cached in ``--output-dir``; ``--compare`` names folders of other
-calibrations to score on the same outputs. Prints and writes ``subject_calibration.md`` and ``.json``.
+slices, SNR 30). ``--other-regions`` adds the template's training slabs, to show how a calibration made for one
+region fares in others. Each case is super-resolved once and cached in ``--output-dir``; ``--compare`` names folders
+of other calibrations to score on the same outputs. Prints and writes ``subject_calibration.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from gen_sr.eval.calibration import Calibration, CalibrationVolume, calibration_volumes
-from gen_sr.eval.evaluate import heldout_case
+from gen_sr.eval.evaluate import heldout_case, simulate_case, training_slabs
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.sample_data import load_mni152, synthetic_subject
 from gen_sr.volume import write_json
@@ -53,6 +54,9 @@ def main() -> None:
     parser.add_argument("--snr", type=float, default=30.0)
     parser.add_argument("--thickness", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--other-regions", action="store_true",
+                        help="also score the template's training slabs (in-sample regions; the same names and seeds "
+                             "as calibration_transfer.py, so its cached outputs can be reused)")
     args = parser.parse_args()
 
     out = Path(args.output_dir)
@@ -66,16 +70,22 @@ def main() -> None:
         parser.error(f"no calibration.json in {[p for p, c in calibrations.items() if c is None]}")
     acq = {"thickness": args.thickness, "snr": args.snr}
     cases = [heldout_case(pipe, synthetic_subject(s), f"subject {s}", seed=s, **acq) for s in args.seeds]
-    cases.append(heldout_case(pipe, load_mni152("t1"), "template", seed=0, **acq))
+    t1 = load_mni152("t1")
+    cases.append(heldout_case(pipe, t1, "template", seed=0, **acq))
+    if args.other_regions:
+        cases += [simulate_case(v, f"train {n}", axis=pipe.sr_axis, seed=1 + i, **acq)
+                  for i, (n, v) in enumerate(training_slabs(pipe, t1))]
     volumes = calibration_volumes(pipe, cases, cache=out, num_samples=args.samples, num_inference_steps=args.steps,
                                   batch_size=args.batch_size,
                                   generator=[torch.Generator().manual_seed(k) for k in range(args.samples)])
-    report(volumes, calibrations, out)
+    report(volumes, len(args.seeds), calibrations, out)
 
 
-def report(volumes: list[CalibrationVolume], calibrations: dict[str, Calibration], out: Path) -> None:
-    """Per-volume coverage under each calibration; the last volume is the template, the others test subjects."""
-    subjects = volumes[:-1]
+def report(volumes: list[CalibrationVolume], n_subjects: int, calibrations: dict[str, Calibration],
+           out: Path) -> None:
+    """Per-volume coverage under each calibration; the first ``n_subjects`` volumes are the test subjects, then the
+    template's held-out slab, then any other regions."""
+    subjects = volumes[:n_subjects]
     names = list(calibrations)
     cover = {n: [v.coverage(c) for v in volumes] for n, c in calibrations.items()}
     ratio = [float(np.quantile(np.abs(v.error[v.mask]) / v.std[v.mask], 0.9)) for v in volumes]
@@ -86,13 +96,13 @@ def report(volumes: list[CalibrationVolume], calibrations: dict[str, Calibration
                      + f" | {ratio[i]:.2f} |")
     summary = {}
     for n in names:
-        c = np.asarray(cover[n][:-1])
+        c = np.asarray(cover[n][:n_subjects])
         pooled = 1.0 - sum((1.0 - cv) * v.mask.sum() for cv, v in zip(c, subjects, strict=True)) / sum(
             v.mask.sum() for v in subjects)
         summary[n] = {"interval": calibrations[n].describe(), "target": 1.0 - calibrations[n].alpha,
                       "mean": float(c.mean()), "std": float(c.std(ddof=1)) if len(c) > 1 else 0.0,
                       "min": float(c.min()), "max": float(c.max()), "pooled": float(pooled),
-                      "template": cover[n][-1]}
+                      "template": cover[n][n_subjects]}
     lines += ["", f"Over the {len(subjects)} test subjects (mean ± sample std; pooled over their voxels):", ""]
     lines += [f"- {n}: `{s['interval']}`: {s['mean']:.4f} ± {s['std']:.4f} (range {s['min']:.4f}–{s['max']:.4f}; "
               f"pooled {s['pooled']:.4f}; target {s['target']:g}); the template: {s['template']:.4f}"
