@@ -53,7 +53,7 @@ SUBJECT_VARIATION = {
     "rotate_range": 0.05,  # radians about each axis (about 3 degrees)
     "scale_range": 0.04,  # relative, per axis
     "sigma_range": (8.0, 10.0),  # smoothness of the elastic field, voxels
-    "magnitude_range": (300.0, 600.0),  # its strength (MONAI's units): displacements of about 1-4 mm
+    "magnitude_range": (300.0, 600.0),  # its strength (MONAI's units); all together, median displacement 3-4 mm
     "bias_coeff_range": (0.0, 0.1),  # degree-3 polynomial log bias field
     "gamma": (0.85, 1.15),  # contrast (power law on the intensity range)
 }
