@@ -429,14 +429,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- parser
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, lo: int, hi: int | None = None, what: str = "a whole number") -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1, what="a positive whole number")
+
+
+def _subject_seed(text: str) -> int:
+    return _whole_number(text, 0, 2**32 - 1, what="a whole number from 0 to 2**32 - 1")
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -590,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample-data", cmd_sample_data, "write the embedded MNI152 2009 template (shipped by nilearn) as NIfTI")
     p.add_argument("--output", required=True, help="where to write it (.nii or .nii.gz)")
     p.add_argument("--kind", choices=("t1", "gm", "wm"), default="t1", help="T1 template or GM/WM map (default: t1)")
-    p.add_argument("--subject", type=int, metavar="SEED",
+    p.add_argument("--subject", type=_subject_seed, metavar="SEED",
                    help="write synthetic subject SEED instead: the template under a random smooth deformation (for "
                         "the T1 also a bias field and contrast change); the same SEED with --kind gm/wm gives its "
                         "tissue maps. Subjects are exchangeable: calibrate on some, test on others")

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gen_sr.volume import Volume
+
+if TYPE_CHECKING:
+    from monai.transforms import Rand3DElastic
 
 __all__ = ["SAMPLES", "SUBJECT_VARIATION", "load_mni152", "subject_deformation", "synthetic_subject"]
 
@@ -81,17 +84,18 @@ def synthetic_subject(seed: int, kind: str = "t1") -> Volume:
     v = SUBJECT_VARIATION
     template = load_mni152(kind)
     data = np.asarray(subject_deformation(seed, mode=3 if kind == "t1" else "bilinear")(template.data[None]))[0]
+    data = np.clip(data, 0.0, None if kind == "t1" else 1.0)  # spline overshoot; both intensity steps keep >= 0
     if kind == "t1":
         intensity = Compose([RandBiasField(degree=3, coeff_range=v["bias_coeff_range"], prob=1.0),
                              RandAdjustContrast(gamma=v["gamma"], prob=1.0)])
         intensity.set_random_state(state=np.random.RandomState([seed, 1]))
-        data = np.asarray(intensity(np.clip(data, 0.0, None)[None]))[0]
-    data = np.clip(data, 0.0, None if kind == "t1" else 1.0).astype(np.float32)
+        data = np.asarray(intensity(data[None]))[0]
+    data = data.astype(np.float32)
     return dataclasses.replace(template, data=data,
                                source=f"synthetic subject {seed} (MNI152 2009 {kind} template, deformed; gen_sr)")
 
 
-def subject_deformation(seed: int, *, mode: str | int = "bilinear") -> Any:
+def subject_deformation(seed: int, *, mode: str | int = "bilinear") -> Rand3DElastic:
     """The spatial transform of :func:`synthetic_subject` ``seed``: a seeded MONAI ``Rand3DElastic`` that maps a
     ``(C, X, Y, Z)`` array on the template's grid to the subject (zeros outside; ``mode``: its interpolation, an
     int for B-splines of that order)."""

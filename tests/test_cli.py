@@ -176,6 +176,10 @@ def test_sample_data(tmp_path: Path, capsys) -> None:
     code, stdout, _ = _run(capsys, "sample-data", "--kind", "gm", "--subject", "5", "--output", subject)
     assert code == 0 and "synthetic subject 5" in stdout
     assert not np.allclose(load_volume(subject).data, load_volume(out).data, atol=0.05)
+    with pytest.raises(SystemExit) as exc:  # a seed numpy cannot take: argparse's one line, exit 2
+        main(["sample-data", "--subject", "-1", "--output", str(tmp_path / "bad.nii.gz")])
+    assert exc.value.code == 2 and "from 0 to 2**32 - 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad.nii.gz").exists()
 
 
 def test_help_for_every_subcommand(capsys) -> None:

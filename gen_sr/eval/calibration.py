@@ -315,19 +315,22 @@ def calibration_volumes(
 
 
 def _super_resolved(pipe: Any, case: Any, cache: str | Path | None, pipe_kwargs: dict) -> tuple[np.ndarray, ...]:
-    """``(truth, mean, std)`` of one case in float64, from ``cache`` where it holds them."""
+    """``(truth, mean, std)`` of one case in float64, from ``cache`` where it holds them (stored as float32; a first
+    run returns the stored values too)."""
     from gen_sr.eval.evaluate import super_resolve
 
+    keys = ("hr", "mean", "std")
     path = None if cache is None else Path(cache) / (case.name.replace(" ", "_") + ".npz")
-    if path is None or not path.exists():
+    if path is not None and path.exists():
+        with np.load(path) as z:
+            arrays = [z[k] for k in keys]
+    else:
         out = super_resolve(pipe, case, output_type="np", keep_samples=False, **pipe_kwargs)
-        arrays = {"hr": case.hr.data, "mean": out.mean, "std": out.std}
-        if path is None:
-            return tuple(np.asarray(a, dtype=np.float64) for a in arrays.values())
-        atomic_write(path, lambda tmp: np.savez_compressed(tmp, **{k: np.asarray(a, dtype=np.float32)
-                                                                    for k, a in arrays.items()}))
-    with np.load(path) as z:
-        return tuple(z[k].astype(np.float64) for k in ("hr", "mean", "std"))
+        arrays = [case.hr.data, out.mean, out.std]
+        if path is not None:
+            arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
+            atomic_write(path, lambda tmp: np.savez_compressed(tmp, **dict(zip(keys, arrays, strict=True))))
+    return tuple(np.asarray(a, dtype=np.float64) for a in arrays)
 
 
 def split_units(
