@@ -30,26 +30,14 @@ import torch
 from scipy import ndimage
 from scipy.stats import spearmanr
 
-from gen_sr.eval.calibration import (
-    CalibrationVolume,
-    IntervalShape,
-    calibration_volumes,
-    choose_shape,
-    fit_calibration,
-    miss_rate,
-    split_units,
-)
-from gen_sr.eval.evaluate import (
-    calibration_slabs,
-    has_calibration_slab,
-    heldout_case,
-    simulate_case,
-    training_slabs,
-)
+from gen_sr.eval.calibration import CalibrationVolume, calibration_volumes, choose_shape, fit_calibration, split_units
+from gen_sr.eval.cases import calibration_slabs, has_calibration_slab, heldout_case, simulate_case, training_slabs
 from gen_sr.eval.metrics import foreground
+from gen_sr.eval.uncertainty import miss_rate
+from gen_sr.io import write_json
 from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.risk import IntervalShape
 from gen_sr.sample_data import load_mni152
-from gen_sr.volume import write_json
 
 
 def cached_volumes(pipe, cases, out: Path, samples: int, steps: int) -> list[CalibrationVolume]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gen_sr.eval.evaluate import calibration_slabs, has_calibration_slab, training_slabs
+from gen_sr.eval.cases import calibration_slabs, has_calibration_slab, training_slabs
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.sample_data import load_mni152
 from gen_sr.volume import save_volume

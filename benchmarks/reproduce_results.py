@@ -30,12 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen_sr.eval.evaluate import evaluate, heldout_case, heldout_slab, markdown_table, summarize
+from gen_sr.eval.cases import heldout_case, heldout_slab
+from gen_sr.eval.evaluate import evaluate
 from gen_sr.eval.metrics import region_masks
 from gen_sr.eval.stress import run_stress_test
+from gen_sr.eval.tables import markdown_table, summarize
+from gen_sr.io import atomic_write
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.sample_data import load_mni152
-from gen_sr.volume import atomic_write, resample_to
+from gen_sr.volume import resample_to
 
 HERE = Path(__file__).parent
 CALIBRATED_SNR = 30.0

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from gen_sr.eval.baselines import baseline
-from gen_sr.eval.evaluate import heldout_case, super_resolve
+from gen_sr.eval.cases import heldout_case, super_resolve
 from gen_sr.eval.metrics import psnr, region_masks, slice_jitter, ssim_volume
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.sample_data import load_mni152

@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen_sr.eval.calibration import Calibration, CalibrationVolume, calibration_volumes
-from gen_sr.eval.evaluate import heldout_case, simulate_case, training_slabs
+from gen_sr.eval.calibration import CalibrationVolume, calibration_volumes
+from gen_sr.eval.cases import heldout_case, simulate_case, training_slabs
+from gen_sr.io import write_json
 from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.risk import Calibration
 from gen_sr.sample_data import load_mni152, synthetic_subject
-from gen_sr.volume import write_json
 
 
 def seeds(text: str) -> list[int]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,20 +17,40 @@ import numpy as np
 
 from gen_sr.distributed import exit_if_distributed, process_state
 from gen_sr.errors import InputError
+from gen_sr.io import check_output_dir, check_output_file, check_output_path, write_json
 
 __all__ = ["main"]
 
 EXIT_USER_ERROR = 2
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str, *, low: float = -np.inf, high: float = np.inf, open_low: bool = False,
+            open_high: bool = False, what: str = "a finite number") -> float:
+    """An argparse value: a finite float within ``[low, high]`` (ends excluded where ``open_*``)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not np.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    inside = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    if not np.isfinite(value) or not inside:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, low=0, open_low=True, what="a positive number")
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, low=0, what="a finite number >= 0")
+
+
+def _fraction(text: str) -> float:
+    return _number(text, low=0, high=1, open_low=True, open_high=True, what="a number strictly between 0 and 1")
+
+
+def _finite_float(text: str) -> float:
+    return _number(text)
 
 
 def _fmt(values: Sequence[float], digits: int = 3) -> str:
@@ -85,11 +105,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------- degrade
 def cmd_degrade(args: argparse.Namespace) -> int:
     from gen_sr.physics import SliceAcquisition, simulate_acquisition
-    from gen_sr.volume import check_output_path, load_volume, save_volume
+    from gen_sr.volume import load_volume, save_volume
 
     out = check_output_path(args.output, args.overwrite, inputs=[args.input])
     if args.save_operator:
-        _check_json_output(args.save_operator, args.overwrite)
+        check_output_file(args.save_operator, args.overwrite, inputs=[args.input])
     hr = load_volume(args.input, volume_index=args.volume)
     acquisition = SliceAcquisition(
         axis=args.axis, thickness=args.slice_thickness, spacing=args.slice_spacing, profile=args.profile
@@ -111,23 +131,9 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     save_volume(lr, out, overwrite=args.overwrite)
     print(f"wrote:       {out} ({_shape(lr.shape)} voxels of {_fmt(lr.spacing)} mm)")
     if args.save_operator:
-        _write_json(args.save_operator, {"operator": operator.to_dict(), "noise_std": sigma, "noise": args.noise})
+        write_json(args.save_operator, {"operator": operator.to_dict(), "noise_std": sigma, "noise": args.noise})
         print(f"wrote:       {args.save_operator} (the operator on the canonical RAS+ HR grid)")
     return 0
-
-
-def _check_json_output(path: str, overwrite: bool) -> None:
-    p = Path(path)
-    if not p.parent.is_dir():
-        raise InputError("the output directory does not exist", p)
-    if p.exists() and not overwrite:
-        raise InputError("output already exists", p, "pass --overwrite to replace it")
-
-
-def _write_json(path: str | Path, payload: dict) -> None:
-    from gen_sr.volume import write_json
-
-    write_json(path, payload)
 
 
 # ----------------------------------------------------------------------------------------------------- super-resolve
@@ -141,19 +147,28 @@ def _spacing(text: str) -> list[float]:
     return values
 
 
-def _load_pipeline(folder: str, device: str):
-    """The model folder's pipeline on ``device``, or one clear error line."""
+def _load_pipeline(args: argparse.Namespace, folder: str | None = None):
+    """The pipeline of ``folder`` (default ``--model``) on ``--device``, or one clear error line. Pickled weights
+    load only with ``--allow-pickle``, with a loud warning."""
     import torch
 
     from gen_sr.pipelines import LatentDiffusionSRPipeline
 
-    model = Path(folder)
+    model, device = Path(folder or args.model), args.device
     if not (model / "model_index.json").is_file():
         raise InputError("is not a gen_sr model folder (no model_index.json)", model)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device} was asked for, but no CUDA device is available", hint="use --device cpu")
+    allow_pickle = getattr(args, "allow_pickle", False)
+    if allow_pickle:
+        print(f"gen-sr {args.command}: WARNING: --allow-pickle: loading pickled weights from {model}; a pickle can "
+              "run any code when loaded; use this only for a model folder you trust", file=sys.stderr)
     try:
-        pipe = LatentDiffusionSRPipeline.from_pretrained(model).to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if allow_pickle else "default")  # warned above, once
+            pipe = LatentDiffusionSRPipeline.from_pretrained(model, allow_pickle=allow_pickle).to(device)
+    except InputError:
+        raise
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the model: {str(e).splitlines()[0]}", model) from e
     pipe.set_progress_bar_config(disable=not process_state().is_local_main_process)
@@ -174,26 +189,27 @@ def _acquisition_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _steps(args: argparse.Namespace, pipe) -> int:
-    """The DDIM steps a run uses: ``--steps``, else the model folder's default."""
-    return args.steps or int(pipe.config.acquisition.get("num_inference_steps", 50))
+    """The DDIM steps a run uses: ``--steps``, else the model card's default."""
+    return args.steps or pipe.model_card.num_inference_steps
 
 
 def cmd_super_resolve(args: argparse.Namespace) -> int:
-    from gen_sr.volume import check_output_path, load_volume, save_volume, sidecar_path
+    from gen_sr.io import sidecar_path
+    from gen_sr.volume import load_volume, save_volume
 
     maps = {"mean": args.output, "std": args.std, "risk": args.risk, "dc_residual": args.dc_residual}
     outputs = {k: check_output_path(v, args.overwrite, inputs=[args.input]) for k, v in maps.items() if v}
     sidecar = sidecar_path(outputs["mean"])
-    _check_json_output(str(sidecar), args.overwrite)
+    check_output_file(sidecar, args.overwrite, inputs=[args.input])
     lr = load_volume(args.input, volume_index=args.volume)
-    pipe = _load_pipeline(args.model, args.device)
+    pipe = _load_pipeline(args)
     out = pipe(lr, keep_samples=False, output_type="np", **_acquisition_kwargs(args), **_sampling_kwargs(args))
     if not process_state().is_main_process:  # under `accelerate launch`, the main process writes the outputs
         return 0
     for key, path in outputs.items():
         save_volume(lr.with_data(getattr(out, key), out.affine), path, overwrite=args.overwrite)
         print(f"wrote:    {path} ({key})")
-    _write_json(sidecar, out.metadata)
+    write_json(sidecar, out.metadata)
     residual = max(out.metadata["relative_residual"])
     print(f"wrote:    {sidecar} (seeds, operator, residuals, timings)")
     print(f"samples:  {args.samples}, {out.metadata['num_inference_steps']} steps, guidance {args.guidance}; "
@@ -202,107 +218,41 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
-def _hr_volumes(args: argparse.Namespace, pipe) -> list:
-    """``(name, Volume)`` of every HR volume of ``--data``, cut to the ``--region``."""
-    from gen_sr.data import find_volumes
-    from gen_sr.eval.evaluate import crop_to_foreground, has_calibration_slab, model_slab
-    from gen_sr.sample_data import load_mni152
-    from gen_sr.volume import load_volume
-
-    named = []
-    for entry in args.data:
-        if entry == "mni152":
-            named.append(("mni152", load_mni152("t1")))
-        else:
-            named += [(f.name.removesuffix(".gz").removesuffix(".nii"), load_volume(f)) for f in find_volumes([entry])]
-    if args.region != "all":
-        if not pipe.config.acquisition.get("holdout") or (args.region == "calibration"
-                                                          and not has_calibration_slab(pipe)):
-            what = {"heldout": "held-out"}.get(args.region, args.region)
-            raise InputError(f"the model folder records no {what} slab", args.model, "use --region all")
-        split = {"heldout": "val"}.get(args.region, args.region)
-        named = [(n, crop_to_foreground(model_slab(pipe, v, split))) for n, v in named]  # as the benchmarks do
-    return named
-
-
-def _operator_transforms(path: str, sr_axis: int) -> list:
-    """The acquisition of an operator JSON (``gen-sr degrade --save-operator``'s file, or ``A.to_json()``)."""
-    from gen_sr.physics import AxisTransform, SliceAcquisition
-
-    try:
-        d = json.loads(Path(path).read_text())
-        d = d.get("operator", d)
-        transforms = [AxisTransform.from_dict(t) for t in d["transforms"]]
-    except FileNotFoundError:
-        raise InputError("does not exist", path) from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"is not an acquisition operator JSON ({e})", path) from None
-    sliced = {t.axis for t in transforms if isinstance(t, SliceAcquisition)}
-    if sliced != {sr_axis}:
-        raise InputError(f"slices along RAS+ axes {sorted(sliced)}, but the model super-resolves axis {sr_axis}", path)
-    return transforms
-
-
 def _cases(args: argparse.Namespace, pipe) -> list:
-    """The HR volumes of ``--data`` with the acquisition simulated on each."""
-    from gen_sr.eval.evaluate import simulate_case
+    """The HR volumes of ``--data``, cut to ``--region``, with the acquisition simulated on each."""
+    from gen_sr.eval.cases import load_hr_volumes, read_operator_transforms, simulate_cases
 
-    named = _hr_volumes(args, pipe)
-    transforms = _operator_transforms(args.operator, pipe.sr_axis) if args.operator else None
-    try:
-        return [simulate_case(v, n, axis=pipe.sr_axis, thickness=args.slice_thickness, spacing=args.slice_spacing,
-                              profile=args.profile, snr=args.snr, seed=args.seed + i, transforms=transforms)
-                for i, (n, v) in enumerate(named)]
-    except ValueError as e:  # e.g. slices thicker than a volume
-        raise InputError(f"cannot simulate the acquisition: {e}") from e
+    named = load_hr_volumes(args.data, pipe, args.region, args.model)
+    transforms = read_operator_transforms(args.operator, pipe.sr_axis) if args.operator else None
+    return simulate_cases(named, axis=pipe.sr_axis, thickness=args.slice_thickness, spacing=args.slice_spacing,
+                          profile=args.profile, snr=args.snr, seed=args.seed, transforms=transforms)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from gen_sr.eval.calibration import (
-        CALIBRATION_FILE,
-        IntervalShape,
-        calibration_volumes,
-        choose_shape,
-        fit_calibration,
-        split_units,
-        transfer_coverage,
-    )
+    from gen_sr.eval.calibration import calibrate, check_calibration_settings
+    from gen_sr.risk import CALIBRATION_FILE
 
     target = Path(args.model) / CALIBRATION_FILE
     if target.exists() and not args.overwrite:
         raise InputError("the model is calibrated already", target, "pass --overwrite to replace its calibration")
-    pipe = _load_pipeline(args.model, args.device)
+    check_output_file(target, overwrite=True)
+    pipe = _load_pipeline(args)
     cases = _cases(args, pipe)
-    if args.interval == "auto" and len(cases) < 3:
-        raise InputError(f"--interval auto chooses between shapes by leaving one volume out, and needs at least 3 "
-                         f"volumes; --data gives {len(cases)}", hint="add volumes, or use --interval std")
-    volumes = calibration_volumes(pipe, cases, **_sampling_kwargs(args))
-    fit = {"alpha": args.alpha, "delta": args.delta, "method": args.method}
-    shape, transfer = IntervalShape(), None
-    try:  # every fit below leaves a volume out: with too few units, the rule cannot certify
-        if args.interval == "auto":
-            shape, rows = choose_shape(volumes, blocks=args.blocks, progress=True, **fit)
-            transfer = next(r["coverages"] for r in rows if IntervalShape(**r["shape"]) == shape)
-        elif len(volumes) >= 2:
-            transfer = transfer_coverage(volumes, shape, blocks=args.blocks, **fit)
-    except ValueError as e:
-        if args.interval == "auto":
-            raise InputError(f"cannot choose the interval shape: {e}", args.model,
-                             "use more --blocks or volumes, or --interval std") from e
-        print(f"(no transfer check: with a volume left out, {e})")
-    errors, spreads, masks = split_units(volumes, shape, blocks=args.blocks)
-    details = {"data": list(args.data), "region": args.region, "volumes": [c.name for c in cases],
-               "blocks_per_volume": args.blocks, "units": len(errors), "operator": args.operator,
-               "slice_thickness": args.slice_thickness,
-               "profile": args.profile, "snr": args.snr, "samples": args.samples, "steps": _steps(args, pipe),
-               "guidance": args.guidance, "seed": args.seed, "mask": "foreground of the reference",
-               "interval": args.interval,
-               "leave_one_volume_out_coverage": transfer}
     try:
-        cal = fit_calibration(errors, spreads, masks, **fit, details=details)
+        check_calibration_settings(len(cases), alpha=args.alpha, delta=args.delta, method=args.method,
+                                   blocks=args.blocks, interval=args.interval)
     except ValueError as e:
+        raise InputError(f"cannot calibrate: {e}", hint="see gen-sr calibrate --help") from None
+    details = {"data": list(args.data), "region": args.region, "operator": args.operator,
+               "slice_thickness": args.slice_thickness, "profile": args.profile, "snr": args.snr,
+               "samples": args.samples, "steps": _steps(args, pipe), "guidance": args.guidance, "seed": args.seed,
+               "mask": "foreground of the reference"}
+    try:
+        result = calibrate(pipe, cases, alpha=args.alpha, delta=args.delta, method=args.method, blocks=args.blocks,
+                           interval=args.interval, details=details, **_sampling_kwargs(args))
+    except ValueError as e:  # a rule that cannot certify with these units
         raise InputError(str(e), args.model) from e
-    cal.shape = shape
+    cal = result.calibration
     pipe.calibration = cal
     cal.save(args.model)
     print(f"wrote:    {target}")
@@ -310,36 +260,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"coverage: {1 - cal.risk_hat:.4f} on the calibration units; target ≥ {1 - cal.alpha:g}"
           + (f" with probability ≥ {1 - cal.delta:g} (upper bound of the miss rate {cal.risk_upper:.4f})"
              if cal.method == "rcps" else " in expectation"))
-    if transfer is not None:
+    if result.transfer is not None:
         print("transfer: coverage of each volume calibrated on the others: "
-              + ", ".join(f"{n} {c:.4f}" for n, c in zip(details["volumes"], transfer, strict=True)))
+              + ", ".join(f"{c.name} {v:.4f}" for c, v in zip(cases, result.transfer, strict=True)))
+    elif result.transfer_error:
+        print(f"(no transfer check: {result.transfer_error})")
     other = "crc" if args.method == "rcps" else "rcps"
-    try:  # the other rule on the same units, for comparison (not written)
-        alt = fit_calibration(errors, spreads, masks, **(fit | {"method": other}))
+    if result.alternative is not None:  # the other rule on the same units, for comparison (not written)
+        alt = result.alternative
         print(f"({other} would give λ = {alt.scale:.4g}, coverage {1 - alt.risk_hat:.4f} on these units)")
-    except ValueError as e:
-        print(f"({other} cannot certify with these units: {e})")
+    else:
+        print(f"({other} cannot certify with these units: {result.alternative_error})")
     return 0
 
 
-def _output_dir(args: argparse.Namespace, marker: str | None = None) -> Path:
-    """``--output-dir``, checked before any work: its parent exists, and it holds no earlier ``marker`` file
-    unless ``--overwrite``."""
-    out = Path(args.output_dir)
-    if not out.parent.is_dir():
-        raise InputError("the output folder's parent does not exist", out)
-    if marker is not None and (out / marker).exists() and not args.overwrite:
-        raise InputError(f"holds an earlier {marker}", out, "pass --overwrite to replace it")
-    return out
+def _output_dir(args: argparse.Namespace, *markers: str) -> Path:
+    """``--output-dir``, checked before any work: it (or its parent) is a writable folder, and it holds none of the
+    earlier ``markers`` files unless ``--overwrite``."""
+    return check_output_dir(args.output_dir, args.overwrite, markers)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from gen_sr.eval.evaluate import evaluate, markdown_table, summarize, write_table
+    from gen_sr.eval.evaluate import evaluate
+    from gen_sr.eval.tables import markdown_table, summarize, write_table
 
     out = _output_dir(args, "evaluation.json")
-    pipe = _load_pipeline(args.model, args.device)
+    pipe = _load_pipeline(args)
     cases = _cases(args, pipe)
-    regression = _load_pipeline(args.regression_model, args.device) if args.regression_model else None
+    regression = _load_pipeline(args, args.regression_model) if args.regression_model else None
     rows = evaluate(pipe, cases, regression=regression, **_sampling_kwargs(args))
     meta = {"model": str(args.model), "regression_model": args.regression_model, "data": list(args.data),
             "region": args.region,
@@ -354,14 +302,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_stress_test(args: argparse.Namespace) -> int:
+    from gen_sr.eval.cases import load_hr_volumes
     from gen_sr.eval.stress import run_stress_test
 
     out = _output_dir(args, "stress_test.json")
-    pipe = _load_pipeline(args.model, args.device)
+    pipe = _load_pipeline(args)
     if args.slice_spacing is not None or args.operator is not None:
         raise InputError("the stress test simulates contiguous slices of --slice-thickness",
                          hint="leave out --slice-spacing and --operator")
-    volumes = [v for _, v in _hr_volumes(args, pipe)]
+    volumes = [v for _, v in load_hr_volumes(args.data, pipe, args.region, args.model)]
     kwargs = _sampling_kwargs(args)
     kwargs.pop("generator")
     try:
@@ -388,7 +337,7 @@ def _tissue(text: str) -> tuple[str, str]:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from gen_sr.eval.audit import audit
+    from gen_sr.audit.audit import audit
     from gen_sr.volume import load_volume
 
     out = _output_dir(args)
@@ -396,7 +345,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     reference = load_volume(args.reference) if args.reference else None
     brain = load_volume(args.mask) if args.mask else None
     tissues = {name: load_volume(path) for name, path in args.tissue} or None
-    pipe = _load_pipeline(args.model, args.device)
+    pipe = _load_pipeline(args)
     payload = audit(pipe, lr, out, input_name=Path(args.input).name, model_name=str(args.model), reference=reference,
                     masks=tissues, brain_mask=brain, reuse=args.reuse, risk_threshold=args.risk_threshold,
                     overwrite=args.overwrite, **_acquisition_kwargs(args), **_sampling_kwargs(args))
@@ -410,7 +359,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------- sample data
 def cmd_sample_data(args: argparse.Namespace) -> int:
     from gen_sr.sample_data import load_mni152, synthetic_subject
-    from gen_sr.volume import check_output_path, save_volume
+    from gen_sr.volume import save_volume
 
     out = check_output_path(args.output, args.overwrite)
     vol = load_mni152(args.kind) if args.subject is None else synthetic_subject(args.subject, args.kind)
@@ -443,19 +392,27 @@ def _positive_int(text: str) -> int:
     return _whole_number(text, 1, what="a positive whole number")
 
 
-def _subject_seed(text: str) -> int:
-    return _whole_number(text, 0, 2**32 - 1, what="a whole number from 0 to 2**32 - 1")
+def _seed(text: str) -> int:
+    return _whole_number(text, 0, 2**32 - 1, what="a seed: a whole number from 0 to 2**32 - 1")
+
+
+def _volume_index(text: str) -> int:
+    return _whole_number(text, 0, what="a volume index >= 0")
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
     p.add_argument("--steps", type=_positive_int,
                    help="DDIM steps (default: the model folder's; 50 for diffusion, 1 for a regression model)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0, deterministic given the seed)")
+    p.add_argument("--eta", type=_non_negative_float, default=0.0,
+                   help="DDIM eta, >= 0 (default: 0, deterministic given the seed)")
     p.add_argument("--guidance", choices=("projection", "gradient", "none"), default="projection",
                    help="data consistency during sampling (default: projection); outputs are always projected")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a model folder with pickled (.bin) weights; a pickle can run any code when loaded, so "
+                        "use this only for a folder you trust (default: safetensors only)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="tiles per network call: the memory knob")
 
 
@@ -465,8 +422,9 @@ def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
                    help="HR voxel spacing in mm (default: isotropic at the finest input spacing)")
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
     p.add_argument("--profile", choices=("gaussian", "rect"), default="gaussian", help="slice profile")
-    p.add_argument("--noise-std", type=float, default=0.0, help="measurement noise std in input units (default 0)")
-    p.add_argument("--volume", type=int, metavar="N", help="volume index to take from a 4D series")
+    p.add_argument("--noise-std", type=_non_negative_float, default=0.0,
+                   help="measurement noise std in input units, >= 0 (default 0)")
+    p.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
 
 
 def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
@@ -519,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snr", type=_positive_float,
                    help="add noise at this SNR (mean foreground / noise std); default: none")
     p.add_argument("--noise", choices=("rician", "gaussian"), default="rician", help="noise model (default: rician)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    p.add_argument("--volume", type=int, metavar="N", help="volume index to take from a 4D series")
+    p.add_argument("--seed", type=_seed, default=0, help="noise seed (default: 0)")
+    p.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
     p.add_argument("--save-operator", metavar="JSON", help="also write the acquisition operator as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
@@ -539,8 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
             "guarantee, and write calibration.json into the model folder")
     p.add_argument("--model", required=True, help="a model folder; calibration.json is written into it")
     _add_simulation_arguments(p)
-    p.add_argument("--alpha", type=float, default=0.1, help="target miss rate: coverage 1 - alpha (default: 0.1)")
-    p.add_argument("--delta", type=float, default=0.1, help="failure probability of the guarantee (default: 0.1)")
+    p.add_argument("--alpha", type=_fraction, default=0.1,
+                   help="target miss rate, in (0, 1): coverage 1 - alpha (default: 0.1)")
+    p.add_argument("--delta", type=_fraction, default=0.1,
+                   help="failure probability of the guarantee, in (0, 1) (default: 0.1)")
     p.add_argument("--method", choices=("rcps", "crc"), default="rcps",
                    help="rcps: coverage with probability 1 - delta (conservative); crc: conformal risk control, "
                         "coverage in expectation (tight) (default: rcps)")
@@ -569,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a model folder")
     _add_simulation_arguments(p)
     p.add_argument("--output-dir", required=True, help="where to write stress_test.md/.csv/.json/.png")
-    p.add_argument("--contrast", type=float, default=0.3,
+    p.add_argument("--contrast", type=_finite_float, default=0.3,
                    help="lesion contrast as a signed fraction of the robust intensity range (default: 0.3)")
     p.add_argument("--diameters", type=_positive_float, nargs="+", metavar="MM",
                    help="lesion diameters in mm (default: half and 1.5 times the slice thickness)")
@@ -598,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample-data", cmd_sample_data, "write the embedded MNI152 2009 template (shipped by nilearn) as NIfTI")
     p.add_argument("--output", required=True, help="where to write it (.nii or .nii.gz)")
     p.add_argument("--kind", choices=("t1", "gm", "wm"), default="t1", help="T1 template or GM/WM map (default: t1)")
-    p.add_argument("--subject", type=_subject_seed, metavar="SEED",
+    p.add_argument("--subject", type=_seed, metavar="SEED",
                    help="write synthetic subject SEED instead: the template under a random smooth deformation (for "
                         "the T1 also a bias field and contrast change); the same SEED with --kind gm/wm gives its "
                         "tissue maps. Subjects are exchangeable: calibrate on some, test on others")
@@ -609,14 +569,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="demo_out", help="folder for the demo's files (default: demo_out)")
     p.add_argument("--model", default="models/mni2d", help="model folder (default: models/mni2d)")
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
-    p.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default: 50)")
+    p.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model card's, 50 for the demo model)")
     p.add_argument("--overwrite", action="store_true", help="replace files from an earlier run")
     return parser
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """Warnings as one line naming the command (``--debug`` keeps Python's format)."""
+    return f"gen-sr: warning: {message}\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gen-sr``; returns the exit code (0 success, 2 user error)."""
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        warnings.formatwarning = _one_line_warning
     try:
         code = args.func(args)
         exit_if_distributed(code)  # under `accelerate launch`: see gen_sr.distributed

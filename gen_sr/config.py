@@ -26,9 +26,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
-import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Sequence
@@ -38,8 +36,9 @@ from typing import Any, TypeVar
 import yaml
 
 from gen_sr.errors import InputError
+from gen_sr.io import atomic_write
 
-__all__ = ["ConfigError", "config_to_dict", "load_config", "parse_cli", "save_config"]
+__all__ = ["ConfigError", "config_from_dict", "config_to_dict", "load_config", "parse_cli", "save_config"]
 
 T = TypeVar("T")
 _KEY = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
@@ -321,15 +320,18 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     if not path.parent.is_dir():
         raise ConfigError("the output directory does not exist", path.parent)
     text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
+
+
+def config_from_dict(schema: type[T], raw: dict, source: str | None = None) -> T:
+    """Build a ``schema`` instance from its defaults and a plain mapping (as read from JSON), checked like a YAML
+    file: unknown keys and wrong types raise :class:`ConfigError` naming the key and ``source``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping, got {type(raw).__name__}", source)
+    state = _state(schema)
+    _merge(schema, state, raw, "", source)
+    return _build(schema, state)
 
 
 def _key_lines(cls: type, state: dict[str, Any], prefix: str = "") -> list[str]:

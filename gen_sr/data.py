@@ -31,6 +31,7 @@ import torch
 from monai.transforms import SpatialPad
 
 from gen_sr.errors import InputError
+from gen_sr.model_card import AcquisitionRanges
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, add_noise
 from gen_sr.sample_data import load_mni152
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
@@ -43,44 +44,10 @@ __all__ = [
     "load_training_volumes",
     "slab",
     "slab_bounds",
+    "training_ranges",
 ]
 
 _SPLITS = {"train": 0, "val": 1}
-
-
-@dataclass
-class AcquisitionRanges:
-    """The acquisitions training pairs are simulated with; each item draws its own.
-
-    Attributes:
-        axis: the super-resolved (through-plane) axis, in RAS+ voxel order (2 = inferior-superior).
-        thickness: slice thickness range in mm, drawn uniformly.
-        gap: range of ``spacing / thickness - 1`` (0 = contiguous, > 0 gaps, < 0 overlaps), drawn uniformly.
-        profiles: slice profiles to draw from.
-        snr: SNR range (log-uniform); ``None`` for noise-free only.
-        noise_free_fraction: fraction of items left noise-free even when ``snr`` is set.
-        noise: noise model.
-    """
-
-    axis: int = 2
-    thickness: tuple[float, float] = (2.0, 6.0)
-    gap: tuple[float, float] = (0.0, 0.0)
-    profiles: list[Literal["gaussian", "rect"]] = field(default_factory=lambda: ["gaussian"])
-    snr: tuple[float, float] | None = (20.0, 200.0)
-    noise_free_fraction: float = 0.25
-    noise: Literal["rician", "gaussian"] = "rician"
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.axis <= 2:
-            raise ValueError(f"axis must be 0, 1 or 2, got {self.axis}")
-        if not 0 < self.thickness[0] <= self.thickness[1]:
-            raise ValueError(f"thickness must be an increasing pair of positive numbers, got {self.thickness}")
-        if not -0.9 < self.gap[0] <= self.gap[1]:
-            raise ValueError(f"gap must be an increasing pair above -0.9, got {self.gap}")
-        if self.snr is not None and not 0 < self.snr[0] <= self.snr[1]:
-            raise ValueError(f"snr must be an increasing pair of positive numbers, got {self.snr}")
-        if not self.profiles:
-            raise ValueError("profiles must not be empty")
 
 
 @dataclass
@@ -192,13 +159,27 @@ def load_training_volumes(cfg: DataConfig) -> list[tuple[np.ndarray, tuple[float
     Returns:
         ``(data, spacing)`` per volume, ``data`` float32 in RAS+ voxel order.
     """
-    volumes: list[Volume] = [load_volume(p) for p in find_volumes(cfg.paths)] if cfg.paths else [load_mni152("t1")]
     out = []
-    for vol in volumes:
-        canon = vol.canonical()
+    for canon in _training_volumes(cfg):
         norm = IntensityNormalization.fit(canon.data, *cfg.normalize_percentiles)
         out.append((norm(canon.data).astype(np.float32), canon.spacing))
     return out
+
+
+def training_ranges(cfg: DataConfig) -> tuple[tuple[float, float], tuple[float, float]]:
+    """What the training volumes span, for the model card: ``(min, max)`` of their in-plane voxel spacing in mm
+    (the axes other than the super-resolved one) and of their robust intensity range, in their own units."""
+    spacings, ranges = [], []
+    for canon in _training_volumes(cfg):
+        spacings += [s for a, s in enumerate(canon.spacing) if a != cfg.acquisition.axis]
+        ranges.append(IntensityNormalization.fit(canon.data, *cfg.normalize_percentiles).scale)
+    return (min(spacings), max(spacings)), (min(ranges), max(ranges))
+
+
+def _training_volumes(cfg: DataConfig) -> list[Volume]:
+    """The training volumes in RAS+ (the embedded MNI152 T1 when ``cfg.paths`` is empty)."""
+    volumes = [load_volume(p) for p in find_volumes(cfg.paths)] if cfg.paths else [load_mni152("t1")]
+    return [v.canonical() for v in volumes]
 
 
 class SRPairDataset(torch.utils.data.Dataset):

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from gen_sr.audit.audit import audit
 from gen_sr.errors import InputError
-from gen_sr.eval.audit import audit
 from gen_sr.eval.baselines import BASELINES
-from gen_sr.eval.evaluate import heldout_case
+from gen_sr.eval.cases import heldout_case
+from gen_sr.io import check_output_dir, check_output_path
 from gen_sr.sample_data import load_mni152
-from gen_sr.volume import check_output_path, resample_to, save_volume
+from gen_sr.volume import resample_to, save_volume
 
 __all__ = ["DEFAULT_MODEL", "run_demo"]
 
@@ -34,7 +35,7 @@ SEED = 0
 
 
 def run_demo(output_dir: Path, overwrite: bool = False, model: Path = DEFAULT_MODEL, num_samples: int = 8,
-             num_inference_steps: int = 50, batch_size: int = 64) -> dict[str, Any]:
+             num_inference_steps: int | None = None, batch_size: int = 64) -> dict[str, Any]:
     """Run the demo, writing into ``output_dir``; returns the audit's JSON payload (figures included)."""
     from gen_sr.pipelines import LatentDiffusionSRPipeline
 
@@ -42,12 +43,14 @@ def run_demo(output_dir: Path, overwrite: bool = False, model: Path = DEFAULT_MO
     if not (Path(model) / "model_index.json").is_file():
         raise InputError("holds no trained model (model_index.json)", model,
                          "run the demo from the repository root, or pass --model")
+    check_output_dir(output_dir, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     names = ("hr_1mm.nii.gz", "lr_4mm.nii.gz", "gm.nii.gz", "wm.nii.gz")
     paths = [check_output_path(output_dir / n, overwrite) for n in names]
     print("gen-sr demo: super-resolution with uncertainty on the MNI152 2009 template (embedded; nothing is "
           "downloaded)")
     pipe = LatentDiffusionSRPipeline.from_pretrained(model)
+    num_inference_steps = num_inference_steps or pipe.model_card.num_inference_steps
     case = heldout_case(pipe, load_mni152("t1"), "MNI152 held-out slab", thickness=THICKNESS_MM, snr=SNR, seed=SEED)
     tissues = {k.upper(): resample_to(load_mni152(k), case.hr) for k in ("gm", "wm")}  # the same crop, exactly
     for path, vol in zip(paths, (case.hr, case.lr, tissues["GM"], tissues["WM"]), strict=True):

@@ -5,13 +5,12 @@ happens in one canonical orientation (RAS+, :meth:`Volume.canonical`); results g
 with :meth:`Volume.reorient`. The affine is carried exactly through both, and through every resampling (see
 :meth:`gen_sr.physics.AcquisitionOperator.lr_affine`).
 
-Outputs are written to a temporary file beside the target and renamed (:func:`save_volume`), so an interrupted run
-never leaves a half-written file.
+Outputs are written atomically (:func:`save_volume`, through :mod:`gen_sr.io`), so an interrupted run never leaves
+a half-written file.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from collections.abc import Sequence
@@ -24,18 +23,19 @@ import numpy as np
 from nibabel import orientations as ornt
 
 from gen_sr.errors import InputError
+from gen_sr.io import atomic_write, check_output_path
 
 __all__ = [
     "IntensityNormalization",
     "Volume",
-    "check_output_path",
+    "covers",
     "load_volume",
     "read_nifti",
+    "resample_to",
     "save_volume",
     "stored_pixdim",
 ]
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 CANONICAL = ("R", "A", "S")
 
 
@@ -151,9 +151,6 @@ def covers(volume: Volume, target: Volume, tolerance: float = 0.5) -> bool:
     return bool(np.all(index >= -tolerance) and np.all(index <= np.asarray(volume.shape) - 1 + tolerance))
 
 
-def _is_nifti_name(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
-
 
 def read_nifti(path: str | os.PathLike[str]) -> tuple[nib.Nifti1Image, np.ndarray]:
     """Open a NIfTI file and read its voxels, turning every way it can fail into one :class:`InputError`.
@@ -234,66 +231,6 @@ def load_volume(path: str | os.PathLike[str], volume_index: int | None = None) -
 
 
 # ----------------------------------------------------------------------------------------------------- writing
-def check_output_path(
-    path: str | os.PathLike[str], overwrite: bool = False, inputs: Sequence[str | os.PathLike[str]] = ()
-) -> Path:
-    """Check an output NIfTI path before any work is done; returns it as a ``Path``.
-
-    Raises:
-        InputError: wrong suffix, missing directory, an existing file without ``overwrite``, or one of the inputs.
-    """
-    p = Path(path)
-    if not _is_nifti_name(p):
-        raise InputError("output must end in .nii or .nii.gz", p)
-    if not p.parent.is_dir():
-        raise InputError("the output directory does not exist", p, "create it first")
-    for src in inputs:
-        if Path(src).exists() and p.exists() and p.resolve() == Path(src).resolve():
-            raise InputError("output is the same file as an input; inputs are never modified", p)
-    if p.exists() and not overwrite:
-        raise InputError("output already exists", p, "pass --overwrite to replace it")
-    return p
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; the temporary file never outlives a
-    failure. The temporary name keeps the suffix, so writers that choose the format by suffix still work."""
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
-    stem = path.name[: len(path.name) - len(suffix)]
-    tmp = path.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def sidecar_path(path: str | os.PathLike[str]) -> Path:
-    """The ``.json`` beside a NIfTI file (``sr.nii.gz`` → ``sr.json``), where a run records how it was made."""
-    p = Path(path)
-    return p.with_name(p.name.removesuffix(".gz").removesuffix(".nii") + ".json")
-
-
-def json_ready(value: Any) -> Any:
-    """A strict-JSON version of ``value``: numpy to Python, NaN and ±inf to ``None``, tuples to lists, keys to
-    strings, anything else unknown to its string."""
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [json_ready(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    return value if value is None or isinstance(value, bool | int | str) else str(value)
-
-
-def write_json(path: str | os.PathLike[str], payload: Any) -> None:
-    """Write ``payload`` as indented strict JSON (see :func:`json_ready`), atomically."""
-    text = json.dumps(json_ready(payload), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
-    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
-
-
 def save_volume(
     volume: Volume, path: str | os.PathLike[str], *, overwrite: bool = False, dtype: np.dtype | type | None = None
 ) -> Path:

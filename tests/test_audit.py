@@ -11,7 +11,7 @@ from test_pipeline import _pipe
 
 from gen_sr.cli import main
 from gen_sr.eval.baselines import BASELINES
-from gen_sr.eval.calibration import Calibration, IntervalShape
+from gen_sr.risk import Calibration, IntervalShape
 from gen_sr.volume import Volume, load_volume, save_volume
 
 

@@ -11,17 +11,16 @@ import torch
 from scipy.stats import norm
 
 from gen_sr.eval.calibration import (
-    Calibration,
     CalibrationVolume,
-    IntervalShape,
     choose_shape,
     fit_calibration,
     hb_p_value,
-    miss_rate,
     split_units,
     transfer_coverage,
     upper_bound,
 )
+from gen_sr.eval.uncertainty import miss_rate
+from gen_sr.risk import Calibration, IntervalShape
 
 SCALE_SPREAD = 0.25  # per-volume log-normal spread of the error scale: volumes differ, as real ones do
 

@@ -3,6 +3,7 @@ model is exercised by `make demo` itself)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,13 @@ from test_pipeline import _pipe
 from gen_sr.demo import run_demo
 from gen_sr.errors import InputError
 from gen_sr.eval.baselines import BASELINES
+from gen_sr.model_card import Holdout
 from gen_sr.volume import load_volume
 
 
 def test_demo_end_to_end_on_the_held_out_slab(tmp_path: Path, capsys) -> None:
     pipe = _pipe(2)
-    pipe.register_to_config(acquisition={**pipe.config.acquisition, "holdout": {"axis": 1, "fraction": 0.2}})
+    pipe.model_card = replace(pipe.model_card, holdout=Holdout(1, 0.2))
     pipe.save_pretrained(tmp_path / "model")
     payload = run_demo(tmp_path / "out", model=tmp_path / "model", num_samples=2, num_inference_steps=2)
     out = capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,12 @@ from test_pipeline import _pipe
 
 from gen_sr.cli import main
 from gen_sr.eval.baselines import BASELINES, baseline
-from gen_sr.eval.calibration import SHAPE_CANDIDATES, Calibration
-from gen_sr.eval.evaluate import evaluate, simulate_case, summarize, write_table
+from gen_sr.eval.calibration import SHAPE_CANDIDATES
+from gen_sr.eval.cases import simulate_case
+from gen_sr.eval.evaluate import evaluate
+from gen_sr.eval.tables import summarize, write_table
+from gen_sr.model_card import Holdout
+from gen_sr.risk import Calibration
 from gen_sr.volume import Volume, save_volume
 
 
@@ -131,12 +136,12 @@ def test_stress_test_command(tmp_path: Path, capsys) -> None:
 
 
 def test_heldout_case_is_the_recorded_slab_cropped_to_the_foreground() -> None:
-    from gen_sr.eval.evaluate import heldout_case
+    from gen_sr.eval.cases import heldout_case
 
     pipe = _pipe(2)
     with pytest.raises(ValueError, match="no held-out slab"):
         heldout_case(pipe, _hr())
-    pipe.register_to_config(acquisition={**pipe.config.acquisition, "holdout": {"axis": 1, "fraction": 0.5}})
+    pipe.model_card = replace(pipe.model_card, holdout=Holdout(1, 0.5))
     data = np.zeros((16, 20, 24), dtype=np.float32)
     data[3:13, 2:18, 4:22] = 1.0 + np.random.default_rng(0).random((10, 16, 18))
     case = heldout_case(pipe, Volume(data, np.eye(4)), margin=1, thickness=3.0)
@@ -146,10 +151,10 @@ def test_heldout_case_is_the_recorded_slab_cropped_to_the_foreground() -> None:
 
 
 def test_training_slabs_tile_the_training_region_only() -> None:
-    from gen_sr.eval.evaluate import training_slabs
+    from gen_sr.eval.cases import training_slabs
 
     pipe = _pipe(2)
-    pipe.register_to_config(acquisition={**pipe.config.acquisition, "holdout": {"axis": 1, "fraction": 0.25}})
+    pipe.model_card = replace(pipe.model_card, holdout=Holdout(1, 0.25))
     data = np.zeros((16, 22, 24), dtype=np.float32)
     data[3:13] = 1.0 + np.random.default_rng(0).random((10, 22, 24))
     slabs = training_slabs(pipe, Volume(data, np.eye(4)), margin=1)
@@ -161,15 +166,14 @@ def test_training_slabs_tile_the_training_region_only() -> None:
 
 
 def test_calibration_slabs_are_the_reserved_slab_in_pieces_of_equal_brain_volume() -> None:
-    from gen_sr.eval.evaluate import calibration_slabs, has_calibration_slab, training_slabs
+    from gen_sr.eval.cases import calibration_slabs, has_calibration_slab, training_slabs
 
     pipe = _pipe(2)
-    pipe.register_to_config(acquisition={**pipe.config.acquisition, "holdout": {"axis": 1, "fraction": 0.25}})
+    pipe.model_card = replace(pipe.model_card, holdout=Holdout(1, 0.25))
     with pytest.raises(ValueError, match="no calibration slab"):
         calibration_slabs(pipe, _hr())
     assert not has_calibration_slab(pipe)
-    holdout = {"axis": 1, "fraction": 0.25, "calibration_fraction": 0.25}
-    pipe.register_to_config(acquisition={**pipe.config.acquisition, "holdout": holdout})
+    pipe.model_card = replace(pipe.model_card, holdout=Holdout(1, 0.25, 0.25))
     assert has_calibration_slab(pipe)
     data = np.zeros((30, 24, 20), dtype=np.float32)
     data[4:26] = 1.0 + np.random.default_rng(0).random((22, 24, 20))  # brain: x 4..25, everywhere in y and z
@@ -214,7 +218,7 @@ def test_region_volumes_are_cropped_to_the_brain(tmp_path: Path) -> None:
     from gen_sr.cli import _hr_volumes
 
     pipe = _pipe(2)
-    pipe.register_to_config(acquisition={**pipe.config.acquisition, "holdout": {"axis": 1, "fraction": 0.5}})
+    pipe.model_card = replace(pipe.model_card, holdout=Holdout(1, 0.5))
     data = np.zeros((30, 20, 36), dtype=np.float32)
     data[8:18, 2:18, 10:28] = 1.0 + np.random.default_rng(0).random((10, 16, 18))
     path = save_volume(Volume(data, np.eye(4)), tmp_path / "hr.nii.gz")

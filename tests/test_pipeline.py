@@ -13,6 +13,7 @@ from diffusers import DPMSolverMultistepScheduler
 from helpers import oblique_affine
 
 from gen_sr.errors import InputError
+from gen_sr.model_card import ModelCard
 from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, condition_channels
 from gen_sr.physics import SliceAcquisition, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -34,8 +35,7 @@ def _pipe(spatial_dims: int) -> LatentDiffusionSRPipeline:
                 p.normal_(0, 0.05)
     scheduler = DDIMDataConsistencyScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
                                              prediction_type="v_prediction", clip_sample=False)
-    pipe = LatentDiffusionSRPipeline(vae=vae, unet=unet, scheduler=scheduler, acquisition={
-        "trained_for": {"axis": 2}, "condition": "cubic", "unet_condition": "both"})
+    pipe = LatentDiffusionSRPipeline(vae=vae, unet=unet, scheduler=scheduler, model_card=ModelCard())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -127,7 +127,7 @@ def test_save_and_load_give_identical_output(tmp_path: Path) -> None:
     a = pipe(lr, num_samples=2, generator=_gens(0, 1), **RUN)
     b = loaded(lr, num_samples=2, generator=_gens(0, 1), **RUN)
     assert np.array_equal(a.mean, b.mean) and np.array_equal(a.std, b.std)
-    assert loaded.config.acquisition["trained_for"]["axis"] == 2
+    assert loaded.model_card == pipe.model_card and loaded.sr_axis == 2
 
 
 def test_other_schedulers_run_without_guidance() -> None:
@@ -217,7 +217,7 @@ def test_attention_uses_torch_sdpa_with_the_same_result() -> None:
 
 
 def test_a_calibration_scales_risk_and_travels_with_the_model(tmp_path: Path) -> None:
-    from gen_sr.eval.calibration import Calibration, IntervalShape
+    from gen_sr.risk import Calibration, IntervalShape
 
     pipe, lr = _pipe(2), _lr()
     plain = pipe(lr, num_samples=2, generator=_gens(0, 1), **RUN)

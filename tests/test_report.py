@@ -15,7 +15,7 @@ import pytest
 from helpers import oblique_affine
 from PIL import Image
 
-from gen_sr.eval.report import BACKGROUND, build_report, risk_clusters, risk_peaks
+from gen_sr.audit.report import BACKGROUND, build_report, risk_clusters, risk_peaks
 from gen_sr.volume import Volume
 
 SHAPE = (12, 14, 10)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gen_sr.model_card import Holdout
 from gen_sr.training import train_autoencoder, train_diffusion
 
 ROOT = Path(__file__).parents[1]
@@ -99,9 +100,9 @@ def test_the_exported_model_is_a_pipeline(two_process_run: Path) -> None:
     assert pipe.vae.scaling_factor != 1.0  # measured at export
     assert pipe.unet.config.condition_channels == 1 + pipe.vae.config.latent_channels  # condition "both"
     assert pipe.scheduler.config.prediction_type == "v_prediction" and not pipe.scheduler.config.clip_sample
-    assert pipe.config.acquisition["trained_for"]["axis"] == 2
+    assert pipe.model_card.sr_axis == 2
     # the slabs training never saw, for evaluate/calibrate --region (tiny.yaml keeps the defaults)
-    assert pipe.config.acquisition["holdout"] == {"axis": 1, "fraction": 0.2, "calibration_fraction": 0.0}
+    assert pipe.model_card.holdout == Holdout(1, 0.2, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,8 @@ def test_adversarial_term_and_gradient_accumulation(tmp_path: Path) -> None:
 
 def test_regression_baseline_is_one_config_away(autoencoder_run: Path, tmp_path: Path) -> None:
     """The same UNet trained with L1 at the last timestep; it exports as a pipeline that samples in one step."""
-    from gen_sr.eval.evaluate import evaluate, simulate_case
+    from gen_sr.eval.cases import simulate_case
+    from gen_sr.eval.evaluate import evaluate
     from gen_sr.pipelines import LatentDiffusionSRPipeline
     from gen_sr.volume import Volume
 
@@ -222,7 +224,7 @@ def test_regression_baseline_is_one_config_away(autoencoder_run: Path, tmp_path:
     rows = _metrics(tmp_path, "diffusion")
     assert [m["step"] for m in rows if "val/psnr" in m] == [3, 6]
     pipe = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "diffusion" / "model")
-    assert pipe.config.acquisition["objective"] == "regression"
+    assert pipe.model_card.objective == "regression"
     assert pipe.scheduler.config.timestep_spacing == "trailing"
     assert pipe.scheduler.config.prediction_type == "sample"
     pipe.set_progress_bar_config(disable=True)

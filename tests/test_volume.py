@@ -10,8 +10,9 @@ import pytest
 from helpers import oblique_affine, write_nifti
 
 from gen_sr.errors import InputError
+from gen_sr.io import atomic_write
 from gen_sr.sample_data import load_mni152
-from gen_sr.volume import IntensityNormalization, Volume, atomic_write, load_volume, save_volume
+from gen_sr.volume import IntensityNormalization, Volume, load_volume, save_volume
 
 
 def _volume(shape=(6, 7, 8), affine=None) -> Volume:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from gen_sr.eval.evaluate import Case
+    from gen_sr.eval.cases import Case
 
 __all__ = ["BASELINES", "baseline"]
 

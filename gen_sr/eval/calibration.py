@@ -14,12 +14,13 @@ volumes are the exchangeable units (never voxels: the voxels of one volume are n
   ``(n R̂(λ) + 1) / (n + 1) ≤ α``. It bounds the miss rate in expectation over the calibration draw, not with
   probability ``1 − δ``, and is tight: coverage lands within ``1 / (n + 1)`` of the target.
 
-What ``λ̂`` multiplies is an :class:`IntervalShape`: the sample std ``σ`` by default, or ``σ`` plus a noise floor and
-an edge term. The sample spread misses what is the same in every sample (the autoencoder's error at edges, the
-measurement noise the projection keeps), and how much of that a volume holds depends on the region: with the plain
-std, a calibration fitted on mid-brain slabs under-covers a pole of the brain. :func:`choose_shape` picks the shape
-whose calibration transfers best when each calibration volume is left out in turn (:func:`transfer_coverage`); the
-guarantee then holds for that shape (chosen on the same volumes, so only approximately).
+What ``λ̂`` multiplies is an :class:`~gen_sr.risk.IntervalShape`: the sample std ``σ`` by default, or ``σ`` plus a
+noise floor and an edge term. The sample spread misses what is the same in every sample (the autoencoder's error at
+edges, the measurement noise the projection keeps), and how much of that a volume holds depends on the region: with
+the plain std, a calibration fitted on mid-brain slabs under-covers a pole of the brain. :func:`choose_shape` picks
+the shape whose calibration transfers best when each calibration volume is left out in turn
+(:func:`transfer_coverage`); the guarantee then holds for that shape (chosen on the same volumes, so only
+approximately).
 
 Units: :func:`split_units` cuts volumes into blocks of equal brain volume, so that the mean of the units' miss rates
 is the miss rate over voxels. ``calibration.json`` in a model folder holds the result; the pipeline then reports
@@ -29,52 +30,25 @@ is the miss rate over voxels. ``calibration.json`` in a model folder holds the r
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-from monai.networks.layers import separable_filtering
-from monai.networks.layers.convutils import gaussian_1d
 from scipy.stats import binom
+from tqdm.auto import tqdm
 
-from gen_sr.volume import atomic_write
+from gen_sr.eval.cases import Case, SRModel, balanced_cuts, super_resolve
+from gen_sr.eval.metrics import region_masks
+from gen_sr.eval.uncertainty import miss_rate
+from gen_sr.io import atomic_write
+from gen_sr.risk import Calibration, IntervalShape
 
-__all__ = ["CALIBRATION_FILE", "SHAPE_CANDIDATES", "Calibration", "CalibrationVolume", "IntervalShape",
-           "balanced_cuts", "calibration_volumes", "choose_shape", "fit_calibration", "hb_p_value", "miss_rate",
-           "split_units", "transfer_coverage", "upper_bound"]
-
-CALIBRATION_FILE = "calibration.json"
-
-
-def miss_rate(error: np.ndarray, std: np.ndarray, lam: float | np.ndarray,
-              mask: np.ndarray | None = None) -> np.ndarray:
-    """Fraction of voxels outside ``mean ± λ σ`` for each ``λ``.
-
-    Args:
-        error: ``x − x̂`` (any shape).
-        std: ``σ``, same shape.
-        lam: one value or an array of them.
-        mask: boolean, same shape; only these voxels count.
-
-    Returns:
-        An array shaped like ``lam``.
-    """
-    e, s = np.abs(np.asarray(error, dtype=np.float64)), np.asarray(std, dtype=np.float64)
-    if mask is not None:
-        e, s = e[np.asarray(mask, dtype=bool)], s[np.asarray(mask, dtype=bool)]
-    e, s = e.ravel(), s.ravel()
-    # A voxel misses for every λ below its ratio |e| / σ: the miss rate is the ratios' survival function.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(s > 0, e / s, np.where(e > 0, np.inf, 0.0))
-    ratio.sort()
-    lam_arr = np.asarray(lam, dtype=np.float64)
-    return 1.0 - np.searchsorted(ratio, lam_arr, side="right") / max(ratio.size, 1)
-
+__all__ = ["SHAPE_CANDIDATES", "CalibrationResult", "CalibrationVolume", "calibrate", "calibration_volumes",
+           "check_calibration_settings", "choose_shape", "fit_calibration", "hb_p_value", "split_units",
+           "transfer_coverage", "upper_bound"]
 
 def hb_p_value(risk_hat: float | np.ndarray, n: int, alpha: float) -> float | np.ndarray:
     """Hoeffding–Bentkus p-value of the null "the mean loss exceeds ``alpha``" given the mean ``risk_hat`` of ``n``
@@ -95,108 +69,6 @@ def upper_bound(risk_hat: float, n: int, delta: float, bound: str = "hb") -> flo
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if hb_p_value(risk_hat, n, mid) > delta else (lo, mid)
     return hi
-
-
-@dataclass(frozen=True)
-class IntervalShape:
-    """Which per-voxel spread ``u`` the calibrated interval ``mean ± λ u`` scales; the default is the sample std.
-
-    ``u = G_s * std + noise_floor · σ_noise + edge_weight · |∇(G_1 * mean)|``: the std, Gaussian-smoothed over
-    ``smoothing`` voxels (eight samples estimate a std with about 25 % relative noise per voxel); a floor in units
-    of the measurement noise std (noise the projection keeps in every sample, which their spread cannot show); and
-    a term for edges, where the autoencoder's representation error concentrates and is the same in every sample.
-    All three terms scale with the intensities, so ``λ`` does not depend on units.
-
-    Attributes:
-        smoothing: Gaussian sigma in voxels for the std (0: none).
-        noise_floor: weight of the measurement noise std.
-        edge_weight: weight of the gradient magnitude (per voxel) of the mean, smoothed over one voxel.
-    """
-
-    smoothing: float = 0.0
-    noise_floor: float = 0.0
-    edge_weight: float = 0.0
-
-    def spread(self, std: torch.Tensor | np.ndarray, mean: torch.Tensor | np.ndarray,
-               noise_std: float = 0.0) -> torch.Tensor | np.ndarray:
-        """The spread ``u`` of volumes ``std`` and ``mean``, shaped ``(..., X, Y, Z)`` (the last three axes are
-        spatial), returned as the type of ``std``; ``noise_std`` in the same units."""
-        as_numpy = isinstance(std, np.ndarray)
-        s = torch.from_numpy(np.array(std, dtype=np.float64)) if as_numpy else std
-        u = _smooth(s, self.smoothing) if self.smoothing else s.clone()
-        if self.noise_floor:
-            u = u + self.noise_floor * float(noise_std)
-        if self.edge_weight:
-            m = torch.from_numpy(np.array(mean, dtype=np.float64)) if as_numpy else mean
-            m = _smooth(m.to(u), 1.0)
-            u = u + self.edge_weight * torch.stack(torch.gradient(m, dim=(-3, -2, -1))).square().sum(0).sqrt()
-        return u.numpy() if as_numpy else u.to(std.dtype)
-
-
-def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing of the last three axes (reflecting at the borders)."""
-    kernel = gaussian_1d(torch.tensor(float(sigma)), normalize=True).to(x)
-    flat = x.reshape(-1, 1, *x.shape[-3:])
-    return separable_filtering(flat, [kernel] * 3, mode="reflect").reshape(x.shape)
-
-
-@dataclass
-class Calibration:
-    """A fitted interval scale; saved as ``calibration.json`` in a model folder.
-
-    Attributes:
-        scale: ``λ̂``: intervals are ``mean ± scale · u``, with ``u`` the spread of ``shape`` (the std by default).
-        alpha: target miss rate (coverage ``1 − alpha``).
-        delta: allowed probability that the guarantee fails (``"rcps"``).
-        method: ``"rcps"`` or ``"crc"``.
-        bound: the upper confidence bound of ``"rcps"``.
-        num_volumes: calibration volumes used.
-        risk_hat: mean miss rate on the calibration volumes at ``scale``.
-        risk_upper: its ``1 − δ`` upper bound.
-        details: where the calibration data came from (free-form, recorded as given).
-        shape: the spread that ``scale`` multiplies (files without one mean the plain std).
-    """
-
-    scale: float
-    alpha: float
-    delta: float
-    method: str
-    bound: str
-    num_volumes: int
-    risk_hat: float
-    risk_upper: float
-    details: dict = field(default_factory=dict)
-    shape: IntervalShape = field(default_factory=IntervalShape)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.shape, dict):  # as read back from JSON
-            self.shape = IntervalShape(**self.shape)
-
-    def halfwidth(self, std: torch.Tensor | np.ndarray, mean: torch.Tensor | np.ndarray,
-                  noise_std: float = 0.0) -> torch.Tensor | np.ndarray:
-        """Half-width ``λ̂ u`` of the calibrated interval around ``mean`` (see :meth:`IntervalShape.spread`)."""
-        return self.scale * self.shape.spread(std, mean, noise_std)
-
-    def describe(self) -> str:
-        """The interval in words, e.g. for run records and reports."""
-        s = self.shape
-        terms = [f"std smoothed over {s.smoothing:g} voxels" if s.smoothing else "std"]
-        terms += [f"{s.noise_floor:g} x noise std"] if s.noise_floor else []
-        terms += [f"{s.edge_weight:g} x |gradient of the mean|"] if s.edge_weight else []
-        return f"mean ± {self.scale:.4g} x ({' + '.join(terms)})"
-
-    def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / CALIBRATION_FILE
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(asdict(self), indent=2) + "\n"))
-        return path
-
-    @classmethod
-    def load(cls, folder: str | Path) -> Calibration | None:
-        """The calibration of a model folder, or ``None`` when it has none."""
-        path = Path(folder) / CALIBRATION_FILE
-        if not path.is_file():
-            return None
-        return cls(**json.loads(path.read_text()))
 
 
 def fit_calibration(
@@ -283,10 +155,10 @@ class CalibrationVolume:
 
 
 def calibration_volumes(
-    pipe: Any,
-    cases: Sequence[Any],
+    pipe: SRModel,
+    cases: Sequence[Case],
     *,
-    masks: Callable[[Any], np.ndarray] | None = None,
+    masks: Callable[[Case], np.ndarray] | None = None,
     progress: bool = True,
     cache: str | Path | None = None,
     **pipe_kwargs: Any,
@@ -295,16 +167,12 @@ def calibration_volumes(
 
     Args:
         pipe: the pipeline.
-        cases: :class:`gen_sr.eval.evaluate.Case` objects (HR truth, simulated LR, operator, noise level).
+        cases: :class:`gen_sr.eval.cases.Case` objects (HR truth, simulated LR, operator, noise level).
         masks: per case, the voxels that count (default: the reference's foreground).
         cache: a folder that keeps each case's truth, mean and std (``<name>.npz``, written atomically) and reuses
             them on the next call, for benchmarks that re-analyse; it does not record the pipeline's settings.
         pipe_kwargs: passed to the pipeline.
     """
-    from tqdm.auto import tqdm
-
-    from gen_sr.eval.metrics import region_masks
-
     volumes = []
     for case in tqdm(cases, desc="calibrate", unit="volume", disable=not progress):
         hr, mean, std = _super_resolved(pipe, case, cache, pipe_kwargs)
@@ -314,11 +182,10 @@ def calibration_volumes(
     return volumes
 
 
-def _super_resolved(pipe: Any, case: Any, cache: str | Path | None, pipe_kwargs: dict) -> tuple[np.ndarray, ...]:
+def _super_resolved(pipe: SRModel, case: Case, cache: str | Path | None,
+                    pipe_kwargs: dict[str, Any]) -> tuple[np.ndarray, ...]:
     """``(truth, mean, std)`` of one case in float64, from ``cache`` where it holds them (stored as float32; a first
     run returns the stored values too)."""
-    from gen_sr.eval.evaluate import super_resolve
-
     keys = ("hr", "mean", "std")
     path = None if cache is None else Path(cache) / (case.name.replace(" ", "_") + ".npz")
     if path is not None and path.exists():
@@ -352,13 +219,6 @@ def split_units(
     """
     parts = [_volume_units(v, shape.spread(v.std, v.mean, v.noise_std), blocks, axis) for v in volumes]
     return _concat(parts)
-
-
-def balanced_cuts(mask: np.ndarray, parts: int, axis: int = 0) -> np.ndarray:
-    """Indices along ``axis`` that cut ``mask`` into ``parts`` slabs holding equal numbers of mask voxels, as nearly
-    as whole slices allow (for ``np.split``; duplicates dropped, so a small mask may give fewer slabs)."""
-    counts = np.cumsum(np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1).sum(1))
-    return np.unique(np.searchsorted(counts, counts[-1] * np.arange(1, parts) / parts, side="right"))
 
 
 def _volume_units(v: CalibrationVolume, spread: np.ndarray, blocks: int, axis: int) -> list[tuple]:
@@ -408,8 +268,6 @@ def choose_shape(volumes: Sequence[CalibrationVolume], candidates: Sequence[Inte
     """
     if len(volumes) < 3:
         raise ValueError(f"choosing the interval shape needs at least 3 calibration volumes, got {len(volumes)}")
-    from tqdm.auto import tqdm
-
     rows = []
     for shape in tqdm(candidates, desc="interval shapes", unit="shape", disable=not progress):
         cov = transfer_coverage(volumes, shape, blocks=blocks, axis=axis, alpha=alpha, **fit)
@@ -417,3 +275,94 @@ def choose_shape(volumes: Sequence[CalibrationVolume], candidates: Sequence[Inte
                      "rms": float(np.sqrt(np.mean((np.asarray(cov) - (1 - alpha)) ** 2)))})
     best = min(range(len(rows)), key=lambda i: rows[i]["rms"])
     return candidates[best], rows
+
+
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate` found.
+
+    Attributes:
+        calibration: the fitted calibration (its ``details`` say where the data came from).
+        transfer: each volume's coverage when the others calibrate (``None`` when that could not be fitted).
+        transfer_error: why there is no transfer check, when there is none.
+        alternative: the other rule (``crc`` for ``rcps`` and back) fitted on the same units, for comparison, or
+            ``None`` when it cannot certify with them.
+        alternative_error: why there is no alternative, when there is none.
+    """
+
+    calibration: Calibration
+    transfer: list[float] | None = None
+    transfer_error: str | None = None
+    alternative: Calibration | None = None
+    alternative_error: str | None = None
+
+
+def check_calibration_settings(num_volumes: int, *, alpha: float = 0.1, delta: float = 0.1,
+                               method: str = "rcps", blocks: int = 1, interval: str = "std") -> None:
+    """Refuse, before any sampling, settings that :func:`calibrate` cannot use (raises ``ValueError``)."""
+    if not (0 < alpha < 1 and 0 < delta < 1):
+        raise ValueError(f"alpha and delta must lie strictly between 0 and 1, got {alpha:g} and {delta:g}")
+    if method not in ("rcps", "crc"):
+        raise ValueError(f"method must be 'rcps' or 'crc', not {method!r}")
+    if interval not in ("std", "auto"):
+        raise ValueError(f"interval must be 'std' or 'auto', not {interval!r}")
+    if blocks < 1:
+        raise ValueError(f"blocks must be at least 1, got {blocks}")
+    if num_volumes * blocks < 2:
+        raise ValueError(f"calibration needs at least 2 units; {num_volumes} volume(s) x {blocks} block(s) give "
+                         f"{num_volumes * blocks} (add volumes or --blocks)")
+    if interval == "auto" and num_volumes < 3:
+        raise ValueError(f"interval 'auto' chooses between shapes by leaving one volume out, and needs at least 3 "
+                         f"volumes; got {num_volumes} (add volumes, or use interval 'std')")
+
+
+def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta: float = 0.1,
+              method: Literal["rcps", "crc"] = "rcps", blocks: int = 1, interval: Literal["std", "auto"] = "std",
+              details: dict[str, Any] | None = None, progress: bool = True, cache: str | Path | None = None,
+              **pipe_kwargs: Any) -> CalibrationResult:
+    """Calibrate a model on simulated cases: super-resolve them, cut them into units, choose the interval shape
+    (``interval="auto"``), fit ``λ̂`` and check how it transfers between volumes. The settings are checked before
+    any sampling (:func:`check_calibration_settings`).
+
+    Args:
+        pipe: the model; its calibration is not changed (set ``pipe.calibration`` and save it to keep the result).
+        cases: calibration cases, exchangeable with the scans the model will see.
+        alpha, delta, method: the rule (see :func:`fit_calibration`).
+        blocks: units per volume (:func:`split_units`).
+        interval: ``"std"`` for ``mean ± λ̂·std``, or ``"auto"`` to choose a spread (:func:`choose_shape`).
+        details: recorded in the calibration (where the data came from); units and transfer are added.
+        progress, cache: see :func:`calibration_volumes`.
+        pipe_kwargs: for the pipeline call (``num_samples``, ``num_inference_steps``, ``generator``, ...).
+
+    Raises:
+        ValueError: unusable settings (before sampling), or a rule that cannot certify with these units.
+    """
+    check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks,
+                               interval=interval)
+    volumes = calibration_volumes(pipe, cases, progress=progress, cache=cache, **pipe_kwargs)
+    fit: dict[str, Any] = {"alpha": alpha, "delta": delta, "method": method}
+    shape, transfer, transfer_error = IntervalShape(), None, None
+    if interval == "auto":  # every fit here leaves a volume out: with too few units, the rule cannot certify
+        try:
+            shape, rows = choose_shape(volumes, blocks=blocks, progress=progress, **fit)
+        except ValueError as e:
+            raise ValueError(f"cannot choose the interval shape: {e} (use more blocks or volumes, or interval "
+                             "'std')") from e
+        transfer = next(r["coverages"] for r in rows if IntervalShape(**r["shape"]) == shape)
+    elif len(volumes) >= 2:
+        try:
+            transfer = transfer_coverage(volumes, shape, blocks=blocks, **fit)
+        except ValueError as e:
+            transfer_error = f"with a volume left out, {e}"
+    errors, spreads, masks = split_units(volumes, shape, blocks=blocks)
+    record = {**(details or {}), "volumes": [c.name for c in cases], "blocks_per_volume": blocks,
+              "units": len(errors), "interval": interval, "leave_one_volume_out_coverage": transfer}
+    cal = fit_calibration(errors, spreads, masks, **fit, details=record)
+    cal.shape = shape
+    result = CalibrationResult(cal, transfer, transfer_error)
+    other = "crc" if method == "rcps" else "rcps"
+    try:
+        result.alternative = fit_calibration(errors, spreads, masks, **(fit | {"method": other}))
+    except ValueError as e:
+        result.alternative_error = str(e)
+    return result

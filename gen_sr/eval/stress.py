@@ -40,10 +40,12 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from gen_sr.eval.baselines import baseline
-from gen_sr.eval.evaluate import simulate_case, super_resolve, write_table_files
+from gen_sr.eval.cases import simulate_case, super_resolve
 from gen_sr.eval.metrics import foreground
+from gen_sr.eval.tables import write_table_files
 from gen_sr.eval.uncertainty import auroc
-from gen_sr.volume import IntensityNormalization, Volume, atomic_write, load_volume
+from gen_sr.io import atomic_write
+from gen_sr.volume import IntensityNormalization, Volume, load_volume
 
 __all__ = ["Lesion", "erasure_rate", "false_structure_rate", "flagging", "insert_lesions",
            "measure_sites", "run_stress_test", "summarize_sites"]

@@ -7,7 +7,7 @@ count.
 * :func:`spearman`: rank correlation of ``std`` with ``|error|``.
 * :func:`sparsification`: the sparsification curves and AUSE (area between the curve of ``std`` and the oracle's).
 * :func:`calibration_curve`, :func:`uce`, :func:`ence`: binned calibration of predicted against observed error.
-* :func:`coverage`: empirical coverage of ``mean ± k·std`` intervals.
+* :func:`coverage`, :func:`miss_rate`: empirical coverage of ``mean ± k·std`` intervals, and its complement.
 * :func:`auroc`: how well a score separates two classes of voxels (e.g. risk against ``|error| > τ``).
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 from scipy.integrate import trapezoid
 from scipy.stats import rankdata
 
-__all__ = ["auroc", "calibration_curve", "coverage", "ence", "sparsification", "spearman", "uce",
+__all__ = ["auroc", "calibration_curve", "coverage", "ence", "miss_rate", "sparsification", "spearman", "uce",
            "uncertainty_report"]
 
 
@@ -119,13 +119,33 @@ def ence(std: np.ndarray, error: np.ndarray, mask: np.ndarray | None = None, num
     return float(np.mean(np.abs(rmv[ok] - rmse[ok]) / rmv[ok])) if ok.any() else float("nan")
 
 
+def miss_rate(error: np.ndarray, std: np.ndarray, lam: float | np.ndarray,
+              mask: np.ndarray | None = None) -> np.ndarray:
+    """Fraction of voxels whose truth lies outside ``mean ± λ·std`` (``|error| > λ·std``), for each ``λ``.
+
+    Args:
+        error: ``x − x̂`` (any shape).
+        std: the spread, same shape.
+        lam: one value or an array of them.
+        mask: boolean, same shape; only these voxels count.
+
+    Returns:
+        An array shaped like ``lam``.
+    """
+    s, e = _flat(std, np.abs(error), mask=mask)
+    # A voxel misses for every λ below its ratio |e| / σ: the miss rate is the ratios' survival function.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(s > 0, e / s, np.where(e > 0, np.inf, 0.0))
+    ratio.sort()
+    return 1.0 - np.searchsorted(ratio, np.asarray(lam, dtype=np.float64), side="right") / max(ratio.size, 1)
+
+
 def coverage(std: np.ndarray, error: np.ndarray, k: float | np.ndarray = 1.0,
              mask: np.ndarray | None = None) -> float | np.ndarray:
-    """Fraction of voxels whose truth lies in ``mean ± k·std`` (i.e. ``|error| ≤ k·std``); ``k`` may be an array."""
-    s, e = _flat(std, np.abs(error), mask=mask)
-    ks = np.atleast_1d(np.asarray(k, dtype=np.float64))
-    out = np.array([float(np.mean(e <= kk * s)) for kk in ks])
-    return float(out[0]) if np.ndim(k) == 0 else out
+    """Fraction of voxels whose truth lies in ``mean ± k·std`` (``1 −`` :func:`miss_rate`); ``k`` may be an
+    array."""
+    covered = 1.0 - miss_rate(error, std, k, mask)
+    return float(covered) if np.ndim(k) == 0 else covered
 
 
 def uncertainty_report(std: np.ndarray, error: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:

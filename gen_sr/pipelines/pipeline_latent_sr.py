@@ -11,10 +11,12 @@ The generic ``DiffusionPipeline.from_pretrained`` does not know this class; call
 from __future__ import annotations
 
 import inspect
+import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,16 +29,27 @@ from diffusers.utils import BaseOutput
 
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
-from gen_sr.eval.calibration import Calibration
+from gen_sr.model_card import ModelCard
 from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, latent_condition, set_sdpa_attention
-from gen_sr.physics import AcquisitionOperator, operator_from_spacings
+from gen_sr.physics import AcquisitionOperator, SliceAcquisition, operator_from_spacings
+from gen_sr.pipelines.guidance import GradientGuidance, ProjectionGuidance, final_projection
 from gen_sr.pipelines.tiling import PatchTiler, SliceTiler
-from gen_sr.schedulers.guidance import GradientGuidance, ProjectionGuidance, final_projection
+from gen_sr.risk import Calibration, describe_risk, risk_map
+from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
 
-__all__ = ["LatentDiffusionSRPipeline", "SRPipelineOutput"]
+__all__ = ["LatentDiffusionSRPipeline", "OutsideTrainingWarning", "SRPipelineOutput"]
 
 LRInput = str | Path | nib.Nifti1Image | Volume | np.ndarray | torch.Tensor
+BYTES_PER_VOXEL_AND_SAMPLE = 48
+"""Peak memory per HR voxel and sample, measured (``benchmarks/pipeline_speed.py``): the samples, their stitched
+volumes and the projection's work arrays in float32, with headroom; :meth:`LatentDiffusionSRPipeline.memory_estimate`
+uses it to refuse what cannot fit before any sampling."""
+
+
+class OutsideTrainingWarning(UserWarning):
+    """An input lies outside what the model was trained for (its model card); the output may be worse than the
+    model card's figures."""
 
 
 @dataclass
@@ -77,8 +90,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         unet: the conditional denoiser.
         scheduler: a diffusers scheduler; data consistency needs one whose ``step`` takes ``x0_hook`` (the default
             :class:`~gen_sr.schedulers.DDIMDataConsistencyScheduler`). Others run with ``guidance="none"``.
-        acquisition: what the model was trained for (``trained_for``: the acquisition ranges, whose ``axis`` is the
-            super-resolved RAS+ axis; ``condition``: how the LR is brought onto the HR grid; ``unet_condition``).
+        model_card: what the model was trained for (:class:`~gen_sr.model_card.ModelCard`, or its JSON form as
+            ``model_index.json`` holds it); read it back as ``pipe.model_card``.
     """
 
     model_cpu_offload_seq = "unet->vae"
@@ -88,11 +101,12 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         vae: AutoencoderKLModel,
         unet: ConditionalUNetModel,
         scheduler: Any,
-        acquisition: dict[str, Any] | None = None,
+        model_card: ModelCard | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
-        self.register_to_config(acquisition=acquisition or {})
+        self.model_card = model_card if isinstance(model_card, ModelCard) else ModelCard.from_dict(
+            model_card, "model_index.json: model_card")
         for model in (vae, unet):  # torch SDPA by default, whatever the training config said
             set_sdpa_attention(model, True)
         self.calibration: Calibration | None = None  # from the model folder's calibration.json, if any
@@ -121,6 +135,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             if kwargs.get("use_safetensors") is False:
                 raise ValueError("use_safetensors=False loads pickled weights: pass allow_pickle=True to do that")
             kwargs["use_safetensors"] = True
+            _refuse_pickled_weights(Path(pretrained_model_name_or_path))
+        else:
+            warnings.warn(f"loading pickled weights from {pretrained_model_name_or_path} is allowed: a pickle can run "
+                          "any code when loaded; do this only for a model folder you trust", stacklevel=2)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         pipe.calibration = Calibration.load(pretrained_model_name_or_path)
         return pipe
@@ -133,8 +151,19 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------- settings
     @property
+    def model_card(self) -> ModelCard:
+        """What the model was trained for; setting it also updates the config that ``save_pretrained`` writes."""
+        return self._model_card
+
+    @model_card.setter
+    def model_card(self, card: ModelCard) -> None:
+        self._model_card = card
+        self.register_to_config(model_card=card.to_dict())
+
+    @property
     def sr_axis(self) -> int:
-        return int(self.config.acquisition.get("trained_for", {}).get("axis", 2))
+        """The RAS+ axis the model super-resolves."""
+        return self.model_card.sr_axis
 
     @property
     def spatial_dims(self) -> int:
@@ -186,7 +215,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             slice_profile, slice_thickness: the acquisition's slice profile and thickness (default: the LR spacing).
             noise_std: measurement noise std in input units (0: noise-free; > 0 makes projections noise-aware).
             num_inference_steps, eta: DDIM settings; the default steps are the model folder's
-                (``acquisition["num_inference_steps"]``: 1 for a regression model), else 50.
+                (``model_card.num_inference_steps``: 50 for diffusion, 1 for a regression model).
             num_samples: posterior samples ``N``; they are batch entries with one generator each.
             guidance: data consistency during sampling; ``guidance_scale`` is the gradient step size;
                 ``guidance_interval`` applies it every k-th step, counted back from the last one.
@@ -210,10 +239,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         timings: dict[str, float] = {}
         tic = time.perf_counter()
         # 1. check inputs
+        _check_settings(eta=eta, noise_std=noise_std, num_samples=num_samples, batch_size=batch_size,
+                        guidance=guidance, guidance_interval=guidance_interval, guidance_scale=guidance_scale,
+                        num_inference_steps=num_inference_steps)
         volume = self._as_volume(lr, affine, lr_spacing, volume_index)
         generators = self._generators(generator, num_samples)
-        if guidance not in ("projection", "gradient", "none"):
-            raise ValueError(f"guidance must be 'projection', 'gradient' or 'none', not {guidance!r}")
         state = process_state()  # under `accelerate launch`, each process draws every world_size-th sample
         if num_samples < state.num_processes:
             raise ValueError(f"{num_samples} samples cannot be split over {state.num_processes} processes")
@@ -227,6 +257,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         if tuple(operator.lr_shape) != canon.shape:
             raise InputError(f"the operator expects an LR grid {operator.lr_shape}, the input is {canon.shape}",
                              volume.source)
+        self.check_memory(operator.hr_shape, num_samples, keep_samples, volume.source)
         hr_affine = operator.hr_affine(canon.affine)
         work = torch.promote_types(dtype, torch.float32)  # physics, stitching and statistics in >= float32
         y = torch.from_numpy(norm(canon.data.astype(np.float32)))[None, None].to(device, work)
@@ -234,17 +265,20 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         if self.calibration is not None and self.calibration.shape.noise_floor > 0 and noise_std == 0:
             warnings.warn("the calibrated interval has a noise term but noise_std is 0: the risk map leaves the "
                           "measurement noise out; pass the input's noise std (--noise-std)", stacklevel=2)
+        outside = self.outside_training(canon, operator, norm)
+        for message in outside:
+            warnings.warn(f"outside the trained regime: {message}", OutsideTrainingWarning, stacklevel=2)
         condition_image = self._condition_image(operator, y).to(dtype)
 
         # 3. timesteps
-        num_inference_steps = num_inference_steps or int(self.config.acquisition.get("num_inference_steps", 50))
+        num_inference_steps = num_inference_steps or self.model_card.num_inference_steps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         guided = timesteps.flip(0)[::guidance_interval].tolist() if guidance != "none" else []
 
         # 4. latents: one generator per sample, tiles of all samples as one batch; one set per slicing plane
         tilers = self._tilers(operator.hr_shape, slice_normal, patch_size, patch_overlap)
-        mode = self.config.acquisition.get("unet_condition", "resample")
+        mode = self.model_card.unet_condition
         hook_args = (operator, y, guided, batch_size, sigma, guidance_scale)
         timings["prepare_s"] = time.perf_counter() - tic
         volumes, guidance_calls = [], 0
@@ -299,7 +333,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         # 8. uncertainty: risk is the std (or the calibrated interval half-width) over the robust intensity range
         mean = x.mean(dim=0, keepdim=True)
         std = x.std(dim=0, unbiased=False, keepdim=True)
-        risk = self.calibration.halfwidth(std, mean, sigma) if self.calibration is not None else std
+        risk = risk_map(std, mean, self.calibration, sigma)
         dc = operator.residual_map(mean, y)
         timings["stitch_uncertainty_s"] = time.perf_counter() - tic
 
@@ -319,7 +353,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "operator": operator.to_dict(),
             "relative_residual": residuals,
             "normalization": norm.to_dict(),
-            "risk": self._risk_description(),
+            "risk": describe_risk(self.calibration),
+            "outside_training": outside,
             "timings": timings,
         }
         fields = self._outputs(canon, volume, hr_affine, norm, mean, x if keep_samples else None, std, risk, dc,
@@ -328,10 +363,33 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         return out if return_dict else out.to_tuple()
 
     # ------------------------------------------------------------------------------------------------- helpers
+    def outside_training(self, canon: Volume, operator: AcquisitionOperator,
+                         norm: IntensityNormalization) -> list[str]:
+        """Where an LR input (in RAS+) lies outside what the model card records, one sentence each."""
+        slices = [t for t in operator.transforms if isinstance(t, SliceAcquisition) and t.axis == self.sr_axis]
+        thickness = slices[0].thickness if slices else float(canon.spacing[self.sr_axis])
+        return self.model_card.outside_training(canon.spacing, thickness, norm.scale)
+
+    def memory_estimate(self, hr_shape: Sequence[int], num_samples: int, keep_samples: bool = True) -> int:
+        """Bytes of memory a run on an HR grid of ``hr_shape`` needs at its peak, approximately (see
+        ``BYTES_PER_VOXEL_AND_SAMPLE``)."""
+        voxels = math.prod(int(n) for n in hr_shape)
+        return voxels * (BYTES_PER_VOXEL_AND_SAMPLE * num_samples + (4 * num_samples if keep_samples else 0) + 64)
+
+    def check_memory(self, hr_shape: Sequence[int], num_samples: int, keep_samples: bool = True,
+                     source: str | None = None) -> None:
+        """Refuse, before any work, a run whose output grid cannot fit in the memory available (raises
+        :class:`~gen_sr.errors.InputError`)."""
+        need, have = self.memory_estimate(hr_shape, num_samples, keep_samples), _available_memory(self.device)
+        if have is not None and need > have:
+            raise InputError(
+                f"the output grid would be {' x '.join(map(str, hr_shape))} voxels, and {num_samples} samples on it "
+                f"need about {_bytes(need)} of memory; {_bytes(have)} is available", source,
+                "use a coarser --target-spacing, fewer --samples, or crop the input")
+
     def intensity_normalization(self, lr_data: np.ndarray) -> IntensityNormalization:
         """The normalisation of an LR input: its robust percentiles, those the model was trained with."""
-        percentiles = self.config.acquisition.get("normalize_percentiles", (0.5, 99.5))
-        return IntensityNormalization.fit(lr_data, *percentiles)
+        return IntensityNormalization.fit(lr_data, *self.model_card.normalize_percentiles)
 
     def _as_volume(self, lr: LRInput, affine: np.ndarray | None, spacing: Sequence[float] | None,
                    volume_index: int | None) -> Volume:
@@ -348,15 +406,6 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             raise InputError("an array input needs its geometry: pass affine= or lr_spacing=")
         affine = np.diag([*map(float, spacing), 1.0]) if affine is None else affine  # type: ignore[arg-type]
         return Volume(data.astype(np.float32), affine, source="<array>")
-
-    def _risk_description(self) -> dict[str, Any]:
-        cal = self.calibration
-        if cal is None:
-            return {"calibrated": False, "definition": "std / robust intensity range (uncalibrated)"}
-        return {"calibrated": True, "scale": cal.scale, "alpha": cal.alpha, "delta": cal.delta, "method": cal.method,
-                "shape": asdict(cal.shape),
-                "definition": f"the half-width of the interval {cal.describe()} over the robust intensity range: "
-                              f"the interval misses at most {cal.alpha:g} of voxels ({cal.method})"}
 
     @staticmethod
     def _generators(generator: torch.Generator | list[torch.Generator] | None, n: int) -> list[torch.Generator]:
@@ -381,7 +430,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         if hook is not None and "x0_hook" not in accepted:
             raise ValueError(f"{type(self.scheduler).__name__} has no data-consistency hook: use guidance='none', "
-                             "or gen_sr.schedulers.DDIMDataConsistencyScheduler")
+                             f"or {DDIMDataConsistencyScheduler.__module__}.{DDIMDataConsistencyScheduler.__name__}")
         kwargs: dict[str, Any] = {"x0_hook": hook} if hook is not None else {}
         if "eta" in accepted:
             kwargs["eta"] = eta
@@ -410,7 +459,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             raise InputError(str(e), canon.source) from e
 
     def _condition_image(self, operator: AcquisitionOperator, y: torch.Tensor) -> torch.Tensor:
-        how = self.config.acquisition.get("condition", "cubic")
+        how = self.model_card.condition
         return operator.pinv(y) if how == "pinv" else operator.interpolate(y, how)
 
     def _tilers(self, hr_shape: Sequence[int], normals: int | Sequence[int] | None,
@@ -458,3 +507,59 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'np', 'pt' or 'nifti', not {output_type!r}")
         mean_out, std_out, risk_out, dc_out = arrays
         return mean_out, stacked, std_out, risk_out, dc_out, affine
+
+
+def _check_settings(*, eta: float, noise_std: float, num_samples: int, batch_size: int, guidance: str,
+                    guidance_interval: int, guidance_scale: float, num_inference_steps: int | None) -> None:
+    """Refuse settings that cannot work, before any work (raises ``ValueError``)."""
+    for name, value in (("eta", eta), ("noise_std", noise_std), ("guidance_scale", guidance_scale)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    for name, count in (("num_samples", num_samples), ("batch_size", batch_size),
+                        ("guidance_interval", guidance_interval), ("num_inference_steps", num_inference_steps or 1)):
+        if count < 1:
+            raise ValueError(f"{name} must be at least 1, got {count}")
+    if guidance not in ("projection", "gradient", "none"):
+        raise ValueError(f"guidance must be 'projection', 'gradient' or 'none', not {guidance!r}")
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Free memory on ``device`` in bytes (CUDA: free device memory; CPU: ``MemAvailable``), ``None`` if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} PiB"
+
+
+def _refuse_pickled_weights(folder: Path) -> None:
+    """A component stored only as pickled weights (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) is refused for safety,
+    with one clear line naming it and the opt-in."""
+    if not folder.is_dir():
+        return
+    for component in ("vae", "unet"):
+        sub = folder / component
+        if not sub.is_dir() or any(sub.glob("*.safetensors")):
+            continue
+        pickles = sorted(p.name for ext in ("bin", "pt", "pth", "ckpt") for p in sub.glob(f"*.{ext}"))
+        if pickles:
+            raise InputError(f"holds pickled weights ({component}/{pickles[0]}) and no safetensors; they were refused "
+                             "for safety, as a pickle can run any code when loaded", folder,
+                             "convert them to safetensors, or pass --allow-pickle (allow_pickle=True) only for a "
+                             "model folder you trust")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from gen_sr.data import DataConfig
+from gen_sr.model_card import DEFAULT_INFERENCE_STEPS, Holdout, ModelCard
 
 __all__ = ["AutoencoderConfig", "ExperimentConfig", "NoiseScheduleConfig", "TrainConfig", "UNetConfig"]
 
@@ -134,6 +135,18 @@ class ExperimentConfig:
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.output_dir) / stage
+
+    def model_card(self, in_plane_spacing: tuple[float, float] | None = None,
+                   intensity_range: tuple[float, float] | None = None) -> ModelCard:
+        """What a model trained with this experiment is trained for (``in_plane_spacing`` and ``intensity_range``:
+        what the training volumes span, :func:`gen_sr.data.training_ranges`)."""
+        d = self.data
+        return ModelCard(trained_for=d.acquisition, in_plane_spacing=in_plane_spacing,
+                         intensity_range=intensity_range, condition=d.condition, unet_condition=self.unet.condition,
+                         normalize_percentiles=d.normalize_percentiles,
+                         holdout=Holdout(d.holdout_axis, d.holdout_fraction, d.calibration_fraction),
+                         objective=self.unet.objective,
+                         num_inference_steps=1 if self.unet.objective == "regression" else DEFAULT_INFERENCE_STEPS)
 
     def vae_dir(self) -> Path:
         return Path(self.autoencoder_path) if self.autoencoder_path else self.stage_dir("autoencoder") / "model"

@@ -19,7 +19,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from gen_sr.config import config_to_dict
-from gen_sr.data import load_training_volumes
+from gen_sr.data import load_training_volumes, training_ranges
 from gen_sr.errors import InputError
 from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, condition_channels, count_parameters
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -102,23 +102,14 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
 
 def export(run: Any, unet: ConditionalUNetModel, ema: Any, vae: AutoencoderKLModel, noise_scheduler: Any) -> None:
     """Write ``model/``: a :class:`~gen_sr.pipelines.LatentDiffusionSRPipeline` folder with the EMA UNet, the VAE,
-    a DDIM scheduler with the training schedule, and what the model was trained for (main process)."""
+    a DDIM scheduler with the training schedule, and its model card (what it was trained for; main process)."""
     acc, out = run.accelerator, run.directory / "model"
     if acc.is_main_process:
-        data = config_to_dict(run.cfg.data)
-        acquisition = {"trained_for": data["acquisition"], "condition": data["condition"],
-                       "unet_condition": run.cfg.unet.condition,
-                       "normalize_percentiles": data["normalize_percentiles"],
-                       "holdout": {"axis": data["holdout_axis"], "fraction": data["holdout_fraction"],
-                                   "calibration_fraction": data["calibration_fraction"]},
-                       "objective": run.cfg.unet.objective}
-        if run.cfg.unet.objective == "regression":
-            acquisition["num_inference_steps"] = 1  # the pipeline's default: one step lands on the prediction
+        card = run.cfg.model_card(*training_ranges(run.cfg.data))
         scheduler = DDIMDataConsistencyScheduler.from_config(noise_scheduler.config,
                                                              **sampling_overrides(run.cfg.unet.objective))
         with ema_weights(ema, unet):
-            LatentDiffusionSRPipeline(vae=vae, unet=unet, scheduler=scheduler, acquisition=acquisition).save_pretrained(
-                out)
+            LatentDiffusionSRPipeline(vae=vae, unet=unet, scheduler=scheduler, model_card=card).save_pretrained(out)
         acc.print(f"exported {out}")
     acc.wait_for_everyone()
 

@@ -1,5 +1,5 @@
 """The hallucination audit of one LR volume: super-resolve (or reuse a run's outputs), write the maps as NIfTI, and
-build the self-contained report (:mod:`gen_sr.eval.report`).
+build the self-contained report (:mod:`gen_sr.audit.report`).
 
 With a reference HR volume on the SR grid, the audit also measures SR and every baseline against it (inside the
 brain mask, or the reference's foreground) and draws the calibration plot: observed coverage of ``mean ± k·σ_eff``
@@ -19,14 +19,17 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
+from gen_sr.audit.report import build_report
 from gen_sr.errors import InputError
 from gen_sr.eval.baselines import BASELINES, baseline
-from gen_sr.eval.evaluate import Case
+from gen_sr.eval.cases import Case
 from gen_sr.eval.metrics import image_metrics, region_masks
-from gen_sr.eval.report import build_report
 from gen_sr.eval.uncertainty import coverage, uncertainty_report
+from gen_sr.io import sidecar_path
 from gen_sr.physics import AcquisitionOperator
-from gen_sr.volume import Volume, covers, load_volume, resample_to, save_volume, sidecar_path
+from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.risk import Calibration, risk_map
+from gen_sr.volume import Volume, covers, load_volume, resample_to, save_volume
 
 __all__ = ["MAP_FILES", "NOMINAL_COVERAGE", "audit", "reuse_outputs"]
 
@@ -35,7 +38,8 @@ MAP_FILES = {"mean": "sr_mean.nii.gz", "std": "sr_std.nii.gz", "risk": "risk.nii
              "dc_residual": "dc_residual.nii.gz"}
 
 
-def reuse_outputs(pipe: Any, lr: Volume, sr_path: str | Path, std_path: str | Path) -> tuple[dict[str, Volume], dict]:
+def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Path,
+                  std_path: str | Path) -> tuple[dict[str, Volume], dict[str, Any]]:
     """Maps of an earlier ``gen-sr super-resolve`` run: its mean and std files and the ``.json`` beside the mean.
 
     The risk is recomputed from the std with the model's current calibration, and the data-consistency residual
@@ -60,15 +64,14 @@ def reuse_outputs(pipe: Any, lr: Volume, sr_path: str | Path, std_path: str | Pa
     as_tensor = lambda v: torch.from_numpy(v.data.astype(np.float64))[None, None]  # noqa: E731
     dc = operator.residual_map(as_tensor(canon_mean), as_tensor(canon_lr))[0, 0].numpy()
     scale = pipe.intensity_normalization(canon_lr.data).scale
-    cal = pipe.calibration
-    halfwidth = cal.halfwidth(std.data, mean.data, meta.get("noise_std") or 0.0) if cal is not None else std.data
-    maps = {"mean": mean, "std": std, "risk": std.with_data((halfwidth / scale).astype(np.float32)),
+    risk = risk_map(std.data, mean.data, pipe.calibration, meta.get("noise_std") or 0.0, scale)
+    maps = {"mean": mean, "std": std, "risk": std.with_data(np.asarray(risk, dtype=np.float32)),
             "dc_residual": canon_mean.with_data(dc.astype(np.float32)).reorient(mean.orientation)}
     return maps, meta
 
 
-def _calibration_curve(std: np.ndarray, mean: np.ndarray, error: np.ndarray, mask: np.ndarray, calibration: Any,
-                       noise_std: float) -> dict:
+def _calibration_curve(std: np.ndarray, mean: np.ndarray, error: np.ndarray, mask: np.ndarray,
+                       calibration: Calibration | None, noise_std: float) -> dict[str, Any]:
     """Observed coverage of the intervals at nominal levels: the calibrated interval (or ± z σ uncalibrated)
     widened or narrowed as a Gaussian's would be."""
     alpha = calibration.alpha if calibration is not None else 0.1
@@ -81,7 +84,7 @@ def _calibration_curve(std: np.ndarray, mean: np.ndarray, error: np.ndarray, mas
 
 
 def audit(
-    pipe: Any,
+    pipe: LatentDiffusionSRPipeline,
     lr: Volume,
     output_dir: str | Path,
     *,
@@ -152,7 +155,7 @@ def audit(
 
 def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, operator: AcquisitionOperator,
                        meta: dict, brain_mask: Volume | None, masks: dict[str, Volume] | None,
-                       calibration: Any) -> tuple:
+                       calibration: Calibration | None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Metrics of SR and every baseline against the reference, and the calibration curve, in RAS+."""
     mean = maps["mean"].canonical()
     if not covers(reference, mean):

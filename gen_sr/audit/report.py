@@ -25,7 +25,8 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from gen_sr.eval.metrics import foreground
-from gen_sr.volume import Volume, atomic_write, json_ready, resample_to, write_json
+from gen_sr.io import atomic_write, json_ready, write_json
+from gen_sr.volume import Volume, resample_to
 
 __all__ = ["build_report", "risk_clusters", "risk_peaks"]
 

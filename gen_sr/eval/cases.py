@@ -1,0 +1,264 @@
+"""Evaluation cases: HR volumes with a simulated acquisition, the regions a model folder records, and running a
+model on them.
+
+One :class:`Case` per HR volume holds the truth, the simulated LR and the exact acquisition operator, so that SR and
+baselines land on the HR grid voxel for voxel. The regions (:func:`model_slab`, :func:`heldout_slab`,
+:func:`calibration_slabs`, :func:`training_slabs`) are the slabs the model card records; :func:`load_hr_volumes`
+reads ``--data`` and cuts it to a ``--region`` as every command and benchmark does. :class:`SRModel` is what
+evaluation needs of a pipeline, so that ``eval/`` never imports ``pipelines/``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+
+from gen_sr.data import find_volumes, slab, slab_bounds
+from gen_sr.errors import InputError
+from gen_sr.eval.metrics import region_masks
+from gen_sr.model_card import Holdout, ModelCard
+from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, simulate_acquisition
+from gen_sr.risk import Calibration
+from gen_sr.sample_data import load_mni152
+from gen_sr.volume import Volume, load_volume
+
+__all__ = ["REGIONS", "Case", "SRModel", "SROutput", "balanced_cuts", "calibration_slabs", "crop_to_foreground",
+           "has_calibration_slab", "heldout_case", "heldout_slab", "load_hr_volumes", "model_slab",
+           "read_operator_transforms", "simulate_case", "simulate_cases", "super_resolve", "training_slabs"]
+
+Region = Literal["all", "train", "calibration", "heldout"]
+REGIONS: tuple[str, ...] = ("all", "train", "calibration", "heldout")
+
+
+class SROutput(Protocol):
+    """What a super-resolution run returns (:class:`gen_sr.pipelines.SRPipelineOutput` is one): volumes on the HR
+    grid, ``(X, Y, Z)``, and the run record."""
+
+    mean: Any
+    std: Any
+    risk: Any
+    dc_residual: Any
+    affine: np.ndarray
+    metadata: dict[str, Any]
+
+
+class SRModel(Protocol):
+    """What evaluation needs of a super-resolution model (:class:`gen_sr.pipelines.LatentDiffusionSRPipeline` is
+    one): its card, its calibration, and a call on an LR volume."""
+
+    model_card: ModelCard
+    calibration: Calibration | None
+
+    @property
+    def sr_axis(self) -> int: ...
+
+    def __call__(self, lr: Volume, **kwargs: Any) -> SROutput: ...
+
+
+@dataclass
+class Case:
+    """One HR volume and its simulated acquisition, all in RAS+ orientation.
+
+    Attributes:
+        name: a label for tables.
+        hr: the truth.
+        lr: the simulated acquisition, with its exact LR geometry.
+        operator: the acquisition on the HR grid (``A``, with ``A(hr) ≈ lr`` up to noise).
+        noise_std: the noise std added, in intensity units (0 for noise-free).
+    """
+
+    name: str
+    hr: Volume
+    lr: Volume
+    operator: AcquisitionOperator
+    noise_std: float
+
+    def lr_tensor(self) -> torch.Tensor:
+        """The measurement ``(1, 1, *lr_shape)`` in float64."""
+        return torch.from_numpy(self.lr.data.astype(np.float64))[None, None]
+
+
+def simulate_case(hr: Volume, name: str, *, axis: int = 2, thickness: float = 4.0, spacing: float | None = None,
+                  profile: str = "gaussian", snr: float | None = None, seed: int = 0,
+                  transforms: Sequence[AxisTransform] | None = None) -> Case:
+    """Degrade an HR volume with through-plane slices along RAS+ ``axis`` (2: inferior-superior).
+
+    Args:
+        hr: any orientation; it is brought to RAS+ first.
+        name: the case's label.
+        thickness, spacing, profile: the slices (spacing defaults to the thickness).
+        snr: Rician noise at this SNR, or ``None`` for noise-free.
+        seed: noise seed.
+        transforms: any acquisition instead of the slices (axes are RAS+ axes), e.g. the ``transforms`` of an
+            operator JSON that ``gen-sr degrade --save-operator`` wrote.
+    """
+    canon = hr.canonical()
+    transforms = list(transforms) if transforms is not None else [SliceAcquisition(axis, thickness, spacing, profile)]
+    lr, operator, sigma = simulate_acquisition(canon, transforms, snr=snr, seed=seed)
+    return Case(name, canon, lr, operator, sigma)
+
+
+def heldout_case(pipe: SRModel, hr: Volume, name: str = "held-out slab", *, margin: int = 4, **simulate: Any) -> Case:
+    """The slab of ``hr`` that the model folder records as never seen in training, cropped to the foreground's
+    bounding box (plus ``margin`` voxels), degraded along the model's axis (``simulate``: see
+    :func:`simulate_case`)."""
+    return simulate_case(heldout_slab(pipe, hr, margin=margin), name, axis=pipe.sr_axis, **simulate)
+
+
+def heldout_slab(pipe: SRModel, hr: Volume, *, margin: int = 4) -> Volume:
+    """The slab of ``hr`` that the model folder records as never seen in training, in RAS+, cropped to the
+    foreground's bounding box plus ``margin`` voxels."""
+    return crop_to_foreground(model_slab(pipe, hr, "val"), margin)
+
+
+def calibration_slabs(pipe: SRModel, hr: Volume, *, pieces: int = 1, margin: int = 4) -> list[tuple[str, Volume]]:
+    """The calibration slab that the model folder records (training never saw it; ``data.calibration_fraction``),
+    cropped to the foreground, and cut along RAS+ axis 0 (across sagittal slices, which stay whole) into ``pieces``
+    parts of equal brain volume, each cropped to its foreground plus ``margin`` voxels. Several pieces let
+    ``gen-sr calibrate --interval auto`` check how a calibration transfers between regions (lateral and medial).
+
+    Returns:
+        ``(name, volume)`` pairs in RAS+, named by their voxel ranges (``"y139-185 x0-71"``).
+    """
+    if not has_calibration_slab(pipe):
+        raise ValueError("the model folder records no calibration slab (train with data.calibration_fraction > 0)")
+    canon, axis = hr.canonical(), _holdout(pipe).axis
+    start, stop = _bounds(pipe, canon, "calibration")
+    name = f"{'xyz'[axis]}{start[axis]}-{stop[axis] - 1}"
+    whole = canon.crop(start, stop)
+    start, stop = _foreground_box(whole, margin)
+    x = [start[0], *(start[0] + balanced_cuts(region_masks(whole.crop(start, stop).data)["brain"], pieces)), stop[0]]
+    out = []
+    for a, b in itertools.pairwise(x):
+        piece = whole.crop([a, *start[1:]], [b, *stop[1:]])
+        out.append((name, piece) if pieces == 1 else (f"{name} x{a}-{b - 1}", crop_to_foreground(piece, margin)))
+    return out
+
+
+def has_calibration_slab(pipe: SRModel) -> bool:
+    """Whether the model folder records a calibration slab that training never saw (``data.calibration_fraction``)."""
+    holdout = pipe.model_card.holdout
+    return holdout is not None and holdout.calibration_fraction > 0
+
+
+def training_slabs(pipe: SRModel, hr: Volume, *, margin: int = 4) -> list[tuple[str, Volume]]:
+    """The training region of ``hr`` (all the model folder records as seen in training) cut into slabs as thick as
+    the held-out slab, from its far end backwards, each cropped to the foreground like :func:`heldout_case`; a last
+    slab thinner than half that is dropped. Errors there are in-sample: for studying how a calibration transfers
+    between regions, not for calibrating (:func:`calibration_slabs`).
+
+    Returns:
+        ``(name, volume)`` pairs in RAS+, named by their voxel range along the held-out axis (``"y139-185"``).
+    """
+    canon, axis = hr.canonical(), _holdout(pipe).axis
+    width = canon.shape[axis] - _bounds(pipe, canon, "val")[0][axis]
+    slabs, hi = [], _bounds(pipe, canon, "train")[1][axis]
+    while hi - width // 2 > 0:
+        lo_box, hi_box = [0, 0, 0], list(canon.shape)
+        lo_box[axis], hi_box[axis] = max(hi - width, 0), hi
+        name = f"{'xyz'[axis]}{lo_box[axis]}-{hi - 1}"
+        slabs.append((name, crop_to_foreground(canon.crop(lo_box, hi_box), margin)))
+        hi -= width
+    return slabs
+
+
+def model_slab(pipe: SRModel, hr: Volume, split: str) -> Volume:
+    """The ``"train"``, ``"calibration"`` or ``"val"`` (held-out) slab of ``hr`` as the model folder records them
+    (:func:`gen_sr.data.slab`), in RAS+."""
+    holdout = _holdout(pipe)
+    return slab(hr, split, holdout.axis, holdout.fraction, holdout.calibration_fraction)
+
+
+def _bounds(pipe: SRModel, canon: Volume, split: str) -> tuple[list[int], list[int]]:
+    holdout = _holdout(pipe)
+    return slab_bounds(canon.shape, holdout.axis, holdout.fraction, split, holdout.calibration_fraction)
+
+
+def _holdout(pipe: SRModel) -> Holdout:
+    """The held-out (and calibration) slabs the model folder records."""
+    if pipe.model_card.holdout is None:
+        raise ValueError("the model folder records no held-out slab")
+    return pipe.model_card.holdout
+
+
+def crop_to_foreground(volume: Volume, margin: int = 4) -> Volume:
+    """The bounding box of the foreground (:func:`~gen_sr.eval.metrics.region_masks`), plus ``margin`` voxels."""
+    return volume.crop(*_foreground_box(volume, margin))
+
+
+def _foreground_box(volume: Volume, margin: int) -> tuple[np.ndarray, np.ndarray]:
+    box = np.argwhere(region_masks(volume.data)["brain"])
+    return np.maximum(box.min(0) - margin, 0), np.minimum(box.max(0) + 1 + margin, volume.shape)
+
+
+def super_resolve(pipe: SRModel, case: Case, **kwargs: Any) -> SROutput:
+    """Run the pipeline on a case with its exact operator and noise level; outputs are on the HR grid."""
+    return pipe(case.lr, operator=case.operator, noise_std=case.noise_std, **kwargs)
+
+
+def balanced_cuts(mask: np.ndarray, parts: int, axis: int = 0) -> np.ndarray:
+    """Indices along ``axis`` that cut ``mask`` into ``parts`` slabs holding equal numbers of mask voxels, as nearly
+    as whole slices allow (for ``np.split``; duplicates dropped, so a small mask may give fewer slabs)."""
+    counts = np.cumsum(np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1).sum(1))
+    return np.unique(np.searchsorted(counts, counts[-1] * np.arange(1, parts) / parts, side="right"))
+
+
+def load_hr_volumes(data: Sequence[str], pipe: SRModel | None = None, region: Region = "all",
+                    model: str | Path | None = None) -> list[tuple[str, Volume]]:
+    """``(name, Volume)`` of every HR volume of ``data`` (NIfTI files, folders of them, or ``"mni152"`` for the
+    embedded template), cut to ``region``: ``"all"``, or the ``"train"``, ``"calibration"`` or ``"heldout"`` slab
+    that ``pipe``'s model card records, cropped to the foreground as the benchmarks crop it (:func:`model_slab`,
+    :func:`crop_to_foreground`). ``model`` names the model folder in errors."""
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
+    if region != "all":
+        holdout = None if pipe is None else pipe.model_card.holdout
+        if holdout is None or (region == "calibration" and holdout.calibration_fraction <= 0):
+            what = {"heldout": "held-out"}.get(region, region)
+            raise InputError(f"the model folder records no {what} slab", model, "use --region all")
+    named = []
+    for entry in data:
+        if entry == "mni152":
+            named.append(("mni152", load_mni152("t1")))
+        else:
+            named += [(f.name.removesuffix(".gz").removesuffix(".nii"), load_volume(f)) for f in find_volumes([entry])]
+    if region != "all":
+        split = {"heldout": "val"}.get(region, region)
+        named = [(n, crop_to_foreground(model_slab(pipe, v, split))) for n, v in named]  # type: ignore[arg-type]
+    return named
+
+
+def read_operator_transforms(path: str | Path, sr_axis: int) -> list[AxisTransform]:
+    """The acquisition of an operator JSON (``gen-sr degrade --save-operator``'s file, or ``A.to_json()``), checked
+    to slice along ``sr_axis`` (RAS+) only."""
+    try:
+        d = json.loads(Path(path).read_text())
+        d = d.get("operator", d)
+        transforms = [AxisTransform.from_dict(t) for t in d["transforms"]]
+    except FileNotFoundError:
+        raise InputError("does not exist", path) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"is not an acquisition operator JSON ({e})", path) from None
+    sliced = {t.axis for t in transforms if isinstance(t, SliceAcquisition)}
+    if sliced != {sr_axis}:
+        raise InputError(f"slices along RAS+ axes {sorted(sliced)}, but the model super-resolves axis {sr_axis}", path)
+    return transforms
+
+
+def simulate_cases(named: Sequence[tuple[str, Volume]], *, axis: int, thickness: float = 4.0,
+                   spacing: float | None = None, profile: str = "gaussian", snr: float | None = None, seed: int = 0,
+                   transforms: Sequence[AxisTransform] | None = None) -> list[Case]:
+    """:func:`simulate_case` on every ``(name, volume)``, volume ``i`` with noise seed ``seed + i``; an acquisition
+    that does not fit a volume is an :class:`InputError`."""
+    try:
+        return [simulate_case(v, n, axis=axis, thickness=thickness, spacing=spacing, profile=profile, snr=snr,
+                              seed=seed + i, transforms=transforms) for i, (n, v) in enumerate(named)]
+    except ValueError as e:  # e.g. slices thicker than a volume
+        raise InputError(f"cannot simulate the acquisition: {e}") from e

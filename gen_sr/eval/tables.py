@@ -1,0 +1,84 @@
+"""Result tables: :func:`summarize` turns per-volume rows into mean ± std across volumes, :func:`markdown_table`
+shows them, and :func:`write_table_files` writes a result as Markdown, CSV and JSON, each atomically
+(``gen-sr evaluate``, ``gen-sr stress-test`` and the benchmarks all write through here)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gen_sr.eval.metrics import LPIPS_NOTE
+from gen_sr.io import atomic_write, write_json
+
+__all__ = ["COLUMNS", "markdown_table", "summarize", "write_table", "write_table_files"]
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std across volumes of every numeric column, per (method, region), in first-seen order."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["region"]), []).append(row)
+    table = []
+    for (method, region), group in groups.items():
+        entry: dict[str, Any] = {"method": method, "region": region, "volumes": len(group)}
+        for key in group[0]:
+            values = [r[key] for r in group if isinstance(r.get(key), int | float)]
+            if key not in ("volume", "method", "region") and values:
+                finite = np.asarray(values, dtype=np.float64)
+                entry[key] = float(np.mean(finite))
+                entry[f"{key}_std"] = float(np.std(finite))
+        table.append(entry)
+    return table
+
+
+COLUMNS = ("psnr", "ssim", "nrmse", "hfen", "spearman", "ause", "coverage_2sigma", "coverage_calibrated",
+            "relative_residual", "seconds")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
+
+
+def markdown_table(table: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
+    """The summary as a Markdown table: ``mean ± std`` per column (— where a method has no such figure)."""
+    cols = [c for c in columns if any(c in t for t in table)]
+    lines = ["| method | region | volumes | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 3)]
+    for t in table:
+        cells = [f"{_fmt(t[c])} ± {_fmt(t[c + '_std'])}" if c in t else "—" for c in cols]
+        lines.append(f"| {t['method']} | {t['region']} | {t['volumes']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(output_dir: str | Path, rows: Sequence[dict[str, Any]], stem: str = "evaluation",
+                meta: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``<stem>.md``, ``<stem>.csv`` (one line per volume, method and region) and ``<stem>.json`` (rows,
+    summary and ``meta``), each atomically."""
+    table = summarize(rows)
+    return write_table_files(output_dir, stem, markdown_table(table) + f"\n{LPIPS_NOTE}.\n", rows,
+                             {"meta": meta or {}, "summary": table, "rows": list(rows), "note": LPIPS_NOTE})
+
+
+def write_table_files(output_dir: str | Path, stem: str, markdown: str, rows: Sequence[dict[str, Any]],
+                      payload: dict[str, Any], columns: Sequence[str] | None = None) -> dict[str, Path]:
+    """Write a result three ways, each atomically: ``<stem>.md`` (``markdown``), ``<stem>.csv`` (``rows``, in
+    ``columns``, by default every key) and ``<stem>.json`` (``payload``). Returns the paths by extension."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns or dict.fromkeys(k for r in rows for k in r)),
+                            lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "csv", "json")}
+    for ext, text in (("md", markdown), ("csv", buffer.getvalue())):
+        atomic_write(paths[ext], lambda tmp, text=text: tmp.write_text(text))
+    write_json(paths["json"], payload)
+    return paths

@@ -1,0 +1,129 @@
+"""Writing outputs safely: output paths checked before any work, atomic writes, strict JSON and run sidecars.
+
+Every command checks all its output paths first (:func:`check_output_file`, :func:`check_output_path` for NIfTI,
+:func:`check_output_dir` for folders), so a mistake costs one line and no computation. Files are written to a
+temporary file beside the target and renamed (:func:`atomic_write`), so an interrupted run never leaves a
+half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gen_sr.errors import InputError
+
+__all__ = ["NIFTI_SUFFIXES", "atomic_write", "check_output_dir", "check_output_file", "check_output_path",
+           "check_writable_dir", "is_nifti_name", "json_ready", "sidecar_path", "write_json"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+PathLike = str | os.PathLike[str]
+
+
+def is_nifti_name(path: PathLike) -> bool:
+    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def check_writable_dir(folder: PathLike, what: str = "the output directory") -> None:
+    """Raise :class:`InputError` unless ``folder`` exists and a file can be created in it (tried with a probe
+    file, which also catches read-only mounts and holds for every user, root included)."""
+    p = Path(folder)
+    if not p.is_dir():
+        raise InputError(f"{what} does not exist" if not p.exists() else f"{what} is not a directory", p,
+                         "create it first")
+    try:
+        fd, probe = tempfile.mkstemp(dir=p, prefix=".gen_sr-probe-")
+    except OSError as e:
+        raise InputError(f"{what} is not writable ({e.strerror or e})", p, "choose a folder you can write to") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: PathLike, overwrite: bool = False, inputs: Sequence[PathLike] = (),
+                      suffixes: Sequence[str] | None = None) -> Path:
+    """Check one output file before any work is done; returns it as a ``Path``.
+
+    Raises:
+        InputError: a wrong suffix, a missing or unwritable directory, an existing file without ``overwrite``, or
+            the same file as one of ``inputs``.
+    """
+    p = Path(path)
+    if suffixes is not None and not p.name.lower().endswith(tuple(suffixes)):
+        raise InputError(f"output must end in {' or '.join(suffixes)}", p)
+    if p.is_dir():
+        raise InputError("is a directory; an output file name is needed", p)
+    check_writable_dir(p.parent)
+    for src in inputs:
+        if Path(src).exists() and p.exists() and p.resolve() == Path(src).resolve():
+            raise InputError("output is the same file as an input; inputs are never modified", p)
+    if p.exists() and not overwrite:
+        raise InputError("output already exists", p, "pass --overwrite to replace it")
+    return p
+
+
+def check_output_path(path: PathLike, overwrite: bool = False, inputs: Sequence[PathLike] = ()) -> Path:
+    """:func:`check_output_file` for a NIfTI output (``.nii`` or ``.nii.gz``)."""
+    return check_output_file(path, overwrite, inputs, NIFTI_SUFFIXES)
+
+
+def check_output_dir(path: PathLike, overwrite: bool = False, markers: Sequence[str] = ()) -> Path:
+    """Check an output folder before any work: it exists and is writable, or its parent is (it is then created
+    when written); it holds none of ``markers`` (earlier outputs) unless ``overwrite``."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError("is a file; an output folder is needed", out)
+    check_writable_dir(out if out.is_dir() else out.parent,
+                       "the output folder" if out.is_dir() else "the output folder's parent")
+    if not overwrite and (existing := [m for m in markers if (out / m).exists()]):
+        raise InputError(f"holds outputs already ({', '.join(existing)})", out, "pass --overwrite to replace them")
+    return out
+
+
+def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; the temporary file never outlives a
+    failure, and the failure itself is what is raised. The temporary name keeps the suffix, so writers that choose
+    the format by suffix still work."""
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+    stem = path.name[: len(path.name) - len(suffix)]
+    tmp = path.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # never hide the real error behind a failed clean-up
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def sidecar_path(path: PathLike) -> Path:
+    """The ``.json`` beside a NIfTI file (``sr.nii.gz`` → ``sr.json``), where a run records how it was made."""
+    p = Path(path)
+    return p.with_name(p.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+
+
+def json_ready(value: Any) -> Any:
+    """A strict-JSON version of ``value``: numpy to Python, NaN and ±inf to ``None``, tuples to lists, keys to
+    strings, anything else unknown to its string."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [json_ready(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    return value if value is None or isinstance(value, bool | int | str) else str(value)
+
+
+def write_json(path: PathLike, payload: Any) -> None:
+    """Write ``payload`` as indented strict JSON (see :func:`json_ready`), atomically."""
+    text = json.dumps(json_ready(payload), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
