@@ -30,7 +30,14 @@ import torch
 from scipy import ndimage
 from scipy.stats import spearmanr
 
-from gen_sr.eval.calibration import CalibrationVolume, calibration_volumes, choose_shape, fit_calibration, split_units
+from gen_sr.eval.calibration import (
+    CalibrationVolume,
+    calibration_volumes,
+    choose_shape,
+    fit_calibration,
+    fit_shape,
+    split_units,
+)
 from gen_sr.eval.cases import calibration_slabs, has_calibration_slab, heldout_case, simulate_case, training_slabs
 from gen_sr.eval.metrics import foreground
 from gen_sr.eval.uncertainty import miss_rate
@@ -88,8 +95,7 @@ def analyse(train: list[CalibrationVolume], held: CalibrationVolume, out: Path, 
     chosen, rows = choose_shape(train, blocks=blocks, alpha=alpha, method="crc")
     for row in rows:  # every candidate fitted on all calibration volumes, measured on the held-out slab (not chosen on)
         shape = IntervalShape(**row["shape"])
-        cal = dataclasses.replace(fit_calibration(*split_units(train, shape, blocks=blocks), alpha=alpha,
-                                                  method="crc"), shape=shape)
+        cal = fit_shape(train, shape, blocks=blocks, alpha=alpha, method="crc")
         u = shape.spread(held.std, held.mean, held.noise_std)
         row |= {"scale": cal.scale, "heldout_coverage": held.coverage(cal),
                 "heldout_spearman": float(spearmanr(u[held.mask], np.abs(held.error[held.mask]))[0])}
@@ -146,7 +152,7 @@ def surface_bands(train: list[CalibrationVolume], shape: IntervalShape, blocks: 
         halfwidth = np.zeros_like(v.std)
         for b in range(len(bands)):
             rest = [per_band[j][b] for j in range(len(train)) if j != k]
-            lam = fit_calibration(*split_units(rest, shape, blocks=blocks), alpha=alpha, method="crc").scale
+            lam = fit_shape(rest, shape, blocks=blocks, alpha=alpha, method="crc").scale
             halfwidth += lam * shape.spread(v.std, v.mean, v.noise_std) * per_band[k][b].mask
         inside = np.any([band.mask for band in per_band[k]], axis=0)
         coverages.append(1.0 - float(miss_rate(v.error, halfwidth, 1.0, inside)))

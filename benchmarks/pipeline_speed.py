@@ -53,7 +53,7 @@ def hand_loop(pipe, lr, n: int, steps: int, batch_size: int) -> float:
         tiler = SliceTiler(op.hr_shape, 0, 2, pipe.tile_multiple)
         cond_img = tiler.split(op.interpolate(y, "cubic"))
         latent_shape = [s // pipe.vae.downsample_factor for s in tiler.tile_shape]
-        cond = latent_condition(cond_img, latent_shape, pipe.vae, pipe.config.acquisition["unet_condition"])
+        cond = latent_condition(cond_img, latent_shape, pipe.vae, pipe.model_card.unet_condition)
         cond = cond.repeat(n, 1, 1, 1)
         g = torch.Generator().manual_seed(0)
         z = torch.randn(cond.shape[0], pipe.vae.config.latent_channels, *latent_shape, generator=g)

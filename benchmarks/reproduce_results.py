@@ -1,7 +1,10 @@
 """Reproduce ``benchmarks/RESULTS.md``: quality, uncertainty, stress test and speed of the demo model, in one run.
 
     python benchmarks/reproduce_results.py --model models/mni2d [--regression-model models/mni2d_regression] \\
-        [--samples 8] [--steps 50] [--output benchmarks/RESULTS.md] [--skip-speed]
+        [--samples 8] [--steps 50] [--output benchmarks/RESULTS.md] [--skip-speed] [--quick]
+
+``--quick`` is a check in about a minute (2 samples x 10 steps, 4 mm at SNR 30 only, a small stress test, no speed
+section) that a change kept the figures: it writes ``benchmarks/RESULTS_QUICK.md``.
 
 Every figure is measured on the slab of the MNI152 template that the model folder records as held out (training
 never saw it), cropped to the brain, beside the interpolation baselines and in the same masks (the template's brain,
@@ -43,6 +46,7 @@ from gen_sr.volume import resample_to
 HERE = Path(__file__).parent
 CALIBRATED_SNR = 30.0
 QUALITY = [(2.0, None), (4.0, None), (4.0, CALIBRATED_SNR), (6.0, None)]
+QUICK_QUALITY = [(4.0, CALIBRATED_SNR)]
 COLUMNS = ("psnr", "ssim", "nrmse", "hfen", "relative_residual", "seconds")
 UNCERTAINTY = ("spearman", "ause", "uce", "ence", "coverage_1sigma", "coverage_2sigma", "coverage_calibrated")
 
@@ -52,10 +56,10 @@ def _masks(case) -> dict[str, np.ndarray]:
     return region_masks(case.hr.data, tissues=tissues)
 
 
-def quality(pipe, regression, t1, kwargs: dict) -> tuple[str, dict]:
+def quality(pipe, regression, t1, kwargs: dict, acquisitions=QUALITY) -> tuple[str, dict]:
     """One table per acquisition; returns the Markdown and ``{(thickness, snr): (rows, relative noise level)}``."""
     lines, results = [], {}
-    for thickness, snr in QUALITY:
+    for thickness, snr in acquisitions:
         case = heldout_case(pipe, t1, f"held-out slab, {thickness:g} mm", thickness=thickness, snr=snr)
         rows = evaluate(pipe, [case], masks=_masks, regression=regression, progress=False, **kwargs)
         noise = f"Rician noise at SNR {snr:g}" if snr else "noise-free"
@@ -92,14 +96,15 @@ def uncertainty(rows: list[dict]) -> str:
     return "\n".join([head, *body]) + "\n"
 
 
-def stress(pipe, t1, kwargs: dict) -> str:
+def stress(pipe, t1, kwargs: dict, out_dir: Path = HERE / "stress_test", n_per_size: int = 6,
+           removed: int = 2) -> str:
     part = heldout_slab(pipe, t1)
-    out_dir = HERE / "stress_test"
     result = run_stress_test(pipe, [part], thickness_mm=4.0, num_samples=kwargs["num_samples"],
                              num_inference_steps=kwargs["num_inference_steps"], seed=0, output_dir=out_dir,
-                             n_per_size=6, removed=2, progress=False, batch_size=kwargs.get("batch_size", 64))
+                             n_per_size=n_per_size, removed=removed, progress=False,
+                             batch_size=kwargs.get("batch_size", 64))
     return (out_dir / "stress_test.md").read_text().split("\n", 2)[2] + \
-        f"\nFigure: `benchmarks/stress_test/stress_test.png`; pooled voxel AUROC {result['auroc']:.3f}.\n"
+        f"\nFigure: `benchmarks/{out_dir.name}/stress_test.png`; pooled voxel AUROC {result['auroc']:.3f}.\n"
 
 
 def run_script(args: list[str]) -> str:
@@ -119,7 +124,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="a check in a few minutes: 2 samples x 10 steps, 4 mm at SNR 30 only, a small stress "
+                             "test, no speed; writes RESULTS_QUICK.md (and stress_test_quick/) unless --output")
     args = parser.parse_args()
+    if args.quick:
+        args.samples, args.steps, args.skip_speed = 2, 10, True
+        if args.output == str(HERE / "RESULTS.md"):
+            args.output = str(HERE / "RESULTS_QUICK.md")
 
     pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -134,7 +146,7 @@ def main() -> None:
     command = "python " + " ".join(sys.argv)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, commit {commit}"
     tic = time.perf_counter()
-    quality_md, results = quality(pipe, regression, t1, kwargs)
+    quality_md, results = quality(pipe, regression, t1, kwargs, QUICK_QUALITY if args.quick else QUALITY)
     sections = [
         "# Benchmark results\n",
         f"Made by `{command}` on {datetime.date.today()} ({machine}). Each section names the command that made it; "
@@ -157,7 +169,7 @@ def main() -> None:
         "`benchmarks/CALIBRATION_TRANSFER.md`.\n",
         uncertainty(results[4.0, CALIBRATED_SNR][0]),
         "## Lesion stress test at 4x\n",
-        stress(pipe, t1, kwargs),
+        stress(pipe, t1, kwargs, HERE / "stress_test_quick", 2, 1) if args.quick else stress(pipe, t1, kwargs),
     ]
     if not args.skip_speed:
         sections += ["## Speed: pipeline against a hand-written loop\n",
@@ -168,7 +180,7 @@ def main() -> None:
                                  "--steps", "25"])]
     sections.append(f"\nTotal time of this run: {time.perf_counter() - tic:.0f} s.\n")
     notes = HERE / "RESULTS_NOTES.md"  # the hand-written reading of the figures; rewrite it after a new run
-    if notes.is_file():
+    if notes.is_file() and not args.quick:
         sections.append(notes.read_text())
     atomic_write(Path(args.output), lambda tmp: tmp.write_text("\n".join(sections)))
     print(f"wrote {args.output}")

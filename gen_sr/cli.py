@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,16 +65,16 @@ def _shape(shape: Sequence[int]) -> str:
 # ----------------------------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
     import nibabel as nib
+    from nibabel.affines import obliquity, voxel_sizes
 
     from gen_sr.volume import read_nifti, stored_pixdim
 
     img, data = read_nifti(args.file)
     hdr = img.header
     affine = img.affine
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = voxel_sizes(affine)
     units = hdr.get_xyzt_units()[0] or "unknown"
-    cosines = affine[:3, :3] / np.where(spacing > 0, spacing, 1)
-    obliquity = float(np.degrees(np.arccos(np.clip(np.abs(cosines).max(axis=0), -1, 1))).max())
+    oblique = float(np.degrees(obliquity(affine)).max()) if np.all(spacing > 0) else 0.0
     finite = np.isfinite(data)
     values = data[finite]
     lines = [
@@ -83,7 +84,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         + (f"  ({data.shape[3]} volumes; pick one with --volume N)" if data.ndim == 4 and data.shape[3] > 1 else ""),
         f"spacing:     {_fmt(spacing)} ({units})",
         f"orientation: {''.join(nib.aff2axcodes(affine))}"
-        + (f" (oblique by {obliquity:.1f} deg)" if obliquity > 0.01 else ""),
+        + (f" (oblique by {oblique:.1f} deg)" if oblique > 0.01 else ""),
         f"qform/sform: codes {int(hdr['qform_code'])}/{int(hdr['sform_code'])}",
         "affine:      " + "\n             ".join(" ".join(f"{v:9.3f}" for v in row) for row in affine[:3]),
     ]
@@ -151,9 +152,11 @@ def _load_pipeline(args: argparse.Namespace, folder: str | None = None):
     """The pipeline of ``folder`` (default ``--model``) on ``--device``, or one clear error line. Pickled weights
     load only with ``--allow-pickle``, with a loud warning."""
     import torch
+    from diffusers.utils import logging as diffusers_logging
 
     from gen_sr.pipelines import LatentDiffusionSRPipeline
 
+    diffusers_logging.disable_progress_bar()  # loading takes a second; its bar would clutter every message
     model, device = Path(folder or args.model), args.device
     if not (model / "model_index.json").is_file():
         raise InputError("is not a gen_sr model folder (no model_index.json)", model)
@@ -266,8 +269,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     elif result.transfer_error:
         print(f"(no transfer check: {result.transfer_error})")
     other = "crc" if args.method == "rcps" else "rcps"
-    if result.alternative is not None:  # the other rule on the same units, for comparison (not written)
-        alt = result.alternative
+    if (alt := result.alternative) is not None:  # the other rule on the same units, for comparison (not written)
         print(f"({other} would give λ = {alt.scale:.4g}, coverage {1 - alt.risk_hat:.4f} on these units)")
     else:
         print(f"({other} cannot certify with these units: {result.alternative_error})")
@@ -444,26 +446,40 @@ def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
                         "are RAS+ axes); replaces --slice-thickness, --slice-spacing and --profile")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line (what is wrong, and where the help is) and exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show a full traceback on errors")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gen-sr",
         description="MRI super-resolution with latent diffusion models and calibrated hallucination-risk maps.",
         parents=[common],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, *, model: str | None = None,
+            overwrite: str | None = None) -> argparse.ArgumentParser:
+        """A subcommand; ``model``/``overwrite``: the help of its ``--model`` (required) and ``--overwrite``."""
         p = sub.add_parser(name, help=help, description=help, parents=[common])
         p.set_defaults(func=func)
+        if model is not None:
+            p.add_argument("--model", required=True, help=model)
+        if overwrite is not None:
+            p.add_argument("--overwrite", action="store_true", help=overwrite)
         return p
 
     p = add("info", cmd_info, "print a NIfTI file's shape, spacing, orientation and intensity range")
     p.add_argument("file", help="a .nii or .nii.gz file")
 
-    p = add("degrade", cmd_degrade, "simulate a low-resolution acquisition of a high-resolution volume")
+    p = add("degrade", cmd_degrade, "simulate a low-resolution acquisition of a high-resolution volume",
+            overwrite="replace existing output files")
     p.add_argument("--input", required=True, help="high-resolution NIfTI volume")
     p.add_argument("--output", required=True, help="where to write the simulated low-resolution volume")
     p.add_argument("--slice-thickness", required=True, type=_positive_float, metavar="MM",
@@ -480,10 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="noise seed (default: 0)")
     p.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
     p.add_argument("--save-operator", metavar="JSON", help="also write the acquisition operator as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
-    p = add("super-resolve", cmd_super_resolve, "super-resolve an LR volume with a trained model, with uncertainty")
-    p.add_argument("--model", required=True, help="a model folder (model_index.json, safetensors weights)")
+    p = add("super-resolve", cmd_super_resolve, "super-resolve an LR volume with a trained model, with uncertainty",
+            model="a model folder (model_index.json, safetensors weights)", overwrite="replace existing output files")
     p.add_argument("--input", required=True, help="the low-resolution NIfTI volume")
     p.add_argument("--output", required=True, help="where to write the super-resolved mean")
     p.add_argument("--std", help="also write the per-voxel standard deviation across samples")
@@ -491,11 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dc-residual", help="also write |A x - y| on the HR grid")
     _add_sampling_arguments(p)
     _add_acquisition_arguments(p)
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     p = add("calibrate", cmd_calibrate, "fit the scale that turns the sample std into intervals with a coverage "
-            "guarantee, and write calibration.json into the model folder")
-    p.add_argument("--model", required=True, help="a model folder; calibration.json is written into it")
+            "guarantee, and write calibration.json into the model folder",
+            model="a model folder; calibration.json is written into it", overwrite="replace an existing calibration")
     _add_simulation_arguments(p)
     p.add_argument("--alpha", type=_fraction, default=0.1,
                    help="target miss rate, in (0, 1): coverage 1 - alpha (default: 0.1)")
@@ -512,21 +526,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "edge term, the one whose calibration transfers best when each volume is left out in turn "
                         "(needs 3 or more volumes) (default: std)")
     _add_sampling_arguments(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing calibration")
 
-    p = add("evaluate", cmd_evaluate, "run the model and every baseline on HR volumes and tabulate all metrics")
-    p.add_argument("--model", required=True, help="a model folder")
+    p = add("evaluate", cmd_evaluate, "run the model and every baseline on HR volumes and tabulate all metrics",
+            model="a model folder", overwrite="replace an existing evaluation")
     _add_simulation_arguments(p)
     p.add_argument("--output-dir", required=True, help="where to write evaluation.md/.csv/.json")
     p.add_argument("--regression-model", metavar="DIR",
                    help="also evaluate a regression baseline (the same UNet trained with L1: train_diffusion with "
                         "--unet.objective=regression --noise_schedule.prediction_type=sample)")
     _add_sampling_arguments(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing evaluation")
 
     p = add("stress-test", cmd_stress_test, "insert synthetic lesions into HR volumes, degrade, super-resolve, "
-            "and measure erasure, false structure and how well the risk map flags errors")
-    p.add_argument("--model", required=True, help="a model folder")
+            "and measure erasure, false structure and how well the risk map flags errors",
+            model="a model folder", overwrite="replace an existing stress test")
     _add_simulation_arguments(p)
     p.add_argument("--output-dir", required=True, help="where to write stress_test.md/.csv/.json/.png")
     p.add_argument("--contrast", type=_finite_float, default=0.3,
@@ -535,11 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lesion diameters in mm (default: half and 1.5 times the slice thickness)")
     p.add_argument("--lesions-per-size", type=_positive_int, default=2, help="lesions per size and volume (default 2)")
     _add_sampling_arguments(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing stress test")
 
     p = add("audit", cmd_audit, "super-resolve an LR volume (or reuse a run) and write a self-contained HTML "
-            "hallucination-audit report with its NIfTI maps")
-    p.add_argument("--model", required=True, help="a model folder")
+            "hallucination-audit report with its NIfTI maps",
+            model="a model folder", overwrite="replace existing outputs")
     p.add_argument("--input", required=True, help="the low-resolution NIfTI volume")
     p.add_argument("--output-dir", required=True, help="where to write report.html, report.json and the maps")
     p.add_argument("--reference", help="the HR truth on the SR grid: adds metrics against every baseline and the "
@@ -553,40 +564,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="risk above which a voxel is flagged, as a fraction of the intensity range (default: 0.1)")
     _add_acquisition_arguments(p)
     _add_sampling_arguments(p)
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
-    p = add("sample-data", cmd_sample_data, "write the embedded MNI152 2009 template (shipped by nilearn) as NIfTI")
+    p = add("sample-data", cmd_sample_data, "write the embedded MNI152 2009 template (shipped by nilearn) as NIfTI",
+            overwrite="replace an existing output file")
     p.add_argument("--output", required=True, help="where to write it (.nii or .nii.gz)")
     p.add_argument("--kind", choices=("t1", "gm", "wm"), default="t1", help="T1 template or GM/WM map (default: t1)")
     p.add_argument("--subject", type=_seed, metavar="SEED",
                    help="write synthetic subject SEED instead: the template under a random smooth deformation (for "
                         "the T1 also a bias field and contrast change); the same SEED with --kind gm/wm gives its "
                         "tissue maps. Subjects are exchangeable: calibrate on some, test on others")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = add("demo", cmd_demo, "super-resolve the held-out slab of the embedded MNI152 template with the demo model "
-            "and write the hallucination audit")
+            "and write the hallucination audit", overwrite="replace files from an earlier run")
     p.add_argument("--output-dir", default="demo_out", help="folder for the demo's files (default: demo_out)")
     p.add_argument("--model", default="models/mni2d", help="model folder (default: models/mni2d)")
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
     p.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model card's, 50 for the demo model)")
-    p.add_argument("--overwrite", action="store_true", help="replace files from an earlier run")
     return parser
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                      line: str | None = None) -> str:
-    """Warnings as one line naming the command (``--debug`` keeps Python's format)."""
-    return f"gen-sr: warning: {message}\n"
+def _print_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   file: typing.TextIO | None = None, line: str | None = None) -> None:
+    """A warning as one line on stderr, naming the command (``--debug`` keeps Python's format)."""
+    print(f"gen-sr: warning: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gen-sr``; returns the exit code (0 success, 2 user error)."""
     args = build_parser().parse_args(argv)
-    if not args.debug:
-        warnings.formatwarning = _one_line_warning
     try:
-        code = args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", UserWarning)  # each warning of this run once, however it was run
+            if not args.debug:
+                warnings.showwarning = _print_warning
+            code = args.func(args)
         exit_if_distributed(code)  # under `accelerate launch`: see gen_sr.distributed
         return code
     except InputError as e:

@@ -130,7 +130,7 @@ def slab(volume: Volume, split: str = "val", axis: int = 1, fraction: float = 0.
         volume: any orientation; it is brought to RAS+ first, where ``axis`` is counted (1: posterior-anterior).
         split: ``"val"``, ``"calibration"`` or ``"train"``.
         axis, fraction, calibration_fraction: as in :class:`DataConfig` (``holdout_axis``, ``holdout_fraction``,
-            ``calibration_fraction``), or as a model folder records them (``acquisition["holdout"]``).
+            ``calibration_fraction``), or as a model folder records them (``ModelCard.holdout``).
     """
     canon = volume.canonical()
     return canon.crop(*slab_bounds(canon.shape, axis, fraction, split, calibration_fraction))

@@ -40,8 +40,8 @@ def check_writable_dir(folder: PathLike, what: str = "the output directory") -> 
                          "create it first")
     try:
         fd, probe = tempfile.mkstemp(dir=p, prefix=".gen_sr-probe-")
-    except OSError as e:
-        raise InputError(f"{what} is not writable ({e.strerror or e})", p, "choose a folder you can write to") from None
+    except OSError:
+        raise InputError(f"{what} is not writable", p, "choose a folder you can write to") from None
     os.close(fd)
     os.unlink(probe)
 

@@ -49,7 +49,6 @@ __all__ = [
     "ConditionMode",
     "ConditionalUNetModel",
     "condition_channels",
-    "count_parameters",
     "latent_condition",
     "set_sdpa_attention",
 ]
@@ -532,19 +531,6 @@ def latent_condition(
             )
         parts.append(z.to(dtype=x.dtype) if mode == "both" else z)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters of a model.
-
-    Args:
-        model: any module.
-        trainable_only: count only parameters with ``requires_grad``.
-
-    Returns:
-        The total number of scalar parameters (shared parameters counted once).
-    """
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def set_sdpa_attention(model: torch.nn.Module, enabled: bool = True) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt
+from nibabel.affines import apply_affine, voxel_sizes
 
 from gen_sr.errors import InputError
 from gen_sr.io import atomic_write, check_output_path
@@ -67,7 +68,7 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel spacing in mm along each voxel axis (exact for oblique affines)."""
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        return tuple(float(v) for v in voxel_sizes(self.affine))  # type: ignore[return-value]
 
     @property
     def orientation(self) -> tuple[str, str, str]:
@@ -83,13 +84,13 @@ class Volume:
         start = [int(a) for a in start]
         data = self.data[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
         affine = self.affine.copy()
-        affine[:3, 3] = self.affine[:3, :3] @ np.asarray(start, dtype=float) + self.affine[:3, 3]
+        affine[:3, 3] = apply_affine(self.affine, np.asarray(start, dtype=float))
         return self.with_data(np.ascontiguousarray(data), affine)
 
     def world_coordinates(self) -> np.ndarray:
         """``(X, Y, Z, 3)`` world position (mm) of every voxel centre."""
         idx = np.stack(np.meshgrid(*[np.arange(n) for n in self.shape], indexing="ij"), axis=-1)
-        return idx @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return apply_affine(self.affine, idx)
 
     def reorient(self, axcodes: Sequence[str]) -> Volume:
         """The same image with voxel axes permuted/flipped to the given axis codes. World geometry is unchanged."""
@@ -146,8 +147,7 @@ def covers(volume: Volume, target: Volume, tolerance: float = 0.5) -> bool:
     """Whether every voxel centre of ``target`` lies inside ``volume``'s field of view (within ``tolerance`` voxels
     of its outermost centres)."""
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in target.shape], indexing="ij")).reshape(3, -1).T
-    world = corners @ target.affine[:3, :3].T + target.affine[:3, 3]
-    index = (world - volume.affine[:3, 3]) @ np.linalg.inv(volume.affine[:3, :3]).T
+    index = apply_affine(np.linalg.inv(volume.affine), apply_affine(target.affine, corners))
     return bool(np.all(index >= -tolerance) and np.all(index <= np.asarray(volume.shape) - 1 + tolerance))
 
 

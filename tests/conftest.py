@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,3 +23,17 @@ def hr_file(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     data = rng.random((12, 14, 16)).astype(np.float32) + 1.0
     return write_nifti(tmp_path / "hr.nii.gz", data, oblique_affine())
+
+
+@pytest.fixture
+def unwritable(tmp_path: Path) -> Iterator[Path]:
+    """A folder no file can be created in, for any user: a read-only folder, or sysfs for root (who may write to
+    read-only folders)."""
+    if os.geteuid() == 0:
+        yield Path("/sys")
+        return
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    yield folder
+    folder.chmod(0o700)

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import oblique_affine
 from test_pipeline import _pipe
 
 from gen_sr.cli import main
 from gen_sr.eval.baselines import BASELINES
+from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.risk import Calibration, IntervalShape
 from gen_sr.volume import Volume, load_volume, save_volume
 
@@ -48,6 +50,11 @@ def test_audit_with_reference_writes_maps_report_and_metrics(tmp_path: Path, cap
     assert mean.shape == (14, 12, 21) and np.allclose(mean.affine, hr.affine, atol=1e-4)
     assert "<script" not in (out / "report.html").read_text()
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    # the threshold as an error size in input units: risk threshold × the input's robust intensity range
+    pipe = LatentDiffusionSRPipeline.from_pretrained(f["model"])
+    scale = pipe.intensity_normalization(load_volume(f["lr"]).canonical().data).scale
+    assert payload["verdict"]["error_size"] == pytest.approx(0.1 * scale)
+    assert isinstance(payload["outside_training"], list) and payload["geometry"]["oblique"] is True
 
 
 def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
@@ -59,9 +66,13 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     assert main(["super-resolve", "--model", str(f["model"]), "--input", str(f["lr"]), "--output", str(sr), "--std",
                  str(std), "--risk", str(tmp_path / "risk.nii.gz"), "--dc-residual", str(tmp_path / "dc.nii.gz"),
                  "--samples", "2", "--steps", "2", "--slice-thickness", "3", "--noise-std", "2.0"]) == 0
+    record = json.loads((tmp_path / "sr.json").read_text())
+    recorded = record.pop("outside_training")  # as in runs recorded before the check: the audit checks now
+    (tmp_path / "sr.json").write_text(json.dumps(record))
     out = tmp_path / "audit"
     assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
                  "--reuse", str(sr), str(std)]) == 0
+    assert json.loads((out / "report.json").read_text())["outside_training"] == recorded
     # recomputed from the reused mean and std, they equal what the run wrote (up to float32 storage of the mean)
     np.testing.assert_allclose(load_volume(out / "risk.nii.gz").data, load_volume(tmp_path / "risk.nii.gz").data,
                                rtol=1e-5, atol=1e-7)

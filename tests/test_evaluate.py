@@ -213,20 +213,17 @@ def test_evaluate_with_an_operator_file_from_degrade(tmp_path: Path, capsys) -> 
 
 
 def test_region_volumes_are_cropped_to_the_brain(tmp_path: Path) -> None:
-    import argparse
-
-    from gen_sr.cli import _hr_volumes
+    from gen_sr.eval.cases import load_hr_volumes
 
     pipe = _pipe(2)
     pipe.model_card = replace(pipe.model_card, holdout=Holdout(1, 0.5))
     data = np.zeros((30, 20, 36), dtype=np.float32)
     data[8:18, 2:18, 10:28] = 1.0 + np.random.default_rng(0).random((10, 16, 18))
     path = save_volume(Volume(data, np.eye(4)), tmp_path / "hr.nii.gz")
-    args = argparse.Namespace(data=[str(path)], region="heldout", model="m")
-    [(name, slab)] = _hr_volumes(args, pipe)
+    [(name, slab)] = load_hr_volumes([str(path)], pipe, "heldout", "m")
     assert name == "hr" and slab.shape == (18, 10, 26)  # the far half, cut to the foreground + 4 voxels
     np.testing.assert_array_equal(slab.data, data[4:22, 10:20, 6:32])
-    [(_, whole)] = _hr_volumes(argparse.Namespace(data=[str(path)], region="all", model="m"), pipe)
+    [(_, whole)] = load_hr_volumes([str(path)], pipe, "all", "m")
     assert whole.shape == data.shape  # --region all keeps the volume as given
 
 

@@ -13,7 +13,6 @@ from gen_sr.models import (
     AutoencoderKLModel,
     ConditionalUNetModel,
     condition_channels,
-    count_parameters,
     latent_condition,
 )
 
@@ -226,7 +225,7 @@ def test_latent_condition_non_integer_factor_and_errors() -> None:
         latent_condition(torch.randn(1, 1, 16, 16), (4, 4), vae=vae, mode="latent")
 
 
-def test_from_pretrained_float64_and_count_parameters(tmp_path: Path) -> None:
+def test_from_pretrained_float64_and_num_parameters(tmp_path: Path) -> None:
     vae, unet = tiny_vae(2), tiny_unet(2)
     vae.save_pretrained(tmp_path / "vae")
     unet.save_pretrained(tmp_path / "unet")
@@ -240,8 +239,8 @@ def test_from_pretrained_float64_and_count_parameters(tmp_path: Path) -> None:
         out = unet64(z, 3, latent_condition(x, z.shape[2:]))
         assert out.dtype == torch.float64
         torch.testing.assert_close(vae64.encode_latent(x).float(), vae.encode_latent(x.float()))
-    n = count_parameters(unet)
-    assert n == sum(p.numel() for p in unet.parameters()) == count_parameters(unet64) > 0
+    n = unet.num_parameters()  # diffusers' ModelMixin
+    assert n == sum(p.numel() for p in unet.parameters()) == unet64.num_parameters() > 0
     unet.net.time_embed.requires_grad_(False)
     frozen = sum(p.numel() for p in unet.net.time_embed.parameters())
-    assert count_parameters(unet, trainable_only=True) == n - frozen
+    assert unet.num_parameters(only_trainable=True) == n - frozen

@@ -15,7 +15,11 @@ import pytest
 from helpers import oblique_affine
 from PIL import Image
 
+from gen_sr.audit import figures
+from gen_sr.audit.clusters import PeakRule, ranked_peaks
+from gen_sr.audit.page import card_rows
 from gen_sr.audit.report import BACKGROUND, build_report, risk_clusters, risk_peaks
+from gen_sr.audit.summary import grouped
 from gen_sr.volume import Volume
 
 SHAPE = (12, 14, 10)
@@ -171,6 +175,10 @@ def test_report_is_self_contained_and_json_matches(full_report) -> None:
                  '<td class="n">—</td>'):
         assert cell in page  # units, best value per column in bold, NaN as a dash
     assert "<td>lambda</td><td class=\"n\">2.3</td>" in page and "<td class=\"n\">0.46</td>" in page
+    assert "\x00" not in page and "Input outside the trained regime" not in page  # not checked: no box
+    assert payload["outside_training"] is None and payload["peak_rule"]["fallback"] is False
+    assert payload["views"]["rule"] == payload["peak_rule"]["text"] and payload["peak_rule"]["text"] in page
+    assert "scanner (world) coordinates in mm, RAS+" in page
 
 
 def test_user_strings_are_escaped(tmp_path) -> None:
@@ -259,3 +267,148 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path) -> None:
     with Image.open(shot) as im:
         pixels = np.asarray(im.convert("L"), dtype=float)
     assert pixels.shape[1] == 1280 and pixels.shape[0] >= 2000 and pixels.std() > 10  # a long, non-blank page
+
+
+# ----------------------------------------------------------------------------------------------------- peak rule
+def _planted(shape=(40, 40, 30)) -> tuple[Volume, np.ndarray, dict[str, tuple[int, int, int]]]:
+    """A 1 mm grid with a brain ellipsoid and three planted maxima: the highest at the edge of the field of view,
+    the next on the brain's rim, the lowest deep inside."""
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    brain = (((idx - (19.5, 19.5, 14.5)) / (15.0, 15.0, 11.0)) ** 2).sum(-1) <= 1
+    at = {"border": (0, 20, 15), "rim": (20, 20, 25), "deep": (14, 22, 12)}
+    risk = np.full(shape, 0.01)
+    for v, value in zip(at.values(), (0.9, 0.8, 0.5), strict=True):
+        risk[v] = value
+    assert brain[at["rim"]] and not brain[20, 20, 26] and brain[at["deep"]] and not brain[at["border"]]
+    return Volume(risk.astype(np.float32), np.eye(4)), brain, at
+
+
+def test_peak_rule_keeps_peaks_off_the_field_of_view_edge_and_the_brain_rim() -> None:
+    risk, brain, at = _planted()
+    rule = PeakRule(border_voxels=2, rim_mm=3.0)
+    allowed = rule.allowed(brain, (1.0, 1.0, 1.0))
+    assert not allowed[at["border"]] and not allowed[at["rim"]] and allowed[at["deep"]]
+    assert not allowed[2, 2, 2] and not allowed[1, 20, 15]  # background far from the brain, the edge
+    assert not allowed[20, 20, 23] and allowed[20, 20, 22]  # 2.5 mm and 3.5 mm inside the rim (boundary at 25.5)
+    whole = PeakRule(border_voxels=2, rim_mm=3.0).allowed(np.ones_like(brain), (1.0, 1.0, 1.0))
+    assert whole[2, 2, 2] and not whole[1, 2, 2]  # no foreground boundary: only the edge of the field of view
+    assert [q["risk"] for q in risk_peaks(risk, 0.3)] == pytest.approx([0.9, 0.8, 0.5])  # unrestricted
+    peaks, record = ranked_peaks(risk, 0.3, brain, rule, "brain mask")
+    assert [q["position_mm"] for q in peaks] == [list(map(float, at["deep"]))]
+    assert record["fallback"] is False and record["max_qualifies"] is False and record["max_risk"] == pytest.approx(0.9)
+    assert record["max_at_mm"] == list(map(float, at["border"]))
+    assert record["text"].startswith("ranked only among voxels inside the brain mask, more than 3 mm from its "
+                                     "boundary, and at least 2 voxel(s) inside the edge of the field of view")
+    # nothing qualifies above the threshold: the unrestricted maxima
+    peaks, record = ranked_peaks(risk, 0.6, brain, rule, "brain mask")
+    assert record["fallback"] is True and [q["risk"] for q in peaks] == pytest.approx([0.9, 0.8])
+    # without the distances, every maximum inside the brain qualifies (the rim's), the one outside still does not
+    peaks, record = ranked_peaks(risk, 0.3, brain, PeakRule(border_voxels=0, rim_mm=0), "brain mask")
+    assert [q["risk"] for q in peaks] == pytest.approx([0.8, 0.5]) and record["max_qualifies"] is False
+
+
+def test_views_follow_the_peak_rule_and_say_so(tmp_path) -> None:
+    risk, brain, at = _planted((40, 40, 30))
+    vol = lambda a: Volume(np.asarray(a, dtype=np.float32), risk.affine)  # noqa: E731
+    mean = vol(np.where(brain, 1.0, 0.0))
+    payload = build_report(tmp_path, lr=mean, mean=mean, std=vol(risk.data / 2), risk=risk,
+                           dc_residual=vol(0 * brain), card={}, risk_threshold=0.3, calibrated=False,
+                           masks={"GM": vol(brain)}, input_name="x", sr_axis=2)
+    page = " ".join((tmp_path / "report.html").read_text(encoding="utf-8").split())
+    assert payload["clusters"][0]["peak_mm"] == list(map(float, at["border"]))  # cluster #1 is the edge voxel
+    np.testing.assert_allclose(payload["views"]["centre_mm"], at["deep"])  # the views are not centred on it
+    assert payload["views"]["centred_on"] == "the first of the highest-risk places (risk 0.5, in cluster #3)"
+    assert [q["cluster"] for q in payload["peaks"]] == [3]
+    assert "The map's overall maximum, risk 0.9 at (0.0, 20.0, 15.0) mm, lies in the excluded zone." in page
+    assert "The input is not oblique" in page and payload["geometry"]["oblique"] is False
+
+
+# ----------------------------------------------------------------------------------------------------- wording
+CALIBRATION = {"scale": 0.4525472352276444, "alpha": 0.1, "delta": 0.1, "method": "crc", "bound": "hb",
+               "num_volumes": 96, "risk_hat": 0.0902, "risk_upper": 0.1636,
+               "details": {"data": ["runs/subjects/calibration"], "units": 96, "volumes": [f"s{i}" for i in range(8)]},
+               "shape": {"smoothing": 1.0, "noise_floor": 0.0, "edge_weight": 3.2}}
+AUDIT_CARD = {"input": "sub-01_T1w_lr.nii.gz", "model": "models/mni2d",
+              "operator": "axis 2: 4 mm slices every 4 mm, gaussian profile", "lr_spacing_mm": [1.0, 0.9, 2.2],
+              "sr_spacing_mm": [1.0, 0.9, 1.1], "steps": 50, "samples": 8, "seeds": list(range(8)),
+              "guidance": "projection", "noise_std": 0.03, "relative_residual_max": 0.0021,
+              "calibration": CALIBRATION, "interval": "mean ± 0.4525 x (std smoothed over 1 voxels + ...)",
+              "risk": {"calibrated": True, "scale": 0.4525, "alpha": 0.1, "definition": "the half-width ..."},
+              "timings_s": {"prepare_s": 2.2, "denoise_s": 180.4, "decode_s": 10.1, "stitch_uncertainty_s": 0.41}}
+
+
+def test_card_rows_are_short_and_labelled() -> None:
+    rows = dict(card_rows(AUDIT_CARD))
+    assert rows["Calibration"] == ("conformal risk control (crc), α = 0.1 (coverage 90 %), from 96 units of 8 volumes; "
+                                   "miss rate on the calibration data 0.090")
+    assert rows["Interval"] == "mean ± 0.45 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)"
+    assert rows["Timings"] == "prepare 2.2 s, denoise 180 s, decode 10 s, stitch uncertainty 0.41 s"
+    assert rows["Risk"] == "the calibrated interval's half-width ÷ the input's robust intensity range"
+    assert rows["LR voxel spacing"] == "1 × 0.9 × 2.2 mm" and rows["Seeds"] == "0, 1, 2, …, 7 (8 seeds)"
+    assert rows["Measurement noise std"] == "0.03 (input intensity units)"
+    assert not any("{" in v or "runs/" in v for v in rows.values())
+    assert dict(card_rows({"calibration": "none (uncalibrated)", "interval": "none (uncalibrated)",
+                           "x": {"a": 1, "b": [1, 2]}})) == {"Calibration": "none (uncalibrated)",
+                                                             "Interval": "none (uncalibrated)", "x": "a: 1; b: 1, 2"}
+    assert [grouped(v) for v in (37968.4, 123.0, 27.71, 0.5)] == ["37,968", "123", "27.7", "0.5"]
+
+
+def test_colour_bars_name_their_units(monkeypatch) -> None:
+    labels = {}
+    monkeypatch.setattr(figures, "view_row", lambda volume, centre, layers, label, contour=None: labels.setdefault(
+        len(labels), label))
+    inputs = _inputs()
+    maps = {k: inputs[k].canonical() for k in ("mean", "std", "risk", "reference")}
+    maps |= {"lr": maps["mean"], "dc": inputs["dc_residual"].canonical()}
+    figures.orthogonal_views(maps, np.array([5, 6, 4]), THRESHOLD)
+    assert len(labels) == 7 and all(figures.INTENSITY_UNIT in v for k, v in labels.items() if k != 3)
+    assert figures.RISK_UNIT in labels[3].replace("\n", " ")
+    assert figures.RISK_UNIT == "fraction of the input's robust intensity range"
+
+
+def test_report_says_what_a_flag_means_and_warns(tmp_path) -> None:
+    inputs = _inputs()
+    outside = ["slice thickness 8 mm along S is outside the trained 2-6 mm"]
+    payload = build_report(tmp_path, **inputs, card=AUDIT_CARD, risk_threshold=THRESHOLD, calibrated=True,
+                           input_name="sub-01_T1w_lr.nii.gz", sr_axis=2, intensity_range=0.5, alpha=0.1,
+                           outside_training=outside)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    v = payload["verdict"]
+    fg = (inputs["masks"]["GM"].data + inputs["masks"]["WM"].data) >= 0.5
+    flagged = (inputs["risk"].data > THRESHOLD) & fg
+    bound = 100 * 0.1 / (1 - flagged.sum() / fg.sum())
+    assert v["error_size"] == pytest.approx(0.15) and v["unflagged_miss_bound_percent"] == pytest.approx(bound)
+    sentence = ("Where flagged, the truth may differ from the shown intensity by more than 0.15 input intensity units "
+                "(the threshold 0.3 × the input's robust intensity range 0.5): there the calibrated 90 % interval is "
+                "wider than ±0.15, so an error of that size cannot be ruled out.")
+    assert v["meaning"].startswith(sentence) and sentence.replace("'", "&#39;") in page
+    assert f"at most {bound:.3g} % of the unflagged voxels" in v["meaning"]
+    off = np.abs(inputs["mean"].data - inputs["reference"].data) > 0.15
+    assert v["observed_exceedance"]["flagged_percent"] == pytest.approx(100 * off[flagged].mean())
+    assert v["observed_exceedance"]["unflagged_percent"] == pytest.approx(100 * off[fg & ~flagged].mean())
+    assert v["observed"] in page
+    # outside the trained regime: a warning box, and the list in report.json
+    assert payload["outside_training"] == outside and json.loads((tmp_path / "report.json").read_text())[
+        "outside_training"] == outside
+    assert '<div class="warning"><b>Input outside the trained regime</b>' in page and f"<li>{outside[0]}</li>" in page
+    # oblique input: said, with the angle
+    from nibabel.affines import obliquity
+    worst = float(np.degrees(obliquity(inputs["lr"].affine)).max())
+    assert payload["geometry"]["oblique"] and payload["geometry"]["max_obliquity_deg"] == pytest.approx(worst)
+    assert f"The input is oblique: its voxel axes are rotated by up to {worst:.1f}° from the scanner axes" in page
+    # the card is readable on the page and complete in report.json
+    assert "conformal risk control (crc), α = 0.1" in page and "|∇ mean|" in page and "runs/subjects" not in page
+    assert payload["card"]["calibration"]["details"]["data"] == ["runs/subjects/calibration"]
+    assert "&#34;" not in page and "\x00" not in page
+
+
+def test_uncalibrated_flags_promise_no_coverage(tmp_path) -> None:
+    inputs = _inputs()
+    payload = build_report(tmp_path, **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")},
+                           card={}, risk_threshold=THRESHOLD, calibrated=False, input_name="x", sr_axis=2,
+                           intensity_range=2.0, outside_training=[])
+    v = payload["verdict"]
+    assert v["meaning"].startswith("Where flagged, the samples' standard deviation exceeds 0.6 input intensity units")
+    assert "no flagged fraction is expected" in v["meaning"] and v["unflagged_miss_bound_percent"] is None
+    assert v["observed"] is None and payload["outside_training"] == []
+    assert "Input outside the trained regime" not in (tmp_path / "report.html").read_text(encoding="utf-8")

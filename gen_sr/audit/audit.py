@@ -97,7 +97,7 @@ def audit(
     risk_threshold: float = 0.1,
     overwrite: bool = False,
     **pipe_kwargs: Any,
-) -> dict:
+) -> dict[str, Any]:
     """Audit one LR volume; writes the four NIfTI maps, ``report.html`` and ``report.json`` into ``output_dir``.
 
     Args:
@@ -115,7 +115,8 @@ def audit(
         pipe_kwargs: for the pipeline call (``num_samples``, ``num_inference_steps``, ``generator``, ...).
 
     Returns:
-        The report's JSON payload.
+        The report's JSON payload. Its ``outside_training`` lists where the input lies outside the trained regime
+        (from the run record, or checked now for a reused run recorded without it).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,11 +147,18 @@ def audit(
             "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",
             "interval": calibration.describe() if calibration is not None else "none (uncalibrated)",
             "risk": meta.get("risk"), "timings_s": meta.get("timings")}
+    canon_lr = lr.canonical()
+    norm = pipe.intensity_normalization(canon_lr.data)
+    outside = meta.get("outside_training")  # runs recorded before the check have none: check now
+    if outside is None:
+        outside = pipe.outside_training(canon_lr, operator, norm)
     return build_report(out, lr=lr, mean=maps["mean"], std=maps["std"], risk=maps["risk"],
                         dc_residual=maps["dc_residual"], card=card, risk_threshold=risk_threshold,
                         calibrated=calibration is not None, masks=masks, reference=reference, metrics=metrics,
                         calibration_curve=curve, input_name=input_name,
-                        sr_axis=next(a for a in range(3) if maps["risk"].axis_to_canonical(a) == pipe.sr_axis))
+                        sr_axis=next(a for a in range(3) if maps["risk"].axis_to_canonical(a) == pipe.sr_axis),
+                        intensity_range=float(norm.scale), alpha=calibration.alpha if calibration is not None else None,
+                        outside_training=outside)
 
 
 def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, operator: AcquisitionOperator,

@@ -47,7 +47,7 @@ from gen_sr.io import atomic_write
 from gen_sr.risk import Calibration, IntervalShape
 
 __all__ = ["SHAPE_CANDIDATES", "CalibrationResult", "CalibrationVolume", "calibrate", "calibration_volumes",
-           "check_calibration_settings", "choose_shape", "fit_calibration", "hb_p_value", "split_units",
+           "check_calibration_settings", "choose_shape", "fit_calibration", "fit_shape", "hb_p_value", "split_units",
            "transfer_coverage", "upper_bound"]
 
 def hb_p_value(risk_hat: float | np.ndarray, n: int, alpha: float) -> float | np.ndarray:
@@ -221,6 +221,15 @@ def split_units(
     return _concat(parts)
 
 
+def fit_shape(volumes: Sequence[CalibrationVolume], shape: IntervalShape = IntervalShape(), *, blocks: int = 1,
+              axis: int = 0, **fit: Any) -> Calibration:
+    """:func:`fit_calibration` on the units of ``volumes`` (:func:`split_units`) for the spread of ``shape``, which
+    the returned calibration records. ``fit``: :func:`fit_calibration` options."""
+    cal = fit_calibration(*split_units(volumes, shape, blocks=blocks, axis=axis), **fit)
+    cal.shape = shape
+    return cal
+
+
 def _volume_units(v: CalibrationVolume, spread: np.ndarray, blocks: int, axis: int) -> list[tuple]:
     """``(error, spread, mask)`` of each non-empty block of one volume (see :func:`split_units`)."""
     cuts = balanced_cuts(v.mask, blocks, axis)
@@ -275,6 +284,9 @@ def choose_shape(volumes: Sequence[CalibrationVolume], candidates: Sequence[Inte
                      "rms": float(np.sqrt(np.mean((np.asarray(cov) - (1 - alpha)) ** 2)))})
     best = min(range(len(rows)), key=lambda i: rows[i]["rms"])
     return candidates[best], rows
+
+
+_OTHER_RULE = {"rcps": "crc", "crc": "rcps"}
 
 
 @dataclass
@@ -354,15 +366,13 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
             transfer = transfer_coverage(volumes, shape, blocks=blocks, **fit)
         except ValueError as e:
             transfer_error = f"with a volume left out, {e}"
-    errors, spreads, masks = split_units(volumes, shape, blocks=blocks)
+    units = split_units(volumes, shape, blocks=blocks)
     record = {**(details or {}), "volumes": [c.name for c in cases], "blocks_per_volume": blocks,
-              "units": len(errors), "interval": interval, "leave_one_volume_out_coverage": transfer}
-    cal = fit_calibration(errors, spreads, masks, **fit, details=record)
-    cal.shape = shape
-    result = CalibrationResult(cal, transfer, transfer_error)
-    other = "crc" if method == "rcps" else "rcps"
-    try:
-        result.alternative = fit_calibration(errors, spreads, masks, **(fit | {"method": other}))
+              "units": len(units[0]), "interval": interval, "leave_one_volume_out_coverage": transfer}
+    result = CalibrationResult(fit_shape(volumes, shape, blocks=blocks, **fit, details=record), transfer,
+                               transfer_error)
+    try:  # the other rule on the same units, for comparison
+        result.alternative = fit_shape(volumes, shape, blocks=blocks, **(fit | {"method": _OTHER_RULE[method]}))
     except ValueError as e:
         result.alternative_error = str(e)
     return result

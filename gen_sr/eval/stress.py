@@ -36,11 +36,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from nibabel.affines import apply_affine
 from scipy import ndimage
 from tqdm.auto import tqdm
 
 from gen_sr.eval.baselines import baseline
-from gen_sr.eval.cases import simulate_case, super_resolve
+from gen_sr.eval.cases import SRModel, simulate_case, super_resolve
 from gen_sr.eval.metrics import foreground
 from gen_sr.eval.tables import write_table_files
 from gen_sr.eval.uncertainty import auroc
@@ -96,12 +97,12 @@ class Lesion:
         """``(X, Y, Z)`` boolean mask of the voxel centres inside the ellipsoid (semi-axes grown by ``grow_mm``)."""
         semi = np.asarray(self.semi_axes_mm) + grow_mm
         inv = np.linalg.inv(affine)
-        centre = inv[:3, :3] @ np.asarray(self.centre_mm) + inv[:3, 3]
+        centre = apply_affine(inv, np.asarray(self.centre_mm))
         half = np.linalg.norm(inv[:3, :3] * semi, axis=1)  # the ellipsoid's half-width along each index axis
         lo = np.clip(np.floor(centre - half).astype(int), 0, shape)
         hi = np.clip(np.ceil(centre + half).astype(int) + 1, 0, shape)
         idx = np.stack(np.meshgrid(*map(np.arange, lo, hi), indexing="ij"), axis=-1)
-        world = idx @ affine[:3, :3].T + affine[:3, 3]
+        world = apply_affine(affine, idx)
         out = np.zeros(tuple(shape), dtype=bool)
         out[tuple(map(slice, lo, hi))] = (((world - self.centre_mm) / semi) ** 2).sum(axis=-1) <= 1 + 1e-9
         return out
@@ -164,7 +165,7 @@ def insert_lesions(volume: Volume, *, diameters_mm: Sequence[float | Sequence[fl
     for semi in sorted(map(_semi_axes, diameters_mm), key=max, reverse=True):
         r = max(semi)
         idx = np.argwhere(depth > (r + shell_mm) * (1 + 1e-6))
-        world = idx @ volume.affine[:3, :3].T + volume.affine[:3, 3]
+        world = apply_affine(volume.affine, idx)
         free = np.ones(len(idx), dtype=bool)
         for c, rc in placed:
             free &= np.linalg.norm(world - c, axis=1) >= r + rc + gap
@@ -339,7 +340,7 @@ def _write_reports(result: dict[str, Any], out: Path) -> None:
                       result, COLUMNS)
 
 
-def run_stress_test(pipe: Any, hr_volumes: Sequence[Volume | str | Path], *, thickness_mm: float = 4.0,
+def run_stress_test(pipe: SRModel, hr_volumes: Sequence[Volume | str | Path], *, thickness_mm: float = 4.0,
                     snr: float | None = None, num_samples: int = 4,
                     num_inference_steps: int = 50, seed: int = 0, output_dir: str | Path | None = None,
                     diameters_mm: Sequence[float | Sequence[float]] | None = None, contrast: float = 0.3,

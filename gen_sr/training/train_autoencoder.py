@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from gen_sr.data import load_training_volumes
-from gen_sr.models import AutoencoderKLModel, count_parameters
+from gen_sr.models import AutoencoderKLModel
 from gen_sr.training.common import finish, make_loaders, make_optimizer, run_script, start_run, train_loop
 from gen_sr.training.experiment import ExperimentConfig
 from gen_sr.training.latents import estimate_scaling_factor
@@ -52,7 +52,7 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
         disc_optimizer, disc_schedule = make_optimizer(loss_fn.discriminator.parameters(), run)
         disc, disc_optimizer, disc_schedule = acc.prepare(loss_fn.discriminator, disc_optimizer, disc_schedule)
         loss_fn.discriminator = disc
-    acc.print(f"autoencoder: {count_parameters(vae):,} parameters, {acc.num_processes} process(es)")
+    acc.print(f"autoencoder: {acc.unwrap_model(vae).num_parameters():,} parameters, {acc.num_processes} process(es)")
     start = run.checkpoints.resume(args.resume)
     step = {"n": start}
 
@@ -83,7 +83,7 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
 
     train_loop(run, vae, train_loader, start, train_step, validate)
     export(run, acc.unwrap_model(vae), val_loader)
-    finish(run, vae, {"parameters": count_parameters(acc.unwrap_model(vae))})
+    finish(run, vae, {"parameters": acc.unwrap_model(vae).num_parameters()})
 
 
 def export(run: Any, vae: AutoencoderKLModel, loader: Any) -> None:

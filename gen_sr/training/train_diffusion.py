@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler
 from gen_sr.config import config_to_dict
 from gen_sr.data import load_training_volumes, training_ranges
 from gen_sr.errors import InputError
-from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, condition_channels, count_parameters
+from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, condition_channels
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.schedulers import DDIMDataConsistencyScheduler
 from gen_sr.training.common import finish, make_loaders, make_optimizer, run_script, start_run, train_loop
@@ -67,7 +67,7 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     optimizer, schedule = make_optimizer(unet.parameters(), run)
     unet, optimizer, schedule, train_loader = acc.prepare(unet, optimizer, schedule, train_loader)
     acc.register_for_checkpointing(ema)
-    acc.print(f"unet: {count_parameters(unet):,} parameters, {acc.num_processes} process(es)")
+    acc.print(f"unet: {acc.unwrap_model(unet).num_parameters():,} parameters, {acc.num_processes} process(es)")
     start = run.checkpoints.resume(args.resume)
     ema.to(acc.device)  # load_state puts it on the CPU
     objective = cfg.unet.objective
@@ -97,7 +97,7 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
 
     train_loop(run, unet, train_loader, start, train_step, validate)
     export(run, acc.unwrap_model(unet), ema, vae, noise_scheduler)
-    finish(run, unet, {"parameters": count_parameters(acc.unwrap_model(unet))})
+    finish(run, unet, {"parameters": acc.unwrap_model(unet).num_parameters()})
 
 
 def export(run: Any, unet: ConditionalUNetModel, ema: Any, vae: AutoencoderKLModel, noise_scheduler: Any) -> None:

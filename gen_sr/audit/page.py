@@ -1,0 +1,231 @@
+"""The hallucination-audit page: ``report.html`` rendered from the jinja2 template ``templates/report.html.j2``.
+
+The template is rendered with autoescaping, so every string (input name, card, mask and metric names) is escaped
+there; this module only turns the report's payload into labelled rows and tables of :class:`Cell` (text, right
+alignment, bold). The page embeds its figures as data URIs and its CSS inline: no script, no external resource.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+
+from gen_sr.audit.figures import FigureRecord
+from gen_sr.audit.summary import INTENSITY_UNIT, coords, grouped, number, seconds
+
+__all__ = ["DISCLAIMER", "Cell", "Table", "card_rows", "render_page", "table"]
+
+DISCLAIMER = ("Research tool, not for diagnosis. The risk map flags where the super-resolved image may differ from the "
+              "true anatomy; an unflagged region is not proof that it is correct.")
+_HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "nrmse": False, "hfen": False, "mse": False, "rmse": False,
+                     "mae": False, "lpips": False}
+_UNITS = {"psnr": "dB"}
+_METHODS = {"crc": "conformal risk control", "rcps": "risk-controlling prediction sets"}
+_ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")), autoescape=True,
+                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: its text (escaped when rendered), right-aligned when ``numeric``, bold when ``bold``."""
+
+    text: str
+    numeric: bool = False
+    bold: bool = False
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table: a header row and body rows of cells, and a CSS class."""
+
+    header: list[Cell]
+    rows: list[list[Cell]]
+    cls: str = ""
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str | Cell]], *, numeric: range = range(0),
+          cls: str = "") -> Table:
+    """A :class:`Table` from strings (or ready cells); the columns in ``numeric`` are right-aligned."""
+    def cell(col: int, c: str | Cell) -> Cell:
+        return Cell(c.text, col in numeric, c.bold) if isinstance(c, Cell) else Cell(c, col in numeric)
+    return Table([cell(i, h) for i, h in enumerate(header)], [[cell(i, c) for i, c in enumerate(r)] for r in rows],
+                 cls)
+
+
+# ----------------------------------------------------------------------------------------------------- card
+def _plain(v: Any) -> str:
+    """Any card value in one line: scalars as :func:`number`, lists comma-separated, dicts as ``key: value``."""
+    if isinstance(v, Mapping):
+        return "; ".join(f"{k}: {_plain(x)}" for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return ", ".join(_plain(x) for x in v)
+    if isinstance(v, str):
+        return "; ".join(line.strip() for line in v.splitlines() if line.strip())
+    return number(v)
+
+
+def _spacing(v: Any) -> str:
+    return " × ".join(f"{float(s):g}" for s in v) + " mm" if isinstance(v, list | tuple) else _plain(v)
+
+
+def _seeds(v: Any) -> str:
+    if isinstance(v, list | tuple) and len(v) > 6:
+        return f"{', '.join(map(str, v[:3]))}, …, {v[-1]} ({len(v)} seeds)"
+    return _plain(v)
+
+
+def _noise(v: Any) -> str:
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return "0 (noise-free)" if v == 0 else f"{v:.4g} ({INTENSITY_UNIT})"
+    return _plain(v)
+
+
+def _calibration(v: Any) -> str:
+    """``conformal risk control (crc), α = 0.1 (coverage 90 %), from 96 units of 8 volumes; …``."""
+    if not isinstance(v, Mapping) or "alpha" not in v:
+        return _plain(v)
+    method = str(v.get("method", ""))
+    details = v.get("details") if isinstance(v.get("details"), Mapping) else {}
+    units, volumes = details.get("units"), details.get("volumes")
+    text = f"{_METHODS.get(method, method)} ({method}), α = {v['alpha']:g} (coverage {100 * (1 - v['alpha']):g} %)"
+    if method == "rcps" and "delta" in v:
+        text += f", δ = {v['delta']:g} ({v.get('bound', '')} bound)"
+    if units is not None:
+        text += f", from {units} units" + (f" of {len(volumes)} volumes" if isinstance(volumes, list) else "")
+    elif v.get("num_volumes") is not None:
+        text += f", from {v['num_volumes']} volumes"
+    if isinstance(v.get("risk_hat"), int | float):
+        text += f"; miss rate on the calibration data {v['risk_hat']:.3f}"
+    return text
+
+
+def _interval(card: Mapping[str, Any]) -> str:
+    """``mean ± 0.45 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)`` from the card's calibration record."""
+    cal = card.get("calibration")
+    if not isinstance(cal, Mapping) or "scale" not in cal or not isinstance(cal.get("shape", {}), Mapping):
+        return _plain(card.get("interval"))
+    shape = cal.get("shape", {})
+    smoothing, floor, edge = (float(shape.get(k, 0) or 0) for k in ("smoothing", "noise_floor", "edge_weight"))
+    terms = [f"std smoothed over {smoothing:g} voxel{'' if smoothing == 1 else 's'}" if smoothing else "std"]
+    terms += [f"{floor:g} × noise std"] if floor else []
+    terms += [f"{edge:g} × |∇ mean|"] if edge else []
+    return f"mean ± {float(cal['scale']):.2g} × ({' + '.join(terms)})"
+
+
+def _risk(v: Any) -> str:
+    if isinstance(v, Mapping) and "calibrated" in v:
+        return ("the calibrated interval's half-width ÷ the input's robust intensity range" if v["calibrated"]
+                else "the samples' std ÷ the input's robust intensity range (uncalibrated)")
+    return _plain(v)
+
+
+def _timings(v: Any) -> str:
+    if not isinstance(v, Mapping):
+        return _plain(v)
+    return ", ".join(f"{str(k).removesuffix('_s').replace('_', ' ')} {seconds(float(x))}" for k, x in v.items()
+                     if isinstance(x, int | float))
+
+
+_CARD: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "input": ("Input", _plain), "model": ("Model", _plain), "operator": ("Acquisition (RAS+ axes)", _plain),
+    "hr_spacing_mm": ("HR voxel spacing", _spacing), "lr_spacing_mm": ("LR voxel spacing", _spacing),
+    "sr_spacing_mm": ("SR voxel spacing", _spacing), "steps": ("DDIM steps", _plain),
+    "samples": ("Posterior samples", _plain), "seeds": ("Seeds", _seeds), "guidance": ("Data consistency", _plain),
+    "noise_std": ("Measurement noise std", _noise),
+    "relative_residual_max": ("Largest relative residual ‖A x − y‖ / ‖y‖", _plain),
+    "calibration": ("Calibration", _calibration), "risk": ("Risk", _risk), "timings_s": ("Timings", _timings),
+}
+
+
+def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The model card as short labelled rows (the full record stays in ``report.json``)."""
+    rows = []
+    for key, value in card.items():
+        if key == "interval":
+            rows.append(("Interval", _interval(card)))
+        else:
+            label, fmt = _CARD.get(key, (str(key), _plain))
+            rows.append((label, fmt(value)))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------- tables
+def _metrics_table(metrics: Mapping[str, Mapping[str, float | None]]) -> Table:
+    names = list(dict.fromkeys(k for row in metrics.values() for k in row))
+    best = {}
+    for name in names:
+        direction = _HIGHER_IS_BETTER.get(name.lower())
+        values = [v for row in metrics.values() if isinstance(v := row.get(name), int | float) and np.isfinite(v)]
+        if direction is not None and values:
+            best[name] = max(values) if direction else min(values)
+    header = ["method"] + [f"{n} [{_UNITS[n.lower()]}]" if n.lower() in _UNITS else n for n in names]
+    rows = [[method] + [Cell(number(row.get(n)), bold=row.get(n) is not None and row.get(n) == best.get(n))
+                        for n in names] for method, row in metrics.items()]
+    return table(header, rows, numeric=range(1, len(header)))
+
+
+def _xyz(position: Sequence[float]) -> list[str]:
+    return [f"{float(x):.1f}" for x in position]
+
+
+def _cluster_table(clusters: Sequence[Mapping[str, Any]]) -> Table | None:
+    if not clusters:
+        return None
+    tissue = any(c["tissue"] is not None for c in clusters)
+    rows = [[str(c["rank"]), *_xyz(c["centroid_mm"]), grouped(c["size_mm3"]), grouped(c["voxels"]),
+             f"{c['peak_risk']:.3g}", f"{c['mean_risk']:.3g}", coords(c["peak_mm"])] + ([c["tissue"]] if tissue else [])
+            for c in clusters]
+    return table(["#", "x [mm]", "y [mm]", "z [mm]", "size [mm³]", "voxels", "peak risk", "mean risk",
+                  "peak at [mm]"] + (["tissue"] if tissue else []), rows, numeric=range(1, 8))
+
+
+def _peak_table(peaks: Sequence[Mapping[str, Any]]) -> Table | None:
+    if not peaks:
+        return None
+    tissue = any(q["tissue"] is not None for q in peaks)
+    rows = [[str(q["rank"]), *_xyz(q["position_mm"]), f"{q['risk']:.3g}", str(q["cluster"])]
+            + ([q["tissue"]] if tissue else []) for q in peaks]
+    return table(["#", "x [mm]", "y [mm]", "z [mm]", "risk", "cluster"] + (["tissue"] if tissue else []), rows,
+                 numeric=range(1, 6))
+
+
+def _calibration_tables(curve: Mapping[str, Any]) -> tuple[Table, Table]:
+    params = table(["parameter", "value"], [[str(k), number(x)] for k, x in curve.items()
+                                            if k not in ("nominal", "observed")], numeric=range(1, 2))
+    pairs = table(["nominal coverage", "observed coverage"],
+                  [[number(a), number(b)] for a, b in zip(curve["nominal"], curve["observed"], strict=False)],
+                  numeric=range(2))
+    return params, pairs
+
+
+# ----------------------------------------------------------------------------------------------------- page
+def render_page(payload: Mapping[str, Any], figures: Sequence[FigureRecord]) -> str:
+    """``report.html`` for a report ``payload`` (what ``report.json`` holds) and its ``figures``."""
+    from gen_sr import __version__
+
+    geometry = payload["geometry"]
+    card = card_rows(payload["card"])
+    if payload["verdict"].get("intensity_range") is not None:
+        card.append(("Robust intensity range of the input", f"{payload['verdict']['intensity_range']:.4g} "
+                                                           f"({INTENSITY_UNIT}; risk is a fraction of it)"))
+    card.append(("Input obliquity", f"{geometry['max_obliquity_deg']:.1f}° "
+                                    f"({'oblique' if geometry['oblique'] else 'not oblique'})"))
+    curve = payload.get("calibration_curve")
+    by_id = {f["id"]: f for f in figures}
+    context = {
+        "p": payload, "v": payload["verdict"], "disclaimer": DISCLAIMER, "version": __version__,
+        "card": table(["field", "value"], card, cls="kv"),
+        "views": [f for f in figures if f["id"].startswith("view_")],
+        "centre": coords(payload["views"]["centre_mm"]), "threshold": f"{payload['risk_threshold']:g}",
+        "peak_max_at": coords(payload["peak_rule"]["max_at_mm"]),
+        "clusters": _cluster_table(payload["clusters"]), "peaks": _peak_table(payload["peaks"]),
+        "profile": by_id["profile"], "calibration": by_id.get("calibration"),
+        "metrics": _metrics_table(payload["metrics"]) if payload["metrics"] else None,
+        "calibration_tables": _calibration_tables(curve) if curve is not None and "calibration" in by_id else None,
+    }
+    return _ENV.get_template("report.html.j2").render(context)

@@ -1,0 +1,142 @@
+"""The sentences of the hallucination-audit report and their number formats: the verdict, what a flagged voxel
+means, and the geometry (coordinate frame, obliquity). Everything here goes into ``report.json`` as well as the
+page."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from nibabel.affines import obliquity
+
+__all__ = ["FRAME", "INTENSITY_UNIT", "coords", "flag_meaning", "geometry", "grouped", "number", "seconds",
+           "verdict"]
+
+FRAME = "scanner (world) coordinates in mm, RAS+ (x: left → right, y: posterior → anterior, z: inferior → superior)"
+INTENSITY_UNIT = "input intensity units"
+OBLIQUE_DEG = 0.01  # voxel axes rotated by more than this from the scanner axes: an oblique input
+
+
+def number(v: Any) -> str:
+    """A table value: yes/no for booleans, a dash for missing or NaN, ∞, or 4 significant digits."""
+    if isinstance(v, bool) or v is None:
+        return {True: "yes", False: "no", None: "—"}[v]
+    if isinstance(v, int | float | np.number):
+        return "∞" if v == math.inf else "—" if not math.isfinite(v) else f"{v:.4g}"
+    return str(v)
+
+
+def grouped(v: float) -> str:
+    """A size or count as a plain number: thousands grouped, no exponent (37,970), 3 digits below 100."""
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def coords(xyz: Sequence[float]) -> str:
+    """A world position, ``(x, y, z)`` in mm to 0.1 mm (no unit)."""
+    return "({})".format(", ".join(f"{float(x):.1f}" for x in xyz))
+
+
+def seconds(v: float) -> str:
+    """A duration: whole seconds from 10 s up, 2 digits below."""
+    return f"{v:.0f} s" if v >= 10 else f"{v:.2g} s"
+
+
+def _size(threshold: float, intensity_range: float | None) -> tuple[str, str]:
+    """The error size a flag stands for: short (``0.0922``) and with its derivation."""
+    if intensity_range is None:
+        text = f"{threshold:g} × the input's robust intensity range"
+        return text, text
+    x = threshold * intensity_range
+    return f"{x:.3g}", (f"{x:.3g} {INTENSITY_UNIT} (the threshold {threshold:g} × the input's robust intensity range "
+                        f"{intensity_range:.4g})")
+
+
+def flag_meaning(threshold: float, *, calibrated: bool, alpha: float | None, intensity_range: float | None,
+                 unflagged_fraction: float, region: str) -> tuple[str, float | None]:
+    """What a flagged voxel means, and the bound (in %) on unflagged voxels off by more than the flag's error size
+    (``None`` when nothing bounds it).
+
+    Flagged means risk > threshold, i.e. the calibrated interval's half-width (or, uncalibrated, the std) exceeds
+    ``X = threshold × intensity_range``. A calibration with miss rate ``alpha`` bounds the misses over all voxels,
+    not the flagged fraction; the misses it allows could all fall among the unflagged voxels, so at most
+    ``alpha / unflagged_fraction`` of those can be off by more than ``X``.
+    """
+    short, size = _size(threshold, intensity_range)
+    if not calibrated:
+        return (f"Where flagged, the samples' standard deviation exceeds {size}: they disagree by that much, so the "
+                "shown intensity is uncertain there. Without a calibration this says nothing about coverage: errors "
+                "larger than that can occur anywhere, flagged or not, and no flagged fraction is expected."), None
+    cov = f"{100 * (1 - alpha):g} % " if alpha is not None else ""
+    text = (f"Where flagged, the truth may differ from the shown intensity by more than {size}: there the calibrated "
+            f"{cov}interval is wider than ±{short}, so an error of that size cannot be ruled out. A flagged voxel is "
+            "uncertain, not necessarily wrong. Calibration does not set how much should be flagged (that depends on "
+            "how wide the intervals are, not on their coverage); it bounds the misses.")
+    if alpha is None or unflagged_fraction <= 0:
+        return text, None
+    bound = min(100.0, 100 * alpha / unflagged_fraction)
+    text += (f" If it holds for this input (it is a guarantee on average over inputs like the calibration data), "
+             f"the truth lies outside its interval in at most {100 * alpha:g} % of voxels, so at most {bound:.3g} % of "
+             f"the unflagged voxels ({100 * unflagged_fraction:.1f} % of the {region}) can be off by more than "
+             f"{short}.")
+    return text, bound
+
+
+def _percent(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3g} %"
+
+
+def verdict(*, flagged: int, foreground_voxels: int, foreground: str, voxel_mm3: float, flagged_of_volume: float,
+            clusters: list[dict[str, Any]], threshold: float, calibrated: bool, alpha: float | None,
+            intensity_range: float | None, exceedance: dict[str, float | None] | None) -> dict[str, Any]:
+    """The report's verdict: the one-line ``text``, what a flag means and the counts behind them.
+
+    Args:
+        flagged, foreground_voxels: flagged voxels inside the foreground, and its size, in voxels.
+        foreground: how the foreground was defined (its first word names it in the text).
+        flagged_of_volume: the flagged fraction of the whole volume.
+        clusters: every cluster (:func:`~gen_sr.audit.clusters.risk_clusters`).
+        exceedance: against a reference, the percentages of flagged and unflagged voxels whose error exceeds the
+            flag's error size, or ``None``.
+    """
+    region = foreground.split(" (")[0]
+    pct = 100 * flagged / foreground_voxels
+    text = (f"{pct:.1f} % of the {region} flagged high-risk (risk > {threshold:g}, "
+            f"{'calibrated' if calibrated else 'uncalibrated'})")
+    largest = max(clusters, key=lambda c: c["voxels"], default=None)
+    if largest is not None:
+        text += f"; largest cluster {grouped(largest['size_mm3'])} mm³, peak risk at {coords(largest['peak_mm'])} mm"
+    meaning, bound = flag_meaning(threshold, calibrated=calibrated, alpha=alpha, intensity_range=intensity_range,
+                                  unflagged_fraction=1 - flagged / foreground_voxels, region=region)
+    observed = None
+    if exceedance is not None and intensity_range is not None:
+        observed = (f"Against the reference: {_percent(exceedance['flagged_percent'])} of the flagged and "
+                    f"{_percent(exceedance['unflagged_percent'])} of the unflagged voxels of the {region} are off by "
+                    f"more than {threshold * intensity_range:.3g}.")
+    return {
+        "text": text, "flagged_percent": pct, "flagged_voxels": flagged, "flagged_mm3": flagged * voxel_mm3,
+        "foreground_voxels": foreground_voxels, "foreground": foreground,
+        "flagged_percent_of_volume": 100 * flagged_of_volume, "n_clusters": len(clusters), "largest_cluster": largest,
+        "meaning": meaning, "error_size": None if intensity_range is None else threshold * intensity_range,
+        "intensity_range": intensity_range, "alpha": alpha, "unflagged_miss_bound_percent": bound,
+        "observed": observed, "observed_exceedance": exceedance,
+        "risk_note": "Calibrated: the risk scale comes from the model's calibration (card)." if calibrated
+        else "Uncalibrated: risk is the sample spread relative to the intensity range; the threshold has no coverage "
+             "guarantee.",
+    }
+
+
+def geometry(affine: np.ndarray) -> dict[str, Any]:
+    """The input's geometry for the report: the coordinate frame and the obliquity of its voxel axes (nibabel's
+    :func:`~nibabel.affines.obliquity`, in degrees), with a sentence saying what it means for the views."""
+    angles = np.degrees(obliquity(np.asarray(affine, dtype=np.float64)))
+    worst = float(np.max(angles))
+    oblique = worst > OBLIQUE_DEG
+    note = (f"The input is oblique: its voxel axes are rotated by up to {worst:.1f}° from the scanner axes "
+            f"(per voxel axis: {', '.join(f'{a:.1f}°' for a in angles)}). Positions are scanner coordinates; the "
+            f"views show the voxel planes closest to sagittal, coronal and axial, tilted by up to {worst:.1f}° from "
+            "the true planes." if oblique else
+            "The input is not oblique: its voxel axes run along the scanner axes.")
+    return {"frame": FRAME, "obliquity_deg": angles.tolist(), "max_obliquity_deg": worst, "oblique": oblique,
+            "note": note}
