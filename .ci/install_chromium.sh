@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install Debian's Chromium and ChromeDriver for the report's headless-browser test (tests/test_report.py) when
-# missing. Needs root (or sudo) and the Debian package mirror; call it from .ci/run before `make test`.
+# missing. Needs root (or sudo) and the Debian package mirror; the Makefile's `browser` target (a prerequisite of
+# `make test`) runs it.
 set -euo pipefail
 if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
     exit 0

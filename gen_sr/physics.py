@@ -27,6 +27,10 @@ Signal model and geometry (tested to 1e-4 mm):
   symmetrically about the slice centre, which keeps this true for the outermost slices too.
 * The first slice's nominal slab starts where the input's field of view starts: decimating 1 mm voxels into 4 mm
   slices puts the first slice centre 1.5 mm from the first HR centre. k-space truncation keeps the field of view.
+* Going back from an LR grid to an HR one (:func:`operator_from_spacings` with ``lr_shape``), the HR grid covers the
+  LR field of view exactly, voxel edge to voxel edge, whenever the HR spacing divides it, up to a tolerance of
+  ``1e-4`` HR voxel plus float32 round-off (see :func:`_grid_tol`). Otherwise the HR field of view ends at the
+  nearest whole voxel and a :class:`GeometryWarning` states the difference in mm.
 
 Tensors are ``(B, C, H, W)`` for ``spatial_dims=2`` and ``(B, C, D, H, W)`` for ``spatial_dims=3``. The operator is
 differentiable, and works on any device and floating dtype; the small matrices are built once in float64 and cast
@@ -38,6 +42,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
@@ -50,6 +55,7 @@ from gen_sr.volume import Volume
 __all__ = [
     "AcquisitionOperator",
     "AxisTransform",
+    "GeometryWarning",
     "KSpaceTruncation",
     "SliceAcquisition",
     "add_noise",
@@ -61,6 +67,22 @@ __all__ = [
 _GAUSS_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 _QUADRATURE_POINTS_PER_VOXEL = 64
 _SPACING_RTOL = 1e-6
+# Grid-fit tolerance, in HR voxels. A NIfTI sform is float32: each entry carries a relative round-off of up to
+# 2^-24 (6e-8), so a spacing read from it (a column norm), and the ratio of two such spacings, are off by up to about
+# 1.2e-7 relative; over an axis of n HR voxels that is up to ~1.2e-7 n voxels (6e-5 for n = 512). A field of view
+# that fits a whole number of HR voxels to within 1e-4 voxel (plus 2^-21 ≈ 4.8e-7 per voxel, for longer axes) is
+# taken as fitting exactly; a real mismatch (a 4.9995 mm header spacing, a non-dividing target) is far larger.
+_GRID_TOL = 1e-4
+_GRID_TOL_PER_VOXEL = 2.0**-21
+
+
+def _grid_tol(n_voxels: float) -> float:
+    """Tolerance, in HR voxels, on where an axis of ``n_voxels`` HR voxels ends (see ``_GRID_TOL``)."""
+    return _GRID_TOL + _GRID_TOL_PER_VOXEL * abs(n_voxels)
+
+
+class GeometryWarning(UserWarning):
+    """The HR grid cannot cover the LR field of view exactly: the target spacing does not divide it."""
 
 
 @dataclass(frozen=True)
@@ -191,18 +213,39 @@ class SliceAcquisition(AxisTransform):
         return max(0.5 * (self.thickness - spacing_in), 0.0)
 
     def out_size(self, n_in: int, spacing_in: float) -> int:
-        """Number of slices whose nominal slab and centre lie inside the field of view of ``n_in`` voxels."""
+        """Number of slices that ``n_in`` voxels hold: the most slices whose :meth:`hr_size_for` is ``<= n_in``.
+
+        A slice is held when its centre lies within the outermost HR voxel centres and its nominal slab ends less
+        than half an HR voxel past the field of view (so the HR grid that holds them is the nearest whole number of
+        voxels; see :meth:`hr_size_for`).
+        """
         first, s = self._first(spacing_in), self.slice_spacing
-        by_slab = ((n_in - 0.5) * spacing_in - 0.5 * self.thickness - first) / s
-        by_center = ((n_in - 1) * spacing_in - first) / s
-        return math.floor(min(by_slab, by_center) + 1e-9) + 1
+        n = max(0, math.floor((n_in * spacing_in - first - 0.5 * self.thickness) / s) + 1)  # within a slice or two
+        while n >= 1 and self.hr_size_for(n, spacing_in) > n_in:
+            n -= 1
+        while self.hr_size_for(n + 1, spacing_in) <= n_in:
+            n += 1
+        return n
 
     def hr_size_for(self, n_out: int, spacing_in: float) -> int:
-        """The smallest HR axis length that holds ``n_out`` slices (the inverse of :meth:`out_size`)."""
+        """The HR axis length that holds ``n_out`` slices (the inverse of :meth:`out_size`).
+
+        The HR field of view ends at the whole voxel nearest to the end of the last slice's nominal slab (ties round
+        up), and no earlier than the last slice centre. When the HR spacing divides the slices' extent (to within
+        :func:`_grid_tol`, which absorbs float32 affine round-off) the HR grid covers it exactly, edge to edge.
+        """
         last = self._first(spacing_in) + (n_out - 1) * self.slice_spacing
-        by_slab = (last + 0.5 * self.thickness) / spacing_in + 0.5
-        by_center = last / spacing_in + 1
-        return math.ceil(max(by_slab, by_center) - 1e-9)
+        end = (last + 0.5 * self.thickness) / spacing_in  # slab end, in HR voxels from the first HR voxel centre
+        tol = _grid_tol(end)
+        by_slab = math.floor(end + tol) + 1  # the HR field of view ends at n - 0.5: within half a voxel of `end`
+        by_center = math.ceil(last / spacing_in + 1 - tol)
+        return max(by_slab, by_center)
+
+    def hr_fov_mismatch(self, n_out: int, n_in: int, spacing_in: float) -> float:
+        """How far (mm) the field of view of ``n_in`` HR voxels ends past the last of ``n_out`` slices' nominal
+        slabs; negative when it ends before. With the default first slice, both start at the same place."""
+        last = self._first(spacing_in) + (n_out - 1) * self.slice_spacing
+        return (n_in - 0.5) * spacing_in - (last + 0.5 * self.thickness)
 
     def build(self, n_in: int, spacing_in: float) -> AxisFactor:
         if n_in < 2:
@@ -217,7 +260,7 @@ class SliceAcquisition(AxisTransform):
         centers = first + self.slice_spacing * np.arange(n_out)
         extent = (n_in - 1) * spacing_in
         # Symmetric truncation at the field-of-view ends keeps each row's first moment at its slice centre.
-        half = np.minimum(self._half_support(), np.minimum(centers, extent - centers))
+        half = np.clip(np.minimum(centers, extent - centers), 0.0, self._half_support())  # >= 0: within _grid_tol
         n_q = max(8, math.ceil(2 * self._half_support() / spacing_in * _QUADRATURE_POINTS_PER_VOXEL))
         t = (np.arange(n_q) + 0.5) / n_q * 2.0 - 1.0  # midpoint rule on [-1, 1], symmetric about 0
         offsets = half[:, None] * t[None, :]  # (n_out, n_q) mm
@@ -676,11 +719,15 @@ def operator_from_spacings(
     spacing ratio) by :class:`SliceAcquisition` with slice spacing = LR spacing, the others by
     :class:`KSpaceTruncation`. Give either ``hr_shape`` or ``lr_shape``; the other follows.
 
+    From ``lr_shape``, the HR grid covers the LR field of view exactly, voxel edge to voxel edge, when the HR spacing
+    divides it (to within float32 affine round-off: :func:`_grid_tol`). When it does not, the HR grid ends at the
+    nearest whole voxel and a :class:`GeometryWarning` says by how many mm its extent differs.
+
     Args:
         hr_spacing: HR voxel spacing in mm (e.g. from the target grid).
         lr_spacing: LR voxel spacing in mm (e.g. from the LR NIfTI header).
         hr_shape: spatial shape of the HR grid.
-        lr_shape: spatial shape of the LR grid; the HR grid is then the smallest one that covers it.
+        lr_shape: spatial shape of the LR grid; the HR grid is then the one that covers its field of view.
         slice_axes: axes acquired as slices.
         profile: slice profile (see :class:`SliceAcquisition`).
         slice_thickness: slice thickness in mm; defaults to the LR spacing (contiguous slices).
@@ -711,10 +758,21 @@ def operator_from_spacings(
         assert lr_shape is not None
         hr_shape = list(lr_shape)
         for t in transforms:
+            n_lr, h, s = int(lr_shape[t.axis]), hr_spacing[t.axis], lr_spacing[t.axis]
             if isinstance(t, SliceAcquisition):
-                hr_shape[t.axis] = t.hr_size_for(lr_shape[t.axis], hr_spacing[t.axis])
+                n = t.hr_size_for(n_lr, h)
+                fov = (n_lr - 1) * t.slice_spacing + t.thickness  # first slab start to last slab end
+                mismatch = t.hr_fov_mismatch(n_lr, n, h)
             else:
-                hr_shape[t.axis] = round(lr_shape[t.axis] * ratio[t.axis])
+                n = max(1, round(n_lr * ratio[t.axis]))
+                fov = n_lr * s
+                mismatch = n * h - fov
+            hr_shape[t.axis] = n
+            if abs(mismatch) > _grid_tol(n) * h:
+                warnings.warn(
+                    f"the {h:g} mm target spacing does not divide the LR field of view along axis {t.axis} "
+                    f"({n_lr} voxels of {s:g} mm, {fov:g} mm): the HR grid ({n} voxels, {n * h:g} mm) is "
+                    f"{abs(mismatch):.3g} mm {'longer' if mismatch > 0 else 'shorter'}", GeometryWarning, stacklevel=2)
     return AcquisitionOperator(transforms, hr_shape, hr_spacing)
 
 

@@ -46,8 +46,8 @@ def test_audit_with_reference_writes_maps_report_and_metrics(tmp_path: Path, cap
     assert 0 <= payload["metrics"]["gen_sr"]["coverage_2sigma"] <= 1
     assert len(payload["calibration_curve"]["observed"]) == len(payload["calibration_curve"]["nominal"])
     mean = load_volume(out / "sr_mean.nii.gz")
-    hr = load_volume(f["hr"])  # the SR grid is the HR grid up to the last slice the 7 LR slices cover (21 of 24)
-    assert mean.shape == (14, 12, 21) and np.allclose(mean.affine, hr.affine, atol=1e-4)
+    hr = load_volume(f["hr"])  # 8 LR slices of 3 mm cover the 24 mm HR exactly: the SR grid is the HR grid
+    assert mean.shape == (14, 12, 24) and np.allclose(mean.affine, hr.affine, atol=1e-4)
     assert "<script" not in (out / "report.html").read_text()
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
     # the threshold as an error size in input units: risk threshold × the input's robust intensity range

@@ -239,3 +239,83 @@ def test_regression_baseline_is_one_config_away(autoencoder_run: Path, tmp_path:
 def test_regression_needs_the_sample_prediction_type(tmp_path: Path, capsys) -> None:
     assert train_diffusion.main(["--config", TINY, f"--output_dir={tmp_path}", "--unet.objective=regression"]) == 2
     assert "prediction_type=sample" in capsys.readouterr().err
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a child of a background job may inherit an ignored SIGINT
+
+
+def _logged_steps(metrics: Path) -> list[int]:
+    if not metrics.is_file():
+        return []
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.endswith("}")]
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_resume_drops_the_later_metrics(autoencoder_run: Path,
+                                                                            tmp_path: Path) -> None:
+    from gen_sr.training.common import Checkpoints
+
+    out = tmp_path / "interrupted"
+    common = ["--diffusion_training.checkpoint_every=3", "--diffusion_training.validate_every=1000",
+              f"--autoencoder_path={autoencoder_run / 'autoencoder' / 'model'}"]
+    args = _script("diffusion", out, "--diffusion_training.steps=500", *common)
+    ckpts, metrics = out / "diffusion" / "checkpoints", out / "diffusion" / "metrics.jsonl"
+    with (tmp_path / "stderr.txt").open("w") as err_file:
+        proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=err_file,
+                                preexec_fn=_default_sigint)
+        deadline = time.monotonic() + TIMEOUT
+        # after the first checkpoint, once a step past the last checkpoint is logged
+        while not ((done := Checkpoints(None, ckpts, keep=1).complete())  # type: ignore[arg-type]
+                   and max(_logged_steps(metrics), default=0) > int(done[-1].name.split("-")[1])):
+            assert proc.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=TIMEOUT)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    last = Checkpoints(None, ckpts, keep=1).complete()[-1]  # type: ignore[arg-type]
+    lines = [line for line in err.splitlines() if "checkpoint" in line]
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("interrupted at step ") and f"the last checkpoint is {last}" in lines[0], lines
+    assert "--resume latest" in lines[0]
+    resumed_from = int(last.name.split("-")[1])
+    assert max(_logged_steps(metrics)) > resumed_from  # the killed attempt logged steps after its checkpoint
+
+    _run("diffusion", out, "--resume", "latest", f"--diffusion_training.steps={resumed_from + 2}", *common)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in rows if "loss" in m] == list(range(1, resumed_from + 3))  # each step once, in order
+
+
+def test_truncate_metrics_keeps_the_steps_up_to_the_checkpoint_atomically(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from gen_sr.training.common import Run
+
+    path = tmp_path / "metrics.jsonl"
+    entries = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4, 5)] + [{"step": 3, "val/psnr": 20.0}]
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries) + '{"step": 6, "lo')  # a line cut by a kill
+    run = Run(None, None, tmp_path, SimpleNamespace(is_main_process=True), None, path)  # type: ignore[arg-type]
+    inode = path.stat().st_ino
+    run.truncate_metrics(3)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == [e for e in entries if e["step"] <= 3]
+    assert path.stat().st_ino != inode  # replaced by a rename, not rewritten in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
+    run.truncate_metrics(0)
+    assert path.read_text() == ""
+
+
+def test_the_interrupt_message_without_a_checkpoint(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from gen_sr.training.common import Checkpoints, Run, interrupted_message
+
+    run = Run(None, SimpleNamespace(checkpoint_every=100), tmp_path, SimpleNamespace(is_main_process=True),  # type: ignore[arg-type]
+              Checkpoints(None, tmp_path / "checkpoints", keep=1), tmp_path / "metrics.jsonl")  # type: ignore[arg-type]
+    assert interrupted_message(run).startswith("interrupted before the first step; no checkpoint in ")
+    run.step = 42
+    message = interrupted_message(run)
+    assert message.startswith("interrupted at step 42; no checkpoint") and "step 100" in message
+    assert "without --resume" in message and "\n" not in message
+    assert interrupted_message(None) == "interrupted before training started; nothing was written"

@@ -1,6 +1,9 @@
 """What both training scripts share: the accelerator, optimizer and schedule, data loaders, crash-safe checkpoints,
 the step loop with logging, validation and checkpointing, and the command-line wrapper.
 
+Ctrl-C ends a run with one line naming the last complete checkpoint, and exit code 130. A resumed run first cuts
+``metrics.jsonl`` back to the checkpoint's step, so the interrupted attempt's later entries do not stay in the log.
+
 The scripts keep only what differs (the model, one training step, validation, export) and stay short.
 """
 
@@ -27,12 +30,16 @@ from gen_sr.config import config_to_dict, parse_cli, save_config
 from gen_sr.data import SRPairDataset
 from gen_sr.distributed import exit_if_distributed
 from gen_sr.errors import InputError
+from gen_sr.io import atomic_write
 from gen_sr.training.experiment import ExperimentConfig, TrainConfig
 
-__all__ = ["Checkpoints", "Run", "finish", "make_loaders", "make_optimizer", "run_script", "start_run", "train_loop"]
+__all__ = ["Checkpoints", "Run", "finish", "interrupted_message", "make_loaders", "make_optimizer", "run_script",
+           "start_run", "train_loop"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _STEP_FILE = "gen_sr_step.json"
+_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+_current: Run | None = None  # the run this process's script started, for the Ctrl-C message
 
 
 class Checkpoints:
@@ -101,6 +108,7 @@ class Run:
     checkpoints: Checkpoints
     metrics_path: Path
     timings: list[float] = field(default_factory=list)
+    step: int | None = None  # the last completed optimizer step, once the loop has started
 
     def log(self, step: int, values: dict[str, float]) -> None:
         """Log to the trackers (tensorboard) and to ``metrics.jsonl``, from the main process."""
@@ -108,6 +116,24 @@ class Run:
         if self.accelerator.is_main_process:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep only the ``metrics.jsonl`` entries of steps ``<= step`` (main process; atomic: a temporary file
+        renamed over the log). A run resumed from step ``step`` repeats the steps after it, so the entries an
+        interrupted attempt logged for them are dropped; a line cut short by a kill is dropped too."""
+        if not (self.accelerator.is_main_process and self.metrics_path.is_file()):
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
+                keep.append(line)
+        if len(keep) != len(lines):
+            atomic_write(self.metrics_path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in keep)))
 
 
 def start_run(cfg: ExperimentConfig, stage: str, train: TrainConfig) -> Run:
@@ -125,8 +151,10 @@ def start_run(cfg: ExperimentConfig, stage: str, train: TrainConfig) -> Run:
         save_config(cfg, directory / "config.yaml")
     accelerator.wait_for_everyone()
     accelerator.init_trackers(stage, config=_flat_scalars(config_to_dict(cfg)))
-    return Run(cfg, train, directory, accelerator, Checkpoints(accelerator, directory / "checkpoints",
-               train.keep_checkpoints), directory / "metrics.jsonl")
+    global _current
+    _current = Run(cfg, train, directory, accelerator, Checkpoints(accelerator, directory / "checkpoints",
+                   train.keep_checkpoints), directory / "metrics.jsonl")
+    return _current
 
 
 def _flat_scalars(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -187,21 +215,33 @@ def train_loop(
     ``train_step`` does forward, backward and the optimizer step for one micro-batch (inside
     ``accelerator.accumulate``); this loop counts synchronised steps, and logs, validates and checkpoints on schedule.
     ``loader`` must be prepared by the accelerator; on resume its first batches are skipped, so the data order
-    equals an uninterrupted run.
+    equals an uninterrupted run, and ``metrics.jsonl`` is cut back to ``start_step``. ``run.step`` follows the
+    completed steps (for the Ctrl-C message of :func:`run_script`).
     """
     acc, train = run.accelerator, run.train
+    run.truncate_metrics(start_step)
     batches: Iterator = iter(acc.skip_first_batches(loader, start_step * train.gradient_accumulation_steps)
                              if start_step else loader)
-    step = start_step
+    step = run.step = start_step
     bar = tqdm(total=train.steps, initial=step, desc=run.directory.name, disable=not acc.is_local_main_process,
                dynamic_ncols=True)
+    try:
+        _steps(run, model, batches, step, train_step, validate, bar)
+    finally:
+        bar.close()
+
+
+def _steps(run: Run, model: torch.nn.Module, batches: Iterator, step: int,
+           train_step: Callable[[dict[str, torch.Tensor]], dict[str, float]],
+           validate: Callable[[], dict[str, float]], bar: tqdm) -> None:
+    acc, train = run.accelerator, run.train
     tic = time.perf_counter()
     for batch in batches:
         with acc.accumulate(model):
             logs = train_step(batch)
         if not acc.sync_gradients:
             continue
-        step += 1
+        step = run.step = step + 1
         run.timings.append(time.perf_counter() - tic)
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -218,7 +258,6 @@ def train_loop(
         tic = time.perf_counter()
         if step >= train.steps:
             break
-    bar.close()
 
 
 def finish(run: Run, model: torch.nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -245,8 +284,23 @@ def finish(run: Run, model: torch.nn.Module, extra: dict[str, Any] | None = None
     return summary
 
 
+def interrupted_message(run: Run | None) -> str:
+    """The one line a Ctrl-C prints: where the run stopped and the checkpoint to resume from."""
+    if run is None:
+        return "interrupted before training started; nothing was written"
+    where = "before the first step" if run.step is None else f"at step {run.step}"
+    done = run.checkpoints.complete()
+    if not done:
+        return (f"interrupted {where}; no checkpoint in {run.checkpoints.directory} yet (the first is written at "
+                f"step {run.train.checkpoint_every}): start again without --resume")
+    return f"interrupted {where}; the last checkpoint is {done[-1]}: resume with --resume latest"
+
+
 def run_script(train: Callable[[ExperimentConfig, Any], None], argv: Sequence[str] | None, description: str) -> int:
-    """Parse ``--config``/``--resume``/overrides and run ``train``; a user mistake is one line and exit code 2."""
+    """Parse ``--config``/``--resume``/overrides and run ``train``; a user mistake is one line and exit code 2, a
+    Ctrl-C one line naming the last checkpoint and exit code 130 (``--debug`` shows the traceback of either)."""
+    global _current
+    _current = None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg, args = parse_cli(ExperimentConfig, argv, description=description)
@@ -256,5 +310,13 @@ def run_script(train: Callable[[ExperimentConfig, Any], None], argv: Sequence[st
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if "--debug" in argv:
+            raise
+        run = _current
+        if run is None or run.accelerator.is_main_process:
+            print(interrupted_message(run), file=sys.stderr, flush=True)
+        exit_if_distributed(_INTERRUPTED)
+        return _INTERRUPTED
     exit_if_distributed(0)
     return 0
