@@ -33,8 +33,8 @@ from gen_sr.errors import InputError
 from gen_sr.io import atomic_write
 from gen_sr.training.experiment import ExperimentConfig, TrainConfig
 
-__all__ = ["Checkpoints", "Run", "finish", "interrupted_message", "make_loaders", "make_optimizer", "run_script",
-           "start_run", "train_loop"]
+__all__ = ["Checkpoints", "Run", "backward_and_step", "export_model", "finish", "interrupted_message", "make_loaders",
+           "make_optimizer", "run_script", "start_run", "train_loop"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _STEP_FILE = "gen_sr_step.json"
@@ -282,6 +282,29 @@ def finish(run: Run, model: torch.nn.Module, extra: dict[str, Any] | None = None
         tracker.finish()
     acc.wait_for_everyone()  # the process group stays up: see gen_sr.distributed
     return summary
+
+
+def backward_and_step(run: Run, loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      schedule: Any) -> None:
+    """One optimizer update from ``loss``: backward, gradient clipping on synchronised steps
+    (``max_grad_norm``), the optimizer and learning-rate steps, and clearing the gradients."""
+    acc = run.accelerator
+    acc.backward(loss)
+    if acc.sync_gradients:
+        acc.clip_grad_norm_(model.parameters(), run.train.max_grad_norm)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad()
+
+
+def export_model(run: Run, write: Callable[[Path], str]) -> Path:
+    """Write the stage's ``model/`` folder from the main process (``write(folder)`` returns what to say about it)
+    while the other processes wait; returns the folder."""
+    acc, out = run.accelerator, run.directory / "model"
+    if acc.is_main_process:
+        acc.print(f"exported {out}{write(out)}")
+    acc.wait_for_everyone()
+    return out
 
 
 def interrupted_message(run: Run | None) -> str:

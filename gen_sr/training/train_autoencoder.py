@@ -11,13 +11,14 @@ the exported model (``model/``, diffusers layout, safetensors) with its measured
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from gen_sr.data import load_training_volumes
 from gen_sr.models import AutoencoderKLModel
-from gen_sr.training.common import finish, make_loaders, make_optimizer, run_script, start_run, train_loop
+from gen_sr.training import common
 from gen_sr.training.experiment import ExperimentConfig
 from gen_sr.training.latents import estimate_scaling_factor
 from gen_sr.training.losses import AutoencoderLoss
@@ -35,9 +36,9 @@ def build_autoencoder(cfg: ExperimentConfig) -> AutoencoderKLModel:
 
 def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     volumes = load_training_volumes(cfg.data)
-    run = start_run(cfg, "autoencoder", cfg.autoencoder_training)
-    acc, tc = run.accelerator, run.train
-    train_loader, val_loader = make_loaders(run, volumes)
+    run = common.start_run(cfg, "autoencoder", cfg.autoencoder_training)
+    acc = run.accelerator
+    train_loader, val_loader = common.make_loaders(run, volumes)
     vae = build_autoencoder(cfg)
     a = cfg.autoencoder
     loss_fn = AutoencoderLoss(
@@ -45,11 +46,11 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
         adversarial_start_step=a.adversarial_start_step, disc_num_layers=a.discriminator_layers,
         perceptual_weight=a.perceptual_weight,
     ).to(acc.device)
-    optimizer, schedule = make_optimizer(vae.parameters(), run)
+    optimizer, schedule = common.make_optimizer(vae.parameters(), run)
     vae, optimizer, schedule, train_loader = acc.prepare(vae, optimizer, schedule, train_loader)
     disc = None
     if loss_fn.discriminator is not None:
-        disc_optimizer, disc_schedule = make_optimizer(loss_fn.discriminator.parameters(), run)
+        disc_optimizer, disc_schedule = common.make_optimizer(loss_fn.discriminator.parameters(), run)
         disc, disc_optimizer, disc_schedule = acc.prepare(loss_fn.discriminator, disc_optimizer, disc_schedule)
         loss_fn.discriminator = disc
     acc.print(f"autoencoder: {acc.unwrap_model(vae).num_parameters():,} parameters, {acc.num_processes} process(es)")
@@ -60,12 +61,7 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
         x = batch["hr"]
         recon, mu, sigma = vae(x)
         loss, logs = loss_fn.generator_loss(x, recon, mu, sigma, step["n"])
-        acc.backward(loss)
-        if acc.sync_gradients:
-            acc.clip_grad_norm_(vae.parameters(), tc.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
+        common.backward_and_step(run, loss, vae, optimizer, schedule)
         if disc is not None and loss_fn.adversarial_active(step["n"]):
             disc_optimizer.zero_grad()  # the generator loss also filled the discriminator's gradients
             d_loss, d_logs = loss_fn.discriminator_loss(x, recon, step["n"])
@@ -81,24 +77,25 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     def validate() -> dict[str, float]:
         return validate_autoencoder(acc.unwrap_model(vae), val_loader, acc.device)
 
-    train_loop(run, vae, train_loader, start, train_step, validate)
+    common.train_loop(run, vae, train_loader, start, train_step, validate)
     export(run, acc.unwrap_model(vae), val_loader)
-    finish(run, vae, {"parameters": acc.unwrap_model(vae).num_parameters()})
+    common.finish(run, vae, {"parameters": acc.unwrap_model(vae).num_parameters()})
 
 
 def export(run: Any, vae: AutoencoderKLModel, loader: Any) -> None:
     """Measure the latent scaling factor and write ``model/`` (main process)."""
-    acc = run.accelerator
-    if acc.is_main_process:
+
+    def write(out: Path) -> str:
         vae.eval()
-        vae.set_scaling_factor(estimate_scaling_factor(vae, (b["hr"].to(acc.device) for b in loader)))
-        vae.save_pretrained(run.directory / "model")
-        acc.print(f"exported {run.directory / 'model'} (latent scaling factor {vae.scaling_factor:.4f})")
-    acc.wait_for_everyone()
+        vae.set_scaling_factor(estimate_scaling_factor(vae, (b["hr"].to(run.accelerator.device) for b in loader)))
+        vae.save_pretrained(out)
+        return f" (latent scaling factor {vae.scaling_factor:.4f})"
+
+    common.export_model(run, write)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_script(train, argv, description=__doc__.split("\n\n")[0])
+    return common.run_script(train, argv, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ validates and exports with them. Writes ``<output_dir>/diffusion/`` like the aut
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,16 @@ from gen_sr.errors import InputError
 from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, condition_channels
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.schedulers import DDIMDataConsistencyScheduler
-from gen_sr.training.common import finish, make_loaders, make_optimizer, run_script, start_run, train_loop
+from gen_sr.training.common import (
+    backward_and_step,
+    export_model,
+    finish,
+    make_loaders,
+    make_optimizer,
+    run_script,
+    start_run,
+    train_loop,
+)
 from gen_sr.training.ema import create_ema, ema_weights
 from gen_sr.training.experiment import ExperimentConfig
 from gen_sr.training.latents import encode_pair
@@ -78,12 +88,7 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
         t = training_timesteps(objective, noise_scheduler.config.num_train_timesteps, z0.shape[0], z0.device)
         pred = unet(noise_scheduler.add_noise(z0, noise, t), t, cond)
         loss = objective_loss(objective, pred, diffusion_target(noise_scheduler, z0, noise, t))
-        acc.backward(loss)
-        if acc.sync_gradients:
-            acc.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
+        backward_and_step(run, loss, unet, optimizer, schedule)
         if acc.sync_gradients:
             ema.step(unet.parameters())
         return {"loss": float(loss.detach()), "lr": schedule.get_last_lr()[0]}
@@ -103,15 +108,16 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
 def export(run: Any, unet: ConditionalUNetModel, ema: Any, vae: AutoencoderKLModel, noise_scheduler: Any) -> None:
     """Write ``model/``: a :class:`~gen_sr.pipelines.LatentDiffusionSRPipeline` folder with the EMA UNet, the VAE,
     a DDIM scheduler with the training schedule, and its model card (what it was trained for; main process)."""
-    acc, out = run.accelerator, run.directory / "model"
-    if acc.is_main_process:
+
+    def write(out: Path) -> str:
         card = run.cfg.model_card(*training_ranges(run.cfg.data))
         scheduler = DDIMDataConsistencyScheduler.from_config(noise_scheduler.config,
                                                              **sampling_overrides(run.cfg.unet.objective))
         with ema_weights(ema, unet):
             LatentDiffusionSRPipeline(vae=vae, unet=unet, scheduler=scheduler, model_card=card).save_pretrained(out)
-        acc.print(f"exported {out}")
-    acc.wait_for_everyone()
+        return ""
+
+    export_model(run, write)
 
 
 def main(argv: list[str] | None = None) -> int:
