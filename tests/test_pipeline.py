@@ -103,29 +103,6 @@ def test_std_is_zero_for_identical_samples_and_positive_otherwise() -> None:
     assert float(different.std.mean()) > 0
 
 
-@pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_background_tiles_take_the_interpolated_input_in_every_sample(spatial_dims: int) -> None:
-    """Slices with no foreground (here the first 3 and last 2 sagittal slices, noise below 10 % of the range) are
-    not left to the samples: their std is exactly 0 and the output is the input interpolated and projected."""
-    from gen_sr.pipelines.pipeline_latent_sr import background_tiles
-
-    data = np.random.default_rng(0).random((12, 10, 5)).astype(np.float32) * 100 + 50
-    data[:3] = data[-2:] = np.random.default_rng(1).random((1, 10, 5)) * 2  # background: 0..2
-    lr = Volume(data, np.diag([1.0, 1.0, 3.0, 1.0]))
-    out = _pipe(spatial_dims)(lr, num_samples=3, generator=_gens(1, 2, 3), **RUN)
-    if spatial_dims == 2:
-        assert out.metadata["background_tiles"] == [5]
-        assert float(np.abs(out.std[:3]).max()) == 0.0 and float(np.abs(out.std[-2:]).max()) == 0.0
-        assert float(out.std[3:-2].min()) > 0
-        np.testing.assert_allclose(out.samples[0, :3], out.samples[2, :3])
-    else:  # 3D patches all hold some foreground here
-        assert out.metadata["background_tiles"] == [0]
-    tiles = torch.zeros(3, 1, 6, 6)
-    tiles[1, 0, 2, 2] = 0.9  # one bright voxel: below the level once box-filtered (0.1)
-    tiles[2, 0, 2:4, 2:4] = 0.5
-    assert background_tiles(tiles).tolist() == [True, True, False]
-
-
 def test_outputs_land_at_the_right_world_coordinates() -> None:
     """Re-acquiring the SR output (its own affine, an oblique one) reproduces the LR input on the LR grid."""
     hr = Volume(np.random.default_rng(1).random((10, 12, 15)).astype(np.float32) + 1, oblique_affine())

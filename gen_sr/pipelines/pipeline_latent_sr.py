@@ -23,7 +23,6 @@ from typing import Any, Literal
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.utils import gather_object
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
@@ -39,7 +38,7 @@ from gen_sr.risk import Calibration, describe_risk, risk_map
 from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
 
-__all__ = ["LatentDiffusionSRPipeline", "OutsideTrainingWarning", "SRPipelineOutput", "background_tiles"]
+__all__ = ["LatentDiffusionSRPipeline", "OutsideTrainingWarning", "SRPipelineOutput"]
 
 LRInput = str | Path | nib.Nifti1Image | Volume | np.ndarray | torch.Tensor
 BYTES_PER_VOXEL_AND_SAMPLE = 96
@@ -47,24 +46,6 @@ BYTES_PER_VOXEL_AND_SAMPLE = 96
 memory grew by 76 B per voxel and sample from a 64 x 64 x 96 to a 128 x 128 x 96 grid at 8 samples
 (``benchmarks/pipeline_memory.py``). :meth:`LatentDiffusionSRPipeline.check_memory` uses it to
 refuse, before any sampling, a grid that cannot fit; it is an estimate for that, not a prediction."""
-
-
-BACKGROUND_LEVEL = 0.1
-"""A tile is background when its interpolated input, box-filtered over 3 voxels per axis, stays below this level
-everywhere (normalised intensities: 10 % of the robust range, the foreground level of training crops)."""
-
-
-def background_tiles(tiles: torch.Tensor, level: float = BACKGROUND_LEVEL) -> torch.Tensor:
-    """Which tiles ``(T, 1, *tile)`` of the interpolated, normalised input hold no foreground: ``(T,)`` booleans.
-
-    Such tiles (the empty sagittal slices beside a head, a crop's margin) are unlike anything the model was trained
-    on (training crops need 20 % foreground), and the samples invent faint texture there that differs between them:
-    on the demo's held-out slab, the std in its empty outer slices was 5x that of the background next to the brain.
-    The pipeline gives them the interpolated input in every sample instead (still projected onto the data), so
-    their spread is 0, and records how many there were (``metadata["background_tiles"]``)."""
-    pool = F.avg_pool2d if tiles.ndim == 4 else F.avg_pool3d
-    smooth = pool(tiles.float(), kernel_size=3, stride=1, padding=1, count_include_pad=False)
-    return smooth.flatten(1).amax(1) < level
 
 
 class OutsideTrainingWarning(UserWarning):
@@ -301,7 +282,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         mode = self.model_card.unet_condition
         hook_args = (operator, y, guided, batch_size, sigma, guidance_scale)
         timings["prepare_s"] = time.perf_counter() - tic
-        volumes, guidance_calls, background_counts = [], 0, []
+        volumes, guidance_calls = [], 0
         for tiler in tilers:  # one pass, or one per slicing plane when a 2D model fuses orientations
             tic = time.perf_counter()
             latent_shape = tuple(s // self.vae.downsample_factor for s in tiler.tile_shape)
@@ -335,15 +316,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             _add_time(timings, "denoise_s", tic)
             guidance_calls += hook.calls if hook is not None else 0
 
-            # 6. decode; tiles with no foreground in the input take the interpolated input in every sample
+            # 6. decode
             tic = time.perf_counter()
             tiles = torch.cat([self.vae.decode_latent(z) for z in latents.split(batch_size)]).to(work)
-            input_tiles = tiler.split(condition_image.to(work))
-            background = background_tiles(input_tiles)
-            tiles = tiles.unflatten(0, (len(local), tiler.num_tiles))
-            tiles[:, background] = input_tiles[background]
-            volumes.append(tiler.merge(tiles.flatten(0, 1)))
-            background_counts.append(int(background.sum()))
+            volumes.append(tiler.merge(tiles))
             _add_time(timings, "decode_s", tic)
 
         # 7. stitch, and project every sample onto the data
@@ -372,7 +348,6 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "guidance_scale": guidance_scale,
             "guided_timesteps": guided,
             "guidance_calls": guidance_calls,
-            "background_tiles": background_counts,
             "slice_normals": [t.normal for t in tilers] if self.spatial_dims == 2 else None,
             "processes": state.num_processes,
             "noise_std": noise_std,
