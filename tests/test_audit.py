@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import oblique_affine
+from test_mistakes import _network_calls
 from test_pipeline import _pipe
 
 from gen_sr.cli import main
@@ -89,10 +90,12 @@ def test_a_reference_that_does_not_fit_is_refused_before_anything_is_written(tmp
     f = _files(tmp_path)
     small = save_volume(load_volume(f["hr"]).crop((0, 0, 0), (14, 12, 6)), tmp_path / "small.nii.gz")
     out = tmp_path / "audit"
-    assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
-                 "--reference", str(small), "--samples", "2", "--steps", "2"]) == 2
+    with _network_calls() as calls:  # refused from the SR grid alone, before any sampling
+        assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
+                     "--reference", str(small), "--samples", "2", "--steps", "2"]) == 2
+    assert calls == []
     assert "does not cover the SR grid" in capsys.readouterr().err
-    assert not any(out.iterdir())
+    assert not out.exists()  # not even the folder
     record = tmp_path / "sr.json"
     save_volume(load_volume(f["hr"]), tmp_path / "sr.nii.gz")
     record.write_text("{not json")

@@ -103,6 +103,14 @@ def test_std_is_zero_for_identical_samples_and_positive_otherwise() -> None:
     assert float(different.std.mean()) > 0
 
 
+def test_output_grid_is_the_grid_a_call_returns_without_sampling() -> None:
+    pipe, lr = _pipe(2), Volume(_lr().data, oblique_affine(spacing=(1.0, 1.0, 3.0)))
+    grid = pipe.output_grid(lr, target_spacing=(1.0, 1.0, 1.5))
+    out = pipe(lr, num_samples=1, target_spacing=(1.0, 1.0, 1.5), **RUN)
+    canon = Volume(out.mean, out.affine).canonical()
+    assert grid.shape == canon.shape and np.allclose(grid.affine, canon.affine)
+
+
 def test_outputs_land_at_the_right_world_coordinates() -> None:
     """Re-acquiring the SR output (its own affine, an oblique one) reproduces the LR input on the LR grid."""
     hr = Volume(np.random.default_rng(1).random((10, 12, 15)).astype(np.float32) + 1, oblique_affine())

@@ -25,7 +25,7 @@ from gen_sr.eval.baselines import BASELINES, baseline
 from gen_sr.eval.cases import Case
 from gen_sr.eval.metrics import image_metrics, region_masks
 from gen_sr.eval.uncertainty import coverage, uncertainty_report
-from gen_sr.io import sidecar_path
+from gen_sr.io import check_output_dir, sidecar_path
 from gen_sr.physics import AcquisitionOperator
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.risk import Calibration, risk_map
@@ -118,10 +118,10 @@ def audit(
         The report's JSON payload. Its ``outside_training`` lists where the input lies outside the trained regime
         (from the run record, or checked now for a reused run recorded without it).
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not overwrite and (existing := [n for n in (*MAP_FILES.values(), "report.html") if (out / n).exists()]):
-        raise InputError(f"holds outputs already ({', '.join(existing)})", out, "pass --overwrite to replace them")
+    out = check_output_dir(output_dir, overwrite, [*MAP_FILES.values(), "report.html", "report.json"])
+    if reference is not None and reuse is None:  # before any sampling: a reference that does not fit is an error
+        geometry = {k: v for k, v in pipe_kwargs.items() if k in _GEOMETRY_ARGUMENTS}
+        _check_reference(reference, pipe.output_grid(lr, **geometry))
     if reuse is not None:
         maps, meta = reuse_outputs(pipe, lr, *reuse)
     else:
@@ -136,6 +136,7 @@ def audit(
     metrics = curve = None
     if reference is not None:  # before anything is written: a reference that does not fit is an error
         metrics, curve = _against_reference(maps, lr, reference, operator, meta, brain_mask, masks, calibration)
+    out.mkdir(parents=True, exist_ok=True)
     for key, name in MAP_FILES.items():
         save_volume(maps[key], out / name, overwrite=True)
     card = {"input": input_name, "model": model_name, "operator": operator.describe(),
@@ -161,14 +162,24 @@ def audit(
                         outside_training=outside)
 
 
+_GEOMETRY_ARGUMENTS = ("affine", "lr_spacing", "target_spacing", "operator", "slice_profile", "slice_thickness",
+                       "volume_index")
+"""The pipeline arguments that decide the SR grid (:meth:`LatentDiffusionSRPipeline.output_grid`)."""
+
+
+def _check_reference(reference: Volume, grid: Volume) -> None:
+    """A reference must cover every voxel centre of the SR grid."""
+    if not covers(reference, grid):
+        raise InputError(f"does not cover the SR grid ({grid.shape} voxels of {np.round(grid.spacing, 3).tolist()} "
+                         "mm)", reference.source, "give the HR volume the LR was made from")
+
+
 def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, operator: AcquisitionOperator,
                        meta: dict, brain_mask: Volume | None, masks: dict[str, Volume] | None,
                        calibration: Calibration | None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Metrics of SR and every baseline against the reference, and the calibration curve, in RAS+."""
     mean = maps["mean"].canonical()
-    if not covers(reference, mean):
-        raise InputError(f"does not cover the SR grid ({mean.shape} voxels of {np.round(mean.spacing, 3).tolist()} "
-                         "mm)", reference.source, "give the HR volume the LR was made from")
+    _check_reference(reference, mean)
     ref = resample_to(reference, mean)  # exact where the grids align (e.g. the LR was simulated from it)
     if brain_mask is not None:
         mask = brain_mask.canonical().data > 0

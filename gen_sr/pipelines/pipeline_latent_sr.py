@@ -254,10 +254,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         norm = self.intensity_normalization(canon.data)
 
         # 2. operator: the acquisition on the canonical HR grid, the measurement and the condition image
-        operator = operator or self._operator(canon, target_spacing, slice_profile, slice_thickness)
-        if tuple(operator.lr_shape) != canon.shape:
-            raise InputError(f"the operator expects an LR grid {operator.lr_shape}, the input is {canon.shape}",
-                             volume.source)
+        operator = self._checked_operator(canon, operator, target_spacing, slice_profile, slice_thickness)
         self.check_memory(operator.hr_shape, num_samples, keep_samples, volume.source)
         hr_affine = operator.hr_affine(canon.affine)
         work = torch.promote_types(dtype, torch.float32)  # physics, stitching and statistics in >= float32
@@ -364,6 +361,27 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         return out if return_dict else out.to_tuple()
 
     # ------------------------------------------------------------------------------------------------- helpers
+    def output_grid(self, lr: LRInput, *, affine: np.ndarray | None = None, lr_spacing: Sequence[float] | None = None,
+                    target_spacing: Sequence[float] | None = None, operator: AcquisitionOperator | None = None,
+                    slice_profile: str = "gaussian", slice_thickness: float | None = None,
+                    volume_index: int | None = None) -> Volume:
+        """The HR grid a call with these arguments returns, found without any sampling (e.g. to check a reference
+        volume first): a :class:`~gen_sr.volume.Volume` in RAS+ voxel order whose data is a zero-cost placeholder;
+        use its ``shape`` and ``affine``."""
+        canon = self._as_volume(lr, affine, lr_spacing, volume_index).canonical()
+        operator = self._checked_operator(canon, operator, target_spacing, slice_profile, slice_thickness)
+        placeholder = np.broadcast_to(np.float32(0), tuple(operator.hr_shape))
+        return Volume(placeholder, operator.hr_affine(canon.affine), source=canon.source)
+
+    def _checked_operator(self, canon: Volume, operator: AcquisitionOperator | None,
+                          target: Sequence[float] | None, profile: str, thickness: float | None) -> AcquisitionOperator:
+        """The given operator, checked against the input's grid, or the one built from the spacings."""
+        operator = operator or self._operator(canon, target, profile, thickness)
+        if tuple(operator.lr_shape) != canon.shape:
+            raise InputError(f"the operator expects an LR grid {operator.lr_shape}, the input is {canon.shape}",
+                             canon.source)
+        return operator
+
     def outside_training(self, canon: Volume, operator: AcquisitionOperator,
                          norm: IntensityNormalization) -> list[str]:
         """Where an LR input (in RAS+) lies outside what the model card records, one sentence each."""
