@@ -4,6 +4,7 @@ uncertainty and save/load."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,16 @@ def test_std_is_zero_for_identical_samples_and_positive_otherwise() -> None:
     assert float(same.std.max()) == 0.0 and float(same.risk.max()) == 0.0
     different = pipe(lr, num_samples=3, generator=_gens(5, 6, 7), **RUN)
     assert float(different.std.mean()) > 0
+
+
+def test_a_folder_written_before_the_model_card_key_loads_its_record(tmp_path: Path) -> None:
+    pipe = _pipe(2)
+    pipe.model_card = dataclasses.replace(pipe.model_card, objective="regression", num_inference_steps=1)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["acquisition"] = index.pop("model_card")  # the key older gen_sr wrote
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert LatentDiffusionSRPipeline.from_pretrained(tmp_path).model_card == pipe.model_card
 
 
 def test_output_grid_is_the_grid_a_call_returns_without_sampling() -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from gen_sr.eval.baselines import BASELINES, baseline
@@ -42,7 +43,7 @@ def evaluate(
         masks: per case, named boolean masks on the HR grid (default: the reference's foreground, "brain").
         baselines: baseline names.
         regression: a regression model's pipeline (``unet.objective=regression``), run once per case with one
-            sample and its own default steps, as the method ``"regression (L1)"``.
+            sample (seed 0) and its own default steps, as the method ``"regression (L1)"``.
         method_name: the model's name in the rows.
         progress: a progress bar over the cases.
         pipe_kwargs: passed to the pipeline (``num_samples``, ``num_inference_steps``, ``guidance``, ...).
@@ -59,7 +60,8 @@ def evaluate(
         ref = case.hr.data.astype(np.float64)
         data_range = float(np.ptp(ref[regions["brain"]] if "brain" in regions else ref))
         estimates: dict[str, tuple[np.ndarray, float, dict]] = {}
-        models = {method_name: (pipe, pipe_kwargs), "regression (L1)": (regression, {"num_samples": 1})}
+        seeded = {"num_samples": 1, "generator": torch.Generator().manual_seed(0)}  # its noise input: reproducible
+        models = {method_name: (pipe, pipe_kwargs), "regression (L1)": (regression, seeded)}
         for name, (model, kwargs) in models.items():
             if model is None:
                 continue

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from gen_sr.eval.baselines import baseline
 from gen_sr.eval.cases import SRModel, simulate_case, super_resolve
 from gen_sr.eval.metrics import foreground
-from gen_sr.eval.tables import write_table_files
+from gen_sr.eval.tables import markdown_rows, write_table_files
 from gen_sr.eval.uncertainty import auroc
 from gen_sr.io import atomic_write
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
@@ -334,9 +334,8 @@ def _write_reports(result: dict[str, Any], out: Path) -> None:
           f"{s['snr']}, {s['num_samples']} samples, {s['num_inference_steps']} steps, lesion contrast "
           f"{s['contrast']:g} of the robust intensity range. Voxel AUROC of risk for |error| > {s['tau']:g} of the "
           f"range: **{_cell(result['auroc'])}**. Definitions: `gen_sr/eval/stress.py`.\n",
-          "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    md += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
-    write_table_files(out, "stress_test", "\n".join(md) + "\n", [{c: _cell(r[c]) for c in COLUMNS} for r in rows],
+          markdown_rows(COLUMNS, [[_cell(r[c]) for c in COLUMNS] for r in rows])]
+    write_table_files(out, "stress_test", "\n".join(md), [{c: _cell(r[c]) for c in COLUMNS} for r in rows],
                       result, COLUMNS)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from gen_sr.eval.metrics import LPIPS_NOTE
 from gen_sr.io import atomic_write, write_json
 
-__all__ = ["COLUMNS", "markdown_table", "summarize", "write_table", "write_table_files"]
+__all__ = ["COLUMNS", "markdown_rows", "markdown_table", "summarize", "write_table", "write_table_files"]
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -47,14 +47,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def markdown_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of already formatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(table: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
     """The summary as a Markdown table: ``mean ± std`` per column (— where a method has no such figure)."""
     cols = [c for c in columns if any(c in t for t in table)]
-    lines = ["| method | region | volumes | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 3)]
-    for t in table:
-        cells = [f"{_fmt(t[c])} ± {_fmt(t[c + '_std'])}" if c in t else "—" for c in cols]
-        lines.append(f"| {t['method']} | {t['region']} | {t['volumes']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[t["method"], t["region"], str(t["volumes"]),
+             *(f"{_fmt(t[c])} ± {_fmt(t[c + '_std'])}" if c in t else "—" for c in cols)] for t in table]
+    return markdown_rows(["method", "region", "volumes", *cols], rows)
 
 
 def write_table(output_dir: str | Path, rows: Sequence[dict[str, Any]], stem: str = "evaluation",

@@ -11,6 +11,7 @@ The generic ``DiffusionPipeline.from_pretrained`` does not know this class; call
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import time
@@ -137,6 +138,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 raise ValueError("use_safetensors=False loads pickled weights: pass allow_pickle=True to do that")
             kwargs["use_safetensors"] = True
             _refuse_pickled_weights(Path(pretrained_model_name_or_path))
+        index = Path(pretrained_model_name_or_path) / "model_index.json"
+        if "model_card" not in kwargs and index.is_file():  # folders written before the card had its own key
+            legacy = json.loads(index.read_text()).get("acquisition")
+            if legacy is not None:
+                kwargs["model_card"] = legacy
         else:
             warnings.warn(f"loading pickled weights from {pretrained_model_name_or_path} is allowed: a pickle can run "
                           "any code when loaded; do this only for a model folder you trust", stacklevel=2)
