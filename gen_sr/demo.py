@@ -89,6 +89,12 @@ def _print_summary(payload: dict[str, Any], audit_dir: Path, seconds: float) -> 
         top = clusters[0]
         print(f"  top risk cluster: {top['size_mm3']:.0f} mm³, peak risk {top['peak_risk']:.3f} at "
               f"({', '.join(f'{x:.1f}' for x in top['peak_mm'])}) mm, {top.get('tissue') or 'no tissue map'}")
+    if payload["peaks"]:
+        peak = payload["peaks"][0]
+        where = "over the whole volume" if payload["peak_rule"]["fallback"] else "away from the brain's rim"
+        print(f"  highest-risk place {where}: risk {peak['risk']:.3f} at "
+              f"({', '.join(f'{x:.1f}' for x in peak['position_mm'])}) mm, {peak.get('tissue') or 'no tissue map'} "
+              "(the report's views point here)")
     print(f"  {payload['verdict']['text']}")
     print(f"\nReport: {audit_dir / 'report.html'}  (self-contained; open it in any browser)  [{seconds:.0f} s]")
 
