@@ -449,7 +449,8 @@ def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
 def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
     """HR volumes to simulate acquisitions from, and the acquisition."""
     p.add_argument("--data", required=True, nargs="+", metavar="PATH",
-                   help="HR NIfTI files or folders of them, or 'mni152' for the embedded template")
+                   help="HR NIfTI files or folders of them, or sample names: mni152 (embedded), colin27, robex "
+                        "(after `make data`)")
     p.add_argument("--region", choices=("all", "train", "calibration", "heldout"), default="all",
                    help="use the whole volumes, or only the training, calibration or held-out slab the model folder "
                         "records, cropped to the brain's bounding box (default: all)")

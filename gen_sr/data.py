@@ -33,7 +33,7 @@ from monai.transforms import SpatialPad
 from gen_sr.errors import InputError
 from gen_sr.model_card import AcquisitionRanges
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, add_noise
-from gen_sr.sample_data import load_mni152
+from gen_sr.sample_data import SOURCE_NAMES, load_mni152, load_sample
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "SRPairDataset",
     "find_volumes",
     "load_training_volumes",
+    "read_volumes",
     "slab",
     "slab_bounds",
     "training_ranges",
@@ -55,7 +56,8 @@ class DataConfig:
     """Where training volumes come from and how items are cut from them.
 
     Attributes:
-        paths: HR NIfTI files or folders of them; empty for the embedded MNI152 T1 template.
+        paths: HR NIfTI files or folders of them, or sample names (``mni152``, ``colin27``, ``robex``; see
+            :func:`read_volumes`); empty for the embedded MNI152 T1 template.
         crop_size: item size in voxels, ``(H, W)`` for 2D (the second entry runs along the super-resolved axis) or
             ``(D, H, W)`` for 3D patches. Smaller volumes are zero-padded.
         slice_normals: for 2D items, the RAS+ axes that slices are taken across (each must differ from the
@@ -136,6 +138,18 @@ def slab(volume: Volume, split: str = "val", axis: int = 1, fraction: float = 0.
     return canon.crop(*slab_bounds(canon.shape, axis, fraction, split, calibration_fraction))
 
 
+def read_volumes(entries: Sequence[str]) -> list[tuple[str, Volume]]:
+    """``(name, Volume)`` for every entry: a sample name (``mni152``, ``colin27``, ``robex``: see
+    :mod:`gen_sr.sample_data`), a NIfTI file, or a folder of them (named by file name without the suffix)."""
+    out: list[tuple[str, Volume]] = []
+    for entry in entries:
+        if entry in SOURCE_NAMES:
+            out.append((entry, load_sample(entry)))
+        else:
+            out += [(f.name.removesuffix(".gz").removesuffix(".nii"), load_volume(f)) for f in find_volumes([entry])]
+    return out
+
+
 def find_volumes(paths: Sequence[str]) -> list[Path]:
     """Expand files and folders into a sorted list of NIfTI files; a missing path or an empty folder is an error."""
     found: list[Path] = []
@@ -178,7 +192,7 @@ def training_ranges(cfg: DataConfig) -> tuple[tuple[float, float], tuple[float, 
 
 def _training_volumes(cfg: DataConfig) -> list[Volume]:
     """The training volumes in RAS+ (the embedded MNI152 T1 when ``cfg.paths`` is empty)."""
-    volumes = [load_volume(p) for p in find_volumes(cfg.paths)] if cfg.paths else [load_mni152("t1")]
+    volumes = [v for _, v in read_volumes(cfg.paths)] if cfg.paths else [load_mni152("t1")]
     return [v.canonical() for v in volumes]
 
 

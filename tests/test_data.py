@@ -146,3 +146,13 @@ def test_heldout_slab_is_the_far_end_in_place() -> None:
     np.testing.assert_allclose(held.world_coordinates(), canon.world_coordinates()[:, -k:], atol=1e-9)
     train, val = (slab_bounds(canon.shape, 1, 0.2, s) for s in ("train", "val"))
     assert train[1][1] == val[0][1] == canon.shape[1] - k  # the two slabs meet without overlap
+
+
+def test_read_volumes_takes_sample_names_files_and_folders(tmp_path: Path) -> None:
+    from gen_sr.data import read_volumes
+
+    (tmp_path / "sub").mkdir()
+    write_nifti(tmp_path / "sub" / "a.nii.gz", np.random.default_rng(0).random((6, 7, 8)).astype(np.float32))
+    named = read_volumes(["mni152", str(tmp_path / "sub"), str(tmp_path / "sub" / "a.nii.gz")])
+    assert [n for n, _ in named] == ["mni152", "a", "a"]
+    assert named[0][1].shape == (197, 233, 189) and named[1][1].shape == (6, 7, 8)

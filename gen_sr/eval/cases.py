@@ -20,14 +20,13 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from gen_sr.data import find_volumes, slab, slab_bounds
+from gen_sr.data import read_volumes, slab, slab_bounds
 from gen_sr.errors import InputError
 from gen_sr.eval.metrics import region_masks
 from gen_sr.model_card import Holdout, ModelCard
 from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, simulate_acquisition
 from gen_sr.risk import Calibration
-from gen_sr.sample_data import load_mni152
-from gen_sr.volume import Volume, load_volume
+from gen_sr.volume import Volume
 
 __all__ = ["REGIONS", "Case", "SRModel", "SROutput", "balanced_cuts", "calibration_slabs", "crop_to_foreground",
            "has_calibration_slab", "heldout_case", "heldout_slab", "load_hr_volumes", "model_slab",
@@ -212,10 +211,10 @@ def balanced_cuts(mask: np.ndarray, parts: int, axis: int = 0) -> np.ndarray:
 
 def load_hr_volumes(data: Sequence[str], pipe: SRModel | None = None, region: Region = "all",
                     model: str | Path | None = None) -> list[tuple[str, Volume]]:
-    """``(name, Volume)`` of every HR volume of ``data`` (NIfTI files, folders of them, or ``"mni152"`` for the
-    embedded template), cut to ``region``: ``"all"``, or the ``"train"``, ``"calibration"`` or ``"heldout"`` slab
-    that ``pipe``'s model card records, cropped to the foreground as the benchmarks crop it (:func:`model_slab`,
-    :func:`crop_to_foreground`). ``model`` names the model folder in errors."""
+    """``(name, Volume)`` of every HR volume of ``data`` (NIfTI files, folders of them, or sample names such as
+    ``"mni152"``: :func:`gen_sr.data.read_volumes`), cut to ``region``: ``"all"``, or the ``"train"``,
+    ``"calibration"`` or ``"heldout"`` slab that ``pipe``'s model card records, cropped to the foreground as the
+    benchmarks crop it (:func:`model_slab`, :func:`crop_to_foreground`). ``model`` names the model folder in errors."""
     if region not in REGIONS:
         raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
     if region != "all":
@@ -223,12 +222,7 @@ def load_hr_volumes(data: Sequence[str], pipe: SRModel | None = None, region: Re
         if holdout is None or (region == "calibration" and holdout.calibration_fraction <= 0):
             what = {"heldout": "held-out"}.get(region, region)
             raise InputError(f"the model folder records no {what} slab", model, "use --region all")
-    named = []
-    for entry in data:
-        if entry == "mni152":
-            named.append(("mni152", load_mni152("t1")))
-        else:
-            named += [(f.name.removesuffix(".gz").removesuffix(".nii"), load_volume(f)) for f in find_volumes([entry])]
+    named = read_volumes(data)
     if region != "all":
         split = {"heldout": "val"}.get(region, region)
         named = [(n, crop_to_foreground(model_slab(pipe, v, split))) for n, v in named]  # type: ignore[arg-type]
