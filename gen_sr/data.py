@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from monai.transforms import SpatialPad
 
+from gen_sr.contrast import ContrastRanges, random_remap
 from gen_sr.errors import InputError
 from gen_sr.model_card import AcquisitionRanges
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, add_noise
@@ -73,6 +74,8 @@ class DataConfig:
         min_foreground: a crop must have at least this fraction of voxels above 0.1 (normalised); up to 20 draws
             are tried, so background-only crops are rare but possible.
         acquisition: the simulated acquisitions.
+        contrast: how often items are given another contrast by a random intensity map
+            (:mod:`gen_sr.contrast`), so that the prior is not tied to the training volumes' T1 contrast.
     """
 
     paths: list[str] = field(default_factory=list)
@@ -85,6 +88,7 @@ class DataConfig:
     condition: Literal["cubic", "linear", "pinv"] = "cubic"
     min_foreground: float = 0.2
     acquisition: AcquisitionRanges = field(default_factory=AcquisitionRanges)
+    contrast: ContrastRanges = field(default_factory=ContrastRanges)
 
     def __post_init__(self) -> None:
         if len(self.crop_size) not in (2, 3) or min(self.crop_size) < 4:
@@ -243,6 +247,10 @@ class SRPairDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, _SPLITS[self.split], i])
         region, spacing = self.regions[int(rng.integers(len(self.regions)))]
         crop, crop_spacing, axis = self._crop(region, spacing, rng)
+        contrast = self.cfg.contrast
+        if contrast.remap_probability > 0 and rng.random() < contrast.remap_probability:  # another contrast
+            crop = random_remap(crop, rng, monotone=bool(rng.random() >= contrast.nonmonotone_fraction),
+                                knots=contrast.knots)
         acq = self.cfg.acquisition
         thickness = float(rng.uniform(*acq.thickness))
         slice_spacing = thickness * (1.0 + float(rng.uniform(*acq.gap)))

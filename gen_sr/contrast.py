@@ -1,0 +1,84 @@
+"""Contrast randomisation for training (the idea of SynthSeg and SynthSR): the prior should not be tied to T1.
+
+Two ways to give a training item another contrast, on normalised intensities (about [0, 1], background 0):
+
+* :func:`random_remap`: a random piecewise-linear intensity map through evenly spaced knots, monotone (the
+  contrast changes, the order of tissues does not) or not (tissues can swap places, as between T1 and T2). The
+  background stays 0, as it is dark in every magnitude contrast.
+* :func:`synthesize_contrast`: an image made from tissue probability maps, ``Σ_k p_k μ_k`` with a drawn intensity
+  ``μ_k`` per tissue (:func:`draw_tissue_means`), before any bias field, blur or noise; the mean intensity of a
+  pure voxel of tissue ``k`` is then exactly ``μ_k``.
+
+:class:`ContrastRanges` is the ``data.contrast`` section of an experiment: how often items are remapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ContrastRanges", "draw_tissue_means", "random_remap", "synthesize_contrast"]
+
+
+@dataclass
+class ContrastRanges:
+    """How training items are given other contrasts.
+
+    Attributes:
+        remap_probability: fraction of items whose intensities pass through a :func:`random_remap` (0: none, the
+            items keep the volumes' own contrast).
+        nonmonotone_fraction: of the remapped items, the fraction with a non-monotone map.
+        knots: knots of the maps, evenly spaced on [0, 1] (the first one, at 0, maps to 0).
+    """
+
+    remap_probability: float = 0.0
+    nonmonotone_fraction: float = 0.5
+    knots: int = 6
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.remap_probability <= 1 and 0 <= self.nonmonotone_fraction <= 1):
+            raise ValueError(f"remap_probability and nonmonotone_fraction must lie in [0, 1], got "
+                             f"{self.remap_probability} and {self.nonmonotone_fraction}")
+        if self.knots < 2:
+            raise ValueError(f"knots must be at least 2, got {self.knots}")
+
+
+def random_remap(x: np.ndarray, rng: np.random.Generator, *, monotone: bool, knots: int = 6) -> np.ndarray:
+    """``x`` (normalised intensities) through a random piecewise-linear map with ``knots`` knots evenly spaced on
+    [0, 1]: 0 maps to 0, the other knots to values drawn uniformly in [0, 1] (sorted when ``monotone``, so the map
+    never decreases). Values beyond 1 take the last knot's value. Returns float32 of ``x``'s shape."""
+    at = np.linspace(0.0, 1.0, knots)
+    values = rng.uniform(0.0, 1.0, knots - 1)
+    values = np.concatenate([[0.0], np.sort(values) if monotone else values])
+    return np.interp(np.asarray(x, dtype=np.float64), at, values).astype(np.float32)
+
+
+def draw_tissue_means(names: Sequence[str], rng: np.random.Generator, low: float = 0.05,
+                      high: float = 1.0) -> dict[str, float]:
+    """A random intensity per tissue, drawn uniformly in ``[low, high]`` (any order: any contrast)."""
+    return {name: float(rng.uniform(low, high)) for name in names}
+
+
+def synthesize_contrast(tissues: Mapping[str, np.ndarray], means: Mapping[str, float],
+                        background: float = 0.0) -> np.ndarray:
+    """An image from tissue probability maps: ``Σ_k p_k μ_k + (1 − Σ_k p_k) · background``.
+
+    Args:
+        tissues: probability maps of one shape, e.g. ``{"GM": gm, "WM": wm, "CSF": csf}``; where they sum to more
+            than 1 they are scaled down to sum to 1.
+        means: the intensity of each tissue (:func:`draw_tissue_means`).
+        background: the intensity where no tissue is.
+
+    Returns:
+        float32, the maps' shape.
+    """
+    names = list(tissues)
+    if set(names) != set(means):
+        raise ValueError(f"tissues {sorted(names)} and means {sorted(means)} name different classes")
+    p = np.stack([np.clip(np.asarray(tissues[n], dtype=np.float64), 0.0, 1.0) for n in names])
+    total = p.sum(axis=0)
+    p = p / np.maximum(total, 1.0)
+    mu = np.asarray([means[n] for n in names], dtype=np.float64).reshape(-1, *[1] * (p.ndim - 1))
+    return ((p * mu).sum(axis=0) + (1.0 - np.minimum(total, 1.0)) * background).astype(np.float32)
