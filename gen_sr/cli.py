@@ -69,6 +69,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from gen_sr.volume import read_nifti, stored_pixdim
 
+    if args.model is not None:
+        return _model_info(Path(args.model))
+    if args.file is None:
+        raise InputError("give a NIfTI file, or --model DIR for what a model was trained for")
+
     img, data = read_nifti(args.file)
     hdr = img.header
     affine = img.affine
@@ -100,6 +105,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     if not finite.all():
         lines.append(f"warning:     {int((~finite).sum())} NaN or Inf voxels")
     print("\n".join(lines))
+    return 0
+
+
+def _model_info(folder: Path) -> int:
+    from gen_sr.model_card import ModelCard
+    from gen_sr.risk import Calibration
+
+    card, calibration = ModelCard.from_folder(folder), Calibration.load(folder)
+    rows = [("model", str(folder)), *card.summary(),
+            ("calibration", "none (risk is the std over the intensity range)" if calibration is None else
+             f"{calibration.describe()}, {calibration.method}, coverage {1 - calibration.alpha:g} target, "
+             f"{calibration.num_volumes} units")]
+    print("\n".join(f"{label + ':':<18}{value}" for label, value in rows))
     return 0
 
 
@@ -495,8 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--overwrite", action="store_true", help=overwrite)
         return p
 
-    p = add("info", cmd_info, "print a NIfTI file's shape, spacing, orientation and intensity range")
-    p.add_argument("file", help="a .nii or .nii.gz file")
+    p = add("info", cmd_info, "print a NIfTI file's shape, spacing, orientation and intensity range, or what a model "
+            "was trained for (--model)")
+    p.add_argument("file", nargs="?", help="a .nii or .nii.gz file")
+    p.add_argument("--model", metavar="DIR", help="show a model folder's card and calibration instead")
 
     p = add("degrade", cmd_degrade, "simulate a low-resolution acquisition of a high-resolution volume",
             overwrite="replace existing output files")

@@ -100,7 +100,8 @@ class DataConfig:
                 f"calibration_fraction must be in [0, 1 - holdout_fraction), got {self.calibration_fraction}")
         if not 0 <= self.holdout_axis <= 2:
             raise ValueError(f"holdout_axis must be 0, 1 or 2, got {self.holdout_axis}")
-        if self.acquisition.axis in self.slice_normals or not set(self.slice_normals) <= {0, 1, 2}:
+        fixed_axis_in_plane = self.acquisition.axis in self.slice_normals and not self.acquisition.any_axis
+        if fixed_axis_in_plane or not set(self.slice_normals) <= {0, 1, 2}:
             raise ValueError(
                 f"slice_normals {self.slice_normals} must be RAS+ axes other than the acquisition axis "
                 f"{self.acquisition.axis}"
@@ -290,6 +291,8 @@ class SRPairDataset(torch.utils.data.Dataset):
     ) -> tuple[np.ndarray, tuple[float, ...], int]:
         cfg, axis = self.cfg, self.cfg.acquisition.axis
         if cfg.spatial_dims == 3:
+            if cfg.acquisition.any_axis:
+                axis = int(rng.integers(3))
             block, block_spacing, crop_axis = region, spacing, axis
         else:
             normal = cfg.slice_normals[int(rng.integers(len(cfg.slice_normals)))]
@@ -297,6 +300,8 @@ class SRPairDataset(torch.utils.data.Dataset):
             index[normal] = int(rng.integers(region.shape[normal]))
             block = region[tuple(index)]
             kept = [a for a in range(3) if a != normal]
+            if cfg.acquisition.any_axis:  # the super-resolved direction along either in-plane axis of the slice
+                axis = kept[int(rng.integers(2))]
             block_spacing = tuple(spacing[a] for a in kept)
             if kept[1] != axis:  # the acquisition axis runs along the second (W) axis of a 2D item
                 block = block.T

@@ -9,11 +9,14 @@ that an input outside them is named in one warning line (:meth:`ModelCard.outsid
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from gen_sr.config import config_from_dict, config_to_dict
+from gen_sr.errors import InputError
 
 __all__ = ["DEFAULT_INFERENCE_STEPS", "AcquisitionRanges", "Holdout", "ModelCard"]
 
@@ -27,7 +30,11 @@ class AcquisitionRanges:
     """The acquisitions training pairs are simulated with; each item draws its own.
 
     Attributes:
-        axis: the super-resolved (through-plane) axis, in RAS+ voxel order (2 = inferior-superior).
+        axis: the super-resolved (through-plane) axis, in RAS+ voxel order (2 = inferior-superior); with
+            ``any_axis``, the axis evaluations simulate along by default.
+        any_axis: a 2D model trained with the super-resolved direction along either in-plane axis of slices in
+            every orientation (``data.slice_normals``): it super-resolves whichever RAS+ axis of an input is coarse
+            (axial, coronal or sagittal stacks).
         thickness: slice thickness range in mm, drawn uniformly.
         gap: range of ``spacing / thickness - 1`` (0 = contiguous, > 0 gaps, < 0 overlaps), drawn uniformly.
         profiles: slice profiles to draw from.
@@ -37,6 +44,7 @@ class AcquisitionRanges:
     """
 
     axis: int = 2
+    any_axis: bool = False
     thickness: tuple[float, float] = (2.0, 6.0)
     gap: tuple[float, float] = (0.0, 0.0)
     profiles: list[Literal["gaussian", "rect"]] = field(default_factory=lambda: ["gaussian"])
@@ -103,8 +111,26 @@ class ModelCard:
 
     @property
     def sr_axis(self) -> int:
-        """The super-resolved RAS+ axis."""
+        """The super-resolved RAS+ axis (with ``trained_for.any_axis``: the default one)."""
         return self.trained_for.axis
+
+    def axis_for(self, lr_spacing: Sequence[float], source: str | None = None) -> int:
+        """The RAS+ axis to super-resolve in an input of this RAS+ spacing: its coarse axis, which must be the
+        trained one unless the model takes any axis.
+
+        Raises:
+            InputError: no axis is coarser than the others, or the coarse axis is not one the model was trained for.
+        """
+        spacing = [float(s) for s in lr_spacing]
+        coarse = max(range(3), key=spacing.__getitem__)
+        shown = " x ".join(f"{s:.3g}" for s in spacing)
+        if spacing[coarse] <= min(spacing) * (1 + 1e-6):
+            raise InputError(f"has no coarse axis (spacing {shown} mm): there are no thick slices to super-resolve",
+                             source, "give the thick-slice acquisition, or use it as it is")
+        if not self.trained_for.any_axis and coarse != self.sr_axis:
+            raise InputError(f"the model super-resolves RAS+ axis {self.sr_axis} ({_AXES[self.sr_axis]}), but the "
+                             f"input's coarsest axis is {coarse} ({_AXES[coarse]}) with spacing {shown} mm", source)
+        return coarse
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, source: str | None = None) -> ModelCard:
@@ -115,23 +141,61 @@ class ModelCard:
         """Plain JSON types (tuples as lists)."""
         return config_to_dict(self)
 
-    def outside_training(self, lr_spacing: Sequence[float], slice_thickness: float,
-                         intensity_range: float) -> list[str]:
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> ModelCard:
+        """The card of a model folder, read from its ``model_index.json`` without loading any weights (folders
+        written before the card had its own key keep it under ``acquisition``)."""
+        index = Path(folder) / "model_index.json"
+        try:
+            record = json.loads(index.read_text())
+        except FileNotFoundError:
+            raise InputError("is not a gen_sr model folder (no model_index.json)", folder) from None
+        except ValueError as e:
+            raise InputError(f"is not readable JSON ({e})", index) from None
+        return cls.from_dict(record.get("model_card", record.get("acquisition")), f"{index}: model_card")
+
+    def summary(self) -> list[tuple[str, str]]:
+        """What the model was trained for, as labelled rows (``gen-sr info --model``)."""
+        t = self.trained_for
+        axes = "any RAS+ axis (slices of every orientation)" if t.any_axis else f"RAS+ axis {t.axis} ({_AXES[t.axis]})"
+        rows = [("super-resolves", axes),
+                ("slice thickness", f"{t.thickness[0]:g}-{t.thickness[1]:g} mm, profiles {', '.join(t.profiles)}"),
+                ("slice gap", f"{t.gap[0]:g}-{t.gap[1]:g} x thickness"),
+                ("noise", f"{t.noise}, SNR {t.snr[0]:g}-{t.snr[1]:g} ({t.noise_free_fraction:.0%} noise-free)"
+                 if t.snr is not None else "none"),
+                ("in-plane spacing", "not recorded" if self.in_plane_spacing is None
+                 else f"{self.in_plane_spacing[0]:g}-{self.in_plane_spacing[1]:g} mm"),
+                ("intensity range", "not recorded" if self.intensity_range is None
+                 else f"{self.intensity_range[0]:.4g}-{self.intensity_range[1]:.4g} (robust range of the training "
+                      "volumes)"),
+                ("condition", f"{self.condition} interpolation of the LR" if self.condition != "pinv"
+                 else "pseudo-inverse of the LR"),
+                ("objective", f"{self.objective}, {self.num_inference_steps} sampling step(s) by default"),
+                ("held out", "not recorded" if self.holdout is None else
+                 f"the last {self.holdout.fraction:.0%} along RAS+ axis {self.holdout.axis}"
+                 + (f", and {self.holdout.calibration_fraction:.0%} before it for calibration"
+                    if self.holdout.calibration_fraction else ""))]
+        return rows
+
+    def outside_training(self, lr_spacing: Sequence[float], slice_thickness: float, intensity_range: float,
+                         axis: int | None = None) -> list[str]:
         """Where an input lies outside what the model was trained for, one sentence each (empty when inside).
 
         Args:
             lr_spacing: the input's RAS+ voxel spacing in mm.
             slice_thickness: its slice thickness along the super-resolved axis, in mm.
             intensity_range: its robust intensity range (the span between ``normalize_percentiles``).
+            axis: the RAS+ axis super-resolved (default: :attr:`sr_axis`).
         """
+        axis = self.sr_axis if axis is None else axis
         out = []
         lo, hi = self.trained_for.thickness
         if not lo * (1 - 1e-3) <= slice_thickness <= hi * (1 + 1e-3):
-            out.append(f"slice thickness {slice_thickness:.3g} mm along {_AXES[self.sr_axis]} is outside the "
+            out.append(f"slice thickness {slice_thickness:.3g} mm along {_AXES[axis]} is outside the "
                        f"trained {lo:g}-{hi:g} mm")
         if self.in_plane_spacing is not None:
             lo, hi = self.in_plane_spacing
-            plane = [float(s) for a, s in enumerate(lr_spacing) if a != self.sr_axis]
+            plane = [float(s) for a, s in enumerate(lr_spacing) if a != axis]
             if any(not lo * 0.9 <= s <= hi * 1.1 for s in plane):
                 trained = f"{lo:g} mm" if lo == hi else f"{lo:g}-{hi:g} mm"
                 out.append(f"in-plane spacing {' x '.join(f'{s:.3g}' for s in plane)} mm is outside the trained "

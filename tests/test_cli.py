@@ -199,3 +199,15 @@ def test_console_script_runs_and_reports_usage_errors_with_exit_2() -> None:
     bad = subprocess.run([sys.executable, "-m", "gen_sr.cli", "degrade", "--axis", "7"], capture_output=True,
                          text=True, check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_info_shows_what_a_model_was_trained_for(capsys, tmp_path: Path) -> None:
+    code, out, _ = _run(capsys, "info", "--model", Path(__file__).parents[1] / "models" / "mni2d")
+    assert code == 0
+    for fragment in ("super-resolves:   RAS+ axis 2 (S)", "slice thickness:  2-6 mm", "held out:         the last 20%",
+                     "calibration:      mean ± 0.4525"):
+        assert fragment in out
+    code, _, err = _run(capsys, "info", "--model", tmp_path)
+    assert code == 2 and "no model_index.json" in err
+    code, _, err = _run(capsys, "info")
+    assert code == 2 and "--model DIR" in err

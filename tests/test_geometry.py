@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
-from types import SimpleNamespace
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import oblique_affine
+from test_pipeline import _pipe
 
 from gen_sr.physics import GeometryWarning, SliceAcquisition, operator_from_spacings, simulate_acquisition
 from gen_sr.pipelines.pipeline_latent_sr import LatentDiffusionSRPipeline
 from gen_sr.volume import Volume, covers, load_volume
-from tests.helpers import oblique_affine
 
 
 def _rotation(axis: int, degrees: float) -> np.ndarray:
@@ -29,11 +31,17 @@ def _float32(affine: np.ndarray) -> np.ndarray:
     return np.asarray(affine, dtype=np.float32).astype(np.float64)
 
 
+@functools.cache
+def _any_axis_pipe() -> LatentDiffusionSRPipeline:
+    """A tiny pipeline whose model card takes any slice axis."""
+    pipe = _pipe(2)
+    pipe.model_card = replace(pipe.model_card, trained_for=replace(pipe.model_card.trained_for, any_axis=True))
+    return pipe
+
+
 def _pipeline_operator(canon: Volume, target=None):
-    """The operator ``gen-sr super-resolve`` builds for this (RAS+) input: the pipeline's own ``_operator``."""
-    axis = int(np.argmax(canon.spacing))
-    stub = SimpleNamespace(sr_axis=axis)
-    return LatentDiffusionSRPipeline._operator(stub, canon, target, "gaussian", None)  # type: ignore[arg-type]
+    """The operator ``gen-sr super-resolve`` builds for this (RAS+) input: the pipeline's own."""
+    return _any_axis_pipe().operator_for(canon, target_spacing=target)
 
 
 def _grid(shape, affine) -> Volume:

@@ -150,14 +150,15 @@ def audit(
             "risk": meta.get("risk"), "timings_s": meta.get("timings")}
     canon_lr = lr.canonical()
     norm = pipe.intensity_normalization(canon_lr.data)
+    axis = pipe.input_axis(canon_lr, operator)  # the RAS+ axis the run super-resolved
     outside = meta.get("outside_training")  # runs recorded before the check have none: check now
     if outside is None:
-        outside = pipe.outside_training(canon_lr, operator, norm)
+        outside = pipe.outside_training(canon_lr, operator, norm, axis)
     return build_report(out, lr=lr, mean=maps["mean"], std=maps["std"], risk=maps["risk"],
                         dc_residual=maps["dc_residual"], card=card, risk_threshold=risk_threshold,
                         calibrated=calibration is not None, masks=masks, reference=reference, metrics=metrics,
                         calibration_curve=curve, input_name=input_name,
-                        sr_axis=next(a for a in range(3) if maps["risk"].axis_to_canonical(a) == pipe.sr_axis),
+                        sr_axis=next(a for a in range(3) if maps["risk"].axis_to_canonical(a) == axis),
                         intensity_range=float(norm.scale), alpha=calibration.alpha if calibration is not None else None,
                         outside_training=outside)
 

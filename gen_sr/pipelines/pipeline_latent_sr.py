@@ -11,7 +11,6 @@ The generic ``DiffusionPipeline.from_pretrained`` does not know this class; call
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 import time
@@ -138,11 +137,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 raise ValueError("use_safetensors=False loads pickled weights: pass allow_pickle=True to do that")
             kwargs["use_safetensors"] = True
             _refuse_pickled_weights(Path(pretrained_model_name_or_path))
-        index = Path(pretrained_model_name_or_path) / "model_index.json"
-        if "model_card" not in kwargs and index.is_file():  # folders written before the card had its own key
-            legacy = json.loads(index.read_text()).get("acquisition")
-            if legacy is not None:
-                kwargs["model_card"] = legacy
+        if "model_card" not in kwargs and (Path(pretrained_model_name_or_path) / "model_index.json").is_file():
+            kwargs["model_card"] = ModelCard.from_folder(pretrained_model_name_or_path)  # also under its old key
         else:
             warnings.warn(f"loading pickled weights from {pretrained_model_name_or_path} is allowed: a pickle can run "
                           "any code when loaded; do this only for a model folder you trust", stacklevel=2)
@@ -260,7 +256,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         norm = self.intensity_normalization(canon.data)
 
         # 2. operator: the acquisition on the canonical HR grid, the measurement and the condition image
-        operator = self._checked_operator(canon, operator, target_spacing, slice_profile, slice_thickness)
+        axis = self.input_axis(canon, operator)
+        operator = self.operator_for(canon, operator=operator, target_spacing=target_spacing,
+                                     slice_profile=slice_profile, slice_thickness=slice_thickness)
         self.check_memory(operator.hr_shape, num_samples, keep_samples, volume.source)
         hr_affine = operator.hr_affine(canon.affine)
         work = torch.promote_types(dtype, torch.float32)  # physics, stitching and statistics in >= float32
@@ -269,7 +267,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         if self.calibration is not None and self.calibration.shape.noise_floor > 0 and noise_std == 0:
             warnings.warn("the calibrated interval has a noise term but noise_std is 0: the risk map leaves the "
                           "measurement noise out; pass the input's noise std (--noise-std)", stacklevel=3)
-        outside = self.outside_training(canon, operator, norm)
+        outside = self.outside_training(canon, operator, norm, axis)
         for message in outside:
             warnings.warn(f"outside the trained regime: {message}", OutsideTrainingWarning, stacklevel=3)
         condition_image = self._condition_image(operator, y).to(dtype)
@@ -281,7 +279,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         guided = timesteps.flip(0)[::guidance_interval].tolist() if guidance != "none" else []
 
         # 4. latents: one generator per sample, tiles of all samples as one batch; one set per slicing plane
-        tilers = self._tilers(operator.hr_shape, slice_normal, patch_size, patch_overlap)
+        tilers = self._tilers(operator.hr_shape, axis, slice_normal, patch_size, patch_overlap)
         mode = self.model_card.unet_condition
         hook_args = (operator, y, guided, batch_size, sigma, guidance_scale)
         timings["prepare_s"] = time.perf_counter() - tic
@@ -351,6 +349,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "guidance_scale": guidance_scale,
             "guided_timesteps": guided,
             "guidance_calls": guidance_calls,
+            "sr_axis": axis,
             "slice_normals": [t.normal for t in tilers] if self.spatial_dims == 2 else None,
             "processes": state.num_processes,
             "noise_std": noise_std,
@@ -375,25 +374,48 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         volume first): a :class:`~gen_sr.volume.Volume` in RAS+ voxel order whose data is a zero-cost placeholder;
         use its ``shape`` and ``affine``."""
         canon = self._as_volume(lr, affine, lr_spacing, volume_index).canonical()
-        operator = self._checked_operator(canon, operator, target_spacing, slice_profile, slice_thickness)
+        operator = self.operator_for(canon, operator=operator, target_spacing=target_spacing,
+                                     slice_profile=slice_profile, slice_thickness=slice_thickness)
         placeholder = np.broadcast_to(np.float32(0), tuple(operator.hr_shape))
         return Volume(placeholder, operator.hr_affine(canon.affine), source=canon.source)
 
-    def _checked_operator(self, canon: Volume, operator: AcquisitionOperator | None,
-                          target: Sequence[float] | None, profile: str, thickness: float | None) -> AcquisitionOperator:
-        """The given operator, checked against the input's grid, or the one built from the spacings."""
-        operator = operator or self._operator(canon, target, profile, thickness)
+    def input_axis(self, canon: Volume, operator: AcquisitionOperator | None = None) -> int:
+        """The RAS+ axis to super-resolve in an input (in RAS+): the slice axis of ``operator`` when given, else the
+        input's coarse axis (:meth:`~gen_sr.model_card.ModelCard.axis_for`: the model card's axis, or any axis for a
+        model trained on every slice axis)."""
+        if operator is None:
+            return self.model_card.axis_for(canon.spacing, canon.source)
+        sliced = sorted({t.axis for t in operator.transforms if isinstance(t, SliceAcquisition)})
+        if len(sliced) > 1:
+            raise InputError(f"the operator slices along RAS+ axes {sliced}; this model super-resolves one axis",
+                             canon.source)
+        axis = sliced[0] if sliced else self.sr_axis
+        if axis != self.sr_axis and not self.model_card.trained_for.any_axis:
+            raise InputError(f"the operator slices along RAS+ axis {axis}, but the model super-resolves axis "
+                             f"{self.sr_axis}", canon.source)
+        return axis
+
+    def operator_for(self, canon: Volume, *, operator: AcquisitionOperator | None = None,
+                     target_spacing: Sequence[float] | None = None, slice_profile: str = "gaussian",
+                     slice_thickness: float | None = None) -> AcquisitionOperator:
+        """The acquisition a call assumes for an LR input in RAS+ (``Volume.canonical()``), on its HR grid: the given
+        ``operator``, checked against the input's grid, or the one built from the spacings along the axis
+        :meth:`input_axis` chooses (see :meth:`__call__` for the arguments)."""
+        axis = self.input_axis(canon, operator)
+        operator = operator or self._operator(canon, axis, target_spacing, slice_profile, slice_thickness)
         if tuple(operator.lr_shape) != canon.shape:
             raise InputError(f"the operator expects an LR grid {operator.lr_shape}, the input is {canon.shape}",
                              canon.source)
         return operator
 
-    def outside_training(self, canon: Volume, operator: AcquisitionOperator,
-                         norm: IntensityNormalization) -> list[str]:
-        """Where an LR input (in RAS+) lies outside what the model card records, one sentence each."""
-        slices = [t for t in operator.transforms if isinstance(t, SliceAcquisition) and t.axis == self.sr_axis]
-        thickness = slices[0].thickness if slices else float(canon.spacing[self.sr_axis])
-        return self.model_card.outside_training(canon.spacing, thickness, norm.scale)
+    def outside_training(self, canon: Volume, operator: AcquisitionOperator, norm: IntensityNormalization,
+                         axis: int | None = None) -> list[str]:
+        """Where an LR input (in RAS+), super-resolved along RAS+ ``axis`` (default :attr:`sr_axis`), lies outside
+        what the model card records, one sentence each."""
+        axis = self.sr_axis if axis is None else axis
+        slices = [t for t in operator.transforms if isinstance(t, SliceAcquisition) and t.axis == axis]
+        thickness = slices[0].thickness if slices else float(canon.spacing[axis])
+        return self.model_card.outside_training(canon.spacing, thickness, norm.scale, axis)
 
     def memory_estimate(self, hr_shape: Sequence[int], num_samples: int, keep_samples: bool = True) -> int:
         """Bytes of memory a run on an HR grid of ``hr_shape`` needs at its peak, approximately (see
@@ -463,15 +485,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             kwargs["variance_noise"] = None  # drawn per step from the per-sample generators
         return kwargs
 
-    def _operator(self, canon: Volume, target: Sequence[float] | None, profile: str,
+    def _operator(self, canon: Volume, axis: int, target: Sequence[float] | None, profile: str,
                   thickness: float | None) -> AcquisitionOperator:
         spacing = np.asarray(canon.spacing)
-        axis = self.sr_axis
-        coarse = int(np.argmax(spacing))
-        if coarse != axis or spacing[axis] <= spacing.min() * (1 + 1e-6):
-            raise InputError(
-                f"the model super-resolves RAS+ axis {axis} ({'RAS'[axis]}), but the input's coarsest axis is "
-                f"{coarse} ({'RAS'[coarse]}) with spacing {spacing.round(3).tolist()} mm", canon.source)
         if target is None:
             target = spacing.copy()
             target[axis] = np.delete(spacing, axis).min()
@@ -487,19 +503,20 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         how = self.model_card.condition
         return operator.pinv(y) if how == "pinv" else operator.interpolate(y, how)
 
-    def _tilers(self, hr_shape: Sequence[int], normals: int | Sequence[int] | None,
+    def _tilers(self, hr_shape: Sequence[int], axis: int, normals: int | Sequence[int] | None,
                 patch_size: Sequence[int] | None, overlap: float) -> list[SliceTiler] | list[PatchTiler]:
-        """The tilings to sample on: one per slicing plane for 2D models, one patch tiling for 3D models."""
+        """The tilings to sample on: one per slicing plane for 2D models (slices that contain the super-resolved
+        RAS+ ``axis``), one patch tiling for 3D models."""
         f = self.tile_multiple
         if self.spatial_dims == 2:
             if normals is None:
-                normals = 0 if self.sr_axis != 0 else 1
+                normals = 0 if axis != 0 else 1
             normals = [normals] if isinstance(normals, int) else list(normals)
-            bad = [n for n in normals if n == self.sr_axis or n not in (0, 1, 2)]
+            bad = [n for n in normals if n == axis or n not in (0, 1, 2)]
             if bad or not normals or len(set(normals)) != len(normals):
                 raise ValueError(f"slice_normal must be distinct RAS+ axes other than the super-resolved axis "
-                                 f"{self.sr_axis}, got {normals}")
-            return [SliceTiler(hr_shape, n, self.sr_axis, f) for n in normals]
+                                 f"{axis}, got {normals}")
+            return [SliceTiler(hr_shape, n, axis, f) for n in normals]
         if patch_size is None:
             patch_size = [min(f * -(-n // f), max(f, 64 // f * f)) for n in hr_shape]
         return [PatchTiler(hr_shape, patch_size, overlap, f)]
