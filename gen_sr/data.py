@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 from monai.transforms import SpatialPad
+from scipy import ndimage
 
 from gen_sr.contrast import ContrastRanges, random_remap
 from gen_sr.errors import InputError
@@ -74,6 +75,9 @@ class DataConfig:
         min_foreground: a crop must have at least this fraction of voxels above 0.1 (normalised); up to 20 draws
             are tried, so background-only crops are rare but possible.
         acquisition: the simulated acquisitions.
+        in_plane_spacing: 2D items only: a range of pixel spacings in mm; each slice is resampled to one drawn
+            uniformly from it (both axes) before cropping, so that the model sees the in-plane resolutions of
+            clinical scans; ``None`` keeps the volumes' own spacing.
         contrast: how often items are given another contrast by a random intensity map
             (:mod:`gen_sr.contrast`), so that the prior is not tied to the training volumes' T1 contrast.
     """
@@ -89,6 +93,7 @@ class DataConfig:
     min_foreground: float = 0.2
     acquisition: AcquisitionRanges = field(default_factory=AcquisitionRanges)
     contrast: ContrastRanges = field(default_factory=ContrastRanges)
+    in_plane_spacing: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.crop_size) not in (2, 3) or min(self.crop_size) < 4:
@@ -106,6 +111,10 @@ class DataConfig:
                 f"slice_normals {self.slice_normals} must be RAS+ axes other than the acquisition axis "
                 f"{self.acquisition.axis}"
             )
+        spacings = self.in_plane_spacing
+        if spacings is not None and (len(self.crop_size) != 2 or not 0 < spacings[0] <= spacings[1]):
+            raise ValueError(f"in_plane_spacing must be an increasing pair of positive numbers, for 2D items only; "
+                             f"got {self.in_plane_spacing} with crop_size {self.crop_size}")
 
     @property
     def spatial_dims(self) -> int:
@@ -201,6 +210,15 @@ def _training_volumes(cfg: DataConfig) -> list[Volume]:
     return [v.canonical() for v in volumes]
 
 
+def _resample(block: np.ndarray, spacing: Sequence[float], target: float) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A 2D block resampled (cubic B-splines) to pixels of about ``target`` mm, keeping its field of view; returns
+    the exact spacing (the field of view over the whole number of pixels)."""
+    zoom = [float(s) / target for s in spacing]
+    out = ndimage.zoom(block, zoom, order=3, mode="nearest", grid_mode=True)
+    exact = tuple(n * float(s) / m for n, s, m in zip(block.shape, spacing, out.shape, strict=True))
+    return out.astype(np.float32), exact
+
+
 class SRPairDataset(torch.utils.data.Dataset):
     """LR/HR training pairs, simulated on the fly and deterministic per index.
 
@@ -216,6 +234,7 @@ class SRPairDataset(torch.utils.data.Dataset):
         ``lr``: ``(1, *crop_size)`` float32, the noisy acquisition ``y`` brought onto the HR grid as
         ``cfg.condition`` says.
         ``thickness``, ``spacing``, ``noise_std``: float tensors, the acquisition drawn for this item.
+        ``pixel_spacing``: the HR crop's voxel spacing in mm, one per axis.
     """
 
     def __init__(
@@ -272,6 +291,7 @@ class SRPairDataset(torch.utils.data.Dataset):
             "lr": lr[0].float(),
             "thickness": torch.tensor(thickness),
             "spacing": torch.tensor(slice_spacing),
+            "pixel_spacing": torch.tensor(crop_spacing, dtype=torch.float64),
             "noise_std": torch.tensor(noise_std),
         }
 
@@ -306,6 +326,8 @@ class SRPairDataset(torch.utils.data.Dataset):
             if kept[1] != axis:  # the acquisition axis runs along the second (W) axis of a 2D item
                 block = block.T
                 block_spacing = block_spacing[::-1]
+            if cfg.in_plane_spacing is not None:  # another scanner's in-plane resolution
+                block, block_spacing = _resample(block, block_spacing, float(rng.uniform(*cfg.in_plane_spacing)))
             crop_axis = 1
         starts = [int(rng.integers(max(n - c, 0) + 1)) for n, c in zip(block.shape, cfg.crop_size, strict=True)]
         crop = block[tuple(slice(s, s + c) for s, c in zip(starts, cfg.crop_size, strict=True))]

@@ -174,3 +174,23 @@ def test_any_axis_items_super_resolve_either_in_plane_axis_of_slices_in_every_or
         data = _dataset(cfg, volume=volume, length=60)
         unchanged = [bool(torch.allclose(data[i]["lr"], data[i]["hr"], atol=1e-5)) for i in range(60)]
         assert 0.15 < np.mean(unchanged) < 0.55, (along, np.mean(unchanged))
+
+
+def test_in_plane_spacing_resamples_each_slice_to_a_drawn_pixel_size() -> None:
+    """A volume whose intensity is the position in mm along axis 0: after resampling to ``s`` mm pixels, the
+    crop's intensity steps by ``s`` per pixel along that axis (the H axis of coronal slices), and the item
+    reports that spacing."""
+    mm = np.broadcast_to(np.arange(60, dtype=np.float32)[:, None, None], (60, 40, 48)).copy() + 1
+    cfg = DataConfig(crop_size=(16, 16), slice_normals=[1], in_plane_spacing=(0.7, 1.5),
+                     acquisition=AcquisitionRanges(snr=None), min_foreground=0.0)
+    drawn = []
+    for i in range(6):
+        item = SRPairDataset([(mm, (1.0, 1.0, 1.0))], cfg, length=6, seed=1)[i]
+        s = float(item["pixel_spacing"][0])
+        drawn.append(s)
+        assert float(item["pixel_spacing"][1]) == pytest.approx(s, abs=0.02) and 0.69 <= s <= 1.51
+        steps = np.diff(item["hr"][0].numpy(), axis=0)  # along x (H), where the intensity is the position in mm
+        assert float(np.median(steps)) == pytest.approx(s, abs=0.005)
+    assert np.ptp(drawn) > 0.2  # the pixel size changes from item to item
+    with pytest.raises(ValueError, match="in_plane_spacing"):
+        DataConfig(crop_size=(8, 8, 8), in_plane_spacing=(0.7, 1.5))

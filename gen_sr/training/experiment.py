@@ -141,6 +141,7 @@ class ExperimentConfig:
         """What a model trained with this experiment is trained for (``in_plane_spacing`` and ``intensity_range``:
         what the training volumes span, :func:`gen_sr.data.training_ranges`)."""
         d = self.data
+        in_plane_spacing = d.in_plane_spacing or in_plane_spacing  # the resampled range, where items are resampled
         return ModelCard(trained_for=d.acquisition, in_plane_spacing=in_plane_spacing,
                          intensity_range=intensity_range, condition=d.condition, unet_condition=self.unet.condition,
                          normalize_percentiles=d.normalize_percentiles,
