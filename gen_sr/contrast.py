@@ -14,7 +14,7 @@ Two ways to give a training item another contrast, on normalised intensities (ab
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,20 +27,23 @@ class ContrastRanges:
     """How training items are given other contrasts.
 
     Attributes:
+        synthesis_probability: fraction of the items from volumes with tissue maps (the MNI152 template) whose
+            image is replaced by :func:`synthesize_contrast` with newly drawn tissue intensities, before any remap.
         remap_probability: fraction of items whose intensities pass through a :func:`random_remap` (0: none, the
             items keep the volumes' own contrast).
         nonmonotone_fraction: of the remapped items, the fraction with a non-monotone map.
         knots: knots of the maps, evenly spaced on [0, 1] (the first one, at 0, maps to 0).
     """
 
+    synthesis_probability: float = 0.0
     remap_probability: float = 0.0
     nonmonotone_fraction: float = 0.5
     knots: int = 6
 
     def __post_init__(self) -> None:
-        if not (0 <= self.remap_probability <= 1 and 0 <= self.nonmonotone_fraction <= 1):
-            raise ValueError(f"remap_probability and nonmonotone_fraction must lie in [0, 1], got "
-                             f"{self.remap_probability} and {self.nonmonotone_fraction}")
+        for name in ("synthesis_probability", "remap_probability", "nonmonotone_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.knots < 2:
             raise ValueError(f"knots must be at least 2, got {self.knots}")
 
@@ -55,13 +58,13 @@ def random_remap(x: np.ndarray, rng: np.random.Generator, *, monotone: bool, kno
     return np.interp(np.asarray(x, dtype=np.float64), at, values).astype(np.float32)
 
 
-def draw_tissue_means(names: Sequence[str], rng: np.random.Generator, low: float = 0.05,
-                      high: float = 1.0) -> dict[str, float]:
+def draw_tissue_means(names: Sequence[Hashable], rng: np.random.Generator, low: float = 0.05,
+                      high: float = 1.0) -> dict[Hashable, float]:
     """A random intensity per tissue, drawn uniformly in ``[low, high]`` (any order: any contrast)."""
     return {name: float(rng.uniform(low, high)) for name in names}
 
 
-def synthesize_contrast(tissues: Mapping[str, np.ndarray], means: Mapping[str, float],
+def synthesize_contrast(tissues: Mapping[Hashable, np.ndarray], means: Mapping[Hashable, float],
                         background: float = 0.0) -> np.ndarray:
     """An image from tissue probability maps: ``Σ_k p_k μ_k + (1 − Σ_k p_k) · background``.
 

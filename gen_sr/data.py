@@ -31,17 +31,18 @@ import torch
 from monai.transforms import SpatialPad
 from scipy import ndimage
 
-from gen_sr.contrast import ContrastRanges, random_remap
+from gen_sr.contrast import ContrastRanges, draw_tissue_means, random_remap, synthesize_contrast
 from gen_sr.errors import InputError
 from gen_sr.model_card import AcquisitionRanges
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, add_noise
-from gen_sr.sample_data import SOURCE_NAMES, load_mni152, load_sample
+from gen_sr.sample_data import SOURCE_NAMES, load_sample, mni152_tissues
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
 
 __all__ = [
     "AcquisitionRanges",
     "DataConfig",
     "SRPairDataset",
+    "TrainingVolume",
     "find_volumes",
     "load_training_volumes",
     "read_volumes",
@@ -181,16 +182,34 @@ def find_volumes(paths: Sequence[str]) -> list[Path]:
     return found
 
 
-def load_training_volumes(cfg: DataConfig) -> list[tuple[np.ndarray, tuple[float, ...]]]:
-    """Load, reorient to RAS+ and normalise every training volume.
+@dataclass
+class TrainingVolume:
+    """One training volume: ``data`` ``(X, Y, Z)`` float32 in RAS+ voxel order, normalised; its voxel ``spacing``
+    in mm; and, where the source has them, tissue probability maps on the same grid (``tissues``,
+    ``(K, X, Y, Z)``), from which items can take a synthesised contrast (``data.contrast.synthesis_probability``)."""
 
-    Returns:
-        ``(data, spacing)`` per volume, ``data`` float32 in RAS+ voxel order.
-    """
+    data: np.ndarray
+    spacing: tuple[float, ...]
+    tissues: np.ndarray | None = None
+
+    def stack(self) -> np.ndarray:
+        """``(1 + K, X, Y, Z)``: the image and its tissue maps, cropped together."""
+        return self.data[None] if self.tissues is None else np.concatenate([self.data[None], self.tissues])
+
+
+def load_training_volumes(cfg: DataConfig) -> list[TrainingVolume]:
+    """Load, reorient to RAS+ and normalise every training volume, with the MNI152 template's GM, WM and CSF
+    maps where the entry is ``mni152`` (:func:`gen_sr.sample_data.mni152_tissues`) and synthesised contrasts are
+    asked for."""
+    entries = list(cfg.paths) or ["mni152"]
     out = []
-    for canon in _training_volumes(cfg):
+    for name, volume in read_volumes(entries):
+        canon = volume.canonical()
         norm = IntensityNormalization.fit(canon.data, *cfg.normalize_percentiles)
-        out.append((norm(canon.data).astype(np.float32), canon.spacing))
+        tissues = None
+        if name == "mni152" and cfg.contrast.synthesis_probability > 0:
+            tissues = np.stack([t.canonical().data for t in mni152_tissues().values()]).astype(np.float32)
+        out.append(TrainingVolume(norm(canon.data).astype(np.float32), canon.spacing, tissues))
     return out
 
 
@@ -206,16 +225,15 @@ def training_ranges(cfg: DataConfig) -> tuple[tuple[float, float], tuple[float, 
 
 def _training_volumes(cfg: DataConfig) -> list[Volume]:
     """The training volumes in RAS+ (the embedded MNI152 T1 when ``cfg.paths`` is empty)."""
-    volumes = [v for _, v in read_volumes(cfg.paths)] if cfg.paths else [load_mni152("t1")]
-    return [v.canonical() for v in volumes]
+    return [v.canonical() for _, v in read_volumes(list(cfg.paths) or ["mni152"])]
 
 
 def _resample(block: np.ndarray, spacing: Sequence[float], target: float) -> tuple[np.ndarray, tuple[float, ...]]:
-    """A 2D block resampled (cubic B-splines) to pixels of about ``target`` mm, keeping its field of view; returns
-    the exact spacing (the field of view over the whole number of pixels)."""
-    zoom = [float(s) / target for s in spacing]
+    """A 2D block ``(C, a, b)`` resampled (cubic B-splines) to pixels of about ``target`` mm, keeping its field of
+    view; returns the exact spacing (the field of view over the whole number of pixels)."""
+    zoom = [1.0, *(float(s) / target for s in spacing)]
     out = ndimage.zoom(block, zoom, order=3, mode="nearest", grid_mode=True)
-    exact = tuple(n * float(s) / m for n, s, m in zip(block.shape, spacing, out.shape, strict=True))
+    exact = tuple(n * float(s) / m for n, s, m in zip(block.shape[1:], spacing, out.shape[1:], strict=True))
     return out.astype(np.float32), exact
 
 
@@ -223,7 +241,7 @@ class SRPairDataset(torch.utils.data.Dataset):
     """LR/HR training pairs, simulated on the fly and deterministic per index.
 
     Args:
-        volumes: ``(data, spacing)`` pairs from :func:`load_training_volumes`.
+        volumes: from :func:`load_training_volumes` (or plain ``(data, spacing)`` pairs).
         cfg: the data config.
         split: ``"train"`` or ``"val"`` (the held-out slab).
         length: number of items (items are generated, so any length works).
@@ -239,7 +257,7 @@ class SRPairDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        volumes: Sequence[tuple[np.ndarray, Sequence[float]]],
+        volumes: Sequence[TrainingVolume | tuple[np.ndarray, Sequence[float]]],
         cfg: DataConfig,
         split: Literal["train", "val"] = "train",
         length: int = 1000,
@@ -248,15 +266,16 @@ class SRPairDataset(torch.utils.data.Dataset):
         if split not in _SPLITS:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.cfg, self.split, self.length, self.seed = cfg, split, int(length), int(seed)
-        self.regions = [(self._region(data), tuple(spacing)) for data, spacing in volumes]
+        records = [v if isinstance(v, TrainingVolume) else TrainingVolume(v[0], tuple(v[1])) for v in volumes]
+        self.regions = [(self._region(v.stack()), tuple(v.spacing)) for v in records]
         self.pad = SpatialPad(spatial_size=cfg.crop_size if cfg.spatial_dims == 3 else (*cfg.crop_size,))
 
     def _region(self, data: np.ndarray) -> np.ndarray:
         """The training slab or the held-out slab of one volume (a view)."""
         cfg = self.cfg
-        start, stop = slab_bounds(data.shape, cfg.holdout_axis, cfg.holdout_fraction, self.split,
+        start, stop = slab_bounds(data.shape[-3:], cfg.holdout_axis, cfg.holdout_fraction, self.split,
                                   cfg.calibration_fraction)
-        return data[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
+        return data[(..., *(slice(a, b) for a, b in zip(start, stop, strict=True)))]
 
     def __len__(self) -> int:
         return self.length
@@ -266,8 +285,11 @@ class SRPairDataset(torch.utils.data.Dataset):
             raise IndexError(i)
         rng = np.random.default_rng([self.seed, _SPLITS[self.split], i])
         region, spacing = self.regions[int(rng.integers(len(self.regions)))]
-        crop, crop_spacing, axis = self._crop(region, spacing, rng)
-        contrast = self.cfg.contrast
+        stack, crop_spacing, axis = self._crop(region, spacing, rng)
+        crop, contrast = stack[0], self.cfg.contrast
+        if len(stack) > 1 and rng.random() < contrast.synthesis_probability:  # a contrast made from the tissue maps
+            tissues = dict(enumerate(stack[1:]))
+            crop = synthesize_contrast(tissues, draw_tissue_means(list(tissues), rng))
         if contrast.remap_probability > 0 and rng.random() < contrast.remap_probability:  # another contrast
             crop = random_remap(crop, rng, monotone=bool(rng.random() >= contrast.nonmonotone_fraction),
                                 knots=contrast.knots)
@@ -298,11 +320,11 @@ class SRPairDataset(torch.utils.data.Dataset):
     def _crop(
         self, region: np.ndarray, spacing: tuple[float, ...], rng: np.random.Generator
     ) -> tuple[np.ndarray, tuple[float, ...], int]:
-        """A random crop (zero-padded to ``crop_size``) with enough foreground, its spacing, and the acquisition
-        axis within it."""
+        """A random crop ``(1 + K, *crop_size)`` of the image and its tissue maps (zero-padded) with enough
+        foreground in the image, its spacing, and the acquisition axis within it."""
         for _ in range(20):
             crop, crop_spacing, crop_axis = self._draw_crop(region, spacing, rng)
-            if np.mean(crop > 0.1) >= self.cfg.min_foreground:
+            if np.mean(crop[0] > 0.1) >= self.cfg.min_foreground:
                 break
         return crop, crop_spacing, crop_axis
 
@@ -316,20 +338,19 @@ class SRPairDataset(torch.utils.data.Dataset):
             block, block_spacing, crop_axis = region, spacing, axis
         else:
             normal = cfg.slice_normals[int(rng.integers(len(cfg.slice_normals)))]
-            index = [slice(None)] * 3
-            index[normal] = int(rng.integers(region.shape[normal]))
-            block = region[tuple(index)]
+            index = [slice(None)] * 4
+            index[1 + normal] = int(rng.integers(region.shape[1 + normal]))
+            block = region[tuple(index)]  # (C, a, b)
             kept = [a for a in range(3) if a != normal]
             if cfg.acquisition.any_axis:  # the super-resolved direction along either in-plane axis of the slice
                 axis = kept[int(rng.integers(2))]
             block_spacing = tuple(spacing[a] for a in kept)
             if kept[1] != axis:  # the acquisition axis runs along the second (W) axis of a 2D item
-                block = block.T
+                block = block.transpose(0, 2, 1)
                 block_spacing = block_spacing[::-1]
             if cfg.in_plane_spacing is not None:  # another scanner's in-plane resolution
                 block, block_spacing = _resample(block, block_spacing, float(rng.uniform(*cfg.in_plane_spacing)))
             crop_axis = 1
-        starts = [int(rng.integers(max(n - c, 0) + 1)) for n, c in zip(block.shape, cfg.crop_size, strict=True)]
-        crop = block[tuple(slice(s, s + c) for s, c in zip(starts, cfg.crop_size, strict=True))]
-        crop = np.asarray(self.pad(crop[None]))[0]
-        return crop, block_spacing, crop_axis
+        starts = [int(rng.integers(max(n - c, 0) + 1)) for n, c in zip(block.shape[1:], cfg.crop_size, strict=True)]
+        crop = block[(slice(None), *(slice(s, s + c) for s, c in zip(starts, cfg.crop_size, strict=True)))]
+        return np.asarray(self.pad(crop)), block_spacing, crop_axis

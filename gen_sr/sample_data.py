@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from monai.transforms import Rand3DElastic
 
 __all__ = ["REGISTRY_SOURCES", "SAMPLES", "SOURCE_NAMES", "SUBJECT_VARIATION", "RegistrySource", "data_cache",
-           "extract_member", "fetch_sample", "load_mni152", "load_sample", "subject_deformation", "synthetic_subject"]
+           "extract_member", "fetch_sample", "load_mni152", "load_sample", "mni152_tissues", "subject_deformation",
+           "synthetic_subject"]
 
 SAMPLES = {
     "t1": "load_mni152_template",
@@ -206,6 +207,19 @@ def _masked(image: bytes, mask: bytes, tmp: Path) -> bytes:
                           img.header)
     nib.save(out, tmp / "masked.nii.gz")
     return (tmp / "masked.nii.gz").read_bytes()
+
+
+def mni152_tissues() -> dict[str, Volume]:
+    """The MNI152 template's tissue probability maps: ``GM`` and ``WM`` as nilearn ships them, and ``CSF``, the
+    rest of nilearn's brain mask (clipped to [0, 1]), all on the template's grid."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from nilearn import datasets
+
+        mask = np.asarray(datasets.load_mni152_brain_mask(resolution=1).get_fdata(dtype=np.float32))
+    gm, wm = load_mni152("gm"), load_mni152("wm")
+    csf = np.clip(mask - gm.data - wm.data, 0.0, 1.0).astype(np.float32)
+    return {"GM": gm, "WM": wm, "CSF": gm.with_data(csf)}
 
 
 SUBJECT_VARIATION = {

@@ -54,3 +54,20 @@ def test_training_items_take_other_contrasts_when_asked_and_only_then() -> None:
     assert not any(np.allclose(a[i]["hr"], b[i]["hr"]) for i in range(8))
     with pytest.raises(ValueError, match="must lie in"):
         ContrastRanges(remap_probability=1.5)
+
+
+def test_items_from_the_template_take_contrasts_made_from_its_tissue_maps() -> None:
+    cfg = DataConfig(crop_size=(32, 32), acquisition=AcquisitionRanges(snr=None),
+                     contrast=ContrastRanges(synthesis_probability=1.0))
+    [volume] = load_training_volumes(cfg)
+    assert volume.tissues is not None and volume.tissues.shape == (3, *volume.data.shape)
+    plain = SRPairDataset(load_training_volumes(DataConfig(crop_size=(32, 32), acquisition=AcquisitionRanges(
+        snr=None))), DataConfig(crop_size=(32, 32), acquisition=AcquisitionRanges(snr=None)), length=6, seed=2)
+    synth = SRPairDataset([volume], cfg, length=6, seed=2)
+    for i in range(6):
+        hr = synth[i]["hr"][0].numpy()
+        assert hr.shape == (32, 32) and 0 <= float(hr.min()) and float(hr.max()) <= 1.0
+        assert not np.allclose(hr, plain[i]["hr"][0].numpy(), atol=0.05)  # another contrast than the T1's
+    # a volume without tissue maps keeps its own contrast whatever the probability
+    assert np.array_equal(SRPairDataset([(volume.data, volume.spacing)], cfg, length=6, seed=2)[3]["hr"],
+                          plain[3]["hr"])

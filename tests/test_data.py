@@ -110,7 +110,8 @@ def test_volume_loading_and_errors(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("ignored")
     assert [p.name for p in find_volumes([str(tmp_path)])] == ["a.nii.gz", "b.nii"]
     volumes = load_training_volumes(DataConfig(paths=[str(tmp_path)]))
-    assert len(volumes) == 2 and volumes[0][0].max() == pytest.approx(volumes[1][0].max(), rel=1e-3)  # normalised
+    assert len(volumes) == 2 and volumes[0].data.max() == pytest.approx(volumes[1].data.max(), rel=1e-3)  # normalised
+    assert volumes[0].tissues is None
     with pytest.raises(InputError, match="no such data"):
         find_volumes([str(tmp_path / "missing")])
     (tmp_path / "empty").mkdir()
