@@ -228,13 +228,22 @@ def _training_volumes(cfg: DataConfig) -> list[Volume]:
     return [v.canonical() for _, v in read_volumes(list(cfg.paths) or ["mni152"])]
 
 
-def _resample(block: np.ndarray, spacing: Sequence[float], target: float) -> tuple[np.ndarray, tuple[float, ...]]:
-    """A 2D block ``(C, a, b)`` resampled (cubic B-splines) to pixels of about ``target`` mm, keeping its field of
-    view; returns the exact spacing (the field of view over the whole number of pixels)."""
-    zoom = [1.0, *(float(s) / target for s in spacing)]
-    out = ndimage.zoom(block, zoom, order=3, mode="nearest", grid_mode=True)
-    exact = tuple(n * float(s) / m for n, s, m in zip(block.shape[1:], spacing, out.shape[1:], strict=True))
-    return out.astype(np.float32), exact
+def _resampled_crop(block: np.ndarray, spacing: Sequence[float], target: float, size: Sequence[int],
+                    rng: np.random.Generator) -> np.ndarray:
+    """A random crop of a 2D block ``(C, a, b)`` sampled at ``target`` mm pixels (cubic B-splines), ``(C, *size)``;
+    where it reaches past the block it is 0, as the zero padding of other crops is. Only a window around the crop
+    is interpolated, so the cost does not grow with the slice."""
+    extent = [c * target / float(s) for c, s in zip(size, spacing, strict=True)]  # source pixels the crop covers
+    starts = [float(rng.uniform(0, max(n - e, 0))) for n, e in zip(block.shape[1:], extent, strict=True)]
+    margin = 8  # the spline prefilter's reach from the window's cut edges decays below 1e-4 within it
+    lo = [max(int(st) - margin, 0) for st in starts]
+    hi = [min(int(st + e) + margin + 2, n) for st, e, n in zip(starts, extent, block.shape[1:], strict=True)]
+    window = block[:, lo[0]:hi[0], lo[1]:hi[1]]
+    axes = [st - a + (np.arange(c) + 0.5) * target / float(s) - 0.5
+            for st, a, c, s in zip(starts, lo, size, spacing, strict=True)]
+    grid = np.meshgrid(*axes, indexing="ij")
+    return np.stack([ndimage.map_coordinates(channel, grid, order=3, mode="constant", cval=0.0)
+                     for channel in window]).astype(np.float32)
 
 
 class SRPairDataset(torch.utils.data.Dataset):
@@ -349,7 +358,8 @@ class SRPairDataset(torch.utils.data.Dataset):
                 block = block.transpose(0, 2, 1)
                 block_spacing = block_spacing[::-1]
             if cfg.in_plane_spacing is not None:  # another scanner's in-plane resolution
-                block, block_spacing = _resample(block, block_spacing, float(rng.uniform(*cfg.in_plane_spacing)))
+                target = float(rng.uniform(*cfg.in_plane_spacing))
+                return _resampled_crop(block, block_spacing, target, cfg.crop_size, rng), (target, target), 1
             crop_axis = 1
         starts = [int(rng.integers(max(n - c, 0) + 1)) for n, c in zip(block.shape[1:], cfg.crop_size, strict=True)]
         crop = block[(slice(None), *(slice(s, s + c) for s, c in zip(starts, cfg.crop_size, strict=True)))]

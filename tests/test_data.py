@@ -189,7 +189,7 @@ def test_in_plane_spacing_resamples_each_slice_to_a_drawn_pixel_size() -> None:
         item = SRPairDataset([(mm, (1.0, 1.0, 1.0))], cfg, length=6, seed=1)[i]
         s = float(item["pixel_spacing"][0])
         drawn.append(s)
-        assert float(item["pixel_spacing"][1]) == pytest.approx(s, abs=0.02) and 0.69 <= s <= 1.51
+        assert float(item["pixel_spacing"][1]) == s and 0.7 <= s <= 1.5
         steps = np.diff(item["hr"][0].numpy(), axis=0)  # along x (H), where the intensity is the position in mm
         assert float(np.median(steps)) == pytest.approx(s, abs=0.005)
     assert np.ptp(drawn) > 0.2  # the pixel size changes from item to item
