@@ -40,6 +40,7 @@ from gen_sr.eval.uncertainty import coverage
 from gen_sr.io import atomic_write
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.guidance import final_projection
+from gen_sr.pipelines.tiling import SliceTiler
 from gen_sr.sample_data import load_sample
 from gen_sr.volume import IntensityNormalization, Volume
 
@@ -63,11 +64,12 @@ def _spearman(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 
 def autoencoder_error(pipe: LatentDiffusionSRPipeline, case: Case) -> np.ndarray:
-    """``|P(D(E(x))) − x|`` in input units: the truth through the autoencoder slice by slice (across RAS+ axis 0,
-    as the pipeline tiles), projected onto the data as every sample is."""
+    """``|P(D(E(x))) − x|`` in input units: the truth through the autoencoder slice by slice (across the pipeline's
+    default slicing axis, for a 2D model), projected onto the data as every sample is."""
     norm = pipe.intensity_normalization(case.lr.data)
     x = torch.from_numpy(norm(case.hr.data.astype(np.float32)))[None, None]
-    tiler = pipe._tilers(case.operator.hr_shape, pipe.input_axis(case.lr, case.operator), None, None, 0.25)[0]
+    axis = pipe.input_axis(case.lr, case.operator)
+    tiler = SliceTiler(case.operator.hr_shape, 0 if axis != 0 else 1, axis, pipe.tile_multiple)
     with torch.no_grad():
         tiles = torch.cat([pipe.vae.decode_latent(pipe.vae.encode_latent(t)) for t in tiler.split(x).split(32)])
         y = torch.from_numpy(norm(case.lr.data.astype(np.float32)))[None, None].double()

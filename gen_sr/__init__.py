@@ -4,7 +4,14 @@ hallucination-risk maps.
 Modules:
     physics: the acquisition operator ``A`` (slices, k-space truncation, noise) with adjoint and projections.
     volume: NIfTI volumes with exact geometry, orientation handling and intensity normalisation.
-    sample_data: the MNI152 template that the nilearn package ships (nothing is downloaded).
+    io: output checks before any work, atomic writes, strict JSON and run sidecars.
+    model_card: what a model was trained for (``ModelCard``), read by the pipeline, the CLI and the evaluation.
+    risk: the calibrated interval and the one hallucination-risk formula.
+    sample_data: the MNI152 template that nilearn ships, and real heads fetched from package registries at set-up.
+    contrast: contrast randomisation for training.
+    pipelines, schedulers: the super-resolution pipeline, its data-consistency guidance and tiling, and DDIM.
+    eval, audit: evaluation, calibration and stress tests; the hallucination audit and its report.
+    training: the training scripts and their library.
     cli: the ``gen-sr`` command.
 """
 
