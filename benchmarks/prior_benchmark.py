@@ -124,6 +124,9 @@ def main() -> None:
     regression = LatentDiffusionSRPipeline.from_pretrained(args.regression_model) if args.regression_model else None
     if regression is not None:
         regression.set_progress_bar_config(disable=True)
+    trained = {n.removesuffix("_brain") for n in pipe.model_card.trained_on}
+    if args.brain in trained:
+        raise SystemExit(f"{args.model} was trained on {args.brain}: measure on a head it never saw")
     head, brain = held_out_head(args.brain, args.contrast, args.slab)
     kwargs = {"num_samples": args.samples, "num_inference_steps": args.steps, "batch_size": 64,
               "generator": [torch.Generator().manual_seed(k) for k in range(args.samples)]}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 import warnings
@@ -659,6 +660,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gen-sr {args.command}: interrupted; no partial output was left", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`gen-sr info ... | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit flush cannot fail
+        return 1
 
 
 if __name__ == "__main__":

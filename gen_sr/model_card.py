@@ -93,6 +93,8 @@ class ModelCard:
         holdout: the slabs training never saw, or ``None``.
         objective: ``"diffusion"``, or ``"regression"`` (the same UNet trained with L1, sampled in one step).
         num_inference_steps: the default number of sampling steps.
+        trained_on: the training volumes as the experiment named them (sample names such as ``mni152``, or
+            files); empty when not recorded. Quality is measured on heads not in this list.
     """
 
     trained_for: AcquisitionRanges = field(default_factory=AcquisitionRanges)
@@ -104,6 +106,7 @@ class ModelCard:
     holdout: Holdout | None = None
     objective: Literal["diffusion", "regression"] = "diffusion"
     num_inference_steps: int = DEFAULT_INFERENCE_STEPS
+    trained_on: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
@@ -158,7 +161,7 @@ class ModelCard:
         """What the model was trained for, as labelled rows (``gen-sr info --model``)."""
         t = self.trained_for
         axes = "any RAS+ axis (slices of every orientation)" if t.any_axis else f"RAS+ axis {t.axis} ({_AXES[t.axis]})"
-        rows = [("super-resolves", axes),
+        rows = [("trained on", ", ".join(self.trained_on) or "not recorded"), ("super-resolves", axes),
                 ("slice thickness", f"{t.thickness[0]:g}-{t.thickness[1]:g} mm, profiles {', '.join(t.profiles)}"),
                 ("slice gap", f"{t.gap[0]:g}-{t.gap[1]:g} x thickness"),
                 ("noise", f"{t.noise}, SNR {t.snr[0]:g}-{t.snr[1]:g} ({t.noise_free_fraction:.0%} noise-free)"

@@ -103,6 +103,8 @@ def test_the_exported_model_is_a_pipeline(two_process_run: Path) -> None:
     assert pipe.model_card.sr_axis == 2
     # the slabs training never saw, for evaluate/calibrate --region (tiny.yaml keeps the defaults)
     assert pipe.model_card.holdout == Holdout(1, 0.2, 0.0)
+    assert pipe.model_card.trained_on == ["mni152"]  # tiny.yaml names no data: the embedded template
+    assert pipe.model_card.in_plane_spacing == (1.0, 1.0) and pipe.model_card.intensity_range is not None
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,8 @@ class ExperimentConfig:
                          normalize_percentiles=d.normalize_percentiles,
                          holdout=Holdout(d.holdout_axis, d.holdout_fraction, d.calibration_fraction),
                          objective=self.unet.objective,
-                         num_inference_steps=1 if self.unet.objective == "regression" else DEFAULT_INFERENCE_STEPS)
+                         num_inference_steps=1 if self.unet.objective == "regression" else DEFAULT_INFERENCE_STEPS,
+                         trained_on=list(d.paths) or ["mni152"])
 
     def vae_dir(self) -> Path:
         return Path(self.autoencoder_path) if self.autoencoder_path else self.stage_dir("autoencoder") / "model"
