@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--output", help="also write the table here (Markdown)")
     args = parser.parse_args()
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     regression = LatentDiffusionSRPipeline.from_pretrained(args.regression_model) if args.regression_model else None
@@ -134,7 +135,6 @@ def main() -> None:
     for snr in (None, 30.0):
         case = simulate_case(head, "held-out", axis=args.axis, thickness=args.thickness, snr=snr)
         rows["noise-free" if snr is None else f"SNR {snr:g}"] = measure(pipe, regression, case, brain, kwargs)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     columns = list(next(iter(rows.values())))
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): {head.source}, "
              f"{head.shape} voxels, {args.thickness:g} mm Gaussian slices along RAS+ axis {args.axis}, contrast "
