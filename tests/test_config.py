@@ -244,3 +244,23 @@ def test_parse_cli_help_lists_keys(capsys):
         parse_cli(Exp, ["--help"], description="x")
     out = capsys.readouterr().out
     assert "--train.mixed_precision" in out and "--model.channels: tuple[int, ...] = [8, 16]" in out
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_experiment_config_loads(path: Path) -> None:
+    """The configs in configs/ are checked against the schema like any user's (no unknown key, right types)."""
+    from gen_sr.training.experiment import ExperimentConfig
+
+    cfg = load_config(ExperimentConfig, path)
+    assert cfg.output_dir.startswith("runs/")
+
+
+def test_the_shipped_model_card_matches_its_config() -> None:
+    from gen_sr.model_card import ModelCard
+    from gen_sr.training.experiment import ExperimentConfig
+
+    root = Path(__file__).parents[1]
+    cfg = load_config(ExperimentConfig, root / "configs" / "mni2d.yaml")
+    card = ModelCard.from_folder(root / "models" / "mni2d")
+    assert card.trained_for == cfg.data.acquisition and card.unet_condition == cfg.unet.condition
+    assert card.holdout is not None and card.holdout.fraction == cfg.data.holdout_fraction
