@@ -245,7 +245,8 @@ def _cases(args: argparse.Namespace, pipe) -> list:
     from gen_sr.eval.cases import load_hr_volumes, read_operator_transforms, simulate_cases
 
     named = load_hr_volumes(args.data, pipe, args.region, args.model)
-    transforms = read_operator_transforms(args.operator, pipe.sr_axis) if args.operator else None
+    any_axis = pipe.model_card.trained_for.any_axis
+    transforms = read_operator_transforms(args.operator, None if any_axis else pipe.sr_axis) if args.operator else None
     return simulate_cases(named, axis=pipe.sr_axis, thickness=args.slice_thickness, spacing=args.slice_spacing,
                           profile=args.profile, snr=args.snr, seed=args.seed, transforms=transforms)
 

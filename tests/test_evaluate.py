@@ -210,6 +210,12 @@ def test_evaluate_with_an_operator_file_from_degrade(tmp_path: Path, capsys) -> 
     assert "super-resolves axis 2" in capsys.readouterr().err
     (tmp_path / "junk.json").write_text("{}")
     assert main([*args[:-1], str(tmp_path / "junk.json"), "--overwrite"]) == 2
+    # a model trained for every slice axis takes the sagittal acquisition, and is evaluated along it
+    pipe = _pipe(2)
+    pipe.model_card = replace(pipe.model_card, trained_for=replace(pipe.model_card.trained_for, any_axis=True))
+    pipe.save_pretrained(model)
+    capsys.readouterr()
+    assert main([*args[:-1], str(wrong), "--overwrite"]) == 0
 
 
 def test_region_volumes_are_cropped_to_the_brain(tmp_path: Path) -> None:

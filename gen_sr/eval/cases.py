@@ -229,9 +229,10 @@ def load_hr_volumes(data: Sequence[str], pipe: SRModel | None = None, region: Re
     return named
 
 
-def read_operator_transforms(path: str | Path, sr_axis: int) -> list[AxisTransform]:
+def read_operator_transforms(path: str | Path, sr_axis: int | None) -> list[AxisTransform]:
     """The acquisition of an operator JSON (``gen-sr degrade --save-operator``'s file, or ``A.to_json()``), checked
-    to slice along ``sr_axis`` (RAS+) only."""
+    to slice along ``sr_axis`` (RAS+) only, or along any one axis when ``sr_axis`` is ``None`` (a model trained
+    for every slice axis)."""
     try:
         d = json.loads(Path(path).read_text())
         d = d.get("operator", d)
@@ -241,8 +242,9 @@ def read_operator_transforms(path: str | Path, sr_axis: int) -> list[AxisTransfo
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"is not an acquisition operator JSON ({e})", path) from None
     sliced = {t.axis for t in transforms if isinstance(t, SliceAcquisition)}
-    if sliced != {sr_axis}:
-        raise InputError(f"slices along RAS+ axes {sorted(sliced)}, but the model super-resolves axis {sr_axis}", path)
+    if len(sliced) != 1 or (sr_axis is not None and sliced != {sr_axis}):
+        wanted = "one axis" if sr_axis is None else f"axis {sr_axis}"
+        raise InputError(f"slices along RAS+ axes {sorted(sliced)}, but the model super-resolves {wanted}", path)
     return transforms
 
 
