@@ -366,13 +366,14 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
             transfer = transfer_coverage(volumes, shape, blocks=blocks, **fit)
         except ValueError as e:
             transfer_error = f"with a volume left out, {e}"
-    units = split_units(volumes, shape, blocks=blocks)
+    units = split_units(volumes, shape, blocks=blocks)  # once: the spreads are the costly part
     record = {**(details or {}), "volumes": [c.name for c in cases], "blocks_per_volume": blocks,
               "units": len(units[0]), "interval": interval, "leave_one_volume_out_coverage": transfer}
-    result = CalibrationResult(fit_shape(volumes, shape, blocks=blocks, **fit, details=record), transfer,
-                               transfer_error)
+    result = CalibrationResult(dataclasses.replace(fit_calibration(*units, **fit, details=record), shape=shape),
+                               transfer, transfer_error)
     try:  # the other rule on the same units, for comparison
-        result.alternative = fit_shape(volumes, shape, blocks=blocks, **(fit | {"method": _OTHER_RULE[method]}))
+        alternative = fit_calibration(*units, **(fit | {"method": _OTHER_RULE[method]}))
+        result.alternative = dataclasses.replace(alternative, shape=shape)
     except ValueError as e:
         result.alternative_error = str(e)
     return result
