@@ -186,11 +186,13 @@ def find_volumes(paths: Sequence[str]) -> list[Path]:
 class TrainingVolume:
     """One training volume: ``data`` ``(X, Y, Z)`` float32 in RAS+ voxel order, normalised; its voxel ``spacing``
     in mm; and, where the source has them, tissue probability maps on the same grid (``tissues``,
-    ``(K, X, Y, Z)``), from which items can take a synthesised contrast (``data.contrast.synthesis_probability``)."""
+    ``(K, X, Y, Z)``), from which items can take a synthesised contrast (``data.contrast.synthesis_probability``);
+    ``intensity_range`` is the robust range its normalisation mapped to [0, 1], in the volume's own units."""
 
     data: np.ndarray
     spacing: tuple[float, ...]
     tissues: np.ndarray | None = None
+    intensity_range: float = 1.0
 
     def stack(self) -> np.ndarray:
         """``(1 + K, X, Y, Z)``: the image and its tissue maps, cropped together."""
@@ -209,23 +211,16 @@ def load_training_volumes(cfg: DataConfig) -> list[TrainingVolume]:
         tissues = None
         if name == "mni152" and cfg.contrast.synthesis_probability > 0:
             tissues = np.stack([t.canonical().data for t in mni152_tissues().values()]).astype(np.float32)
-        out.append(TrainingVolume(norm(canon.data).astype(np.float32), canon.spacing, tissues))
+        out.append(TrainingVolume(norm(canon.data).astype(np.float32), canon.spacing, tissues, norm.scale))
     return out
 
 
-def training_ranges(cfg: DataConfig) -> tuple[tuple[float, float], tuple[float, float]]:
+def training_ranges(volumes: Sequence[TrainingVolume], axis: int) -> tuple[tuple[float, float], tuple[float, float]]:
     """What the training volumes span, for the model card: ``(min, max)`` of their in-plane voxel spacing in mm
-    (the axes other than the super-resolved one) and of their robust intensity range, in their own units."""
-    spacings, ranges = [], []
-    for canon in _training_volumes(cfg):
-        spacings += [s for a, s in enumerate(canon.spacing) if a != cfg.acquisition.axis]
-        ranges.append(IntensityNormalization.fit(canon.data, *cfg.normalize_percentiles).scale)
+    (the RAS+ axes other than the super-resolved ``axis``) and of their robust intensity range, in their own units."""
+    spacings = [s for v in volumes for a, s in enumerate(v.spacing) if a != axis]
+    ranges = [v.intensity_range for v in volumes]
     return (min(spacings), max(spacings)), (min(ranges), max(ranges))
-
-
-def _training_volumes(cfg: DataConfig) -> list[Volume]:
-    """The training volumes in RAS+ (the embedded MNI152 T1 when ``cfg.paths`` is empty)."""
-    return [v.canonical() for _, v in read_volumes(list(cfg.paths) or ["mni152"])]
 
 
 def _resampled_crop(block: np.ndarray, spacing: Sequence[float], target: float, size: Sequence[int],

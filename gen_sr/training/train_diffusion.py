@@ -101,16 +101,18 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
                                       objective=objective)
 
     train_loop(run, unet, train_loader, start, train_step, validate)
-    export(run, acc.unwrap_model(unet), ema, vae, noise_scheduler)
+    export(run, acc.unwrap_model(unet), ema, vae, noise_scheduler, training_ranges(volumes, cfg.data.acquisition.axis))
     finish(run, unet, {"parameters": acc.unwrap_model(unet).num_parameters()})
 
 
-def export(run: Any, unet: ConditionalUNetModel, ema: Any, vae: AutoencoderKLModel, noise_scheduler: Any) -> None:
+def export(run: Any, unet: ConditionalUNetModel, ema: Any, vae: AutoencoderKLModel, noise_scheduler: Any,
+           ranges: tuple[tuple[float, float], tuple[float, float]]) -> None:
     """Write ``model/``: a :class:`~gen_sr.pipelines.LatentDiffusionSRPipeline` folder with the EMA UNet, the VAE,
-    a DDIM scheduler with the training schedule, and its model card (what it was trained for; main process)."""
+    a DDIM scheduler with the training schedule, and its model card (what it was trained for, with ``ranges``:
+    :func:`gen_sr.data.training_ranges` of the training volumes; main process)."""
 
     def write(out: Path) -> str:
-        card = run.cfg.model_card(*training_ranges(run.cfg.data))
+        card = run.cfg.model_card(*ranges)
         scheduler = DDIMDataConsistencyScheduler.from_config(noise_scheduler.config,
                                                              **sampling_overrides(run.cfg.unet.objective))
         with ema_weights(ema, unet):
