@@ -68,7 +68,7 @@ def autoencoder_error(pipe: LatentDiffusionSRPipeline, case: Case) -> np.ndarray
     default slicing axis, for a 2D model), projected onto the data as every sample is."""
     norm = pipe.intensity_normalization(case.lr.data)
     x = torch.from_numpy(norm(case.hr.data.astype(np.float32)))[None, None]
-    axis = pipe.input_axis(case.lr, case.operator)
+    axis = pipe.input_axes(case.lr, case.operator)[0]
     tiler = SliceTiler(case.operator.hr_shape, 0 if axis != 0 else 1, axis, pipe.tile_multiple)
     with torch.no_grad():
         tiles = torch.cat([pipe.vae.decode_latent(pipe.vae.encode_latent(t)) for t in tiler.split(x).split(32)])

@@ -8,6 +8,9 @@ Two ways to give a training item another contrast, on normalised intensities (ab
 * :func:`synthesize_contrast`: an image made from tissue probability maps, ``Σ_k p_k μ_k`` with a drawn intensity
   ``μ_k`` per tissue (:func:`draw_tissue_means`), before any bias field, blur or noise; the mean intensity of a
   pure voxel of tissue ``k`` is then exactly ``μ_k``.
+* :func:`randomize_appearance`: what a scanner adds to such an image, a smooth multiplicative bias field and a blur
+  (MONAI's ``RandBiasField`` and ``GaussianSmooth``). Noise is not added here: every training item's acquisition
+  draws its own (``data.acquisition.snr``), on the measured data where a scanner puts it.
 
 :class:`ContrastRanges` is the ``data.contrast`` section of an experiment: how often items are remapped.
 """
@@ -18,8 +21,9 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from monai.transforms import GaussianSmooth, RandBiasField
 
-__all__ = ["ContrastRanges", "draw_tissue_means", "random_remap", "synthesize_contrast"]
+__all__ = ["ContrastRanges", "draw_tissue_means", "random_remap", "randomize_appearance", "synthesize_contrast"]
 
 
 @dataclass
@@ -33,12 +37,18 @@ class ContrastRanges:
             items keep the volumes' own contrast).
         nonmonotone_fraction: of the remapped items, the fraction with a non-monotone map.
         knots: knots of the maps, evenly spaced on [0, 1] (the first one, at 0, maps to 0).
+        bias_coefficient: the synthesised images' bias field is ``exp`` of a Legendre polynomial of degree 3 over
+            the crop whose coefficients are drawn in ``[-bias_coefficient, bias_coefficient]`` (0: none).
+        blur_sigma: the synthesised images are blurred by a Gaussian whose width in pixels is drawn in this range
+            (``(0, 0)``: none).
     """
 
     synthesis_probability: float = 0.0
     remap_probability: float = 0.0
     nonmonotone_fraction: float = 0.5
     knots: int = 6
+    bias_coefficient: float = 0.0
+    blur_sigma: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         for name in ("synthesis_probability", "remap_probability", "nonmonotone_fraction"):
@@ -46,6 +56,11 @@ class ContrastRanges:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.knots < 2:
             raise ValueError(f"knots must be at least 2, got {self.knots}")
+        if self.bias_coefficient < 0:
+            raise ValueError(f"bias_coefficient must be >= 0, got {self.bias_coefficient}")
+        self.blur_sigma = (float(self.blur_sigma[0]), float(self.blur_sigma[1]))
+        if not 0 <= self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be a range (low, high) with 0 <= low <= high, got {self.blur_sigma}")
 
 
 def random_remap(x: np.ndarray, rng: np.random.Generator, *, monotone: bool, knots: int = 6) -> np.ndarray:
@@ -85,3 +100,26 @@ def synthesize_contrast(tissues: Mapping[Hashable, np.ndarray], means: Mapping[H
     p = p / np.maximum(total, 1.0)
     mu = np.asarray([means[n] for n in names], dtype=np.float64).reshape(-1, *[1] * (p.ndim - 1))
     return ((p * mu).sum(axis=0) + (1.0 - np.minimum(total, 1.0)) * background).astype(np.float32)
+
+
+def randomize_appearance(image: np.ndarray, rng: np.random.Generator, ranges: ContrastRanges) -> np.ndarray:
+    """A synthesised image as a scanner would show it: times a random smooth bias field, then blurred, with the
+    strengths that ``ranges`` allow (``bias_coefficient``, ``blur_sigma``); the background stays 0.
+
+    Args:
+        image: ``(H, W)`` or ``(D, H, W)``, normalised intensities.
+        rng: the item's generator (the field and the width are functions of it).
+        ranges: the ``data.contrast`` section.
+
+    Returns:
+        float32 of ``image``'s shape.
+    """
+    out = np.asarray(image, dtype=np.float32)[None]
+    if ranges.bias_coefficient > 0:
+        field = RandBiasField(degree=3, coeff_range=(-ranges.bias_coefficient, ranges.bias_coefficient), prob=1.0)
+        field.set_random_state(seed=int(rng.integers(2**31)))
+        out = np.asarray(field(out), dtype=np.float32)
+    low, high = ranges.blur_sigma
+    if high > 0:
+        out = np.asarray(GaussianSmooth(sigma=float(rng.uniform(low, high)))(out), dtype=np.float32)
+    return out[0]

@@ -31,7 +31,7 @@ import torch
 from monai.transforms import SpatialPad
 from scipy import ndimage
 
-from gen_sr.contrast import ContrastRanges, draw_tissue_means, random_remap, synthesize_contrast
+from gen_sr.contrast import ContrastRanges, draw_tissue_means, random_remap, randomize_appearance, synthesize_contrast
 from gen_sr.errors import InputError
 from gen_sr.model_card import AcquisitionRanges
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, add_noise
@@ -293,7 +293,8 @@ class SRPairDataset(torch.utils.data.Dataset):
         crop, contrast = stack[0], self.cfg.contrast
         if len(stack) > 1 and rng.random() < contrast.synthesis_probability:  # a contrast made from the tissue maps
             tissues = dict(enumerate(stack[1:]))
-            crop = synthesize_contrast(tissues, draw_tissue_means(list(tissues), rng))
+            crop = randomize_appearance(synthesize_contrast(tissues, draw_tissue_means(list(tissues), rng)), rng,
+                                        contrast)
         if contrast.remap_probability > 0 and rng.random() < contrast.remap_probability:  # another contrast
             crop = random_remap(crop, rng, monotone=bool(rng.random() >= contrast.nonmonotone_fraction),
                                 knots=contrast.knots)

@@ -18,9 +18,12 @@ from typing import Any, Literal
 from gen_sr.config import config_from_dict, config_to_dict
 from gen_sr.errors import InputError
 
-__all__ = ["DEFAULT_INFERENCE_STEPS", "AcquisitionRanges", "Holdout", "ModelCard"]
+__all__ = ["DEFAULT_INFERENCE_STEPS", "SECOND_COARSE_RATIO", "AcquisitionRanges", "Holdout", "ModelCard"]
 
 DEFAULT_INFERENCE_STEPS = 50
+SECOND_COARSE_RATIO = 1.5
+"""An axis at least this many times coarser than an input's finest is super-resolved too, where the model takes any
+slice axis (:meth:`ModelCard.axes_for`): a 1 x 1.2 x 5 mm scan has one coarse axis, a 1 x 3 x 5 mm scan two."""
 """Sampling steps of a diffusion model whose card says nothing else."""
 _AXES = "RAS"
 
@@ -134,6 +137,21 @@ class ModelCard:
             raise InputError(f"the model super-resolves RAS+ axis {self.sr_axis} ({_AXES[self.sr_axis]}), but the "
                              f"input's coarsest axis is {coarse} ({_AXES[coarse]}) with spacing {shown} mm", source)
         return coarse
+
+    def axes_for(self, lr_spacing: Sequence[float], source: str | None = None) -> tuple[int, ...]:
+        """The RAS+ axes to super-resolve in an input of this RAS+ spacing: the coarse axis (:meth:`axis_for`), and
+        for a model trained for every slice axis also a second one at least ``SECOND_COARSE_RATIO`` times the finest
+        spacing (e.g. 1 x 3 x 5 mm: both 3 and 5 mm are super-resolved, the coarser first).
+
+        Raises:
+            InputError: as :meth:`axis_for`.
+        """
+        coarse = self.axis_for(lr_spacing, source)
+        if not self.trained_for.any_axis:
+            return (coarse,)
+        spacing = [float(s) for s in lr_spacing]
+        finest = min(spacing)
+        return (coarse, *(a for a in range(3) if a != coarse and spacing[a] >= SECOND_COARSE_RATIO * finest))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, source: str | None = None) -> ModelCard:

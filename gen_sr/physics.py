@@ -598,6 +598,18 @@ class AcquisitionOperator:
             (*self.transforms, *other.transforms), self.hr_shape, self.hr_spacing, rcond=min(self.rcond, other.rcond)
         )
 
+    def factor(self, axes: Sequence[int]) -> tuple[AcquisitionOperator, AcquisitionOperator]:
+        """``(inner, outer)`` with ``A = outer ∘ inner`` (``inner.then(outer)``): ``inner`` applies this operator's
+        transforms on ``axes`` to the HR grid, ``outer`` the others to ``inner``'s LR grid. Transforms on different
+        axes commute (the operator is separable), so the split is exact; e.g. a scan with two coarse axes is
+        super-resolved along one of them on the grid in between, then along the other."""
+        axes = {int(a) for a in axes}
+        inner = AcquisitionOperator([t for t in self.transforms if t.axis in axes], self.hr_shape, self.hr_spacing,
+                                    rcond=self.rcond)
+        outer = AcquisitionOperator([t for t in self.transforms if t.axis not in axes], inner.lr_shape,
+                                    inner.lr_spacing, rcond=self.rcond)
+        return inner, outer
+
     def __matmul__(self, other: AcquisitionOperator) -> AcquisitionOperator:
         """``A2 @ A1`` is ``A2 ∘ A1``, as for matrices."""
         return other.then(self)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from gen_sr.contrast import ContrastRanges, draw_tissue_means, random_remap, synthesize_contrast
+from gen_sr.contrast import ContrastRanges, draw_tissue_means, random_remap, randomize_appearance, synthesize_contrast
 from gen_sr.data import DataConfig, SRPairDataset, load_training_volumes
 from gen_sr.model_card import AcquisitionRanges
 from gen_sr.sample_data import load_mni152
@@ -71,3 +71,23 @@ def test_items_from_the_template_take_contrasts_made_from_its_tissue_maps() -> N
     # a volume without tissue maps keeps its own contrast whatever the probability
     assert np.array_equal(SRPairDataset([(volume.data, volume.spacing)], cfg, length=6, seed=2)[3]["hr"],
                           plain[3]["hr"])
+
+
+def test_appearance_is_a_smooth_bias_field_and_a_blur_drawn_from_the_item() -> None:
+    image = synthesize_contrast({"WM": np.pad(np.ones((40, 40)), 12)}, {"WM": 0.6})
+    off = randomize_appearance(image, np.random.default_rng(0), ContrastRanges())
+    assert np.array_equal(off, image)  # nothing asked, nothing done
+    biased = ContrastRanges(bias_coefficient=0.3)
+    a = randomize_appearance(image, np.random.default_rng(1), biased)
+    assert np.array_equal(a, randomize_appearance(image, np.random.default_rng(1), biased))
+    assert not np.allclose(a, randomize_appearance(image, np.random.default_rng(2), biased))
+    inside = image > 0
+    field = a[inside] / image[inside]  # multiplicative: the field itself, where there is signal
+    assert field.std() > 0.01 and 0.2 < field.min() and field.max() < 5
+    assert float(np.abs(np.diff(a[inside].reshape(40, 40), axis=1)).max()) < 0.05  # smooth across the tissue
+    assert float(np.abs(a[~inside]).max()) == 0.0  # the background stays dark
+    blurred = randomize_appearance(image, np.random.default_rng(1), ContrastRanges(blur_sigma=(1.0, 2.0)))
+    assert np.abs(np.diff(blurred, axis=0)).max() < 0.5 * np.abs(np.diff(image, axis=0)).max()
+    assert float(blurred.sum()) == pytest.approx(float(image.sum()), rel=1e-3)  # a blur moves intensity, no more
+    with pytest.raises(ValueError, match="blur_sigma"):
+        ContrastRanges(blur_sigma=(2.0, 1.0))

@@ -163,6 +163,22 @@ def test_composition_equals_sequential_application() -> None:
         a1 @ a2
 
 
+def test_an_operator_factors_into_its_axes_exactly() -> None:
+    """Two sliced axes and a k-space axis: acquiring one axis first and the rest on the grid in between is the
+    same operator, so a scan with two coarse axes can be super-resolved one axis at a time."""
+    op = AcquisitionOperator([SliceAcquisition(2, 5.0), KSpaceTruncation(0, 2.0), SliceAcquisition(1, 3.0, 3.5)],
+                             (16, 21, 20), (1.0, 1.0, 1.0))
+    inner, outer = op.factor([1])
+    assert inner.axes == (1,) and outer.axes == (0, 2)
+    assert inner.lr_shape == (16, op.lr_shape[1], 20) and outer.lr_shape == op.lr_shape
+    assert np.allclose(outer.hr_spacing, (1.0, 3.5, 1.0))
+    x = _rand(op.hr_shape, batch=2, channels=1)
+    assert torch.allclose(outer(inner(x)), op(x))
+    assert torch.allclose((outer @ inner)(x), op(x))
+    nothing, everything = op.factor([])
+    assert nothing.axes == () and torch.allclose(everything(x), op(x))
+
+
 def test_soft_projection() -> None:
     op = _op("slice-gauss-3d")
     x_true = _rand(op.hr_shape, batch=3, channels=1)

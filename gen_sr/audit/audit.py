@@ -150,10 +150,11 @@ def audit(
             "risk": meta.get("risk"), "timings_s": meta.get("timings")}
     canon_lr = lr.canonical()
     norm = pipe.intensity_normalization(canon_lr.data)
-    axis = pipe.input_axis(canon_lr, operator)  # the RAS+ axis the run super-resolved
+    axes = pipe.input_axes(canon_lr, operator)  # the RAS+ axes the run super-resolved; the views follow the first
+    axis = axes[0]
     outside = meta.get("outside_training")  # runs recorded before the check have none: check now
     if outside is None:
-        outside = pipe.outside_training(canon_lr, operator, norm, axis)
+        outside = pipe.outside_training(canon_lr, operator, norm, axes)
     return build_report(out, lr=lr, mean=maps["mean"], std=maps["std"], risk=maps["risk"],
                         dc_residual=maps["dc_residual"], card=card, risk_threshold=risk_threshold,
                         calibrated=calibration is not None, masks=masks, reference=reference, metrics=metrics,

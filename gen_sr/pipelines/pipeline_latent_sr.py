@@ -212,10 +212,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             lr: a NIfTI path, a nibabel image, a :class:`~gen_sr.volume.Volume`, or a 3D array/tensor (then give
                 ``affine`` or ``lr_spacing``).
             affine, lr_spacing: geometry of an array input.
-            target_spacing: HR voxel spacing in mm; default: the LR spacing with the super-resolved axis set to the
-                finest in-plane spacing.
+            target_spacing: HR voxel spacing in mm; default: the LR spacing with each super-resolved axis set to
+                the finest spacing of the others.
             operator: the acquisition on the canonical (RAS+) HR grid, instead of one built from the spacings.
-            slice_profile, slice_thickness: the acquisition's slice profile and thickness (default: the LR spacing).
+            slice_profile, slice_thickness: the acquisition's slice profile and thickness (default: the LR spacing;
+                a given thickness applies to every sliced axis).
             noise_std: measurement noise std in input units (0: noise-free; > 0 makes projections noise-aware).
             num_inference_steps, eta: DDIM settings; the default steps are the model folder's
                 (``model_card.num_inference_steps``: 50 for diffusion, 1 for a regression model).
@@ -227,7 +228,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             slice_normal: 2D models: the RAS+ axis that slices are taken across (default: the first axis that is
                 not the super-resolved one), or two axes, e.g. ``(0, 1)``, to fuse orientations: each sample is then
                 drawn once per slicing plane (from its own generator) and the volumes are averaged before the final
-                projection, at twice the cost. For the demo model it did not reduce slice-to-slice jitter
+                projection, at twice the cost. With two coarse axes (a model trained for every slice axis, an input
+                such as 1 x 3 x 5 mm) the coarser is super-resolved first, on slices across the other, and then each
+                sample along the other, on slices across ``slice_normal``; ``metadata["slice_normals"]`` then lists
+                both stages'. For the demo model it did not reduce slice-to-slice jitter
                 measurably (``benchmarks/slice_consistency.py``, ``benchmarks/RESULTS.md``), so one plane is the
                 default.
             patch_size, patch_overlap: 3D models: patch size (default: the largest multiple of the downsampling
@@ -255,8 +259,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         canon = volume.canonical()
         norm = self.intensity_normalization(canon.data)
 
-        # 2. operator: the acquisition on the canonical HR grid, the measurement and the condition image
-        axis = self.input_axis(canon, operator)
+        # 2. operator: the acquisition on the canonical HR grid, and the measurement
+        axes = self.input_axes(canon, operator)
         operator = self.operator_for(canon, operator=operator, target_spacing=target_spacing,
                                      slice_profile=slice_profile, slice_thickness=slice_thickness)
         self.check_memory(operator.hr_shape, num_samples, keep_samples, volume.source)
@@ -267,65 +271,72 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         if self.calibration is not None and self.calibration.shape.noise_floor > 0 and noise_std == 0:
             warnings.warn("the calibrated interval has a noise term but noise_std is 0: the risk map leaves the "
                           "measurement noise out; pass the input's noise std (--noise-std)", stacklevel=3)
-        outside = self.outside_training(canon, operator, norm, axis)
+        outside = self.outside_training(canon, operator, norm, axes)
         for message in outside:
             warnings.warn(f"outside the trained regime: {message}", OutsideTrainingWarning, stacklevel=3)
-        condition_image = self._condition_image(operator, y).to(dtype)
 
         # 3. timesteps
         num_inference_steps = num_inference_steps or self.model_card.num_inference_steps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         guided = timesteps.flip(0)[::guidance_interval].tolist() if guidance != "none" else []
-
-        # 4. latents: one generator per sample, tiles of all samples as one batch; one set per slicing plane
-        tilers = self._tilers(operator.hr_shape, axis, slice_normal, patch_size, patch_overlap)
         mode = self.model_card.unet_condition
-        hook_args = (operator, y, guided, batch_size, sigma, guidance_scale)
         timings["prepare_s"] = time.perf_counter() - tic
-        volumes, guidance_calls = [], 0
-        for tiler in tilers:  # one pass, or one per slicing plane when a 2D model fuses orientations
-            tic = time.perf_counter()
-            latent_shape = tuple(s // self.vae.downsample_factor for s in tiler.tile_shape)
-            cond = torch.cat([latent_condition(c, latent_shape, self.vae, mode)
-                              for c in tiler.split(condition_image).split(batch_size)])
-            cond = cond.repeat(len(local), *[1] * (cond.ndim - 1))
-            shape = (tiler.num_tiles, self.vae.config.latent_channels, *latent_shape)
 
-            def noise(shape=shape) -> torch.Tensor:  # one draw per sample, from that sample's own generator
-                return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in local]).to(device,
-                                                                                                          dtype)
+        # 4-6. per stage (one per coarse axis; with two, the first stage works on the grid in between, still coarse
+        #      along the second axis, and each of its samples is the measurement of that sample in the second)
+        measured, measured_sigma, guidance_calls, normals = y, sigma, 0, []
+        for stage_operator, stage_axis, stage_normal in self._stages(operator, axes, slice_normal):
+            condition_image = self._condition_image(stage_operator, measured).to(dtype)
+            tilers = self._tilers(stage_operator.hr_shape, stage_axis, stage_normal, patch_size, patch_overlap)
+            hook_args = (stage_operator, measured, guided, batch_size, measured_sigma, guidance_scale)
+            volumes = []
+            for tiler in tilers:  # one pass, or one per slicing plane when a 2D model fuses orientations
+                # 4. latents: one generator per sample, tiles of all samples as one batch
+                tic = time.perf_counter()
+                latent_shape = tuple(s // self.vae.downsample_factor for s in tiler.tile_shape)
+                cond = torch.cat([latent_condition(c, latent_shape, self.vae, mode)
+                                  for c in tiler.split(condition_image).split(batch_size)])
+                if len(condition_image) == 1:  # one measurement for all samples
+                    cond = cond.repeat(len(local), *[1] * (cond.ndim - 1))
+                shape = (tiler.num_tiles, self.vae.config.latent_channels, *latent_shape)
 
-            latents = noise() * self.scheduler.init_noise_sigma
-            hook = self._hook(guidance, tiler, *hook_args)
-            step_kwargs = self._step_kwargs(eta, hook)
-            _add_time(timings, "prepare_s", tic)
+                def noise(shape=shape) -> torch.Tensor:  # one draw per sample, from that sample's own generator
+                    return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in local]).to(
+                        device, dtype)
 
-            # 5. denoising loop with data consistency
-            tic = time.perf_counter()
-            for i, t in enumerate(self.progress_bar(timesteps)):
-                model_input = self.scheduler.scale_model_input(latents, t)
-                model_output = torch.cat([
-                    self.unet(z, t, c)
-                    for z, c in zip(model_input.split(batch_size), cond.split(batch_size), strict=True)
-                ])
-                if "variance_noise" in step_kwargs:
-                    step_kwargs["variance_noise"] = noise()
-                latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
-                if callback_on_step_end is not None:
-                    latents = callback_on_step_end(self, i, int(t), {"latents": latents}).get("latents", latents)
-            _add_time(timings, "denoise_s", tic)
-            guidance_calls += hook.calls if hook is not None else 0
+                latents = noise() * self.scheduler.init_noise_sigma
+                hook = self._hook(guidance, tiler, *hook_args)
+                step_kwargs = self._step_kwargs(eta, hook)
+                _add_time(timings, "prepare_s", tic)
 
-            # 6. decode
-            tic = time.perf_counter()
-            tiles = torch.cat([self.vae.decode_latent(z) for z in latents.split(batch_size)]).to(work)
-            volumes.append(tiler.merge(tiles))
-            _add_time(timings, "decode_s", tic)
+                # 5. denoising loop with data consistency
+                tic = time.perf_counter()
+                for i, t in enumerate(self.progress_bar(timesteps)):
+                    model_input = self.scheduler.scale_model_input(latents, t)
+                    model_output = torch.cat([
+                        self.unet(z, t, c)
+                        for z, c in zip(model_input.split(batch_size), cond.split(batch_size), strict=True)
+                    ])
+                    if "variance_noise" in step_kwargs:
+                        step_kwargs["variance_noise"] = noise()
+                    latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+                    if callback_on_step_end is not None:
+                        latents = callback_on_step_end(self, i, int(t), {"latents": latents}).get("latents", latents)
+                _add_time(timings, "denoise_s", tic)
+                guidance_calls += hook.calls if hook is not None else 0
 
-        # 7. stitch, and project every sample onto the data
+                # 6. decode
+                tic = time.perf_counter()
+                tiles = torch.cat([self.vae.decode_latent(z) for z in latents.split(batch_size)]).to(work)
+                volumes.append(tiler.merge(tiles))
+                _add_time(timings, "decode_s", tic)
+            normals.append([t.normal for t in tilers] if self.spatial_dims == 2 else None)
+            measured, measured_sigma = torch.stack(volumes).mean(dim=0), 0.0  # the next stage's measurement
+
+        # 7. project every sample onto the data
         tic = time.perf_counter()
-        x = final_projection(torch.stack(volumes).mean(dim=0), operator, y, sigma)
+        x = final_projection(measured, operator, y, sigma)
         if state.num_processes > 1:  # gather the samples, back in their original order
             parts = gather_object([x.cpu()])
             x = torch.stack([parts[k % state.num_processes][k // state.num_processes] for k in range(num_samples)])
@@ -349,8 +360,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "guidance_scale": guidance_scale,
             "guided_timesteps": guided,
             "guidance_calls": guidance_calls,
-            "sr_axis": axis,
-            "slice_normals": [t.normal for t in tilers] if self.spatial_dims == 2 else None,
+            "sr_axes": list(axes),
+            "slice_normals": normals[0] if len(normals) == 1 else normals,
             "processes": state.num_processes,
             "noise_std": noise_std,
             "operator": operator.to_dict(),
@@ -379,43 +390,50 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         placeholder = np.broadcast_to(np.float32(0), tuple(operator.hr_shape))
         return Volume(placeholder, operator.hr_affine(canon.affine), source=canon.source)
 
-    def input_axis(self, canon: Volume, operator: AcquisitionOperator | None = None) -> int:
-        """The RAS+ axis to super-resolve in an input (in RAS+): the slice axis of ``operator`` when given, else the
-        input's coarse axis (:meth:`~gen_sr.model_card.ModelCard.axis_for`: the model card's axis, or any axis for a
-        model trained on every slice axis)."""
+    def input_axes(self, canon: Volume, operator: AcquisitionOperator | None = None) -> tuple[int, ...]:
+        """The RAS+ axes to super-resolve in an input (in RAS+), the coarser first: the slice axes of ``operator``
+        when given, else the input's coarse axes (:meth:`~gen_sr.model_card.ModelCard.axes_for`: the model card's
+        axis, or for a model trained on every slice axis the coarse one and a second where it is coarse too)."""
         if operator is None:
-            return self.model_card.axis_for(canon.spacing, canon.source)
-        sliced = sorted({t.axis for t in operator.transforms if isinstance(t, SliceAcquisition)})
-        if len(sliced) > 1:
-            raise InputError(f"the operator slices along RAS+ axes {sliced}; this model super-resolves one axis",
-                             canon.source)
-        axis = sliced[0] if sliced else self.sr_axis
-        if axis != self.sr_axis and not self.model_card.trained_for.any_axis:
-            raise InputError(f"the operator slices along RAS+ axis {axis}, but the model super-resolves axis "
+            return self.model_card.axes_for(canon.spacing, canon.source)
+        sliced = sorted({t.axis for t in operator.transforms if isinstance(t, SliceAcquisition)},
+                        key=lambda a: -operator.lr_spacing[a])
+        any_axis = self.model_card.trained_for.any_axis
+        if len(sliced) > (2 if any_axis else 1):
+            raise InputError(f"the operator slices along RAS+ axes {sorted(sliced)}; this model super-resolves "
+                             f"{'two axes' if any_axis else 'one axis'} at most", canon.source)
+        axes = tuple(sliced) or (self.sr_axis,)
+        if not any_axis and axes[0] != self.sr_axis:
+            raise InputError(f"the operator slices along RAS+ axis {axes[0]}, but the model super-resolves axis "
                              f"{self.sr_axis}", canon.source)
-        return axis
+        return axes
 
     def operator_for(self, canon: Volume, *, operator: AcquisitionOperator | None = None,
                      target_spacing: Sequence[float] | None = None, slice_profile: str = "gaussian",
                      slice_thickness: float | None = None) -> AcquisitionOperator:
         """The acquisition a call assumes for an LR input in RAS+ (``Volume.canonical()``), on its HR grid: the given
-        ``operator``, checked against the input's grid, or the one built from the spacings along the axis
-        :meth:`input_axis` chooses (see :meth:`__call__` for the arguments)."""
-        axis = self.input_axis(canon, operator)
-        operator = operator or self._operator(canon, axis, target_spacing, slice_profile, slice_thickness)
+        ``operator``, checked against the input's grid, or the one built from the spacings along the axes
+        :meth:`input_axes` chooses (see :meth:`__call__` for the arguments)."""
+        axes = self.input_axes(canon, operator)
+        operator = operator or self._operator(canon, axes, target_spacing, slice_profile, slice_thickness)
         if tuple(operator.lr_shape) != canon.shape:
             raise InputError(f"the operator expects an LR grid {operator.lr_shape}, the input is {canon.shape}",
                              canon.source)
         return operator
 
     def outside_training(self, canon: Volume, operator: AcquisitionOperator, norm: IntensityNormalization,
-                         axis: int | None = None) -> list[str]:
-        """Where an LR input (in RAS+), super-resolved along RAS+ ``axis`` (default :attr:`sr_axis`), lies outside
-        what the model card records, one sentence each."""
-        axis = self.sr_axis if axis is None else axis
-        slices = [t for t in operator.transforms if isinstance(t, SliceAcquisition) and t.axis == axis]
-        thickness = slices[0].thickness if slices else float(canon.spacing[axis])
-        return self.model_card.outside_training(canon.spacing, thickness, norm.scale, axis)
+                         axes: Sequence[int] | None = None) -> list[str]:
+        """Where an LR input (in RAS+), super-resolved along RAS+ ``axes`` (default: :attr:`sr_axis`), lies outside
+        what the model card records, one sentence each. With two axes each stage is checked as the model sees
+        it: the other super-resolved axis at its HR spacing."""
+        axes = (self.sr_axis,) if axes is None else tuple(axes)
+        out: list[str] = []
+        for axis in axes:
+            slices = [t for t in operator.transforms if isinstance(t, SliceAcquisition) and t.axis == axis]
+            thickness = slices[0].thickness if slices else float(canon.spacing[axis])
+            spacing = [operator.hr_spacing[a] if a in axes and a != axis else s for a, s in enumerate(canon.spacing)]
+            out += [m for m in self.model_card.outside_training(spacing, thickness, norm.scale, axis) if m not in out]
+        return out
 
     def memory_estimate(self, hr_shape: Sequence[int], num_samples: int, keep_samples: bool = True) -> int:
         """Bytes of memory a run on an HR grid of ``hr_shape`` needs at its peak, approximately (see
@@ -485,19 +503,30 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             kwargs["variance_noise"] = None  # drawn per step from the per-sample generators
         return kwargs
 
-    def _operator(self, canon: Volume, axis: int, target: Sequence[float] | None, profile: str,
+    def _operator(self, canon: Volume, axes: Sequence[int], target: Sequence[float] | None, profile: str,
                   thickness: float | None) -> AcquisitionOperator:
         spacing = np.asarray(canon.spacing)
-        if target is None:
+        if target is None:  # each super-resolved axis at the finest spacing of the others
             target = spacing.copy()
-            target[axis] = np.delete(spacing, axis).min()
+            target[list(axes)] = np.delete(spacing, list(axes)).min()
         if len(target) != 3:
             raise InputError(f"target spacing needs 3 values, got {list(target)}")
         try:
-            return operator_from_spacings(target, spacing, lr_shape=canon.shape, slice_axes=[axis],
+            return operator_from_spacings(target, spacing, lr_shape=canon.shape, slice_axes=list(axes),
                                           profile=profile, slice_thickness=thickness)
         except ValueError as e:
             raise InputError(str(e), canon.source) from e
+
+    def _stages(self, operator: AcquisitionOperator, axes: Sequence[int],
+                slice_normal: int | Sequence[int] | None) -> list[tuple[AcquisitionOperator, int, Any]]:
+        """``(operator, axis, slice_normal)`` of each sampling stage: one for one coarse axis; for two, first the
+        acquisition along ``axes[0]`` on the grid in between (2D slices across ``axes[1]``, the only planes there
+        whose other axis is fine), then the one along ``axes[1]`` on the HR grid, whose composition is
+        ``operator`` (:meth:`~gen_sr.physics.AcquisitionOperator.factor`)."""
+        if len(axes) == 1:
+            return [(operator, axes[0], slice_normal)]
+        inner, outer = operator.factor([axes[1]])
+        return [(outer, axes[0], axes[1] if self.spatial_dims == 2 else None), (inner, axes[1], slice_normal)]
 
     def _condition_image(self, operator: AcquisitionOperator, y: torch.Tensor) -> torch.Tensor:
         how = self.model_card.condition
