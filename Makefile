@@ -29,7 +29,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-demo: $(VENV)/.installed
+demo: data
 	$(BIN)/gen-sr demo --output-dir $(DEMO_DIR) --overwrite
 
 lint: $(VENV)/.installed-dev

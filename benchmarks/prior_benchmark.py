@@ -34,29 +34,13 @@ import torch
 from scipy.stats import spearmanr
 
 from gen_sr.eval.baselines import BASELINES, baseline
-from gen_sr.eval.cases import Case, simulate_case, super_resolve
+from gen_sr.eval.cases import Case, held_out_head, simulate_case, super_resolve
 from gen_sr.eval.metrics import psnr
 from gen_sr.eval.uncertainty import coverage
 from gen_sr.io import atomic_write
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.guidance import final_projection
 from gen_sr.pipelines.tiling import SliceTiler
-from gen_sr.sample_data import load_sample
-from gen_sr.volume import IntensityNormalization, Volume
-
-
-def held_out_head(name: str, contrast: str, slab_mm: float) -> tuple[Volume, np.ndarray]:
-    """The head (or its T2-like brain) in RAS+, cut to a coronal slab through the centre, and its brain mask."""
-    head, brain = load_sample(name).canonical(), load_sample(f"{name}_brain").canonical().data > 0
-    if contrast == "t2like":
-        norm = IntensityNormalization.fit(head.data[brain])
-        head = head.with_data(np.where(brain, np.clip(1.1 - norm(head.data), 0.05, None), 0).astype(np.float32))
-    if slab_mm > 0:
-        width = round(slab_mm / head.spacing[1])
-        lo = head.shape[1] // 2 - width // 2
-        start, stop = [0, lo, 0], [head.shape[0], lo + width, head.shape[2]]
-        head, brain = head.crop(start, stop), brain[:, lo:lo + width]
-    return head, brain
 
 
 def _spearman(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
@@ -128,7 +112,7 @@ def main() -> None:
     trained = {n.removesuffix("_brain") for n in pipe.model_card.trained_on}
     if args.brain in trained:
         raise SystemExit(f"{args.model} was trained on {args.brain}: measure on a head it never saw")
-    head, brain = held_out_head(args.brain, args.contrast, args.slab)
+    head, brain = held_out_head(args.brain, contrast=args.contrast, slab_mm=args.slab)
     kwargs = {"num_samples": args.samples, "num_inference_steps": args.steps, "batch_size": 64,
               "generator": [torch.Generator().manual_seed(k) for k in range(args.samples)]}
     rows = {}

@@ -34,8 +34,12 @@ Switching between the two is only the ``spatial_dims`` config value; everything 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+import itertools
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +47,20 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
+from gen_sr.errors import InputError
+
 __all__ = [
+    "AUTOENCODERS",
     "CONDITION_MODES",
+    "Autoencoder",
     "AutoencoderKLModel",
     "ConditionMode",
     "ConditionalUNetModel",
+    "HaarAutoencoder",
+    "LatentSpaceMixin",
     "condition_channels",
     "latent_condition",
+    "load_autoencoder",
     "set_sdpa_attention",
 ]
 
@@ -68,7 +79,115 @@ def _shape_str(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
-class AutoencoderKLModel(ModelMixin, ConfigMixin):
+class LatentSpaceMixin:
+    """What every autoencoder here shares: the *scaled* latent that the diffusion model works on,
+    ``z * scaling_factor`` (:meth:`encode_latent` / :meth:`decode_latent`), as in Rombach et al., and the shape checks.
+    ``scaling_factor`` is measured on training images (typically ``1 / std(z)``) and recorded in the config with
+    :meth:`set_scaling_factor`. A class using it has ``config`` entries ``spatial_dims``, ``in_channels``,
+    ``latent_channels`` and ``scaling_factor``, a :attr:`downsample_factor`, and ``encode``, ``sample_latent`` and
+    ``decode`` on unscaled latents."""
+
+    config: Any
+    downsample_factor: int
+
+    @property
+    def scaling_factor(self) -> float:
+        """The latent scaling factor recorded in the config."""
+        return float(self.config.scaling_factor)
+
+    def set_scaling_factor(self, value: float) -> None:
+        """Record a new latent scaling factor in the config (saved by ``save_pretrained``).
+
+        Args:
+            value: positive factor, typically ``1 / std`` of unscaled latents of training images.
+        """
+        value = float(value)
+        if not value > 0:
+            raise ValueError(f"scaling_factor must be positive, got {value}.")
+        self.register_to_config(scaling_factor=value)
+
+    def latent_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        """Spatial shape of the latent of an image with the given spatial shape.
+
+        Args:
+            spatial_shape: image spatial shape ``(H, W)`` or ``(D, H, W)``; each a multiple of
+                :attr:`downsample_factor`.
+
+        Returns:
+            The latent spatial shape, ``spatial_shape // downsample_factor``.
+        """
+        spatial_shape = tuple(int(s) for s in spatial_shape)
+        f = self.downsample_factor
+        if len(spatial_shape) != self.config.spatial_dims or any(s % f for s in spatial_shape):
+            raise ValueError(
+                f"Image spatial shape {_shape_str(spatial_shape)} must have {self.config.spatial_dims} entries, "
+                f"each a multiple of the autoencoder's downsample factor {f}."
+            )
+        return tuple(s // f for s in spatial_shape)
+
+    def _check_image(self, x: torch.Tensor) -> None:
+        cfg = self.config
+        f = self.downsample_factor
+        if x.ndim != cfg.spatial_dims + 2 or x.shape[1] != cfg.in_channels or any(s % f for s in x.shape[2:]):
+            axes = "(B, C, H, W)" if cfg.spatial_dims == 2 else "(B, C, D, H, W)"
+            raise ValueError(
+                f"{type(self).__name__} expects images {axes} with C={cfg.in_channels} and spatial sizes that are "
+                f"multiples of {f}; got {_shape_str(x.shape)}."
+            )
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        cfg = self.config
+        if z.ndim != cfg.spatial_dims + 2 or z.shape[1] != cfg.latent_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects latents (B, {cfg.latent_channels}, *S) with {cfg.spatial_dims} "
+                f"spatial axes; got {_shape_str(z.shape)}."
+            )
+
+    def encode_latent(
+        self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Scaled latent of images, the variable the diffusion model works on.
+
+        Args:
+            x: images ``(B, C_in, H, W)`` or ``(B, C_in, D, H, W)``.
+            sample: draw from the posterior instead of taking its mean.
+            generator: generator for the posterior sample.
+
+        Returns:
+            ``(z - shift) * scale``, ``(B, latent_channels, *S / downsample_factor)``: ``z * scaling_factor``, or
+            for a :class:`HaarAutoencoder` with band statistics each band standardised.
+        """
+        mu, sigma = self.encode(x)
+        z = self.sample_latent(mu, sigma, generator=generator) if sample else mu
+        shift, scale = self._latent_affine(z)
+        return (z - shift) * scale
+
+    def decode_latent(self, z_scaled: torch.Tensor) -> torch.Tensor:
+        """Decode a *scaled* latent (undoes :meth:`encode_latent`'s scaling first).
+
+        Args:
+            z_scaled: scaled latent ``(B, latent_channels, *S)`` (:meth:`encode_latent`'s).
+
+        Returns:
+            Images ``(B, C_out, *S * downsample_factor)``.
+        """
+        shift, scale = self._latent_affine(z_scaled)
+        return self.decode(z_scaled / scale + shift)
+
+    def _latent_affine(self, z: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """``(shift, scale)`` of the scaled latent, broadcastable to ``z``."""
+        return 0.0, self.scaling_factor
+
+    @torch.no_grad()
+    def fit_latent_scaling(self, batches: Iterable[torch.Tensor]) -> str:
+        """Measure and record how latents are scaled, from some training images ``(B, C_in, *S)``: here
+        ``scaling_factor = 1 / std`` of the unscaled posterior means (Rombach et al.). Returns a description."""
+        latents = torch.cat([self.encode(x)[0].flatten() for x in batches])
+        self.set_scaling_factor(float(1.0 / latents.std().clamp_min(1e-6)))
+        return f"latent scaling factor {self.scaling_factor:.4f}"
+
+
+class AutoencoderKLModel(LatentSpaceMixin, ModelMixin, ConfigMixin):
     """KL-regularised autoencoder (MONAI ``AutoencoderKL``) that maps images to a scaled latent space and back.
 
     Images are ``(B, in_channels, H, W)`` (``spatial_dims=2``) or ``(B, in_channels, D, H, W)``
@@ -155,59 +274,6 @@ class AutoencoderKLModel(ModelMixin, ConfigMixin):
         """Ratio between image and latent size along every spatial axis: ``2 ** (len(channels) - 1)``."""
         return 2 ** (len(self.config.channels) - 1)
 
-    @property
-    def scaling_factor(self) -> float:
-        """The latent scaling factor recorded in the config."""
-        return float(self.config.scaling_factor)
-
-    def set_scaling_factor(self, value: float) -> None:
-        """Record a new latent scaling factor in the config (saved by ``save_pretrained``).
-
-        Args:
-            value: positive factor, typically ``1 / std`` of unscaled latents of training images.
-        """
-        value = float(value)
-        if not value > 0:
-            raise ValueError(f"scaling_factor must be positive, got {value}.")
-        self.register_to_config(scaling_factor=value)
-
-    def latent_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
-        """Spatial shape of the latent of an image with the given spatial shape.
-
-        Args:
-            spatial_shape: image spatial shape ``(H, W)`` or ``(D, H, W)``; each a multiple of
-                :attr:`downsample_factor`.
-
-        Returns:
-            The latent spatial shape, ``spatial_shape // downsample_factor``.
-        """
-        spatial_shape = tuple(int(s) for s in spatial_shape)
-        f = self.downsample_factor
-        if len(spatial_shape) != self.config.spatial_dims or any(s % f for s in spatial_shape):
-            raise ValueError(
-                f"Image spatial shape {_shape_str(spatial_shape)} must have {self.config.spatial_dims} entries, "
-                f"each a multiple of the autoencoder's downsample factor {f}."
-            )
-        return tuple(s // f for s in spatial_shape)
-
-    def _check_image(self, x: torch.Tensor) -> None:
-        cfg = self.config
-        f = self.downsample_factor
-        if x.ndim != cfg.spatial_dims + 2 or x.shape[1] != cfg.in_channels or any(s % f for s in x.shape[2:]):
-            axes = "(B, C, H, W)" if cfg.spatial_dims == 2 else "(B, C, D, H, W)"
-            raise ValueError(
-                f"AutoencoderKLModel expects images {axes} with C={cfg.in_channels} and spatial sizes that are "
-                f"multiples of {f}; got {_shape_str(x.shape)}."
-            )
-
-    def _check_latent(self, z: torch.Tensor) -> None:
-        cfg = self.config
-        if z.ndim != cfg.spatial_dims + 2 or z.shape[1] != cfg.latent_channels:
-            raise ValueError(
-                f"AutoencoderKLModel expects latents (B, {cfg.latent_channels}, *S) with {cfg.spatial_dims} "
-                f"spatial axes; got {_shape_str(z.shape)}."
-            )
-
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and standard deviation of the (unscaled) latent.
 
@@ -239,23 +305,6 @@ class AutoencoderKLModel(ModelMixin, ConfigMixin):
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + eps * sigma
 
-    def encode_latent(
-        self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Scaled latent of images, the variable the diffusion model works on.
-
-        Args:
-            x: images ``(B, C_in, H, W)`` or ``(B, C_in, D, H, W)``.
-            sample: draw from the posterior instead of taking its mean.
-            generator: generator for the posterior sample.
-
-        Returns:
-            ``z * scaling_factor``, ``(B, latent_channels, *S / downsample_factor)``.
-        """
-        mu, sigma = self.encode(x)
-        z = self.sample_latent(mu, sigma, generator=generator) if sample else mu
-        return z * self.scaling_factor
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Decode an *unscaled* latent.
 
@@ -267,17 +316,6 @@ class AutoencoderKLModel(ModelMixin, ConfigMixin):
         """
         self._check_latent(z)
         return self.net.decode(z)
-
-    def decode_latent(self, z_scaled: torch.Tensor) -> torch.Tensor:
-        """Decode a *scaled* latent (divides by ``scaling_factor`` first).
-
-        Args:
-            z_scaled: scaled latent ``(B, latent_channels, *S)``.
-
-        Returns:
-            Images ``(B, C_out, *S * downsample_factor)``.
-        """
-        return self.decode(z_scaled / self.scaling_factor)
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None
@@ -295,6 +333,167 @@ class AutoencoderKLModel(ModelMixin, ConfigMixin):
         mu, sigma = self.encode(x)
         z = self.sample_latent(mu, sigma, generator=generator)
         return self.net.decode(z), mu, sigma
+
+
+def _haar_filters(spatial_dims: int) -> torch.Tensor:
+    """The ``2**d`` orthonormal Haar filters of one level in ``d`` dimensions, ``(2**d, 1, 2, ..., 2)``: outer
+    products of the low-pass ``[1, 1] / √2`` and high-pass ``[1, -1] / √2`` filters along each axis (LL, LH, HL, HH
+    in 2D). They are an orthonormal basis of every 2 x 2 (x 2) block, so the stride-2 convolution with them is an
+    orthogonal map and its transpose is its exact inverse."""
+    low, high = torch.tensor([1.0, 1.0]) / math.sqrt(2.0), torch.tensor([1.0, -1.0]) / math.sqrt(2.0)
+    filters = []
+    for bands in itertools.product((low, high), repeat=spatial_dims):
+        f = bands[0]
+        for b in bands[1:]:
+            f = torch.outer(f.flatten(), b).reshape(*f.shape, 2)
+        filters.append(f)
+    return torch.stack(filters)[:, None]
+
+
+class HaarAutoencoder(LatentSpaceMixin, ModelMixin, ConfigMixin):
+    """An exact autoencoder: the orthonormal Haar wavelet transform, applied ``levels`` times to every band (a full
+    wavelet-packet decomposition). Images ``(B, C, *S)`` become latents ``(B, C * 2**(d * levels), *S / 2**levels)``
+    (4 channels at half the size for one level in 2D, 8 in 3D), and :meth:`decode` inverts :meth:`encode` to
+    float round-off, for every image and every contrast.
+
+    It has no weights and needs no training. As the latent of a diffusion model it keeps what a learned autoencoder
+    at the same size (downsampling 2, 4 channels: no compression) is for, a UNet on a quarter of the positions,
+    without its reconstruction error, which is the same in every sample and so invisible to their spread (the
+    wavelet diffusion models of Phung et al., CVPR 2023, and of Friedrich et al., 2024, for 3D medical images, do
+    the same). Data-consistency corrections, ``E(x + δ) − E(x) = E(δ)``, are exact too, since it is linear.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        levels: decomposition levels; the downsampling factor is ``2**levels``.
+        latent_channels: ``in_channels * 2**(spatial_dims * levels)``; it is computed, and given only so that a
+            saved config loads (another value is an error).
+        scaling_factor: multiplies latents before diffusion (and divides them before decoding), where no band
+            statistics are set.
+        band_mean, band_std: per latent channel, the mean and std of each band on training images
+            (:meth:`fit_latent_scaling`); the diffusion model then works on standardised bands. The low-pass band
+            holds nearly all of an image's energy and the detail bands a few per cent of it, so one common scale
+            would drown the detail, which is what super-resolution has to find, in the first few noise levels.
+    """
+
+    @register_to_config
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, levels: int = 1,
+                 latent_channels: int | None = None, scaling_factor: float = 1.0,
+                 band_mean: Sequence[float] | None = None, band_std: Sequence[float] | None = None) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if levels < 1:
+            raise ValueError(f"levels must be at least 1, got {levels}.")
+        if scaling_factor <= 0:
+            raise ValueError(f"scaling_factor must be positive, got {scaling_factor}.")
+        channels = in_channels * 2 ** (spatial_dims * levels)
+        if latent_channels not in (None, channels):
+            raise ValueError(f"a {levels}-level Haar transform of {in_channels} channel(s) in {spatial_dims}D has "
+                             f"{channels} latent channels, not {latent_channels}.")
+        self.register_to_config(latent_channels=channels, scaling_factor=float(scaling_factor))
+        self.register_buffer("filters", _haar_filters(spatial_dims))  # saved, so that the folder has weights
+        if (band_mean is None) != (band_std is None):
+            raise ValueError("give both band_mean and band_std, or neither")
+        if band_mean is not None:
+            self.set_band_statistics(band_mean, band_std)
+
+    def set_band_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Record each band's mean and std (``latent_channels`` values each; std > 0), saved in the config."""
+        mean, std = [float(m) for m in mean], [float(s) for s in std]
+        n = self.config.latent_channels
+        if len(mean) != n or len(std) != n or not all(s > 0 for s in std):
+            raise ValueError(f"band statistics need {n} means and {n} positive stds, got {mean} and {std}")
+        self.register_to_config(band_mean=tuple(mean), band_std=tuple(std))
+
+    def _latent_affine(self, z: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        if self.config.band_mean is None:
+            return 0.0, self.scaling_factor
+        shape = (1, -1, *[1] * self.config.spatial_dims)
+        mean = torch.tensor(self.config.band_mean, dtype=z.dtype, device=z.device).reshape(shape)
+        return mean, 1.0 / torch.tensor(self.config.band_std, dtype=z.dtype, device=z.device).reshape(shape)
+
+    @torch.no_grad()
+    def fit_latent_scaling(self, batches: Iterable[torch.Tensor]) -> str:
+        """Measure and record each band's mean and std on some training images ``(B, C_in, *S)``."""
+        z = torch.cat([self.encode(x)[0].transpose(0, 1).flatten(1) for x in batches], dim=1).double()
+        self.set_band_statistics(z.mean(dim=1).tolist(), z.std(dim=1).clamp_min(1e-6).tolist())
+        return "band means " + ", ".join(f"{m:.3g}" for m in self.config.band_mean) + "; stds " + ", ".join(
+            f"{s:.3g}" for s in self.config.band_std)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** int(self.config.levels)
+
+    def _conv(self, transpose: bool) -> Callable:
+        if self.config.spatial_dims == 2:
+            return F.conv_transpose2d if transpose else F.conv2d
+        return F.conv_transpose3d if transpose else F.conv3d
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The wavelet coefficients, and a zero ``sigma`` (the posterior is a point).
+
+        Args:
+            x: images ``(B, C_in, H, W)`` or ``(B, C_in, D, H, W)``, sizes multiples of :attr:`downsample_factor`.
+
+        Returns:
+            ``(z, zeros)``, each ``(B, latent_channels, *S / downsample_factor)``.
+        """
+        self._check_image(x)
+        z, w = x, self.filters.to(x.dtype)
+        for _ in range(self.config.levels):  # every band into 2**d bands at half the size
+            b, c = z.shape[:2]
+            z = self._conv(False)(z.reshape(b * c, 1, *z.shape[2:]), w, stride=2)
+            z = z.reshape(b, c * w.shape[0], *z.shape[2:])
+        return z, torch.zeros_like(z)
+
+    def sample_latent(self, mu: torch.Tensor, sigma: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """The latent itself (the posterior is a point mass)."""
+        return mu
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse transform of *unscaled* coefficients ``(B, latent_channels, *S)`` → ``(B, C_in, *S * f)``."""
+        self._check_latent(z)
+        x, w = z, self.filters.to(z.dtype)
+        k = w.shape[0]
+        for _ in range(self.config.levels):
+            b, c = x.shape[:2]
+            x = self._conv(True)(x.reshape(b * c // k, k, *x.shape[2:]), w, stride=2)
+            x = x.reshape(b, c // k, *x.shape[2:])
+        return x
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(reconstruction, z, zeros)``, as :meth:`AutoencoderKLModel.forward` returns."""
+        z, sigma = self.encode(x)
+        return self.decode(z), z, sigma
+
+
+Autoencoder = AutoencoderKLModel | HaarAutoencoder
+"""Either autoencoder: the latent space of a latent diffusion model."""
+
+AUTOENCODERS: dict[str, type] = {"AutoencoderKLModel": AutoencoderKLModel, "HaarAutoencoder": HaarAutoencoder}
+"""The autoencoder classes by the ``_class_name`` their saved ``config.json`` records."""
+
+
+def load_autoencoder(path: str | Path) -> Autoencoder:
+    """An exported autoencoder folder (``save_pretrained``), of whichever class its ``config.json`` names.
+
+    Raises:
+        InputError: no ``config.json``, or a class that is not one of :data:`AUTOENCODERS`.
+    """
+    config = Path(path) / "config.json"
+    try:
+        name = json.loads(config.read_text()).get("_class_name")
+    except FileNotFoundError:
+        raise InputError("no exported autoencoder here (config.json)", path,
+                         "run gen_sr.training.train_autoencoder first, or set autoencoder_path") from None
+    except ValueError as e:
+        raise InputError(f"is not readable JSON ({e})", config) from None
+    if name not in AUTOENCODERS:
+        raise InputError(f"names autoencoder class {name!r}; expected one of {sorted(AUTOENCODERS)}", config)
+    return AUTOENCODERS[name].from_pretrained(path)
 
 
 class ConditionalUNetModel(ModelMixin, ConfigMixin):

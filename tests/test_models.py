@@ -8,12 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gen_sr.errors import InputError
 from gen_sr.models import (
     CONDITION_MODES,
     AutoencoderKLModel,
     ConditionalUNetModel,
+    HaarAutoencoder,
     condition_channels,
     latent_condition,
+    load_autoencoder,
 )
 
 DIMS = [2, 3]
@@ -244,3 +247,48 @@ def test_from_pretrained_float64_and_num_parameters(tmp_path: Path) -> None:
     unet.net.time_embed.requires_grad_(False)
     frozen = sum(p.numel() for p in unet.net.time_embed.parameters())
     assert unet.num_parameters(only_trainable=True) == n - frozen
+
+
+@pytest.mark.parametrize(("spatial_dims", "levels"), [(2, 1), (2, 2), (3, 1)])
+def test_haar_autoencoder_is_exact_orthogonal_and_saves(spatial_dims: int, levels: int, tmp_path: Path) -> None:
+    """The wavelet latent inverts to round-off for any image, keeps its energy (an orthogonal map), is linear (so a
+    data-consistency correction re-encodes exactly), and round-trips through save_pretrained/load_autoencoder."""
+    vae = HaarAutoencoder(spatial_dims=spatial_dims, levels=levels, scaling_factor=2.5)
+    f, k = 2**levels, 2 ** (spatial_dims * levels)
+    assert vae.downsample_factor == f and vae.config.latent_channels == k
+    x = torch.randn(3, 1, *[4 * f] * spatial_dims, generator=torch.Generator().manual_seed(0))
+    z = vae.encode_latent(x)
+    assert z.shape == (3, k, *[4] * spatial_dims) and torch.allclose(z, vae.encode(x)[0] * 2.5)
+    assert torch.allclose(vae.decode_latent(z), x, atol=1e-5)
+    assert torch.allclose((z / 2.5).pow(2).sum(), x.pow(2).sum(), rtol=1e-5)  # orthonormal
+    d = torch.randn_like(x)
+    assert torch.allclose(vae.encode_latent(x + d) - vae.encode_latent(x), vae.encode_latent(d), atol=1e-5)
+    constant = vae.encode(torch.ones(1, 1, *[2 * f] * spatial_dims))[0]
+    assert torch.count_nonzero(constant.abs() > 1e-6) == 2**spatial_dims  # a flat image: only the low-pass band
+    vae.save_pretrained(tmp_path / "haar")
+    loaded = load_autoencoder(tmp_path / "haar")
+    assert type(loaded) is HaarAutoencoder and loaded.scaling_factor == 2.5
+    assert torch.equal(loaded.encode_latent(x), z)
+    with pytest.raises(ValueError, match="latent channels"):
+        HaarAutoencoder(spatial_dims=spatial_dims, levels=levels, latent_channels=k + 1)
+    # band statistics: every band of training-like images comes out standardised, and it still inverts exactly
+    images = [torch.rand(4, 1, *[4 * f] * spatial_dims, generator=torch.Generator().manual_seed(s)) * 3 + 1
+              for s in range(3)]
+    assert "band means" in vae.fit_latent_scaling(images)
+    z = torch.cat([vae.encode_latent(x) for x in images]).transpose(0, 1).flatten(1)
+    assert torch.allclose(z.mean(dim=1), torch.zeros(k), atol=1e-4)
+    assert torch.allclose(z.std(dim=1), torch.ones(k), atol=1e-3)
+    assert torch.allclose(vae.decode_latent(vae.encode_latent(images[0])), images[0], atol=1e-5)
+    vae.save_pretrained(tmp_path / "bands")
+    again = load_autoencoder(tmp_path / "bands")
+    assert torch.allclose(again.encode_latent(images[1]), vae.encode_latent(images[1]))
+    with pytest.raises(ValueError, match="multiples of"):
+        vae.encode(torch.zeros(1, 1, *[4 * f + 1] * spatial_dims))
+
+
+def test_load_autoencoder_names_what_it_cannot_load(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no exported autoencoder"):
+        load_autoencoder(tmp_path)
+    (tmp_path / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    with pytest.raises(InputError, match="expected one of"):
+        load_autoencoder(tmp_path)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import cached_head
 
 from gen_sr.cli import main
 from gen_sr.errors import InputError
@@ -20,7 +21,6 @@ from gen_sr.sample_data import (
     subject_deformation,
     synthetic_subject,
 )
-from gen_sr.volume import Volume
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +67,13 @@ def test_tissue_maps_follow_the_subjects_deformation(subject: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- real heads
-def _cached(name: str) -> Volume:
-    from gen_sr.sample_data import REGISTRY_SOURCES, data_cache
-
-    if not (data_cache() / REGISTRY_SOURCES[name].file).is_file():
-        pytest.skip(f"{name} is not in the data cache {data_cache()}: run `make data` (its registry was not "
-                    "reachable when make test ran)")
-    return load_sample(name)
-
-
 @pytest.mark.parametrize(("name", "shape", "spacing", "orientation"), [
     ("colin27", (181, 217, 181), (1.0, 1.0, 1.0), ("R", "A", "S")),
     ("robex", (116, 150, 155), (1.5, 1.5, 1.5), ("L", "A", "S")),
 ])
 def test_each_real_head_loads_with_its_true_geometry(name: str, shape: tuple, spacing: tuple,
                                                      orientation: tuple) -> None:
-    head = _cached(name)
+    head = cached_head(name)
     assert head.shape == shape and head.orientation == orientation
     np.testing.assert_allclose(head.spacing, spacing, atol=1e-5)
     assert head.data.dtype == np.float32 and head.data.min() >= 0 and head.data.max() > 100
@@ -92,7 +83,7 @@ def test_each_real_head_loads_with_its_true_geometry(name: str, shape: tuple, sp
 
 @pytest.mark.parametrize("name", ["colin27", "robex"])
 def test_each_head_comes_without_skull_too(name: str) -> None:
-    head, brain = _cached(name), _cached(f"{name}_brain")
+    head, brain = cached_head(name), cached_head(f"{name}_brain")
     assert brain.shape == head.shape and np.allclose(brain.affine, head.affine)
     inside = brain.data > 0
     assert 0.05 < float(inside.mean()) < 0.5 * float((head.data > 0).mean())  # the skull and scalp are gone
@@ -152,7 +143,7 @@ def test_a_registry_that_cannot_be_reached_is_one_clear_line(tmp_path: Path) -> 
 
 
 def test_synthetic_subjects_of_a_real_head() -> None:
-    head = _cached("robex")
+    head = cached_head("robex")
     subject = synthetic_subject(2, name="robex")
     assert subject.shape == head.shape and "synthetic subject 2" in subject.source
     assert not np.allclose(subject.data, head.data, atol=1.0)

@@ -26,10 +26,12 @@ from gen_sr.eval.metrics import region_masks
 from gen_sr.model_card import Holdout, ModelCard
 from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, simulate_acquisition
 from gen_sr.risk import Calibration
-from gen_sr.volume import Volume
+from gen_sr.sample_data import load_sample
+from gen_sr.volume import IntensityNormalization, Volume
 
-__all__ = ["REGIONS", "Case", "SRModel", "SROutput", "balanced_cuts", "calibration_slabs", "crop_to_foreground",
-           "has_calibration_slab", "heldout_case", "heldout_slab", "load_hr_volumes", "model_slab",
+__all__ = ["HELD_OUT_HEAD", "REGIONS", "Case", "SRModel", "SROutput", "balanced_cuts", "calibration_slabs",
+           "crop_to_foreground", "has_calibration_slab", "held_out_head", "heldout_case", "heldout_slab",
+           "load_hr_volumes", "model_slab",
            "read_operator_transforms", "simulate_case", "simulate_cases", "super_resolve", "training_slabs"]
 
 Region = Literal["all", "train", "calibration", "heldout"]
@@ -195,6 +197,42 @@ def crop_to_foreground(volume: Volume, margin: int = 4) -> Volume:
 def _foreground_box(volume: Volume, margin: int) -> tuple[np.ndarray, np.ndarray]:
     box = np.argwhere(region_masks(volume.data)["brain"])
     return np.maximum(box.min(0) - margin, 0), np.minimum(box.max(0) + 1 + margin, volume.shape)
+
+
+HELD_OUT_HEAD = "colin27"
+"""The real head that no training, calibration or design choice of the shipped models sees: Colin27, one person
+(27 averaged scans, 1 mm, with skull; Debian's mricron-data). The training heads are templates or a reference
+head; a single real person, skull included, is the hardest and most honest test of the ones we can ship."""
+
+
+def held_out_head(name: str = HELD_OUT_HEAD, *, contrast: Literal["t1", "t2like"] = "t1", slab_mm: float = 0.0,
+                  margin: int | None = None) -> tuple[Volume, np.ndarray]:
+    """A real head in RAS+ and its brain mask (its own brain-extracted image, ``<name>_brain``), for measuring.
+
+    Args:
+        name: a head of :mod:`gen_sr.sample_data` that has a ``_brain`` version (``colin27``, ``robex``).
+        contrast: ``"t1"`` as scanned, or ``"t2like"``: the brain's intensities inverted (CSF bright, white matter
+            dark; the skull removed), a crude T2-like contrast.
+        slab_mm: cut to a coronal slab this wide through the centre (0: the whole head), to bound the cost.
+        margin: crop to the head's bounding box plus this many voxels (``None``: no crop).
+
+    Returns:
+        ``(head, brain)``: the volume and a boolean mask on its grid.
+    """
+    head, brain = load_sample(name).canonical(), load_sample(f"{name}_brain").canonical().data > 0
+    if contrast == "t2like":
+        norm = IntensityNormalization.fit(head.data[brain])
+        head = head.with_data(np.where(brain, np.clip(1.1 - norm(head.data), 0.05, None), 0).astype(np.float32))
+    start, stop = np.zeros(3, int), np.asarray(head.shape)
+    if slab_mm > 0:
+        width = max(1, round(slab_mm / head.spacing[1]))
+        start[1] = head.shape[1] // 2 - width // 2
+        stop[1] = start[1] + width
+    if margin is not None:
+        lo, hi = _foreground_box(head.crop(start, stop), margin)
+        start, stop = start + lo, start + hi
+    box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+    return head.crop(start, stop), brain[box]
 
 
 def super_resolve(pipe: SRModel, case: Case, **kwargs: Any) -> SROutput:

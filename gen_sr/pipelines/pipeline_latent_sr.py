@@ -30,7 +30,7 @@ from diffusers.utils import BaseOutput
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
 from gen_sr.model_card import ModelCard
-from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, latent_condition, set_sdpa_attention
+from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, set_sdpa_attention
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, operator_from_spacings
 from gen_sr.pipelines.guidance import GradientGuidance, ProjectionGuidance, final_projection
 from gen_sr.pipelines.tiling import PatchTiler, SliceTiler
@@ -99,7 +99,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        vae: AutoencoderKLModel,
+        vae: Autoencoder,
         unet: ConditionalUNetModel,
         scheduler: Any,
         model_card: ModelCard | dict[str, Any] | None = None,

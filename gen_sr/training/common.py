@@ -263,8 +263,9 @@ def _steps(run: Run, model: torch.nn.Module, batches: Iterator, step: int,
 def finish(run: Run, model: torch.nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check that every rank holds the same parameters and write ``summary.json``; returns the summary."""
     acc = run.accelerator
-    params = acc.unwrap_model(model).parameters()
-    fingerprint = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(acc.device)
+    params = [p.detach().double().sum() for p in acc.unwrap_model(model).parameters()]
+    fingerprint = (torch.stack(params).sum() if params else torch.zeros((), dtype=torch.float64)).reshape(1)
+    fingerprint = fingerprint.to(acc.device)
     prints = acc.gather(fingerprint).cpu().tolist()
     timings = sorted(run.timings[1:] or run.timings)  # the first step pays one-off costs
     summary = {

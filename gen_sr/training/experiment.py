@@ -20,10 +20,15 @@ __all__ = ["AutoencoderConfig", "ExperimentConfig", "NoiseScheduleConfig", "Trai
 
 @dataclass
 class AutoencoderConfig:
-    """The KL autoencoder (:class:`gen_sr.models.AutoencoderKLModel`) and its loss (L1 + ``kl_weight`` KL, plus an
-    optional patch-adversarial term and a perceptual term that is skipped, with one warning, when its pretrained
-    weights are not available offline; see :class:`gen_sr.training.losses.AutoencoderLoss`)."""
+    """The autoencoder: ``kind="kl"``, a learned KL autoencoder (:class:`gen_sr.models.AutoencoderKLModel`) and its
+    loss (L1 + ``kl_weight`` KL, plus an optional patch-adversarial term and a perceptual term that is skipped, with
+    one warning, when its pretrained weights are not available offline; see
+    :class:`gen_sr.training.losses.AutoencoderLoss`); or ``kind="haar"``, the exact Haar wavelet transform of
+    ``levels`` levels (:class:`gen_sr.models.HaarAutoencoder`), which needs no training (the autoencoder stage only
+    measures its latent scaling factor and exports it) and ignores the other fields."""
 
+    kind: Literal["kl", "haar"] = "kl"
+    levels: int = 1
     channels: tuple[int, ...] = (32, 64, 64)
     latent_channels: int = 3
     num_res_blocks: int = 1

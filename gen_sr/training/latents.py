@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from diffusers import SchedulerMixin
 
-from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, latent_condition
+from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition
 
-__all__ = ["ddim_sample", "encode_pair", "estimate_scaling_factor"]
+__all__ = ["ddim_sample", "encode_pair"]
 
 
 @torch.no_grad()
 def encode_pair(
-    vae: AutoencoderKLModel, hr: torch.Tensor, lr: torch.Tensor, mode: str
+    vae: Autoencoder, hr: torch.Tensor, lr: torch.Tensor, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean latent of the HR image and the UNet condition built from the LR image.
 
@@ -29,13 +27,6 @@ def encode_pair(
     """
     z0 = vae.encode_latent(hr)
     return z0, latent_condition(lr, z0.shape[2:], vae=vae, mode=mode)
-
-
-@torch.no_grad()
-def estimate_scaling_factor(vae: AutoencoderKLModel, batches: Iterable[torch.Tensor]) -> float:
-    """``1 / std`` of the unscaled posterior means over some HR batches ``(B, 1, *S)`` (Rombach et al.)."""
-    latents = [vae.encode(x)[0].flatten() for x in batches]
-    return float(1.0 / torch.cat(latents).std().clamp_min(1e-6))
 
 
 @torch.no_grad()

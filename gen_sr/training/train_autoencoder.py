@@ -17,16 +17,17 @@ from typing import Any
 import torch
 
 from gen_sr.data import load_training_volumes
-from gen_sr.models import AutoencoderKLModel
+from gen_sr.models import Autoencoder, AutoencoderKLModel, HaarAutoencoder
 from gen_sr.training import common
 from gen_sr.training.experiment import ExperimentConfig
-from gen_sr.training.latents import estimate_scaling_factor
 from gen_sr.training.losses import AutoencoderLoss
 from gen_sr.training.validation import validate_autoencoder
 
 
-def build_autoencoder(cfg: ExperimentConfig) -> AutoencoderKLModel:
+def build_autoencoder(cfg: ExperimentConfig) -> Autoencoder:
     a = cfg.autoencoder
+    if a.kind == "haar":
+        return HaarAutoencoder(spatial_dims=cfg.spatial_dims, in_channels=1, levels=a.levels)
     return AutoencoderKLModel(
         spatial_dims=cfg.spatial_dims, in_channels=1, out_channels=1, channels=a.channels,
         latent_channels=a.latent_channels, num_res_blocks=a.num_res_blocks, attention_levels=a.attention_levels,
@@ -40,6 +41,11 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     acc = run.accelerator
     train_loader, val_loader = common.make_loaders(run, volumes)
     vae = build_autoencoder(cfg)
+    if cfg.autoencoder.kind == "haar":  # exact and fixed: nothing to train
+        acc.print(f"autoencoder: the {cfg.autoencoder.levels}-level Haar wavelet transform (exact; not trained)")
+        export(run, vae, val_loader)
+        common.finish(run, vae, {"parameters": 0})
+        return
     a = cfg.autoencoder
     loss_fn = AutoencoderLoss(
         spatial_dims=cfg.spatial_dims, kl_weight=a.kl_weight, adversarial_weight=a.adversarial_weight,
@@ -82,14 +88,15 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     common.finish(run, vae, {"parameters": acc.unwrap_model(vae).num_parameters()})
 
 
-def export(run: Any, vae: AutoencoderKLModel, loader: Any) -> None:
-    """Measure the latent scaling factor and write ``model/`` (main process)."""
+def export(run: Any, vae: Autoencoder, loader: Any) -> None:
+    """Measure how latents are scaled (:meth:`~gen_sr.models.LatentSpaceMixin.fit_latent_scaling`) and write
+    ``model/`` (main process)."""
 
     def write(out: Path) -> str:
         vae.eval()
-        vae.set_scaling_factor(estimate_scaling_factor(vae, (b["hr"].to(run.accelerator.device) for b in loader)))
+        scaling = vae.fit_latent_scaling(b["hr"].to(run.accelerator.device) for b in loader)
         vae.save_pretrained(out)
-        return f" (latent scaling factor {vae.scaling_factor:.4f})"
+        return f" ({scaling})"
 
     common.export_model(run, write)
 

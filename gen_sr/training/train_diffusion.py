@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler
 
+from gen_sr import models
 from gen_sr.config import config_to_dict
 from gen_sr.data import load_training_volumes, training_ranges
 from gen_sr.errors import InputError
-from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, condition_channels
+from gen_sr.models import Autoencoder, ConditionalUNetModel, condition_channels
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.schedulers import DDIMDataConsistencyScheduler
 from gen_sr.training.common import (
@@ -42,19 +43,16 @@ from gen_sr.training.losses import diffusion_target, objective_loss, sampling_ov
 from gen_sr.training.validation import validate_diffusion
 
 
-def load_autoencoder(cfg: ExperimentConfig) -> AutoencoderKLModel:
+def load_autoencoder(cfg: ExperimentConfig) -> Autoencoder:
     path = cfg.vae_dir()
-    if not (path / "config.json").is_file():
-        raise InputError("no trained autoencoder here", path, "run gen_sr.training.train_autoencoder first, "
-                         "or set autoencoder_path")
-    vae = AutoencoderKLModel.from_pretrained(path)
+    vae = models.load_autoencoder(path)
     if vae.config.spatial_dims != cfg.spatial_dims:
         raise InputError(f"the autoencoder is {vae.config.spatial_dims}D but data.crop_size is "
                          f"{cfg.spatial_dims}D", path)
     return vae.eval().requires_grad_(False)
 
 
-def build_unet(cfg: ExperimentConfig, vae: AutoencoderKLModel) -> ConditionalUNetModel:
+def build_unet(cfg: ExperimentConfig, vae: Autoencoder) -> ConditionalUNetModel:
     u, latent = cfg.unet, vae.config.latent_channels
     return ConditionalUNetModel(
         spatial_dims=cfg.spatial_dims, latent_channels=latent,
@@ -105,7 +103,7 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     finish(run, unet, {"parameters": acc.unwrap_model(unet).num_parameters()})
 
 
-def export(run: Any, unet: ConditionalUNetModel, ema: Any, vae: AutoencoderKLModel, noise_scheduler: Any,
+def export(run: Any, unet: ConditionalUNetModel, ema: Any, vae: Autoencoder, noise_scheduler: Any,
            ranges: tuple[tuple[float, float], tuple[float, float]]) -> None:
     """Write ``model/``: a :class:`~gen_sr.pipelines.LatentDiffusionSRPipeline` folder with the EMA UNet, the VAE,
     a DDIM scheduler with the training schedule, and its model card (what it was trained for, with ``ranges``:

@@ -13,7 +13,7 @@ import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 
 from gen_sr.eval.metrics import psnr, ssim
-from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel
+from gen_sr.models import Autoencoder, ConditionalUNetModel
 from gen_sr.training.latents import ddim_sample, encode_pair
 from gen_sr.training.losses import diffusion_target, objective_loss, sampling_overrides, training_timesteps
 
@@ -29,7 +29,7 @@ def _psnr_batch(estimate: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def validate_autoencoder(vae: AutoencoderKLModel, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
+def validate_autoencoder(vae: Autoencoder, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
     """Reconstruction PSNR and L1 of the posterior mean, averaged over the held-out batches."""
     was_training = vae.training
     vae.eval()
@@ -46,7 +46,7 @@ def validate_autoencoder(vae: AutoencoderKLModel, batches: Iterable[Batch], devi
 @torch.no_grad()
 def validate_diffusion(
     unet: ConditionalUNetModel,
-    vae: AutoencoderKLModel,
+    vae: Autoencoder,
     noise_scheduler: SchedulerMixin,
     batches: Iterable[Batch],
     *,
