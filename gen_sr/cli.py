@@ -244,7 +244,7 @@ def _cases(args: argparse.Namespace, pipe) -> list:
     """The HR volumes of ``--data``, cut to ``--region``, with the acquisition simulated on each."""
     from gen_sr.eval.cases import load_hr_volumes, read_operator_transforms, simulate_cases
 
-    named = load_hr_volumes(args.data, pipe, args.region, args.model)
+    named = load_hr_volumes(args.data, pipe, args.region, args.model, slab_mm=args.slab)
     any_axis = pipe.model_card.trained_for.any_axis
     transforms = read_operator_transforms(args.operator, None if any_axis else pipe.sr_axis) if args.operator else None
     return simulate_cases(named, axis=pipe.sr_axis, thickness=args.slice_thickness, spacing=args.slice_spacing,
@@ -266,7 +266,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                    blocks=args.blocks, interval=args.interval)
     except ValueError as e:
         raise InputError(f"cannot calibrate: {e}", hint="see gen-sr calibrate --help") from None
-    details = {"data": list(args.data), "region": args.region, "operator": args.operator,
+    details = {"data": list(args.data), "region": args.region, "slab_mm": args.slab, "operator": args.operator,
                "slice_thickness": args.slice_thickness, "profile": args.profile, "snr": args.snr,
                "samples": args.samples, "steps": _steps(args, pipe), "guidance": args.guidance, "seed": args.seed,
                "mask": "foreground of the reference"}
@@ -312,7 +312,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     regression = _load_pipeline(args, args.regression_model) if args.regression_model else None
     rows = evaluate(pipe, cases, regression=regression, **_sampling_kwargs(args))
     meta = {"model": str(args.model), "regression_model": args.regression_model, "data": list(args.data),
-            "region": args.region,
+            "region": args.region, "slab_mm": args.slab,
             "operator": args.operator, "slice_thickness": args.slice_thickness, "profile": args.profile,
             "snr": args.snr, "samples": args.samples, "steps": _steps(args, pipe), "guidance": args.guidance,
             "seed": args.seed,
@@ -332,7 +332,7 @@ def cmd_stress_test(args: argparse.Namespace) -> int:
     if args.slice_spacing is not None or args.operator is not None:
         raise InputError("the stress test simulates contiguous slices of --slice-thickness",
                          hint="leave out --slice-spacing and --operator")
-    volumes = [v for _, v in load_hr_volumes(args.data, pipe, args.region, args.model)]
+    volumes = [v for _, v in load_hr_volumes(args.data, pipe, args.region, args.model, slab_mm=args.slab)]
     kwargs = _sampling_kwargs(args)
     kwargs.pop("generator")
     try:
@@ -474,6 +474,9 @@ def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", choices=("all", "train", "calibration", "heldout"), default="all",
                    help="use the whole volumes, or only the training, calibration or held-out slab the model folder "
                         "records, cropped to the brain's bounding box (default: all)")
+    p.add_argument("--slab", type=_non_negative_float, default=0.0, metavar="MM",
+                   help="then cut each volume to a coronal slab this wide through its centre, to bound the cost "
+                        "(default: 0, the whole volume)")
     p.add_argument("--slice-thickness", type=_positive_float, default=4.0, metavar="MM",
                    help="simulated slice thickness in mm (default: 4)")
     p.add_argument("--slice-spacing", type=_positive_float, metavar="MM", help="default: the thickness")

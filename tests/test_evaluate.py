@@ -150,6 +150,21 @@ def test_heldout_case_is_the_recorded_slab_cropped_to_the_foreground() -> None:
     np.testing.assert_allclose(case.hr.affine[:3, 3], [2, 10, 3])
 
 
+def test_a_central_slab_bounds_the_cost_and_keeps_the_geometry() -> None:
+    from gen_sr.eval.cases import central_slab, load_hr_volumes
+
+    data = np.random.default_rng(0).random((6, 20, 8)).astype(np.float32)
+    affine = np.diag([1.0, 2.0, 1.0, 1.0])
+    cut = central_slab(Volume(data, affine), 8.0)  # 4 voxels of 2 mm through the centre: y 8..11
+    np.testing.assert_array_equal(cut.data, data[:, 8:12])
+    np.testing.assert_allclose(cut.affine[:3, 3], [0, 16, 0])
+    assert central_slab(Volume(data, affine), 0).shape == data.shape
+    assert central_slab(Volume(data, affine), 1000).shape == data.shape
+    (name, whole), = load_hr_volumes(["mni152"])
+    (_, slab), = load_hr_volumes(["mni152"], slab_mm=10)
+    assert name == "mni152" and slab.shape == (whole.shape[0], 10, whole.shape[2])
+
+
 def test_training_slabs_tile_the_training_region_only() -> None:
     from gen_sr.eval.cases import training_slabs
 

@@ -30,9 +30,9 @@ from gen_sr.sample_data import load_sample
 from gen_sr.volume import IntensityNormalization, Volume
 
 __all__ = ["HELD_OUT_HEAD", "REGIONS", "Case", "SRModel", "SROutput", "balanced_cuts", "calibration_slabs",
-           "crop_to_foreground", "has_calibration_slab", "held_out_head", "heldout_case", "heldout_slab",
-           "load_hr_volumes", "model_slab",
-           "read_operator_transforms", "simulate_case", "simulate_cases", "super_resolve", "training_slabs"]
+           "central_slab", "crop_to_foreground", "has_calibration_slab", "held_out_head", "heldout_case",
+           "heldout_slab", "load_hr_volumes", "model_slab", "read_operator_transforms", "simulate_case",
+           "simulate_cases", "super_resolve", "training_slabs"]
 
 Region = Literal["all", "train", "calibration", "heldout"]
 REGIONS: tuple[str, ...] = ("all", "train", "calibration", "heldout")
@@ -223,16 +223,28 @@ def held_out_head(name: str = HELD_OUT_HEAD, *, contrast: Literal["t1", "t2like"
     if contrast == "t2like":
         norm = IntensityNormalization.fit(head.data[brain])
         head = head.with_data(np.where(brain, np.clip(1.1 - norm(head.data), 0.05, None), 0).astype(np.float32))
-    start, stop = np.zeros(3, int), np.asarray(head.shape)
-    if slab_mm > 0:
-        width = max(1, round(slab_mm / head.spacing[1]))
-        start[1] = head.shape[1] // 2 - width // 2
-        stop[1] = start[1] + width
+    start, stop = _central_slab(head, slab_mm)
     if margin is not None:
         lo, hi = _foreground_box(head.crop(start, stop), margin)
         start, stop = start + lo, start + hi
     box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
     return head.crop(start, stop), brain[box]
+
+
+def central_slab(volume: Volume, slab_mm: float) -> Volume:
+    """A volume in RAS+ cut to a coronal slab ``slab_mm`` wide through its centre (0: the whole volume), to bound
+    the cost of super-resolving it."""
+    canon = volume.canonical()
+    return canon.crop(*_central_slab(canon, slab_mm))
+
+
+def _central_slab(canon: Volume, slab_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    start, stop = np.zeros(3, int), np.asarray(canon.shape)
+    if slab_mm > 0:
+        width = min(canon.shape[1], max(1, round(slab_mm / canon.spacing[1])))
+        start[1] = canon.shape[1] // 2 - width // 2
+        stop[1] = start[1] + width
+    return start, stop
 
 
 def super_resolve(pipe: SRModel, case: Case, **kwargs: Any) -> SROutput:
@@ -248,11 +260,12 @@ def balanced_cuts(mask: np.ndarray, parts: int, axis: int = 0) -> np.ndarray:
 
 
 def load_hr_volumes(data: Sequence[str], pipe: SRModel | None = None, region: Region = "all",
-                    model: str | Path | None = None) -> list[tuple[str, Volume]]:
+                    model: str | Path | None = None, slab_mm: float = 0.0) -> list[tuple[str, Volume]]:
     """``(name, Volume)`` of every HR volume of ``data`` (NIfTI files, folders of them, or sample names such as
     ``"mni152"``: :func:`gen_sr.data.read_volumes`), cut to ``region``: ``"all"``, or the ``"train"``,
     ``"calibration"`` or ``"heldout"`` slab that ``pipe``'s model card records, cropped to the foreground as the
-    benchmarks crop it (:func:`model_slab`, :func:`crop_to_foreground`). ``model`` names the model folder in errors."""
+    benchmarks crop it (:func:`model_slab`, :func:`crop_to_foreground`), then to a coronal slab ``slab_mm`` wide
+    through the centre (:func:`central_slab`; 0: no cut). ``model`` names the model folder in errors."""
     if region not in REGIONS:
         raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
     if region != "all":
@@ -264,6 +277,8 @@ def load_hr_volumes(data: Sequence[str], pipe: SRModel | None = None, region: Re
     if region != "all":
         split = {"heldout": "val"}.get(region, region)
         named = [(n, crop_to_foreground(model_slab(pipe, v, split))) for n, v in named]  # type: ignore[arg-type]
+    if slab_mm > 0:
+        named = [(n, central_slab(v, slab_mm)) for n, v in named]
     return named
 
 
