@@ -5,9 +5,9 @@ follows the error.
     python benchmarks/prior_benchmark.py --model models/mni2d [--regression-model models/mni2d_regression] \\
         [--axis 2] [--contrast t1|t2like] [--slab 24] [--samples 8] [--steps 50] [--output PATH]
 
-The head is cut to a slab of ``--slab`` mm along the coronal axis through its centre (0: the whole head; at 2-3 us
-per voxel, sample and step a whole 1 mm head takes hours on a CPU), degraded with 4 mm Gaussian slices along RAS+
-``--axis`` (2: an axial stack, 1: coronal), noise-free and at SNR 30, and super-resolved with its exact operator.
+The head is cut to a slab of ``--slab`` mm through its centre, coronal (an axial one for a coronal stack, ``--axis
+1``; 0: the whole head, which takes hours on a CPU), degraded with 4 mm Gaussian slices along RAS+ ``--axis`` (2: an
+axial stack, 1: coronal), noise-free and at SNR 30, and super-resolved with its exact operator.
 Everything is measured inside the brain (Colin27's own brain-extracted image, ``colin27_brain``):
 
 * PSNR of the SR mean against the best interpolation (trilinear, cubic, sinc) and the regression baseline;
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--brain", default="colin27")
     parser.add_argument("--contrast", choices=("t1", "t2like"), default="t1")
     parser.add_argument("--axis", type=int, choices=(0, 1, 2), default=2, help="RAS+ axis of the thick slices")
-    parser.add_argument("--slab", type=float, default=24.0, help="coronal slab width in mm (0: the whole head)")
+    parser.add_argument("--slab", type=float, default=24.0, help="slab width in mm (0: the whole head)")
     parser.add_argument("--thickness", type=float, default=4.0)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
@@ -112,7 +112,8 @@ def main() -> None:
     trained = {n.removesuffix("_brain") for n in pipe.model_card.trained_on}
     if args.brain in trained:
         raise SystemExit(f"{args.model} was trained on {args.brain}: measure on a head it never saw")
-    head, brain = held_out_head(args.brain, contrast=args.contrast, slab_mm=args.slab)
+    slab_axis = 1 if args.axis != 1 else 2  # a coronal stack is cut into an axial slab
+    head, brain = held_out_head(args.brain, contrast=args.contrast, slab_mm=args.slab, slab_axis=slab_axis)
     kwargs = {"num_samples": args.samples, "num_inference_steps": args.steps, "batch_size": 64,
               "generator": [torch.Generator().manual_seed(k) for k in range(args.samples)]}
     rows = {}

@@ -637,9 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="models/mni2d", help="model folder (default: models/mni2d)")
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
     p.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model card's, 50 for the demo model)")
-    p.add_argument("--slab", type=_non_negative_float, default=12.0,
-                   help="width in mm of the coronal slab through the head's centre (0: the whole head, about 18 "
-                        "times as long) (default: 12)")
+    p.add_argument("--slab", type=_non_negative_float, default=6.0,
+                   help="width in mm of the coronal slab through the head's centre (0: the whole head, 36 times the "
+                        "voxels) (default: 6)")
     return parser
 
 

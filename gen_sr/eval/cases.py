@@ -206,14 +206,16 @@ head; a single real person, skull included, is the hardest and most honest test 
 
 
 def held_out_head(name: str = HELD_OUT_HEAD, *, contrast: Literal["t1", "t2like"] = "t1", slab_mm: float = 0.0,
-                  margin: int | None = None) -> tuple[Volume, np.ndarray]:
+                  slab_axis: int = 1, margin: int | None = None) -> tuple[Volume, np.ndarray]:
     """A real head in RAS+ and its brain mask (its own brain-extracted image, ``<name>_brain``), for measuring.
 
     Args:
         name: a head of :mod:`gen_sr.sample_data` that has a ``_brain`` version (``colin27``, ``robex``).
         contrast: ``"t1"`` as scanned, or ``"t2like"``: the brain's intensities inverted (CSF bright, white matter
             dark; the skull removed), a crude T2-like contrast.
-        slab_mm: cut to a coronal slab this wide through the centre (0: the whole head), to bound the cost.
+        slab_mm: cut to a slab this wide through the centre (0: the whole head), to bound the cost.
+        slab_axis: the RAS+ axis across the slab (1: coronal, the default; 2 for a coronal-stack acquisition, which
+            needs its slices along axis 1).
         margin: crop to the head's bounding box plus this many voxels (``None``: no crop).
 
     Returns:
@@ -223,7 +225,7 @@ def held_out_head(name: str = HELD_OUT_HEAD, *, contrast: Literal["t1", "t2like"
     if contrast == "t2like":
         norm = IntensityNormalization.fit(head.data[brain])
         head = head.with_data(np.where(brain, np.clip(1.1 - norm(head.data), 0.05, None), 0).astype(np.float32))
-    start, stop = _central_slab(head, slab_mm)
+    start, stop = _central_slab(head, slab_mm, slab_axis)
     if margin is not None:
         lo, hi = _foreground_box(head.crop(start, stop), margin)
         start, stop = start + lo, start + hi
@@ -231,19 +233,19 @@ def held_out_head(name: str = HELD_OUT_HEAD, *, contrast: Literal["t1", "t2like"
     return head.crop(start, stop), brain[box]
 
 
-def central_slab(volume: Volume, slab_mm: float) -> Volume:
-    """A volume in RAS+ cut to a coronal slab ``slab_mm`` wide through its centre (0: the whole volume), to bound
-    the cost of super-resolving it."""
+def central_slab(volume: Volume, slab_mm: float, axis: int = 1) -> Volume:
+    """A volume in RAS+ cut to a slab ``slab_mm`` wide across RAS+ ``axis`` (1: coronal) through its centre (0:
+    the whole volume), to bound the cost of super-resolving it."""
     canon = volume.canonical()
-    return canon.crop(*_central_slab(canon, slab_mm))
+    return canon.crop(*_central_slab(canon, slab_mm, axis))
 
 
-def _central_slab(canon: Volume, slab_mm: float) -> tuple[np.ndarray, np.ndarray]:
+def _central_slab(canon: Volume, slab_mm: float, axis: int) -> tuple[np.ndarray, np.ndarray]:
     start, stop = np.zeros(3, int), np.asarray(canon.shape)
     if slab_mm > 0:
-        width = min(canon.shape[1], max(1, round(slab_mm / canon.spacing[1])))
-        start[1] = canon.shape[1] // 2 - width // 2
-        stop[1] = start[1] + width
+        width = min(canon.shape[axis], max(1, round(slab_mm / canon.spacing[axis])))
+        start[axis] = canon.shape[axis] // 2 - width // 2
+        stop[axis] = start[axis] + width
     return start, stop
 
 
