@@ -111,10 +111,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _model_info(folder: Path) -> int:
     from gen_sr.model_card import ModelCard
+    from gen_sr.models import describe_autoencoder
     from gen_sr.risk import Calibration
 
     card, calibration = ModelCard.from_folder(folder), Calibration.load(folder)
-    rows = [("model", str(folder)), *card.summary(),
+    rows = [("model", str(folder)), *card.summary(), ("autoencoder", describe_autoencoder(folder / "vae")),
             ("calibration", "none (risk is the std over the intensity range)" if calibration is None else
              f"{calibration.describe()}, {calibration.method}, coverage {1 - calibration.alpha:g} target, "
              f"{calibration.num_volumes} units")]

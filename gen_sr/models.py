@@ -59,6 +59,7 @@ __all__ = [
     "HaarAutoencoder",
     "LatentSpaceMixin",
     "condition_channels",
+    "describe_autoencoder",
     "latent_condition",
     "load_autoencoder",
     "set_sdpa_attention",
@@ -475,6 +476,21 @@ Autoencoder = AutoencoderKLModel | HaarAutoencoder
 
 AUTOENCODERS: dict[str, type] = {"AutoencoderKLModel": AutoencoderKLModel, "HaarAutoencoder": HaarAutoencoder}
 """The autoencoder classes by the ``_class_name`` their saved ``config.json`` records."""
+
+
+def describe_autoencoder(path: str | Path) -> str:
+    """One line on an exported autoencoder folder, from its ``config.json`` alone (no weights are read)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "unknown (no readable config.json)"
+    if cfg.get("_class_name") == "HaarAutoencoder":
+        levels = int(cfg.get("levels", 1))
+        return (f"the Haar wavelet transform, {levels} level(s) (exact: no reconstruction error), "
+                f"{cfg.get('latent_channels')} channels at 1/{2**levels} the size")
+    channels = cfg.get("channels") or []
+    return (f"learned ({cfg.get('_class_name')}), {cfg.get('latent_channels')} channels at "
+            f"1/{2 ** max(len(channels) - 1, 0)} the size")
 
 
 def load_autoencoder(path: str | Path) -> Autoencoder:

@@ -15,6 +15,7 @@ from gen_sr.models import (
     ConditionalUNetModel,
     HaarAutoencoder,
     condition_channels,
+    describe_autoencoder,
     latent_condition,
     load_autoencoder,
 )
@@ -268,6 +269,7 @@ def test_haar_autoencoder_is_exact_orthogonal_and_saves(spatial_dims: int, level
     vae.save_pretrained(tmp_path / "haar")
     loaded = load_autoencoder(tmp_path / "haar")
     assert type(loaded) is HaarAutoencoder and loaded.scaling_factor == 2.5
+    assert describe_autoencoder(tmp_path / "haar").startswith(f"the Haar wavelet transform, {levels} level")
     assert torch.equal(loaded.encode_latent(x), z)
     with pytest.raises(ValueError, match="latent channels"):
         HaarAutoencoder(spatial_dims=spatial_dims, levels=levels, latent_channels=k + 1)
