@@ -66,6 +66,24 @@ def _losses(out: Path, stage: str) -> list[float]:
     return [m["loss"] for m in _metrics(out, stage) if "loss" in m]
 
 
+def test_a_wavelet_latent_needs_no_training_and_carries_into_the_pipeline(tmp_path: Path) -> None:
+    """autoencoder.kind=haar: the autoencoder stage only measures the band statistics and exports; the diffusion
+    stage trains on it, and the exported pipeline reconstructs its latents exactly."""
+    from gen_sr.models import HaarAutoencoder
+    from gen_sr.pipelines import LatentDiffusionSRPipeline
+
+    out = tmp_path / "haar"
+    result = _run("autoencoder", out, "--autoencoder.kind=haar")
+    assert "Haar wavelet transform (exact; not trained)" in result.stdout + result.stderr
+    checkpoints = out / "autoencoder" / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())  # nothing was trained
+    _run("diffusion", out, "--autoencoder.kind=haar", "--diffusion_training.steps=2")
+    pipe = LatentDiffusionSRPipeline.from_pretrained(out / "diffusion" / "model")
+    assert type(pipe.vae) is HaarAutoencoder and len(pipe.vae.config.band_std) == 4
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.allclose(pipe.vae.decode_latent(pipe.vae.encode_latent(x)), x, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
