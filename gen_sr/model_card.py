@@ -21,10 +21,10 @@ from gen_sr.errors import InputError
 __all__ = ["DEFAULT_INFERENCE_STEPS", "SECOND_COARSE_RATIO", "AcquisitionRanges", "Holdout", "ModelCard"]
 
 DEFAULT_INFERENCE_STEPS = 50
+"""Sampling steps of a diffusion model whose card says nothing else."""
 SECOND_COARSE_RATIO = 1.5
 """An axis at least this many times coarser than an input's finest is super-resolved too, where the model takes any
 slice axis (:meth:`ModelCard.axes_for`): a 1 x 1.2 x 5 mm scan has one coarse axis, a 1 x 3 x 5 mm scan two."""
-"""Sampling steps of a diffusion model whose card says nothing else."""
 _AXES = "RAS"
 
 

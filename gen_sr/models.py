@@ -478,18 +478,38 @@ AUTOENCODERS: dict[str, type] = {"AutoencoderKLModel": AutoencoderKLModel, "Haar
 """The autoencoder classes by the ``_class_name`` their saved ``config.json`` records."""
 
 
+def _saved_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of an exported autoencoder folder, with the name of a known class (:data:`AUTOENCODERS`).
+
+    Raises:
+        InputError: no ``config.json``, unreadable JSON, or a class that is not one of :data:`AUTOENCODERS`.
+    """
+    config = Path(path) / "config.json"
+    try:
+        cfg = json.loads(config.read_text())
+    except FileNotFoundError:
+        raise InputError("no exported autoencoder here (config.json)", path,
+                         "run gen_sr.training.train_autoencoder first, or set autoencoder_path") from None
+    except ValueError as e:
+        raise InputError(f"is not readable JSON ({e})", config) from None
+    name = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    if name not in AUTOENCODERS:
+        raise InputError(f"names autoencoder class {name!r}; expected one of {sorted(AUTOENCODERS)}", config)
+    return cfg
+
+
 def describe_autoencoder(path: str | Path) -> str:
     """One line on an exported autoencoder folder, from its ``config.json`` alone (no weights are read)."""
     try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return "unknown (no readable config.json)"
-    if cfg.get("_class_name") == "HaarAutoencoder":
+        cfg = _saved_config(path)
+    except InputError as e:
+        return f"unknown ({e})"
+    if cfg["_class_name"] == "HaarAutoencoder":
         levels = int(cfg.get("levels", 1))
         return (f"the Haar wavelet transform, {levels} level(s) (exact: no reconstruction error), "
                 f"{cfg.get('latent_channels')} channels at 1/{2**levels} the size")
     channels = cfg.get("channels") or []
-    return (f"learned ({cfg.get('_class_name')}), {cfg.get('latent_channels')} channels at "
+    return (f"learned ({cfg['_class_name']}), {cfg.get('latent_channels')} channels at "
             f"1/{2 ** max(len(channels) - 1, 0)} the size")
 
 
@@ -497,19 +517,9 @@ def load_autoencoder(path: str | Path) -> Autoencoder:
     """An exported autoencoder folder (``save_pretrained``), of whichever class its ``config.json`` names.
 
     Raises:
-        InputError: no ``config.json``, or a class that is not one of :data:`AUTOENCODERS`.
+        InputError: as :func:`_saved_config`.
     """
-    config = Path(path) / "config.json"
-    try:
-        name = json.loads(config.read_text()).get("_class_name")
-    except FileNotFoundError:
-        raise InputError("no exported autoencoder here (config.json)", path,
-                         "run gen_sr.training.train_autoencoder first, or set autoencoder_path") from None
-    except ValueError as e:
-        raise InputError(f"is not readable JSON ({e})", config) from None
-    if name not in AUTOENCODERS:
-        raise InputError(f"names autoencoder class {name!r}; expected one of {sorted(AUTOENCODERS)}", config)
-    return AUTOENCODERS[name].from_pretrained(path)
+    return AUTOENCODERS[_saved_config(path)["_class_name"]].from_pretrained(path)
 
 
 class ConditionalUNetModel(ModelMixin, ConfigMixin):

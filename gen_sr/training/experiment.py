@@ -25,7 +25,7 @@ class AutoencoderConfig:
     one warning, when its pretrained weights are not available offline; see
     :class:`gen_sr.training.losses.AutoencoderLoss`); or ``kind="haar"``, the exact Haar wavelet transform of
     ``levels`` levels (:class:`gen_sr.models.HaarAutoencoder`), which needs no training (the autoencoder stage only
-    measures its latent scaling factor and exports it) and ignores the other fields."""
+    measures each band's mean and std and exports it) and ignores the other fields."""
 
     kind: Literal["kl", "haar"] = "kl"
     levels: int = 1
