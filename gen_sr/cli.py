@@ -51,6 +51,10 @@ def _fraction(text: str) -> float:
     return _number(text, low=0, high=1, open_low=True, open_high=True, what="a number strictly between 0 and 1")
 
 
+def _strength(text: str) -> float:
+    return _number(text, low=0, high=1, open_low=True, what="a number in (0, 1]")
+
+
 def _finite_float(text: str) -> float:
     return _number(text)
 
@@ -201,7 +205,7 @@ def _load_pipeline(args: argparse.Namespace, folder: str | None = None):
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     import torch
 
-    return {"num_inference_steps": args.steps, "eta": args.eta, "num_samples": args.samples,
+    return {"num_inference_steps": args.steps, "eta": args.eta, "strength": args.strength, "num_samples": args.samples,
             "guidance": args.guidance, "batch_size": args.batch_size,
             "generator": torch.Generator().manual_seed(args.seed)}
 
@@ -269,7 +273,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise InputError(f"cannot calibrate: {e}", hint="see gen-sr calibrate --help") from None
     details = {"data": list(args.data), "region": args.region, "slab_mm": args.slab, "operator": args.operator,
                "slice_thickness": args.slice_thickness, "profile": args.profile, "snr": args.snr,
-               "samples": args.samples, "steps": _steps(args, pipe), "guidance": args.guidance, "seed": args.seed,
+               "samples": args.samples, "steps": _steps(args, pipe), "strength": args.strength,
+               "guidance": args.guidance, "seed": args.seed,
                "mask": "foreground of the reference"}
     try:
         result = calibrate(pipe, cases, alpha=args.alpha, delta=args.delta, method=args.method, blocks=args.blocks,
@@ -446,6 +451,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                    help="DDIM steps (default: the model folder's; 50 for diffusion, 1 for a regression model)")
     p.add_argument("--eta", type=_non_negative_float, default=0.0,
                    help="DDIM eta, >= 0 (default: 0, deterministic given the seed)")
+    p.add_argument("--strength", type=_strength, default=1.0,
+                   help="start the reverse process from the LR condition noised this far up, in (0, 1], and run that "
+                        "fraction of the steps (default: 1, from pure noise)")
     p.add_argument("--guidance", choices=("projection", "gradient", "none"), default="projection",
                    help="data consistency during sampling (default: projection); outputs are always projected")
     p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")

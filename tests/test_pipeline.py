@@ -91,6 +91,29 @@ def test_fused_orientations_are_reproducible_per_sample_and_data_consistent() ->
         pipe(lr, num_samples=1, slice_normal=(0, 2), **RUN)
 
 
+def test_strength_starts_from_the_noised_condition_and_runs_only_the_last_steps() -> None:
+    pipe, lr = _pipe(2, "haar"), _lr()
+    run = {"num_inference_steps": 10, "guidance": "none", "batch_size": 8}
+    seen: list[int] = []
+
+    def record(_pipe, _i, t, _kw):
+        seen.append(t)
+        return {}
+
+    full = pipe(lr, num_samples=2, generator=_gens(0, 1), callback_on_step_end=record, **run)
+    timesteps, seen = list(seen), []
+    part = pipe(lr, num_samples=2, generator=_gens(0, 1), strength=0.3, callback_on_step_end=record, **run)
+    assert seen == timesteps[-3:] and part.metadata["denoising_steps"] == 3 and part.metadata["strength"] == 0.3
+    alone = pipe(lr, num_samples=1, generator=_gens(1), strength=0.3, **run)
+    np.testing.assert_allclose(alone.samples[0], part.samples[1], rtol=1e-4, atol=1e-3)
+    # started near the condition, the samples differ far less than samples drawn from pure noise
+    near = pipe(lr, num_samples=2, generator=_gens(0, 1), strength=0.1, **run)
+    assert float(near.std.mean()) < 0.2 * float(full.std.mean())
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="strength must be in"):
+            pipe(lr, num_samples=1, strength=bad, **run)
+
+
 def test_noise_aware_projection_stops_at_the_noise_level() -> None:
     lr = _lr()
     out = _pipe(2)(lr, num_samples=2, generator=_gens(0, 1), noise_std=2.0, **RUN)

@@ -191,6 +191,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         noise_std: float = 0.0,
         num_inference_steps: int | None = None,
         eta: float = 0.0,
+        strength: float = 1.0,
         num_samples: int = 8,
         guidance: Literal["projection", "gradient", "none"] = "projection",
         guidance_scale: float = 1.0,
@@ -220,6 +221,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             noise_std: measurement noise std in input units (0: noise-free; > 0 makes projections noise-aware).
             num_inference_steps, eta: DDIM settings; the default steps are the model folder's
                 (``model_card.num_inference_steps``: 50 for diffusion, 1 for a regression model).
+            strength: where the reverse process starts, in (0, 1]: 1 starts from pure noise; below 1 it starts from
+                the encoded condition (the LR interpolated onto the HR grid) noised to the timestep ``strength`` of
+                the way up, and runs only the last ``round(strength * num_inference_steps)`` of the steps (diffusers'
+                img2img convention), since the LR already fixes the coarse image.
             num_samples: posterior samples ``N``; they are batch entries with one generator each.
             guidance: data consistency during sampling; ``guidance_scale`` is the gradient step size;
                 ``guidance_interval`` applies it every k-th step, counted back from the last one.
@@ -248,7 +253,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         # 1. check inputs
         _check_settings(eta=eta, noise_std=noise_std, num_samples=num_samples, batch_size=batch_size,
                         guidance=guidance, guidance_interval=guidance_interval, guidance_scale=guidance_scale,
-                        num_inference_steps=num_inference_steps)
+                        num_inference_steps=num_inference_steps, strength=strength)
         volume = self._as_volume(lr, affine, lr_spacing, volume_index)
         generators = self._generators(generator, num_samples)
         state = process_state()  # under `accelerate launch`, each process draws every world_size-th sample
@@ -278,7 +283,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         # 3. timesteps
         num_inference_steps = num_inference_steps or self.model_card.num_inference_steps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        timesteps = self.scheduler.timesteps[num_inference_steps - max(1, round(strength * num_inference_steps)):]
         guided = timesteps.flip(0)[::guidance_interval].tolist() if guidance != "none" else []
         mode = self.model_card.unet_condition
         timings["prepare_s"] = time.perf_counter() - tic
@@ -305,7 +310,13 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in local]).to(
                         device, dtype)
 
-                latents = noise() * self.scheduler.init_noise_sigma
+                if strength < 1:  # the encoded condition, noised to the first timestep (diffusers' img2img)
+                    start = torch.cat([self.vae.encode_latent(c) for c in tiler.split(condition_image).split(
+                        batch_size)]).to(dtype)
+                    start = start.repeat(len(local) // len(condition_image), *[1] * (start.ndim - 1))
+                    latents = self.scheduler.add_noise(start, noise(), timesteps[:1])
+                else:
+                    latents = noise() * self.scheduler.init_noise_sigma
                 hook = self._hook(guidance, tiler, *hook_args)
                 step_kwargs = self._step_kwargs(eta, hook)
                 _add_time(timings, "prepare_s", tic)
@@ -355,6 +366,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "seeds": [g.initial_seed() for g in generators],
             "num_inference_steps": num_inference_steps,
             "eta": eta,
+            "strength": strength,
+            "denoising_steps": len(timesteps),
             "num_samples": num_samples,
             "guidance": guidance,
             "guidance_scale": guidance_scale,
@@ -581,7 +594,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
 
 def _check_settings(*, eta: float, noise_std: float, num_samples: int, batch_size: int, guidance: str,
-                    guidance_interval: int, guidance_scale: float, num_inference_steps: int | None) -> None:
+                    guidance_interval: int, guidance_scale: float, num_inference_steps: int | None,
+                    strength: float = 1.0) -> None:
     """Refuse settings that cannot work, before any work (raises ``ValueError``)."""
     for name, value in (("eta", eta), ("noise_std", noise_std), ("guidance_scale", guidance_scale)):
         if not math.isfinite(value) or value < 0:
@@ -590,6 +604,8 @@ def _check_settings(*, eta: float, noise_std: float, num_samples: int, batch_siz
                         ("guidance_interval", guidance_interval), ("num_inference_steps", num_inference_steps or 1)):
         if count < 1:
             raise ValueError(f"{name} must be at least 1, got {count}")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     if guidance not in ("projection", "gradient", "none"):
         raise ValueError(f"guidance must be 'projection', 'gradient' or 'none', not {guidance!r}")
 
