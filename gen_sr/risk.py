@@ -70,10 +70,11 @@ class IntervalShape:
 
 
 def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing of the last three axes (reflecting at the borders)."""
+    """Gaussian smoothing of the last three axes (the border voxels repeated outwards, which, unlike reflecting, also
+    works on volumes thinner than the kernel, such as a 2 mm slab)."""
     kernel = gaussian_1d(torch.tensor(float(sigma)), normalize=True).to(x)
     flat = x.reshape(-1, 1, *x.shape[-3:])
-    return separable_filtering(flat, [kernel] * 3, mode="reflect").reshape(x.shape)
+    return separable_filtering(flat, [kernel] * 3, mode="replicate").reshape(x.shape)
 
 
 @dataclass

@@ -98,12 +98,14 @@ def test_interval_shape_spread_by_hand() -> None:
     np.testing.assert_allclose(IntervalShape(smoothing=1.5).spread(np.full_like(std, 2.0), ramp), 2.0)
     smoothed = IntervalShape(smoothing=1.0).spread(std, ramp)
     assert smoothed.std() < 0.7 * std.std() and abs(smoothed.mean() - std.mean()) < 0.02
-    # the gradient magnitude of a ramp of slope 3 is 3, away from the borders the smoothing reflects at
+    # the gradient magnitude of a ramp of slope 3 is 3, away from the borders the smoothing repeats
     edge = IntervalShape(edge_weight=0.5).spread(np.zeros_like(std), ramp)
     np.testing.assert_allclose(edge[5:-5], 1.5, rtol=1e-5)
     as_tensor = IntervalShape(1.0, 2.0, 0.5).spread(torch.from_numpy(std)[None, None].float(),
                                                     torch.from_numpy(ramp.copy())[None, None].float(), 0.25)
     assert isinstance(as_tensor, torch.Tensor) and as_tensor.shape == (1, 1, 14, 7, 8)
+    thin = IntervalShape(1.0, 0.0, 0.5).spread(std[:, :2], ramp[:, :2])  # a slab thinner than the kernel
+    assert thin.shape == (14, 2, 8) and np.isfinite(thin).all()
     np.testing.assert_allclose(as_tensor[0, 0].numpy(), IntervalShape(1.0, 2.0, 0.5).spread(std, ramp, 0.25),
                                rtol=1e-5)
 
