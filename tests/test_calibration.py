@@ -12,6 +12,7 @@ from scipy.stats import norm
 
 from gen_sr.eval.calibration import (
     CalibrationVolume,
+    check_calibration_settings,
     choose_shape,
     fit_calibration,
     hb_p_value,
@@ -88,6 +89,15 @@ def test_save_load_and_errors(tmp_path: Path) -> None:
         fit_calibration([np.ones(10)] * 3, [np.zeros(10)] * 3)
     with pytest.raises(ValueError, match="needs at least 22 volumes"):  # 0.9²² ≤ 0.1: no fewer can certify
         fit_calibration(errors[:21], stds[:21])
+    # the same limits, refused before any sampling: CRC needs 1 / (n + 1) <= alpha, so 9 units at alpha 0.1
+    fit_calibration(errors[:9], [s * 50 for s in stds[:9]], method="crc")
+    with pytest.raises(ValueError, match="needs at least 9"):
+        fit_calibration(errors[:8], [s * 50 for s in stds[:8]], method="crc")
+    with pytest.raises(ValueError, match="crc cannot reach .* 8 units .* at least 9"):
+        check_calibration_settings(4, blocks=2, method="crc")
+    with pytest.raises(ValueError, match="rcps cannot reach .* 21 units .* at least 22"):
+        check_calibration_settings(21)
+    check_calibration_settings(3, blocks=3, method="crc")
 
 
 def test_interval_shape_spread_by_hand() -> None:

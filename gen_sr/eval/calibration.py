@@ -47,7 +47,8 @@ from gen_sr.io import atomic_write
 from gen_sr.risk import Calibration, IntervalShape
 
 __all__ = ["SHAPE_CANDIDATES", "CalibrationResult", "CalibrationVolume", "calibrate", "calibration_volumes",
-           "check_calibration_settings", "choose_shape", "fit_calibration", "fit_shape", "hb_p_value", "split_units",
+           "check_calibration_settings", "choose_shape", "fit_calibration", "fit_shape", "hb_p_value", "minimum_units",
+           "split_units",
            "transfer_coverage", "upper_bound"]
 
 def hb_p_value(risk_hat: float | np.ndarray, n: int, alpha: float) -> float | np.ndarray:
@@ -58,6 +59,16 @@ def hb_p_value(risk_hat: float | np.ndarray, n: int, alpha: float) -> float | np
     kl = a * np.log(a / alpha) + (1 - a) * np.log((1 - a) / (1 - alpha))
     p = np.minimum(np.exp(-n * kl), math.e * binom.cdf(np.ceil(n * r), n, alpha))
     return float(p) if p.ndim == 0 else p
+
+
+def minimum_units(method: str, alpha: float, delta: float, bound: str = "hb") -> int:
+    """The fewest calibration units with which ``method`` can certify miss rate ``alpha`` at all (even when no voxel
+    of any unit misses): CRC needs ``1 / (n + 1) <= alpha``; RCPS needs its upper bound at zero risk below ``alpha``."""
+    if method == "crc":
+        return math.ceil(1 / alpha - 1 - 1e-9)
+    if bound == "hoeffding":
+        return math.ceil(math.log(1 / delta) / (2 * alpha**2))
+    return math.ceil(math.log(delta) / math.log(1 - alpha))
 
 
 def upper_bound(risk_hat: float, n: int, delta: float, bound: str = "hb") -> float:
@@ -117,8 +128,7 @@ def fit_calibration(
         raise ValueError(f"method must be 'rcps' or 'crc', not {method!r}")
     # λ̂: the start of the last run of accepted values (every λ from there on is accepted)
     if not ok[-1]:
-        need = {"crc": math.ceil(1 / alpha - 1), "hoeffding": math.ceil(math.log(1 / delta) / (2 * alpha**2)),
-                "hb": math.ceil(math.log(delta) / math.log(1 - alpha))}["crc" if method == "crc" else bound]
+        need = minimum_units(method, alpha, delta, bound)
         raise ValueError(f"no scale up to {max_scale} reaches a miss rate of {alpha} with {n} volumes "
                          f"(mean miss rate there: {risk[-1]:.3f}); this rule needs at least {need} volumes even "
                          "when nothing misses: use more calibration volumes, or a larger alpha or delta")
@@ -326,6 +336,11 @@ def check_calibration_settings(num_volumes: int, *, alpha: float = 0.1, delta: f
     if interval == "auto" and num_volumes < 3:
         raise ValueError(f"interval 'auto' chooses between shapes by leaving one volume out, and needs at least 3 "
                          f"volumes; got {num_volumes} (add volumes, or use interval 'std')")
+    need = minimum_units(method, alpha, delta)
+    if num_volumes * blocks < need:
+        raise ValueError(f"{method} cannot reach a miss rate of {alpha:g} with {num_volumes * blocks} units "
+                         f"({num_volumes} volume(s) x {blocks} block(s)): it needs at least {need} even when nothing "
+                         "misses (add volumes or --blocks, or raise alpha or delta)")
 
 
 def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta: float = 0.1,
