@@ -4,10 +4,10 @@ SSIM in the head's foreground (the autoencoder is the ceiling of every sample: i
 
     python benchmarks/autoencoder_quality.py --run runs/heads2d [--checkpoint latest] [--brain colin27] [--every 4] \
         [--contrast t1|t2like]
-    python benchmarks/autoencoder_quality.py --model models/mni2d/vae [--validation configs/mni2d.yaml]
+    python benchmarks/autoencoder_quality.py --model models/heads2d/vae [--validation configs/heads2d.yaml]
 
-The issue's target is 38 dB on the held-out brain's whole slices (``models/mni2d``'s autoencoder: 24.1 dB on held-out
-crops of the template).
+The issue's target is 38 dB on the held-out brain's whole slices (the first demo model's learned autoencoder: 24.1 dB
+on held-out crops of the template).
 """
 
 from __future__ import annotations

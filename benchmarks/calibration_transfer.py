@@ -1,7 +1,7 @@
 """Does a calibration fitted on some parts of the brain hold on another? Leave-one-out over the calibration volumes
 of the MNI152 template, then one measurement on the held-out slab.
 
-    python benchmarks/calibration_transfer.py --model models/mni2d --output-dir runs/calibration_transfer
+    python benchmarks/calibration_transfer.py --model models/heads2d --output-dir runs/calibration_transfer
 
 1. The calibration volumes: the model's reserved calibration slab (training never saw it) in ``--pieces`` pieces
    across sagittal slices, as ``benchmarks/calibration_volumes.py`` writes them; for a model without one, the

@@ -1,10 +1,11 @@
 """Calibration volumes for the demo model from the MNI152 template: the model's reserved *calibration* slab, which
 training never saw, cut into pieces of equal brain volume across sagittal slices
-(:func:`gen_sr.eval.cases.calibration_slabs`); for a model without one (the shipped ``models/mni2d``), the
-training region cut into slabs as thick as the held-out slab (:func:`gen_sr.eval.cases.training_slabs`).
+(:func:`gen_sr.eval.cases.calibration_slabs`); for a model without one (the first demo model,
+``configs/mni2d.yaml``), the training region cut into slabs as thick as the held-out slab
+(:func:`gen_sr.eval.cases.training_slabs`).
 
-    python benchmarks/calibration_volumes.py --model models/mni2d --output-dir runs/calibration_volumes
-    gen-sr calibrate --model models/mni2d --data runs/calibration_volumes --blocks 48 --interval auto ...
+    python benchmarks/calibration_volumes.py --model models/heads2d --output-dir runs/calibration_volumes
+    gen-sr calibrate --model models/heads2d --data runs/calibration_volumes --blocks 48 --interval auto ...
 
 With a single template there is only one brain, so the units are blocks of these volumes (``--blocks``), never
 voxels and never the held-out slab, on which coverage is then measured. Several volumes let ``--interval auto``

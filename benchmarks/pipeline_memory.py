@@ -21,7 +21,7 @@ from gen_sr.sample_data import load_mni152
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="models/mni2d")
+    parser.add_argument("--model", default="models/heads2d")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--crop", type=int, default=64, help="in-plane size of the HR crop (96 slices at 1 mm)")
     parser.add_argument("--steps", type=int, default=2)

@@ -1,6 +1,6 @@
 """Wall time and peak memory of the super-resolution pipeline, against a plain hand-written sampling loop.
 
-    python benchmarks/pipeline_speed.py --model runs/mni2d/diffusion/model [--steps 10] [--repeats 3]
+    python benchmarks/pipeline_speed.py --model models/heads2d [--steps 10] [--repeats 3]
 
 The input is the MNI152 template cropped to about 96 x 112 x 96 voxels at 1 mm and degraded to 4 mm slices. Each
 configuration runs in a fresh subprocess (so peak RSS is its own), ``--repeats`` times; medians are reported.

@@ -1,6 +1,6 @@
 """Plot a training run's curves: training loss and held-out validation figures of both stages.
 
-    python benchmarks/plot_training.py runs/mni2d --output docs/mni2d_training.png
+    python benchmarks/plot_training.py runs/heads2d_haar --output curves.png
 
 Reads ``<run>/autoencoder/metrics.jsonl`` and ``<run>/diffusion/metrics.jsonl`` (written by the training scripts).
 """

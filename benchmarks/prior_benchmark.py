@@ -2,7 +2,7 @@
 has seen): quality against the best interpolation and the regression baseline, and whether the sample spread
 follows the error.
 
-    python benchmarks/prior_benchmark.py --model models/mni2d [--regression-model models/mni2d_regression] \\
+    python benchmarks/prior_benchmark.py --model models/heads2d [--regression-model models/heads2d_regression] \\
         [--axis 2] [--contrast t1|t2like] [--slab 24] [--samples 8] [--steps 50] [--output PATH]
 
 The head is cut to a slab of ``--slab`` mm through its centre, coronal (an axial one for a coronal stack, ``--axis
@@ -53,7 +53,8 @@ def autoencoder_error(pipe: LatentDiffusionSRPipeline, case: Case) -> np.ndarray
     norm = pipe.intensity_normalization(case.lr.data)
     x = torch.from_numpy(norm(case.hr.data.astype(np.float32)))[None, None]
     axis = pipe.input_axes(case.lr, case.operator)[0]
-    tiler = SliceTiler(case.operator.hr_shape, 0 if axis != 0 else 1, axis, pipe.tile_multiple)
+    shape = case.operator.hr_shape
+    tiler = SliceTiler(shape, pipe.default_slice_normal(shape, axis), axis, pipe.tile_multiple)
     with torch.no_grad():
         tiles = torch.cat([pipe.vae.decode_latent(pipe.vae.encode_latent(t)) for t in tiler.split(x).split(32)])
         y = torch.from_numpy(norm(case.lr.data.astype(np.float32)))[None, None].double()
@@ -91,7 +92,7 @@ def measure(pipe: LatentDiffusionSRPipeline, regression: LatentDiffusionSRPipeli
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="models/mni2d")
+    parser.add_argument("--model", default="models/heads2d")
     parser.add_argument("--regression-model")
     parser.add_argument("--brain", default="colin27")
     parser.add_argument("--contrast", choices=("t1", "t2like"), default="t1")

@@ -1,6 +1,6 @@
 """Reproduce ``benchmarks/RESULTS.md``: quality, uncertainty, stress test and speed of the demo model, in one run.
 
-    python benchmarks/reproduce_results.py --model models/mni2d [--regression-model models/mni2d_regression] \\
+    python benchmarks/reproduce_results.py --model models/heads2d [--regression-model models/heads2d_regression] \\
         [--samples 8] [--steps 50] [--output benchmarks/RESULTS.md] [--skip-speed] [--quick]
 
 ``--quick`` is a check in about a minute (2 samples x 10 steps, 4 mm at SNR 30 only, a small stress test, no speed
@@ -117,7 +117,7 @@ def run_script(args: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="models/mni2d")
+    parser.add_argument("--model", default="models/heads2d")
     parser.add_argument("--regression-model")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
@@ -152,7 +152,7 @@ def main() -> None:
         f"Made by `{command}` on {datetime.date.today()} ({machine}). Each section names the command that made it; "
         "all figures of a section come from one run. The machines are shared and noisy: compare figures within a "
         "table, not across tables. What the figures mean, and which targets are missed and why: the model card "
-        "`models/mni2d/README.md`.\n",
+        f"`{args.model}/README.md`.\n",
         f"## Quality on the held-out slab\n\nModel `{args.model}`"
         + (f" (calibration: {pipe.calibration.method}, interval {pipe.calibration.describe()})" if pipe.calibration
            else " (uncalibrated)")

@@ -1,6 +1,6 @@
 """Does a 2D model need more than one slicing plane? Slice-to-slice consistency of single-plane and fused sampling.
 
-    python benchmarks/slice_consistency.py --model runs/mni2d/diffusion/model [--samples 4] [--steps 10]
+    python benchmarks/slice_consistency.py --model models/heads2d [--samples 4] [--steps 10]
 
 A 2D model super-resolves each slice on its own (here slices across RAS+ axis 0, sagittal, or axis 1, coronal; both
 contain the super-resolved inferior-superior axis), so neighbouring slices may disagree: seams in the orthogonal

@@ -8,9 +8,9 @@ exchangeable, as conformal calibration assumes; they vary less than real brains.
     for s in 1 2 3 4 5 6 7 8; do
       gen-sr sample-data --subject $s --output runs/subjects/calibration/subject_$s.nii.gz
     done
-    gen-sr calibrate --model models/mni2d --data runs/subjects/calibration --region heldout --snr 30 \\
+    gen-sr calibrate --model models/heads2d --data runs/subjects/calibration --region heldout --snr 30 \\
         --blocks 12 --interval auto --method crc --batch-size 64 --overwrite
-    python benchmarks/subject_calibration.py --model models/mni2d --output-dir runs/subject_calibration
+    python benchmarks/subject_calibration.py --model models/heads2d --output-dir runs/subject_calibration
 
 This script measures the calibration on *other* subjects (``--seeds``, never used to calibrate) and on the template
 itself, all on the model's held-out slab (training never saw it), degraded as the calibration was (4 mm Gaussian

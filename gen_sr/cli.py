@@ -643,12 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
             "it), with the demo model, and write the hallucination audit",
             overwrite="replace files from an earlier run")
     p.add_argument("--output-dir", default="demo_out", help="folder for the demo's files (default: demo_out)")
-    p.add_argument("--model", default="models/mni2d", help="model folder (default: models/mni2d)")
+    p.add_argument("--model", default="models/heads2d", help="model folder (default: models/heads2d)")
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
-    p.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model card's, 50 for the demo model)")
-    p.add_argument("--slab", type=_non_negative_float, default=6.0,
-                   help="width in mm of the coronal slab through the head's centre (0: the whole head, 36 times the "
-                        "voxels) (default: 6)")
+    p.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model card's, 25 for the demo model)")
+    p.add_argument("--slab", type=_non_negative_float, default=4.0,
+                   help="width in mm of the coronal slab through the head's centre (0: the whole head, 50 times the "
+                        "voxels) (default: 4)")
     return parser
 
 

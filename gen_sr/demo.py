@@ -29,13 +29,13 @@ from gen_sr.volume import save_volume
 
 __all__ = ["DEFAULT_MODEL", "run_demo"]
 
-DEFAULT_MODEL = Path("models") / "mni2d"
+DEFAULT_MODEL = Path("models") / "heads2d"
 THICKNESS_MM = 4.0
 SNR = 30.0
 SEED = 0
-SLAB_MM = 6.0
-"""The coronal slab of the held-out head that the demo super-resolves (0: the whole head, 36 times the voxels): the
-cost grows with the voxels. With ``models/mni2d`` (8 samples x 50 steps) an 8 mm slab took 400 s on the 2-core CPU."""
+SLAB_MM = 4.0
+"""The coronal slab of the held-out head that the demo super-resolves (0: the whole head, 50 times the voxels): the
+cost grows with the voxels, so that the demo stays under 5 minutes on the 2-core CPU (``benchmarks/RESULTS.md``)."""
 
 
 def run_demo(output_dir: Path, overwrite: bool = False, model: Path = DEFAULT_MODEL, num_samples: int = 8,

@@ -93,9 +93,9 @@ def test_save_load_and_errors(tmp_path: Path) -> None:
     fit_calibration(errors[:9], [s * 50 for s in stds[:9]], method="crc")
     with pytest.raises(ValueError, match="needs at least 9"):
         fit_calibration(errors[:8], [s * 50 for s in stds[:8]], method="crc")
-    with pytest.raises(ValueError, match="crc cannot reach .* 8 units .* at least 9"):
+    with pytest.raises(ValueError, match=r"crc cannot reach .* 8 units .* at least 9"):
         check_calibration_settings(4, blocks=2, method="crc")
-    with pytest.raises(ValueError, match="rcps cannot reach .* 21 units .* at least 22"):
+    with pytest.raises(ValueError, match=r"rcps cannot reach .* 21 units .* at least 22"):
         check_calibration_settings(21)
     check_calibration_settings(3, blocks=3, method="crc")
 

@@ -202,11 +202,11 @@ def test_console_script_runs_and_reports_usage_errors_with_exit_2() -> None:
 
 
 def test_info_shows_what_a_model_was_trained_for(capsys, tmp_path: Path) -> None:
-    code, out, _ = _run(capsys, "info", "--model", Path(__file__).parents[1] / "models" / "mni2d")
+    code, out, _ = _run(capsys, "info", "--model", Path(__file__).parents[1] / "models" / "heads2d")
     assert code == 0
-    for fragment in ("super-resolves:   RAS+ axis 2 (S)", "slice thickness:  2-6 mm", "held out:         the last 20%",
-                     "calibration:      mean ± 0.4525", "autoencoder:      learned (AutoencoderKLModel), 8 channels "
-                     "at 1/4 the size"):
+    for fragment in ("super-resolves:   any RAS+ axis", "slice thickness:  2-8 mm", "in-plane spacing: 0.7-1.5 mm",
+                     "held out:         the last 20%", "objective:        diffusion, 25 sampling step(s) by default",
+                     "calibration:      mean ± ", "autoencoder:      the Haar wavelet transform, 1 level(s)"):
         assert fragment in out
     code, _, err = _run(capsys, "info", "--model", tmp_path)
     assert code == 2 and "no model_index.json" in err

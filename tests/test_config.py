@@ -260,7 +260,7 @@ def test_the_shipped_model_card_matches_its_config() -> None:
     from gen_sr.training.experiment import ExperimentConfig
 
     root = Path(__file__).parents[1]
-    cfg = load_config(ExperimentConfig, root / "configs" / "mni2d.yaml")
-    card = ModelCard.from_folder(root / "models" / "mni2d")
+    cfg = load_config(ExperimentConfig, root / "configs" / "heads2d.yaml")
+    card = ModelCard.from_folder(root / "models" / "heads2d")
     assert card.trained_for == cfg.data.acquisition and card.unet_condition == cfg.unet.condition
     assert card.holdout is not None and card.holdout.fraction == cfg.data.holdout_fraction

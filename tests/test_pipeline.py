@@ -114,6 +114,14 @@ def test_strength_starts_from_the_noised_condition_and_runs_only_the_last_steps(
             pipe(lr, num_samples=1, strength=bad, **run)
 
 
+def test_a_2d_model_slices_across_the_shorter_other_axis_by_default() -> None:
+    """The widest slices hold the most context: a thin coronal slab is cut into coronal slices, not strips."""
+    pipe = _pipe(2)
+    for shape, normal in (((14, 6, 4), 1), ((6, 14, 4), 0), ((8, 8, 4), 0)):
+        out = pipe(_lr(shape), num_samples=1, generator=_gens(0), **RUN)
+        assert out.metadata["slice_normals"] == [normal]
+
+
 def test_noise_aware_projection_stops_at_the_noise_level() -> None:
     lr = _lr()
     out = _pipe(2)(lr, num_samples=2, generator=_gens(0, 1), noise_std=2.0, **RUN)
@@ -126,7 +134,8 @@ def test_noise_aware_projection_stops_at_the_noise_level() -> None:
 def test_std_is_zero_for_identical_samples_and_positive_otherwise() -> None:
     pipe, lr = _pipe(2), _lr()
     same = pipe(lr, num_samples=3, generator=_gens(5, 5, 5), **RUN)
-    assert float(same.std.max()) == 0.0 and float(same.risk.max()) == 0.0
+    # equal up to float rounding: the samples' tiles share network batches in different positions
+    assert float(same.std.max()) < 1e-5 * float(np.ptp(lr.data)) and float(same.risk.max()) < 1e-5
     different = pipe(lr, num_samples=3, generator=_gens(5, 6, 7), **RUN)
     assert float(different.std.mean()) > 0
 
@@ -198,7 +207,9 @@ def test_two_coarse_axes_are_super_resolved_one_after_the_other_with_exact_geome
     out = pipe(lr, num_samples=2, generator=_gens(0, 1), output_type="nifti", **RUN)
     first, second = hr.axis_to_canonical(2), hr.axis_to_canonical(1)  # RAS+ axes of the 6 and 3 mm file axes
     assert out.metadata["sr_axes"] == [first, second]
-    assert out.metadata["slice_normals"] == [[second], [0 if second != 0 else 1]]
+    shape = hr.canonical().shape  # the second stage slices across the shorter of the axes other than `second`
+    across = min((a for a in range(3) if a != second), key=shape.__getitem__)
+    assert out.metadata["slice_normals"] == [[second], [across]]
     sr = Volume(out.mean.get_fdata(dtype=np.float32), out.mean.affine)
     assert sr.shape == hr.shape and np.allclose(sr.affine, hr.affine, atol=1e-4)
     again, _, _ = simulate_acquisition(sr, acquisition)

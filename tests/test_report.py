@@ -328,7 +328,7 @@ CALIBRATION = {"scale": 0.4525472352276444, "alpha": 0.1, "delta": 0.1, "method"
                "num_volumes": 96, "risk_hat": 0.0902, "risk_upper": 0.1636,
                "details": {"data": ["runs/subjects/calibration"], "units": 96, "volumes": [f"s{i}" for i in range(8)]},
                "shape": {"smoothing": 1.0, "noise_floor": 0.0, "edge_weight": 3.2}}
-AUDIT_CARD = {"input": "sub-01_T1w_lr.nii.gz", "model": "models/mni2d",
+AUDIT_CARD = {"input": "sub-01_T1w_lr.nii.gz", "model": "models/heads2d",
               "operator": "axis 2: 4 mm slices every 4 mm, gaussian profile", "lr_spacing_mm": [1.0, 0.9, 2.2],
               "sr_spacing_mm": [1.0, 0.9, 1.1], "steps": 50, "samples": 8, "seeds": list(range(8)),
               "guidance": "projection", "noise_std": 0.03, "relative_residual_max": 0.0021,

@@ -1,7 +1,7 @@
 """``LatentDiffusionSRPipeline``: DDIM sampling conditioned on an LR volume, with data consistency, N samples and
 per-voxel uncertainty, on whole volumes with exact geometry.
 
-    pipe = LatentDiffusionSRPipeline.from_pretrained("models/mni2d")
+    pipe = LatentDiffusionSRPipeline.from_pretrained("models/heads2d")
     out = pipe("lr.nii.gz", num_samples=8, num_inference_steps=50, guidance="projection")
     out.mean, out.std, out.risk, out.dc_residual   # numpy volumes in the input's orientation, on the HR grid
 
@@ -230,15 +230,17 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 ``guidance_interval`` applies it every k-th step, counted back from the last one.
             generator: one generator, or one per sample (sample ``k`` then equals sample ``k`` run alone).
             batch_size: tiles per network call: the memory knob.
-            slice_normal: 2D models: the RAS+ axis that slices are taken across (default: the first axis that is
-                not the super-resolved one), or two axes, e.g. ``(0, 1)``, to fuse orientations: each sample is then
-                drawn once per slicing plane (from its own generator) and the volumes are averaged before the final
-                projection, at twice the cost. With two coarse axes (a model trained for every slice axis, an input
-                such as 1 x 3 x 5 mm) the coarser is super-resolved first, on slices across the other, and then each
-                sample along the other, on slices across ``slice_normal``; ``metadata["slice_normals"]`` then lists
-                both stages'. For the demo model it did not reduce slice-to-slice jitter
-                measurably (``benchmarks/slice_consistency.py``, ``benchmarks/RESULTS.md``), so one plane is the
-                default.
+            slice_normal: 2D models: the RAS+ axis that slices are taken across. Default: of the two axes that are
+                not super-resolved, the one along which the volume is shortest, so that each slice is as wide as
+                possible and the network sees the most context (on 8 mm slabs of the training heads' held-out
+                region, coronal slices gained +1.75 dB over interpolation where sagittal strips 8 voxels wide
+                gained +0.78; ``benchmarks/SAMPLING.md``). Two axes, e.g. ``(0, 1)``, fuse orientations: each
+                sample is then drawn once per slicing plane (from its own generator) and the volumes are averaged
+                before the final projection, at twice the cost; for the first demo model it did not reduce
+                slice-to-slice jitter measurably (``benchmarks/slice_consistency.py``), so one plane is the default.
+                With two coarse axes (a model trained for every slice axis, an input such as 1 x 3 x 5 mm) the
+                coarser is super-resolved first, on slices across the other, and then each sample along the other,
+                on slices across ``slice_normal``; ``metadata["slice_normals"]`` then lists both stages'.
             patch_size, patch_overlap: 3D models: patch size (default: the largest multiple of the downsampling
                 factor up to 64 per axis) and overlap fraction.
             keep_samples: keep all samples in the output (costs ``N`` volumes of memory).
@@ -545,6 +547,12 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         how = self.model_card.condition
         return operator.pinv(y) if how == "pinv" else operator.interpolate(y, how)
 
+    @staticmethod
+    def default_slice_normal(hr_shape: Sequence[int], axis: int) -> int:
+        """The RAS+ axis a 2D model slices across by default when super-resolving RAS+ ``axis`` of a volume of
+        ``hr_shape``: the shorter of the other two (the first on a tie), so that slices are as wide as possible."""
+        return min((a for a in range(3) if a != axis), key=lambda a: hr_shape[a])
+
     def _tilers(self, hr_shape: Sequence[int], axis: int, normals: int | Sequence[int] | None,
                 patch_size: Sequence[int] | None, overlap: float) -> list[SliceTiler] | list[PatchTiler]:
         """The tilings to sample on: one per slicing plane for 2D models (slices that contain the super-resolved
@@ -552,7 +560,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         f = self.tile_multiple
         if self.spatial_dims == 2:
             if normals is None:
-                normals = 0 if axis != 0 else 1
+                normals = self.default_slice_normal(hr_shape, axis)
             normals = [normals] if isinstance(normals, int) else list(normals)
             bad = [n for n in normals if n == axis or n not in (0, 1, 2)]
             if bad or not normals or len(set(normals)) != len(normals):
