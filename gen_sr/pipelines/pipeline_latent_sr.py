@@ -302,10 +302,14 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 # 4. latents: one generator per sample, tiles of all samples as one batch
                 tic = time.perf_counter()
                 latent_shape = tuple(s // self.vae.downsample_factor for s in tiler.tile_shape)
-                cond = torch.cat([latent_condition(c, latent_shape, self.vae, mode)
-                                  for c in tiler.split(condition_image).split(batch_size)])
-                if len(condition_image) == 1:  # one measurement for all samples
-                    cond = cond.repeat(len(local), *[1] * (cond.ndim - 1))
+                condition_tiles = tiler.split(condition_image).split(batch_size)
+                per_sample = len(local) // len(condition_image)  # one measurement for all samples, or one each
+
+                def for_samples(x: torch.Tensor, n: int = per_sample) -> torch.Tensor:
+                    return x.repeat(n, *[1] * (x.ndim - 1))
+
+                cond = for_samples(torch.cat([latent_condition(c, latent_shape, self.vae, mode)
+                                              for c in condition_tiles]))
                 shape = (tiler.num_tiles, self.vae.config.latent_channels, *latent_shape)
 
                 def noise(shape=shape) -> torch.Tensor:  # one draw per sample, from that sample's own generator
@@ -313,9 +317,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                         device, dtype)
 
                 if strength < 1:  # the encoded condition, noised to the first timestep (diffusers' img2img)
-                    start = torch.cat([self.vae.encode_latent(c) for c in tiler.split(condition_image).split(
-                        batch_size)]).to(dtype)
-                    start = start.repeat(len(local) // len(condition_image), *[1] * (start.ndim - 1))
+                    start = for_samples(torch.cat([self.vae.encode_latent(c) for c in condition_tiles]).to(dtype))
                     latents = self.scheduler.add_noise(start, noise(), timesteps[:1])
                 else:
                     latents = noise() * self.scheduler.init_noise_sigma
