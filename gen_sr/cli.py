@@ -205,7 +205,8 @@ def _load_pipeline(args: argparse.Namespace, folder: str | None = None):
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     import torch
 
-    return {"num_inference_steps": args.steps, "eta": args.eta, "strength": args.strength, "num_samples": args.samples,
+    return {"num_inference_steps": args.sampling_steps, "eta": args.eta, "strength": args.strength,
+            "num_samples": args.samples,
             "guidance": args.guidance, "batch_size": args.batch_size,
             "generator": torch.Generator().manual_seed(args.seed)}
 
@@ -217,7 +218,7 @@ def _acquisition_kwargs(args: argparse.Namespace) -> dict:
 
 def _steps(args: argparse.Namespace, pipe) -> int:
     """The DDIM steps a run uses: ``--steps``, else the model card's default."""
-    return args.steps or pipe.model_card.num_inference_steps
+    return args.sampling_steps or pipe.model_card.num_inference_steps
 
 
 def cmd_super_resolve(args: argparse.Namespace) -> int:
@@ -229,8 +230,11 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     sidecar = sidecar_path(outputs["mean"])
     check_output_file(sidecar, args.overwrite, inputs=[args.input])
     lr = load_volume(args.input, volume_index=args.volume)
-    pipe = _load_pipeline(args)
+    pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr)
     out = pipe(lr, keep_samples=False, output_type="np", **_acquisition_kwargs(args), **_sampling_kwargs(args))
+    out.metadata["timings"] = {**timings, **out.metadata["timings"]}
+    if pipe.model_card.adapted is not None:
+        out.metadata["adaptation"] = dataclasses.asdict(pipe.model_card.adapted)
     if not process_state().is_main_process:  # under `accelerate launch`, the main process writes the outputs
         return 0
     for key, path in outputs.items():
@@ -241,6 +245,81 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     print(f"wrote:    {sidecar} (seeds, operator, residuals, timings)")
     print(f"samples:  {args.samples}, {out.metadata['num_inference_steps']} steps, guidance {args.guidance}; "
           f"max relative residual ‖Ax−y‖/‖y‖ {residual:.2e}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- adaptation
+def _adaptation_config(args: argparse.Namespace):
+    from gen_sr.training.adaptation import AdaptationConfig
+
+    default = AdaptationConfig()
+    train = dataclasses.replace(default.train, steps=args.adapt_steps, batch_size=args.adapt_batch_size,
+                                learning_rate=args.adapt_learning_rate, seed=args.seed,
+                                checkpoint_every=min(default.train.checkpoint_every, args.adapt_steps))
+    return dataclasses.replace(default, train=train, holdout_every=args.holdout_every)
+
+
+def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
+    """Adapt ``pipe`` to ``lr`` and calibrate it on the scan (:func:`gen_sr.training.adaptation.fit_to_scan`),
+    printing what was done."""
+    from gen_sr.training.adaptation import fit_to_scan
+
+    try:
+        fit = fit_to_scan(pipe, lr, alpha=args.alpha, method=args.method, sampling=_sampling_kwargs(args),
+                          work_dir=work_dir, config=_adaptation_config(args), slice_profile=args.profile,
+                          slice_thickness=args.slice_thickness, resume="latest" if args.resume else None)
+    except ValueError as e:  # settings the adaptation cannot use, e.g. crops that do not fit the model
+        raise InputError(f"cannot adapt: {e}", args.input) from e
+    record, cal = fit.pipe.model_card.adapted, fit.pipe.calibration
+    if process_state().is_main_process:
+        loss = record.heldout_loss
+        print(f"adapted:  {record.steps} steps on the in-plane slices of {args.input} in {fit.timings['adapt_s']:.0f} s"
+              + (f"; held-out in-plane loss {loss[0]:.4f} -> {loss[1]:.4f}" if loss else ""))
+        print(f"calibrated on the scan: {cal.describe()}, from {cal.num_volumes} units ({len(record.held_out_slices)} "
+              f"held-out slices x 2 directions, {cal.method}) in {fit.timings['calibrate_s']:.0f} s")
+    return fit
+
+
+def _adapted_if_asked(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, dict[str, float]]:
+    """With ``--adapt``: the model adapted to ``lr`` and calibrated on it, kept in ``--adapt-dir`` (its
+    ``model/``), and the time of each phase; else ``pipe`` as it is."""
+    if not args.adapt:
+        return pipe, {}
+    from gen_sr.training.adaptation import save_model
+
+    folder = Path(args.adapt_dir) if args.adapt_dir else _default_adapt_dir(args)
+    model = folder / "model"
+    if model.exists() and not args.overwrite:
+        raise InputError("holds an adapted model already", model,
+                         f"use it with --model {model} (without --adapt), or pass --overwrite to adapt again")
+    fit = _fit(args, pipe, lr, folder)
+    save_model(fit.pipe, model, overwrite=True)
+    if process_state().is_main_process:
+        print(f"wrote:    {model} (the adapted, calibrated model)")
+    return fit.pipe, fit.timings
+
+
+def _default_adapt_dir(args: argparse.Namespace) -> Path:
+    out = Path(args.output if hasattr(args, "output") else args.output_dir)
+    stem = out.name.removesuffix(".gz").removesuffix(".nii")
+    return out.with_name(f"{stem}_adaptation")
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from gen_sr.training.adaptation import save_model
+    from gen_sr.volume import load_volume
+
+    target = Path(args.output_model)
+    if target.exists() and not args.overwrite:
+        raise InputError("exists already", target, "pass --overwrite to replace it, or choose another folder")
+    check_output_dir(target.parent)
+    lr = load_volume(args.input, volume_index=args.volume)
+    pipe = _load_pipeline(args)
+    work = Path(args.adapt_dir) if args.adapt_dir else target.with_name(f"{target.name}_adaptation")
+    fit = _fit(args, pipe, lr, work)
+    save_model(fit.pipe, target, overwrite=True)
+    if process_state().is_main_process:
+        print(f"wrote:    {target} (load it with --model {target}; checkpoints and logs in {work})")
     return 0
 
 
@@ -373,7 +452,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     reference = load_volume(args.reference) if args.reference else None
     brain = load_volume(args.mask) if args.mask else None
     tissues = {name: load_volume(path) for name, path in args.tissue} or None
-    pipe = _load_pipeline(args)
+    pipe, _ = _adapted_if_asked(args, _load_pipeline(args), lr)
     payload = audit(pipe, lr, out, input_name=Path(args.input).name, model_name=str(args.model), reference=reference,
                     masks=tissues, brain_mask=brain, reuse=args.reuse, risk_threshold=args.risk_threshold,
                     overwrite=args.overwrite, **_acquisition_kwargs(args), **_sampling_kwargs(args))
@@ -418,7 +497,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gen_sr.demo import run_demo
 
     run_demo(Path(args.output_dir), overwrite=args.overwrite, model=Path(args.model), num_samples=args.samples,
-             num_inference_steps=args.steps, slab_mm=args.slab)
+             num_inference_steps=args.sampling_steps, slab_mm=args.slab)
     return 0
 
 
@@ -445,9 +524,9 @@ def _volume_index(text: str) -> int:
     return _whole_number(text, 0, what="a volume index >= 0")
 
 
-def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
-    p.add_argument("--steps", type=_positive_int,
+    p.add_argument(steps_flag, dest="sampling_steps", type=_positive_int, metavar="N",
                    help="DDIM steps (default: the model folder's; 50 for diffusion, 1 for a regression model)")
     p.add_argument("--eta", type=_non_negative_float, default=0.0,
                    help="DDIM eta, >= 0 (default: 0, deterministic given the seed)")
@@ -473,6 +552,46 @@ def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-std", type=_non_negative_float, default=0.0,
                    help="measurement noise std in input units, >= 0 (default 0)")
     p.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
+
+
+def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[str] = ("--adapt-steps",),
+                              folder: tuple[str, str] = ("--adapt-dir", "")) -> None:
+    """How to fine-tune a model on the input's own in-plane slices, and calibrate it there."""
+    from gen_sr.training.adaptation import AdaptationConfig
+
+    d = AdaptationConfig()
+    p.add_argument(*steps_flags, dest="adapt_steps", type=_positive_int, default=d.train.steps, metavar="N",
+                   help=f"fine-tuning steps (default: {d.train.steps})")
+    p.add_argument("--adapt-batch-size", type=_positive_int, default=d.train.batch_size,
+                   help=f"in-plane crops per fine-tuning step (default: {d.train.batch_size})")
+    p.add_argument("--adapt-learning-rate", type=_positive_float, default=d.train.learning_rate,
+                   help=f"fine-tuning learning rate (default: {d.train.learning_rate:g})")
+    p.add_argument("--holdout-every", type=_whole_number_from(2), default=d.holdout_every, metavar="K",
+                   help=f"keep every K-th in-plane slice out of the fine-tuning, for the per-scan calibration "
+                        f"(default: {d.holdout_every})")
+    p.add_argument(folder[0], dest="adapt_dir", metavar="DIR", help=folder[1])
+    p.add_argument("--resume", action="store_true",
+                   help="go on with an interrupted fine-tuning from its last checkpoint in that folder")
+    p.add_argument("--alpha", type=_fraction, default=0.1,
+                   help="target miss rate of the per-scan calibration, in (0, 1) (default: 0.1)")
+    p.add_argument("--method", choices=("crc", "rcps"), default="crc",
+                   help="the per-scan calibration's rule (default: crc; one scan gives few units, see gen-sr "
+                        "calibrate)")
+
+
+def _add_adapt_option(p: argparse.ArgumentParser, default_dir: str) -> None:
+    p.add_argument("--adapt", action="store_true",
+                   help="first fine-tune the model on the input's own in-plane slices and calibrate it there, so that "
+                        "the risk map is calibrated on this scan (see gen-sr fit)")
+    _add_adaptation_arguments(p, folder=("--adapt-dir", "with --adapt: where the fine-tuning's checkpoints and the "
+                                         f"adapted model (model/) go (default: {default_dir})"))
+
+
+def _whole_number_from(lo: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        return _whole_number(text, lo, what=f"a whole number >= {lo}")
+
+    return parse
 
 
 def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
@@ -560,6 +679,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dc-residual", help="also write |A x - y| on the HR grid")
     _add_sampling_arguments(p)
     _add_acquisition_arguments(p)
+    _add_adapt_option(p, "<output>_adaptation beside --output")
+
+    p = add("fit", cmd_fit, "fine-tune a model on an LR scan's own in-plane slices (self-supervised, as SMORE and "
+            "ECLARE) and calibrate its risk map on held-out slices of that scan; writes a model folder",
+            model="the pretrained model folder", overwrite="replace an existing output model")
+    p.add_argument("--input", required=True, help="the low-resolution NIfTI scan to adapt to")
+    p.add_argument("--output-model", required=True, metavar="DIR", help="where to write the adapted model folder")
+    _add_adaptation_arguments(p, steps_flags=("--steps", "--adapt-steps"),
+                              folder=("--work-dir", "where checkpoints and logs go (default: "
+                                                    "<output-model>_adaptation)"))
+    _add_sampling_arguments(p, steps_flag="--sampling-steps")
+    _add_acquisition_arguments(p)
 
     p = add("calibrate", cmd_calibrate, "fit the scale that turns the sample std into intervals with a coverage "
             "guarantee, and write calibration.json into the model folder",
@@ -618,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="risk above which a voxel is flagged, as a fraction of the intensity range (default: 0.1)")
     _add_acquisition_arguments(p)
     _add_sampling_arguments(p)
+    _add_adapt_option(p, "<output-dir>_adaptation")
 
     p = add("sample-data", cmd_sample_data, "write sample data as NIfTI: the MNI152 2009 template (shipped by "
             "nilearn), or a real head fetched by `make data` (Colin27, the ROBEX reference)",
@@ -645,7 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="demo_out", help="folder for the demo's files (default: demo_out)")
     p.add_argument("--model", default="models/heads2d", help="model folder (default: models/heads2d)")
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
-    p.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model card's, 25 for the demo model)")
+    p.add_argument("--steps", dest="sampling_steps", type=_positive_int,
+                   help="DDIM steps (default: the model card's, 25 for the demo model)")
     p.add_argument("--slab", type=_non_negative_float, default=4.0,
                    help="width in mm of the coronal slab through the head's centre (0: the whole head, 50 times the "
                         "voxels) (default: 4)")

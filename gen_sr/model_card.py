@@ -18,7 +18,7 @@ from typing import Any, Literal
 from gen_sr.config import config_from_dict, config_to_dict
 from gen_sr.errors import InputError
 
-__all__ = ["DEFAULT_INFERENCE_STEPS", "SECOND_COARSE_RATIO", "AcquisitionRanges", "Holdout", "ModelCard"]
+__all__ = ["DEFAULT_INFERENCE_STEPS", "SECOND_COARSE_RATIO", "AcquisitionRanges", "Adaptation", "Holdout", "ModelCard"]
 
 DEFAULT_INFERENCE_STEPS = 50
 """Sampling steps of a diffusion model whose card says nothing else."""
@@ -80,6 +80,43 @@ class Holdout:
 
 
 @dataclass
+class Adaptation:
+    """How a model was fine-tuned on one scan's own in-plane slices (:func:`gen_sr.training.adaptation.adapt`).
+
+    Training pairs were the scan's in-plane slices (across RAS+ ``axis``, its coarse axis), degraded along one
+    in-plane axis at a time with the scan's own slices (``slice_thickness``, ``slice_spacing``, ``profile``). The
+    in-plane slices ``held_out_slices`` (indices along ``axis`` of the scan in RAS+) were kept out of the fine-tuning:
+    they are the per-scan calibration set. The assumption, as in SMORE and ECLARE: the scan's statistics in-plane and
+    through-plane are alike, so what holds for the simulated in-plane problem holds for the real one.
+
+    Attributes:
+        source: the scan's file (or ``<array>``).
+        lr_shape: its shape in RAS+ voxel order.
+        axis, slice_thickness, slice_spacing, profile: its coarse axis and slices.
+        held_out_slices: in-plane slices kept out of the fine-tuning.
+        steps, batch_size, learning_rate: the fine-tuning.
+        seconds: its wall time.
+        train_loss: ``(first, last)`` logged training loss.
+        heldout_loss: the held-out in-plane diffusion loss ``(before, after)`` the fine-tuning (fixed noise and
+            timesteps).
+    """
+
+    source: str = "<array>"
+    lr_shape: tuple[int, int, int] = (0, 0, 0)
+    axis: int = 2
+    slice_thickness: float = 1.0
+    slice_spacing: float = 1.0
+    profile: Literal["gaussian", "rect"] = "gaussian"
+    held_out_slices: list[int] = field(default_factory=list)
+    steps: int = 0
+    batch_size: int = 0
+    learning_rate: float = 0.0
+    seconds: float = 0.0
+    train_loss: tuple[float, float] | None = None
+    heldout_loss: tuple[float, float] | None = None
+
+
+@dataclass
 class ModelCard:
     """What a model was trained for.
 
@@ -98,6 +135,7 @@ class ModelCard:
         num_inference_steps: the default number of sampling steps.
         trained_on: the training volumes as the experiment named them (sample names such as ``mni152``, or
             files); empty when not recorded. Quality is measured on heads not in this list.
+        adapted: the fine-tuning on one scan (``gen-sr fit``), or ``None`` for a model that was not adapted.
     """
 
     trained_for: AcquisitionRanges = field(default_factory=AcquisitionRanges)
@@ -110,6 +148,7 @@ class ModelCard:
     objective: Literal["diffusion", "regression"] = "diffusion"
     num_inference_steps: int = DEFAULT_INFERENCE_STEPS
     trained_on: list[str] = field(default_factory=list)
+    adapted: Adaptation | None = None
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
@@ -196,6 +235,12 @@ class ModelCard:
                  f"the last {self.holdout.fraction:.0%} along RAS+ axis {self.holdout.axis}"
                  + (f", and {self.holdout.calibration_fraction:.0%} before it for calibration"
                     if self.holdout.calibration_fraction else ""))]
+        if (a := self.adapted) is not None:
+            loss = "" if a.heldout_loss is None else (f"; held-out in-plane loss {a.heldout_loss[0]:.4f} -> "
+                                                       f"{a.heldout_loss[1]:.4f}")
+            rows.append(("adapted on", f"{a.source} ({a.steps} steps, {a.seconds:.0f} s, on its in-plane slices "
+                                       f"across RAS+ axis {a.axis}; {len(a.held_out_slices)} slices held out for "
+                                       f"its calibration{loss})"))
         return rows
 
     def outside_training(self, lr_spacing: Sequence[float], slice_thickness: float, intensity_range: float,

@@ -163,7 +163,9 @@ def describe_risk(calibration: Calibration | None) -> dict[str, Any]:
     if calibration is None:
         return {"calibrated": False, "definition": "std / robust intensity range (uncalibrated)"}
     cal = calibration
-    return {"calibrated": True, "scale": cal.scale, "alpha": cal.alpha, "delta": cal.delta, "method": cal.method,
-            "shape": asdict(cal.shape),
+    per_scan = bool(cal.details.get("per_scan"))
+    where = "; calibrated on this scan's own held-out in-plane slices" if per_scan else ""
+    return {"calibrated": True, "per_scan": per_scan, "scale": cal.scale, "alpha": cal.alpha, "delta": cal.delta,
+            "method": cal.method, "shape": asdict(cal.shape),
             "definition": f"the half-width of the interval {cal.describe()} over the robust intensity range: "
-                          f"the interval misses at most {cal.alpha:g} of voxels ({cal.method})"}
+                          f"the interval misses at most {cal.alpha:g} of voxels ({cal.method}){where}"}

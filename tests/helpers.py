@@ -35,3 +35,33 @@ def cached_head(name: str):
         pytest.skip(f"{name} is not in the data cache {data_cache()}: run `make data` (its registry was not "
                     "reachable when make test ran)")
     return load_sample(name)
+
+
+def tiny_pipeline(spatial_dims: int = 2, any_axis: bool = True, seed: int = 0):
+    """A real pipeline at tiny size: the exact Haar latent and a small random UNet whose zero-initialised output
+    layers are given weights, so that its output matters; trained for every slice axis (``any_axis``) or for
+    RAS+ axis 2, 3 sampling steps by default."""
+    import torch
+
+    from gen_sr.model_card import AcquisitionRanges, ModelCard
+    from gen_sr.models import ConditionalUNetModel, HaarAutoencoder, condition_channels
+    from gen_sr.pipelines import LatentDiffusionSRPipeline
+    from gen_sr.schedulers import DDIMDataConsistencyScheduler
+
+    torch.manual_seed(seed)
+    vae = HaarAutoencoder(spatial_dims=spatial_dims)
+    latent = vae.config.latent_channels
+    unet = ConditionalUNetModel(spatial_dims=spatial_dims, latent_channels=latent,
+                                condition_channels=condition_channels("both", 1, latent), channels=(8, 16),
+                                attention_levels=(False, True), num_head_channels=8, norm_num_groups=4,
+                                num_noise_levels=None)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    scheduler = DDIMDataConsistencyScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
+                                             prediction_type="v_prediction", clip_sample=False)
+    card = ModelCard(trained_for=AcquisitionRanges(any_axis=any_axis, thickness=(2.0, 8.0)), num_inference_steps=3)
+    pipe = LatentDiffusionSRPipeline(vae=vae, unet=unet, scheduler=scheduler, model_card=card)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

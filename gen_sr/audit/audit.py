@@ -148,6 +148,8 @@ def audit(
             "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",
             "interval": calibration.describe() if calibration is not None else "none (uncalibrated)",
             "risk": meta.get("risk"), "timings_s": meta.get("timings")}
+    if pipe.model_card.adapted is not None:
+        card["adaptation"] = asdict(pipe.model_card.adapted)
     canon_lr = lr.canonical()
     norm = pipe.intensity_normalization(canon_lr.data)
     axes = pipe.input_axes(canon_lr, operator)  # the RAS+ axes the run super-resolved; the views follow the first

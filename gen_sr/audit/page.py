@@ -101,6 +101,23 @@ def _calibration(v: Any) -> str:
         text += f", from {v['num_volumes']} volumes"
     if isinstance(v.get("risk_hat"), int | float):
         text += f"; miss rate on the calibration data {v['risk_hat']:.3f}"
+    if details.get("per_scan"):
+        held = details.get("held_out_slices")
+        count = f"{len(held)} " if isinstance(held, list) else ""
+        text += (f". Per-scan: fitted on this scan's own {count}held-out in-plane slices, degraded along each in-plane "
+                 "axis with its slices; it assumes the scan's statistics in-plane and through-plane are alike")
+    return text
+
+
+def _adaptation(v: Any) -> str:
+    """``fine-tuned on lr.nii.gz: 200 steps in 3 min, held-out in-plane loss 0.21 -> 0.17``."""
+    if not isinstance(v, Mapping) or "steps" not in v:
+        return _plain(v)
+    text = (f"fine-tuned on {v.get('source')}'s own in-plane slices: {v['steps']} steps in "
+            f"{seconds(float(v['seconds']))}")
+    loss = v.get("heldout_loss")
+    if isinstance(loss, list | tuple) and len(loss) == 2:
+        text += f", held-out in-plane loss {float(loss[0]):.4f} → {float(loss[1]):.4f}"
     return text
 
 
@@ -139,6 +156,7 @@ _CARD: dict[str, tuple[str, Callable[[Any], str]]] = {
     "noise_std": ("Measurement noise std", _noise),
     "relative_residual_max": ("Largest relative residual ‖A x − y‖ / ‖y‖", _plain),
     "calibration": ("Calibration", _calibration), "risk": ("Risk", _risk), "timings_s": ("Timings", _timings),
+    "adaptation": ("Adaptation", _adaptation),
 }
 
 

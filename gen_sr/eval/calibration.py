@@ -344,8 +344,9 @@ def check_calibration_settings(num_volumes: int, *, alpha: float = 0.1, delta: f
 
 
 def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta: float = 0.1,
-              method: Literal["rcps", "crc"] = "rcps", blocks: int = 1, interval: Literal["std", "auto"] = "std",
-              details: dict[str, Any] | None = None, progress: bool = True, cache: str | Path | None = None,
+              method: Literal["rcps", "crc"] = "rcps", blocks: int = 1, axis: int = 0,
+              interval: Literal["std", "auto"] = "std", details: dict[str, Any] | None = None, progress: bool = True,
+              cache: str | Path | None = None,
               **pipe_kwargs: Any) -> CalibrationResult:
     """Calibrate a model on simulated cases: super-resolve them, cut them into units, choose the interval shape
     (``interval="auto"``), fit ``λ̂`` and check how it transfers between volumes. The settings are checked before
@@ -355,7 +356,7 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
         pipe: the model; its calibration is not changed (set ``pipe.calibration`` and save it to keep the result).
         cases: calibration cases, exchangeable with the scans the model will see.
         alpha, delta, method: the rule (see :func:`fit_calibration`).
-        blocks: units per volume (:func:`split_units`).
+        blocks, axis: units per volume, cut along ``axis`` of the HR grid (:func:`split_units`).
         interval: ``"std"`` for ``mean ± λ̂·std``, or ``"auto"`` to choose a spread (:func:`choose_shape`).
         details: recorded in the calibration (where the data came from); units and transfer are added.
         progress, cache: see :func:`calibration_volumes`.
@@ -371,17 +372,17 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     shape, transfer, transfer_error = IntervalShape(), None, None
     if interval == "auto":  # every fit here leaves a volume out: with too few units, the rule cannot certify
         try:
-            shape, rows = choose_shape(volumes, blocks=blocks, progress=progress, **fit)
+            shape, rows = choose_shape(volumes, blocks=blocks, axis=axis, progress=progress, **fit)
         except ValueError as e:
             raise ValueError(f"cannot choose the interval shape: {e} (use more blocks or volumes, or interval "
                              "'std')") from e
         transfer = next(r["coverages"] for r in rows if IntervalShape(**r["shape"]) == shape)
     elif len(volumes) >= 2:
         try:
-            transfer = transfer_coverage(volumes, shape, blocks=blocks, **fit)
+            transfer = transfer_coverage(volumes, shape, blocks=blocks, axis=axis, **fit)
         except ValueError as e:
             transfer_error = f"with a volume left out, {e}"
-    units = split_units(volumes, shape, blocks=blocks)  # once: the spreads are the costly part
+    units = split_units(volumes, shape, blocks=blocks, axis=axis)  # once: the spreads are the costly part
     record = {**(details or {}), "volumes": [c.name for c in cases], "blocks_per_volume": blocks,
               "units": len(units[0]), "interval": interval, "leave_one_volume_out_coverage": transfer}
     result = CalibrationResult(dataclasses.replace(fit_calibration(*units, **fit, details=record), shape=shape),

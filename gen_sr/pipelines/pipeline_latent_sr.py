@@ -256,7 +256,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         _check_settings(eta=eta, noise_std=noise_std, num_samples=num_samples, batch_size=batch_size,
                         guidance=guidance, guidance_interval=guidance_interval, guidance_scale=guidance_scale,
                         num_inference_steps=num_inference_steps, strength=strength)
-        volume = self._as_volume(lr, affine, lr_spacing, volume_index)
+        volume = self.as_volume(lr, affine, lr_spacing, volume_index)
         generators = self._generators(generator, num_samples)
         state = process_state()  # under `accelerate launch`, each process draws every world_size-th sample
         if num_samples < state.num_processes:
@@ -401,7 +401,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         """The HR grid a call with these arguments returns, found without any sampling (e.g. to check a reference
         volume first): a :class:`~gen_sr.volume.Volume` in RAS+ voxel order whose data is a zero-cost placeholder;
         use its ``shape`` and ``affine``."""
-        canon = self._as_volume(lr, affine, lr_spacing, volume_index).canonical()
+        canon = self.as_volume(lr, affine, lr_spacing, volume_index).canonical()
         operator = self.operator_for(canon, operator=operator, target_spacing=target_spacing,
                                      slice_profile=slice_profile, slice_thickness=slice_thickness)
         placeholder = np.broadcast_to(np.float32(0), tuple(operator.hr_shape))
@@ -473,8 +473,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         """The normalisation of an LR input: its robust percentiles, those the model was trained with."""
         return IntensityNormalization.fit(lr_data, *self.model_card.normalize_percentiles)
 
-    def _as_volume(self, lr: LRInput, affine: np.ndarray | None, spacing: Sequence[float] | None,
-                   volume_index: int | None) -> Volume:
+    def as_volume(self, lr: LRInput, affine: np.ndarray | None = None, spacing: Sequence[float] | None = None,
+                  volume_index: int | None = None) -> Volume:
+        """An input as a :class:`~gen_sr.volume.Volume`, as :meth:`__call__` reads it (see its ``lr``, ``affine``,
+        ``lr_spacing`` and ``volume_index``)."""
         if isinstance(lr, Volume):
             return lr
         if isinstance(lr, str | Path):

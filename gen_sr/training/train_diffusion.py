@@ -27,6 +27,7 @@ from gen_sr.models import Autoencoder, ConditionalUNetModel, condition_channels
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.schedulers import DDIMDataConsistencyScheduler
 from gen_sr.training.common import (
+    Run,
     backward_and_step,
     export_model,
     finish,
@@ -66,22 +67,37 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     vae = load_autoencoder(cfg)
     volumes = load_training_volumes(cfg.data)
     run = start_run(cfg, "diffusion", cfg.diffusion_training)
-    acc, tc = run.accelerator, run.train
     train_loader, val_loader = make_loaders(run, volumes)
-    vae.to(acc.device)
     unet = build_unet(cfg, vae)
     noise_scheduler = DDPMScheduler(**config_to_dict(cfg.noise_schedule), clip_sample=False)
+    unet, ema = fit_denoiser(run, unet, vae, noise_scheduler, train_loader, val_loader, args.resume)
+    export(run, unet, ema, vae, noise_scheduler, training_ranges(volumes, cfg.data.acquisition.axis))
+    finish(run, unet, {"parameters": unet.num_parameters()})
+
+
+def fit_denoiser(run: Run, unet: ConditionalUNetModel, vae: Autoencoder, noise_scheduler: Any,
+                 train_loader: torch.utils.data.DataLoader, val_loader: torch.utils.data.DataLoader,
+                 resume: str | None = None) -> tuple[ConditionalUNetModel, Any]:
+    """Train ``unet`` (from its current weights: new, or a pretrained model's) on the pairs of ``train_loader``
+    with the frozen ``vae``: the run's optimizer, schedule and EMA, under accelerate, checkpointed, resumable
+    (``resume``: ``"latest"`` or a checkpoint folder), validated on ``val_loader`` with the EMA weights.
+
+    Returns:
+        The unwrapped UNet (its last weights, not the EMA's) and the EMA (:func:`gen_sr.training.ema.ema_weights`).
+    """
+    acc, tc, objective = run.accelerator, run.train, run.cfg.unet.objective
+    vae.to(acc.device).eval().requires_grad_(False)
+    unet.train().requires_grad_(True)
     ema = create_ema(unet, decay=tc.ema_decay)
     optimizer, schedule = make_optimizer(unet.parameters(), run)
     unet, optimizer, schedule, train_loader = acc.prepare(unet, optimizer, schedule, train_loader)
     acc.register_for_checkpointing(ema)
     acc.print(f"unet: {acc.unwrap_model(unet).num_parameters():,} parameters, {acc.num_processes} process(es)")
-    start = run.checkpoints.resume(args.resume)
+    start = run.checkpoints.resume(resume)
     ema.to(acc.device)  # load_state puts it on the CPU
-    objective = cfg.unet.objective
 
     def train_step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        z0, cond = encode_pair(vae, batch["hr"], batch["lr"], cfg.unet.condition)
+        z0, cond = encode_pair(vae, batch["hr"], batch["lr"], run.cfg.unet.condition)
         noise = torch.randn_like(z0)
         t = training_timesteps(objective, noise_scheduler.config.num_train_timesteps, z0.shape[0], z0.device)
         pred = unet(noise_scheduler.add_noise(z0, noise, t), t, cond)
@@ -94,13 +110,12 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     def validate() -> dict[str, float]:
         model = acc.unwrap_model(unet)
         with ema_weights(ema, model):
-            return validate_diffusion(model, vae, noise_scheduler, val_loader, condition=cfg.unet.condition,
+            return validate_diffusion(model, vae, noise_scheduler, val_loader, condition=run.cfg.unet.condition,
                                       sampling_steps=tc.val_sampling_steps, seed=tc.seed, device=acc.device,
                                       objective=objective)
 
     train_loop(run, unet, train_loader, start, train_step, validate)
-    export(run, acc.unwrap_model(unet), ema, vae, noise_scheduler, training_ranges(volumes, cfg.data.acquisition.axis))
-    finish(run, unet, {"parameters": acc.unwrap_model(unet).num_parameters()})
+    return acc.unwrap_model(unet), ema
 
 
 def export(run: Any, unet: ConditionalUNetModel, ema: Any, vae: Autoencoder, noise_scheduler: Any,

@@ -1,0 +1,98 @@
+"""Per-scan calibration: conformal intervals fitted on the scan's own held-out in-plane slices.
+
+A model adapted on a scan (:func:`gen_sr.training.adaptation.adapt`) kept some of its in-plane slices out of the
+fine-tuning (``ModelCard.adapted.held_out_slices``). Those slices are high-resolution truth: degraded along each
+in-plane axis in turn with the scan's own slices, they pose the same problem as the real through-plane one, and the
+errors of the adapted model on them calibrate its interval (:func:`gen_sr.eval.calibration.calibrate`, each slice in
+each direction one unit).
+
+The assumption, as in SMORE and ECLARE: the scan's statistics are alike in-plane and through-plane, so that the
+errors on the simulated in-plane problem are exchangeable with those of the real one. Anatomy is not isotropic, so
+this holds only approximately; the calibration record says so, and ``benchmarks/adaptation_benchmark.py`` measures
+the coverage it gives on real heads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+from gen_sr.errors import InputError
+from gen_sr.eval.calibration import CalibrationResult, calibrate
+from gen_sr.eval.cases import Case, SRModel, simulate_case
+from gen_sr.model_card import Adaptation
+from gen_sr.volume import Volume
+
+__all__ = ["ASSUMPTION", "calibrate_on_scan", "held_out_truth", "scan_cases"]
+
+ASSUMPTION = ("per-scan: fitted on the scan's own held-out in-plane slices, degraded along each in-plane axis with "
+              "the scan's slices; it assumes the statistics in-plane and through-plane are alike (as SMORE and ECLARE "
+              "do)")
+_AXES = "RAS"
+
+
+def _record(pipe: SRModel) -> Adaptation:
+    record = pipe.model_card.adapted
+    if record is None:
+        raise InputError("the model was not adapted to a scan, so there are no held-out in-plane slices to calibrate "
+                         "on", hint="adapt it first (gen-sr fit), or use gen-sr calibrate")
+    return record
+
+
+def held_out_truth(lr: Volume, record: Adaptation) -> Volume:
+    """The held-out in-plane slices of the scan (RAS+), stacked along its coarse axis into one HR volume ``(X, Y,
+    Z)``. Its spacing along that axis is set to the finest in-plane one, the spacing of the real output there; a 2D
+    model slices across that axis, so each slice is one image of the scan as it was acquired."""
+    canon = lr.canonical()
+    if tuple(canon.shape) != tuple(record.lr_shape):
+        raise InputError(f"is {' x '.join(map(str, canon.shape))} voxels in RAS+, but the model was adapted on a "
+                         f"{' x '.join(map(str, record.lr_shape))} scan ({record.source})", lr.source,
+                         "calibrate on the scan the model was adapted on")
+    spacing = list(canon.spacing)
+    spacing[record.axis] = min(s for a, s in enumerate(spacing) if a != record.axis)
+    data = np.take(canon.data, record.held_out_slices, axis=record.axis)
+    return Volume(data, np.diag([*spacing, 1.0]), source=f"{lr.source}: held-out in-plane slices")
+
+
+def scan_cases(lr: Volume, record: Adaptation, seed: int = 0) -> list[Case]:
+    """The simulated problems of a per-scan calibration, one per held-out in-plane slice and in-plane axis: the
+    slice (:func:`held_out_truth`) degraded along that axis with the scan's own slices (noise-free: the truth holds
+    the scan's noise already). Each is one calibration unit."""
+    truth = held_out_truth(lr, record)
+    cases = []
+    for j, index in enumerate(record.held_out_slices):
+        start, stop = [0, 0, 0], list(truth.shape)
+        start[record.axis], stop[record.axis] = j, j + 1
+        one = truth.crop(start, stop)
+        cases += [simulate_case(one, f"slice {index} degraded along {_AXES[axis]}", axis=axis,
+                                thickness=record.slice_thickness, spacing=record.slice_spacing,
+                                profile=record.profile, seed=seed)
+                  for axis in range(3) if axis != record.axis]
+    return cases
+
+
+def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: float = 0.1,
+                      method: Literal["rcps", "crc"] = "crc", progress: bool = True,
+                      details: dict[str, Any] | None = None, **pipe_kwargs: Any) -> CalibrationResult:
+    """Calibrate an adapted model on its scan's held-out in-plane slices (see the module docstring).
+
+    Args:
+        pipe: a model adapted on ``lr`` (its card's ``adapted`` record names the held-out slices).
+        lr: that scan.
+        alpha, delta, method: the rule (:func:`gen_sr.eval.calibration.fit_calibration`); ``"crc"`` by default, as
+            one scan gives few units (one per held-out slice and in-plane direction).
+        details: added to the calibration record.
+        pipe_kwargs: for the pipeline calls (``num_samples``, ``num_inference_steps``, ``generator``, ...).
+    """
+    record = _record(pipe)
+    cases = scan_cases(lr, record)
+    info = {"per_scan": True, "assumption": ASSUMPTION, "scan": record.source,
+            "held_out_slices": list(record.held_out_slices), **(details or {})}
+    try:
+        return calibrate(pipe, cases, alpha=alpha, delta=delta, method=method, details=info, progress=progress,
+                         slice_normal=record.axis, **pipe_kwargs)
+    except ValueError as e:
+        raise InputError(f"cannot calibrate on the scan's {len(record.held_out_slices)} held-out in-plane slices x 2 "
+                         f"directions: {e}",
+                         lr.source, "hold out more slices (a smaller holdout_every) or raise alpha") from e

@@ -1,0 +1,280 @@
+"""Per-scan self-supervised adaptation: fine-tune a pretrained model on the scan's own in-plane slices.
+
+A thick-slice scan is high-resolution in-plane. Degrading an in-plane axis with the scan's own slices (thickness,
+spacing, profile) makes training pairs whose truth is known, as SMORE and ECLARE do; here they fine-tune the
+diffusion UNet of a pretrained model (the autoencoder stays frozen), with the project's training code (EMA,
+checkpoints, progress bar, seeded, resumable, under ``accelerate launch`` too).
+
+    pipe = LatentDiffusionSRPipeline.from_pretrained("models/heads2d")
+    adapted = adapt(pipe, "lr.nii.gz", work_dir="runs/adapt_lr")      # a pipeline with the fine-tuned UNet
+    adapted.save_pretrained("models/heads2d_lr")
+
+Every ``holdout_every``-th in-plane slice is kept out of the fine-tuning (``ModelCard.adapted.held_out_slices``):
+its held-out loss is measured before and after, and :mod:`gen_sr.eval.scan_calibration` calibrates the adapted
+model on those slices. Held-out slices are spread over the whole scan, so that they represent all of it; training
+items are single slices, so the slices are reordered (training slices first) and the held-out ones form the far slab
+of :func:`gen_sr.data.slab_bounds` without any other change to the training data code.
+
+The pairs carry the scan's own noise in their truth and, averaged by the slice profile, less of it in their
+degraded input than the real thick slices hold: no noise is added.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from diffusers import DDPMScheduler
+
+from gen_sr.contrast import ContrastRanges
+from gen_sr.data import DataConfig, TrainingVolume
+from gen_sr.distributed import process_state
+from gen_sr.errors import InputError
+from gen_sr.eval.calibration import CalibrationResult
+from gen_sr.eval.scan_calibration import calibrate_on_scan
+from gen_sr.model_card import AcquisitionRanges, Adaptation
+from gen_sr.physics import SliceAcquisition
+from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.pipelines.pipeline_latent_sr import LRInput
+from gen_sr.training.common import finish, make_loaders, start_run
+from gen_sr.training.experiment import ExperimentConfig, TrainConfig, UNetConfig
+from gen_sr.training.train_diffusion import fit_denoiser
+from gen_sr.training.validation import validate_diffusion
+from gen_sr.volume import Volume
+
+__all__ = ["AdaptationConfig", "ScanFit", "ScanSlices", "adapt", "adaptation_data", "fit_to_scan", "held_out_slices",
+           "save_model", "scan_slices"]
+
+STAGE = "adaptation"
+"""The stage folder under ``work_dir``: ``checkpoints/``, ``logs/``, ``metrics.jsonl``, ``config.yaml``."""
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(steps=200, batch_size=8, learning_rate=2e-5, lr_schedule="constant_with_warmup",
+                       lr_warmup_steps=10, ema_decay=0.99, checkpoint_every=50, validate_every=1_000_000,
+                       val_batches=2, val_sampling_steps=10, log_every=10)
+
+
+@dataclass
+class AdaptationConfig:
+    """How to fine-tune on one scan.
+
+    Attributes:
+        train: the fine-tuning (steps, batch size, learning rate, EMA, checkpoints, seed); validation runs at the
+            end only, on the held-out slices.
+        crop_size: in-plane crops ``(H, W)`` (the degraded axis runs along W); multiples of the model's
+            ``tile_multiple``. Smaller slices are zero-padded.
+        holdout_every: every k-th in-plane slice, from the ``k // 2``-th on, is kept out of the fine-tuning.
+        min_foreground: as :class:`gen_sr.data.DataConfig`'s.
+    """
+
+    train: TrainConfig = field(default_factory=_default_train)
+    crop_size: tuple[int, int] = (64, 64)
+    holdout_every: int = 5
+    min_foreground: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.holdout_every < 2:
+            raise ValueError(f"holdout_every must be at least 2, got {self.holdout_every}")
+
+
+@dataclass(frozen=True)
+class ScanSlices:
+    """The scan's thick slices: its coarse RAS+ ``axis``, slice ``thickness`` and centre-to-centre ``spacing`` in mm,
+    and ``profile``."""
+
+    axis: int
+    thickness: float
+    spacing: float
+    profile: str
+
+
+def scan_slices(pipe: LatentDiffusionSRPipeline, canon: Volume, *, slice_profile: str = "gaussian",
+                slice_thickness: float | None = None) -> ScanSlices:
+    """The thick slices of an LR scan in RAS+ as the pipeline would model them (its coarse axis, the given profile
+    and thickness, the spacing of the file). Adaptation needs in-plane slices: an input with two coarse axes has
+    none, and is refused."""
+    axes = pipe.input_axes(canon)
+    if len(axes) != 1:
+        raise InputError(f"has two coarse axes (spacing {' x '.join(f'{s:.3g}' for s in canon.spacing)} mm): "
+                         "adaptation learns from high-resolution in-plane slices, which it does not have",
+                         canon.source, "super-resolve it without --adapt")
+    operator = pipe.operator_for(canon, slice_profile=slice_profile, slice_thickness=slice_thickness)
+    t = next(t for t in operator.transforms if isinstance(t, SliceAcquisition) and t.axis == axes[0])
+    return ScanSlices(axes[0], float(t.thickness), float(t.slice_spacing), str(t.profile))
+
+
+def held_out_slices(n: int, every: int) -> list[int]:
+    """Every ``every``-th of ``n`` in-plane slices, from the ``every // 2``-th on; at least one is left to train on."""
+    held = list(range(every // 2, n, every))
+    if n < 2 or not held or len(held) == n:
+        raise InputError(f"has {n} slice(s) along its coarse axis: adaptation needs some to train on and some to hold "
+                         "out")
+    return held
+
+
+def adaptation_data(pipe: LatentDiffusionSRPipeline, canon: Volume, slices: ScanSlices,
+                    cfg: AdaptationConfig) -> tuple[DataConfig, TrainingVolume, list[int]]:
+    """The training data of an adaptation: the data config, the scan as a training volume (normalised as the
+    pipeline normalises it, its slices along ``slices.axis`` reordered so that the held-out ones come last), and the
+    held-out slice indices (in the scan's RAS+ order)."""
+    card, n = pipe.model_card, canon.shape[slices.axis]
+    held = held_out_slices(n, cfg.holdout_every)
+    order = [i for i in range(n) if i not in set(held)] + held
+    data = np.take(pipe.intensity_normalization(canon.data)(canon.data), order, axis=slices.axis)
+    in_plane = [a for a in range(3) if a != slices.axis]
+    gap = slices.spacing / slices.thickness - 1.0
+    acquisition = AcquisitionRanges(axis=in_plane[0], any_axis=True, thickness=(slices.thickness,) * 2,
+                                    gap=(gap, gap), profiles=[slices.profile], snr=None)  # type: ignore[list-item]
+    data_cfg = DataConfig(paths=[canon.source or "<array>"], crop_size=tuple(cfg.crop_size),
+                          slice_normals=[slices.axis], holdout_axis=slices.axis, holdout_fraction=len(held) / n,
+                          normalize_percentiles=card.normalize_percentiles, condition=card.condition,
+                          min_foreground=cfg.min_foreground, acquisition=acquisition,
+                          contrast=ContrastRanges(), in_plane_spacing=None)
+    return data_cfg, TrainingVolume(data.astype(np.float32), canon.spacing), held
+
+
+def adapt(
+    pipe: LatentDiffusionSRPipeline,
+    lr: LRInput,
+    *,
+    work_dir: str | Path,
+    config: AdaptationConfig | None = None,
+    slice_profile: str = "gaussian",
+    slice_thickness: float | None = None,
+    resume: str | None = None,
+    volume_index: int | None = None,
+) -> LatentDiffusionSRPipeline:
+    """Fine-tune ``pipe``'s UNet on the in-plane slices of the LR scan ``lr``; ``pipe`` itself is not changed.
+
+    Args:
+        pipe: the pretrained model (diffusion or regression).
+        lr: the scan, as the pipeline takes it (a NIfTI path, a :class:`~gen_sr.volume.Volume`, ...).
+        work_dir: the run folder: ``<work_dir>/adaptation/`` holds checkpoints, logs and ``metrics.jsonl``.
+        config: steps, batch size, crops, held-out slices (:class:`AdaptationConfig`).
+        slice_profile, slice_thickness: the scan's slices, as for the pipeline call.
+        resume: ``"latest"`` or a checkpoint folder, to go on with an interrupted adaptation.
+        volume_index: which volume of a 4D series.
+
+    Returns:
+        A pipeline with the fine-tuned (EMA) UNet, the same autoencoder and scheduler, and a model card whose
+        ``adapted`` record says what was done (save it with ``save_pretrained``). It has no calibration:
+        :func:`gen_sr.eval.scan_calibration.calibrate_on_scan` makes the per-scan one.
+    """
+    tic = time.perf_counter()
+    cfg = config or AdaptationConfig()
+    volume = pipe.as_volume(lr, volume_index=volume_index)
+    canon = volume.canonical()
+    slices = scan_slices(pipe, canon, slice_profile=slice_profile, slice_thickness=slice_thickness)
+    if any(c % pipe.tile_multiple for c in cfg.crop_size):
+        raise ValueError(f"crop_size {cfg.crop_size} must be multiples of the model's tile multiple "
+                         f"{pipe.tile_multiple}")
+    data_cfg, training_volume, held = adaptation_data(pipe, canon, slices, cfg)
+    card = pipe.model_card
+    experiment = ExperimentConfig(output_dir=str(work_dir), data=data_cfg, diffusion_training=cfg.train,
+                                  unet=UNetConfig(condition=card.unet_condition, objective=card.objective))
+    run = start_run(experiment, STAGE, cfg.train)
+    train_loader, val_loader = make_loaders(run, [training_volume])
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    unet = copy.deepcopy(pipe.unet).float()
+    if resume is None and run.accelerator.is_main_process:  # the pretrained model's held-out loss, as step 0
+        before = validate_diffusion(unet, pipe.vae, noise_scheduler, val_loader, condition=card.unet_condition,
+                                    sampling_steps=cfg.train.val_sampling_steps, seed=cfg.train.seed,
+                                    device=run.accelerator.device, objective=card.objective)
+        run.metrics_path.write_text(json.dumps({"step": 0, **before}) + "\n")
+    unet, ema = fit_denoiser(run, unet, pipe.vae, noise_scheduler, train_loader, val_loader, resume)
+    ema.copy_to(unet.parameters())
+    unet.eval().requires_grad_(False)
+    finish(run, unet)
+    record = Adaptation(source=str(canon.source or "<array>"), lr_shape=canon.shape, axis=slices.axis,
+                        slice_thickness=slices.thickness, slice_spacing=slices.spacing,
+                        profile=slices.profile,  # type: ignore[arg-type]
+                        held_out_slices=held, steps=cfg.train.steps, batch_size=cfg.train.batch_size,
+                        learning_rate=cfg.train.learning_rate, seconds=time.perf_counter() - tic,
+                        **_logged_losses(run.metrics_path))
+    adapted = LatentDiffusionSRPipeline(vae=pipe.vae, unet=unet, scheduler=copy.deepcopy(pipe.scheduler),
+                                        model_card=dataclasses.replace(card, adapted=record))
+    adapted.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return adapted.to(pipe.device)
+
+
+def _logged_losses(metrics: Path) -> dict[str, Any]:
+    """``train_loss`` (first, last) and ``heldout_loss`` (step 0, last) from a run's ``metrics.jsonl`` (main
+    process; the other processes have no log and record ``None``)."""
+    if not metrics.is_file():
+        return {"train_loss": None, "heldout_loss": None}
+    entries = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [e["loss"] for e in entries if "loss" in e]
+    val = [e["val/loss"] for e in entries if "val/loss" in e]
+    return {"train_loss": _ends(train), "heldout_loss": _ends(val)}
+
+
+def _ends(values: Sequence[float]) -> tuple[float, float] | None:
+    return (float(values[0]), float(values[-1])) if len(values) >= 2 else None
+
+
+@dataclass
+class ScanFit:
+    """What :func:`fit_to_scan` did: the adapted, calibrated pipeline, its per-scan calibration result (``None``
+    when not calibrated) and the wall time of each phase in seconds (``adapt_s``, ``calibrate_s``)."""
+
+    pipe: LatentDiffusionSRPipeline
+    calibration: CalibrationResult | None
+    timings: dict[str, float]
+
+
+def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool = True, alpha: float = 0.1,
+                method: str = "crc", progress: bool = True, sampling: dict[str, Any] | None = None,
+                volume_index: int | None = None, **adapt_kwargs: Any) -> ScanFit:
+    """Adapt ``pipe`` to the scan ``lr`` (:func:`adapt`, with ``adapt_kwargs``: ``work_dir``, ``config``,
+    ``slice_profile``, ...) and calibrate it on the scan's held-out in-plane slices
+    (:func:`gen_sr.eval.scan_calibration.calibrate_on_scan`, with ``alpha``, ``method`` and the pipeline settings
+    ``sampling``: ``num_samples``, ``generator``, ...); ``calibrate=False`` skips the calibration. Save the result
+    with :func:`save_model`."""
+    timings: dict[str, float] = {}
+    tic = time.perf_counter()
+    volume = pipe.as_volume(lr, volume_index=volume_index)
+    adapted = adapt(pipe, volume, **adapt_kwargs)
+    timings["adapt_s"] = time.perf_counter() - tic
+    result = None
+    if calibrate:
+        tic = time.perf_counter()
+        bars = dict(getattr(adapted, "_progress_bar_config", {}))
+        adapted.set_progress_bar_config(disable=True)  # one bar over the calibration cases instead of one per case
+        try:
+            result = calibrate_on_scan(adapted, volume, alpha=alpha, method=method,  # type: ignore[arg-type]
+                                       progress=progress and process_state().is_local_main_process,
+                                       **(sampling or {}))
+        finally:
+            adapted.set_progress_bar_config(**bars)
+        adapted.calibration = result.calibration
+        timings["calibrate_s"] = time.perf_counter() - tic
+    return ScanFit(adapted, result, timings)
+
+
+def save_model(pipe: LatentDiffusionSRPipeline, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write a model folder whole or not at all: into a hidden temporary folder beside it, then renamed (main
+    process only; an existing folder is replaced only with ``overwrite``)."""
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise InputError("exists already", folder, "pass --overwrite to replace it, or choose another folder")
+    if process_state().is_main_process:
+        tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            pipe.save_pretrained(tmp)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
