@@ -35,7 +35,7 @@ from scipy.stats import spearmanr
 
 from gen_sr.eval.baselines import BASELINES, baseline
 from gen_sr.eval.cases import Case, held_out_head, simulate_case, super_resolve
-from gen_sr.eval.metrics import psnr
+from gen_sr.eval.metrics import psnr, ssim_volume
 from gen_sr.eval.uncertainty import coverage
 from gen_sr.io import atomic_write
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -68,7 +68,7 @@ def measure(pipe: LatentDiffusionSRPipeline, regression: LatentDiffusionSRPipeli
     data_range = float(np.ptp(truth[brain]))
     out = super_resolve(pipe, case, output_type="np", keep_samples=False, **kwargs)
     err = np.abs(truth - out.mean)
-    row = {"psnr": psnr(out.mean, truth, brain, data_range)}
+    row = {"psnr": psnr(out.mean, truth, brain, data_range), "ssim": ssim_volume(out.mean, truth, brain, data_range)}
     row |= {f"psnr {b}": psnr(baseline(case, b), truth, brain, data_range) for b in BASELINES}
     if regression is not None:
         reg = super_resolve(regression, case, output_type="np", keep_samples=False, num_samples=1,

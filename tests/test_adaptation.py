@@ -99,9 +99,13 @@ def test_an_input_without_in_plane_slices_or_with_too_few_slices_is_a_clear_erro
         held_out_slices(1, 2)
 
 
-def test_adaptation_lowers_the_held_out_loss_and_its_folder_reloads_with_identical_output(tmp_path: Path) -> None:
+@pytest.mark.parametrize("contrast", ["as scanned", "inverted"])
+def test_adaptation_lowers_the_held_out_loss_and_its_folder_reloads_with_identical_output(tmp_path: Path,
+                                                                                           contrast: str) -> None:
     pipe = tiny_pipeline()
     _, lr = _scan()
+    if contrast == "inverted":  # nothing in the adapted path assumes one contrast
+        lr = lr.with_data(1.5 - lr.data)
     before = [p.clone() for p in pipe.unet.parameters()]
     fit = fit_to_scan(pipe, lr, work_dir=tmp_path / "work", config=_config(), progress=False,
                       sampling={"generator": _gen(), **RUN})

@@ -1,0 +1,131 @@
+"""Issue 15's figures: the pretrained model against the same model adapted to the scan and calibrated on it, on a
+real head that no model was trained on (Colin27 by default).
+
+    python benchmarks/adaptation_benchmark.py --model models/heads2d [--samples 4] [--steps 10] \\
+        [--adapt-steps 200] [--slab 8] [--output PATH]
+
+The whole head (cropped to its bounding box) is degraded with 4 mm Gaussian slices along RAS+ axis 2, noise-free and
+at SNR 30. The adapted model learns from that whole LR scan's in-plane slices and is calibrated on the ones it held
+out (``gen_sr.training.adaptation.fit_to_scan``). Both models then super-resolve a coronal slab ``--slab`` mm wide
+through the centre of the same LR scan (cropping an in-plane axis is exact), to bound the cost; every figure is
+measured there, inside the brain (Colin27's own brain-extracted image), as ``prior_benchmark.py`` measures:
+
+* PSNR of the mean against the best interpolation;
+* Spearman(std, |err|), coverage of mean ± 2 std, λ90;
+* the coverage of each model's calibrated interval: the pretrained model's own (fitted on synthetic subjects of its
+  training heads, with its card's settings) and the adapted model's per-scan one (fitted here with these settings);
+* the wall time of each phase.
+
+Not run here: ECLARE (issue 15 asks for it in a separate environment under ``benchmarks/peers/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from prior_benchmark import measure
+
+from gen_sr.eval.cases import Case, held_out_head, simulate_case
+from gen_sr.io import atomic_write
+from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.training.adaptation import AdaptationConfig, fit_to_scan
+
+FIGURES = ("psnr", "ssim", "best interpolation", "gain", "spearman(std, |err|)", "coverage ±2σ", "λ90",
+           "coverage calibrated", "spearman(risk, |err|)", "super-resolve s")
+
+
+def central_slab_case(case: Case, brain: np.ndarray, slab_mm: float, axis: int = 1) -> tuple[Case, np.ndarray]:
+    """The case cut to a slab ``slab_mm`` wide across in-plane RAS+ ``axis`` through the centre: the LR, the truth
+    and the operator cut alike (exact, as the slices run along another axis), and the brain mask."""
+    n = case.hr.shape[axis]
+    width = max(1, round(slab_mm / case.hr.spacing[axis]))
+    lo = (n - width) // 2
+    start, stop = [0, 0, 0], list(case.hr.shape)
+    start[axis], stop[axis] = lo, lo + width
+    lr_start, lr_stop = [0, 0, 0], list(case.lr.shape)
+    lr_start[axis], lr_stop[axis] = lo, lo + width
+    hr = case.hr.crop(start, stop)
+    box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+    return (Case(f"{case.name}, {slab_mm:g} mm slab", hr, case.lr.crop(lr_start, lr_stop),
+                 case.operator.with_shape(hr.shape), case.noise_std), brain[box])
+
+
+def row(pipe: LatentDiffusionSRPipeline, case: Case, brain: np.ndarray, kwargs: dict) -> dict[str, float]:
+    tic = time.perf_counter()
+    r = measure(pipe, None, case, brain, kwargs)
+    r["super-resolve s"] = time.perf_counter() - tic
+    r["best interpolation"] = max(v for k, v in r.items() if k.startswith("psnr "))
+    r["gain"] = r["psnr"] - r["best interpolation"]
+    return r
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="models/heads2d")
+    parser.add_argument("--brain", default="colin27")
+    parser.add_argument("--thickness", type=float, default=4.0)
+    parser.add_argument("--slab", type=float, default=8.0, help="width of the measured coronal slab in mm")
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--adapt-steps", type=int, default=200)
+    parser.add_argument("--snr", type=float, nargs="*", default=[0.0, 30.0], help="0 for noise-free")
+    parser.add_argument("--output", help="also write the table here (Markdown)")
+    args = parser.parse_args()
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    if args.brain in {n.removesuffix("_brain") for n in pipe.model_card.trained_on}:
+        raise SystemExit(f"{args.model} was trained on {args.brain}: measure on a head it never saw")
+    head, brain = held_out_head(args.brain, margin=4)
+    default = AdaptationConfig()
+    config = dataclasses.replace(default, train=dataclasses.replace(default.train, steps=args.adapt_steps))
+
+    def sampling() -> dict:
+        return {"num_samples": args.samples, "num_inference_steps": args.steps, "batch_size": 64,
+                "generator": [torch.Generator().manual_seed(k) for k in range(args.samples)]}
+
+    columns: dict[str, dict[str, float]] = {}
+    for snr in args.snr:
+        label = "noise-free" if snr == 0 else f"SNR {snr:g}"
+        full = simulate_case(head, args.brain, axis=2, thickness=args.thickness, snr=snr or None)
+        slab, slab_brain = central_slab_case(full, brain, args.slab)
+        columns[f"pretrained, {label}"] = row(pipe, slab, slab_brain, sampling())
+        with tempfile.TemporaryDirectory() as work:
+            fit = fit_to_scan(pipe, full.lr, work_dir=work, config=config, sampling=sampling())
+        adapted = fit.pipe
+        adapted.set_progress_bar_config(disable=True)
+        r = row(adapted, slab, slab_brain, sampling())
+        record = adapted.model_card.adapted
+        r |= {"adapt s": fit.timings["adapt_s"], "calibrate s": fit.timings["calibrate_s"],
+              "λ̂ (per scan)": adapted.calibration.scale, "held-out in-plane loss before": record.heldout_loss[0],
+              "held-out in-plane loss after": record.heldout_loss[1]}
+        columns[f"adapted, {label}"] = r
+        print(label, {k: round(v, 4) for k, v in r.items()}, flush=True)
+    figures = [*FIGURES, "adapt s", "calibrate s", "λ̂ (per scan)", "held-out in-plane loss before",
+               "held-out in-plane loss after"]
+    lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): {head.source}, whole head "
+             f"{head.shape} voxels for the adaptation, {args.thickness:g} mm Gaussian slices along RAS+ axis 2; "
+             f"measured on the central {args.slab:g} mm coronal slab, inside the brain; {args.samples} samples x "
+             f"{args.steps} steps; {args.adapt_steps} adaptation steps.", "",
+             "| figure | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
+    for f in figures:
+        cells = [f"{c[f]:.4g}" if f in c else "" for c in columns.values()]
+        lines.append(f"| {f.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        atomic_write(Path(args.output), lambda tmp: tmp.write_text(text))
+
+
+if __name__ == "__main__":
+    main()
