@@ -35,9 +35,11 @@ import torch
 from prior_benchmark import measure
 
 from gen_sr.eval.cases import Case, held_out_head, simulate_case
+from gen_sr.eval.metrics import foreground
 from gen_sr.io import atomic_write
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.training.adaptation import AdaptationConfig, fit_to_scan
+from gen_sr.volume import load_volume
 
 FIGURES = ("psnr", "ssim", "best interpolation", "gain", "spearman(std, |err|)", "coverage ±2σ", "λ90",
            "coverage calibrated", "spearman(risk, |err|)", "super-resolve s")
@@ -71,7 +73,11 @@ def row(pipe: LatentDiffusionSRPipeline, case: Case, brain: np.ndarray, kwargs: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/heads2d")
-    parser.add_argument("--brain", default="colin27")
+    parser.add_argument("--brain", default="colin27",
+                        help="a head with a _brain version (colin27, robex), or a NIfTI file (its foreground is the "
+                             "mask)")
+    parser.add_argument("--adapt-noise", choices=("estimate", "none"), default="estimate",
+                        help="top the simulated slices' noise up to the scan's estimated noise, or add none")
     parser.add_argument("--thickness", type=float, default=4.0)
     parser.add_argument("--slab", type=float, default=8.0, help="width of the measured coronal slab in mm")
     parser.add_argument("--samples", type=int, default=4)
@@ -86,7 +92,11 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     if args.brain in {n.removesuffix("_brain") for n in pipe.model_card.trained_on}:
         raise SystemExit(f"{args.model} was trained on {args.brain}: measure on a head it never saw")
-    head, brain = held_out_head(args.brain, margin=4)
+    if Path(args.brain).is_file():  # e.g. a validation subject, for design choices
+        head = load_volume(args.brain).canonical()
+        brain = foreground(head.data)
+    else:
+        head, brain = held_out_head(args.brain, margin=4)
     default = AdaptationConfig()
     config = dataclasses.replace(default, train=dataclasses.replace(default.train, steps=args.adapt_steps))
 
@@ -101,7 +111,8 @@ def main() -> None:
         slab, slab_brain = central_slab_case(full, brain, args.slab)
         columns[f"pretrained, {label}"] = row(pipe, slab, slab_brain, sampling())
         with tempfile.TemporaryDirectory() as work:
-            fit = fit_to_scan(pipe, full.lr, work_dir=work, config=config, sampling=sampling())
+            fit = fit_to_scan(pipe, full.lr, work_dir=work, config=config, sampling=sampling(),
+                              noise_std=None if args.adapt_noise == "estimate" else 0.0)
         adapted = fit.pipe
         adapted.set_progress_bar_config(disable=True)
         r = row(adapted, slab, slab_brain, sampling())
@@ -116,7 +127,7 @@ def main() -> None:
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): {head.source}, whole head "
              f"{head.shape} voxels for the adaptation, {args.thickness:g} mm Gaussian slices along RAS+ axis 2; "
              f"measured on the central {args.slab:g} mm coronal slab, inside the brain; {args.samples} samples x "
-             f"{args.steps} steps; {args.adapt_steps} adaptation steps.", "",
+             f"{args.steps} steps; {args.adapt_steps} adaptation steps, noise top-up: {args.adapt_noise}.", "",
              "| figure | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
     for f in figures:
         cells = [f"{c[f]:.4g}" if f in c else "" for c in columns.values()]

@@ -267,7 +267,8 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
     try:
         fit = fit_to_scan(pipe, lr, alpha=args.alpha, method=args.method, sampling=_sampling_kwargs(args),
                           work_dir=work_dir, config=_adaptation_config(args), slice_profile=args.profile,
-                          slice_thickness=args.slice_thickness, resume="latest" if args.resume else None)
+                          slice_thickness=args.slice_thickness, noise_std=args.noise_std or None,
+                          resume="latest" if args.resume else None)
     except ValueError as e:  # settings the adaptation cannot use, e.g. crops that do not fit the model
         raise InputError(f"cannot adapt: {e}", args.input) from e
     record, cal = fit.pipe.model_card.adapted, fit.pipe.calibration
@@ -550,7 +551,8 @@ def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
     p.add_argument("--profile", choices=("gaussian", "rect"), default="gaussian", help="slice profile")
     p.add_argument("--noise-std", type=_non_negative_float, default=0.0,
-                   help="measurement noise std in input units, >= 0 (default 0)")
+                   help="measurement noise std in input units, >= 0 (default 0: noise-free projections; an "
+                        "adaptation then estimates the scan's noise itself)")
     p.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
 
 

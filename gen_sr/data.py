@@ -48,6 +48,7 @@ __all__ = [
     "read_volumes",
     "slab",
     "slab_bounds",
+    "top_up_noise",
     "training_ranges",
 ]
 
@@ -81,6 +82,10 @@ class DataConfig:
             clinical scans; ``None`` keeps the volumes' own spacing.
         contrast: how often items are given another contrast by a random intensity map
             (:mod:`gen_sr.contrast`), so that the prior is not tied to the training volumes' T1 contrast.
+        item_noise_std: the noise std, in normalised units, that the volumes themselves carry per voxel (per-scan
+            adaptation: the scan's in-plane slices hold its noise). The simulated acquisition averages it down; each
+            LR sample then gets Gaussian noise with the rest of it, so that its noise totals this std, as a real
+            acquisition's samples do. 0: none (and ``acquisition.snr`` applies as usual).
     """
 
     paths: list[str] = field(default_factory=list)
@@ -95,8 +100,11 @@ class DataConfig:
     acquisition: AcquisitionRanges = field(default_factory=AcquisitionRanges)
     contrast: ContrastRanges = field(default_factory=ContrastRanges)
     in_plane_spacing: tuple[float, float] | None = None
+    item_noise_std: float = 0.0
 
     def __post_init__(self) -> None:
+        if not self.item_noise_std >= 0:
+            raise ValueError(f"item_noise_std must be >= 0, got {self.item_noise_std}")
         if len(self.crop_size) not in (2, 3) or min(self.crop_size) < 4:
             raise ValueError(f"crop_size needs 2 or 3 sizes of at least 4, got {self.crop_size}")
         if not 0 < self.holdout_fraction < 1:
@@ -241,6 +249,17 @@ def _resampled_crop(block: np.ndarray, spacing: Sequence[float], target: float, 
                      for channel in window]).astype(np.float32)
 
 
+def top_up_noise(y: torch.Tensor, op: AcquisitionOperator, sigma: float,
+                  rng: np.random.Generator) -> tuple[torch.Tensor, float]:
+    """``y = A x`` of an item ``x`` whose voxels carry white noise of std ``sigma``: ``A`` averaged it to
+    ``sigma · ‖a‖`` per sample (``a``: a row of ``A``; the mean over rows is used); add Gaussian noise with the rest,
+    ``sigma · sqrt(1 − ‖a‖²)``, so that each sample's noise totals ``sigma``. Returns ``y`` and ``sigma``."""
+    kept = math.prod(float(np.mean(np.sum(op.axis_matrix(a) ** 2, axis=1))) for a in op.axes)
+    extra = sigma * math.sqrt(max(0.0, 1.0 - kept))
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    return y + torch.randn(y.shape, generator=generator, dtype=y.dtype) * extra, sigma
+
+
 class SRPairDataset(torch.utils.data.Dataset):
     """LR/HR training pairs, simulated on the fly and deterministic per index.
 
@@ -308,7 +327,9 @@ class SRPairDataset(torch.utils.data.Dataset):
         hr = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float64))[None, None]
         y = op(hr)
         noise_std = 0.0
-        if acq.snr is not None and rng.random() >= acq.noise_free_fraction:
+        if self.cfg.item_noise_std > 0:  # the rest of the noise the items carry, as the real acquisition holds it
+            y, noise_std = top_up_noise(y, op, self.cfg.item_noise_std, rng)
+        elif acq.snr is not None and rng.random() >= acq.noise_free_fraction:
             snr = math.exp(rng.uniform(math.log(acq.snr[0]), math.log(acq.snr[1])))
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
             y, noise_std = add_noise(y, snr=snr, kind=acq.noise, generator=generator)

@@ -95,6 +95,8 @@ class Adaptation:
         axis, slice_thickness, slice_spacing, profile: its coarse axis and slices.
         held_out_slices: in-plane slices kept out of the fine-tuning.
         steps, batch_size, learning_rate: the fine-tuning.
+        noise_std: the scan's noise std per voxel (its units) that the simulated slices were brought up to;
+            ``noise_estimated``: whether it was estimated from the scan (:func:`gen_sr.physics.estimate_noise_std`).
         seconds: its wall time.
         train_loss: ``(first, last)`` logged training loss.
         heldout_loss: the held-out in-plane diffusion loss ``(before, after)`` the fine-tuning (fixed noise and
@@ -111,6 +113,8 @@ class Adaptation:
     steps: int = 0
     batch_size: int = 0
     learning_rate: float = 0.0
+    noise_std: float = 0.0
+    noise_estimated: bool = False
     seconds: float = 0.0
     train_loss: tuple[float, float] | None = None
     heldout_loss: tuple[float, float] | None = None

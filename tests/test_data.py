@@ -195,3 +195,27 @@ def test_in_plane_spacing_resamples_each_slice_to_a_drawn_pixel_size() -> None:
     assert np.ptp(drawn) > 0.2  # the pixel size changes from item to item
     with pytest.raises(ValueError, match="in_plane_spacing"):
         DataConfig(crop_size=(8, 8, 8), in_plane_spacing=(0.7, 1.5))
+
+
+def test_noise_is_topped_up_so_that_each_simulated_sample_carries_the_items_noise() -> None:
+    """Items that hold white noise of std sigma (a scan's in-plane slices): the thick slices average it down, and
+    the top-up brings every sample back to sigma, as a real thick slice's noise."""
+    import torch
+
+    from gen_sr.data import top_up_noise
+    from gen_sr.physics import AcquisitionOperator, SliceAcquisition
+
+    sigma = 0.05
+    x = torch.randn(1, 1, 256, 512, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigma
+    op = AcquisitionOperator([SliceAcquisition(1, 4.0, None, "gaussian")], (256, 512), (1.0, 1.0))
+    y = op(x)
+    assert float(y.std()) < 0.6 * sigma  # averaged down
+    topped, reported = top_up_noise(y, op, sigma, np.random.default_rng(0))
+    assert reported == sigma and abs(float(topped.std()) / sigma - 1) < 0.03
+
+
+def test_a_dataset_with_item_noise_draws_no_snr_noise() -> None:
+    volume = np.random.default_rng(0).random((24, 24, 24)).astype(np.float32)
+    cfg = DataConfig(crop_size=(16, 16), item_noise_std=0.02)
+    item = SRPairDataset([(volume, (1.0, 1.0, 1.0))], cfg, "train", length=1)[0]
+    assert float(item["noise_std"]) == pytest.approx(0.02)

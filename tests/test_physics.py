@@ -276,3 +276,17 @@ def test_sinc_interpolation_is_exact_for_band_limited_signals(n_lr: int) -> None
     torch.testing.assert_close(x[0, 0, 0, 0], wave(u), atol=1e-10, rtol=0)
     centres = (first + 3.0 * torch.arange(n_lr)).round().long()  # integer here: thickness 3 on a 1 mm grid
     torch.testing.assert_close(x[0, 0, 0, 0, centres], y[0, 0, 0, 0], atol=1e-10, rtol=0)
+
+
+def test_the_noise_estimate_finds_white_noise_on_a_smooth_volume() -> None:
+    from scipy import ndimage
+
+    from gen_sr.physics import estimate_noise_std
+
+    rng = np.random.default_rng(0)
+    smooth = ndimage.gaussian_filter(rng.standard_normal((64, 64, 16)), (8, 8, 1), mode="wrap")
+    smooth = 100 + 20 * smooth / smooth.std()
+    for sigma in (0.5, 2.0):
+        noisy = smooth + rng.standard_normal(smooth.shape) * sigma
+        assert estimate_noise_std(noisy, axis=2) == pytest.approx(sigma, rel=0.1)
+    assert estimate_noise_std(smooth, axis=2) < 0.1

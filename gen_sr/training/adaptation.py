@@ -15,8 +15,10 @@ model on those slices. Held-out slices are spread over the whole scan, so that t
 items are single slices, so the slices are reordered (training slices first) and the held-out ones form the far slab
 of :func:`gen_sr.data.slab_bounds` without any other change to the training data code.
 
-The pairs carry the scan's own noise in their truth and, averaged by the slice profile, less of it in their
-degraded input than the real thick slices hold: no noise is added.
+Noise: the pairs' truth holds the scan's own noise, and the simulated slices average it down, below what the real
+thick slices hold. Each simulated slice therefore gets the rest, so that its noise totals the scan's per-voxel std
+(``noise_std``, else estimated from the scan: :func:`gen_sr.physics.estimate_noise_std`); otherwise the model would
+learn from cleaner inputs than it is then given.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from gen_sr.errors import InputError
 from gen_sr.eval.calibration import CalibrationResult
 from gen_sr.eval.scan_calibration import calibrate_on_scan
 from gen_sr.model_card import AcquisitionRanges, Adaptation
-from gen_sr.physics import SliceAcquisition
+from gen_sr.physics import SliceAcquisition, estimate_noise_std
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.pipeline_latent_sr import LRInput
 from gen_sr.training.common import finish, make_loaders, start_run
@@ -122,15 +124,17 @@ def held_out_slices(n: int, every: int) -> list[int]:
     return held
 
 
-def adaptation_data(pipe: LatentDiffusionSRPipeline, canon: Volume, slices: ScanSlices,
-                    cfg: AdaptationConfig) -> tuple[DataConfig, TrainingVolume, list[int]]:
+def adaptation_data(pipe: LatentDiffusionSRPipeline, canon: Volume, slices: ScanSlices, cfg: AdaptationConfig,
+                    noise_std: float = 0.0) -> tuple[DataConfig, TrainingVolume, list[int]]:
     """The training data of an adaptation: the data config, the scan as a training volume (normalised as the
     pipeline normalises it, its slices along ``slices.axis`` reordered so that the held-out ones come last), and the
-    held-out slice indices (in the scan's RAS+ order)."""
+    held-out slice indices (in the scan's RAS+ order). ``noise_std``: the scan's per-voxel noise std in its own
+    units, which the simulated slices are brought up to (``DataConfig.item_noise_std``)."""
     card, n = pipe.model_card, canon.shape[slices.axis]
     held = held_out_slices(n, cfg.holdout_every)
     order = [i for i in range(n) if i not in set(held)] + held
-    data = np.take(pipe.intensity_normalization(canon.data)(canon.data), order, axis=slices.axis)
+    norm = pipe.intensity_normalization(canon.data)
+    data = np.take(norm(canon.data), order, axis=slices.axis)
     in_plane = [a for a in range(3) if a != slices.axis]
     gap = slices.spacing / slices.thickness - 1.0
     acquisition = AcquisitionRanges(axis=in_plane[0], any_axis=True, thickness=(slices.thickness,) * 2,
@@ -139,7 +143,7 @@ def adaptation_data(pipe: LatentDiffusionSRPipeline, canon: Volume, slices: Scan
                           slice_normals=[slices.axis], holdout_axis=slices.axis, holdout_fraction=len(held) / n,
                           normalize_percentiles=card.normalize_percentiles, condition=card.condition,
                           min_foreground=cfg.min_foreground, acquisition=acquisition,
-                          contrast=ContrastRanges(), in_plane_spacing=None)
+                          contrast=ContrastRanges(), in_plane_spacing=None, item_noise_std=noise_std / norm.scale)
     return data_cfg, TrainingVolume(data.astype(np.float32), canon.spacing), held
 
 
@@ -151,6 +155,7 @@ def adapt(
     config: AdaptationConfig | None = None,
     slice_profile: str = "gaussian",
     slice_thickness: float | None = None,
+    noise_std: float | None = None,
     resume: str | None = None,
     volume_index: int | None = None,
 ) -> LatentDiffusionSRPipeline:
@@ -162,6 +167,7 @@ def adapt(
         work_dir: the run folder: ``<work_dir>/adaptation/`` holds checkpoints, logs and ``metrics.jsonl``.
         config: steps, batch size, crops, held-out slices (:class:`AdaptationConfig`).
         slice_profile, slice_thickness: the scan's slices, as for the pipeline call.
+        noise_std: the scan's noise std per voxel, in its units (``None``: estimated from the scan; 0: none).
         resume: ``"latest"`` or a checkpoint folder, to go on with an interrupted adaptation.
         volume_index: which volume of a 4D series.
 
@@ -178,7 +184,9 @@ def adapt(
     if any(c % pipe.tile_multiple for c in cfg.crop_size):
         raise ValueError(f"crop_size {cfg.crop_size} must be multiples of the model's tile multiple "
                          f"{pipe.tile_multiple}")
-    data_cfg, training_volume, held = adaptation_data(pipe, canon, slices, cfg)
+    estimated = noise_std is None
+    noise_std = estimate_noise_std(canon.data, slices.axis) if noise_std is None else float(noise_std)
+    data_cfg, training_volume, held = adaptation_data(pipe, canon, slices, cfg, noise_std)
     card = pipe.model_card
     experiment = ExperimentConfig(output_dir=str(work_dir), data=data_cfg, diffusion_training=cfg.train,
                                   unet=UNetConfig(condition=card.unet_condition, objective=card.objective))
@@ -199,7 +207,8 @@ def adapt(
                         slice_thickness=slices.thickness, slice_spacing=slices.spacing,
                         profile=slices.profile,  # type: ignore[arg-type]
                         held_out_slices=held, steps=cfg.train.steps, batch_size=cfg.train.batch_size,
-                        learning_rate=cfg.train.learning_rate, seconds=time.perf_counter() - tic,
+                        learning_rate=cfg.train.learning_rate, noise_std=noise_std, noise_estimated=estimated,
+                        seconds=time.perf_counter() - tic,
                         **_logged_losses(run.metrics_path))
     adapted = LatentDiffusionSRPipeline(vae=pipe.vae, unet=unet, scheduler=copy.deepcopy(pipe.scheduler),
                                         model_card=dataclasses.replace(card, adapted=record))
