@@ -225,6 +225,11 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     from gen_sr.io import sidecar_path
     from gen_sr.volume import load_volume, save_volume
 
+    if args.output_dir is not None or not Path(args.input).is_file():
+        return _super_resolve_cohort(args)
+    if args.output is None:
+        raise InputError("needs --output for one scan (or --output-dir for a folder, BIDS dataset or glob of scans)",
+                         args.input)
     maps = {"mean": args.output, "std": args.std, "risk": args.risk, "dc_residual": args.dc_residual}
     outputs = {k: check_output_path(v, args.overwrite, inputs=[args.input]) for k, v in maps.items() if v}
     sidecar = sidecar_path(outputs["mean"])
@@ -246,6 +251,37 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     print(f"samples:  {args.samples}, {out.metadata['num_inference_steps']} steps, guidance {args.guidance}; "
           f"max relative residual ‖Ax−y‖/‖y‖ {residual:.2e}")
     return 0
+
+
+def _super_resolve_cohort(args: argparse.Namespace) -> int:
+    """``--input`` a folder, BIDS dataset or glob, ``--output-dir`` the outputs (:mod:`gen_sr.cohort`)."""
+    from gen_sr.cohort import find_scans, run_cohort
+
+    if args.output_dir is None:
+        raise InputError("is a folder or pattern of scans: give --output-dir for their outputs (--output is for one "
+                         "scan)", args.input)
+    unused = [flag for flag, value in (("--output", args.output), ("--std", args.std), ("--risk", args.risk),
+                                       ("--dc-residual", args.dc_residual), ("--adapt", args.adapt),
+                                       ("--volume", args.volume)) if value]
+    if unused:
+        raise InputError(f"{', '.join(unused)} take(s) one scan; with --output-dir every scan gets its mean, std and "
+                         "risk maps and a sidecar", args.input)
+    out = check_output_dir(args.output_dir)
+    scans = find_scans([args.input])
+    pipe = _load_pipeline(args)
+    sampling = {k: v for k, v in _sampling_kwargs(args).items() if k != "generator"}
+    rows = run_cohort(pipe, scans, out, overwrite=args.overwrite, seed=args.seed, **sampling,
+                      **_acquisition_kwargs(args))
+    if not process_state().is_main_process:
+        return 0
+    failed = [r for r in rows if r.status == "failed"]
+    counts = {s: sum(r.status == s for r in rows) for s in ("done", "skipped", "failed")}
+    print(f"scans:    {len(rows)}: {counts['done']} done, {counts['skipped']} skipped (finished before), "
+          f"{counts['failed']} failed")
+    for r in failed:
+        print(f"failed:   {r.scan}: {r.message}", file=sys.stderr)
+    print(f"wrote:    {out / 'summary.tsv'} and summary.json (one row per scan)")
+    return 1 if failed else 0
 
 
 # ----------------------------------------------------------------------------------------------------- adaptation
@@ -674,8 +710,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("super-resolve", cmd_super_resolve, "super-resolve an LR volume with a trained model, with uncertainty",
             model="a model folder (model_index.json, safetensors weights)", overwrite="replace existing output files")
-    p.add_argument("--input", required=True, help="the low-resolution NIfTI volume")
-    p.add_argument("--output", required=True, help="where to write the super-resolved mean")
+    p.add_argument("--input", required=True,
+                   help="the low-resolution NIfTI volume; or a folder, BIDS dataset or quoted glob of them (with "
+                        "--output-dir; under accelerate launch the scans are split over the processes)")
+    p.add_argument("--output", help="where to write the super-resolved mean (one scan)")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="for many scans: their outputs (BIDS names for BIDS files), summary.tsv and summary.json; "
+                        "finished scans are skipped on a rerun")
     p.add_argument("--std", help="also write the per-voxel standard deviation across samples")
     p.add_argument("--risk", help="also write the hallucination-risk map")
     p.add_argument("--dc-residual", help="also write |A x - y| on the HR grid")

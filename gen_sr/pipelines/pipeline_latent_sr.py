@@ -202,6 +202,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         patch_size: Sequence[int] | None = None,
         patch_overlap: float = 0.25,
         keep_samples: bool = True,
+        split_samples: bool = True,
         volume_index: int | None = None,
         output_type: Literal["np", "pt", "nifti"] = "np",
         return_dict: bool = True,
@@ -244,6 +245,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             patch_size, patch_overlap: 3D models: patch size (default: the largest multiple of the downsampling
                 factor up to 64 per axis) and overlap fraction.
             keep_samples: keep all samples in the output (costs ``N`` volumes of memory).
+            split_samples: under ``accelerate launch``, split the samples over the processes (the default); ``False``
+                draws them all in this process, for runs where each process takes scans of its own
+                (:mod:`gen_sr.cohort`).
             volume_index: which volume of a 4D series.
             output_type: ``"np"`` arrays, ``"pt"`` tensors, or ``"nifti"`` images with the HR geometry.
             return_dict: return an :class:`SRPipelineOutput` (else a tuple in its field order).
@@ -258,10 +262,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                         num_inference_steps=num_inference_steps, strength=strength)
         volume = self.as_volume(lr, affine, lr_spacing, volume_index)
         generators = self._generators(generator, num_samples)
-        state = process_state()  # under `accelerate launch`, each process draws every world_size-th sample
-        if num_samples < state.num_processes:
-            raise ValueError(f"{num_samples} samples cannot be split over {state.num_processes} processes")
-        local = generators[state.process_index :: state.num_processes]
+        # under `accelerate launch`, each process draws every world_size-th sample (unless it runs scans of its own)
+        rank, processes = (process_state().process_index, process_state().num_processes) if split_samples else (0, 1)
+        if num_samples < processes:
+            raise ValueError(f"{num_samples} samples cannot be split over {processes} processes")
+        local = generators[rank::processes]
         device, dtype = self._execution_device, self.unet.dtype
         canon = volume.canonical()
         norm = self.intensity_normalization(canon.data)
@@ -352,9 +357,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         # 7. project every sample onto the data
         tic = time.perf_counter()
         x = final_projection(measured, operator, y, sigma)
-        if state.num_processes > 1:  # gather the samples, back in their original order
+        if processes > 1:  # gather the samples, back in their original order
             parts = gather_object([x.cpu()])
-            x = torch.stack([parts[k % state.num_processes][k // state.num_processes] for k in range(num_samples)])
+            x = torch.stack([parts[k % processes][k // processes] for k in range(num_samples)])
             x = x.to(device)
         residuals = operator.residual(x, y.expand(x.shape[0], *y.shape[1:])).tolist()
 
@@ -379,7 +384,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "guidance_calls": guidance_calls,
             "sr_axes": list(axes),
             "slice_normals": normals[0] if len(normals) == 1 else normals,
-            "processes": state.num_processes,
+            "processes": processes,
             "noise_std": noise_std,
             "operator": operator.to_dict(),
             "relative_residual": residuals,

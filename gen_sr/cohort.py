@@ -1,0 +1,204 @@
+"""Cohorts: super-resolve many scans, split over processes, resumable, with one summary at the end.
+
+    gen-sr super-resolve --model DIR --input scans/ --output-dir sr/          # a folder, a BIDS dataset or a glob
+    accelerate launch -m gen_sr.cli super-resolve --model DIR --input 'bids/sub-*/anat/*_T1w.nii.gz' --output-dir sr/
+
+In Python: ``run_cohort(pipe, find_scans(["scans/"]), "sr/", **pipe_kwargs)``.
+
+* **Scans** are NIfTI files under the inputs (folders are searched recursively; globs are expanded), each
+  super-resolved with the same settings and seed.
+* **Names:** a BIDS file keeps its place and entities (``sub-01/ses-1/anat/sub-01_ses-1_T2w.nii.gz`` becomes
+  ``sub-01/ses-1/anat/sub-01_ses-1_desc-sr_T2w.nii.gz``, with ``desc-srstd`` and ``desc-risk`` maps and a JSON
+  sidecar); any other file becomes ``<stem>_sr.nii.gz``, ``<stem>_std.nii.gz``, ``<stem>_risk.nii.gz`` and
+  ``<stem>_sr.json`` under the same relative folder.
+* **Processes:** under ``accelerate launch`` (several processes, GPUs or machines) each process takes every
+  world-size-th scan and draws all of that scan's samples itself.
+* **Reruns** skip every scan whose mean and sidecar exist (``overwrite=True`` redoes them); a scan that fails is
+  reported with its one-line reason and does not stop the others.
+* **Summary:** ``summary.tsv`` and ``summary.json`` in the output folder, one row per scan: status, seconds, the
+  largest relative residual ``‖A x − y‖/‖y‖``, and the fraction of the head flagged (risk above the threshold).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from gen_sr.distributed import process_state
+from gen_sr.errors import InputError
+from gen_sr.io import NIFTI_SUFFIXES, atomic_write, is_nifti_name, write_json
+from gen_sr.volume import IntensityNormalization, load_volume, save_volume
+
+__all__ = ["CohortRow", "ScanOutputs", "find_scans", "flagged_fraction", "run_cohort", "scan_outputs"]
+
+_BIDS = re.compile(r"^(?P<entities>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_(?P<suffix>[A-Za-z0-9]+)$")
+SUMMARY_COLUMNS = ("scan", "status", "seconds", "max_relative_residual", "flagged_fraction", "output", "message")
+
+
+def find_scans(inputs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, Path]]:
+    """``(file, root)`` of every NIfTI scan under ``inputs`` (files, folders searched recursively, or glob
+    patterns), sorted and without repeats; ``root`` is what output names are made relative to (the folder given, or
+    the file's own folder). Files whose name starts with a dot are left out.
+
+    Raises:
+        InputError: an input that does not exist or matches nothing, or no scan at all.
+    """
+    found: dict[Path, Path] = {}
+    for entry in inputs:
+        text = str(entry)
+        path = Path(text)
+        if path.is_dir():
+            files = [f for f in sorted(path.rglob("*")) if f.is_file() and is_nifti_name(f)]
+            pairs = [(f, path) for f in files]
+        elif path.is_file():
+            pairs = [(path, path.parent)]
+        elif glob.has_magic(text):
+            files = [Path(f) for f in sorted(glob.glob(text, recursive=True)) if is_nifti_name(f)]
+            root = Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path(".")
+            pairs = [(f, root) for f in files]
+        else:
+            raise InputError("no such file, folder or pattern", path)
+        pairs = [(f, r) for f, r in pairs if not f.name.startswith(".")]
+        if not pairs:
+            raise InputError("holds no .nii or .nii.gz files", path)
+        for f, r in pairs:
+            found.setdefault(f.resolve(), r.resolve())
+    return sorted(found.items())
+
+
+@dataclass(frozen=True)
+class ScanOutputs:
+    """Where one scan's outputs go."""
+
+    mean: Path
+    std: Path
+    risk: Path
+    sidecar: Path
+
+    def done(self) -> bool:
+        """Whether an earlier run finished this scan (its mean and sidecar are there; both are written last)."""
+        return self.mean.is_file() and self.sidecar.is_file()
+
+
+def scan_outputs(scan: Path, root: Path, output_dir: Path) -> ScanOutputs:
+    """The output paths of ``scan`` (found under ``root``) in ``output_dir``: BIDS names for a BIDS file, else
+    ``<stem>_sr`` and its siblings, in the same relative folder (see the module docstring)."""
+    relative = scan.parent.resolve().relative_to(root) if scan.parent.resolve().is_relative_to(root) else Path()
+    folder = output_dir / relative
+    stem = scan.name
+    for suffix in NIFTI_SUFFIXES[::-1]:
+        stem = stem.removesuffix(suffix)
+    bids = _BIDS.match(stem)
+    if bids:
+        entities = "_".join(e for e in bids["entities"].split("_") if not e.startswith("desc-"))
+        name = lambda desc: f"{entities}_desc-{desc}_{bids['suffix']}"  # noqa: E731
+        names = (name("sr"), name("srstd"), name("risk"))
+    else:
+        names = (f"{stem}_sr", f"{stem}_std", f"{stem}_risk")
+    return ScanOutputs(*(folder / f"{n}.nii.gz" for n in names), folder / f"{names[0]}.json")
+
+
+def flagged_fraction(risk: np.ndarray, mean: np.ndarray, threshold: float = 0.1) -> float:
+    """The fraction of the imaged object (voxels of the mean above a tenth of its robust range over the low end)
+    whose risk exceeds ``threshold``: the audit report's verdict figure, without a brain mask."""
+    norm = IntensityNormalization.fit(mean)
+    inside = norm(mean) > 0.1
+    return float(np.mean(risk[inside] > threshold)) if inside.any() else 0.0
+
+
+@dataclass
+class CohortRow:
+    """One scan of a cohort run."""
+
+    scan: str
+    status: str  # "done", "skipped" or "failed"
+    seconds: float = 0.0
+    max_relative_residual: float | None = None
+    flagged_fraction: float | None = None
+    output: str = ""
+    message: str = ""
+
+
+def run_cohort(pipe: Any, scans: Sequence[tuple[Path, Path]], output_dir: str | os.PathLike[str], *,
+               overwrite: bool = False, risk_threshold: float = 0.1, progress: bool = True,
+               **pipe_kwargs: Any) -> list[CohortRow]:
+    """Super-resolve every scan of ``scans`` (from :func:`find_scans`) into ``output_dir``; see the module docstring.
+
+    Args:
+        pipe: the pipeline.
+        overwrite: redo scans an earlier run finished.
+        risk_threshold: risk above which a voxel counts as flagged in the summary.
+        pipe_kwargs: for each pipeline call (``num_samples``, ``generator`` as a seed: pass ``seed=`` instead, so that
+            every scan starts from the same one; ...).
+
+    Returns:
+        Every scan's row, in the order of ``scans`` (on every process); the main process also writes the summary.
+    """
+    out = Path(output_dir)
+    state = process_state()
+    seed = pipe_kwargs.pop("seed", 0)
+    mine = list(scans)[state.process_index :: state.num_processes]
+    rows = []
+    for scan, root in tqdm(mine, desc="cohort", unit="scan", disable=not (progress and state.is_local_main_process)):
+        rows.append(_one_scan(pipe, scan, scan_outputs(scan, root, out), overwrite, risk_threshold, seed, pipe_kwargs))
+    everyone = gather_object([asdict(r) for r in rows]) if state.num_processes > 1 else [asdict(r) for r in rows]
+    order = {str(scan): k for k, (scan, _) in enumerate(scans)}
+    result = sorted((CohortRow(**r) for r in everyone), key=lambda r: order.get(r.scan, len(order)))
+    if state.is_main_process:
+        write_summary(result, out)
+    return result
+
+
+def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, threshold: float, seed: int,
+              pipe_kwargs: dict[str, Any]) -> CohortRow:
+    import torch
+
+    if paths.done() and not overwrite:
+        return CohortRow(str(scan), "skipped", output=str(paths.mean), message="finished by an earlier run")
+    tic = time.perf_counter()
+    try:
+        lr = load_volume(scan)
+        result = pipe(lr, keep_samples=False, output_type="np", split_samples=False,
+                      generator=torch.Generator().manual_seed(seed), **pipe_kwargs)
+        paths.mean.parent.mkdir(parents=True, exist_ok=True)
+        for key, path in (("std", paths.std), ("risk", paths.risk), ("mean", paths.mean)):  # the mean last
+            save_volume(lr.with_data(getattr(result, key), result.affine), path, overwrite=True)
+        seconds = time.perf_counter() - tic
+        flagged = flagged_fraction(np.asarray(result.risk), np.asarray(result.mean), threshold)
+        write_json(paths.sidecar, {**result.metadata, "input": str(scan), "flagged_fraction": flagged,
+                                   "risk_threshold": threshold, "seconds": seconds})
+        return CohortRow(str(scan), "done", seconds, max(result.metadata["relative_residual"]), flagged,
+                         str(paths.mean))
+    except (InputError, ValueError, RuntimeError, OSError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if os.environ.get("GEN_SR_DEBUG"):
+            traceback.print_exc()
+        return CohortRow(str(scan), "failed", time.perf_counter() - tic, message=message)
+
+
+def write_summary(rows: Sequence[CohortRow], output_dir: Path) -> tuple[Path, Path]:
+    """``summary.tsv`` (one row per scan, tab-separated) and ``summary.json`` in ``output_dir``, atomically."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tsv, js = output_dir / "summary.tsv", output_dir / "summary.json"
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "n/a"
+        return f"{v:.4g}" if isinstance(v, float) else str(v).replace("\t", " ")
+
+    lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(cell(getattr(r, c)) for c in SUMMARY_COLUMNS) for r in rows]
+    atomic_write(tsv, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    counts = {s: sum(r.status == s for r in rows) for s in ("done", "skipped", "failed")}
+    write_json(js, {"counts": counts, "scans": [asdict(r) for r in rows]})
+    return tsv, js

@@ -1,0 +1,109 @@
+"""Cohorts: finding scans, BIDS names, skipping finished scans, reporting failed ones, and two processes giving the
+same outputs as one."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import tiny_pipeline, write_nifti
+
+from gen_sr.cli import main
+from gen_sr.cohort import find_scans, scan_outputs
+from gen_sr.errors import InputError
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_bids_files_keep_their_entities_and_others_get_a_suffix(tmp_path: Path) -> None:
+    root, out = tmp_path / "bids", tmp_path / "out"
+    scan = root / "sub-01" / "ses-2" / "anat" / "sub-01_ses-2_acq-thick_desc-raw_T2w.nii.gz"
+    paths = scan_outputs(scan, root, out)
+    anat = out / "sub-01" / "ses-2" / "anat"
+    assert paths.mean == anat / "sub-01_ses-2_acq-thick_desc-sr_T2w.nii.gz"
+    assert paths.std == anat / "sub-01_ses-2_acq-thick_desc-srstd_T2w.nii.gz"
+    assert paths.risk == anat / "sub-01_ses-2_acq-thick_desc-risk_T2w.nii.gz"
+    assert paths.sidecar == anat / "sub-01_ses-2_acq-thick_desc-sr_T2w.json"
+    other = scan_outputs(root / "case 7.nii", root, out)
+    assert (other.mean, other.sidecar) == (out / "case 7_sr.nii.gz", out / "case 7_sr.json")
+
+
+def _cohort(folder: Path, n: int = 4) -> list[Path]:
+    rng = np.random.default_rng(0)
+    files = []
+    for k in range(n):
+        sub = folder / f"sub-{k:02d}" / "anat"
+        sub.mkdir(parents=True)
+        data = rng.random((12, 10, 5)).astype(np.float32) * 100 + 50
+        files.append(write_nifti(sub / f"sub-{k:02d}_T1w.nii.gz", data, np.diag([1.0, 1.0, 3.0, 1.0])))
+    return files
+
+
+def test_scans_are_found_in_folders_and_globs_and_a_missing_input_is_clear(tmp_path: Path) -> None:
+    files = _cohort(tmp_path / "bids")
+    (tmp_path / "bids" / "participants.tsv").write_text("participant_id\n")
+    assert [f for f, _ in find_scans([tmp_path / "bids"])] == sorted(f.resolve() for f in files)
+    globbed = find_scans([str(tmp_path / "bids" / "sub-0[01]" / "anat" / "*_T1w.nii.gz")])
+    assert [f.name for f, _ in globbed] == ["sub-00_T1w.nii.gz", "sub-01_T1w.nii.gz"]
+    with pytest.raises(InputError, match="no such file"):
+        find_scans([tmp_path / "nothing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no"):
+        find_scans([tmp_path / "empty"])
+
+
+SMALL = ["--samples", "2", "--steps", "2", "--seed", "3"]
+
+
+def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones(tmp_path: Path, capsys) -> None:
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    files = _cohort(tmp_path / "bids")
+    (tmp_path / "bids" / "sub-09" / "anat").mkdir(parents=True)
+    (tmp_path / "bids" / "sub-09" / "anat" / "sub-09_T1w.nii.gz").write_bytes(b"not a nifti file")
+    args = ["super-resolve", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "bids"),
+            "--output-dir", str(tmp_path / "out"), *SMALL]
+    assert main(args) == 1  # one scan failed; the others are done
+    captured = capsys.readouterr()
+    assert "4 done, 0 skipped" in captured.out and "1 failed" in captured.out and "sub-09_T1w" in captured.err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["counts"] == {"done": 4, "skipped": 0, "failed": 1}
+    rows = (tmp_path / "out" / "summary.tsv").read_text().splitlines()
+    assert rows[0].split("\t")[:3] == ["scan", "status", "seconds"] and len(rows) == 6
+    mean = tmp_path / "out" / "sub-00" / "anat" / "sub-00_desc-sr_T1w.nii.gz"
+    assert nib.load(mean).shape == (12, 10, 15)
+    sidecar = json.loads(mean.with_name("sub-00_desc-sr_T1w.json").read_text())
+    assert sidecar["input"] == str(files[0].resolve()) and 0 <= sidecar["flagged_fraction"] <= 1
+    stamp = mean.stat().st_mtime_ns
+    assert main(args) == 1
+    assert "0 done, 4 skipped" in capsys.readouterr().out and mean.stat().st_mtime_ns == stamp
+
+
+def test_two_processes_write_the_same_outputs_as_one_and_a_rerun_skips_all(tmp_path: Path) -> None:
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    _cohort(tmp_path / "bids")
+    args = ["super-resolve", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "bids"), *SMALL]
+    assert main([*args, "--output-dir", str(tmp_path / "one")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "--num_processes", "2", "--main_process_port",
+              str(port), "-m", "gen_sr.cli", *args, "--output-dir", str(tmp_path / "two")]
+    for expected in ("4 done", "4 skipped"):
+        result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert expected in result.stdout
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["counts"]["skipped"] == 4
+    for k in range(4):
+        name = Path(f"sub-{k:02d}") / "anat" / f"sub-{k:02d}_desc-sr_T1w.nii.gz"
+        a, b = (np.asarray(nib.load(tmp_path / run / name).dataobj) for run in ("one", "two"))
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
