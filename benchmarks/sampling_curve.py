@@ -5,7 +5,8 @@ figure on Colin27.
     python benchmarks/sampling_curve.py --model models/heads2d --data mni152 robex --slab 8 \\
         --settings 50 25 10 25:0.5 25:1:1 [--samples 8] [--snr 30] [--output PATH]
 
-Each setting is ``STEPS[:STRENGTH[:NORMAL]]``: DDIM steps, the strength (1: from pure noise; below 1 from the noised
+Each setting is ``[SAMPLER@]STEPS[:STRENGTH[:NORMAL]]``: the sampler (``ddim``, the default, ``dpmsolver++`` or
+``unipc``, each with the data-consistency hook), its steps, the strength (1: from pure noise; below 1 from the noised
 condition, running that fraction of the steps) and the RAS+ slice normal of a 2D model (default: the pipeline's).
 Each volume's held-out slab (the model card's), cut to a coronal slab ``--slab`` mm wide, is degraded with 4 mm
 Gaussian slices along RAS+ axis 2 and Rician noise at ``--snr``. Printed per setting, as means over the volumes:
@@ -27,14 +28,18 @@ from gen_sr.eval.cases import load_hr_volumes, simulate_cases
 from gen_sr.eval.evaluate import evaluate
 from gen_sr.io import atomic_write
 from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.schedulers import SCHEDULERS
 
 BASELINE_NAMES = ("trilinear", "cubic", "sinc")
 
 
 def parse_setting(text: str) -> dict:
-    """``"25:0.5:1"`` → ``{"num_inference_steps": 25, "strength": 0.5, "slice_normal": 1}``."""
+    """``"unipc@25:0.5:1"`` → ``{"scheduler": "unipc", "num_inference_steps": 25, "strength": 0.5,
+    "slice_normal": 1}``."""
+    sampler, _, text = text.rpartition("@")
     parts = text.split(":")
-    setting = {"num_inference_steps": int(parts[0]), "strength": float(parts[1]) if len(parts) > 1 else 1.0}
+    setting = {"scheduler": sampler or "ddim", "num_inference_steps": int(parts[0]),
+               "strength": float(parts[1]) if len(parts) > 1 else 1.0}
     if len(parts) > 2:
         setting["slice_normal"] = int(parts[2])
     return setting
@@ -42,8 +47,14 @@ def parse_setting(text: str) -> dict:
 
 def measure(pipe: LatentDiffusionSRPipeline, cases: list, setting: dict, samples: int) -> dict:
     """Mean figures over the cases for one setting."""
-    rows = evaluate(pipe, cases, progress=False, num_samples=samples,
-                    generator=[torch.Generator().manual_seed(k) for k in range(samples)], **setting)
+    setting = dict(setting)
+    default = pipe.scheduler
+    pipe.scheduler = SCHEDULERS[setting.pop("scheduler")].from_config(default.config)
+    try:
+        rows = evaluate(pipe, cases, progress=False, num_samples=samples,
+                        generator=[torch.Generator().manual_seed(k) for k in range(samples)], **setting)
+    finally:
+        pipe.scheduler = default
     brain = [r for r in rows if r["region"] == "brain"]
     ours = [r for r in brain if r["method"] == "gen_sr"]
     best = [max((r for r in brain if r["volume"] == o["volume"] and r["method"] in BASELINE_NAMES),
@@ -75,7 +86,7 @@ def main() -> None:
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}): held-out slabs {shapes}, 4 mm Gaussian "
              f"slices along RAS+ axis 2, SNR {args.snr:g}, {args.samples} samples, projection guidance; means over "
              "the volumes, inside the foreground.\n",
-             "| steps:strength:normal | network calls per tile | PSNR | SSIM | gain over best interpolation | "
+             "| sampler@steps:strength:normal | network calls per tile | PSNR | SSIM | gain over best interpolation | "
              "Spearman(std, \\|err\\|) | ±2σ coverage | seconds |", "|" + " --- |" * 8]
     print("\n".join(lines), flush=True)
     for text in args.settings:

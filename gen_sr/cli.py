@@ -199,6 +199,10 @@ def _load_pipeline(args: argparse.Namespace, folder: str | None = None):
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the model: {str(e).splitlines()[0]}", model) from e
     pipe.set_progress_bar_config(disable=not process_state().is_local_main_process)
+    if getattr(args, "scheduler", None):
+        from gen_sr.schedulers import SCHEDULERS
+
+        pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
     return pipe
 
 
@@ -390,6 +394,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     details = {"data": list(args.data), "region": args.region, "slab_mm": args.slab, "operator": args.operator,
                "slice_thickness": args.slice_thickness, "profile": args.profile, "snr": args.snr,
                "samples": args.samples, "steps": _steps(args, pipe), "strength": args.strength,
+               "scheduler": type(pipe.scheduler).__name__,
                "guidance": args.guidance, "seed": args.seed,
                "mask": "foreground of the reference"}
     try:
@@ -565,6 +570,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
     p.add_argument(steps_flag, dest="sampling_steps", type=_positive_int, metavar="N",
                    help="DDIM steps (default: the model folder's; 50 for diffusion, 1 for a regression model)")
+    p.add_argument("--scheduler", choices=("ddim", "dpmsolver++", "unipc"),
+                   help="the sampler, each with the data-consistency hook (default: the model folder's, DDIM)")
     p.add_argument("--eta", type=_non_negative_float, default=0.0,
                    help="DDIM eta, >= 0 (default: 0, deterministic given the seed)")
     p.add_argument("--strength", type=_strength, default=1.0,

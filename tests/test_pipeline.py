@@ -274,6 +274,19 @@ def test_other_schedulers_run_without_guidance() -> None:
         pipe(_lr(), num_samples=1, guidance="projection", **RUN)
 
 
+@pytest.mark.parametrize("name", ["dpmsolver++", "unipc"])
+def test_multistep_solvers_take_the_data_consistency_hook(name: str, tmp_path: Path) -> None:
+    from gen_sr.schedulers import SCHEDULERS
+
+    pipe = _pipe(2)
+    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+    out = pipe(_lr(), num_samples=2, generator=_gens(0, 1), guidance="projection", **RUN)
+    assert out.metadata["guidance_calls"] == RUN["num_inference_steps"]
+    assert max(out.metadata["relative_residual"]) <= 1e-4
+    pipe.save_pretrained(tmp_path / name)  # the folder records the solver and loads it back
+    assert type(LatentDiffusionSRPipeline.from_pretrained(tmp_path / name).scheduler) is SCHEDULERS[name]
+
+
 def test_model_axis_mismatch_is_a_clear_error() -> None:
     sagittal_thick = _lr(shape=(4, 10, 12), affine=np.diag([3.0, 1.0, 1.0, 1.0]))
     with pytest.raises(InputError, match="super-resolves RAS"):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from gen_sr.schedulers import DDIMDataConsistencyScheduler
+from gen_sr.schedulers import SCHEDULERS, DDIMDataConsistencyScheduler
 
 PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]
 ETAS = [0.0, 0.5, 1.0]
@@ -225,3 +225,50 @@ def test_compatible_with_other_diffusers_schedulers():
     assert dpm.config.beta_schedule == "scaled_linear"
     dpm.set_timesteps(NUM_STEPS)
     assert len(dpm.timesteps) == NUM_STEPS
+
+
+# ----------------------------------------------------------------------------------------------- multistep solvers
+MULTISTEP = {"dpmsolver++": (DPMSolverMultistepScheduler, "DPMSolverDataConsistencyScheduler"),
+             "unipc": (UniPCMultistepScheduler, "UniPCDataConsistencyScheduler")}
+_CFG = {"beta_schedule": "scaled_linear", "beta_start": 0.0015, "beta_end": 0.0195, "prediction_type": "v_prediction"}
+
+
+def _solve(scheduler, steps: int = 6, hook=None, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """A fixed fake network (a linear map of the sample) through a whole sampling run; returns the final sample and
+    the timesteps the hook saw."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, 3, generator=g, dtype=torch.float64) * 0.3
+    scheduler.set_timesteps(steps)
+    seen = []
+
+    def watched(x0, t):
+        seen.append(int(t))
+        return hook(x0, t)
+
+    kwargs = {"x0_hook": watched} if hook is not None else {}
+    for t in scheduler.timesteps:
+        out = torch.einsum("ij,bjhw->bihw", weight, x)
+        x = scheduler.step(out, t, x, **kwargs).prev_sample
+    return x, seen
+
+
+@pytest.mark.parametrize("name", list(MULTISTEP))
+def test_multistep_solvers_without_a_hook_are_the_parent_bitwise_and_with_one_use_it(name: str) -> None:
+    parent_cls, _ = MULTISTEP[name]
+    ours = SCHEDULERS[name](**_CFG)
+    plain, _ = _solve(parent_cls(**_CFG))
+    assert torch.equal(_solve(ours)[0], plain)
+    same, seen = _solve(SCHEDULERS[name](**_CFG), hook=lambda x0, t: x0)
+    assert torch.equal(same, plain) and seen == ours.timesteps.tolist()
+    target = torch.full((2, 3, 8, 8), 0.25, dtype=torch.float64)
+    hooked, _ = _solve(SCHEDULERS[name](**_CFG), hook=lambda x0, t: target)
+    torch.testing.assert_close(hooked, target, rtol=0, atol=1e-6)  # the last step lands on the hooked prediction
+
+
+def test_a_noise_predicting_solver_refuses_the_hook() -> None:
+    scheduler = SCHEDULERS["dpmsolver++"](algorithm_type="dpmsolver", final_sigmas_type="sigma_min", **_CFG)
+    scheduler.set_timesteps(4)
+    x = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="data-prediction form"):
+        scheduler.step(x, scheduler.timesteps[0], x, x0_hook=lambda x0, t: x0)

@@ -373,6 +373,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         # 9. output: back to input units and orientation
         metadata = {
             "seeds": [g.initial_seed() for g in generators],
+            "scheduler": type(self.scheduler).__name__,
             "num_inference_steps": num_inference_steps,
             "eta": eta,
             "strength": strength,
