@@ -210,7 +210,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     import torch
 
     return {"num_inference_steps": args.sampling_steps, "eta": args.eta, "strength": args.strength,
-            "num_samples": args.samples,
+            "num_samples": args.samples, "patch_size": args.patch_size,
             "guidance": args.guidance, "batch_size": args.batch_size,
             "generator": torch.Generator().manual_seed(args.seed)}
 
@@ -394,7 +394,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     details = {"data": list(args.data), "region": args.region, "slab_mm": args.slab, "operator": args.operator,
                "slice_thickness": args.slice_thickness, "profile": args.profile, "snr": args.snr,
                "samples": args.samples, "steps": _steps(args, pipe), "strength": args.strength,
-               "scheduler": type(pipe.scheduler).__name__,
+               "scheduler": type(pipe.scheduler).__name__, "patch_size": args.patch_size,
                "guidance": args.guidance, "seed": args.seed,
                "mask": "foreground of the reference"}
     try:
@@ -566,6 +566,16 @@ def _volume_index(text: str) -> int:
     return _whole_number(text, 0, what="a volume index >= 0")
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers like 64,64, got {text!r}") from None
+    if len(values) not in (2, 3) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected 2 or 3 positive whole numbers like 64,64, got {text!r}")
+    return values
+
+
 def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
     p.add_argument(steps_flag, dest="sampling_steps", type=_positive_int, metavar="N",
@@ -585,6 +595,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
                    help="load a model folder with pickled (.bin) weights; a pickle can run any code when loaded, so "
                         "use this only for a folder you trust (default: safetensors only)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="tiles per network call: the memory knob")
+    p.add_argument("--patch-size", type=_sizes, metavar="H,W",
+                   help="2D models: cut each slice into overlapping patches of this size, blended (default: whole "
+                        "slices); 3D models: the patch size D,H,W (default: up to 64 per axis)")
 
 
 def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:

@@ -33,7 +33,7 @@ from gen_sr.model_card import ModelCard
 from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, set_sdpa_attention
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, operator_from_spacings
 from gen_sr.pipelines.guidance import GradientGuidance, ProjectionGuidance, final_projection
-from gen_sr.pipelines.tiling import PatchTiler, SliceTiler
+from gen_sr.pipelines.tiling import PatchTiler, SlicePatchTiler, SliceTiler
 from gen_sr.risk import Calibration, describe_risk, risk_map
 from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
@@ -243,7 +243,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 coarser is super-resolved first, on slices across the other, and then each sample along the other,
                 on slices across ``slice_normal``; ``metadata["slice_normals"]`` then lists both stages'.
             patch_size, patch_overlap: 3D models: patch size (default: the largest multiple of the downsampling
-                factor up to 64 per axis) and overlap fraction.
+                factor up to 64 per axis) and overlap fraction. 2D models: with ``patch_size`` ``(h, w)``, each
+                slice is cut into overlapping patches of that size (the second axis along the super-resolved one),
+                blended with a Gaussian window; default: whole slices.
             keep_samples: keep all samples in the output (costs ``N`` volumes of memory).
             split_samples: under ``accelerate launch``, split the samples over the processes (the default); ``False``
                 draws them all in this process, for runs where each process takes scans of its own
@@ -385,6 +387,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "guidance_calls": guidance_calls,
             "sr_axes": list(axes),
             "slice_normals": normals[0] if len(normals) == 1 else normals,
+            "patch_size": None if patch_size is None else [int(p) for p in patch_size],
             "processes": processes,
             "noise_std": noise_std,
             "operator": operator.to_dict(),
@@ -564,7 +567,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         return min((a for a in range(3) if a != axis), key=lambda a: hr_shape[a])
 
     def _tilers(self, hr_shape: Sequence[int], axis: int, normals: int | Sequence[int] | None,
-                patch_size: Sequence[int] | None, overlap: float) -> list[SliceTiler] | list[PatchTiler]:
+                patch_size: Sequence[int] | None,
+                overlap: float) -> list[SliceTiler] | list[SlicePatchTiler] | list[PatchTiler]:
         """The tilings to sample on: one per slicing plane for 2D models (slices that contain the super-resolved
         RAS+ ``axis``), one patch tiling for 3D models."""
         f = self.tile_multiple
@@ -576,6 +580,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             if bad or not normals or len(set(normals)) != len(normals):
                 raise ValueError(f"slice_normal must be distinct RAS+ axes other than the super-resolved axis "
                                  f"{axis}, got {normals}")
+            if patch_size is not None:
+                return [SlicePatchTiler(hr_shape, n, axis, patch_size, overlap, f) for n in normals]
             return [SliceTiler(hr_shape, n, axis, f) for n in normals]
         if patch_size is None:
             patch_size = [min(f * -(-n // f), max(f, 64 // f * f)) for n in hr_shape]

@@ -3,7 +3,11 @@
 * :class:`SliceTiler` for 2D models: every slice across one axis is a tile ``(a, b)``, whose second axis is the
   super-resolved one (as in training, see :mod:`gen_sr.data`). Tiles do not overlap; merging stacks them.
 * :class:`PatchTiler` for 3D models: overlapping patches, merged with a Gaussian importance map (MONAI's
-  ``dense_patch_slices`` and ``compute_importance_map``), so no seams show between patches.
+  ``dense_patch_slices`` and ``compute_importance_map``), so no seams show between patches. It works on 2D images
+  too.
+* :class:`SlicePatchTiler` for 2D models on wide slices: each slice cut into overlapping 2D patches (a
+  :class:`SliceTiler`, then a 2D :class:`PatchTiler` on every slice), so that the network sees tiles of about its
+  training size and attention stays cheap.
 
 Both pad tiles to a multiple of the autoencoder's (and UNet's) downsampling factor with zeros, as training did, and
 crop the padding away when merging. Volumes are ``(N, C, X, Y, Z)`` (``N`` samples); tiles are
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import compute_importance_map
 
-__all__ = ["PatchTiler", "SliceTiler"]
+__all__ = ["PatchTiler", "SlicePatchTiler", "SliceTiler"]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -66,10 +70,10 @@ class SliceTiler:
 
 
 class PatchTiler:
-    """3D tiles: overlapping patches blended with a Gaussian importance map.
+    """Overlapping patches blended with a Gaussian importance map, in 3D (or 2D: every shape below 2D).
 
     Args:
-        volume_shape: spatial shape ``(X, Y, Z)``.
+        volume_shape: spatial shape ``(X, Y, Z)`` (or ``(H, W)``).
         patch_size: patch size (a multiple of ``multiple``; smaller volumes are padded).
         overlap: fraction of overlap between neighbouring patches.
         multiple: the volume is padded to at least the patch size and a multiple of this.
@@ -107,3 +111,34 @@ class PatchTiler:
             norm[s] += weight
         out = out / norm
         return out[(slice(None), slice(None), *(slice(0, n) for n in self.volume_shape))]
+
+
+class SlicePatchTiler:
+    """2D tiles cut from the slices of a volume: each slice across ``normal`` (as :class:`SliceTiler` cuts it,
+    ``(other, sr_axis)``) into overlapping ``patch_size`` patches blended with a Gaussian importance map (a 2D
+    :class:`PatchTiler`). A slice smaller than the patch along an axis is one patch wide there.
+
+    Args:
+        volume_shape: spatial shape ``(X, Y, Z)``.
+        normal, sr_axis: as for :class:`SliceTiler`.
+        patch_size: ``(h, w)``, multiples of ``multiple``.
+        overlap: fraction of overlap between neighbouring patches.
+        multiple: tile sizes are padded up to a multiple of this.
+    """
+
+    def __init__(self, volume_shape: Sequence[int], normal: int, sr_axis: int, patch_size: Sequence[int],
+                 overlap: float, multiple: int) -> None:
+        self.slices = SliceTiler(volume_shape, normal, sr_axis, multiple)
+        self.normal = normal
+        patch = tuple(min(int(p), n) for p, n in zip(patch_size, self.slices.tile_shape, strict=True))
+        self.patches = PatchTiler(self.slices.tile_shape, patch, overlap, multiple)
+        self.tile_shape = self.patches.tile_shape
+        self.num_tiles = self.slices.num_tiles * self.patches.num_tiles
+
+    def split(self, volume: torch.Tensor) -> torch.Tensor:
+        """``(N, C, X, Y, Z)`` → ``(N * T, C, *patch_size)``, ``T`` = slices × patches per slice."""
+        return self.patches.split(self.slices.split(volume))
+
+    def merge(self, tiles: torch.Tensor) -> torch.Tensor:
+        """``(N * T, C, *patch_size)`` → ``(N, C, X, Y, Z)``."""
+        return self.slices.merge(self.patches.merge(tiles))

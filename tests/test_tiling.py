@@ -1,0 +1,35 @@
+"""Tilings of whole volumes: every tiling puts a volume back exactly, keeps each sample's tiles together, and the
+in-slice patches of a 2D model are of the asked size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gen_sr.pipelines.tiling import PatchTiler, SlicePatchTiler, SliceTiler
+
+
+def _volume(n: int = 2, shape=(9, 30, 21)) -> torch.Tensor:
+    return torch.randn(n, 1, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("make", [
+    lambda s: SliceTiler(s, 1, 2, 4),
+    lambda s: PatchTiler(s, (8, 16, 12), 0.25, 4),
+    lambda s: SlicePatchTiler(s, 0, 2, (16, 12), 0.25, 4),
+    lambda s: SlicePatchTiler(s, 1, 0, (64, 64), 0.25, 4),  # patches larger than the slice: one per slice
+])
+def test_split_then_merge_gives_the_volume_back(make) -> None:
+    volume = _volume()
+    tiler = make(volume.shape[2:])
+    tiles = tiler.split(volume)
+    assert tiles.shape == (2 * tiler.num_tiles, 1, *tiler.tile_shape)
+    torch.testing.assert_close(tiler.merge(tiles), volume, rtol=0, atol=1e-12)
+    first = tiler.merge(torch.cat([tiles[: tiler.num_tiles], tiles[: tiler.num_tiles]]))  # sample 0's tiles only
+    torch.testing.assert_close(first[1], volume[0], rtol=0, atol=1e-12)
+
+
+def test_in_slice_patches_have_the_asked_size_and_cover_each_slice() -> None:
+    tiler = SlicePatchTiler((9, 30, 21), 0, 2, (16, 12), 0.25, 4)
+    assert tiler.tile_shape == (16, 12) and tiler.slices.tile_shape == (32, 24)
+    assert tiler.num_tiles == 9 * tiler.patches.num_tiles and tiler.patches.num_tiles > 1
