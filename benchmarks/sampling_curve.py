@@ -5,9 +5,10 @@ figure on Colin27.
     python benchmarks/sampling_curve.py --model models/heads2d --data mni152 robex --slab 8 \\
         --settings 50 25 10 25:0.5 25:1:1 [--samples 8] [--snr 30] [--output PATH]
 
-Each setting is ``[SAMPLER@]STEPS[:STRENGTH[:NORMAL]]``: the sampler (``ddim``, the default, ``dpmsolver++`` or
-``unipc``, each with the data-consistency hook), its steps, the strength (1: from pure noise; below 1 from the noised
-condition, running that fraction of the steps) and the RAS+ slice normal of a 2D model (default: the pipeline's).
+Each setting is ``[SAMPLER@]STEPS[:STRENGTH[:NORMAL[:PATCH]]]``: the sampler (``ddim``, the default, ``dpmsolver++``
+or ``unipc``, each with the data-consistency hook), its steps, the strength (1: from pure noise; below 1 from the noised
+condition, running that fraction of the steps), the RAS+ slice normal of a 2D model (default, or empty: the
+pipeline's) and the size of square in-slice patches (default: whole slices); e.g. ``unipc@10:1::64``.
 Each volume's held-out slab (the model card's), cut to a coronal slab ``--slab`` mm wide, is degraded with 4 mm
 Gaussian slices along RAS+ axis 2 and Rician noise at ``--snr``. Printed per setting, as means over the volumes:
 network calls per tile (denoising steps), PSNR/SSIM in the foreground, the gain over the best interpolation,
@@ -40,8 +41,10 @@ def parse_setting(text: str) -> dict:
     parts = text.split(":")
     setting = {"scheduler": sampler or "ddim", "num_inference_steps": int(parts[0]),
                "strength": float(parts[1]) if len(parts) > 1 else 1.0}
-    if len(parts) > 2:
+    if len(parts) > 2 and parts[2]:
         setting["slice_normal"] = int(parts[2])
+    if len(parts) > 3:
+        setting["patch_size"] = (int(parts[3]),) * 2
     return setting
 
 

@@ -210,7 +210,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     import torch
 
     return {"num_inference_steps": args.sampling_steps, "eta": args.eta, "strength": args.strength,
-            "num_samples": args.samples, "patch_size": args.patch_size,
+            "num_samples": args.samples, "patch_size": args.patch_size, "skip_background": args.skip_background,
             "guidance": args.guidance, "batch_size": args.batch_size,
             "generator": torch.Generator().manual_seed(args.seed)}
 
@@ -595,6 +595,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
                    help="load a model folder with pickled (.bin) weights; a pickle can run any code when loaded, so "
                         "use this only for a folder you trust (default: safetensors only)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="tiles per network call: the memory knob")
+    p.add_argument("--skip-background", type=_non_negative_float, metavar="LEVEL",
+                   help="leave out tiles whose LR condition stays at or below LEVEL (a fraction of the robust "
+                        "intensity range, e.g. 0.02): air is not sampled there (default: every tile is sampled)")
     p.add_argument("--patch-size", type=_sizes, metavar="H,W",
                    help="2D models: cut each slice into overlapping patches of this size, blended (default: whole "
                         "slices); 3D models: the patch size D,H,W (default: up to 64 per axis)")

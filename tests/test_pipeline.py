@@ -408,3 +408,13 @@ def test_a_2d_model_can_sample_in_overlapping_in_slice_patches() -> None:
     patched = pipe(lr, num_samples=2, generator=_gens(0, 1), patch_size=(8, 8), **RUN)
     assert max(patched.metadata["relative_residual"]) <= 1e-4 and patched.mean.shape == whole.mean.shape
     assert not np.allclose(patched.mean, whole.mean)  # other tiles, other network inputs
+
+
+def test_background_tiles_can_be_left_out_and_hold_the_condition() -> None:
+    pipe = _pipe(2)
+    data = np.zeros((24, 6, 8), np.float32)
+    data[2:8, :, 2:6] = np.random.default_rng(0).random((6, 6, 4)) * 100 + 50  # an object in one corner
+    lr = Volume(data, np.diag([1.0, 1.0, 3.0, 1.0]))
+    out = pipe(lr, num_samples=2, generator=_gens(0, 1), patch_size=(8, 8), skip_background=0.02, **RUN)
+    assert out.metadata["skipped_tiles"] > 0 and max(out.metadata["relative_residual"]) <= 1e-4
+    assert float(np.abs(out.std[16:]).max()) == 0.0  # air far from the object: not sampled, every sample equal

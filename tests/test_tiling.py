@@ -33,3 +33,21 @@ def test_in_slice_patches_have_the_asked_size_and_cover_each_slice() -> None:
     tiler = SlicePatchTiler((9, 30, 21), 0, 2, (16, 12), 0.25, 4)
     assert tiler.tile_shape == (16, 12) and tiler.slices.tile_shape == (32, 24)
     assert tiler.num_tiles == 9 * tiler.patches.num_tiles and tiler.patches.num_tiles > 1
+
+
+def test_foreground_tiles_run_only_where_the_image_has_foreground_and_fill_the_rest() -> None:
+    from gen_sr.pipelines.tiling import ForegroundTiles
+
+    image = torch.zeros(1, 1, 9, 30, 21, dtype=torch.float64)
+    image[:, :, 2:5, 3:9, 4:10] = 1.0  # an object in a corner of the field of view
+    base = SlicePatchTiler(image.shape[2:], 0, 2, (8, 8), 0.25, 4)
+    tiles = ForegroundTiles(base, image, threshold=0.05)
+    assert 0 < tiles.num_tiles < base.num_tiles and tiles.skipped == base.num_tiles - tiles.num_tiles
+    volume = _volume(n=2, shape=(9, 30, 21))
+    merged = tiles.merge(tiles.split(volume))
+    kept_only = base.merge(base.split(image.expand(2, -1, -1, -1, -1)).clone())
+    assert merged.shape == volume.shape
+    obj = (slice(None), slice(None), slice(2, 5), slice(3, 9), slice(4, 10))  # every patch here is kept
+    torch.testing.assert_close(merged[obj], volume[obj], rtol=0, atol=1e-12)
+    far = (slice(None), slice(None), slice(6, 9), slice(24, 30), slice(15, 21))  # no kept patch reaches here
+    torch.testing.assert_close(merged[far], kept_only[far])

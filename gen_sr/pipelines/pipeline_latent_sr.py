@@ -33,7 +33,7 @@ from gen_sr.model_card import ModelCard
 from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, set_sdpa_attention
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, operator_from_spacings
 from gen_sr.pipelines.guidance import GradientGuidance, ProjectionGuidance, final_projection
-from gen_sr.pipelines.tiling import PatchTiler, SlicePatchTiler, SliceTiler
+from gen_sr.pipelines.tiling import ForegroundTiles, PatchTiler, SlicePatchTiler, SliceTiler
 from gen_sr.risk import Calibration, describe_risk, risk_map
 from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
@@ -201,6 +201,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         slice_normal: int | Sequence[int] | None = None,
         patch_size: Sequence[int] | None = None,
         patch_overlap: float = 0.25,
+        skip_background: float | None = None,
         keep_samples: bool = True,
         split_samples: bool = True,
         volume_index: int | None = None,
@@ -246,6 +247,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 factor up to 64 per axis) and overlap fraction. 2D models: with ``patch_size`` ``(h, w)``, each
                 slice is cut into overlapping patches of that size (the second axis along the super-resolved one),
                 blended with a Gaussian window; default: whole slices.
+            skip_background: leave out the tiles whose condition (the LR interpolated, normalised to the robust
+                range [0, 1]) stays at or below this level everywhere, e.g. 0.02 for air: they are not sampled, and
+                every sample there is the condition itself (std and risk 0); ``metadata["skipped_tiles"]`` counts
+                them. Default ``None``: every tile is sampled. It pays with in-slice patches or 3D patches, where
+                many tiles are air.
             keep_samples: keep all samples in the output (costs ``N`` volumes of memory).
             split_samples: under ``accelerate launch``, split the samples over the processes (the default); ``False``
                 draws them all in this process, for runs where each process takes scans of its own
@@ -299,7 +305,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
         # 4-6. per stage (one per coarse axis; with two, the first stage works on the grid in between, still coarse
         #      along the second axis, and each of its samples is the measurement of that sample in the second)
-        measured, measured_sigma, guidance_calls, normals = y, sigma, 0, []
+        measured, measured_sigma, guidance_calls, normals, skipped = y, sigma, 0, [], 0
         for stage_operator, stage_axis, stage_normal in self._stages(operator, axes, slice_normal):
             condition_image = self._condition_image(stage_operator, measured).to(dtype)
             tilers = self._tilers(stage_operator.hr_shape, stage_axis, stage_normal, patch_size, patch_overlap)
@@ -308,6 +314,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             for tiler in tilers:  # one pass, or one per slicing plane when a 2D model fuses orientations
                 # 4. latents: one generator per sample, tiles of all samples as one batch
                 tic = time.perf_counter()
+                if skip_background is not None:  # tiles with no foreground in the condition are not sampled
+                    tiler = ForegroundTiles(tiler, condition_image, skip_background)
+                    skipped += tiler.skipped
                 latent_shape = tuple(s // self.vae.downsample_factor for s in tiler.tile_shape)
                 condition_tiles = tiler.split(condition_image).split(batch_size)
                 per_sample = len(local) // len(condition_image)  # one measurement for all samples, or one each
@@ -388,6 +397,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "sr_axes": list(axes),
             "slice_normals": normals[0] if len(normals) == 1 else normals,
             "patch_size": None if patch_size is None else [int(p) for p in patch_size],
+            "skip_background": skip_background,
+            "skipped_tiles": skipped,
             "processes": processes,
             "noise_std": noise_std,
             "operator": operator.to_dict(),

@@ -8,6 +8,8 @@
 * :class:`SlicePatchTiler` for 2D models on wide slices: each slice cut into overlapping 2D patches (a
   :class:`SliceTiler`, then a 2D :class:`PatchTiler` on every slice), so that the network sees tiles of about its
   training size and attention stays cheap.
+* :class:`ForegroundTiles` wraps any of them and leaves out the tiles with no foreground: sampling runs on the
+  others only, and the left-out tiles are filled with a fixed image (the condition) when merging.
 
 Both pad tiles to a multiple of the autoencoder's (and UNet's) downsampling factor with zeros, as training did, and
 crop the padding away when merging. Volumes are ``(N, C, X, Y, Z)`` (``N`` samples); tiles are
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import compute_importance_map
 
-__all__ = ["PatchTiler", "SlicePatchTiler", "SliceTiler"]
+__all__ = ["ForegroundTiles", "PatchTiler", "SlicePatchTiler", "SliceTiler"]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -142,3 +144,42 @@ class SlicePatchTiler:
     def merge(self, tiles: torch.Tensor) -> torch.Tensor:
         """``(N * T, C, *patch_size)`` → ``(N, C, X, Y, Z)``."""
         return self.slices.merge(self.patches.merge(tiles))
+
+
+class ForegroundTiles:
+    """Only the tiles of ``tiler`` where ``image`` has foreground; the others are filled with ``image`` itself.
+
+    A tile is kept when ``image`` exceeds ``threshold`` anywhere in it (in any sample): a test on the condition
+    image, made once, before sampling. :meth:`split` returns the kept tiles only, :meth:`merge` puts them back among
+    the fixed ones. With no tile above the threshold, the first is kept, so that there is something to run.
+
+    Args:
+        tiler: a :class:`SliceTiler`, :class:`SlicePatchTiler` or :class:`PatchTiler`.
+        image: ``(M, C, X, Y, Z)``, one image for every sample (``M = 1``) or one per sample.
+        threshold: the foreground level, in ``image``'s units.
+    """
+
+    def __init__(self, tiler: SliceTiler | SlicePatchTiler | PatchTiler, image: torch.Tensor, threshold: float) -> None:
+        self.tiler, self.tile_shape = tiler, tiler.tile_shape
+        full = tiler.split(image)
+        self.fill = full.reshape(image.shape[0], tiler.num_tiles, *full.shape[1:])  # (M, T, C, *tile)
+        keep = self.fill.flatten(3).amax(dim=(0, 2, 3)) > threshold
+        if not keep.any():
+            keep[0] = True
+        self.keep = keep
+        self.num_tiles = int(keep.sum())
+        self.skipped = tiler.num_tiles - self.num_tiles
+
+    def split(self, volume: torch.Tensor) -> torch.Tensor:
+        """``(N, C, X, Y, Z)`` → ``(N * K, C, *tile)``, the ``K`` kept tiles of each sample."""
+        tiles = self.tiler.split(volume)
+        tiles = tiles.reshape(volume.shape[0], self.tiler.num_tiles, *tiles.shape[1:])[:, self.keep.to(tiles.device)]
+        return tiles.reshape(-1, *tiles.shape[2:])
+
+    def merge(self, tiles: torch.Tensor) -> torch.Tensor:
+        """``(N * K, C, *tile)`` → ``(N, C, X, Y, Z)``, the left-out tiles taken from the fixed image."""
+        n = tiles.shape[0] // self.num_tiles
+        fill = self.fill.to(tiles)
+        full = (fill.expand(n, *fill.shape[1:]) if fill.shape[0] == 1 else fill).clone()
+        full[:, self.keep.to(tiles.device)] = tiles.reshape(n, self.num_tiles, *tiles.shape[1:])
+        return self.tiler.merge(full.reshape(-1, *full.shape[2:]))
