@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from prior_benchmark import measure
+from prior_benchmark import measure, report
 
 from gen_sr.eval.cases import Case, held_out_head, simulate_case
 from gen_sr.eval.metrics import foreground
-from gen_sr.io import atomic_write
+from gen_sr.eval.tables import figures_table
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.training.adaptation import AdaptationConfig, fit_to_scan
 from gen_sr.volume import load_volume
@@ -127,15 +127,8 @@ def main() -> None:
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): {head.source}, whole head "
              f"{head.shape} voxels for the adaptation, {args.thickness:g} mm Gaussian slices along RAS+ axis 2; "
              f"measured on the central {args.slab:g} mm coronal slab, inside the brain; {args.samples} samples x "
-             f"{args.steps} steps; {args.adapt_steps} adaptation steps, noise top-up: {args.adapt_noise}.", "",
-             "| figure | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
-    for f in figures:
-        cells = [f"{c[f]:.4g}" if f in c else "" for c in columns.values()]
-        lines.append(f"| {f.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        atomic_write(Path(args.output), lambda tmp: tmp.write_text(text))
+             f"{args.steps} steps; {args.adapt_steps} adaptation steps, noise top-up: {args.adapt_noise}.", ""]
+    report("\n".join(lines) + "\n" + figures_table(columns, figures), args.output)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from scipy.stats import spearmanr
 from gen_sr.eval.baselines import BASELINES, baseline
 from gen_sr.eval.cases import Case, held_out_head, simulate_case, super_resolve
 from gen_sr.eval.metrics import psnr, ssim_volume
+from gen_sr.eval.tables import figures_table
 from gen_sr.eval.uncertainty import coverage
 from gen_sr.io import atomic_write
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -124,13 +125,15 @@ def main() -> None:
     columns = list(next(iter(rows.values())))
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): {head.source}, "
              f"{head.shape} voxels, {args.thickness:g} mm Gaussian slices along RAS+ axis {args.axis}, contrast "
-             f"{args.contrast}, {args.samples} samples x {args.steps} steps; inside the brain.", "",
-             "| figure | " + " | ".join(rows) + " |", "|" + " --- |" * (len(rows) + 1)]
-    lines += [f"| {c} | " + " | ".join(f"{r[c]:.4g}" for r in rows.values()) + " |" for c in columns]
-    text = "\n".join(lines) + "\n"
+             f"{args.contrast}, {args.samples} samples x {args.steps} steps; inside the brain.", ""]
+    report("\n".join(lines) + "\n" + figures_table(rows, columns), args.output)
+
+
+def report(text: str, output: str | None) -> None:
+    """Print a benchmark's table and, with ``output``, write it there (atomically)."""
     print(text)
-    if args.output:
-        atomic_write(Path(args.output), lambda tmp: tmp.write_text(text))
+    if output:
+        atomic_write(Path(output), lambda tmp: tmp.write_text(text))
 
 
 if __name__ == "__main__":

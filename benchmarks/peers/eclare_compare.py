@@ -32,11 +32,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from adaptation_benchmark import central_slab_case  # noqa: E402
+from prior_benchmark import report  # noqa: E402
 
 from gen_sr.eval.baselines import BASELINES, baseline  # noqa: E402
 from gen_sr.eval.cases import held_out_head, simulate_case  # noqa: E402
 from gen_sr.eval.metrics import psnr, ssim_volume  # noqa: E402
-from gen_sr.io import atomic_write  # noqa: E402
+from gen_sr.eval.tables import figures_table  # noqa: E402
 from gen_sr.volume import load_volume, resample_to, save_volume  # noqa: E402
 
 ECLARE = ROOT / "benchmarks" / "peers" / ".venv-eclare" / "bin" / "run-eclare"
@@ -92,18 +93,11 @@ def main() -> None:
         row |= {f"{k} elapsed s (its log)": float(v) for k, v in times.items()}
         columns[f"ECLARE, {label}"] = row
         print(label, row, flush=True)
-    figures = list(dict.fromkeys(k for c in columns.values() for k in c))
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): ECLARE 1.0.1 on the CPU, "
              f"{args.n_patches} patches of batch {args.batch_size}, true Gaussian profile; {head.source}, whole head "
              f"{head.shape}, {args.thickness:g} mm slices along RAS+ axis 2; measured on the central {args.slab:g} mm "
-             "coronal slab, inside the brain.", "",
-             "| figure | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
-    lines += [f"| {f} | " + " | ".join(f"{c[f]:.4g}" if f in c else "" for c in columns.values()) + " |"
-              for f in figures]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        atomic_write(Path(args.output), lambda tmp: tmp.write_text(text))
+             "coronal slab, inside the brain.", ""]
+    report("\n".join(lines) + "\n" + figures_table(columns), args.output)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import numpy as np
 from gen_sr.eval.metrics import LPIPS_NOTE
 from gen_sr.io import atomic_write, write_json
 
-__all__ = ["COLUMNS", "markdown_rows", "markdown_table", "summarize", "write_table", "write_table_files"]
+__all__ = ["COLUMNS", "figures_table", "markdown_rows", "markdown_table", "summarize", "write_table",
+           "write_table_files"]
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -52,6 +53,14 @@ def markdown_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def figures_table(columns: dict[str, dict[str, float]], figures: Sequence[str] | None = None) -> str:
+    """Benchmark figures as a Markdown table: one row per figure (default: all, in first-seen order), one column per
+    run, ``.4g``, blank where a run has no such figure; ``|`` in a figure's name is escaped."""
+    figures = list(figures or dict.fromkeys(f for c in columns.values() for f in c))
+    rows = [[f.replace("|", "\\|"), *(f"{c[f]:.4g}" if f in c else "" for c in columns.values())] for f in figures]
+    return markdown_rows(["figure", *columns], rows)
 
 
 def markdown_table(table: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
