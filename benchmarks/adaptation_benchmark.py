@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--brain", default="colin27",
                         help="a head with a _brain version (colin27, robex), or a NIfTI file (its foreground is the "
                              "mask)")
-    parser.add_argument("--adapt-noise", choices=("estimate", "none"), default="estimate",
+    parser.add_argument("--adapt-noise", choices=("estimate", "none"), default="none",
                         help="top the simulated slices' noise up to the scan's estimated noise, or add none")
     parser.add_argument("--thickness", type=float, default=4.0)
     parser.add_argument("--slab", type=float, default=8.0, help="width of the measured coronal slab in mm")

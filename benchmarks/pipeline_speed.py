@@ -1,8 +1,9 @@
 """Wall time and peak memory of the super-resolution pipeline, against a plain hand-written sampling loop.
 
-    python benchmarks/pipeline_speed.py --model models/heads2d [--steps 10] [--repeats 3]
+    python benchmarks/pipeline_speed.py --model models/heads2d [--steps 10] [--repeats 3] [--crop 96 112 96]
 
-The input is the MNI152 template cropped to about 96 x 112 x 96 voxels at 1 mm and degraded to 4 mm slices. Each
+The input is the MNI152 template cropped to ``--crop`` voxels at 1 mm (default 96 x 112 x 96, from voxel 50, 60, 40)
+and degraded to 4 mm slices. Each
 configuration runs in a fresh subprocess (so peak RSS is its own), ``--repeats`` times; medians are reported.
 
 * ``pipeline``: ``LatentDiffusionSRPipeline.__call__`` with N = 1, 4, 8 samples, with and without guidance.
@@ -24,15 +25,15 @@ import time
 
 import torch
 
-CROP = (slice(50, 146), slice(60, 172), slice(40, 136))  # 96 x 112 x 96 voxels of the 1 mm template
+START = (50, 60, 40)  # where the crop of the 1 mm template starts
 
 
-def lr_volume():
+def lr_volume(crop: tuple[int, int, int]):
     from gen_sr.physics import SliceAcquisition, simulate_acquisition
     from gen_sr.sample_data import load_mni152
 
     hr = load_mni152("t1")
-    hr = hr.crop([s.start for s in CROP], [s.stop for s in CROP])
+    hr = hr.crop(list(START), [s + c for s, c in zip(START, crop, strict=True)])
     lr, _, _ = simulate_acquisition(hr, [SliceAcquisition(2, 4.0)])
     return lr
 
@@ -73,7 +74,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    lr = lr_volume()
+    lr = lr_volume(tuple(args.crop))
     if args.kind == "hand":
         seconds = hand_loop(pipe, lr, args.n, args.steps, args.batch_size)
     else:
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--crop", type=int, nargs=3, default=[96, 112, 96], help="HR voxels of the template")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
@@ -99,7 +101,8 @@ def main() -> None:
         worker(args)
         return
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; model {args.model}; "
-          f"input 96x112x24 at 1x1x4 mm -> 96x112x96; {args.steps} DDIM steps; medians of {args.repeats}")
+          f"input {args.crop[0]}x{args.crop[1]}x{args.crop[2] // 4} at 1x1x4 mm -> {'x'.join(map(str, args.crop))}; "
+          f"{args.steps} steps of the model's scheduler; medians of {args.repeats}")
     print("| run | N | seconds | s per sample | peak RSS (MiB) |\n| --- | --- | --- | --- | --- |")
     results = {}
     for kind in ("hand", "none", "projection"):
@@ -107,7 +110,8 @@ def main() -> None:
             runs = []
             for _ in range(args.repeats):
                 cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--steps", str(args.steps),
-                       "--batch-size", str(args.batch_size), "--kind", kind, "--n", str(n)]
+                       "--batch-size", str(args.batch_size), "--kind", kind, "--n", str(n),
+                       "--crop", *map(str, args.crop)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                                      env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE")).stdout
                 runs.append(json.loads(out.strip().splitlines()[-1]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import typing
@@ -119,7 +120,10 @@ def _model_info(folder: Path) -> int:
     from gen_sr.risk import Calibration
 
     card, calibration = ModelCard.from_folder(folder), Calibration.load(folder)
-    rows = [("model", str(folder)), *card.summary(), ("autoencoder", describe_autoencoder(folder / "vae")),
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    sampler = json.loads(scheduler.read_text())["_class_name"] if scheduler.is_file() else "not recorded"
+    rows = [("model", str(folder)), *card.summary(), ("sampler", f"{sampler} (--scheduler to change it)"),
+            ("autoencoder", describe_autoencoder(folder / "vae")),
             ("calibration", "none (risk is the std over the intensity range)" if calibration is None else
              f"{calibration.describe()}, {calibration.method}, coverage {1 - calibration.alpha:g} target, "
              f"{calibration.num_volumes} units")]
@@ -129,7 +133,7 @@ def _model_info(folder: Path) -> int:
 
 # ----------------------------------------------------------------------------------------------------- degrade
 def cmd_degrade(args: argparse.Namespace) -> int:
-    from gen_sr.physics import SliceAcquisition, simulate_acquisition
+    from gen_sr.physics import SliceAcquisition, describe_profile, simulate_acquisition
     from gen_sr.volume import load_volume, save_volume
 
     out = check_output_path(args.output, args.overwrite, inputs=[args.input])
@@ -146,8 +150,8 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     direction = hr.orientation[args.axis]
     print(f"input:       {args.input} ({_shape(hr.shape)} voxels of {_fmt(hr.spacing)} mm, {''.join(hr.orientation)})")
     print(
-        f"acquisition: {args.slice_thickness:g} mm {args.profile} slices every {acquisition.slice_spacing:g} mm "
-        f"along voxel axis {args.axis} ({direction})"
+        f"acquisition: {args.slice_thickness:g} mm {describe_profile(args.profile)} slices every "
+        f"{acquisition.slice_spacing:g} mm along voxel axis {args.axis} ({direction})"
     )
     if args.snr is None:
         print("noise:       none")
@@ -162,6 +166,27 @@ def cmd_degrade(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- super-resolve
+def _slice_profile(text: str) -> str | tuple[float, ...]:
+    from gen_sr.physics import read_slice_profile
+
+    if text in ("gaussian", "rect"):
+        return text
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"expected gaussian, rect or a profile file, got {text!r} (no such file)")
+    try:
+        return read_slice_profile(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_profile_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", "--slice-profile", dest="profile", type=_slice_profile, default="gaussian",
+                   metavar="gaussian|rect|FILE",
+                   help="slice profile: gaussian (FWHM = the slice thickness), rect, or a text file of profile "
+                        "samples on a uniform grid from one edge of the slice to the other, e.g. measured on a "
+                        "phantom (its extent is then the slice thickness); default: gaussian")
+
+
 def _spacing(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
@@ -299,15 +324,24 @@ def _adaptation_config(args: argparse.Namespace):
     return dataclasses.replace(default, train=train, holdout_every=args.holdout_every)
 
 
+def _adaptation_noise(args: argparse.Namespace) -> float | None:
+    """The noise std the fine-tuning pairs are topped up to (``adapt``'s ``noise_std``) from ``--adapt-noise``."""
+    if args.adapt_noise == "given" and not args.noise_std:
+        raise InputError("--adapt-noise given needs the scan's noise std: pass --noise-std (or use --adapt-noise "
+                         "estimate)", args.input)
+    return {"none": 0.0, "given": args.noise_std, "estimate": None}[args.adapt_noise]
+
+
 def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
     """Adapt ``pipe`` to ``lr`` and calibrate it on the scan (:func:`gen_sr.training.adaptation.fit_to_scan`),
     printing what was done."""
     from gen_sr.training.adaptation import fit_to_scan
 
+    noise = _adaptation_noise(args)
     try:
         fit = fit_to_scan(pipe, lr, alpha=args.alpha, method=args.method, sampling=_sampling_kwargs(args),
                           work_dir=work_dir, config=_adaptation_config(args), slice_profile=args.profile,
-                          slice_thickness=args.slice_thickness, noise_std=args.noise_std or None,
+                          slice_thickness=args.slice_thickness, noise_std=noise,
                           resume="latest" if args.resume else None)
     except ValueError as e:  # settings the adaptation cannot use, e.g. crops that do not fit the model
         raise InputError(f"cannot adapt: {e}", args.input) from e
@@ -579,11 +613,13 @@ def _sizes(text: str) -> list[int]:
 def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
     p.add_argument(steps_flag, dest="sampling_steps", type=_positive_int, metavar="N",
-                   help="DDIM steps (default: the model folder's; 50 for diffusion, 1 for a regression model)")
+                   help="sampling steps (default: the model folder's: 5 for models/heads2d; 50 for a diffusion "
+                        "model whose card says nothing, 1 for a regression model)")
     p.add_argument("--scheduler", choices=("ddim", "dpmsolver++", "unipc"),
-                   help="the sampler, each with the data-consistency hook (default: the model folder's, DDIM)")
+                   help="the sampler, each with the data-consistency hook (default: the model folder's; "
+                        "models/heads2d: dpmsolver++); `gen-sr info --model DIR` shows it")
     p.add_argument("--eta", type=_non_negative_float, default=0.0,
-                   help="DDIM eta, >= 0 (default: 0, deterministic given the seed)")
+                   help="DDIM eta, >= 0 (default: 0, deterministic given the seed; the multistep solvers have none)")
     p.add_argument("--strength", type=_strength, default=1.0,
                    help="start the reverse process from the LR condition noised this far up, in (0, 1], and run that "
                         "fraction of the steps (default: 1, from pure noise)")
@@ -608,10 +644,9 @@ def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-spacing", type=_spacing, metavar="X,Y,Z",
                    help="HR voxel spacing in mm (default: isotropic at the finest input spacing)")
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
-    p.add_argument("--profile", choices=("gaussian", "rect"), default="gaussian", help="slice profile")
+    _add_profile_argument(p)
     p.add_argument("--noise-std", type=_non_negative_float, default=0.0,
-                   help="measurement noise std in input units, >= 0 (default 0: noise-free projections; an "
-                        "adaptation then estimates the scan's noise itself)")
+                   help="measurement noise std in input units, >= 0 (default 0: noise-free projections)")
     p.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
 
 
@@ -630,6 +665,10 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
     p.add_argument("--holdout-every", type=_whole_number_from(2), default=d.holdout_every, metavar="K",
                    help=f"keep every K-th in-plane slice out of the fine-tuning, for the per-scan calibration "
                         f"(default: {d.holdout_every})")
+    p.add_argument("--adapt-noise", choices=("none", "given", "estimate"), default="none",
+                   help="add noise to the simulated slices of the fine-tuning pairs up to the scan's noise: none (the "
+                        "default; it did not help on validation data), given (--noise-std) or estimate (from the "
+                        "scan)")
     p.add_argument(folder[0], dest="adapt_dir", metavar="DIR", help=folder[1])
     p.add_argument("--resume", action="store_true",
                    help="go on with an interrupted fine-tuning from its last checkpoint in that folder")
@@ -669,7 +708,7 @@ def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slice-thickness", type=_positive_float, default=4.0, metavar="MM",
                    help="simulated slice thickness in mm (default: 4)")
     p.add_argument("--slice-spacing", type=_positive_float, metavar="MM", help="default: the thickness")
-    p.add_argument("--profile", choices=("gaussian", "rect"), default="gaussian", help="slice profile")
+    _add_profile_argument(p)
     p.add_argument("--snr", type=_positive_float, help="add Rician noise at this SNR (default: noise-free)")
     p.add_argument("--operator", metavar="JSON",
                    help="simulate this acquisition instead (as `gen-sr degrade --save-operator` writes it; its axes "
@@ -722,8 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="voxel axis of the input file the slices are stacked along (see `gen-sr info`)")
     p.add_argument("--slice-spacing", type=_positive_float, metavar="MM",
                    help="centre-to-centre slice distance in mm (default: the thickness; larger leaves gaps)")
-    p.add_argument("--profile", choices=("gaussian", "rect"), default="gaussian",
-                   help="slice profile (default: gaussian)")
+    _add_profile_argument(p)
     p.add_argument("--snr", type=_positive_float,
                    help="add noise at this SNR (mean foreground / noise std); default: none")
     p.add_argument("--noise", choices=("rician", "gaussian"), default="rician", help="noise model (default: rician)")

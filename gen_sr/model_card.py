@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from gen_sr.config import config_from_dict, config_to_dict
 from gen_sr.errors import InputError
+from gen_sr.physics import describe_profile
 
 __all__ = ["DEFAULT_INFERENCE_STEPS", "SECOND_COARSE_RATIO", "AcquisitionRanges", "Adaptation", "Holdout", "ModelCard"]
 
@@ -40,7 +41,8 @@ class AcquisitionRanges:
             (axial, coronal or sagittal stacks).
         thickness: slice thickness range in mm, drawn uniformly.
         gap: range of ``spacing / thickness - 1`` (0 = contiguous, > 0 gaps, < 0 overlaps), drawn uniformly.
-        profiles: slice profiles to draw from.
+        profiles: slice profiles to draw from (``"gaussian"``, ``"rect"`` or samples across the slice: see
+            :class:`gen_sr.physics.SliceAcquisition`).
         snr: SNR range (log-uniform); ``None`` for noise-free only.
         noise_free_fraction: fraction of items left noise-free even when ``snr`` is set.
         noise: noise model.
@@ -50,7 +52,7 @@ class AcquisitionRanges:
     any_axis: bool = False
     thickness: tuple[float, float] = (2.0, 6.0)
     gap: tuple[float, float] = (0.0, 0.0)
-    profiles: list[Literal["gaussian", "rect"]] = field(default_factory=lambda: ["gaussian"])
+    profiles: list[Literal["gaussian", "rect"] | tuple[float, ...]] = field(default_factory=lambda: ["gaussian"])
     snr: tuple[float, float] | None = (20.0, 200.0)
     noise_free_fraction: float = 0.25
     noise: Literal["rician", "gaussian"] = "rician"
@@ -92,7 +94,8 @@ class Adaptation:
     Attributes:
         source: the scan's file (or ``<array>``).
         lr_shape: its shape in RAS+ voxel order.
-        axis, slice_thickness, slice_spacing, profile: its coarse axis and slices.
+        axis, slice_thickness, slice_spacing, profile: its coarse axis and slices (``profile``: ``"gaussian"``,
+            ``"rect"`` or the user-given samples across the slice).
         held_out_slices: in-plane slices kept out of the fine-tuning.
         steps, batch_size, learning_rate: the fine-tuning.
         noise_std: the scan's noise std per voxel (its units) that the simulated slices were brought up to;
@@ -108,7 +111,7 @@ class Adaptation:
     axis: int = 2
     slice_thickness: float = 1.0
     slice_spacing: float = 1.0
-    profile: Literal["gaussian", "rect"] = "gaussian"
+    profile: Literal["gaussian", "rect"] | tuple[float, ...] = "gaussian"
     held_out_slices: list[int] = field(default_factory=list)
     steps: int = 0
     batch_size: int = 0
@@ -223,7 +226,8 @@ class ModelCard:
         t = self.trained_for
         axes = "any RAS+ axis (slices of every orientation)" if t.any_axis else f"RAS+ axis {t.axis} ({_AXES[t.axis]})"
         rows = [("trained on", ", ".join(self.trained_on) or "not recorded"), ("super-resolves", axes),
-                ("slice thickness", f"{t.thickness[0]:g}-{t.thickness[1]:g} mm, profiles {', '.join(t.profiles)}"),
+                ("slice thickness", f"{t.thickness[0]:g}-{t.thickness[1]:g} mm, profiles "
+                                    f"{', '.join(map(describe_profile, t.profiles))}"),
                 ("slice gap", f"{t.gap[0]:g}-{t.gap[1]:g} x thickness"),
                 ("noise", f"{t.noise}, SNR {t.snr[0]:g}-{t.snr[1]:g} ({t.noise_free_fraction:.0%} noise-free)"
                  if t.snr is not None else "none"),

@@ -42,9 +42,11 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -58,9 +60,12 @@ __all__ = [
     "GeometryWarning",
     "KSpaceTruncation",
     "SliceAcquisition",
+    "SliceProfile",
     "add_noise",
+    "describe_profile",
     "noise_std_for_snr",
     "operator_from_spacings",
+    "read_slice_profile",
     "simulate_acquisition",
 ]
 
@@ -148,6 +153,33 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
+SliceProfile = str | tuple[float, ...]
+"""A slice profile: ``"gaussian"``, ``"rect"``, or samples on a uniform grid across the slice (see
+:class:`SliceAcquisition`)."""
+
+
+def describe_profile(profile: SliceProfile) -> str:
+    """``"gaussian"``, ``"rect"`` or ``"custom (N samples)"``, for one-line messages."""
+    return profile if isinstance(profile, str) else f"custom ({len(profile)} samples)"
+
+
+def read_slice_profile(path: str | os.PathLike[str]) -> tuple[float, ...]:
+    """A user-given slice profile from a text file: numbers separated by spaces, commas or new lines (``#`` starts a
+    comment), the profile sampled on a uniform grid from one edge of the slice to the other (e.g. measured on a
+    phantom); its extent is the slice thickness. Raises ``ValueError`` (one line) for anything else."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the slice profile {path}: {e}") from None
+    tokens = " ".join(line.split("#", 1)[0] for line in text.splitlines()).replace(",", " ").split()
+    try:
+        values = tuple(float(v) for v in tokens)
+    except ValueError:
+        raise ValueError(f"{path}: a slice profile file holds numbers only (one profile, uniformly sampled)") from None
+    SliceAcquisition(axis=0, thickness=1.0, profile=values)  # checks the samples
+    return values
+
+
 @dataclass(frozen=True)
 class SliceAcquisition(AxisTransform):
     """Through-plane slice acquisition along one axis.
@@ -168,7 +200,7 @@ class SliceAcquisition(AxisTransform):
     axis: int
     thickness: float
     spacing: float | None = None
-    profile: str | tuple[float, ...] = "gaussian"
+    profile: SliceProfile = "gaussian"
     first_center: float | None = None
 
     def __post_init__(self) -> None:
@@ -652,10 +684,8 @@ class AcquisitionOperator:
         lines = []
         for t in self.transforms:
             if isinstance(t, SliceAcquisition):
-                profile = t.profile if isinstance(t.profile, str) else f"custom ({len(t.profile)} samples)"
-                lines.append(
-                    f"axis {t.axis}: {t.thickness:g} mm slices every {t.slice_spacing:g} mm, {profile} profile"
-                )
+                lines.append(f"axis {t.axis}: {t.thickness:g} mm slices every {t.slice_spacing:g} mm, "
+                             f"{describe_profile(t.profile)} profile")
             elif isinstance(t, KSpaceTruncation):
                 lines.append(f"axis {t.axis}: k-space truncation by {t.factor:g}, window {t.window or 'none'}")
         return "\n".join(lines) or "identity"
@@ -721,7 +751,7 @@ def operator_from_spacings(
     hr_shape: Sequence[int] | None = None,
     lr_shape: Sequence[int] | None = None,
     slice_axes: Sequence[int] | None = None,
-    profile: str | Sequence[float] = "gaussian",
+    profile: SliceProfile | Sequence[float] = "gaussian",
     slice_thickness: float | None = None,
     kspace_window: str | None = None,
 ) -> AcquisitionOperator:

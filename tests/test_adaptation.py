@@ -58,12 +58,13 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def test_pairs_are_in_plane_slices_degraded_with_the_scans_own_slices() -> None:
+@pytest.mark.parametrize("profile", ["rect", (0.0, 0.4, 1.0, 0.7, 0.0)])  # a measured profile, e.g. from a file
+def test_pairs_are_in_plane_slices_degraded_with_the_scans_own_slices(profile) -> None:
     pipe = tiny_pipeline()
     lr = Volume(np.random.default_rng(1).random((20, 22, 9)).astype(np.float32) + 0.5,
                 np.diag([1.0, 1.0, 3.5, 1.0]))
-    slices = scan_slices(pipe, lr, slice_profile="rect", slice_thickness=3.0)
-    assert (slices.axis, slices.thickness, slices.spacing, slices.profile) == (2, 3.0, 3.5, "rect")
+    slices = scan_slices(pipe, lr, slice_profile=profile, slice_thickness=3.0)
+    assert (slices.axis, slices.thickness, slices.spacing, slices.profile) == (2, 3.0, 3.5, profile)
     data_cfg, volume, held = adaptation_data(pipe, lr, slices, _config())
     assert held == [1, 3, 5, 7]
     norm = pipe.intensity_normalization(lr.data)(lr.data)
@@ -76,7 +77,7 @@ def test_pairs_are_in_plane_slices_degraded_with_the_scans_own_slices() -> None:
         hr = item["hr"][0].numpy()
         found = [_find(hr, s) for s in train_slices]
         assert any(found) and not any(_find(hr, s) for s in held_slices)  # in-plane, never a held-out slice
-        op = AcquisitionOperator([SliceAcquisition(1, 3.0, 3.5, "rect")], hr.shape, (1.0, 1.0))
+        op = AcquisitionOperator([SliceAcquisition(1, 3.0, 3.5, profile)], hr.shape, (1.0, 1.0))
         expected = op.interpolate(op(item["hr"][None].double()), "cubic")[0, 0].float().numpy()
         np.testing.assert_allclose(item["lr"][0].numpy(), expected, atol=1e-5)  # degraded along W, by A
 

@@ -205,10 +205,28 @@ def test_info_shows_what_a_model_was_trained_for(capsys, tmp_path: Path) -> None
     code, out, _ = _run(capsys, "info", "--model", Path(__file__).parents[1] / "models" / "heads2d")
     assert code == 0
     for fragment in ("super-resolves:   any RAS+ axis", "slice thickness:  2-8 mm", "in-plane spacing: 0.7-1.5 mm",
-                     "held out:         the last 20%", "objective:        diffusion, 25 sampling step(s) by default",
+                     "held out:         the last 20%", "objective:        diffusion, 5 sampling step(s) by default",
+                     "sampler:          DPMSolverDataConsistencyScheduler",
                      "calibration:      mean ± ", "autoencoder:      the Haar wavelet transform, 1 level(s)"):
         assert fragment in out
     code, _, err = _run(capsys, "info", "--model", tmp_path)
     assert code == 2 and "no model_index.json" in err
     code, _, err = _run(capsys, "info")
     assert code == 2 and "--model DIR" in err
+
+
+def test_degrade_takes_a_measured_slice_profile_from_a_file(tmp_path: Path, capsys, hr_file: Path) -> None:
+    from gen_sr.physics import SliceAcquisition, simulate_acquisition
+
+    samples = (0.0, 0.3, 1.0, 1.0, 0.6, 0.0)  # skewed: neither gaussian nor rect
+    profile = tmp_path / "profile.txt"
+    profile.write_text(" ".join(map(str, samples)))
+    out = tmp_path / "lr.nii.gz"
+    code, stdout, _ = _run(capsys, "degrade", "--input", hr_file, "--output", out, "--slice-thickness", "3",
+                           "--axis", "0", "--slice-profile", profile)
+    assert code == 0 and "custom (6 samples) slices" in stdout
+    expected, _, _ = simulate_acquisition(load_volume(hr_file), [SliceAcquisition(0, 3.0, profile=samples)])
+    np.testing.assert_allclose(load_volume(out).data, expected.data, rtol=1e-5, atol=1e-5)
+    gaussian = tmp_path / "gaussian.nii.gz"
+    _run(capsys, "degrade", "--input", hr_file, "--output", gaussian, "--slice-thickness", "3", "--axis", "0")
+    assert not np.allclose(load_volume(gaussian).data, load_volume(out).data)

@@ -83,6 +83,7 @@ def test_unwritable_outputs_are_refused_before_any_work(capsys, tmp_path: Path, 
     (["super-resolve", "--eta", "nan"], "--eta: expected a finite number >= 0, got 'nan'"),
     (["super-resolve", "--noise-std", "-1"], "--noise-std: expected a finite number >= 0"),
     (["super-resolve", "--seed", "-1"], "--seed: expected a seed"),
+    (["super-resolve", "--profile", "trapezoid"], "expected gaussian, rect or a profile file, got 'trapezoid'"),
     (["degrade", "--seed", "-1", "--axis", "0", "--slice-thickness", "2"], "--seed: expected a seed"),
     (["calibrate", "--alpha", "2", "--data", "mni152"], "--alpha: expected a number strictly between 0 and 1"),
     (["calibrate", "--delta", "0", "--data", "mni152"], "--delta: expected a number strictly between 0 and 1"),
@@ -157,3 +158,20 @@ def test_inputs_outside_the_trained_regime_warn_in_one_line_each(capsys, tmp_pat
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "outside the trained regime" in line]
     assert code == 0 and len(lines) == 1 and lines[0].startswith("gen-sr: warning: outside the trained regime: ")
+
+
+def test_a_noise_top_up_without_the_noise_std_is_refused_before_fine_tuning(capsys, tmp_path: Path,
+                                                                            model_dir: Path, lr_file: Path) -> None:
+    err = _mistake(capsys, "fit", "--model", model_dir, "--input", lr_file, "--output-model", tmp_path / "adapted",
+                   "--adapt-noise", "given", "--steps", "2")
+    assert "--adapt-noise given needs the scan's noise std" in err and str(lr_file) in err
+    assert _files(tmp_path) == ["lr.nii.gz"]
+
+
+def test_a_slice_profile_file_that_is_not_numbers_is_one_line(capsys, tmp_path: Path, lr_file: Path) -> None:
+    profile = tmp_path / "profile.txt"
+    profile.write_text("0 1 one 0\n")
+    err = _mistake(capsys, "degrade", "--input", lr_file, "--output", tmp_path / "out.nii.gz", "--axis", "0",
+                   "--slice-thickness", "2", "--profile", profile)
+    assert f"{profile}: a slice profile file holds numbers only" in err
+    assert _files(tmp_path) == ["lr.nii.gz", "profile.txt"]

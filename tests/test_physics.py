@@ -290,3 +290,20 @@ def test_the_noise_estimate_finds_white_noise_on_a_smooth_volume() -> None:
         noisy = smooth + rng.standard_normal(smooth.shape) * sigma
         assert estimate_noise_std(noisy, axis=2) == pytest.approx(sigma, rel=0.1)
     assert estimate_noise_std(smooth, axis=2) < 0.1
+
+
+def test_a_slice_profile_file_reads_as_its_samples_and_a_bad_one_is_one_line(tmp_path) -> None:
+    from gen_sr.physics import read_slice_profile
+
+    good = tmp_path / "profile.txt"
+    good.write_text("# measured on a phantom, edge to edge\n0, 0.5 1\n2.0\n1 0.5,0  # the far edge\n")
+    assert read_slice_profile(good) == (0.0, 0.5, 1.0, 2.0, 1.0, 0.5, 0.0)
+    for text, fragment in [("0 1 x 1", "numbers only"), ("1", ">= 2 finite"), ("0 -1 0", "non-negative"),
+                           ("0 0 0", "not all zero")]:
+        bad = tmp_path / "bad.txt"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=fragment) as e:
+            read_slice_profile(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="cannot read the slice profile"):
+        read_slice_profile(tmp_path / "missing.txt")

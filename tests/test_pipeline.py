@@ -14,7 +14,7 @@ from diffusers import DPMSolverMultistepScheduler
 from helpers import oblique_affine
 
 from gen_sr.errors import InputError
-from gen_sr.model_card import ModelCard
+from gen_sr.model_card import Adaptation, ModelCard
 from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, HaarAutoencoder, condition_channels
 from gen_sr.physics import SliceAcquisition, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -138,6 +138,12 @@ def test_std_is_zero_for_identical_samples_and_positive_otherwise() -> None:
     assert float(same.std.max()) < 1e-5 * float(np.ptp(lr.data)) and float(same.risk.max()) < 1e-5
     different = pipe(lr, num_samples=3, generator=_gens(5, 6, 7), **RUN)
     assert float(different.std.mean()) > 0
+
+
+def test_an_adaptation_with_a_measured_slice_profile_round_trips_through_json() -> None:
+    card = ModelCard(adapted=Adaptation(source="lr.nii.gz", profile=(0.0, 0.5, 1.0, 0.5, 0.0)))
+    back = ModelCard.from_dict(json.loads(json.dumps(card.to_dict())))
+    assert back.adapted.profile == (0.0, 0.5, 1.0, 0.5, 0.0) and back == card
 
 
 def test_a_folder_written_before_the_model_card_key_loads_its_record(tmp_path: Path) -> None:
@@ -418,3 +424,22 @@ def test_background_tiles_can_be_left_out_and_hold_the_condition() -> None:
     out = pipe(lr, num_samples=2, generator=_gens(0, 1), patch_size=(8, 8), skip_background=0.02, **RUN)
     assert out.metadata["skipped_tiles"] > 0 and max(out.metadata["relative_residual"]) <= 1e-4
     assert float(np.abs(out.std[16:]).max()) == 0.0  # air far from the object: not sampled, every sample equal
+
+
+@pytest.mark.parametrize("guidance", ["projection", "gradient"])
+def test_networks_in_bfloat16_keep_the_latents_in_float32_and_the_output_near_float32(guidance: str) -> None:
+    """The GPU path: networks in bf16, the scheduler's maths, the physics and the statistics in float32."""
+    pipe, lr = _pipe(2), _lr()
+    reference = pipe(lr, num_samples=2, generator=_gens(0, 1), guidance=guidance, **RUN)
+    pipe.to(torch.bfloat16)
+    seen = []
+
+    def record(p, i, t, kwargs):
+        seen.append(kwargs["latents"].dtype)
+        return kwargs
+
+    out = pipe(lr, num_samples=2, generator=_gens(0, 1), guidance=guidance, callback_on_step_end=record, **RUN)
+    assert pipe.unet.dtype == torch.bfloat16 and set(seen) == {torch.float32}
+    assert out.mean.dtype == np.float32 and max(out.metadata["relative_residual"]) <= 1e-4
+    difference = np.abs(out.samples - reference.samples).max() / np.ptp(reference.samples)
+    assert 0 < difference < 0.02  # bf16 rounding moves the samples, a little

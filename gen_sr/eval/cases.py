@@ -24,7 +24,7 @@ from gen_sr.data import read_volumes, slab, slab_bounds
 from gen_sr.errors import InputError
 from gen_sr.eval.metrics import region_masks
 from gen_sr.model_card import Holdout, ModelCard
-from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, simulate_acquisition
+from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, SliceProfile, simulate_acquisition
 from gen_sr.risk import Calibration
 from gen_sr.sample_data import load_sample
 from gen_sr.volume import IntensityNormalization, Volume
@@ -87,7 +87,7 @@ class Case:
 
 
 def simulate_case(hr: Volume, name: str, *, axis: int = 2, thickness: float = 4.0, spacing: float | None = None,
-                  profile: str = "gaussian", snr: float | None = None, seed: int = 0,
+                  profile: SliceProfile = "gaussian", snr: float | None = None, seed: int = 0,
                   transforms: Sequence[AxisTransform] | None = None) -> Case:
     """Degrade an HR volume with through-plane slices along RAS+ ``axis`` (2: inferior-superior).
 
@@ -304,7 +304,8 @@ def read_operator_transforms(path: str | Path, sr_axis: int | None) -> list[Axis
 
 
 def simulate_cases(named: Sequence[tuple[str, Volume]], *, axis: int, thickness: float = 4.0,
-                   spacing: float | None = None, profile: str = "gaussian", snr: float | None = None, seed: int = 0,
+                   spacing: float | None = None, profile: SliceProfile = "gaussian", snr: float | None = None,
+                   seed: int = 0,
                    transforms: Sequence[AxisTransform] | None = None) -> list[Case]:
     """:func:`simulate_case` on every ``(name, volume)``, volume ``i`` with noise seed ``seed + i``; an acquisition
     that does not fit a volume is an :class:`InputError`."""

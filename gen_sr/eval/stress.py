@@ -46,6 +46,7 @@ from gen_sr.eval.metrics import foreground
 from gen_sr.eval.tables import markdown_rows, write_table_files
 from gen_sr.eval.uncertainty import auroc
 from gen_sr.io import atomic_write
+from gen_sr.physics import SliceProfile
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
 
 __all__ = ["Lesion", "erasure_rate", "false_structure_rate", "flagging", "insert_lesions",
@@ -345,7 +346,7 @@ def run_stress_test(pipe: SRModel, hr_volumes: Sequence[Volume | str | Path], *,
                     diameters_mm: Sequence[float | Sequence[float]] | None = None, contrast: float = 0.3,
                     n_per_size: int = 2, removed: int = 1, shell_mm: float = 2.0, tau: float | None = None,
                     risk_threshold: float | None = None, erasure_threshold: float = 0.5, false_threshold: float = 0.5,
-                    profile: str = "gaussian", n_figure: int = 4, progress: bool = True,
+                    profile: SliceProfile = "gaussian", n_figure: int = 4, progress: bool = True,
                     **pipe_kwargs: Any) -> dict[str, Any]:
     """Insert lesions, simulate the LR acquisition, super-resolve, measure, and aggregate over volumes.
 

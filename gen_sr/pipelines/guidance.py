@@ -38,6 +38,8 @@ class Tiler(Protocol):
 
 
 class Autoencoder(Protocol):
+    dtype: torch.dtype
+
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor: ...
     def decode_latent(self, z: torch.Tensor) -> torch.Tensor: ...
 
@@ -81,7 +83,8 @@ class _VolumeHook:
         return int(t) in self.timesteps
 
     def _chunked(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fn(chunk) for chunk in x.split(self.chunk_size)])
+        """``fn`` (the autoencoder's) on chunks of ``x``, in the autoencoder's dtype; the result in ``x``'s."""
+        return torch.cat([fn(chunk.to(self.vae.dtype)).to(x.dtype) for chunk in x.split(self.chunk_size)])
 
     def _volumes(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tiles = self._chunked(self.vae.decode_latent, z0)
@@ -129,6 +132,7 @@ class GradientGuidance(_VolumeHook):
         for z_chunk, g_chunk in zip(z0.split(self.chunk_size), grad_x.split(self.chunk_size), strict=True):
             with torch.enable_grad():
                 z = z_chunk.detach().requires_grad_(True)
-                (grad,) = torch.autograd.grad(self.vae.decode_latent(z), z, grad_outputs=g_chunk)
+                decoded = self.vae.decode_latent(z.to(self.vae.dtype))
+                (grad,) = torch.autograd.grad(decoded, z, grad_outputs=g_chunk.to(decoded.dtype))
             grads.append(grad)
         return z0 - self.scale * torch.cat(grads)

@@ -31,7 +31,7 @@ from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
 from gen_sr.model_card import ModelCard
 from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, set_sdpa_attention
-from gen_sr.physics import AcquisitionOperator, SliceAcquisition, operator_from_spacings
+from gen_sr.physics import AcquisitionOperator, SliceAcquisition, SliceProfile, operator_from_spacings
 from gen_sr.pipelines.guidance import GradientGuidance, ProjectionGuidance, final_projection
 from gen_sr.pipelines.tiling import ForegroundTiles, PatchTiler, SlicePatchTiler, SliceTiler
 from gen_sr.risk import Calibration, describe_risk, risk_map
@@ -89,8 +89,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
     Args:
         vae: the autoencoder.
         unet: the conditional denoiser.
-        scheduler: a diffusers scheduler; data consistency needs one whose ``step`` takes ``x0_hook`` (the default
-            :class:`~gen_sr.schedulers.DDIMDataConsistencyScheduler`). Others run with ``guidance="none"``.
+        scheduler: a diffusers scheduler; data consistency needs one whose ``step`` takes ``x0_hook``
+            (:class:`~gen_sr.schedulers.DDIMDataConsistencyScheduler`, or the multistep
+            :class:`~gen_sr.schedulers.DPMSolverDataConsistencyScheduler` that ``models/heads2d`` uses and
+            :class:`~gen_sr.schedulers.UniPCDataConsistencyScheduler`). Others run with ``guidance="none"``.
         model_card: what the model was trained for (:class:`~gen_sr.model_card.ModelCard`, or its JSON form as
             ``model_index.json`` holds it); read it back as ``pipe.model_card``.
     """
@@ -186,7 +188,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         lr_spacing: Sequence[float] | None = None,
         target_spacing: Sequence[float] | None = None,
         operator: AcquisitionOperator | None = None,
-        slice_profile: str = "gaussian",
+        slice_profile: SliceProfile = "gaussian",
         slice_thickness: float | None = None,
         noise_std: float = 0.0,
         num_inference_steps: int | None = None,
@@ -330,10 +332,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
                 def noise(shape=shape) -> torch.Tensor:  # one draw per sample, from that sample's own generator
                     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in local]).to(
-                        device, dtype)
+                        device, work)
 
                 if strength < 1:  # the encoded condition, noised to the first timestep (diffusers' img2img)
-                    start = for_samples(torch.cat([self.vae.encode_latent(c) for c in condition_tiles]).to(dtype))
+                    start = for_samples(torch.cat([self.vae.encode_latent(c) for c in condition_tiles]).to(work))
                     latents = self.scheduler.add_noise(start, noise(), timesteps[:1])
                 else:
                     latents = noise() * self.scheduler.init_noise_sigma
@@ -341,14 +343,15 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 step_kwargs = self._step_kwargs(eta, hook)
                 _add_time(timings, "prepare_s", tic)
 
-                # 5. denoising loop with data consistency
+                # 5. denoising loop with data consistency (the latents and the scheduler's maths stay in >= float32;
+                #    only the networks run in their own dtype)
                 tic = time.perf_counter()
                 for i, t in enumerate(self.progress_bar(timesteps)):
                     model_input = self.scheduler.scale_model_input(latents, t)
                     model_output = torch.cat([
-                        self.unet(z, t, c)
+                        self.unet(z.to(dtype), t, c)
                         for z, c in zip(model_input.split(batch_size), cond.split(batch_size), strict=True)
-                    ])
+                    ]).to(work)
                     if "variance_noise" in step_kwargs:
                         step_kwargs["variance_noise"] = noise()
                     latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
@@ -359,8 +362,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
                 # 6. decode
                 tic = time.perf_counter()
-                tiles = torch.cat([self.vae.decode_latent(z) for z in latents.split(batch_size)]).to(work)
-                volumes.append(tiler.merge(tiles))
+                tiles = torch.cat([self.vae.decode_latent(z.to(self.vae.dtype)) for z in latents.split(batch_size)])
+                volumes.append(tiler.merge(tiles.to(work)))
                 _add_time(timings, "decode_s", tic)
             normals.append([t.normal for t in tilers] if self.spatial_dims == 2 else None)
             measured, measured_sigma = torch.stack(volumes).mean(dim=0), 0.0  # the next stage's measurement
@@ -416,7 +419,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------- helpers
     def output_grid(self, lr: LRInput, *, affine: np.ndarray | None = None, lr_spacing: Sequence[float] | None = None,
                     target_spacing: Sequence[float] | None = None, operator: AcquisitionOperator | None = None,
-                    slice_profile: str = "gaussian", slice_thickness: float | None = None,
+                    slice_profile: SliceProfile = "gaussian", slice_thickness: float | None = None,
                     volume_index: int | None = None) -> Volume:
         """The HR grid a call with these arguments returns, found without any sampling (e.g. to check a reference
         volume first): a :class:`~gen_sr.volume.Volume` in RAS+ voxel order whose data is a zero-cost placeholder;
@@ -446,7 +449,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         return axes
 
     def operator_for(self, canon: Volume, *, operator: AcquisitionOperator | None = None,
-                     target_spacing: Sequence[float] | None = None, slice_profile: str = "gaussian",
+                     target_spacing: Sequence[float] | None = None, slice_profile: SliceProfile = "gaussian",
                      slice_thickness: float | None = None) -> AcquisitionOperator:
         """The acquisition a call assumes for an LR input in RAS+ (``Volume.canonical()``), on its HR grid: the given
         ``operator``, checked against the input's grid, or the one built from the spacings along the axes
@@ -538,11 +541,13 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         kwargs: dict[str, Any] = {"x0_hook": hook} if hook is not None else {}
         if "eta" in accepted:
             kwargs["eta"] = eta
+        elif eta > 0:
+            warnings.warn(f"{type(self.scheduler).__name__} has no eta: eta={eta:g} is ignored", stacklevel=3)
         if eta > 0 and "variance_noise" in accepted:
             kwargs["variance_noise"] = None  # drawn per step from the per-sample generators
         return kwargs
 
-    def _operator(self, canon: Volume, axes: Sequence[int], target: Sequence[float] | None, profile: str,
+    def _operator(self, canon: Volume, axes: Sequence[int], target: Sequence[float] | None, profile: SliceProfile,
                   thickness: float | None) -> AcquisitionOperator:
         spacing = np.asarray(canon.spacing)
         if target is None:  # each super-resolved axis at the finest spacing of the others
