@@ -26,7 +26,7 @@ from monai.networks.layers.convutils import gaussian_1d
 from gen_sr.errors import InputError
 from gen_sr.io import write_json
 
-__all__ = ["CALIBRATION_FILE", "Calibration", "IntervalShape", "describe_risk", "risk_map"]
+__all__ = ["CALIBRATION_FILE", "Calibration", "IntervalShape", "SamplingSettings", "describe_risk", "risk_map"]
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -77,6 +77,28 @@ def _smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return separable_filtering(flat, [kernel] * 3, mode="replicate").reshape(x.shape)
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The sampler settings that shape the spread of the samples, and so the interval a calibration fits: it holds
+    for runs with the same settings only.
+
+    Attributes:
+        scheduler: the sampler's class name (``type(pipe.scheduler).__name__``).
+        num_inference_steps: its steps.
+        num_samples: samples per run (the std of fewer samples is noisier).
+        strength: where the reverse process starts (1: pure noise).
+    """
+
+    scheduler: str
+    num_inference_steps: int
+    num_samples: int
+    strength: float = 1.0
+
+    def describe(self) -> str:
+        start = "" if self.strength == 1 else f", strength {self.strength:g}"
+        return f"{self.num_samples} samples x {self.num_inference_steps} {self.scheduler} steps{start}"
+
+
 @dataclass
 class Calibration:
     """A fitted interval scale; saved as ``calibration.json`` in a model folder.
@@ -92,6 +114,7 @@ class Calibration:
         risk_upper: its ``1 − δ`` upper bound.
         details: where the calibration data came from (free-form, recorded as given).
         shape: the spread that ``scale`` multiplies (files without one mean the plain std).
+        sampling: the sampler settings it was made with (``None`` in files written before it was recorded).
     """
 
     scale: float
@@ -104,10 +127,13 @@ class Calibration:
     risk_upper: float
     details: dict = field(default_factory=dict)
     shape: IntervalShape = field(default_factory=IntervalShape)
+    sampling: SamplingSettings | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.shape, dict):  # as read back from JSON
             self.shape = IntervalShape(**self.shape)
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingSettings(**self.sampling)
 
     def halfwidth(self, std: torch.Tensor | np.ndarray, mean: torch.Tensor | np.ndarray,
                   noise_std: float = 0.0) -> torch.Tensor | np.ndarray:

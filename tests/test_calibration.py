@@ -166,3 +166,34 @@ def test_calibration_records_its_shape(tmp_path: Path) -> None:
     assert "std smoothed over 1 voxels + 0.5 x noise std + 0.2 x |gradient of the mean|" in cal.describe()
     std, mean = np.ones((6, 6, 6)), np.zeros((6, 6, 6))
     np.testing.assert_allclose(cal.halfwidth(std, mean, noise_std=2.0), cal.scale * 2.0)
+
+
+def test_a_calibration_records_its_sampler_settings_and_a_run_with_others_warns(tmp_path: Path) -> None:
+    import warnings
+
+    from helpers import tiny_pipeline
+
+    from gen_sr.eval.calibration import calibrate
+    from gen_sr.eval.cases import simulate_case
+    from gen_sr.pipelines.pipeline_latent_sr import CalibrationMismatchWarning
+    from gen_sr.risk import SamplingSettings
+    from gen_sr.volume import Volume
+
+    pipe = tiny_pipeline()
+    rng = np.random.default_rng(0)
+    cases = [simulate_case(Volume(rng.random((16, 16, 12)).astype(np.float32) + 0.5, np.eye(4)), f"v{k}",
+                           thickness=3.0) for k in range(3)]
+    settings = {"num_samples": 2, "num_inference_steps": 2, "batch_size": 16}
+    result = calibrate(pipe, cases, method="crc", alpha=0.3, progress=False,
+                       generator=[torch.Generator().manual_seed(k) for k in range(2)], **settings)
+    expected = SamplingSettings("DDIMDataConsistencyScheduler", 2, 2, 1.0)
+    assert result.calibration.sampling == expected
+    result.calibration.save(tmp_path)
+    pipe.calibration = Calibration.load(tmp_path)
+    assert pipe.calibration.sampling == expected  # through JSON
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationMismatchWarning)
+        pipe(cases[0].lr, **settings)  # the calibrated settings: silent
+    for other in ({"num_inference_steps": 3}, {"num_samples": 3}, {"strength": 0.5}):
+        with pytest.warns(CalibrationMismatchWarning, match="made with 2 samples x 2 DDIMDataConsistencyScheduler"):
+            pipe(cases[0].lr, **(settings | other))

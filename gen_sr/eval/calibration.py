@@ -385,11 +385,12 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     units = split_units(volumes, shape, blocks=blocks, axis=axis)  # once: the spreads are the costly part
     record = {**(details or {}), "volumes": [c.name for c in cases], "blocks_per_volume": blocks,
               "units": len(units[0]), "interval": interval, "leave_one_volume_out_coverage": transfer}
-    result = CalibrationResult(dataclasses.replace(fit_calibration(*units, **fit, details=record), shape=shape),
-                               transfer, transfer_error)
+    sampling = pipe.sampling_settings(**pipe_kwargs)
+    result = CalibrationResult(dataclasses.replace(fit_calibration(*units, **fit, details=record), shape=shape,
+                                                   sampling=sampling), transfer, transfer_error)
     try:  # the other rule on the same units, for comparison
         alternative = fit_calibration(*units, **(fit | {"method": _OTHER_RULE[method]}))
-        result.alternative = dataclasses.replace(alternative, shape=shape)
+        result.alternative = dataclasses.replace(alternative, shape=shape, sampling=sampling)
     except ValueError as e:
         result.alternative_error = str(e)
     return result

@@ -25,7 +25,7 @@ from gen_sr.errors import InputError
 from gen_sr.eval.metrics import region_masks
 from gen_sr.model_card import Holdout, ModelCard
 from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, SliceProfile, simulate_acquisition
-from gen_sr.risk import Calibration
+from gen_sr.risk import Calibration, SamplingSettings
 from gen_sr.sample_data import load_sample
 from gen_sr.volume import IntensityNormalization, Volume
 
@@ -59,6 +59,8 @@ class SRModel(Protocol):
 
     @property
     def sr_axis(self) -> int: ...
+
+    def sampling_settings(self, **kwargs: Any) -> SamplingSettings: ...
 
     def __call__(self, lr: Volume, **kwargs: Any) -> SROutput: ...
 

@@ -34,11 +34,15 @@ from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, s
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, SliceProfile, operator_from_spacings
 from gen_sr.pipelines.guidance import GradientGuidance, ProjectionGuidance, final_projection
 from gen_sr.pipelines.tiling import ForegroundTiles, PatchTiler, SlicePatchTiler, SliceTiler
-from gen_sr.risk import Calibration, describe_risk, risk_map
+from gen_sr.risk import Calibration, SamplingSettings, describe_risk, risk_map
 from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
 
-__all__ = ["LatentDiffusionSRPipeline", "OutsideTrainingWarning", "SRPipelineOutput"]
+__all__ = ["DEFAULT_NUM_SAMPLES", "CalibrationMismatchWarning", "LatentDiffusionSRPipeline", "OutsideTrainingWarning",
+           "SRPipelineOutput"]
+
+DEFAULT_NUM_SAMPLES = 8
+"""Posterior samples per run unless a call says otherwise."""
 
 LRInput = str | Path | nib.Nifti1Image | Volume | np.ndarray | torch.Tensor
 BYTES_PER_VOXEL_AND_SAMPLE = 96
@@ -46,6 +50,10 @@ BYTES_PER_VOXEL_AND_SAMPLE = 96
 memory grew by 76 B per voxel and sample from a 64 x 64 x 96 to a 128 x 128 x 96 grid at 8 samples
 (``benchmarks/pipeline_memory.py``). :meth:`LatentDiffusionSRPipeline.check_memory` uses it to
 refuse, before any sampling, a grid that cannot fit; it is an estimate for that, not a prediction."""
+
+
+class CalibrationMismatchWarning(UserWarning):
+    """A run whose sampler settings are not those the model's calibration was made with."""
 
 
 class OutsideTrainingWarning(UserWarning):
@@ -194,7 +202,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         eta: float = 0.0,
         strength: float = 1.0,
-        num_samples: int = 8,
+        num_samples: int = DEFAULT_NUM_SAMPLES,
         guidance: Literal["projection", "gradient", "none"] = "projection",
         guidance_scale: float = 1.0,
         guidance_interval: int = 5,
@@ -301,6 +309,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         num_inference_steps = num_inference_steps or self.model_card.num_inference_steps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps[num_inference_steps - max(1, round(strength * num_inference_steps)):]
+        self._check_calibrated_for(self.sampling_settings(num_samples=num_samples,
+                                                          num_inference_steps=num_inference_steps, strength=strength))
         guided = timesteps.flip(0)[::guidance_interval].tolist() if guidance != "none" else []
         mode = self.model_card.unet_condition
         timings["prepare_s"] = time.perf_counter() - tic
@@ -417,6 +427,21 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         return out if return_dict else out.to_tuple()
 
     # ------------------------------------------------------------------------------------------------- helpers
+    def sampling_settings(self, *, num_samples: int = DEFAULT_NUM_SAMPLES, num_inference_steps: int | None = None,
+                          strength: float = 1.0, **_: Any) -> SamplingSettings:
+        """The sampler settings of a call with these arguments (the others, e.g. ``generator``, are ignored): what a
+        calibration records and a run is checked against."""
+        return SamplingSettings(type(self.scheduler).__name__,
+                                int(num_inference_steps or self.model_card.num_inference_steps), int(num_samples),
+                                float(strength))
+
+    def _check_calibrated_for(self, used: SamplingSettings) -> None:
+        made = None if self.calibration is None else self.calibration.sampling
+        if made is not None and made != used:
+            warnings.warn(f"the calibration was made with {made.describe()}, this run uses {used.describe()}: the "
+                          "risk map's coverage is not the calibrated one (sample with those settings, or recalibrate "
+                          "with these)", CalibrationMismatchWarning, stacklevel=4)
+
     def output_grid(self, lr: LRInput, *, affine: np.ndarray | None = None, lr_spacing: Sequence[float] | None = None,
                     target_spacing: Sequence[float] | None = None, operator: AcquisitionOperator | None = None,
                     slice_profile: SliceProfile = "gaussian", slice_thickness: float | None = None,
