@@ -126,7 +126,8 @@ def _model_info(folder: Path) -> int:
             ("autoencoder", describe_autoencoder(folder / "vae")),
             ("calibration", "none (risk is the std over the intensity range)" if calibration is None else
              f"{calibration.describe()}, {calibration.method}, coverage {1 - calibration.alpha:g} target, "
-             f"{calibration.num_volumes} units")]
+             f"{calibration.num_volumes} units"
+             + (f", made with {calibration.sampling.describe()}" if calibration and calibration.sampling else ""))]
     print("\n".join(f"{label + ':':<18}{value}" for label, value in rows))
     return 0
 
