@@ -107,42 +107,46 @@ def profile_one_call(pipe, case, batch_size: int) -> str:
             + prof.key_averages().table(sort_by=sort, row_limit=12))
 
 
-def worker(args: argparse.Namespace) -> None:
-    from gen_sr.eval.baselines import baseline
+def sample(args: argparse.Namespace, case, device: torch.device, dtype: torch.dtype, profile: bool = False):
+    """One timed run of the setting ``args.setting`` with ``args.n`` seeded samples, in ``dtype``."""
     from gen_sr.eval.cases import super_resolve
-    from gen_sr.eval.metrics import psnr, region_masks
     from gen_sr.schedulers import SCHEDULERS
 
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    torch.set_num_threads(os.cpu_count() or 1)
-    case = whole_brain_case(args.data, tuple(args.shape))
     pipe = load_pipeline(args.model, device, dtype)
-    if args.profile:
+    if profile:
         print(profile_one_call(pipe, case, args.batch_size), file=sys.stderr)
     setting = parse_setting(args.setting)
     pipe.scheduler = SCHEDULERS[setting.pop("scheduler")].from_config(pipe.scheduler.config)
     if args.skip_background is not None:
         setting["skip_background"] = args.skip_background
-    generators = [torch.Generator().manual_seed(k) for k in range(args.n)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tic = time.perf_counter()
-    out = super_resolve(pipe, case, num_samples=args.n, generator=generators, batch_size=args.batch_size,
-                        keep_samples=False, **setting)
-    seconds = time.perf_counter() - tic
+    out = super_resolve(pipe, case, num_samples=args.n, batch_size=args.batch_size, keep_samples=False,
+                        generator=[torch.Generator().manual_seed(k) for k in range(args.n)], **setting)
+    return out, time.perf_counter() - tic
+
+
+def worker(args: argparse.Namespace) -> None:
+    from gen_sr.eval.baselines import baseline
+    from gen_sr.eval.metrics import psnr, region_masks
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    torch.set_num_threads(os.cpu_count() or 1)
+    case = whole_brain_case(args.data, tuple(args.shape))
+    out, seconds = sample(args, case, device, dtype, profile=args.profile)
+    peak = peak_memory_mib(device)
     brain = region_masks(case.hr.data)["brain"]
     ref = case.hr.data.astype(np.float64)
     data_range = float(np.ptp(ref[brain]))
-    result = {"seconds": seconds, "timings": out.metadata["timings"], "peak_mib": peak_memory_mib(device),
+    result = {"seconds": seconds, "timings": out.metadata["timings"], "peak_mib": peak,
               "skipped_tiles": out.metadata["skipped_tiles"], "device": str(device), "dtype": str(dtype),
               "psnr": psnr(out.mean, ref, brain, data_range),
               "psnr_cubic": psnr(baseline(case, "cubic"), ref, brain, data_range),
               "residual": max(out.metadata["relative_residual"])}
-    if dtype != torch.float32:  # the same seeds in float32: how far the lower precision moves the mean
-        reference = super_resolve(load_pipeline(args.model, device, torch.float32), case, num_samples=args.n,
-                                  generator=[torch.Generator().manual_seed(k) for k in range(args.n)],
-                                  batch_size=args.batch_size, keep_samples=False, **setting)
+    if dtype != torch.float32:  # the same setting and seeds in float32: how far the lower precision moves the mean
+        reference, _ = sample(args, case, device, torch.float32)
         result["vs_float32"] = psnr(out.mean, reference.mean, brain, data_range)
     print(json.dumps(result))
 
