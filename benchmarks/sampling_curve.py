@@ -29,7 +29,7 @@ from gen_sr.eval.cases import load_hr_volumes, simulate_cases
 from gen_sr.eval.evaluate import evaluate
 from gen_sr.io import atomic_write
 from gen_sr.pipelines import LatentDiffusionSRPipeline
-from gen_sr.schedulers import SCHEDULERS
+from gen_sr.schedulers import scheduler_from_name
 
 BASELINE_NAMES = ("trilinear", "cubic", "sinc")
 
@@ -52,7 +52,7 @@ def measure(pipe: LatentDiffusionSRPipeline, cases: list, setting: dict, samples
     """Mean figures over the cases for one setting."""
     setting = dict(setting)
     default = pipe.scheduler
-    pipe.scheduler = SCHEDULERS[setting.pop("scheduler")].from_config(default.config)
+    pipe.scheduler = scheduler_from_name(setting.pop("scheduler"), default.config)
     try:
         rows = evaluate(pipe, cases, progress=False, num_samples=samples,
                         generator=[torch.Generator().manual_seed(k) for k in range(samples)], **setting)

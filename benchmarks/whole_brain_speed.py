@@ -1,12 +1,14 @@
 """Seconds and peak memory for one whole 1 mm brain (issue 16), on this CPU or unchanged on a GPU.
 
-    python benchmarks/whole_brain_speed.py --model models/heads2d [--data colin27] [--shape 156 192 160] \\
-        [--samples 1 4 8] [--settings 25 5 dpmsolver++@3] [--device auto] [--dtype auto] [--profile]
+    python benchmarks/whole_brain_speed.py [--model models/heads2d [models/heads2d_fast ...]] [--data colin27] \\
+        [--shape 156 192 160] [--samples 1 4 8] [--settings 25 5 dpmsolver++@3] [--device auto] [--dtype auto] \\
+        [--profile]
 
 The head (``--data``: a sample-data name or a NIfTI file; default the held-out head, which is only timed here, not
 tuned on) is brought to RAS+, cut to ``--shape`` voxels around the centre of its foreground, and degraded with 4 mm
 Gaussian slices along RAS+ axis 2 (the LR is 156 x 192 x 40 for the default shape). Each (setting, N) runs in a fresh
-subprocess, so that its peak memory is its own: peak RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
+subprocess (several ``--model`` run one after the other, for side-by-side figures from one run), so that
+its peak memory is its own: peak RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
 
 Settings are ``[SAMPLER@]STEPS[:STRENGTH[:NORMAL[:PATCH]]]`` as in ``sampling_curve.py``, where their quality is
 measured on validation data; the PSNR printed here (in the brain, against the cubic B-spline) is a check that the
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -110,13 +113,13 @@ def profile_one_call(pipe, case, batch_size: int) -> str:
 def sample(args: argparse.Namespace, case, device: torch.device, dtype: torch.dtype, profile: bool = False):
     """One timed run of the setting ``args.setting`` with ``args.n`` seeded samples, in ``dtype``."""
     from gen_sr.eval.cases import super_resolve
-    from gen_sr.schedulers import SCHEDULERS
+    from gen_sr.schedulers import scheduler_from_name
 
-    pipe = load_pipeline(args.model, device, dtype)
+    pipe = load_pipeline(args.model[0], device, dtype)  # a worker runs one model
     if profile:
         print(profile_one_call(pipe, case, args.batch_size), file=sys.stderr)
     setting = parse_setting(args.setting)
-    pipe.scheduler = SCHEDULERS[setting.pop("scheduler")].from_config(pipe.scheduler.config)
+    pipe.scheduler = scheduler_from_name(setting.pop("scheduler"), pipe.scheduler.config)
     if args.skip_background is not None:
         setting["skip_background"] = args.skip_background
     if device.type == "cuda":
@@ -153,7 +156,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/heads2d")
+    parser.add_argument("--model", nargs="+", default=["models/heads2d"], help="one or more model folders")
     parser.add_argument("--data", default="colin27", help="a sample-data name or a NIfTI file")
     parser.add_argument("--shape", type=int, nargs=3, default=[156, 192, 160])
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4, 8])
@@ -179,28 +182,28 @@ def main() -> None:
              f"Gaussian slices along RAS+ axis 2, projection guidance, batch {args.batch_size}"
              + (f", background tiles skipped below {args.skip_background}" if args.skip_background is not None else "")
              + ".\n",
-             "| setting | N | seconds | denoise | decode | prepare + stitch | peak memory (MiB) | skipped tiles | "
-             "PSNR (brain) | cubic | residual |" + (" vs float32 |" if dtype != torch.float32 else ""),
-             "|" + " --- |" * (11 + (dtype != torch.float32))]
+             "| model | setting | N | seconds | denoise | decode | prepare + stitch | peak memory (MiB) | "
+             "skipped tiles | PSNR (brain) | cubic | residual |" + (" vs float32 |" if dtype != torch.float32 else ""),
+             "|" + " --- |" * (12 + (dtype != torch.float32))]
     print("\n".join(lines), flush=True)
-    for setting in args.settings:
-        for n in args.samples:
-            cmd = [sys.executable, __file__, "--worker", "--setting", setting, "--n", str(n)]
-            for flag in ("model", "data", "batch_size", "device", "dtype", "skip_background"):
-                if getattr(args, flag) is not None:
-                    cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-            cmd += ["--shape", *map(str, args.shape)] + (["--profile"] if args.profile else [])
-            args.profile = False  # once is enough
-            done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
-                                  env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-            r = json.loads(done.stdout.strip().splitlines()[-1])
-            t = r["timings"]
-            other = t.get("prepare_s", 0.0) + t.get("stitch_uncertainty_s", 0.0)
-            lines.append(f"| {setting} | {n} | {r['seconds']:.0f} | {t.get('denoise_s', 0):.0f} | "
-                         f"{t.get('decode_s', 0):.1f} | {other:.1f} | {r['peak_mib']:.0f} | {r['skipped_tiles']} | "
-                         f"{r['psnr']:.2f} | {r['psnr_cubic']:.2f} | {r['residual']:.1e} |"
-                         + (f" {r['vs_float32']:.1f} dB |" if "vs_float32" in r else ""))
-            print(lines[-1], flush=True)
+    profiled = set()  # one profile per model is enough
+    for model, setting, n in itertools.product(args.model, args.settings, args.samples):
+        cmd = [sys.executable, __file__, "--worker", "--model", model, "--setting", setting, "--n", str(n)]
+        for flag in ("data", "batch_size", "device", "dtype", "skip_background"):
+            if getattr(args, flag) is not None:
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        cmd += ["--shape", *map(str, args.shape)] + (["--profile"] if args.profile and model not in profiled else [])
+        profiled.add(model)
+        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        t = r["timings"]
+        other = t.get("prepare_s", 0.0) + t.get("stitch_uncertainty_s", 0.0)
+        lines.append(f"| {Path(model).name} | {setting} | {n} | {r['seconds']:.0f} | {t.get('denoise_s', 0):.0f} | "
+                     f"{t.get('decode_s', 0):.1f} | {other:.1f} | {r['peak_mib']:.0f} | {r['skipped_tiles']} | "
+                     f"{r['psnr']:.2f} | {r['psnr_cubic']:.2f} | {r['residual']:.1e} |"
+                     + (f" {r['vs_float32']:.1f} dB |" if "vs_float32" in r else ""))
+        print(lines[-1], flush=True)
     if args.output:
         from gen_sr.io import atomic_write
 

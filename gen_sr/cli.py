@@ -121,7 +121,11 @@ def _model_info(folder: Path) -> int:
 
     card, calibration = ModelCard.from_folder(folder), Calibration.load(folder)
     scheduler = folder / "scheduler" / "scheduler_config.json"
-    sampler = json.loads(scheduler.read_text())["_class_name"] if scheduler.is_file() else "not recorded"
+    sampler = "not recorded"
+    if scheduler.is_file():
+        config = json.loads(scheduler.read_text())
+        variant = str(config.get("algorithm_type", ""))
+        sampler = config["_class_name"] + (f" ({variant})" if variant.startswith("sde") else "")
     rows = [("model", str(folder)), *card.summary(), ("sampler", f"{sampler} (--scheduler to change it)"),
             ("autoencoder", describe_autoencoder(folder / "vae")),
             ("calibration", "none (risk is the std over the intensity range)" if calibration is None else
@@ -226,9 +230,9 @@ def _load_pipeline(args: argparse.Namespace, folder: str | None = None):
         raise InputError(f"cannot load the model: {str(e).splitlines()[0]}", model) from e
     pipe.set_progress_bar_config(disable=not process_state().is_local_main_process)
     if getattr(args, "scheduler", None):
-        from gen_sr.schedulers import SCHEDULERS
+        from gen_sr.schedulers import scheduler_from_name
 
-        pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
+        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     return pipe
 
 
@@ -616,9 +620,10 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
     p.add_argument(steps_flag, dest="sampling_steps", type=_positive_int, metavar="N",
                    help="sampling steps (default: the model folder's: 5 for models/heads2d; 50 for a diffusion "
                         "model whose card says nothing, 1 for a regression model)")
-    p.add_argument("--scheduler", choices=("ddim", "dpmsolver++", "unipc"),
+    p.add_argument("--scheduler", choices=("ddim", "dpmsolver++", "sde-dpmsolver++", "unipc"),
                    help="the sampler, each with the data-consistency hook (default: the model folder's; "
-                        "models/heads2d: dpmsolver++); `gen-sr info --model DIR` shows it")
+                        "models/heads2d: dpmsolver++; sde-dpmsolver++ adds fresh noise at each step); "
+                        "`gen-sr info --model DIR` shows it")
     p.add_argument("--eta", type=_non_negative_float, default=0.0,
                    help="DDIM eta, >= 0 (default: 0, deterministic given the seed; the multistep solvers have none)")
     p.add_argument("--strength", type=_strength, default=1.0,

@@ -22,10 +22,10 @@ from gen_sr.schedulers import DDIMDataConsistencyScheduler
 from gen_sr.volume import Volume
 
 
-def _pipe(spatial_dims: int, autoencoder: str = "kl") -> LatentDiffusionSRPipeline:
+def _pipe(spatial_dims: int, autoencoder: str = "kl", levels: int = 1) -> LatentDiffusionSRPipeline:
     torch.manual_seed(0)
     if autoencoder == "haar":
-        vae = HaarAutoencoder(spatial_dims=spatial_dims)
+        vae = HaarAutoencoder(spatial_dims=spatial_dims, levels=levels)
     else:
         vae = AutoencoderKLModel(spatial_dims=spatial_dims, channels=(8, 16), latent_channels=2,
                                  attention_levels=(False, False), norm_num_groups=4)
@@ -242,11 +242,14 @@ def test_a_fixed_axis_model_and_an_input_with_no_coarse_axis_are_clear_errors() 
         pipe.output_grid(iso)
 
 
-@pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_a_wavelet_latent_pipeline_is_data_consistent_and_saves(spatial_dims: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("spatial_dims", "levels"), [(2, 1), (3, 1), (2, 2)])
+def test_a_wavelet_latent_pipeline_is_data_consistent_and_saves(spatial_dims: int, levels: int,
+                                                                tmp_path: Path) -> None:
     """The exact Haar latent in place of a learned autoencoder: the same pipeline, outputs consistent with the data,
-    and a folder that loads back with the same outputs."""
-    pipe = _pipe(spatial_dims, "haar")
+    and a folder that loads back with the same outputs. Two levels (``models/heads2d_fast``) pad the tiles of
+    12 x 15 voxels to a multiple of 8 and crop them back."""
+    pipe = _pipe(spatial_dims, "haar", levels)
+    assert pipe.tile_multiple == 2 ** levels * 2
     lr = _lr()
     out = pipe(lr, num_samples=2, generator=_gens(0, 1), **RUN)
     assert out.mean.shape == (12, 10, 15) and float(out.std.max()) > 0
@@ -291,6 +294,30 @@ def test_multistep_solvers_take_the_data_consistency_hook(name: str, tmp_path: P
     assert max(out.metadata["relative_residual"]) <= 1e-4
     pipe.save_pretrained(tmp_path / name)  # the folder records the solver and loads it back
     assert type(LatentDiffusionSRPipeline.from_pretrained(tmp_path / name).scheduler) is SCHEDULERS[name]
+
+
+def test_the_sde_solver_draws_each_samples_noise_from_its_own_generator() -> None:
+    """``sde-dpmsolver++`` adds noise at every step: seeded runs repeat, and a sample does not depend on which
+    other samples share its batch; a calibration records the variant, so an ODE calibration warns on SDE runs."""
+    from gen_sr.schedulers import SCHEDULERS, scheduler_from_name
+
+    pipe = _pipe(2)
+    pipe.scheduler = scheduler_from_name("sde-dpmsolver++", pipe.scheduler.config)
+    assert type(pipe.scheduler) is SCHEDULERS["sde-dpmsolver++"] and pipe.scheduler.stochastic
+    a = pipe(_lr(), num_samples=2, generator=_gens(0, 1), **RUN)
+    b = pipe(_lr(), num_samples=2, generator=_gens(0, 1), **RUN)
+    alone = pipe(_lr(), num_samples=1, generator=_gens(1), **RUN)
+    assert np.array_equal(a.samples, b.samples)
+    assert np.allclose(alone.samples[0], a.samples[1], atol=1e-5 * float(np.abs(a.samples).max()))
+    assert max(a.metadata["relative_residual"]) <= 1e-4
+    ode = scheduler_from_name("dpmsolver++", pipe.scheduler.config)  # the name resets the variant
+    assert not ode.stochastic
+    pipe.scheduler = ode
+    c = pipe(_lr(), num_samples=2, generator=_gens(0, 1), **RUN)
+    assert not np.allclose(c.samples, a.samples)
+    assert pipe.sampling_settings().scheduler == "DPMSolverDataConsistencyScheduler"
+    pipe.scheduler = scheduler_from_name("sde-dpmsolver++", ode.config)
+    assert pipe.sampling_settings().scheduler == "DPMSolverDataConsistencyScheduler(sde-dpmsolver++)"
 
 
 def test_model_axis_mismatch_is_a_clear_error() -> None:

@@ -431,7 +431,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                           strength: float = 1.0, **_: Any) -> SamplingSettings:
         """The sampler settings of a call with these arguments (the others, e.g. ``generator``, are ignored): what a
         calibration records and a run is checked against."""
-        return SamplingSettings(type(self.scheduler).__name__,
+        return SamplingSettings(getattr(self.scheduler, "sampler_name", type(self.scheduler).__name__),
                                 int(num_inference_steps or self.model_card.num_inference_steps), int(num_samples),
                                 float(strength))
 
@@ -568,7 +568,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             kwargs["eta"] = eta
         elif eta > 0:
             warnings.warn(f"{type(self.scheduler).__name__} has no eta: eta={eta:g} is ignored", stacklevel=3)
-        if eta > 0 and "variance_noise" in accepted:
+        if (eta > 0 or getattr(self.scheduler, "stochastic", False)) and "variance_noise" in accepted:
             kwargs["variance_noise"] = None  # drawn per step from the per-sample generators
         return kwargs
 

@@ -4,15 +4,30 @@
 :class:`DPMSolverDataConsistencyScheduler` and :class:`UniPCDataConsistencyScheduler` are diffusers' multistep
 solvers with the same hook (:mod:`gen_sr.schedulers.multistep`). Any other diffusers scheduler (built with
 ``from_config(scheduler.config)``) can be used as it is with guidance off. ``SCHEDULERS`` names them for the command
-line (``--scheduler``).
+line (``--scheduler``), and :func:`scheduler_from_name` builds one from a model's scheduler config.
 """
+
+from typing import Any
 
 from gen_sr.schedulers.ddim import DDIMDataConsistencyScheduler
 from gen_sr.schedulers.multistep import DPMSolverDataConsistencyScheduler, UniPCDataConsistencyScheduler
 
-__all__ = ["SCHEDULERS", "DDIMDataConsistencyScheduler", "DPMSolverDataConsistencyScheduler",
-           "UniPCDataConsistencyScheduler"]
+__all__ = ["SCHEDULERS", "SCHEDULER_OPTIONS", "DDIMDataConsistencyScheduler", "DPMSolverDataConsistencyScheduler",
+           "UniPCDataConsistencyScheduler", "scheduler_from_name"]
 
 SCHEDULERS = {"ddim": DDIMDataConsistencyScheduler, "dpmsolver++": DPMSolverDataConsistencyScheduler,
-              "unipc": UniPCDataConsistencyScheduler}
+              "sde-dpmsolver++": DPMSolverDataConsistencyScheduler, "unipc": UniPCDataConsistencyScheduler}
 """The samplers with a data-consistency hook, by their command-line name."""
+
+SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
+    "dpmsolver++": {"algorithm_type": "dpmsolver++"},
+    "sde-dpmsolver++": {"algorithm_type": "sde-dpmsolver++"},  # fresh noise at each step (diffusers' SDE variant)
+}
+"""The config entries a name sets over the model's own (so that ``dpmsolver++`` is the ODE solver even where the
+model folder's config asks for the SDE one)."""
+
+
+def scheduler_from_name(name: str, config: Any) -> Any:
+    """The sampler ``name`` (a key of :data:`SCHEDULERS`) with the rest of ``config`` (a model's scheduler config:
+    betas, prediction type, ...)."""
+    return SCHEDULERS[name].from_config(config, **SCHEDULER_OPTIONS.get(name, {}))

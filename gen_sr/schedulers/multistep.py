@@ -69,6 +69,17 @@ class DPMSolverDataConsistencyScheduler(_X0HookMixin, DPMSolverMultistepSchedule
     def _predicts_x0(self) -> bool:
         return self.config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether :meth:`step` adds fresh noise (the SDE variants): the pipeline then gives it each sample's own
+        draw (``variance_noise``), so that seeded runs repeat."""
+        return str(self.config.algorithm_type).startswith("sde")
+
+    @property
+    def sampler_name(self) -> str:
+        """What a calibration records of this sampler: the class name, and the SDE variant where it is one."""
+        return type(self).__name__ + (f"({self.config.algorithm_type})" if self.stochastic else "")
+
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None, variance_noise: torch.Tensor | None = None,
              return_dict: bool = True, x0_hook: X0Hook | None = None) -> Any:
