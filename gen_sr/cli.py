@@ -433,7 +433,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     details = {"data": list(args.data), "region": args.region, "slab_mm": args.slab, "operator": args.operator,
                "slice_thickness": args.slice_thickness, "profile": args.profile, "snr": args.snr,
                "samples": args.samples, "steps": _steps(args, pipe), "strength": args.strength,
-               "scheduler": type(pipe.scheduler).__name__, "patch_size": args.patch_size,
+               "scheduler": pipe.sampler_name, "patch_size": args.patch_size,
                "guidance": args.guidance, "seed": args.seed,
                "mask": "foreground of the reference"}
     try:

@@ -66,7 +66,7 @@ def run_demo(output_dir: Path, overwrite: bool = False, model: Path = DEFAULT_MO
           f"noise at SNR {SNR:g})")
     print(f"     brain mask       {paths[2]}  (Colin27's own brain extraction: where the figures are measured)")
     print(f"  3. super-resolving  {num_samples} samples x {num_inference_steps} steps "
-          f"({type(pipe.scheduler).__name__}), projection data "
+          f"({pipe.sampler_name}), projection data "
           f"consistency, model {model} ...")
     payload = audit(pipe, case.lr, output_dir / "audit", input_name=paths[1].name, model_name=str(model),
                     reference=case.hr, masks={"brain": mask}, overwrite=overwrite, operator=case.operator,

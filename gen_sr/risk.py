@@ -83,7 +83,7 @@ class SamplingSettings:
     for runs with the same settings only.
 
     Attributes:
-        scheduler: the sampler's class name (``type(pipe.scheduler).__name__``).
+        scheduler: the sampler (``pipe.sampler_name``: the scheduler's class name, and its variant if any).
         num_inference_steps: its steps.
         num_samples: samples per run (the std of fewer samples is noisier).
         strength: where the reverse process starts (1: pure noise).

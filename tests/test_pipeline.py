@@ -310,6 +310,7 @@ def test_the_sde_solver_draws_each_samples_noise_from_its_own_generator() -> Non
     assert np.array_equal(a.samples, b.samples)
     assert np.allclose(alone.samples[0], a.samples[1], atol=1e-5 * float(np.abs(a.samples).max()))
     assert max(a.metadata["relative_residual"]) <= 1e-4
+    assert a.metadata["scheduler"] == pipe.sampler_name == "DPMSolverDataConsistencyScheduler(sde-dpmsolver++)"
     ode = scheduler_from_name("dpmsolver++", pipe.scheduler.config)  # the name resets the variant
     assert not ode.stochastic
     pipe.scheduler = ode

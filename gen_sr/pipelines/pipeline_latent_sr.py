@@ -183,6 +183,12 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         return int(self.unet.config.spatial_dims)
 
     @property
+    def sampler_name(self) -> str:
+        """The sampler in run records and calibrations: the scheduler's class name, with its variant where it names
+        one (``sampler_name``, e.g. the SDE form of DPM-Solver++)."""
+        return getattr(self.scheduler, "sampler_name", type(self.scheduler).__name__)
+
+    @property
     def tile_multiple(self) -> int:
         return self.vae.downsample_factor * self.unet.downsample_factor
 
@@ -397,7 +403,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         # 9. output: back to input units and orientation
         metadata = {
             "seeds": [g.initial_seed() for g in generators],
-            "scheduler": type(self.scheduler).__name__,
+            "scheduler": self.sampler_name,
             "num_inference_steps": num_inference_steps,
             "eta": eta,
             "strength": strength,
@@ -431,7 +437,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                           strength: float = 1.0, **_: Any) -> SamplingSettings:
         """The sampler settings of a call with these arguments (the others, e.g. ``generator``, are ignored): what a
         calibration records and a run is checked against."""
-        return SamplingSettings(getattr(self.scheduler, "sampler_name", type(self.scheduler).__name__),
+        return SamplingSettings(self.sampler_name,
                                 int(num_inference_steps or self.model_card.num_inference_steps), int(num_samples),
                                 float(strength))
 
