@@ -246,7 +246,7 @@ def test_a_fixed_axis_model_and_an_input_with_no_coarse_axis_are_clear_errors() 
 def test_a_wavelet_latent_pipeline_is_data_consistent_and_saves(spatial_dims: int, levels: int,
                                                                 tmp_path: Path) -> None:
     """The exact Haar latent in place of a learned autoencoder: the same pipeline, outputs consistent with the data,
-    and a folder that loads back with the same outputs. Two levels (``models/heads2d_fast``) pad the tiles of
+    and a folder that loads back with the same outputs. Two levels (``configs/heads2d_haar2.yaml``) pad the tiles of
     12 x 15 voxels to a multiple of 8 and crop them back."""
     pipe = _pipe(spatial_dims, "haar", levels)
     assert pipe.tile_multiple == 2 ** levels * 2
@@ -299,6 +299,8 @@ def test_multistep_solvers_take_the_data_consistency_hook(name: str, tmp_path: P
 def test_the_sde_solver_draws_each_samples_noise_from_its_own_generator() -> None:
     """``sde-dpmsolver++`` adds noise at every step: seeded runs repeat, and a sample does not depend on which
     other samples share its batch; a calibration records the variant, so an ODE calibration warns on SDE runs."""
+    from gen_sr.pipelines.pipeline_latent_sr import CalibrationMismatchWarning
+    from gen_sr.risk import Calibration
     from gen_sr.schedulers import SCHEDULERS, scheduler_from_name
 
     pipe = _pipe(2)
@@ -316,9 +318,14 @@ def test_the_sde_solver_draws_each_samples_noise_from_its_own_generator() -> Non
     pipe.scheduler = ode
     c = pipe(_lr(), num_samples=2, generator=_gens(0, 1), **RUN)
     assert not np.allclose(c.samples, a.samples)
-    assert pipe.sampling_settings().scheduler == "DPMSolverDataConsistencyScheduler"
+    made = pipe.sampling_settings(num_samples=2, num_inference_steps=RUN["num_inference_steps"])
+    assert made.scheduler == "DPMSolverDataConsistencyScheduler"
+    pipe.calibration = Calibration(scale=2.0, alpha=0.1, delta=0.1, method="crc", bound="", num_volumes=3,
+                                   risk_hat=0.1, risk_upper=0.1, sampling=made)  # an ODE calibration
     pipe.scheduler = scheduler_from_name("sde-dpmsolver++", ode.config)
-    assert pipe.sampling_settings().scheduler == "DPMSolverDataConsistencyScheduler(sde-dpmsolver++)"
+    with pytest.warns(CalibrationMismatchWarning, match=r"this run uses 2 samples x 3 "
+                                                        r"DPMSolverDataConsistencyScheduler\(sde-dpmsolver\+\+\)"):
+        pipe(_lr(), num_samples=2, generator=_gens(0, 1), **RUN)
 
 
 def test_model_axis_mismatch_is_a_clear_error() -> None:
