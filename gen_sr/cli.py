@@ -125,7 +125,7 @@ def _model_info(folder: Path) -> int:
     if scheduler.is_file():
         config = json.loads(scheduler.read_text())
         variant = str(config.get("algorithm_type", ""))
-        sampler = config["_class_name"] + (f" ({variant})" if variant.startswith("sde") else "")
+        sampler = config["_class_name"] + (f"({variant})" if variant.startswith("sde") else "")  # as pipe.sampler_name
     rows = [("model", str(folder)), *card.summary(), ("sampler", f"{sampler} (--scheduler to change it)"),
             ("autoencoder", describe_autoencoder(folder / "vae")),
             ("calibration", "none (risk is the std over the intensity range)" if calibration is None else
