@@ -1,12 +1,13 @@
 """Issue 15's figures: the pretrained model against the same model adapted to the scan and calibrated on it, on a
 real head that no model was trained on (Colin27 by default).
 
-    python benchmarks/adaptation_benchmark.py --model models/heads2d [--samples 4] [--steps 10] \\
-        [--adapt-steps 200] [--slab 8] [--output PATH]
+    python benchmarks/adaptation_benchmark.py --model models/heads2d [--contrast t1|t2like] [--samples 4] \\
+        [--steps 10] [--adapt-steps 200] [--slab 8] [--output PATH]
 
-The whole head (cropped to its bounding box) is degraded with 4 mm Gaussian slices along RAS+ axis 2, noise-free and
-at SNR 30. The adapted model learns from that whole LR scan's in-plane slices and is calibrated on the ones it held
-out (``gen_sr.training.adaptation.fit_to_scan``). Both models then super-resolve a coronal slab ``--slab`` mm wide
+``--contrast t2like`` inverts the brain's intensities (as ``prior_benchmark.py`` does: CSF bright, white matter dark,
+skull removed), a contrast no training head has. The whole head (cropped to its bounding box) is degraded with 4 mm
+Gaussian slices along RAS+ axis 2, noise-free and at SNR 30. The adapted model learns from that whole LR scan's
+in-plane slices and is calibrated on the ones it held out (``gen_sr.training.adaptation.fit_to_scan``). Both models then super-resolve a coronal slab ``--slab`` mm wide
 through the centre of the same LR scan (cropping an in-plane axis is exact), to bound the cost; every figure is
 measured there, inside the brain (Colin27's own brain-extracted image), as ``prior_benchmark.py`` measures:
 
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--brain", default="colin27",
                         help="a head with a _brain version (colin27, robex), or a NIfTI file (its foreground is the "
                              "mask)")
+    parser.add_argument("--contrast", choices=("t1", "t2like"), default="t1",
+                        help="t2like: the brain's intensities inverted, skull removed (a named head only)")
     parser.add_argument("--adapt-noise", choices=("estimate", "none"), default="none",
                         help="top the simulated slices' noise up to the scan's estimated noise, or add none")
     parser.add_argument("--thickness", type=float, default=4.0)
@@ -93,10 +96,12 @@ def main() -> None:
     if args.brain in {n.removesuffix("_brain") for n in pipe.model_card.trained_on}:
         raise SystemExit(f"{args.model} was trained on {args.brain}: measure on a head it never saw")
     if Path(args.brain).is_file():  # e.g. a validation subject, for design choices
+        if args.contrast != "t1":
+            raise SystemExit("--contrast t2like needs a named head (its brain mask defines the inversion)")
         head = load_volume(args.brain).canonical()
         brain = foreground(head.data)
     else:
-        head, brain = held_out_head(args.brain, margin=4)
+        head, brain = held_out_head(args.brain, contrast=args.contrast, margin=4)
     default = AdaptationConfig()
     config = dataclasses.replace(default, train=dataclasses.replace(default.train, steps=args.adapt_steps))
 
@@ -125,7 +130,8 @@ def main() -> None:
     figures = [*FIGURES, "adapt s", "calibrate s", "λ̂ (per scan)", "held-out in-plane loss before",
                "held-out in-plane loss after"]
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): {head.source}, whole head "
-             f"{head.shape} voxels for the adaptation, {args.thickness:g} mm Gaussian slices along RAS+ axis 2; "
+             f"{head.shape} voxels for the adaptation, contrast {args.contrast}, {args.thickness:g} mm Gaussian "
+             "slices along RAS+ axis 2; "
              f"measured on the central {args.slab:g} mm coronal slab, inside the brain; {args.samples} samples x "
              f"{args.steps} steps; {args.adapt_steps} adaptation steps, noise top-up: {args.adapt_noise}.", ""]
     report("\n".join(lines) + "\n" + figures_table(columns, figures), args.output)

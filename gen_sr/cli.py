@@ -117,9 +117,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _model_info(folder: Path) -> int:
     from gen_sr.model_card import ModelCard
     from gen_sr.models import describe_autoencoder
-    from gen_sr.risk import Calibration
+    from gen_sr.risk import Calibrations
 
-    card, calibration = ModelCard.from_folder(folder), Calibration.load(folder)
+    card, calibrations = ModelCard.from_folder(folder), Calibrations.load(folder)
     scheduler = folder / "scheduler" / "scheduler_config.json"
     sampler = "not recorded"
     if scheduler.is_file():
@@ -128,10 +128,8 @@ def _model_info(folder: Path) -> int:
         sampler = config["_class_name"] + (f"({variant})" if variant.startswith("sde") else "")  # as pipe.sampler_name
     rows = [("model", str(folder)), *card.summary(), ("sampler", f"{sampler} (--scheduler to change it)"),
             ("autoencoder", describe_autoencoder(folder / "vae")),
-            ("calibration", "none (risk is the std over the intensity range)" if calibration is None else
-             f"{calibration.describe()}, {calibration.method}, coverage {1 - calibration.alpha:g} target, "
-             f"{calibration.num_volumes} units"
-             + (f", made with {calibration.sampling.describe()}" if calibration and calibration.sampling else ""))]
+            ("calibration", "\n".join(calibrations.describe()).replace("\n", "\n" + " " * 18)
+             or "none (risk is the std over the intensity range)")]
     print("\n".join(f"{label + ':':<18}{value}" for label, value in rows))
     return 0
 
@@ -420,10 +418,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from gen_sr.risk import CALIBRATION_FILE
 
     target = Path(args.model) / CALIBRATION_FILE
-    if target.exists() and not args.overwrite:
-        raise InputError("the model is calibrated already", target, "pass --overwrite to replace its calibration")
     check_output_file(target, overwrite=True)
     pipe = _load_pipeline(args)
+    settings = pipe.sampling_settings(**_sampling_kwargs(args))
+    made = pipe.calibrations.find(settings)
+    if made is not None and not args.overwrite:
+        raise InputError(f"the model is calibrated already for {settings.describe()}", target,
+                         "pass --overwrite to replace that calibration, or calibrate other settings (--scheduler, "
+                         "--steps, --samples)")
     cases = _cases(args, pipe)
     try:
         check_calibration_settings(len(cases), alpha=args.alpha, delta=args.delta, method=args.method,
@@ -442,10 +444,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except ValueError as e:  # a rule that cannot certify with these units
         raise InputError(str(e), args.model) from e
     cal = result.calibration
-    pipe.calibration = cal
-    cal.save(args.model)
-    print(f"wrote:    {target}")
-    print(f"interval: {cal.describe()}, from {cal.num_volumes} units ({args.method})")
+    default = args.scheduler is None and settings == pipe.sampling_settings()  # the settings of a plain run
+    pipe.calibrations = pipe.calibrations.with_record(cal, first=default)
+    pipe.calibrations.save(args.model)
+    kept = [r.sampling.describe() for r in pipe.calibrations if r is not cal and r.sampling is not None]
+    print(f"wrote:    {target}" + (f" (also kept: the calibrations for {'; '.join(kept)})" if kept else ""))
+    print(f"interval: {cal.describe()}, from {cal.num_volumes} units ({args.method}), for runs with "
+          f"{settings.describe()}")
     print(f"coverage: {1 - cal.risk_hat:.4f} on the calibration units; target ≥ {1 - cal.alpha:g}"
           + (f" with probability ≥ {1 - cal.delta:g} (upper bound of the miss rate {cal.risk_upper:.4f})"
              if cal.method == "rcps" else " in expectation"))
@@ -482,7 +487,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "operator": args.operator, "slice_thickness": args.slice_thickness, "profile": args.profile,
             "snr": args.snr, "samples": args.samples, "steps": _steps(args, pipe), "guidance": args.guidance,
             "seed": args.seed,
-            "calibration": None if pipe.calibration is None else dataclasses.asdict(pipe.calibration)}
+            "calibration": (None if (cal := pipe.calibration_for(pipe.sampling_settings(**_sampling_kwargs(args))))
+                            is None else dataclasses.asdict(cal))}
     paths = write_table(out, rows, meta=meta)
     print(markdown_table(summarize(rows)), end="")
     print(f"wrote:    {', '.join(str(p) for p in paths.values())}")
@@ -803,8 +809,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_acquisition_arguments(p)
 
     p = add("calibrate", cmd_calibrate, "fit the scale that turns the sample std into intervals with a coverage "
-            "guarantee, and write calibration.json into the model folder",
-            model="a model folder; calibration.json is written into it", overwrite="replace an existing calibration")
+            "guarantee, for runs with these sampler settings, and write it into the model folder's calibration.json "
+            "(one calibration per setting: the pipeline uses the one made with a run's settings)",
+            model="a model folder; calibration.json is written into it",
+            overwrite="replace the calibration made with the same sampler settings")
     _add_simulation_arguments(p)
     p.add_argument("--alpha", type=_fraction, default=0.1,
                    help="target miss rate, in (0, 1): coverage 1 - alpha (default: 0.1)")

@@ -1,6 +1,8 @@
 """The hallucination-risk map: the calibrated interval's shape, the calibration record, and the one risk formula.
 
-A model folder may carry a ``calibration.json`` (:class:`Calibration`, fitted by :mod:`gen_sr.eval.calibration`).
+A model folder may carry a ``calibration.json`` (:class:`Calibration`, fitted by :mod:`gen_sr.eval.calibration`):
+one record, or a list of them, one per sampler setting (:class:`Calibrations`), since the samples' spread, and so the
+interval's scale, depends on the sampler, its steps and the number of samples.
 Its interval around the SR mean is ``mean ± λ̂ u``, where ``u`` is the spread an :class:`IntervalShape` makes of
 the sample std (plain, or smoothed, with a noise floor and an edge term). :func:`risk_map` is the only place that
 turns a std (and a mean) into risk; the pipeline and the audit both call it:
@@ -14,6 +16,7 @@ may differ from the shown intensity by more than ``risk · range`` in at most a 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +29,8 @@ from monai.networks.layers.convutils import gaussian_1d
 from gen_sr.errors import InputError
 from gen_sr.io import write_json
 
-__all__ = ["CALIBRATION_FILE", "Calibration", "IntervalShape", "SamplingSettings", "describe_risk", "risk_map"]
+__all__ = ["CALIBRATION_FILE", "Calibration", "Calibrations", "IntervalShape", "SamplingSettings", "describe_risk",
+           "risk_map"]
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -98,6 +102,12 @@ class SamplingSettings:
         start = "" if self.strength == 1 else f", strength {self.strength:g}"
         return f"{self.num_samples} samples x {self.num_inference_steps} {self.scheduler} steps{start}"
 
+    @classmethod
+    def of_run(cls, metadata: Mapping[str, Any]) -> SamplingSettings:
+        """The settings of a pipeline run, from its metadata (the ``.json`` that ``super-resolve`` writes)."""
+        return cls(str(metadata["scheduler"]), int(metadata["num_inference_steps"]), int(metadata["num_samples"]),
+                   float(metadata.get("strength", 1.0)))
+
 
 @dataclass
 class Calibration:
@@ -149,21 +159,82 @@ class Calibration:
         return f"mean ± {self.scale:.4g} x ({' + '.join(terms)})"
 
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / CALIBRATION_FILE
-        write_json(path, asdict(self))
-        return path
+        """Write this record as the folder's only calibration (:meth:`Calibrations.save` keeps several)."""
+        return Calibrations([self]).save(folder)
 
     @classmethod
     def load(cls, folder: str | Path) -> Calibration | None:
-        """The calibration of a model folder, or ``None`` when it has none."""
+        """The first calibration of a model folder (the one made at the model's default settings, where
+        ``gen-sr calibrate`` made several), or ``None`` when it has none; :meth:`Calibrations.load` reads them all."""
+        records = Calibrations.load(folder)
+        return records[0] if records else None
+
+
+class Calibrations:
+    """The calibrations of a model, at most one per sampler setting (:class:`SamplingSettings`), in order: the first
+    is the one made at the model's default settings (``gen-sr calibrate`` puts it there), the others are for runs
+    with other settings (e.g. ``--scheduler ddim --steps 25``). A record made before settings were recorded
+    (``sampling`` is ``None``) stands for any settings.
+
+    ``calibration.json`` holds them: one record as a JSON object (the format of a single calibration), several as a
+    list of objects.
+    """
+
+    def __init__(self, records: Iterable[Calibration] = ()) -> None:
+        self._records = list(records)
+        seen = [r.sampling for r in self._records]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"two calibrations for the same sampler settings: {seen}")
+
+    def __iter__(self) -> Iterator[Calibration]:
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> Calibration:
+        return self._records[index]
+
+    def find(self, settings: SamplingSettings) -> Calibration | None:
+        """The record made with exactly these settings (or one that does not record its settings), else ``None``."""
+        exact = next((r for r in self._records if r.sampling == settings), None)
+        return exact or next((r for r in self._records if r.sampling is None), None)
+
+    def with_record(self, calibration: Calibration, *, first: bool = False) -> Calibrations:
+        """These records with ``calibration`` added: it replaces the one made with the same settings (in its place),
+        or goes last (``first``: first, as the default settings' record)."""
+        others = [r for r in self._records if r.sampling != calibration.sampling]
+        if first:
+            return Calibrations([calibration, *others])
+        index = next((k for k, r in enumerate(self._records) if r.sampling == calibration.sampling), len(others))
+        return Calibrations([*others[:index], calibration, *others[index:]])
+
+    def save(self, folder: str | Path) -> Path | None:
+        """Write ``calibration.json`` into ``folder`` (nothing when there are no records); returns its path."""
+        if not self._records:
+            return None
+        path = Path(folder) / CALIBRATION_FILE
+        records = [asdict(r) for r in self._records]
+        write_json(path, records[0] if len(records) == 1 else records)
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Calibrations:
+        """The calibrations of a model folder (none when it has no ``calibration.json``)."""
         path = Path(folder) / CALIBRATION_FILE
         if not path.is_file():
-            return None
+            return cls()
         try:
-            return cls(**json.loads(path.read_text()))
+            data = json.loads(path.read_text())
+            return cls(Calibration(**d) for d in ([data] if isinstance(data, dict) else data))
         except (ValueError, TypeError) as e:
-            raise InputError(f"is not a calibration record ({e})", path,
+            raise InputError(f"is not a calibration record or a list of them ({e})", path,
                              "re-run gen-sr calibrate, or remove the file") from None
+
+    def describe(self) -> list[str]:
+        """One line per record: the interval, the rule and the settings it was made with."""
+        return [f"{r.describe()}, {r.method}, coverage {1 - r.alpha:g} target, {r.num_volumes} units"
+                + (f", made with {r.sampling.describe()}" if r.sampling else "") for r in self._records]
 
 
 def risk_map(std: Array, mean: Array, calibration: Calibration | None, noise_std: float = 0.0,
@@ -193,5 +264,6 @@ def describe_risk(calibration: Calibration | None) -> dict[str, Any]:
     where = "; calibrated on this scan's own held-out in-plane slices" if per_scan else ""
     return {"calibrated": True, "per_scan": per_scan, "scale": cal.scale, "alpha": cal.alpha, "delta": cal.delta,
             "method": cal.method, "shape": asdict(cal.shape),
+            "made_with": None if cal.sampling is None else asdict(cal.sampling),
             "definition": f"the half-width of the interval {cal.describe()} over the robust intensity range: "
                           f"the interval misses at most {cal.alpha:g} of voxels ({cal.method}){where}"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from gen_sr.eval.calibration import (
     upper_bound,
 )
 from gen_sr.eval.uncertainty import miss_rate
-from gen_sr.risk import Calibration, IntervalShape
+from gen_sr.risk import Calibration, Calibrations, IntervalShape, SamplingSettings
 
 SCALE_SPREAD = 0.25  # per-volume log-normal spread of the error scale: volumes differ, as real ones do
 
@@ -75,6 +76,31 @@ def test_conformal_risk_control_is_tight_in_expectation() -> None:
                                         method="crc").scale) for s in range(100)]
     assert np.mean(risks) <= alpha + 0.005
     assert np.mean(risks) >= alpha - 0.02  # on new volumes from the same distribution: within 2 points of 90 %
+
+
+def test_a_model_keeps_one_calibration_per_sampler_setting(tmp_path: Path) -> None:
+    """``calibration.json`` holds one record as an object (the single-calibration format) and several as a list;
+    a record is found by its exact settings, a record without settings stands for any, and adding one for the same
+    settings replaces it in its place."""
+    errors, stds = _volumes(np.random.default_rng(0), n=30)
+    fit = fit_calibration(errors, stds)
+    ddim, dpm = SamplingSettings("DDIM", 25, 8), SamplingSettings("DPM", 5, 8)
+    a, b = dataclasses.replace(fit, sampling=ddim), dataclasses.replace(fit, scale=2 * fit.scale, sampling=dpm)
+    records = Calibrations([a]).with_record(b, first=True)
+    assert list(records) == [b, a] and records.find(ddim) is a and records.find(SamplingSettings("DDIM", 10, 8)) is None
+    records.save(tmp_path)
+    assert isinstance(json.loads((tmp_path / "calibration.json").read_text()), list)
+    loaded = Calibrations.load(tmp_path)
+    assert list(loaded) == [b, a] and Calibration.load(tmp_path) == b  # the first is the default settings' record
+    c = dataclasses.replace(a, scale=3.0)
+    assert list(loaded.with_record(c)) == [b, c]  # replaced, not added
+    legacy = Calibrations([dataclasses.replace(fit, sampling=None), b])
+    assert legacy.find(dpm) is b and legacy.find(ddim).sampling is None
+    with pytest.raises(ValueError, match="same sampler settings"):
+        Calibrations([a, c])
+    Calibrations([a]).save(tmp_path)  # one record: the object format of a single calibration
+    assert json.loads((tmp_path / "calibration.json").read_text())["scale"] == a.scale
+    assert Calibrations.load(tmp_path / "nothing").find(ddim) is None and not Calibrations.load(tmp_path / "x")
 
 
 def test_save_load_and_errors(tmp_path: Path) -> None:

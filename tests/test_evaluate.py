@@ -66,12 +66,24 @@ def test_calibrate_then_super_resolve_reports_calibrated_risk(tmp_path: Path, ca
     assert cal["method"] == "crc" and cal["num_volumes"] == 22 and cal["scale"] > 0  # 2 background slabs: no unit
     assert "coverage" in capsys.readouterr().out
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    # other sampler settings get a calibration of their own, beside the first
+    assert main([*args[:-3], "3", "--method", "crc"]) == 0 and "also kept" in capsys.readouterr().out
+    records = json.loads((model / "calibration.json").read_text())
+    assert [r["sampling"]["num_inference_steps"] for r in records] == [2, 3] and records[0] == cal
+    assert main(["info", "--model", str(model)]) == 0
+    assert "made with 2 samples x 2" in (info := capsys.readouterr().out) and "made with 2 samples x 3" in info
     lr = tmp_path / "lr.nii.gz"
     assert main(["degrade", "--input", str(hr), "--output", str(lr), "--slice-thickness", "4", "--axis", "2"]) == 0
     out = tmp_path / "sr.nii.gz"
     assert main(["super-resolve", "--model", str(model), "--input", str(lr), "--output", str(out), "--samples", "2",
                  "--steps", "2"]) == 0
-    assert json.loads((tmp_path / "sr.json").read_text())["risk"]["calibrated"] is True
+    risk = json.loads((tmp_path / "sr.json").read_text())["risk"]
+    assert risk["calibrated"] is True and risk["made_with"]["num_inference_steps"] == 2
+    assert risk["scale"] == cal["scale"]
+    assert main(["super-resolve", "--model", str(model), "--input", str(lr), "--output", str(out), "--samples", "2",
+                 "--steps", "3", "--overwrite"]) == 0  # the run uses the calibration made with its settings
+    risk = json.loads((tmp_path / "sr.json").read_text())["risk"]
+    assert risk["made_with"]["num_inference_steps"] == 3 and risk["scale"] == records[1]["scale"]
     capsys.readouterr()
     assert main(["evaluate", "--model", str(model), "--data", str(hr), "--output-dir", str(tmp_path / "eval"),
                  "--samples", "2", "--steps", "2"]) == 0

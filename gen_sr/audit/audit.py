@@ -28,7 +28,7 @@ from gen_sr.eval.uncertainty import coverage, uncertainty_report
 from gen_sr.io import check_output_dir, sidecar_path
 from gen_sr.physics import AcquisitionOperator
 from gen_sr.pipelines import LatentDiffusionSRPipeline
-from gen_sr.risk import Calibration, risk_map
+from gen_sr.risk import Calibration, SamplingSettings, risk_map
 from gen_sr.volume import Volume, covers, load_volume, resample_to, save_volume
 
 __all__ = ["MAP_FILES", "NOMINAL_COVERAGE", "audit", "reuse_outputs"]
@@ -64,10 +64,21 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
     as_tensor = lambda v: torch.from_numpy(v.data.astype(np.float64))[None, None]  # noqa: E731
     dc = operator.residual_map(as_tensor(canon_mean), as_tensor(canon_lr))[0, 0].numpy()
     scale = pipe.intensity_normalization(canon_lr.data).scale
-    risk = risk_map(std.data, mean.data, pipe.calibration, meta.get("noise_std") or 0.0, scale)
+    risk = risk_map(std.data, mean.data, _run_calibration(pipe, meta), meta.get("noise_std") or 0.0, scale)
     maps = {"mean": mean, "std": std, "risk": std.with_data(np.asarray(risk, dtype=np.float32)),
             "dc_residual": canon_mean.with_data(dc.astype(np.float32)).reorient(mean.orientation)}
     return maps, meta
+
+
+def _run_calibration(pipe: LatentDiffusionSRPipeline, meta: dict[str, Any], *,
+                     warn: bool = True) -> Calibration | None:
+    """The calibration that holds for a run (:meth:`~LatentDiffusionSRPipeline.calibration_for` its recorded sampler
+    settings; ``warn``: a warning where none was made with them), or the default one for a record without them."""
+    try:
+        settings = SamplingSettings.of_run(meta)
+    except (KeyError, TypeError, ValueError):  # a record written before the settings were
+        return pipe.calibration
+    return pipe.calibration_for(settings, warn=warn)
 
 
 def _calibration_curve(std: np.ndarray, mean: np.ndarray, error: np.ndarray, mask: np.ndarray,
@@ -131,7 +142,7 @@ def audit(
     grid = maps["mean"]  # masks and tissue maps onto the SR grid
     masks = {k: resample_to(m, grid) for k, m in masks.items()} if masks else None
     brain_mask = resample_to(brain_mask, grid, order=0) if brain_mask is not None else None
-    calibration = pipe.calibration
+    calibration = _run_calibration(pipe, meta, warn=False)  # the run or reuse_outputs warned already
     operator = AcquisitionOperator.from_dict(meta["operator"])
     metrics = curve = None
     if reference is not None:  # before anything is written: a reference that does not fit is an error

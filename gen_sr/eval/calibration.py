@@ -353,7 +353,8 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     any sampling (:func:`check_calibration_settings`).
 
     Args:
-        pipe: the model; its calibration is not changed (set ``pipe.calibration`` and save it to keep the result).
+        pipe: the model; its calibrations are not changed (to keep the result: ``pipe.calibrations =
+            pipe.calibrations.with_record(result.calibration)``, then ``save_pretrained``).
         cases: calibration cases, exchangeable with the scans the model will see.
         alpha, delta, method: the rule (see :func:`fit_calibration`).
         blocks, axis: units per volume, cut along ``axis`` of the HR grid (:func:`split_units`).

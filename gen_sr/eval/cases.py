@@ -52,7 +52,7 @@ class SROutput(Protocol):
 
 class SRModel(Protocol):
     """What evaluation needs of a super-resolution model (:class:`gen_sr.pipelines.LatentDiffusionSRPipeline` is
-    one): its card, its calibration, and a call on an LR volume."""
+    one): its card, its calibrations, and a call on an LR volume."""
 
     model_card: ModelCard
     calibration: Calibration | None
@@ -61,6 +61,8 @@ class SRModel(Protocol):
     def sr_axis(self) -> int: ...
 
     def sampling_settings(self, **kwargs: Any) -> SamplingSettings: ...
+
+    def calibration_for(self, settings: SamplingSettings, *, warn: bool = False) -> Calibration | None: ...
 
     def __call__(self, lr: Volume, **kwargs: Any) -> SROutput: ...
 

@@ -34,7 +34,7 @@ from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, s
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, SliceProfile, operator_from_spacings
 from gen_sr.pipelines.guidance import GradientGuidance, ProjectionGuidance, final_projection
 from gen_sr.pipelines.tiling import ForegroundTiles, PatchTiler, SlicePatchTiler, SliceTiler
-from gen_sr.risk import Calibration, SamplingSettings, describe_risk, risk_map
+from gen_sr.risk import Calibration, Calibrations, SamplingSettings, describe_risk, risk_map
 from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
 
@@ -53,7 +53,7 @@ refuse, before any sampling, a grid that cannot fit; it is an estimate for that,
 
 
 class CalibrationMismatchWarning(UserWarning):
-    """A run whose sampler settings are not those the model's calibration was made with."""
+    """A run whose sampler settings are not those any of the model's calibrations was made with."""
 
 
 class OutsideTrainingWarning(UserWarning):
@@ -71,7 +71,8 @@ class SRPipelineOutput(BaseOutput):
         std: per-voxel standard deviation across samples.
         risk: the hallucination-risk map, as a fraction of the input's robust intensity range (its 0.5-99.5
             percentile span): ``std`` until the model folder carries a ``calibration.json``, then the half-width
-            ``λ̂ u`` of the calibrated interval (``u`` is the std, or the spread the calibration chose;
+            ``λ̂ u`` of the interval calibrated for the run's sampler settings (:meth:`calibration_for`; ``u`` is
+            the std, or the spread the calibration chose;
             ``mean ± risk · range`` misses at most a fraction ``α`` of voxels; see :mod:`gen_sr.eval.calibration`).
         dc_residual: ``|A x − y|`` of the mean, brought back onto the HR grid by linear interpolation.
         affine: the HR voxel-to-world affine of the outputs.
@@ -120,7 +121,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             model_card, "model_index.json: model_card")
         for model in (vae, unet):  # torch SDPA by default, whatever the training config said
             set_sdpa_attention(model, True)
-        self.calibration: Calibration | None = None  # from the model folder's calibration.json, if any
+        self.calibrations = Calibrations()  # from the model folder's calibration.json: one per sampler setting
 
     def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> None:
         """xformers attention, where installed. The MONAI attention blocks these models are built from have no
@@ -153,14 +154,42 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             warnings.warn(f"loading pickled weights from {pretrained_model_name_or_path} is allowed: a pickle can run "
                           "any code when loaded; do this only for a model folder you trust", stacklevel=2)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        pipe.calibration = Calibration.load(pretrained_model_name_or_path)
+        pipe.calibrations = Calibrations.load(pretrained_model_name_or_path)
         return pipe
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
-        """Save the components (safetensors) and, when there is one, the calibration."""
+        """Save the components (safetensors) and the calibrations, if any."""
         super().save_pretrained(save_directory, **kwargs)
-        if self.calibration is not None:
-            self.calibration.save(save_directory)
+        self.calibrations.save(save_directory)
+
+    # ------------------------------------------------------------------------------------------------- calibration
+    @property
+    def calibration(self) -> Calibration | None:
+        """The calibration of a default run (:meth:`sampling_settings` with no arguments), else the first of
+        :attr:`calibrations`, or ``None``. Setting it replaces all of them (``None``: uncalibrated); add one for
+        other settings with ``pipe.calibrations = pipe.calibrations.with_record(cal)``."""
+        return self.calibrations.find(self.sampling_settings()) or next(iter(self.calibrations), None)
+
+    @calibration.setter
+    def calibration(self, calibration: Calibration | None) -> None:
+        self.calibrations = Calibrations([] if calibration is None else [calibration])
+
+    def calibration_for(self, settings: SamplingSettings, *, warn: bool = False) -> Calibration | None:
+        """The calibration a run with these sampler ``settings`` uses: the one made with them, else that of a
+        default run (:attr:`calibration`), which does not hold for them (``warn``: a
+        :class:`CalibrationMismatchWarning` says so, and which settings have one)."""
+        exact, default = self.calibrations.find(settings), self.calibration
+        if exact is not None or default is None:
+            return exact
+        if warn:
+            made = "; ".join(r.sampling.describe() for r in self.calibrations if r.sampling is not None)
+            several = len(self.calibrations) > 1
+            warnings.warn(f"the calibration{'s were' if several else ' was'} made with {made}, this run uses "
+                          f"{settings.describe()}: the risk map's coverage is not the calibrated one"
+                          + (f" (it uses the calibration of {default.sampling.describe()})" if several else "")
+                          + "; sample with calibrated settings, or calibrate with these (gen-sr calibrate)",
+                          CalibrationMismatchWarning, stacklevel=4)
+        return default
 
     # ------------------------------------------------------------------------------------------------- settings
     @property
@@ -304,7 +333,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         work = torch.promote_types(dtype, torch.float32)  # physics, stitching and statistics in >= float32
         y = torch.from_numpy(norm(canon.data.astype(np.float32)))[None, None].to(device, work)
         sigma = noise_std / norm.scale
-        if self.calibration is not None and self.calibration.shape.noise_floor > 0 and noise_std == 0:
+        calibration = self.calibration_for(self.sampling_settings(
+            num_samples=num_samples, num_inference_steps=num_inference_steps, strength=strength), warn=True)
+        if calibration is not None and calibration.shape.noise_floor > 0 and noise_std == 0:
             warnings.warn("the calibrated interval has a noise term but noise_std is 0: the risk map leaves the "
                           "measurement noise out; pass the input's noise std (--noise-std)", stacklevel=3)
         outside = self.outside_training(canon, operator, norm, axes)
@@ -315,8 +346,6 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         num_inference_steps = num_inference_steps or self.model_card.num_inference_steps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps[num_inference_steps - max(1, round(strength * num_inference_steps)):]
-        self._check_calibrated_for(self.sampling_settings(num_samples=num_samples,
-                                                          num_inference_steps=num_inference_steps, strength=strength))
         guided = timesteps.flip(0)[::guidance_interval].tolist() if guidance != "none" else []
         mode = self.model_card.unet_condition
         timings["prepare_s"] = time.perf_counter() - tic
@@ -396,7 +425,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         # 8. uncertainty: risk is the std (or the calibrated interval half-width) over the robust intensity range
         mean = x.mean(dim=0, keepdim=True)
         std = x.std(dim=0, unbiased=False, keepdim=True)
-        risk = risk_map(std, mean, self.calibration, sigma)
+        risk = risk_map(std, mean, calibration, sigma)
         dc = operator.residual_map(mean, y)
         timings["stitch_uncertainty_s"] = time.perf_counter() - tic
 
@@ -423,7 +452,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "operator": operator.to_dict(),
             "relative_residual": residuals,
             "normalization": norm.to_dict(),
-            "risk": describe_risk(self.calibration),
+            "risk": describe_risk(calibration),
             "outside_training": outside,
             "timings": timings,
         }
@@ -440,13 +469,6 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         return SamplingSettings(self.sampler_name,
                                 int(num_inference_steps or self.model_card.num_inference_steps), int(num_samples),
                                 float(strength))
-
-    def _check_calibrated_for(self, used: SamplingSettings) -> None:
-        made = None if self.calibration is None else self.calibration.sampling
-        if made is not None and made != used:
-            warnings.warn(f"the calibration was made with {made.describe()}, this run uses {used.describe()}: the "
-                          "risk map's coverage is not the calibrated one (sample with those settings, or recalibrate "
-                          "with these)", CalibrationMismatchWarning, stacklevel=4)
 
     def output_grid(self, lr: LRInput, *, affine: np.ndarray | None = None, lr_spacing: Sequence[float] | None = None,
                     target_spacing: Sequence[float] | None = None, operator: AcquisitionOperator | None = None,
