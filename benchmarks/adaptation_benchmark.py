@@ -6,10 +6,11 @@ real head that no model was trained on (Colin27 by default).
 
 ``--contrast t2like`` inverts the brain's intensities (as ``prior_benchmark.py`` does: CSF bright, white matter dark,
 skull removed), a contrast no training head has. The whole head (cropped to its bounding box) is degraded with 4 mm
-Gaussian slices along RAS+ axis 2, noise-free and at SNR 30. The adapted model learns from that whole LR scan's
-in-plane slices and is calibrated on the ones it held out (``gen_sr.training.adaptation.fit_to_scan``). Both models then super-resolve a coronal slab ``--slab`` mm wide
-through the centre of the same LR scan (cropping an in-plane axis is exact), to bound the cost; every figure is
-measured there, inside the brain (Colin27's own brain-extracted image), as ``prior_benchmark.py`` measures:
+Gaussian slices along RAS+ axis 2, noise-free and at SNR 30. The adapted model learns from that whole LR scan's in-plane
+slices and is calibrated on the ones it held out (``gen_sr.training.adaptation.fit_to_scan``). Both models then
+super-resolve a coronal slab ``--slab`` mm wide through the centre of the same LR scan (cropping an in-plane axis is
+exact), to bound the cost; every figure is measured there, inside the brain (Colin27's own brain-extracted image), as
+``prior_benchmark.py`` measures:
 
 * PSNR of the mean against the best interpolation;
 * Spearman(std, |err|), coverage of mean ± 2 std, λ90;

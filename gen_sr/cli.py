@@ -342,7 +342,8 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
 
     noise = _adaptation_noise(args)
     try:
-        fit = fit_to_scan(pipe, lr, alpha=args.alpha, method=args.method, sampling=_sampling_kwargs(args),
+        fit = fit_to_scan(pipe, lr, alpha=args.alpha, method=args.method, blocks=args.calibration_blocks,
+                          sampling=_sampling_kwargs(args),
                           work_dir=work_dir, config=_adaptation_config(args), slice_profile=args.profile,
                           slice_thickness=args.slice_thickness, noise_std=noise,
                           resume="latest" if args.resume else None)
@@ -354,7 +355,8 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
         print(f"adapted:  {record.steps} steps on the in-plane slices of {args.input} in {fit.timings['adapt_s']:.0f} s"
               + (f"; held-out in-plane loss {loss[0]:.4f} -> {loss[1]:.4f}" if loss else ""))
         print(f"calibrated on the scan: {cal.describe()}, from {cal.num_volumes} units ({len(record.held_out_slices)} "
-              f"held-out slices x 2 directions, {cal.method}) in {fit.timings['calibrate_s']:.0f} s")
+              f"held-out slices x 2 directions x {args.calibration_blocks} blocks, {cal.method}) in "
+              f"{fit.timings['calibrate_s']:.0f} s")
     return fit
 
 
@@ -689,6 +691,9 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
     p.add_argument("--method", choices=("crc", "rcps"), default="crc",
                    help="the per-scan calibration's rule (default: crc; one scan gives few units, see gen-sr "
                         "calibrate)")
+    p.add_argument("--calibration-blocks", type=_whole_number_from(1), default=4, metavar="K",
+                   help="cut each held-out slice (in each direction) into K calibration units of equal foreground: "
+                        "more units make the conformal margin smaller (default: 4)")
 
 
 def _add_adapt_option(p: argparse.ArgumentParser, default_dir: str) -> None:

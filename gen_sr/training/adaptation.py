@@ -244,13 +244,13 @@ class ScanFit:
 
 
 def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool = True, alpha: float = 0.1,
-                method: str = "crc", progress: bool = True, sampling: dict[str, Any] | None = None,
+                method: str = "crc", blocks: int = 4, progress: bool = True, sampling: dict[str, Any] | None = None,
                 volume_index: int | None = None, **adapt_kwargs: Any) -> ScanFit:
     """Adapt ``pipe`` to the scan ``lr`` (:func:`adapt`, with ``adapt_kwargs``: ``work_dir``, ``config``,
     ``slice_profile``, ...) and calibrate it on the scan's held-out in-plane slices
-    (:func:`gen_sr.eval.scan_calibration.calibrate_on_scan`, with ``alpha``, ``method`` and the pipeline settings
-    ``sampling``: ``num_samples``, ``generator``, ...); ``calibrate=False`` skips the calibration. Save the result
-    with :func:`save_model`."""
+    (:func:`gen_sr.eval.scan_calibration.calibrate_on_scan`, with ``alpha``, ``method``, ``blocks`` and the pipeline
+    settings ``sampling``: ``num_samples``, ``generator``, ...); ``calibrate=False`` skips the calibration. Save the
+    result with :func:`save_model`."""
     timings: dict[str, float] = {}
     tic = time.perf_counter()
     volume = pipe.as_volume(lr, volume_index=volume_index)
@@ -263,6 +263,7 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
         adapted.set_progress_bar_config(disable=True)  # one bar over the calibration cases instead of one per case
         try:
             result = calibrate_on_scan(adapted, volume, alpha=alpha, method=method,  # type: ignore[arg-type]
+                                       blocks=blocks,
                                        progress=progress and process_state().is_local_main_process,
                                        **(sampling or {}))
         finally:
