@@ -172,22 +172,31 @@ def cmd_degrade(args: argparse.Namespace) -> int:
 def _slice_profile(text: str) -> str | tuple[float, ...]:
     from gen_sr.physics import read_slice_profile
 
-    if text in ("gaussian", "rect"):
+    if text in ("gaussian", "rect", "auto"):  # auto: the commands that simulate an acquisition refuse it
         return text
     if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"expected gaussian, rect or a profile file, got {text!r} (no such file)")
+        raise argparse.ArgumentTypeError(f"expected gaussian, rect, auto or a profile file, got {text!r} (no such "
+                                         "file)")
     try:
         return read_slice_profile(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _add_profile_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", "--slice-profile", dest="profile", type=_slice_profile, default="gaussian",
-                   metavar="gaussian|rect|FILE",
-                   help="slice profile: gaussian (FWHM = the slice thickness), rect, or a text file of profile "
-                        "samples on a uniform grid from one edge of the slice to the other, e.g. measured on a "
-                        "phantom (its extent is then the slice thickness); default: gaussian")
+def _add_profile_argument(p: argparse.ArgumentParser, auto: bool = False) -> None:
+    """``--slice-profile``; ``auto`` (estimated from the scan) only where there is a scan to estimate it from."""
+    def parse(text: str) -> str | tuple[float, ...]:
+        if text == "auto" and not auto:
+            raise argparse.ArgumentTypeError("auto estimates a scan's profile; to simulate one, give it")
+        return _slice_profile(text)
+
+    estimated = ("auto (a Gaussian whose FWHM is estimated from the scan's in-plane and through-plane spectra; leave "
+                 "out --slice-thickness), " if auto else "")
+    p.add_argument("--profile", "--slice-profile", dest="profile", type=parse, default="gaussian",
+                   metavar=f"gaussian|rect|{'auto|' if auto else ''}FILE",
+                   help=f"slice profile: gaussian (FWHM = the slice thickness), rect, {estimated}or a text file of "
+                        "profile samples on a uniform grid from one edge of the slice to the other, e.g. measured on "
+                        "a phantom (its extent is then the slice thickness); default: gaussian")
 
 
 def _spacing(text: str) -> list[float]:
@@ -658,7 +667,7 @@ def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-spacing", type=_spacing, metavar="X,Y,Z",
                    help="HR voxel spacing in mm (default: isotropic at the finest input spacing)")
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
-    _add_profile_argument(p)
+    _add_profile_argument(p, auto=True)
     p.add_argument("--noise-std", type=_non_negative_float, default=0.0,
                    help="measurement noise std in input units, >= 0 (default 0: noise-free projections)")
     p.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")

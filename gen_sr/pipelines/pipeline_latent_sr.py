@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
@@ -36,7 +36,10 @@ from gen_sr.pipelines.guidance import GradientGuidance, ProjectionGuidance, fina
 from gen_sr.pipelines.tiling import ForegroundTiles, PatchTiler, SlicePatchTiler, SliceTiler
 from gen_sr.risk import Calibration, Calibrations, SamplingSettings, describe_risk, risk_map
 from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
+from gen_sr.slice_profile import estimate_slice_profile
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["DEFAULT_NUM_SAMPLES", "CalibrationMismatchWarning", "LatentDiffusionSRPipeline", "OutsideTrainingWarning",
            "SRPipelineOutput"]
@@ -122,6 +125,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         for model in (vae, unet):  # torch SDPA by default, whatever the training config said
             set_sdpa_attention(model, True)
         self.calibrations = Calibrations()  # from the model folder's calibration.json: one per sampler setting
+        self._thickness_estimates: dict[tuple, float] = {}  # slice_profile="auto", per input
 
     def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> None:
         """xformers attention, where installed. The MONAI attention blocks these models are built from have no
@@ -264,7 +268,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 the finest spacing of the others.
             operator: the acquisition on the canonical (RAS+) HR grid, instead of one built from the spacings.
             slice_profile, slice_thickness: the acquisition's slice profile and thickness (default: the LR spacing;
-                a given thickness applies to every sliced axis).
+                a given thickness applies to every sliced axis). ``slice_profile="auto"`` estimates the thickness
+                from the scan (:mod:`gen_sr.slice_profile`; one coarse axis, no thickness given) as the FWHM of a
+                Gaussian profile; the operator in ``metadata`` records it.
             noise_std: measurement noise std in input units (0: noise-free; > 0 makes projections noise-aware).
             num_inference_steps, eta: DDIM settings; the default steps are the model folder's
                 (``model_card.num_inference_steps``: 50 for diffusion, 1 for a regression model).
@@ -449,6 +455,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "skipped_tiles": skipped,
             "processes": processes,
             "noise_std": noise_std,
+            "slice_profile_estimated": slice_profile == "auto",
             "operator": operator.to_dict(),
             "relative_residual": residuals,
             "normalization": norm.to_dict(),
@@ -603,6 +610,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
     def _operator(self, canon: Volume, axes: Sequence[int], target: Sequence[float] | None, profile: SliceProfile,
                   thickness: float | None) -> AcquisitionOperator:
         spacing = np.asarray(canon.spacing)
+        if profile == "auto":
+            profile, thickness = "gaussian", self._estimated_thickness(canon, axes, thickness)
         if target is None:  # each super-resolved axis at the finest spacing of the others
             target = spacing.copy()
             target[list(axes)] = np.delete(spacing, list(axes)).min()
@@ -613,6 +622,28 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                                           profile=profile, slice_thickness=thickness)
         except ValueError as e:
             raise InputError(str(e), canon.source) from e
+
+    def _estimated_thickness(self, canon: Volume, axes: Sequence[int], given: float | None) -> float:
+        """``slice_profile="auto"``: the FWHM of a Gaussian profile estimated from the scan's spectra
+        (:func:`~gen_sr.slice_profile.estimate_slice_profile`; its shape is not identifiable below the slices'
+        Nyquist frequency, so the Gaussian of the same in-band blur stands for any). Remembered per input."""
+        if given is not None or len(axes) != 1:
+            raise InputError("slice_profile 'auto' estimates the thickness of one coarse axis's slices"
+                             + (", so it takes no slice thickness" if given is not None else
+                                f"; this input has {len(axes)}"), canon.source,
+                             "leave out --slice-thickness, or give the profile" if given is not None else
+                             "give the profile and thickness")
+        key = (canon.shape, canon.affine.tobytes(), hash(canon.data.tobytes()), axes[0])
+        cache = self._thickness_estimates
+        if key not in cache:
+            try:
+                estimate = estimate_slice_profile(canon, axis=axes[0], shapes=("gaussian",))
+            except ValueError as e:
+                raise InputError(f"cannot estimate the slice profile: {e}", canon.source,
+                                 "give --slice-profile and --slice-thickness") from e
+            cache[key] = estimate.thickness
+            logger.info("estimated slice profile: %s", estimate.describe())
+        return cache[key]
 
     def _stages(self, operator: AcquisitionOperator, axes: Sequence[int],
                 slice_normal: int | Sequence[int] | None) -> list[tuple[AcquisitionOperator, int, Any]]:
