@@ -399,6 +399,23 @@ class HaarAutoencoder(LatentSpaceMixin, ModelMixin, ConfigMixin):
         if band_mean is not None:
             self.set_band_statistics(band_mean, band_std)
 
+    def band_loss_weights(self, levels: int) -> torch.Tensor:
+        """Per-channel weights ``(latent_channels,)`` that make the MSE of standardised bands equal, up to a constant,
+        to that of a ``levels``-level latent (fewer levels than this one's): the bands of one coarser band (its
+        children in the packet tree, consecutive channels) are weighted by their share of its variance,
+        ``std_b² / mean(std²)`` over the group, as if they were standardised by the parent's scale together.
+        Normalised to mean 1. Needs the band statistics."""
+        if self.config.band_std is None:
+            raise ValueError("band loss weights need the band statistics (train_autoencoder measures them)")
+        if not 1 <= levels < self.config.levels:
+            raise ValueError(f"a {self.config.levels}-level latent can be weighted as 1 to {self.config.levels - 1} "
+                             f"levels, not {levels}")
+        variance = torch.tensor(self.config.band_std, dtype=torch.float64) ** 2
+        group = 2 ** (self.config.spatial_dims * (self.config.levels - levels))  # children of one coarser band
+        groups = variance.reshape(-1, group)
+        weights = (groups / groups.mean(dim=1, keepdim=True)).flatten()
+        return (weights / weights.mean()).float()
+
     def set_band_statistics(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Record each band's mean and std (``latent_channels`` values each; std > 0), saved in the config."""
         mean, std = [float(m) for m in mean], [float(s) for s in std]

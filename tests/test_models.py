@@ -294,3 +294,30 @@ def test_load_autoencoder_names_what_it_cannot_load(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"_class_name": "UNet2DModel"}')
     with pytest.raises(InputError, match="expected one of"):
         load_autoencoder(tmp_path)
+
+
+def test_band_loss_weights_give_a_two_level_latent_the_one_level_loss() -> None:
+    """Weighted by :meth:`HaarAutoencoder.band_loss_weights` (1), the squared error of standardised two-level bands
+    is that of standardised one-level bands, up to one constant, for any image-space error."""
+    from gen_sr.training.losses import diffusion_loss
+
+    g = torch.Generator().manual_seed(0)
+    images = F.avg_pool2d(torch.rand(8, 1, 64, 64, generator=g), 3, 1, 1) * 4 + 1  # smooth, with a mean
+    one, two = HaarAutoencoder(levels=1), HaarAutoencoder(levels=2)
+    for vae in (one, two):
+        vae.fit_latent_scaling([images])
+    weights = two.band_loss_weights(1)
+    assert weights.shape == (16,) and weights.mean().item() == pytest.approx(1.0)
+
+    def loss(vae: HaarAutoencoder, error: torch.Tensor, w: torch.Tensor | None = None) -> float:
+        e = vae.encode(error)[0] / torch.tensor(vae.config.band_std).reshape(1, -1, 1, 1)
+        return float(diffusion_loss(e, torch.zeros_like(e), channel_weights=w))
+
+    errors = (torch.randn(4, 1, 64, 64, generator=g),  # white
+              F.avg_pool2d(torch.randn(4, 1, 64, 64, generator=g), 5, 1, 2))  # smooth
+    weighted = [loss(two, e, weights) / loss(one, e) for e in errors]
+    plain = [loss(two, e) / loss(one, e) for e in errors]
+    assert weighted[0] == pytest.approx(weighted[1], rel=0.05)
+    assert abs(plain[0] / plain[1] - 1) > 0.2  # without the weights the two losses do not agree
+    with pytest.raises(ValueError, match="1 to 1 levels, not 2"):
+        two.band_loss_weights(2)

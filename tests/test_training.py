@@ -82,6 +82,14 @@ def test_a_wavelet_latent_needs_no_training_and_carries_into_the_pipeline(tmp_pa
     assert type(pipe.vae) is HaarAutoencoder and len(pipe.vae.config.band_std) == 4
     x = torch.rand(2, 1, 16, 16)
     assert torch.allclose(pipe.vae.decode_latent(pipe.vae.encode_latent(x)), x, atol=1e-5)
+    # two levels, with the loss of a one-level latent (unet.loss_levels): it trains, to a different first loss
+    two = ["--autoencoder.kind=haar", "--autoencoder.levels=2"]
+    _run("autoencoder", tmp_path / "haar2", *two)
+    _run("diffusion", tmp_path / "haar2", *two, "--diffusion_training.steps=2")
+    _run("diffusion", tmp_path / "haar2w", f"--autoencoder_path={tmp_path / 'haar2' / 'autoencoder' / 'model'}",
+         *two, "--unet.loss_levels=1", "--diffusion_training.steps=2")
+    first = [_losses(tmp_path / run, "diffusion")[0] for run in ("haar2", "haar2w")]
+    assert first[0] != pytest.approx(first[1], rel=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +192,7 @@ def test_a_kill_during_checkpointing_leaves_the_previous_checkpoint_loadable(aut
         (train_autoencoder, "--autoencoder_training.stepz=3", "unknown key 'autoencoder_training.stepz'"),
         (train_autoencoder, "--autoencoder_training.steps=three", "expected int"),
         (train_diffusion, "--unet.condition=pixels", "unet.condition"),
+        (train_diffusion, "--unet.loss_levels=1", "needs autoencoder.kind=haar with more than 1 levels"),
         (train_autoencoder, "--data.paths=[/no/such/folder]", "/no/such/folder"),
     ],
 )

@@ -54,6 +54,11 @@ class UNetConfig:
     predicting the clean latent with an L1 loss (needs ``noise_schedule.prediction_type=sample``). It exports as a
     pipeline that samples in one DDIM step ("trailing" timesteps, so that one step is the last timestep and lands
     exactly on the prediction); see :mod:`gen_sr.training.losses`.
+
+    ``loss_levels``: on a Haar latent of more levels, weight each band's squared error as a latent of this many
+    levels would (:meth:`gen_sr.models.HaarAutoencoder.band_loss_weights`): with 1 on a two-level latent the loss is
+    the one-level model's, where the coarse band's children share their parent's scale instead of each being
+    standardised. ``None``: every standardised band alike.
     """
 
     channels: tuple[int, ...] = (32, 64, 64)
@@ -64,6 +69,7 @@ class UNetConfig:
     use_flash_attention: bool = True
     condition: Literal["resample", "latent", "both"] = "both"
     objective: Literal["diffusion", "regression"] = "diffusion"
+    loss_levels: int | None = None
 
 
 @dataclass
@@ -133,6 +139,10 @@ class ExperimentConfig:
         if self.unet.objective == "regression" and self.noise_schedule.prediction_type != "sample":
             raise ValueError("unet.objective=regression predicts the clean latent: set "
                              "noise_schedule.prediction_type=sample")
+        levels = self.unet.loss_levels
+        if levels is not None and not (self.autoencoder.kind == "haar" and 1 <= levels < self.autoencoder.levels):
+            raise ValueError(f"unet.loss_levels={levels} weights a Haar latent's bands as one of fewer levels: it "
+                             f"needs autoencoder.kind=haar with more than {levels} levels")
 
     @property
     def spatial_dims(self) -> int:

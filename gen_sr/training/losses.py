@@ -227,17 +227,20 @@ class AutoencoderLoss(torch.nn.Module):
 
 
 def diffusion_loss(
-    model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+    model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+    channel_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error of the denoiser's output, optionally weighted per sample (e.g. min-SNR weights).
+    """Mean squared error of the denoiser's output, optionally weighted per sample (e.g. min-SNR weights) and per
+    latent channel (e.g. :meth:`gen_sr.models.HaarAutoencoder.band_loss_weights`).
 
     Computed in float32. With ``weights``: ``mean_b(weights[b] · mean((output[b] − target[b])²))``, which equals the
-    plain MSE for all-one weights.
+    plain MSE for all-one weights; ``channel_weights`` multiply each channel's squared error first.
 
     Args:
         model_output: ``(B, ...)``, e.g. ``(B, C, h, w)`` or ``(B, C, d, h, w)`` latents.
         target: same shape, from :func:`diffusion_target`.
         weights: optional ``(B,)`` per-sample weights.
+        channel_weights: optional ``(C,)`` per-channel weights.
 
     Returns:
         Scalar tensor.
@@ -247,11 +250,19 @@ def diffusion_loss(
     """
     if model_output.shape != target.shape:
         raise ValueError(f"model_output {tuple(model_output.shape)} and target {tuple(target.shape)} differ")
-    if weights is None:
+    if weights is None and channel_weights is None:
         return F.mse_loss(model_output.float(), target.float())
+    squared = F.mse_loss(model_output.float(), target.float(), reduction="none")
+    if channel_weights is not None:
+        if channel_weights.shape != model_output.shape[1:2]:
+            raise ValueError(f"channel_weights must have shape ({model_output.shape[1]},), got "
+                             f"{tuple(channel_weights.shape)}")
+        squared = squared * channel_weights.float().reshape(1, -1, *[1] * (squared.ndim - 2))
+    if weights is None:
+        return squared.mean()
     if weights.shape != model_output.shape[:1]:
         raise ValueError(f"weights must have shape ({model_output.shape[0]},), got {tuple(weights.shape)}")
-    per_sample = F.mse_loss(model_output.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+    per_sample = squared.flatten(1).mean(dim=1)
     return (per_sample * weights.float()).mean()
 
 
@@ -295,14 +306,15 @@ def training_timesteps(objective: str, num_train_timesteps: int, n: int, device:
     return torch.randint(0, num_train_timesteps, (n,), generator=generator).to(device)
 
 
-def objective_loss(objective: str, model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """:func:`diffusion_loss` (MSE) for ``"diffusion"``; the L1 loss of the clean-latent prediction for
-    ``"regression"``."""
+def objective_loss(objective: str, model_output: torch.Tensor, target: torch.Tensor,
+                   channel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`diffusion_loss` (MSE, with optional ``channel_weights``) for ``"diffusion"``; the L1 loss of the
+    clean-latent prediction for ``"regression"``."""
     if objective == "regression":
         if model_output.shape != target.shape:
             raise ValueError(f"model_output {tuple(model_output.shape)} and target {tuple(target.shape)} differ")
         return F.l1_loss(model_output.float(), target.float())
-    return diffusion_loss(model_output, target)
+    return diffusion_loss(model_output, target, channel_weights=channel_weights)
 
 
 def sampling_overrides(objective: str) -> dict[str, object]:

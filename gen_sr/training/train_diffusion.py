@@ -95,13 +95,15 @@ def fit_denoiser(run: Run, unet: ConditionalUNetModel, vae: Autoencoder, noise_s
     acc.print(f"unet: {acc.unwrap_model(unet).num_parameters():,} parameters, {acc.num_processes} process(es)")
     start = run.checkpoints.resume(resume)
     ema.to(acc.device)  # load_state puts it on the CPU
+    levels = run.cfg.unet.loss_levels
+    channel_weights = None if levels is None else vae.band_loss_weights(levels).to(acc.device)
 
     def train_step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
         z0, cond = encode_pair(vae, batch["hr"], batch["lr"], run.cfg.unet.condition)
         noise = torch.randn_like(z0)
         t = training_timesteps(objective, noise_scheduler.config.num_train_timesteps, z0.shape[0], z0.device)
         pred = unet(noise_scheduler.add_noise(z0, noise, t), t, cond)
-        loss = objective_loss(objective, pred, diffusion_target(noise_scheduler, z0, noise, t))
+        loss = objective_loss(objective, pred, diffusion_target(noise_scheduler, z0, noise, t), channel_weights)
         backward_and_step(run, loss, unet, optimizer, schedule)
         if acc.sync_gradients:
             ema.step(unet.parameters())
