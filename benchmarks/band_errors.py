@@ -1,7 +1,7 @@
 """Where a latent diffusion model's clean-sample prediction is wrong, band by band: a training diagnostic.
 
-    python benchmarks/band_errors.py --config configs/heads2d_haar2.yaml --model runs/heads2d_haar2/diffusion/model \\
-        [--timesteps 999 800 500 200 50] [--batch-size 16]
+    python benchmarks/band_errors.py --config configs/heads2d_haar2.yaml \\
+        --model runs/heads2d_haar2_l1/diffusion/model [--timesteps 999 800 500 200 50] [--batch-size 16]
 
 One batch of the config's validation crops (its held-out slabs, never the test head) is encoded; each timestep's
 noised latent (fixed noise) goes through the UNet, and the predicted clean latent is compared with the true one.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -169,14 +170,18 @@ def cmd_degrade(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- super-resolve
-def _slice_profile(text: str) -> str | tuple[float, ...]:
+def _slice_profile(text: str, auto: bool = False) -> str | tuple[float, ...]:
+    """A ``--slice-profile`` value; ``auto`` (estimated from the scan) only where there is a scan to estimate it
+    from, not where an acquisition is simulated."""
     from gen_sr.physics import read_slice_profile
 
-    if text in ("gaussian", "rect", "auto"):  # auto: the commands that simulate an acquisition refuse it
+    if text == "auto" and not auto:
+        raise argparse.ArgumentTypeError("auto estimates a scan's profile; to simulate one, give it")
+    if text in ("gaussian", "rect", "auto"):
         return text
     if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"expected gaussian, rect, auto or a profile file, got {text!r} (no such "
-                                         "file)")
+        raise argparse.ArgumentTypeError(f"expected gaussian, rect, {'auto ' if auto else ''}or a profile file, got "
+                                         f"{text!r} (no such file)")
     try:
         return read_slice_profile(text)
     except ValueError as e:
@@ -184,15 +189,11 @@ def _slice_profile(text: str) -> str | tuple[float, ...]:
 
 
 def _add_profile_argument(p: argparse.ArgumentParser, auto: bool = False) -> None:
-    """``--slice-profile``; ``auto`` (estimated from the scan) only where there is a scan to estimate it from."""
-    def parse(text: str) -> str | tuple[float, ...]:
-        if text == "auto" and not auto:
-            raise argparse.ArgumentTypeError("auto estimates a scan's profile; to simulate one, give it")
-        return _slice_profile(text)
-
+    """``--slice-profile`` (see :func:`_slice_profile`)."""
     estimated = ("auto (a Gaussian whose FWHM is estimated from the scan's in-plane and through-plane spectra; leave "
                  "out --slice-thickness), " if auto else "")
-    p.add_argument("--profile", "--slice-profile", dest="profile", type=parse, default="gaussian",
+    p.add_argument("--profile", "--slice-profile", dest="profile", type=functools.partial(_slice_profile, auto=auto),
+                   default="gaussian",
                    metavar=f"gaussian|rect|{'auto|' if auto else ''}FILE",
                    help=f"slice profile: gaussian (FWHM = the slice thickness), rect, {estimated}or a text file of "
                         "profile samples on a uniform grid from one edge of the slice to the other, e.g. measured on "

@@ -91,16 +91,17 @@ def estimate_slice_profile(lr: Volume, *, axis: int | None = None, shapes: Seque
         The best candidate, with the best of the other shape.
 
     Raises:
-        ValueError: when the scan has too few slices, or no in-plane axis finer than half the slice spacing.
+        ValueError: when the scan has too few slices, or no in-plane axis finer than 0.8 of the slice spacing.
     """
     canon = lr.canonical()
     spacing = np.asarray(canon.spacing, dtype=np.float64)
     axis = int(np.argmax(spacing)) if axis is None else int(axis)
     data = canon.data.astype(np.float64)
     step = float(spacing[axis])
-    in_plane = [b for b in range(3) if b != axis and spacing[b] <= 0.5 * step]
+    in_plane = [b for b in range(3) if b != axis and spacing[b] <= 0.8 * step]
     if not in_plane:
-        raise ValueError(f"no in-plane axis is finer than half the slice spacing ({step:g} mm): nothing to compare")
+        raise ValueError(f"no in-plane axis is finer than 0.8 of the slice spacing ({step:g} mm): nothing to "
+                         "compare")
     f, keep = _band(data.shape[axis], step)
     if f.size < 4:
         raise ValueError(f"{data.shape[axis]} slices give too few frequencies to estimate a profile")
