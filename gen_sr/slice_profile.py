@@ -2,12 +2,14 @@
 
 The idea of ECLARE's ESPRESO, without a network: in-plane, the scan is sharp; through-plane, each sample is the
 slice profile's average. If the anatomy's statistics are alike along every axis (the assumption of SMORE, ECLARE
-and the per-scan calibration), acquiring the in-plane lines with the right profile and the scan's slice spacing
-gives lines whose power spectrum has the shape of the through-plane one. So for each candidate (a Gaussian of FWHM
-``w`` or a rectangle of width ``w``, ``w`` on a grid of fractions of the slice spacing) the in-plane lines are
-acquired with the project's :class:`~gen_sr.physics.SliceAcquisition`, and the candidate whose log power spectrum
-differs least from the through-plane one, up to a constant (the overall contrast), is the estimate. The lowest
-frequencies (the head's outline) and the top fifth of the band (aliasing) are left out.
+and the per-scan calibration), the right profile makes two sets of lines alike: the in-plane lines acquired with it
+(blurred and sampled at the slice spacing, by the project's :class:`~gen_sr.physics.SliceAcquisition`), and the
+through-plane lines of the scan blurred in-plane with it, so that both carry the true profile along one axis and
+the candidate along the other (the comparison is symmetric: the blur across the line and the noise floor cancel).
+For each candidate (a Gaussian of FWHM ``w`` or a rectangle of width ``w``, ``w`` on a grid of fractions of the
+slice spacing) the two log power spectra are compared up to a constant (the overall contrast); the candidate that
+differs least is the estimate. The lowest frequencies (the head's outline) and the top fifth of the band (aliasing)
+are left out.
 
 Only the band below the slices' Nyquist frequency is seen, so thin profiles (a width well under the spacing, i.e.
 gaps) and thick ones are told apart by how fast the spectrum falls there; ``benchmarks/slice_profile_estimate.py``
