@@ -494,13 +494,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cases = _cases(args, pipe)
     regression = _load_pipeline(args, args.regression_model) if args.regression_model else None
     rows = evaluate(pipe, cases, regression=regression, **_sampling_kwargs(args))
+    calibration = pipe.calibration_for(pipe.sampling_settings(**_sampling_kwargs(args)))  # the one the runs used
     meta = {"model": str(args.model), "regression_model": args.regression_model, "data": list(args.data),
             "region": args.region, "slab_mm": args.slab,
             "operator": args.operator, "slice_thickness": args.slice_thickness, "profile": args.profile,
             "snr": args.snr, "samples": args.samples, "steps": _steps(args, pipe), "guidance": args.guidance,
             "seed": args.seed,
-            "calibration": (None if (cal := pipe.calibration_for(pipe.sampling_settings(**_sampling_kwargs(args))))
-                            is None else dataclasses.asdict(cal))}
+            "calibration": None if calibration is None else dataclasses.asdict(calibration)}
     paths = write_table(out, rows, meta=meta)
     print(markdown_table(summarize(rows)), end="")
     print(f"wrote:    {', '.join(str(p) for p in paths.values())}")
