@@ -5,10 +5,12 @@ figure on Colin27.
     python benchmarks/sampling_curve.py --model models/heads2d --data mni152 robex --slab 8 \\
         --settings 50 25 10 25:0.5 25:1:1 [--samples 8] [--snr 30] [--output PATH]
 
-Each setting is ``[SAMPLER@]STEPS[:STRENGTH[:NORMAL[:PATCH]]]``: the sampler (``ddim``, the default, ``dpmsolver++``
-or ``unipc``, each with the data-consistency hook), its steps, the strength (1: from pure noise; below 1 from the noised
-condition, running that fraction of the steps), the RAS+ slice normal of a 2D model (default, or empty: the
-pipeline's) and the size of square in-slice patches (default: whole slices); e.g. ``unipc@10:1::64``.
+Each setting is ``[SAMPLER[,KEY=VALUE...]@]STEPS[:STRENGTH[:NORMAL[:PATCH]]]``: the sampler (``ddim``, the default,
+``dpmsolver++``, ``sde-dpmsolver++`` or ``unipc``, each with the data-consistency hook) with any entries of its
+diffusers config set over the model's (e.g. ``dpmsolver++,timestep_spacing=trailing@3``), its steps, the strength
+(1: from pure noise; below 1 from the noised condition, running that fraction of the steps), the RAS+ slice normal
+of a 2D model (default, or empty: the pipeline's) and the size of square in-slice patches (default: whole slices);
+e.g. ``unipc@10:1::64``.
 Each volume's held-out slab (the model card's), cut to a coronal slab ``--slab`` mm wide, is degraded with 4 mm
 Gaussian slices along RAS+ axis 2 and Rician noise at ``--snr``. Printed per setting, as means over the volumes:
 network calls per tile (denoising steps), PSNR/SSIM in the foreground, the gain over the best interpolation,
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 from pathlib import Path
 
@@ -38,8 +41,10 @@ def parse_setting(text: str) -> dict:
     """``"unipc@25:0.5:1"`` → ``{"scheduler": "unipc", "num_inference_steps": 25, "strength": 0.5,
     "slice_normal": 1}``."""
     sampler, _, text = text.rpartition("@")
+    sampler, *options = (sampler or "ddim").split(",")
     parts = text.split(":")
-    setting = {"scheduler": sampler or "ddim", "num_inference_steps": int(parts[0]),
+    setting = {"scheduler": sampler, "scheduler_options": dict(_option(o) for o in options),
+               "num_inference_steps": int(parts[0]),
                "strength": float(parts[1]) if len(parts) > 1 else 1.0}
     if len(parts) > 2 and parts[2]:
         setting["slice_normal"] = int(parts[2])
@@ -48,11 +53,20 @@ def parse_setting(text: str) -> dict:
     return setting
 
 
+def _option(text: str) -> tuple[str, object]:
+    """``"solver_order=3"`` → ``("solver_order", 3)``; a value that is not JSON stays a string."""
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def measure(pipe: LatentDiffusionSRPipeline, cases: list, setting: dict, samples: int) -> dict:
     """Mean figures over the cases for one setting."""
     setting = dict(setting)
     default = pipe.scheduler
-    pipe.scheduler = scheduler_from_name(setting.pop("scheduler"), default.config)
+    pipe.scheduler = scheduler_from_name(setting.pop("scheduler"), default.config, **setting.pop("scheduler_options"))
     try:
         rows = evaluate(pipe, cases, progress=False, num_samples=samples,
                         generator=[torch.Generator().manual_seed(k) for k in range(samples)], **setting)

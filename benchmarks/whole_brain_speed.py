@@ -119,7 +119,8 @@ def sample(args: argparse.Namespace, case, device: torch.device, dtype: torch.dt
     if profile:
         print(profile_one_call(pipe, case, args.batch_size), file=sys.stderr)
     setting = parse_setting(args.setting)
-    pipe.scheduler = scheduler_from_name(setting.pop("scheduler"), pipe.scheduler.config)
+    pipe.scheduler = scheduler_from_name(setting.pop("scheduler"), pipe.scheduler.config,
+                                         **setting.pop("scheduler_options"))
     if args.skip_background is not None:
         setting["skip_background"] = args.skip_background
     if device.type == "cuda":
@@ -167,12 +168,24 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of one call")
     parser.add_argument("--output", help="also write the table here (Markdown)")
+    parser.add_argument("--save-case", metavar="DIR",
+                        help="only write the case (hr.nii.gz, lr.nii.gz) to DIR, e.g. to time `gen-sr super-resolve "
+                             "--adapt` on the same LR, and stop")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.save_case:
+        from gen_sr.volume import save_volume
+
+        case = whole_brain_case(args.data, tuple(args.shape))
+        Path(args.save_case).mkdir(parents=True, exist_ok=True)
+        for name, volume in (("hr", case.hr), ("lr", case.lr)):
+            save_volume(volume, Path(args.save_case) / f"{name}.nii.gz", overwrite=True)
+        print(f"wrote {args.save_case}/hr.nii.gz {case.hr.shape} and lr.nii.gz {case.lr.shape}")
         return
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)

@@ -124,9 +124,11 @@ def _model_info(folder: Path) -> int:
     scheduler = folder / "scheduler" / "scheduler_config.json"
     sampler = "not recorded"
     if scheduler.is_file():
+        from gen_sr.schedulers import SCHEDULERS
+
         config = json.loads(scheduler.read_text())
-        variant = str(config.get("algorithm_type", ""))
-        sampler = config["_class_name"] + (f"({variant})" if variant.startswith("sde") else "")  # as pipe.sampler_name
+        ours = {cls.__name__: cls for cls in SCHEDULERS.values()}.get(config["_class_name"])
+        sampler = ours.from_config(config).sampler_name if ours else config["_class_name"]  # as pipe.sampler_name
     rows = [("model", str(folder)), *card.summary(), ("sampler", f"{sampler} (--scheduler to change it)"),
             ("autoencoder", describe_autoencoder(folder / "vae")),
             ("calibration", "\n".join(calibrations.describe()).replace("\n", "\n" + " " * 18)
@@ -237,10 +239,14 @@ def _load_pipeline(args: argparse.Namespace, folder: str | None = None):
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the model: {str(e).splitlines()[0]}", model) from e
     pipe.set_progress_bar_config(disable=not process_state().is_local_main_process)
+    spacing = getattr(args, "timestep_spacing", None)
     if getattr(args, "scheduler", None):
         from gen_sr.schedulers import scheduler_from_name
 
-        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config,
+                                             **({"timestep_spacing": spacing} if spacing else {}))
+    elif spacing:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=spacing)
     return pipe
 
 
@@ -456,7 +462,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except ValueError as e:  # a rule that cannot certify with these units
         raise InputError(str(e), args.model) from e
     cal = result.calibration
-    default = args.scheduler is None and settings == pipe.sampling_settings()  # the settings of a plain run
+    # the settings of a plain run
+    default = args.scheduler is None and args.timestep_spacing is None and settings == pipe.sampling_settings()
     pipe.calibrations = pipe.calibrations.with_record(cal, first=default)
     pipe.calibrations.save(args.model)
     kept = [r.sampling.describe() for r in pipe.calibrations if r is not cal and r.sampling is not None]
@@ -636,12 +643,15 @@ def _sizes(text: str) -> list[int]:
 def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
     p.add_argument(steps_flag, dest="sampling_steps", type=_positive_int, metavar="N",
-                   help="sampling steps (default: the model folder's: 5 for models/heads2d; 50 for a diffusion "
+                   help="sampling steps (default: the model folder's: 3 for models/heads2d; 50 for a diffusion "
                         "model whose card says nothing, 1 for a regression model)")
     p.add_argument("--scheduler", choices=("ddim", "dpmsolver++", "sde-dpmsolver++", "unipc"),
                    help="the sampler, each with the data-consistency hook (default: the model folder's; "
                         "models/heads2d: dpmsolver++; sde-dpmsolver++ adds fresh noise at each step); "
                         "`gen-sr info --model DIR` shows it")
+    p.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"),
+                   help="where the sampler's steps lie (diffusers' timestep_spacing; default: the model folder's: "
+                        "trailing for models/heads2d, whose first step then starts from pure noise at t = 999)")
     p.add_argument("--eta", type=_non_negative_float, default=0.0,
                    help="DDIM eta, >= 0 (default: 0, deterministic given the seed; the multistep solvers have none)")
     p.add_argument("--strength", type=_strength, default=1.0,

@@ -312,20 +312,46 @@ def test_the_sde_solver_draws_each_samples_noise_from_its_own_generator() -> Non
     assert np.array_equal(a.samples, b.samples)
     assert np.allclose(alone.samples[0], a.samples[1], atol=1e-5 * float(np.abs(a.samples).max()))
     assert max(a.metadata["relative_residual"]) <= 1e-4
-    assert a.metadata["scheduler"] == pipe.sampler_name == "DPMSolverDataConsistencyScheduler(sde-dpmsolver++)"
+    assert a.metadata["scheduler"] == pipe.sampler_name
+    assert pipe.sampler_name.startswith("DPMSolverDataConsistencyScheduler(sde-dpmsolver++")
     ode = scheduler_from_name("dpmsolver++", pipe.scheduler.config)  # the name resets the variant
     assert not ode.stochastic
     pipe.scheduler = ode
     c = pipe(_lr(), num_samples=2, generator=_gens(0, 1), **RUN)
     assert not np.allclose(c.samples, a.samples)
     made = pipe.sampling_settings(num_samples=2, num_inference_steps=RUN["num_inference_steps"])
-    assert made.scheduler == "DPMSolverDataConsistencyScheduler"
+    assert made.scheduler == ode.sampler_name and "sde" not in made.scheduler
     pipe.calibration = Calibration(scale=2.0, alpha=0.1, delta=0.1, method="crc", bound="", num_volumes=3,
                                    risk_hat=0.1, risk_upper=0.1, sampling=made)  # an ODE calibration
     pipe.scheduler = scheduler_from_name("sde-dpmsolver++", ode.config)
     with pytest.warns(CalibrationMismatchWarning, match=r"this run uses 2 samples x 3 "
-                                                        r"DPMSolverDataConsistencyScheduler\(sde-dpmsolver\+\+\)"):
+                                                        r"DPMSolverDataConsistencyScheduler\(sde-dpmsolver\+\+"):
         pipe(_lr(), num_samples=2, generator=_gens(0, 1), **RUN)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmsolver++", "sde-dpmsolver++", "unipc"])
+def test_the_timestep_spacing_is_part_of_the_sampler_a_calibration_records(name: str) -> None:
+    """``timestep_spacing="trailing"`` starts the first step at t = 999 (``"leading"`` later: t = 750 for 3 DPM-Solver++
+    steps): the samples differ, so the sampler's name says so and a calibration made with the other spacing warns."""
+    from gen_sr.pipelines.pipeline_latent_sr import CalibrationMismatchWarning
+    from gen_sr.risk import Calibration
+    from gen_sr.schedulers import scheduler_from_name
+
+    pipe = _pipe(2)
+    leading = scheduler_from_name(name, pipe.scheduler.config, timestep_spacing="leading")
+    trailing = scheduler_from_name(name, pipe.scheduler.config, timestep_spacing="trailing")
+    assert "trailing" not in leading.sampler_name and trailing.sampler_name.endswith("trailing)")
+    assert (name == "sde-dpmsolver++") == ("sde-dpmsolver++" in trailing.sampler_name)
+    trailing.set_timesteps(3)
+    assert int(trailing.timesteps[0]) == pipe.scheduler.config.num_train_timesteps - 1
+    pipe.scheduler = leading
+    made = pipe.sampling_settings(num_samples=2, num_inference_steps=RUN["num_inference_steps"])
+    pipe.calibration = Calibration(scale=2.0, alpha=0.1, delta=0.1, method="crc", bound="", num_volumes=3,
+                                   risk_hat=0.1, risk_upper=0.1, sampling=made)
+    pipe.scheduler = trailing
+    with pytest.warns(CalibrationMismatchWarning, match="trailing"):
+        out = pipe(_lr(), num_samples=2, generator=_gens(0, 1), **RUN)
+    assert out.metadata["scheduler"] == trailing.sampler_name
 
 
 def test_model_axis_mismatch_is_a_clear_error() -> None:
@@ -349,6 +375,11 @@ def test_cli_super_resolve(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "std.nii.gz").exists() and (tmp_path / "sr.json").exists()
     assert "relative residual" in capsys.readouterr().out
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err  # outputs exist now
+    spaced = [*args[:6], str(tmp_path / "trailing.nii.gz"), "--samples", "2", "--steps", "2", "--timestep-spacing",
+              "trailing", "--scheduler", "dpmsolver++"]
+    assert main(spaced) == 0
+    record = json.loads((tmp_path / "trailing.json").read_text())
+    assert record["scheduler"] == "DPMSolverDataConsistencyScheduler(trailing)"
     bad = ["super-resolve", "--model", str(tmp_path), "--input", str(lr_path), "--output", str(tmp_path / "o.nii")]
     assert main(bad) == 2 and "not a gen_sr model folder" in capsys.readouterr().err
 

@@ -27,7 +27,7 @@ SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
 model folder's config asks for the SDE one)."""
 
 
-def scheduler_from_name(name: str, config: Any) -> Any:
+def scheduler_from_name(name: str, config: Any, **overrides: Any) -> Any:
     """The sampler ``name`` (a key of :data:`SCHEDULERS`) with the rest of ``config`` (a model's scheduler config:
-    betas, prediction type, ...)."""
-    return SCHEDULERS[name].from_config(config, **SCHEDULER_OPTIONS.get(name, {}))
+    betas, prediction type, ...); ``overrides`` set further config entries (e.g. ``timestep_spacing="trailing"``)."""
+    return SCHEDULERS[name].from_config(config, **{**SCHEDULER_OPTIONS.get(name, {}), **overrides})

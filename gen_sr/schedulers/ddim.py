@@ -16,7 +16,7 @@ final step) is diffusers' own and the caller never touches alpha maths.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from diffusers import (
@@ -25,10 +25,20 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
-__all__ = ["DDIMDataConsistencyScheduler", "X0Hook"]
+__all__ = ["DDIMDataConsistencyScheduler", "X0Hook", "describe_sampler"]
 
 X0Hook = Callable[[torch.Tensor, int | torch.Tensor], torch.Tensor]
 """``x0_hook(x0_hat, timestep) -> x0'``: tensors of the shape of the sample, ``(B, C, H, W)`` or ``(B, C, D, H, W)``."""
+
+
+def describe_sampler(scheduler: Any, *variants: str) -> str:
+    """What run records and calibrations name a sampler by: its class name, with what changes the samples it draws in
+    brackets: ``variants`` (e.g. the SDE form) and a ``timestep_spacing`` other than ``"leading"`` (the spacing
+    decides where the first step starts: at 3 DPM-Solver++ steps ``"leading"`` starts at t = 750, ``"trailing"`` at
+    t = 999, the pure noise the sampler starts from)."""
+    spacing = scheduler.config.get("timestep_spacing", "leading")
+    parts = [*variants, *([spacing] if spacing != "leading" else [])]
+    return type(scheduler).__name__ + (f"({', '.join(parts)})" if parts else "")
 
 
 class DDIMDataConsistencyScheduler(DDIMScheduler):
@@ -53,6 +63,11 @@ class DDIMDataConsistencyScheduler(DDIMScheduler):
 
     # The KarrasDiffusionSchedulers names, DDIMScheduler included: from_config works both ways with all of them.
     _compatibles: ClassVar[list[str]] = list(DDIMScheduler._compatibles)
+
+    @property
+    def sampler_name(self) -> str:
+        """What a calibration records of this sampler (:func:`describe_sampler`)."""
+        return describe_sampler(self)
 
     def _alpha_beta_prod(self, timestep: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(abar_t, 1 - abar_t)`` as 0-d tensors, indexed exactly as ``DDIMScheduler.step`` does."""

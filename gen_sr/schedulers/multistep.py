@@ -23,7 +23,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from gen_sr.schedulers.ddim import X0Hook
+from gen_sr.schedulers.ddim import X0Hook, describe_sampler
 
 __all__ = ["DPMSolverDataConsistencyScheduler", "UniPCDataConsistencyScheduler"]
 
@@ -32,6 +32,11 @@ class _X0HookMixin:
     """Applies ``x0_hook`` to the solver's predicted clean sample inside one ``step`` call."""
 
     _hook: tuple[X0Hook, int | torch.Tensor] | None = None
+
+    @property
+    def sampler_name(self) -> str:
+        """What a calibration records of this sampler (:func:`~gen_sr.schedulers.ddim.describe_sampler`)."""
+        return describe_sampler(self)
 
     def _predicts_x0(self) -> bool:
         raise NotImplementedError
@@ -77,8 +82,9 @@ class DPMSolverDataConsistencyScheduler(_X0HookMixin, DPMSolverMultistepSchedule
 
     @property
     def sampler_name(self) -> str:
-        """What a calibration records of this sampler: the class name, and the SDE variant where it is one."""
-        return type(self).__name__ + (f"({self.config.algorithm_type})" if self.stochastic else "")
+        """What a calibration records of this sampler: :func:`~gen_sr.schedulers.ddim.describe_sampler`, with the
+        SDE variant where it is one."""
+        return describe_sampler(self, *([self.config.algorithm_type] if self.stochastic else []))
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None, variance_noise: torch.Tensor | None = None,
