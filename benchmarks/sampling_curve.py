@@ -38,8 +38,9 @@ BASELINE_NAMES = ("trilinear", "cubic", "sinc")
 
 
 def parse_setting(text: str) -> dict:
-    """``"unipc@25:0.5:1"`` → ``{"scheduler": "unipc", "num_inference_steps": 25, "strength": 0.5,
-    "slice_normal": 1}``."""
+    """``"unipc@25:0.5:1"`` → ``{"scheduler": "unipc", "scheduler_options": {}, "num_inference_steps": 25,
+    "strength": 0.5, "slice_normal": 1}``; ``"dpmsolver++,timestep_spacing=trailing@3"`` sets
+    ``"scheduler_options": {"timestep_spacing": "trailing"}``."""
     sampler, _, text = text.rpartition("@")
     sampler, *options = (sampler or "ddim").split(",")
     parts = text.split(":")
