@@ -160,6 +160,31 @@ def test_resume_matches_an_uninterrupted_run(autoencoder_run: Path, tmp_path: Pa
     assert data[0] == data[1] and len(data[0]) == 3  # the same batches, in the same order
 
 
+def test_unet_init_starts_the_diffusion_stage_from_a_saved_model(autoencoder_run: Path, tmp_path: Path,
+                                                                  capsys) -> None:
+    """``unet_init``: the UNet starts from a model folder's weights (a learning rate of 1e-12 leaves them as they
+    were), not from new ones; another architecture or a folder without a UNet is one clear line, nothing written."""
+    source = tmp_path / "source"
+    vae = f"--autoencoder_path={autoencoder_run / 'autoencoder' / 'model'}"
+    _run("diffusion", source, vae, "--diffusion_training.steps=2", "--diffusion_training.seed=1")  # other weights
+    frozen = ["--diffusion_training.steps=1", "--diffusion_training.learning_rate=1e-12", vae]
+    _run("diffusion", tmp_path / "init", f"--unet_init={source / 'diffusion' / 'model'}", *frozen)
+    _run("diffusion", tmp_path / "new", *frozen)
+    weights = "diffusion/model/unet/diffusion_pytorch_model.safetensors"
+    src, init, new = (load_file(tmp_path / run / weights) for run in ("source", "init", "new"))
+    for key in src:
+        torch.testing.assert_close(init[key], src[key], rtol=0, atol=1e-6)
+    assert any(not torch.allclose(new[key], src[key], atol=1e-3) for key in src)  # seed 0's weights are others
+    for init_from, message in ((source / "diffusion" / "model", "another architecture (channels differ"),
+                               (tmp_path / "nowhere", "holds no saved UNet")):
+        out = tmp_path / "refused"
+        code = train_diffusion.main(["--config", TINY, f"--output_dir={out}", vae, f"--unet_init={init_from}",
+                                     "--unet.channels=[8,8]"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_a_kill_during_checkpointing_leaves_the_previous_checkpoint_loadable(autoencoder_run: Path) -> None:
     out = autoencoder_run
     args = _script("diffusion", out, "--diffusion_training.steps=500", "--diffusion_training.checkpoint_every=1",

@@ -124,10 +124,14 @@ class ExperimentConfig:
             ``metrics.jsonl``, ``summary.json`` and the exported ``model/``.
         autoencoder_path: exported autoencoder for the diffusion stage; default
             ``<output_dir>/autoencoder/model``.
+        unet_init: a model folder (or its ``unet/``) whose UNet weights the diffusion stage starts from, instead
+            of new ones: to go on training a shipped model whose checkpoints are gone. Its architecture must be the
+            one ``unet`` describes. ``--resume`` takes precedence (a checkpoint holds the weights).
     """
 
     output_dir: str = "runs/experiment"
     autoencoder_path: str | None = None
+    unet_init: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)

@@ -4,7 +4,8 @@
         [--a.b=value ...] [--resume latest]
 
 Reads the ``data``, ``unet``, ``noise_schedule`` and ``diffusion_training`` sections; the autoencoder comes from
-``autoencoder_path`` (default ``<output_dir>/autoencoder/model``) and stays frozen. Keeps an EMA of the UNet weights,
+``autoencoder_path`` (default ``<output_dir>/autoencoder/model``) and stays frozen. The UNet starts new, or from the
+weights of ``unet_init`` (a model folder: to go on training a shipped model). Keeps an EMA of the UNet weights,
 validates and exports with them. Writes ``<output_dir>/diffusion/`` like the autoencoder stage; the exported
 ``model/`` is a pipeline folder: ``LatentDiffusionSRPipeline.from_pretrained(".../model")`` or
 ``gen-sr super-resolve --model .../model``.
@@ -13,6 +14,7 @@ validates and exports with them. Writes ``<output_dir>/diffusion/`` like the aut
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +55,10 @@ def load_autoencoder(cfg: ExperimentConfig) -> Autoencoder:
     return vae.eval().requires_grad_(False)
 
 
-def build_unet(cfg: ExperimentConfig, vae: Autoencoder) -> ConditionalUNetModel:
+def unet_kwargs(cfg: ExperimentConfig, vae: Autoencoder) -> dict[str, Any]:
+    """The :class:`ConditionalUNetModel` constructor arguments (its config) of the ``unet`` section over ``vae``."""
     u, latent = cfg.unet, vae.config.latent_channels
-    return ConditionalUNetModel(
+    return dict(
         spatial_dims=cfg.spatial_dims, latent_channels=latent,
         condition_channels=condition_channels(u.condition, 1, latent), channels=u.channels,
         attention_levels=u.attention_levels, num_res_blocks=u.num_res_blocks, num_head_channels=u.num_head_channels,
@@ -63,12 +66,39 @@ def build_unet(cfg: ExperimentConfig, vae: Autoencoder) -> ConditionalUNetModel:
     )
 
 
+def build_unet(cfg: ExperimentConfig, vae: Autoencoder) -> ConditionalUNetModel:
+    return ConditionalUNetModel(**unet_kwargs(cfg, vae))
+
+
+def check_unet_init(path: str | Path, expected: dict[str, Any]) -> Path:
+    """The folder of the UNet that ``unet_init`` names (a model folder's ``unet/``, or that folder itself), checked to
+    hold a saved UNet with the config ``expected`` (:func:`unet_kwargs`); read before anything is written.
+
+    Raises:
+        InputError: no saved UNet there, or one of another architecture.
+    """
+    folder = Path(path) / "unet" if (Path(path) / "unet").is_dir() else Path(path)
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (FileNotFoundError, ValueError):
+        raise InputError("holds no saved UNet (unet/config.json)", path, "give a model folder as unet_init") from None
+    expected = json.loads(json.dumps(expected))  # tuples as lists, as the saved config has them
+    differ = sorted(k for k, v in expected.items() if saved.get(k) != v)
+    if differ:
+        raise InputError(f"holds a UNet of another architecture ({', '.join(differ)} differ from the config's unet "
+                         "section)", path, "set the unet section to the saved one, or drop unet_init")
+    return folder
+
+
 def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     vae = load_autoencoder(cfg)
+    init = check_unet_init(cfg.unet_init, unet_kwargs(cfg, vae)) if cfg.unet_init else None
     volumes = load_training_volumes(cfg.data)
     run = start_run(cfg, "diffusion", cfg.diffusion_training)
     train_loader, val_loader = make_loaders(run, volumes)
     unet = build_unet(cfg, vae)
+    if init is not None:
+        unet.load_state_dict(ConditionalUNetModel.from_pretrained(init).state_dict())
     noise_scheduler = DDPMScheduler(**config_to_dict(cfg.noise_schedule), clip_sample=False)
     unet, ema = fit_denoiser(run, unet, vae, noise_scheduler, train_loader, val_loader, args.resume)
     export(run, unet, ema, vae, noise_scheduler, training_ranges(volumes, cfg.data.acquisition.axis))
