@@ -5,12 +5,13 @@ figure on Colin27.
     python benchmarks/sampling_curve.py --model models/heads2d --data mni152 robex --slab 8 \\
         --settings 50 25 10 25:0.5 25:1:1 [--samples 8] [--snr 30] [--output PATH]
 
-Each setting is ``[SAMPLER[,KEY=VALUE...]@]STEPS[:STRENGTH[:NORMAL[:PATCH]]]``: the sampler (``ddim``, the default,
+Each setting is ``[SAMPLER[,KEY=VALUE...]@]STEPS[:STRENGTH[:NORMAL[:PATCH]]][+FLAG...]``: the sampler (``ddim``, the default,
 ``dpmsolver++``, ``sde-dpmsolver++`` or ``unipc``, each with the data-consistency hook) with any entries of its
 diffusers config set over the model's (e.g. ``dpmsolver++,timestep_spacing=trailing@3``), its steps, the strength
 (1: from pure noise; below 1 from the noised condition, running that fraction of the steps), the RAS+ slice normal
 of a 2D model (default, or empty: the pipeline's) and the size of square in-slice patches (default: whole slices);
-e.g. ``unipc@10:1::64``.
+e.g. ``unipc@10:1::64``; each ``+FLAG`` sets a pipeline option on (``+share_first_call``) and a ``-FLAG`` off.
+Unless a setting says, the model folder's defaults hold (`gen-sr info --model DIR`).
 Each volume's held-out slab (the model card's), cut to a coronal slab ``--slab`` mm wide, is degraded with 4 mm
 Gaussian slices along RAS+ axis 2 and Rician noise at ``--snr``. Printed per setting, as means over the volumes:
 network calls per tile (denoising steps), PSNR/SSIM in the foreground, the gain over the best interpolation,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -40,9 +42,11 @@ BASELINE_NAMES = ("trilinear", "cubic", "sinc")
 def parse_setting(text: str) -> dict:
     """``"unipc@25:0.5:1"`` → ``{"scheduler": "unipc", "scheduler_options": {}, "num_inference_steps": 25,
     "strength": 0.5, "slice_normal": 1}``; ``"dpmsolver++,timestep_spacing=trailing@3"`` sets
-    ``"scheduler_options": {"timestep_spacing": "trailing"}``."""
+    ``"scheduler_options": {"timestep_spacing": "trailing"}``; ``"dpmsolver++@3+share_first_call"`` sets
+    ``"share_first_call": True``."""
     sampler, _, text = text.rpartition("@")
     sampler, *options = (sampler or "ddim").split(",")
+    text, *flags = re.split(r"(?=[+-][a-z_])", text)
     parts = text.split(":")
     setting = {"scheduler": sampler, "scheduler_options": dict(_option(o) for o in options),
                "num_inference_steps": int(parts[0]),
@@ -51,6 +55,7 @@ def parse_setting(text: str) -> dict:
         setting["slice_normal"] = int(parts[2])
     if len(parts) > 3:
         setting["patch_size"] = (int(parts[3]),) * 2
+    setting.update((flag[1:], flag[0] == "+") for flag in flags)
     return setting
 
 
@@ -78,6 +83,8 @@ def measure(pipe: LatentDiffusionSRPipeline, cases: list, setting: dict, samples
     best = [max((r for r in brain if r["volume"] == o["volume"] and r["method"] in BASELINE_NAMES),
                 key=lambda r: r["psnr"]) for o in ours]
     steps = max(1, round(setting["strength"] * setting["num_inference_steps"]))
+    if pipe.sampling_settings(**setting, num_samples=samples).share_first_call:
+        steps -= 1 - 1 / samples  # the first call is made once for all samples
     return {"calls": steps,
             "psnr": np.mean([o["psnr"] for o in ours]), "ssim": np.mean([o["ssim"] for o in ours]),
             "gain": np.mean([o["psnr"] - b["psnr"] for o, b in zip(ours, best, strict=True)]),
@@ -109,7 +116,7 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for text in args.settings:
         r = measure(pipe, cases, parse_setting(text), args.samples)
-        lines.append(f"| {text} | {r['calls']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['gain']:+.2f} dB | "
+        lines.append(f"| {text} | {r['calls']:g} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['gain']:+.2f} dB | "
                      f"{r['spearman']:.3f} | {r['cov2']:.3f} | {r['seconds']:.0f} |")
         print(lines[-1], flush=True)
     if args.output:

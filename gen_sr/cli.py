@@ -255,7 +255,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
     return {"num_inference_steps": args.sampling_steps, "eta": args.eta, "strength": args.strength,
             "num_samples": args.samples, "patch_size": args.patch_size, "skip_background": args.skip_background,
-            "guidance": args.guidance, "batch_size": args.batch_size,
+            "guidance": args.guidance, "batch_size": args.batch_size, "share_first_call": args.share_first_call,
             "generator": torch.Generator().manual_seed(args.seed)}
 
 
@@ -453,7 +453,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     details = {"data": list(args.data), "region": args.region, "slab_mm": args.slab, "operator": args.operator,
                "slice_thickness": args.slice_thickness, "profile": args.profile, "snr": args.snr,
                "samples": args.samples, "steps": _steps(args, pipe), "strength": args.strength,
-               "scheduler": pipe.sampler_name, "patch_size": args.patch_size,
+               "share_first_call": settings.share_first_call, "scheduler": pipe.sampler_name, "patch_size": args.patch_size,
                "guidance": args.guidance, "seed": args.seed,
                "mask": "foreground of the reference"}
     try:
@@ -657,6 +657,10 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
     p.add_argument("--strength", type=_strength, default=1.0,
                    help="start the reverse process from the LR condition noised this far up, in (0, 1], and run that "
                         "fraction of the steps (default: 1, from pure noise)")
+    p.add_argument("--share-first-call", action=argparse.BooleanOptionalAction, default=None,
+                   help="make the first network call (from pure noise) once for all samples, not once per sample: "
+                        "N samples of S steps then cost 1 + N (S - 1) calls instead of N S (default: the model "
+                        "folder's; on for models/heads2d; --no-share-first-call turns it off)")
     p.add_argument("--guidance", choices=("projection", "gradient", "none"), default="projection",
                    help="data consistency during sampling (default: projection); outputs are always projected")
     p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")

@@ -140,6 +140,8 @@ class ModelCard:
         holdout: the slabs training never saw, or ``None``.
         objective: ``"diffusion"``, or ``"regression"`` (the same UNet trained with L1, sampled in one step).
         num_inference_steps: the default number of sampling steps.
+        share_first_call: the default of the pipeline's ``share_first_call``: the first network call is made once
+            for all samples (its clean-sample prediction, from pure noise, stands in for every sample's).
         trained_on: the training volumes as the experiment named them (sample names such as ``mni152``, or
             files); empty when not recorded. Quality is measured on heads not in this list.
         adapted: the fine-tuning on one scan (``gen-sr fit``), or ``None`` for a model that was not adapted.
@@ -154,6 +156,7 @@ class ModelCard:
     holdout: Holdout | None = None
     objective: Literal["diffusion", "regression"] = "diffusion"
     num_inference_steps: int = DEFAULT_INFERENCE_STEPS
+    share_first_call: bool = False
     trained_on: list[str] = field(default_factory=list)
     adapted: Adaptation | None = None
 

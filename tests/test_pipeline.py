@@ -402,16 +402,22 @@ def test_two_processes_give_the_same_result_as_one(tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", ACCELERATE_USE_CPU="1")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(root / "configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(port)]
-    for name, prefix in (("one", [sys.executable]), ("two", launch)):
+    runs = [(f"{name}{tag}", prefix, flags) for name, prefix in (("one", [sys.executable]), ("two", launch))
+            for tag, flags in (("", []), ("_shared", ["--share-first-call"]))]  # each process makes the shared call
+    for name, prefix, flags in runs:
         cmd = [*prefix, "-m", "gen_sr.cli", "super-resolve", "--model", str(tmp_path / "model"), "--input",
                str(lr_path), "--output", str(tmp_path / f"{name}.nii.gz"), "--std",
-               str(tmp_path / f"{name}_std.nii.gz"), "--samples", "3", "--steps", "2", "--eta", "0.5"]
+               str(tmp_path / f"{name}_std.nii.gz"), "--samples", "3", "--steps", "2", "--eta", "0.5", *flags]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
         assert result.returncode == 0, result.stderr[-2000:]
     assert '"processes": 2' in (tmp_path / "two.json").read_text()
-    for suffix in ("", "_std"):
-        a, b = (load_volume(tmp_path / f"{n}{suffix}.nii.gz").data for n in ("one", "two"))
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+    assert '"share_first_call": true' in (tmp_path / "two_shared.json").read_text()
+    for tag in ("", "_shared"):
+        for suffix in ("", "_std"):
+            a, b = (load_volume(tmp_path / f"{n}{tag}{suffix}.nii.gz").data for n in ("one", "two"))
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+    shared, plain = (load_volume(tmp_path / f"one{tag}.nii.gz").data for tag in ("_shared", ""))
+    assert not np.allclose(shared, plain, rtol=1e-4, atol=1e-4 * float(np.abs(plain).max()))
 
 
 def test_pipe_to_float64_runs_in_float64() -> None:
@@ -510,3 +516,54 @@ def test_networks_in_bfloat16_keep_the_latents_in_float32_and_the_output_near_fl
     assert out.mean.dtype == np.float32 and max(out.metadata["relative_residual"]) <= 1e-4
     difference = np.abs(out.samples - reference.samples).max() / np.ptp(reference.samples)
     assert 0 < difference < 0.02  # bf16 rounding moves the samples, a little
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmsolver++", "unipc"])
+def test_a_shared_first_call_is_made_once_for_all_samples_from_sample_0s_start(name: str) -> None:
+    """With ``share_first_call`` the network sees the tiles of one sample at the first step and of every sample at
+    the others; sample 0 is then its unshared self (the shared call is made from its start), the others differ
+    from theirs but not from each other, and the run stays data-consistent."""
+    from gen_sr.schedulers import scheduler_from_name
+
+    pipe, lr = _pipe(2), _lr()
+    pipe.scheduler = scheduler_from_name(name, pipe.scheduler.config, timestep_spacing="trailing")
+    seen: list[int] = []
+    handle = pipe.unet.register_forward_hook(lambda _m, args, _out: seen.append(len(args[0])))
+    try:
+        plain = pipe(lr, num_samples=3, generator=_gens(4, 5, 6), share_first_call=False, **RUN)
+        per_sample_calls, seen[:] = sum(seen), []
+        shared = pipe(lr, num_samples=3, generator=_gens(4, 5, 6), share_first_call=True, **RUN)
+    finally:
+        handle.remove()
+    tiles = per_sample_calls // (3 * RUN["num_inference_steps"])  # tiles of one sample per step
+    assert sum(seen) == tiles + 3 * tiles * (RUN["num_inference_steps"] - 1)
+    assert (plain.metadata["share_first_call"], shared.metadata["share_first_call"]) == (False, True)
+    scale = float(np.abs(plain.samples).max())
+    np.testing.assert_allclose(shared.samples[0], plain.samples[0], atol=1e-5 * scale)
+    for k in (1, 2):
+        assert not np.allclose(shared.samples[k], plain.samples[k], atol=1e-3 * scale)
+    assert not np.allclose(shared.samples[1], shared.samples[2], atol=1e-3 * scale)
+    assert max(shared.metadata["relative_residual"]) <= 1e-4
+
+
+def test_the_model_cards_share_first_call_is_the_default_and_a_calibration_records_it() -> None:
+    """The model card says whether a plain call shares the first call; with one step there is nothing to share, and
+    a calibration made one way warns on runs made the other way."""
+    from gen_sr.pipelines.pipeline_latent_sr import CalibrationMismatchWarning
+    from gen_sr.risk import Calibration
+
+    pipe, lr = _pipe(2), _lr()
+    pipe.model_card = dataclasses.replace(pipe.model_card, share_first_call=True, num_inference_steps=2)
+    made = pipe.sampling_settings(num_samples=2)
+    assert made.share_first_call and "first call shared" in made.describe()
+    assert not pipe.sampling_settings(num_samples=2, share_first_call=False).share_first_call
+    assert not pipe.sampling_settings(num_samples=2, num_inference_steps=1).share_first_call
+    assert not pipe.sampling_settings(num_samples=2, strength=0.5).share_first_call  # one step of two
+    one_step = pipe(lr, num_samples=2, generator=_gens(0, 1), num_inference_steps=1)
+    assert not one_step.metadata["share_first_call"] and not np.allclose(one_step.samples[0], one_step.samples[1])
+    pipe.calibration = Calibration(scale=2.0, alpha=0.1, delta=0.1, method="crc", bound="", num_volumes=3,
+                                   risk_hat=0.1, risk_upper=0.1, sampling=made)
+    out = pipe(lr, num_samples=2, generator=_gens(0, 1))
+    assert out.metadata["share_first_call"] and out.metadata["risk"]["calibrated"]
+    with pytest.warns(CalibrationMismatchWarning, match="this run uses 2 samples x 2 "):
+        pipe(lr, num_samples=2, generator=_gens(0, 1), share_first_call=False)

@@ -272,3 +272,24 @@ def test_a_noise_predicting_solver_refuses_the_hook() -> None:
     x = torch.zeros(1, 1, 4, 4)
     with pytest.raises(ValueError, match="data-prediction form"):
         scheduler.step(x, scheduler.timesteps[0], x, x0_hook=lambda x0, t: x0)
+
+
+@pytest.mark.parametrize("name", list(MULTISTEP))
+def test_multistep_predict_original_sample_is_the_x0_a_step_hands_its_hook_and_leaves_the_solver_as_it_was(
+        name: str) -> None:
+    """``predict_original_sample`` gives the clean-sample prediction the solver's own conversion makes at that
+    timestep (what a step hands ``x0_hook``), at any step of the run, without moving the solver's step counter."""
+    scheduler = SCHEDULERS[name](**_CFG)
+    scheduler.set_timesteps(4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    for t in scheduler.timesteps:
+        out = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        before = scheduler.step_index
+        predicted = scheduler.predict_original_sample(out, t, x)
+        assert scheduler.step_index == before
+        seen = []
+        x = scheduler.step(out, t, x, x0_hook=lambda x0, _t: seen.append(x0.clone()) or x0).prev_sample
+        torch.testing.assert_close(predicted, seen[0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        SCHEDULERS[name](**_CFG).predict_original_sample(out, 999, x)

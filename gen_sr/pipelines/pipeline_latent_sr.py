@@ -242,6 +242,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         eta: float = 0.0,
         strength: float = 1.0,
         num_samples: int = DEFAULT_NUM_SAMPLES,
+        share_first_call: bool | None = None,
         guidance: Literal["projection", "gradient", "none"] = "projection",
         guidance_scale: float = 1.0,
         guidance_interval: int = 5,
@@ -279,6 +280,16 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 the way up, and runs only the last ``round(strength * num_inference_steps)`` of the steps (diffusers'
                 img2img convention), since the LR already fixes the coarse image.
             num_samples: posterior samples ``N``; they are batch entries with one generator each.
+            share_first_call: make the first network call once for all samples instead of once per sample (default:
+                the model card's ``share_first_call``). From pure noise at the first timestep (t = 999 with trailing
+                spacing) the noisy latent holds almost no signal, so the network's clean-sample prediction there is
+                its estimate from the condition alone and nearly the same for every draw: it is computed from sample
+                0's starting noise and stands in for every sample's through the x0 hook, while each sample keeps its
+                own starting noise, which the solver carries on. ``N`` samples of ``S`` steps then cost
+                ``1 + N (S - 1)`` calls per tile instead of ``N S`` (``benchmarks/SAMPLING.md``). It applies where
+                all samples share one condition and at least two steps are run (with one, it is off); a sample
+                then depends on sample 0's seed, so sample ``k`` of a run differs slightly from the same seed run
+                alone (sample 0 does not).
             guidance: data consistency during sampling; ``guidance_scale`` is the gradient step size;
                 ``guidance_interval`` applies it every k-th step, counted back from the last one.
             generator: one generator, or one per sample (sample ``k`` then equals sample ``k`` run alone).
@@ -339,8 +350,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         work = torch.promote_types(dtype, torch.float32)  # physics, stitching and statistics in >= float32
         y = torch.from_numpy(norm(canon.data.astype(np.float32)))[None, None].to(device, work)
         sigma = noise_std / norm.scale
-        calibration = self.calibration_for(self.sampling_settings(
-            num_samples=num_samples, num_inference_steps=num_inference_steps, strength=strength), warn=True)
+        settings = self.sampling_settings(num_samples=num_samples, num_inference_steps=num_inference_steps,
+                                          strength=strength, share_first_call=share_first_call)
+        calibration = self.calibration_for(settings, warn=True)
         if calibration is not None and calibration.shape.noise_floor > 0 and noise_std == 0:
             warnings.warn("the calibrated interval has a noise term but noise_std is 0: the risk map leaves the "
                           "measurement noise out; pass the input's noise std (--noise-std)", stacklevel=3)
@@ -353,6 +365,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps[num_inference_steps - max(1, round(strength * num_inference_steps)):]
         guided = timesteps.flip(0)[::guidance_interval].tolist() if guidance != "none" else []
+        share = settings.share_first_call
         mode = self.model_card.unet_condition
         timings["prepare_s"] = time.perf_counter() - tic
 
@@ -385,11 +398,21 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in local]).to(
                         device, work)
 
-                if strength < 1:  # the encoded condition, noised to the first timestep (diffusers' img2img)
-                    start = for_samples(torch.cat([self.vae.encode_latent(c) for c in condition_tiles]).to(work))
-                    latents = self.scheduler.add_noise(start, noise(), timesteps[:1])
-                else:
-                    latents = noise() * self.scheduler.init_noise_sigma
+                # below strength 1: the encoded condition, noised to the first timestep (diffusers' img2img)
+                encoded = (torch.cat([self.vae.encode_latent(c) for c in condition_tiles]).to(work)
+                           if strength < 1 else None)
+
+                def start(draw: torch.Tensor, n: int = per_sample, encoded=encoded) -> torch.Tensor:
+                    """The first latents of ``n`` samples per condition, from their noise ``draw``."""
+                    if encoded is None:
+                        return draw * self.scheduler.init_noise_sigma
+                    return self.scheduler.add_noise(for_samples(encoded, n), draw, timesteps[:1])
+
+                latents = start(noise())
+                # the first call's input when the samples share it: sample 0's start, the same in every process
+                shared = share and per_sample == len(local)
+                first = start(torch.randn(shape, generator=torch.Generator().manual_seed(generators[0].initial_seed()),
+                                          dtype=torch.float32).to(device, work), 1) if shared else None
                 hook = self._hook(guidance, tiler, *hook_args)
                 step_kwargs = self._step_kwargs(eta, hook)
                 _add_time(timings, "prepare_s", tic)
@@ -398,14 +421,19 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 #    only the networks run in their own dtype)
                 tic = time.perf_counter()
                 for i, t in enumerate(self.progress_bar(timesteps)):
-                    model_input = self.scheduler.scale_model_input(latents, t)
-                    model_output = torch.cat([
-                        self.unet(z.to(dtype), t, c)
-                        for z, c in zip(model_input.split(batch_size), cond.split(batch_size), strict=True)
-                    ]).to(work)
-                    if "variance_noise" in step_kwargs:
-                        step_kwargs["variance_noise"] = noise()
-                    latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+                    kwargs = step_kwargs
+                    if i == 0 and first is not None:  # one call for all samples: its x0 stands in for each one's
+                        out = self._denoise(self.scheduler.scale_model_input(first, t), t, cond[:len(first)],
+                                            batch_size).to(work)
+                        kwargs = {**step_kwargs, "x0_hook": SharedPrediction(
+                            for_samples(self.scheduler.predict_original_sample(out, t, first)), hook)}
+                        model_output = for_samples(out)
+                    else:
+                        model_input = self.scheduler.scale_model_input(latents, t)
+                        model_output = self._denoise(model_input, t, cond, batch_size).to(work)
+                    if "variance_noise" in kwargs:
+                        kwargs["variance_noise"] = noise()
+                    latents = self.scheduler.step(model_output, t, latents, **kwargs).prev_sample
                     if callback_on_step_end is not None:
                         latents = callback_on_step_end(self, i, int(t), {"latents": latents}).get("latents", latents)
                 _add_time(timings, "denoise_s", tic)
@@ -444,6 +472,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "strength": strength,
             "denoising_steps": len(timesteps),
             "num_samples": num_samples,
+            "share_first_call": share,
             "guidance": guidance,
             "guidance_scale": guidance_scale,
             "guided_timesteps": guided,
@@ -470,12 +499,20 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------- helpers
     def sampling_settings(self, *, num_samples: int = DEFAULT_NUM_SAMPLES, num_inference_steps: int | None = None,
-                          strength: float = 1.0, **_: Any) -> SamplingSettings:
+                          strength: float = 1.0, share_first_call: bool | None = None, **_: Any) -> SamplingSettings:
         """The sampler settings of a call with these arguments (the others, e.g. ``generator``, are ignored): what a
-        calibration records and a run is checked against."""
-        return SamplingSettings(self.sampler_name,
-                                int(num_inference_steps or self.model_card.num_inference_steps), int(num_samples),
-                                float(strength))
+        calibration records and a run is checked against. ``share_first_call`` is what the run does: the model
+        card's default where not given, and off where fewer than two steps are run."""
+        steps = int(num_inference_steps or self.model_card.num_inference_steps)
+        share = self.model_card.share_first_call if share_first_call is None else share_first_call
+        return SamplingSettings(self.sampler_name, steps, int(num_samples), float(strength),
+                                bool(share) and max(1, round(strength * steps)) >= 2)
+
+    def _denoise(self, model_input: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The network's output on ``model_input`` ``(B, C, *latent)`` with its conditions ``cond``, in batches of
+        ``batch_size``."""
+        return torch.cat([self.unet(z.to(self.unet.dtype), t, c)
+                          for z, c in zip(model_input.split(batch_size), cond.split(batch_size), strict=True)])
 
     def output_grid(self, lr: LRInput, *, affine: np.ndarray | None = None, lr_spacing: Sequence[float] | None = None,
                     target_spacing: Sequence[float] | None = None, operator: AcquisitionOperator | None = None,
@@ -715,6 +752,18 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'np', 'pt' or 'nifti', not {output_type!r}")
         mean_out, std_out, risk_out, dc_out = arrays
         return mean_out, stacked, std_out, risk_out, dc_out, affine
+
+
+@dataclass
+class SharedPrediction:
+    """An x0 hook that replaces each sample's clean-sample prediction by one made for all of them, ``x0``
+    ``(B, C, *latent)``, and then applies the data-consistency hook ``then`` (if any) to it."""
+
+    x0: torch.Tensor
+    then: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
+
+    def __call__(self, x0_hat: torch.Tensor, timestep: Any) -> torch.Tensor:
+        return self.x0 if self.then is None else self.then(self.x0, timestep)
 
 
 def _check_settings(*, eta: float, noise_std: float, num_samples: int, batch_size: int, guidance: str,

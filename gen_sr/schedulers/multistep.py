@@ -32,6 +32,9 @@ class _X0HookMixin:
     """Applies ``x0_hook`` to the solver's predicted clean sample inside one ``step`` call."""
 
     _hook: tuple[X0Hook, int | torch.Tensor] | None = None
+    _step_index: int | None
+    timesteps: torch.Tensor | None
+    num_inference_steps: int | None
 
     @property
     def sampler_name(self) -> str:
@@ -51,6 +54,22 @@ class _X0HookMixin:
             return step(model_output, timestep, sample, **kwargs)
         finally:
             self._hook = None
+
+    def predict_original_sample(self, model_output: torch.Tensor, timestep: int | torch.Tensor,
+                                sample: torch.Tensor) -> torch.Tensor:
+        """The solver's clean-sample prediction ``x0_hat`` from ``model_output`` at ``timestep`` (diffusers'
+        ``convert_model_output``, hook-free), without advancing the solver: its step counter is left as it was.
+
+        Shapes: ``model_output`` and ``sample`` ``(B, C, H, W)`` or ``(B, C, D, H, W)``; the result the same.
+        """
+        if self.timesteps is None or self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', run 'set_timesteps' first")
+        saved = self._step_index
+        self._step_index = self.index_for_timestep(timestep)  # type: ignore[attr-defined]
+        try:
+            return super().convert_model_output(model_output, sample=sample)  # type: ignore[misc]
+        finally:
+            self._step_index = saved
 
     def convert_model_output(self, model_output: torch.Tensor, *args: Any, sample: torch.Tensor | None = None,
                              **kwargs: Any) -> torch.Tensor:
