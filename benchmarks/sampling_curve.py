@@ -5,9 +5,9 @@ figure on Colin27.
     python benchmarks/sampling_curve.py --model models/heads2d --data mni152 robex --slab 8 \\
         --settings 50 25 10 25:0.5 25:1:1 [--samples 8] [--snr 30] [--output PATH]
 
-Each setting is ``[SAMPLER[,KEY=VALUE...]@]STEPS[:STRENGTH[:NORMAL[:PATCH]]][+FLAG...]``: the sampler (``ddim``, the default,
-``dpmsolver++``, ``sde-dpmsolver++`` or ``unipc``, each with the data-consistency hook) with any entries of its
-diffusers config set over the model's (e.g. ``dpmsolver++,timestep_spacing=trailing@3``), its steps, the strength
+Each setting is ``[SAMPLER[,KEY=VALUE...]@]STEPS[:STRENGTH[:NORMAL[:PATCH]]][+FLAG...]``: the sampler (``ddim``,
+the default, ``dpmsolver++``, ``sde-dpmsolver++`` or ``unipc``, each with the data-consistency hook) with any entries
+of its diffusers config set over the model's (e.g. ``dpmsolver++,timestep_spacing=trailing@3``), its steps, the strength
 (1: from pure noise; below 1 from the noised condition, running that fraction of the steps), the RAS+ slice normal
 of a 2D model (default, or empty: the pipeline's) and the size of square in-slice patches (default: whole slices);
 e.g. ``unipc@10:1::64``; each ``+FLAG`` sets a pipeline option on (``+share_first_call``) and a ``-FLAG`` off.

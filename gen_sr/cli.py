@@ -453,8 +453,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     details = {"data": list(args.data), "region": args.region, "slab_mm": args.slab, "operator": args.operator,
                "slice_thickness": args.slice_thickness, "profile": args.profile, "snr": args.snr,
                "samples": args.samples, "steps": _steps(args, pipe), "strength": args.strength,
-               "share_first_call": settings.share_first_call, "scheduler": pipe.sampler_name, "patch_size": args.patch_size,
-               "guidance": args.guidance, "seed": args.seed,
+               "share_first_call": settings.share_first_call, "scheduler": pipe.sampler_name,
+               "patch_size": args.patch_size, "guidance": args.guidance, "seed": args.seed,
                "mask": "foreground of the reference"}
     try:
         result = calibrate(pipe, cases, alpha=args.alpha, delta=args.delta, method=args.method, blocks=args.blocks,

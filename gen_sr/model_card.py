@@ -241,7 +241,8 @@ class ModelCard:
                       "volumes)"),
                 ("condition", f"{self.condition} interpolation of the LR" if self.condition != "pinv"
                  else "pseudo-inverse of the LR"),
-                ("objective", f"{self.objective}, {self.num_inference_steps} sampling step(s) by default"),
+                ("objective", f"{self.objective}, {self.num_inference_steps} sampling step(s) by default"
+                              + (", the first network call shared by all samples" if self.share_first_call else "")),
                 ("held out", "not recorded" if self.holdout is None else
                  f"the last {self.holdout.fraction:.0%} along RAS+ axis {self.holdout.axis}"
                  + (f", and {self.holdout.calibration_fraction:.0%} before it for calibration"

@@ -205,9 +205,11 @@ def test_info_shows_what_a_model_was_trained_for(capsys, tmp_path: Path) -> None
     code, out, _ = _run(capsys, "info", "--model", Path(__file__).parents[1] / "models" / "heads2d")
     assert code == 0
     for fragment in ("super-resolves:   any RAS+ axis", "slice thickness:  2-8 mm", "in-plane spacing: 0.7-1.5 mm",
-                     "held out:         the last 20%", "objective:        diffusion, 3 sampling step(s) by default",
+                     "held out:         the last 20%",
+                     "objective:        diffusion, 3 sampling step(s) by default, the first network call shared by all"
+                     " samples",
                      "sampler:          DPMSolverDataConsistencyScheduler(trailing)",
-                     "made with 8 samples x 3 DPMSolverDataConsistencyScheduler(trailing) steps",
+                     "made with 8 samples x 3 DPMSolverDataConsistencyScheduler(trailing) steps, first call shared",
                      "calibration:      mean ± ", "autoencoder:      the Haar wavelet transform, 1 level(s)"):
         assert fragment in out
     code, _, err = _run(capsys, "info", "--model", tmp_path)

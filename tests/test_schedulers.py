@@ -288,8 +288,13 @@ def test_multistep_predict_original_sample_is_the_x0_a_step_hands_its_hook_and_l
         before = scheduler.step_index
         predicted = scheduler.predict_original_sample(out, t, x)
         assert scheduler.step_index == before
-        seen = []
-        x = scheduler.step(out, t, x, x0_hook=lambda x0, _t: seen.append(x0.clone()) or x0).prev_sample
+        seen: list[torch.Tensor] = []
+
+        def hook(x0: torch.Tensor, _t, seen=seen) -> torch.Tensor:
+            seen.append(x0.clone())
+            return x0
+
+        x = scheduler.step(out, t, x, x0_hook=hook).prev_sample
         torch.testing.assert_close(predicted, seen[0], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="set_timesteps"):
         SCHEDULERS[name](**_CFG).predict_original_sample(out, 999, x)
