@@ -10,7 +10,8 @@ Gaussian slices along RAS+ axis 2 (the LR is 156 x 192 x 40 for the default shap
 subprocess (several ``--model`` run one after the other, for side-by-side figures from one run), so that
 its peak memory is its own: peak RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
 
-Settings are ``[SAMPLER@]STEPS[:STRENGTH[:NORMAL[:PATCH]]]`` as in ``sampling_curve.py``, where their quality is
+Settings are ``[SAMPLER@]STEPS[:STRENGTH[:NORMAL[:PATCH]]][+FLAG|-FLAG...]`` as in ``sampling_curve.py`` (e.g.
+``dpmsolver++@3-share_first_call``: the first network call made per sample), where their quality is
 measured on validation data; the PSNR printed here (in the brain, against the cubic B-spline) is a check that the
 run is sane, not a figure to choose settings by.
 
