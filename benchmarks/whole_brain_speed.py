@@ -2,7 +2,7 @@
 
     python benchmarks/whole_brain_speed.py [--model models/heads2d [models/heads2d_fast ...]] [--data colin27] \\
         [--shape 156 192 160] [--samples 1 4 8] [--settings 25 5 dpmsolver++@3] [--device auto] [--dtype auto] \\
-        [--profile]
+        [--batch-size 8] [--unet-layout pipeline|contiguous] [--profile]
 
 The head (``--data``: a sample-data name or a NIfTI file; default the held-out head, which is only timed here, not
 tuned on) is brought to RAS+, cut to ``--shape`` voxels around the centre of its foreground, and degraded with 4 mm
@@ -19,7 +19,8 @@ On a GPU the same command runs as it is: ``--device auto`` takes CUDA where ther
 (float32 on a CPU, where bf16 autocast is 14-100x slower) and attention is torch SDPA (the pipeline's default). With
 ``--dtype`` other than float32, each row also gives the PSNR of its mean against the float32 mean of the same seeds
 (``vs float32``): how far the lower precision moves the output. ``--profile`` prints torch.profiler's top operators
-for one network call on the pipeline's batch of tiles.
+for one network call on the pipeline's batch of tiles. ``--batch-size 16 --unet-layout contiguous`` times the pipeline
+as it ran before 2026-12-06 (16 tiles per call, the UNet's weights in the default layout), for side-by-side figures.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def sample(args: argparse.Namespace, case, device: torch.device, dtype: torch.dt
     from gen_sr.schedulers import scheduler_from_name
 
     pipe = load_pipeline(args.model[0], device, dtype)  # a worker runs one model
+    if args.unet_layout == "contiguous":  # the default layout, for a side-by-side with the pipeline's channels-last
+        pipe.unet.to(memory_format=torch.contiguous_format)
     if profile:
         print(profile_one_call(pipe, case, args.batch_size), file=sys.stderr)
     setting = parse_setting(args.setting)
@@ -164,7 +167,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--settings", nargs="+", default=["5"])
     parser.add_argument("--skip-background", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--unet-layout", default="pipeline", choices=["pipeline", "contiguous"],
+                        help="the UNet's memory layout: the pipeline's (channels-last for a 2D model) or contiguous")
     parser.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of one call")
@@ -193,7 +198,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}): {name}, {os.cpu_count()} cores, torch "
              f"{torch.__version__}, {dtype}; {args.data} cut to {' x '.join(map(str, args.shape))} at 1 mm, 4 mm "
-             f"Gaussian slices along RAS+ axis 2, projection guidance, batch {args.batch_size}"
+             f"Gaussian slices along RAS+ axis 2, projection guidance, batch {args.batch_size}, "
+             f"UNet layout: {args.unet_layout}"
              + (f", background tiles skipped below {args.skip_background}" if args.skip_background is not None else "")
              + ".\n",
              "| model | setting | N | seconds | denoise | decode | prepare + stitch | peak memory (MiB) | "
@@ -203,7 +209,7 @@ def main() -> None:
     profiled = set()  # one profile per model is enough
     for model, setting, n in itertools.product(args.model, args.settings, args.samples):
         cmd = [sys.executable, __file__, "--worker", "--model", model, "--setting", setting, "--n", str(n)]
-        for flag in ("data", "batch_size", "device", "dtype", "skip_background"):
+        for flag in ("data", "batch_size", "unet_layout", "device", "dtype", "skip_background"):
             if getattr(args, flag) is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         cmd += ["--shape", *map(str, args.shape)] + (["--profile"] if args.profile and model not in profiled else [])

@@ -39,7 +39,7 @@ cost grows with the voxels, so that the demo stays under 5 minutes on the 2-core
 
 
 def run_demo(output_dir: Path, overwrite: bool = False, model: Path = DEFAULT_MODEL, num_samples: int = 8,
-             num_inference_steps: int | None = None, batch_size: int = 64, slab_mm: float = SLAB_MM) -> dict[str, Any]:
+             num_inference_steps: int | None = None, batch_size: int = 8, slab_mm: float = SLAB_MM) -> dict[str, Any]:
     """Run the demo, writing into ``output_dir``; returns the audit's JSON payload (figures included)."""
     from gen_sr.pipelines import LatentDiffusionSRPipeline
 

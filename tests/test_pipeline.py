@@ -69,6 +69,19 @@ def test_same_seed_same_output_and_samples_are_independent(spatial_dims: int) ->
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_batch_size_is_a_memory_knob_only(spatial_dims: int) -> None:
+    """Tiles per network call change the memory and the speed; the output only by float32 rounding (kernels differ
+    with the batch shape). The 2D UNet runs channels-last."""
+    pipe, lr = _pipe(spatial_dims), _lr()
+    run = {k: v for k, v in RUN.items() if k != "batch_size"}
+    outs = [pipe(lr, num_samples=2, generator=_gens(5, 6), batch_size=b, **run) for b in (1, 3, 64)]
+    for out in outs[1:]:
+        np.testing.assert_allclose(out.samples, outs[0].samples, rtol=1e-5, atol=1e-3)
+    weight = next(p for p in pipe.unet.parameters() if p.ndim == spatial_dims + 2 and p.shape[1] > 1)
+    assert weight.is_contiguous() == (spatial_dims == 3)  # 2D: channels-last, so not in the default layout
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("guidance", ["projection", "gradient"])
 def test_guided_outputs_match_noise_free_data(spatial_dims: int, guidance: str) -> None:
     out = _pipe(spatial_dims)(_lr(), num_samples=2, generator=_gens(0, 1), guidance=guidance, **RUN)

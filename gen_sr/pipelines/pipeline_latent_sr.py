@@ -124,6 +124,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             model_card, "model_index.json: model_card")
         for model in (vae, unet):  # torch SDPA by default, whatever the training config said
             set_sdpa_attention(model, True)
+        if unet.config.spatial_dims == 2:  # faster convolutions on the 2-core CPU (benchmarks/RESULTS.md, "Speed")
+            unet.to(memory_format=torch.channels_last)
         self.calibrations = Calibrations()  # from the model folder's calibration.json: one per sampler setting
         self._thickness_estimates: dict[tuple, float] = {}  # slice_profile="auto", per input
 
@@ -247,7 +249,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         guidance_scale: float = 1.0,
         guidance_interval: int = 5,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        batch_size: int = 16,
+        batch_size: int = 8,
         slice_normal: int | Sequence[int] | None = None,
         patch_size: Sequence[int] | None = None,
         patch_overlap: float = 0.25,
@@ -293,7 +295,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             guidance: data consistency during sampling; ``guidance_scale`` is the gradient step size;
                 ``guidance_interval`` applies it every k-th step, counted back from the last one.
             generator: one generator, or one per sample (sample ``k`` then equals sample ``k`` run alone).
-            batch_size: tiles per network call: the memory knob.
+            batch_size: tiles per network call: the memory knob; it changes the output only by float32 rounding.
+                The default 8 is the fastest measured on the 2-core CPU (one call on whole sagittal slices: 0.92x the
+                time of 16, 0.82x with the UNet channels-last; a whole brain 0.93x; ``benchmarks/RESULTS.md``); a GPU
+                takes more.
             slice_normal: 2D models: the RAS+ axis that slices are taken across. Default: of the two axes that are
                 not super-resolved, the one along which the volume is shortest, so that each slice is as wide as
                 possible and the network sees the most context (on 8 mm slabs of the training heads' held-out
