@@ -2,7 +2,7 @@
 real head that no model was trained on (Colin27 by default).
 
     python benchmarks/adaptation_benchmark.py --model models/heads2d [--contrast t1|t2like] [--samples 4] \\
-        [--steps 10] [--adapt-steps 200] [--slab 8] [--output PATH]
+        [--steps 10] [--adapt-steps 200] [--target-noise none|estimate|true] [--slab 8] [--output PATH]
 
 ``--contrast t2like`` inverts the brain's intensities (as ``prior_benchmark.py`` does: CSF bright, white matter dark,
 skull removed), a contrast no training head has. The whole head (cropped to its bounding box) is degraded with 4 mm
@@ -82,6 +82,10 @@ def main() -> None:
                         help="t2like: the brain's intensities inverted, skull removed (a named head only)")
     parser.add_argument("--adapt-noise", choices=("estimate", "none"), default="none",
                         help="top the simulated slices' noise up to the scan's estimated noise, or add none")
+    parser.add_argument("--target-noise", choices=("estimate", "true", "none"), default="none",
+                        help="take the scan's noise in the pairs' truth as part of the diffusion noise, its std "
+                             "estimated from the scan or the one the simulation added (an oracle, to tell the method's "
+                             "effect from the estimate's), or take the truth as clean")
     parser.add_argument("--thickness", type=float, default=4.0)
     parser.add_argument("--slab", type=float, default=8.0, help="width of the measured coronal slab in mm")
     parser.add_argument("--samples", type=int, default=4)
@@ -118,23 +122,27 @@ def main() -> None:
         columns[f"pretrained, {label}"] = row(pipe, slab, slab_brain, sampling())
         with tempfile.TemporaryDirectory() as work:
             fit = fit_to_scan(pipe, full.lr, work_dir=work, config=config, sampling=sampling(),
-                              noise_std=None if args.adapt_noise == "estimate" else 0.0)
+                              noise_std=None if args.adapt_noise == "estimate" else 0.0,
+                              target_noise_std={"estimate": None, "true": full.noise_std,
+                                                "none": 0.0}[args.target_noise])
         adapted = fit.pipe
         adapted.set_progress_bar_config(disable=True)
         r = row(adapted, slab, slab_brain, sampling())
         record = adapted.model_card.adapted
         r |= {"adapt s": fit.timings["adapt_s"], "calibrate s": fit.timings["calibrate_s"],
               "λ̂ (per scan)": adapted.calibration.scale, "held-out in-plane loss before": record.heldout_loss[0],
-              "held-out in-plane loss after": record.heldout_loss[1]}
+              "held-out in-plane loss after": record.heldout_loss[1], "noise std in the truth": record.target_noise_std,
+              "first timestep trained": record.min_timestep}
         columns[f"adapted, {label}"] = r
         print(label, {k: round(v, 4) for k, v in r.items()}, flush=True)
     figures = [*FIGURES, "adapt s", "calibrate s", "λ̂ (per scan)", "held-out in-plane loss before",
-               "held-out in-plane loss after"]
+               "held-out in-plane loss after", "noise std in the truth", "first timestep trained"]
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): {head.source}, whole head "
              f"{head.shape} voxels for the adaptation, contrast {args.contrast}, {args.thickness:g} mm Gaussian "
              "slices along RAS+ axis 2; "
              f"measured on the central {args.slab:g} mm coronal slab, inside the brain; {args.samples} samples x "
-             f"{args.steps} steps; {args.adapt_steps} adaptation steps, noise top-up: {args.adapt_noise}.", ""]
+             f"{args.steps} steps; {args.adapt_steps} adaptation steps, noise top-up: {args.adapt_noise}, "
+             f"noise in the truth: {args.target_noise}.", ""]
     report("\n".join(lines) + "\n" + figures_table(columns, figures), args.output)
 
 

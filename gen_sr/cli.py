@@ -343,12 +343,15 @@ def _adaptation_config(args: argparse.Namespace):
     return dataclasses.replace(default, train=train, holdout_every=args.holdout_every)
 
 
-def _adaptation_noise(args: argparse.Namespace) -> float | None:
-    """The noise std the fine-tuning pairs are topped up to (``adapt``'s ``noise_std``) from ``--adapt-noise``."""
-    if args.adapt_noise == "given" and not args.noise_std:
-        raise InputError("--adapt-noise given needs the scan's noise std: pass --noise-std (or use --adapt-noise "
-                         "estimate)", args.input)
-    return {"none": 0.0, "given": args.noise_std, "estimate": None}[args.adapt_noise]
+def _adaptation_noise(args: argparse.Namespace, flag: str = "--adapt-noise") -> float | None:
+    """A noise std for ``adapt`` from ``flag``'s choice (``none``: 0, ``given``: ``--noise-std``, ``estimate``:
+    ``None``): ``--adapt-noise`` gives the std the simulated slices are topped up to (``noise_std``),
+    ``--adapt-target-noise`` the one their truth holds (``target_noise_std``)."""
+    choice = getattr(args, flag.removeprefix("--").replace("-", "_"))
+    if choice == "given" and not args.noise_std:
+        raise InputError(f"{flag} given needs the scan's noise std: pass --noise-std (or use {flag} estimate)",
+                         args.input)
+    return {"none": 0.0, "given": args.noise_std, "estimate": None}[choice]
 
 
 def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
@@ -356,12 +359,12 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
     printing what was done."""
     from gen_sr.training.adaptation import fit_to_scan
 
-    noise = _adaptation_noise(args)
+    noise, target_noise = _adaptation_noise(args), _adaptation_noise(args, "--adapt-target-noise")
     try:
         fit = fit_to_scan(pipe, lr, alpha=args.alpha, method=args.method, blocks=args.calibration_blocks,
                           sampling=_sampling_kwargs(args),
                           work_dir=work_dir, config=_adaptation_config(args), slice_profile=args.profile,
-                          slice_thickness=args.slice_thickness, noise_std=noise,
+                          slice_thickness=args.slice_thickness, noise_std=noise, target_noise_std=target_noise,
                           resume="latest" if args.resume else None)
     except ValueError as e:  # settings the adaptation cannot use, e.g. crops that do not fit the model
         raise InputError(f"cannot adapt: {e}", args.input) from e
@@ -369,7 +372,9 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
     if process_state().is_main_process:
         loss = record.heldout_loss
         print(f"adapted:  {record.steps} steps on the in-plane slices of {args.input} in {fit.timings['adapt_s']:.0f} s"
-              + (f"; held-out in-plane loss {loss[0]:.4f} -> {loss[1]:.4f}" if loss else ""))
+              + (f"; held-out in-plane loss {loss[0]:.4f} -> {loss[1]:.4f}" if loss else "")
+              + (f"; the slices' noise (std {record.target_noise_std:.4g}) taken as diffusion noise from timestep "
+                 f"{record.min_timestep} on" if record.target_noise_std else ""))
         print(f"calibrated on the scan: {cal.describe()}, from {cal.num_volumes} units ({len(record.held_out_slices)} "
               f"held-out slices x 2 directions x {args.calibration_blocks} blocks, {cal.method}) in "
               f"{fit.timings['calibrate_s']:.0f} s")
@@ -709,6 +714,10 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
                    help="add noise to the simulated slices of the fine-tuning pairs up to the scan's noise: none (the "
                         "default; it did not help on validation data), given (--noise-std) or estimate (from the "
                         "scan)")
+    p.add_argument("--adapt-target-noise", choices=("none", "given", "estimate"), default="none",
+                   help="the noise that the pairs' truth (the scan's own slices) holds, taken as part of the "
+                        "diffusion noise so that the model does not learn to draw it: none (taken as clean; the "
+                        "default), given (--noise-std) or estimate (from the scan)")
     p.add_argument(folder[0], dest="adapt_dir", metavar="DIR", help=folder[1])
     p.add_argument("--resume", action="store_true",
                    help="go on with an interrupted fine-tuning from its last checkpoint in that folder")

@@ -25,8 +25,10 @@ from gen_sr.training.adaptation import (
     fit_to_scan,
     held_out_slices,
     save_model,
+    scan_latent_noise_std,
     scan_slices,
 )
+from gen_sr.training.losses import noisy_target_share
 from gen_sr.volume import Volume
 
 
@@ -125,6 +127,28 @@ def test_adaptation_lowers_the_held_out_loss_and_its_folder_reloads_with_identic
     np.testing.assert_array_equal(a.risk, b.risk)
     with pytest.raises(InputError, match="exists already"):
         save_model(fit.pipe, tmp_path / "adapted")
+
+
+def test_a_noisy_scans_own_noise_is_taken_as_part_of_the_diffusion_noise(tmp_path: Path) -> None:
+    """The scan's slices hold white noise: its std is estimated, carried into the latent exactly (the orthonormal
+    Haar transform keeps it in every band), and the fine-tuning trains only where it is at most half the diffusion
+    noise; the card records it."""
+    pipe = tiny_pipeline()
+    _, lr = _scan()
+    sigma = 0.05
+    lr = lr.with_data(lr.data + sigma * np.random.default_rng(2).standard_normal(lr.shape).astype(np.float32))
+    norm = pipe.intensity_normalization(lr.data)
+    latent = scan_latent_noise_std(pipe, norm(lr.data), 2, sigma / norm.scale)
+    np.testing.assert_allclose(latent.numpy(), sigma / norm.scale, rtol=0.1)
+    adapted = adapt(pipe, lr, work_dir=tmp_path / "work", config=_config(steps=10), target_noise_std=None)
+    record = adapted.model_card.adapted
+    assert record.target_noise_estimated and record.target_noise_std == pytest.approx(sigma, rel=0.25)
+    share = noisy_target_share(pipe.scheduler, latent * record.target_noise_std / sigma,
+                               torch.tensor([record.min_timestep - 1, record.min_timestep]))
+    assert float(share[0].max()) > 0.5 >= float(share[1].max()) * 0.98
+    assert "taken as diffusion noise from timestep" in dict(adapted.model_card.summary())["adapted on"]
+    clean = adapt(pipe, lr, work_dir=tmp_path / "clean", config=_config(steps=10))  # the default takes it as clean
+    assert clean.model_card.adapted.target_noise_std == 0 and clean.model_card.adapted.min_timestep == 0
 
 
 def test_an_interrupted_adaptation_resumes_to_the_same_weights(tmp_path: Path) -> None:

@@ -16,6 +16,9 @@ from gen_sr.training.losses import (
     diffusion_loss,
     diffusion_target,
     kl_divergence,
+    noisy_target_min_timestep,
+    noisy_target_pair,
+    noisy_target_share,
 )
 from gen_sr.training.perceptual import perceptual_weights_status
 
@@ -270,3 +273,59 @@ def test_diffusion_loss() -> None:
         diffusion_loss(out, target[:2])
     with pytest.raises(ValueError, match="weights"):
         diffusion_loss(out, target, torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_noisy_target_pair_without_noise_is_the_clean_pair(prediction_type: str) -> None:
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type=prediction_type)
+    latents, noise, t = torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6), torch.tensor([0, 400, 999])
+    noisy, target = noisy_target_pair(scheduler, latents, noise, t, torch.zeros(4))
+    torch.testing.assert_close(noisy, scheduler.add_noise(latents, noise, t))
+    torch.testing.assert_close(target, diffusion_target(scheduler, latents, noise, t))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_noisy_targets_have_the_clean_targets_conditional_expectation(prediction_type: str) -> None:
+    """Gaussian clean latents x0 ~ N(0, v), seen only as z = x0 + s n: E[target | x_t] is linear in x_t, and its slope
+    from the noisy pairs must equal the clean pairs' (a least-squares fit over many draws), where taking z for x0
+    misses it by far (the test can fail)."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015,
+                              beta_end=0.0195, prediction_type=prediction_type)
+    gen = torch.Generator().manual_seed(0)
+    std = torch.tensor([0.1, 0.4, 0.8])  # per channel, as the Haar bands of a scan at SNR 30 (HH ~ 0.8)
+    n, v = 200_000, 0.25
+    t = torch.full((n,), 333)
+    assert float(noisy_target_share(scheduler, std, t[:1]).max()) == pytest.approx(0.337, abs=0.01)
+
+    def draw() -> torch.Tensor:
+        return torch.randn(n, 3, 1, 1, generator=gen, dtype=torch.float64)
+
+    def slope(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # per channel
+        x, y = x[:, :, 0, 0], y[:, :, 0, 0]
+        return (x * y).mean(0) / (x * x).mean(0)
+
+    x0 = v**0.5 * draw()
+    noise = draw()
+    clean = slope(scheduler.add_noise(x0, noise, t), diffusion_target(scheduler, x0, noise, t))
+    z = x0 + std.double().reshape(1, 3, 1, 1) * draw()
+    noisy, target = noisy_target_pair(scheduler, z, draw(), t, std)
+    torch.testing.assert_close(noisy.var(0).flatten(), scheduler.add_noise(x0, noise, t).var(0).flatten(), rtol=0.02,
+                               atol=0)  # x_t is distributed as the clean latents noised to t
+    torch.testing.assert_close(slope(noisy, target), clean, rtol=0, atol=0.01)
+    naive = slope(*[a.double() for a in (scheduler.add_noise(z, noise, t), diffusion_target(scheduler, z, noise, t))])
+    assert float((naive - clean).abs()[2]) > 0.05  # taking z for x0 learns a different denoiser in the noisy band
+
+
+def test_noisy_target_timesteps_keep_the_noise_below_the_diffusions() -> None:
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015,
+                              beta_end=0.0195, prediction_type="v_prediction")
+    std = torch.tensor([0.05, 0.8])
+    first = noisy_target_min_timestep(scheduler, std)
+    share = noisy_target_share(scheduler, std, torch.tensor([first - 1, first]))
+    assert float(share[0].max()) > 0.5 >= float(share[1].max())
+    assert noisy_target_min_timestep(scheduler, torch.zeros(2)) == 0
+    assert noisy_target_min_timestep(scheduler, std, max_share=0.25) > first
+    with pytest.raises(ValueError, match="every timestep"):
+        noisy_target_min_timestep(scheduler, torch.tensor([1e3]))
+    with pytest.raises(ValueError, match="exceeds the diffusion noise"):
+        noisy_target_pair(scheduler, torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), torch.tensor([0]), std)

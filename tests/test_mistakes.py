@@ -160,11 +160,12 @@ def test_inputs_outside_the_trained_regime_warn_in_one_line_each(capsys, tmp_pat
     assert code == 0 and len(lines) == 1 and lines[0].startswith("gen-sr: warning: outside the trained regime: ")
 
 
-def test_a_noise_top_up_without_the_noise_std_is_refused_before_fine_tuning(capsys, tmp_path: Path,
-                                                                            model_dir: Path, lr_file: Path) -> None:
+@pytest.mark.parametrize("flag", ["--adapt-noise", "--adapt-target-noise"])
+def test_a_given_noise_without_the_noise_std_is_refused_before_fine_tuning(capsys, tmp_path: Path, model_dir: Path,
+                                                                          lr_file: Path, flag: str) -> None:
     err = _mistake(capsys, "fit", "--model", model_dir, "--input", lr_file, "--output-model", tmp_path / "adapted",
-                   "--adapt-noise", "given", "--steps", "2")
-    assert "--adapt-noise given needs the scan's noise std" in err and str(lr_file) in err
+                   flag, "given", "--steps", "2")
+    assert f"{flag} given needs the scan's noise std" in err and str(lr_file) in err
     assert _files(tmp_path) == ["lr.nii.gz"]
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from diffusers import DDPMScheduler
 
 from gen_sr.contrast import ContrastRanges
@@ -50,12 +51,14 @@ from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.pipeline_latent_sr import LRInput
 from gen_sr.training.common import finish, make_loaders, start_run
 from gen_sr.training.experiment import ExperimentConfig, TrainConfig, UNetConfig
+from gen_sr.training.latents import latent_noise_std
+from gen_sr.training.losses import noisy_target_min_timestep
 from gen_sr.training.train_diffusion import fit_denoiser
 from gen_sr.training.validation import validate_diffusion
 from gen_sr.volume import Volume
 
 __all__ = ["AdaptationConfig", "ScanFit", "ScanSlices", "adapt", "adaptation_data", "fit_to_scan", "held_out_slices",
-           "save_model", "scan_slices"]
+           "save_model", "scan_latent_noise_std", "scan_slices"]
 
 STAGE = "adaptation"
 """The stage folder under ``work_dir``: ``checkpoints/``, ``logs/``, ``metrics.jsonl``, ``config.yaml``."""
@@ -157,6 +160,7 @@ def adapt(
     slice_profile: SliceProfile = "gaussian",
     slice_thickness: float | None = None,
     noise_std: float | None = 0.0,
+    target_noise_std: float | None = 0.0,
     resume: str | None = None,
     volume_index: int | None = None,
 ) -> LatentDiffusionSRPipeline:
@@ -170,6 +174,11 @@ def adapt(
         slice_profile, slice_thickness: the scan's slices, as for the pipeline call.
         noise_std: bring the simulated slices' noise up to this std per voxel, in the scan's units (0, the default:
             no top-up; ``None``: estimated from the scan).
+        target_noise_std: the std per voxel of the noise that the pairs' truth, the scan's own slices, holds, in the
+            scan's units (``None``: estimated from the scan; 0: taken as clean). The fine-tuning then treats it as
+            part of the diffusion noise and learns the clean image's expectation, not the noisy slices'
+            (:func:`gen_sr.training.losses.noisy_target_pair`); without it a diffusion model learns to draw the
+            scan's noise.
         resume: ``"latest"`` or a checkpoint folder, to go on with an interrupted adaptation.
         volume_index: which volume of a 4D series.
 
@@ -186,9 +195,14 @@ def adapt(
     if any(c % pipe.tile_multiple for c in cfg.crop_size):
         raise ValueError(f"crop_size {cfg.crop_size} must be multiples of the model's tile multiple "
                          f"{pipe.tile_multiple}")
-    estimated = noise_std is None
-    noise_std = estimate_noise_std(canon.data, slices.axis) if noise_std is None else float(noise_std)
+    estimated, target_estimated = noise_std is None, target_noise_std is None
+    scan_noise = estimate_noise_std(canon.data, slices.axis) if estimated or target_estimated else 0.0
+    noise_std = scan_noise if estimated else float(noise_std)  # type: ignore[arg-type]
+    target_noise_std = scan_noise if target_estimated else float(target_noise_std)  # type: ignore[arg-type]
     data_cfg, training_volume, held = adaptation_data(pipe, canon, slices, cfg, noise_std)
+    scale = pipe.intensity_normalization(canon.data).scale
+    latent_noise = (scan_latent_noise_std(pipe, training_volume.data, slices.axis, target_noise_std / scale,
+                                          cfg.train.seed) if target_noise_std > 0 else None)
     card = pipe.model_card
     experiment = ExperimentConfig(output_dir=str(work_dir), data=data_cfg, diffusion_training=cfg.train,
                                   unet=UNetConfig(condition=card.unet_condition, objective=card.objective))
@@ -201,7 +215,7 @@ def adapt(
                                     sampling_steps=cfg.train.val_sampling_steps, seed=cfg.train.seed,
                                     device=run.accelerator.device, objective=card.objective)
         run.metrics_path.write_text(json.dumps({"step": 0, **before}) + "\n")
-    unet, ema = fit_denoiser(run, unet, pipe.vae, noise_scheduler, train_loader, val_loader, resume)
+    unet, ema = fit_denoiser(run, unet, pipe.vae, noise_scheduler, train_loader, val_loader, resume, latent_noise)
     ema.copy_to(unet.parameters())
     unet.eval().requires_grad_(False)
     finish(run, unet)
@@ -210,12 +224,27 @@ def adapt(
                         profile=slices.profile,  # type: ignore[arg-type]
                         held_out_slices=held, steps=cfg.train.steps, batch_size=cfg.train.batch_size,
                         learning_rate=cfg.train.learning_rate, noise_std=noise_std, noise_estimated=estimated,
+                        target_noise_std=target_noise_std, target_noise_estimated=target_estimated,
+                        min_timestep=0 if latent_noise is None else noisy_target_min_timestep(noise_scheduler,
+                                                                                               latent_noise),
                         seconds=time.perf_counter() - tic,
                         **_logged_losses(run.metrics_path))
     adapted = LatentDiffusionSRPipeline(vae=pipe.vae, unet=unet, scheduler=copy.deepcopy(pipe.scheduler),
                                         model_card=dataclasses.replace(card, adapted=record))
     adapted.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return adapted.to(pipe.device)
+
+
+def scan_latent_noise_std(pipe: LatentDiffusionSRPipeline, data: np.ndarray, axis: int, noise_std: float,
+                          seed: int = 0) -> torch.Tensor:
+    """``(C,)``: the std per latent channel of white noise of ``noise_std`` per voxel (normalised units) on four
+    in-plane slices across RAS+ ``axis`` of the normalised scan ``data`` (:func:`~gen_sr.training.latents.
+    latent_noise_std`; exact for the Haar autoencoder)."""
+    f = pipe.tile_multiple
+    x = np.moveaxis(data, axis, 0)
+    x = x[np.linspace(0, len(x) - 1, 4).round().astype(int), : x.shape[1] // f * f, : x.shape[2] // f * f]
+    images = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None].to(pipe.device, pipe.vae.dtype)
+    return latent_noise_std(pipe.vae, images, noise_std, torch.Generator().manual_seed(seed)).cpu()
 
 
 def _logged_losses(metrics: Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from diffusers import SchedulerMixin
 
 from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition
 
-__all__ = ["ddim_sample", "encode_pair"]
+__all__ = ["ddim_sample", "encode_pair", "latent_noise_std"]
 
 
 @torch.no_grad()
@@ -27,6 +27,18 @@ def encode_pair(
     """
     z0 = vae.encode_latent(hr)
     return z0, latent_condition(lr, z0.shape[2:], vae=vae, mode=mode)
+
+
+@torch.no_grad()
+def latent_noise_std(vae: Autoencoder, images: torch.Tensor, noise_std: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(C,)``: the std, per latent channel, that white Gaussian noise of ``noise_std`` per voxel in the images takes
+    on in the latent: of ``encode_latent(x + noise_std · n) − encode_latent(x)`` over ``images`` ``(B, 1, *S)``. Exact
+    for a linear autoencoder (:class:`~gen_sr.models.HaarAutoencoder`, whatever the images), a first-order estimate
+    around these images for a learned one."""
+    noise = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
+    diff = vae.encode_latent(images + noise_std * noise) - vae.encode_latent(images)
+    return diff.transpose(0, 1).flatten(1).float().std(dim=1)
 
 
 @torch.no_grad()

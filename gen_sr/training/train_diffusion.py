@@ -42,7 +42,14 @@ from gen_sr.training.common import (
 from gen_sr.training.ema import create_ema, ema_weights
 from gen_sr.training.experiment import ExperimentConfig
 from gen_sr.training.latents import encode_pair
-from gen_sr.training.losses import diffusion_target, objective_loss, sampling_overrides, training_timesteps
+from gen_sr.training.losses import (
+    diffusion_target,
+    noisy_target_min_timestep,
+    noisy_target_pair,
+    objective_loss,
+    sampling_overrides,
+    training_timesteps,
+)
 from gen_sr.training.validation import validate_diffusion
 
 
@@ -107,10 +114,15 @@ def train(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
 
 def fit_denoiser(run: Run, unet: ConditionalUNetModel, vae: Autoencoder, noise_scheduler: Any,
                  train_loader: torch.utils.data.DataLoader, val_loader: torch.utils.data.DataLoader,
-                 resume: str | None = None) -> tuple[ConditionalUNetModel, Any]:
+                 resume: str | None = None,
+                 target_noise_std: torch.Tensor | None = None) -> tuple[ConditionalUNetModel, Any]:
     """Train ``unet`` (from its current weights: new, or a pretrained model's) on the pairs of ``train_loader``
     with the frozen ``vae``: the run's optimizer, schedule and EMA, under accelerate, checkpointed, resumable
     (``resume``: ``"latest"`` or a checkpoint folder), validated on ``val_loader`` with the EMA weights.
+
+    ``target_noise_std`` ``(C,)``: the std per latent channel of Gaussian noise that the HR targets hold
+    (:func:`gen_sr.training.latents.latent_noise_std`); training then takes it as part of the diffusion noise, only
+    at the timesteps where it is at most half of it (:func:`~gen_sr.training.losses.noisy_target_pair`).
 
     Returns:
         The unwrapped UNet (its last weights, not the EMA's) and the EMA (:func:`gen_sr.training.ema.ema_weights`).
@@ -127,13 +139,19 @@ def fit_denoiser(run: Run, unet: ConditionalUNetModel, vae: Autoencoder, noise_s
     ema.to(acc.device)  # load_state puts it on the CPU
     levels = run.cfg.unet.loss_levels
     channel_weights = None if levels is None else vae.band_loss_weights(levels).to(acc.device)
+    min_timestep = 0 if target_noise_std is None else noisy_target_min_timestep(noise_scheduler, target_noise_std)
 
     def train_step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
         z0, cond = encode_pair(vae, batch["hr"], batch["lr"], run.cfg.unet.condition)
         noise = torch.randn_like(z0)
-        t = training_timesteps(objective, noise_scheduler.config.num_train_timesteps, z0.shape[0], z0.device)
-        pred = unet(noise_scheduler.add_noise(z0, noise, t), t, cond)
-        loss = objective_loss(objective, pred, diffusion_target(noise_scheduler, z0, noise, t), channel_weights)
+        t = training_timesteps(objective, noise_scheduler.config.num_train_timesteps, z0.shape[0], z0.device,
+                               min_timestep=min_timestep)
+        if target_noise_std is None:
+            noisy, target = noise_scheduler.add_noise(z0, noise, t), diffusion_target(noise_scheduler, z0, noise, t)
+        else:
+            noisy, target = noisy_target_pair(noise_scheduler, z0, noise, t, target_noise_std)
+        pred = unet(noisy, t, cond)
+        loss = objective_loss(objective, pred, target, channel_weights)
         backward_and_step(run, loss, unet, optimizer, schedule)
         if acc.sync_gradients:
             ema.step(unet.parameters())
