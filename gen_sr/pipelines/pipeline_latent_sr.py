@@ -297,7 +297,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             generator: one generator, or one per sample (sample ``k`` then equals sample ``k`` run alone).
             batch_size: tiles per network call: the memory knob; it changes the output only by float32 rounding.
                 The default 8 is the fastest measured on the 2-core CPU (one call on whole sagittal slices: 0.92x the
-                time of 16, 0.82x with the UNet channels-last; a whole brain 0.93x; ``benchmarks/RESULTS.md``); a GPU
+                time of 16, 0.82x with the UNet channels-last; a whole brain 0.86x; ``benchmarks/RESULTS.md``); a GPU
                 takes more.
             slice_normal: 2D models: the RAS+ axis that slices are taken across. Default: of the two axes that are
                 not super-resolved, the one along which the volume is shortest, so that each slice is as wide as
