@@ -201,8 +201,9 @@ def adapt(
     target_noise_std = scan_noise if target_estimated else float(target_noise_std)  # type: ignore[arg-type]
     data_cfg, training_volume, held = adaptation_data(pipe, canon, slices, cfg, noise_std)
     scale = pipe.intensity_normalization(canon.data).scale
-    latent_noise = (scan_latent_noise_std(pipe, training_volume.data, slices.axis, target_noise_std / scale,
-                                          cfg.train.seed) if target_noise_std > 0 else None)
+    trained = np.take(training_volume.data, range(canon.shape[slices.axis] - len(held)), axis=slices.axis)
+    latent_noise = (scan_latent_noise_std(pipe, trained, slices.axis, target_noise_std / scale, cfg.train.seed)
+                    if target_noise_std > 0 else None)
     card = pipe.model_card
     experiment = ExperimentConfig(output_dir=str(work_dir), data=data_cfg, diffusion_training=cfg.train,
                                   unet=UNetConfig(condition=card.unet_condition, objective=card.objective))
@@ -238,8 +239,8 @@ def adapt(
 def scan_latent_noise_std(pipe: LatentDiffusionSRPipeline, data: np.ndarray, axis: int, noise_std: float,
                           seed: int = 0) -> torch.Tensor:
     """``(C,)``: the std per latent channel of white noise of ``noise_std`` per voxel (normalised units) on four
-    in-plane slices across RAS+ ``axis`` of the normalised scan ``data`` (:func:`~gen_sr.training.latents.
-    latent_noise_std`; exact for the Haar autoencoder)."""
+    in-plane slices across RAS+ ``axis`` of the normalised scan ``data`` (the adaptation gives its training slices
+    only; :func:`~gen_sr.training.latents.latent_noise_std`, exact for the Haar autoencoder)."""
     f = pipe.tile_multiple
     x = np.moveaxis(data, axis, 0)
     x = x[np.linspace(0, len(x) - 1, 4).round().astype(int), : x.shape[1] // f * f, : x.shape[2] // f * f]
