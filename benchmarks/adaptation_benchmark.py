@@ -108,7 +108,8 @@ def main() -> None:
     else:
         head, brain = held_out_head(args.brain, contrast=args.contrast, margin=4)
     default = AdaptationConfig()
-    config = dataclasses.replace(default, train=dataclasses.replace(default.train, steps=args.adapt_steps))
+    config = dataclasses.replace(default, train=dataclasses.replace(default.train, steps=max(1, args.adapt_steps)),
+                                 fine_tune=args.adapt_steps > 0)  # 0: the pretrained UNet, calibrated on the scan
 
     def sampling() -> dict:
         return {"num_samples": args.samples, "num_inference_steps": args.steps, "batch_size": 64,

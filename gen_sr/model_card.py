@@ -97,7 +97,8 @@ class Adaptation:
         axis, slice_thickness, slice_spacing, profile: its coarse axis and slices (``profile``: ``"gaussian"``,
             ``"rect"`` or the user-given samples across the slice).
         held_out_slices: in-plane slices kept out of the fine-tuning.
-        steps, batch_size, learning_rate: the fine-tuning.
+        steps, batch_size, learning_rate: the fine-tuning (``steps`` 0: none, the pretrained UNet calibrated on the
+            scan's held-out slices).
         noise_std: the scan's noise std per voxel (its units) that the simulated slices were brought up to;
             ``noise_estimated``: whether it was estimated from the scan (:func:`gen_sr.physics.estimate_noise_std`).
         target_noise_std: the noise std per voxel (its units) that the pairs' truth was taken to hold, as part of
@@ -260,9 +261,13 @@ class ModelCard:
             noise = ("" if not a.target_noise_std else f"; its slices' noise (std {a.target_noise_std:.4g}"
                      f"{', estimated' if a.target_noise_estimated else ''}) taken as diffusion noise from timestep "
                      f"{a.min_timestep} on")
-            rows.append(("adapted on", f"{a.source} ({a.steps} steps, {a.seconds:.0f} s, on its in-plane slices "
-                                       f"across RAS+ axis {a.axis}; {len(a.held_out_slices)} slices held out for "
-                                       f"its calibration{loss}{noise})"))
+            if a.steps == 0:
+                rows.append(("calibrated on", f"{a.source} without fine-tuning ({len(a.held_out_slices)} of its "
+                                              f"in-plane slices across RAS+ axis {a.axis})"))
+            else:
+                rows.append(("adapted on", f"{a.source} ({a.steps} steps, {a.seconds:.0f} s, on its in-plane slices "
+                                           f"across RAS+ axis {a.axis}; {len(a.held_out_slices)} slices held out for "
+                                           f"its calibration{loss}{noise})"))
         return rows
 
     def outside_training(self, lr_spacing: Sequence[float], slice_thickness: float, intensity_range: float,

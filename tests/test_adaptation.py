@@ -237,6 +237,28 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
     assert "Adaptation" in page and "held-out in-plane loss" in page
 
 
+def test_fit_without_fine_tuning_calibrates_the_pretrained_unet_on_the_scan(tmp_path: Path, capsys) -> None:
+    from gen_sr.cli import main
+    from gen_sr.volume import save_volume
+
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "model")
+    _, lr = _scan(shape=(24, 24, 30))
+    save_volume(lr, tmp_path / "lr.nii.gz")
+    code = main(["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"), "--output-model",
+                 str(tmp_path / "calibrated"), "--steps", "0", "--holdout-every", "2", "--samples", "2",
+                 "--sampling-steps", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and "not fine-tuned" in out and "calibrated on the scan" in out
+    loaded = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "calibrated")
+    for name, weight in pipe.unet.state_dict().items():
+        assert torch.equal(weight, loaded.unet.state_dict()[name]), name
+    record = loaded.model_card.adapted
+    assert record.steps == 0 and record.heldout_loss is None and record.held_out_slices == held_out_slices(10, 2)
+    assert loaded.calibration.details["per_scan"]
+    assert "without fine-tuning" in dict(loaded.model_card.summary())["calibrated on"]
+
+
 def test_fit_runs_on_two_processes_with_identical_weights(tmp_path: Path) -> None:
     """``accelerate launch`` with 2 gloo processes on the CPU: both ranks end with the same fine-tuned weights and
     the main process writes one loadable model folder."""

@@ -81,12 +81,16 @@ class AdaptationConfig:
             ``tile_multiple``. Smaller slices are zero-padded.
         holdout_every: every k-th in-plane slice, from the ``k // 2``-th on, is kept out of the fine-tuning.
         min_foreground: as :class:`gen_sr.data.DataConfig`'s.
+        fine_tune: ``False`` keeps the pretrained UNet as it is: the held-out slices are then only the per-scan
+            calibration's (``gen-sr fit --steps 0``). At SNR 30 the pretrained model's mean was better than the
+            fine-tuned one's on three validation subjects and on Colin27 (``benchmarks/ADAPTATION.md``).
     """
 
     train: TrainConfig = field(default_factory=_default_train)
     crop_size: tuple[int, int] = (64, 64)
     holdout_every: int = 5
     min_foreground: float = 0.2
+    fine_tune: bool = True
 
     def __post_init__(self) -> None:
         if self.holdout_every < 2:
@@ -185,7 +189,8 @@ def adapt(
         volume_index: which volume of a 4D series.
 
     Returns:
-        A pipeline with the fine-tuned (EMA) UNet, the same autoencoder and scheduler, and a model card whose
+        A pipeline with the fine-tuned (EMA) UNet (the pretrained one with ``config.fine_tune=False``), the same
+        autoencoder and scheduler, and a model card whose
         ``adapted`` record says what was done (save it with ``save_pretrained``). It has no calibration:
         :func:`gen_sr.eval.scan_calibration.calibrate_on_scan` makes the per-scan one.
     """
@@ -205,13 +210,39 @@ def adapt(
     scale = pipe.intensity_normalization(canon.data).scale
     trained = np.take(training_volume.data, range(canon.shape[slices.axis] - len(held)), axis=slices.axis)
     latent_noise = (scan_latent_noise_std(pipe, trained, slices.axis, target_noise_std / scale, cfg.train.seed)
-                    if target_noise_std > 0 else None)
+                    if cfg.fine_tune and target_noise_std > 0 else None)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    if cfg.fine_tune:
+        unet, losses = _fine_tune(pipe, cfg, work_dir, data_cfg, training_volume, noise_scheduler, latent_noise, resume)
+    else:  # the pretrained UNet as it is: the held-out slices are only the per-scan calibration's
+        unet, losses = copy.deepcopy(pipe.unet).eval().requires_grad_(False), {}
+        noise_std = target_noise_std = 0.0
+    record = Adaptation(source=str(canon.source or "<array>"), lr_shape=canon.shape, axis=slices.axis,
+                        slice_thickness=slices.thickness, slice_spacing=slices.spacing,
+                        profile=slices.profile,  # type: ignore[arg-type]
+                        held_out_slices=held, steps=cfg.train.steps if cfg.fine_tune else 0,
+                        batch_size=cfg.train.batch_size,
+                        learning_rate=cfg.train.learning_rate, noise_std=noise_std, noise_estimated=estimated,
+                        target_noise_std=target_noise_std, target_noise_estimated=target_estimated,
+                        min_timestep=0 if latent_noise is None else noisy_target_min_timestep(noise_scheduler,
+                                                                                               latent_noise),
+                        seconds=time.perf_counter() - tic, **losses)
+    adapted = LatentDiffusionSRPipeline(vae=pipe.vae, unet=unet, scheduler=copy.deepcopy(pipe.scheduler),
+                                        model_card=dataclasses.replace(pipe.model_card, adapted=record))
+    adapted.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return adapted.to(pipe.device)
+
+
+def _fine_tune(pipe: LatentDiffusionSRPipeline, cfg: AdaptationConfig, work_dir: str | Path, data_cfg: DataConfig,
+               training_volume: TrainingVolume, noise_scheduler: Any, latent_noise: torch.Tensor | None,
+               resume: str | None) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune a copy of ``pipe``'s UNet on the scan's pairs (:func:`~gen_sr.training.train_diffusion.fit_denoiser`
+    in ``<work_dir>/adaptation``); returns the EMA UNet and the logged losses (:class:`Adaptation`'s)."""
     card = pipe.model_card
     experiment = ExperimentConfig(output_dir=str(work_dir), data=data_cfg, diffusion_training=cfg.train,
                                   unet=UNetConfig(condition=card.unet_condition, objective=card.objective))
     run = start_run(experiment, STAGE, cfg.train)
     train_loader, val_loader = make_loaders(run, [training_volume])
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     unet = copy.deepcopy(pipe.unet).float()
     if resume is None and run.accelerator.is_main_process:  # the pretrained model's held-out loss, as step 0
         before = validate_diffusion(unet, pipe.vae, noise_scheduler, val_loader, condition=card.unet_condition,
@@ -222,20 +253,7 @@ def adapt(
     ema.copy_to(unet.parameters())
     unet.eval().requires_grad_(False)
     finish(run, unet)
-    record = Adaptation(source=str(canon.source or "<array>"), lr_shape=canon.shape, axis=slices.axis,
-                        slice_thickness=slices.thickness, slice_spacing=slices.spacing,
-                        profile=slices.profile,  # type: ignore[arg-type]
-                        held_out_slices=held, steps=cfg.train.steps, batch_size=cfg.train.batch_size,
-                        learning_rate=cfg.train.learning_rate, noise_std=noise_std, noise_estimated=estimated,
-                        target_noise_std=target_noise_std, target_noise_estimated=target_estimated,
-                        min_timestep=0 if latent_noise is None else noisy_target_min_timestep(noise_scheduler,
-                                                                                               latent_noise),
-                        seconds=time.perf_counter() - tic,
-                        **_logged_losses(run.metrics_path))
-    adapted = LatentDiffusionSRPipeline(vae=pipe.vae, unet=unet, scheduler=copy.deepcopy(pipe.scheduler),
-                                        model_card=dataclasses.replace(card, adapted=record))
-    adapted.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    return adapted.to(pipe.device)
+    return unet, _logged_losses(run.metrics_path)
 
 
 def scan_latent_noise_std(pipe: LatentDiffusionSRPipeline, data: np.ndarray, axis: int, noise_std: float,
