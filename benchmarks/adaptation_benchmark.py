@@ -130,9 +130,10 @@ def main() -> None:
         adapted.set_progress_bar_config(disable=True)
         r = row(adapted, slab, slab_brain, sampling())
         record = adapted.model_card.adapted
+        loss = record.heldout_loss or (float("nan"), float("nan"))  # none without fine-tuning (--adapt-steps 0)
         r |= {"adapt s": fit.timings["adapt_s"], "calibrate s": fit.timings["calibrate_s"],
-              "λ̂ (per scan)": adapted.calibration.scale, "held-out in-plane loss before": record.heldout_loss[0],
-              "held-out in-plane loss after": record.heldout_loss[1], "noise std in the truth": record.target_noise_std,
+              "λ̂ (per scan)": adapted.calibration.scale, "held-out in-plane loss before": loss[0],
+              "held-out in-plane loss after": loss[1], "noise std in the truth": record.target_noise_std,
               "first timestep trained": record.min_timestep}
         columns[f"adapted, {label}"] = r
         print(label, {k: round(v, 4) for k, v in r.items()}, flush=True)
