@@ -102,7 +102,7 @@ class Adaptation:
         noise_std: the scan's noise std per voxel (its units) that the simulated slices were brought up to;
             ``noise_estimated``: whether it was estimated from the scan (:func:`gen_sr.physics.estimate_noise_std`).
         target_noise_std: the noise std per voxel (its units) that the pairs' truth was taken to hold, as part of
-            the diffusion noise (:func:`gen_sr.training.losses.noisy_target_pair`; 0: taken as clean);
+            the diffusion noise (:func:`gen_sr.training.noisy_targets.noisy_target_pair`; 0: taken as clean);
             ``target_noise_estimated``: whether it was estimated from the scan; ``min_timestep``: the first
             timestep the fine-tuning trained at (the noise is at most half the diffusion noise from there on).
         seconds: its wall time.
@@ -258,13 +258,13 @@ class ModelCard:
         if (a := self.adapted) is not None:
             loss = "" if a.heldout_loss is None else (f"; held-out in-plane loss {a.heldout_loss[0]:.4f} -> "
                                                        f"{a.heldout_loss[1]:.4f}")
-            noise = ("" if not a.target_noise_std else f"; its slices' noise (std {a.target_noise_std:.4g}"
-                     f"{', estimated' if a.target_noise_estimated else ''}) taken as diffusion noise from timestep "
-                     f"{a.min_timestep} on")
             if a.steps == 0:
                 rows.append(("calibrated on", f"{a.source} without fine-tuning ({len(a.held_out_slices)} of its "
                                               f"in-plane slices across RAS+ axis {a.axis})"))
             else:
+                noise = ("" if not a.target_noise_std else f"; its slices' noise (std {a.target_noise_std:.4g}"
+                         f"{', estimated' if a.target_noise_estimated else ''}) taken as diffusion noise from "
+                         f"timestep {a.min_timestep} on")
                 rows.append(("adapted on", f"{a.source} ({a.steps} steps, {a.seconds:.0f} s, on its in-plane slices "
                                            f"across RAS+ axis {a.axis}; {len(a.held_out_slices)} slices held out for "
                                            f"its calibration{loss}{noise})"))

@@ -28,7 +28,7 @@ from gen_sr.training.adaptation import (
     scan_latent_noise_std,
     scan_slices,
 )
-from gen_sr.training.losses import noisy_target_share
+from gen_sr.training.noisy_targets import noisy_target_share
 from gen_sr.volume import Volume
 
 

@@ -16,10 +16,8 @@ from gen_sr.training.losses import (
     diffusion_loss,
     diffusion_target,
     kl_divergence,
-    noisy_target_min_timestep,
-    noisy_target_pair,
-    noisy_target_share,
 )
+from gen_sr.training.noisy_targets import noisy_target_min_timestep, noisy_target_pair, noisy_target_share
 from gen_sr.training.perceptual import perceptual_weights_status
 
 DISABLED = "perceptual loss disabled"

@@ -52,7 +52,7 @@ from gen_sr.pipelines.pipeline_latent_sr import LRInput
 from gen_sr.training.common import finish, make_loaders, start_run
 from gen_sr.training.experiment import ExperimentConfig, TrainConfig, UNetConfig
 from gen_sr.training.latents import latent_noise_std
-from gen_sr.training.losses import noisy_target_min_timestep
+from gen_sr.training.noisy_targets import noisy_target_min_timestep
 from gen_sr.training.train_diffusion import fit_denoiser
 from gen_sr.training.validation import validate_diffusion
 from gen_sr.volume import Volume
@@ -181,7 +181,7 @@ def adapt(
         target_noise_std: the std per voxel of the noise that the pairs' truth, the scan's own slices, holds, in the
             scan's units (``None``: estimated from the scan; 0: taken as clean). The fine-tuning then treats it as
             part of the diffusion noise and learns the clean image's expectation, not the noisy slices'
-            (:func:`gen_sr.training.losses.noisy_target_pair`); without it a diffusion model learns to draw the
+            (:func:`gen_sr.training.noisy_targets.noisy_target_pair`); without it a diffusion model learns to draw the
             scan's noise. Off by default: it trains only the timesteps where that noise is at most half the
             diffusion's, the network drifts below them, and on three validation subjects at SNR 30 it lost 0.12 dB
             on average (``benchmarks/ADAPTATION.md``).
@@ -202,21 +202,25 @@ def adapt(
     if any(c % pipe.tile_multiple for c in cfg.crop_size):
         raise ValueError(f"crop_size {cfg.crop_size} must be multiples of the model's tile multiple "
                          f"{pipe.tile_multiple}")
+    if not cfg.fine_tune:  # the pretrained UNet as it is: no pairs are trained on, so no noise to model
+        noise_std = target_noise_std = 0.0
     estimated, target_estimated = noise_std is None, target_noise_std is None
     scan_noise = estimate_noise_std(canon.data, slices.axis) if estimated or target_estimated else 0.0
     noise_std = scan_noise if estimated else float(noise_std)  # type: ignore[arg-type]
     target_noise_std = scan_noise if target_estimated else float(target_noise_std)  # type: ignore[arg-type]
     data_cfg, training_volume, held = adaptation_data(pipe, canon, slices, cfg, noise_std)
-    scale = pipe.intensity_normalization(canon.data).scale
-    trained = np.take(training_volume.data, range(canon.shape[slices.axis] - len(held)), axis=slices.axis)
-    latent_noise = (scan_latent_noise_std(pipe, trained, slices.axis, target_noise_std / scale, cfg.train.seed)
-                    if cfg.fine_tune and target_noise_std > 0 else None)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    latent_noise, min_timestep = None, 0
+    if target_noise_std > 0:  # measured on the training slices only
+        trained = np.take(training_volume.data, range(canon.shape[slices.axis] - len(held)), axis=slices.axis)
+        latent_noise = scan_latent_noise_std(pipe, trained, slices.axis,
+                                             target_noise_std / pipe.intensity_normalization(canon.data).scale,
+                                             cfg.train.seed)
+        min_timestep = noisy_target_min_timestep(noise_scheduler, latent_noise)
     if cfg.fine_tune:
         unet, losses = _fine_tune(pipe, cfg, work_dir, data_cfg, training_volume, noise_scheduler, latent_noise, resume)
-    else:  # the pretrained UNet as it is: the held-out slices are only the per-scan calibration's
+    else:  # the held-out slices are only the per-scan calibration's
         unet, losses = copy.deepcopy(pipe.unet).eval().requires_grad_(False), {}
-        noise_std = target_noise_std = 0.0
     record = Adaptation(source=str(canon.source or "<array>"), lr_shape=canon.shape, axis=slices.axis,
                         slice_thickness=slices.thickness, slice_spacing=slices.spacing,
                         profile=slices.profile,  # type: ignore[arg-type]
@@ -224,8 +228,7 @@ def adapt(
                         batch_size=cfg.train.batch_size,
                         learning_rate=cfg.train.learning_rate, noise_std=noise_std, noise_estimated=estimated,
                         target_noise_std=target_noise_std, target_noise_estimated=target_estimated,
-                        min_timestep=0 if latent_noise is None else noisy_target_min_timestep(noise_scheduler,
-                                                                                               latent_noise),
+                        min_timestep=min_timestep,
                         seconds=time.perf_counter() - tic, **losses)
     adapted = LatentDiffusionSRPipeline(vae=pipe.vae, unet=unet, scheduler=copy.deepcopy(pipe.scheduler),
                                         model_card=dataclasses.replace(pipe.model_card, adapted=record))

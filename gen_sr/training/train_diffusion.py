@@ -42,14 +42,8 @@ from gen_sr.training.common import (
 from gen_sr.training.ema import create_ema, ema_weights
 from gen_sr.training.experiment import ExperimentConfig
 from gen_sr.training.latents import encode_pair
-from gen_sr.training.losses import (
-    diffusion_target,
-    noisy_target_min_timestep,
-    noisy_target_pair,
-    objective_loss,
-    sampling_overrides,
-    training_timesteps,
-)
+from gen_sr.training.losses import diffusion_target, objective_loss, sampling_overrides, training_timesteps
+from gen_sr.training.noisy_targets import noisy_target_min_timestep, noisy_target_pair
 from gen_sr.training.validation import validate_diffusion
 
 
@@ -122,7 +116,7 @@ def fit_denoiser(run: Run, unet: ConditionalUNetModel, vae: Autoencoder, noise_s
 
     ``target_noise_std`` ``(C,)``: the std per latent channel of Gaussian noise that the HR targets hold
     (:func:`gen_sr.training.latents.latent_noise_std`); training then takes it as part of the diffusion noise, only
-    at the timesteps where it is at most half of it (:func:`~gen_sr.training.losses.noisy_target_pair`).
+    at the timesteps where it is at most half of it (:func:`~gen_sr.training.noisy_targets.noisy_target_pair`).
 
     Returns:
         The unwrapped UNet (its last weights, not the EMA's) and the EMA (:func:`gen_sr.training.ema.ema_weights`).
