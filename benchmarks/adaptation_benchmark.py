@@ -7,7 +7,7 @@ real head that no model was trained on (Colin27 by default).
 ``--contrast t2like`` inverts the brain's intensities (as ``prior_benchmark.py`` does: CSF bright, white matter dark,
 skull removed), a contrast no training head has. The whole head (cropped to its bounding box) is degraded with 4 mm
 Gaussian slices along RAS+ axis 2, noise-free and at SNR 30. The adapted model learns from that whole LR scan's in-plane
-slices and is calibrated on the ones it held out (``gen_sr.training.adaptation.fit_to_scan``). Both models then
+slices and is calibrated on the ones it held out (``gen_sr.training.scan_fit.fit_to_scan``). Both models then
 super-resolve a coronal slab ``--slab`` mm wide through the centre of the same LR scan (cropping an in-plane axis is
 exact), to bound the cost; every figure is measured there, inside the brain (Colin27's own brain-extracted image), as
 ``prior_benchmark.py`` measures:
@@ -40,7 +40,8 @@ from gen_sr.eval.cases import Case, held_out_head, simulate_case
 from gen_sr.eval.metrics import foreground
 from gen_sr.eval.tables import figures_table
 from gen_sr.pipelines import LatentDiffusionSRPipeline
-from gen_sr.training.adaptation import AdaptationConfig, fit_to_scan
+from gen_sr.training.adaptation import AdaptationConfig
+from gen_sr.training.scan_fit import fit_to_scan
 from gen_sr.volume import load_volume
 
 FIGURES = ("psnr", "ssim", "best interpolation", "gain", "spearman(std, |err|)", "coverage ±2σ", "λ90",
@@ -91,6 +92,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--adapt-steps", type=int, default=200)
+    parser.add_argument("--keep-better", action="store_true",
+                        help="also calibrate the pretrained UNet on the scan's held-out slices and keep the better of "
+                             "the two there (fit_to_scan(keep_better=True)); adds a column for the kept model")
     parser.add_argument("--snr", type=float, nargs="*", default=[0.0, 30.0], help="0 for noise-free")
     parser.add_argument("--output", help="also write the table here (Markdown)")
     args = parser.parse_args()
@@ -123,27 +127,39 @@ def main() -> None:
         columns[f"pretrained, {label}"] = row(pipe, slab, slab_brain, sampling())
         with tempfile.TemporaryDirectory() as work:
             fit = fit_to_scan(pipe, full.lr, work_dir=work, config=config, sampling=sampling(),
+                              keep_better=args.keep_better,
                               noise_std=None if args.adapt_noise == "estimate" else 0.0,
                               target_noise_std={"estimate": None, "true": full.noise_std,
                                                 "none": 0.0}[args.target_noise])
-        adapted = fit.pipe
-        adapted.set_progress_bar_config(disable=True)
-        r = row(adapted, slab, slab_brain, sampling())
-        record = adapted.model_card.adapted
+        record = fit.pipe.model_card.adapted
+        fine_tuned = fit.rejected if record.kept == "pretrained" else fit.pipe
+        fine_tuned.set_progress_bar_config(disable=True)
+        r = row(fine_tuned, slab, slab_brain, sampling())
         loss = record.heldout_loss or (float("nan"), float("nan"))  # none without fine-tuning (--adapt-steps 0)
+        rmse = record.heldout_rmse or (float("nan"), float("nan"))  # none without --keep-better
         r |= {"adapt s": fit.timings["adapt_s"], "calibrate s": fit.timings["calibrate_s"],
-              "λ̂ (per scan)": adapted.calibration.scale, "held-out in-plane loss before": loss[0],
+              "λ̂ (per scan)": fine_tuned.calibration.scale, "held-out in-plane loss before": loss[0],
               "held-out in-plane loss after": loss[1], "noise std in the truth": record.target_noise_std,
-              "first timestep trained": record.min_timestep}
+              "first timestep trained": record.min_timestep, "held-out RMSE, pretrained": rmse[0],
+              "held-out RMSE, fine-tuned": rmse[1]}
         columns[f"adapted, {label}"] = r
         print(label, {k: round(v, 4) for k, v in r.items()}, flush=True)
+        if args.keep_better:  # the kept model with its own per-scan calibration
+            if record.kept == "pretrained":
+                fit.pipe.set_progress_bar_config(disable=True)
+                kept = row(fit.pipe, slab, slab_brain, sampling()) | {"λ̂ (per scan)": fit.pipe.calibration.scale}
+            else:
+                kept = dict(r)
+            columns[f"kept ({record.kept}), {label}"] = kept | {"compare s": fit.timings.get("compare_s", float("nan"))}
     figures = [*FIGURES, "adapt s", "calibrate s", "λ̂ (per scan)", "held-out in-plane loss before",
-               "held-out in-plane loss after", "noise std in the truth", "first timestep trained"]
+               "held-out in-plane loss after", "noise std in the truth", "first timestep trained",
+               "held-out RMSE, pretrained", "held-out RMSE, fine-tuned", "compare s"]
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): {head.source}, whole head "
              f"{head.shape} voxels for the adaptation, contrast {args.contrast}, {args.thickness:g} mm Gaussian "
              "slices along RAS+ axis 2; "
              f"measured on the central {args.slab:g} mm coronal slab, inside the brain; {args.samples} samples x "
-             f"{args.steps} steps; {args.adapt_steps} adaptation steps, noise top-up: {args.adapt_noise}, "
+             f"{args.steps} steps; {args.adapt_steps} adaptation steps"
+             f"{', the better one kept' if args.keep_better else ''}, noise top-up: {args.adapt_noise}, "
              f"noise in the truth: {args.target_noise}.", ""]
     report("\n".join(lines) + "\n" + figures_table(columns, figures), args.output)
 

@@ -357,9 +357,9 @@ def _adaptation_noise(args: argparse.Namespace, flag: str = "--adapt-noise") -> 
 
 
 def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
-    """Adapt ``pipe`` to ``lr`` and calibrate it on the scan (:func:`gen_sr.training.adaptation.fit_to_scan`),
+    """Adapt ``pipe`` to ``lr`` and calibrate it on the scan (:func:`gen_sr.training.scan_fit.fit_to_scan`),
     printing what was done."""
-    from gen_sr.training.adaptation import fit_to_scan
+    from gen_sr.training.scan_fit import fit_to_scan
 
     noise, target_noise = _adaptation_noise(args), _adaptation_noise(args, "--adapt-target-noise")
     try:
@@ -392,7 +392,7 @@ def _adapted_if_asked(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, d
     ``model/``), and the time of each phase; else ``pipe`` as it is."""
     if not args.adapt:
         return pipe, {}
-    from gen_sr.training.adaptation import save_model
+    from gen_sr.training.scan_fit import save_model
 
     folder = Path(args.adapt_dir) if args.adapt_dir else _default_adapt_dir(args)
     model = folder / "model"
@@ -413,7 +413,7 @@ def _default_adapt_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from gen_sr.training.adaptation import save_model
+    from gen_sr.training.scan_fit import save_model
     from gen_sr.volume import load_volume
 
     target = Path(args.output_model)

@@ -109,6 +109,11 @@ class Adaptation:
         train_loss: ``(first, last)`` logged training loss.
         heldout_loss: the held-out in-plane diffusion loss ``(before, after)`` the fine-tuning (fixed noise and
             timesteps).
+        kept: the UNet the model holds: ``"fine-tuned"``, or ``"pretrained"`` where the scan's held-out slices
+            showed the pretrained one to be the better (:func:`gen_sr.training.scan_fit.fit_to_scan` with
+            ``keep_better``).
+        heldout_rmse: ``(pretrained, fine-tuned)``: the RMSE of each one's mean on the held-out slices' simulated
+            problems (the per-scan calibration's), in the scan's units; ``None`` when they were not compared.
     """
 
     source: str = "<array>"
@@ -129,6 +134,8 @@ class Adaptation:
     seconds: float = 0.0
     train_loss: tuple[float, float] | None = None
     heldout_loss: tuple[float, float] | None = None
+    kept: Literal["fine-tuned", "pretrained"] = "fine-tuned"
+    heldout_rmse: tuple[float, float] | None = None
 
 
 @dataclass
@@ -258,16 +265,22 @@ class ModelCard:
         if (a := self.adapted) is not None:
             loss = "" if a.heldout_loss is None else (f"; held-out in-plane loss {a.heldout_loss[0]:.4f} -> "
                                                        f"{a.heldout_loss[1]:.4f}")
+            compared = "" if a.heldout_rmse is None else (
+                f"; held-out in-plane RMSE {a.heldout_rmse[0]:.4g} pretrained, {a.heldout_rmse[1]:.4g} fine-tuned")
             if a.steps == 0:
                 rows.append(("calibrated on", f"{a.source} without fine-tuning ({len(a.held_out_slices)} of its "
                                               f"in-plane slices across RAS+ axis {a.axis})"))
+            elif a.kept == "pretrained":
+                rows.append(("calibrated on", f"{a.source}, keeping the pretrained UNet: {a.steps} steps of "
+                                              f"fine-tuning on its in-plane slices across RAS+ axis {a.axis} did "
+                                              f"worse on the {len(a.held_out_slices)} held out{compared}"))
             else:
                 noise = ("" if not a.target_noise_std else f"; its slices' noise (std {a.target_noise_std:.4g}"
                          f"{', estimated' if a.target_noise_estimated else ''}) taken as diffusion noise from "
                          f"timestep {a.min_timestep} on")
                 rows.append(("adapted on", f"{a.source} ({a.steps} steps, {a.seconds:.0f} s, on its in-plane slices "
                                            f"across RAS+ axis {a.axis}; {len(a.held_out_slices)} slices held out for "
-                                           f"its calibration{loss}{noise})"))
+                                           f"its calibration{loss}{compared}{noise})"))
         return rows
 
     def outside_training(self, lr_spacing: Sequence[float], slice_thickness: float, intensity_range: float,

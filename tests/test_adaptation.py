@@ -15,6 +15,8 @@ from scipy import ndimage
 
 from gen_sr.data import SRPairDataset
 from gen_sr.errors import InputError
+from gen_sr.eval.cases import super_resolve
+from gen_sr.eval.metrics import region_masks
 from gen_sr.eval.scan_calibration import calibrate_on_scan, scan_cases
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -22,13 +24,12 @@ from gen_sr.training.adaptation import (
     AdaptationConfig,
     adapt,
     adaptation_data,
-    fit_to_scan,
     held_out_slices,
-    save_model,
     scan_latent_noise_std,
     scan_slices,
 )
 from gen_sr.training.noisy_targets import noisy_target_share
+from gen_sr.training.scan_fit import fit_to_scan, save_model
 from gen_sr.volume import Volume
 
 
@@ -48,8 +49,8 @@ def _scan(shape=(32, 32, 36), thickness: float = 3.0, axis: int = 2, profile: st
 
 def _config(steps: int = 30, **train) -> AdaptationConfig:
     d = AdaptationConfig()
-    t = dataclasses.replace(d.train, steps=steps, batch_size=4, learning_rate=1e-3, checkpoint_every=10,
-                            val_sampling_steps=2, **train)
+    t = dataclasses.replace(d.train, **{"steps": steps, "batch_size": 4, "learning_rate": 1e-3,
+                                        "checkpoint_every": 10, "val_sampling_steps": 2, **train})
     return dataclasses.replace(d, train=t, crop_size=(16, 16), holdout_every=2)
 
 
@@ -127,6 +128,37 @@ def test_adaptation_lowers_the_held_out_loss_and_its_folder_reloads_with_identic
     np.testing.assert_array_equal(a.risk, b.risk)
     with pytest.raises(InputError, match="exists already"):
         save_model(fit.pipe, tmp_path / "adapted")
+
+
+@pytest.mark.parametrize(("learning_rate", "kept"), [(1e-3, "fine-tuned"), (1.0, "pretrained")])
+def test_keep_better_keeps_the_unet_with_the_smaller_error_on_the_held_out_slices(tmp_path: Path, learning_rate: float,
+                                                                                   kept: str) -> None:
+    """The tiny pretrained UNet is untrained, so a sound fine-tuning beats it on the held-out slices; one at a learning
+    rate of 1 wrecks it and is rejected. Each RMSE is that of the candidate's mean on the calibration cases."""
+    pipe = tiny_pipeline()
+    _, lr = _scan()
+    fit = fit_to_scan(pipe, lr, work_dir=tmp_path / "work", config=_config(learning_rate=learning_rate),
+                      keep_better=True, progress=False, sampling={"generator": _gen(), **RUN})
+    record = fit.pipe.model_card.adapted
+    assert record.kept == kept and fit.rejected.model_card.adapted == record
+    assert set(fit.timings) == {"adapt_s", "calibrate_s", "compare_s"}
+    by_name = {"pretrained": record.heldout_rmse[0], "fine-tuned": record.heldout_rmse[1]}
+    assert by_name[kept] < by_name[({"pretrained", "fine-tuned"} - {kept}).pop()]
+    for candidate, name in ((fit.pipe, kept), (fit.rejected, ({"pretrained", "fine-tuned"} - {kept}).pop())):
+        same = all(torch.equal(a, b) for a, b in zip(candidate.unet.parameters(), pipe.unet.parameters(), strict=True))
+        assert same == (name == "pretrained")
+        errors, generator = [], _gen()  # the RMSE again, from the calibration's own cases and the same noise
+        for case in scan_cases(lr, record):
+            out = super_resolve(candidate, case, generator=generator, output_type="np", keep_samples=False,
+                                slice_normal=record.axis, **RUN)
+            errors.append((case.hr.data - out.mean)[region_masks(case.hr.data)["brain"]])
+        np.testing.assert_allclose(np.sqrt(np.mean(np.concatenate(errors) ** 2)), by_name[name], rtol=1e-4)
+        assert candidate.calibration.details["rmse"] == by_name[name]
+    card = dict(fit.pipe.model_card.summary())
+    if kept == "pretrained":
+        assert "keeping the pretrained UNet" in card["calibrated on"]
+    else:
+        assert "held-out in-plane RMSE" in card["adapted on"]
 
 
 def test_a_noisy_scans_own_noise_is_taken_as_part_of_the_diffusion_noise(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ from gen_sr.risk import Calibration, IntervalShape
 
 __all__ = ["SHAPE_CANDIDATES", "CalibrationResult", "CalibrationVolume", "calibrate", "calibration_volumes",
            "check_calibration_settings", "choose_shape", "fit_calibration", "fit_shape", "hb_p_value", "minimum_units",
-           "split_units",
+           "pooled_rmse", "split_units",
            "transfer_coverage", "upper_bound"]
 
 def hb_p_value(risk_hat: float | np.ndarray, n: int, alpha: float) -> float | np.ndarray:
@@ -310,6 +310,8 @@ class CalibrationResult:
         alternative: the other rule (``crc`` for ``rcps`` and back) fitted on the same units, for comparison, or
             ``None`` when it cannot certify with them.
         alternative_error: why there is no alternative, when there is none.
+        rmse: the root-mean-square error of the mean over the volumes' masks, voxels pooled, in the volumes' units
+            (the calibration's ``details`` record it too): how well the model did on the calibration cases.
     """
 
     calibration: Calibration
@@ -317,6 +319,14 @@ class CalibrationResult:
     transfer_error: str | None = None
     alternative: Calibration | None = None
     alternative_error: str | None = None
+    rmse: float | None = None
+
+
+def pooled_rmse(volumes: Sequence[CalibrationVolume]) -> float:
+    """The root-mean-square error of the mean over all volumes' mask voxels together."""
+    squares = sum(float(np.sum(v.error[v.mask] ** 2)) for v in volumes)
+    count = sum(int(v.mask.sum()) for v in volumes)
+    return math.sqrt(squares / count) if count else float("nan")
 
 
 def check_calibration_settings(num_volumes: int, *, alpha: float = 0.1, delta: float = 0.1,
@@ -384,11 +394,12 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
         except ValueError as e:
             transfer_error = f"with a volume left out, {e}"
     units = split_units(volumes, shape, blocks=blocks, axis=axis)  # once: the spreads are the costly part
+    rmse = pooled_rmse(volumes)
     record = {**(details or {}), "volumes": [c.name for c in cases], "blocks_per_volume": blocks,
-              "units": len(units[0]), "interval": interval, "leave_one_volume_out_coverage": transfer}
+              "units": len(units[0]), "interval": interval, "leave_one_volume_out_coverage": transfer, "rmse": rmse}
     sampling = pipe.sampling_settings(**pipe_kwargs)
     result = CalibrationResult(dataclasses.replace(fit_calibration(*units, **fit, details=record), shape=shape,
-                                                   sampling=sampling), transfer, transfer_error)
+                                                   sampling=sampling), transfer, transfer_error, rmse=rmse)
     try:  # the other rule on the same units, for comparison
         alternative = fit_calibration(*units, **(fit | {"method": _OTHER_RULE[method]}))
         result.alternative = dataclasses.replace(alternative, shape=shape, sampling=sampling)

@@ -27,8 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,10 +39,7 @@ from diffusers import DDPMScheduler
 
 from gen_sr.contrast import ContrastRanges
 from gen_sr.data import DataConfig, TrainingVolume
-from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
-from gen_sr.eval.calibration import CalibrationResult
-from gen_sr.eval.scan_calibration import calibrate_on_scan
 from gen_sr.model_card import AcquisitionRanges, Adaptation
 from gen_sr.physics import SliceAcquisition, SliceProfile, estimate_noise_std
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -57,8 +52,8 @@ from gen_sr.training.train_diffusion import fit_denoiser
 from gen_sr.training.validation import validate_diffusion
 from gen_sr.volume import Volume
 
-__all__ = ["AdaptationConfig", "ScanFit", "ScanSlices", "adapt", "adaptation_data", "fit_to_scan", "held_out_slices",
-           "save_model", "scan_latent_noise_std", "scan_slices"]
+__all__ = ["AdaptationConfig", "ScanSlices", "adapt", "adaptation_data", "held_out_slices", "scan_latent_noise_std",
+           "scan_slices"]
 
 STAGE = "adaptation"
 """The stage folder under ``work_dir``: ``checkpoints/``, ``logs/``, ``metrics.jsonl``, ``config.yaml``."""
@@ -284,62 +279,3 @@ def _logged_losses(metrics: Path) -> dict[str, Any]:
 
 def _ends(values: Sequence[float]) -> tuple[float, float] | None:
     return (float(values[0]), float(values[-1])) if len(values) >= 2 else None
-
-
-@dataclass
-class ScanFit:
-    """What :func:`fit_to_scan` did: the adapted, calibrated pipeline, its per-scan calibration result (``None``
-    when not calibrated) and the wall time of each phase in seconds (``adapt_s``, ``calibrate_s``)."""
-
-    pipe: LatentDiffusionSRPipeline
-    calibration: CalibrationResult | None
-    timings: dict[str, float]
-
-
-def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool = True, alpha: float = 0.1,
-                method: str = "crc", blocks: int = 4, progress: bool = True, sampling: dict[str, Any] | None = None,
-                volume_index: int | None = None, **adapt_kwargs: Any) -> ScanFit:
-    """Adapt ``pipe`` to the scan ``lr`` (:func:`adapt`, with ``adapt_kwargs``: ``work_dir``, ``config``,
-    ``slice_profile``, ...) and calibrate it on the scan's held-out in-plane slices
-    (:func:`gen_sr.eval.scan_calibration.calibrate_on_scan`, with ``alpha``, ``method``, ``blocks`` and the pipeline
-    settings ``sampling``: ``num_samples``, ``generator``, ...); ``calibrate=False`` skips the calibration. Save the
-    result with :func:`save_model`."""
-    timings: dict[str, float] = {}
-    tic = time.perf_counter()
-    volume = pipe.as_volume(lr, volume_index=volume_index)
-    adapted = adapt(pipe, volume, **adapt_kwargs)
-    timings["adapt_s"] = time.perf_counter() - tic
-    result = None
-    if calibrate:
-        tic = time.perf_counter()
-        bars = dict(getattr(adapted, "_progress_bar_config", {}))
-        adapted.set_progress_bar_config(disable=True)  # one bar over the calibration cases instead of one per case
-        try:
-            result = calibrate_on_scan(adapted, volume, alpha=alpha, method=method,  # type: ignore[arg-type]
-                                       blocks=blocks,
-                                       progress=progress and process_state().is_local_main_process,
-                                       **(sampling or {}))
-        finally:
-            adapted.set_progress_bar_config(**bars)
-        adapted.calibration = result.calibration
-        timings["calibrate_s"] = time.perf_counter() - tic
-    return ScanFit(adapted, result, timings)
-
-
-def save_model(pipe: LatentDiffusionSRPipeline, folder: str | Path, overwrite: bool = False) -> Path:
-    """Write a model folder whole or not at all: into a hidden temporary folder beside it, then renamed (main
-    process only; an existing folder is replaced only with ``overwrite``)."""
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise InputError("exists already", folder, "pass --overwrite to replace it, or choose another folder")
-    if process_state().is_main_process:
-        tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            pipe.save_pretrained(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder

@@ -1,0 +1,159 @@
+"""Adapt a model to one scan, calibrate it there, and keep the fine-tuning only where the scan says it helped.
+
+:func:`fit_to_scan` runs :func:`gen_sr.training.adaptation.adapt` (the fine-tuning on the scan's in-plane slices) and
+:func:`gen_sr.eval.scan_calibration.calibrate_on_scan` (the conformal interval on the slices it held out). With
+``keep_better``, the pretrained UNet is calibrated on the same held-out slices too, and the one whose mean has the
+smaller error there is kept: the held-out slices are truth the fine-tuning never saw, so the scan itself decides
+whether fine-tuning helped. At SNR 30 the fine-tuning lost to the pretrained model on every validation subject
+(``benchmarks/ADAPTATION.md``): a diffusion model fitted to noisy slices learns to draw their noise.
+
+Why the comparison is fair on a noisy scan: the outputs agree with the simulated thick slices exactly (the cases are
+noise-free projections of the held-out slices), so their error lies in the operator's null space, where white noise
+in the held-out truth is independent of everything the models were given; it adds the same amount to both errors.
+
+    fit = fit_to_scan(pipe, "lr.nii.gz", work_dir="runs/adapt_lr", keep_better=True)
+    save_model(fit.pipe, "models/heads2d_lr")
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gen_sr.distributed import process_state
+from gen_sr.errors import InputError
+from gen_sr.eval.calibration import CalibrationResult
+from gen_sr.eval.scan_calibration import calibrate_on_scan
+from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.pipelines.pipeline_latent_sr import LRInput
+from gen_sr.training.adaptation import adapt
+from gen_sr.volume import Volume
+
+__all__ = ["ScanFit", "fit_to_scan", "pretrained_on_scan", "save_model"]
+
+
+@dataclass
+class ScanFit:
+    """What :func:`fit_to_scan` did.
+
+    Attributes:
+        pipe: the adapted, calibrated pipeline (with the pretrained UNet where ``keep_better`` kept it).
+        calibration: its per-scan calibration result (``None`` when not calibrated).
+        timings: the wall time of each phase in seconds (``adapt_s``, ``calibrate_s``, and ``compare_s`` for the
+            pretrained UNet's calibration with ``keep_better``).
+        rejected: with ``keep_better``, the calibrated pipeline that was not kept (for comparisons), else ``None``.
+    """
+
+    pipe: LatentDiffusionSRPipeline
+    calibration: CalibrationResult | None
+    timings: dict[str, float]
+    rejected: LatentDiffusionSRPipeline | None = None
+
+
+def pretrained_on_scan(pipe: LatentDiffusionSRPipeline,
+                       adapted: LatentDiffusionSRPipeline) -> LatentDiffusionSRPipeline:
+    """``pipe``'s UNet (a copy) with ``adapted``'s autoencoder, scheduler and model card (whose ``adapted`` record
+    names the scan's held-out slices), uncalibrated: the pretrained model as a candidate on the same scan."""
+    view = LatentDiffusionSRPipeline(vae=adapted.vae, unet=copy.deepcopy(pipe.unet).eval().requires_grad_(False),
+                                     scheduler=copy.deepcopy(adapted.scheduler), model_card=adapted.model_card)
+    view.set_progress_bar_config(**getattr(adapted, "_progress_bar_config", {}))
+    return view.to(adapted.device)
+
+
+def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool = True, keep_better: bool = False,
+                alpha: float = 0.1, method: str = "crc", blocks: int = 4, progress: bool = True,
+                sampling: dict[str, Any] | None = None, volume_index: int | None = None,
+                **adapt_kwargs: Any) -> ScanFit:
+    """Adapt ``pipe`` to the scan ``lr`` (:func:`~gen_sr.training.adaptation.adapt`, with ``adapt_kwargs``:
+    ``work_dir``, ``config``, ``slice_profile``, ...) and calibrate it on the scan's held-out in-plane slices
+    (:func:`gen_sr.eval.scan_calibration.calibrate_on_scan`, with ``alpha``, ``method``, ``blocks`` and the pipeline
+    settings ``sampling``: ``num_samples``, ``generator``, ...); ``calibrate=False`` skips the calibration.
+
+    ``keep_better``: also calibrate the pretrained UNet on the held-out slices, drawing the same noise (the
+    generators in ``sampling`` are reset to their state before the first calibration), and keep whichever of the two
+    has the smaller RMSE there (ties keep the pretrained one); the card's ``adapted`` record says which (``kept``) and
+    why (``heldout_rmse``). It needs the calibration, and costs one more calibration pass. Save the result with
+    :func:`save_model`.
+    """
+    if keep_better and not calibrate:
+        raise ValueError("keep_better compares the two models on the calibration's held-out slices: it needs "
+                         "calibrate=True")
+    timings: dict[str, float] = {}
+    tic = time.perf_counter()
+    volume = pipe.as_volume(lr, volume_index=volume_index)
+    adapted = adapt(pipe, volume, **adapt_kwargs)
+    timings["adapt_s"] = time.perf_counter() - tic
+    if not calibrate:
+        return ScanFit(adapted, None, timings)
+
+    def calibrated(candidate: LatentDiffusionSRPipeline, phase: str) -> CalibrationResult:
+        tic = time.perf_counter()
+        result = _calibrate(candidate, volume, alpha=alpha, method=method, blocks=blocks, progress=progress,
+                            sampling=sampling)
+        candidate.calibration = result.calibration
+        timings[phase] = time.perf_counter() - tic
+        return result
+
+    seeds = _generator_states(sampling)  # both candidates draw the same noise
+    result = calibrated(adapted, "calibrate_s")
+    if not keep_better or adapted.model_card.adapted.steps == 0:  # nothing was fine-tuned: nothing to compare
+        return ScanFit(adapted, result, timings)
+    pretrained = pretrained_on_scan(pipe, adapted)
+    for generator, state in seeds:
+        generator.set_state(state)
+    base = calibrated(pretrained, "compare_s")
+    rmse = (float(base.rmse), float(result.rmse))  # type: ignore[arg-type]
+    kept = "pretrained" if rmse[0] <= rmse[1] else "fine-tuned"
+    record = dataclasses.replace(adapted.model_card.adapted, kept=kept, heldout_rmse=rmse)
+    for candidate in (pretrained, adapted):
+        candidate.model_card = dataclasses.replace(candidate.model_card, adapted=record)
+    if kept == "pretrained":
+        return ScanFit(pretrained, base, timings, rejected=adapted)
+    return ScanFit(adapted, result, timings, rejected=pretrained)
+
+
+def _generator_states(sampling: dict[str, Any] | None) -> list[tuple[torch.Generator, torch.Tensor]]:
+    """The state of every generator in the pipeline settings ``sampling`` (one or a list), to draw again from."""
+    generators = (sampling or {}).get("generator")
+    if generators is None:
+        return []
+    return [(g, g.get_state()) for g in (generators if isinstance(generators, (list, tuple)) else [generators])]
+
+
+def _calibrate(pipe: LatentDiffusionSRPipeline, volume: Volume, *, progress: bool, sampling: dict[str, Any] | None,
+               **rule: Any) -> CalibrationResult:
+    """:func:`calibrate_on_scan` under one progress bar over the calibration cases (the pipeline's own bars off)."""
+    bars = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        return calibrate_on_scan(pipe, volume, progress=progress and process_state().is_local_main_process,
+                                 **rule, **(sampling or {}))
+    finally:
+        pipe.set_progress_bar_config(**bars)
+
+
+def save_model(pipe: LatentDiffusionSRPipeline, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write a model folder whole or not at all: into a hidden temporary folder beside it, then renamed (main
+    process only; an existing folder is replaced only with ``overwrite``)."""
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise InputError("exists already", folder, "pass --overwrite to replace it, or choose another folder")
+    if process_state().is_main_process:
+        tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            pipe.save_pretrained(tmp)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
