@@ -42,6 +42,8 @@ from gen_sr.io import atomic_write
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.guidance import final_projection
 from gen_sr.pipelines.tiling import SliceTiler
+from gen_sr.schedulers import SCHEDULERS, scheduler_from_name
+from gen_sr.schedulers.ddim import describe_sampler
 
 
 def _spearman(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
@@ -102,12 +104,16 @@ def main() -> None:
     parser.add_argument("--thickness", type=float, default=4.0)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS),
+                        help="the sampler (default: the model folder's); its config entries stay the folder's")
     parser.add_argument("--output", help="also write the table here (Markdown)")
     args = parser.parse_args()
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
+    if args.scheduler:
+        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     regression = LatentDiffusionSRPipeline.from_pretrained(args.regression_model) if args.regression_model else None
     if regression is not None:
         regression.set_progress_bar_config(disable=True)
@@ -125,7 +131,8 @@ def main() -> None:
     columns = list(next(iter(rows.values())))
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): {head.source}, "
              f"{head.shape} voxels, {args.thickness:g} mm Gaussian slices along RAS+ axis {args.axis}, contrast "
-             f"{args.contrast}, {args.samples} samples x {args.steps} steps; inside the brain.", ""]
+             f"{args.contrast}, {args.samples} samples x {args.steps} steps of {describe_sampler(pipe.scheduler)}; "
+             "inside the brain.", ""]
     report("\n".join(lines) + "\n" + figures_table(rows, columns), args.output)
 
 

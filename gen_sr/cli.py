@@ -367,7 +367,7 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
                           sampling=_sampling_kwargs(args),
                           work_dir=work_dir, config=_adaptation_config(args), slice_profile=args.profile,
                           slice_thickness=args.slice_thickness, noise_std=noise, target_noise_std=target_noise,
-                          resume="latest" if args.resume else None)
+                          keep_better=args.keep_better, resume="latest" if args.resume else None)
     except ValueError as e:  # settings the adaptation cannot use, e.g. crops that do not fit the model
         raise InputError(f"cannot adapt: {e}", args.input) from e
     record, cal = fit.pipe.model_card.adapted, fit.pipe.calibration
@@ -381,6 +381,9 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
                                                         if loss else "")
                   + (f"; the slices' noise (std {record.target_noise_std:.4g}) taken as diffusion noise from "
                      f"timestep {record.min_timestep} on" if record.target_noise_std else ""))
+        if record.heldout_rmse is not None:
+            print(f"kept:     the {record.kept} UNet (held-out in-plane RMSE {record.heldout_rmse[0]:.4g} pretrained, "
+                  f"{record.heldout_rmse[1]:.4g} fine-tuned; compared in {fit.timings['compare_s']:.0f} s)")
         print(f"calibrated on the scan: {cal.describe()}, from {cal.num_volumes} units ({len(record.held_out_slices)} "
               f"held-out slices x 2 directions x {args.calibration_blocks} blocks, {cal.method}) in "
               f"{fit.timings['calibrate_s']:.0f} s")
@@ -702,15 +705,21 @@ def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[str] = ("--adapt-steps",),
-                              folder: tuple[str, str] = ("--adapt-dir", "")) -> None:
+                              folder: tuple[str, str] = ("--adapt-dir", ""),
+                              keep_flags: Sequence[str] = ("--adapt-keep-better",)) -> None:
     """How to fine-tune a model on the input's own in-plane slices, and calibrate it there."""
     from gen_sr.training.adaptation import AdaptationConfig
+    from gen_sr.training.scan_fit import KEEP_BETTER
 
     d = AdaptationConfig()
     p.add_argument(*steps_flags, dest="adapt_steps", type=_whole_number_from(0), default=d.train.steps, metavar="N",
                    help=f"fine-tuning steps (default: {d.train.steps}); 0 keeps the pretrained UNet and only "
                         "calibrates it on the scan (at SNR 30 the pretrained mean was the better one on every "
                         "validation subject)")
+    p.add_argument(*keep_flags, dest="keep_better", action=argparse.BooleanOptionalAction, default=KEEP_BETTER,
+                   help="after fine-tuning, calibrate the pretrained UNet on the scan's held-out slices too and keep "
+                        "whichever has the smaller error there (one more calibration pass; default: "
+                        f"{'on' if KEEP_BETTER else 'off'})")
     p.add_argument("--adapt-batch-size", type=_positive_int, default=d.train.batch_size,
                    help=f"in-plane crops per fine-tuning step (default: {d.train.batch_size})")
     p.add_argument("--adapt-learning-rate", type=_positive_float, default=d.train.learning_rate,
@@ -852,6 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="the low-resolution NIfTI scan to adapt to")
     p.add_argument("--output-model", required=True, metavar="DIR", help="where to write the adapted model folder")
     _add_adaptation_arguments(p, steps_flags=("--steps", "--adapt-steps"),
+                              keep_flags=("--keep-better", "--adapt-keep-better"),
                               folder=("--work-dir", "where checkpoints and logs go (default: "
                                                     "<output-model>_adaptation)"))
     _add_sampling_arguments(p, steps_flag="--sampling-steps")

@@ -254,10 +254,13 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
     assert "exists already" in capsys.readouterr().err
     code = main(["super-resolve", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),
                  "--output", str(tmp_path / "sr.nii.gz"), "--adapt", "--adapt-steps", "6", "--adapt-batch-size", "4",
-                 "--holdout-every", "2", "--samples", "2", "--steps", "2"])
+                 "--holdout-every", "2", "--samples", "2", "--steps", "2", "--adapt-keep-better"])
     assert code == 0
+    assert "held-out in-plane RMSE" in capsys.readouterr().out
     meta = json.loads((tmp_path / "sr.json").read_text())
-    assert {"adapt_s", "calibrate_s", "denoise_s"} <= set(meta["timings"]) and meta["adaptation"]["steps"] == 6
+    assert {"adapt_s", "calibrate_s", "compare_s", "denoise_s"} <= set(meta["timings"])
+    assert meta["adaptation"]["steps"] == 6 and len(meta["adaptation"]["heldout_rmse"]) == 2
+    assert meta["adaptation"]["kept"] in ("pretrained", "fine-tuned")
     assert meta["risk"]["calibrated"] and meta["risk"]["per_scan"]
     assert (tmp_path / "sr_adaptation" / "model" / "calibration.json").is_file()
     code = main(["audit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),

@@ -37,7 +37,10 @@ from gen_sr.pipelines.pipeline_latent_sr import LRInput
 from gen_sr.training.adaptation import adapt
 from gen_sr.volume import Volume
 
-__all__ = ["ScanFit", "fit_to_scan", "pretrained_on_scan", "save_model"]
+__all__ = ["KEEP_BETTER", "ScanFit", "fit_to_scan", "pretrained_on_scan", "save_model"]
+
+KEEP_BETTER = False
+""":func:`fit_to_scan`'s and the CLI's default for ``keep_better``."""
 
 
 @dataclass
@@ -68,8 +71,9 @@ def pretrained_on_scan(pipe: LatentDiffusionSRPipeline,
     return view.to(adapted.device)
 
 
-def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool = True, keep_better: bool = False,
-                alpha: float = 0.1, method: str = "crc", blocks: int = 4, progress: bool = True,
+def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool = True,
+                keep_better: bool = KEEP_BETTER, alpha: float = 0.1, method: str = "crc", blocks: int = 4,
+                progress: bool = True,
                 sampling: dict[str, Any] | None = None, volume_index: int | None = None,
                 **adapt_kwargs: Any) -> ScanFit:
     """Adapt ``pipe`` to the scan ``lr`` (:func:`~gen_sr.training.adaptation.adapt`, with ``adapt_kwargs``:
