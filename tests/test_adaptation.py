@@ -16,8 +16,7 @@ from scipy import ndimage
 from gen_sr.data import SRPairDataset
 from gen_sr.errors import InputError
 from gen_sr.eval.cases import super_resolve
-from gen_sr.eval.metrics import region_masks
-from gen_sr.eval.scan_calibration import calibrate_on_scan, scan_cases
+from gen_sr.eval.scan_calibration import calibrate_on_scan, held_out_foreground, scan_cases
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.training.adaptation import (
@@ -148,10 +147,11 @@ def test_keep_better_keeps_the_unet_with_the_smaller_error_on_the_held_out_slice
         same = all(torch.equal(a, b) for a, b in zip(candidate.unet.parameters(), pipe.unet.parameters(), strict=True))
         assert same == (name == "pretrained")
         errors, generator = [], _gen()  # the RMSE again, from the calibration's own cases and the same noise
-        for case in scan_cases(lr, record):
+        inside = held_out_foreground(lr, record)  # every held-out slice of this scan has foreground: 2 cases each
+        for j, case in enumerate(scan_cases(lr, record)):
             out = super_resolve(candidate, case, generator=generator, output_type="np", keep_samples=False,
                                 slice_normal=record.axis, **RUN)
-            errors.append((case.hr.data - out.mean)[region_masks(case.hr.data)["brain"]])
+            errors.append((case.hr.data - out.mean)[inside[:, :, [j // 2]]])
         np.testing.assert_allclose(np.sqrt(np.mean(np.concatenate(errors) ** 2)), by_name[name], rtol=1e-4)
         assert candidate.calibration.details["rmse"] == by_name[name]
     card = dict(fit.pipe.model_card.summary())
@@ -216,6 +216,33 @@ def test_per_scan_calibration_covers_the_through_plane_errors_of_an_isotropic_vo
     assert abs(coverage[4] - 0.8) < abs(coverage[1] - 0.8)
     plain = np.abs(truth.data - out.mean) <= out.std  # the uncalibrated ±1 std: what the calibration corrected
     assert abs(plain[inner].mean() - coverage[4]) > 0.05
+
+
+def test_per_scan_calibration_counts_the_scans_foreground_and_leaves_out_slices_beyond_it(tmp_path: Path) -> None:
+    """A skull-stripped scan's end slices hold only rounding noise: a slice's own foreground would find "objects" in
+    them. The units are the held-out slices with any of the scan's foreground, counted inside it."""
+    _, lr = _scan(shape=(32, 32, 60))  # 20 thick slices along RAS+ axis 2
+    data = lr.data.copy()
+    ends = np.r_[0:4, 16:20]
+    data[:, :, ends] = 1e-9 * np.random.default_rng(3).random((32, 32, len(ends)))
+    lr = lr.with_data(data)
+    config = dataclasses.replace(_config(), fine_tune=False)
+    adapted = adapt(tiny_pipeline(), lr, work_dir=tmp_path / "work", config=config)
+    record = adapted.model_card.adapted
+    assert record.held_out_slices == list(range(1, 20, 2))
+    inside = held_out_foreground(lr, record)
+    assert not inside[:, :, [0, 1, 8, 9]].any() and inside[:, :, 2:8].mean() > 0.5  # slices 1, 3, 17, 19 empty
+    cases = scan_cases(lr, record)
+    assert len(cases) == 2 * 6 and not any(c.name.startswith(("slice 1 ", "slice 3 ", "slice 17 ", "slice 19 "))
+                                           for c in cases)
+    result = calibrate_on_scan(adapted, lr, alpha=0.2, blocks=1, progress=False, generator=_gen(), **RUN)
+    assert result.calibration.num_volumes == 12
+    errors, generator = [], _gen()  # the pooled RMSE counts the scan's foreground only
+    for j, case in enumerate(cases):
+        out = super_resolve(adapted, case, generator=generator, output_type="np", keep_samples=False,
+                            slice_normal=2, **RUN)
+        errors.append((case.hr.data - out.mean)[inside[:, :, [2 + j // 2]]])
+    np.testing.assert_allclose(np.sqrt(np.mean(np.concatenate(errors) ** 2)), result.rmse, rtol=1e-4)
 
 
 @pytest.mark.parametrize("axis", [0, 1])

@@ -356,7 +356,7 @@ def check_calibration_settings(num_volumes: int, *, alpha: float = 0.1, delta: f
 def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta: float = 0.1,
               method: Literal["rcps", "crc"] = "rcps", blocks: int = 1, axis: int = 0,
               interval: Literal["std", "auto"] = "std", details: dict[str, Any] | None = None, progress: bool = True,
-              cache: str | Path | None = None,
+              cache: str | Path | None = None, masks: Callable[[Case], np.ndarray] | None = None,
               **pipe_kwargs: Any) -> CalibrationResult:
     """Calibrate a model on simulated cases: super-resolve them, cut them into units, choose the interval shape
     (``interval="auto"``), fit ``λ̂`` and check how it transfers between volumes. The settings are checked before
@@ -370,7 +370,7 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
         blocks, axis: units per volume, cut along ``axis`` of the HR grid (:func:`split_units`).
         interval: ``"std"`` for ``mean ± λ̂·std``, or ``"auto"`` to choose a spread (:func:`choose_shape`).
         details: recorded in the calibration (where the data came from); units and transfer are added.
-        progress, cache: see :func:`calibration_volumes`.
+        progress, cache, masks: see :func:`calibration_volumes`.
         pipe_kwargs: for the pipeline call (``num_samples``, ``num_inference_steps``, ``generator``, ...).
 
     Raises:
@@ -378,7 +378,7 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     """
     check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks,
                                interval=interval)
-    volumes = calibration_volumes(pipe, cases, progress=progress, cache=cache, **pipe_kwargs)
+    volumes = calibration_volumes(pipe, cases, masks=masks, progress=progress, cache=cache, **pipe_kwargs)
     fit: dict[str, Any] = {"alpha": alpha, "delta": delta, "method": method}
     shape, transfer, transfer_error = IntervalShape(), None, None
     if interval == "auto":  # every fit here leaves a volume out: with too few units, the rule cannot certify

@@ -27,10 +27,11 @@ import numpy as np
 from gen_sr.errors import InputError
 from gen_sr.eval.calibration import CalibrationResult, calibrate
 from gen_sr.eval.cases import Case, SRModel, simulate_case
+from gen_sr.eval.metrics import foreground
 from gen_sr.model_card import Adaptation
 from gen_sr.volume import Volume
 
-__all__ = ["ASSUMPTION", "calibrate_on_scan", "held_out_truth", "scan_cases"]
+__all__ = ["ASSUMPTION", "calibrate_on_scan", "held_out_foreground", "held_out_truth", "scan_cases"]
 
 ASSUMPTION = ("per-scan: fitted on the scan's own held-out in-plane slices, degraded along each in-plane axis with "
               "the scan's slices; it assumes the statistics in-plane and through-plane are alike (as SMORE and ECLARE "
@@ -64,18 +65,34 @@ def held_out_truth(lr: Volume, record: Adaptation) -> Volume:
 def scan_cases(lr: Volume, record: Adaptation, seed: int = 0) -> list[Case]:
     """The simulated problems of a per-scan calibration, one per held-out in-plane slice and in-plane axis: the
     slice (:func:`held_out_truth`) degraded along that axis with the scan's own slices (noise-free: the truth holds
-    the scan's noise already). Each is one calibration unit."""
-    truth = held_out_truth(lr, record)
-    cases = []
+    the scan's noise already). Each is one calibration unit. Slices outside the scan's foreground
+    (:func:`held_out_foreground`) pose no problem and are left out."""
+    return [case for case, _ in _cases_and_masks(lr, record, seed)]
+
+
+def held_out_foreground(lr: Volume, record: Adaptation) -> np.ndarray:
+    """The scan's foreground (:func:`gen_sr.eval.metrics.foreground` of the whole scan) on its held-out slices,
+    stacked as :func:`held_out_truth` stacks them: where calibration counts. A slice's own foreground would find
+    "objects" in a slice that holds only rounding noise (beyond the head), and count them."""
+    mask = foreground(lr.canonical().data)
+    return np.take(mask, record.held_out_slices, axis=record.axis)
+
+
+def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0) -> list[tuple[Case, np.ndarray]]:
+    truth, inside = held_out_truth(lr, record), held_out_foreground(lr, record)
+    out = []
     for j, index in enumerate(record.held_out_slices):
         start, stop = [0, 0, 0], list(truth.shape)
         start[record.axis], stop[record.axis] = j, j + 1
+        mask = inside[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
+        if not mask.any():
+            continue
         one = truth.crop(start, stop)
-        cases += [simulate_case(one, f"slice {index} degraded along {_AXES[axis]}", axis=axis,
-                                thickness=record.slice_thickness, spacing=record.slice_spacing,
-                                profile=record.profile, seed=seed)
-                  for axis in range(3) if axis != record.axis]
-    return cases
+        out += [(simulate_case(one, f"slice {index} degraded along {_AXES[axis]}", axis=axis,
+                               thickness=record.slice_thickness, spacing=record.slice_spacing,
+                               profile=record.profile, seed=seed), mask)
+                for axis in range(3) if axis != record.axis]
+    return out
 
 
 def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: float = 0.1,
@@ -94,14 +111,19 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
         pipe_kwargs: for the pipeline calls (``num_samples``, ``num_inference_steps``, ``generator``, ...).
     """
     record = _record(pipe)
-    cases = scan_cases(lr, record)
+    pairs = _cases_and_masks(lr, record)
+    if not pairs:
+        raise InputError("has no foreground in any of its held-out in-plane slices", lr.source,
+                         "check that it is the scan the model was adapted on")
+    cases, masks = [c for c, _ in pairs], {id(c): m for c, m in pairs}
     axis = min(a for a in range(3) if a != record.axis)
     info = {"per_scan": True, "assumption": ASSUMPTION, "scan": record.source,
             "held_out_slices": list(record.held_out_slices), **(details or {})}
     try:
         return calibrate(pipe, cases, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis,
-                         details=info, progress=progress, slice_normal=record.axis, **pipe_kwargs)
+                         details=info, progress=progress, masks=lambda case: masks[id(case)],
+                         slice_normal=record.axis, **pipe_kwargs)
     except ValueError as e:
-        raise InputError(f"cannot calibrate on the scan's {len(record.held_out_slices)} held-out in-plane slices x 2 "
-                         f"directions x {blocks} blocks: {e}",
+        raise InputError(f"cannot calibrate on the scan's {len(cases) // 2} held-out in-plane slices with foreground x "
+                         f"2 directions x {blocks} blocks: {e}",
                          lr.source, "hold out more slices (a smaller holdout_every) or raise alpha") from e
