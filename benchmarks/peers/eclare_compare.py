@@ -5,7 +5,7 @@ ECLARE pins an old scipy, so it lives in its own virtual environment, never a de
 
     python3 -m venv benchmarks/peers/.venv-eclare
     benchmarks/peers/.venv-eclare/bin/pip install torch==2.13.0 eclare==1.0.1
-    python benchmarks/peers/eclare_compare.py [--n-patches 3000] [--slab 8] [--output PATH]
+    python benchmarks/peers/eclare_compare.py [--contrast t1|t2like] [--n-patches 3000] [--slab 8] [--output PATH]
 
 The whole head (Colin27, cropped to its bounding box) is degraded with 4 mm Gaussian slices along RAS+ axis 2,
 noise-free and at SNR 30, exactly as the adaptation benchmark does (same seeds); ECLARE gets that LR file and the
@@ -60,6 +60,8 @@ def run_eclare(lr_path: Path, out_dir: Path, thickness_ratio: float, n_patches: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--brain", default="colin27")
+    parser.add_argument("--contrast", choices=("t1", "t2like"), default="t1",
+                        help="t2like: the brain's intensities inverted, skull removed (as adaptation_benchmark.py)")
     parser.add_argument("--thickness", type=float, default=4.0)
     parser.add_argument("--slab", type=float, default=8.0)
     parser.add_argument("--n-patches", type=int, default=3000)
@@ -71,7 +73,7 @@ def main() -> None:
         raise SystemExit(f"ECLARE is not installed at {ECLARE}: see this script's docstring")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
-    head, brain = held_out_head(args.brain, margin=4)
+    head, brain = held_out_head(args.brain, contrast=args.contrast, margin=4)
     columns = {}
     for snr in args.snr:
         label = "noise-free" if snr == 0 else f"SNR {snr:g}"
@@ -95,7 +97,8 @@ def main() -> None:
         print(label, row, flush=True)
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): ECLARE 1.0.1 on the CPU, "
              f"{args.n_patches} patches of batch {args.batch_size}, true Gaussian profile; {head.source}, whole head "
-             f"{head.shape}, {args.thickness:g} mm slices along RAS+ axis 2; measured on the central {args.slab:g} mm "
+             f"{head.shape}, contrast {args.contrast}, {args.thickness:g} mm slices along RAS+ axis 2; measured on the "
+             f"central {args.slab:g} mm "
              "coronal slab, inside the brain.", ""]
     report("\n".join(lines) + "\n" + figures_table(columns), args.output)
 
