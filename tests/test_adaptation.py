@@ -292,11 +292,11 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
     assert (tmp_path / "sr_adaptation" / "model" / "calibration.json").is_file()
     code = main(["audit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),
                  "--output-dir", str(tmp_path / "audit"), "--adapt", "--adapt-steps", "6", "--adapt-batch-size", "4",
-                 "--holdout-every", "2", "--samples", "2", "--steps", "2"])
+                 "--holdout-every", "2", "--samples", "2", "--steps", "2", "--adapt-keep-better"])
     assert code == 0
     page = (tmp_path / "audit" / "report.html").read_text().replace("&#39;", "'")
     assert "Per-scan: fitted on this scan's own 5 held-out in-plane slices" in page
-    assert "Adaptation" in page and "held-out in-plane loss" in page
+    assert "Adaptation" in page and "held-out in-plane loss" in page and "network was kept" in page
 
 
 def test_fit_without_fine_tuning_calibrates_the_pretrained_unet_on_the_scan(tmp_path: Path, capsys) -> None:

@@ -110,14 +110,20 @@ def _calibration(v: Any) -> str:
 
 
 def _adaptation(v: Any) -> str:
-    """``fine-tuned on lr.nii.gz: 200 steps in 3 min, held-out in-plane loss 0.21 -> 0.17``."""
+    """``fine-tuned on lr.nii.gz: 200 steps in 3 min, held-out in-plane loss 0.21 -> 0.17``, or what was kept instead
+    of the fine-tuning."""
     if not isinstance(v, Mapping) or "steps" not in v:
         return _plain(v)
+    if not v["steps"]:
+        return f"not fine-tuned: the pretrained network, calibrated on {v.get('source')}'s own held-out in-plane slices"
     text = (f"fine-tuned on {v.get('source')}'s own in-plane slices: {v['steps']} steps in "
             f"{seconds(float(v['seconds']))}")
-    loss = v.get("heldout_loss")
+    loss, rmse = v.get("heldout_loss"), v.get("heldout_rmse")
     if isinstance(loss, list | tuple) and len(loss) == 2:
         text += f", held-out in-plane loss {float(loss[0]):.4f} → {float(loss[1]):.4f}"
+    if isinstance(rmse, list | tuple) and len(rmse) == 2:
+        text += (f"; error on the held-out slices {float(rmse[0]):.4g} pretrained, {float(rmse[1]):.4g} fine-tuned "
+                 f"(RMSE): the {v.get('kept', 'fine-tuned')} network was kept")
     return text
 
 
