@@ -127,7 +127,7 @@ def main() -> None:
         columns[f"pretrained, {label}"] = row(pipe, slab, slab_brain, sampling())
         with tempfile.TemporaryDirectory() as work:
             fit = fit_to_scan(pipe, full.lr, work_dir=work, config=config, sampling=sampling(),
-                              keep_better=args.keep_better,
+                              keep_better=args.keep_better, scan_noise_std=full.noise_std,
                               noise_std=None if args.adapt_noise == "estimate" else 0.0,
                               target_noise_std={"estimate": None, "true": full.noise_std,
                                                 "none": 0.0}[args.target_noise])

@@ -367,7 +367,8 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
                           sampling=_sampling_kwargs(args),
                           work_dir=work_dir, config=_adaptation_config(args), slice_profile=args.profile,
                           slice_thickness=args.slice_thickness, noise_std=noise, target_noise_std=target_noise,
-                          keep_better=args.keep_better, resume="latest" if args.resume else None)
+                          keep_better=args.keep_better, scan_noise_std=args.noise_std,
+                          resume="latest" if args.resume else None)
     except ValueError as e:  # settings the adaptation cannot use, e.g. crops that do not fit the model
         raise InputError(f"cannot adapt: {e}", args.input) from e
     record, cal = fit.pipe.model_card.adapted, fit.pipe.calibration

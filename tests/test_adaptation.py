@@ -17,6 +17,7 @@ from gen_sr.data import SRPairDataset
 from gen_sr.errors import InputError
 from gen_sr.eval.cases import super_resolve
 from gen_sr.eval.scan_calibration import calibrate_on_scan, held_out_foreground, scan_cases
+from gen_sr.model_card import Adaptation
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.training.adaptation import (
@@ -243,6 +244,27 @@ def test_per_scan_calibration_counts_the_scans_foreground_and_leaves_out_slices_
                             slice_normal=2, **RUN)
         errors.append((case.hr.data - out.mean)[inside[:, :, [2 + j // 2]]])
     np.testing.assert_allclose(np.sqrt(np.mean(np.concatenate(errors) ** 2)), result.rmse, rtol=1e-4)
+
+
+def test_per_scan_calibration_problems_carry_the_scans_noise_when_it_is_given() -> None:
+    """The held-out slices hold the scan's noise, which the simulated thick slices average down; topped up, each
+    problem's LR holds the scan's noise per voxel again (as the real thick slices do), and the case carries it for the
+    pipeline's noise-aware projection."""
+    _, clean = _scan(shape=(48, 48, 60))
+    sigma = 0.05
+    noise = sigma * np.random.default_rng(4).standard_normal(clean.shape)
+    noisy = clean.with_data((clean.data + noise).astype(np.float32))
+    record = Adaptation(lr_shape=clean.shape, axis=2, slice_thickness=3.0, slice_spacing=3.0,
+                        held_out_slices=held_out_slices(clean.shape[2], 5))
+    reference = scan_cases(clean, record)
+    for noise_std, expected in ((0.0, None), (sigma, sigma)):
+        cases = scan_cases(noisy, record, noise_std=noise_std)
+        residual = np.concatenate([(c.lr.data - r.lr.data).ravel() for c, r in zip(cases, reference, strict=True)])
+        assert all(c.noise_std == noise_std for c in cases)
+        if expected is None:  # averaged down by the 3 mm profile
+            assert residual.std() < 0.75 * sigma
+        else:
+            assert residual.std() == pytest.approx(sigma, rel=0.05)
 
 
 @pytest.mark.parametrize("axis", [0, 1])

@@ -20,10 +20,12 @@ the coverage it gives on real heads.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import numpy as np
 
+from gen_sr.data import top_up_noise
 from gen_sr.errors import InputError
 from gen_sr.eval.calibration import CalibrationResult, calibrate
 from gen_sr.eval.cases import Case, SRModel, simulate_case
@@ -62,12 +64,16 @@ def held_out_truth(lr: Volume, record: Adaptation) -> Volume:
     return Volume(data, np.diag([*spacing, 1.0]), source=f"{lr.source}: held-out in-plane slices")
 
 
-def scan_cases(lr: Volume, record: Adaptation, seed: int = 0) -> list[Case]:
+def scan_cases(lr: Volume, record: Adaptation, seed: int = 0, noise_std: float = 0.0) -> list[Case]:
     """The simulated problems of a per-scan calibration, one per held-out in-plane slice and in-plane axis: the
-    slice (:func:`held_out_truth`) degraded along that axis with the scan's own slices (noise-free: the truth holds
-    the scan's noise already). Each is one calibration unit. Slices outside the scan's foreground
-    (:func:`held_out_foreground`) pose no problem and are left out."""
-    return [case for case, _ in _cases_and_masks(lr, record, seed)]
+    slice (:func:`held_out_truth`) degraded along that axis with the scan's own slices. Each is one calibration
+    unit. Slices outside the scan's foreground (:func:`held_out_foreground`) pose no problem and are left out.
+
+    Noise: the slice holds the scan's own noise, ``noise_std`` per voxel (its units), but the simulated slices
+    average it down below what the real thick slices hold. With ``noise_std`` > 0 each simulated slice is topped up to
+    it (:func:`gen_sr.data.top_up_noise`, seeded) and the case carries it, so that the pipeline projects as noise-aware
+    as on the real scan: the problems then have the real one's noise. With 0 they are noise-free."""
+    return [case for case, _ in _cases_and_masks(lr, record, seed, noise_std)]
 
 
 def held_out_foreground(lr: Volume, record: Adaptation) -> np.ndarray:
@@ -78,8 +84,10 @@ def held_out_foreground(lr: Volume, record: Adaptation) -> np.ndarray:
     return np.take(mask, record.held_out_slices, axis=record.axis)
 
 
-def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0) -> list[tuple[Case, np.ndarray]]:
+def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0,
+                     noise_std: float = 0.0) -> list[tuple[Case, np.ndarray]]:
     truth, inside = held_out_truth(lr, record), held_out_foreground(lr, record)
+    rng = np.random.default_rng(seed)
     out = []
     for j, index in enumerate(record.held_out_slices):
         start, stop = [0, 0, 0], list(truth.shape)
@@ -88,16 +96,26 @@ def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0) -> list[tupl
         if not mask.any():
             continue
         one = truth.crop(start, stop)
-        out += [(simulate_case(one, f"slice {index} degraded along {_AXES[axis]}", axis=axis,
-                               thickness=record.slice_thickness, spacing=record.slice_spacing,
-                               profile=record.profile, seed=seed), mask)
+        out += [(_noise_matched(simulate_case(one, f"slice {index} degraded along {_AXES[axis]}", axis=axis,
+                                              thickness=record.slice_thickness, spacing=record.slice_spacing,
+                                              profile=record.profile, seed=seed), noise_std, rng), mask)
                 for axis in range(3) if axis != record.axis]
     return out
 
 
+def _noise_matched(case: Case, noise_std: float, rng: np.random.Generator) -> Case:
+    """``case`` with its LR topped up to ``noise_std`` per voxel, and carrying it (0: unchanged)."""
+    if noise_std <= 0:
+        return case
+    y, _ = top_up_noise(case.lr_tensor(), case.operator, noise_std, rng)
+    return dataclasses.replace(case, lr=case.lr.with_data(y[0, 0].numpy().astype(case.lr.data.dtype)),
+                               noise_std=noise_std)
+
+
 def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: float = 0.1,
                       method: Literal["rcps", "crc"] = "crc", blocks: int = 4, progress: bool = True,
-                      details: dict[str, Any] | None = None, **pipe_kwargs: Any) -> CalibrationResult:
+                      details: dict[str, Any] | None = None, noise_std: float = 0.0,
+                      **pipe_kwargs: Any) -> CalibrationResult:
     """Calibrate an adapted model on its scan's held-out in-plane slices (see the module docstring).
 
     Args:
@@ -108,17 +126,19 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
         blocks: units per held-out slice and direction, cut along the first in-plane axis (see the module
             docstring).
         details: added to the calibration record.
+        noise_std: the scan's noise std per voxel in its units, as the pipeline is given it for the real run
+            (:func:`scan_cases`: the problems are brought up to it); 0 for noise-free problems.
         pipe_kwargs: for the pipeline calls (``num_samples``, ``num_inference_steps``, ``generator``, ...).
     """
     record = _record(pipe)
-    pairs = _cases_and_masks(lr, record)
+    pairs = _cases_and_masks(lr, record, noise_std=noise_std)
     if not pairs:
         raise InputError("has no foreground in any of its held-out in-plane slices", lr.source,
                          "check that it is the scan the model was adapted on")
     cases, masks = [c for c, _ in pairs], {id(c): m for c, m in pairs}
     axis = min(a for a in range(3) if a != record.axis)
     info = {"per_scan": True, "assumption": ASSUMPTION, "scan": record.source,
-            "held_out_slices": list(record.held_out_slices), **(details or {})}
+            "held_out_slices": list(record.held_out_slices), "noise_std": noise_std, **(details or {})}
     try:
         return calibrate(pipe, cases, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis,
                          details=info, progress=progress, masks=lambda case: masks[id(case)],

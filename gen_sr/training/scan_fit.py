@@ -73,13 +73,16 @@ def pretrained_on_scan(pipe: LatentDiffusionSRPipeline,
 
 def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool = True,
                 keep_better: bool = KEEP_BETTER, alpha: float = 0.1, method: str = "crc", blocks: int = 4,
-                progress: bool = True,
+                progress: bool = True, scan_noise_std: float = 0.0,
                 sampling: dict[str, Any] | None = None, volume_index: int | None = None,
                 **adapt_kwargs: Any) -> ScanFit:
     """Adapt ``pipe`` to the scan ``lr`` (:func:`~gen_sr.training.adaptation.adapt`, with ``adapt_kwargs``:
     ``work_dir``, ``config``, ``slice_profile``, ...) and calibrate it on the scan's held-out in-plane slices
     (:func:`gen_sr.eval.scan_calibration.calibrate_on_scan`, with ``alpha``, ``method``, ``blocks`` and the pipeline
     settings ``sampling``: ``num_samples``, ``generator``, ...); ``calibrate=False`` skips the calibration.
+    ``scan_noise_std``: the scan's noise std per voxel in its units, as the pipeline is given it (``noise_std``) for
+    the real run: the calibration's problems are brought up to it
+    (:func:`gen_sr.eval.scan_calibration.scan_cases`).
 
     ``keep_better``: also calibrate the pretrained UNet on the held-out slices, drawing the same noise (the
     generators in ``sampling`` are reset to their state before the first calibration), and keep whichever of the two
@@ -101,7 +104,7 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     def calibrated(candidate: LatentDiffusionSRPipeline, phase: str) -> CalibrationResult:
         tic = time.perf_counter()
         result = _calibrate(candidate, volume, alpha=alpha, method=method, blocks=blocks, progress=progress,
-                            sampling=sampling)
+                            sampling=sampling, noise_std=scan_noise_std)
         candidate.calibration = result.calibration
         timings[phase] = time.perf_counter() - tic
         return result
