@@ -12,6 +12,10 @@ two directions at ``α = 0.1``, which over-covers a scan by about 5 points; with
 is about 1 point (91.3 %). Blocks of one slice are only approximately exchangeable, as the blocks of
 :func:`gen_sr.eval.calibration.split_units` are.
 
+Noise and foreground: the held-out slices hold the scan's noise, which their simulated thick slices average down;
+given the scan's noise std, the problems are topped up to it and projected noise-aware, as the real run is
+(:func:`scan_cases`). Units count the scan's foreground (:func:`held_out_foreground`), not each slice's own.
+
 The assumption, as in SMORE and ECLARE: the scan's statistics are alike in-plane and through-plane, so that the
 errors on the simulated in-plane problem are exchangeable with those of the real one. Anatomy is not isotropic, so
 this holds only approximately; the calibration record says so, and ``benchmarks/adaptation_benchmark.py`` measures
