@@ -111,7 +111,7 @@ def test_adaptation_lowers_the_held_out_loss_and_its_folder_reloads_with_identic
     if contrast == "inverted":  # nothing in the adapted path assumes one contrast
         lr = lr.with_data(1.5 - lr.data)
     before = [p.clone() for p in pipe.unet.parameters()]
-    fit = fit_to_scan(pipe, lr, work_dir=tmp_path / "work", config=_config(), progress=False,
+    fit = fit_to_scan(pipe, lr, work_dir=tmp_path / "work", config=_config(), progress=False, keep_better=False,
                       sampling={"generator": _gen(), **RUN})
     record = fit.pipe.model_card.adapted
     assert record.heldout_loss[1] < 0.9 * record.heldout_loss[0]
@@ -293,7 +293,7 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
     small = ["--steps", "6", "--adapt-batch-size", "4", "--holdout-every", "2", "--samples", "2",
              "--sampling-steps", "2"]
     code = main(["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),
-                 "--output-model", str(tmp_path / "adapted"), *small])
+                 "--output-model", str(tmp_path / "adapted"), *small, "--no-keep-better"])
     assert code == 0
     assert "calibrated on the scan" in capsys.readouterr().out
     assert main(["info", "--model", str(tmp_path / "adapted")]) == 0
