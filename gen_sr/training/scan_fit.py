@@ -90,12 +90,9 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     ``keep_better``: also calibrate the pretrained UNet on the held-out slices, drawing the same noise (the
     generators in ``sampling`` are reset to their state before the first calibration), and keep whichever of the two
     has the smaller RMSE there (ties keep the pretrained one); the card's ``adapted`` record says which (``kept``) and
-    why (``heldout_rmse``). It needs the calibration, and costs one more calibration pass. Save the result with
-    :func:`save_model`.
+    why (``heldout_rmse``). It costs one more calibration pass; without the calibration (``calibrate=False``) there is
+    nothing to compare on, and the fine-tuned UNet is returned. Save the result with :func:`save_model`.
     """
-    if keep_better and not calibrate:
-        raise ValueError("keep_better compares the two models on the calibration's held-out slices: it needs "
-                         "calibrate=True")
     timings: dict[str, float] = {}
     tic = time.perf_counter()
     volume = pipe.as_volume(lr, volume_index=volume_index)
