@@ -701,7 +701,8 @@ def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
     _add_profile_argument(p, auto=True)
     p.add_argument("--noise-std", type=_non_negative_float, default=0.0,
-                   help="measurement noise std in input units, >= 0 (default 0: noise-free projections)")
+                   help="measurement noise std in input units, >= 0 (default 0: noise-free projections); when "
+                        "adapting, the per-scan calibration's problems carry it too: give it for a noisy scan")
     p.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
 
 
