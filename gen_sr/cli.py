@@ -385,9 +385,9 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
         if record.heldout_rmse is not None:
             print(f"kept:     the {record.kept} UNet (held-out in-plane RMSE {record.heldout_rmse[0]:.4g} pretrained, "
                   f"{record.heldout_rmse[1]:.4g} fine-tuned; compared in {fit.timings['compare_s']:.0f} s)")
-        print(f"calibrated on the scan: {cal.describe()}, from {cal.num_volumes} units ({len(record.held_out_slices)} "
-              f"held-out slices x 2 directions x {args.calibration_blocks} blocks, {cal.method}) in "
-              f"{fit.timings['calibrate_s']:.0f} s")
+        print(f"calibrated on the scan: {cal.describe()}, from {cal.num_volumes} units (up to "
+              f"{args.calibration_blocks} blocks per in-plane direction of each held-out slice with foreground, "
+              f"{cal.method}) in {fit.timings['calibrate_s']:.0f} s")
     return fit
 
 

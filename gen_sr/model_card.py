@@ -273,7 +273,7 @@ class ModelCard:
             elif a.kept == "pretrained":
                 rows.append(("calibrated on", f"{a.source}, keeping the pretrained UNet: {a.steps} steps of "
                                               f"fine-tuning on its in-plane slices across RAS+ axis {a.axis} did "
-                                              f"worse on the {len(a.held_out_slices)} held out{compared}"))
+                                              f"worse on the slices held out{compared}"))
             else:
                 noise = ("" if not a.target_noise_std else f"; its slices' noise (std {a.target_noise_std:.4g}"
                          f"{', estimated' if a.target_noise_estimated else ''}) taken as diffusion noise from "

@@ -40,7 +40,7 @@ from diffusers import DDPMScheduler
 from gen_sr.contrast import ContrastRanges
 from gen_sr.data import DataConfig, TrainingVolume
 from gen_sr.errors import InputError
-from gen_sr.model_card import AcquisitionRanges, Adaptation
+from gen_sr.model_card import AcquisitionRanges, Adaptation, ModelCard
 from gen_sr.physics import SliceAcquisition, SliceProfile, estimate_noise_std
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.pipeline_latent_sr import LRInput
@@ -53,7 +53,7 @@ from gen_sr.training.validation import validate_diffusion
 from gen_sr.volume import Volume
 
 __all__ = ["AdaptationConfig", "ScanSlices", "adapt", "adaptation_data", "held_out_slices", "scan_latent_noise_std",
-           "scan_slices"]
+           "scan_slices", "with_unet"]
 
 STAGE = "adaptation"
 """The stage folder under ``work_dir``: ``checkpoints/``, ``logs/``, ``metrics.jsonl``, ``config.yaml``."""
@@ -225,10 +225,16 @@ def adapt(
                         target_noise_std=target_noise_std, target_noise_estimated=target_estimated,
                         min_timestep=min_timestep,
                         seconds=time.perf_counter() - tic, **losses)
-    adapted = LatentDiffusionSRPipeline(vae=pipe.vae, unet=unet, scheduler=copy.deepcopy(pipe.scheduler),
-                                        model_card=dataclasses.replace(pipe.model_card, adapted=record))
-    adapted.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    return adapted.to(pipe.device)
+    return with_unet(pipe, unet, dataclasses.replace(pipe.model_card, adapted=record))
+
+
+def with_unet(pipe: LatentDiffusionSRPipeline, unet: Any, model_card: ModelCard) -> LatentDiffusionSRPipeline:
+    """A pipeline with ``pipe``'s autoencoder, a copy of its scheduler and its progress-bar settings, on its device,
+    holding ``unet`` and ``model_card``."""
+    out = LatentDiffusionSRPipeline(vae=pipe.vae, unet=unet, scheduler=copy.deepcopy(pipe.scheduler),
+                                    model_card=model_card)
+    out.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return out.to(pipe.device)
 
 
 def _fine_tune(pipe: LatentDiffusionSRPipeline, cfg: AdaptationConfig, work_dir: str | Path, data_cfg: DataConfig,

@@ -36,7 +36,7 @@ from gen_sr.eval.calibration import CalibrationResult
 from gen_sr.eval.scan_calibration import calibrate_on_scan
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.pipeline_latent_sr import LRInput
-from gen_sr.training.adaptation import adapt
+from gen_sr.training.adaptation import adapt, with_unet
 from gen_sr.volume import Volume
 
 __all__ = ["KEEP_BETTER", "ScanFit", "fit_to_scan", "pretrained_on_scan", "save_model"]
@@ -68,10 +68,7 @@ def pretrained_on_scan(pipe: LatentDiffusionSRPipeline,
                        adapted: LatentDiffusionSRPipeline) -> LatentDiffusionSRPipeline:
     """``pipe``'s UNet (a copy) with ``adapted``'s autoencoder, scheduler and model card (whose ``adapted`` record
     names the scan's held-out slices), uncalibrated: the pretrained model as a candidate on the same scan."""
-    view = LatentDiffusionSRPipeline(vae=adapted.vae, unet=copy.deepcopy(pipe.unet).eval().requires_grad_(False),
-                                     scheduler=copy.deepcopy(adapted.scheduler), model_card=adapted.model_card)
-    view.set_progress_bar_config(**getattr(adapted, "_progress_bar_config", {}))
-    return view.to(adapted.device)
+    return with_unet(adapted, copy.deepcopy(pipe.unet).eval().requires_grad_(False), adapted.model_card)
 
 
 def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool = True,
