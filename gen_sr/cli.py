@@ -367,7 +367,7 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
                           sampling=_sampling_kwargs(args),
                           work_dir=work_dir, config=_adaptation_config(args), slice_profile=args.profile,
                           slice_thickness=args.slice_thickness, noise_std=noise, target_noise_std=target_noise,
-                          keep_better=args.keep_better, scan_noise_std=args.noise_std,
+                          keep_better=args.keep_better, scan_noise_std=args.noise_std, reference=args.compare_on,
                           resume="latest" if args.resume else None)
     except ValueError as e:  # settings the adaptation cannot use, e.g. crops that do not fit the model
         raise InputError(f"cannot adapt: {e}", args.input) from e
@@ -384,7 +384,8 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
                      f"timestep {record.min_timestep} on" if record.target_noise_std else ""))
         if record.heldout_rmse is not None:
             print(f"kept:     the {record.kept} UNet (held-out in-plane RMSE {record.heldout_rmse[0]:.4g} pretrained, "
-                  f"{record.heldout_rmse[1]:.4g} fine-tuned; compared in {fit.timings['compare_s']:.0f} s)")
+                  f"{record.heldout_rmse[1]:.4g} fine-tuned, {record.heldout_reference} references; compared in "
+                  f"{fit.timings['compare_s']:.0f} s)")
         print(f"calibrated on the scan: {cal.describe()}, from {cal.num_volumes} units (up to "
               f"{args.calibration_blocks} blocks per in-plane direction of each held-out slice with foreground, "
               f"{cal.method}) in {fit.timings['calibrate_s']:.0f} s")
@@ -711,7 +712,7 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
                               keep_flags: Sequence[str] = ("--adapt-keep-better",)) -> None:
     """How to fine-tune a model on the input's own in-plane slices, and calibrate it there."""
     from gen_sr.training.adaptation import AdaptationConfig
-    from gen_sr.training.scan_fit import KEEP_BETTER
+    from gen_sr.training.scan_fit import KEEP_BETTER, REFERENCE
 
     d = AdaptationConfig()
     p.add_argument(*steps_flags, dest="adapt_steps", type=_whole_number_from(0), default=d.train.steps, metavar="N",
@@ -722,6 +723,10 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
                    help="after fine-tuning, calibrate the pretrained UNet on the scan's held-out slices too and keep "
                         "whichever has the smaller error there (one more calibration pass; default: "
                         f"{'on' if KEEP_BETTER else 'off'})")
+    p.add_argument("--compare-on", dest="compare_on", choices=("noisy", "recorrupted"), default=REFERENCE,
+                   help="what the two UNets' errors are measured against on a noisy scan (--noise-std): the held-out "
+                        "slices, whose noise the problems share (noisy), or problems posed with noise independent "
+                        f"of their references (recorrupted; one more pass) (default: {REFERENCE})")
     p.add_argument("--adapt-batch-size", type=_positive_int, default=d.train.batch_size,
                    help=f"in-plane crops per fine-tuning step (default: {d.train.batch_size})")
     p.add_argument("--adapt-learning-rate", type=_positive_float, default=d.train.learning_rate,

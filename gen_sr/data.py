@@ -44,6 +44,7 @@ __all__ = [
     "SRPairDataset",
     "TrainingVolume",
     "find_volumes",
+    "kept_noise_fraction",
     "load_training_volumes",
     "read_volumes",
     "slab",
@@ -249,13 +250,19 @@ def _resampled_crop(block: np.ndarray, spacing: Sequence[float], target: float, 
                      for channel in window]).astype(np.float32)
 
 
+def kept_noise_fraction(op: AcquisitionOperator) -> float:
+    """``‖a‖²``: the fraction of the variance of white noise on the HR grid that ``A`` keeps in each of its samples
+    (``a``: a row of ``A``, the mean over rows; the product over the operator's axes). 1/4 for 4 mm box slices of
+    1 mm voxels."""
+    return math.prod(float(np.mean(np.sum(op.axis_matrix(a) ** 2, axis=1))) for a in op.axes)
+
+
 def top_up_noise(y: torch.Tensor, op: AcquisitionOperator, sigma: float,
                   rng: np.random.Generator) -> tuple[torch.Tensor, float]:
     """``y = A x`` of an item ``x`` whose voxels carry white noise of std ``sigma``: ``A`` averaged it to
     ``sigma · ‖a‖`` per sample (``a``: a row of ``A``; the mean over rows is used); add Gaussian noise with the rest,
     ``sigma · sqrt(1 − ‖a‖²)``, so that each sample's noise totals ``sigma``. Returns ``y`` and ``sigma``."""
-    kept = math.prod(float(np.mean(np.sum(op.axis_matrix(a) ** 2, axis=1))) for a in op.axes)
-    extra = sigma * math.sqrt(max(0.0, 1.0 - kept))
+    extra = sigma * math.sqrt(max(0.0, 1.0 - kept_noise_fraction(op)))
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     return y + torch.randn(y.shape, generator=generator, dtype=y.dtype) * extra, sigma
 

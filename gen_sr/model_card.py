@@ -113,7 +113,11 @@ class Adaptation:
             showed the pretrained one to be the better (:func:`gen_sr.training.scan_fit.fit_to_scan` with
             ``keep_better``).
         heldout_rmse: ``(pretrained, fine-tuned)``: the RMSE of each one's mean on the held-out slices' simulated
-            problems (the per-scan calibration's), in the scan's units; ``None`` when they were not compared.
+            problems, in the scan's units; ``None`` when they were not compared. ``heldout_reference``: what
+            that error was measured against: ``"clean"`` (noise-free problems), ``"noisy"`` (the held-out slices
+            with the scan's noise, which the problems share: the per-scan calibration's own problems) or
+            ``"recorrupted"`` (:func:`gen_sr.eval.scan_calibration.recorrupted_case`: the noise of problem and
+            reference independent).
     """
 
     source: str = "<array>"
@@ -136,6 +140,7 @@ class Adaptation:
     heldout_loss: tuple[float, float] | None = None
     kept: Literal["fine-tuned", "pretrained"] = "fine-tuned"
     heldout_rmse: tuple[float, float] | None = None
+    heldout_reference: Literal["clean", "noisy", "recorrupted"] | None = None
 
 
 @dataclass
@@ -266,7 +271,8 @@ class ModelCard:
             loss = "" if a.heldout_loss is None else (f"; held-out in-plane loss {a.heldout_loss[0]:.4f} -> "
                                                        f"{a.heldout_loss[1]:.4f}")
             compared = "" if a.heldout_rmse is None else (
-                f"; held-out in-plane RMSE {a.heldout_rmse[0]:.4g} pretrained, {a.heldout_rmse[1]:.4g} fine-tuned")
+                f"; held-out in-plane RMSE {a.heldout_rmse[0]:.4g} pretrained, {a.heldout_rmse[1]:.4g} fine-tuned"
+                + (f" ({a.heldout_reference} references)" if a.heldout_reference else ""))
             if a.steps == 0:
                 rows.append(("calibrated on", f"{a.source} without fine-tuning ({len(a.held_out_slices)} of its "
                                               f"in-plane slices across RAS+ axis {a.axis})"))

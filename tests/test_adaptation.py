@@ -13,7 +13,7 @@ import torch
 from helpers import tiny_pipeline
 from scipy import ndimage
 
-from gen_sr.data import SRPairDataset
+from gen_sr.data import SRPairDataset, kept_noise_fraction
 from gen_sr.errors import InputError
 from gen_sr.eval.cases import super_resolve
 from gen_sr.eval.scan_calibration import calibrate_on_scan, held_out_foreground, scan_cases
@@ -265,6 +265,60 @@ def test_per_scan_calibration_problems_carry_the_scans_noise_when_it_is_given() 
             assert residual.std() < 0.75 * sigma
         else:
             assert residual.std() == pytest.approx(sigma, rel=0.05)
+
+
+def test_recorrupted_problems_hold_the_scans_noise_independent_of_their_references() -> None:
+    """Recorrupted, a problem's thick slices still hold the scan's noise per voxel, but the reference's noise no longer
+    shows in them: A(reference noise) is uncorrelated with the LR noise, where the plain problems share it."""
+    _, clean = _scan(shape=(48, 48, 60))
+    sigma = 0.05
+    noisy = clean.with_data((clean.data + sigma * np.random.default_rng(4).standard_normal(clean.shape)).astype(
+        np.float32))
+    record = Adaptation(lr_shape=clean.shape, axis=2, slice_thickness=3.0, slice_spacing=3.0,
+                        held_out_slices=held_out_slices(clean.shape[2], 5))
+    reference = scan_cases(clean, record)
+    alpha = np.sqrt(1 / kept_noise_fraction(reference[0].operator) - 1)
+    for recorrupt in (False, True):
+        cases = scan_cases(noisy, record, noise_std=sigma, recorrupt=recorrupt)
+        lr_noise = np.concatenate([(c.lr.data - r.lr.data).ravel() for c, r in zip(cases, reference, strict=True)])
+        seen = np.concatenate([c.operator(torch.from_numpy((c.hr.data - r.hr.data).astype(np.float64))[None, None])
+                               .numpy().ravel() for c, r in zip(cases, reference, strict=True)])
+        truth_noise = np.concatenate([(c.hr.data - r.hr.data).ravel() for c, r in zip(cases, reference, strict=True)])
+        assert lr_noise.std() == pytest.approx(sigma, rel=0.05)
+        correlation = np.corrcoef(lr_noise, seen)[0, 1]
+        if recorrupt:
+            assert abs(correlation) < 0.05
+            assert truth_noise.std() == pytest.approx(sigma * np.sqrt(1 + 1 / alpha**2), rel=0.05)
+        else:
+            assert correlation > 0.3
+            assert truth_noise.std() == pytest.approx(sigma, rel=0.05)
+
+
+def test_keep_better_on_recorrupted_problems_compares_there_and_calibrates_the_kept_unet_as_usual(
+        tmp_path: Path) -> None:
+    """With the scan's noise given and ``reference="recorrupted"``, the two UNets' RMSEs are those on the recorrupted
+    problems, and the kept one carries the calibration of the plain problems (the interval's own)."""
+    pipe = tiny_pipeline()
+    _, lr = _scan()
+    sigma = 0.05
+    noisy = lr.with_data((lr.data + sigma * np.random.default_rng(1).standard_normal(lr.shape)).astype(np.float32))
+    fit = fit_to_scan(pipe, noisy, work_dir=tmp_path / "work", config=_config(steps=10), keep_better=True,
+                      progress=False, scan_noise_std=sigma, reference="recorrupted",
+                      sampling={"generator": _gen(), **RUN})
+    record = fit.pipe.model_card.adapted
+    assert record.heldout_reference == "recorrupted" and fit.rejected.calibration is None
+    assert set(fit.timings) == {"adapt_s", "calibrate_s", "compare_s"}
+    by_name = dict(zip(("pretrained", "fine-tuned"), record.heldout_rmse, strict=True))
+    for candidate in (fit.pipe, fit.rejected):
+        name = record.kept if candidate is fit.pipe else ({"pretrained", "fine-tuned"} - {record.kept}).pop()
+        again = calibrate_on_scan(candidate, noisy, noise_std=sigma, recorrupt=True, progress=False,
+                                  generator=_gen(), **RUN)
+        assert again.rmse == pytest.approx(by_name[name], rel=1e-6) and again.calibration.details["recorrupted"]
+    plain = calibrate_on_scan(fit.pipe, noisy, noise_std=sigma, progress=False, generator=_gen(), **RUN)
+    assert not fit.calibration.calibration.details["recorrupted"]
+    assert fit.pipe.calibration.scale == pytest.approx(plain.calibration.scale, rel=1e-6)
+    assert "recorrupted references" in dict(fit.pipe.model_card.summary())[
+        "calibrated on" if record.kept == "pretrained" else "adapted on"]
 
 
 @pytest.mark.parametrize("axis", [0, 1])

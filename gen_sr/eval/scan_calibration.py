@@ -25,11 +25,13 @@ the coverage it gives on real heads.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
-from gen_sr.data import top_up_noise
+from gen_sr.data import kept_noise_fraction, top_up_noise
 from gen_sr.errors import InputError
 from gen_sr.eval.calibration import CalibrationResult, calibrate
 from gen_sr.eval.cases import Case, SRModel, simulate_case
@@ -37,7 +39,8 @@ from gen_sr.eval.metrics import foreground
 from gen_sr.model_card import Adaptation
 from gen_sr.volume import Volume
 
-__all__ = ["ASSUMPTION", "calibrate_on_scan", "held_out_foreground", "held_out_truth", "scan_cases"]
+__all__ = ["ASSUMPTION", "calibrate_on_scan", "held_out_foreground", "held_out_truth", "recorrupted_case",
+           "scan_cases"]
 
 ASSUMPTION = ("per-scan: fitted on the scan's own held-out in-plane slices, degraded along each in-plane axis with "
               "the scan's slices; it assumes the statistics in-plane and through-plane are alike (as SMORE and ECLARE "
@@ -68,7 +71,8 @@ def held_out_truth(lr: Volume, record: Adaptation) -> Volume:
     return Volume(data, np.diag([*spacing, 1.0]), source=f"{lr.source}: held-out in-plane slices")
 
 
-def scan_cases(lr: Volume, record: Adaptation, seed: int = 0, noise_std: float = 0.0) -> list[Case]:
+def scan_cases(lr: Volume, record: Adaptation, seed: int = 0, noise_std: float = 0.0,
+               recorrupt: bool = False) -> list[Case]:
     """The simulated problems of a per-scan calibration, one per held-out in-plane slice and in-plane axis: the
     slice (:func:`held_out_truth`) degraded along that axis with the scan's own slices. Each is one calibration
     unit. Slices outside the scan's foreground (:func:`held_out_foreground`) pose no problem and are left out.
@@ -76,8 +80,35 @@ def scan_cases(lr: Volume, record: Adaptation, seed: int = 0, noise_std: float =
     Noise: the slice holds the scan's own noise, ``noise_std`` per voxel (its units), but the simulated slices
     average it down below what the real thick slices hold. With ``noise_std`` > 0 each simulated slice is topped up to
     it (:func:`gen_sr.data.top_up_noise`, seeded) and the case carries it, so that the pipeline projects as noise-aware
-    as on the real scan: the problems then have the real one's noise. With 0 they are noise-free."""
-    return [case for case, _ in _cases_and_masks(lr, record, seed, noise_std)]
+    as on the real scan: the problems then have the real one's noise. With 0 they are noise-free.
+
+    ``recorrupt``: the truth's noise is then no longer shared by the problem and its reference
+    (:func:`recorrupted_case`): a model is not rewarded for keeping the measured noise, and the error against the
+    reference ranks models as the error against the clean slice would, up to a constant."""
+    return [case for case, _ in _cases_and_masks(lr, record, seed, noise_std, recorrupt)]
+
+
+def recorrupted_case(case: Case, noise_std: float, rng: np.random.Generator) -> Case:
+    """A noise-free simulated ``case`` whose truth ``t`` holds white noise of std ``noise_std`` per voxel, posed
+    with independent noise in its problem and in its reference (Recorrupted-to-Recorrupted, Pang et al., CVPR 2021):
+    with ``z ~ N(0, noise_std²)`` per voxel, the thick slices are ``A(t + αz)`` and the reference is ``t − z/α``. The
+    noise of the two, ``A(n + αz)`` and ``n − z/α``, is uncorrelated (``σ² − σ²``) and Gaussian, so independent;
+    ``α² = 1/‖a‖² − 1`` (:func:`gen_sr.data.kept_noise_fraction`) brings each thick slice's noise to ``noise_std``
+    exactly, as the real scan's. The reference holds noise of std ``noise_std · sqrt(1 + 1/α²)``, the same for
+    every model: it adds a constant to their mean squared errors and does not change their order.
+
+    Returns the case topped up as :func:`scan_cases` does without recorruption where ``A`` averages too little
+    (``α < 1/2``: the reference would hold more than twice the scan's noise std)."""
+    kept = kept_noise_fraction(case.operator)
+    alpha = math.sqrt(max(0.0, 1.0 / kept - 1.0))
+    if alpha < 0.5:
+        return _noise_matched(case, noise_std, rng)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    z = torch.randn((1, 1, *case.hr.shape), generator=generator, dtype=torch.float64) * noise_std
+    y = case.lr_tensor() + alpha * case.operator(z)
+    reference = (case.hr.data - z[0, 0].numpy() / alpha).astype(np.result_type(case.hr.data.dtype, np.float32))
+    return dataclasses.replace(case, hr=case.hr.with_data(reference),
+                               lr=case.lr.with_data(y[0, 0].numpy().astype(case.lr.data.dtype)), noise_std=noise_std)
 
 
 def held_out_foreground(lr: Volume, record: Adaptation) -> np.ndarray:
@@ -88,10 +119,11 @@ def held_out_foreground(lr: Volume, record: Adaptation) -> np.ndarray:
     return np.take(mask, record.held_out_slices, axis=record.axis)
 
 
-def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0,
-                     noise_std: float = 0.0) -> list[tuple[Case, np.ndarray]]:
+def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0, noise_std: float = 0.0,
+                     recorrupt: bool = False) -> list[tuple[Case, np.ndarray]]:
     truth, inside = held_out_truth(lr, record), held_out_foreground(lr, record)
     rng = np.random.default_rng(seed)
+    noisy = recorrupted_case if recorrupt and noise_std > 0 else _noise_matched
     out = []
     for j, index in enumerate(record.held_out_slices):
         start, stop = [0, 0, 0], list(truth.shape)
@@ -100,9 +132,9 @@ def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0,
         if not mask.any():
             continue
         one = truth.crop(start, stop)
-        out += [(_noise_matched(simulate_case(one, f"slice {index} degraded along {_AXES[axis]}", axis=axis,
-                                              thickness=record.slice_thickness, spacing=record.slice_spacing,
-                                              profile=record.profile, seed=seed), noise_std, rng), mask)
+        out += [(noisy(simulate_case(one, f"slice {index} degraded along {_AXES[axis]}", axis=axis,
+                                     thickness=record.slice_thickness, spacing=record.slice_spacing,
+                                     profile=record.profile, seed=seed), noise_std, rng), mask)
                 for axis in range(3) if axis != record.axis]
     return out
 
@@ -118,7 +150,7 @@ def _noise_matched(case: Case, noise_std: float, rng: np.random.Generator) -> Ca
 
 def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: float = 0.1,
                       method: Literal["rcps", "crc"] = "crc", blocks: int = 4, progress: bool = True,
-                      details: dict[str, Any] | None = None, noise_std: float = 0.0,
+                      details: dict[str, Any] | None = None, noise_std: float = 0.0, recorrupt: bool = False,
                       **pipe_kwargs: Any) -> CalibrationResult:
     """Calibrate an adapted model on its scan's held-out in-plane slices (see the module docstring).
 
@@ -132,17 +164,21 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
         details: added to the calibration record.
         noise_std: the scan's noise std per voxel in its units, as the pipeline is given it for the real run
             (:func:`scan_cases`: the problems are brought up to it); 0 for noise-free problems.
+        recorrupt: pose the problems with noise independent of their references' (:func:`recorrupted_case`); for
+            ranking models by the error (``CalibrationResult.rmse``), not for the interval: the references hold
+            more noise than the slices.
         pipe_kwargs: for the pipeline calls (``num_samples``, ``num_inference_steps``, ``generator``, ...).
     """
     record = _record(pipe)
-    pairs = _cases_and_masks(lr, record, noise_std=noise_std)
+    pairs = _cases_and_masks(lr, record, noise_std=noise_std, recorrupt=recorrupt)
     if not pairs:
         raise InputError("has no foreground in any of its held-out in-plane slices", lr.source,
                          "check that it is the scan the model was adapted on")
     cases, masks = [c for c, _ in pairs], {id(c): m for c, m in pairs}
     axis = min(a for a in range(3) if a != record.axis)
     info = {"per_scan": True, "assumption": ASSUMPTION, "scan": record.source,
-            "held_out_slices": list(record.held_out_slices), "noise_std": noise_std, **(details or {})}
+            "held_out_slices": list(record.held_out_slices), "noise_std": noise_std,
+            "recorrupted": recorrupt and noise_std > 0, **(details or {})}
     try:
         return calibrate(pipe, cases, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis,
                          details=info, progress=progress, masks=lambda case: masks[id(case)],

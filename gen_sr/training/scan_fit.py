@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -39,11 +39,16 @@ from gen_sr.pipelines.pipeline_latent_sr import LRInput
 from gen_sr.training.adaptation import adapt, with_unet
 from gen_sr.volume import Volume
 
-__all__ = ["KEEP_BETTER", "ScanFit", "fit_to_scan", "pretrained_on_scan", "save_model"]
+__all__ = ["KEEP_BETTER", "REFERENCE", "HeldOutReference", "ScanFit", "fit_to_scan", "pretrained_on_scan", "save_model"]
+
+HeldOutReference = Literal["noisy", "recorrupted"]
 
 KEEP_BETTER = True
 """:func:`fit_to_scan`'s and the CLI's default for ``keep_better``: adopted on three validation subjects by a criterion
 fixed before the runs (``benchmarks/ADAPTATION.md``, "Round 2")."""
+
+REFERENCE: HeldOutReference = "noisy"
+""":func:`fit_to_scan`'s and the CLI's default ``reference``."""
 
 
 @dataclass
@@ -55,7 +60,8 @@ class ScanFit:
         calibration: its per-scan calibration result (``None`` when not calibrated).
         timings: the wall time of each phase in seconds (``adapt_s``, ``calibrate_s``, and ``compare_s`` for the
             pretrained UNet's calibration with ``keep_better``).
-        rejected: with ``keep_better``, the calibrated pipeline that was not kept (for comparisons), else ``None``.
+        rejected: with ``keep_better``, the pipeline that was not kept (for comparisons; calibrated unless the
+            comparison was on recorrupted problems), else ``None``.
     """
 
     pipe: LatentDiffusionSRPipeline
@@ -73,7 +79,7 @@ def pretrained_on_scan(pipe: LatentDiffusionSRPipeline,
 
 def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool = True,
                 keep_better: bool = KEEP_BETTER, alpha: float = 0.1, method: str = "crc", blocks: int = 4,
-                progress: bool = True, scan_noise_std: float = 0.0,
+                progress: bool = True, scan_noise_std: float = 0.0, reference: HeldOutReference = REFERENCE,
                 sampling: dict[str, Any] | None = None, volume_index: int | None = None,
                 **adapt_kwargs: Any) -> ScanFit:
     """Adapt ``pipe`` to the scan ``lr`` (:func:`~gen_sr.training.adaptation.adapt`, with ``adapt_kwargs``:
@@ -89,6 +95,13 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     has the smaller RMSE there (ties keep the pretrained one); the card's ``adapted`` record says which (``kept``) and
     why (``heldout_rmse``). It costs one more calibration pass; without the calibration (``calibrate=False``) there is
     nothing to compare on, and the fine-tuned UNet is returned. Save the result with :func:`save_model`.
+
+    ``reference``: what the two are compared against where the scan is noisy (``scan_noise_std`` > 0). ``"noisy"``:
+    the calibration's own problems, whose reference (the held-out slice) shares its noise with the problem, so a
+    model that keeps the measured noise is rewarded for it. ``"recorrupted"``: problems posed with noise independent
+    of their references' (:func:`gen_sr.eval.scan_calibration.recorrupted_case`), which rank the two as their error
+    against the clean slices would; it costs a third pass, as the kept UNet is then calibrated on the calibration's
+    own problems (``rejected`` is not calibrated). Noise-free, the two are the same.
     """
     timings: dict[str, float] = {}
     tic = time.perf_counter()
@@ -97,31 +110,40 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     timings["adapt_s"] = time.perf_counter() - tic
     if not calibrate:
         return ScanFit(adapted, None, timings)
+    seeds = _generator_states(sampling)  # every candidate draws the same noise
 
-    def calibrated(candidate: LatentDiffusionSRPipeline, phase: str) -> CalibrationResult:
+    def on_scan(candidate: LatentDiffusionSRPipeline, phase: str, recorrupt: bool = False) -> CalibrationResult:
+        for generator, state in seeds:
+            generator.set_state(state)
         tic = time.perf_counter()
         result = _calibrate(candidate, volume, alpha=alpha, method=method, blocks=blocks, progress=progress,
-                            sampling=sampling, noise_std=scan_noise_std)
-        candidate.calibration = result.calibration
-        timings[phase] = time.perf_counter() - tic
+                            sampling=sampling, noise_std=scan_noise_std, recorrupt=recorrupt)
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - tic
+        if not recorrupt:
+            candidate.calibration = result.calibration
         return result
 
-    seeds = _generator_states(sampling)  # both candidates draw the same noise
-    result = calibrated(adapted, "calibrate_s")
     if not keep_better or adapted.model_card.adapted.steps == 0:  # nothing was fine-tuned: nothing to compare
-        return ScanFit(adapted, result, timings)
+        return ScanFit(adapted, on_scan(adapted, "calibrate_s"), timings)
     pretrained = pretrained_on_scan(pipe, adapted)
-    for generator, state in seeds:
-        generator.set_state(state)
-    base = calibrated(pretrained, "compare_s")
-    rmse = (float(base.rmse), float(result.rmse))  # type: ignore[arg-type]
+    if reference == "recorrupted" and scan_noise_std > 0:  # compare on their own problems, then calibrate the kept
+        rmse = (float(on_scan(pretrained, "compare_s", True).rmse),  # type: ignore[arg-type]
+                float(on_scan(adapted, "compare_s", True).rmse))  # type: ignore[arg-type]
+        results = None
+    else:  # the calibrations' own problems rank them
+        results = on_scan(pretrained, "compare_s"), on_scan(adapted, "calibrate_s")
+        rmse = (float(results[0].rmse), float(results[1].rmse))  # type: ignore[arg-type]
     kept = "pretrained" if rmse[0] <= rmse[1] else "fine-tuned"
-    record = dataclasses.replace(adapted.model_card.adapted, kept=kept, heldout_rmse=rmse)
+    record = dataclasses.replace(adapted.model_card.adapted, kept=kept, heldout_rmse=rmse, heldout_reference=(
+        "recorrupted" if results is None else "noisy" if scan_noise_std > 0 else "clean"))
     for candidate in (pretrained, adapted):
         candidate.model_card = dataclasses.replace(candidate.model_card, adapted=record)
-    if kept == "pretrained":
-        return ScanFit(pretrained, base, timings, rejected=adapted)
-    return ScanFit(adapted, result, timings, rejected=pretrained)
+    winner, loser = (pretrained, adapted) if kept == "pretrained" else (adapted, pretrained)
+    if results is None:
+        result = on_scan(winner, "calibrate_s")
+    else:
+        result = results[0] if kept == "pretrained" else results[1]
+    return ScanFit(winner, result, timings, rejected=loser)
 
 
 def _generator_states(sampling: dict[str, Any] | None) -> list[tuple[torch.Generator, torch.Tensor]]:
