@@ -82,8 +82,11 @@ def main() -> None:
                              "mask)")
     parser.add_argument("--contrast", choices=("t1", "t2like"), default="t1",
                         help="t2like: the brain's intensities inverted, skull removed (a named head only)")
-    parser.add_argument("--adapt-noise", choices=("estimate", "none"), default="none",
-                        help="top the simulated slices' noise up to the scan's estimated noise, or add none")
+    parser.add_argument("--adapt-noise", choices=("estimate", "true", "none"), default="none",
+                        help="top the simulated slices' noise up to the scan's noise, estimated or the one the "
+                             "simulation added, or add none")
+    parser.add_argument("--adapt-recorrupt", action="store_true",
+                        help="recorrupt the fine-tuning pairs with that noise instead (adapt(recorrupt=True))")
     parser.add_argument("--target-noise", choices=("estimate", "true", "none"), default="none",
                         help="take the scan's noise in the pairs' truth as part of the diffusion noise, its std "
                              "estimated from the scan or the one the simulation added (an oracle, to tell the method's "
@@ -133,7 +136,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as work:
             fit = fit_to_scan(pipe, full.lr, work_dir=work, config=config, sampling=sampling(),
                               keep_better=args.keep_better, scan_noise_std=full.noise_std, reference="noisy",
-                              noise_std=None if args.adapt_noise == "estimate" else 0.0,
+                              noise_std={"estimate": None, "true": full.noise_std, "none": 0.0}[args.adapt_noise],
+                              recorrupt=args.adapt_recorrupt and snr > 0,
                               target_noise_std={"estimate": None, "true": full.noise_std,
                                                 "none": 0.0}[args.target_noise])
         record = fit.pipe.model_card.adapted
@@ -179,7 +183,8 @@ def main() -> None:
              "slices along RAS+ axis 2; "
              f"measured on the central {args.slab:g} mm coronal slab, inside the brain; {args.samples} samples x "
              f"{args.steps} steps; {args.adapt_steps} adaptation steps"
-             f"{', the better one kept' if args.keep_better else ''}, noise top-up: {args.adapt_noise}, "
+             f"{', the better one kept' if args.keep_better else ''}, noise top-up: {args.adapt_noise}"
+             f"{' (pairs recorrupted with it)' if args.adapt_recorrupt else ''}, "
              f"noise in the truth: {args.target_noise}.", ""]
     report("\n".join(lines) + "\n" + figures_table(columns, figures), args.output)
 

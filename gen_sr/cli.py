@@ -362,11 +362,15 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
     from gen_sr.training.scan_fit import fit_to_scan
 
     noise, target_noise = _adaptation_noise(args), _adaptation_noise(args, "--adapt-target-noise")
+    if args.adapt_recorrupt and noise == 0:
+        raise InputError("--adapt-recorrupt needs the scan's noise: pass --adapt-noise given (with --noise-std) or "
+                         "--adapt-noise estimate", args.input)
     try:
         fit = fit_to_scan(pipe, lr, alpha=args.alpha, method=args.method, blocks=args.calibration_blocks,
                           sampling=_sampling_kwargs(args),
                           work_dir=work_dir, config=_adaptation_config(args), slice_profile=args.profile,
                           slice_thickness=args.slice_thickness, noise_std=noise, target_noise_std=target_noise,
+                          recorrupt=args.adapt_recorrupt,
                           keep_better=args.keep_better, scan_noise_std=args.noise_std, reference=args.compare_on,
                           resume="latest" if args.resume else None)
     except ValueError as e:  # settings the adaptation cannot use, e.g. crops that do not fit the model
@@ -738,6 +742,10 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
                    help="add noise to the simulated slices of the fine-tuning pairs up to the scan's noise: none (the "
                         "default; it did not help on validation data), given (--noise-std) or estimate (from the "
                         "scan)")
+    p.add_argument("--adapt-recorrupt", action="store_true",
+                   help="with --adapt-noise given or estimate: pose each fine-tuning pair with noise independent of "
+                        "its truth's (Recorrupted-to-Recorrupted) instead of topping it up, so that the model cannot "
+                        "learn to keep the scan's noise")
     p.add_argument("--adapt-target-noise", choices=("none", "given", "estimate"), default="none",
                    help="the noise that the pairs' truth (the scan's own slices) holds, taken as part of the "
                         "diffusion noise so that the model does not learn to draw it: none (taken as clean; the "

@@ -39,6 +39,7 @@ from gen_sr.sample_data import SOURCE_NAMES, load_sample, mni152_tissues
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
 
 __all__ = [
+    "MIN_RECORRUPTION",
     "AcquisitionRanges",
     "DataConfig",
     "SRPairDataset",
@@ -47,6 +48,7 @@ __all__ = [
     "kept_noise_fraction",
     "load_training_volumes",
     "read_volumes",
+    "recorrupt",
     "slab",
     "slab_bounds",
     "top_up_noise",
@@ -87,6 +89,10 @@ class DataConfig:
             adaptation: the scan's in-plane slices hold its noise). The simulated acquisition averages it down; each
             LR sample then gets Gaussian noise with the rest of it, so that its noise totals this std, as a real
             acquisition's samples do. 0: none (and ``acquisition.snr`` applies as usual).
+        recorrupt: with ``item_noise_std``, pose each pair by :func:`recorrupt` instead (LR noise of the same std,
+            independent of the HR target's), so that the target's noise cannot be predicted from the LR: a model then
+            learns the clean item's expectation, not one that keeps the measured noise. Where the acquisition averages
+            too little for it, the item is topped up as without it.
     """
 
     paths: list[str] = field(default_factory=list)
@@ -102,6 +108,7 @@ class DataConfig:
     contrast: ContrastRanges = field(default_factory=ContrastRanges)
     in_plane_spacing: tuple[float, float] | None = None
     item_noise_std: float = 0.0
+    recorrupt: bool = False
 
     def __post_init__(self) -> None:
         if not self.item_noise_std >= 0:
@@ -257,6 +264,29 @@ def kept_noise_fraction(op: AcquisitionOperator) -> float:
     return math.prod(float(np.mean(np.sum(op.axis_matrix(a) ** 2, axis=1))) for a in op.axes)
 
 
+MIN_RECORRUPTION = 0.5
+"""The least ``α`` :func:`recorrupt` poses a pair with: below it the reference would hold more than twice the
+noise std of the item (``sqrt(1 + 1/α²)``)."""
+
+
+def recorrupt(x: torch.Tensor, op: AcquisitionOperator, sigma: float,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A pair from an item ``x`` ``(1, 1, *S)`` whose voxels carry white Gaussian noise ``n`` of std ``sigma``, whose
+    two noises are independent (Recorrupted-to-Recorrupted, Pang et al., CVPR 2021): with ``z ~ N(0, sigma²)`` per
+    voxel (seeded from ``rng``), the measurement ``y = A(x + αz)`` and the reference ``x − z/α``. Their noises,
+    ``A(n + αz)`` and ``n − z/α``, are uncorrelated (``sigma² − sigma²``) and Gaussian, so independent: what can be
+    predicted of the reference from ``y`` is the clean item's. ``α² = 1/‖a‖² − 1`` (:func:`kept_noise_fraction`)
+    brings each sample of ``y`` to ``sigma`` exactly, as a real acquisition's; the reference holds
+    ``sigma · sqrt(1 + 1/α²)``. Returns ``(y, reference)``, or ``None`` where ``A`` averages too little for it
+    (``α`` < :data:`MIN_RECORRUPTION`)."""
+    alpha = math.sqrt(max(0.0, 1.0 / kept_noise_fraction(op) - 1.0))
+    if alpha < MIN_RECORRUPTION:
+        return None
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    z = torch.randn(x.shape, generator=generator, dtype=x.dtype) * sigma
+    return op(x + alpha * z), x - z / alpha
+
+
 def top_up_noise(y: torch.Tensor, op: AcquisitionOperator, sigma: float,
                   rng: np.random.Generator) -> tuple[torch.Tensor, float]:
     """``y = A x`` of an item ``x`` whose voxels carry white noise of std ``sigma``: ``A`` averaged it to
@@ -332,9 +362,12 @@ class SRPairDataset(torch.utils.data.Dataset):
             [SliceAcquisition(axis, thickness, slice_spacing, profile)], crop.shape, crop_spacing
         )
         hr = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float64))[None, None]
-        y = op(hr)
-        noise_std = 0.0
-        if self.cfg.item_noise_std > 0:  # the rest of the noise the items carry, as the real acquisition holds it
+        y, noise_std, pair = op(hr), 0.0, None
+        if self.cfg.item_noise_std > 0 and self.cfg.recorrupt:  # the item's noise made independent of its LR's
+            pair = recorrupt(hr, op, self.cfg.item_noise_std, rng)
+        if pair is not None:
+            (y, hr), noise_std = pair, self.cfg.item_noise_std
+        elif self.cfg.item_noise_std > 0:  # the rest of the noise the items carry, as the real acquisition holds it
             y, noise_std = top_up_noise(y, op, self.cfg.item_noise_std, rng)
         elif acq.snr is not None and rng.random() >= acq.noise_free_fraction:
             snr = math.exp(rng.uniform(math.log(acq.snr[0]), math.log(acq.snr[1])))

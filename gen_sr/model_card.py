@@ -100,7 +100,8 @@ class Adaptation:
         steps, batch_size, learning_rate: the fine-tuning (``steps`` 0: none, the pretrained UNet calibrated on the
             scan's held-out slices).
         noise_std: the scan's noise std per voxel (its units) that the simulated slices were brought up to;
-            ``noise_estimated``: whether it was estimated from the scan (:func:`gen_sr.physics.estimate_noise_std`).
+            ``noise_estimated``: whether it was estimated from the scan (:func:`gen_sr.physics.estimate_noise_std`);
+            ``recorrupted``: whether the pairs were recorrupted with it instead (:func:`gen_sr.data.recorrupt`).
         target_noise_std: the noise std per voxel (its units) that the pairs' truth was taken to hold, as part of
             the diffusion noise (:func:`gen_sr.training.noisy_targets.noisy_target_pair`; 0: taken as clean);
             ``target_noise_estimated``: whether it was estimated from the scan; ``min_timestep``: the first
@@ -132,6 +133,7 @@ class Adaptation:
     learning_rate: float = 0.0
     noise_std: float = 0.0
     noise_estimated: bool = False
+    recorrupted: bool = False
     target_noise_std: float = 0.0
     target_noise_estimated: bool = False
     min_timestep: int = 0
@@ -284,6 +286,8 @@ class ModelCard:
                 noise = ("" if not a.target_noise_std else f"; its slices' noise (std {a.target_noise_std:.4g}"
                          f"{', estimated' if a.target_noise_estimated else ''}) taken as diffusion noise from "
                          f"timestep {a.min_timestep} on")
+                noise += ("" if not a.recorrupted else f"; pairs recorrupted with noise std {a.noise_std:.4g}"
+                          f"{', estimated' if a.noise_estimated else ''}")
                 rows.append(("adapted on", f"{a.source} ({a.steps} steps, {a.seconds:.0f} s, on its in-plane slices "
                                            f"across RAS+ axis {a.axis}; {len(a.held_out_slices)} slices held out for "
                                            f"its calibration{loss}{compared}{noise})"))

@@ -13,7 +13,7 @@ import torch
 from helpers import tiny_pipeline
 from scipy import ndimage
 
-from gen_sr.data import SRPairDataset, kept_noise_fraction
+from gen_sr.data import SRPairDataset, TrainingVolume, kept_noise_fraction
 from gen_sr.errors import InputError
 from gen_sr.eval.cases import super_resolve
 from gen_sr.eval.scan_calibration import calibrate_on_scan, held_out_foreground, scan_cases
@@ -83,6 +83,33 @@ def test_pairs_are_in_plane_slices_degraded_with_the_scans_own_slices(profile) -
         op = AcquisitionOperator([SliceAcquisition(1, 3.0, 3.5, profile)], hr.shape, (1.0, 1.0))
         expected = op.interpolate(op(item["hr"][None].double()), "cubic")[0, 0].float().numpy()
         np.testing.assert_allclose(item["lr"][0].numpy(), expected, atol=1e-5)  # degraded along W, by A
+
+
+@pytest.mark.parametrize("recorrupt", [False, True])
+def test_recorrupted_pairs_hold_truth_noise_that_their_lr_does_not_show(recorrupt: bool) -> None:
+    """The pairs of a noisy scan: topped up, the LR's noise holds the truth's (they correlate voxel by voxel);
+    recorrupted, the two are independent, and the truth holds more noise (``sqrt(1 + 1/α²)`` times the scan's)."""
+    pipe = tiny_pipeline()
+    lr = Volume(_field((24, 24, 9), seed=2), np.diag([1.0, 1.0, 3.5, 1.0]))
+    slices = scan_slices(pipe, lr, slice_thickness=3.0)
+    data_cfg, volume, _ = adaptation_data(pipe, lr, slices, _config())
+    sigma = 0.05
+    noisy = TrainingVolume(volume.data + sigma * np.random.default_rng(3).standard_normal(volume.data.shape),
+                           volume.spacing)
+    clean = SRPairDataset([volume], data_cfg, "train", length=48, seed=0)  # the same crops and slices, no noise
+    items = SRPairDataset([noisy], dataclasses.replace(data_cfg, item_noise_std=sigma, recorrupt=recorrupt), "train",
+                          length=48, seed=0)
+    hr_noise = np.concatenate([(items[i]["hr"] - clean[i]["hr"]).numpy().ravel() for i in range(len(items))])
+    lr_noise = np.concatenate([(items[i]["lr"] - clean[i]["lr"]).numpy().ravel() for i in range(len(items))])
+    correlation = np.corrcoef(hr_noise, lr_noise)[0, 1]
+    op = AcquisitionOperator([SliceAcquisition(1, 3.0, 3.5, "gaussian")], (16, 16), (1.0, 1.0))
+    alpha = np.sqrt(1 / kept_noise_fraction(op) - 1)
+    if recorrupt:
+        assert abs(correlation) < 0.05
+        assert hr_noise.std() == pytest.approx(sigma * np.sqrt(1 + 1 / alpha**2), rel=0.05)
+    else:
+        assert correlation > 0.15
+        assert hr_noise.std() == pytest.approx(sigma, rel=0.05)
 
 
 def _find(crop: np.ndarray, image: np.ndarray) -> bool:
@@ -426,3 +453,24 @@ def test_fit_runs_on_two_processes_with_identical_weights(tmp_path: Path) -> Non
     assert summary["world_size"] == 2 and summary["parameters_identical_across_ranks"]
     loaded = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "adapted")
     assert loaded.model_card.adapted.steps == 6 and loaded.calibration.details["per_scan"]
+
+
+def test_fit_recorrupts_pairs_and_compares_on_recorrupted_problems_from_the_command_line(tmp_path: Path,
+                                                                                      capsys) -> None:
+    from gen_sr.cli import main
+    from gen_sr.volume import save_volume
+
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    _, lr = _scan(shape=(24, 24, 30))
+    noisy = lr.with_data((lr.data + 0.03 * np.random.default_rng(0).standard_normal(lr.shape)).astype(np.float32))
+    save_volume(noisy, tmp_path / "lr.nii.gz")
+    args = ["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"), "--output-model",
+            str(tmp_path / "adapted"), "--steps", "4", "--adapt-batch-size", "4", "--holdout-every", "2", "--samples",
+            "2", "--sampling-steps", "2", "--noise-std", "0.03", "--adapt-recorrupt"]
+    assert main(args) == 2  # recorrupting needs the noise it recorrupts with
+    assert "--adapt-recorrupt needs the scan's noise" in capsys.readouterr().err
+    assert main([*args, "--adapt-noise", "given", "--compare-on", "recorrupted", "--keep-better"]) == 0
+    assert "recorrupted references" in capsys.readouterr().out
+    record = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "adapted").model_card.adapted
+    assert record.recorrupted and record.noise_std == pytest.approx(0.03)
+    assert record.heldout_reference == "recorrupted" and len(record.heldout_rmse) == 2

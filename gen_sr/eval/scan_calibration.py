@@ -25,13 +25,12 @@ the coverage it gives on real heads.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from gen_sr.data import kept_noise_fraction, top_up_noise
+from gen_sr.data import recorrupt, top_up_noise
 from gen_sr.errors import InputError
 from gen_sr.eval.calibration import CalibrationResult, calibrate
 from gen_sr.eval.cases import Case, SRModel, simulate_case
@@ -89,26 +88,17 @@ def scan_cases(lr: Volume, record: Adaptation, seed: int = 0, noise_std: float =
 
 
 def recorrupted_case(case: Case, noise_std: float, rng: np.random.Generator) -> Case:
-    """A noise-free simulated ``case`` whose truth ``t`` holds white noise of std ``noise_std`` per voxel, posed
-    with independent noise in its problem and in its reference (Recorrupted-to-Recorrupted, Pang et al., CVPR 2021):
-    with ``z ~ N(0, noise_std²)`` per voxel, the thick slices are ``A(t + αz)`` and the reference is ``t − z/α``. The
-    noise of the two, ``A(n + αz)`` and ``n − z/α``, is uncorrelated (``σ² − σ²``) and Gaussian, so independent;
-    ``α² = 1/‖a‖² − 1`` (:func:`gen_sr.data.kept_noise_fraction`) brings each thick slice's noise to ``noise_std``
-    exactly, as the real scan's. The reference holds noise of std ``noise_std · sqrt(1 + 1/α²)``, the same for
-    every model: it adds a constant to their mean squared errors and does not change their order.
-
-    Returns the case topped up as :func:`scan_cases` does without recorruption where ``A`` averages too little
-    (``α < 1/2``: the reference would hold more than twice the scan's noise std)."""
-    kept = kept_noise_fraction(case.operator)
-    alpha = math.sqrt(max(0.0, 1.0 / kept - 1.0))
-    if alpha < 0.5:
+    """A noise-free simulated ``case`` whose truth holds white noise of std ``noise_std`` per voxel, posed with
+    independent noise in its problem and its reference (:func:`gen_sr.data.recorrupt`): its thick slices hold
+    ``noise_std`` exactly, as the real scan's, and its reference holds more noise, the same for every model, which adds
+    a constant to their mean squared errors and does not change their order. Where ``A`` averages too little for
+    that, the case is topped up as :func:`scan_cases` does without recorruption."""
+    pair = recorrupt(torch.from_numpy(case.hr.data.astype(np.float64))[None, None], case.operator, noise_std, rng)
+    if pair is None:
         return _noise_matched(case, noise_std, rng)
-    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    z = torch.randn((1, 1, *case.hr.shape), generator=generator, dtype=torch.float64) * noise_std
-    y = case.lr_tensor() + alpha * case.operator(z)
-    reference = (case.hr.data - z[0, 0].numpy() / alpha).astype(np.result_type(case.hr.data.dtype, np.float32))
-    return dataclasses.replace(case, hr=case.hr.with_data(reference),
-                               lr=case.lr.with_data(y[0, 0].numpy().astype(case.lr.data.dtype)), noise_std=noise_std)
+    y, reference = (t[0, 0].numpy() for t in pair)
+    return dataclasses.replace(case, hr=case.hr.with_data(reference.astype(np.result_type(case.hr.data, np.float32))),
+                               lr=case.lr.with_data(y.astype(case.lr.data.dtype)), noise_std=noise_std)
 
 
 def held_out_foreground(lr: Volume, record: Adaptation) -> np.ndarray:

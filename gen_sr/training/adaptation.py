@@ -128,11 +128,12 @@ def held_out_slices(n: int, every: int) -> list[int]:
 
 
 def adaptation_data(pipe: LatentDiffusionSRPipeline, canon: Volume, slices: ScanSlices, cfg: AdaptationConfig,
-                    noise_std: float = 0.0) -> tuple[DataConfig, TrainingVolume, list[int]]:
+                    noise_std: float = 0.0, recorrupt: bool = False) -> tuple[DataConfig, TrainingVolume, list[int]]:
     """The training data of an adaptation: the data config, the scan as a training volume (normalised as the
     pipeline normalises it, its slices along ``slices.axis`` reordered so that the held-out ones come last), and the
     held-out slice indices (in the scan's RAS+ order). ``noise_std``: the scan's per-voxel noise std in its own
-    units, which the simulated slices are brought up to (``DataConfig.item_noise_std``)."""
+    units, which the simulated slices are brought up to (``DataConfig.item_noise_std``), or, with ``recorrupt``, with
+    which the pairs are recorrupted (``DataConfig.recorrupt``)."""
     card, n = pipe.model_card, canon.shape[slices.axis]
     held = held_out_slices(n, cfg.holdout_every)
     order = [i for i in range(n) if i not in set(held)] + held
@@ -146,7 +147,8 @@ def adaptation_data(pipe: LatentDiffusionSRPipeline, canon: Volume, slices: Scan
                           slice_normals=[slices.axis], holdout_axis=slices.axis, holdout_fraction=len(held) / n,
                           normalize_percentiles=card.normalize_percentiles, condition=card.condition,
                           min_foreground=cfg.min_foreground, acquisition=acquisition,
-                          contrast=ContrastRanges(), in_plane_spacing=None, item_noise_std=noise_std / norm.scale)
+                          contrast=ContrastRanges(), in_plane_spacing=None, item_noise_std=noise_std / norm.scale,
+                          recorrupt=recorrupt)
     return data_cfg, TrainingVolume(data.astype(np.float32), canon.spacing), held
 
 
@@ -160,6 +162,7 @@ def adapt(
     slice_thickness: float | None = None,
     noise_std: float | None = 0.0,
     target_noise_std: float | None = 0.0,
+    recorrupt: bool = False,
     resume: str | None = None,
     volume_index: int | None = None,
 ) -> LatentDiffusionSRPipeline:
@@ -180,6 +183,9 @@ def adapt(
             scan's noise. Off by default: it trains only the timesteps where that noise is at most half the
             diffusion's, the network drifts below them, and on three validation subjects at SNR 30 it lost 0.12 dB
             on average (``benchmarks/ADAPTATION.md``).
+        recorrupt: with ``noise_std`` (given or estimated), pose each pair with noise independent of its truth's
+            instead of topping it up (:func:`gen_sr.data.recorrupt`): the pairs' truth, the scan's own noisy slices,
+            then holds nothing the model can predict from the simulated thick slices but the clean image.
         resume: ``"latest"`` or a checkpoint folder, to go on with an interrupted adaptation.
         volume_index: which volume of a 4D series.
 
@@ -198,12 +204,14 @@ def adapt(
         raise ValueError(f"crop_size {cfg.crop_size} must be multiples of the model's tile multiple "
                          f"{pipe.tile_multiple}")
     if not cfg.fine_tune:  # the pretrained UNet as it is: no pairs are trained on, so no noise to model
-        noise_std = target_noise_std = 0.0
+        noise_std, target_noise_std, recorrupt = 0.0, 0.0, False
+    if recorrupt and noise_std == 0:
+        raise ValueError("recorrupting the pairs needs the scan's noise std (noise_std given or None: estimated)")
     estimated, target_estimated = noise_std is None, target_noise_std is None
     scan_noise = estimate_noise_std(canon.data, slices.axis) if estimated or target_estimated else 0.0
     noise_std = scan_noise if estimated else float(noise_std)  # type: ignore[arg-type]
     target_noise_std = scan_noise if target_estimated else float(target_noise_std)  # type: ignore[arg-type]
-    data_cfg, training_volume, held = adaptation_data(pipe, canon, slices, cfg, noise_std)
+    data_cfg, training_volume, held = adaptation_data(pipe, canon, slices, cfg, noise_std, recorrupt)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     latent_noise, min_timestep = None, 0
     if target_noise_std > 0:  # measured on the training slices only
@@ -222,6 +230,7 @@ def adapt(
                         held_out_slices=held, steps=cfg.train.steps if cfg.fine_tune else 0,
                         batch_size=cfg.train.batch_size,
                         learning_rate=cfg.train.learning_rate, noise_std=noise_std, noise_estimated=estimated,
+                        recorrupted=recorrupt,
                         target_noise_std=target_noise_std, target_noise_estimated=target_estimated,
                         min_timestep=min_timestep,
                         seconds=time.perf_counter() - tic, **losses)
