@@ -101,15 +101,22 @@ def test_recorrupted_pairs_hold_truth_noise_that_their_lr_does_not_show(recorrup
                           length=48, seed=0)
     hr_noise = np.concatenate([(items[i]["hr"] - clean[i]["hr"]).numpy().ravel() for i in range(len(items))])
     lr_noise = np.concatenate([(items[i]["lr"] - clean[i]["lr"]).numpy().ravel() for i in range(len(items))])
-    correlation = np.corrcoef(hr_noise, lr_noise)[0, 1]
     op = AcquisitionOperator([SliceAcquisition(1, 3.0, 3.5, "gaussian")], (16, 16), (1.0, 1.0))
     alpha = np.sqrt(1 / kept_noise_fraction(op) - 1)
+    _check_recorruption(np.corrcoef(hr_noise, lr_noise)[0, 1], hr_noise, sigma, alpha, recorrupt, shared=0.15)
+
+
+def _check_recorruption(correlation: float, truth_noise: np.ndarray, sigma: float, alpha: float, recorrupt: bool,
+                        shared: float) -> None:
+    """Recorrupted: the truth's noise does not show in the LR's (correlation about 0) and has the std
+    ``sigma · sqrt(1 + 1/α²)``; topped up, the LR's noise holds the truth's (correlation above ``shared``) and the
+    truth holds the scan's own."""
     if recorrupt:
         assert abs(correlation) < 0.05
-        assert hr_noise.std() == pytest.approx(sigma * np.sqrt(1 + 1 / alpha**2), rel=0.05)
+        assert truth_noise.std() == pytest.approx(sigma * np.sqrt(1 + 1 / alpha**2), rel=0.05)
     else:
-        assert correlation > 0.15
-        assert hr_noise.std() == pytest.approx(sigma, rel=0.05)
+        assert correlation > shared
+        assert truth_noise.std() == pytest.approx(sigma, rel=0.05)
 
 
 def _find(crop: np.ndarray, image: np.ndarray) -> bool:
@@ -312,13 +319,7 @@ def test_recorrupted_problems_hold_the_scans_noise_independent_of_their_referenc
                                .numpy().ravel() for c, r in zip(cases, reference, strict=True)])
         truth_noise = np.concatenate([(c.hr.data - r.hr.data).ravel() for c, r in zip(cases, reference, strict=True)])
         assert lr_noise.std() == pytest.approx(sigma, rel=0.05)
-        correlation = np.corrcoef(lr_noise, seen)[0, 1]
-        if recorrupt:
-            assert abs(correlation) < 0.05
-            assert truth_noise.std() == pytest.approx(sigma * np.sqrt(1 + 1 / alpha**2), rel=0.05)
-        else:
-            assert correlation > 0.3
-            assert truth_noise.std() == pytest.approx(sigma, rel=0.05)
+        _check_recorruption(np.corrcoef(lr_noise, seen)[0, 1], truth_noise, sigma, alpha, recorrupt, shared=0.3)
 
 
 def test_keep_better_on_recorrupted_problems_compares_there_and_calibrates_the_kept_unet_as_usual(
