@@ -10,8 +10,9 @@ The held-out problems must pose the real one: with the scan's noise given (``sca
 slices are topped up to it and projected noise-aware, as the real thick slices are
 (:func:`gen_sr.eval.scan_calibration.scan_cases`). Without it, at SNR 30 they held half the real noise, and on a
 validation subject they ranked first a fine-tuned UNet that lost 0.91 dB through-plane (``benchmarks/ADAPTATION.md``).
-The truth of the held-out slices is itself noisy; that noise is independent of the fine-tuning, and adds about the
-same to both models' errors.
+The truth of the held-out slices is itself noisy, and the problems' thick slices are made from it, so a model that
+keeps the measured noise is rewarded for it there. ``reference="recorrupted"`` poses the comparison's problems with
+noise independent of their references' (:func:`gen_sr.eval.scan_calibration.recorrupted_case`), at one more pass.
 
     fit = fit_to_scan(pipe, "lr.nii.gz", work_dir="runs/adapt_lr", scan_noise_std=12.0)
     save_model(fit.pipe, "models/heads2d_lr")
@@ -58,8 +59,9 @@ class ScanFit:
     Attributes:
         pipe: the adapted, calibrated pipeline (with the pretrained UNet where ``keep_better`` kept it).
         calibration: its per-scan calibration result (``None`` when not calibrated).
-        timings: the wall time of each phase in seconds (``adapt_s``, ``calibrate_s``, and ``compare_s`` for the
-            pretrained UNet's calibration with ``keep_better``).
+        timings: the wall time of each phase in seconds (``adapt_s``, ``calibrate_s``, and with ``keep_better``
+            ``compare_s``: the passes the comparison adds: the pretrained UNet's calibration, or with recorrupted
+            references both candidates' passes on them).
         rejected: with ``keep_better``, the pipeline that was not kept (for comparisons; calibrated unless the
             comparison was on recorrupted problems), else ``None``.
     """
