@@ -2,7 +2,8 @@
 real head that no model was trained on (Colin27 by default).
 
     python benchmarks/adaptation_benchmark.py --model models/heads2d [--contrast t1|t2like] [--samples 4] \\
-        [--steps 10] [--adapt-steps 200] [--target-noise none|estimate|true] [--slab 8] [--output PATH]
+        [--steps 10] [--adapt-steps 200] [--adapt-noise auto|estimate|true|none] [--adapt-recorrupt] \\
+        [--target-noise none|estimate|true] [--keep-better] [--recorrupted] [--slab 8] [--output PATH]
 
 ``--contrast t2like`` inverts the brain's intensities (as ``prior_benchmark.py`` does: CSF bright, white matter dark,
 skull removed), a contrast no training head has. The whole head (cropped to its bounding box) is degraded with 4 mm
@@ -82,11 +83,13 @@ def main() -> None:
                              "mask)")
     parser.add_argument("--contrast", choices=("t1", "t2like"), default="t1",
                         help="t2like: the brain's intensities inverted, skull removed (a named head only)")
-    parser.add_argument("--adapt-noise", choices=("estimate", "true", "none"), default="none",
-                        help="top the simulated slices' noise up to the scan's noise, estimated or the one the "
-                             "simulation added, or add none")
+    parser.add_argument("--adapt-noise", choices=("auto", "estimate", "true", "none"), default="auto",
+                        help="the fine-tuning pairs' noise: auto (fit_to_scan's default: recorrupted with the std the "
+                             "simulation added), or topped up to the scan's noise, estimated or the one the simulation "
+                             "added, or none")
     parser.add_argument("--adapt-recorrupt", action="store_true",
-                        help="recorrupt the fine-tuning pairs with that noise instead (adapt(recorrupt=True))")
+                        help="with --adapt-noise estimate or true: recorrupt the pairs with that noise instead of "
+                             "topping them up (adapt(recorrupt=True))")
     parser.add_argument("--target-noise", choices=("estimate", "true", "none"), default="none",
                         help="take the scan's noise in the pairs' truth as part of the diffusion noise, its std "
                              "estimated from the scan or the one the simulation added (an oracle, to tell the method's "
@@ -134,10 +137,11 @@ def main() -> None:
         slab, slab_brain = central_slab_case(full, brain, args.slab)
         columns[f"pretrained, {label}"] = row(pipe, slab, slab_brain, sampling())
         with tempfile.TemporaryDirectory() as work:
+            pairs = {} if args.adapt_noise == "auto" else {
+                "noise_std": {"estimate": None, "true": full.noise_std, "none": 0.0}[args.adapt_noise],
+                "recorrupt": args.adapt_recorrupt and snr > 0}
             fit = fit_to_scan(pipe, full.lr, work_dir=work, config=config, sampling=sampling(),
-                              keep_better=args.keep_better, scan_noise_std=full.noise_std, reference="noisy",
-                              noise_std={"estimate": None, "true": full.noise_std, "none": 0.0}[args.adapt_noise],
-                              recorrupt=args.adapt_recorrupt and snr > 0,
+                              keep_better=args.keep_better, scan_noise_std=full.noise_std, reference="noisy", **pairs,
                               target_noise_std={"estimate": None, "true": full.noise_std,
                                                 "none": 0.0}[args.target_noise])
         record = fit.pipe.model_card.adapted
@@ -178,13 +182,14 @@ def main() -> None:
                "held-out in-plane loss after", "noise std in the truth", "first timestep trained",
                "held-out RMSE, pretrained", "held-out RMSE, fine-tuned", "held-out RMSE recorrupted, pretrained",
                "held-out RMSE recorrupted, fine-tuned", "compare s"]
+    pairs_noise = ("the true std, recorrupted" if args.adapt_noise == "auto" else "none" if args.adapt_noise == "none"
+                   else f"{args.adapt_noise} std, {'recorrupted' if args.adapt_recorrupt else 'topped up'}")
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): {head.source}, whole head "
              f"{head.shape} voxels for the adaptation, contrast {args.contrast}, {args.thickness:g} mm Gaussian "
              "slices along RAS+ axis 2; "
              f"measured on the central {args.slab:g} mm coronal slab, inside the brain; {args.samples} samples x "
              f"{args.steps} steps; {args.adapt_steps} adaptation steps"
-             f"{', the better one kept' if args.keep_better else ''}, noise top-up: {args.adapt_noise}"
-             f"{' (pairs recorrupted with it)' if args.adapt_recorrupt else ''}, "
+             f"{', the better one kept' if args.keep_better else ''}, noise in the pairs: {pairs_noise}, "
              f"noise in the truth: {args.target_noise}.", ""]
     report("\n".join(lines) + "\n" + figures_table(columns, figures), args.output)
 

@@ -347,9 +347,12 @@ def _adaptation_config(args: argparse.Namespace):
 
 def _adaptation_noise(args: argparse.Namespace, flag: str = "--adapt-noise") -> float | None:
     """A noise std for ``adapt`` from ``flag``'s choice (``none``: 0, ``given``: ``--noise-std``, ``estimate``:
-    ``None``): ``--adapt-noise`` gives the std the simulated slices are topped up to (``noise_std``),
-    ``--adapt-target-noise`` the one their truth holds (``target_noise_std``)."""
+    ``None``, ``auto``: ``given`` where ``--noise-std`` is, else ``none``): ``--adapt-noise`` gives the std the pairs
+    are recorrupted with or topped up to (``noise_std``), ``--adapt-target-noise`` the one their truth holds
+    (``target_noise_std``)."""
     choice = getattr(args, flag.removeprefix("--").replace("-", "_"))
+    if choice == "auto":
+        choice = "given" if args.noise_std else "none"
     if choice == "given" and not args.noise_std:
         raise InputError(f"{flag} given needs the scan's noise std: pass --noise-std (or use {flag} estimate)",
                          args.input)
@@ -363,14 +366,15 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
 
     noise, target_noise = _adaptation_noise(args), _adaptation_noise(args, "--adapt-target-noise")
     if args.adapt_recorrupt and noise == 0:
-        raise InputError("--adapt-recorrupt needs the scan's noise: pass --adapt-noise given (with --noise-std) or "
-                         "--adapt-noise estimate", args.input)
+        raise InputError("--adapt-recorrupt needs the scan's noise: pass --noise-std (or --adapt-noise estimate)",
+                         args.input)
+    recorrupt = noise != 0 if args.adapt_recorrupt is None else args.adapt_recorrupt
     try:
         fit = fit_to_scan(pipe, lr, alpha=args.alpha, method=args.method, blocks=args.calibration_blocks,
                           sampling=_sampling_kwargs(args),
                           work_dir=work_dir, config=_adaptation_config(args), slice_profile=args.profile,
                           slice_thickness=args.slice_thickness, noise_std=noise, target_noise_std=target_noise,
-                          recorrupt=args.adapt_recorrupt,
+                          recorrupt=recorrupt,
                           keep_better=args.keep_better, scan_noise_std=args.noise_std, reference=args.compare_on,
                           resume="latest" if args.resume else None)
     except ValueError as e:  # settings the adaptation cannot use, e.g. crops that do not fit the model
@@ -738,14 +742,15 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
     p.add_argument("--holdout-every", type=_whole_number_from(2), default=d.holdout_every, metavar="K",
                    help=f"keep every K-th in-plane slice out of the fine-tuning, for the per-scan calibration "
                         f"(default: {d.holdout_every})")
-    p.add_argument("--adapt-noise", choices=("none", "given", "estimate"), default="none",
-                   help="add noise to the simulated slices of the fine-tuning pairs up to the scan's noise: none (the "
-                        "default; it did not help on validation data), given (--noise-std) or estimate (from the "
-                        "scan)")
-    p.add_argument("--adapt-recorrupt", action="store_true",
-                   help="with --adapt-noise given or estimate: pose each fine-tuning pair with noise independent of "
-                        "its truth's (Recorrupted-to-Recorrupted) instead of topping it up, so that the model cannot "
-                        "learn to keep the scan's noise")
+    p.add_argument("--adapt-noise", choices=("auto", "none", "given", "estimate"), default="auto",
+                   help="the scan's noise in the fine-tuning pairs: auto (the default: given where --noise-std is, "
+                        "else none), none, given (--noise-std) or estimate (from the scan); the pairs are recorrupted "
+                        "with it (see --adapt-recorrupt)")
+    p.add_argument("--adapt-recorrupt", action=argparse.BooleanOptionalAction, default=None,
+                   help="pose each fine-tuning pair with noise independent of its truth's (Recorrupted-to-Recorrupted) "
+                        "so that the model cannot learn to keep the scan's noise; --no-adapt-recorrupt tops the pairs "
+                        "up instead (default: on wherever --adapt-noise gives a noise: with the given std it gained "
+                        "0.34 dB over plain pairs on six validation scans at SNR 30)")
     p.add_argument("--adapt-target-noise", choices=("none", "given", "estimate"), default="none",
                    help="the noise that the pairs' truth (the scan's own slices) holds, taken as part of the "
                         "diffusion noise so that the model does not learn to draw it: none (taken as clean; the "

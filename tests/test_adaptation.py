@@ -325,7 +325,8 @@ def test_recorrupted_problems_hold_the_scans_noise_independent_of_their_referenc
 def test_keep_better_on_recorrupted_problems_compares_there_and_calibrates_the_kept_unet_as_usual(
         tmp_path: Path) -> None:
     """With the scan's noise given and ``reference="recorrupted"``, the two UNets' RMSEs are those on the recorrupted
-    problems, and the kept one carries the calibration of the plain problems (the interval's own)."""
+    problems, and the kept one carries the calibration of the plain problems (the interval's own). The fine-tuning
+    pairs are recorrupted with the scan's noise by default."""
     pipe = tiny_pipeline()
     _, lr = _scan()
     sigma = 0.05
@@ -335,6 +336,7 @@ def test_keep_better_on_recorrupted_problems_compares_there_and_calibrates_the_k
                       sampling={"generator": _gen(), **RUN})
     record = fit.pipe.model_card.adapted
     assert record.heldout_reference == "recorrupted" and fit.rejected.calibration is None
+    assert record.recorrupted and record.noise_std == sigma  # the pairs too, by default, with the scan's noise
     assert set(fit.timings) == {"adapt_s", "calibrate_s", "compare_s"}
     by_name = dict(zip(("pretrained", "fine-tuned"), record.heldout_rmse, strict=True))
     for candidate in (fit.pipe, fit.rejected):
@@ -458,6 +460,8 @@ def test_fit_runs_on_two_processes_with_identical_weights(tmp_path: Path) -> Non
 
 def test_fit_recorrupts_pairs_and_compares_on_recorrupted_problems_from_the_command_line(tmp_path: Path,
                                                                                       capsys) -> None:
+    """With the scan's noise std given, the pairs are recorrupted with it by default, topped up with
+    ``--no-adapt-recorrupt``; recorrupting without any noise is refused."""
     from gen_sr.cli import main
     from gen_sr.volume import save_volume
 
@@ -465,13 +469,16 @@ def test_fit_recorrupts_pairs_and_compares_on_recorrupted_problems_from_the_comm
     _, lr = _scan(shape=(24, 24, 30))
     noisy = lr.with_data((lr.data + 0.03 * np.random.default_rng(0).standard_normal(lr.shape)).astype(np.float32))
     save_volume(noisy, tmp_path / "lr.nii.gz")
-    args = ["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"), "--output-model",
-            str(tmp_path / "adapted"), "--steps", "4", "--adapt-batch-size", "4", "--holdout-every", "2", "--samples",
-            "2", "--sampling-steps", "2", "--noise-std", "0.03", "--adapt-recorrupt"]
-    assert main(args) == 2  # recorrupting needs the noise it recorrupts with
+    args = ["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"), "--steps", "4",
+            "--adapt-batch-size", "4", "--holdout-every", "2", "--samples", "2", "--sampling-steps", "2"]
+    assert main([*args, "--output-model", str(tmp_path / "none"), "--adapt-recorrupt"]) == 2  # no noise to use
     assert "--adapt-recorrupt needs the scan's noise" in capsys.readouterr().err
-    assert main([*args, "--adapt-noise", "given", "--compare-on", "recorrupted", "--keep-better"]) == 0
+    noise = ["--noise-std", "0.03", "--keep-better"]
+    assert main([*args, *noise, "--output-model", str(tmp_path / "default"), "--compare-on", "recorrupted"]) == 0
     assert "recorrupted references" in capsys.readouterr().out
-    record = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "adapted").model_card.adapted
-    assert record.recorrupted and record.noise_std == pytest.approx(0.03)
-    assert record.heldout_reference == "recorrupted" and len(record.heldout_rmse) == 2
+    assert main([*args, *noise, "--output-model", str(tmp_path / "topped"), "--no-adapt-recorrupt"]) == 0
+    default, topped = (LatentDiffusionSRPipeline.from_pretrained(tmp_path / name).model_card.adapted
+                       for name in ("default", "topped"))
+    assert default.recorrupted and default.noise_std == pytest.approx(0.03)
+    assert default.heldout_reference == "recorrupted" and len(default.heldout_rmse) == 2
+    assert not topped.recorrupted and topped.noise_std == pytest.approx(0.03) and topped.heldout_reference == "noisy"
