@@ -482,3 +482,7 @@ def test_fit_recorrupts_pairs_and_compares_on_recorrupted_problems_from_the_comm
     assert default.recorrupted and default.noise_std == pytest.approx(0.03)
     assert default.heldout_reference == "recorrupted" and len(default.heldout_rmse) == 2
     assert not topped.recorrupted and topped.noise_std == pytest.approx(0.03) and topped.heldout_reference == "noisy"
+    from gen_sr.audit.page import _adaptation  # the audit report says so too
+
+    assert "training pairs recorrupted with the scan's noise (std 0.03)" in _adaptation(dataclasses.asdict(default))
+    assert "recorrupted" not in _adaptation(dataclasses.asdict(topped))

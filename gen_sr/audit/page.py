@@ -121,6 +121,9 @@ def _adaptation(v: Any) -> str:
     loss, rmse = v.get("heldout_loss"), v.get("heldout_rmse")
     if isinstance(loss, list | tuple) and len(loss) == 2:
         text += f", held-out in-plane loss {float(loss[0]):.4f} → {float(loss[1]):.4f}"
+    if v.get("recorrupted"):
+        text += (f"; its training pairs recorrupted with the scan's noise (std {float(v.get('noise_std', 0)):.4g}), so "
+                 "that it could not learn to keep that noise")
     if isinstance(rmse, list | tuple) and len(rmse) == 2:
         text += (f"; error on the held-out slices {float(rmse[0]):.4g} pretrained, {float(rmse[1]):.4g} fine-tuned "
                  f"(RMSE): the {v.get('kept', 'fine-tuned')} network was kept")
