@@ -46,8 +46,8 @@ from gen_sr.training.adaptation import AdaptationConfig
 from gen_sr.training.scan_fit import fit_to_scan
 from gen_sr.volume import load_volume
 
-FIGURES = ("psnr", "ssim", "best interpolation", "gain", "spearman(std, |err|)", "coverage ±2σ", "λ90",
-           "coverage calibrated", "spearman(risk, |err|)", "super-resolve s")
+FIGURES = ("psnr", "ssim", "best interpolation", "gain", "spearman(std, |err|)", "spearman ceiling", "coverage ±2σ",
+           "λ90", "coverage calibrated", "spearman(risk, |err|)", "super-resolve s")
 
 
 def central_slab_case(case: Case, brain: np.ndarray, slab_mm: float, axis: int = 1) -> tuple[Case, np.ndarray]:

@@ -11,7 +11,8 @@ axial stack, 1: coronal), noise-free and at SNR 30, and super-resolved with its 
 Everything is measured inside the brain (Colin27's own brain-extracted image, ``colin27_brain``):
 
 * PSNR of the SR mean against the best interpolation (trilinear, cubic, sinc) and the regression baseline;
-* Spearman(std, |err|); the coverage of mean ± 2 std; ``λ90``: the factor by which std must be scaled for 90 %
+* Spearman(std, |err|) and its ceiling (what it would be were the errors drawn from N(0, std²): the most a std map
+  of that shape allows); the coverage of mean ± 2 std; ``λ90``: the factor by which std must be scaled for 90 %
   coverage on this head (a diagnostic of how informative the std is, not a calibration);
 * the coverage of the model's calibrated interval, and Spearman(risk, |err|) against Spearman(risk, |∇ mean|);
 * the autoencoder's share: the reconstruction error of the truth through the autoencoder (after projection onto
@@ -37,7 +38,7 @@ from gen_sr.eval.baselines import BASELINES, baseline
 from gen_sr.eval.cases import Case, held_out_head, simulate_case, super_resolve
 from gen_sr.eval.metrics import psnr, ssim_volume
 from gen_sr.eval.tables import figures_table
-from gen_sr.eval.uncertainty import coverage
+from gen_sr.eval.uncertainty import coverage, spearman_ceiling
 from gen_sr.io import atomic_write
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.guidance import final_projection
@@ -81,7 +82,8 @@ def measure(pipe: LatentDiffusionSRPipeline, regression: LatentDiffusionSRPipeli
     ratio = np.divide(err, std, out=np.full_like(err, np.inf), where=std > 0)
     grad = np.sqrt(sum(g**2 for g in np.gradient(np.asarray(out.mean, np.float64))))
     risk = np.asarray(out.risk, np.float64)
-    row |= {"spearman(std, |err|)": _spearman(std, err, brain), "coverage ±2σ": float(coverage(std, err, 2.0, brain)),
+    row |= {"spearman(std, |err|)": _spearman(std, err, brain), "spearman ceiling": spearman_ceiling(std, brain),
+            "coverage ±2σ": float(coverage(std, err, 2.0, brain)),
             "λ90": float(np.quantile(ratio[brain], 0.9)),
             "spearman(risk, |err|)": _spearman(risk, err, brain), "spearman(risk, |∇ mean|)": _spearman(risk, grad,
                                                                                                          brain)}

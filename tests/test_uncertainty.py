@@ -13,6 +13,7 @@ from gen_sr.eval.uncertainty import (
     ence,
     sparsification,
     spearman,
+    spearman_ceiling,
     uce,
     uncertainty_report,
 )
@@ -37,6 +38,19 @@ def test_spearman_is_rank_based() -> None:
     assert spearman(x, x**3) == pytest.approx(1.0)
     assert spearman(x, -x) == pytest.approx(1.0)  # against |error|
     assert spearman(x, 10 - x) == pytest.approx(-1.0)
+
+
+def test_the_spearman_ceiling_is_what_a_calibrated_std_reaches_and_grows_with_the_maps_spread() -> None:
+    """Errors truly drawn from N(0, std²) reach the ceiling (up to sampling); a std map that varies more ranks the
+    error better even so, one that varies little cannot: 0.1-2 (20x) allows about 0.55, 0.9-1.1 about 0.06."""
+    std, error = _gaussian(200_000)
+    ceiling = spearman_ceiling(std, seed=1)
+    assert spearman(std, error) == pytest.approx(ceiling, abs=0.01)
+    assert 0.4 < ceiling < 0.6
+    rng = np.random.default_rng(2)
+    assert spearman_ceiling(rng.uniform(0.9, 1.1, 200_000)) < 0.1
+    assert spearman_ceiling(np.exp(rng.uniform(0, 8, 200_000))) > 0.8
+    assert spearman_ceiling(std, mask=std > 1.0) < ceiling  # the masked voxels' own spread
 
 
 def test_sparsification_oracle_has_zero_ause_and_reverse_order_is_worse() -> None:

@@ -4,7 +4,8 @@ All functions take flat or shaped numpy arrays of the same size (``std``: the pr
 ``error``: the true absolute error ``|estimate − reference|``) and an optional boolean ``mask`` of the voxels that
 count.
 
-* :func:`spearman`: rank correlation of ``std`` with ``|error|``.
+* :func:`spearman`: rank correlation of ``std`` with ``|error|``; :func:`spearman_ceiling`: what it would be if the
+  errors were drawn from ``N(0, std²)``, the most a map of that shape can reach.
 * :func:`sparsification`: the sparsification curves and AUSE (area between the curve of ``std`` and the oracle's).
 * :func:`calibration_curve`, :func:`uce`, :func:`ence`: binned calibration of predicted against observed error.
 * :func:`coverage`, :func:`miss_rate`: empirical coverage of ``mean ± k·std`` intervals, and its complement.
@@ -17,8 +18,8 @@ import numpy as np
 from scipy.integrate import trapezoid
 from scipy.stats import rankdata
 
-__all__ = ["auroc", "calibration_curve", "coverage", "ence", "miss_rate", "sparsification", "spearman", "uce",
-           "uncertainty_report"]
+__all__ = ["auroc", "calibration_curve", "coverage", "ence", "miss_rate", "sparsification", "spearman",
+           "spearman_ceiling", "uce", "uncertainty_report"]
 
 
 def _flat(*arrays: np.ndarray | None, mask: np.ndarray | None = None) -> list[np.ndarray]:
@@ -50,6 +51,15 @@ def spearman(std: np.ndarray, error: np.ndarray, mask: np.ndarray | None = None)
     if np.ptp(s) == 0 or np.ptp(e) == 0:
         return float("nan")
     return float(np.corrcoef(rankdata(s), rankdata(e))[0, 1])
+
+
+def spearman_ceiling(std: np.ndarray, mask: np.ndarray | None = None, seed: int = 0) -> float:
+    """The :func:`spearman` that ``std`` would reach if it were exactly right: against errors drawn from
+    ``N(0, std²)`` per voxel (seeded). Even then ``|error|`` scatters around ``std`` (a half-normal's spread), so a
+    ``std`` map that varies little from voxel to voxel ranks the error poorly however well it is calibrated: this is
+    the most the map's own shape allows, and a measured Spearman near it means the map is as good as its shape."""
+    (s,) = _flat(std, mask=mask)
+    return spearman(s, s * np.random.default_rng(seed).standard_normal(s.shape))
 
 
 def sparsification(std: np.ndarray, error: np.ndarray, mask: np.ndarray | None = None,
