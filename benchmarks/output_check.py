@@ -1,0 +1,53 @@
+"""Check a super-resolve run against its truth: PSNR, the coverage of its intervals and how its std ranks the error,
+in the truth's foreground.
+
+    python benchmarks/output_check.py --run runs/bench/whole_adapt30 --truth runs/bench/whole_case/hr.nii.gz
+
+``--run`` is the folder of a ``gen-sr super-resolve`` run written with ``--output DIR/sr.nii.gz --std DIR/std.nii.gz``
+(its ``sr.json`` gives the calibrated interval's scale); the truth is on the output's grid (e.g. the ``hr.nii.gz`` of
+``whole_brain_speed.py --save-case``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from gen_sr.eval.metrics import foreground, psnr
+from gen_sr.eval.uncertainty import coverage, spearman, spearman_ceiling
+from gen_sr.volume import load_volume
+
+
+def check(run: Path, truth_path: Path) -> dict[str, float]:
+    truth = load_volume(truth_path).canonical().data.astype(np.float64)
+    mean = load_volume(run / "sr.nii.gz").canonical().data.astype(np.float64)
+    std = load_volume(run / "std.nii.gz").canonical().data.astype(np.float64)
+    if not truth.shape == mean.shape == std.shape:
+        raise SystemExit(f"shapes differ: truth {truth.shape}, mean {mean.shape}, std {std.shape}")
+    inside = foreground(truth)
+    err = np.abs(mean - truth)
+    grad = np.sqrt(sum(g**2 for g in np.gradient(mean)))
+    scale = json.loads((run / "sr.json").read_text())["risk"].get("scale")
+    row = {"voxels": float(inside.sum()), "psnr": psnr(mean, truth, inside, float(np.ptp(truth[inside]))),
+           "coverage ±2σ": float(coverage(std, err, 2.0, inside)),
+           "spearman(std, |err|)": spearman(std, err, inside), "spearman ceiling": spearman_ceiling(std, inside),
+           "spearman(std, |∇ mean|)": spearman(std, grad, inside)}
+    if scale is not None:
+        row[f"coverage ±{scale:.2f}σ (calibrated)"] = float(coverage(std, err, scale, inside))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--truth", type=Path, required=True)
+    args = parser.parse_args()
+    for name, value in check(args.run, args.truth).items():
+        print(f"{name:32s} {value:.4g}")
+
+
+if __name__ == "__main__":
+    main()
