@@ -106,6 +106,10 @@ def main() -> None:
                         help="with --keep-better, also compare the two on recorrupted held-out problems (noise "
                              "independent of the reference; fit_to_scan(reference='recorrupted')) where the scan is "
                              "noisy, and add a column for the model that comparison keeps")
+    parser.add_argument("--oracle-calibration", action="store_true",
+                        help="where the scan is noisy, also calibrate the model that fit_to_scan returns against its "
+                             "held-out slices without their noise (an oracle: how far that noise moves the per-scan "
+                             "calibration), and add a column for it")
     parser.add_argument("--snr", type=float, nargs="*", default=[0.0, 30.0], help="0 for noise-free")
     parser.add_argument("--output", help="also write the table here (Markdown)")
     args = parser.parse_args()
@@ -178,6 +182,15 @@ def main() -> None:
             if redo:
                 choice = chosen["recorrupted"]
                 columns[f"kept on recorrupted problems ({choice}), {label}"] = per_scan[choice] | redo
+        if args.oracle_calibration and full.noise_std > 0:  # the same problems against clean held-out slices
+            clean = simulate_case(head, args.brain, axis=2, thickness=args.thickness).lr
+            kept, own = fit.pipe, fit.pipe.calibrations
+            kept.calibration = calibrate_on_scan(kept, full.lr, noise_std=full.noise_std, clean_scan=clean,
+                                                 progress=False, **sampling()).calibration
+            kept.set_progress_bar_config(disable=True)
+            columns[f"{record.kept}, calibrated against clean held-out slices, {label}"] = (
+                row(kept, slab, slab_brain, sampling()) | {"λ̂ (per scan)": kept.calibration.scale})
+            kept.calibrations = own
     figures = [*FIGURES, "adapt s", "calibrate s", "λ̂ (per scan)", "held-out in-plane loss before",
                "held-out in-plane loss after", "noise std in the truth", "first timestep trained",
                "held-out RMSE, pretrained", "held-out RMSE, fine-tuned", "held-out RMSE recorrupted, pretrained",

@@ -320,6 +320,10 @@ def test_recorrupted_problems_hold_the_scans_noise_independent_of_their_referenc
         truth_noise = np.concatenate([(c.hr.data - r.hr.data).ravel() for c, r in zip(cases, reference, strict=True)])
         assert lr_noise.std() == pytest.approx(sigma, rel=0.05)
         _check_recorruption(np.corrcoef(lr_noise, seen)[0, 1], truth_noise, sigma, alpha, recorrupt, shared=0.3)
+    oracle = scan_cases(noisy, record, noise_std=sigma, clean_scan=clean)  # the plain problems, clean references
+    for o, c, r in zip(oracle, scan_cases(noisy, record, noise_std=sigma), reference, strict=True):
+        np.testing.assert_array_equal(o.lr.data, c.lr.data)
+        np.testing.assert_array_equal(o.hr.data, r.hr.data)
 
 
 def test_keep_better_on_recorrupted_problems_compares_there_and_calibrates_the_kept_unet_as_usual(

@@ -71,7 +71,7 @@ def held_out_truth(lr: Volume, record: Adaptation) -> Volume:
 
 
 def scan_cases(lr: Volume, record: Adaptation, seed: int = 0, noise_std: float = 0.0,
-               recorrupt: bool = False) -> list[Case]:
+               recorrupt: bool = False, clean_scan: Volume | None = None) -> list[Case]:
     """The simulated problems of a per-scan calibration, one per held-out in-plane slice and in-plane axis: the
     slice (:func:`held_out_truth`) degraded along that axis with the scan's own slices. Each is one calibration
     unit. Slices outside the scan's foreground (:func:`held_out_foreground`) pose no problem and are left out.
@@ -83,8 +83,9 @@ def scan_cases(lr: Volume, record: Adaptation, seed: int = 0, noise_std: float =
 
     ``recorrupt``: the truth's noise is then no longer shared by the problem and its reference
     (:func:`recorrupted_case`): a model is not rewarded for keeping the measured noise, and the error against the
-    reference ranks models as the error against the clean slice would, up to a constant."""
-    return [case for case, _ in _cases_and_masks(lr, record, seed, noise_std, recorrupt)]
+    reference ranks models as the error against the clean slice would, up to a constant. ``clean_scan`` (benchmarks
+    of simulated scans): the same scan without its noise, whose held-out slices become the references."""
+    return [case for case, _ in _cases_and_masks(lr, record, seed, noise_std, recorrupt, clean_scan)]
 
 
 def recorrupted_case(case: Case, noise_std: float, rng: np.random.Generator) -> Case:
@@ -110,8 +111,11 @@ def held_out_foreground(lr: Volume, record: Adaptation) -> np.ndarray:
 
 
 def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0, noise_std: float = 0.0,
-                     recorrupt: bool = False) -> list[tuple[Case, np.ndarray]]:
+                     recorrupt: bool = False, clean_scan: Volume | None = None) -> list[tuple[Case, np.ndarray]]:
     truth, inside = held_out_truth(lr, record), held_out_foreground(lr, record)
+    if clean_scan is not None and recorrupt:
+        raise ValueError("clean_scan gives the references: there is nothing to recorrupt")
+    clean = None if clean_scan is None else held_out_truth(clean_scan, record)
     rng = np.random.default_rng(seed)
     noisy = recorrupted_case if recorrupt and noise_std > 0 else _noise_matched
     out = []
@@ -122,10 +126,13 @@ def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0, noise_std: f
         if not mask.any():
             continue
         one = truth.crop(start, stop)
-        out += [(noisy(simulate_case(one, f"slice {index} degraded along {_AXES[axis]}", axis=axis,
+        cases = [noisy(simulate_case(one, f"slice {index} degraded along {_AXES[axis]}", axis=axis,
                                      thickness=record.slice_thickness, spacing=record.slice_spacing,
-                                     profile=record.profile, seed=seed), noise_std, rng), mask)
-                for axis in range(3) if axis != record.axis]
+                                     profile=record.profile, seed=seed), noise_std, rng)
+                 for axis in range(3) if axis != record.axis]
+        if clean is not None:  # the same problems, judged against the slice without its noise
+            cases = [dataclasses.replace(c, hr=clean.crop(start, stop)) for c in cases]
+        out += [(case, mask) for case in cases]
     return out
 
 
@@ -141,7 +148,7 @@ def _noise_matched(case: Case, noise_std: float, rng: np.random.Generator) -> Ca
 def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: float = 0.1,
                       method: Literal["rcps", "crc"] = "crc", blocks: int = 4, progress: bool = True,
                       details: dict[str, Any] | None = None, noise_std: float = 0.0, recorrupt: bool = False,
-                      **pipe_kwargs: Any) -> CalibrationResult:
+                      clean_scan: Volume | None = None, **pipe_kwargs: Any) -> CalibrationResult:
     """Calibrate an adapted model on its scan's held-out in-plane slices (see the module docstring).
 
     Args:
@@ -157,10 +164,13 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
         recorrupt: pose the problems with noise independent of their references' (:func:`recorrupted_case`); for
             ranking models by the error (``CalibrationResult.rmse``), not for the interval: the references hold
             more noise than the slices.
+        clean_scan: for benchmarks, where the scan was simulated: the same scan without its noise, whose held-out
+            slices are then the references of the same problems (an oracle: how far the held-out slices' own noise
+            moves the calibration).
         pipe_kwargs: for the pipeline calls (``num_samples``, ``num_inference_steps``, ``generator``, ...).
     """
     record = _record(pipe)
-    pairs = _cases_and_masks(lr, record, noise_std=noise_std, recorrupt=recorrupt)
+    pairs = _cases_and_masks(lr, record, noise_std=noise_std, recorrupt=recorrupt, clean_scan=clean_scan)
     if not pairs:
         raise InputError("has no foreground in any of its held-out in-plane slices", lr.source,
                          "check that it is the scan the model was adapted on")
@@ -168,7 +178,7 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
     axis = min(a for a in range(3) if a != record.axis)
     info = {"per_scan": True, "assumption": ASSUMPTION, "scan": record.source,
             "held_out_slices": list(record.held_out_slices), "noise_std": noise_std,
-            "recorrupted": recorrupt and noise_std > 0, **(details or {})}
+            "recorrupted": recorrupt and noise_std > 0, "clean_references": clean_scan is not None, **(details or {})}
     try:
         return calibrate(pipe, cases, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis,
                          details=info, progress=progress, masks=lambda case: masks[id(case)],
