@@ -362,17 +362,18 @@ class SRPairDataset(torch.utils.data.Dataset):
             [SliceAcquisition(axis, thickness, slice_spacing, profile)], crop.shape, crop_spacing
         )
         hr = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float64))[None, None]
-        y, noise_std, pair = op(hr), 0.0, None
-        if self.cfg.item_noise_std > 0 and self.cfg.recorrupt:  # the item's noise made independent of its LR's
-            pair = recorrupt(hr, op, self.cfg.item_noise_std, rng)
+        sigma = self.cfg.item_noise_std
+        pair = recorrupt(hr, op, sigma, rng) if sigma > 0 and self.cfg.recorrupt else None  # noises independent
         if pair is not None:
-            (y, hr), noise_std = pair, self.cfg.item_noise_std
-        elif self.cfg.item_noise_std > 0:  # the rest of the noise the items carry, as the real acquisition holds it
-            y, noise_std = top_up_noise(y, op, self.cfg.item_noise_std, rng)
-        elif acq.snr is not None and rng.random() >= acq.noise_free_fraction:
-            snr = math.exp(rng.uniform(math.log(acq.snr[0]), math.log(acq.snr[1])))
-            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            y, noise_std = add_noise(y, snr=snr, kind=acq.noise, generator=generator)
+            (y, hr), noise_std = pair, sigma
+        elif sigma > 0:  # the rest of the noise the items carry, as the real acquisition holds it
+            y, noise_std = top_up_noise(op(hr), op, sigma, rng)
+        else:
+            y, noise_std = op(hr), 0.0
+            if acq.snr is not None and rng.random() >= acq.noise_free_fraction:
+                snr = math.exp(rng.uniform(math.log(acq.snr[0]), math.log(acq.snr[1])))
+                generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+                y, noise_std = add_noise(y, snr=snr, kind=acq.noise, generator=generator)
         lr = op.pinv(y) if self.cfg.condition == "pinv" else op.interpolate(y, self.cfg.condition)
         return {
             "hr": hr[0].float(),
