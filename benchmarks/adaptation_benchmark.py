@@ -3,7 +3,8 @@ real head that no model was trained on (Colin27 by default).
 
     python benchmarks/adaptation_benchmark.py --model models/heads2d [--contrast t1|t2like] [--samples 4] \\
         [--steps 10] [--adapt-steps 200] [--adapt-noise auto|estimate|true|none] [--adapt-recorrupt] \\
-        [--target-noise none|estimate|true] [--keep-better] [--recorrupted] [--slab 8] [--output PATH]
+        [--target-noise none|estimate|true] [--keep-better] [--recorrupted] [--weight-mix W] [--slab 8] \\
+        [--output PATH]
 
 ``--contrast t2like`` inverts the brain's intensities (as ``prior_benchmark.py`` does: CSF bright, white matter dark,
 skull removed), a contrast no training head has. The whole head (cropped to its bounding box) is degraded with 4 mm
@@ -42,7 +43,7 @@ from gen_sr.eval.metrics import foreground
 from gen_sr.eval.scan_calibration import calibrate_on_scan
 from gen_sr.eval.tables import figures_table
 from gen_sr.pipelines import LatentDiffusionSRPipeline
-from gen_sr.training.adaptation import AdaptationConfig
+from gen_sr.training.adaptation import AdaptationConfig, interpolate_weights, with_unet
 from gen_sr.training.scan_fit import fit_to_scan
 from gen_sr.volume import load_volume
 
@@ -110,6 +111,11 @@ def main() -> None:
                         help="where the scan is noisy, also calibrate the model that fit_to_scan returns against its "
                              "held-out slices without their noise (an oracle: how far that noise moves the per-scan "
                              "calibration), and add a column for it")
+    parser.add_argument("--weight-mix", type=float, metavar="W",
+                        help="fine-tune to the end (weight_mix 1) and also measure the UNet whose weights are W times "
+                             "the fine-tuned ones plus 1 - W times the pretrained ones (interpolate_weights), with its "
+                             "own per-scan calibration; with --keep-better, also the one of pretrained and mixed that "
+                             "the held-out slices rank first")
     parser.add_argument("--snr", type=float, nargs="*", default=[0.0, 30.0], help="0 for noise-free")
     parser.add_argument("--output", help="also write the table here (Markdown)")
     args = parser.parse_args()
@@ -128,7 +134,8 @@ def main() -> None:
         head, brain = held_out_head(args.brain, contrast=args.contrast, margin=4)
     default = AdaptationConfig()
     config = dataclasses.replace(default, train=dataclasses.replace(default.train, steps=max(1, args.adapt_steps)),
-                                 fine_tune=args.adapt_steps > 0)  # 0: the pretrained UNet, calibrated on the scan
+                                 fine_tune=args.adapt_steps > 0,  # 0: the pretrained UNet, calibrated on the scan
+                                 weight_mix=default.weight_mix if args.weight_mix is None else 1.0)
 
     def sampling() -> dict:
         return {"num_samples": args.samples, "num_inference_steps": args.steps, "batch_size": 64,
@@ -182,6 +189,27 @@ def main() -> None:
             if redo:
                 choice = chosen["recorrupted"]
                 columns[f"kept on recorrupted problems ({choice}), {label}"] = per_scan[choice] | redo
+        if args.weight_mix is not None:  # the weight-space mix of the two, calibrated on the scan as fit_to_scan does
+            tic = time.perf_counter()
+            mixed = with_unet(fine_tuned, interpolate_weights(pipe.unet, fine_tuned.unet, args.weight_mix),
+                              dataclasses.replace(fine_tuned.model_card, adapted=dataclasses.replace(
+                                  record, weight_mix=args.weight_mix)))
+            mixed.set_progress_bar_config(disable=True)
+            result = calibrate_on_scan(mixed, full.lr, noise_std=full.noise_std, progress=False, **sampling())
+            mixed.calibration = result.calibration
+            mix = row(mixed, slab, slab_brain, sampling()) | {
+                "λ̂ (per scan)": mixed.calibration.scale, "held-out RMSE, mixed": float(result.rmse),
+                "calibrate s": time.perf_counter() - tic}
+            columns[f"mixed {args.weight_mix:g}, {label}"] = mix
+            print(label, "mixed", {k: round(v, 4) for k, v in mix.items()}, flush=True)
+            if args.keep_better:
+                pick = "pretrained" if record.heldout_rmse[0] <= mix["held-out RMSE, mixed"] else "mixed"
+                if pick == "pretrained" and "pretrained" not in per_scan:
+                    pretrained.set_progress_bar_config(disable=True)
+                    per_scan["pretrained"] = (row(pretrained, slab, slab_brain, sampling())
+                                              | {"λ̂ (per scan)": pretrained.calibration.scale})
+                columns[f"kept of pretrained and mixed ({pick}), {label}"] = (
+                    mix if pick == "mixed" else per_scan["pretrained"])
         if args.oracle_calibration and full.noise_std > 0:  # the same problems against clean held-out slices
             clean = simulate_case(head, args.brain, axis=2, thickness=args.thickness).lr
             kept, own = fit.pipe, fit.pipe.calibrations
@@ -194,7 +222,7 @@ def main() -> None:
     figures = [*FIGURES, "adapt s", "calibrate s", "λ̂ (per scan)", "held-out in-plane loss before",
                "held-out in-plane loss after", "noise std in the truth", "first timestep trained",
                "held-out RMSE, pretrained", "held-out RMSE, fine-tuned", "held-out RMSE recorrupted, pretrained",
-               "held-out RMSE recorrupted, fine-tuned", "compare s"]
+               "held-out RMSE recorrupted, fine-tuned", "held-out RMSE, mixed", "compare s"]
     pairs_noise = ("the true std, recorrupted" if args.adapt_noise == "auto" else "none" if args.adapt_noise == "none"
                    else f"{args.adapt_noise} std, {'recorrupted' if args.adapt_recorrupt else 'topped up'}")
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): {head.source}, whole head "

@@ -53,6 +53,10 @@ def _fraction(text: str) -> float:
     return _number(text, low=0, high=1, open_low=True, open_high=True, what="a number strictly between 0 and 1")
 
 
+def _share(text: str) -> float:
+    return _number(text, low=0, high=1, what="a number in [0, 1]")
+
+
 def _strength(text: str) -> float:
     return _number(text, low=0, high=1, open_low=True, what="a number in (0, 1]")
 
@@ -342,7 +346,7 @@ def _adaptation_config(args: argparse.Namespace):
                                 learning_rate=args.adapt_learning_rate, seed=args.seed,
                                 checkpoint_every=min(default.train.checkpoint_every, steps))
     return dataclasses.replace(default, train=train, holdout_every=args.holdout_every,
-                               fine_tune=args.adapt_steps > 0)
+                               fine_tune=args.adapt_steps > 0, weight_mix=args.adapt_weight_mix)
 
 
 def _adaptation_noise(args: argparse.Namespace, flag: str = "--adapt-noise") -> float | None:
@@ -739,6 +743,9 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
                    help=f"in-plane crops per fine-tuning step (default: {d.train.batch_size})")
     p.add_argument("--adapt-learning-rate", type=_positive_float, default=d.train.learning_rate,
                    help=f"fine-tuning learning rate (default: {d.train.learning_rate:g})")
+    p.add_argument("--adapt-weight-mix", type=_share, default=d.weight_mix, metavar="W",
+                   help="the adapted UNet's weights: W times the fine-tuned ones plus 1 - W times the pretrained ones, "
+                        f"in [0, 1] (WiSE-FT; default: {d.weight_mix:g})")
     p.add_argument("--holdout-every", type=_whole_number_from(2), default=d.holdout_every, metavar="K",
                    help=f"keep every K-th in-plane slice out of the fine-tuning, for the per-scan calibration "
                         f"(default: {d.holdout_every})")

@@ -106,10 +106,12 @@ class Adaptation:
             the diffusion noise (:func:`gen_sr.training.noisy_targets.noisy_target_pair`; 0: taken as clean);
             ``target_noise_estimated``: whether it was estimated from the scan; ``min_timestep``: the first
             timestep the fine-tuning trained at (the noise is at most half the diffusion noise from there on).
+        weight_mix: the share of the fine-tuned weights in the UNet, the rest the pretrained ones
+            (:func:`gen_sr.training.adaptation.interpolate_weights`); 1: the fine-tuned UNet itself.
         seconds: its wall time.
-        train_loss: ``(first, last)`` logged training loss.
+        train_loss: ``(first, last)`` logged training loss (of the fine-tuning, before any mix).
         heldout_loss: the held-out in-plane diffusion loss ``(before, after)`` the fine-tuning (fixed noise and
-            timesteps).
+            timesteps; the fine-tuned UNet's, before any ``weight_mix``).
         kept: the UNet the model holds: ``"fine-tuned"``, or ``"pretrained"`` where the scan's held-out slices
             showed the pretrained one to be the better (:func:`gen_sr.training.scan_fit.fit_to_scan` with
             ``keep_better``).
@@ -137,6 +139,7 @@ class Adaptation:
     target_noise_std: float = 0.0
     target_noise_estimated: bool = False
     min_timestep: int = 0
+    weight_mix: float = 1.0
     seconds: float = 0.0
     train_loss: tuple[float, float] | None = None
     heldout_loss: tuple[float, float] | None = None
@@ -288,6 +291,8 @@ class ModelCard:
                          f"timestep {a.min_timestep} on")
                 noise += ("" if not a.recorrupted else f"; pairs recorrupted with noise std {a.noise_std:.4g}"
                           f"{', estimated' if a.noise_estimated else ''}")
+                noise += ("" if a.weight_mix == 1 else f"; its weights {a.weight_mix:g} fine-tuned, "
+                          f"{1 - a.weight_mix:g} pretrained")
                 rows.append(("adapted on", f"{a.source} ({a.steps} steps, {a.seconds:.0f} s, on its in-plane slices "
                                            f"across RAS+ axis {a.axis}; {len(a.held_out_slices)} slices held out for "
                                            f"its calibration{loss}{compared}{noise})"))

@@ -25,6 +25,7 @@ from gen_sr.training.adaptation import (
     adapt,
     adaptation_data,
     held_out_slices,
+    interpolate_weights,
     scan_latent_noise_std,
     scan_slices,
 )
@@ -218,6 +219,28 @@ def test_a_noisy_scans_own_noise_is_taken_as_part_of_the_diffusion_noise(tmp_pat
     assert clean.model_card.adapted.target_noise_std == 0 and clean.model_card.adapted.min_timestep == 0
 
 
+def test_a_weight_mix_lies_between_the_pretrained_and_the_fine_tuned_unet(tmp_path: Path) -> None:
+    """``weight_mix`` W gives the UNet W times the fine-tuned weights plus 1 - W times the pretrained ones (the same
+    seeded fine-tuning); the card says so."""
+    pipe = tiny_pipeline()
+    _, lr = _scan()
+    full = adapt(pipe, lr, work_dir=tmp_path / "full", config=_config(steps=10))
+    half = adapt(pipe, lr, work_dir=tmp_path / "half", config=dataclasses.replace(_config(steps=10), weight_mix=0.25))
+    moved = 0.0
+    for p0, p1, pm in zip(pipe.unet.parameters(), full.unet.parameters(), half.unet.parameters(), strict=True):
+        torch.testing.assert_close(pm, 0.75 * p0 + 0.25 * p1, rtol=1e-5, atol=1e-7)
+        moved = max(moved, float((p1 - p0).abs().max().detach()))
+    assert moved > 1e-3  # the fine-tuning moved the weights, so the mix is neither end
+    assert all(torch.equal(a, b) for a, b in zip(interpolate_weights(pipe.unet, full.unet, 0.0).parameters(),
+                                                 pipe.unet.parameters(), strict=True))
+    assert interpolate_weights(pipe.unet, full.unet, 1.0) is full.unet
+    assert half.model_card.adapted.weight_mix == 0.25 and full.model_card.adapted.weight_mix == 1.0
+    assert "its weights 0.25 fine-tuned, 0.75 pretrained" in dict(half.model_card.summary())["adapted on"]
+    assert half.model_card.adapted.heldout_loss == full.model_card.adapted.heldout_loss  # the fine-tuning's own
+    with pytest.raises(ValueError, match="weight_mix"):
+        dataclasses.replace(_config(), weight_mix=1.5)
+
+
 def test_an_interrupted_adaptation_resumes_to_the_same_weights(tmp_path: Path) -> None:
     _, lr = _scan()
     whole = adapt(tiny_pipeline(), lr, work_dir=tmp_path / "whole", config=_config(steps=20))
@@ -402,11 +425,17 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
     assert (tmp_path / "sr_adaptation" / "model" / "calibration.json").is_file()
     code = main(["audit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),
                  "--output-dir", str(tmp_path / "audit"), "--adapt", "--adapt-steps", "6", "--adapt-batch-size", "4",
-                 "--holdout-every", "2", "--samples", "2", "--steps", "2", "--adapt-keep-better"])
+                 "--holdout-every", "2", "--samples", "2", "--steps", "2", "--adapt-keep-better",
+                 "--adapt-weight-mix", "0.5"])
     assert code == 0
     page = (tmp_path / "audit" / "report.html").read_text().replace("&#39;", "'")
     assert "Per-scan: fitted on this scan's own 5 held-out in-plane slices" in page
     assert "Adaptation" in page and "held-out in-plane loss" in page and "network was kept" in page
+    assert "a mix of 0.5 fine-tuned and 0.5 pretrained" in page
+    with pytest.raises(SystemExit) as exc:  # argparse's one line, exit 2
+        main(["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),
+              "--output-model", str(tmp_path / "other"), *small, "--adapt-weight-mix", "1.5"])
+    assert exc.value.code == 2 and "--adapt-weight-mix: expected a number in [0, 1]" in capsys.readouterr().err
 
 
 def test_fit_without_fine_tuning_calibrates_the_pretrained_unet_on_the_scan(tmp_path: Path, capsys) -> None:

@@ -56,8 +56,8 @@ from gen_sr.training.train_diffusion import fit_denoiser
 from gen_sr.training.validation import validate_diffusion
 from gen_sr.volume import Volume
 
-__all__ = ["AdaptationConfig", "ScanSlices", "adapt", "adaptation_data", "held_out_slices", "scan_latent_noise_std",
-           "scan_slices", "with_unet"]
+__all__ = ["AdaptationConfig", "ScanSlices", "adapt", "adaptation_data", "held_out_slices", "interpolate_weights",
+           "scan_latent_noise_std", "scan_slices", "with_unet"]
 
 STAGE = "adaptation"
 """The stage folder under ``work_dir``: ``checkpoints/``, ``logs/``, ``metrics.jsonl``, ``config.yaml``."""
@@ -83,6 +83,10 @@ class AdaptationConfig:
         fine_tune: ``False`` keeps the pretrained UNet as it is: the held-out slices are then only the per-scan
             calibration's (``gen-sr fit --steps 0``). At SNR 30 the pretrained model's mean was better than the
             fine-tuned one's on three validation subjects and on Colin27 (``benchmarks/ADAPTATION.md``).
+        weight_mix: the share of the fine-tuned weights in the adapted UNet, the rest the pretrained ones
+            (:func:`interpolate_weights`; WiSE-FT, Wortsman et al., CVPR 2022): 1 keeps the fine-tuned UNet, 0 the
+            pretrained one. The fine-tuning sees in-plane problems only; the mix keeps part of what the pretrained
+            UNet knows of the through-plane one.
     """
 
     train: TrainConfig = field(default_factory=_default_train)
@@ -90,10 +94,13 @@ class AdaptationConfig:
     holdout_every: int = 5
     min_foreground: float = 0.2
     fine_tune: bool = True
+    weight_mix: float = 1.0
 
     def __post_init__(self) -> None:
         if self.holdout_every < 2:
             raise ValueError(f"holdout_every must be at least 2, got {self.holdout_every}")
+        if not 0.0 <= self.weight_mix <= 1.0:
+            raise ValueError(f"weight_mix must lie in [0, 1], got {self.weight_mix}")
 
 
 @dataclass(frozen=True)
@@ -226,6 +233,7 @@ def adapt(
         min_timestep = noisy_target_min_timestep(noise_scheduler, latent_noise)
     if cfg.fine_tune:
         unet, losses = _fine_tune(pipe, cfg, work_dir, data_cfg, training_volume, noise_scheduler, latent_noise, resume)
+        unet = interpolate_weights(pipe.unet, unet, cfg.weight_mix)
     else:  # the held-out slices are only the per-scan calibration's
         unet, losses = copy.deepcopy(pipe.unet).eval().requires_grad_(False), {}
     record = Adaptation(source=str(canon.source or "<array>"), lr_shape=canon.shape, axis=slices.axis,
@@ -236,7 +244,7 @@ def adapt(
                         learning_rate=cfg.train.learning_rate, noise_std=noise_std, noise_estimated=estimated,
                         recorrupted=recorrupt,
                         target_noise_std=target_noise_std, target_noise_estimated=target_estimated,
-                        min_timestep=min_timestep,
+                        min_timestep=min_timestep, weight_mix=cfg.weight_mix if cfg.fine_tune else 1.0,
                         seconds=time.perf_counter() - tic, **losses)
     return with_unet(pipe, unet, dataclasses.replace(pipe.model_card, adapted=record))
 
@@ -248,6 +256,20 @@ def with_unet(pipe: LatentDiffusionSRPipeline, unet: Any, model_card: ModelCard)
                                     model_card=model_card)
     out.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return out.to(pipe.device)
+
+
+def interpolate_weights(pretrained: torch.nn.Module, fine_tuned: torch.nn.Module, weight: float) -> torch.nn.Module:
+    """A copy of ``fine_tuned`` whose floating-point parameters and buffers are ``(1 - weight) * pretrained + weight *
+    fine_tuned`` (a weight-space ensemble of a model and its fine-tuning, WiSE-FT); ``weight`` 1 returns
+    ``fine_tuned`` itself. The two must share their architecture."""
+    if weight == 1.0:
+        return fine_tuned
+    start = pretrained.state_dict()
+    mixed = {name: torch.lerp(start[name].to(value), value, weight) if value.is_floating_point() else value
+             for name, value in fine_tuned.state_dict().items()}
+    out = copy.deepcopy(fine_tuned)
+    out.load_state_dict(mixed)
+    return out
 
 
 def _fine_tune(pipe: LatentDiffusionSRPipeline, cfg: AdaptationConfig, work_dir: str | Path, data_cfg: DataConfig,
