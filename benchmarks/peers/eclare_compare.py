@@ -45,7 +45,8 @@ ECLARE = ROOT / "benchmarks" / "peers" / ".venv-eclare" / "bin" / "run-eclare"
 
 def run_eclare(lr_path: Path, out_dir: Path, thickness_ratio: float, n_patches: int,
                batch_size: int) -> tuple[Path, float, str]:
-    """Run ECLARE on the CPU; returns its output file, the wall time and its log."""
+    """Run ECLARE on the CPU; returns its output file, the wall time and its log (standard output, then its
+    progress bars)."""
     cmd = [str(ECLARE), "--in-fpath", str(lr_path), "--out-dir", str(out_dir), "--gpu-id", "-1",
            "--relative-slice-thickness", f"{thickness_ratio:g}", "--relative-slice-profile-type", "gaussian",
            "--n-patches", str(n_patches), "--batch-size", str(batch_size)]
@@ -54,7 +55,17 @@ def run_eclare(lr_path: Path, out_dir: Path, thickness_ratio: float, n_patches: 
     seconds = time.perf_counter() - tic
     if result.returncode != 0:
         raise SystemExit(f"ECLARE failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return next(out_dir.glob("*_eclare.nii*")), seconds, result.stdout
+    return next(out_dir.glob("*_eclare.nii*")), seconds, result.stdout + result.stderr
+
+
+def training_seconds(log: str) -> float:
+    """The elapsed time of ECLARE's training, from the last state of its first progress bar (the training's, over
+    its patches: ``k/N [mm:ss<...`` or ``[h:mm:ss<...``); NaN where there is none."""
+    bars = re.findall(r"\d+/(\d+) \[(?:(\d+):)?(\d+):(\d+)<", log)
+    if not bars:
+        return float("nan")
+    _total, h, m, sec = [b for b in bars if b[0] == bars[0][0]][-1]
+    return 3600 * int(h or 0) + 60 * int(m) + int(sec)
 
 
 def main() -> None:
@@ -93,6 +104,7 @@ def main() -> None:
         row["gain"] = row["psnr"] - row["best interpolation"]
         times = dict(re.findall(r"(ECLARE|Total) elapsed time: ([0-9.]+)s", log))
         row |= {f"{k} elapsed s (its log)": float(v) for k, v in times.items()}
+        row["training s (its progress bar)"] = training_seconds(log)
         columns[f"ECLARE, {label}"] = row
         print(label, row, flush=True)
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): ECLARE 1.0.1 on the CPU, "
