@@ -1,5 +1,5 @@
 """Check a super-resolve run against its truth: PSNR, the coverage of its intervals and how its std ranks the error,
-in the truth's foreground.
+in the truth's foreground (or ``--mask``).
 
     python benchmarks/output_check.py --run runs/bench/whole_adapt30 --truth runs/bench/whole_case/hr.nii.gz
 
@@ -21,13 +21,15 @@ from gen_sr.eval.uncertainty import coverage, spearman, spearman_ceiling
 from gen_sr.volume import load_volume
 
 
-def check(run: Path, truth_path: Path) -> dict[str, float]:
+def check(run: Path, truth_path: Path, mask_path: Path | None = None) -> dict[str, float]:
     truth = load_volume(truth_path).canonical().data.astype(np.float64)
     mean = load_volume(run / "sr.nii.gz").canonical().data.astype(np.float64)
     std = load_volume(run / "std.nii.gz").canonical().data.astype(np.float64)
     if not truth.shape == mean.shape == std.shape:
         raise SystemExit(f"shapes differ: truth {truth.shape}, mean {mean.shape}, std {std.shape}")
-    inside = foreground(truth)
+    inside = foreground(truth) if mask_path is None else load_volume(mask_path).canonical().data > 0
+    if inside.shape != truth.shape:
+        raise SystemExit(f"shapes differ: truth {truth.shape}, mask {inside.shape}")
     err = np.abs(mean - truth)
     grad = np.sqrt(sum(g**2 for g in np.gradient(mean)))
     scale = json.loads((run / "sr.json").read_text())["risk"].get("scale")
@@ -44,8 +46,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--truth", type=Path, required=True)
+    parser.add_argument("--mask", type=Path, help="where to measure, on the truth's grid (nonzero inside; default: "
+                                                   "the truth's foreground), e.g. the brain")
     args = parser.parse_args()
-    for name, value in check(args.run, args.truth).items():
+    for name, value in check(args.run, args.truth, args.mask).items():
         print(f"{name:32s} {value:.4g}")
 
 

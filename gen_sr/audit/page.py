@@ -126,8 +126,7 @@ def _adaptation(v: Any) -> str:
                  "that it could not learn to keep that noise")
     mix = float(v.get("weight_mix", 1.0))
     if mix < 1:
-        text += (f"; its weights a mix of {mix:g} fine-tuned and {1 - mix:g} pretrained, which keeps part of what the "
-                 "pretrained network knows of the through-plane problem")
+        text += f"; its weights a mix of {mix:g} fine-tuned and {1 - mix:g} pretrained"
     if isinstance(rmse, list | tuple) and len(rmse) == 2:
         text += (f"; error on the held-out slices {float(rmse[0]):.4g} pretrained, {float(rmse[1]):.4g} fine-tuned "
                  f"(RMSE): the {v.get('kept', 'fine-tuned')} network was kept")

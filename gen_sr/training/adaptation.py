@@ -85,8 +85,9 @@ class AdaptationConfig:
             fine-tuned one's on three validation subjects and on Colin27 (``benchmarks/ADAPTATION.md``).
         weight_mix: the share of the fine-tuned weights in the adapted UNet, the rest the pretrained ones
             (:func:`interpolate_weights`; WiSE-FT, Wortsman et al., CVPR 2022): 1 keeps the fine-tuned UNet, 0 the
-            pretrained one. The fine-tuning sees in-plane problems only; the mix keeps part of what the pretrained
-            UNet knows of the through-plane one.
+            pretrained one. Meant for the shift from the in-plane problems the fine-tuning sees to the through-plane
+            one; default 1, since on validation scans the mix's through-plane PSNR lay on the line between its two
+            ends (``benchmarks/ADAPTATION.md``, "Round 5").
     """
 
     train: TrainConfig = field(default_factory=_default_train)
