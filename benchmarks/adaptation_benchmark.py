@@ -43,7 +43,7 @@ from gen_sr.eval.metrics import foreground
 from gen_sr.eval.scan_calibration import calibrate_on_scan
 from gen_sr.eval.tables import figures_table
 from gen_sr.pipelines import LatentDiffusionSRPipeline
-from gen_sr.training.adaptation import AdaptationConfig, interpolate_weights, with_unet
+from gen_sr.training.adaptation import AdaptationConfig, mixed_with_pretrained
 from gen_sr.training.scan_fit import fit_to_scan
 from gen_sr.volume import load_volume
 
@@ -112,10 +112,10 @@ def main() -> None:
                              "held-out slices without their noise (an oracle: how far that noise moves the per-scan "
                              "calibration), and add a column for it")
     parser.add_argument("--weight-mix", type=float, metavar="W",
-                        help="fine-tune to the end (weight_mix 1) and also measure the UNet whose weights are W times "
-                             "the fine-tuned ones plus 1 - W times the pretrained ones (interpolate_weights), with its "
-                             "own per-scan calibration; with --keep-better, also the one of pretrained and mixed that "
-                             "the held-out slices rank first")
+                        help="fine-tune to the end (weight_mix 1) and also measure the UNet whose weights are W "
+                             "times the fine-tuned ones plus 1 - W times the pretrained ones (mixed_with_pretrained), "
+                             "with its own per-scan calibration; with --keep-better, also the one of pretrained and "
+                             "mixed that the held-out slices rank first")
     parser.add_argument("--snr", type=float, nargs="*", default=[0.0, 30.0], help="0 for noise-free")
     parser.add_argument("--output", help="also write the table here (Markdown)")
     args = parser.parse_args()
@@ -191,9 +191,7 @@ def main() -> None:
                 columns[f"kept on recorrupted problems ({choice}), {label}"] = per_scan[choice] | redo
         if args.weight_mix is not None:  # the weight-space mix of the two, calibrated on the scan as fit_to_scan does
             tic = time.perf_counter()
-            mixed = with_unet(fine_tuned, interpolate_weights(pipe.unet, fine_tuned.unet, args.weight_mix),
-                              dataclasses.replace(fine_tuned.model_card, adapted=dataclasses.replace(
-                                  record, weight_mix=args.weight_mix)))
+            mixed = mixed_with_pretrained(pipe, fine_tuned, args.weight_mix)
             mixed.set_progress_bar_config(disable=True)
             result = calibrate_on_scan(mixed, full.lr, noise_std=full.noise_std, progress=False, **sampling())
             mixed.calibration = result.calibration

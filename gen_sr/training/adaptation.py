@@ -57,7 +57,7 @@ from gen_sr.training.validation import validate_diffusion
 from gen_sr.volume import Volume
 
 __all__ = ["AdaptationConfig", "ScanSlices", "adapt", "adaptation_data", "held_out_slices", "interpolate_weights",
-           "scan_latent_noise_std", "scan_slices", "with_unet"]
+           "mixed_with_pretrained", "scan_latent_noise_std", "scan_slices", "with_unet"]
 
 STAGE = "adaptation"
 """The stage folder under ``work_dir``: ``checkpoints/``, ``logs/``, ``metrics.jsonl``, ``config.yaml``."""
@@ -84,7 +84,7 @@ class AdaptationConfig:
             calibration's (``gen-sr fit --steps 0``). At SNR 30 the pretrained model's mean was better than the
             fine-tuned one's on three validation subjects and on Colin27 (``benchmarks/ADAPTATION.md``).
         weight_mix: the share of the fine-tuned weights in the adapted UNet, the rest the pretrained ones
-            (:func:`interpolate_weights`; WiSE-FT, Wortsman et al., CVPR 2022): 1 keeps the fine-tuned UNet, 0 the
+            (:func:`mixed_with_pretrained`; WiSE-FT, Wortsman et al., CVPR 2022): 1 keeps the fine-tuned UNet, 0 the
             pretrained one. Meant for the shift from the in-plane problems the fine-tuning sees to the through-plane
             one; default 1, since on validation scans the mix's through-plane PSNR lay on the line between its two
             ends (``benchmarks/ADAPTATION.md``, "Round 5").
@@ -234,7 +234,6 @@ def adapt(
         min_timestep = noisy_target_min_timestep(noise_scheduler, latent_noise)
     if cfg.fine_tune:
         unet, losses = _fine_tune(pipe, cfg, work_dir, data_cfg, training_volume, noise_scheduler, latent_noise, resume)
-        unet = interpolate_weights(pipe.unet, unet, cfg.weight_mix)
     else:  # the held-out slices are only the per-scan calibration's
         unet, losses = copy.deepcopy(pipe.unet).eval().requires_grad_(False), {}
     record = Adaptation(source=str(canon.source or "<array>"), lr_shape=canon.shape, axis=slices.axis,
@@ -245,9 +244,22 @@ def adapt(
                         learning_rate=cfg.train.learning_rate, noise_std=noise_std, noise_estimated=estimated,
                         recorrupted=recorrupt,
                         target_noise_std=target_noise_std, target_noise_estimated=target_estimated,
-                        min_timestep=min_timestep, weight_mix=cfg.weight_mix if cfg.fine_tune else 1.0,
-                        seconds=time.perf_counter() - tic, **losses)
-    return with_unet(pipe, unet, dataclasses.replace(pipe.model_card, adapted=record))
+                        min_timestep=min_timestep, seconds=time.perf_counter() - tic, **losses)
+    adapted = with_unet(pipe, unet, dataclasses.replace(pipe.model_card, adapted=record))
+    return mixed_with_pretrained(pipe, adapted, cfg.weight_mix) if cfg.fine_tune else adapted
+
+
+def mixed_with_pretrained(pipe: LatentDiffusionSRPipeline, adapted: LatentDiffusionSRPipeline,
+                          weight: float) -> LatentDiffusionSRPipeline:
+    """``adapted`` (fine-tuned from ``pipe``) with its UNet's weights mixed with ``pipe``'s
+    (:func:`interpolate_weights`) and its card's ``adapted.weight_mix`` set to ``weight``; ``adapted`` itself where
+    ``weight`` is 1."""
+    if weight == 1.0:
+        return adapted
+    card = adapted.model_card
+    record = dataclasses.replace(card.adapted, weight_mix=weight)
+    return with_unet(adapted, interpolate_weights(pipe.unet, adapted.unet, weight),
+                     dataclasses.replace(card, adapted=record))
 
 
 def with_unet(pipe: LatentDiffusionSRPipeline, unet: Any, model_card: ModelCard) -> LatentDiffusionSRPipeline:
