@@ -128,6 +128,9 @@ class Calibration:
         details: where the calibration data came from (free-form, recorded as given).
         shape: the spread that ``scale`` multiplies (files without one mean the plain std).
         sampling: the sampler settings it was made with (``None`` in files written before it was recorded).
+        outside_scale: a per-scan calibration fitted in a region of the scan (e.g. the brain) and, apart, in the rest
+            of its foreground: the scale outside the region (``scale`` holds inside). ``None``: one scale everywhere.
+            Where a run is not given the region, the larger of the two holds everywhere (:meth:`scale_map`).
     """
 
     scale: float
@@ -141,6 +144,7 @@ class Calibration:
     details: dict = field(default_factory=dict)
     shape: IntervalShape = field(default_factory=IntervalShape)
     sampling: SamplingSettings | None = None
+    outside_scale: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.shape, dict):  # as read back from JSON
@@ -148,10 +152,21 @@ class Calibration:
         if isinstance(self.sampling, dict):
             self.sampling = SamplingSettings(**self.sampling)
 
-    def halfwidth(self, std: torch.Tensor | np.ndarray, mean: torch.Tensor | np.ndarray,
-                  noise_std: float = 0.0) -> torch.Tensor | np.ndarray:
-        """Half-width ``λ̂ u`` of the calibrated interval around ``mean`` (see :meth:`IntervalShape.spread`)."""
-        return self.scale * self.shape.spread(std, mean, noise_std)
+    def scale_map(self, region: Array | None = None) -> Array | float:
+        """``λ̂`` per voxel: ``scale`` inside ``region`` (a boolean mask on the output grid) and ``outside_scale``
+        outside it, where the calibration has one; without a region, the larger of the two (a float)."""
+        if self.outside_scale is None:
+            return self.scale
+        if region is None:
+            return max(self.scale, self.outside_scale)
+        if isinstance(region, np.ndarray):
+            return np.where(region, self.scale, self.outside_scale)
+        return torch.where(region.bool(), self.scale, self.outside_scale)
+
+    def halfwidth(self, std: Array, mean: Array, noise_std: float = 0.0, region: Array | None = None) -> Array:
+        """Half-width ``λ̂ u`` of the calibrated interval around ``mean`` (see :meth:`IntervalShape.spread`);
+        ``region``: see :meth:`scale_map`."""
+        return self.scale_map(region) * self.shape.spread(std, mean, noise_std)
 
     def describe(self) -> str:
         """The interval in words, e.g. for run records and reports."""
@@ -159,7 +174,11 @@ class Calibration:
         terms = [f"std smoothed over {s.smoothing:g} voxels" if s.smoothing else "std"]
         terms += [f"{s.noise_floor:g} x noise std"] if s.noise_floor else []
         terms += [f"{s.edge_weight:g} x |gradient of the mean|"] if s.edge_weight else []
-        return f"mean ± {self.scale:.4g} x ({' + '.join(terms)})"
+        spread = f"({' + '.join(terms)})"
+        if self.outside_scale is not None:
+            return (f"mean ± {self.scale:.4g} x {spread} in the calibration region, ± {self.outside_scale:.4g} x "
+                    f"{spread} outside it")
+        return f"mean ± {self.scale:.4g} x {spread}"
 
     def save(self, folder: str | Path) -> Path:
         """Write this record as the folder's only calibration (:meth:`Calibrations.save` keeps several)."""
@@ -241,7 +260,7 @@ class Calibrations:
 
 
 def risk_map(std: Array, mean: Array, calibration: Calibration | None, noise_std: float = 0.0,
-             intensity_range: float = 1.0) -> Array:
+             intensity_range: float = 1.0, region: Array | None = None) -> Array:
     """The hallucination-risk map of one output: the calibrated half-width ``λ̂ u`` (or the std, uncalibrated)
     over ``intensity_range``.
 
@@ -250,11 +269,13 @@ def risk_map(std: Array, mean: Array, calibration: Calibration | None, noise_std
         calibration: the model's calibration, or ``None``.
         noise_std: the measurement noise std, in the units of ``std``.
         intensity_range: the robust intensity range in those units (1 for normalised volumes).
+        region: for a calibration fitted per region (``Calibration.outside_scale``), the region's voxels on the same
+            grid (a boolean mask broadcastable to ``std``); ``None``: the larger scale everywhere.
 
     Returns:
         Risk, shaped and typed like ``std``.
     """
-    halfwidth = calibration.halfwidth(std, mean, noise_std) if calibration is not None else std
+    halfwidth = calibration.halfwidth(std, mean, noise_std, region) if calibration is not None else std
     return halfwidth / intensity_range
 
 
@@ -265,7 +286,8 @@ def describe_risk(calibration: Calibration | None) -> dict[str, Any]:
     cal = calibration
     per_scan = bool(cal.details.get("per_scan"))
     where = "; calibrated on this scan's own held-out in-plane slices" if per_scan else ""
-    return {"calibrated": True, "per_scan": per_scan, "scale": cal.scale, "alpha": cal.alpha, "delta": cal.delta,
+    return {"calibrated": True, "per_scan": per_scan, "scale": cal.scale, "outside_scale": cal.outside_scale,
+            "alpha": cal.alpha, "delta": cal.delta,
             "method": cal.method, "shape": asdict(cal.shape),
             "made_with": None if cal.sampling is None else asdict(cal.sampling),
             "definition": f"the half-width of the interval {cal.describe()} over the robust intensity range: "

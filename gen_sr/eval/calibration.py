@@ -44,12 +44,11 @@ from gen_sr.eval.cases import Case, SRModel, balanced_cuts, super_resolve
 from gen_sr.eval.metrics import region_masks
 from gen_sr.eval.uncertainty import miss_rate
 from gen_sr.io import atomic_write
-from gen_sr.risk import Calibration, IntervalShape
+from gen_sr.risk import Calibration, IntervalShape, SamplingSettings
 
 __all__ = ["SHAPE_CANDIDATES", "CalibrationResult", "CalibrationVolume", "calibrate", "calibration_volumes",
-           "check_calibration_settings", "choose_shape", "fit_calibration", "fit_shape", "hb_p_value", "minimum_units",
-           "pooled_rmse", "split_units",
-           "transfer_coverage", "upper_bound"]
+           "check_calibration_settings", "choose_shape", "fit_calibration", "fit_shape", "fit_volumes", "hb_p_value",
+           "minimum_units", "pooled_rmse", "split_units", "transfer_coverage", "upper_bound"]
 
 def hb_p_value(risk_hat: float | np.ndarray, n: int, alpha: float) -> float | np.ndarray:
     """Hoeffding–Bentkus p-value of the null "the mean loss exceeds ``alpha``" given the mean ``risk_hat`` of ``n``
@@ -379,6 +378,17 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks,
                                interval=interval)
     volumes = calibration_volumes(pipe, cases, masks=masks, progress=progress, cache=cache, **pipe_kwargs)
+    return fit_volumes(volumes, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis, interval=interval,
+                       details=details, progress=progress, sampling=pipe.sampling_settings(**pipe_kwargs))
+
+
+def fit_volumes(volumes: Sequence[CalibrationVolume], *, alpha: float = 0.1, delta: float = 0.1,
+                method: Literal["rcps", "crc"] = "rcps", blocks: int = 1, axis: int = 0,
+                interval: Literal["std", "auto"] = "std", details: dict[str, Any] | None = None,
+                progress: bool = False, sampling: SamplingSettings | None = None) -> CalibrationResult:
+    """The fitting half of :func:`calibrate`, on volumes already super-resolved (:func:`calibration_volumes`): choose
+    the interval shape (``interval="auto"``), fit ``λ̂`` on the volumes' units, check how it transfers between volumes
+    and fit the other rule for comparison. ``sampling``: the settings the volumes were made with, recorded."""
     fit: dict[str, Any] = {"alpha": alpha, "delta": delta, "method": method}
     shape, transfer, transfer_error = IntervalShape(), None, None
     if interval == "auto":  # every fit here leaves a volume out: with too few units, the rule cannot certify
@@ -395,9 +405,8 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
             transfer_error = f"with a volume left out, {e}"
     units = split_units(volumes, shape, blocks=blocks, axis=axis)  # once: the spreads are the costly part
     rmse = pooled_rmse(volumes)
-    record = {**(details or {}), "volumes": [c.name for c in cases], "blocks_per_volume": blocks,
+    record = {**(details or {}), "volumes": [v.name for v in volumes], "blocks_per_volume": blocks,
               "units": len(units[0]), "interval": interval, "leave_one_volume_out_coverage": transfer, "rmse": rmse}
-    sampling = pipe.sampling_settings(**pipe_kwargs)
     result = CalibrationResult(dataclasses.replace(fit_calibration(*units, **fit, details=record), shape=shape,
                                                    sampling=sampling), transfer, transfer_error, rmse=rmse)
     try:  # the other rule on the same units, for comparison

@@ -16,6 +16,18 @@ Noise and foreground: the held-out slices hold the scan's noise, which their sim
 given the scan's noise std, the problems are topped up to it and projected noise-aware, as the real run is
 (:func:`scan_cases`). Units count the scan's foreground (:func:`held_out_foreground`), not each slice's own.
 
+Region: a head with skull holds scalp and skull, where the error is larger beside the spread than in the brain; one
+scale over the whole foreground is then too wide in the brain and too narrow outside it. Given a region of the scan
+(``region``, e.g. a brain mask), the scale is fitted in the region and, apart, in the rest of the foreground (Mondrian
+conformal prediction, Vovk et al. 2005: one calibration per class of voxels): ``Calibration.outside_scale``.
+
+Reference noise: the held-out slices are the references, and they hold the scan's noise, which the truth of the real
+output does not; at SNR 30 this widens ``λ̂`` (by 6-60 % on validation scans, ``benchmarks/ADAPTATION.md``). With
+``reference_noise="extrapolate"`` the scale is fitted again with white noise of the scan's std added to the
+references once and twice more, and ``λ̂²``, about linear in the references' noise variance, is extrapolated back to
+noise-free references (SIMEX, Cook and Stefanski 1994). It is an estimate, without the finite-sample guarantee of the
+rule itself.
+
 The assumption, as in SMORE and ECLARE: the scan's statistics are alike in-plane and through-plane, so that the
 errors on the simulated in-plane problem are exchangeable with those of the real one. Anatomy is not isotropic, so
 this holds only approximately; the calibration record says so, and ``benchmarks/adaptation_benchmark.py`` measures
@@ -25,6 +37,7 @@ the coverage it gives on real heads.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -32,14 +45,28 @@ import torch
 
 from gen_sr.data import recorrupt, top_up_noise
 from gen_sr.errors import InputError
-from gen_sr.eval.calibration import CalibrationResult, calibrate
+from gen_sr.eval.calibration import (
+    CalibrationResult,
+    CalibrationVolume,
+    calibration_volumes,
+    check_calibration_settings,
+    fit_volumes,
+    split_units,
+)
 from gen_sr.eval.cases import Case, SRModel, simulate_case
 from gen_sr.eval.metrics import foreground
+from gen_sr.eval.uncertainty import miss_rate
 from gen_sr.model_card import Adaptation
 from gen_sr.volume import Volume
 
-__all__ = ["ASSUMPTION", "calibrate_on_scan", "held_out_foreground", "held_out_truth", "recorrupted_case",
-           "scan_cases"]
+__all__ = ["ASSUMPTION", "REFERENCE_NOISE", "ReferenceNoise", "calibrate_on_scan", "extrapolate_to_zero_noise",
+           "held_out_foreground", "held_out_truth", "recorrupted_case", "scan_cases"]
+
+ReferenceNoise = Literal["keep", "extrapolate"]
+REFERENCE_NOISE: ReferenceNoise = "keep"
+""":func:`calibrate_on_scan`'s default ``reference_noise`` (see the module docstring)."""
+_EXTRA_NOISE = (1.0, 2.0)
+"""The noise variances added to the references for the extrapolation, in units of the scan's noise variance."""
 
 ASSUMPTION = ("per-scan: fitted on the scan's own held-out in-plane slices, degraded along each in-plane axis with "
               "the scan's slices; it assumes the statistics in-plane and through-plane are alike (as SMORE and ECLARE "
@@ -85,7 +112,7 @@ def scan_cases(lr: Volume, record: Adaptation, seed: int = 0, noise_std: float =
     (:func:`recorrupted_case`): a model is not rewarded for keeping the measured noise, and the error against the
     reference ranks models as the error against the clean slice would, up to a constant. ``clean_scan`` (benchmarks
     of simulated scans): the same scan without its noise, whose held-out slices become the references."""
-    return [case for case, _ in _cases_and_masks(lr, record, seed, noise_std, recorrupt, clean_scan)]
+    return [case for case, _, _ in _cases_and_masks(lr, record, seed, noise_std, recorrupt, clean_scan)]
 
 
 def recorrupted_case(case: Case, noise_std: float, rng: np.random.Generator) -> Case:
@@ -102,17 +129,34 @@ def recorrupted_case(case: Case, noise_std: float, rng: np.random.Generator) -> 
                                lr=case.lr.with_data(y.astype(case.lr.data.dtype)), noise_std=noise_std)
 
 
-def held_out_foreground(lr: Volume, record: Adaptation) -> np.ndarray:
+def held_out_foreground(lr: Volume, record: Adaptation, region: np.ndarray | None = None) -> np.ndarray:
     """The scan's foreground (:func:`gen_sr.eval.metrics.foreground` of the whole scan) on its held-out slices,
     stacked as :func:`held_out_truth` stacks them: where calibration counts. A slice's own foreground would find
-    "objects" in a slice that holds only rounding noise (beyond the head), and count them."""
+    "objects" in a slice that holds only rounding noise (beyond the head), and count them. ``region`` (a mask on
+    the scan's RAS+ grid): the region's voxels instead (those of the foreground, where it reaches beyond it)."""
     mask = foreground(lr.canonical().data)
+    if region is not None:
+        mask = mask & _region_on(lr, region)
     return np.take(mask, record.held_out_slices, axis=record.axis)
 
 
+def _region_on(lr: Volume, region: np.ndarray) -> np.ndarray:
+    canon = lr.canonical()
+    region = np.asarray(region) > 0
+    if region.shape != canon.shape:
+        raise InputError(f"the calibration region is {' x '.join(map(str, region.shape))} voxels, but the scan is "
+                         f"{' x '.join(map(str, canon.shape))} in RAS+", lr.source,
+                         "give a mask on the scan's own grid (e.g. a brain mask of the thick-slice scan)")
+    return region
+
+
 def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0, noise_std: float = 0.0,
-                     recorrupt: bool = False, clean_scan: Volume | None = None) -> list[tuple[Case, np.ndarray]]:
+                     recorrupt: bool = False, clean_scan: Volume | None = None,
+                     region: np.ndarray | None = None) -> list[tuple[Case, np.ndarray, np.ndarray]]:
+    """Each problem of :func:`scan_cases` with the held-out foreground of its slice, and that foreground inside
+    ``region`` (all of it without one)."""
     truth, inside = held_out_truth(lr, record), held_out_foreground(lr, record)
+    in_region = inside if region is None else held_out_foreground(lr, record, region)
     if clean_scan is not None and recorrupt:
         raise ValueError("clean_scan gives the references: there is nothing to recorrupt")
     clean = None if clean_scan is None else held_out_truth(clean_scan, record)
@@ -122,7 +166,8 @@ def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0, noise_std: f
     for j, index in enumerate(record.held_out_slices):
         start, stop = [0, 0, 0], list(truth.shape)
         start[record.axis], stop[record.axis] = j, j + 1
-        mask = inside[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
+        box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+        mask = inside[box]
         if not mask.any():
             continue
         one = truth.crop(start, stop)
@@ -132,7 +177,7 @@ def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0, noise_std: f
                  for axis in range(3) if axis != record.axis]
         if clean is not None:  # the same problems, judged against the slice without its noise
             cases = [dataclasses.replace(c, hr=clean.crop(start, stop)) for c in cases]
-        out += [(case, mask) for case in cases]
+        out += [(case, mask, in_region[box]) for case in cases]
     return out
 
 
@@ -148,7 +193,9 @@ def _noise_matched(case: Case, noise_std: float, rng: np.random.Generator) -> Ca
 def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: float = 0.1,
                       method: Literal["rcps", "crc"] = "crc", blocks: int = 4, progress: bool = True,
                       details: dict[str, Any] | None = None, noise_std: float = 0.0, recorrupt: bool = False,
-                      clean_scan: Volume | None = None, **pipe_kwargs: Any) -> CalibrationResult:
+                      clean_scan: Volume | None = None, region: np.ndarray | None = None,
+                      reference_noise: ReferenceNoise = REFERENCE_NOISE, seed: int = 0,
+                      **pipe_kwargs: Any) -> CalibrationResult:
     """Calibrate an adapted model on its scan's held-out in-plane slices (see the module docstring).
 
     Args:
@@ -167,23 +214,79 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
         clean_scan: for benchmarks, where the scan was simulated: the same scan without its noise, whose held-out
             slices are then the references of the same problems (an oracle: how far the held-out slices' own noise
             moves the calibration).
+        region: a mask on the scan's RAS+ grid (e.g. its brain): the scale is fitted there, and apart in the rest
+            of the foreground (``Calibration.outside_scale``; ``None`` where the rest has too little to fit on).
+            The result's ``rmse`` and leave-one-out figures are the region's.
+        reference_noise: ``"extrapolate"`` corrects the scale for the references' own noise (``noise_std`` > 0;
+            see the module docstring); ``"keep"`` fits it against the noisy references.
+        seed: the problems' noise and the extrapolation's.
         pipe_kwargs: for the pipeline calls (``num_samples``, ``num_inference_steps``, ``generator``, ...).
     """
     record = _record(pipe)
-    pairs = _cases_and_masks(lr, record, noise_std=noise_std, recorrupt=recorrupt, clean_scan=clean_scan)
-    if not pairs:
+    if reference_noise not in ("keep", "extrapolate"):
+        raise ValueError(f"reference_noise must be 'keep' or 'extrapolate', not {reference_noise!r}")
+    triples = _cases_and_masks(lr, record, seed=seed, noise_std=noise_std, recorrupt=recorrupt,
+                               clean_scan=clean_scan, region=region)
+    if not triples:
         raise InputError("has no foreground in any of its held-out in-plane slices", lr.source,
                          "check that it is the scan the model was adapted on")
-    cases, masks = [c for c, _ in pairs], {id(c): m for c, m in pairs}
+    cases, masks = [c for c, _, _ in triples], {id(c): m for c, m, _ in triples}
+    inside = [r for _, _, r in triples]
     axis = min(a for a in range(3) if a != record.axis)
+    extrapolate = reference_noise == "extrapolate" and noise_std > 0 and clean_scan is None
     info = {"per_scan": True, "assumption": ASSUMPTION, "scan": record.source,
             "held_out_slices": list(record.held_out_slices), "noise_std": noise_std,
-            "recorrupted": recorrupt and noise_std > 0, "clean_references": clean_scan is not None, **(details or {})}
+            "recorrupted": recorrupt and noise_std > 0, "clean_references": clean_scan is not None,
+            "reference_noise": "extrapolate" if extrapolate else "keep", "region": region is not None,
+            **(details or {})}
+    rule = {"alpha": alpha, "delta": delta, "method": method, "blocks": blocks, "axis": axis,
+            "sampling": pipe.sampling_settings(**pipe_kwargs)}
     try:
-        return calibrate(pipe, cases, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis,
-                         details=info, progress=progress, masks=lambda case: masks[id(case)],
-                         slice_normal=record.axis, **pipe_kwargs)
+        check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks)
+        volumes = calibration_volumes(pipe, cases, masks=lambda case: masks[id(case)], progress=progress,
+                                      **pipe_kwargs)
+        if region is None:
+            return _fit(volumes, extrapolate, seed, details=info, **rule)
+        result = _fit([dataclasses.replace(v, mask=v.mask & r) for v, r in zip(volumes, inside, strict=True)],
+                      extrapolate, seed, details=info, **rule)
     except ValueError as e:
-        raise InputError(f"cannot calibrate on the scan's {len(cases) // 2} held-out in-plane slices with foreground x "
-                         f"2 directions x {blocks} blocks: {e}",
+        raise InputError(f"cannot calibrate on the scan's {len(cases) // 2} held-out in-plane slices with foreground "
+                         f"x 2 directions x {blocks} blocks{' in the region' if region is not None else ''}: {e}",
                          lr.source, "hold out more slices (a smaller holdout_every) or raise alpha") from e
+    outside = [dataclasses.replace(v, mask=v.mask & ~r) for v, r in zip(volumes, inside, strict=True)]
+    try:
+        result.calibration.outside_scale = _fit(outside, extrapolate, seed, **rule).calibration.scale
+    except ValueError as e:  # e.g. a skull-stripped scan: little or nothing outside the region
+        result.calibration.details["outside_scale_error"] = str(e)
+    return result
+
+
+def _fit(volumes: list[CalibrationVolume], extrapolate: bool, seed: int, **rule: Any) -> CalibrationResult:
+    """:func:`gen_sr.eval.calibration.fit_volumes`; with ``extrapolate``, its scale corrected for the references'
+    noise (the module docstring), and ``risk_hat`` the miss rate against the noisy references at that scale."""
+    result = fit_volumes(volumes, **rule)
+    if not extrapolate:
+        return result
+    rng = np.random.default_rng([seed, 1])
+    fit = {k: rule[k] for k in ("alpha", "delta", "method", "blocks", "axis", "sampling")}
+    scales = [result.calibration.scale]
+    for extra in _EXTRA_NOISE:
+        noisier = [dataclasses.replace(v, error=v.error + math.sqrt(extra) * v.noise_std
+                                       * rng.standard_normal(v.error.shape)) for v in volumes]
+        scales.append(fit_volumes(noisier, **fit).calibration.scale)
+    scale = extrapolate_to_zero_noise([1.0, *(1.0 + e for e in _EXTRA_NOISE)], scales)
+    errors, spreads, masks = split_units(volumes, blocks=rule["blocks"], axis=rule["axis"])
+    risk = float(np.mean([miss_rate(e, u, scale, m) for e, u, m in zip(errors, spreads, masks, strict=True)]))
+    cal = result.calibration
+    cal.details |= {"noisy_reference_scale": cal.scale, "reference_noise_scales": scales,
+                    "reference_noise_variances": [1.0, *(1.0 + e for e in _EXTRA_NOISE)]}
+    result.calibration = dataclasses.replace(cal, scale=scale, risk_hat=risk)
+    return result
+
+
+def extrapolate_to_zero_noise(variances: list[float], scales: list[float]) -> float:
+    """The scale at reference noise variance 0, from scales fitted at ``variances`` (in units of the scan's): a
+    least-squares line through ``scale²`` against the variance, read at 0 (clipped at a tenth of the smallest scale,
+    where the line falls below it)."""
+    _, intercept = np.polyfit(np.asarray(variances, float), np.asarray(scales, float) ** 2, 1)
+    return float(math.sqrt(max(intercept, (0.1 * min(scales)) ** 2)))
