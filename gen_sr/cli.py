@@ -288,7 +288,8 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     check_output_file(sidecar, args.overwrite, inputs=[args.input])
     lr = load_volume(args.input, volume_index=args.volume)
     pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr)
-    out = pipe(lr, keep_samples=False, output_type="np", **_acquisition_kwargs(args), **_sampling_kwargs(args))
+    out = pipe(lr, keep_samples=False, output_type="np", calibration_region=args.calibration_region,
+               **_acquisition_kwargs(args), **_sampling_kwargs(args))
     out.metadata["timings"] = {**timings, **out.metadata["timings"]}
     if pipe.model_card.adapted is not None:
         out.metadata["adaptation"] = dataclasses.asdict(pipe.model_card.adapted)
@@ -314,7 +315,8 @@ def _super_resolve_cohort(args: argparse.Namespace) -> int:
                          "scan)", args.input)
     unused = [flag for flag, value in (("--output", args.output), ("--std", args.std), ("--risk", args.risk),
                                        ("--dc-residual", args.dc_residual), ("--adapt", args.adapt),
-                                       ("--volume", args.volume)) if value]
+                                       ("--volume", args.volume),
+                                       ("--calibration-region", args.calibration_region)) if value]
     if unused:
         raise InputError(f"{', '.join(unused)} take(s) one scan; with --output-dir every scan gets its mean, std and "
                          "risk maps and a sidecar", args.input)
@@ -380,6 +382,7 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
                           slice_thickness=args.slice_thickness, noise_std=noise, target_noise_std=target_noise,
                           recorrupt=recorrupt,
                           keep_better=args.keep_better, scan_noise_std=args.noise_std, reference=args.compare_on,
+                          calibration_region=args.calibration_region, reference_noise=args.reference_noise,
                           resume="latest" if args.resume else None)
     except ValueError as e:  # settings the adaptation cannot use, e.g. crops that do not fit the model
         raise InputError(f"cannot adapt: {e}", args.input) from e
@@ -588,7 +591,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     tissues = {name: load_volume(path) for name, path in args.tissue} or None
     pipe, _ = _adapted_if_asked(args, _load_pipeline(args), lr)
     payload = audit(pipe, lr, out, input_name=Path(args.input).name, model_name=str(args.model), reference=reference,
-                    masks=tissues, brain_mask=brain, reuse=args.reuse, risk_threshold=args.risk_threshold,
+                    masks=tissues, brain_mask=brain, reuse=args.reuse, calibration_region=args.calibration_region,
+                    risk_threshold=args.risk_threshold,
                     overwrite=args.overwrite, **_acquisition_kwargs(args), **_sampling_kwargs(args))
     print(f"verdict:  {payload['verdict']['text']}")
     for method, row in (payload.get("metrics") or {}).items():
@@ -723,6 +727,7 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
                               folder: tuple[str, str] = ("--adapt-dir", ""),
                               keep_flags: Sequence[str] = ("--adapt-keep-better",)) -> None:
     """How to fine-tune a model on the input's own in-plane slices, and calibrate it there."""
+    from gen_sr.eval.scan_calibration import REFERENCE_NOISE
     from gen_sr.training.adaptation import AdaptationConfig
     from gen_sr.training.scan_fit import KEEP_BETTER, REFERENCE
 
@@ -771,6 +776,16 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
     p.add_argument("--method", choices=("crc", "rcps"), default="crc",
                    help="the per-scan calibration's rule (default: crc; one scan gives few units, see gen-sr "
                         "calibrate)")
+    p.add_argument("--calibration-region", metavar="MASK",
+                   help="a mask on the input's own grid (NIfTI, nonzero inside), e.g. the scan's brain mask: the "
+                        "per-scan interval is then fitted in it and, apart, in the rest of the head, and each scale "
+                        "holds where it was fitted (give the same mask to later runs of the adapted model). Over a "
+                        "head with skull one scale over-covers the brain and under-covers the scalp")
+    p.add_argument("--reference-noise", choices=("keep", "extrapolate"), default=REFERENCE_NOISE,
+                   help="on a noisy scan (--noise-std), the held-out slices the interval is fitted against hold the "
+                        "scan's noise, which widens it: extrapolate fits it again against references with more "
+                        "noise and extrapolates to noise-free ones (SIMEX; no extra sampling); keep fits it against "
+                        f"them as they are (default: {REFERENCE_NOISE})")
     p.add_argument("--calibration-blocks", type=_whole_number_from(1), default=4, metavar="K",
                    help="cut each held-out slice (in each direction) into K calibration units of equal foreground: "
                         "more units make the conformal margin smaller (default: 4)")

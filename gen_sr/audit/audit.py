@@ -38,12 +38,13 @@ MAP_FILES = {"mean": "sr_mean.nii.gz", "std": "sr_std.nii.gz", "risk": "risk.nii
              "dc_residual": "dc_residual.nii.gz"}
 
 
-def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Path,
-                  std_path: str | Path) -> tuple[dict[str, Volume], dict[str, Any]]:
+def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Path, std_path: str | Path,
+                  calibration_region: Any = None) -> tuple[dict[str, Volume], dict[str, Any]]:
     """Maps of an earlier ``gen-sr super-resolve`` run: its mean and std files and the ``.json`` beside the mean.
 
-    The risk is recomputed from the std with the model's current calibration, and the data-consistency residual
-    from the mean with the run's recorded operator, so both match what the pipeline would report.
+    The risk is recomputed from the std with the model's current calibration (with ``calibration_region``, the
+    pipeline's argument, where it has a scale per region), and the data-consistency residual from the mean with the
+    run's recorded operator, so both match what the pipeline would report.
     """
     sr_path, meta_path = Path(sr_path), sidecar_path(sr_path)
     if not meta_path.is_file():
@@ -64,7 +65,8 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
     as_tensor = lambda v: torch.from_numpy(v.data.astype(np.float64))[None, None]  # noqa: E731
     dc = operator.residual_map(as_tensor(canon_mean), as_tensor(canon_lr))[0, 0].numpy()
     scale = pipe.intensity_normalization(canon_lr.data).scale
-    risk = risk_map(std.data, mean.data, _run_calibration(pipe, meta), meta.get("noise_std") or 0.0, scale)
+    region = None if calibration_region is None else pipe.calibration_region_mask(lr, calibration_region, mean)
+    risk = risk_map(std.data, mean.data, _run_calibration(pipe, meta), meta.get("noise_std") or 0.0, scale, region)
     maps = {"mean": mean, "std": std, "risk": std.with_data(np.asarray(risk, dtype=np.float32)),
             "dc_residual": canon_mean.with_data(dc.astype(np.float32)).reorient(mean.orientation)}
     return maps, meta
@@ -82,12 +84,15 @@ def _run_calibration(pipe: LatentDiffusionSRPipeline, meta: dict[str, Any], *,
 
 
 def _calibration_curve(std: np.ndarray, mean: np.ndarray, error: np.ndarray, mask: np.ndarray,
-                       calibration: Calibration | None, noise_std: float) -> dict[str, Any]:
+                       calibration: Calibration | None, noise_std: float,
+                       region: np.ndarray | None = None) -> dict[str, Any]:
     """Observed coverage of the intervals at nominal levels: the calibrated interval (or ± z σ uncalibrated)
-    widened or narrowed as a Gaussian's would be."""
+    widened or narrowed as a Gaussian's would be (``region``: see :meth:`gen_sr.risk.Calibration.scale_map`)."""
     alpha = calibration.alpha if calibration is not None else 0.1
     lam = calibration.scale if calibration is not None else float(norm.ppf(1 - alpha / 2))
-    spread = calibration.shape.spread(std, mean, noise_std) if calibration is not None else std
+    spread = std
+    if calibration is not None:  # the per-voxel scale relative to λ̂ goes into the spread
+        spread = calibration.shape.spread(std, mean, noise_std) * (np.asarray(calibration.scale_map(region)) / lam)
     k = norm.ppf((1 + np.asarray(NOMINAL_COVERAGE)) / 2) * lam / norm.ppf(1 - alpha / 2)
     observed = coverage(spread, error, k, mask)
     return {"nominal": list(NOMINAL_COVERAGE), "observed": [float(v) for v in observed], "alpha": alpha,
@@ -105,6 +110,7 @@ def audit(
     masks: dict[str, Volume] | None = None,
     brain_mask: Volume | None = None,
     reuse: tuple[str | Path, str | Path] | None = None,
+    calibration_region: Any = None,
     risk_threshold: float = 0.1,
     overwrite: bool = False,
     **pipe_kwargs: Any,
@@ -121,6 +127,8 @@ def audit(
         brain_mask: where metrics and the flagged fraction are counted (default: the tissue maps' union, else the
             foreground).
         reuse: ``(sr_mean_path, sr_std_path)`` of an earlier ``super-resolve`` run instead of sampling again.
+        calibration_region: for a calibration fitted per region, the same mask on the input's grid (the pipeline's
+            argument).
         risk_threshold: risk above which a voxel is flagged (a fraction of the robust intensity range).
         overwrite: replace existing outputs.
         pipe_kwargs: for the pipeline call (``num_samples``, ``num_inference_steps``, ``generator``, ...).
@@ -134,9 +142,10 @@ def audit(
         geometry = {k: v for k, v in pipe_kwargs.items() if k in _GEOMETRY_ARGUMENTS}
         _check_reference(reference, pipe.output_grid(lr, **geometry))
     if reuse is not None:
-        maps, meta = reuse_outputs(pipe, lr, *reuse)
+        maps, meta = reuse_outputs(pipe, lr, *reuse, calibration_region=calibration_region)
     else:
-        result = pipe(lr, output_type="np", keep_samples=False, **pipe_kwargs)
+        result = pipe(lr, output_type="np", keep_samples=False, calibration_region=calibration_region,
+                      **pipe_kwargs)
         maps = {k: lr.with_data(np.asarray(getattr(result, k), np.float32), result.affine) for k in MAP_FILES}
         meta = result.metadata
     grid = maps["mean"]  # masks and tissue maps onto the SR grid
@@ -146,7 +155,10 @@ def audit(
     operator = AcquisitionOperator.from_dict(meta["operator"])
     metrics = curve = None
     if reference is not None:  # before anything is written: a reference that does not fit is an error
-        metrics, curve = _against_reference(maps, lr, reference, operator, meta, brain_mask, masks, calibration)
+        region = (None if calibration_region is None
+                  else pipe.calibration_region_mask(lr, calibration_region, maps["mean"].canonical()))
+        metrics, curve = _against_reference(maps, lr, reference, operator, meta, brain_mask, masks, calibration,
+                                            region)
     out.mkdir(parents=True, exist_ok=True)
     for key, name in MAP_FILES.items():
         save_volume(maps[key], out / name, overwrite=True)
@@ -191,7 +203,8 @@ def _check_reference(reference: Volume, grid: Volume) -> None:
 
 def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, operator: AcquisitionOperator,
                        meta: dict, brain_mask: Volume | None, masks: dict[str, Volume] | None,
-                       calibration: Calibration | None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+                       calibration: Calibration | None,
+                       region: np.ndarray | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Metrics of SR and every baseline against the reference, and the calibration curve, in RAS+."""
     mean = maps["mean"].canonical()
     _check_reference(reference, mean)
@@ -210,4 +223,4 @@ def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, o
     metrics["gen_sr"] |= uncertainty_report(std, truth - mean.data, mask)
     for name in BASELINES:
         metrics[name] = image_metrics(baseline(case, name), truth, mask, data_range)
-    return metrics, _calibration_curve(std, mean.data, truth - mean.data, mask, calibration, case.noise_std)
+    return metrics, _calibration_curve(std, mean.data, truth - mean.data, mask, calibration, case.noise_std, region)

@@ -51,6 +51,7 @@ from gen_sr.eval.calibration import (
     calibration_volumes,
     check_calibration_settings,
     fit_volumes,
+    pooled_rmse,
     split_units,
 )
 from gen_sr.eval.cases import Case, SRModel, simulate_case
@@ -216,7 +217,8 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
             moves the calibration).
         region: a mask on the scan's RAS+ grid (e.g. its brain): the scale is fitted there, and apart in the rest
             of the foreground (``Calibration.outside_scale``; ``None`` where the rest has too little to fit on).
-            The result's ``rmse`` and leave-one-out figures are the region's.
+            The result's leave-one-out figures are the region's; its ``rmse`` counts the whole foreground, as
+            without a region (it ranks models).
         reference_noise: ``"extrapolate"`` corrects the scale for the references' own noise (``noise_std`` > 0;
             see the module docstring); ``"keep"`` fits it against the noisy references.
         seed: the problems' noise and the extrapolation's.
@@ -249,6 +251,7 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
             return _fit(volumes, extrapolate, seed, details=info, **rule)
         result = _fit([dataclasses.replace(v, mask=v.mask & r) for v, r in zip(volumes, inside, strict=True)],
                       extrapolate, seed, details=info, **rule)
+        result.rmse = pooled_rmse(volumes)
     except ValueError as e:
         raise InputError(f"cannot calibrate on the scan's {len(cases) // 2} held-out in-plane slices with foreground "
                          f"x 2 directions x {blocks} blocks{' in the region' if region is not None else ''}: {e}",

@@ -37,7 +37,7 @@ from gen_sr.pipelines.tiling import ForegroundTiles, PatchTiler, SlicePatchTiler
 from gen_sr.risk import Calibration, Calibrations, SamplingSettings, describe_risk, risk_map
 from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
 from gen_sr.slice_profile import estimate_slice_profile
-from gen_sr.volume import IntensityNormalization, Volume, load_volume
+from gen_sr.volume import IntensityNormalization, Volume, load_volume, resample_to
 
 logger = logging.get_logger(__name__)
 
@@ -240,6 +240,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         slice_profile: SliceProfile = "gaussian",
         slice_thickness: float | None = None,
         noise_std: float = 0.0,
+        calibration_region: LRInput | None = None,
         num_inference_steps: int | None = None,
         eta: float = 0.0,
         strength: float = 1.0,
@@ -275,6 +276,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 from the scan (:mod:`gen_sr.slice_profile`; one coarse axis, no thickness given) as the FWHM of a
                 Gaussian profile; the operator in ``metadata`` records it.
             noise_std: measurement noise std in input units (0: noise-free; > 0 makes projections noise-aware).
+            calibration_region: for a per-scan calibration fitted per region (``Calibration.outside_scale``; ``gen-sr
+                fit --calibration-region``): the same mask on the input's own grid (anything ``lr`` may be; nonzero
+                inside), so that each scale holds where it was fitted; without it the larger holds everywhere.
             num_inference_steps, eta: DDIM settings; the default steps are the model folder's
                 (``model_card.num_inference_steps``: 50 for diffusion, 1 for a regression model).
             strength: where the reverse process starts, in (0, 1]: 1 starts from pure noise; below 1 it starts from
@@ -358,6 +362,14 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         settings = self.sampling_settings(num_samples=num_samples, num_inference_steps=num_inference_steps,
                                           strength=strength, share_first_call=share_first_call)
         calibration = self.calibration_for(settings, warn=True)
+        region = None
+        if calibration_region is not None:
+            grid = Volume(np.broadcast_to(np.float32(0), tuple(operator.hr_shape)), hr_affine)
+            region = torch.from_numpy(self.calibration_region_mask(volume, calibration_region, grid)).to(device)
+        elif calibration is not None and calibration.outside_scale is not None:
+            warnings.warn("the calibration has a scale per region (fitted with a calibration region) but no "
+                          "calibration_region was given: the larger scale holds everywhere; pass the same mask "
+                          "(--calibration-region)", stacklevel=3)
         if calibration is not None and calibration.shape.noise_floor > 0 and noise_std == 0:
             warnings.warn("the calibrated interval has a noise term but noise_std is 0: the risk map leaves the "
                           "measurement noise out; pass the input's noise std (--noise-std)", stacklevel=3)
@@ -464,7 +476,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         # 8. uncertainty: risk is the std (or the calibrated interval half-width) over the robust intensity range
         mean = x.mean(dim=0, keepdim=True)
         std = x.std(dim=0, unbiased=False, keepdim=True)
-        risk = risk_map(std, mean, calibration, sigma)
+        risk = risk_map(std, mean, calibration, sigma, region=region)
         dc = operator.residual_map(mean, y)
         timings["stitch_uncertainty_s"] = time.perf_counter() - tic
 
@@ -493,7 +505,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "operator": operator.to_dict(),
             "relative_residual": residuals,
             "normalization": norm.to_dict(),
-            "risk": describe_risk(calibration),
+            "risk": describe_risk(calibration) | {"calibration_region": region is not None},
             "outside_training": outside,
             "timings": timings,
         }
@@ -615,6 +627,20 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             raise InputError("an array input needs its geometry: pass affine= or lr_spacing=")
         affine = np.diag([*map(float, spacing), 1.0]) if affine is None else affine  # type: ignore[arg-type]
         return Volume(data.astype(np.float32), affine, source="<array>")
+
+    def calibration_region_mask(self, lr: Volume, region: LRInput, grid: Volume | None = None) -> np.ndarray:
+        """A calibration region (a mask on the grid of the input ``lr``, in any form :meth:`as_volume` reads; an
+        array in ``lr``'s voxel order; nonzero inside) as a boolean array on ``lr``'s RAS+ grid, or with ``grid``
+        on that grid (nearest neighbour; e.g. the output's)."""
+        mask = self.as_volume(region, affine=lr.affine)
+        if mask.shape != lr.shape or not np.allclose(mask.affine, lr.affine, atol=1e-3):
+            raise InputError(f"is {' x '.join(map(str, mask.shape))} voxels, the input {' x '.join(map(str, lr.shape))}"
+                             " (or their affines differ): a calibration region is a mask on the input's own grid",
+                             mask.source, "give a mask of the thick-slice scan itself, e.g. its brain mask")
+        inside = mask.with_data((np.asarray(mask.data) > 0).astype(np.float32)).canonical()
+        if grid is not None:
+            inside = resample_to(inside, grid, order=0)
+        return np.asarray(inside.data) > 0.5
 
     @staticmethod
     def _generators(generator: torch.Generator | list[torch.Generator] | None, n: int) -> list[torch.Generator]:

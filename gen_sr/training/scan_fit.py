@@ -34,7 +34,7 @@ import torch
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
 from gen_sr.eval.calibration import CalibrationResult
-from gen_sr.eval.scan_calibration import calibrate_on_scan
+from gen_sr.eval.scan_calibration import REFERENCE_NOISE, ReferenceNoise, calibrate_on_scan
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.pipeline_latent_sr import LRInput
 from gen_sr.training.adaptation import adapt, with_unet
@@ -90,6 +90,7 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
                 keep_better: bool = KEEP_BETTER, alpha: float = 0.1, method: str = "crc", blocks: int = 4,
                 progress: bool = True, scan_noise_std: float = 0.0, reference: HeldOutReference = REFERENCE,
                 sampling: dict[str, Any] | None = None, volume_index: int | None = None,
+                calibration_region: LRInput | None = None, reference_noise: ReferenceNoise = REFERENCE_NOISE,
                 **adapt_kwargs: Any) -> ScanFit:
     """Adapt ``pipe`` to the scan ``lr`` (:func:`~gen_sr.training.adaptation.adapt`, with ``adapt_kwargs``:
     ``work_dir``, ``config``, ``slice_profile``, ...) and calibrate it on the scan's held-out in-plane slices
@@ -112,10 +113,16 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     of their references' (:func:`gen_sr.eval.scan_calibration.recorrupted_case`), which rank the two as their error
     against the clean slices would; it costs a third pass, as the kept UNet is then calibrated on the calibration's
     own problems (``rejected`` is not calibrated). Noise-free, the two are the same.
+
+    ``calibration_region`` (a mask on the scan's own grid, e.g. its brain) and ``reference_noise``: how the interval
+    is fitted (:func:`gen_sr.eval.scan_calibration.calibrate_on_scan`'s ``region`` and ``reference_noise``); the
+    comparison's errors count the whole foreground either way. Runs of the result then take the same mask
+    (``calibration_region``).
     """
     timings: dict[str, float] = {}
     tic = time.perf_counter()
     volume = pipe.as_volume(lr, volume_index=volume_index)
+    region = None if calibration_region is None else pipe.calibration_region_mask(volume, calibration_region)
     if scan_noise_std > 0 and RECORRUPT_PAIRS and "noise_std" not in adapt_kwargs:
         adapt_kwargs = {"noise_std": scan_noise_std, "recorrupt": True, **adapt_kwargs}
     adapted = adapt(pipe, volume, **adapt_kwargs)
@@ -129,7 +136,8 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
             generator.set_state(state)
         tic = time.perf_counter()
         result = _calibrate(candidate, volume, alpha=alpha, method=method, blocks=blocks, progress=progress,
-                            sampling=sampling, noise_std=scan_noise_std, recorrupt=recorrupt)
+                            sampling=sampling, noise_std=scan_noise_std, recorrupt=recorrupt,
+                            region=None if recorrupt else region, reference_noise=reference_noise)
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - tic
         if not recorrupt:
             candidate.calibration = result.calibration
