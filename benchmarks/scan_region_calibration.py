@@ -59,7 +59,8 @@ def lr_region(case, brain: np.ndarray) -> np.ndarray:
 
 def coverages(err: np.ndarray, halfwidth: np.ndarray, regions: dict[str, np.ndarray]) -> dict[str, float]:
     """The fraction of each region's voxels whose error ``err`` lies within ``halfwidth``."""
-    return {f"coverage, {name}": 1.0 - float(np.mean(err[m] > halfwidth[m])) for name, m in regions.items()}
+    return {f"coverage, {name}": 1.0 - float(np.mean(err[m] > halfwidth[m])) if m.any() else float("nan")
+            for name, m in regions.items()}
 
 
 def main() -> None:
@@ -110,8 +111,8 @@ def main() -> None:
         run_region = resample_to(case.lr.with_data(region.astype(np.float32)), grid, order=0).data > 0.5
         err = np.abs(mean - truth)
         common = {"psnr, brain": psnr(mean, truth, regions["brain"], float(np.ptp(truth[head_mask]))),
-                  **{f"λ90, {k}": float(np.quantile(err[m] / np.maximum(std[m], 1e-12), 0.9))
-                     for k, m in regions.items()},
+                  **{f"λ90, {k}": float(np.quantile(err[m] / np.maximum(std[m], 1e-12), 0.9)) if m.any()
+                     else float("nan") for k, m in regions.items()},
                   "fit s": fit_s, "sample s": sample_s, "kept": float(kept.model_card.adapted.kept == "fine-tuned")}
         with tempfile.TemporaryDirectory() as cache:
             for name, where, noise in VARIANTS:
