@@ -50,6 +50,7 @@ from gen_sr.eval.calibration import (
     CalibrationVolume,
     calibration_volumes,
     check_calibration_settings,
+    fit_shape,
     fit_volumes,
     pooled_rmse,
     split_units,
@@ -271,12 +272,12 @@ def _fit(volumes: list[CalibrationVolume], extrapolate: bool, seed: int, **rule:
     if not extrapolate:
         return result
     rng = np.random.default_rng([seed, 1])
-    fit = {k: rule[k] for k in ("alpha", "delta", "method", "blocks", "axis", "sampling")}
     scales = [result.calibration.scale]
-    for extra in _EXTRA_NOISE:
+    for extra in _EXTRA_NOISE:  # the scale alone: no leave-one-out check or other rule for these
         noisier = [dataclasses.replace(v, error=v.error + math.sqrt(extra) * v.noise_std
                                        * rng.standard_normal(v.error.shape)) for v in volumes]
-        scales.append(fit_volumes(noisier, **fit).calibration.scale)
+        scales.append(fit_shape(noisier, blocks=rule["blocks"], axis=rule["axis"], alpha=rule["alpha"],
+                                delta=rule["delta"], method=rule["method"]).scale)
     scale = extrapolate_to_zero_noise([1.0, *(1.0 + e for e in _EXTRA_NOISE)], scales)
     errors, spreads, masks = split_units(volumes, blocks=rule["blocks"], axis=rule["axis"])
     risk = float(np.mean([miss_rate(e, u, scale, m) for e, u, m in zip(errors, spreads, masks, strict=True)]))
