@@ -615,11 +615,17 @@ def test_fit_and_super_resolve_with_a_calibration_region_from_the_command_line(t
                  "--alpha", "0.2", *small]) == 0
     assert "in the calibration region" in capsys.readouterr().out
     code = main(["super-resolve", "--model", str(tmp_path / "adapted"), "--input", str(tmp_path / "lr.nii.gz"),
-                 "--output", str(tmp_path / "sr.nii.gz"), "--samples", "2", "--steps", "2", "--noise-std", "0.01",
-                 "--calibration-region", str(tmp_path / "region.nii.gz")])
+                 "--output", str(tmp_path / "sr.nii.gz"), "--std", str(tmp_path / "sr_std.nii.gz"), "--samples", "2",
+                 "--steps", "2", "--noise-std", "0.01", "--calibration-region", str(tmp_path / "region.nii.gz")])
     assert code == 0
     risk = json.loads((tmp_path / "sr.json").read_text())["risk"]
     assert risk["calibration_region"] and risk["outside_scale"] is not None
+    assert main(["audit", "--model", str(tmp_path / "adapted"), "--input", str(tmp_path / "lr.nii.gz"),
+                 "--output-dir", str(tmp_path / "audit"), "--reuse", str(tmp_path / "sr.nii.gz"),
+                 str(tmp_path / "sr_std.nii.gz"), "--samples", "2", "--steps", "2", "--noise-std", "0.01",
+                 "--calibration-region", str(tmp_path / "region.nii.gz")]) == 0
+    page = (tmp_path / "audit" / "report.html").read_text()
+    assert "Fitted per region" in page and "extrapolated to noise-free references" in page
     save_volume(lr.with_data(region[:-1].astype(np.float32), np.eye(4)), tmp_path / "bad.nii.gz")
     assert main(["super-resolve", "--model", str(tmp_path / "adapted"), "--input", str(tmp_path / "lr.nii.gz"),
                  "--output", str(tmp_path / "sr2.nii.gz"), "--samples", "2", "--steps", "2",
