@@ -3,17 +3,18 @@ foreground against a scale per region (a brain mask on the thick-slice scan), ea
 extrapolated to noise-free ones (``gen_sr.eval.scan_calibration``).
 
     python benchmarks/scan_region_calibration.py --head runs/validation4/robex_subject4.nii.gz \\
-        --brain runs/validation4/robex_brain_subject4.nii.gz [--snr 0 30] [--output PATH]
+        --brain runs/validation4/robex_brain_subject4.nii.gz [--axis 2] [--snr 0 30] [--output PATH]
 
 The head (cropped to its foreground's bounding box plus 4 voxels) is degraded with 4 mm Gaussian slices along RAS+
-axis 2 (seeded Rician noise at each ``--snr``, 0 for none) and goes through what ``gen-sr super-resolve --adapt
---noise-std SIGMA`` does at its defaults (``fit_to_scan``: adaptation, the pretrained UNet's comparison, the per-scan
-calibration; then 8 samples x 3 steps of the whole head). The brain mask (``--brain``: nonzero inside, on the head's
-grid; e.g. the ``robex_brain`` subject of the same seed) is brought to the thick-slice grid by the acquisition
-operator (a voxel is inside where more than half its slice weight is), as a user's mask of the scan would be, and
-back to the output's grid (nearest neighbour) for the run. Every calibration variant is fitted on the same
-super-resolved held-out slices (cached), so only the rule differs. Coverage of each interval is measured against the
-truth in the brain (the mask on the head's grid), in the head's foreground, and in the foreground outside the brain.
+``--axis`` (2, axial slices, by default; 1 coronal, 0 sagittal; seeded Rician noise at each ``--snr``, 0 for none) and
+goes through what ``gen-sr super-resolve --adapt --noise-std SIGMA`` does at its defaults (``fit_to_scan``:
+adaptation, the pretrained UNet's comparison, the per-scan calibration; then 8 samples x 3 steps of the whole head).
+The brain mask (``--brain``: nonzero inside, on the head's grid; e.g. the ``robex_brain`` subject of the same seed) is
+brought to the thick-slice grid by the acquisition operator (a voxel is inside where more than half its slice weight
+is), as a user's mask of the scan would be, and back to the output's grid (nearest neighbour) for the run. Every
+calibration variant is fitted on the same super-resolved held-out slices (cached), so only the rule differs. Coverage
+of each interval is measured against the truth in the brain (the mask on the head's grid), in the head's foreground,
+and in the foreground outside the brain.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--model", default="models/heads2d")
     parser.add_argument("--head", type=Path, required=True)
     parser.add_argument("--brain", type=Path, required=True, help="its brain (nonzero inside), on the head's grid")
+    parser.add_argument("--axis", type=int, choices=(0, 1, 2), default=2, help="the RAS+ axis of the slices")
     parser.add_argument("--snr", type=float, nargs="*", default=[0.0, 30.0], help="0 for noise-free")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
@@ -91,7 +93,7 @@ def main() -> None:
     columns: dict[str, dict[str, float]] = {}
     for snr in args.snr:
         label = "noise-free" if snr == 0 else f"SNR {snr:g}"
-        case = simulate_case(head, str(args.head), axis=2, thickness=4.0, snr=snr or None)
+        case = simulate_case(head, str(args.head), axis=args.axis, thickness=4.0, snr=snr or None)
         region = lr_region(case, brain)
         tic = time.perf_counter()
         with tempfile.TemporaryDirectory() as work:
@@ -132,7 +134,7 @@ def main() -> None:
                "λ̂ outside", "λ̂ against noisy references", "λ90, brain", "λ90, head", "λ90, outside the brain",
                "kept", "fit s", "sample s"]
     lines = [f"`python {' '.join(sys.argv)}` ({datetime.date.today()}, commit {commit}): {head.source}, "
-             f"{head.shape} voxels, 4 mm Gaussian slices along RAS+ axis 2; `fit_to_scan` at its defaults, "
+             f"{head.shape} voxels, 4 mm Gaussian slices along RAS+ axis {args.axis}; `fit_to_scan` at its defaults, "
              f"{args.samples} samples x {args.steps} steps; kept = 1 where the fine-tuned UNet was kept.", ""]
     report("\n".join(lines) + "\n" + figures_table(columns, figures), args.output)
 
