@@ -58,6 +58,22 @@ def lr_region(case, brain: np.ndarray) -> np.ndarray:
     return weight > 0.5
 
 
+def thin_slices(case, held_out: list[int], axis: int) -> Volume:
+    """The thick-slice scan with each held-out slice replaced by the truth's one slice nearest its centre: an oracle
+    of the per-scan calibration's in-plane problems posed on thin slices instead of the scan's slabs."""
+    data = case.lr.data.copy()
+    to_hr = np.linalg.inv(case.hr.affine) @ case.lr.affine
+    for k in held_out:
+        index = [0.0, 0.0, 0.0]
+        index[axis] = float(k)
+        j = int(np.rint((to_hr @ np.array([*index, 1.0]))[axis]))
+        src = np.take(case.hr.data, [min(max(j, 0), case.hr.shape[axis] - 1)], axis=axis)
+        where = [slice(None)] * 3
+        where[axis] = slice(k, k + 1)
+        data[tuple(where)] = src
+    return case.lr.with_data(data)
+
+
 def coverages(err: np.ndarray, halfwidth: np.ndarray, regions: dict[str, np.ndarray]) -> dict[str, float]:
     """The fraction of each region's voxels whose error ``err`` lies within ``halfwidth``."""
     return {f"coverage, {name}": 1.0 - float(np.mean(err[m] > halfwidth[m])) if m.any() else float("nan")
@@ -70,6 +86,9 @@ def main() -> None:
     parser.add_argument("--head", type=Path, required=True)
     parser.add_argument("--brain", type=Path, required=True, help="its brain (nonzero inside), on the head's grid")
     parser.add_argument("--axis", type=int, choices=(0, 1, 2), default=2, help="the RAS+ axis of the slices")
+    parser.add_argument("--thin-oracle", action="store_true",
+                        help="also calibrate on the truth's thin slices at the held-out slices' centres (noise-free "
+                             "only): how much the scan's slabs, smoother in-plane than thin slices, lower λ̂")
     parser.add_argument("--snr", type=float, nargs="*", default=[0.0, 30.0], help="0 for noise-free")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
@@ -130,6 +149,12 @@ def main() -> None:
                     "λ̂ against noisy references": cal.details.get("noisy_reference_scale", cal.scale)}
                 columns[f"{name}, {label}"] = r
                 print(label, name, {k: round(v, 4) for k, v in r.items()}, flush=True)
+        if args.thin_oracle and case.noise_std == 0:
+            thin = thin_slices(case, kept.model_card.adapted.held_out_slices, args.axis)
+            cal = calibrate_on_scan(kept, thin, progress=False, **sampling()).calibration
+            r = common | coverages(err, cal.halfwidth(std, mean), regions) | {"λ̂ (inside)": cal.scale}
+            columns[f"one scale, thin held-out slices (oracle), {label}"] = r
+            print(label, "thin oracle", {k: round(v, 4) for k, v in r.items()}, flush=True)
     figures = ["psnr, brain", "coverage, brain", "coverage, head", "coverage, outside the brain", "λ̂ (inside)",
                "λ̂ outside", "λ̂ against noisy references", "λ90, brain", "λ90, head", "λ90, outside the brain",
                "kept", "fit s", "sample s"]
