@@ -67,6 +67,13 @@ def central_slab_case(case: Case, brain: np.ndarray, slab_mm: float, axis: int =
                  case.operator.with_shape(hr.shape), case.noise_std), brain[box])
 
 
+def seeded_sampling(samples: int, steps: int) -> dict:
+    """Pipeline settings with sample ``k`` drawn from seed ``k``: a fresh call draws the same noise again, so that
+    every model and every pass of a benchmark sees the same draws."""
+    return {"num_samples": samples, "num_inference_steps": steps, "batch_size": 64,
+            "generator": [torch.Generator().manual_seed(k) for k in range(samples)]}
+
+
 def row(pipe: LatentDiffusionSRPipeline, case: Case, brain: np.ndarray, kwargs: dict) -> dict[str, float]:
     tic = time.perf_counter()
     r = measure(pipe, None, case, brain, kwargs)
@@ -138,8 +145,7 @@ def main() -> None:
                                  weight_mix=default.weight_mix if args.weight_mix is None else 1.0)
 
     def sampling() -> dict:
-        return {"num_samples": args.samples, "num_inference_steps": args.steps, "batch_size": 64,
-                "generator": [torch.Generator().manual_seed(k) for k in range(args.samples)]}
+        return seeded_sampling(args.samples, args.steps)
 
     columns: dict[str, dict[str, float]] = {}
     for snr in args.snr:

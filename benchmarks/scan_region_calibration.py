@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from adaptation_benchmark import seeded_sampling
 from prior_benchmark import report
 
 from gen_sr.eval.cases import simulate_case, super_resolve
@@ -106,8 +107,7 @@ def main() -> None:
     head, brain = cropped(head, brain_data > 0.01 * np.percentile(brain_data[brain_data > 0], 99))
 
     def sampling() -> dict:
-        return {"num_samples": args.samples, "num_inference_steps": args.steps, "batch_size": 64,
-                "generator": [torch.Generator().manual_seed(k) for k in range(args.samples)]}
+        return seeded_sampling(args.samples, args.steps)
 
     columns: dict[str, dict[str, float]] = {}
     for snr in args.snr:

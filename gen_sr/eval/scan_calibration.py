@@ -131,25 +131,23 @@ def recorrupted_case(case: Case, noise_std: float, rng: np.random.Generator) -> 
                                lr=case.lr.with_data(y.astype(case.lr.data.dtype)), noise_std=noise_std)
 
 
-def held_out_foreground(lr: Volume, record: Adaptation, region: np.ndarray | None = None) -> np.ndarray:
+def held_out_foreground(lr: Volume, record: Adaptation) -> np.ndarray:
     """The scan's foreground (:func:`gen_sr.eval.metrics.foreground` of the whole scan) on its held-out slices,
     stacked as :func:`held_out_truth` stacks them: where calibration counts. A slice's own foreground would find
-    "objects" in a slice that holds only rounding noise (beyond the head), and count them. ``region`` (a mask on
-    the scan's RAS+ grid): the region's voxels instead (those of the foreground, where it reaches beyond it)."""
+    "objects" in a slice that holds only rounding noise (beyond the head), and count them."""
     mask = foreground(lr.canonical().data)
-    if region is not None:
-        mask = mask & _region_on(lr, region)
     return np.take(mask, record.held_out_slices, axis=record.axis)
 
 
-def _region_on(lr: Volume, region: np.ndarray) -> np.ndarray:
+def _held_out_region(lr: Volume, record: Adaptation, region: np.ndarray) -> np.ndarray:
+    """``region`` (a mask on the scan's RAS+ grid) on the held-out slices, stacked as :func:`held_out_truth` does."""
     canon = lr.canonical()
     region = np.asarray(region) > 0
     if region.shape != canon.shape:
         raise InputError(f"the calibration region is {' x '.join(map(str, region.shape))} voxels, but the scan is "
                          f"{' x '.join(map(str, canon.shape))} in RAS+", lr.source,
                          "give a mask on the scan's own grid (e.g. a brain mask of the thick-slice scan)")
-    return region
+    return np.take(region, record.held_out_slices, axis=record.axis)
 
 
 def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0, noise_std: float = 0.0,
@@ -158,7 +156,7 @@ def _cases_and_masks(lr: Volume, record: Adaptation, seed: int = 0, noise_std: f
     """Each problem of :func:`scan_cases` with the held-out foreground of its slice, and that foreground inside
     ``region`` (all of it without one)."""
     truth, inside = held_out_truth(lr, record), held_out_foreground(lr, record)
-    in_region = inside if region is None else held_out_foreground(lr, record, region)
+    in_region = inside if region is None else inside & _held_out_region(lr, record, region)
     if clean_scan is not None and recorrupt:
         raise ValueError("clean_scan gives the references: there is nothing to recorrupt")
     clean = None if clean_scan is None else held_out_truth(clean_scan, record)
@@ -242,50 +240,58 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
             "recorrupted": recorrupt and noise_std > 0, "clean_references": clean_scan is not None,
             "reference_noise": "extrapolate" if extrapolate else "keep", "region": region is not None,
             **(details or {})}
-    rule = {"alpha": alpha, "delta": delta, "method": method, "blocks": blocks, "axis": axis,
-            "sampling": pipe.sampling_settings(**pipe_kwargs)}
+    fit = {"alpha": alpha, "delta": delta, "method": method, "blocks": blocks, "axis": axis}
     try:
         check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks)
         volumes = calibration_volumes(pipe, cases, masks=lambda case: masks[id(case)], progress=progress,
                                       **pipe_kwargs)
-        if region is None:
-            return _fit(volumes, extrapolate, seed, details=info, **rule)
-        result = _fit([dataclasses.replace(v, mask=v.mask & r) for v, r in zip(volumes, inside, strict=True)],
-                      extrapolate, seed, details=info, **rule)
-        result.rmse = pooled_rmse(volumes)
+        counted = volumes if region is None else [dataclasses.replace(v, mask=v.mask & r)
+                                                  for v, r in zip(volumes, inside, strict=True)]
+        result = fit_volumes(counted, details=info, sampling=pipe.sampling_settings(**pipe_kwargs), **fit)
+        if region is not None:  # the whole foreground's, as without a region: it ranks models
+            result.rmse = pooled_rmse(volumes)
+        if extrapolate:
+            _extrapolate(result, counted, seed, fit)
     except ValueError as e:
         raise InputError(f"cannot calibrate on the scan's {len(cases) // 2} held-out in-plane slices with foreground "
                          f"x 2 directions x {blocks} blocks{' in the region' if region is not None else ''}: {e}",
                          lr.source, "hold out more slices (a smaller holdout_every) or raise alpha") from e
-    outside = [dataclasses.replace(v, mask=v.mask & ~r) for v, r in zip(volumes, inside, strict=True)]
-    try:
-        result.calibration.outside_scale = _fit(outside, extrapolate, seed, **rule).calibration.scale
-    except ValueError as e:  # e.g. a skull-stripped scan: little or nothing outside the region
-        result.calibration.details["outside_scale_error"] = str(e)
+    if region is not None:
+        outside = [dataclasses.replace(v, mask=v.mask & ~r) for v, r in zip(volumes, inside, strict=True)]
+        try:
+            result.calibration.outside_scale = _scale(outside, seed, extrapolate, fit)[0]
+        except ValueError as e:  # e.g. a skull-stripped scan: little or nothing outside the region
+            result.calibration.details["outside_scale_error"] = str(e)
     return result
 
 
-def _fit(volumes: list[CalibrationVolume], extrapolate: bool, seed: int, **rule: Any) -> CalibrationResult:
-    """:func:`gen_sr.eval.calibration.fit_volumes`; with ``extrapolate``, its scale corrected for the references'
-    noise (the module docstring), and ``risk_hat`` the miss rate against the noisy references at that scale."""
-    result = fit_volumes(volumes, **rule)
+def _scale(volumes: list[CalibrationVolume], seed: int, extrapolate: bool, fit: dict[str, Any],
+           first: float | None = None) -> tuple[float, list[float]]:
+    """``λ̂`` on the units of ``volumes`` (:func:`gen_sr.eval.calibration.fit_shape` with ``fit``; ``first``: that
+    scale, where already fitted), and the scales it was made from. With ``extrapolate``, corrected for the
+    references' noise (the module docstring): fitted again with :data:`_EXTRA_NOISE` more noise in the references
+    and extrapolated to none."""
+    scales = [fit_shape(volumes, **fit).scale if first is None else first]
     if not extrapolate:
-        return result
+        return scales[0], scales
     rng = np.random.default_rng([seed, 1])
-    scales = [result.calibration.scale]
-    for extra in _EXTRA_NOISE:  # the scale alone: no leave-one-out check or other rule for these
+    for extra in _EXTRA_NOISE:
         noisier = [dataclasses.replace(v, error=v.error + math.sqrt(extra) * v.noise_std
                                        * rng.standard_normal(v.error.shape)) for v in volumes]
-        scales.append(fit_shape(noisier, blocks=rule["blocks"], axis=rule["axis"], alpha=rule["alpha"],
-                                delta=rule["delta"], method=rule["method"]).scale)
-    scale = extrapolate_to_zero_noise([1.0, *(1.0 + e for e in _EXTRA_NOISE)], scales)
-    errors, spreads, masks = split_units(volumes, blocks=rule["blocks"], axis=rule["axis"])
-    risk = float(np.mean([miss_rate(e, u, scale, m) for e, u, m in zip(errors, spreads, masks, strict=True)]))
+        scales.append(fit_shape(noisier, **fit).scale)
+    return extrapolate_to_zero_noise([1.0, *(1.0 + e for e in _EXTRA_NOISE)], scales), scales
+
+
+def _extrapolate(result: CalibrationResult, volumes: list[CalibrationVolume], seed: int, fit: dict[str, Any]) -> None:
+    """``result``'s scale corrected for the references' noise (:func:`_scale`), in place; its ``risk_hat`` becomes
+    the miss rate against the noisy references at that scale, and its details record the scales it was made from."""
     cal = result.calibration
+    scale, scales = _scale(volumes, seed, True, fit, first=cal.scale)
+    errors, spreads, masks = split_units(volumes, blocks=fit["blocks"], axis=fit["axis"])
+    risk = float(np.mean([miss_rate(e, u, scale, m) for e, u, m in zip(errors, spreads, masks, strict=True)]))
     cal.details |= {"noisy_reference_scale": cal.scale, "reference_noise_scales": scales,
                     "reference_noise_variances": [1.0, *(1.0 + e for e in _EXTRA_NOISE)]}
     result.calibration = dataclasses.replace(cal, scale=scale, risk_hat=risk)
-    return result
 
 
 def extrapolate_to_zero_noise(variances: list[float], scales: list[float]) -> float:
