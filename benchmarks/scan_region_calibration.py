@@ -34,7 +34,7 @@ from prior_benchmark import report
 
 from gen_sr.eval.cases import simulate_case, super_resolve
 from gen_sr.eval.metrics import foreground, psnr
-from gen_sr.eval.scan_calibration import calibrate_on_scan
+from gen_sr.eval.scan_calibration import calibrate_on_scan, held_out_foreground
 from gen_sr.eval.tables import figures_table
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.training.scan_fit import fit_to_scan
@@ -81,6 +81,18 @@ def coverages(err: np.ndarray, halfwidth: np.ndarray, regions: dict[str, np.ndar
             for name, m in regions.items()}
 
 
+def keep_arrays(folder: Path, mean: np.ndarray, std: np.ndarray, truth: np.ndarray, regions: dict[str, np.ndarray],
+                record, case) -> None:
+    """The run's arrays (``through_plane.npz``) and the held-out slices' foreground (``held_out.npz``) in ``folder``,
+    beside the calibration cache that ``calibrate_on_scan(cache=folder)`` fills."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / "through_plane.npz", mean=mean.astype(np.float32), std=std.astype(np.float32),
+                        truth=truth.astype(np.float32), noise_std=case.noise_std,
+                        **{k.replace(" ", "_"): m for k, m in regions.items()})
+    np.savez_compressed(folder / "held_out.npz", slices=np.asarray(record.held_out_slices), axis=record.axis,
+                        foreground=held_out_foreground(case.lr, record))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/heads2d")
@@ -94,6 +106,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--output", help="also write the table here (Markdown)")
+    parser.add_argument("--keep", type=Path, help="keep the arrays here for re-analysis: per case, the held-out "
+                        "problems' truth, mean and std (the calibration cache) and the run's (through_plane.npz)")
     args = parser.parse_args()
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -135,7 +149,10 @@ def main() -> None:
                   **{f"λ90, {k}": float(np.quantile(err[m] / np.maximum(std[m], 1e-12), 0.9)) if m.any()
                      else float("nan") for k, m in regions.items()},
                   "fit s": fit_s, "sample s": sample_s, "kept": float(kept.model_card.adapted.kept == "fine-tuned")}
-        with tempfile.TemporaryDirectory() as cache:
+        with tempfile.TemporaryDirectory() as scratch:
+            cache = scratch if args.keep is None else args.keep / f"{label.replace(' ', '_')}"
+            if args.keep is not None:
+                keep_arrays(cache, mean, std, truth, regions, kept.model_card.adapted, case)
             for name, where, noise in VARIANTS:
                 if noise == "extrapolate" and case.noise_std == 0:
                     continue
