@@ -1,6 +1,7 @@
 """The per-scan calibration over a whole head, measured in the brain and outside it: one scale over the scan's
 foreground against a scale per region (a brain mask on the thick-slice scan), each against noisy references or
-extrapolated to noise-free ones (``gen_sr.eval.scan_calibration``).
+extrapolated to noise-free ones on recorrupted problems (``gen_sr.eval.scan_calibration``), and at SNR > 0 an
+oracle: the same problems judged against the held-out slices without their noise.
 
     python benchmarks/scan_region_calibration.py --head runs/validation4/robex_subject4.nii.gz \\
         --brain runs/validation4/robex_brain_subject4.nii.gz [--axis 2] [--snr 0 30] [--output PATH]
@@ -153,12 +154,17 @@ def main() -> None:
             cache = scratch if args.keep is None else args.keep / f"{label.replace(' ', '_')}"
             if args.keep is not None:
                 keep_arrays(cache, mean, std, truth, regions, kept.model_card.adapted, case)
-            for name, where, noise in VARIANTS:
+            clean = simulate_case(head, str(args.head), axis=args.axis, thickness=4.0).lr
+            for name, where, noise in VARIANTS + ((("one scale, clean references (oracle)", None, "clean"),)
+                                                  if case.noise_std > 0 else ()):
                 if noise == "extrapolate" and case.noise_std == 0:
                     continue
-                cal = calibrate_on_scan(kept, case.lr, noise_std=case.noise_std, progress=False, cache=cache,
-                                        region=region if where else None, reference_noise=noise,
-                                        **sampling()).calibration
+                # each kind of problem in its own cache: the recorrupted ones have other inputs, the oracle's other
+                # references
+                oracle = {"clean_scan": clean} if noise == "clean" else {"reference_noise": noise}
+                cal = calibrate_on_scan(kept, case.lr, noise_std=case.noise_std, progress=False,
+                                        cache=Path(cache) / ("clean" if noise == "clean" else noise),
+                                        region=region if where else None, **oracle, **sampling()).calibration
                 half = cal.halfwidth(std, mean, case.noise_std, run_region if where else None)
                 r = common | coverages(err, half, regions) | {
                     "λ̂ (inside)": cal.scale,

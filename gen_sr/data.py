@@ -49,6 +49,8 @@ __all__ = [
     "load_training_volumes",
     "read_volumes",
     "recorrupt",
+    "recorrupted_reference_variance",
+    "recorruption_alpha",
     "slab",
     "slab_bounds",
     "top_up_noise",
@@ -269,6 +271,20 @@ MIN_RECORRUPTION = 0.5
 noise std of the item (``sqrt(1 + 1/α²)``)."""
 
 
+def recorruption_alpha(op: AcquisitionOperator) -> float | None:
+    """:func:`recorrupt`'s ``α = sqrt(1/‖a‖² − 1)`` for ``op``, or ``None`` where it is below
+    :data:`MIN_RECORRUPTION` (``A`` averages too little to recorrupt with it)."""
+    alpha = math.sqrt(max(0.0, 1.0 / kept_noise_fraction(op) - 1.0))
+    return alpha if alpha >= MIN_RECORRUPTION else None
+
+
+def recorrupted_reference_variance(op: AcquisitionOperator) -> float | None:
+    """The noise variance of :func:`recorrupt`'s reference, in units of the item's (``1 + 1/α²``), or ``None`` where
+    ``op`` cannot be recorrupted with."""
+    alpha = recorruption_alpha(op)
+    return None if alpha is None else 1.0 + 1.0 / alpha**2
+
+
 def recorrupt(x: torch.Tensor, op: AcquisitionOperator, sigma: float,
               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A pair from an item ``x`` ``(1, 1, *S)`` whose voxels carry white Gaussian noise ``n`` of std ``sigma``, whose
@@ -279,8 +295,8 @@ def recorrupt(x: torch.Tensor, op: AcquisitionOperator, sigma: float,
     brings each sample of ``y`` to ``sigma`` exactly, as a real acquisition's; the reference holds
     ``sigma · sqrt(1 + 1/α²)``. Returns ``(y, reference)``, or ``None`` where ``A`` averages too little for it
     (``α`` < :data:`MIN_RECORRUPTION`)."""
-    alpha = math.sqrt(max(0.0, 1.0 / kept_noise_fraction(op) - 1.0))
-    if alpha < MIN_RECORRUPTION:
+    alpha = recorruption_alpha(op)
+    if alpha is None:
         return None
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     z = torch.randn(x.shape, generator=generator, dtype=x.dtype) * sigma

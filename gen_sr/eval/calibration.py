@@ -178,8 +178,9 @@ def calibration_volumes(
         pipe: the pipeline.
         cases: :class:`gen_sr.eval.cases.Case` objects (HR truth, simulated LR, operator, noise level).
         masks: per case, the voxels that count (default: the reference's foreground).
-        cache: a folder that keeps each case's truth, mean and std (``<name>.npz``, written atomically) and reuses
-            them on the next call, for benchmarks that re-analyse; it does not record the pipeline's settings.
+        cache: a folder (made where missing) that keeps each case's truth, mean and std (``<name>.npz``, written
+            atomically) and reuses them on the next call, for benchmarks that re-analyse; it does not record the
+            pipeline's settings.
         pipe_kwargs: passed to the pipeline.
     """
     volumes = []
@@ -205,6 +206,7 @@ def _super_resolved(pipe: SRModel, case: Case, cache: str | Path | None,
         arrays = [case.hr.data, out.mean, out.std]
         if path is not None:
             arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
+            path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: np.savez_compressed(tmp, **dict(zip(keys, arrays, strict=True))))
     return tuple(np.asarray(a, dtype=np.float64) for a in arrays)
 

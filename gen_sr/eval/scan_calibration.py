@@ -23,10 +23,13 @@ conformal prediction, Vovk et al. 2005: one calibration per class of voxels): ``
 
 Reference noise: the held-out slices are the references, and they hold the scan's noise, which the truth of the real
 output does not; at SNR 30 this widens ``λ̂`` (by 6-60 % on validation scans, ``benchmarks/ADAPTATION.md``). With
-``reference_noise="extrapolate"`` the scale is fitted again with white noise of the scan's std added to the
-references once and twice more, and ``λ̂²``, about linear in the references' noise variance, is extrapolated back to
-noise-free references (SIMEX, Cook and Stefanski 1994). It is an estimate, without the finite-sample guarantee of the
-rule itself.
+``reference_noise="extrapolate"`` the problems are recorrupted (:func:`recorrupted_case`: the input keeps the scan's
+noise level, the reference holds noise of variance ``σ² (1 + 1/α²)`` independent of the input's, so of the output's),
+the scale is fitted against those references and again with ``σ²`` and ``2σ²`` more independent noise in them, and
+``λ̂²``, about linear in the references' noise variance, is extrapolated back to noise-free references (SIMEX, Cook and
+Stefanski 1994). The independence is what the extrapolation needs: with the held-out slices as references (round 6
+of ``benchmarks/ADAPTATION.md``) the noise-aware projection keeps part of the references' noise in the output, and
+the line over-corrected. It is an estimate, without the finite-sample guarantee of the rule itself.
 
 The assumption, as in SMORE and ECLARE: the scan's statistics are alike in-plane and through-plane, so that the
 errors on the simulated in-plane problem are exchangeable with those of the real one. Anatomy is not isotropic, so
@@ -43,7 +46,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from gen_sr.data import recorrupt, top_up_noise
+from gen_sr.data import recorrupt, recorrupted_reference_variance, top_up_noise
 from gen_sr.errors import InputError
 from gen_sr.eval.calibration import (
     CalibrationResult,
@@ -69,6 +72,9 @@ REFERENCE_NOISE: ReferenceNoise = "keep"
 """:func:`calibrate_on_scan`'s default ``reference_noise`` (see the module docstring)."""
 _EXTRA_NOISE = (1.0, 2.0)
 """The noise variances added to the references for the extrapolation, in units of the scan's noise variance."""
+_NO_RECORRUPTION = ("the scan's slices average too little to recorrupt the problems with (gen_sr.data.recorrupt), so "
+                    "the references' noise is not independent of the output's: the scale is fitted against them as "
+                    "they are")
 
 ASSUMPTION = ("per-scan: fitted on the scan's own held-out in-plane slices, degraded along each in-plane axis with "
               "the scan's slices; it assumes the statistics in-plane and through-plane are alike (as SMORE and ECLARE "
@@ -226,7 +232,8 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
     record = _record(pipe)
     if reference_noise not in ("keep", "extrapolate"):
         raise ValueError(f"reference_noise must be 'keep' or 'extrapolate', not {reference_noise!r}")
-    triples = _cases_and_masks(lr, record, seed=seed, noise_std=noise_std, recorrupt=recorrupt,
+    extrapolate = reference_noise == "extrapolate" and noise_std > 0 and clean_scan is None
+    triples = _cases_and_masks(lr, record, seed=seed, noise_std=noise_std, recorrupt=recorrupt or extrapolate,
                                clean_scan=clean_scan, region=region)
     if not triples:
         raise InputError("has no foreground in any of its held-out in-plane slices", lr.source,
@@ -234,11 +241,13 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
     cases, masks = [c for c, _, _ in triples], {id(c): m for c, m, _ in triples}
     inside = [r for _, _, r in triples]
     axis = min(a for a in range(3) if a != record.axis)
-    extrapolate = reference_noise == "extrapolate" and noise_std > 0 and clean_scan is None
+    reference_variance = recorrupted_reference_variance(cases[0].operator) if extrapolate else None
+    note = {"reference_noise_note": _NO_RECORRUPTION} if extrapolate and reference_variance is None else {}
+    extrapolate = reference_variance is not None
     info = {"per_scan": True, "assumption": ASSUMPTION, "scan": record.source,
             "held_out_slices": list(record.held_out_slices), "noise_std": noise_std,
-            "recorrupted": recorrupt and noise_std > 0, "clean_references": clean_scan is not None,
-            "reference_noise": "extrapolate" if extrapolate else "keep", "region": region is not None,
+            "recorrupted": (recorrupt or extrapolate) and noise_std > 0, "clean_references": clean_scan is not None,
+            "reference_noise": "extrapolate" if extrapolate else "keep", "region": region is not None, **note,
             **(details or {})}
     fit = {"alpha": alpha, "delta": delta, "method": method, "blocks": blocks, "axis": axis}
     try:
@@ -250,8 +259,8 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
         result = fit_volumes(counted, details=info, sampling=pipe.sampling_settings(**pipe_kwargs), **fit)
         if region is not None:  # the whole foreground's, as without a region: it ranks models
             result.rmse = pooled_rmse(volumes)
-        if extrapolate:
-            _extrapolate(result, counted, seed, fit)
+        if reference_variance is not None:
+            _extrapolate(result, counted, seed, fit, reference_variance)
     except ValueError as e:
         raise InputError(f"cannot calibrate on the scan's {len(cases) // 2} held-out in-plane slices with foreground "
                          f"x 2 directions x {blocks} blocks{' in the region' if region is not None else ''}: {e}",
@@ -259,38 +268,44 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
     if region is not None:
         outside = [dataclasses.replace(v, mask=v.mask & ~r) for v, r in zip(volumes, inside, strict=True)]
         try:
-            result.calibration.outside_scale = _scale(outside, seed, extrapolate, fit)[0]
+            result.calibration.outside_scale = _scale(outside, seed, reference_variance, fit)[0]
         except ValueError as e:  # e.g. a skull-stripped scan: little or nothing outside the region
             result.calibration.details["outside_scale_error"] = str(e)
     return result
 
 
-def _scale(volumes: list[CalibrationVolume], seed: int, extrapolate: bool, fit: dict[str, Any],
+def _scale(volumes: list[CalibrationVolume], seed: int, reference_variance: float | None, fit: dict[str, Any],
            first: float | None = None) -> tuple[float, list[float]]:
     """``λ̂`` on the units of ``volumes`` (:func:`gen_sr.eval.calibration.fit_shape` with ``fit``; ``first``: that
-    scale, where already fitted), and the scales it was made from. With ``extrapolate``, corrected for the
-    references' noise (the module docstring): fitted again with :data:`_EXTRA_NOISE` more noise in the references
-    and extrapolated to none."""
+    scale, where already fitted), and the scales it was made from. With ``reference_variance`` (the references' noise
+    variance in units of the scan's, independent of the output's), corrected for the references' noise (the module
+    docstring): fitted again with :data:`_EXTRA_NOISE` more noise in the references and extrapolated to none."""
     scales = [fit_shape(volumes, **fit).scale if first is None else first]
-    if not extrapolate:
+    if reference_variance is None:
         return scales[0], scales
     rng = np.random.default_rng([seed, 1])
     for extra in _EXTRA_NOISE:
         noisier = [dataclasses.replace(v, error=v.error + math.sqrt(extra) * v.noise_std
                                        * rng.standard_normal(v.error.shape)) for v in volumes]
         scales.append(fit_shape(noisier, **fit).scale)
-    return extrapolate_to_zero_noise([1.0, *(1.0 + e for e in _EXTRA_NOISE)], scales), scales
+    return extrapolate_to_zero_noise(_variances(reference_variance), scales), scales
 
 
-def _extrapolate(result: CalibrationResult, volumes: list[CalibrationVolume], seed: int, fit: dict[str, Any]) -> None:
+def _variances(reference_variance: float) -> list[float]:
+    """The references' noise variances of :func:`_scale`'s fits, in units of the scan's."""
+    return [reference_variance, *(reference_variance + e for e in _EXTRA_NOISE)]
+
+
+def _extrapolate(result: CalibrationResult, volumes: list[CalibrationVolume], seed: int, fit: dict[str, Any],
+                 reference_variance: float) -> None:
     """``result``'s scale corrected for the references' noise (:func:`_scale`), in place; its ``risk_hat`` becomes
     the miss rate against the noisy references at that scale, and its details record the scales it was made from."""
     cal = result.calibration
-    scale, scales = _scale(volumes, seed, True, fit, first=cal.scale)
+    scale, scales = _scale(volumes, seed, reference_variance, fit, first=cal.scale)
     errors, spreads, masks = split_units(volumes, blocks=fit["blocks"], axis=fit["axis"])
     risk = float(np.mean([miss_rate(e, u, scale, m) for e, u, m in zip(errors, spreads, masks, strict=True)]))
     cal.details |= {"noisy_reference_scale": cal.scale, "reference_noise_scales": scales,
-                    "reference_noise_variances": [1.0, *(1.0 + e for e in _EXTRA_NOISE)]}
+                    "reference_noise_variances": _variances(reference_variance)}
     result.calibration = dataclasses.replace(cal, scale=scale, risk_hat=risk)
 
 
