@@ -88,7 +88,7 @@ def keep_arrays(folder: Path, mean: np.ndarray, std: np.ndarray, truth: np.ndarr
     beside the calibration cache that ``calibrate_on_scan(cache=folder)`` fills."""
     folder.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(folder / "through_plane.npz", mean=mean.astype(np.float32), std=std.astype(np.float32),
-                        truth=truth.astype(np.float32), noise_std=case.noise_std,
+                        truth=truth.astype(np.float32), noise_std=case.noise_std, affine=case.hr.affine,
                         **{k.replace(" ", "_"): m for k, m in regions.items()})
     np.savez_compressed(folder / "held_out.npz", slices=np.asarray(record.held_out_slices), axis=record.axis,
                         foreground=held_out_foreground(case.lr, record))

@@ -783,9 +783,10 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
                         "head with skull one scale over-covers the brain and under-covers the scalp")
     p.add_argument("--reference-noise", choices=("keep", "extrapolate"), default=REFERENCE_NOISE,
                    help="on a noisy scan (--noise-std), the held-out slices the interval is fitted against hold the "
-                        "scan's noise, which widens it: extrapolate fits it again against references with more "
-                        "noise and extrapolates to noise-free ones (SIMEX; no extra sampling); keep fits it against "
-                        f"them as they are (default: {REFERENCE_NOISE})")
+                        "scan's noise, which widens it: extrapolate poses the problems with references whose noise is "
+                        "independent of the output's (recorrupted), fits the interval against them and against "
+                        "references with more noise, and extrapolates to noise-free ones (SIMEX; no extra "
+                        f"sampling); keep fits it against the slices as they are (default: {REFERENCE_NOISE})")
     p.add_argument("--calibration-blocks", type=_whole_number_from(1), default=4, metavar="K",
                    help="cut each held-out slice (in each direction) into K calibration units of equal foreground: "
                         "more units make the conformal margin smaller (default: 4)")

@@ -106,12 +106,17 @@ def _calibration(v: Any) -> str:
         count = f"{len(held)} " if isinstance(held, list) else ""
         text += (f". Per-scan: fitted on this scan's own {count}held-out in-plane slices, degraded along each in-plane "
                  "axis with its slices; it assumes the scan's statistics in-plane and through-plane are alike")
+        measured = details.get("measured_coverage")
+        if isinstance(measured, list | tuple) and len(measured) == 2:
+            text += (f". Where this was measured (real and validation heads, every slice axis), the per-scan 90 % "
+                     f"interval covered {100 * float(measured[0]):.0f}-{100 * float(measured[1]):.0f} % of voxels "
+                     "through-plane, as heads are not alike along every axis")
     if isinstance(v.get("outside_scale"), int | float):
         text += (f". Fitted per region: scale {v['scale']:.3g} in the calibration region (the mask given), "
                  f"{v['outside_scale']:.3g} in the rest of the foreground")
     if isinstance(details.get("noisy_reference_scale"), int | float):
         text += (f". The scale is extrapolated to noise-free references ({details['noisy_reference_scale']:.3g} "
-                 "against the scan's noisy slices)")
+                 "against references holding noise)")
     return text
 
 

@@ -108,11 +108,12 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     nothing to compare on, and the fine-tuned UNet is returned. Save the result with :func:`save_model`.
 
     ``reference``: what the two are compared against where the scan is noisy (``scan_noise_std`` > 0). ``"noisy"``:
-    the calibration's own problems, whose reference (the held-out slice) shares its noise with the problem, so a
-    model that keeps the measured noise is rewarded for it. ``"recorrupted"``: problems posed with noise independent
-    of their references' (:func:`gen_sr.eval.scan_calibration.recorrupted_case`), which rank the two as their error
-    against the clean slices would; it costs a third pass, as the kept UNet is then calibrated on the calibration's
-    own problems (``rejected`` is not calibrated). Noise-free, the two are the same.
+    the calibration's own problems. With ``reference_noise="keep"`` (the default) their reference (the held-out
+    slice) shares its noise with the problem, so a model that keeps the measured noise is rewarded for it; with
+    ``"extrapolate"`` they are recorrupted (:func:`gen_sr.eval.scan_calibration.recorrupted_case`: noise independent
+    of their references'), which rank the two as their error against the clean slices would. ``"recorrupted"``:
+    compared on recorrupted problems in any case; with ``"keep"`` that costs a third pass, as the kept UNet is then
+    calibrated on the calibration's own problems (``rejected`` is not calibrated). Noise-free, all are the same.
 
     ``calibration_region`` (a mask on the scan's own grid, e.g. its brain) and ``reference_noise``: how the interval
     is fitted (:func:`gen_sr.eval.scan_calibration.calibrate_on_scan`'s ``region`` and ``reference_noise``); the
@@ -146,7 +147,8 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     if not keep_better or adapted.model_card.adapted.steps == 0:  # nothing was fine-tuned: nothing to compare
         return ScanFit(adapted, on_scan(adapted, "calibrate_s"), timings)
     pretrained = pretrained_on_scan(pipe, adapted)
-    if reference == "recorrupted" and scan_noise_std > 0:  # compare on their own problems, then calibrate the kept
+    recorrupted_calibration = reference_noise == "extrapolate" and scan_noise_std > 0  # its problems recorrupted
+    if reference == "recorrupted" and scan_noise_std > 0 and not recorrupted_calibration:  # a third pass
         rmse = (float(on_scan(pretrained, "compare_s", True).rmse),  # type: ignore[arg-type]
                 float(on_scan(adapted, "compare_s", True).rmse))  # type: ignore[arg-type]
         results = None
@@ -154,8 +156,9 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
         results = on_scan(pretrained, "compare_s"), on_scan(adapted, "calibrate_s")
         rmse = (float(results[0].rmse), float(results[1].rmse))  # type: ignore[arg-type]
     kept = "pretrained" if rmse[0] <= rmse[1] else "fine-tuned"
+    recorrupted = results is None or bool(results[1].calibration.details.get("recorrupted"))
     record = dataclasses.replace(adapted.model_card.adapted, kept=kept, heldout_rmse=rmse, heldout_reference=(
-        "recorrupted" if results is None else "noisy" if scan_noise_std > 0 else "clean"))
+        "recorrupted" if recorrupted else "noisy" if scan_noise_std > 0 else "clean"))
     for candidate in (pretrained, adapted):
         candidate.model_card = dataclasses.replace(candidate.model_card, adapted=record)
     winner, loser = (pretrained, adapted) if kept == "pretrained" else (adapted, pretrained)

@@ -1,0 +1,161 @@
+"""Re-analyse the arrays that ``scan_region_calibration.py --keep DIR`` kept (no sampling).
+
+    python benchmarks/reanalyse_scan_calibration.py conditional runs/bench/round7/robex4_ax2/noise-free [...]
+    python benchmarks/reanalyse_scan_calibration.py simex runs/bench/round7/val_robex7/SNR_30 [...]
+
+``conditional``: the error against the std, in-plane (the per-scan calibration's held-out problems) and
+through-plane (the real run, in the head's foreground): the 90th percentile of |error| in ten bins of the std (equal
+counts of both pooled), and their ratio; then the through-plane coverage of half-widths ∝ std^p (p = 1, 1.5, 2)
+fitted in-plane. Where the ratio is 1, any interval built on the std alone carries from
+in-plane to through-plane; above 1, the through-plane problem is harder than the in-plane ones at the same spread.
+
+``simex``: the reference-noise extrapolation (``reference_noise="extrapolate"``) done two more ways on the kept
+recorrupted problems (``extrapolate/``), against the oracle (``clean/``): with the expected miss rate under the
+added noise computed exactly (Gaussian) instead of drawn, extrapolated per λ to reference noise 0 (the risk curve)
+and as the scale² line; to tell a draw's luck from a wrong model of how the scale grows with the noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+from scipy.special import ndtr
+
+from gen_sr.data import recorrupted_reference_variance
+from gen_sr.eval.calibration import CalibrationVolume, fit_shape, split_units
+from gen_sr.eval.cases import simulate_case
+from gen_sr.volume import Volume
+
+
+def held_out_volumes(folder: Path, kind: str = "") -> tuple[list[CalibrationVolume], int, float]:
+    """The held-out problems kept in ``folder/kind`` as calibration volumes, the axis their units are cut along and
+    the scan's noise std."""
+    held = np.load(folder / "held_out.npz")
+    slices, axis, inside = list(held["slices"]), int(held["axis"]), held["foreground"]
+    sigma = float(np.load(folder / "through_plane.npz")["noise_std"])
+    volumes = []
+    for path in sorted((folder / kind).glob("slice_*.npz")):
+        index = int(re.match(r"slice_(\d+)_", path.stem).group(1))
+        with np.load(path) as z:
+            hr, mean, std = (z[k].astype(np.float64) for k in ("hr", "mean", "std"))
+        mask = np.take(inside, [slices.index(index)], axis=axis).reshape(hr.shape)
+        volumes.append(CalibrationVolume(path.stem, hr - mean, mean, std, mask, sigma))
+    return volumes, min(a for a in range(3) if a != axis), sigma
+
+
+def conditional(folder: Path) -> None:
+    volumes, _, _ = held_out_volumes(folder)
+    e_in = np.concatenate([v.error[v.mask] for v in volumes])
+    s_in = np.concatenate([v.std[v.mask] for v in volumes])
+    with np.load(folder / "through_plane.npz") as z:
+        head = z["head"]
+        e_tp, s_tp = (z["truth"] - z["mean"])[head].astype(np.float64), z["std"][head].astype(np.float64)
+    q90 = lambda e, s: float(np.quantile(np.abs(e) / np.maximum(s, 1e-12), 0.9))  # noqa: E731
+    print(f"{folder}: λ90 in-plane {q90(e_in, s_in):.3f}, through-plane {q90(e_tp, s_tp):.3f}; rms std "
+          f"{np.sqrt(np.mean(s_in ** 2)):.4g} / {np.sqrt(np.mean(s_tp ** 2)):.4g}")
+    print("| std bin | voxels in-plane / through-plane | q90 \\|err\\| in-plane | through-plane | ratio |")
+    print("| --- | --- | --- | --- | --- |")
+    edges = np.quantile(np.concatenate([s_in, s_tp]), np.linspace(0, 1, 11))
+    edges[-1] = np.inf
+    for lo, hi in itertools.pairwise(edges):
+        a, b = (s_in >= lo) & (s_in < hi), (s_tp >= lo) & (s_tp < hi)
+        qa, qb = np.quantile(np.abs(e_in[a]), 0.9), np.quantile(np.abs(e_tp[b]), 0.9)
+        print(f"| [{lo:.4g}, {hi:.4g}) | {a.sum()} / {b.sum()} | {qa:.4g} | {qb:.4g} | {qb / qa:.2f} |")
+    reference = float(np.median(s_in))  # a half-width c·std·(std/reference)^(p−1), c the in-plane 90th percentile
+    for power in (1.0, 1.5, 2.0):
+        scaled = lambda e, s, p=power: np.abs(e) / (np.maximum(s, 1e-12) / reference) ** p  # noqa: E731
+        c = np.quantile(scaled(e_in, s_in), 0.9)
+        print(f"half-width ∝ std^{power:g} fitted in-plane (pooled 90th percentile) covers "
+              f"{np.mean(scaled(e_tp, s_tp) <= c):.3f} through-plane")
+
+
+def power(folder: Path, kind: str, alpha: float = 0.1, blocks: int = 4) -> None:
+    """The per-scan rule (conformal risk control on the held-out problems' units) for half-widths ``λ̂ std^p``, and
+    their coverage through-plane over the head and in the brain."""
+    volumes, axis, _ = held_out_volumes(folder, kind)
+    with np.load(folder / "through_plane.npz") as z:
+        err, std = np.abs(z["truth"] - z["mean"]).astype(np.float64), z["std"].astype(np.float64)
+        regions = {"head": z["head"], "brain": z["brain"]}
+    cells = []
+    reference = float(np.median(np.concatenate([v.std[v.mask] for v in volumes])))  # keeps λ̂ on its grid
+    for p in (1.0, 1.5, 2.0, 2.5):
+        powered = [dataclasses.replace(v, std=reference * (np.maximum(v.std, 1e-12) / reference) ** p)
+                   for v in volumes]
+        scale = fit_shape(powered, alpha=alpha, delta=0.1, method="crc", blocks=blocks, axis=axis).scale
+        half = scale * reference * (np.maximum(std, 1e-12) / reference) ** p
+        cells.append(f"p {p:g}: " + " / ".join(f"{np.mean(err[m] <= half[m]):.3f}" for m in regions.values()))
+    print(f"{folder}{'/' + kind if kind else ''}: coverage head / brain; " + "; ".join(cells))
+
+
+def simex(folder: Path, voxel: float | None, alpha: float = 0.1, blocks: int = 4) -> None:
+    volumes, axis, sigma = held_out_volumes(folder, "extrapolate")
+    clean, _, _ = held_out_volumes(folder, "clean")
+    fit = {"alpha": alpha, "delta": 0.1, "method": "crc", "blocks": blocks, "axis": axis}
+    errors, spreads, masks = split_units(volumes, blocks=blocks, axis=axis)
+    pairs = [(e[m], s[m]) for e, s, m in zip(errors, spreads, masks, strict=True)]
+    n = len(pairs)
+
+    def risk(lam: float, extra: float) -> float:
+        if extra == 0:
+            return float(np.mean([np.mean(np.abs(e) > lam * s) for e, s in pairs]))
+        t = sigma * math.sqrt(extra)
+        return float(np.mean([np.mean(ndtr((-lam * s - e) / t) + 1 - ndtr((lam * s - e) / t)) for e, s in pairs]))
+
+    grid = np.linspace(0.5, 12, 576)
+    extras = (0.0, 1.0, 2.0)
+    curves = np.array([[risk(lam, c) for c in extras] for lam in grid])
+
+    def crc(r: np.ndarray) -> float:
+        ok = (n * np.minimum.accumulate(np.clip(r, 0, 1)) + 1) / (n + 1) <= alpha
+        return float(grid[np.argmax(ok)]) if ok.any() else float("nan")
+
+    scales = [crc(curves[:, k]) for k in range(len(extras))]
+    v0 = _reference_variance(folder, voxel)
+    variances = np.array([v0 + c for c in extras])
+    curve = crc(np.polyfit(variances, curves.T, 1)[1])
+    line = math.sqrt(max(np.polyfit(variances, np.square(scales), 1)[1], 0.0))
+    print(f"{folder}: oracle (clean references) {fit_shape(clean, **fit).scale:.3f}; recorrupted references "
+          f"(variance {v0:.3f} σ²) {fit_shape(volumes, **fit).scale:.3f}; expected scale with σ², 2σ² more "
+          f"{scales[1]:.3f}, {scales[2]:.3f}; extrapolated: risk curve {curve:.3f}, scale² line {line:.3f}")
+
+
+def _reference_variance(folder: Path, voxel: float | None) -> float:
+    """:func:`gen_sr.data.recorrupted_reference_variance` of the held-out problems' operator: 4 mm Gaussian slices
+    (as ``scan_region_calibration.py`` degrades) on the run's grid (its voxel size in mm: kept with the arrays
+    since they hold the affine, else ``voxel``)."""
+    with np.load(folder / "through_plane.npz") as z:
+        if "affine" in z:
+            voxel = float(np.linalg.norm(z["affine"][:3, 0]))
+    if voxel is None:
+        raise SystemExit(f"{folder}: these arrays do not hold the grid: give its voxel size (--voxel MM)")
+    case = simulate_case(Volume(np.zeros((8, 8, 24), np.float32), np.diag([voxel] * 3 + [1.0])), "grid", axis=2,
+                         thickness=4.0)
+    return float(recorrupted_reference_variance(case.operator))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("analysis", choices=("conditional", "power", "simex"))
+    parser.add_argument("folders", type=Path, nargs="+", help="folders that --keep wrote (one per noise level)")
+    parser.add_argument("--kind", default="", help="power: the problems' subfolder (keep, extrapolate, clean), "
+                        "where the arrays were kept with several")
+    parser.add_argument("--voxel", type=float, help="simex: the run's isotropic voxel size in mm, where the arrays "
+                        "were kept without the grid")
+    args = parser.parse_args()
+    for folder in args.folders:
+        if args.analysis == "conditional":
+            conditional(folder)
+        elif args.analysis == "power":
+            power(folder, args.kind)
+        else:
+            simex(folder, args.voxel)
+
+
+if __name__ == "__main__":
+    main()
