@@ -9,6 +9,9 @@ counts of both pooled), and their ratio; then the through-plane coverage of half
 fitted in-plane. Where the ratio is 1, any interval built on the std alone carries from
 in-plane to through-plane; above 1, the through-plane problem is harder than the in-plane ones at the same spread.
 
+``margins``: the rule as it is, its scale times a constant margin k (1 to 1.25), and the coverage each gives
+through-plane over the head, per folder (``FOLDER:KIND`` picks a folder's problems) and over all of them.
+
 ``simex``: the reference-noise extrapolation (``reference_noise="extrapolate"``) done two more ways on the kept
 recorrupted problems (``extrapolate/``), against the oracle (``clean/``): with the expected miss rate under the
 added noise computed exactly (Gaussian) instead of drawn, extrapolated per λ to reference noise 0 (the risk curve)
@@ -93,6 +96,25 @@ def power(folder: Path, kind: str, alpha: float = 0.1, blocks: int = 4) -> None:
     print(f"{folder}{'/' + kind if kind else ''}: coverage head / brain; " + "; ".join(cells))
 
 
+def margins(folders: list[Path], kind: str, alpha: float = 0.1, blocks: int = 4) -> None:
+    """Through-plane coverage over the head of ``k · λ̂ · std`` for constant margins ``k``, per folder and as the mean
+    and largest distance from ``1 − alpha`` over the folders (``folder:kind`` picks a folder's problems)."""
+    ratios = []
+    for entry in folders:
+        folder, _, own = str(entry).partition(":")
+        volumes, axis, _ = held_out_volumes(Path(folder), own or kind)
+        scale = fit_shape(volumes, alpha=alpha, delta=0.1, method="crc", blocks=blocks, axis=axis).scale
+        with np.load(Path(folder) / "through_plane.npz") as z:
+            ratio = (np.abs(z["truth"] - z["mean"]) / np.maximum(z["std"], 1e-12))[z["head"]]
+        ratios.append(np.sort(ratio.astype(np.float64)) / scale)
+    print("| k | " + " | ".join(str(f) for f in folders) + " | mean \\|cov − target\\| | largest |")
+    print("| --- " * (len(folders) + 3) + "|")
+    for k in (1.0, 1.05, 1.1, 1.15, 1.2, 1.25):
+        cov = np.array([np.searchsorted(r, k, side="right") / r.size for r in ratios])
+        gap = np.abs(cov - (1 - alpha))
+        print(f"| {k:g} | " + " | ".join(f"{c:.3f}" for c in cov) + f" | {gap.mean():.3f} | {gap.max():.3f} |")
+
+
 def simex(folder: Path, voxel: float | None, alpha: float = 0.1, blocks: int = 4) -> None:
     volumes, axis, sigma = held_out_volumes(folder, "extrapolate")
     clean, _, _ = held_out_volumes(folder, "clean")
@@ -141,13 +163,16 @@ def _reference_variance(folder: Path, voxel: float | None) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("analysis", choices=("conditional", "power", "simex"))
+    parser.add_argument("analysis", choices=("conditional", "power", "margins", "simex"))
     parser.add_argument("folders", type=Path, nargs="+", help="folders that --keep wrote (one per noise level)")
     parser.add_argument("--kind", default="", help="power: the problems' subfolder (keep, extrapolate, clean), "
                         "where the arrays were kept with several")
     parser.add_argument("--voxel", type=float, help="simex: the run's isotropic voxel size in mm, where the arrays "
                         "were kept without the grid")
     args = parser.parse_args()
+    if args.analysis == "margins":
+        margins(args.folders, args.kind)
+        return
     for folder in args.folders:
         if args.analysis == "conditional":
             conditional(folder)
