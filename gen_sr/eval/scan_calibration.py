@@ -253,8 +253,7 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
     note = {"reference_noise_note": _NO_RECORRUPTION} if extrapolate and reference_variance is None else {}
     extrapolate = reference_variance is not None
     info = {"per_scan": True, "assumption": ASSUMPTION, "measured_coverage": list(MEASURED_COVERAGE),
-            "scan": record.source,
-            "held_out_slices": list(record.held_out_slices), "noise_std": noise_std,
+            "scan": record.source, "held_out_slices": list(record.held_out_slices), "noise_std": noise_std,
             "recorrupted": (recorrupt or extrapolate) and noise_std > 0, "clean_references": clean_scan is not None,
             "reference_noise": "extrapolate" if extrapolate else "keep", "region": region is not None, **note,
             **(details or {})}
