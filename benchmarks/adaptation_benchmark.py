@@ -67,11 +67,11 @@ def central_slab_case(case: Case, brain: np.ndarray, slab_mm: float, axis: int =
                  case.operator.with_shape(hr.shape), case.noise_std), brain[box])
 
 
-def seeded_sampling(samples: int, steps: int) -> dict:
-    """Pipeline settings with sample ``k`` drawn from seed ``k``: a fresh call draws the same noise again, so that
-    every model and every pass of a benchmark sees the same draws."""
+def seeded_sampling(samples: int, steps: int, first: int = 0) -> dict:
+    """Pipeline settings with sample ``k`` drawn from seed ``first + k``: a fresh call draws the same noise again, so
+    that every model and every pass of a benchmark sees the same draws."""
     return {"num_samples": samples, "num_inference_steps": steps, "batch_size": 64,
-            "generator": [torch.Generator().manual_seed(k) for k in range(samples)]}
+            "generator": [torch.Generator().manual_seed(first + k) for k in range(samples)]}
 
 
 def row(pipe: LatentDiffusionSRPipeline, case: Case, brain: np.ndarray, kwargs: dict) -> dict[str, float]:

@@ -82,6 +82,15 @@ def coverages(err: np.ndarray, halfwidth: np.ndarray, regions: dict[str, np.ndar
             for name, m in regions.items()}
 
 
+def variant(pipe, case, clean: Volume, region: np.ndarray | None, cache: Path, noise: str, seed: int,
+            sampling: dict):
+    """One variant's per-scan calibration (``noise``: ``keep``, ``extrapolate`` or ``clean``, the oracle), each kind
+    of problem and draw in its own cache: the recorrupted ones have other inputs, the oracle's other references."""
+    oracle = {"clean_scan": clean} if noise == "clean" else {"reference_noise": noise}
+    return calibrate_on_scan(pipe, case.lr, noise_std=case.noise_std, progress=False, seed=seed, region=region,
+                             cache=cache / (noise + (f"_seed{seed}" if seed else "")), **oracle, **sampling).calibration
+
+
 def keep_arrays(folder: Path, mean: np.ndarray, std: np.ndarray, truth: np.ndarray, regions: dict[str, np.ndarray],
                 record, case) -> None:
     """The run's arrays (``through_plane.npz``) and the held-out slices' foreground (``held_out.npz``) in ``folder``,
@@ -107,6 +116,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--output", help="also write the table here (Markdown)")
+    parser.add_argument("--calibration-seeds", type=int, nargs="*", default=[],
+                        help="also fit one scale (noisy, extrapolated, and at SNR > 0 the oracle) on problems drawn "
+                        "again with these seeds (their noise and the samples'): how much the scale varies by draw")
     parser.add_argument("--keep", type=Path, help="keep the arrays here for re-analysis: per case, the held-out "
                         "problems' truth, mean and std (the calibration cache) and the run's (through_plane.npz)")
     args = parser.parse_args()
@@ -155,16 +167,11 @@ def main() -> None:
             if args.keep is not None:
                 keep_arrays(cache, mean, std, truth, regions, kept.model_card.adapted, case)
             clean = simulate_case(head, str(args.head), axis=args.axis, thickness=4.0).lr
-            for name, where, noise in VARIANTS + ((("one scale, clean references (oracle)", None, "clean"),)
-                                                  if case.noise_std > 0 else ()):
+            oracle_variant = ("one scale, clean references (oracle)", None, "clean")
+            for name, where, noise in VARIANTS + ((oracle_variant,) if case.noise_std > 0 else ()):
                 if noise == "extrapolate" and case.noise_std == 0:
                     continue
-                # each kind of problem in its own cache: the recorrupted ones have other inputs, the oracle's other
-                # references
-                oracle = {"clean_scan": clean} if noise == "clean" else {"reference_noise": noise}
-                cal = calibrate_on_scan(kept, case.lr, noise_std=case.noise_std, progress=False,
-                                        cache=Path(cache) / ("clean" if noise == "clean" else noise),
-                                        region=region if where else None, **oracle, **sampling()).calibration
+                cal = variant(kept, case, clean, region if where else None, Path(cache), noise, 0, sampling())
                 half = cal.halfwidth(std, mean, case.noise_std, run_region if where else None)
                 r = common | coverages(err, half, regions) | {
                     "λ̂ (inside)": cal.scale,
@@ -172,6 +179,16 @@ def main() -> None:
                     "λ̂ against noisy references": cal.details.get("noisy_reference_scale", cal.scale)}
                 columns[f"{name}, {label}"] = r
                 print(label, name, {k: round(v, 4) for k, v in r.items()}, flush=True)
+            for seed in args.calibration_seeds:
+                for name, _, noise in (VARIANTS[0], VARIANTS[1], oracle_variant):
+                    if noise != "keep" and case.noise_std == 0:
+                        continue
+                    cal = variant(kept, case, clean, None, Path(cache), noise, seed,
+                                  seeded_sampling(args.samples, args.steps, first=1000 * seed))
+                    r = common | coverages(err, cal.halfwidth(std, mean, case.noise_std), regions) | {
+                        "λ̂ (inside)": cal.scale}
+                    columns[f"{name}, seed {seed}, {label}"] = r
+                    print(label, name, "seed", seed, {k: round(v, 4) for k, v in r.items()}, flush=True)
         if args.thin_oracle and case.noise_std == 0:
             thin = thin_slices(case, kept.model_card.adapted.held_out_slices, args.axis)
             cal = calibrate_on_scan(kept, thin, progress=False, **sampling()).calibration
