@@ -12,10 +12,11 @@ in-plane to through-plane; above 1, the through-plane problem is harder than the
 ``margins``: the rule as it is, its scale times a constant margin k (1 to 1.25), and the coverage each gives
 through-plane over the head, per folder (``FOLDER:KIND`` picks a folder's problems) and over all of them.
 
-``simex``: the reference-noise extrapolation (``reference_noise="extrapolate"``) done two more ways on the kept
+``simex``: the reference-noise extrapolation (``reference_noise="extrapolate"``) done more ways on the kept
 recorrupted problems (``extrapolate/``), against the oracle (``clean/``): with the expected miss rate under the
-added noise computed exactly (Gaussian) instead of drawn, extrapolated per λ to reference noise 0 (the risk curve)
-and as the scale² line; to tell a draw's luck from a wrong model of how the scale grows with the noise.
+added noise computed exactly (Gaussian) instead of drawn, extrapolated per λ to reference noise 0 (the risk curve:
+a line through the rule's three levels, and a parabola through five) and as the scale² line; to tell a draw's luck
+from a wrong model of how the scale grows with the noise.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def simex(folder: Path, voxel: float | None, alpha: float = 0.1, blocks: int = 4
         return float(np.mean([np.mean(ndtr((-lam * s - e) / t) + 1 - ndtr((lam * s - e) / t)) for e, s in pairs]))
 
     grid = np.linspace(0.5, 12, 576)
-    extras = (0.0, 1.0, 2.0)
+    extras = (0.0, 0.5, 1.0, 2.0, 3.0)
     curves = np.array([[risk(lam, c) for c in extras] for lam in grid])
 
     def crc(r: np.ndarray) -> float:
@@ -140,11 +141,14 @@ def simex(folder: Path, voxel: float | None, alpha: float = 0.1, blocks: int = 4
     scales = [crc(curves[:, k]) for k in range(len(extras))]
     v0 = _reference_variance(folder, voxel)
     variances = np.array([v0 + c for c in extras])
-    curve = crc(np.polyfit(variances, curves.T, 1)[1])
-    line = math.sqrt(max(np.polyfit(variances, np.square(scales), 1)[1], 0.0))
+    rule = [0, 2, 3]  # the rule's own levels: the references' noise, σ² and 2σ² more
+    curve = crc(np.polyfit(variances[rule], curves[:, rule].T, 1)[1])
+    parabola = crc(np.polyfit(variances, curves.T, 2)[2])
+    line = math.sqrt(max(np.polyfit(variances[rule], np.square(np.take(scales, rule)), 1)[1], 0.0))
     print(f"{folder}: oracle (clean references) {fit_shape(clean, **fit).scale:.3f}; recorrupted references "
           f"(variance {v0:.3f} σ²) {fit_shape(volumes, **fit).scale:.3f}; expected scale with σ², 2σ² more "
-          f"{scales[1]:.3f}, {scales[2]:.3f}; extrapolated: risk curve {curve:.3f}, scale² line {line:.3f}")
+          f"{scales[2]:.3f}, {scales[3]:.3f}; extrapolated: risk curve {curve:.3f}, scale² line {line:.3f}, risk "
+          f"parabola through 0, 0.5, 1, 2, 3 σ² more {parabola:.3f}")
 
 
 def _reference_variance(folder: Path, voxel: float | None) -> float:
