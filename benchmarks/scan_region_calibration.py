@@ -38,6 +38,7 @@ from gen_sr.eval.metrics import foreground, psnr
 from gen_sr.eval.scan_calibration import calibrate_on_scan, held_out_foreground
 from gen_sr.eval.tables import figures_table
 from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.training.adaptation import AdaptationConfig
 from gen_sr.training.scan_fit import fit_to_scan
 from gen_sr.volume import Volume, load_volume, resample_to
 
@@ -116,6 +117,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--output", help="also write the table here (Markdown)")
+    parser.add_argument("--holdout-every", type=int, default=AdaptationConfig().holdout_every, metavar="K",
+                        help="the adaptation keeps every K-th in-plane slice out of the fine-tuning for the "
+                        "calibration (default: the adaptation's)")
     parser.add_argument("--calibration-seeds", type=int, nargs="*", default=[],
                         help="also fit one scale (noisy, extrapolated, and at SNR > 0 the oracle) on problems drawn "
                         "again with these seeds (their noise and the samples'): how much the scale varies by draw")
@@ -144,7 +148,7 @@ def main() -> None:
         tic = time.perf_counter()
         with tempfile.TemporaryDirectory() as work:
             fit = fit_to_scan(pipe, case.lr, work_dir=work, sampling=sampling(), scan_noise_std=case.noise_std,
-                              progress=False)
+                              progress=False, config=AdaptationConfig(holdout_every=args.holdout_every))
         kept = fit.pipe
         kept.set_progress_bar_config(disable=True)
         fit_s = time.perf_counter() - tic
