@@ -119,11 +119,16 @@ def margins(folders: list[Path], kind: str, alpha: float = 0.1, blocks: int = 4)
         print(f"| {k:g} | " + " | ".join(f"{c:.3f}" for c in cov) + f" | {gap.mean():.3f} | {gap.max():.3f} |")
 
 
-def bootstrap(folder: Path, kind: str, draws: int = 200, alpha: float = 0.1, blocks: int = 4) -> None:
+def bootstrap(folder: Path, kind: str, min_foreground: float = 0.0, draws: int = 200, alpha: float = 0.1,
+              blocks: int = 4) -> None:
     """How much the per-scan scale depends on which in-plane slices were held out: the rule refitted on held-out
     slices drawn with replacement (each slice with both its directions and all its blocks), ``draws`` times, seeded;
-    the 5th, 50th and 95th percentiles of the scale and of the through-plane coverage over the head they give."""
+    the 5th, 50th and 95th percentiles of the scale and of the through-plane coverage over the head they give.
+    ``min_foreground``: leave out the held-out slices whose foreground is below this fraction of the largest one's
+    (each unit weighs the same in the rule, however few voxels it holds)."""
     volumes, axis, _ = held_out_volumes(folder, kind)
+    largest = max(int(v.mask.sum()) for v in volumes)
+    volumes = [v for v in volumes if v.mask.sum() >= min_foreground * largest]
     slices = sorted({re.match(r"slice_(\d+)_", v.name).group(1) for v in volumes})
     by_slice = {k: [v for v in volumes if v.name.startswith(f"slice_{k}_")] for k in slices}
     with np.load(folder / "through_plane.npz") as z:
@@ -139,7 +144,9 @@ def bootstrap(folder: Path, kind: str, draws: int = 200, alpha: float = 0.1, blo
     q = np.percentile(scales, [5, 50, 95])
     cover = [np.searchsorted(ratio, x, side="right") / ratio.size for x in q]
     scale = fit_shape(volumes, alpha=alpha, delta=0.1, method="crc", blocks=blocks, axis=axis).scale
-    print(f"{folder}{'/' + kind if kind else ''}: {len(slices)} held-out slices, scale {scale:.3f}; over "
+    at_scale = np.searchsorted(ratio, scale, side="right") / ratio.size
+    print(f"{folder}{'/' + kind if kind else ''}: {len(slices)} held-out slices, scale {scale:.3f} (through-plane "
+          f"coverage {at_scale:.3f}); over "
           f"{len(scales)} draws 5/50/95 % {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}, through-plane coverage "
           f"{cover[0]:.3f} / {cover[1]:.3f} / {cover[2]:.3f}")
 
@@ -199,6 +206,8 @@ def main() -> None:
     parser.add_argument("folders", type=Path, nargs="+", help="folders that --keep wrote (one per noise level)")
     parser.add_argument("--kind", default="", help="power: the problems' subfolder (keep, extrapolate, clean), "
                         "where the arrays were kept with several")
+    parser.add_argument("--min-foreground", type=float, default=0.0, help="bootstrap: leave out the held-out slices "
+                        "whose foreground is below this fraction of the largest one's")
     parser.add_argument("--voxel", type=float, help="simex: the run's isotropic voxel size in mm, where the arrays "
                         "were kept without the grid")
     args = parser.parse_args()
@@ -211,7 +220,7 @@ def main() -> None:
         elif args.analysis == "power":
             power(folder, args.kind)
         elif args.analysis == "bootstrap":
-            bootstrap(folder, args.kind)
+            bootstrap(folder, args.kind, args.min_foreground)
         else:
             simex(folder, args.voxel)
 
