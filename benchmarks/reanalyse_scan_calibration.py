@@ -56,6 +56,23 @@ def held_out_volumes(folder: Path, kind: str = "") -> tuple[list[CalibrationVolu
     return volumes, min(a for a in range(3) if a != axis), sigma
 
 
+def rule_scale(volumes: list[CalibrationVolume], axis: int, alpha: float = 0.1, blocks: int = 4) -> float:
+    """The per-scan rule's scale on ``volumes`` (conformal risk control on their units, as ``calibrate_on_scan``)."""
+    return fit_shape(volumes, alpha=alpha, delta=0.1, method="crc", blocks=blocks, axis=axis).scale
+
+
+def through_plane_ratios(folder: Path) -> np.ndarray:
+    """|error| / std of the run over the head's foreground, sorted (for :func:`covered`)."""
+    with np.load(folder / "through_plane.npz") as z:
+        ratio = (np.abs(z["truth"] - z["mean"]) / np.maximum(z["std"], 1e-12))[z["head"]]
+    return np.sort(ratio.astype(np.float64))
+
+
+def covered(ratios: np.ndarray, scale: float) -> float:
+    """The fraction of the sorted ``ratios`` within ``scale``: the coverage of ``mean ± scale · std``."""
+    return float(np.searchsorted(ratios, scale, side="right") / ratios.size)
+
+
 def conditional(folder: Path) -> None:
     volumes, _, _ = held_out_volumes(folder)
     e_in = np.concatenate([v.error[v.mask] for v in volumes])
@@ -94,7 +111,7 @@ def power(folder: Path, kind: str, alpha: float = 0.1, blocks: int = 4) -> None:
     for p in (1.0, 1.5, 2.0, 2.5):
         powered = [dataclasses.replace(v, std=reference * (np.maximum(v.std, 1e-12) / reference) ** p)
                    for v in volumes]
-        scale = fit_shape(powered, alpha=alpha, delta=0.1, method="crc", blocks=blocks, axis=axis).scale
+        scale = rule_scale(powered, axis, alpha, blocks)
         half = scale * reference * (np.maximum(std, 1e-12) / reference) ** p
         cells.append(f"p {p:g}: " + " / ".join(f"{np.mean(err[m] <= half[m]):.3f}" for m in regions.values()))
     print(f"{folder}{'/' + kind if kind else ''}: coverage head / brain; " + "; ".join(cells))
@@ -107,14 +124,11 @@ def margins(folders: list[Path], kind: str, alpha: float = 0.1, blocks: int = 4)
     for entry in folders:
         folder, _, own = str(entry).partition(":")
         volumes, axis, _ = held_out_volumes(Path(folder), own or kind)
-        scale = fit_shape(volumes, alpha=alpha, delta=0.1, method="crc", blocks=blocks, axis=axis).scale
-        with np.load(Path(folder) / "through_plane.npz") as z:
-            ratio = (np.abs(z["truth"] - z["mean"]) / np.maximum(z["std"], 1e-12))[z["head"]]
-        ratios.append(np.sort(ratio.astype(np.float64)) / scale)
+        ratios.append(through_plane_ratios(Path(folder)) / rule_scale(volumes, axis, alpha, blocks))
     print("| k | " + " | ".join(str(f) for f in folders) + " | mean \\|cov − target\\| | largest |")
     print("| --- " * (len(folders) + 3) + "|")
     for k in (1.0, 1.05, 1.1, 1.15, 1.2, 1.25):
-        cov = np.array([np.searchsorted(r, k, side="right") / r.size for r in ratios])
+        cov = np.array([covered(r, k) for r in ratios])
         gap = np.abs(cov - (1 - alpha))
         print(f"| {k:g} | " + " | ".join(f"{c:.3f}" for c in cov) + f" | {gap.mean():.3f} | {gap.max():.3f} |")
 
@@ -131,30 +145,27 @@ def bootstrap(folder: Path, kind: str, min_foreground: float = 0.0, draws: int =
     volumes = [v for v in volumes if v.mask.sum() >= min_foreground * largest]
     slices = sorted({re.match(r"slice_(\d+)_", v.name).group(1) for v in volumes})
     by_slice = {k: [v for v in volumes if v.name.startswith(f"slice_{k}_")] for k in slices}
-    with np.load(folder / "through_plane.npz") as z:
-        ratio = np.sort((np.abs(z["truth"] - z["mean"]) / np.maximum(z["std"], 1e-12))[z["head"]].astype(np.float64))
+    ratio = through_plane_ratios(folder)
     rng = np.random.default_rng(0)
     scales = []
     for _ in range(draws):
         drawn = [v for k in rng.choice(slices, size=len(slices)) for v in by_slice[k]]
         try:
-            scales.append(fit_shape(drawn, alpha=alpha, delta=0.1, method="crc", blocks=blocks, axis=axis).scale)
+            scales.append(rule_scale(drawn, axis, alpha, blocks))
         except ValueError:  # a draw the rule cannot certify with
             continue
     q = np.percentile(scales, [5, 50, 95])
-    cover = [np.searchsorted(ratio, x, side="right") / ratio.size for x in q]
-    scale = fit_shape(volumes, alpha=alpha, delta=0.1, method="crc", blocks=blocks, axis=axis).scale
-    at_scale = np.searchsorted(ratio, scale, side="right") / ratio.size
+    cover = [covered(ratio, x) for x in q]
+    scale = rule_scale(volumes, axis, alpha, blocks)
     print(f"{folder}{'/' + kind if kind else ''}: {len(slices)} held-out slices, scale {scale:.3f} (through-plane "
-          f"coverage {at_scale:.3f}); over "
-          f"{len(scales)} draws 5/50/95 % {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f}, through-plane coverage "
+          f"coverage {covered(ratio, scale):.3f}); over {len(scales)} draws 5/50/95 % {q[0]:.3f} / {q[1]:.3f} / "
+          f"{q[2]:.3f}, through-plane coverage "
           f"{cover[0]:.3f} / {cover[1]:.3f} / {cover[2]:.3f}")
 
 
 def simex(folder: Path, voxel: float | None, alpha: float = 0.1, blocks: int = 4) -> None:
     volumes, axis, sigma = held_out_volumes(folder, "extrapolate")
     clean, _, _ = held_out_volumes(folder, "clean")
-    fit = {"alpha": alpha, "delta": 0.1, "method": "crc", "blocks": blocks, "axis": axis}
     errors, spreads, masks = split_units(volumes, blocks=blocks, axis=axis)
     pairs = [(e[m], s[m]) for e, s, m in zip(errors, spreads, masks, strict=True)]
     n = len(pairs)
@@ -180,8 +191,8 @@ def simex(folder: Path, voxel: float | None, alpha: float = 0.1, blocks: int = 4
     curve = crc(np.polyfit(variances[rule], curves[:, rule].T, 1)[1])
     parabola = crc(np.polyfit(variances, curves.T, 2)[2])
     line = math.sqrt(max(np.polyfit(variances[rule], np.square(np.take(scales, rule)), 1)[1], 0.0))
-    print(f"{folder}: oracle (clean references) {fit_shape(clean, **fit).scale:.3f}; recorrupted references "
-          f"(variance {v0:.3f} σ²) {fit_shape(volumes, **fit).scale:.3f}; expected scale with σ², 2σ² more "
+    print(f"{folder}: oracle (clean references) {rule_scale(clean, axis, alpha, blocks):.3f}; recorrupted references "
+          f"(variance {v0:.3f} σ²) {rule_scale(volumes, axis, alpha, blocks):.3f}; expected scale with σ², 2σ² more "
           f"{scales[2]:.3f}, {scales[3]:.3f}; extrapolated: risk curve {curve:.3f}, scale² line {line:.3f}, risk "
           f"parabola through 0, 0.5, 1, 2, 3 σ² more {parabola:.3f}")
 
