@@ -15,6 +15,14 @@ through-plane over the head, per folder (``FOLDER:KIND`` picks a folder's proble
 ``bootstrap``: how much the per-scan scale depends on which in-plane slices were held out: the rule refitted on the
 held-out slices drawn with replacement, and the through-plane coverage of its 5th, 50th and 95th percentiles.
 
+``scatter``: over many folders (``FOLDER:KIND[:MM]`` picks a folder's problems, and its voxel size in mm where
+the arrays were kept without the grid), how far the per-scan scale falls from
+the scale the through-plane run needed (λ90 over the head): the mean and spread of log(λ90 / λ̂), and how much of the
+spread the head's anisotropy explains, measured on the truth (the slice axis's gradient energy over the in-plane
+axes') and as the thick-slice scan itself would give it (slice axis and one in-plane axis both blurred by the 4 mm
+Gaussian profile and differenced 4 mm apart, averaged over both in-plane axes), with the correction's leave-one-out
+residual; the anisotropy is the one part of the per-scan assumption that the scan could measure.
+
 ``simex``: the reference-noise extrapolation (``reference_noise="extrapolate"``) done more ways on the kept
 recorrupted problems (``extrapolate/``), against the oracle (``clean/``): with the expected miss rate under the
 added noise computed exactly (Gaussian) instead of drawn, extrapolated per λ to reference noise 0 (the risk curve:
@@ -32,7 +40,9 @@ import re
 from pathlib import Path
 
 import numpy as np
+from scipy.ndimage import gaussian_filter1d
 from scipy.special import ndtr
+from scipy.stats import pearsonr
 
 from gen_sr.data import recorrupted_reference_variance
 from gen_sr.eval.calibration import CalibrationVolume, fit_shape, split_units
@@ -163,6 +173,58 @@ def bootstrap(folder: Path, kind: str, min_foreground: float = 0.0, draws: int =
           f"{cover[0]:.3f} / {cover[1]:.3f} / {cover[2]:.3f}")
 
 
+def _step_energy(data: np.ndarray, inside: np.ndarray, axis: int, step: int) -> float:
+    """Mean squared difference of ``data`` between voxels ``step`` apart along ``axis``, both inside."""
+    n = data.shape[axis]
+    a, b = (np.take(x, np.arange(step, n), axis) for x in (data, inside))
+    c, d = (np.take(x, np.arange(n - step), axis) for x in (data, inside))
+    return float(np.mean((a - c)[b & d] ** 2))
+
+
+def anisotropy(truth: np.ndarray, inside: np.ndarray, axis: int, voxel: float, thickness: float = 4.0) -> tuple:
+    """The slice axis's share of fine detail: its gradient energy over the in-plane axes' mean, on the truth (1-voxel
+    differences) and as the scan shows it (both axes blurred by the Gaussian profile, differenced a slice apart)."""
+    in_plane = [a for a in range(3) if a != axis]
+    fine = [_step_energy(truth, inside, a, 1) for a in range(3)]
+    sigma, step = thickness / (2 * math.sqrt(2 * math.log(2))) / voxel, max(1, round(thickness / voxel))
+    scan = gaussian_filter1d(truth, sigma, axis=axis)
+    coarse = []
+    for a in in_plane:
+        both = gaussian_filter1d(scan, sigma, axis=a)
+        coarse.append((_step_energy(both, inside, axis, step), _step_energy(both, inside, a, step)))
+    return (fine[axis] / np.mean([fine[a] for a in in_plane]),
+            np.mean([c[0] for c in coarse]) / np.mean([c[1] for c in coarse]))
+
+
+def scatter(folders: list[Path], kind: str, alpha: float = 0.1, blocks: int = 4) -> None:
+    rows = []
+    print("| folder | λ90 | λ̂ | log(λ90 / λ̂) | coverage | anisotropy: truth / scan |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for entry in folders:
+        folder, own, mm = [*str(entry).split(":"), "", ""][:3]
+        folder = Path(folder)
+        volumes, unit_axis, _ = held_out_volumes(folder, own or kind)
+        scale, ratios = rule_scale(volumes, unit_axis, alpha, blocks), through_plane_ratios(folder)
+        need = float(np.quantile(ratios, 1 - alpha))
+        with np.load(folder / "through_plane.npz") as z, np.load(folder / "held_out.npz") as h:
+            truth, head, axis = z["truth"].astype(np.float64), z["head"], int(h["axis"])
+        true_a, scan_a = anisotropy(truth, head, axis, _voxel(folder, float(mm) if mm else None))
+        rows.append((math.log(need / scale), true_a, scan_a))
+        print(f"| {entry} | {need:.2f} | {scale:.2f} | {rows[-1][0]:+.3f} | {covered(ratios, scale):.3f} | "
+              f"{true_a:.3f} / {scan_a:.3f} |")
+    gap, true_a, scan_a = (np.array(c) for c in zip(*rows, strict=True))
+    print(f"\nlog(λ90 / λ̂) over {len(gap)} folders: mean {gap.mean():+.3f} (a margin of {math.exp(gap.mean()):.3f}), "
+          f"sd {gap.std(ddof=1):.3f}")
+    for name, a in (("truth", true_a), ("scan", scan_a)):
+        x = np.log(a)
+        slope, intercept = np.polyfit(x, gap, 1)
+        loo = [gap[i] - np.polyval(np.polyfit(np.delete(x, i), np.delete(gap, i), 1), x[i]) for i in range(len(x))]
+        print(f"anisotropy of the {name}: Pearson {pearsonr(x, gap)[0]:.2f}, log(λ90 / λ̂) ≈ {intercept:+.3f} "
+              f"{slope:+.3f} log(anisotropy); residual sd {np.std(gap - slope * x - intercept, ddof=2):.3f}, "
+              f"leave-one-out {np.sqrt(np.mean(np.square(loo))):.3f} (a constant margin's leave-one-out "
+              f"{np.sqrt(np.mean(np.square(gap - gap.mean()))) * len(gap) / (len(gap) - 1):.3f})")
+
+
 def simex(folder: Path, voxel: float | None, alpha: float = 0.1, blocks: int = 4) -> None:
     volumes, axis, sigma = held_out_volumes(folder, "extrapolate")
     clean, _, _ = held_out_volumes(folder, "clean")
@@ -201,19 +263,26 @@ def _reference_variance(folder: Path, voxel: float | None) -> float:
     """:func:`gen_sr.data.recorrupted_reference_variance` of the held-out problems' operator: 4 mm Gaussian slices
     (as ``scan_region_calibration.py`` degrades) on the run's grid (its voxel size in mm: kept with the arrays
     since they hold the affine, else ``voxel``)."""
-    with np.load(folder / "through_plane.npz") as z:
-        if "affine" in z:
-            voxel = float(np.linalg.norm(z["affine"][:3, 0]))
-    if voxel is None:
-        raise SystemExit(f"{folder}: these arrays do not hold the grid: give its voxel size (--voxel MM)")
+    voxel = _voxel(folder, voxel)
     case = simulate_case(Volume(np.zeros((8, 8, 24), np.float32), np.diag([voxel] * 3 + [1.0])), "grid", axis=2,
                          thickness=4.0)
     return float(recorrupted_reference_variance(case.operator))
 
 
+def _voxel(folder: Path, voxel: float | None) -> float:
+    """The run's isotropic voxel size in mm: from the kept affine, else ``voxel`` (older runs kept no grid)."""
+    with np.load(folder / "through_plane.npz") as z:
+        if "affine" in z:
+            return float(np.linalg.norm(z["affine"][:3, 0]))
+    if voxel is None:
+        raise SystemExit(f"{folder}: these arrays do not hold the grid: give its voxel size (--voxel MM, or "
+                         "FOLDER:KIND:MM for scatter)")
+    return voxel
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("analysis", choices=("conditional", "power", "margins", "bootstrap", "simex"))
+    parser.add_argument("analysis", choices=("conditional", "power", "margins", "bootstrap", "scatter", "simex"))
     parser.add_argument("folders", type=Path, nargs="+", help="folders that --keep wrote (one per noise level)")
     parser.add_argument("--kind", default="", help="power: the problems' subfolder (keep, extrapolate, clean), "
                         "where the arrays were kept with several")
@@ -222,8 +291,8 @@ def main() -> None:
     parser.add_argument("--voxel", type=float, help="simex: the run's isotropic voxel size in mm, where the arrays "
                         "were kept without the grid")
     args = parser.parse_args()
-    if args.analysis == "margins":
-        margins(args.folders, args.kind)
+    if args.analysis in ("margins", "scatter"):
+        (margins if args.analysis == "margins" else scatter)(args.folders, args.kind)
         return
     for folder in args.folders:
         if args.analysis == "conditional":
