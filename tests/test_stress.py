@@ -3,6 +3,7 @@ answers on hand-made arrays; one tiny end-to-end run writes its reports."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -138,14 +139,18 @@ def test_run_stress_test_end_to_end(tmp_path: Path) -> None:
     for corner in np.ndindex(2, 2, 2):  # a little background, as around a brain
         data[tuple(slice(0, 2) if c == 0 else slice(-2, None) for c in corner)] = 0.0
     volume = Volume(data.astype(np.float32), np.eye(4), source="phantom")
-    result = run_stress_test(_pipe(2), [volume], thickness_mm=4.0, diameters_mm=(2.0, 5.0), n_per_size=1,
-                             removed=1, num_samples=2, num_inference_steps=2, seed=0, output_dir=tmp_path,
-                             progress=False, guidance_interval=1)
+    pipe = _pipe(2)
+    pipe.model_card = dataclasses.replace(pipe.model_card, num_inference_steps=2)  # the steps: the folder's default
+    result = run_stress_test(pipe, [volume], thickness_mm=4.0, diameters_mm=(2.0, 5.0), n_per_size=1,
+                             removed=1, num_samples=2, seed=0, output_dir=tmp_path, progress=False,
+                             guidance_interval=1)
     for name in ("stress_test.md", "stress_test.csv", "stress_test.json", "stress_test.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert not list(tmp_path.glob(".*partial*"))
     saved = json.loads((tmp_path / "stress_test.json").read_text())
     assert saved["settings"]["num_samples"] == 2 and len(saved["sites"]) == 6
+    assert saved["settings"]["num_inference_steps"] == 2 and saved["settings"]["scheduler"] == pipe.sampler_name
+    assert f"2 steps of {pipe.sampler_name}" in (tmp_path / "stress_test.md").read_text()
     assert (tmp_path / "stress_test.csv").read_text().splitlines()[0].startswith("group,size_class,n_added")
     summary = result["summary"]
     assert set(summary) == {"2 mm", "5 mm", "below", "above", "all"}

@@ -332,9 +332,9 @@ def _write_reports(result: dict[str, Any], out: Path) -> None:
     rows = [{"group": name, **stats} for name, stats in result["summary"].items()]
     s = result["settings"]
     md = [f"# Hallucination stress test\n\n{s['n_volumes']} volume(s), {s['thickness_mm']:g} mm slices, SNR "
-          f"{s['snr']}, {s['num_samples']} samples, {s['num_inference_steps']} steps, lesion contrast "
-          f"{s['contrast']:g} of the robust intensity range. Voxel AUROC of risk for |error| > {s['tau']:g} of the "
-          f"range: **{_cell(result['auroc'])}**. Definitions: `gen_sr/eval/stress.py`.\n",
+          f"{s['snr']}, {s['num_samples']} samples, {s['num_inference_steps']} steps of {s['scheduler']}, lesion "
+          f"contrast {s['contrast']:g} of the robust intensity range. Voxel AUROC of risk for |error| > "
+          f"{s['tau']:g} of the range: **{_cell(result['auroc'])}**. Definitions: `gen_sr/eval/stress.py`.\n",
           markdown_rows(COLUMNS, [[_cell(r[c]) for c in COLUMNS] for r in rows])]
     write_table_files(out, "stress_test", "\n".join(md), [{c: _cell(r[c]) for c in COLUMNS} for r in rows],
                       result, COLUMNS)
@@ -342,7 +342,7 @@ def _write_reports(result: dict[str, Any], out: Path) -> None:
 
 def run_stress_test(pipe: SRModel, hr_volumes: Sequence[Volume | str | Path], *, thickness_mm: float = 4.0,
                     snr: float | None = None, num_samples: int = 4,
-                    num_inference_steps: int = 50, seed: int = 0, output_dir: str | Path | None = None,
+                    num_inference_steps: int | None = None, seed: int = 0, output_dir: str | Path | None = None,
                     diameters_mm: Sequence[float | Sequence[float]] | None = None, contrast: float = 0.3,
                     n_per_size: int = 2, removed: int = 1, shell_mm: float = 2.0, tau: float | None = None,
                     risk_threshold: float | None = None, erasure_threshold: float = 0.5, false_threshold: float = 0.5,
@@ -357,7 +357,8 @@ def run_stress_test(pipe: SRModel, hr_volumes: Sequence[Volume | str | Path], *,
             the HR grid voxel for voxel (see :mod:`gen_sr.eval.evaluate`).
         thickness_mm, profile: the slices (spacing = thickness).
         snr: noise of the simulated acquisition (``None``: noise-free); the pipeline gets the matching ``noise_std``.
-        num_samples, num_inference_steps, seed: sampling (``generator=torch.Generator().manual_seed(seed)``);
+        num_samples, num_inference_steps, seed: sampling (``generator=torch.Generator().manual_seed(seed)``; the
+            steps ``None``: the model folder's default, recorded in the settings with the sampler);
             volume ``i`` uses insertion and noise seed ``seed + i``.
         output_dir: where ``stress_test.{md,csv,json}`` and ``stress_test.png`` go (``None``: nothing written).
         diameters_mm, contrast, n_per_size, removed, shell_mm: see :func:`insert_lesions` (default diameters: half
@@ -382,7 +383,7 @@ def run_stress_test(pipe: SRModel, hr_volumes: Sequence[Volume | str | Path], *,
     risk_threshold = 0.5 * abs(contrast) if risk_threshold is None else risk_threshold
     sites: list[dict[str, Any]] = []
     volumes: list[dict[str, Any]] = []
-    scores, labels, figure = [], [], None
+    scores, labels, figure, sampling = [], [], None, {}
     ax = pipe.sr_axis  # everything runs in RAS+ orientation, where the model's axis is counted
     for i, item in enumerate(tqdm(hr_volumes, desc="stress test", disable=not progress)):
         hr = (load_volume(item) if isinstance(item, str | Path) else item).canonical()
@@ -396,6 +397,7 @@ def run_stress_test(pipe: SRModel, hr_volumes: Sequence[Volume | str | Path], *,
                             generator=torch.Generator().manual_seed(seed),
                             **{"keep_samples": False, **pipe_kwargs, "output_type": "np"})
         sr, risk = np.asarray(out.mean, np.float64), np.asarray(out.risk, np.float64)
+        sampling = {k: out.metadata[k] for k in ("scheduler", "num_inference_steps")}
         fg = _site_region(truth.data)
         wrong = np.abs(sr - truth.data) > tau * scale
         scores.append(risk[fg])
@@ -409,7 +411,7 @@ def run_stress_test(pipe: SRModel, hr_volumes: Sequence[Volume | str | Path], *,
         if figure is None:
             figure = ((truth.data, baseline(case, "trilinear"), sr, risk), truth, lesions, ax)
     settings = {"n_volumes": len(volumes), "thickness_mm": thickness_mm, "axis": ax, "snr": snr,
-                "num_samples": num_samples, "num_inference_steps": num_inference_steps, "seed": seed,
+                "num_samples": num_samples, **sampling, "seed": seed,
                 "diameters_mm": [np.broadcast_to(d, (3,)).astype(float).tolist() for d in diameters_mm],
                 "contrast": contrast, "n_per_size": n_per_size, "removed": removed, "shell_mm": shell_mm, "tau": tau,
                 "risk_threshold": risk_threshold, "erasure_threshold": erasure_threshold,
