@@ -998,7 +998,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="models/heads2d", help="model folder (default: models/heads2d)")
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
     p.add_argument("--steps", dest="sampling_steps", type=_positive_int,
-                   help="DDIM steps (default: the model card's, 25 for the demo model)")
+                   help="sampling steps (default: the model card's, 3 for the demo model)")
     p.add_argument("--slab", type=_non_negative_float, default=4.0,
                    help="width in mm of the coronal slab through the head's centre (0: the whole head, 50 times the "
                         "voxels) (default: 4)")
