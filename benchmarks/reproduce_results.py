@@ -109,12 +109,18 @@ def stress(pipe, brain_slab: Volume, kwargs: dict, out_dir: Path = HERE / "stres
         f"\nFigure: `benchmarks/{out_dir.name}/stress_test.png`; pooled voxel AUROC {result['auroc']:.3f}.\n"
 
 
-def run_script(args: list[str]) -> str:
+def run_script(args: list[str], failures: list[str]) -> str:
+    """A speed script's output as a section; a failure becomes the section (and is counted), so that the rest of
+    the run is still written."""
     tic = time.perf_counter()
-    out = subprocess.run([sys.executable, *args], check=True, capture_output=True, text=True,
-                         env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE")).stdout
     shown = [os.path.relpath(a) if os.path.isabs(a) else a for a in args]
-    return f"`python {' '.join(shown)}` ({time.perf_counter() - tic:.0f} s)\n\n" + out
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    head = f"`python {' '.join(shown)}` ({time.perf_counter() - tic:.0f} s)\n\n"
+    if done.returncode:
+        failures.append(shown[0])
+        return head + f"**Failed** (exit code {done.returncode}):\n\n```\n{done.stderr.strip()[-2000:]}\n```\n"
+    return head + done.stdout
 
 
 def main() -> None:
@@ -176,19 +182,22 @@ def main() -> None:
         stress(pipe, brain_slab, kwargs, HERE / "stress_test_quick", 2, 1) if args.quick
         else stress(pipe, brain_slab, kwargs),
     ]
+    failures: list[str] = []
     if not args.skip_speed:
         sections += ["## Speed: pipeline against a hand-written loop\n",
                      run_script([str(HERE / "pipeline_speed.py"), "--model", args.model, "--steps", str(steps),
-                                 "--samples", "1", "4", "--repeats", "3", "--crop", "48", "112", "96"]),
+                                 "--samples", "1", "4", "--repeats", "3", "--crop", "48", "112", "96"], failures),
                      "## Slice consistency of the 2D model: one plane or two fused\n",
                      run_script([str(HERE / "slice_consistency.py"), "--model", args.model, "--samples", "4",
-                                 "--steps", str(steps)])]
+                                 "--steps", str(steps)], failures)]
     sections.append(f"\nTotal time of this run: {time.perf_counter() - tic:.0f} s.\n")
     notes = HERE / "REPRODUCE_NOTES.md"  # the hand-written reading of the figures; rewrite it after a new run
     if notes.is_file() and not args.quick:
         sections.append(notes.read_text())
     atomic_write(output, lambda tmp: tmp.write_text("\n".join(sections)))
     print(f"wrote {output}")
+    if failures:
+        raise SystemExit(f"failed: {', '.join(failures)} (their sections in {output} hold the errors)")
 
 
 if __name__ == "__main__":

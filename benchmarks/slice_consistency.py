@@ -30,6 +30,7 @@ from gen_sr.eval.cases import heldout_case, super_resolve
 from gen_sr.eval.metrics import psnr, region_masks, slice_jitter, ssim_volume
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.sample_data import load_mni152
+from gen_sr.schedulers.ddim import describe_sampler
 
 VARIANTS = {"plane 0": 0, "plane 1": 1, "fused 0+1": (0, 1)}
 
@@ -55,7 +56,8 @@ def main() -> None:
     case = heldout_case(pipe, load_mni152("t1"), "mni152 held-out slab", thickness=args.thickness)
     ref, mask = case.hr.data.astype(np.float64), region_masks(case.hr.data)["brain"]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"input {case.lr.shape} -> {case.hr.shape}, {args.samples} samples, {args.steps} DDIM steps")
+          f"input {case.lr.shape} -> {case.hr.shape}, {args.samples} samples, {args.steps} steps of "
+          f"{describe_sampler(pipe.scheduler)}")
     results: dict[str, dict] = {"cubic": measure(baseline(case, "cubic"), ref, mask)}
     views = {"truth": ref, "cubic": baseline(case, "cubic")}
     for name, normal in VARIANTS.items():

@@ -309,6 +309,32 @@ def test_multistep_solvers_take_the_data_consistency_hook(name: str, tmp_path: P
     assert type(LatentDiffusionSRPipeline.from_pretrained(tmp_path / name).scheduler) is SCHEDULERS[name]
 
 
+@pytest.mark.parametrize("name", ["dpmsolver++", "sde-dpmsolver++", "unipc"])
+def test_multistep_solvers_start_afresh_in_every_pass(name: str) -> None:
+    """A multistep solver keeps state (its step index, its earlier model outputs): each pass of a run with several,
+    two fused slicing planes or two coarse axes one after the other, must start it afresh, as its own sampling."""
+    from gen_sr.schedulers import scheduler_from_name
+
+    pipe = _pipe(2)
+    pipe.scheduler = scheduler_from_name(name, pipe.scheduler.config)
+    pipe.model_card = dataclasses.replace(pipe.model_card, trained_for=dataclasses.replace(
+        pipe.model_card.trained_for, any_axis=True))
+    steps: list[int] = []
+
+    def record(_pipe, i: int, t: int, tensors: dict) -> dict:
+        steps.append(pipe.scheduler.step_index)
+        return tensors
+
+    fused = pipe(_lr(), num_samples=2, generator=_gens(0, 1), slice_normal=(0, 1), callback_on_step_end=record, **RUN)
+    assert steps == [1, 2, 3] * 2 and max(fused.metadata["relative_residual"]) <= 1e-4
+    hr = Volume(np.random.default_rng(2).random((12, 15, 18)).astype(np.float32) + 1, np.eye(4))
+    lr, _, _ = simulate_acquisition(hr, [SliceAcquisition(1, 3.0), SliceAcquisition(2, 6.0)])
+    steps.clear()
+    two = pipe(lr, num_samples=2, generator=_gens(0, 1), callback_on_step_end=record, **RUN)
+    assert steps == [1, 2, 3] * 2 and two.metadata["sr_axes"] == [2, 1]
+    assert max(two.metadata["relative_residual"]) <= 1e-3
+
+
 def test_the_sde_solver_draws_each_samples_noise_from_its_own_generator() -> None:
     """``sde-dpmsolver++`` adds noise at every step: seeded runs repeat, and a sample does not depend on which
     other samples share its batch; a calibration records the variant, so an ODE calibration warns on SDE runs."""

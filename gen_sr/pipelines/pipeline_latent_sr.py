@@ -395,8 +395,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             hook_args = (stage_operator, measured, guided, batch_size, measured_sigma, guidance_scale)
             volumes = []
             for tiler in tilers:  # one pass, or one per slicing plane when a 2D model fuses orientations
-                # 4. latents: one generator per sample, tiles of all samples as one batch
+                # 4. latents: one generator per sample, tiles of all samples as one batch; every pass is a sampling
+                #    of its own, so a multistep solver's state (step index, earlier outputs) starts afresh
                 tic = time.perf_counter()
+                self.scheduler.set_timesteps(num_inference_steps, device=device)
                 if skip_background is not None:  # tiles with no foreground in the condition are not sampled
                     tiler = ForegroundTiles(tiler, condition_image, skip_background)
                     skipped += tiler.skipped
