@@ -63,7 +63,9 @@ def quality(pipe, regression, head: Volume, brain: np.ndarray, kwargs: dict, acq
     masks = lambda case: {"brain": brain, "head": foreground(case.hr.data)}  # noqa: E731
     for thickness, snr in acquisitions:
         case = simulate_case(head, f"held-out head, {thickness:g} mm", axis=2, thickness=thickness, snr=snr)
-        rows = evaluate(pipe, [case], masks=masks, regression=regression, progress=False, **kwargs)
+        seeds = [torch.Generator().manual_seed(k) for k in range(kwargs["num_samples"])]  # afresh: a row does not
+        rows = evaluate(pipe, [case], masks=masks, regression=regression, progress=False,  # depend on the rows before
+                        generator=seeds, **kwargs)
         noise = f"Rician noise at SNR {snr:g}" if snr else "noise-free"
         label = f"{thickness:g} mm slices ({thickness:g}x), {noise}"
         lines += [f"### {label}\n", f"input {case.lr.shape} -> {case.hr.shape} voxels\n",
@@ -150,8 +152,7 @@ def main() -> None:
         regression.set_progress_bar_config(disable=True)
     head, brain = held_out_head(slab_mm=args.slab)
     steps = args.steps or pipe.model_card.num_inference_steps
-    kwargs = {"num_samples": args.samples, "num_inference_steps": steps, "batch_size": args.batch_size,
-              "generator": [torch.Generator().manual_seed(k) for k in range(args.samples)]}
+    kwargs = {"num_samples": args.samples, "num_inference_steps": steps, "batch_size": args.batch_size}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     command = "python " + " ".join(sys.argv)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, commit {commit}"
