@@ -63,9 +63,8 @@ def quality(pipe, regression, head: Volume, brain: np.ndarray, kwargs: dict, acq
     masks = lambda case: {"brain": brain, "head": foreground(case.hr.data)}  # noqa: E731
     for thickness, snr in acquisitions:
         case = simulate_case(head, f"held-out head, {thickness:g} mm", axis=2, thickness=thickness, snr=snr)
-        seeds = [torch.Generator().manual_seed(k) for k in range(kwargs["num_samples"])]  # afresh: a row does not
-        rows = evaluate(pipe, [case], masks=masks, regression=regression, progress=False,  # depend on the rows before
-                        generator=seeds, **kwargs)
+        seeds = [torch.Generator().manual_seed(k) for k in range(kwargs["num_samples"])]  # afresh for every row
+        rows = evaluate(pipe, [case], masks=masks, regression=regression, progress=False, generator=seeds, **kwargs)
         noise = f"Rician noise at SNR {snr:g}" if snr else "noise-free"
         label = f"{thickness:g} mm slices ({thickness:g}x), {noise}"
         lines += [f"### {label}\n", f"input {case.lr.shape} -> {case.hr.shape} voxels\n",
