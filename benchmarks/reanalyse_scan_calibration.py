@@ -127,14 +127,22 @@ def power(folder: Path, kind: str, alpha: float = 0.1, blocks: int = 4) -> None:
     print(f"{folder}{'/' + kind if kind else ''}: coverage head / brain; " + "; ".join(cells))
 
 
+def scan_scale(entry: Path | str, kind: str, alpha: float = 0.1,
+               blocks: int = 4) -> tuple[Path, float, np.ndarray, str]:
+    """One ``FOLDER[:KIND[:MM]]`` entry: its folder, the per-scan rule's scale on its held-out problems (``KIND``, else
+    ``kind``), its sorted through-plane ratios (:func:`through_plane_ratios`) and its voxel size as given (or "")."""
+    folder, own, mm = [*str(entry).split(":"), "", ""][:3]
+    volumes, axis, _ = held_out_volumes(Path(folder), own or kind)
+    return Path(folder), rule_scale(volumes, axis, alpha, blocks), through_plane_ratios(Path(folder)), mm
+
+
 def margins(folders: list[Path], kind: str, alpha: float = 0.1, blocks: int = 4) -> None:
     """Through-plane coverage over the head of ``k · λ̂ · std`` for constant margins ``k``, per folder and as the mean
     and largest distance from ``1 − alpha`` over the folders (``folder:kind`` picks a folder's problems)."""
     ratios = []
     for entry in folders:
-        folder, _, own = str(entry).partition(":")
-        volumes, axis, _ = held_out_volumes(Path(folder), own or kind)
-        ratios.append(through_plane_ratios(Path(folder)) / rule_scale(volumes, axis, alpha, blocks))
+        _, scale, folder_ratios, _ = scan_scale(entry, kind, alpha, blocks)
+        ratios.append(folder_ratios / scale)
     print("| k | " + " | ".join(str(f) for f in folders) + " | mean \\|cov − target\\| | largest |")
     print("| --- " * (len(folders) + 3) + "|")
     for k in (1.0, 1.05, 1.1, 1.15, 1.2, 1.25):
@@ -201,10 +209,7 @@ def scatter(folders: list[Path], kind: str, alpha: float = 0.1, blocks: int = 4)
     print("| folder | λ90 | λ̂ | log(λ90 / λ̂) | coverage | anisotropy: truth / scan |")
     print("| --- | --- | --- | --- | --- | --- |")
     for entry in folders:
-        folder, own, mm = [*str(entry).split(":"), "", ""][:3]
-        folder = Path(folder)
-        volumes, unit_axis, _ = held_out_volumes(folder, own or kind)
-        scale, ratios = rule_scale(volumes, unit_axis, alpha, blocks), through_plane_ratios(folder)
+        folder, scale, ratios, mm = scan_scale(entry, kind, alpha, blocks)
         need = float(np.quantile(ratios, 1 - alpha))
         with np.load(folder / "through_plane.npz") as z, np.load(folder / "held_out.npz") as h:
             truth, head, axis = z["truth"].astype(np.float64), z["head"], int(h["axis"])
