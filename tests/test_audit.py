@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import oblique_affine
+from markupsafe import escape
 from test_mistakes import _network_calls
 from test_pipeline import _pipe
 
@@ -49,7 +50,16 @@ def test_audit_with_reference_writes_maps_report_and_metrics(tmp_path: Path, cap
     mean = load_volume(out / "sr_mean.nii.gz")
     hr = load_volume(f["hr"])  # 8 LR slices of 3 mm cover the 24 mm HR exactly: the SR grid is the HR grid
     assert mean.shape == (14, 12, 24) and np.allclose(mean.affine, hr.affine, atol=1e-4)
-    assert "<script" not in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "<script" not in page
+    # what the 3 mm slices keep of thin structures, from the run's operator, along the one axis it super-resolved
+    thin = payload["thin_structures"]
+    assert "What the slices cannot show" in page and str(escape(thin["text"])) in page
+    assert [r["size_mm"] for r in thin["rows"]] == [1.0, 2.0, 3.0, 5.0, 8.0]
+    assert len({r["axis"] for r in thin["rows"]}) == 1
+    kept = [r["best_percent"] for r in thin["rows"]]
+    assert 0 < kept[0] < 50 and kept == sorted(kept) and kept[-1] > 95
+    assert all(r["worst_percent"] <= r["best_percent"] for r in thin["rows"])
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
     # the threshold as an error size in input units: risk threshold × the input's robust intensity range
     pipe = LatentDiffusionSRPipeline.from_pretrained(f["model"])

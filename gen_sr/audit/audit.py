@@ -26,7 +26,7 @@ from gen_sr.eval.cases import Case
 from gen_sr.eval.metrics import image_metrics, region_masks
 from gen_sr.eval.uncertainty import coverage, uncertainty_report
 from gen_sr.io import check_output_dir, sidecar_path
-from gen_sr.physics import AcquisitionOperator
+from gen_sr.physics import AcquisitionOperator, structure_visibility
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.risk import Calibration, SamplingSettings, risk_map
 from gen_sr.volume import Volume, covers, load_volume, resample_to, save_volume
@@ -186,7 +186,7 @@ def audit(
                         calibration_curve=curve, input_name=input_name,
                         sr_axis=next(a for a in range(3) if maps["risk"].axis_to_canonical(a) == axis),
                         intensity_range=float(norm.scale), alpha=calibration.alpha if calibration is not None else None,
-                        outside_training=outside)
+                        outside_training=outside, visibility=structure_visibility(operator))
 
 
 _GEOMETRY_ARGUMENTS = ("affine", "lr_spacing", "target_spacing", "operator", "slice_profile", "slice_thickness",

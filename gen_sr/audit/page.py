@@ -244,6 +244,14 @@ def _calibration_tables(curve: Mapping[str, Any]) -> tuple[Table, Table]:
     return params, pairs
 
 
+def _thin_structure_table(section: Mapping[str, Any] | None) -> Table | None:
+    if section is None or not section["rows"]:
+        return None
+    return table(["axis (RAS+)", "structure thickness (mm)", "kept on a slice centre", "kept between slices"],
+                 [[f"{r['axis']} ({r['direction']})", f"{r['size_mm']:g}", f"{r['best_percent']:.0f} %",
+                   f"{r['worst_percent']:.0f} %"] for r in section["rows"]], numeric=range(1, 4))
+
+
 # ----------------------------------------------------------------------------------------------------- page
 def render_page(payload: Mapping[str, Any], figures: Sequence[FigureRecord]) -> str:
     """``report.html`` for a report ``payload`` (what ``report.json`` holds) and its ``figures``."""
@@ -268,5 +276,6 @@ def render_page(payload: Mapping[str, Any], figures: Sequence[FigureRecord]) -> 
         "profile": by_id["profile"], "calibration": by_id.get("calibration"),
         "metrics": _metrics_table(payload["metrics"]) if payload["metrics"] else None,
         "calibration_tables": _calibration_tables(curve) if curve is not None and "calibration" in by_id else None,
+        "thin_structures": _thin_structure_table(payload["thin_structures"]),
     }
     return _ENV.get_template("report.html.j2").render(context)

@@ -29,8 +29,9 @@ from gen_sr.audit.clusters import (
 )
 from gen_sr.audit.figures import calibration_plot, orthogonal_views, profile_plot
 from gen_sr.audit.page import DISCLAIMER, render_page
-from gen_sr.audit.summary import geometry, verdict
+from gen_sr.audit.summary import geometry, thin_structures, verdict
 from gen_sr.io import atomic_write, json_ready, write_json
+from gen_sr.physics import StructureVisibility
 from gen_sr.volume import Volume
 
 __all__ = ["BACKGROUND", "DISCLAIMER", "PeakRule", "build_report", "risk_clusters", "risk_peaks"]
@@ -42,7 +43,8 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
                  calibration_curve: dict[str, Any] | None = None, input_name: str, sr_axis: int,
                  intensity_range: float | None = None, alpha: float | None = None,
                  outside_training: Sequence[str] | None = None,
-                 peak_rule: PeakRule | None = None) -> dict[str, Any]:
+                 peak_rule: PeakRule | None = None,
+                 visibility: Sequence[StructureVisibility] | None = None) -> dict[str, Any]:
     """Write ``report.html`` and ``report.json`` into ``output_dir`` (created if missing), atomically.
 
     All maps are brought onto the risk map's grid (the LR, and any map on another grid, by linear resampling), and
@@ -59,6 +61,8 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
         alpha: the calibration's miss rate (coverage ``1 − alpha``), when calibrated.
         outside_training: the run record's sentences on where the input lies outside the trained regime
             (``None``: not checked).
+        visibility: what the measurements keep of thin structures (:func:`~gen_sr.physics.structure_visibility`
+            of the run's operator), shown as "What the slices cannot show" (``None``: not shown).
 
     Returns:
         The JSON payload (what ``report.json`` holds).
@@ -99,6 +103,7 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
                   "rule": rule_record["text"]},
         "profile": {**profile, "axis": sr_axis, "spacing_mm": risk.spacing[sr_axis]},
         "metrics": metrics, "calibration_curve": calibration_curve,
+        "thin_structures": None if visibility is None else thin_structures(visibility),
         "figures": [{"id": f["id"], "title": f["title"]} for f in figures],
     })
     page = render_page(payload, figures)

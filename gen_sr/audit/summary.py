@@ -11,11 +11,14 @@ from typing import Any
 import numpy as np
 from nibabel.affines import obliquity
 
+from gen_sr.physics import StructureVisibility
+
 __all__ = ["FRAME", "INTENSITY_UNIT", "coords", "flag_meaning", "geometry", "grouped", "number", "seconds",
-           "verdict"]
+           "thin_structures", "verdict"]
 
 FRAME = "scanner (world) coordinates in mm, RAS+ (x: left → right, y: posterior → anterior, z: inferior → superior)"
 INTENSITY_UNIT = "input intensity units"
+RAS_AXES = ("left → right", "posterior → anterior", "inferior → superior")
 OBLIQUE_DEG = 0.01  # voxel axes rotated by more than this from the scanner axes: an oblique input
 
 
@@ -140,3 +143,18 @@ def geometry(affine: np.ndarray) -> dict[str, Any]:
             "The input is not oblique: its voxel axes run along the scanner axes.")
     return {"frame": FRAME, "obliquity_deg": angles.tolist(), "max_obliquity_deg": worst, "oblique": oblique,
             "note": note}
+
+
+def thin_structures(records: Sequence[StructureVisibility]) -> dict[str, Any]:
+    """What the measurements cannot show: per acquired RAS+ axis and structure thickness, the fraction of a
+    structure's contrast that reaches them (:func:`~gen_sr.physics.structure_visibility`, on the operator of the
+    RAS+ grid), in percent, and the sentence that reads the table."""
+    rows = [{"axis": r.axis, "direction": RAS_AXES[r.axis], "size_mm": r.size_mm, "best_percent": 100 * r.best,
+             "worst_percent": 100 * r.worst} for r in records]
+    text = ("Each measured slice averages the tissue across its thickness, so a structure thinner than a slice "
+            "reaches the data with only part of its contrast: the table gives that part for structures of several "
+            "thicknesses across the slices, lying on a slice centre (the best case) or between two slices. What the "
+            "slices lose, the model fills in from the anatomy it learned, which had no lesions, and its samples "
+            "agree there: the risk map cannot flag a structure that neither the slices nor the model's training "
+            "show. A lesion thinner than a slice may therefore appear faint, or not at all, without a flag.")
+    return {"text": text, "rows": rows}

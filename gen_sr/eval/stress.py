@@ -20,6 +20,11 @@ Measurements, on numpy arrays on the HR grid (SR mean, risk, the true HR with le
   removed sites (the removed structure reappeared);
 * **false structure**: fraction of control sites with ``|c(SR) − c(truth)| > false_threshold × reference`` (0.5), the
   reference being the inserted lesion contrast;
+* **what the slices alone carry** (``data_alone``, added lesions, given the acquisition operator ``A``): the
+  ``recovered`` of the image that knows everything but the lesion exactly and the lesion only through its own
+  measurements, at minimum norm (``A⁺A δ``, ``δ`` the lesion): the contrast the acquisition lets through before any
+  prior. ``recovered`` above it: the model restored some of what the slices lost; below it: the model took away
+  some of what they carry;
 * **flagging**: the voxel AUROC of risk for ``|SR − truth| > tau`` inside the foreground, and per-lesion recall:
   *recovered* (``recovered >= erasure_threshold``) and *recovered or flagged* (or mean risk inside the ellipsoid
   ``>= risk_threshold``). Lesions count as *above* the slice thickness when their extent along the slice normal
@@ -46,7 +51,7 @@ from gen_sr.eval.metrics import foreground
 from gen_sr.eval.tables import markdown_rows, write_table_files
 from gen_sr.eval.uncertainty import auroc
 from gen_sr.io import atomic_write
-from gen_sr.physics import SliceProfile
+from gen_sr.physics import AcquisitionOperator, SliceProfile
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
 
 __all__ = ["Lesion", "erasure_rate", "false_structure_rate", "flagging", "insert_lesions",
@@ -54,7 +59,7 @@ __all__ = ["Lesion", "erasure_rate", "false_structure_rate", "flagging", "insert
 
 Kind = Literal["added", "removed", "control"]
 COLUMNS = ("group", "size_class", "n_added", "erasure", "recall_recovered", "recall_recovered_or_flagged",
-           "mean_recovered", "n_controls", "false_structure", "n_removed", "restored")
+           "mean_recovered", "mean_data_alone", "n_controls", "false_structure", "n_removed", "restored")
 
 
 @dataclass(frozen=True)
@@ -198,7 +203,8 @@ def insert_lesions(volume: Volume, *, diameters_mm: Sequence[float | Sequence[fl
 
 def measure_sites(sr: np.ndarray, truth: np.ndarray, lesions: Sequence[Lesion], affine: np.ndarray, *,
                   risk: np.ndarray | None = None, shell_mm: float = 2.0, reference_contrast: float | None = None,
-                  slice_direction: Sequence[float] | None = None) -> list[dict[str, Any]]:
+                  slice_direction: Sequence[float] | None = None,
+                  operator: AcquisitionOperator | None = None) -> list[dict[str, Any]]:
     """Per-site contrasts of the SR mean against the truth (see the module docstring for the definitions).
 
     Args:
@@ -208,10 +214,12 @@ def measure_sites(sr: np.ndarray, truth: np.ndarray, lesions: Sequence[Lesion], 
         reference_contrast: the contrast false structure is measured against (default: the largest ``|contrast|``
             of the added lesions).
         slice_direction: world direction of the slice normal, for ``extent_mm`` (default: the largest diameter).
+        operator: the acquisition on this grid (``A``), for ``data_alone``.
 
     Returns:
         One dict per site: kind, label, extent_mm, contrast, true_contrast, sr_contrast, recovered (nan for
-        controls), relative_deviation ``(c(SR) − c(truth)) / reference``, mean_risk (nan without ``risk``).
+        controls), data_alone (added lesions with ``operator``, else nan), relative_deviation
+        ``(c(SR) − c(truth)) / reference``, mean_risk (nan without ``risk``).
     """
     added = [abs(les.contrast) for les in lesions if les.kind == "added"]
     ref = reference_contrast if reference_contrast is not None else (max(added) if added else math.nan)
@@ -221,11 +229,17 @@ def measure_sites(sr: np.ndarray, truth: np.ndarray, lesions: Sequence[Lesion], 
         inside = les.mask(affine, truth.shape)
         shell = les.mask(affine, truth.shape, shell_mm) & ~inside
         c_true, c_sr = (float(a[inside].mean() - a[shell].mean()) for a in (truth, sr))
+        data_alone = math.nan
+        if operator is not None and les.kind == "added":  # c(A⁺A δ) / contrast = c(A⁺A 1_inside): c is linear
+            unit = torch.from_numpy(inside.astype(np.float64))[None, None]
+            kept = operator.pinv(operator(unit))[0, 0].numpy()
+            data_alone = float(kept[inside].mean() - kept[shell].mean())
         records.append({
             "kind": les.kind, "label": les.label, "extent_mm": les.extent_mm(slice_direction),
             "centre_index": list(les.centre_index), "centre_mm": list(les.centre_mm), "contrast": les.contrast,
             "true_contrast": c_true, "sr_contrast": c_sr,
             "recovered": 1 + (c_sr - c_true) / les.contrast if les.contrast != 0 else math.nan,
+            "data_alone": data_alone,
             "relative_deviation": (c_sr - c_true) / ref,
             "mean_risk": float(np.mean(risk[inside])) if risk is not None else math.nan})
     return records
@@ -248,7 +262,8 @@ def summarize_sites(sites: Sequence[dict[str, Any]], *, thickness_mm: float, ris
         return {"size_class": size_class, "n_added": len(rec), "erasure": _rate(rec < erasure_threshold),
                 "recall_recovered": _rate(rec >= erasure_threshold),
                 "recall_recovered_or_flagged": _rate((rec >= erasure_threshold) | flagged),
-                "mean_recovered": _rate(rec), "n_controls": len(by["control"]),
+                "mean_recovered": _rate(rec), "mean_data_alone": _rate([s["data_alone"] for s in by["added"]]),
+                "n_controls": len(by["control"]),
                 "false_structure": _rate([abs(s["relative_deviation"]) > false_threshold for s in by["control"]]),
                 "n_removed": len(by["removed"]),
                 "restored": _rate([s["recovered"] < erasure_threshold for s in by["removed"]])}
@@ -403,7 +418,7 @@ def run_stress_test(pipe: SRModel, hr_volumes: Sequence[Volume | str | Path], *,
         scores.append(risk[fg])
         labels.append(wrong[fg])
         measured = measure_sites(sr, truth.data, lesions, truth.affine, risk=risk, shell_mm=shell_mm,
-                                 slice_direction=truth.affine[:3, ax])
+                                 slice_direction=truth.affine[:3, ax], operator=case.operator)
         sites += [{"volume": i, **s} for s in measured]
         volumes.append({"source": hr.source or f"volume {i}", "shape": list(truth.shape), "intensity_range": scale,
                         "auroc": auroc(risk, wrong, fg), "noise_std": sigma,
