@@ -3,10 +3,12 @@ stress test and speed. ``benchmarks/RESULTS.md`` is curated from the issues' own
 one command that checks, after a change, that the shipped model still gives its figures.
 
     python benchmarks/reproduce_results.py [--model models/heads2d] [--regression-model models/heads2d_regression] \\
-        [--samples 8] [--steps N] [--slab 24] [--output benchmarks/REPRODUCE.md] [--skip-speed] [--quick]
+        [--samples 8] [--steps N] [--slab 24] [--output benchmarks/REPRODUCE.md] [--skip-speed] [--quick] \
+        [--stress-only]
 
 ``--quick`` is a check in a few minutes (4 mm at SNR 30 only, a small stress test, no speed section):
-it writes ``benchmarks/REPRODUCE_QUICK.md`` and ``benchmarks/stress_test_quick/``.
+it writes ``benchmarks/REPRODUCE_QUICK.md`` and ``benchmarks/stress_test_quick/``. ``--stress-only`` runs the full
+run's stress test alone (4 min): it rewrites ``benchmarks/stress_test/`` and prints its table, nothing else.
 
 Every figure is measured on the held-out head (Colin27: no training, calibration or design choice saw it), cut to a
 coronal slab of ``--slab`` mm through its centre, degraded with Gaussian slices along RAS+ axis 2 (an axial stack),
@@ -137,6 +139,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a check in a few minutes: 4 mm at SNR 30 only, a small stress test, no speed; "
                              "writes REPRODUCE_QUICK.md (and stress_test_quick/) unless --output")
+    parser.add_argument("--stress-only", action="store_true",
+                        help="the full run's stress test alone: rewrites stress_test/ and prints its table")
     args = parser.parse_args()
     args.skip_speed |= args.quick
     output = Path(args.output or HERE / ("REPRODUCE_QUICK.md" if args.quick else "REPRODUCE.md"))
@@ -152,12 +156,15 @@ def main() -> None:
     head, brain = held_out_head(slab_mm=args.slab)
     steps = args.steps or pipe.model_card.num_inference_steps
     kwargs = {"num_samples": args.samples, "num_inference_steps": steps, "batch_size": args.batch_size}
+    brain_slab = head.with_data(np.where(brain, head.data, 0).astype(head.data.dtype))
+    if args.stress_only:
+        print(stress(pipe, brain_slab, kwargs))
+        return
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     command = "python " + " ".join(sys.argv)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, commit {commit}"
     tic = time.perf_counter()
     quality_md, results = quality(pipe, regression, head, brain, kwargs, QUICK_QUALITY if args.quick else QUALITY)
-    brain_slab = head.with_data(np.where(brain, head.data, 0).astype(head.data.dtype))
     sections = [
         "# The demo model's figures, re-measured in one run\n",
         f"Made by `{command}` on {datetime.date.today()} ({machine}). Each section names the command that made it; "
