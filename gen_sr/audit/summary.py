@@ -154,7 +154,7 @@ def thin_structures(records: Sequence[StructureVisibility]) -> dict[str, Any]:
     text = ("Each measured slice averages the tissue across its thickness, so a structure thinner than a slice "
             "reaches the data with only part of its contrast: the table gives that part for structures of several "
             "thicknesses across the slices, lying on a slice centre (the best case) or between two slices. What the "
-            "slices lose, the model fills in from the anatomy it learned, which had no lesions, and its samples "
-            "agree there: the risk map cannot flag a structure that neither the slices nor the model's training "
-            "show. A lesion thinner than a slice may therefore appear faint, or not at all, without a flag.")
+            "slices lose, the model can only fill in from the anatomy it learned, which had no lesions: it shows a "
+            "thin lesion about as faint as the slices carry it, and its samples agree there, so the risk map cannot "
+            "flag it. A lesion thinner than a slice may therefore appear faint, or not at all, without a flag.")
     return {"text": text, "rows": rows}
