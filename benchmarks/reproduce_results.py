@@ -3,8 +3,8 @@ stress test and speed. ``benchmarks/RESULTS.md`` is curated from the issues' own
 one command that checks, after a change, that the shipped model still gives its figures.
 
     python benchmarks/reproduce_results.py [--model models/heads2d] [--regression-model models/heads2d_regression] \\
-        [--samples 8] [--steps N] [--slab 24] [--output benchmarks/REPRODUCE.md] [--skip-speed] [--quick] \
-        [--stress-only]
+        [--samples 8] [--steps N] [--slab 24] [--output benchmarks/REPRODUCE.md] [--skip-speed] \\
+        [--quick | --stress-only]
 
 ``--quick`` is a check in a few minutes (4 mm at SNR 30 only, a small stress test, no speed section):
 it writes ``benchmarks/REPRODUCE_QUICK.md`` and ``benchmarks/stress_test_quick/``. ``--stress-only`` runs the full
@@ -136,11 +136,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--output", help="default: benchmarks/REPRODUCE.md (REPRODUCE_QUICK.md with --quick)")
     parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--quick", action="store_true",
-                        help="a check in a few minutes: 4 mm at SNR 30 only, a small stress test, no speed; "
-                             "writes REPRODUCE_QUICK.md (and stress_test_quick/) unless --output")
-    parser.add_argument("--stress-only", action="store_true",
-                        help="the full run's stress test alone: rewrites stress_test/ and prints its table")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--quick", action="store_true",
+                      help="a check in a few minutes: 4 mm at SNR 30 only, a small stress test, no speed; "
+                           "writes REPRODUCE_QUICK.md (and stress_test_quick/) unless --output")
+    only.add_argument("--stress-only", action="store_true",
+                      help="the full run's stress test alone: rewrites stress_test/ and prints its table")
     args = parser.parse_args()
     args.skip_speed |= args.quick
     output = Path(args.output or HERE / ("REPRODUCE_QUICK.md" if args.quick else "REPRODUCE.md"))
@@ -150,7 +151,7 @@ def main() -> None:
     if HELD_OUT_HEAD in {n.removesuffix("_brain") for n in pipe.model_card.trained_on}:
         raise SystemExit(f"{args.model} was trained on {HELD_OUT_HEAD}: these figures need a head it never saw")
     regression = None
-    if args.regression_model:
+    if args.regression_model and not args.stress_only:
         regression = LatentDiffusionSRPipeline.from_pretrained(args.regression_model)
         regression.set_progress_bar_config(disable=True)
     head, brain = held_out_head(slab_mm=args.slab)

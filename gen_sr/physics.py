@@ -699,19 +699,19 @@ STRUCTURE_SIZES_MM = (1.0, 2.0, 3.0, 5.0, 8.0)
 
 @dataclass(frozen=True)
 class StructureVisibility:
-    """How much of a thin structure's contrast reaches the measurements, along one acquired axis.
+    """How much of a thin structure's contrast reaches the slices, along one sliced axis.
 
-    A structure ``size_mm`` thick along ``axis`` (a slab, unbounded in the other directions) and of unit contrast
-    is averaged with its surroundings by each measurement (a slice, or a row of the k-space resampler):
-    ``best`` is the largest fraction of its contrast that any measurement keeps, placed where it is seen best (on
-    a slice centre), ``worst`` the same placed where it is seen worst (between slices, or in a gap). 1: the
-    measurements show it at full contrast; 0.4: at most 40 % of it reaches any measurement, and what is lost only
-    the prior can fill in.
+    A layer ``size_mm`` thick along ``axis`` (parallel to the slices, unbounded in the other directions) and of unit
+    contrast is averaged with its surroundings by each slice: ``best`` is the largest fraction of its contrast that
+    any slice keeps, with the layer placed where it is seen best (on a slice centre), ``worst`` the same with the
+    layer placed where it is seen worst (between slices, or in a gap). 1: the slices show it at full contrast; 0.4:
+    at most 40 % of it reaches any slice, and what is lost only the prior can fill in. A compact structure of the
+    same thickness (a small lesion) generally keeps less, since it is partial-volumed in-plane too.
 
     Attributes:
         axis: the spatial axis (of the operator's HR grid).
-        size_mm: the structure's thickness along ``axis``.
-        worst, best: the fraction kept, over the structure's placement.
+        size_mm: the layer's thickness along ``axis``.
+        worst, best: the fraction kept, over the layer's placement.
     """
 
     axis: int
@@ -722,40 +722,52 @@ class StructureVisibility:
 
 def structure_visibility(operator: AcquisitionOperator, sizes_mm: Sequence[float] = STRUCTURE_SIZES_MM, *,
                          positions_per_voxel: int = 4) -> list[StructureVisibility]:
-    """The fraction of a thin structure's contrast the measurements keep, per acquired axis and size (see
+    """The fraction of a thin layer's contrast the slices keep, per sliced axis and thickness (see
     :class:`StructureVisibility`).
 
-    The structure is a box ``size_mm`` wide on the HR grid (its edge voxels weighted by the fraction they cover, so
-    its integral is exact),
-    centred at ``positions_per_voxel`` places per HR voxel over one measurement period about the measurement
-    nearest the middle of the axis;
-    each measurement of it is a row of the axis's matrix (rows sum to one, so a constant comes through unchanged).
-    Sizes that do not fit in the axis are left out. Exact for the operator's signal model, no sampling.
+    The layer is a box ``size_mm`` wide on the HR grid, its edge voxels weighted by the fraction they cover (so its
+    integral is exact); each slice sees a row of the axis's matrix applied to it (rows are non-negative and sum to
+    one, so the fraction is at most 1). It is placed ``positions_per_voxel`` times per HR voxel over one slice
+    period about each slice centre (the centre itself included), for every slice whose profile the field of view
+    does not truncate (its row is zero at both ends of the axis) and around which every placement fits in the axis;
+    a thickness with no such slice is left out. Only axes with a :class:`SliceAcquisition` count: k-space
+    truncation alone is an in-plane band limit, whose sinc rows ring above 1 and below 0.
 
     Args:
         operator: the acquisition.
-        sizes_mm: structure thicknesses (mm).
-        positions_per_voxel: placements per HR voxel.
+        sizes_mm: layer thicknesses (mm), positive.
+        positions_per_voxel: placements per HR voxel, at least 1.
 
     Returns:
-        One record per acquired axis (ascending) and size (in the order given).
+        One record per sliced axis (ascending) and thickness (in the order given).
+
+    Raises:
+        ValueError: for a thickness or ``positions_per_voxel`` that is not positive.
     """
-    out = []
+    _check_positive("positions_per_voxel", positions_per_voxel)
+    for size in sizes_mm:
+        _check_positive("structure thickness", size)
+    out: list[StructureVisibility] = []
     index_map, d = operator.lr_index_to_hr_index(), operator.spatial_dims
-    for axis in operator.axes:
+    for axis in sorted({t.axis for t in operator.transforms if t.kind == SliceAcquisition.kind}):
         matrix, h = operator.axis_matrix(axis), operator.hr_spacing[axis]
-        n_lr, n_hr = matrix.shape
-        period, first = index_map[axis, axis] * h, index_map[axis, d] * h  # measurement spacing, first centre (mm)
-        middle = first + period * np.round(((n_hr - 1) * h / 2 - first) / period).clip(0, n_lr - 1)
-        centres = middle + np.arange(-period / 2, period / 2, h / positions_per_voxel)  # one period about it
+        n_hr = matrix.shape[1]
+        period, first = index_map[axis, axis] * h, index_map[axis, d] * h  # slice spacing, first centre (mm)
+        step = h / positions_per_voxel
+        offsets = step * np.arange(-math.floor(period / 2 / step), math.floor(period / 2 / step) + 1)
+        whole = (matrix[:, 0] == 0) & (matrix[:, -1] == 0)  # rows the field of view does not truncate
+        slices = first + period * np.flatnonzero(whole)
         edges = (np.arange(n_hr + 1) - 0.5) * h  # HR voxel edges (mm from the first voxel centre)
         for size in sizes_mm:
-            kept = []
-            for c in centres[(centres - size / 2 >= edges[0]) & (centres + size / 2 <= edges[-1])]:
-                box = np.clip(np.minimum(edges[1:], c + size / 2) - np.maximum(edges[:-1], c - size / 2), 0, None)
-                kept.append(float((matrix @ (box / h)).max()))
-            if kept:
-                out.append(StructureVisibility(axis, float(size), min(kept), max(kept)))
+            reach = offsets[-1] + size / 2
+            inside = slices[(slices - reach >= edges[0]) & (slices + reach <= edges[-1])]
+            centres = (inside[:, None] + offsets[None, :]).ravel()
+            if not centres.size:
+                continue
+            boxes = np.clip(np.minimum(edges[1:], centres[:, None] + size / 2)
+                            - np.maximum(edges[:-1], centres[:, None] - size / 2), 0, None) / h  # (n, n_hr)
+            kept = (boxes @ matrix.T).max(axis=1)
+            out.append(StructureVisibility(axis, float(size), float(kept.min()), float(kept.max())))
     return out
 
 

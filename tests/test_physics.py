@@ -331,21 +331,27 @@ def test_structure_visibility_known_answers() -> None:
 
 
 def test_structure_visibility_matches_the_operator_on_a_volume() -> None:
-    """The fractions kept equal the extreme measurements of whole 3D slabs seen through the operator itself (each
-    slab's voxels weighted by the fraction of them it covers, counted on 1,000 points per voxel), placed every
-    quarter voxel over the middle of each of two acquired axes (slices along one, k-space truncation along another,
-    both periodic there)."""
-    op = AcquisitionOperator([SliceAcquisition(0, 5.0), KSpaceTruncation(1, 2.0)], (40, 32, 6), (1.0, 1.0, 1.0))
+    """The fractions kept equal the extreme measurements of whole 3D layers seen through the operator itself (each
+    layer's voxels weighted by the fraction of them it covers, counted on 1,000 points per voxel), placed every
+    quarter voxel over the middle of each of two sliced axes (Gaussian 5 mm slices along one, rectangular 3 mm slices
+    4 mm apart along another); the k-space truncation along the third is not reported."""
+    shape = (80, 16, 60)
+    op = AcquisitionOperator([SliceAcquisition(0, 5.0), KSpaceTruncation(1, 2.0),
+                              SliceAcquisition(2, 3.0, spacing=4.0, profile="rect")], shape, (1.0, 1.0, 1.0))
     records = {r.axis: r for r in structure_visibility(op, (3.0,))}
-    assert set(records) == {0, 1}
+    assert set(records) == {0, 2}
     points = np.arange(-0.5, 0.5, 1e-3) + 5e-4  # within a voxel, about its centre
-    for axis, n in ((0, 40), (1, 32)):
-        kept = []
+    for axis in records:
+        n, kept = shape[axis], []
         for c in np.arange(n / 4, 3 * n / 4, 0.25):
             weights = (np.abs(np.arange(n)[:, None] + points - c) <= 1.5).mean(axis=1)
-            shape = [1, 1, 1, 1, 1]
-            shape[axis + 2] = n
-            slab = torch.from_numpy(weights).reshape(shape).expand(1, 1, 40, 32, 6).contiguous()
-            kept.append(float(op(slab).max()))
+            view = [1, 1, 1, 1, 1]
+            view[axis + 2] = n
+            layer = torch.from_numpy(weights).reshape(view).expand(1, 1, *shape).contiguous()
+            kept.append(float(op(layer).max()))
         assert records[axis].best == pytest.approx(max(kept), abs=1e-9)
         assert records[axis].worst == pytest.approx(min(kept), abs=1e-9)
+    with pytest.raises(ValueError, match="positive"):
+        structure_visibility(op, (0.0,))
+    with pytest.raises(ValueError, match="positive"):
+        structure_visibility(op, positions_per_voxel=0)

@@ -247,7 +247,7 @@ def _calibration_tables(curve: Mapping[str, Any]) -> tuple[Table, Table]:
 def _thin_structure_table(section: Mapping[str, Any] | None) -> Table | None:
     if section is None or not section["rows"]:
         return None
-    return table(["axis (RAS+)", "structure thickness (mm)", "kept on a slice centre", "kept between slices"],
+    return table(["axis (RAS+)", "layer thickness (mm)", "kept on a slice centre", "kept between slices"],
                  [[f"{r['axis']} ({r['direction']})", f"{r['size_mm']:g}", f"{r['best_percent']:.0f} %",
                    f"{r['worst_percent']:.0f} %"] for r in section["rows"]], numeric=range(1, 4))
 

@@ -18,7 +18,7 @@ __all__ = ["FRAME", "INTENSITY_UNIT", "coords", "flag_meaning", "geometry", "gro
 
 FRAME = "scanner (world) coordinates in mm, RAS+ (x: left → right, y: posterior → anterior, z: inferior → superior)"
 INTENSITY_UNIT = "input intensity units"
-RAS_AXES = ("left → right", "posterior → anterior", "inferior → superior")
+RAS_AXES = ("x: left → right", "y: posterior → anterior", "z: inferior → superior")
 OBLIQUE_DEG = 0.01  # voxel axes rotated by more than this from the scanner axes: an oblique input
 
 
@@ -152,9 +152,11 @@ def thin_structures(records: Sequence[StructureVisibility]) -> dict[str, Any]:
     rows = [{"axis": r.axis, "direction": RAS_AXES[r.axis], "size_mm": r.size_mm, "best_percent": 100 * r.best,
              "worst_percent": 100 * r.worst} for r in records]
     text = ("Each measured slice averages the tissue across its thickness, so a structure thinner than a slice "
-            "reaches the data with only part of its contrast: the table gives that part for structures of several "
-            "thicknesses across the slices, lying on a slice centre (the best case) or between two slices. What the "
-            "slices lose, the model can only fill in from the anatomy it learned, which had no lesions: it shows a "
-            "thin lesion about as faint as the slices carry it, and its samples agree there, so the risk map cannot "
-            "flag it. A lesion thinner than a slice may therefore appear faint, or not at all, without a flag.")
+            "reaches the data with only part of its contrast: the table gives that part for layers of several "
+            "thicknesses parallel to the slices, lying on a slice centre (the best case) or between two slices; a "
+            "small lesion of the same thickness keeps less. What the slices lose, only the model's prior can fill "
+            "in, and a prior trained without lesions does not: in the lesion stress test of the demo model, lesions "
+            "half a slice thick appeared about as faint as the slices carry them, and its samples agreed there, so "
+            "the risk map did not flag them. Expect the same of any model trained without lesions: a lesion thinner "
+            "than a slice may appear faint, or not at all, without a flag.")
     return {"text": text, "rows": rows}

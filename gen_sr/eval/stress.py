@@ -23,8 +23,9 @@ Measurements, on numpy arrays on the HR grid (SR mean, risk, the true HR with le
 * **what the slices alone carry** (``data_alone``, added lesions, given the acquisition operator ``A``): the
   ``recovered`` of the image that knows everything but the lesion exactly and the lesion only through its own
   measurements, at minimum norm (``A⁺A δ``, ``δ`` the lesion): the contrast the acquisition lets through before any
-  prior. ``recovered`` above it: the model restored some of what the slices lost; below it: the model took away
-  some of what they carry;
+  prior. ``recovered`` well above it: the model restored some of what the slices lost; well below it: the model
+  took away some of what they carry ("well": beyond the model's error around a site without a lesion, which the
+  control sites' ``relative_deviation`` measures);
 * **flagging**: the voxel AUROC of risk for ``|SR − truth| > tau`` inside the foreground, and per-lesion recall:
   *recovered* (``recovered >= erasure_threshold``) and *recovered or flagged* (or mean risk inside the ellipsoid
   ``>= risk_threshold``). Lesions count as *above* the slice thickness when their extent along the slice normal
@@ -214,7 +215,7 @@ def measure_sites(sr: np.ndarray, truth: np.ndarray, lesions: Sequence[Lesion], 
         reference_contrast: the contrast false structure is measured against (default: the largest ``|contrast|``
             of the added lesions).
         slice_direction: world direction of the slice normal, for ``extent_mm`` (default: the largest diameter).
-        operator: the acquisition on this grid (``A``), for ``data_alone``.
+        operator: the acquisition on this grid (``A``, ``operator.hr_shape == truth.shape``), for ``data_alone``.
 
     Returns:
         One dict per site: kind, label, extent_mm, contrast, true_contrast, sr_contrast, recovered (nan for
