@@ -350,7 +350,9 @@ def _write_reports(result: dict[str, Any], out: Path) -> None:
     md = [f"# Hallucination stress test\n\n{s['n_volumes']} volume(s), {s['thickness_mm']:g} mm slices, SNR "
           f"{s['snr']}, {s['num_samples']} samples, {s['num_inference_steps']} steps of {s['scheduler']}, lesion "
           f"contrast {s['contrast']:g} of the robust intensity range. Voxel AUROC of risk for |error| > "
-          f"{s['tau']:g} of the range: **{_cell(result['auroc'])}**. Definitions: `gen_sr/eval/stress.py`.\n",
+          f"{s['tau']:g} of the range: **{_cell(result['auroc'])}**. `mean_data_alone`: what the slices alone carry "
+          "of the added lesions (the recovered contrast of the minimum-norm image of each lesion from its own "
+          "measurements, A⁺Aδ), beside the model's `mean_recovered`. Definitions: `gen_sr/eval/stress.py`.\n",
           markdown_rows(COLUMNS, [[_cell(r[c]) for c in COLUMNS] for r in rows])]
     write_table_files(out, "stress_test", "\n".join(md), [{c: _cell(r[c]) for c in COLUMNS} for r in rows],
                       result, COLUMNS)
