@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import pytest
 from helpers import oblique_affine
 from markupsafe import escape
 from test_mistakes import _network_calls
-from test_pipeline import _pipe
+from test_pipeline import RUN, _gens, _pipe
 
+from gen_sr.audit import audit
 from gen_sr.cli import main
 from gen_sr.eval.baselines import BASELINES
+from gen_sr.physics import SliceAcquisition, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.risk import Calibration, IntervalShape
 from gen_sr.volume import Volume, load_volume, save_volume
@@ -112,3 +115,18 @@ def test_a_reference_that_does_not_fit_is_refused_before_anything_is_written(tmp
     assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
                  "--reuse", str(tmp_path / "sr.nii.gz"), str(tmp_path / "sr.nii.gz")]) == 2
     assert "is not a super-resolve run record" in capsys.readouterr().err
+
+
+def test_audit_of_two_coarse_axes_says_what_each_stack_of_slices_keeps(tmp_path: Path) -> None:
+    """A 1 x 3 x 6 mm stack: the report's thin-structure table has rows for both sliced RAS+ axes, and the 6 mm
+    slices keep less of a 2 mm layer than the 3 mm ones."""
+    pipe = _pipe(2)
+    pipe.model_card = dataclasses.replace(pipe.model_card, trained_for=dataclasses.replace(
+        pipe.model_card.trained_for, any_axis=True))
+    hr = Volume(np.random.default_rng(2).random((12, 30, 48)).astype(np.float32) + 1, oblique_affine())
+    lr, _, _ = simulate_acquisition(hr, [SliceAcquisition(1, 3.0), SliceAcquisition(2, 6.0)])
+    payload = audit(pipe, lr, tmp_path, input_name="two stacks", num_samples=2, generator=_gens(0, 1), **RUN)
+    three, six = hr.axis_to_canonical(1), hr.axis_to_canonical(2)
+    rows = {(r["axis"], r["size_mm"]): r for r in payload["thin_structures"]["rows"]}
+    assert {axis for axis, _ in rows} == {three, six}
+    assert rows[six, 2.0]["best_percent"] < rows[three, 2.0]["best_percent"]
