@@ -569,6 +569,8 @@ def cmd_stress_test(args: argparse.Namespace) -> int:
     print(f"lesions:  {every['n_added']} added, {every['n_controls']} control sites, {every['n_removed']} removed")
     print(f"erasure:  {every['erasure']:.3f}   false structure: {every['false_structure']:.3f}   "
           f"risk AUROC (|error| > tau): {result['auroc']:.3f}")
+    print(f"added lesions' contrast recovered: {every['mean_recovered']:.3f} (what the slices alone carry: "
+          f"{every['mean_data_alone']:.3f})")
     print(f"wrote:    {out}/stress_test.md, .csv, .json, .png")
     return 0
 

@@ -142,7 +142,8 @@ def test_stress_test_command(tmp_path: Path, capsys) -> None:
     args = ["stress-test", "--model", str(model), "--data", str(hr), "--output-dir", str(tmp_path / "st"),
             "--samples", "2", "--steps", "2", "--diameters", "2", "5", "--lesions-per-size", "1"]
     assert main(args) == 0
-    assert "erasure:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "erasure:" in printed and "what the slices alone carry" in printed
     assert all((tmp_path / "st" / f"stress_test.{e}").is_file() for e in ("md", "csv", "json", "png"))
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
 
