@@ -16,10 +16,11 @@ may differ from the shown intensity by more than ``risk · range`` in at most a 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,8 +30,11 @@ from monai.networks.layers.convutils import gaussian_1d
 from gen_sr.errors import InputError
 from gen_sr.io import write_json
 
-__all__ = ["CALIBRATION_FILE", "Calibration", "Calibrations", "IntervalShape", "SamplingSettings", "describe_risk",
-           "risk_map"]
+if TYPE_CHECKING:
+    from gen_sr.physics import AcquisitionOperator
+
+__all__ = ["CALIBRATION_FILE", "Calibration", "Calibrations", "DataDisagreement", "IntervalShape", "SamplingSettings",
+           "describe_risk", "risk_map"]
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -292,3 +296,61 @@ def describe_risk(calibration: Calibration | None) -> dict[str, Any]:
             "made_with": None if cal.sampling is None else asdict(cal.sampling),
             "definition": f"the half-width of the interval {cal.describe()} over the robust intensity range: "
                           f"the interval misses at most {cal.alpha:g} of voxels ({cal.method}){where}"}
+
+
+@dataclass(frozen=True)
+class DataDisagreement:
+    """Where the output disagrees with the measured slices by more than their noise explains: a second kind of risk,
+    which the samples' spread cannot show (a lesion-free prior that takes contrast from a lesion does so in every
+    sample alike, yet the slices still carry it).
+
+    On the LR grid, the normalised residual ``r = (A x − y) / σ`` of the output ``x`` is squared and averaged
+    locally, with Gaussian weights of FWHM ``size_mm`` along every axis (so the window is a lesion's size in mm,
+    whatever the voxel sizes), over the measurement's foreground only (normalised convolution: the background's
+    Rician noise is not Gaussian and stays out). The data consistency fixes only the global mean of ``r²`` (the
+    discrepancy principle makes it 1), so the local mean is judged against its own distribution: it is divided by
+    its median over the foreground. The statistic is brought onto the HR grid by linear interpolation;
+    :meth:`flags` marks the foreground voxels where it exceeds ``threshold``.
+
+    Attributes:
+        size_mm: the FWHM of the window, in mm.
+        threshold: the flag level, in multiples of the foreground median of the local mean.
+        foreground: the measurement's foreground: voxels above this fraction of its 99th percentile.
+    """
+
+    size_mm: float = 6.0
+    threshold: float = 2.0
+    foreground: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.size_mm > 0 or not self.threshold > 0:
+            raise ValueError(f"size_mm and threshold must be positive, not {self.size_mm} and {self.threshold}")
+
+    def statistic(self, operator: AcquisitionOperator, x: torch.Tensor, y: torch.Tensor,
+                  noise_std: float) -> torch.Tensor:
+        """The local mean of ``((A x − y)/σ)²`` over its foreground median, on the HR grid, ``(B, C, *hr_shape)``
+        (zero outside the measurement's foreground); ``x`` ``(B, C, *hr_shape)``, ``y`` ``(B, C, *lr_shape)``,
+        ``noise_std`` ``σ`` in their units (positive: with noise-free data the projection leaves no residual)."""
+        if not noise_std > 0:
+            raise ValueError("the data disagreement needs the measurement noise std (noise_std > 0)")
+        q = ((operator.forward(x) - y) / noise_std).square()
+        per_entry = (*y.shape[:2], *(1,) * (y.ndim - 2))
+        inside = (y > self.foreground * torch.quantile(y.flatten(2), 0.99, dim=-1).reshape(per_entry)).to(q)
+        sigmas = [self.size_mm / (2 * math.sqrt(2 * math.log(2)) * s) for s in operator.lr_spacing]
+        kernels = [gaussian_1d(torch.tensor(s), normalize=True).to(q) for s in sigmas]
+        flat = lambda t: t.reshape(-1, 1, *t.shape[2:])  # noqa: E731
+        local = separable_filtering(flat(q * inside), kernels, mode="replicate")
+        weight = separable_filtering(flat(inside), kernels, mode="replicate")
+        local = (local / weight.clamp_min(1e-6)).reshape(q.shape) * inside
+        median = torch.stack([v[m > 0].median() if (m > 0).any() else v.new_ones(())
+                              for v, m in zip(flat(local), flat(inside), strict=True)])
+        local = local / median.clamp_min(torch.finfo(q.dtype).tiny).reshape(per_entry)
+        return operator.interpolate(local, "linear")
+
+    def flags(self, statistic: Array) -> Array:
+        """The flagged voxels (boolean) of a :meth:`statistic` map."""
+        return statistic > self.threshold
+
+    def describe(self) -> str:
+        return (f"local mean of ((A x - y) / noise std)^2 over {self.size_mm:g} mm (FWHM), over its median in the "
+                f"measurement's foreground; flagged above {self.threshold:g}")

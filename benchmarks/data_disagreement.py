@@ -1,0 +1,172 @@
+"""Design and test of the data-disagreement flag (``gen_sr.risk.DataDisagreement``; protocol and figures in
+``benchmarks/DATA_DISAGREEMENT.md``)
+
+    python benchmarks/data_disagreement.py --scans robex_brain:11 mni152:11 [colin27_brain ...] --out DIR \\
+        [--choose | --size MM --threshold T] [--model models/heads2d] [--snr 30] [--slab 24] [--samples 8]
+
+Each scan (``NAME:N``: synthetic subject ``N`` of a sample head; ``NAME``: the head itself) is cut to its central
+coronal slab of ``--slab`` mm and cropped to its foreground, then super-resolved twice from 4 mm Gaussian axial
+slices with the same Rician noise (SNR ``--snr``): lesion-free, and with the stress test's sites inserted (2 and
+6 mm; six added lesions, six controls and one removed site per size; placement seed N). The outputs go to
+``DIR/NAME_N.npz`` (a scan already there is not run again). Then, over all scans in ``--scans``:
+
+* ``--choose``: per window size (2, 3, 4, 6 mm), the threshold that flags 2 % of the pooled lesion-free foreground
+  (rounded up to 0.1), and the size whose 6 mm lesion site recall is highest (ties: the larger);
+* otherwise, at ``--size`` / ``--threshold`` (default: the class defaults): the pass criterion's three figures.
+
+Printed per scan and pooled: the lesion-free flagged fraction, the site recall of added lesions (all, and those the
+model thinned: ``recovered <= data_alone - 0.05``), controls flagged, and the mean ``|SR - truth|`` in flagged
+against unflagged voxels of the lesion-free scan. A JSON of it all goes to ``DIR/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gen_sr.eval.cases import central_slab, crop_to_foreground, simulate_case, super_resolve
+from gen_sr.eval.metrics import foreground
+from gen_sr.eval.stress import insert_lesions, measure_sites
+from gen_sr.physics import AcquisitionOperator
+from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.risk import DataDisagreement
+from gen_sr.sample_data import load_sample, synthetic_subject
+
+SIZES_MM = (2.0, 3.0, 4.0, 6.0)
+FALSE_FLAG_BUDGET = 0.02
+THINNED = 0.05
+
+
+def scan_volume(spec: str, slab_mm: float):
+    """The HR slab of a scan spec, and its lesion placement seed."""
+    name, _, subject = spec.partition(":")
+    volume = synthetic_subject(int(subject), "t1", name) if subject else load_sample(name)
+    return crop_to_foreground(central_slab(volume, slab_mm, 1)), int(subject or 0)
+
+
+def run_scan(pipe: LatentDiffusionSRPipeline, spec: str, path: Path, args: argparse.Namespace) -> None:
+    """Super-resolve the lesion-free and the lesioned version of one scan; save what the analysis needs."""
+    hr, seed = scan_volume(spec, args.slab)
+    with_lesions, lesions = insert_lesions(hr, diameters_mm=(2.0, 6.0), n_per_size=6, removed=1, seed=seed)
+    saved: dict[str, Any] = {}
+    for tag, volume in (("free", hr), ("lesions", with_lesions)):
+        case = simulate_case(volume, spec, axis=2, thickness=4.0, snr=args.snr, seed=0)
+        out = super_resolve(pipe, case, num_samples=args.samples, generator=torch.Generator().manual_seed(0),
+                            keep_samples=False, output_type="np")
+        saved |= {f"{tag}_mean": np.asarray(out.mean, np.float32), f"{tag}_truth": case.hr.data.astype(np.float32),
+                  f"{tag}_lr": case.lr.data.astype(np.float32)}
+        if tag == "lesions":
+            sites = measure_sites(out.mean, case.hr.data, lesions, case.hr.affine, operator=case.operator)
+            labels = np.zeros(case.hr.shape, np.int16)
+            for k, les in enumerate(lesions, 1):
+                labels[les.mask(case.hr.affine, case.hr.shape)] = k
+            saved |= {"sites": json.dumps(sites), "site_labels": labels, "noise_std": case.noise_std,
+                      "operator": case.operator.to_json()}
+        print(f"{spec} ({tag}): {case.hr.shape} voxels, {sum(out.metadata['timings'].values()):.0f} s", flush=True)
+    np.savez_compressed(path, **saved)
+
+
+def statistic(scan: dict[str, Any], tag: str, flag: DataDisagreement) -> np.ndarray:
+    operator = AcquisitionOperator.from_json(str(scan["operator"]))
+    x, y = (torch.from_numpy(scan[f"{tag}_{k}"].astype(np.float64))[None, None] for k in ("mean", "lr"))
+    return flag.statistic(operator, x, y, float(scan["noise_std"]))[0, 0].numpy()
+
+
+def measure(scans: dict[str, dict[str, Any]], flag: DataDisagreement) -> dict[str, Any]:
+    """The criterion's figures per scan and pooled, at one window and threshold."""
+    rows, pooled = {}, {"flagged": 0, "voxels": 0, "err_in": [], "err_out": [], "caught": {}, "n": {}}
+    for spec, scan in scans.items():
+        truth = scan["free_truth"]
+        fg = foreground(truth)
+        flags = flag.flags(statistic(scan, "free", flag)) & fg
+        err = np.abs(scan["free_mean"] - truth)
+        stat = statistic(scan, "lesions", flag)
+        row: dict[str, Any] = {"false_flagged": float(flags.sum() / fg.sum()),
+                               "err_flagged": float(err[flags].mean()) if flags.any() else math.nan,
+                               "err_unflagged": float(err[fg & ~flags].mean())}
+        for k, site in enumerate(json.loads(str(scan["sites"])), 1):
+            if site["kind"] == "removed":
+                continue
+            group = site["kind"] + " " + site["label"]
+            caught = bool(stat[scan["site_labels"] == k].mean() > flag.threshold)
+            keys = [group] + ([group + " thinned"] if site["recovered"] <= site["data_alone"] - THINNED else [])
+            for key in keys:
+                row.setdefault(key, []).append(caught)
+                pooled["caught"][key] = pooled["caught"].get(key, 0) + caught
+                pooled["n"][key] = pooled["n"].get(key, 0) + 1
+        rows[spec] = row
+        pooled["flagged"] += int(flags.sum())
+        pooled["voxels"] += int(fg.sum())
+        pooled["err_in"].append(err[flags])
+        pooled["err_out"].append(err[fg & ~flags])
+    err_in, err_out = np.concatenate(pooled["err_in"]), np.concatenate(pooled["err_out"])
+    summary = {"false_flagged": pooled["flagged"] / pooled["voxels"],
+               "error_ratio": float(err_in.mean() / err_out.mean()) if err_in.size else math.nan,
+               "recall": {k: [pooled["caught"][k], pooled["n"][k]] for k in sorted(pooled["n"])}}
+    return {"size_mm": flag.size_mm, "threshold": flag.threshold, "scans": rows, "pooled": summary}
+
+
+def choose(scans: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The protocol's design rule: per size the threshold at the false-flag budget, then the best 6 mm recall."""
+    results = []
+    for size in SIZES_MM:
+        probe = DataDisagreement(size_mm=size)
+        values = np.concatenate([statistic(s, "free", probe)[foreground(s["free_truth"])] for s in scans.values()])
+        threshold = math.ceil(float(np.quantile(values, 1 - FALSE_FLAG_BUDGET)) * 10) / 10
+        results.append(measure(scans, DataDisagreement(size_mm=size, threshold=threshold)))
+    best = max(results, key=lambda r: (r["pooled"]["recall"]["added 6 mm"][0], r["size_mm"]))
+    return {"candidates": results, "chosen": {"size_mm": best["size_mm"], "threshold": best["threshold"]}}
+
+
+def report(result: dict[str, Any]) -> None:
+    print(f"\n== window {result['size_mm']:g} mm, threshold {result['threshold']:g}")
+    for spec, row in result["scans"].items():
+        recall = "; ".join(f"{k} {sum(v)}/{len(v)}" for k, v in row.items() if isinstance(v, list))
+        print(f"{spec}: lesion-free flagged {100 * row['false_flagged']:.2f} %, |err| flagged "
+              f"{row['err_flagged']:.4g} vs unflagged {row['err_unflagged']:.4g}; caught: {recall}")
+    p = result["pooled"]
+    recall = "; ".join(f"{k} {c}/{n}" for k, (c, n) in p["recall"].items())
+    print(f"pooled: lesion-free flagged {100 * p['false_flagged']:.2f} %, |err| flagged / unflagged "
+          f"{p['error_ratio']:.2f}; caught: {recall}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scans", nargs="+", required=True, help="NAME:N (synthetic subject N) or NAME")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--choose", action="store_true", help="apply the design rule")
+    parser.add_argument("--size", type=float, default=DataDisagreement.size_mm)
+    parser.add_argument("--threshold", type=float, default=DataDisagreement.threshold)
+    parser.add_argument("--model", default="models/heads2d")
+    parser.add_argument("--snr", type=float, default=30.0)
+    parser.add_argument("--slab", type=float, default=24.0, help="coronal slab width in mm")
+    parser.add_argument("--samples", type=int, default=8)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    scans = {}
+    for spec in args.scans:
+        path = args.out / (spec.replace(":", "_") + ".npz")
+        if not path.is_file():
+            run_scan(pipe, spec, path, args)
+        scans[spec] = dict(np.load(path))
+    if args.choose:
+        result = choose(scans)
+        for candidate in result["candidates"]:
+            report(candidate)
+        print(f"\nchosen: window {result['chosen']['size_mm']:g} mm, threshold {result['chosen']['threshold']:g}")
+    else:
+        result = measure(scans, DataDisagreement(size_mm=args.size, threshold=args.threshold))
+        report(result)
+    (args.out / "summary.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
