@@ -282,7 +282,11 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     if args.output is None:
         raise InputError("needs --output for one scan (or --output-dir for a folder, BIDS dataset or glob of scans)",
                          args.input)
-    maps = {"mean": args.output, "std": args.std, "risk": args.risk, "dc_residual": args.dc_residual}
+    maps = {"mean": args.output, "std": args.std, "risk": args.risk, "dc_residual": args.dc_residual,
+            "data_disagreement": args.data_disagreement}
+    if args.data_disagreement and not args.noise_std:
+        raise InputError("needs the input's noise std: pass --noise-std (with noise-free data the output fits the "
+                         "slices exactly, so there is no disagreement to map)", args.data_disagreement)
     outputs = {k: check_output_path(v, args.overwrite, inputs=[args.input]) for k, v in maps.items() if v}
     sidecar = sidecar_path(outputs["mean"])
     check_output_file(sidecar, args.overwrite, inputs=[args.input])
@@ -314,7 +318,8 @@ def _super_resolve_cohort(args: argparse.Namespace) -> int:
         raise InputError("is a folder or pattern of scans: give --output-dir for their outputs (--output is for one "
                          "scan)", args.input)
     unused = [flag for flag, value in (("--output", args.output), ("--std", args.std), ("--risk", args.risk),
-                                       ("--dc-residual", args.dc_residual), ("--adapt", args.adapt),
+                                       ("--dc-residual", args.dc_residual),
+                                       ("--data-disagreement", args.data_disagreement), ("--adapt", args.adapt),
                                        ("--volume", args.volume),
                                        ("--calibration-region", args.calibration_region)) if value]
     if unused:
@@ -896,6 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std", help="also write the per-voxel standard deviation across samples")
     p.add_argument("--risk", help="also write the hallucination-risk map")
     p.add_argument("--dc-residual", help="also write |A x - y| on the HR grid")
+    p.add_argument("--data-disagreement", metavar="PATH",
+                   help="also write where the output departs from the slices by more than their noise explains (the "
+                        "local mean of ((A x - y) / noise std)^2 over its median; needs --noise-std)")
     _add_sampling_arguments(p)
     _add_acquisition_arguments(p)
     _add_adapt_option(p, "<output>_adaptation beside --output")

@@ -64,6 +64,9 @@ def test_audit_with_reference_writes_maps_report_and_metrics(tmp_path: Path, cap
     assert 0 < kept[0] < 50 and kept == sorted(kept) and kept[-1] > 95
     assert all(r["worst_percent"] <= r["best_percent"] for r in thin["rows"])
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    # a run given no noise std has no data-disagreement map, and the report says why
+    assert payload["data_disagreement"] is None and not (out / "data_disagreement.nii.gz").exists()
+    assert "Where the output departs from the data" in page and "given no noise std" in page
     # the threshold as an error size in input units: risk threshold × the input's robust intensity range
     pipe = LatentDiffusionSRPipeline.from_pretrained(f["model"])
     scale = pipe.intensity_normalization(load_volume(f["lr"]).canonical().data).scale
@@ -79,6 +82,7 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     sr, std = tmp_path / "sr.nii.gz", tmp_path / "std.nii.gz"
     assert main(["super-resolve", "--model", str(f["model"]), "--input", str(f["lr"]), "--output", str(sr), "--std",
                  str(std), "--risk", str(tmp_path / "risk.nii.gz"), "--dc-residual", str(tmp_path / "dc.nii.gz"),
+                 "--data-disagreement", str(tmp_path / "dd.nii.gz"),
                  "--samples", "2", "--steps", "2", "--slice-thickness", "3", "--noise-std", "2.0"]) == 0
     record = json.loads((tmp_path / "sr.json").read_text())
     recorded = record.pop("outside_training")  # as in runs recorded before the check: the audit checks now
@@ -93,6 +97,12 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     peak = float(load_volume(f["lr"]).data.max())
     np.testing.assert_allclose(load_volume(out / "dc_residual.nii.gz").data, load_volume(tmp_path / "dc.nii.gz").data,
                                atol=1e-6 * peak)
+    np.testing.assert_allclose(load_volume(out / "data_disagreement.nii.gz").data,
+                               load_volume(tmp_path / "dd.nii.gz").data, rtol=1e-4, atol=1e-4)
+    section = json.loads((out / "report.json").read_text())["data_disagreement"]
+    assert 0 <= section["flagged_percent"] <= 100 and section["threshold"] > 0
+    page = (out / "report.html").read_text()
+    assert str(escape(section["text"])) in page and "Data disagreement over the SR mean" in page
     capsys.readouterr()
     assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
                  "--reuse", str(f["hr"]), str(std), "--overwrite"]) == 2

@@ -88,6 +88,7 @@ def test_guided_outputs_match_noise_free_data(spatial_dims: int, guidance: str) 
     assert max(out.metadata["relative_residual"]) <= 1e-4
     assert out.metadata["guidance_calls"] == RUN["num_inference_steps"]
     assert out.dc_residual.shape == out.mean.shape and float(np.abs(out.dc_residual).max()) < 1e-2
+    assert out.data_disagreement is None and out.metadata["data_disagreement"] is None  # no noise std: nothing to judge
 
 
 def test_fused_orientations_are_reproducible_per_sample_and_data_consistent() -> None:
@@ -142,6 +143,10 @@ def test_noise_aware_projection_stops_at_the_noise_level() -> None:
     # ‖A x − y‖ ≈ √m σ in input units: the relative residual equals the noise's relative size
     expected = 2.0 * np.sqrt(y.size) / np.linalg.norm(y - np.percentile(y, 0.5))
     assert out.metadata["relative_residual"][0] == pytest.approx(expected, rel=1e-2)
+    # where the mean departs from the data beyond the noise: unitless, on the output grid, its foreground median 1
+    d = out.data_disagreement
+    assert d.shape == out.mean.shape and d.min() >= 0 and "noise std" in out.metadata["data_disagreement"]
+    assert 0.5 < float(np.median(d[d > 0])) < 2
 
 
 def test_std_is_zero_for_identical_samples_and_positive_otherwise() -> None:

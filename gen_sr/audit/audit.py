@@ -28,14 +28,16 @@ from gen_sr.eval.uncertainty import coverage, uncertainty_report
 from gen_sr.io import check_output_dir, sidecar_path
 from gen_sr.physics import AcquisitionOperator, structure_visibility
 from gen_sr.pipelines import LatentDiffusionSRPipeline
-from gen_sr.risk import Calibration, SamplingSettings, risk_map
+from gen_sr.risk import Calibration, DataDisagreement, SamplingSettings, risk_map
 from gen_sr.volume import Volume, covers, load_volume, resample_to, save_volume
 
-__all__ = ["MAP_FILES", "NOMINAL_COVERAGE", "audit", "reuse_outputs"]
+__all__ = ["DISAGREEMENT_FILE", "MAP_FILES", "NOMINAL_COVERAGE", "audit", "reuse_outputs"]
 
 NOMINAL_COVERAGE = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 MAP_FILES = {"mean": "sr_mean.nii.gz", "std": "sr_std.nii.gz", "risk": "risk.nii.gz",
              "dc_residual": "dc_residual.nii.gz"}
+DISAGREEMENT_FILE = "data_disagreement.nii.gz"
+"""The data-disagreement map (:class:`~gen_sr.risk.DataDisagreement`), written for runs given a noise std."""
 
 
 def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Path, std_path: str | Path,
@@ -43,8 +45,9 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
     """Maps of an earlier ``gen-sr super-resolve`` run: its mean and std files and the ``.json`` beside the mean.
 
     The risk is recomputed from the std with the model's current calibration (with ``calibration_region``, the
-    pipeline's argument, where it has a scale per region), and the data-consistency residual from the mean with the
-    run's recorded operator, so both match what the pipeline would report.
+    pipeline's argument, where it has a scale per region), and the data-consistency residual (and, for a run given a
+    noise std, the data disagreement) from the mean with the run's recorded operator, so they match what the
+    pipeline would report.
     """
     sr_path, meta_path = Path(sr_path), sidecar_path(sr_path)
     if not meta_path.is_file():
@@ -64,11 +67,16 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
                          f"{tuple(operator.hr_shape)} to {tuple(operator.lr_shape)}", meta_path)
     as_tensor = lambda v: torch.from_numpy(v.data.astype(np.float64))[None, None]  # noqa: E731
     dc = operator.residual_map(as_tensor(canon_mean), as_tensor(canon_lr))[0, 0].numpy()
+    sigma = float(meta.get("noise_std") or 0.0)
+    disagreement = (DataDisagreement().statistic(operator, as_tensor(canon_mean), as_tensor(canon_lr), sigma)[0, 0]
+                    .numpy() if sigma > 0 else None)
     scale = pipe.intensity_normalization(canon_lr.data).scale
     region = None if calibration_region is None else pipe.calibration_region_mask(lr, calibration_region, mean)
     risk = risk_map(std.data, mean.data, _run_calibration(pipe, meta), meta.get("noise_std") or 0.0, scale, region)
     maps = {"mean": mean, "std": std, "risk": std.with_data(np.asarray(risk, dtype=np.float32)),
             "dc_residual": canon_mean.with_data(dc.astype(np.float32)).reorient(mean.orientation)}
+    if disagreement is not None:
+        maps["data_disagreement"] = canon_mean.with_data(disagreement.astype(np.float32)).reorient(mean.orientation)
     return maps, meta
 
 
@@ -115,7 +123,8 @@ def audit(
     overwrite: bool = False,
     **pipe_kwargs: Any,
 ) -> dict[str, Any]:
-    """Audit one LR volume; writes the four NIfTI maps, ``report.html`` and ``report.json`` into ``output_dir``.
+    """Audit one LR volume; writes the four NIfTI maps (five with a noise std: the data disagreement),
+    ``report.html`` and ``report.json`` into ``output_dir``.
 
     Args:
         pipe: the pipeline (its calibration, if any, sets the risk units).
@@ -137,7 +146,8 @@ def audit(
         The report's JSON payload. Its ``outside_training`` lists where the input lies outside the trained regime
         (from the run record, or checked now for a reused run recorded without it).
     """
-    out = check_output_dir(output_dir, overwrite, [*MAP_FILES.values(), "report.html", "report.json"])
+    out = check_output_dir(output_dir, overwrite,
+                           [*MAP_FILES.values(), DISAGREEMENT_FILE, "report.html", "report.json"])
     if reference is not None and reuse is None:  # before any sampling: a reference that does not fit is an error
         geometry = {k: v for k, v in pipe_kwargs.items() if k in _GEOMETRY_ARGUMENTS}
         _check_reference(reference, pipe.output_grid(lr, **geometry))
@@ -147,6 +157,8 @@ def audit(
         result = pipe(lr, output_type="np", keep_samples=False, calibration_region=calibration_region,
                       **pipe_kwargs)
         maps = {k: lr.with_data(np.asarray(getattr(result, k), np.float32), result.affine) for k in MAP_FILES}
+        if result.data_disagreement is not None:
+            maps["data_disagreement"] = lr.with_data(np.asarray(result.data_disagreement, np.float32), result.affine)
         meta = result.metadata
     grid = maps["mean"]  # masks and tissue maps onto the SR grid
     masks = {k: resample_to(m, grid) for k, m in masks.items()} if masks else None
@@ -160,8 +172,11 @@ def audit(
         metrics, curve = _against_reference(maps, lr, reference, operator, meta, brain_mask, masks, calibration,
                                             region)
     out.mkdir(parents=True, exist_ok=True)
-    for key, name in MAP_FILES.items():
-        save_volume(maps[key], out / name, overwrite=True)
+    for key, name in {**MAP_FILES, "data_disagreement": DISAGREEMENT_FILE}.items():
+        if key in maps:
+            save_volume(maps[key], out / name, overwrite=True)
+        else:  # a run without a noise std has no disagreement map: none of an earlier audit stays beside it
+            (out / name).unlink(missing_ok=True)
     card = {"input": input_name, "model": model_name, "operator": operator.describe(),
             "lr_spacing_mm": [round(float(s), 4) for s in lr.spacing],
             "sr_spacing_mm": [round(float(s), 4) for s in maps["mean"].spacing],
@@ -181,7 +196,8 @@ def audit(
     if outside is None:
         outside = pipe.outside_training(canon_lr, operator, norm, axes)
     return build_report(out, lr=lr, mean=maps["mean"], std=maps["std"], risk=maps["risk"],
-                        dc_residual=maps["dc_residual"], card=card, risk_threshold=risk_threshold,
+                        dc_residual=maps["dc_residual"], disagreement=maps.get("data_disagreement"),
+                        card=card, risk_threshold=risk_threshold,
                         calibrated=calibration is not None, masks=masks, reference=reference, metrics=metrics,
                         calibration_curve=curve, input_name=input_name,
                         sr_axis=next(a for a in range(3) if maps["risk"].axis_to_canonical(a) == axis),

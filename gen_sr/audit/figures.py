@@ -11,7 +11,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.colors import Colormap, ListedColormap
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from nibabel.affines import apply_affine
 
@@ -85,11 +85,13 @@ def view_row(volume: Volume, centre: np.ndarray, layers: Sequence[Layer], label:
     return png_uri(fig)
 
 
-def orthogonal_views(maps: Mapping[str, Volume], centre: np.ndarray, threshold: float) -> list[FigureRecord]:
+def orthogonal_views(maps: Mapping[str, Volume], centre: np.ndarray, threshold: float,
+                     disagreement_threshold: float | None = None) -> list[FigureRecord]:
     """One row of orthogonal views per map, all RAS+ (canonical) on one grid, through voxel ``centre``.
 
-    ``maps`` holds ``lr``, ``mean``, ``std``, ``risk`` and ``dc`` and, optionally, ``reference``; the risk is drawn
-    over the SR mean, opaque from ``threshold`` up, with a contour there.
+    ``maps`` holds ``lr``, ``mean``, ``std``, ``risk`` and ``dc`` and, optionally, ``disagreement`` and
+    ``reference``; the risk is drawn over the SR mean, opaque from ``threshold`` up, with a contour there, and the
+    data disagreement likewise from ``disagreement_threshold``.
     """
     data = {k: np.asarray(v.data) for k, v in maps.items()}
     grid = maps["mean"]
@@ -98,8 +100,10 @@ def orthogonal_views(maps: Mapping[str, Volume], centre: np.ndarray, threshold: 
     def spread(a: np.ndarray, cmap: str) -> Layer:
         return a, {"cmap": cmap, "vmin": 0, "vmax": window(a)[1]}
 
-    risk_max = max(2 * threshold, float(np.percentile(data["risk"], 99.9)))
-    risk_cmap: Colormap = translucent("YlOrRd", threshold / risk_max)
+    def over_mean(a: np.ndarray, level: float, cmap: str) -> list[Layer]:
+        top = max(2 * level, float(np.percentile(a, 99.9)))
+        return [(data["mean"], gray), (a, {"cmap": translucent(cmap, level / top), "vmin": 0, "vmax": top})]
+
     rows: list[tuple[str, str, list[Layer], str, float | None]] = [
         ("lr", "LR input (linear resampling onto the SR grid)", [(data["lr"], gray)],
          f"intensity ({INTENSITY_UNIT})", None),
@@ -107,11 +111,16 @@ def orthogonal_views(maps: Mapping[str, Volume], centre: np.ndarray, threshold: 
         ("std", "SR standard deviation across samples", [spread(data["std"], "magma")], f"std ({INTENSITY_UNIT})",
          None),
         ("risk", "Hallucination risk over the SR mean",
-         [(data["mean"], gray), (data["risk"], {"cmap": risk_cmap, "vmin": 0, "vmax": risk_max})],
+         over_mean(data["risk"], threshold, "YlOrRd"),
          f"risk, as a {RISK_UNIT.replace(' robust', chr(10) + 'robust')}\n(opaque from the threshold up)", threshold),
         ("dc", "Data-consistency residual |A x − y|", [spread(data["dc"], "viridis")],
          f"|A x − y| ({INTENSITY_UNIT})", None),
     ]
+    if "disagreement" in data and disagreement_threshold is not None:
+        rows.append(("disagreement", "Data disagreement over the SR mean (where it departs from the slices by more "
+                     "than their noise)", over_mean(data["disagreement"], disagreement_threshold, "PuBu"),
+                     "local mean of ((A x − y) / σ)²\nover its median (opaque from\nthe flag level up)",
+                     disagreement_threshold))
     if "reference" in data:
         err = np.abs(data["mean"] - data["reference"])
         rows += [("reference", "Reference", [(data["reference"], gray)], f"intensity ({INTENSITY_UNIT})", None),

@@ -214,14 +214,15 @@ def _xyz(position: Sequence[float]) -> list[str]:
     return [f"{float(x):.1f}" for x in position]
 
 
-def _cluster_table(clusters: Sequence[Mapping[str, Any]]) -> Table | None:
+def _cluster_table(clusters: Sequence[Mapping[str, Any]], value: str = "risk") -> Table | None:
+    """Clusters of :func:`~gen_sr.audit.clusters.risk_clusters`; ``value`` names the mapped quantity."""
     if not clusters:
         return None
     tissue = any(c["tissue"] is not None for c in clusters)
     rows = [[str(c["rank"]), *_xyz(c["centroid_mm"]), grouped(c["size_mm3"]), grouped(c["voxels"]),
              f"{c['peak_risk']:.3g}", f"{c['mean_risk']:.3g}", coords(c["peak_mm"])] + ([c["tissue"]] if tissue else [])
             for c in clusters]
-    return table(["#", "x [mm]", "y [mm]", "z [mm]", "size [mm³]", "voxels", "peak risk", "mean risk",
+    return table(["#", "x [mm]", "y [mm]", "z [mm]", "size [mm³]", "voxels", f"peak {value}", f"mean {value}",
                   "peak at [mm]"] + (["tissue"] if tissue else []), rows, numeric=range(1, 8))
 
 
@@ -277,5 +278,7 @@ def render_page(payload: Mapping[str, Any], figures: Sequence[FigureRecord]) -> 
         "metrics": _metrics_table(payload["metrics"]) if payload["metrics"] else None,
         "calibration_tables": _calibration_tables(curve) if curve is not None and "calibration" in by_id else None,
         "thin_structures": _thin_structure_table(payload["thin_structures"]),
+        "disagreement_clusters": _cluster_table((payload["data_disagreement"] or {}).get("clusters", []),
+                                                "disagreement"),
     }
     return _ENV.get_template("report.html.j2").render(context)

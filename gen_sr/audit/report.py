@@ -29,15 +29,17 @@ from gen_sr.audit.clusters import (
 )
 from gen_sr.audit.figures import calibration_plot, orthogonal_views, profile_plot
 from gen_sr.audit.page import DISCLAIMER, render_page
-from gen_sr.audit.summary import geometry, thin_structures, verdict
+from gen_sr.audit.summary import data_disagreement, geometry, thin_structures, verdict
 from gen_sr.io import atomic_write, json_ready, write_json
 from gen_sr.physics import StructureVisibility
+from gen_sr.risk import DataDisagreement
 from gen_sr.volume import Volume
 
 __all__ = ["BACKGROUND", "DISCLAIMER", "PeakRule", "build_report", "risk_clusters", "risk_peaks"]
 
 
 def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volume, risk: Volume, dc_residual: Volume,
+                 disagreement: Volume | None = None, disagreement_flag: DataDisagreement | None = None,
                  card: dict[str, Any], risk_threshold: float, calibrated: bool, masks: dict[str, Volume] | None = None,
                  reference: Volume | None = None, metrics: dict[str, dict[str, float]] | None = None,
                  calibration_curve: dict[str, Any] | None = None, input_name: str, sr_axis: int,
@@ -61,6 +63,10 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
         alpha: the calibration's miss rate (coverage ``1 − alpha``), when calibrated.
         outside_training: the run record's sentences on where the input lies outside the trained regime
             (``None``: not checked).
+        disagreement: the data-disagreement map of a run given a noise std
+            (:meth:`~gen_sr.risk.DataDisagreement.statistic`), flagged at ``disagreement_flag``'s threshold (default:
+            the class defaults) and shown as "Where the output departs from the data" (``None``: the section says
+            that it needs a noise std).
         visibility: what the measurements keep of thin structures (:func:`~gen_sr.physics.structure_visibility`
             of the run's operator), shown as "What the slices cannot show" (``None``: not shown).
 
@@ -73,6 +79,10 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
     r = np.asarray(risk.data, dtype=np.float64)
     maps = {"mean": on_grid(mean, risk), "lr": on_grid(lr, risk), "std": on_grid(std, risk),
             "dc": on_grid(dc_residual, risk)}
+    departs = None
+    if disagreement is not None:
+        flag = disagreement_flag or DataDisagreement()
+        maps["disagreement"] = on_grid(disagreement, risk)
     if reference is not None:
         maps["reference"] = on_grid(reference, risk)
     fg, fg_label = foreground_mask(maps["mean"], {k: on_grid(m, risk) for k, m in (masks or {}).items()})
@@ -80,6 +90,11 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
     peaks, rule_record = ranked_peaks(risk, t, fg, rule, "brain mask" if masks else fg_label.split(" (")[0],
                                       masks=masks)
     flagged = (r > t) & fg
+    if disagreement is not None:
+        d = Volume(maps["disagreement"], risk.affine)
+        departs = data_disagreement(flag, flagged=int(np.count_nonzero(flag.flags(d.data) & fg)),
+                                    foreground_voxels=int(fg.sum()), foreground=fg_label,
+                                    clusters=risk_clusters(d, flag.threshold, masks=masks, top=5))
     summary = verdict(flagged=int(np.count_nonzero(flagged)), foreground_voxels=int(fg.sum()), foreground=fg_label,
                       voxel_mm3=abs(float(np.linalg.det(risk.affine[:3, :3]))), flagged_of_volume=float(np.mean(r > t)),
                       clusters=all_clusters, threshold=t, calibrated=calibrated, alpha=alpha,
@@ -87,7 +102,7 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
     # ------------------------------------------------------------------ orthogonal views in RAS+
     can = {k: Volume(a, risk.affine).canonical() for k, a in {**maps, "risk": r}.items()}
     centre, centred_on = _view_centre(can["mean"], all_clusters, peaks)
-    figures = orthogonal_views(can, centre, t)
+    figures = orthogonal_views(can, centre, t, None if disagreement is None else flag.threshold)
     profile = slice_profile(r, fg, t, sr_axis)
     figures.append({"id": "profile", "title": f"Mean risk and flagged fraction per slice along voxel axis {sr_axis}",
                     "uri": profile_plot(profile, t, sr_axis, risk.spacing[sr_axis])})
@@ -104,6 +119,7 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
         "profile": {**profile, "axis": sr_axis, "spacing_mm": risk.spacing[sr_axis]},
         "metrics": metrics, "calibration_curve": calibration_curve,
         "thin_structures": None if visibility is None else thin_structures(visibility),
+        "data_disagreement": departs,
         "figures": [{"id": f["id"], "title": f["title"]} for f in figures],
     })
     page = render_page(payload, figures)

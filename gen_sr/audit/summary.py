@@ -12,9 +12,10 @@ import numpy as np
 from nibabel.affines import obliquity
 
 from gen_sr.physics import StructureVisibility
+from gen_sr.risk import DataDisagreement
 
-__all__ = ["FRAME", "INTENSITY_UNIT", "coords", "flag_meaning", "geometry", "grouped", "number", "seconds",
-           "thin_structures", "verdict"]
+__all__ = ["FRAME", "INTENSITY_UNIT", "coords", "data_disagreement", "flag_meaning", "geometry", "grouped", "number",
+           "seconds", "thin_structures", "verdict"]
 
 FRAME = "scanner (world) coordinates in mm, RAS+ (x: left → right, y: posterior → anterior, z: inferior → superior)"
 INTENSITY_UNIT = "input intensity units"
@@ -162,3 +163,21 @@ def thin_structures(records: Sequence[StructureVisibility]) -> dict[str, Any]:
             "with noise a larger one, may appear faint, or not at all, without a flag. Where the output departs "
             "from the measured data, the data-consistency residual map shows it.")
     return {"text": text, "rows": rows}
+
+
+def data_disagreement(flag: DataDisagreement, *, flagged: int, foreground_voxels: int, foreground: str,
+                      clusters: list[dict[str, Any]]) -> dict[str, Any]:
+    """The section on where the output departs from the measured data (:class:`~gen_sr.risk.DataDisagreement`):
+    the flagged share of the foreground, its largest clusters (:func:`~gen_sr.audit.clusters.risk_clusters` of the
+    statistic) and what a flag means."""
+    region = foreground.split(" (")[0]
+    pct = 100 * flagged / max(foreground_voxels, 1)
+    text = (f"{pct:.1f} % of the {region} departs from the measured slices by more than their noise explains "
+            f"(the local mean of the squared residual, in units of the noise variance and over a {flag.size_mm:g} mm "
+            f"window, is more than {flag.threshold:g} times its typical value). The samples' spread cannot show this: "
+            "where the model's prior pulls every sample alike away from what the slices carry (for example a lesion "
+            "shown fainter than the data allow), the samples agree and the risk map stays low, but the output no "
+            "longer fits the measurements there. A flag here means the output and the data disagree; check the "
+            "input slices at these places.")
+    return {"text": text, "flagged_percent": pct, "flagged_voxels": flagged, "size_mm": flag.size_mm,
+            "threshold": flag.threshold, "definition": flag.describe(), "clusters": clusters}

@@ -34,7 +34,7 @@ from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, s
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, SliceProfile, operator_from_spacings
 from gen_sr.pipelines.guidance import GradientGuidance, ProjectionGuidance, final_projection
 from gen_sr.pipelines.tiling import ForegroundTiles, PatchTiler, SlicePatchTiler, SliceTiler
-from gen_sr.risk import Calibration, Calibrations, SamplingSettings, describe_risk, risk_map
+from gen_sr.risk import Calibration, Calibrations, DataDisagreement, SamplingSettings, describe_risk, risk_map
 from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
 from gen_sr.slice_profile import estimate_slice_profile
 from gen_sr.volume import IntensityNormalization, Volume, load_volume, resample_to
@@ -78,6 +78,10 @@ class SRPipelineOutput(BaseOutput):
             the std, or the spread the calibration chose;
             ``mean ± risk · range`` misses at most a fraction ``α`` of voxels; see :mod:`gen_sr.eval.calibration`).
         dc_residual: ``|A x − y|`` of the mean, brought back onto the HR grid by linear interpolation.
+        data_disagreement: where the mean departs from the measurement by more than its noise explains
+            (:class:`~gen_sr.risk.DataDisagreement`: the local mean of ``((A x − y)/σ)²`` over its median, unitless;
+            flagged above the class's threshold), or ``None`` for a run given no noise std (with noise-free data
+            the projection leaves no residual to judge).
         affine: the HR voxel-to-world affine of the outputs.
         metadata: seeds, steps, operator, guidance, final relative residuals ``‖A x − y‖/‖y‖`` and timings.
     """
@@ -87,6 +91,7 @@ class SRPipelineOutput(BaseOutput):
     std: Any
     risk: Any
     dc_residual: Any
+    data_disagreement: Any
     affine: np.ndarray
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -480,6 +485,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         std = x.std(dim=0, unbiased=False, keepdim=True)
         risk = risk_map(std, mean, calibration, sigma, region=region)
         dc = operator.residual_map(mean, y)
+        disagreement = DataDisagreement().statistic(operator, mean, y, sigma) if sigma > 0 else None
         timings["stitch_uncertainty_s"] = time.perf_counter() - tic
 
         # 9. output: back to input units and orientation
@@ -508,11 +514,12 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "relative_residual": residuals,
             "normalization": norm.to_dict(),
             "risk": describe_risk(calibration) | {"calibration_region": region is not None},
+            "data_disagreement": None if disagreement is None else DataDisagreement().describe(),
             "outside_training": outside,
             "timings": timings,
         }
         fields = self._outputs(canon, volume, hr_affine, norm, mean, x if keep_samples else None, std, risk, dc,
-                               output_type)
+                               disagreement, output_type)
         out = SRPipelineOutput(*fields, metadata=metadata)
         return out if return_dict else out.to_tuple()
 
@@ -760,7 +767,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
     @staticmethod
     def _outputs(canon: Volume, volume: Volume, hr_affine: np.ndarray, norm: IntensityNormalization,
                  mean: torch.Tensor, samples: torch.Tensor | None, std: torch.Tensor, risk: torch.Tensor,
-                 dc: torch.Tensor, output_type: str) -> tuple:
+                 dc: torch.Tensor, disagreement: torch.Tensor | None, output_type: str) -> tuple:
         """Denormalise, reorient to the input's axes, and convert to the requested type."""
 
         def to_input(arr: torch.Tensor) -> Volume:
@@ -768,6 +775,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
         maps = [to_input(norm.inverse(mean[0, 0])), to_input(norm.inverse_scale(std[0, 0])), to_input(risk[0, 0]),
                 to_input(norm.inverse_scale(dc[0, 0]))]
+        maps += [] if disagreement is None else [to_input(disagreement[0, 0])]
         each = None if samples is None else [to_input(norm.inverse(s[0])) for s in samples]
         affine = maps[0].affine
         if output_type == "np":
@@ -783,8 +791,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 stacked = nib.Nifti1Image(np.stack([v.data for v in each], axis=-1), affine, header=arrays[0].header)
         else:
             raise ValueError(f"output_type must be 'np', 'pt' or 'nifti', not {output_type!r}")
-        mean_out, std_out, risk_out, dc_out = arrays
-        return mean_out, stacked, std_out, risk_out, dc_out, affine
+        mean_out, std_out, risk_out, dc_out, *disagreement_out = arrays
+        return mean_out, stacked, std_out, risk_out, dc_out, next(iter(disagreement_out), None), affine
 
 
 @dataclass

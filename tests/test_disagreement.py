@@ -1,0 +1,64 @@
+"""The data-disagreement map (gen_sr.risk.DataDisagreement): noise alone is not flagged, a local misfit is, where it
+is; the background's non-Gaussian noise stays out; units do not matter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gen_sr.physics import AcquisitionOperator, SliceAcquisition
+from gen_sr.risk import DataDisagreement
+
+SHAPE = (40, 40, 40)
+SIGMA = 0.02
+
+
+def _case(seed: int = 0) -> tuple[AcquisitionOperator, torch.Tensor, torch.Tensor, np.ndarray]:
+    """A smooth object inside an empty border, 4 mm Gaussian slices on 1 mm, Gaussian noise inside the object and
+    its magnitude (Rician) outside; returns the operator, the truth, the measurement and the HR ball."""
+    op = AcquisitionOperator((SliceAcquisition(2, 4.0),), SHAPE, (1.0, 1.0, 1.0))
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) - (n - 1) / 2 for n in SHAPE], indexing="ij"))
+    radius = np.sqrt((grid**2).sum(0))
+    ball = radius < 16
+    truth = torch.from_numpy(np.where(ball, 1.0 + 0.2 * np.cos(grid[0] / 3) * np.sin(grid[1] / 4), 0.0))[None, None]
+    clean = op.forward(truth)
+    noise = SIGMA * torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    y = torch.where(clean > 1e-3, clean + noise, noise.abs())  # the background: magnitude (Rician) noise
+    return op, truth, y, ball
+
+
+def test_noise_alone_sits_at_its_median_and_is_rarely_flagged() -> None:
+    op, truth, y, ball = _case()
+    flag = DataDisagreement()
+    stat = flag.statistic(op, truth, y, SIGMA)[0, 0].numpy()
+    inner = np.sqrt(((np.indices(SHAPE) - 19.5) ** 2).sum(0)) < 12  # away from the rim, where it blends with zero
+    assert np.median(stat[inner]) == pytest.approx(1.0, abs=0.1)
+    assert flag.flags(stat)[ball].mean() < 0.01
+
+
+def test_a_local_misfit_is_flagged_where_it_is_and_nowhere_else() -> None:
+    op, truth, y, _ = _case()
+    blob = np.sqrt(((np.indices(SHAPE) - np.array([12, 20, 20])[:, None, None, None]) ** 2).sum(0)) <= 3
+    x = truth - 0.15 * torch.from_numpy(blob.astype(np.float64))  # a 7 mm lesion shown 0.15 fainter
+    flag = DataDisagreement()
+    stat = flag.statistic(op, x, y, SIGMA)[0, 0].numpy()
+    flagged = flag.flags(stat)
+    assert flagged[blob].mean() > 0.9
+    near = np.sqrt(((np.indices(SHAPE) - np.array([12, 20, 20])[:, None, None, None]) ** 2).sum(0)) <= 3 + 2 * 4
+    assert flagged.sum() > 0 and not (flagged & ~near).any()
+
+
+def test_the_background_stays_out_and_units_do_not_matter() -> None:
+    op, truth, y, _ = _case(1)
+    flag = DataDisagreement()
+    stat = flag.statistic(op, truth, y, SIGMA)
+    measured = (y > flag.foreground * torch.quantile(y.flatten(), 0.99)).double()
+    outside = op.interpolate(measured, "linear")[0, 0].numpy() == 0  # nothing of the foreground reaches these
+    assert outside.sum() > 1000 and float(stat[0, 0].numpy()[outside].max()) == 0.0
+    scaled = flag.statistic(op, 250 * truth + 0, 250 * y, 250 * SIGMA)
+    torch.testing.assert_close(scaled, stat)
+    with pytest.raises(ValueError, match="noise std"):
+        flag.statistic(op, truth, y, 0.0)
+    with pytest.raises(ValueError, match="positive"):
+        DataDisagreement(size_mm=0)
