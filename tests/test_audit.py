@@ -90,6 +90,7 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     out = tmp_path / "audit"
     assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
                  "--reuse", str(sr), str(std)]) == 0
+    assert "departs from the measured slices beyond their noise" in capsys.readouterr().out
     assert json.loads((out / "report.json").read_text())["outside_training"] == recorded
     # recomputed from the reused mean and std, they equal what the run wrote (up to float32 storage of the mean)
     np.testing.assert_allclose(load_volume(out / "risk.nii.gz").data, load_volume(tmp_path / "risk.nii.gz").data,
