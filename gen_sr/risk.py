@@ -335,6 +335,11 @@ class DataDisagreement:
         """The local mean of ``((A x − y)/σ)²`` over its foreground median, on the HR grid, ``(B, C, *hr_shape)``
         (zero outside the measurement's foreground); ``x`` ``(B, C, *hr_shape)``, ``y`` ``(B, C, *lr_shape)``,
         ``noise_std`` ``σ`` in their units (positive: with noise-free data the projection leaves no residual)."""
+        return operator.interpolate(self.measured_statistic(operator, x, y, noise_std), "linear")
+
+    def measured_statistic(self, operator: AcquisitionOperator, x: torch.Tensor, y: torch.Tensor,
+                           noise_std: float) -> torch.Tensor:
+        """:meth:`statistic` on the LR grid, ``(B, C, *lr_shape)``: one value per measurement."""
         if not noise_std > 0:
             raise ValueError("the data disagreement needs the measurement noise std (noise_std > 0)")
         q = ((operator.forward(x) - y) / noise_std).square()
@@ -348,8 +353,7 @@ class DataDisagreement:
         local = (local / weight.clamp_min(1e-6)).reshape(q.shape) * inside
         median = torch.stack([v[m > 0].median() if (m > 0).any() else v.new_ones(())
                               for v, m in zip(flat(local), flat(inside), strict=True)])
-        local = local / median.clamp_min(torch.finfo(q.dtype).tiny).reshape(per_entry)
-        return operator.interpolate(local, "linear")
+        return local / median.clamp_min(torch.finfo(q.dtype).tiny).reshape(per_entry)
 
     def flags(self, statistic: Array) -> Array:
         """The flagged voxels (boolean) of a :meth:`statistic` map."""

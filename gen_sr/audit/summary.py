@@ -177,7 +177,10 @@ def data_disagreement(flag: DataDisagreement, *, flagged: int, foreground_voxels
             f"window, is more than {flag.threshold:g} times its typical value). The samples' spread cannot show this: "
             "where the model's prior pulls every sample alike away from what the slices carry (for example a lesion "
             "shown fainter than the data allow), the samples agree and the risk map stays low, but the output no "
-            "longer fits the measurements there. A flag here means the output and the data disagree; check the "
-            "input slices at these places.")
+            "longer fits the measurements there. Measured on validation brains with inserted lesions at SNR 30 "
+            "(the demo model): the regions above this level held about twice the error of the rest, and about half "
+            "of the 6 mm lesions that the model showed fainter than the slices carry lay in one. It is a "
+            "measurement of disagreement, not a lesion detector: a region below the level is not proof of a "
+            "faithful output. Where it is high, compare the output with the input slices.")
     return {"text": text, "flagged_percent": pct, "flagged_voxels": flagged, "size_mm": flag.size_mm,
             "threshold": flag.threshold, "definition": flag.describe(), "clusters": clusters}
