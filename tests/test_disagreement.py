@@ -1,5 +1,6 @@
 """The data-disagreement map (gen_sr.risk.DataDisagreement): noise alone is not flagged, a local misfit is, where it
-is; the background's non-Gaussian noise stays out; units do not matter."""
+is; the background's non-Gaussian noise stays out; units do not matter. The refit that fits the data where the
+output departs from it changes those measurements only."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition
+from gen_sr.pipelines.guidance import fit_where_data_disagree
 from gen_sr.risk import DataDisagreement
 
 SHAPE = (40, 40, 40)
@@ -62,3 +64,21 @@ def test_the_background_stays_out_and_units_do_not_matter() -> None:
         flag.statistic(op, truth, y, 0.0)
     with pytest.raises(ValueError, match="positive"):
         DataDisagreement(size_mm=0)
+
+
+def test_the_refit_fits_the_measurements_above_the_level_and_leaves_the_others() -> None:
+    op, truth, y, _ = _case(2)
+    blob = torch.from_numpy((np.sqrt(((np.indices(SHAPE) - np.array([12, 20, 20])[:, None, None, None]) ** 2)
+                                     .sum(0)) <= 3).astype(np.float64))
+    noise = torch.randn((2, 1, *SHAPE), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = truth - 0.15 * blob + 0.01 * noise  # two samples that both show the lesion fainter than the data
+    flag = DataDisagreement()
+    above = flag.measured_statistic(op, x.mean(0, keepdim=True), y, SIGMA) > flag.refit_level
+    assert 0 < int(above.sum()) < above.numel() // 10
+    refitted = fit_where_data_disagree(x, op, y, SIGMA, flag)
+    before, after = op.forward(x), op.forward(refitted)
+    m = above.expand_as(after)
+    torch.testing.assert_close(after[m], y.expand_as(after)[m])  # fitted where the mean departed from the data
+    torch.testing.assert_close(after[~m], before[~m])  # the same measurements as before everywhere else
+    change = (refitted - x).abs().mean(dim=(0, 1))
+    assert float(change[blob > 0].mean()) > 5 * float(change.mean())  # and the change is at the lesion

@@ -147,6 +147,13 @@ def test_noise_aware_projection_stops_at_the_noise_level() -> None:
     d = out.data_disagreement
     assert d.shape == out.mean.shape and d.min() >= 0 and "noise std" in out.metadata["data_disagreement"]
     assert 0.5 < float(np.median(d[d > 0])) < 2
+    # fitting the data where the mean departs from it: closer to the data, recorded; a no-op without noise
+    refit = _pipe(2)(lr, num_samples=2, generator=_gens(0, 1), noise_std=2.0, refit_disagreement=True, **RUN)
+    assert refit.metadata["refit_disagreement"] is True and out.metadata["refit_disagreement"] is False
+    assert max(refit.metadata["relative_residual"]) < max(out.metadata["relative_residual"])
+    plain, same = (_pipe(2)(lr, num_samples=1, generator=_gens(0), refit_disagreement=r, **RUN) for r in (False, True))
+    np.testing.assert_array_equal(plain.mean, same.mean)
+    assert same.metadata["refit_disagreement"] is False
 
 
 def test_std_is_zero_for_identical_samples_and_positive_otherwise() -> None:

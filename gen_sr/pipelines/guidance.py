@@ -28,8 +28,9 @@ from typing import Protocol
 import torch
 
 from gen_sr.physics import AcquisitionOperator
+from gen_sr.risk import DataDisagreement
 
-__all__ = ["GradientGuidance", "ProjectionGuidance", "final_projection"]
+__all__ = ["GradientGuidance", "ProjectionGuidance", "final_projection", "fit_where_data_disagree"]
 
 
 class Tiler(Protocol):
@@ -59,6 +60,28 @@ def final_projection(
     if noise_std > 0:
         return operator.soft_project(x, y, noise_std=noise_std)
     return operator.project(x, y)
+
+
+def fit_where_data_disagree(x: torch.Tensor, operator: AcquisitionOperator, y: torch.Tensor, noise_std: float,
+                            flag: DataDisagreement | None = None) -> torch.Tensor:
+    """Fit the data exactly where the samples' mean departs from it by more than the noise explains.
+
+    The noise-aware projection lets the residual reach the noise level over the whole volume, and a prior that
+    disagrees with the data locally (a lesion-free prior at a lesion) spends that allowance there, in every sample
+    alike. Here the measurements where the mean's :meth:`~gen_sr.risk.DataDisagreement.measured_statistic` exceeds
+    ``flag.refit_level`` are fitted exactly, in every sample: ``x + A⁺(M ⊙ (y − A x))`` (``M`` those
+    measurements); elsewhere nothing changes (``benchmarks/DATA_DISAGREEMENT.md`` measures it).
+
+    Args:
+        x: sample volumes ``(N, 1, *hr_shape)``, already projected (:func:`final_projection`).
+        operator: the acquisition on the HR grid.
+        y: the measurement ``(1, 1, *lr_shape)``.
+        noise_std: its noise std (positive), in the units of ``y``.
+        flag: the statistic and its level (default: :class:`~gen_sr.risk.DataDisagreement`'s defaults).
+    """
+    flag = flag or DataDisagreement()
+    mask = (flag.measured_statistic(operator, x.mean(dim=0, keepdim=True), y, noise_std) > flag.refit_level).to(x)
+    return x + operator.pinv(mask * (y - operator.forward(x)))
 
 
 class _VolumeHook:

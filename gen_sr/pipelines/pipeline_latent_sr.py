@@ -32,7 +32,12 @@ from gen_sr.errors import InputError
 from gen_sr.model_card import ModelCard
 from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, set_sdpa_attention
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, SliceProfile, operator_from_spacings
-from gen_sr.pipelines.guidance import GradientGuidance, ProjectionGuidance, final_projection
+from gen_sr.pipelines.guidance import (
+    GradientGuidance,
+    ProjectionGuidance,
+    final_projection,
+    fit_where_data_disagree,
+)
 from gen_sr.pipelines.tiling import ForegroundTiles, PatchTiler, SlicePatchTiler, SliceTiler
 from gen_sr.risk import Calibration, Calibrations, DataDisagreement, SamplingSettings, describe_risk, risk_map
 from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
@@ -245,6 +250,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         slice_profile: SliceProfile = "gaussian",
         slice_thickness: float | None = None,
         noise_std: float = 0.0,
+        refit_disagreement: bool = False,
         calibration_region: LRInput | None = None,
         num_inference_steps: int | None = None,
         eta: float = 0.0,
@@ -281,6 +287,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 from the scan (:mod:`gen_sr.slice_profile`; one coarse axis, no thickness given) as the FWHM of a
                 Gaussian profile; the operator in ``metadata`` records it.
             noise_std: measurement noise std in input units (0: noise-free; > 0 makes projections noise-aware).
+            refit_disagreement: with a noise std, after the noise-aware projection, fit the measurements exactly
+                where the samples' mean departs from them by more than the noise explains
+                (:func:`~gen_sr.pipelines.guidance.fit_where_data_disagree`); no effect on noise-free data, which
+                every sample fits exactly already.
             calibration_region: for a per-scan calibration fitted per region (``Calibration.outside_scale``; ``gen-sr
                 fit --calibration-region``): the same mask on the input's own grid (anything ``lr`` may be; nonzero
                 inside), so that each scale holds where it was fitted; without it the larger holds everywhere.
@@ -478,6 +488,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             parts = gather_object([x.cpu()])
             x = torch.stack([parts[k % processes][k // processes] for k in range(num_samples)])
             x = x.to(device)
+        refit = bool(refit_disagreement) and sigma > 0
+        if refit:
+            x = fit_where_data_disagree(x, operator, y, sigma)
         residuals = operator.residual(x, y.expand(x.shape[0], *y.shape[1:])).tolist()
 
         # 8. uncertainty: risk is the std (or the calibrated interval half-width) over the robust intensity range
@@ -509,6 +522,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "skipped_tiles": skipped,
             "processes": processes,
             "noise_std": noise_std,
+            "refit_disagreement": refit,
             "slice_profile_estimated": slice_profile == "auto",
             "operator": operator.to_dict(),
             "relative_residual": residuals,
