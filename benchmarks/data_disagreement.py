@@ -2,8 +2,8 @@
 ``benchmarks/DATA_DISAGREEMENT.md``)
 
     python benchmarks/data_disagreement.py --scans robex_brain:11 mni152:11 [colin27_brain ...] --out DIR \\
-        [--choose | --size MM --threshold T | --refit-check] [--model models/heads2d] [--snr 30] [--slab 24] \
-        [--samples 8]
+        [--choose | --size MM --threshold T | --refit-levels L,L,... | --refit-check] [--model models/heads2d] \
+        [--snr 30] [--slab 24] [--samples 8]
 
 Each scan (``NAME:N``: synthetic subject ``N`` of a sample head; ``NAME``: the head itself) is cut to its central
 coronal slab of ``--slab`` mm and cropped to its foreground, then super-resolved twice from 4 mm Gaussian axial
@@ -14,13 +14,18 @@ slices with the same Rician noise (SNR ``--snr``): lesion-free, and with the str
 * ``--choose``: per window size (2, 3, 4, 6 mm), the threshold that flags 2 % of the pooled lesion-free foreground
   (rounded up to 0.1), and the size whose 6 mm lesion site recall is highest (ties: the larger);
 * otherwise, at ``--size`` / ``--threshold`` (default: the class defaults): the pass criterion's three figures;
+* ``--refit-levels``: the refit (``gen_sr.pipelines.guidance.fit_where_data_disagree``) of the saved means at
+  each level: the lesion-free PSNR gain in the foreground per scan and the gap ``data_alone - recovered`` of the
+  thinned 6 mm lesions before and after (contrast against a two-voxel shell; the refit is linear, so the refitted
+  mean is the mean of the refitted samples);
 * ``--refit-check``: instead, each scan's lesion-free slab is super-resolved with and without ``refit_disagreement``
   (same seeds) and PSNR, the calibrated interval's coverage and the ±2σ coverage in the brain are printed (the
   refit's third criterion).
 
 Printed per scan and pooled: the lesion-free flagged fraction, the site recall of added lesions (all, and those the
 model thinned: ``recovered <= data_alone - 0.05``), controls flagged, and the mean ``|SR - truth|`` in flagged
-against unflagged voxels of the lesion-free scan. A JSON of it all goes to ``DIR/summary.json``.
+against unflagged voxels of the lesion-free scan. A JSON of it all goes to ``DIR/summary.json`` (``refit_levels.json``,
+``refit_check.json`` for those modes).
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from gen_sr.eval.cases import central_slab, crop_to_foreground, simulate_case, super_resolve
 from gen_sr.eval.metrics import foreground
 from gen_sr.eval.stress import insert_lesions, measure_sites
 from gen_sr.physics import AcquisitionOperator
 from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.pipelines.guidance import fit_where_data_disagree
 from gen_sr.risk import DataDisagreement
 from gen_sr.sample_data import load_sample, synthetic_subject
 
@@ -76,6 +83,11 @@ def run_scan(pipe: LatentDiffusionSRPipeline, spec: str, path: Path, args: argpa
     np.savez_compressed(path, **saved)
 
 
+def thinned(site: dict[str, Any]) -> bool:
+    """An added lesion the model showed at least ``THINNED`` fainter than the slices alone carry it."""
+    return site["kind"] == "added" and site["recovered"] <= site["data_alone"] - THINNED
+
+
 def statistic(scan: dict[str, Any], tag: str, flag: DataDisagreement) -> np.ndarray:
     operator = AcquisitionOperator.from_json(str(scan["operator"]))
     x, y = (torch.from_numpy(scan[f"{tag}_{k}"].astype(np.float64))[None, None] for k in ("mean", "lr"))
@@ -99,7 +111,7 @@ def measure(scans: dict[str, dict[str, Any]], flag: DataDisagreement) -> dict[st
                 continue
             group = site["kind"] + " " + site["label"]
             caught = bool(stat[scan["site_labels"] == k].mean() > flag.threshold)
-            keys = [group] + ([group + " thinned"] if site["recovered"] <= site["data_alone"] - THINNED else [])
+            keys = [group] + ([group + " thinned"] if thinned(site) else [])
             for key in keys:
                 row.setdefault(key, []).append(caught)
                 pooled["caught"][key] = pooled["caught"].get(key, 0) + caught
@@ -140,6 +152,44 @@ def report(result: dict[str, Any]) -> None:
           f"{p['error_ratio']:.2f}; caught: {recall}")
 
 
+def refit_levels(scans: dict[str, dict[str, Any]], levels: list[float]) -> dict[str, Any]:
+    """The refit of the saved means at each level: lesion-free PSNR gains and the thinned 6 mm lesions' gap."""
+
+    def refitted(scan: dict[str, Any], tag: str, level: float) -> np.ndarray:
+        operator = AcquisitionOperator.from_json(str(scan["operator"]))
+        x, y = (torch.from_numpy(scan[f"{tag}_{k}"].astype(np.float64))[None, None] for k in ("mean", "lr"))
+        flag = DataDisagreement(refit_level=level)
+        return fit_where_data_disagree(x, operator, y, float(scan["noise_std"]), flag)[0, 0].numpy()
+
+    def psnr(sr: np.ndarray, truth: np.ndarray) -> float:
+        brain = foreground(truth)
+        return float(10 * np.log10(np.ptp(truth[brain]) ** 2 / np.mean((sr - truth)[brain] ** 2)))
+
+    def gaps(scan: dict[str, Any], sr: np.ndarray) -> list[float]:
+        truth, out = scan["lesions_truth"], []
+        for k, site in enumerate(json.loads(str(scan["sites"])), 1):
+            if site["kind"] == "added" and site["label"] == "6 mm" and thinned(site):
+                inside = scan["site_labels"] == k
+                shell = ndimage.binary_dilation(inside, iterations=2) & ~inside
+                change = (sr[inside].mean() - sr[shell].mean()) - (truth[inside].mean() - truth[shell].mean())
+                out.append(site["data_alone"] - 1 - change / site["contrast"])
+        return out
+
+    results = {}
+    for level in levels:
+        gains = {spec: psnr(refitted(s, "free", level), s["free_truth"]) - psnr(s["free_mean"], s["free_truth"])
+                 for spec, s in scans.items()}
+        before = [g for s in scans.values() for g in gaps(s, s["lesions_mean"])]
+        after = [g for s in scans.values() for g in gaps(s, refitted(s, "lesions", level))]
+        results[level] = {"psnr_gain_db": gains, "mean_gain_db": float(np.mean(list(gains.values()))),
+                          "gap_before": float(np.mean(before)), "gap_after": float(np.mean(after)), "n": len(before)}
+        r = results[level]
+        print(f"level {level:g}: lesion-free PSNR gain {', '.join(f'{k} {v:+.3f}' for k, v in gains.items())} dB "
+              f"(mean {r['mean_gain_db']:+.3f}); thinned 6 mm gap {r['gap_before']:.3f} -> {r['gap_after']:.3f} "
+              f"({100 * (1 - r['gap_after'] / r['gap_before']):.0f} % smaller, n = {r['n']})")
+    return results
+
+
 def refit_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """PSNR and coverage in the brain of each lesion-free scan, without and with the refit."""
     calibration = pipe.calibration_for(pipe.sampling_settings(num_samples=args.samples))
@@ -174,6 +224,7 @@ def main() -> None:
     parser.add_argument("--scans", nargs="+", required=True, help="NAME:N (synthetic subject N) or NAME")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--choose", action="store_true", help="apply the design rule")
+    parser.add_argument("--refit-levels", help="comma-separated levels: refit the saved means at each")
     parser.add_argument("--refit-check", action="store_true", help="PSNR and coverage with and without the refit")
     parser.add_argument("--size", type=float, default=DataDisagreement.size_mm)
     parser.add_argument("--threshold", type=float, default=DataDisagreement.threshold)
@@ -194,6 +245,10 @@ def main() -> None:
         if not path.is_file():
             run_scan(pipe, spec, path, args)
         scans[spec] = dict(np.load(path))
+    if args.refit_levels:
+        result = refit_levels(scans, [float(v) for v in args.refit_levels.split(",")])
+        (args.out / "refit_levels.json").write_text(json.dumps(result, indent=1))
+        return
     if args.choose:
         result = choose(scans)
         for candidate in result["candidates"]:
