@@ -260,7 +260,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return {"num_inference_steps": args.sampling_steps, "eta": args.eta, "strength": args.strength,
             "num_samples": args.samples, "patch_size": args.patch_size, "skip_background": args.skip_background,
             "guidance": args.guidance, "batch_size": args.batch_size, "share_first_call": args.share_first_call,
-            "generator": torch.Generator().manual_seed(args.seed)}
+            "refit_disagreement": args.refit_disagreement, "generator": torch.Generator().manual_seed(args.seed)}
 
 
 def _acquisition_kwargs(args: argparse.Namespace) -> dict:
@@ -705,6 +705,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
                         "folder's; on for models/heads2d; --no-share-first-call turns it off)")
     p.add_argument("--guidance", choices=("projection", "gradient", "none"), default="projection",
                    help="data consistency during sampling (default: projection); outputs are always projected")
+    p.add_argument("--refit-disagreement", action="store_true",
+                   help="with --noise-std: fit the data exactly where the mean departs from them by more than the "
+                        "noise explains (a lesion-free prior thins lesions there; benchmarks/DATA_DISAGREEMENT.md)")
     p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--allow-pickle", action="store_true",

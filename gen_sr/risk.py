@@ -96,6 +96,8 @@ class SamplingSettings:
         num_samples: samples per run (the std of fewer samples is noisier).
         strength: where the reverse process starts (1: pure noise).
         share_first_call: whether the samples shared the first network call (the pipeline's option).
+        refit_disagreement: whether the data were fitted exactly where the mean departed from them (the pipeline's
+            option; it narrows the spread there).
     """
 
     scheduler: str
@@ -103,17 +105,20 @@ class SamplingSettings:
     num_samples: int
     strength: float = 1.0
     share_first_call: bool = False
+    refit_disagreement: bool = False
 
     def describe(self) -> str:
         start = "" if self.strength == 1 else f", strength {self.strength:g}"
         shared = ", first call shared" if self.share_first_call else ""
-        return f"{self.num_samples} samples x {self.num_inference_steps} {self.scheduler} steps{start}{shared}"
+        refit = ", refitted where the data disagree" if self.refit_disagreement else ""
+        return f"{self.num_samples} samples x {self.num_inference_steps} {self.scheduler} steps{start}{shared}{refit}"
 
     @classmethod
     def of_run(cls, metadata: Mapping[str, Any]) -> SamplingSettings:
         """The settings of a pipeline run, from its metadata (the ``.json`` that ``super-resolve`` writes)."""
         return cls(str(metadata["scheduler"]), int(metadata["num_inference_steps"]), int(metadata["num_samples"]),
-                   float(metadata.get("strength", 1.0)), bool(metadata.get("share_first_call", False)))
+                   float(metadata.get("strength", 1.0)), bool(metadata.get("share_first_call", False)),
+                   bool(metadata.get("refit_disagreement", False)))
 
 
 @dataclass

@@ -223,3 +223,10 @@ def test_a_calibration_records_its_sampler_settings_and_a_run_with_others_warns(
     for other in ({"num_inference_steps": 3}, {"num_samples": 3}, {"strength": 0.5}):
         with pytest.warns(CalibrationMismatchWarning, match="made with 2 samples x 2 DDIMDataConsistencyScheduler"):
             pipe(cases[0].lr, **(settings | other))
+    # the refit where the data disagree narrows the spread there: a calibration made without it does not hold for it;
+    # without noise it does nothing, so the calibration holds
+    with pytest.warns(CalibrationMismatchWarning, match="refitted where the data disagree"):
+        pipe(cases[0].lr, **settings, noise_std=0.05, refit_disagreement=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationMismatchWarning)
+        pipe(cases[0].lr, **settings, refit_disagreement=True)

@@ -375,7 +375,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         y = torch.from_numpy(norm(canon.data.astype(np.float32)))[None, None].to(device, work)
         sigma = noise_std / norm.scale
         settings = self.sampling_settings(num_samples=num_samples, num_inference_steps=num_inference_steps,
-                                          strength=strength, share_first_call=share_first_call)
+                                          strength=strength, share_first_call=share_first_call,
+                                          refit_disagreement=refit_disagreement, noise_std=noise_std)
         calibration = self.calibration_for(settings, warn=True)
         region = None
         if calibration_region is not None:
@@ -539,14 +540,19 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------- helpers
     def sampling_settings(self, *, num_samples: int = DEFAULT_NUM_SAMPLES, num_inference_steps: int | None = None,
-                          strength: float = 1.0, share_first_call: bool | None = None, **_: Any) -> SamplingSettings:
+                          strength: float = 1.0, share_first_call: bool | None = None,
+                          refit_disagreement: bool = False, noise_std: float | None = None,
+                          **_: Any) -> SamplingSettings:
         """The sampler settings of a call with these arguments (the others, e.g. ``generator``, are ignored): what a
         calibration records and a run is checked against. ``share_first_call`` is what the run does: the model
-        card's default where not given, and off where fewer than two steps are run."""
+        card's default where not given, and off where fewer than two steps are run; likewise
+        ``refit_disagreement`` is off for a run given ``noise_std`` 0 (``None``: not known here, as for a calibration,
+        which draws its own noise)."""
         steps = int(num_inference_steps or self.model_card.num_inference_steps)
         share = self.model_card.share_first_call if share_first_call is None else share_first_call
         return SamplingSettings(self.sampler_name, steps, int(num_samples), float(strength),
-                                bool(share) and max(1, round(strength * steps)) >= 2)
+                                bool(share) and max(1, round(strength * steps)) >= 2,
+                                bool(refit_disagreement) and (noise_std is None or noise_std > 0))
 
     def _denoise(self, model_input: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, batch_size: int) -> torch.Tensor:
         """The network's output on ``model_input`` ``(B, C, *latent)`` with its conditions ``cond``, in batches of
