@@ -705,9 +705,10 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
                         "folder's; on for models/heads2d; --no-share-first-call turns it off)")
     p.add_argument("--guidance", choices=("projection", "gradient", "none"), default="projection",
                    help="data consistency during sampling (default: projection); outputs are always projected")
-    p.add_argument("--refit-disagreement", action="store_true",
+    p.add_argument("--refit-disagreement", action=argparse.BooleanOptionalAction, default=None,
                    help="with --noise-std: fit the data exactly where the mean departs from them by more than the "
-                        "noise explains (a lesion-free prior thins lesions there; benchmarks/DATA_DISAGREEMENT.md)")
+                        "noise explains (a lesion-free prior thins lesions there; benchmarks/DATA_DISAGREEMENT.md); "
+                        "default: the model folder's (on for models/heads2d)")
     p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--allow-pickle", action="store_true",

@@ -167,6 +167,8 @@ class ModelCard:
         num_inference_steps: the default number of sampling steps.
         share_first_call: the default of the pipeline's ``share_first_call``: the first network call is made once
             for all samples (its clean-sample prediction, from pure noise, stands in for every sample's).
+        refit_disagreement: the default of the pipeline's ``refit_disagreement``: for runs given a noise std, the
+            data are fitted exactly where the samples' mean departs from them by more than the noise explains.
         trained_on: the training volumes as the experiment named them (sample names such as ``mni152``, or
             files); empty when not recorded. Quality is measured on heads not in this list.
         adapted: the fine-tuning on one scan (``gen-sr fit``), or ``None`` for a model that was not adapted.
@@ -182,6 +184,7 @@ class ModelCard:
     objective: Literal["diffusion", "regression"] = "diffusion"
     num_inference_steps: int = DEFAULT_INFERENCE_STEPS
     share_first_call: bool = False
+    refit_disagreement: bool = False
     trained_on: list[str] = field(default_factory=list)
     adapted: Adaptation | None = None
 
@@ -267,7 +270,9 @@ class ModelCard:
                 ("condition", f"{self.condition} interpolation of the LR" if self.condition != "pinv"
                  else "pseudo-inverse of the LR"),
                 ("objective", f"{self.objective}, {self.num_inference_steps} sampling step(s) by default"
-                              + (", the first network call shared by all samples" if self.share_first_call else "")),
+                              + (", the first network call shared by all samples" if self.share_first_call else "")
+                              + (", refitted to the data where they disagree (with a noise std)"
+                                 if self.refit_disagreement else "")),
                 ("held out", "not recorded" if self.holdout is None else
                  f"the last {self.holdout.fraction:.0%} along RAS+ axis {self.holdout.axis}"
                  + (f", and {self.holdout.calibration_fraction:.0%} before it for calibration"

@@ -250,7 +250,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         slice_profile: SliceProfile = "gaussian",
         slice_thickness: float | None = None,
         noise_std: float = 0.0,
-        refit_disagreement: bool = False,
+        refit_disagreement: bool | None = None,
         calibration_region: LRInput | None = None,
         num_inference_steps: int | None = None,
         eta: float = 0.0,
@@ -290,7 +290,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             refit_disagreement: with a noise std, after the noise-aware projection, fit the measurements exactly
                 where the samples' mean departs from them by more than the noise explains
                 (:func:`~gen_sr.pipelines.guidance.fit_where_data_disagree`); no effect on noise-free data, which
-                every sample fits exactly already.
+                every sample fits exactly already. Default: the model card's ``refit_disagreement``.
             calibration_region: for a per-scan calibration fitted per region (``Calibration.outside_scale``; ``gen-sr
                 fit --calibration-region``): the same mask on the input's own grid (anything ``lr`` may be; nonzero
                 inside), so that each scale holds where it was fitted; without it the larger holds everywhere.
@@ -489,7 +489,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             parts = gather_object([x.cpu()])
             x = torch.stack([parts[k % processes][k // processes] for k in range(num_samples)])
             x = x.to(device)
-        refit = bool(refit_disagreement) and sigma > 0
+        refit = settings.refit_disagreement
         if refit:
             x = fit_where_data_disagree(x, operator, y, sigma)
         residuals = operator.residual(x, y.expand(x.shape[0], *y.shape[1:])).tolist()
@@ -541,15 +541,17 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------- helpers
     def sampling_settings(self, *, num_samples: int = DEFAULT_NUM_SAMPLES, num_inference_steps: int | None = None,
                           strength: float = 1.0, share_first_call: bool | None = None,
-                          refit_disagreement: bool = False, noise_std: float | None = None,
+                          refit_disagreement: bool | None = None, noise_std: float | None = None,
                           **_: Any) -> SamplingSettings:
         """The sampler settings of a call with these arguments (the others, e.g. ``generator``, are ignored): what a
         calibration records and a run is checked against. ``share_first_call`` is what the run does: the model
         card's default where not given, and off where fewer than two steps are run; likewise
-        ``refit_disagreement`` is off for a run given ``noise_std`` 0 (``None``: not known here, as for a calibration,
-        which draws its own noise)."""
+        ``refit_disagreement`` (the card's default where not given) is off for a run given ``noise_std`` 0 (``None``:
+        not known here, as for a calibration, which draws its own noise)."""
         steps = int(num_inference_steps or self.model_card.num_inference_steps)
         share = self.model_card.share_first_call if share_first_call is None else share_first_call
+        if refit_disagreement is None:
+            refit_disagreement = self.model_card.refit_disagreement
         return SamplingSettings(self.sampler_name, steps, int(num_samples), float(strength),
                                 bool(share) and max(1, round(strength * steps)) >= 2,
                                 bool(refit_disagreement) and (noise_std is None or noise_std > 0))
