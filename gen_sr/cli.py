@@ -603,8 +603,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
                     overwrite=args.overwrite, **_acquisition_kwargs(args), **_sampling_kwargs(args))
     print(f"verdict:  {payload['verdict']['text']}")
     if (departs := payload["data_disagreement"]) is not None:
-        print(f"data:     {departs['flagged_percent']:.1f} % departs from the measured slices beyond their noise "
-              f"(data disagreement > {departs['threshold']:g}; its largest regions are in the report)")
+        when = {"before_refit": " before the refit (then fitted to them)", "after_refit": " after the refit"}
+        print(f"data:     {departs['flagged_percent']:.1f} % departs from the measured slices beyond their noise"
+              f"{when.get(departs['stage'], '')} (data disagreement > {departs['threshold']:g}; its largest regions "
+              "are in the report)")
     for method, row in (payload.get("metrics") or {}).items():
         print(f"          {method:<10} PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}")
     print(f"wrote:    {out / 'report.html'} (open it in any browser; it is self-contained), report.json, maps")

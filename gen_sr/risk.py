@@ -367,6 +367,9 @@ class DataDisagreement:
         """The flagged voxels (boolean) of a :meth:`statistic` map."""
         return statistic > self.threshold
 
-    def describe(self) -> str:
-        return (f"local mean of ((A x - y) / noise std)^2 over {self.size_mm:g} mm (FWHM), over its median in the "
+    def describe(self, before_refit: bool = False) -> str:
+        """The statistic in words; ``before_refit``: of an output before the refit above ``refit_level``."""
+        text = (f"local mean of ((A x - y) / noise std)^2 over {self.size_mm:g} mm (FWHM), over its median in the "
                 f"measurement's foreground; flagged above {self.threshold:g}")
+        return text + (f"; of the samples' mean before the data were refitted where it exceeded {self.refit_level:g}"
+                       if before_refit else "")

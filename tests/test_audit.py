@@ -141,3 +141,22 @@ def test_audit_of_two_coarse_axes_says_what_each_stack_of_slices_keeps(tmp_path:
     rows = {(r["axis"], r["size_mm"]): r for r in payload["thin_structures"]["rows"]}
     assert {axis for axis, _ in rows} == {three, six}
     assert rows[six, 2.0]["best_percent"] < rows[three, 2.0]["best_percent"]
+
+
+def test_the_audit_of_a_refitted_run_says_where_the_prior_departed_from_the_data(tmp_path: Path, capsys) -> None:
+    f = _files(tmp_path)
+    run = ["--samples", "2", "--steps", "2", "--slice-thickness", "3", "--noise-std", "2.0", "--refit-disagreement"]
+    out = tmp_path / "audit"
+    assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out), *run]) == 0
+    assert "before the refit" in capsys.readouterr().out
+    section = json.loads((out / "report.json").read_text())["data_disagreement"]
+    assert section["stage"] == "before_refit" and "before the output was fitted to the data" in section["text"]
+    # reusing a refitted run: the map is of its output, after the refit, and says so
+    sr, std = tmp_path / "sr.nii.gz", tmp_path / "std.nii.gz"
+    assert main(["super-resolve", "--model", str(f["model"]), "--input", str(f["lr"]), "--output", str(sr), "--std",
+                 str(std), *run]) == 0
+    again = tmp_path / "again"
+    assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(again),
+                 "--reuse", str(sr), str(std)]) == 0
+    section = json.loads((again / "report.json").read_text())["data_disagreement"]
+    assert section["stage"] == "after_refit" and "only what remains" in section["text"]

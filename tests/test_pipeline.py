@@ -151,6 +151,9 @@ def test_noise_aware_projection_stops_at_the_noise_level() -> None:
     refit = _pipe(2)(lr, num_samples=2, generator=_gens(0, 1), noise_std=2.0, refit_disagreement=True, **RUN)
     assert refit.metadata["refit_disagreement"] is True and out.metadata["refit_disagreement"] is False
     assert max(refit.metadata["relative_residual"]) < max(out.metadata["relative_residual"])
+    # its map is the mean's before the refit: where the prior departed from the data, as without the refit
+    np.testing.assert_allclose(refit.data_disagreement, out.data_disagreement, rtol=1e-5, atol=1e-6)
+    assert "before the data were refitted" in refit.metadata["data_disagreement"]
     plain, same = (_pipe(2)(lr, num_samples=1, generator=_gens(0), refit_disagreement=r, **RUN) for r in (False, True))
     np.testing.assert_array_equal(plain.mean, same.mean)
     assert same.metadata["refit_disagreement"] is False

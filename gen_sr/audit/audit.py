@@ -197,6 +197,8 @@ def audit(
         outside = pipe.outside_training(canon_lr, operator, norm, axes)
     return build_report(out, lr=lr, mean=maps["mean"], std=maps["std"], risk=maps["risk"],
                         dc_residual=maps["dc_residual"], disagreement=maps.get("data_disagreement"),
+                        disagreement_stage=("after_refit" if reuse is not None else "before_refit")
+                        if meta.get("refit_disagreement") else "output",
                         card=card, risk_threshold=risk_threshold,
                         calibrated=calibration is not None, masks=masks, reference=reference, metrics=metrics,
                         calibration_curve=curve, input_name=input_name,

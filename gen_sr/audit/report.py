@@ -40,6 +40,7 @@ __all__ = ["BACKGROUND", "DISCLAIMER", "PeakRule", "build_report", "risk_cluster
 
 def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volume, risk: Volume, dc_residual: Volume,
                  disagreement: Volume | None = None, disagreement_flag: DataDisagreement | None = None,
+                 disagreement_stage: str = "output",
                  card: dict[str, Any], risk_threshold: float, calibrated: bool, masks: dict[str, Volume] | None = None,
                  reference: Volume | None = None, metrics: dict[str, dict[str, float]] | None = None,
                  calibration_curve: dict[str, Any] | None = None, input_name: str, sr_axis: int,
@@ -66,7 +67,8 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
         disagreement: the data-disagreement map of a run given a noise std
             (:meth:`~gen_sr.risk.DataDisagreement.statistic`), flagged at ``disagreement_flag``'s threshold (default:
             the class defaults) and shown as "Where the output departs from the data" (``None``: the section says
-            that it needs a noise std).
+            that it needs a noise std); ``disagreement_stage``: what it is of (see
+            :func:`~gen_sr.audit.summary.data_disagreement`).
         visibility: what the measurements keep of thin structures (:func:`~gen_sr.physics.structure_visibility`
             of the run's operator), shown as "What the slices cannot show" (``None``: not shown).
 
@@ -94,7 +96,8 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
         d = Volume(maps["disagreement"], risk.affine)
         departs = data_disagreement(flag, flagged=int(np.count_nonzero(flag.flags(d.data) & fg)),
                                     foreground_voxels=int(fg.sum()), foreground=fg_label,
-                                    clusters=risk_clusters(d, flag.threshold, masks=masks, top=5))
+                                    clusters=risk_clusters(d, flag.threshold, masks=masks, top=5),
+                                    stage=disagreement_stage)
     summary = verdict(flagged=int(np.count_nonzero(flagged)), foreground_voxels=int(fg.sum()), foreground=fg_label,
                       voxel_mm3=abs(float(np.linalg.det(risk.affine[:3, :3]))), flagged_of_volume=float(np.mean(r > t)),
                       clusters=all_clusters, threshold=t, calibrated=calibrated, alpha=alpha,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from nibabel.affines import obliquity
@@ -166,21 +166,39 @@ def thin_structures(records: Sequence[StructureVisibility]) -> dict[str, Any]:
 
 
 def data_disagreement(flag: DataDisagreement, *, flagged: int, foreground_voxels: int, foreground: str,
-                      clusters: list[dict[str, Any]]) -> dict[str, Any]:
+                      clusters: list[dict[str, Any]],
+                      stage: Literal["output", "before_refit", "after_refit"] = "output") -> dict[str, Any]:
     """The section on where the output departs from the measured data (:class:`~gen_sr.risk.DataDisagreement`):
     the flagged share of the foreground, its largest clusters (:func:`~gen_sr.audit.clusters.risk_clusters` of the
-    statistic) and what a flag means."""
+    statistic) and what they mean. ``stage``: the map is of the output (``"output"``), of the samples' mean before the
+    pipeline refitted the data where it exceeded the refit level (``"before_refit"``), or of a reused output after
+    that refit (``"after_refit"``: only what remains)."""
     region = foreground.split(" (")[0]
     pct = 100 * flagged / max(foreground_voxels, 1)
-    text = (f"{pct:.1f} % of the {region} departs from the measured slices by more than their noise explains "
-            f"(the local mean of the squared residual, in units of the noise variance and over a {flag.size_mm:g} mm "
-            f"window, is more than {flag.threshold:g} times its typical value). The samples' spread cannot show this: "
-            "where the model's prior pulls every sample alike away from what the slices carry (for example a lesion "
-            "shown fainter than the data allow), the samples agree and the risk map stays low, but the output no "
-            "longer fits the measurements there. Measured on validation brains with inserted lesions at SNR 30 "
-            "(the demo model): the regions above this level held about twice the error of the rest, and about half "
-            "of the 6 mm lesions that the model showed fainter than the slices carry lay in one. It is a "
-            "measurement of disagreement, not a lesion detector: a region below the level is not proof of a "
-            "faithful output. Where it is high, compare the output with the input slices.")
+    level = (f"(the local mean of the squared residual, in units of the noise variance and over a {flag.size_mm:g} mm "
+             f"window, is more than {flag.threshold:g} times its typical value)")
+    spread = ("The samples' spread cannot show this: where the model's prior pulls every sample alike away from what "
+              "the slices carry (for example a lesion shown fainter than the data allow), the samples agree and the "
+              "risk map stays low.")
+    validated = ("Measured on validation brains with inserted lesions at SNR 30 (the demo model, without the refit): "
+                 "the regions above this level held about twice the error of the rest, and about half of the 6 mm "
+                 "lesions that the model showed fainter than the slices carry lay in one. It is a measurement of "
+                 "disagreement, not a lesion detector: a region below the level is not proof of a faithful output.")
+    if stage == "before_refit":
+        text = (f"In {pct:.1f} % of the {region} the model's samples departed from the measured slices by more than "
+                f"their noise explains {level}, before the output was fitted to the data there (the pipeline's "
+                f"refit where the data disagree). {spread} After the refit the output agrees with what the slices "
+                "measure, but what they cannot measure there (detail finer than a slice) still comes from a prior "
+                f"that disagreed with the data. {validated} Compare the output with the input slices at these places.")
+    elif stage == "after_refit":
+        text = (f"{pct:.1f} % of the {region} still departs from the measured slices by more than their noise "
+                f"explains {level}. This map is computed from the reused output, after the run refitted the data "
+                "where its samples departed from them: it shows only what remains, not where the refit acted (the "
+                f"super-resolve run's --data-disagreement map shows that). {spread}")
+    else:
+        text = (f"{pct:.1f} % of the {region} departs from the measured slices by more than their noise explains "
+                f"{level}. {spread} The output no longer fits the measurements there. {validated} Where it is high, "
+                "compare the output with the input slices.")
     return {"text": text, "flagged_percent": pct, "flagged_voxels": flagged, "size_mm": flag.size_mm,
-            "threshold": flag.threshold, "definition": flag.describe(), "clusters": clusters}
+            "threshold": flag.threshold, "stage": stage, "definition": flag.describe(stage == "before_refit"),
+            "clusters": clusters}

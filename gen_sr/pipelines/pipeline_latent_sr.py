@@ -86,7 +86,8 @@ class SRPipelineOutput(BaseOutput):
         data_disagreement: where the mean departs from the measurement by more than its noise explains
             (:class:`~gen_sr.risk.DataDisagreement`: the local mean of ``((A x − y)/σ)²`` over its median, unitless;
             flagged above the class's threshold), or ``None`` for a run given no noise std (with noise-free data
-            the projection leaves no residual to judge).
+            the projection leaves no residual to judge). With ``refit_disagreement`` it is the samples' mean before
+            the refit: where the prior departed from the data (the output was then fitted to them there).
         affine: the HR voxel-to-world affine of the outputs.
         metadata: seeds, steps, operator, guidance, final relative residuals ``‖A x − y‖/‖y‖`` and timings.
     """
@@ -489,6 +490,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             parts = gather_object([x.cpu()])
             x = torch.stack([parts[k % processes][k // processes] for k in range(num_samples)])
             x = x.to(device)
+        # where the samples' mean departs from the data beyond the noise (before a refit: where the prior did)
+        disagreement = (DataDisagreement().statistic(operator, x.mean(dim=0, keepdim=True), y, sigma)
+                        if sigma > 0 else None)
         refit = settings.refit_disagreement
         if refit:
             x = fit_where_data_disagree(x, operator, y, sigma)
@@ -499,7 +503,6 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         std = x.std(dim=0, unbiased=False, keepdim=True)
         risk = risk_map(std, mean, calibration, sigma, region=region)
         dc = operator.residual_map(mean, y)
-        disagreement = DataDisagreement().statistic(operator, mean, y, sigma) if sigma > 0 else None
         timings["stitch_uncertainty_s"] = time.perf_counter() - tic
 
         # 9. output: back to input units and orientation
@@ -529,7 +532,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "relative_residual": residuals,
             "normalization": norm.to_dict(),
             "risk": describe_risk(calibration) | {"calibration_region": region is not None},
-            "data_disagreement": None if disagreement is None else DataDisagreement().describe(),
+            "data_disagreement": None if disagreement is None else DataDisagreement().describe(before_refit=refit),
             "outside_training": outside,
             "timings": timings,
         }
