@@ -157,11 +157,11 @@ def thin_structures(records: Sequence[StructureVisibility]) -> dict[str, Any]:
             "thicknesses parallel to the slices, lying on a slice centre (the best case) or between two slices; a "
             "small lesion of the same thickness keeps less. What the slices lose, only the model's prior can fill "
             "in, and a prior trained without lesions does not: in the lesion stress test of the demo model, lesions "
-            "half a slice thick appeared about as faint as the slices carry them (fainter still with noise, where "
-            "some lesions 1.5 slices thick vanished too), and its samples agreed there, so the risk map did not "
-            "flag them. Expect the same of any model trained without lesions: a lesion thinner than a slice, and "
-            "with noise a larger one, may appear faint, or not at all, without a flag. Where the output departs "
-            "from the measured data, the data-consistency residual map shows it.")
+            "half a slice thick appeared about as faint as the slices carry them (fainter still with noise; "
+            "lesions 1.5 slices thick lost contrast too, until the refit where the data disagree gave it back), "
+            "and its samples agreed there, so the risk map did not flag them. Expect the same of any model trained "
+            "without lesions: a lesion thinner than a slice may appear faint, or not at all, without a flag. Where "
+            "the output departs from the measured data, the next section shows it.")
     return {"text": text, "rows": rows}
 
 
