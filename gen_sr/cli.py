@@ -474,13 +474,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     target = Path(args.model) / CALIBRATION_FILE
     check_output_file(target, overwrite=True)
     pipe = _load_pipeline(args)
-    settings = pipe.sampling_settings(**_sampling_kwargs(args))
+    cases = _cases(args, pipe)
+    noise = {"noise_std": max(c.noise_std for c in cases)}  # noise-free cases: no refit, whatever the card says
+    settings = pipe.sampling_settings(**noise, **_sampling_kwargs(args))
     made = pipe.calibrations.find(settings)
     if made is not None and not args.overwrite:
         raise InputError(f"the model is calibrated already for {settings.describe()}", target,
                          "pass --overwrite to replace that calibration, or calibrate other settings (--scheduler, "
                          "--steps, --samples)")
-    cases = _cases(args, pipe)
     try:
         check_calibration_settings(len(cases), alpha=args.alpha, delta=args.delta, method=args.method,
                                    blocks=args.blocks, interval=args.interval)
@@ -499,7 +500,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise InputError(str(e), args.model) from e
     cal = result.calibration
     # the settings of a plain run
-    default = args.scheduler is None and args.timestep_spacing is None and settings == pipe.sampling_settings()
+    default = args.scheduler is None and args.timestep_spacing is None and settings == pipe.sampling_settings(**noise)
     pipe.calibrations = pipe.calibrations.with_record(cal, first=default)
     pipe.calibrations.save(args.model)
     kept = [r.sampling.describe() for r in pipe.calibrations if r is not cal and r.sampling is not None]
@@ -537,7 +538,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cases = _cases(args, pipe)
     regression = _load_pipeline(args, args.regression_model) if args.regression_model else None
     rows = evaluate(pipe, cases, regression=regression, **_sampling_kwargs(args))
-    calibration = pipe.calibration_for(pipe.sampling_settings(**_sampling_kwargs(args)))  # the one the runs used
+    settings = pipe.sampling_settings(noise_std=max(c.noise_std for c in cases), **_sampling_kwargs(args))
+    calibration = pipe.calibration_for(settings)  # the one the runs used
     meta = {"model": str(args.model), "regression_model": args.regression_model, "data": list(args.data),
             "region": args.region, "slab_mm": args.slab,
             "operator": args.operator, "slice_thickness": args.slice_thickness, "profile": args.profile,

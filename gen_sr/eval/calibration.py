@@ -380,8 +380,9 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks,
                                interval=interval)
     volumes = calibration_volumes(pipe, cases, masks=masks, progress=progress, cache=cache, **pipe_kwargs)
+    sampling = pipe.sampling_settings(noise_std=max(c.noise_std for c in cases), **pipe_kwargs)  # noise-free: no refit
     return fit_volumes(volumes, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis, interval=interval,
-                       details=details, progress=progress, sampling=pipe.sampling_settings(**pipe_kwargs))
+                       details=details, progress=progress, sampling=sampling)
 
 
 def fit_volumes(volumes: Sequence[CalibrationVolume], *, alpha: float = 0.1, delta: float = 0.1,

@@ -264,7 +264,8 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
                                       **pipe_kwargs)
         counted = volumes if region is None else [dataclasses.replace(v, mask=v.mask & r)
                                                   for v, r in zip(volumes, inside, strict=True)]
-        result = fit_volumes(counted, details=info, sampling=pipe.sampling_settings(**pipe_kwargs), **fit)
+        sampling = pipe.sampling_settings(noise_std=max(c.noise_std for c in cases), **pipe_kwargs)
+        result = fit_volumes(counted, details=info, sampling=sampling, **fit)
         if region is not None:  # the whole foreground's, as without a region: it ranks models
             result.rmse = pooled_rmse(volumes)
         if reference_variance is not None:
