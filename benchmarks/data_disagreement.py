@@ -14,10 +14,10 @@ slices with the same Rician noise (SNR ``--snr``): lesion-free, and with the str
 * ``--choose``: per window size (2, 3, 4, 6 mm), the threshold that flags 2 % of the pooled lesion-free foreground
   (rounded up to 0.1), and the size whose 6 mm lesion site recall is highest (ties: the larger);
 * otherwise, at ``--size`` / ``--threshold`` (default: the class defaults): the pass criterion's three figures;
-* ``--refit-levels``: the refit (``gen_sr.pipelines.guidance.fit_where_data_disagree``) of the saved means at
-  each level: the lesion-free PSNR gain in the foreground per scan and the gap ``data_alone - recovered`` of the
-  thinned 6 mm lesions before and after (contrast against a two-voxel shell; the refit is linear, so the refitted
-  mean is the mean of the refitted samples);
+* ``--refit-levels``: the refit (``gen_sr.pipelines.guidance.fit_where_data_disagree``, window ``--size``) of the
+  saved means at each level: the lesion-free PSNR gain in the foreground per scan and the gap
+  ``data_alone - recovered`` of the thinned 6 and 2 mm lesions before and after (contrast against a two-voxel
+  shell; the refit is linear, so the refitted mean is the mean of the refitted samples);
 * ``--refit-check``: instead, each scan's lesion-free slab is super-resolved with and without ``refit_disagreement``
   (same seeds) and PSNR, the calibrated interval's coverage and the ±2σ coverage in the brain are printed (the
   refit's third criterion).
@@ -152,23 +152,24 @@ def report(result: dict[str, Any]) -> None:
           f"{p['error_ratio']:.2f}; caught: {recall}")
 
 
-def refit_levels(scans: dict[str, dict[str, Any]], levels: list[float]) -> dict[str, Any]:
-    """The refit of the saved means at each level: lesion-free PSNR gains and the thinned 6 mm lesions' gap."""
+def refit_levels(scans: dict[str, dict[str, Any]], levels: list[float], size_mm: float) -> dict[str, Any]:
+    """The refit of the saved means at each level (window ``size_mm``): lesion-free PSNR gains and the thinned
+    lesions' gap, per size."""
 
     def refitted(scan: dict[str, Any], tag: str, level: float) -> np.ndarray:
         operator = AcquisitionOperator.from_json(str(scan["operator"]))
         x, y = (torch.from_numpy(scan[f"{tag}_{k}"].astype(np.float64))[None, None] for k in ("mean", "lr"))
-        flag = DataDisagreement(refit_level=level)
+        flag = DataDisagreement(size_mm=size_mm, refit_level=level)
         return fit_where_data_disagree(x, operator, y, float(scan["noise_std"]), flag)[0, 0].numpy()
 
     def psnr(sr: np.ndarray, truth: np.ndarray) -> float:
         brain = foreground(truth)
         return float(10 * np.log10(np.ptp(truth[brain]) ** 2 / np.mean((sr - truth)[brain] ** 2)))
 
-    def gaps(scan: dict[str, Any], sr: np.ndarray) -> list[float]:
+    def gaps(scan: dict[str, Any], sr: np.ndarray, label: str) -> list[float]:
         truth, out = scan["lesions_truth"], []
         for k, site in enumerate(json.loads(str(scan["sites"])), 1):
-            if site["kind"] == "added" and site["label"] == "6 mm" and thinned(site):
+            if site["label"] == label and thinned(site):
                 inside = scan["site_labels"] == k
                 shell = ndimage.binary_dilation(inside, iterations=2) & ~inside
                 change = (sr[inside].mean() - sr[shell].mean()) - (truth[inside].mean() - truth[shell].mean())
@@ -179,14 +180,17 @@ def refit_levels(scans: dict[str, dict[str, Any]], levels: list[float]) -> dict[
     for level in levels:
         gains = {spec: psnr(refitted(s, "free", level), s["free_truth"]) - psnr(s["free_mean"], s["free_truth"])
                  for spec, s in scans.items()}
-        before = [g for s in scans.values() for g in gaps(s, s["lesions_mean"])]
-        after = [g for s in scans.values() for g in gaps(s, refitted(s, "lesions", level))]
-        results[level] = {"psnr_gain_db": gains, "mean_gain_db": float(np.mean(list(gains.values()))),
-                          "gap_before": float(np.mean(before)), "gap_after": float(np.mean(after)), "n": len(before)}
-        r = results[level]
+        lesions = {s: refitted(scan, "lesions", level) for s, scan in scans.items()}
+        r = results[level] = {"psnr_gain_db": gains, "mean_gain_db": float(np.mean(list(gains.values())))}
+        text = []
+        for label in ("6 mm", "2 mm"):
+            before = [g for s in scans.values() for g in gaps(s, s["lesions_mean"], label)]
+            after = [g for spec, s in scans.items() for g in gaps(s, lesions[spec], label)]
+            r[label] = {"gap_before": float(np.mean(before)), "gap_after": float(np.mean(after)), "n": len(before)}
+            text.append(f"thinned {label} gap {np.mean(before):.3f} -> {np.mean(after):.3f} "
+                        f"({100 * (1 - np.mean(after) / np.mean(before)):.0f} % smaller, n = {len(before)})")
         print(f"level {level:g}: lesion-free PSNR gain {', '.join(f'{k} {v:+.3f}' for k, v in gains.items())} dB "
-              f"(mean {r['mean_gain_db']:+.3f}); thinned 6 mm gap {r['gap_before']:.3f} -> {r['gap_after']:.3f} "
-              f"({100 * (1 - r['gap_after'] / r['gap_before']):.0f} % smaller, n = {r['n']})")
+              f"(mean {r['mean_gain_db']:+.3f}); {'; '.join(text)}")
     return results
 
 
@@ -246,7 +250,7 @@ def main() -> None:
             run_scan(pipe, spec, path, args)
         scans[spec] = dict(np.load(path))
     if args.refit_levels:
-        result = refit_levels(scans, [float(v) for v in args.refit_levels.split(",")])
+        result = refit_levels(scans, [float(v) for v in args.refit_levels.split(",")], args.size)
         (args.out / "refit_levels.json").write_text(json.dumps(result, indent=1))
         return
     if args.choose:
