@@ -206,6 +206,8 @@ def test_a_calibration_records_its_sampler_settings_and_a_run_with_others_warns(
     from gen_sr.volume import Volume
 
     pipe = tiny_pipeline()
+    # a card that refits where the data disagree: noise-free cases and runs do not (it does nothing there)
+    pipe.model_card = dataclasses.replace(pipe.model_card, refit_disagreement=True)
     rng = np.random.default_rng(0)
     cases = [simulate_case(Volume(rng.random((16, 16, 12)).astype(np.float32) + 0.5, np.eye(4)), f"v{k}",
                            thickness=3.0) for k in range(3)]
@@ -233,13 +235,9 @@ def test_a_calibration_records_its_sampler_settings_and_a_run_with_others_warns(
 
 
 def test_the_refit_is_in_the_settings_only_where_the_runs_have_noise() -> None:
-    """A model card that refits by default: runs and calibrations given noise record it, noise-free ones do not (the
-    refit does nothing there), so a noise-free calibration holds for noise-free runs."""
+    """A model card that refits by default: runs given noise record it, noise-free ones do not (the refit does
+    nothing there), and calibrations decide from their own cases (the test above)."""
     from helpers import tiny_pipeline
-
-    from gen_sr.eval.calibration import calibrate
-    from gen_sr.eval.cases import simulate_case
-    from gen_sr.volume import Volume
 
     pipe = tiny_pipeline()
     pipe.model_card = dataclasses.replace(pipe.model_card, refit_disagreement=True)
@@ -248,9 +246,3 @@ def test_the_refit_is_in_the_settings_only_where_the_runs_have_noise() -> None:
     assert pipe.sampling_settings().refit_disagreement is True  # noise not known (a calibration's own cases decide)
     assert pipe.sampling_settings(noise_std=0.05, refit_disagreement=False).refit_disagreement is False
     assert "refitted where the data disagree" in pipe.sampling_settings(noise_std=0.05).describe()
-    rng = np.random.default_rng(1)
-    cases = [simulate_case(Volume(rng.random((16, 16, 12)).astype(np.float32) + 0.5, np.eye(4)), f"v{k}",
-                           thickness=3.0) for k in range(3)]
-    result = calibrate(pipe, cases, method="crc", alpha=0.3, progress=False, num_samples=2, num_inference_steps=2,
-                       batch_size=16, generator=[torch.Generator().manual_seed(k) for k in range(2)])
-    assert result.calibration.sampling.refit_disagreement is False  # noise-free cases

@@ -195,10 +195,12 @@ def audit(
     outside = meta.get("outside_training")  # runs recorded before the check have none: check now
     if outside is None:
         outside = pipe.outside_training(canon_lr, operator, norm, axes)
+    stage = "output"  # a refitted run's map: its mean before the refit, or only what remains of a reused output
+    if meta.get("refit_disagreement"):
+        stage = "after_refit" if reuse is not None else "before_refit"
     return build_report(out, lr=lr, mean=maps["mean"], std=maps["std"], risk=maps["risk"],
                         dc_residual=maps["dc_residual"], disagreement=maps.get("data_disagreement"),
-                        disagreement_stage=("after_refit" if reuse is not None else "before_refit")
-                        if meta.get("refit_disagreement") else "output",
+                        disagreement_stage=stage,
                         card=card, risk_threshold=risk_threshold,
                         calibrated=calibration is not None, masks=masks, reference=reference, metrics=metrics,
                         calibration_curve=curve, input_name=input_name,
