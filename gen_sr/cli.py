@@ -469,13 +469,14 @@ def _cases(args: argparse.Namespace, pipe) -> list:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from gen_sr.eval.calibration import calibrate, check_calibration_settings
+    from gen_sr.eval.cases import cases_noise_std
     from gen_sr.risk import CALIBRATION_FILE
 
     target = Path(args.model) / CALIBRATION_FILE
     check_output_file(target, overwrite=True)
     pipe = _load_pipeline(args)
     cases = _cases(args, pipe)
-    noise = {"noise_std": max(c.noise_std for c in cases)}  # noise-free cases: no refit, whatever the card says
+    noise = {"noise_std": cases_noise_std(cases)}  # noise-free cases: no refit, whatever the card says
     settings = pipe.sampling_settings(**noise, **_sampling_kwargs(args))
     made = pipe.calibrations.find(settings)
     if made is not None and not args.overwrite:
@@ -530,6 +531,7 @@ def _output_dir(args: argparse.Namespace, *markers: str) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from gen_sr.eval.cases import cases_noise_std
     from gen_sr.eval.evaluate import evaluate
     from gen_sr.eval.tables import markdown_table, summarize, write_table
 
@@ -538,7 +540,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cases = _cases(args, pipe)
     regression = _load_pipeline(args, args.regression_model) if args.regression_model else None
     rows = evaluate(pipe, cases, regression=regression, **_sampling_kwargs(args))
-    settings = pipe.sampling_settings(noise_std=max(c.noise_std for c in cases), **_sampling_kwargs(args))
+    settings = pipe.sampling_settings(noise_std=cases_noise_std(cases), **_sampling_kwargs(args))
     calibration = pipe.calibration_for(settings)  # the one the runs used
     meta = {"model": str(args.model), "regression_model": args.regression_model, "data": list(args.data),
             "region": args.region, "slab_mm": args.slab,

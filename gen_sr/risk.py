@@ -353,7 +353,9 @@ class DataDisagreement:
         q = ((operator.forward(x) - y) / noise_std).square()
         per_entry = (*y.shape[:2], *(1,) * (y.ndim - 2))
         values = y.flatten(2)
-        values = values[..., :: values.shape[-1] // 1_000_000 + 1]  # quantile() has a size limit; a subsample will do
+        if values.shape[-1] > 1_000_000:  # quantile() has a size limit; a seeded random subsample will do
+            pick = torch.randperm(values.shape[-1], generator=torch.Generator().manual_seed(0))[:1_000_000]
+            values = values[..., pick.to(values.device)]
         inside = (y > self.foreground * torch.quantile(values, 0.99, dim=-1).reshape(per_entry)).to(q)
         sigmas = [self.size_mm / (2 * math.sqrt(2 * math.log(2)) * s) for s in operator.lr_spacing]
         kernels = [gaussian_1d(torch.tensor(s), normalize=True).to(q) for s in sigmas]

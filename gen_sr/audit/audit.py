@@ -67,10 +67,12 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
                          f"{tuple(operator.hr_shape)} to {tuple(operator.lr_shape)}", meta_path)
     as_tensor = lambda v: torch.from_numpy(v.data.astype(np.float64))[None, None]  # noqa: E731
     dc = operator.residual_map(as_tensor(canon_mean), as_tensor(canon_lr))[0, 0].numpy()
-    sigma = float(meta.get("noise_std") or 0.0)
-    disagreement = (DataDisagreement().statistic(operator, as_tensor(canon_mean), as_tensor(canon_lr), sigma)[0, 0]
-                    .numpy() if sigma > 0 else None)
-    scale = pipe.intensity_normalization(canon_lr.data).scale
+    norm = pipe.intensity_normalization(canon_lr.data)
+    scale, sigma = norm.scale, float(meta.get("noise_std") or 0.0)
+    disagreement = None
+    if sigma > 0:  # in the pipeline's normalised units, as the pipeline computed it (its foreground is not offset-free)
+        normalised = [torch.from_numpy(norm(v.data.astype(np.float64)))[None, None] for v in (canon_mean, canon_lr)]
+        disagreement = DataDisagreement().statistic(operator, *normalised, sigma / scale)[0, 0].numpy()
     region = None if calibration_region is None else pipe.calibration_region_mask(lr, calibration_region, mean)
     risk = risk_map(std.data, mean.data, _run_calibration(pipe, meta), meta.get("noise_std") or 0.0, scale, region)
     maps = {"mean": mean, "std": std, "risk": std.with_data(np.asarray(risk, dtype=np.float32)),

@@ -117,8 +117,9 @@ def orthogonal_views(maps: Mapping[str, Volume], centre: np.ndarray, threshold: 
          f"|A x − y| ({INTENSITY_UNIT})", None),
     ]
     if "disagreement" in data and disagreement_threshold is not None:
-        rows.append(("disagreement", "Data disagreement over the SR mean (where it departs from the slices by more "
-                     "than their noise)", over_mean(data["disagreement"], disagreement_threshold, "PuBu"),
+        rows.append(("disagreement", "Data disagreement over the SR mean (where the samples' mean departed from the "
+                     "slices by more than their noise; before the refit, where one was made)",
+                     over_mean(data["disagreement"], disagreement_threshold, "PuBu"),
                      "local mean of ((A x − y) / σ)²\nover its median (opaque from\nthe flag level up)",
                      disagreement_threshold))
     if "reference" in data:

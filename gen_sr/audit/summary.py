@@ -160,8 +160,9 @@ def thin_structures(records: Sequence[StructureVisibility]) -> dict[str, Any]:
             "half a slice thick appeared about as faint as the slices carry them (fainter still with noise; "
             "lesions 1.5 slices thick lost contrast too, until the refit where the data disagree gave it back), "
             "and its samples agreed there, so the risk map did not flag them. Expect the same of any model trained "
-            "without lesions: a lesion thinner than a slice may appear faint, or not at all, without a flag. Where "
-            "the output departs from the measured data, the next section shows it.")
+            "without lesions: a lesion thinner than a slice (with noise and without the refit, a larger one too) may "
+            "appear faint, or not at all, without a flag. Where the output departs from the measured data, the next "
+            "section shows it.")
     return {"text": text, "rows": rows}
 
 
@@ -175,8 +176,9 @@ def data_disagreement(flag: DataDisagreement, *, flagged: int, foreground_voxels
     that refit (``"after_refit"``: only what remains)."""
     region = foreground.split(" (")[0]
     pct = 100 * flagged / max(foreground_voxels, 1)
-    level = (f"(the local mean of the squared residual, in units of the noise variance and over a {flag.size_mm:g} mm "
-             f"window, is more than {flag.threshold:g} times its typical value)")
+    level = (f"(the local mean of the squared residual over a {flag.size_mm:g} mm window is more than "
+             f"{flag.threshold:g} times its typical value in the measured slices, which the noise-aware projection "
+             "holds at the noise level)")
     spread = ("The samples' spread cannot show this: where the model's prior pulls every sample alike away from what "
               "the slices carry (for example a lesion shown fainter than the data allow), the samples agree and the "
               "risk map stays low.")

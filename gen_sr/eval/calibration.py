@@ -40,7 +40,7 @@ import numpy as np
 from scipy.stats import binom
 from tqdm.auto import tqdm
 
-from gen_sr.eval.cases import Case, SRModel, balanced_cuts, super_resolve
+from gen_sr.eval.cases import Case, SRModel, balanced_cuts, cases_noise_std, super_resolve
 from gen_sr.eval.metrics import region_masks
 from gen_sr.eval.uncertainty import miss_rate
 from gen_sr.io import atomic_write
@@ -380,7 +380,7 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks,
                                interval=interval)
     volumes = calibration_volumes(pipe, cases, masks=masks, progress=progress, cache=cache, **pipe_kwargs)
-    sampling = pipe.sampling_settings(noise_std=max(c.noise_std for c in cases), **pipe_kwargs)  # noise-free: no refit
+    sampling = pipe.sampling_settings(noise_std=cases_noise_std(cases), **pipe_kwargs)  # noise-free: no refit
     return fit_volumes(volumes, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis, interval=interval,
                        details=details, progress=progress, sampling=sampling)
 

@@ -30,8 +30,8 @@ from gen_sr.sample_data import load_sample
 from gen_sr.volume import IntensityNormalization, Volume
 
 __all__ = ["HELD_OUT_HEAD", "REGIONS", "Case", "SRModel", "SROutput", "balanced_cuts", "calibration_slabs",
-           "central_slab", "crop_to_foreground", "has_calibration_slab", "held_out_head", "heldout_case",
-           "heldout_slab", "load_hr_volumes", "model_slab", "read_operator_transforms", "simulate_case",
+           "cases_noise_std", "central_slab", "crop_to_foreground", "has_calibration_slab", "held_out_head",
+           "heldout_case", "heldout_slab", "load_hr_volumes", "model_slab", "read_operator_transforms", "simulate_case",
            "simulate_cases", "super_resolve", "training_slabs"]
 
 Region = Literal["all", "train", "calibration", "heldout"]
@@ -88,6 +88,12 @@ class Case:
     def lr_tensor(self) -> torch.Tensor:
         """The measurement ``(1, 1, *lr_shape)`` in float64."""
         return torch.from_numpy(self.lr.data.astype(np.float64))[None, None]
+
+
+def cases_noise_std(cases: Sequence[Case]) -> float:
+    """The largest noise std of ``cases`` (0 for none or noise-free ones): whether runs on them refit the data
+    (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.sampling_settings`)."""
+    return max((float(c.noise_std) for c in cases), default=0.0)
 
 
 def simulate_case(hr: Volume, name: str, *, axis: int = 2, thickness: float = 4.0, spacing: float | None = None,

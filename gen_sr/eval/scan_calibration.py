@@ -58,7 +58,7 @@ from gen_sr.eval.calibration import (
     pooled_rmse,
     split_units,
 )
-from gen_sr.eval.cases import Case, SRModel, simulate_case
+from gen_sr.eval.cases import Case, SRModel, cases_noise_std, simulate_case
 from gen_sr.eval.metrics import foreground
 from gen_sr.eval.uncertainty import miss_rate
 from gen_sr.model_card import Adaptation
@@ -264,7 +264,7 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
                                       **pipe_kwargs)
         counted = volumes if region is None else [dataclasses.replace(v, mask=v.mask & r)
                                                   for v, r in zip(volumes, inside, strict=True)]
-        sampling = pipe.sampling_settings(noise_std=max(c.noise_std for c in cases), **pipe_kwargs)
+        sampling = pipe.sampling_settings(noise_std=cases_noise_std(cases), **pipe_kwargs)
         result = fit_volumes(counted, details=info, sampling=sampling, **fit)
         if region is not None:  # the whole foreground's, as without a region: it ranks models
             result.rmse = pooled_rmse(volumes)

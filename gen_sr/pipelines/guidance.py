@@ -70,7 +70,10 @@ def fit_where_data_disagree(x: torch.Tensor, operator: AcquisitionOperator, y: t
     disagrees with the data locally (a lesion-free prior at a lesion) spends that allowance there, in every sample
     alike. Here the measurements where the mean's :meth:`~gen_sr.risk.DataDisagreement.measured_statistic` exceeds
     ``flag.refit_level`` are fitted exactly, in every sample: ``x + A⁺(M ⊙ (y − A x))`` (``M`` those
-    measurements); elsewhere nothing changes (``benchmarks/DATA_DISAGREEMENT.md`` measures it).
+    measurements). Where ``A`` has full row rank (slices no denser than the HR grid) the other measurements keep
+    their values; the HR change spreads as far as ``A⁺`` does (a few voxels along the slice normal). It fits the
+    noise too there: with slices that overlap much (thickness well above their spacing) ``A⁺`` amplifies it, and only
+    4 mm slices at 4 mm spacing were validated (``benchmarks/DATA_DISAGREEMENT.md``).
 
     Args:
         x: sample volumes ``(N, 1, *hr_shape)``, already projected (:func:`final_projection`).
