@@ -82,3 +82,23 @@ def test_the_refit_fits_the_measurements_above_the_level_and_leaves_the_others()
     torch.testing.assert_close(after[~m], before[~m])  # the same measurements as before everywhere else
     change = (refitted - x).abs().mean(dim=(0, 1))
     assert float(change[blob > 0].mean()) > 5 * float(change.mean())  # and the change is at the lesion
+
+
+def test_the_refit_holds_on_two_sliced_axes() -> None:
+    """Slices along two axes (the operator is their composition): the masked measurements are fitted, the others
+    keep their values."""
+    op = AcquisitionOperator((SliceAcquisition(0, 3.0), SliceAcquisition(2, 4.0)), SHAPE, (1.0, 1.0, 1.0))
+    grid = np.indices(SHAPE).astype(np.float64)
+    truth = torch.from_numpy(1.0 + 0.3 * np.sin(grid[0] / 5) * np.cos(grid[1] / 6))[None, None]
+    clean = op.forward(truth)
+    y = clean + SIGMA * torch.randn(clean.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    blob = torch.from_numpy((np.sqrt(((grid - np.array([20, 20, 20])[:, None, None, None]) ** 2).sum(0)) <= 4)
+                            .astype(np.float64))
+    x = (truth - 0.2 * blob).expand(2, 1, *SHAPE)
+    flag = DataDisagreement()
+    above = flag.measured_statistic(op, x.mean(0, keepdim=True), y, SIGMA) > flag.refit_level
+    assert 0 < int(above.sum()) < above.numel() // 10
+    after = op.forward(fit_where_data_disagree(x, op, y, SIGMA, flag))
+    m = above.expand_as(after)
+    torch.testing.assert_close(after[m], y.expand_as(after)[m])
+    torch.testing.assert_close(after[~m], op.forward(x)[~m])
