@@ -469,20 +469,19 @@ def _cases(args: argparse.Namespace, pipe) -> list:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from gen_sr.eval.calibration import calibrate, check_calibration_settings
-    from gen_sr.eval.cases import cases_noise_std
     from gen_sr.risk import CALIBRATION_FILE
 
     target = Path(args.model) / CALIBRATION_FILE
     check_output_file(target, overwrite=True)
     pipe = _load_pipeline(args)
-    cases = _cases(args, pipe)
-    noise = {"noise_std": cases_noise_std(cases)}  # noise-free cases: no refit, whatever the card says
+    noise = {"noise_std": None if args.snr else 0.0}  # the cases' noise is --snr's: without it, no refit
     settings = pipe.sampling_settings(**noise, **_sampling_kwargs(args))
     made = pipe.calibrations.find(settings)
     if made is not None and not args.overwrite:
         raise InputError(f"the model is calibrated already for {settings.describe()}", target,
                          "pass --overwrite to replace that calibration, or calibrate other settings (--scheduler, "
                          "--steps, --samples)")
+    cases = _cases(args, pipe)
     try:
         check_calibration_settings(len(cases), alpha=args.alpha, delta=args.delta, method=args.method,
                                    blocks=args.blocks, interval=args.interval)

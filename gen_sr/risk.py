@@ -343,7 +343,13 @@ class DataDisagreement:
         """The local mean of ``((A x − y)/σ)²`` over its foreground median, on the HR grid, ``(B, C, *hr_shape)``
         (zero outside the measurement's foreground); ``x`` ``(B, C, *hr_shape)``, ``y`` ``(B, C, *lr_shape)``,
         ``noise_std`` ``σ`` in their units (positive: with noise-free data the projection leaves no residual)."""
-        return operator.interpolate(self.measured_statistic(operator, x, y, noise_std), "linear")
+        return self.on_hr_grid(operator, self.measured_statistic(operator, x, y, noise_std))
+
+    @staticmethod
+    def on_hr_grid(operator: AcquisitionOperator, measured: torch.Tensor) -> torch.Tensor:
+        """A :meth:`measured_statistic` brought onto the HR grid (linear interpolation between LR voxel centres):
+        :meth:`statistic` without computing it again."""
+        return operator.interpolate(measured, "linear")
 
     def measured_statistic(self, operator: AcquisitionOperator, x: torch.Tensor, y: torch.Tensor,
                            noise_std: float) -> torch.Tensor:

@@ -94,7 +94,7 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
     flagged = (r > t) & fg
     if disagreement is not None:
         d = Volume(np.where(fg, maps["disagreement"], 0.0), risk.affine)  # its regions inside the counted region
-        departs = data_disagreement(flag, flagged=int(np.count_nonzero(flag.flags(d.data) & fg)),
+        departs = data_disagreement(flag, flagged=int(np.count_nonzero(flag.flags(d.data))),
                                     foreground_voxels=int(fg.sum()), foreground=fg_label,
                                     clusters=risk_clusters(d, flag.threshold, masks=masks, top=5),
                                     stage=disagreement_stage)

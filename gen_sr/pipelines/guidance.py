@@ -63,7 +63,8 @@ def final_projection(
 
 
 def fit_where_data_disagree(x: torch.Tensor, operator: AcquisitionOperator, y: torch.Tensor, noise_std: float,
-                            flag: DataDisagreement | None = None) -> torch.Tensor:
+                            flag: DataDisagreement | None = None,
+                            measured: torch.Tensor | None = None) -> torch.Tensor:
     """Fit the data exactly where the samples' mean departs from it by more than the noise explains.
 
     The noise-aware projection lets the residual reach the noise level over the whole volume, and a prior that
@@ -81,9 +82,12 @@ def fit_where_data_disagree(x: torch.Tensor, operator: AcquisitionOperator, y: t
         y: the measurement ``(1, 1, *lr_shape)``.
         noise_std: its noise std (positive), in the units of ``y``.
         flag: the statistic and its level (default: :class:`~gen_sr.risk.DataDisagreement`'s defaults).
+        measured: the mean's ``flag.measured_statistic`` where the caller has it already (else computed here).
     """
     flag = flag or DataDisagreement()
-    mask = (flag.measured_statistic(operator, x.mean(dim=0, keepdim=True), y, noise_std) > flag.refit_level).to(x)
+    if measured is None:
+        measured = flag.measured_statistic(operator, x.mean(dim=0, keepdim=True), y, noise_std)
+    mask = (measured > flag.refit_level).to(x)
     return x + operator.pinv(mask * (y - operator.forward(x)))
 
 

@@ -491,11 +491,13 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             x = torch.stack([parts[k % processes][k // processes] for k in range(num_samples)])
             x = x.to(device)
         # where the samples' mean departs from the data beyond the noise (before a refit: where the prior did)
-        disagreement = (DataDisagreement().statistic(operator, x.mean(dim=0, keepdim=True), y, sigma)
-                        if sigma > 0 else None)
+        flag, measured, disagreement = DataDisagreement(), None, None
+        if sigma > 0:
+            measured = flag.measured_statistic(operator, x.mean(dim=0, keepdim=True), y, sigma)
+            disagreement = flag.on_hr_grid(operator, measured)
         refit = settings.refit_disagreement
         if refit:
-            x = fit_where_data_disagree(x, operator, y, sigma)
+            x = fit_where_data_disagree(x, operator, y, sigma, flag, measured)
         residuals = operator.residual(x, y.expand(x.shape[0], *y.shape[1:])).tolist()
 
         # 8. uncertainty: risk is the std (or the calibrated interval half-width) over the robust intensity range
@@ -532,7 +534,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "relative_residual": residuals,
             "normalization": norm.to_dict(),
             "risk": describe_risk(calibration) | {"calibration_region": region is not None},
-            "data_disagreement": None if disagreement is None else DataDisagreement().describe(before_refit=refit),
+            "data_disagreement": None if disagreement is None else flag.describe(before_refit=refit),
             "outside_training": outside,
             "timings": timings,
         }
