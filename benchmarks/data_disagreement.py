@@ -43,6 +43,7 @@ from scipy import ndimage
 from gen_sr.eval.cases import central_slab, crop_to_foreground, simulate_case, super_resolve
 from gen_sr.eval.metrics import foreground
 from gen_sr.eval.stress import insert_lesions, measure_sites
+from gen_sr.io import atomic_write, write_json
 from gen_sr.physics import AcquisitionOperator
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.guidance import fit_where_data_disagree
@@ -80,7 +81,7 @@ def run_scan(pipe: LatentDiffusionSRPipeline, spec: str, path: Path, args: argpa
             saved |= {"sites": json.dumps(sites), "site_labels": labels, "noise_std": case.noise_std,
                       "operator": case.operator.to_json()}
         print(f"{spec} ({tag}): {case.hr.shape} voxels, {sum(out.metadata['timings'].values()):.0f} s", flush=True)
-    np.savez_compressed(path, **saved)
+    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **saved))  # a killed run leaves no half file
 
 
 def thinned(site: dict[str, Any]) -> bool:
@@ -242,7 +243,7 @@ def main() -> None:
     pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     if args.refit_check:
-        (args.out / "refit_check.json").write_text(json.dumps(refit_check(pipe, args.scans, args), indent=1))
+        write_json(args.out / "refit_check.json", refit_check(pipe, args.scans, args))
         return
     scans = {}
     for spec in args.scans:
@@ -252,7 +253,7 @@ def main() -> None:
         scans[spec] = dict(np.load(path))
     if args.refit_levels:
         result = refit_levels(scans, [float(v) for v in args.refit_levels.split(",")], args.size)
-        (args.out / "refit_levels.json").write_text(json.dumps(result, indent=1))
+        write_json(args.out / "refit_levels.json", result)
         return
     if args.choose:
         result = choose(scans)
@@ -262,7 +263,7 @@ def main() -> None:
     else:
         result = measure(scans, DataDisagreement(size_mm=args.size, threshold=args.threshold))
         report(result)
-    (args.out / "summary.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out / "summary.json", result)
 
 
 if __name__ == "__main__":
