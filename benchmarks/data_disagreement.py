@@ -2,22 +2,24 @@
 ``benchmarks/DATA_DISAGREEMENT.md``)
 
     python benchmarks/data_disagreement.py --scans robex_brain:11 mni152:11 [colin27_brain ...] --out DIR \\
-        [--choose | --size MM --threshold T | --refit-levels L,L,... | --refit-check] [--model models/heads2d] \
-        [--snr 30] [--slab 24] [--samples 8]
+        [--choose | --size MM --threshold T | --refit-levels L,L,... [--refit-floors F,F,...] | --refit-check] \
+        [--thickness 4 --spacing 4] [--model models/heads2d] [--snr 30] [--slab 24] [--samples 8]
 
 Each scan (``NAME:N``: synthetic subject ``N`` of a sample head; ``NAME``: the head itself) is cut to its central
-coronal slab of ``--slab`` mm and cropped to its foreground, then super-resolved twice from 4 mm Gaussian axial
-slices with the same Rician noise (SNR ``--snr``): lesion-free, and with the stress test's sites inserted (2 and
-6 mm; six added lesions, six controls and one removed site per size; placement seed N). The outputs go to
-``DIR/NAME_N.npz`` (a scan already there is not run again). Then, over all scans in ``--scans``:
+coronal slab of ``--slab`` mm and cropped to its foreground, then super-resolved twice from Gaussian axial slices
+(``--thickness`` FWHM at ``--spacing``, 4 mm at 4 mm by default) with the same Rician noise (SNR ``--snr``):
+lesion-free, and with the stress test's sites inserted (2 and 6 mm; six added lesions, six controls and one removed
+site per size; placement seed N). The outputs go to ``DIR/NAME_N.npz`` (a scan already there is not run again).
+Then, over all scans in ``--scans``:
 
 * ``--choose``: per window size (2, 3, 4, 6 mm), the threshold that flags 2 % of the pooled lesion-free foreground
   (rounded up to 0.1), and the size whose 6 mm lesion site recall is highest (ties: the larger);
 * otherwise, at ``--size`` / ``--threshold`` (default: the class defaults): the pass criterion's three figures;
 * ``--refit-levels``: the refit (``gen_sr.pipelines.guidance.fit_where_data_disagree``, window ``--size``) of the
-  saved means at each level: the lesion-free PSNR gain in the foreground per scan and the gap
-  ``data_alone - recovered`` of the thinned 6 and 2 mm lesions before and after (contrast against a two-voxel
-  shell; the refit is linear, so the refitted mean is the mean of the refitted samples);
+  saved means at each level and each gain floor of ``--refit-floors`` (default: the class default): the
+  lesion-free PSNR gain in the foreground per scan and the gap ``data_alone - recovered`` of the thinned 6 and 2 mm
+  lesions before and after (contrast against a two-voxel shell; the refit is linear, so the refitted mean is the
+  mean of the refitted samples);
 * ``--refit-check``: instead, each scan's lesion-free slab is super-resolved with and without ``refit_disagreement``
   (same seeds) and PSNR, the calibrated interval's coverage and the ±2σ coverage in the brain are printed (the
   refit's third criterion).
@@ -31,6 +33,7 @@ against unflagged voxels of the lesion-free scan. A JSON of it all goes to ``DIR
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from pathlib import Path
@@ -68,7 +71,7 @@ def run_scan(pipe: LatentDiffusionSRPipeline, spec: str, path: Path, args: argpa
     with_lesions, lesions = insert_lesions(hr, diameters_mm=(2.0, 6.0), n_per_size=6, removed=1, seed=seed)
     saved: dict[str, Any] = {}
     for tag, volume in (("free", hr), ("lesions", with_lesions)):
-        case = simulate_case(volume, spec, axis=2, thickness=4.0, snr=args.snr, seed=0)
+        case = simulate_case(volume, spec, snr=args.snr, seed=0, **acquisition(args))
         out = super_resolve(pipe, case, num_samples=args.samples, generator=torch.Generator().manual_seed(0),
                             keep_samples=False, output_type="np", refit_disagreement=False)  # the map is of these
         saved |= {f"{tag}_mean": np.asarray(out.mean, np.float32), f"{tag}_truth": case.hr.data.astype(np.float32),
@@ -82,6 +85,11 @@ def run_scan(pipe: LatentDiffusionSRPipeline, spec: str, path: Path, args: argpa
                       "operator": case.operator.to_json()}
         print(f"{spec} ({tag}): {case.hr.shape} voxels, {sum(out.metadata['timings'].values()):.0f} s", flush=True)
     atomic_write(path, lambda tmp: np.savez_compressed(tmp, **saved))  # a killed run leaves no half file
+
+
+def acquisition(args: argparse.Namespace) -> dict[str, Any]:
+    """The simulated slices: axial, Gaussian, ``--thickness`` FWHM at ``--spacing``."""
+    return {"axis": 2, "thickness": args.thickness, "spacing": args.spacing}
 
 
 def thinned(site: dict[str, Any]) -> bool:
@@ -153,14 +161,15 @@ def report(result: dict[str, Any]) -> None:
           f"{p['error_ratio']:.2f}; caught: {recall}")
 
 
-def refit_levels(scans: dict[str, dict[str, Any]], levels: list[float], size_mm: float) -> dict[str, Any]:
-    """The refit of the saved means at each level (window ``size_mm``): lesion-free PSNR gains and the thinned
-    lesions' gap, per size."""
+def refit_levels(scans: dict[str, dict[str, Any]], levels: list[float], size_mm: float,
+                 floors: list[float]) -> dict[str, Any]:
+    """The refit of the saved means at each level and gain floor (window ``size_mm``): lesion-free PSNR gains and
+    the thinned lesions' gap, per size."""
 
-    def refitted(scan: dict[str, Any], tag: str, level: float) -> np.ndarray:
+    def refitted(scan: dict[str, Any], tag: str, level: float, floor: float) -> np.ndarray:
         operator = AcquisitionOperator.from_json(str(scan["operator"]))
         x, y = (torch.from_numpy(scan[f"{tag}_{k}"].astype(np.float64))[None, None] for k in ("mean", "lr"))
-        flag = DataDisagreement(size_mm=size_mm, refit_level=level)
+        flag = DataDisagreement(size_mm=size_mm, refit_level=level, refit_floor=floor)
         return fit_where_data_disagree(x, operator, y, float(scan["noise_std"]), flag)[0, 0].numpy()
 
     def psnr(sr: np.ndarray, truth: np.ndarray) -> float:
@@ -178,11 +187,12 @@ def refit_levels(scans: dict[str, dict[str, Any]], levels: list[float], size_mm:
         return out
 
     results = {}
-    for level in levels:
-        gains = {spec: psnr(refitted(s, "free", level), s["free_truth"]) - psnr(s["free_mean"], s["free_truth"])
+    for level, floor in itertools.product(levels, floors):
+        gains = {spec: psnr(refitted(s, "free", level, floor), s["free_truth"]) - psnr(s["free_mean"], s["free_truth"])
                  for spec, s in scans.items()}
-        lesions = {s: refitted(scan, "lesions", level) for s, scan in scans.items()}
-        r = results[level] = {"psnr_gain_db": gains, "mean_gain_db": float(np.mean(list(gains.values())))}
+        lesions = {s: refitted(scan, "lesions", level, floor) for s, scan in scans.items()}
+        r = results[f"level {level:g}, floor {floor:g}"] = {"psnr_gain_db": gains,
+                                                           "mean_gain_db": float(np.mean(list(gains.values())))}
         text = []
         for label in ("6 mm", "2 mm"):
             before = [g for s in scans.values() for g in gaps(s, s["lesions_mean"], label)]
@@ -190,8 +200,9 @@ def refit_levels(scans: dict[str, dict[str, Any]], levels: list[float], size_mm:
             r[label] = {"gap_before": float(np.mean(before)), "gap_after": float(np.mean(after)), "n": len(before)}
             text.append(f"thinned {label} gap {np.mean(before):.3f} -> {np.mean(after):.3f} "
                         f"({100 * (1 - np.mean(after) / np.mean(before)):.0f} % smaller, n = {len(before)})")
-        print(f"level {level:g}: lesion-free PSNR gain {', '.join(f'{k} {v:+.3f}' for k, v in gains.items())} dB "
-              f"(mean {r['mean_gain_db']:+.3f}); {'; '.join(text)}")
+        print(f"level {level:g}, floor {floor:g}: lesion-free PSNR gain "
+              f"{', '.join(f'{k} {v:+.3f}' for k, v in gains.items())} dB (mean {r['mean_gain_db']:+.3f}); "
+              f"{'; '.join(text)}")
     return results
 
 
@@ -201,7 +212,7 @@ def refit_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: argpars
     calibration = pipe.calibration_for(pipe.sampling_settings(num_samples=args.samples, refit_disagreement=False))
     rows: dict[str, Any] = {}
     for spec in specs:
-        case = simulate_case(scan_volume(spec, args.slab)[0], spec, axis=2, thickness=4.0, snr=args.snr, seed=0)
+        case = simulate_case(scan_volume(spec, args.slab)[0], spec, snr=args.snr, seed=0, **acquisition(args))
         truth = case.hr.data.astype(np.float64)
         brain = foreground(truth)
         peak = float(np.ptp(truth[brain]))
@@ -232,6 +243,9 @@ def main() -> None:
     parser.add_argument("--choose", action="store_true", help="apply the design rule")
     parser.add_argument("--refit-levels", help="comma-separated levels: refit the saved means at each")
     parser.add_argument("--refit-check", action="store_true", help="PSNR and coverage with and without the refit")
+    parser.add_argument("--refit-floors", help="comma-separated gain floors for --refit-levels (default: the class's)")
+    parser.add_argument("--thickness", type=float, default=4.0, help="slice FWHM in mm")
+    parser.add_argument("--spacing", type=float, default=None, help="slice spacing in mm (default: the thickness)")
     parser.add_argument("--size", type=float, default=DataDisagreement.size_mm)
     parser.add_argument("--threshold", type=float, default=DataDisagreement.threshold)
     parser.add_argument("--model", default="models/heads2d")
@@ -252,7 +266,8 @@ def main() -> None:
             run_scan(pipe, spec, path, args)
         scans[spec] = dict(np.load(path))
     if args.refit_levels:
-        result = refit_levels(scans, [float(v) for v in args.refit_levels.split(",")], args.size)
+        floors = [float(v) for v in (args.refit_floors or str(DataDisagreement.refit_floor)).split(",")]
+        result = refit_levels(scans, [float(v) for v in args.refit_levels.split(",")], args.size, floors)
         write_json(args.out / "refit_levels.json", result)
         return
     if args.choose:

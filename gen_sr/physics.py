@@ -532,12 +532,27 @@ class AcquisitionOperator:
             c = _apply_along(c, sp.v, a + 2)
         return c
 
-    def pinv(self, y: torch.Tensor) -> torch.Tensor:
-        """``A⁺ y``, the minimum-norm least-squares solution; LR → HR."""
+    def pinv(self, y: torch.Tensor, *, floor: float = 0.0) -> torch.Tensor:
+        """``A⁺ y``, the minimum-norm least-squares solution; LR → HR.
+
+        With ``floor > 0`` the gain of each axis's inverse is capped: a singular value ``s`` of an axis's matrix
+        below ``ŝ = floor · √(m / n)`` (``m`` LR and ``n`` HR voxels along that axis; ``√(m / n)`` is the singular
+        value of a plain average onto the LR grid, so ``floor`` does not depend on how the operator is normalised)
+        is inverted as ``s / ŝ²`` instead of ``1 / s`` (continuous at ``ŝ``, at most ``1 / ŝ``); the others exactly.
+        For fits to noisy data where an axis is ill-conditioned (slices that overlap much).
+        """
         self._check(y, self.lr_shape, "y")
         c, s = self._coefficients(y)
-        keep = s > self.rcond * s.max()
-        return self._synthesize(c * torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), 0.0))
+        gain = torch.ones_like(s)
+        for a, sp in self._spectral(y).items():
+            axis_gain = 1.0 / sp.s.clamp_min(torch.finfo(sp.s.dtype).tiny)
+            if floor > 0:
+                s_hat = floor * math.sqrt(sp.matrix.shape[0] / sp.matrix.shape[1])
+                axis_gain = torch.where(sp.s < s_hat, sp.s / s_hat**2, axis_gain)
+            shape = [1] * self.spatial_dims
+            shape[a] = -1
+            gain = gain * axis_gain.reshape(shape)
+        return self._synthesize(c * torch.where(s > self.rcond * s.max(), gain, 0.0))
 
     def project(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The closest ``x'`` to ``x`` (Euclidean) with ``A x' = y``: ``x + A⁺(y − A x)``."""

@@ -325,14 +325,18 @@ class DataDisagreement:
         size_mm: the FWHM of the window, in mm.
         threshold: the flag level, in multiples of the foreground median of the local mean.
         foreground: the measurement's foreground: voxels above this fraction of its 99th percentile.
-        refit_level: the level above which the pipeline's ``refit_disagreement`` fits the measurements exactly
+        refit_level: the level above which the pipeline's ``refit_disagreement`` fits the measurements
             (:func:`gen_sr.pipelines.guidance.fit_where_data_disagree`).
+        refit_floor: the refit's cap on the noise gain of ``A⁺`` (:meth:`AcquisitionOperator.pinv`'s ``floor``):
+            just below the weakest singular value of any stack whose spacing equals its thickness, where the refit
+            is exact; overlapping slices are fitted less closely in the components they measure poorly.
     """
 
     size_mm: float = 4.0
     threshold: float = 2.4
     foreground: float = 0.1
     refit_level: float = 2.0
+    refit_floor: float = 0.45
 
     def __post_init__(self) -> None:
         if not self.size_mm > 0 or not self.threshold > 0:

@@ -90,6 +90,29 @@ def test_pinv_matches_dense_pseudo_inverse(name: str) -> None:
     assert np.allclose(op(_rand(op.hr_shape, 1, 1)).shape[2:], op.lr_shape)
 
 
+@pytest.mark.parametrize(("thickness", "spacing", "capped"), [(4.0, 4.0, False), (2.0, 2.0, False), (4.0, 2.0, True)])
+def test_the_pinv_floor_caps_the_noise_gain_and_leaves_slices_at_their_thickness_exact(
+    thickness: float, spacing: float, capped: bool
+) -> None:
+    """A floor of 0.45 caps every axis's gain at 1 / (0.45 √(m / n)); slices spaced at their thickness have no
+    singular value below it, so their pinv is the exact one, also along two axes."""
+    hr_shape = (64, 10, 12)
+    op = AcquisitionOperator([SliceAcquisition(0, thickness, spacing)], hr_shape, (1.0, 1.0, 1.0))
+    noise = _rand(op.lr_shape, batch=1, channels=1)
+    bound = noise.norm() / (0.45 * np.sqrt(op.lr_shape[0] / hr_shape[0]))
+    floored, exact = op.pinv(noise, floor=0.45), op.pinv(noise)
+    assert float(floored.norm()) <= float(bound)
+    if not capped:
+        torch.testing.assert_close(floored, exact)
+        return
+    assert float(exact.norm()) > 3 * float(bound)  # half-overlapping slices: the exact inverse amplifies noise
+    smooth = op(torch.from_numpy(np.cos(np.arange(hr_shape[0]) / 9.0))[:, None, None].expand(hr_shape)[None, None])
+    assert _rel(op(op.pinv(smooth, floor=0.45)), smooth) < 0.01  # what the slices measure well is still fitted
+    two_axes = AcquisitionOperator([SliceAcquisition(0, 4.0), SliceAcquisition(2, 3.0)], (32, 6, 24), (1, 1, 1))
+    y = _rand(two_axes.lr_shape, batch=1, channels=1)
+    torch.testing.assert_close(two_axes.pinv(y, floor=0.45), two_axes.pinv(y))
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_serialisation_round_trip(name: str) -> None:
     op = _op(name)

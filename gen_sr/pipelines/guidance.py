@@ -70,11 +70,12 @@ def fit_where_data_disagree(x: torch.Tensor, operator: AcquisitionOperator, y: t
     The noise-aware projection lets the residual reach the noise level over the whole volume, and a prior that
     disagrees with the data locally (a lesion-free prior at a lesion) spends that allowance there, in every sample
     alike. Here the measurements where the mean's :meth:`~gen_sr.risk.DataDisagreement.measured_statistic` exceeds
-    ``flag.refit_level`` are fitted exactly, in every sample: ``x + A⁺(M ⊙ (y − A x))`` (``M`` those
-    measurements). Where ``A`` has full row rank (slices no denser than the HR grid) the other measurements keep
-    their values; the HR change spreads as far as ``A⁺`` does (a few voxels along the slice normal). It fits the
-    noise too there: with slices that overlap much (thickness well above their spacing) ``A⁺`` amplifies it, and only
-    4 mm slices at 4 mm spacing were validated (``benchmarks/DATA_DISAGREEMENT.md``).
+    ``flag.refit_level`` are fitted, in every sample: ``x + A⁺(M ⊙ (y − A x))`` (``M`` those measurements).
+    Where ``A`` has full row rank (slices no denser than the HR grid) the other measurements keep their values; the
+    HR change spreads as far as ``A⁺`` does (a few voxels along the slice normal). It fits the noise too there, so
+    ``A⁺``'s gain is capped at ``flag.refit_floor``: exact for slices whose spacing equals their thickness (4 mm
+    slices at 4 mm spacing were validated), damped in the components that overlapping slices measure poorly
+    (``benchmarks/DATA_DISAGREEMENT.md``).
 
     Args:
         x: sample volumes ``(N, 1, *hr_shape)``, already projected (:func:`final_projection`).
@@ -88,7 +89,7 @@ def fit_where_data_disagree(x: torch.Tensor, operator: AcquisitionOperator, y: t
     if measured is None:
         measured = flag.measured_statistic(operator, x.mean(dim=0, keepdim=True), y, noise_std)
     mask = (measured > flag.refit_level).to(x)
-    return x + operator.pinv(mask * (y - operator.forward(x)))
+    return x + operator.pinv(mask * (y - operator.forward(x)), floor=flag.refit_floor)
 
 
 class _VolumeHook:
