@@ -2,7 +2,8 @@
 ``benchmarks/DATA_DISAGREEMENT.md``)
 
     python benchmarks/data_disagreement.py --scans robex_brain:11 mni152:11 [colin27_brain ...] --out DIR \\
-        [--choose | --size MM --threshold T | --refit-levels L,L,... [--refit-floors F,F,...] | --refit-check] \
+        [--choose | --size MM --threshold T | --refit-levels L,L,... [--refit-floors F,F,...] | --refit-check |
+         --projection-check] \
         [--thickness 4 --spacing 4] [--model models/heads2d] [--snr 30] [--slab 24] [--samples 8]
 
 Each scan (``NAME:N``: synthetic subject ``N`` of a sample head; ``NAME``: the head itself) is cut to its central
@@ -20,6 +21,9 @@ Then, over all scans in ``--scans``:
   lesion-free PSNR gain in the foreground per scan and the gap ``data_alone - recovered`` of the thinned 6 and 2 mm
   lesions before and after (contrast against a two-voxel shell; the refit is linear, so the refitted mean is the
   mean of the refitted samples);
+* ``--projection-check``: instead, each scan's lesion-free slab is super-resolved without a noise std (the
+  noise-free projections, as ``gen-sr super-resolve`` without ``--noise-std``; ``--snr 0`` for noise-free slices)
+  and the PSNR in the brain is printed beside cubic interpolation's;
 * ``--refit-check``: instead, each scan's lesion-free slab is super-resolved with and without ``refit_disagreement``
   (same seeds) and PSNR, the calibrated interval's coverage and the ±2σ coverage in the brain are printed (the
   refit's third criterion).
@@ -71,7 +75,7 @@ def run_scan(pipe: LatentDiffusionSRPipeline, spec: str, path: Path, args: argpa
     with_lesions, lesions = insert_lesions(hr, diameters_mm=(2.0, 6.0), n_per_size=6, removed=1, seed=seed)
     saved: dict[str, Any] = {}
     for tag, volume in (("free", hr), ("lesions", with_lesions)):
-        case = simulate_case(volume, spec, snr=args.snr, seed=0, **acquisition(args))
+        case = simulate_case(volume, spec, **acquisition(args))
         out = super_resolve(pipe, case, num_samples=args.samples, generator=torch.Generator().manual_seed(0),
                             keep_samples=False, output_type="np", refit_disagreement=False)  # the map is of these
         saved |= {f"{tag}_mean": np.asarray(out.mean, np.float32), f"{tag}_truth": case.hr.data.astype(np.float32),
@@ -88,8 +92,15 @@ def run_scan(pipe: LatentDiffusionSRPipeline, spec: str, path: Path, args: argpa
 
 
 def acquisition(args: argparse.Namespace) -> dict[str, Any]:
-    """The simulated slices: axial, Gaussian, ``--thickness`` FWHM at ``--spacing``."""
-    return {"axis": 2, "thickness": args.thickness, "spacing": args.spacing}
+    """The simulated slices: axial, Gaussian, ``--thickness`` FWHM at ``--spacing``, Rician noise at ``--snr`` (0:
+    none); noise seed 0."""
+    return {"axis": 2, "thickness": args.thickness, "spacing": args.spacing, "snr": args.snr or None, "seed": 0}
+
+
+def brain_psnr(sr: np.ndarray, truth: np.ndarray) -> float:
+    """PSNR in the truth's foreground, against the truth's range there."""
+    brain = foreground(truth)
+    return float(10 * np.log10(np.ptp(truth[brain]) ** 2 / np.mean((sr - truth)[brain] ** 2)))
 
 
 def thinned(site: dict[str, Any]) -> bool:
@@ -172,10 +183,6 @@ def refit_levels(scans: dict[str, dict[str, Any]], levels: list[float], size_mm:
         flag = DataDisagreement(size_mm=size_mm, refit_level=level, refit_floor=floor)
         return fit_where_data_disagree(x, operator, y, float(scan["noise_std"]), flag)[0, 0].numpy()
 
-    def psnr(sr: np.ndarray, truth: np.ndarray) -> float:
-        brain = foreground(truth)
-        return float(10 * np.log10(np.ptp(truth[brain]) ** 2 / np.mean((sr - truth)[brain] ** 2)))
-
     def gaps(scan: dict[str, Any], sr: np.ndarray, label: str) -> list[float]:
         truth, out = scan["lesions_truth"], []
         for k, site in enumerate(json.loads(str(scan["sites"])), 1):
@@ -188,8 +195,8 @@ def refit_levels(scans: dict[str, dict[str, Any]], levels: list[float], size_mm:
 
     results = {}
     for level, floor in itertools.product(levels, floors):
-        gains = {spec: psnr(refitted(s, "free", level, floor), s["free_truth"]) - psnr(s["free_mean"], s["free_truth"])
-                 for spec, s in scans.items()}
+        gains = {spec: brain_psnr(refitted(s, "free", level, floor), s["free_truth"])
+                 - brain_psnr(s["free_mean"], s["free_truth"]) for spec, s in scans.items()}
         lesions = {s: refitted(scan, "lesions", level, floor) for s, scan in scans.items()}
         r = results[f"level {level:g}, floor {floor:g}"] = {"psnr_gain_db": gains,
                                                            "mean_gain_db": float(np.mean(list(gains.values())))}
@@ -212,7 +219,7 @@ def refit_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: argpars
     calibration = pipe.calibration_for(pipe.sampling_settings(num_samples=args.samples, refit_disagreement=False))
     rows: dict[str, Any] = {}
     for spec in specs:
-        case = simulate_case(scan_volume(spec, args.slab)[0], spec, snr=args.snr, seed=0, **acquisition(args))
+        case = simulate_case(scan_volume(spec, args.slab)[0], spec, **acquisition(args))
         truth = case.hr.data.astype(np.float64)
         brain = foreground(truth)
         peak = float(np.ptp(truth[brain]))
@@ -236,6 +243,22 @@ def refit_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: argpars
     return {"scans": rows, "mean_change": deltas}
 
 
+def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """PSNR in the brain of each lesion-free scan super-resolved without a noise std (as ``gen-sr super-resolve``
+    without ``--noise-std``: the projections are the noise-free ones), and of cubic interpolation of its slices."""
+    rows: dict[str, Any] = {}
+    for spec in specs:
+        case = simulate_case(scan_volume(spec, args.slab)[0], spec, **acquisition(args))
+        out = pipe(case.lr, operator=case.operator, noise_std=0.0, num_samples=args.samples,
+                   generator=torch.Generator().manual_seed(0), keep_samples=False, output_type="np")
+        y = torch.from_numpy(np.asarray(case.lr.data, np.float64))[None, None]
+        cubic = case.operator.interpolate(y, "cubic")[0, 0].numpy()
+        truth = case.hr.data.astype(np.float64)
+        rows[spec] = {"sr": brain_psnr(np.asarray(out.mean, np.float64), truth), "cubic": brain_psnr(cubic, truth)}
+        print(f"{spec}: PSNR {rows[spec]['sr']:.2f} dB (cubic {rows[spec]['cubic']:.2f})", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scans", nargs="+", required=True, help="NAME:N (synthetic subject N) or NAME")
@@ -243,13 +266,15 @@ def main() -> None:
     parser.add_argument("--choose", action="store_true", help="apply the design rule")
     parser.add_argument("--refit-levels", help="comma-separated levels: refit the saved means at each")
     parser.add_argument("--refit-check", action="store_true", help="PSNR and coverage with and without the refit")
+    parser.add_argument("--projection-check", action="store_true",
+                        help="PSNR of the lesion-free scans super-resolved without a noise std")
     parser.add_argument("--refit-floors", help="comma-separated gain floors for --refit-levels (default: the class's)")
     parser.add_argument("--thickness", type=float, default=4.0, help="slice FWHM in mm")
     parser.add_argument("--spacing", type=float, default=None, help="slice spacing in mm (default: the thickness)")
     parser.add_argument("--size", type=float, default=DataDisagreement.size_mm)
     parser.add_argument("--threshold", type=float, default=DataDisagreement.threshold)
     parser.add_argument("--model", default="models/heads2d")
-    parser.add_argument("--snr", type=float, default=30.0)
+    parser.add_argument("--snr", type=float, default=30.0, help="0: noise-free")
     parser.add_argument("--slab", type=float, default=24.0, help="coronal slab width in mm")
     parser.add_argument("--samples", type=int, default=8)
     args = parser.parse_args()
@@ -258,6 +283,9 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     if args.refit_check:
         write_json(args.out / "refit_check.json", refit_check(pipe, args.scans, args))
+        return
+    if args.projection_check:
+        write_json(args.out / "projection_check.json", projection_check(pipe, args.scans, args))
         return
     scans = {}
     for spec in args.scans:
