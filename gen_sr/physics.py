@@ -82,6 +82,13 @@ _SPACING_RTOL = 1e-6
 _GRID_TOL = 1e-4
 _GRID_TOL_PER_VOXEL = 2.0**-21
 
+NOISE_GAIN_FLOOR = 0.45
+"""The ``floor`` of :meth:`AcquisitionOperator.pinv` for fits to measured (noisy) data: the pipeline's projections
+without a noise std and its refit. Just below the weakest singular value of slices at spacing = thickness with at
+least 1.9 grid voxels per slice (Gaussian 2 mm on 1 mm: 0.47; rect from 1.2 voxels), so those, and slices with gaps,
+are fitted exactly; overlapping slices (Gaussian 4 mm at 2 mm spacing: 0.034, a noise gain of 30) are fitted less
+closely in the components they measure poorly (``benchmarks/DATA_DISAGREEMENT.md``)."""
+
 
 def _grid_tol(n_voxels: float) -> float:
     """Tolerance, in HR voxels, on where an axis of ``n_voxels`` HR voxels ends (see ``_GRID_TOL``)."""
@@ -554,9 +561,10 @@ class AcquisitionOperator:
             gain = gain * axis_gain.reshape(shape)
         return self._synthesize(c * torch.where(s > self.rcond * s.max(), gain, 0.0))
 
-    def project(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The closest ``x'`` to ``x`` (Euclidean) with ``A x' = y``: ``x + A⁺(y − A x)``."""
-        return x + self.pinv(y - self.forward(x))
+    def project(self, x: torch.Tensor, y: torch.Tensor, *, floor: float = 0.0) -> torch.Tensor:
+        """The closest ``x'`` to ``x`` (Euclidean) with ``A x' = y``: ``x + A⁺(y − A x)``; with ``floor``, the
+        components that :meth:`pinv` caps are fitted partially."""
+        return x + self.pinv(y - self.forward(x), floor=floor)
 
     def soft_project(
         self,

@@ -29,6 +29,7 @@ from monai.networks.layers.convutils import gaussian_1d
 
 from gen_sr.errors import InputError
 from gen_sr.io import write_json
+from gen_sr.physics import NOISE_GAIN_FLOOR
 
 if TYPE_CHECKING:
     from gen_sr.physics import AcquisitionOperator
@@ -327,16 +328,16 @@ class DataDisagreement:
         foreground: the measurement's foreground: voxels above this fraction of its 99th percentile.
         refit_level: the level above which the pipeline's ``refit_disagreement`` fits the measurements
             (:func:`gen_sr.pipelines.guidance.fit_where_data_disagree`).
-        refit_floor: the refit's cap on the noise gain of ``A⁺`` (:meth:`AcquisitionOperator.pinv`'s ``floor``):
-            just below the weakest singular value of any stack whose spacing equals its thickness, where the refit
-            is exact; overlapping slices are fitted less closely in the components they measure poorly.
+        refit_floor: the refit's cap on the noise gain of ``A⁺`` (:meth:`AcquisitionOperator.pinv`'s ``floor``;
+            :data:`gen_sr.physics.NOISE_GAIN_FLOOR`): exact for slices at their thickness, partial in the components
+            that overlapping slices measure poorly.
     """
 
     size_mm: float = 4.0
     threshold: float = 2.4
     foreground: float = 0.1
     refit_level: float = 2.0
-    refit_floor: float = 0.45
+    refit_floor: float = NOISE_GAIN_FLOOR
 
     def __post_init__(self) -> None:
         if not self.size_mm > 0 or not self.threshold > 0:

@@ -16,8 +16,9 @@ from helpers import oblique_affine
 from gen_sr.errors import InputError
 from gen_sr.model_card import Adaptation, ModelCard
 from gen_sr.models import AutoencoderKLModel, ConditionalUNetModel, HaarAutoencoder, condition_channels
-from gen_sr.physics import SliceAcquisition, simulate_acquisition
+from gen_sr.physics import AcquisitionOperator, SliceAcquisition, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.pipelines.guidance import final_projection
 from gen_sr.schedulers import DDIMDataConsistencyScheduler
 from gen_sr.volume import Volume
 
@@ -134,6 +135,28 @@ def test_a_2d_model_slices_across_the_shorter_other_axis_by_default() -> None:
     for shape, normal in (((14, 6, 4), 1), ((6, 14, 4), 0), ((8, 8, 4), 0)):
         out = pipe(_lr(shape), num_samples=1, generator=_gens(0), **RUN)
         assert out.metadata["slice_normals"] == [normal]
+
+
+@pytest.mark.parametrize(("spacing", "exact"), [(4.0, True), (2.0, False)])
+def test_the_noise_free_projection_is_exact_unless_the_slices_would_amplify_the_noise(spacing: float,
+                                                                                       exact: bool) -> None:
+    """Without a noise std the data are still a real scan's: 4 mm slices at 4 mm are fitted exactly, while 4 mm
+    slices at 2 mm (whose exact inverse multiplies the noise up to 30 times) are fitted only as far as the gain cap
+    allows, so the output keeps the noise near its own level."""
+    shape, sigma = (48, 10, 12), 0.02
+    op = AcquisitionOperator([SliceAcquisition(0, 4.0, spacing)], shape, (1.0, 1.0, 1.0))
+    grid = np.indices(shape).astype(np.float64)
+    truth = torch.from_numpy(1.0 + 0.3 * np.sin(grid[0] / 5) * np.cos(grid[1] / 4))[None, None]
+    clean = op(truth)
+    y = clean + sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = truth + 0.1 * torch.from_numpy(np.cos(grid[0] / 3 + grid[2] / 5))[None, None]  # a prior's sample, off
+    projected = final_projection(x, op, y)
+    fit = float((op(projected) - y).norm() / y.norm())
+    noise = float((projected - truth).std() / sigma)
+    if exact:
+        assert fit < 1e-10
+    else:
+        assert 0 < fit and noise < 2 and float((op.project(x, y) - truth).std() / sigma) > 3 * noise
 
 
 def test_noise_aware_projection_stops_at_the_noise_level() -> None:

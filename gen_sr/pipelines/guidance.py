@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from gen_sr.physics import AcquisitionOperator
+from gen_sr.physics import NOISE_GAIN_FLOOR, AcquisitionOperator
 from gen_sr.risk import DataDisagreement
 
 __all__ = ["GradientGuidance", "ProjectionGuidance", "final_projection", "fit_where_data_disagree"]
@@ -48,18 +48,20 @@ class Autoencoder(Protocol):
 def final_projection(
     x: torch.Tensor, operator: AcquisitionOperator, y: torch.Tensor, noise_std: float = 0.0
 ) -> torch.Tensor:
-    """Project every sample volume onto the data: exactly for noise-free data, else to the noise level.
+    """Project every sample volume onto the data: for noise-free data exactly (up to ``A⁺``'s gain cap,
+    :data:`~gen_sr.physics.NOISE_GAIN_FLOOR`: without a noise std the data are still a real scan's, and overlapping
+    slices would put its noise into the output with a gain of up to 30), else to the noise level.
 
     Args:
         x: sample volumes ``(N, 1, *hr_shape)``.
         operator: the acquisition on the HR grid.
         y: the measurement ``(1 or N, 1, *lr_shape)``.
-        noise_std: measurement noise std in the units of ``y``; 0 for an exact projection.
+        noise_std: measurement noise std in the units of ``y``; 0 for the (capped) exact projection.
     """
     y = y.expand(x.shape[0], *y.shape[1:])
     if noise_std > 0:
         return operator.soft_project(x, y, noise_std=noise_std)
-    return operator.project(x, y)
+    return operator.project(x, y, floor=NOISE_GAIN_FLOOR)
 
 
 def fit_where_data_disagree(x: torch.Tensor, operator: AcquisitionOperator, y: torch.Tensor, noise_std: float,
