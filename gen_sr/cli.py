@@ -711,7 +711,7 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
     p.add_argument("--guidance", choices=("projection", "gradient", "none"), default="projection",
                    help="data consistency during sampling (default: projection); outputs are always projected")
     p.add_argument("--refit-disagreement", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --noise-std: fit the data exactly where the mean departs from them by more than the "
+                   help="with --noise-std: fit the data where the mean departs from them by more than the "
                         "noise explains (a lesion-free prior thins lesions there; benchmarks/DATA_DISAGREEMENT.md); "
                         "default: the model folder's (on for models/heads2d)")
     p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
@@ -737,7 +737,8 @@ def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
     _add_profile_argument(p, auto=True)
     p.add_argument("--noise-std", type=_non_negative_float, default=0.0,
-                   help="measurement noise std in input units, >= 0 (default 0: noise-free projections); when "
+                   help="measurement noise std in input units, >= 0 (default 0: exact projections, up to a cap on the "
+                        "noise gain that much-overlapping slices reach; give it for noise-aware ones); when "
                         "adapting, the per-scan calibration's problems carry it too: give it for a noisy scan")
     p.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
 

@@ -97,7 +97,7 @@ class SamplingSettings:
         num_samples: samples per run (the std of fewer samples is noisier).
         strength: where the reverse process starts (1: pure noise).
         share_first_call: whether the samples shared the first network call (the pipeline's option).
-        refit_disagreement: whether the data were fitted exactly where the mean departed from them (the pipeline's
+        refit_disagreement: whether the data were fitted where the mean departed from them (the pipeline's
             option; it narrows the spread there).
     """
 

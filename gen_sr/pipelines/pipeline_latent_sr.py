@@ -287,11 +287,13 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 a given thickness applies to every sliced axis). ``slice_profile="auto"`` estimates the thickness
                 from the scan (:mod:`gen_sr.slice_profile`; one coarse axis, no thickness given) as the FWHM of a
                 Gaussian profile; the operator in ``metadata`` records it.
-            noise_std: measurement noise std in input units (0: noise-free; > 0 makes projections noise-aware).
-            refit_disagreement: with a noise std, after the noise-aware projection, fit the measurements exactly
-                where the samples' mean departs from them by more than the noise explains
-                (:func:`~gen_sr.pipelines.guidance.fit_where_data_disagree`); no effect on noise-free data, which
-                every sample fits exactly already. Default: the model card's ``refit_disagreement``.
+            noise_std: measurement noise std in input units (0: unknown or none: the projections fit the data
+                exactly, up to a cap on the inverse's noise gain that only much-overlapping slices reach,
+                :data:`~gen_sr.physics.NOISE_GAIN_FLOOR`; > 0 makes them noise-aware).
+            refit_disagreement: with a noise std, after the noise-aware projection, fit the measurements (exactly,
+                up to that cap) where the samples' mean departs from them by more than the noise explains
+                (:func:`~gen_sr.pipelines.guidance.fit_where_data_disagree`); no effect without a noise std, where
+                every sample fits the data already. Default: the model card's ``refit_disagreement``.
             calibration_region: for a per-scan calibration fitted per region (``Calibration.outside_scale``; ``gen-sr
                 fit --calibration-region``): the same mask on the input's own grid (anything ``lr`` may be; nonzero
                 inside), so that each scale holds where it was fitted; without it the larger holds everywhere.
