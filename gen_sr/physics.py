@@ -561,6 +561,15 @@ class AcquisitionOperator:
             gain = gain * axis_gain.reshape(shape)
         return self._synthesize(c * torch.where(s > self.rcond * s.max(), gain, 0.0))
 
+    def capped_fraction(self, floor: float = NOISE_GAIN_FLOOR) -> float:
+        """The fraction of ``A``'s singular components that :meth:`pinv` with ``floor`` inverts only partially
+        (0: it is the exact pseudo-inverse): those some axis measures with a singular value below its cap."""
+        exact = 1.0
+        for sp in self._spectral(torch.zeros((), dtype=torch.float64)).values():
+            s_hat = floor * math.sqrt(sp.matrix.shape[0] / sp.matrix.shape[1])
+            exact *= float((sp.s >= s_hat).double().mean())
+        return 1.0 - exact
+
     def project(self, x: torch.Tensor, y: torch.Tensor, *, floor: float = 0.0) -> torch.Tensor:
         """The closest ``x'`` to ``x`` (Euclidean) with ``A x' = y``: ``x + A⁺(y − A x)``; with ``floor``, the
         components that :meth:`pinv` caps are fitted partially."""

@@ -55,6 +55,7 @@ def test_audit_with_reference_writes_maps_report_and_metrics(tmp_path: Path, cap
     assert mean.shape == (14, 12, 24) and np.allclose(mean.affine, hr.affine, atol=1e-4)
     page = (out / "report.html").read_text()
     assert "<script" not in page
+    assert payload["card"]["capped_fraction"] == 0 and "Exact fits capped for the noise gain" in page  # 3 mm at 3 mm
     # what the 3 mm slices keep of thin structures, from the run's operator, along the one axis it super-resolved
     thin = payload["thin_structures"]
     assert "What the slices cannot show" in page and str(escape(thin["text"])) in page

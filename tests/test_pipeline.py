@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -154,9 +155,22 @@ def test_the_noise_free_projection_is_exact_unless_the_slices_would_amplify_the_
     fit = float((op(projected) - y).norm() / y.norm())
     noise = float((projected - truth).std() / sigma)
     if exact:
-        assert fit < 1e-10
+        assert fit < 1e-10 and op.capped_fraction() == 0
     else:
         assert 0 < fit and noise < 2 and float((op.project(x, y) - truth).std() / sigma) > 3 * noise
+        assert 0.3 < op.capped_fraction() < 0.7  # about the half of the components that half-overlapping slices add
+
+
+def test_overlapping_slices_without_a_noise_std_warn_and_record_what_is_fitted_partially() -> None:
+    pipe, lr = _pipe(2), _lr()
+    with pytest.warns(UserWarning, match="fitted only partially"):
+        overlapping = pipe(lr, slice_thickness=6.0, num_samples=1, generator=_gens(0), **RUN)  # 6 mm at 3 mm
+    assert 0 < overlapping.metadata["capped_fraction"] < 1 and max(overlapping.metadata["relative_residual"]) > 1e-6
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fitted only partially")
+        contiguous = pipe(lr, num_samples=1, generator=_gens(0), **RUN)
+        pipe(lr, slice_thickness=6.0, noise_std=2.0, num_samples=1, generator=_gens(0), **RUN)  # noise-aware
+    assert contiguous.metadata["capped_fraction"] == 0
 
 
 def test_noise_aware_projection_stops_at_the_noise_level() -> None:

@@ -171,6 +171,12 @@ def _timings(v: Any) -> str:
                      if isinstance(x, int | float))
 
 
+def _capped(v: Any) -> str:
+    if not isinstance(v, int | float):
+        return _plain(v)
+    return "none" if v == 0 else f"{100 * v:.0f} % of the slices' components (they measure them too weakly)"
+
+
 _CARD: dict[str, tuple[str, Callable[[Any], str]]] = {
     "input": ("Input", _plain), "model": ("Model", _plain), "operator": ("Acquisition (RAS+ axes)", _plain),
     "hr_spacing_mm": ("HR voxel spacing", _spacing), "lr_spacing_mm": ("LR voxel spacing", _spacing),
@@ -178,6 +184,7 @@ _CARD: dict[str, tuple[str, Callable[[Any], str]]] = {
     "samples": ("Posterior samples", _plain), "seeds": ("Seeds", _seeds), "guidance": ("Data consistency", _plain),
     "noise_std": ("Measurement noise std", _noise),
     "relative_residual_max": ("Largest relative residual ‖A x − y‖ / ‖y‖", _plain),
+    "capped_fraction": ("Exact fits capped for the noise gain", _capped),
     "calibration": ("Calibration", _calibration), "risk": ("Risk", _risk), "timings_s": ("Timings", _timings),
     "adaptation": ("Adaptation", _adaptation),
 }

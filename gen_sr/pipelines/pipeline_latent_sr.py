@@ -89,7 +89,10 @@ class SRPipelineOutput(BaseOutput):
             the projection leaves no residual to judge). With ``refit_disagreement`` it is the samples' mean before
             the refit: where the prior departed from the data (the output was then fitted to them there).
         affine: the HR voxel-to-world affine of the outputs.
-        metadata: seeds, steps, operator, guidance, final relative residuals ``‖A x − y‖/‖y‖`` and timings.
+        metadata: seeds, steps, operator, guidance, final relative residuals ``‖A x − y‖/‖y‖`` (0 up to round-off
+            without a noise std, unless ``capped_fraction``, the share of the slices' components fitted only up to
+            the inverse's gain cap (:meth:`~gen_sr.physics.AcquisitionOperator.capped_fraction`), is above 0) and
+            timings.
     """
 
     mean: Any
@@ -392,6 +395,12 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         if calibration is not None and calibration.shape.noise_floor > 0 and noise_std == 0:
             warnings.warn("the calibrated interval has a noise term but noise_std is 0: the risk map leaves the "
                           "measurement noise out; pass the input's noise std (--noise-std)", stacklevel=3)
+        capped = operator.capped_fraction()
+        if noise_std == 0 and capped > 0:
+            warnings.warn(f"the slices measure {capped:.0%} of their components so weakly (they overlap, or are "
+                          "under two output voxels thick) that an exact fit would multiply the noise there: those "
+                          "are fitted only partially; pass the input's noise std (--noise-std) for a noise-aware "
+                          "fit", stacklevel=3)
         outside = self.outside_training(canon, operator, norm, axes)
         for message in outside:
             warnings.warn(f"outside the trained regime: {message}", OutsideTrainingWarning, stacklevel=3)
@@ -534,6 +543,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "slice_profile_estimated": slice_profile == "auto",
             "operator": operator.to_dict(),
             "relative_residual": residuals,
+            "capped_fraction": capped,
             "normalization": norm.to_dict(),
             "risk": describe_risk(calibration) | {"calibration_region": region is not None},
             "data_disagreement": None if disagreement is None else flag.describe(before_refit=refit),
