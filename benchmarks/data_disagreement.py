@@ -3,7 +3,7 @@
 
     python benchmarks/data_disagreement.py --scans robex_brain:11 mni152:11 [colin27_brain ...] --out DIR \\
         [--choose | --size MM --threshold T | --refit-levels L,L,... [--refit-floors F,F,...] | --refit-check |
-         --projection-check] \
+         --projection-check [--given-noise none,auto,true]] \
         [--thickness 4 --spacing 4] [--model models/heads2d] [--snr 30] [--slab 24] [--samples 8]
 
 Each scan (``NAME:N``: synthetic subject ``N`` of a sample head; ``NAME``: the head itself) is cut to its central
@@ -21,8 +21,9 @@ Then, over all scans in ``--scans``:
   lesion-free PSNR gain in the foreground per scan and the gap ``data_alone - recovered`` of the thinned 6 and 2 mm
   lesions before and after (contrast against a two-voxel shell; the refit is linear, so the refitted mean is the
   mean of the refitted samples);
-* ``--projection-check``: instead, each scan's lesion-free slab is super-resolved without a noise std (the
-  noise-free projections, as ``gen-sr super-resolve`` without ``--noise-std``; ``--snr 0`` for noise-free slices)
+* ``--projection-check``: instead, each scan's lesion-free slab is super-resolved with each noise std of
+  ``--given-noise`` (default ``none``: the noise-free projections, as ``gen-sr super-resolve`` without
+  ``--noise-std``; ``auto``: estimated from the scan; ``true``: the added noise's; ``--snr 0`` for noise-free slices)
   and the PSNR in the brain is printed beside cubic interpolation's;
 * ``--refit-check``: instead, each scan's lesion-free slab is super-resolved with and without ``refit_disagreement``
   (same seeds) and PSNR, the calibrated interval's coverage and the ±2σ coverage in the brain are printed (the
@@ -244,18 +245,24 @@ def refit_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: argpars
 
 
 def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """PSNR in the brain of each lesion-free scan super-resolved without a noise std (as ``gen-sr super-resolve``
-    without ``--noise-std``: the projections are the noise-free ones), and of cubic interpolation of its slices."""
+    """PSNR in the brain of each lesion-free scan super-resolved with each noise std of ``--given-noise`` (``none``:
+    as ``gen-sr super-resolve`` without ``--noise-std``, the noise-free projections; ``auto``: estimated from the
+    scan; ``true``: the added noise's), and of cubic interpolation of its slices."""
     rows: dict[str, Any] = {}
     for spec in specs:
         case = simulate_case(scan_volume(spec, args.slab)[0], spec, **acquisition(args))
-        out = pipe(case.lr, operator=case.operator, noise_std=0.0, num_samples=args.samples,
-                   generator=torch.Generator().manual_seed(0), keep_samples=False, output_type="np")
-        y = torch.from_numpy(np.asarray(case.lr.data, np.float64))[None, None]
-        cubic = case.operator.interpolate(y, "cubic")[0, 0].numpy()
         truth = case.hr.data.astype(np.float64)
-        rows[spec] = {"sr": brain_psnr(np.asarray(out.mean, np.float64), truth), "cubic": brain_psnr(cubic, truth)}
-        print(f"{spec}: PSNR {rows[spec]['sr']:.2f} dB (cubic {rows[spec]['cubic']:.2f})", flush=True)
+        y = torch.from_numpy(np.asarray(case.lr.data, np.float64))[None, None]
+        row = rows[spec] = {"cubic": brain_psnr(case.operator.interpolate(y, "cubic")[0, 0].numpy(), truth)}
+        for given in args.given_noise.split(","):
+            noise_std = {"none": 0.0, "auto": "auto", "true": case.noise_std}[given]
+            out = pipe(case.lr, operator=case.operator, noise_std=noise_std, num_samples=args.samples,
+                       generator=torch.Generator().manual_seed(0), keep_samples=False, output_type="np")
+            row[given] = brain_psnr(np.asarray(out.mean, np.float64), truth)
+            row[f"{given}_std"] = float(out.metadata["noise_std"])
+        print(f"{spec}: PSNR " + ", ".join(f"{k} {v:.2f} dB" for k, v in row.items() if not k.endswith("_std"))
+              + f" (true std {case.noise_std:.4g}" + "".join(f", {k} {v:.4g}" for k, v in row.items()
+                                                            if k.endswith("_std")) + ")", flush=True)
     return rows
 
 
@@ -268,6 +275,8 @@ def main() -> None:
     parser.add_argument("--refit-check", action="store_true", help="PSNR and coverage with and without the refit")
     parser.add_argument("--projection-check", action="store_true",
                         help="PSNR of the lesion-free scans super-resolved without a noise std")
+    parser.add_argument("--given-noise", default="none",
+                        help="for --projection-check: comma-separated noise stds to run with: none, auto, true")
     parser.add_argument("--refit-floors", help="comma-separated gain floors for --refit-levels (default: the class's)")
     parser.add_argument("--thickness", type=float, default=4.0, help="slice FWHM in mm")
     parser.add_argument("--spacing", type=float, default=None, help="slice spacing in mm (default: the thickness)")
