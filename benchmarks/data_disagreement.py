@@ -23,7 +23,8 @@ Then, over all scans in ``--scans``:
   mean of the refitted samples);
 * ``--projection-check``: instead, each scan's lesion-free slab is super-resolved with each noise std of
   ``--given-noise`` (default ``none``: the noise-free projections, as ``gen-sr super-resolve`` without
-  ``--noise-std``; ``auto``: estimated from the scan; ``true``: the added noise's; ``--snr 0`` for noise-free slices)
+  ``--noise-std``; ``auto``: estimated from the slices by ``gen_sr.physics.estimate_noise_std``; ``true``: the added
+  noise's; ``--snr 0`` for noise-free slices)
   and the PSNR in the brain is printed beside cubic interpolation's;
 * ``--refit-check``: instead, each scan's lesion-free slab is super-resolved with and without ``refit_disagreement``
   (same seeds) and PSNR, the calibrated interval's coverage and the ±2σ coverage in the brain are printed (the
@@ -52,7 +53,7 @@ from gen_sr.eval.cases import central_slab, crop_to_foreground, simulate_case, s
 from gen_sr.eval.metrics import foreground
 from gen_sr.eval.stress import insert_lesions, measure_sites
 from gen_sr.io import atomic_write, write_json
-from gen_sr.physics import AcquisitionOperator
+from gen_sr.physics import AcquisitionOperator, estimate_noise_std
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.guidance import fit_where_data_disagree
 from gen_sr.risk import DataDisagreement
@@ -255,7 +256,8 @@ def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: ar
         y = torch.from_numpy(np.asarray(case.lr.data, np.float64))[None, None]
         row = rows[spec] = {"cubic": brain_psnr(case.operator.interpolate(y, "cubic")[0, 0].numpy(), truth)}
         for given in args.given_noise.split(","):
-            noise_std = {"none": 0.0, "auto": "auto", "true": case.noise_std}[given]
+            noise_std = {"none": 0.0, "true": case.noise_std,  # auto: the adaptation's estimator, on the slices
+                         "auto": estimate_noise_std(case.lr.data, int(np.argmax(case.lr.spacing)))}[given]
             out = pipe(case.lr, operator=case.operator, noise_std=noise_std, num_samples=args.samples,
                        generator=torch.Generator().manual_seed(0), keep_samples=False, output_type="np")
             row[given] = brain_psnr(np.asarray(out.mean, np.float64), truth)

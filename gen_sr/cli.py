@@ -34,7 +34,7 @@ def _number(text: str, *, low: float = -np.inf, high: float = np.inf, open_low: 
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     inside = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
     if not np.isfinite(value) or not inside:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
@@ -47,10 +47,6 @@ def _positive_float(text: str) -> float:
 
 def _non_negative_float(text: str) -> float:
     return _number(text, low=0, what="a finite number >= 0")
-
-
-def _noise_std(text: str) -> float | str:
-    return text if text == "auto" else _number(text, low=0, what="a finite number >= 0 or auto")
 
 
 def _fraction(text: str) -> float:
@@ -272,18 +268,6 @@ def _acquisition_kwargs(args: argparse.Namespace) -> dict:
             "slice_thickness": args.slice_thickness, "noise_std": args.noise_std}
 
 
-def _resolve_noise_std(args: argparse.Namespace, lr) -> None:
-    """``--noise-std auto``: the estimate from the scan, printed, in place of ``auto`` (for one scan; a cohort's
-    scans each get their own in the pipeline)."""
-    from gen_sr.physics import scan_noise_std
-
-    args.noise_std_estimated = args.noise_std == "auto"
-    if args.noise_std_estimated:
-        args.noise_std = scan_noise_std(lr)
-        if process_state().is_main_process:
-            print(f"noise:    std {args.noise_std:.4g} estimated from the scan (--noise-std auto)")
-
-
 def _steps(args: argparse.Namespace, pipe) -> int:
     """The DDIM steps a run uses: ``--steps``, else the model card's default."""
     return args.sampling_steps or pipe.model_card.num_inference_steps
@@ -307,12 +291,10 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     sidecar = sidecar_path(outputs["mean"])
     check_output_file(sidecar, args.overwrite, inputs=[args.input])
     lr = load_volume(args.input, volume_index=args.volume)
-    _resolve_noise_std(args, lr)
     pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr)
     out = pipe(lr, keep_samples=False, output_type="np", calibration_region=args.calibration_region,
                **_acquisition_kwargs(args), **_sampling_kwargs(args))
     out.metadata["timings"] = {**timings, **out.metadata["timings"]}
-    out.metadata["noise_std_estimated"] = args.noise_std_estimated  # here, not in the pipeline: it got the value
     if pipe.model_card.adapted is not None:
         out.metadata["adaptation"] = dataclasses.asdict(pipe.model_card.adapted)
     if not process_state().is_main_process:  # under `accelerate launch`, the main process writes the outputs
@@ -464,7 +446,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise InputError("exists already", target, "pass --overwrite to replace it, or choose another folder")
     check_output_dir(target.parent)
     lr = load_volume(args.input, volume_index=args.volume)
-    _resolve_noise_std(args, lr)
     pipe = _load_pipeline(args)
     work = Path(args.adapt_dir) if args.adapt_dir else target.with_name(f"{target.name}_adaptation")
     fit = _fit(args, pipe, lr, work)
@@ -615,7 +596,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     out = _output_dir(args)
     lr = load_volume(args.input, volume_index=args.volume)
-    _resolve_noise_std(args, lr)
     reference = load_volume(args.reference) if args.reference else None
     brain = load_volume(args.mask) if args.mask else None
     tissues = {name: load_volume(path) for name, path in args.tissue} or None
@@ -756,11 +736,10 @@ def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
                    help="HR voxel spacing in mm (default: isotropic at the finest input spacing)")
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
     _add_profile_argument(p, auto=True)
-    p.add_argument("--noise-std", type=_noise_std, default=0.0, metavar="STD|auto",
+    p.add_argument("--noise-std", type=_non_negative_float, default=0.0,
                    help="measurement noise std in input units, >= 0 (default 0: exact projections, up to a cap on the "
-                        "noise gain that much-overlapping slices reach; give it for noise-aware ones), or auto: "
-                        "estimated from the scan (benchmarks/NOISE_ESTIMATE.md); when adapting, the per-scan "
-                        "calibration's problems carry it too: give it for a noisy scan")
+                        "noise gain that much-overlapping slices reach; give it for noise-aware ones); when "
+                        "adapting, the per-scan calibration's problems carry it too: give it for a noisy scan")
     p.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
 
 

@@ -967,12 +967,6 @@ def estimate_noise_std(data: np.ndarray, axis: int, foreground: float = 0.1) -> 
     return float(np.median(np.abs(hh[inside])) / 0.6745)
 
 
-def scan_noise_std(volume: Volume) -> float:
-    """:func:`estimate_noise_std` of a thick-slice scan, on its slices across its coarsest voxel axis (in its own
-    array order), in its units. Reads 5-20 % high on anatomy (``benchmarks/NOISE_ESTIMATE.md``)."""
-    return estimate_noise_std(volume.data, int(np.argmax(volume.spacing)))
-
-
 def add_noise(
     y: torch.Tensor,
     *,

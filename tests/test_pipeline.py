@@ -173,20 +173,6 @@ def test_overlapping_slices_without_a_noise_std_warn_and_record_what_is_fitted_p
     assert contiguous.metadata["capped_fraction"] == 0
 
 
-def test_the_noise_std_can_be_estimated_from_the_scan() -> None:
-    """``noise_std="auto"``: the std read from the scan's in-plane finest detail, recorded; on a smooth object with
-    white noise it is the noise's own."""
-    grid = np.indices((16, 14, 6)).astype(np.float64)
-    smooth = 100 + 20 * np.sin(grid[0] / 4) * np.cos(grid[1] / 5)
-    noisy = Volume((smooth + 2.0 * np.random.default_rng(1).standard_normal(smooth.shape)).astype(np.float32),
-                   np.diag([1.0, 1.0, 3.0, 1.0]))
-    out = _pipe(2)(noisy, noise_std="auto", num_samples=1, generator=_gens(0), **RUN)
-    assert out.metadata["noise_std_estimated"] is True and out.metadata["noise_std"] == pytest.approx(2.0, rel=0.15)
-    assert out.data_disagreement is not None  # a noisy run: the map is there
-    with pytest.raises(ValueError, match="'auto'"):
-        _pipe(2)(noisy, noise_std="guess", num_samples=1, **RUN)
-
-
 def test_noise_aware_projection_stops_at_the_noise_level() -> None:
     lr = _lr()
     out = _pipe(2)(lr, num_samples=2, generator=_gens(0, 1), noise_std=2.0, **RUN)
