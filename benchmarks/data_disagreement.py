@@ -24,8 +24,7 @@ Then, over all scans in ``--scans``:
 * ``--projection-check``: instead, each scan's lesion-free slab is super-resolved with each noise std of
   ``--given-noise`` (default ``none``: the noise-free projections, as ``gen-sr super-resolve`` without
   ``--noise-std``; ``auto``: estimated from the slices by ``gen_sr.physics.estimate_noise_std``; ``true``: the added
-  noise's; ``--snr 0`` for noise-free slices)
-  and the PSNR in the brain is printed beside cubic interpolation's;
+  noise's; ``--snr 0`` for noise-free slices), and the PSNR in the brain is printed beside cubic interpolation's;
 * ``--refit-check``: instead, each scan's lesion-free slab is super-resolved with and without ``refit_disagreement``
   (same seeds) and PSNR, the calibrated interval's coverage and the ±2σ coverage in the brain are printed (the
   refit's third criterion).
