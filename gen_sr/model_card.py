@@ -168,7 +168,8 @@ class ModelCard:
         share_first_call: the default of the pipeline's ``share_first_call``: the first network call is made once
             for all samples (its clean-sample prediction, from pure noise, stands in for every sample's).
         refit_disagreement: the default of the pipeline's ``refit_disagreement``: for runs given a noise std, the
-            data are fitted exactly where the samples' mean departs from them by more than the noise explains.
+            data are fitted (exactly, up to :data:`~gen_sr.physics.NOISE_GAIN_FLOOR`'s cap on the noise gain) where
+            the samples' mean departs from them by more than the noise explains.
         trained_on: the training volumes as the experiment named them (sample names such as ``mni152``, or
             files); empty when not recorded. Quality is measured on heads not in this list.
         adapted: the fine-tuning on one scan (``gen-sr fit``), or ``None`` for a model that was not adapted.

@@ -185,7 +185,7 @@ def audit(
             "steps": meta.get("num_inference_steps"), "samples": meta.get("num_samples"), "seeds": meta.get("seeds"),
             "guidance": meta.get("guidance"), "noise_std": meta.get("noise_std"),
             "relative_residual_max": max(meta.get("relative_residual", [float("nan")])),
-            "capped_fraction": meta.get("capped_fraction", operator.capped_fraction()),
+            "capped_fraction": meta["capped_fraction"] if "capped_fraction" in meta else operator.capped_fraction(),
             "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",
             "interval": calibration.describe() if calibration is not None else "none (uncalibrated)",
             "risk": meta.get("risk"), "timings_s": meta.get("timings")}
