@@ -3,7 +3,7 @@
 
     python benchmarks/data_disagreement.py --scans robex_brain:11 mni152:11 [colin27_brain ...] --out DIR \\
         [--choose | --size MM --threshold T | --refit-levels L,L,... [--refit-floors F,F,...] | --refit-check |
-         --projection-check [--given-noise none,auto,true]] \
+         --projection-check [--given-noise none,auto,mad,true]] \
         [--thickness 4 --spacing 4] [--model models/heads2d] [--snr 30] [--slab 24] [--samples 8]
 
 Each scan (``NAME:N``: synthetic subject ``N`` of a sample head; ``NAME``: the head itself) is cut to its central
@@ -23,8 +23,9 @@ Then, over all scans in ``--scans``:
   mean of the refitted samples);
 * ``--projection-check``: instead, each scan's lesion-free slab is super-resolved with each noise std of
   ``--given-noise`` (default ``none``: the noise-free projections, as ``gen-sr super-resolve`` without
-  ``--noise-std``; ``auto``: estimated from the slices by ``gen_sr.physics.estimate_noise_std``; ``true``: the added
-  noise's; ``--snr 0`` for noise-free slices), and the PSNR in the brain is printed beside cubic interpolation's;
+  ``--noise-std``; ``auto``: the pipeline's ``noise_std="auto"``, read from the slices' background air; ``mad``:
+  estimated from the slices' in-plane detail by ``gen_sr.physics.estimate_noise_std``; ``true``: the added noise's;
+  ``--snr 0`` for noise-free slices), and the PSNR in the brain is printed beside cubic interpolation's;
 * ``--refit-check``: instead, each scan's lesion-free slab is super-resolved with and without ``refit_disagreement``
   (same seeds) and PSNR, the calibrated interval's coverage and the ±2σ coverage in the brain are printed (the
   refit's third criterion).
@@ -246,8 +247,9 @@ def refit_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: argpars
 
 def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """PSNR in the brain of each lesion-free scan super-resolved with each noise std of ``--given-noise`` (``none``:
-    as ``gen-sr super-resolve`` without ``--noise-std``, the noise-free projections; ``auto``: estimated from the
-    scan; ``true``: the added noise's), and of cubic interpolation of its slices."""
+    as ``gen-sr super-resolve`` without ``--noise-std``, the noise-free projections; ``auto``: read from the
+    scan's air by the pipeline; ``mad``: from its in-plane detail; ``true``: the added noise's), and of cubic
+    interpolation of its slices."""
     rows: dict[str, Any] = {}
     for spec in specs:
         case = simulate_case(scan_volume(spec, args.slab)[0], spec, **acquisition(args))
@@ -255,8 +257,8 @@ def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: ar
         y = torch.from_numpy(np.asarray(case.lr.data, np.float64))[None, None]
         row = rows[spec] = {"cubic": brain_psnr(case.operator.interpolate(y, "cubic")[0, 0].numpy(), truth)}
         for given in args.given_noise.split(","):
-            noise_std = {"none": 0.0, "true": case.noise_std,  # auto: the adaptation's estimator, on the slices
-                         "auto": estimate_noise_std(case.lr.data, int(np.argmax(case.lr.spacing)))}[given]
+            noise_std = {"none": 0.0, "true": case.noise_std, "auto": "auto",  # mad: the adaptation's estimator
+                         "mad": estimate_noise_std(case.lr.data, int(np.argmax(case.lr.spacing)))}[given]
             out = pipe(case.lr, operator=case.operator, noise_std=noise_std, num_samples=args.samples,
                        generator=torch.Generator().manual_seed(0), keep_samples=False, output_type="np")
             row[given] = brain_psnr(np.asarray(out.mean, np.float64), truth)
@@ -277,7 +279,7 @@ def main() -> None:
     parser.add_argument("--projection-check", action="store_true",
                         help="PSNR of the lesion-free scans super-resolved without a noise std")
     parser.add_argument("--given-noise", default="none",
-                        help="for --projection-check: comma-separated noise stds to run with: none, auto, true")
+                        help="for --projection-check: comma-separated noise stds to run with: none, auto, mad, true")
     parser.add_argument("--refit-floors", help="comma-separated gain floors for --refit-levels (default: the class's)")
     parser.add_argument("--thickness", type=float, default=4.0, help="slice FWHM in mm")
     parser.add_argument("--spacing", type=float, default=None, help="slice spacing in mm (default: the thickness)")

@@ -967,6 +967,85 @@ def estimate_noise_std(data: np.ndarray, axis: int, foreground: float = 0.1) -> 
     return float(np.median(np.abs(hh[inside])) / 0.6745)
 
 
+RAYLEIGH_MEAN_OVER_STD = math.sqrt(math.pi / (4 - math.pi))
+"""The mean of a Rayleigh distribution (the magnitude of pure complex noise) over its std: 1.913."""
+
+
+def _rician_xi(theta: np.ndarray) -> np.ndarray:
+    """The variance of a Rician magnitude over σ², at SNR ``theta`` = ν/σ (Koay & Basser 2006, eq. 9)."""
+    from scipy import special
+
+    z = theta * theta / 4  # the scaled Bessel functions keep exp(-θ²/2)·I(θ²/4)² finite at any θ
+    bracket = (2 + theta * theta) * special.i0e(z) + theta * theta * special.i1e(z)
+    return 2 + theta * theta - math.pi / 8 * bracket * bracket
+
+
+def rician_snr(mean_over_std: float, iterations: int = 100, *, pure_noise_tolerance: float = 0.0) -> float:
+    """The underlying SNR ν/σ of a Rician magnitude from its mean over its std (Koay & Basser's fixed point); 0 up
+    to the Rayleigh ratio :data:`RAYLEIGH_MEAN_OVER_STD` times ``1 + pure_noise_tolerance``: there the magnitude is
+    taken as pure noise (the ratio hardly moves with a small ν, so a sampled ratio a little high would read a large
+    one)."""
+    r2 = mean_over_std * mean_over_std
+    if r2 <= (RAYLEIGH_MEAN_OVER_STD * (1 + pure_noise_tolerance)) ** 2:
+        return 0.0
+    theta = math.sqrt(r2 - RAYLEIGH_MEAN_OVER_STD**2)
+    for _ in range(iterations):
+        theta = math.sqrt(max(float(_rician_xi(np.asarray(theta))) * (1 + r2) - 2, 0.0))
+    return theta
+
+
+def background_noise_std(data: np.ndarray, axis: int, *, window: int = 7, margin: int = 3,
+                         min_voxels: int = 500) -> float | None:
+    """The noise std per voxel (and per real channel) of a scan, read from its background air; ``None`` where it
+    has too little air (``min_voxels``) or a background mostly of zeros: a masked (skull-stripped) input, or one
+    cropped to the head.
+
+    The air is what lies outside the head: the voxels below a tenth of the 99th percentile once each slice across
+    ``axis`` is smoothed in-plane (σ 2 voxels), holes filled, grown by ``margin`` voxels in-plane, zeros (padding,
+    to round-off) left out. In ``window`` × ``window`` in-plane windows wholly in the air, the local mean ``m``,
+    variance ``v`` and second moment ``s2`` of the magnitude are taken. The air's SNR ``θ = ν/σ`` follows from the
+    median of ``m / √v`` (Koay & Basser's correction; 0 for pure noise, whose magnitude is Rayleigh, and within
+    2 % of the Rayleigh ratio), and ``σ² = median(s2) / (2 + θ²)``. Real-valued data (air with negative values)
+    are Gaussian instead: ``σ² = median(v)``. On synthetic air it read −2 % to +6 % of σ for ν from 0 to 5σ (the
+    most at ν ≈ σ/2). No anatomy enters, so unlike :func:`estimate_noise_std` it does not read fine structure as
+    noise; it assumes the noise in the air is the noise in the head (one coil's, or a parallel reconstruction's
+    average).
+    """
+    from scipy import ndimage
+
+    x = np.moveaxis(np.asarray(data, dtype=np.float64), axis, 0)
+    smooth = ndimage.gaussian_filter(x, (0, 2, 2))
+    head = smooth > 0.1 * np.percentile(smooth, 99)
+    head = np.stack([ndimage.binary_fill_holes(s) for s in head])
+    head = ndimage.binary_dilation(head, np.ones((1, 2 * margin + 1, 2 * margin + 1), bool))
+    zero = np.abs(x) <= 1e-6 * np.percentile(np.abs(x), 99)  # masking or padding, to round-off
+    if (~head).sum() < min_voxels or zero[~head].mean() > 0.5:  # cropped to the head, or masked
+        return None
+    air = ~head & ~zero
+    size = (1, window, window)
+    n = window * window
+    centres = ndimage.binary_erosion(air, np.ones(size, bool), border_value=0)  # wholly inside the array
+    if not centres.any():
+        return None
+    mean = ndimage.uniform_filter(x, size, mode="reflect")[centres]
+    second = ndimage.uniform_filter(x * x, size, mode="reflect")[centres]
+    var = np.maximum(second - mean * mean, 0) * n / (n - 1)
+    if (x[air] < 0).mean() > 0.01:
+        return float(np.sqrt(np.median(var)))
+    positive = var > 0
+    if not positive.any():
+        return 0.0
+    ratio = float(np.median(mean[positive] / np.sqrt(var[positive])))  # reads 0.4 % high on pure noise in 7 × 7
+    theta = rician_snr(ratio, pure_noise_tolerance=0.02)
+    return float(np.sqrt(np.median(second) / (2 + theta * theta)))
+
+
+def scan_noise_std(volume: Volume) -> float | None:
+    """:func:`background_noise_std` of a thick-slice scan, in windows on its slices across its coarsest voxel axis
+    (in its own array order), in its units; ``None`` where it has no air to read it from."""
+    return background_noise_std(volume.data, int(np.argmax(volume.spacing)))
+
+
 def add_noise(
     y: torch.Tensor,
     *,
