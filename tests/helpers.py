@@ -65,3 +65,15 @@ def tiny_pipeline(spatial_dims: int = 2, any_axis: bool = True, seed: int = 0):
     pipe = LatentDiffusionSRPipeline(vae=vae, unet=unet, scheduler=scheduler, model_card=card)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def head_in_air(shape=(48, 48, 6), *, sigma: float = 2.0, air_level: float = 0.0, radius: float = 14.0,
+                seed: int = 0, complex_noise: bool = True) -> np.ndarray:
+    """A textured disc (the head) on air, slices along the last axis, with Rician noise of std ``sigma`` per real
+    channel (``complex_noise``; else Gaussian); ``air_level`` is the air's own signal ν."""
+    rng = np.random.default_rng(seed)
+    i, j = np.indices(shape[:2]).astype(np.float64)
+    inside = (i - shape[0] / 2) ** 2 + (j - shape[1] / 2) ** 2 < radius**2
+    clean = np.where(inside, 100 + 10 * np.sin(i / 3), air_level)[..., None] * np.ones(shape)
+    real = clean + sigma * rng.standard_normal(shape)
+    return np.hypot(real, sigma * rng.standard_normal(shape)) if complex_noise else real

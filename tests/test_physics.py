@@ -317,6 +317,41 @@ def test_the_noise_estimate_finds_white_noise_on_a_smooth_volume() -> None:
     assert estimate_noise_std(smooth, axis=2) < 0.1
 
 
+@pytest.mark.parametrize(("air_level", "complex_noise"), [(0.0, True), (4.0, True), (0.0, False)])
+def test_the_noise_std_is_read_from_the_air_around_the_head(air_level: float, complex_noise: bool) -> None:
+    """Pure Rayleigh air, air with a signal of its own (Rician, ν = 2σ) and real-valued Gaussian air all read σ;
+    the head's texture does not enter."""
+    from helpers import head_in_air
+
+    from gen_sr.physics import background_noise_std
+
+    data = head_in_air((64, 64, 8), sigma=2.0, air_level=air_level, radius=20, complex_noise=complex_noise)
+    assert background_noise_std(data, axis=2) == pytest.approx(2.0, rel=0.06)
+    assert background_noise_std(np.moveaxis(data, 2, 0), axis=0) == background_noise_std(data, axis=2)
+
+
+def test_a_masked_head_or_one_cropped_to_the_head_has_no_air_to_read() -> None:
+    from helpers import head_in_air
+
+    from gen_sr.physics import background_noise_std
+
+    data = head_in_air((64, 64, 8), sigma=2.0, radius=20)
+    masked = np.where(head_in_air((64, 64, 8), sigma=0.0, radius=20) > 0, data, 0.0)
+    assert background_noise_std(masked, axis=2) is None
+    assert background_noise_std(data[16:48, 16:48], axis=2) is None  # inside the head
+
+
+def test_the_rician_snr_inverts_the_magnitude_moments() -> None:
+    from gen_sr.physics import RAYLEIGH_MEAN_OVER_STD, rician_snr
+
+    rng = np.random.default_rng(0)
+    for theta in (1.0, 3.0, 10.0):
+        magnitude = np.hypot(theta + rng.standard_normal(400_000), rng.standard_normal(400_000))
+        assert rician_snr(magnitude.mean() / magnitude.std()) == pytest.approx(theta, rel=0.03)
+    assert rician_snr(RAYLEIGH_MEAN_OVER_STD) == 0.0
+    assert rician_snr(1.01 * RAYLEIGH_MEAN_OVER_STD, pure_noise_tolerance=0.02) == 0.0
+
+
 def test_a_slice_profile_file_reads_as_its_samples_and_a_bad_one_is_one_line(tmp_path) -> None:
     from gen_sr.physics import read_slice_profile
 
