@@ -34,7 +34,7 @@ def _number(text: str, *, low: float = -np.inf, high: float = np.inf, open_low: 
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     inside = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
     if not np.isfinite(value) or not inside:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
