@@ -23,7 +23,7 @@ Then, over all scans in ``--scans``:
   mean of the refitted samples);
 * ``--projection-check``: instead, each scan's lesion-free slab is super-resolved with each noise std of
   ``--given-noise`` (default ``none``: the noise-free projections, as ``gen-sr super-resolve`` without
-  ``--noise-std``; ``auto``: the pipeline's ``noise_std="auto"``, read from the slices' background air; ``mad``:
+  ``--noise-std``; ``auto``: read from the slices' background air by ``gen_sr.physics.scan_noise_std``; ``mad``:
   estimated from the slices' in-plane detail by ``gen_sr.physics.estimate_noise_std``; ``true``: the added noise's;
   ``--snr 0`` for noise-free slices), and the PSNR in the brain is printed beside cubic interpolation's;
 * ``--refit-check``: instead, each scan's lesion-free slab is super-resolved with and without ``refit_disagreement``
@@ -53,7 +53,7 @@ from gen_sr.eval.cases import central_slab, crop_to_foreground, simulate_case, s
 from gen_sr.eval.metrics import foreground
 from gen_sr.eval.stress import insert_lesions, measure_sites
 from gen_sr.io import atomic_write, write_json
-from gen_sr.physics import AcquisitionOperator, estimate_noise_std
+from gen_sr.physics import AcquisitionOperator, estimate_noise_std, scan_noise_std
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.guidance import fit_where_data_disagree
 from gen_sr.risk import DataDisagreement
@@ -248,7 +248,7 @@ def refit_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: argpars
 def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """PSNR in the brain of each lesion-free scan super-resolved with each noise std of ``--given-noise`` (``none``:
     as ``gen-sr super-resolve`` without ``--noise-std``, the noise-free projections; ``auto``: read from the
-    scan's air by the pipeline; ``mad``: from its in-plane detail; ``true``: the added noise's), and of cubic
+    scan's air; ``mad``: from its in-plane detail; ``true``: the added noise's), and of cubic
     interpolation of its slices."""
     rows: dict[str, Any] = {}
     for spec in specs:
@@ -257,7 +257,7 @@ def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: ar
         y = torch.from_numpy(np.asarray(case.lr.data, np.float64))[None, None]
         row = rows[spec] = {"cubic": brain_psnr(case.operator.interpolate(y, "cubic")[0, 0].numpy(), truth)}
         for given in args.given_noise.split(","):
-            noise_std = {"none": 0.0, "true": case.noise_std, "auto": "auto",  # mad: the adaptation's estimator
+            noise_std = {"none": 0.0, "true": case.noise_std, "auto": scan_noise_std(case.lr) or 0.0,  # the air's
                          "mad": estimate_noise_std(case.lr.data, int(np.argmax(case.lr.spacing)))}[given]
             out = pipe(case.lr, operator=case.operator, noise_std=noise_std, num_samples=args.samples,
                        generator=torch.Generator().manual_seed(0), keep_samples=False, output_type="np")
