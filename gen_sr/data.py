@@ -77,8 +77,9 @@ class DataConfig:
             Training never sees it either; ``gen-sr calibrate`` uses it (see :func:`slab_bounds`).
         normalize_percentiles: robust intensity range mapped to [0, 1].
         condition: how the LR acquisition is brought onto the HR grid as the network condition: ``"cubic"`` or
-            ``"linear"`` interpolation between slice centres, or ``"pinv"`` (the operator's pseudo-inverse; it
-            follows the slice profile but shows profile ripples and amplifies noise).
+            ``"linear"`` interpolation between slice centres, or ``"pinv"`` (the operator's pseudo-inverse, its noise
+            gain capped: :meth:`~gen_sr.physics.AcquisitionOperator.upsample`; it follows the slice profile but
+            shows profile ripples and amplifies noise).
         min_foreground: a crop must have at least this fraction of voxels above 0.1 (normalised); up to 20 draws
             are tried, so background-only crops are rare but possible.
         acquisition: the simulated acquisitions.
@@ -390,7 +391,7 @@ class SRPairDataset(torch.utils.data.Dataset):
                 snr = math.exp(rng.uniform(math.log(acq.snr[0]), math.log(acq.snr[1])))
                 generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
                 y, noise_std = add_noise(y, snr=snr, kind=acq.noise, generator=generator)
-        lr = op.pinv(y) if self.cfg.condition == "pinv" else op.interpolate(y, self.cfg.condition)
+        lr = op.upsample(y, self.cfg.condition)
         return {
             "hr": hr[0].float(),
             "lr": lr[0].float(),

@@ -269,7 +269,7 @@ class ModelCard:
                  else f"{self.intensity_range[0]:.4g}-{self.intensity_range[1]:.4g} (robust range of the training "
                       "volumes)"),
                 ("condition", f"{self.condition} interpolation of the LR" if self.condition != "pinv"
-                 else "pseudo-inverse of the LR"),
+                 else "pseudo-inverse of the LR, its noise gain capped"),
                 ("objective", f"{self.objective}, {self.num_inference_steps} sampling step(s) by default"
                               + (", the first network call shared by all samples" if self.share_first_call else "")
                               + (", refitted to the data where they disagree (with a noise std)"

@@ -610,6 +610,12 @@ class AcquisitionOperator:
         lam = lam.reshape(batch_shape)
         return x + self._synthesize(c * s / (s * s + lam))
 
+    def upsample(self, y: torch.Tensor, how: str = "cubic") -> torch.Tensor:
+        """``y`` brought onto the HR grid as a network's condition: ``"pinv"``, ``A⁺ y`` with the noise gain capped
+        at :data:`NOISE_GAIN_FLOOR` (exact for slices at their thickness or with gaps, bounded where they overlap
+        much), or any :meth:`interpolate` method. Training pairs and the pipeline both build it here."""
+        return self.pinv(y, floor=NOISE_GAIN_FLOOR) if how == "pinv" else self.interpolate(y, how)
+
     def interpolate(self, y: torch.Tensor, method: str = "cubic") -> torch.Tensor:
         """Bring LR data onto the HR grid by interpolating between LR voxel centres, axis by axis.
 

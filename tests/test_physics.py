@@ -101,9 +101,12 @@ def test_the_pinv_floor_caps_the_noise_gain_and_leaves_slices_at_their_thickness
     noise = _rand(op.lr_shape, batch=1, channels=1)
     bound = noise.norm() / (0.45 * np.sqrt(op.lr_shape[0] / hr_shape[0]))
     floored, exact = op.pinv(noise, floor=0.45), op.pinv(noise)
-    assert float(floored.norm()) <= float(bound)
+    condition = op.upsample(noise, "pinv")  # what a pinv-conditioned model sees, in training and in the pipeline
+    assert float(floored.norm()) <= float(bound) and float(condition.norm()) <= float(bound)
+    torch.testing.assert_close(op.upsample(noise, "cubic"), op.interpolate(noise, "cubic"))
     if not capped:
         torch.testing.assert_close(floored, exact)
+        torch.testing.assert_close(condition, exact)
         return
     assert float(exact.norm()) > 3 * float(bound)  # half-overlapping slices: the exact inverse amplifies noise
     smooth = op(torch.from_numpy(np.cos(np.arange(hr_shape[0]) / 9.0))[:, None, None].expand(hr_shape)[None, None])

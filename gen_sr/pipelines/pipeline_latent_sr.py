@@ -773,8 +773,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         return [(outer, axes[0], axes[1] if self.spatial_dims == 2 else None), (inner, axes[1], slice_normal)]
 
     def _condition_image(self, operator: AcquisitionOperator, y: torch.Tensor) -> torch.Tensor:
-        how = self.model_card.condition
-        return operator.pinv(y) if how == "pinv" else operator.interpolate(y, how)
+        return operator.upsample(y, self.model_card.condition)
 
     @staticmethod
     def default_slice_normal(hr_shape: Sequence[int], axis: int) -> int:
