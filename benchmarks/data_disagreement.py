@@ -3,7 +3,7 @@
 
     python benchmarks/data_disagreement.py --scans robex_brain:11 mni152:11 [colin27_brain ...] --out DIR \\
         [--choose | --size MM --threshold T | --refit-levels L,L,... [--refit-floors F,F,...] | --refit-check |
-         --projection-check [--given-noise none,auto,mad,true]] \
+         --projection-check [--given-noise none,auto,mad,true] | --noise-readings] \
         [--thickness 4 --spacing 4] [--model models/heads2d] [--snr 30] [--slab 24] [--samples 8]
 
 Each scan (``NAME:N``: synthetic subject ``N`` of a sample head; ``NAME``: the head itself) is cut to its central
@@ -26,6 +26,8 @@ Then, over all scans in ``--scans``:
   ``--noise-std``; ``auto``: read from the slices' background air by ``gen_sr.physics.scan_noise_std``; ``mad``:
   estimated from the slices' in-plane detail by ``gen_sr.physics.estimate_noise_std``; ``true``: the added noise's;
   ``--snr 0`` for noise-free slices), and the PSNR in the brain is printed beside cubic interpolation's;
+* ``--noise-readings``: only the noise std read from each scan's slices, by ``scan_noise_std`` (the air) and
+  ``estimate_noise_std`` (in-plane detail), beside the added noise's, without sampling;
 * ``--refit-check``: instead, each scan's lesion-free slab is super-resolved with and without ``refit_disagreement``
   (same seeds) and PSNR, the calibrated interval's coverage and the ±2σ coverage in the brain are printed (the
   refit's third criterion).
@@ -269,6 +271,19 @@ def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: ar
     return rows
 
 
+def noise_readings(specs: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Without sampling: each scan's slices (``--snr``) and the noise std read from them, from the air
+    (``scan_noise_std``; ``None`` for masked scans) and from the in-plane detail (``estimate_noise_std``)."""
+    rows = {}
+    for spec in specs:
+        case = simulate_case(scan_volume(spec, args.slab)[0], spec, **acquisition(args))
+        rows[spec] = {"true": case.noise_std, "air": scan_noise_std(case.lr),
+                      "mad": estimate_noise_std(case.lr.data, int(np.argmax(case.lr.spacing)))}
+        print(f"{spec} at SNR {args.snr:g}: " + ", ".join(f"{k} {v:.4g}" if v is not None else f"{k} none"
+                                                          for k, v in rows[spec].items()), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scans", nargs="+", required=True, help="NAME:N (synthetic subject N) or NAME")
@@ -280,6 +295,8 @@ def main() -> None:
                         help="PSNR of the lesion-free scans super-resolved without a noise std")
     parser.add_argument("--given-noise", default="none",
                         help="for --projection-check: comma-separated noise stds to run with: none, auto, mad, true")
+    parser.add_argument("--noise-readings", action="store_true",
+                        help="only the noise std read from each scan's slices (air and in-plane detail), no sampling")
     parser.add_argument("--refit-floors", help="comma-separated gain floors for --refit-levels (default: the class's)")
     parser.add_argument("--thickness", type=float, default=4.0, help="slice FWHM in mm")
     parser.add_argument("--spacing", type=float, default=None, help="slice spacing in mm (default: the thickness)")
@@ -291,6 +308,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.noise_readings:
+        write_json(args.out / "noise_readings.json", noise_readings(args.scans, args))
+        return
     pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     if args.refit_check:

@@ -418,7 +418,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         #      along the second axis, and each of its samples is the measurement of that sample in the second)
         measured, measured_sigma, guidance_calls, normals, skipped = y, sigma, 0, [], 0
         for stage_operator, stage_axis, stage_normal in self._stages(operator, axes, slice_normal):
-            condition_image = self._condition_image(stage_operator, measured).to(dtype)
+            condition_image = stage_operator.upsample(measured, self.model_card.condition).to(dtype)
             tilers = self._tilers(stage_operator.hr_shape, stage_axis, stage_normal, patch_size, patch_overlap)
             hook_args = (stage_operator, measured, guided, batch_size, measured_sigma, guidance_scale)
             volumes = []
@@ -771,9 +771,6 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             return [(operator, axes[0], slice_normal)]
         inner, outer = operator.factor([axes[1]])
         return [(outer, axes[0], axes[1] if self.spatial_dims == 2 else None), (inner, axes[1], slice_normal)]
-
-    def _condition_image(self, operator: AcquisitionOperator, y: torch.Tensor) -> torch.Tensor:
-        return operator.upsample(y, self.model_card.condition)
 
     @staticmethod
     def default_slice_normal(hr_shape: Sequence[int], axis: int) -> int:
