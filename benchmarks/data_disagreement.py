@@ -247,6 +247,16 @@ def refit_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: argpars
     return {"scans": rows, "mean_change": deltas}
 
 
+def given_noise_std(case, given: str) -> float | None:
+    """The noise std a run of ``case`` is given: ``none`` 0, ``true`` the added noise's, ``auto`` read from the
+    slices' air (``None`` for masked scans), ``mad`` from their in-plane detail."""
+    if given == "auto":
+        return scan_noise_std(case.lr)
+    if given == "mad":
+        return estimate_noise_std(case.lr.data, int(np.argmax(case.lr.spacing)))
+    return {"none": 0.0, "true": case.noise_std}[given]
+
+
 def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """PSNR in the brain of each lesion-free scan super-resolved with each noise std of ``--given-noise`` (``none``:
     as ``gen-sr super-resolve`` without ``--noise-std``, the noise-free projections; ``auto``: read from the
@@ -259,8 +269,7 @@ def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: ar
         y = torch.from_numpy(np.asarray(case.lr.data, np.float64))[None, None]
         row = rows[spec] = {"cubic": brain_psnr(case.operator.interpolate(y, "cubic")[0, 0].numpy(), truth)}
         for given in args.given_noise.split(","):
-            noise_std = {"none": 0.0, "true": case.noise_std, "auto": scan_noise_std(case.lr) or 0.0,  # the air's
-                         "mad": estimate_noise_std(case.lr.data, int(np.argmax(case.lr.spacing)))}[given]
+            noise_std = given_noise_std(case, given) or 0.0
             out = pipe(case.lr, operator=case.operator, noise_std=noise_std, num_samples=args.samples,
                        generator=torch.Generator().manual_seed(0), keep_samples=False, output_type="np")
             row[given] = brain_psnr(np.asarray(out.mean, np.float64), truth)
@@ -277,8 +286,7 @@ def noise_readings(specs: list[str], args: argparse.Namespace) -> dict[str, Any]
     rows = {}
     for spec in specs:
         case = simulate_case(scan_volume(spec, args.slab)[0], spec, **acquisition(args))
-        rows[spec] = {"true": case.noise_std, "air": scan_noise_std(case.lr),
-                      "mad": estimate_noise_std(case.lr.data, int(np.argmax(case.lr.spacing)))}
+        rows[spec] = {given: given_noise_std(case, given) for given in ("true", "auto", "mad")}
         print(f"{spec} at SNR {args.snr:g}: " + ", ".join(f"{k} {v:.4g}" if v is not None else f"{k} none"
                                                           for k, v in rows[spec].items()), flush=True)
     return rows

@@ -392,6 +392,11 @@ class _Spectral:
     s: torch.Tensor
     v: torch.Tensor
 
+    def gain_cap(self, floor: float) -> float:
+        """The singular value ``ŝ = floor · √(m / n)`` below which :meth:`AcquisitionOperator.pinv` caps the gain
+        (``m`` LR and ``n`` HR voxels: ``√(m / n)`` is a plain average's singular value)."""
+        return floor * math.sqrt(self.matrix.shape[0] / self.matrix.shape[1])
+
 
 @dataclass
 class AcquisitionOperator:
@@ -554,7 +559,7 @@ class AcquisitionOperator:
         for a, sp in self._spectral(y).items():
             axis_gain = 1.0 / sp.s.clamp_min(torch.finfo(sp.s.dtype).tiny)
             if floor > 0:
-                s_hat = floor * math.sqrt(sp.matrix.shape[0] / sp.matrix.shape[1])
+                s_hat = sp.gain_cap(floor)
                 axis_gain = torch.where(sp.s < s_hat, sp.s / s_hat**2, axis_gain)
             shape = [1] * self.spatial_dims
             shape[a] = -1
@@ -566,8 +571,7 @@ class AcquisitionOperator:
         (0: it is the exact pseudo-inverse): those some axis measures with a singular value below its cap."""
         exact = 1.0
         for sp in self._spectral(torch.zeros((), dtype=torch.float64)).values():
-            s_hat = floor * math.sqrt(sp.matrix.shape[0] / sp.matrix.shape[1])
-            exact *= float((sp.s >= s_hat).double().mean())
+            exact *= float((sp.s >= sp.gain_cap(floor)).double().mean())
         return 1.0 - exact
 
     def project(self, x: torch.Tensor, y: torch.Tensor, *, floor: float = 0.0) -> torch.Tensor:
