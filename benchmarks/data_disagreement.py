@@ -6,7 +6,8 @@
          --projection-check [--given-noise none,auto,mad,true] | --noise-readings] \
         [--thickness 4 --spacing 4] [--model models/heads2d] [--snr 30] [--slab 24] [--samples 8]
 
-Each scan (``NAME:N``: synthetic subject ``N`` of a sample head; ``NAME``: the head itself) is cut to its central
+Each scan (``NAME:N``: synthetic subject ``N`` of a sample head; ``NAME``: the head itself; ``NAME+air0[:N]``: the
+same with its background air set to 0, :func:`without_air`) is cut to its central
 coronal slab of ``--slab`` mm and cropped to its foreground, then super-resolved twice from Gaussian axial slices
 (``--thickness`` FWHM at ``--spacing``, 4 mm at 4 mm by default) with the same Rician noise (SNR ``--snr``):
 lesion-free, and with the stress test's sites inserted (2 and 6 mm; six added lesions, six controls and one removed
@@ -67,10 +68,25 @@ THINNED = 0.05
 
 
 def scan_volume(spec: str, slab_mm: float):
-    """The HR slab of a scan spec, and its lesion placement seed."""
+    """The HR slab of a scan spec (``NAME[+air0][:N]``), and its lesion placement seed."""
     name, _, subject = spec.partition(":")
-    volume = synthetic_subject(int(subject), "t1", name) if subject else load_sample(name)
+    base = name.removesuffix(AIRLESS)
+    volume = synthetic_subject(int(subject), "t1", base) if subject else load_sample(base)
+    if name.endswith(AIRLESS):
+        volume = without_air(volume)
     return crop_to_foreground(central_slab(volume, slab_mm, 1)), int(subject or 0)
+
+
+AIRLESS = "+air0"
+
+
+def without_air(volume, grow: int = 2):
+    """``volume`` with its background set to 0 outside the head (its foreground, smoothed by one voxel, grown by
+    ``grow`` voxels): a truth whose air holds no noise of its own, as a noise-free head's would. The ROBEX
+    reference's air holds its own noise, which its truth keeps; zeroed, the air of the simulated slices holds
+    only the noise added to them."""
+    head = ndimage.binary_dilation(foreground(volume.data, smooth=1.0), iterations=grow)
+    return volume.with_data(np.where(head, volume.data, 0).astype(volume.data.dtype))
 
 
 def run_scan(pipe: LatentDiffusionSRPipeline, spec: str, path: Path, args: argparse.Namespace) -> None:
