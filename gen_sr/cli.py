@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import glob
 import json
 import os
 import sys
@@ -277,8 +278,11 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     from gen_sr.io import sidecar_path
     from gen_sr.volume import load_volume, save_volume
 
-    if args.output_dir is not None or not Path(args.input).is_file():
+    source = Path(args.input)
+    if args.output_dir is not None or source.is_dir() or glob.has_magic(args.input):
         return _super_resolve_cohort(args)
+    if not source.is_file():
+        raise InputError("no such file", source)
     if args.output is None:
         raise InputError("needs --output for one scan (or --output-dir for a folder, BIDS dataset or glob of scans)",
                          args.input)

@@ -62,6 +62,15 @@ def _files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+def test_a_missing_input_is_named_as_such(capsys, tmp_path: Path, model_dir: Path) -> None:
+    """A mistyped scan name is "no such file" for one scan too, not taken for a folder or pattern of scans."""
+    missing = tmp_path / "mistyped.nii.gz"
+    for argv in (["--output", tmp_path / "sr.nii.gz"], ["--output-dir", tmp_path / "out"]):
+        err = _mistake(capsys, "super-resolve", "--model", model_dir, "--input", missing, *argv)
+        assert "no such file" in err and str(missing) in err and "pattern of scans" not in err
+    assert _files(tmp_path) == []
+
+
 def test_unwritable_outputs_are_refused_before_any_work(capsys, tmp_path: Path, model_dir: Path, lr_file: Path,
                                                         unwritable: Path) -> None:
     before = _files(tmp_path)
