@@ -50,6 +50,10 @@ def _non_negative_float(text: str) -> float:
     return _number(text, low=0, what="a finite number >= 0")
 
 
+def _noise_std(text: str) -> float | str:
+    return text if text == "auto" else _number(text, low=0, what="a finite number >= 0 or auto")
+
+
 def _fraction(text: str) -> float:
     return _number(text, low=0, high=1, open_low=True, open_high=True, what="a number strictly between 0 and 1")
 
@@ -295,6 +299,9 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     sidecar = sidecar_path(outputs["mean"])
     check_output_file(sidecar, args.overwrite, inputs=[args.input])
     lr = load_volume(args.input, volume_index=args.volume)
+    if args.data_disagreement and not _scan_noise_std(args, lr, report=False):
+        raise InputError("has no background air to read its noise std from (--noise-std auto), which the data "
+                         "disagreement needs: pass its noise std", args.input)
     pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr)
     out = pipe(lr, keep_samples=False, output_type="np", calibration_region=args.calibration_region,
                **_acquisition_kwargs(args), **_sampling_kwargs(args))
@@ -303,6 +310,8 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
         out.metadata["adaptation"] = dataclasses.asdict(pipe.model_card.adapted)
     if not process_state().is_main_process:  # under `accelerate launch`, the main process writes the outputs
         return 0
+    if out.metadata["noise_std_estimated"] and out.metadata["noise_std"]:  # a scan without air: the run warned
+        _print_noise_estimate(out.metadata["noise_std"])
     for key, path in outputs.items():
         save_volume(lr.with_data(getattr(out, key), out.affine), path, overwrite=args.overwrite)
         print(f"wrote:    {path} ({key})")
@@ -360,18 +369,37 @@ def _adaptation_config(args: argparse.Namespace):
                                fine_tune=args.adapt_steps > 0, weight_mix=args.adapt_weight_mix)
 
 
-def _adaptation_noise(args: argparse.Namespace, flag: str = "--adapt-noise") -> float | None:
-    """A noise std for ``adapt`` from ``flag``'s choice (``none``: 0, ``given``: ``--noise-std``, ``estimate``:
-    ``None``, ``auto``: ``given`` where ``--noise-std`` is, else ``none``): ``--adapt-noise`` gives the std the pairs
-    are recorrupted with or topped up to (``noise_std``), ``--adapt-target-noise`` the one their truth holds
-    (``target_noise_std``)."""
+def _scan_noise_std(args: argparse.Namespace, lr, *, report: bool = True) -> float:
+    """``--noise-std``, or with ``auto`` the std read from the scan's background air (0 where it has none;
+    :func:`gen_sr.physics.scan_noise_std`, as the pipeline reads it), printed where ``report``."""
+    from gen_sr.physics import scan_noise_std
+
+    if args.noise_std != "auto":
+        return args.noise_std
+    std = scan_noise_std(lr) or 0.0
+    if report and process_state().is_main_process:
+        _print_noise_estimate(std)
+    return std
+
+
+def _print_noise_estimate(std: float) -> None:
+    print(f"noise:    std {std:.4g} read from the scan's background air (--noise-std auto)" if std else
+          "noise:    no background air to read the noise std from (masked or cropped to the head): fitted as "
+          "without a noise std; pass --noise-std where known")
+
+
+def _adaptation_noise(args: argparse.Namespace, scan_noise: float, flag: str = "--adapt-noise") -> float | None:
+    """A noise std for ``adapt`` from ``flag``'s choice (``none``: 0, ``given``: ``scan_noise``, the one
+    ``--noise-std`` gives, ``estimate``: ``None``, ``auto``: ``given`` where there is one, else ``none``):
+    ``--adapt-noise`` gives the std the pairs are recorrupted with or topped up to (``noise_std``),
+    ``--adapt-target-noise`` the one their truth holds (``target_noise_std``)."""
     choice = getattr(args, flag.removeprefix("--").replace("-", "_"))
     if choice == "auto":
-        choice = "given" if args.noise_std else "none"
-    if choice == "given" and not args.noise_std:
+        choice = "given" if scan_noise else "none"
+    if choice == "given" and not scan_noise:
         raise InputError(f"{flag} given needs the scan's noise std: pass --noise-std (or use {flag} estimate)",
                          args.input)
-    return {"none": 0.0, "given": args.noise_std, "estimate": None}[choice]
+    return {"none": 0.0, "given": scan_noise, "estimate": None}[choice]
 
 
 def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
@@ -379,7 +407,9 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
     printing what was done."""
     from gen_sr.training.scan_fit import fit_to_scan
 
-    noise, target_noise = _adaptation_noise(args), _adaptation_noise(args, "--adapt-target-noise")
+    scan_noise = _scan_noise_std(args, lr, report=False)  # the commands print it
+    noise, target_noise = _adaptation_noise(args, scan_noise), _adaptation_noise(args, scan_noise,
+                                                                                  "--adapt-target-noise")
     if args.adapt_recorrupt and noise == 0:
         raise InputError("--adapt-recorrupt needs the scan's noise: pass --noise-std (or --adapt-noise estimate)",
                          args.input)
@@ -390,7 +420,7 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
                           work_dir=work_dir, config=_adaptation_config(args), slice_profile=args.profile,
                           slice_thickness=args.slice_thickness, noise_std=noise, target_noise_std=target_noise,
                           recorrupt=recorrupt,
-                          keep_better=args.keep_better, scan_noise_std=args.noise_std, reference=args.compare_on,
+                          keep_better=args.keep_better, scan_noise_std=scan_noise, reference=args.compare_on,
                           calibration_region=args.calibration_region, reference_noise=args.reference_noise,
                           resume="latest" if args.resume else None)
     except ValueError as e:  # settings the adaptation cannot use, e.g. crops that do not fit the model
@@ -450,6 +480,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise InputError("exists already", target, "pass --overwrite to replace it, or choose another folder")
     check_output_dir(target.parent)
     lr = load_volume(args.input, volume_index=args.volume)
+    _scan_noise_std(args, lr)  # printed with auto
     pipe = _load_pipeline(args)
     work = Path(args.adapt_dir) if args.adapt_dir else target.with_name(f"{target.name}_adaptation")
     fit = _fit(args, pipe, lr, work)
@@ -608,6 +639,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                     masks=tissues, brain_mask=brain, reuse=args.reuse, calibration_region=args.calibration_region,
                     risk_threshold=args.risk_threshold,
                     overwrite=args.overwrite, **_acquisition_kwargs(args), **_sampling_kwargs(args))
+    if payload["card"].get("noise_std_estimated") and payload["card"]["noise_std"]:  # without air: the run warned
+        _print_noise_estimate(payload["card"]["noise_std"])
     print(f"verdict:  {payload['verdict']['text']}")
     if (departs := payload["data_disagreement"]) is not None:
         when = {"before_refit": " before the refit (then fitted to them)", "after_refit": " after the refit"}
@@ -740,10 +773,13 @@ def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
                    help="HR voxel spacing in mm (default: isotropic at the finest input spacing)")
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
     _add_profile_argument(p, auto=True)
-    p.add_argument("--noise-std", type=_non_negative_float, default=0.0,
-                   help="measurement noise std in input units, >= 0 (default 0: exact projections, up to a cap on the "
-                        "noise gain that much-overlapping slices reach; give it for noise-aware ones); when "
-                        "adapting, the per-scan calibration's problems carry it too: give it for a noisy scan")
+    p.add_argument("--noise-std", type=_noise_std, default="auto", metavar="STD|auto",
+                   help="the scan's measurement noise std in its units, >= 0: the projections fit the slices down to "
+                        "it, and exactly where the output departs from them beyond it (default: auto, read from the "
+                        "scan's background air, printed and recorded; a scan without air, masked or cropped to the "
+                        "head, is fitted as with 0); 0: exact projections, up to a cap on the noise gain that "
+                        "much-overlapping slices reach; when adapting, the per-scan calibration's problems carry it "
+                        "too")
     p.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
 
 
@@ -779,9 +815,10 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
                    help=f"keep every K-th in-plane slice out of the fine-tuning, for the per-scan calibration "
                         f"(default: {d.holdout_every})")
     p.add_argument("--adapt-noise", choices=("auto", "none", "given", "estimate"), default="auto",
-                   help="the scan's noise in the fine-tuning pairs: auto (the default: given where --noise-std is, "
-                        "else none), none, given (--noise-std) or estimate (from the scan); the pairs are recorrupted "
-                        "with it (see --adapt-recorrupt)")
+                   help="the scan's noise in the fine-tuning pairs: auto (the default: given where the scan has a "
+                        "noise std, else none), none, given (--noise-std, or the one read from the scan's air) or "
+                        "estimate (from its in-plane detail); the pairs are recorrupted with it (see "
+                        "--adapt-recorrupt)")
     p.add_argument("--adapt-recorrupt", action=argparse.BooleanOptionalAction, default=None,
                    help="pose each fine-tuning pair with noise independent of its truth's (Recorrupted-to-Recorrupted) "
                         "so that the model cannot learn to keep the scan's noise; --no-adapt-recorrupt tops the pairs "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import oblique_affine
+from helpers import head_in_air, oblique_affine
 from markupsafe import escape
 from test_mistakes import _network_calls
 from test_pipeline import RUN, _gens, _pipe
@@ -109,6 +109,33 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
                  "--reuse", str(f["hr"]), str(std), "--overwrite"]) == 2
     assert "no run record" in capsys.readouterr().err
+
+
+def test_the_noise_std_read_from_the_air_is_printed_recorded_and_on_the_audit_card(tmp_path: Path, capsys) -> None:
+    """The commands read the scan's noise std from its air by default (``--noise-std auto``); ``--noise-std 0``
+    asks for the noise-free projections."""
+    f = _files(tmp_path)
+    scan = save_volume(Volume(head_in_air((40, 40, 4), sigma=2.0, radius=11).astype(np.float32),
+                              np.diag([1.0, 1.0, 3.0, 1.0])), tmp_path / "air.nii.gz")
+    run = ["--model", str(f["model"]), "--input", str(scan), "--samples", "1", "--steps", "2"]
+    assert main(["super-resolve", *run, "--output", str(tmp_path / "sr.nii.gz")]) == 0
+    assert "read from the scan's background air" in capsys.readouterr().out
+    record = json.loads((tmp_path / "sr.json").read_text())
+    assert record["noise_std_estimated"] is True and record["noise_std"] == pytest.approx(2.0, rel=0.1)
+    assert main(["audit", *run, "--output-dir", str(tmp_path / "audit")]) == 0
+    assert "read from the scan's background air" in capsys.readouterr().out
+    card = json.loads((tmp_path / "audit" / "report.json").read_text())["card"]
+    assert card["noise_std_estimated"] is True and card["noise_std"] == record["noise_std"]
+    assert "read from the scan&#39;s background air" in (tmp_path / "audit" / "report.html").read_text()
+    assert main(["super-resolve", *run, "--output", str(tmp_path / "exact.nii.gz"), "--noise-std", "0"]) == 0
+    assert "background air" not in capsys.readouterr().out
+    exact = json.loads((tmp_path / "exact.json").read_text())
+    assert exact["noise_std_estimated"] is False and exact["noise_std"] == 0
+    # the degraded box has no air (zeros around it): the data disagreement cannot be mapped, said before any work
+    assert main(["super-resolve", "--model", str(f["model"]), "--input", str(f["lr"]), "--output",
+                 str(tmp_path / "box.nii.gz"), "--data-disagreement", str(tmp_path / "dd.nii.gz")]) == 2
+    assert "has no background air to read its noise std from" in capsys.readouterr().err
+    assert not (tmp_path / "box.nii.gz").exists()
 
 
 def test_a_reference_that_does_not_fit_is_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:

@@ -91,7 +91,7 @@ def test_unwritable_outputs_are_refused_before_any_work(capsys, tmp_path: Path, 
 @pytest.mark.parametrize(("argv", "fragment"), [
     (["super-resolve", "--eta", "nan"], "--eta: expected a finite number >= 0, got 'nan'"),
     (["super-resolve", "--noise-std", "-1"], "--noise-std: expected a finite number >= 0"),
-    (["super-resolve", "--noise-std", "loud"], "--noise-std: expected a finite number >= 0, got 'loud'"),
+    (["super-resolve", "--noise-std", "guess"], "--noise-std: expected a finite number >= 0 or auto, got 'guess'"),
     (["super-resolve", "--seed", "-1"], "--seed: expected a seed"),
     (["super-resolve", "--profile", "trapezoid"], "expected gaussian, rect, auto or a profile file, got 'trapezoid'"),
     (["degrade", "--seed", "-1", "--axis", "0", "--slice-thickness", "2"], "--seed: expected a seed"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
-from helpers import oblique_affine
+from helpers import head_in_air, oblique_affine
 
 from gen_sr.errors import InputError
 from gen_sr.model_card import Adaptation, ModelCard
@@ -171,6 +171,23 @@ def test_overlapping_slices_without_a_noise_std_warn_and_record_what_is_fitted_p
         contiguous = pipe(lr, num_samples=1, generator=_gens(0), **RUN)
         pipe(lr, slice_thickness=6.0, noise_std=2.0, num_samples=1, generator=_gens(0), **RUN)  # noise-aware
     assert contiguous.metadata["capped_fraction"] == 0
+
+
+def test_the_noise_std_can_be_read_from_the_scans_background_air() -> None:
+    """``noise_std="auto"``: read from the air around the head, recorded, and the run is a noisy one; a masked scan
+    has no air: a warning, and the run goes on as without a noise std."""
+    scan = head_in_air((40, 40, 4), sigma=2.0, radius=11)
+    out = _pipe(2)(Volume(scan.astype(np.float32), np.diag([1.0, 1.0, 3.0, 1.0])), noise_std="auto",
+                   num_samples=1, generator=_gens(0), **RUN)
+    assert out.metadata["noise_std_estimated"] is True and out.metadata["noise_std"] == pytest.approx(2.0, rel=0.1)
+    assert out.data_disagreement is not None  # a noisy run: the map is there
+    masked = np.where(head_in_air((40, 40, 4), sigma=0.0, radius=11) > 0, scan, 0).astype(np.float32)
+    with pytest.warns(UserWarning, match="no background air"):
+        out = _pipe(2)(Volume(masked, np.diag([1.0, 1.0, 3.0, 1.0])), noise_std="auto", num_samples=1,
+                       generator=_gens(0), **RUN)
+    assert out.metadata["noise_std"] == 0 and out.data_disagreement is None
+    with pytest.raises(ValueError, match="'auto'"):
+        _pipe(2)(_lr(), noise_std="guess", num_samples=1, **RUN)
 
 
 def test_noise_aware_projection_stops_at_the_noise_level() -> None:

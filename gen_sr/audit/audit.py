@@ -184,6 +184,7 @@ def audit(
             "sr_spacing_mm": [round(float(s), 4) for s in maps["mean"].spacing],
             "steps": meta.get("num_inference_steps"), "samples": meta.get("num_samples"), "seeds": meta.get("seeds"),
             "guidance": meta.get("guidance"), "noise_std": meta.get("noise_std"),
+            "noise_std_estimated": bool(meta.get("noise_std_estimated")),
             "relative_residual_max": max(meta.get("relative_residual", [float("nan")])),
             "capped_fraction": meta["capped_fraction"] if "capped_fraction" in meta else operator.capped_fraction(),
             "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",

@@ -183,6 +183,8 @@ _CARD: dict[str, tuple[str, Callable[[Any], str]]] = {
     "sr_spacing_mm": ("SR voxel spacing", _spacing), "steps": ("DDIM steps", _plain),
     "samples": ("Posterior samples", _plain), "seeds": ("Seeds", _seeds), "guidance": ("Data consistency", _plain),
     "noise_std": ("Measurement noise std", _noise),
+    "noise_std_estimated": ("Noise std", lambda v: "read from the scan's background air (--noise-std auto)" if v
+                            else "as given"),
     "relative_residual_max": ("Largest relative residual ‖A x − y‖ / ‖y‖", _plain),
     "capped_fraction": ("Exact fits capped for the noise gain", _capped),
     "calibration": ("Calibration", _calibration), "risk": ("Risk", _risk), "timings_s": ("Timings", _timings),

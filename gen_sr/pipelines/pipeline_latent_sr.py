@@ -31,7 +31,7 @@ from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
 from gen_sr.model_card import ModelCard
 from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, set_sdpa_attention
-from gen_sr.physics import AcquisitionOperator, SliceAcquisition, SliceProfile, operator_from_spacings
+from gen_sr.physics import AcquisitionOperator, SliceAcquisition, SliceProfile, operator_from_spacings, scan_noise_std
 from gen_sr.pipelines.guidance import (
     GradientGuidance,
     ProjectionGuidance,
@@ -253,7 +253,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         operator: AcquisitionOperator | None = None,
         slice_profile: SliceProfile = "gaussian",
         slice_thickness: float | None = None,
-        noise_std: float = 0.0,
+        noise_std: float | Literal["auto"] = 0.0,
         refit_disagreement: bool | None = None,
         calibration_region: LRInput | None = None,
         num_inference_steps: int | None = None,
@@ -292,7 +292,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 Gaussian profile; the operator in ``metadata`` records it.
             noise_std: measurement noise std in input units (0: unknown or none: the projections fit the data
                 exactly, up to a cap on the inverse's noise gain that only much-overlapping slices reach,
-                :data:`~gen_sr.physics.NOISE_GAIN_FLOOR`; > 0 makes them noise-aware).
+                :data:`~gen_sr.physics.NOISE_GAIN_FLOOR`; > 0 makes them noise-aware); ``"auto"``: read from the
+                scan's background air (:func:`~gen_sr.physics.scan_noise_std`; 0, with a warning, where it has none:
+                masked or cropped to the head), recorded in ``metadata``.
             refit_disagreement: with a noise std, after the noise-aware projection, fit the measurements (exactly,
                 up to that cap) where the samples' mean departs from them by more than the noise explains
                 (:func:`~gen_sr.pipelines.guidance.fit_where_data_disagree`); no effect without a noise std, where
@@ -357,9 +359,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         timings: dict[str, float] = {}
         tic = time.perf_counter()
         # 1. check inputs
-        _check_settings(eta=eta, noise_std=noise_std, num_samples=num_samples, batch_size=batch_size,
-                        guidance=guidance, guidance_interval=guidance_interval, guidance_scale=guidance_scale,
-                        num_inference_steps=num_inference_steps, strength=strength)
+        estimated = noise_std == "auto"
+        _check_settings(eta=eta, noise_std=0.0 if estimated else noise_std, num_samples=num_samples,
+                        batch_size=batch_size, guidance=guidance, guidance_interval=guidance_interval,
+                        guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, strength=strength)
         volume = self.as_volume(lr, affine, lr_spacing, volume_index)
         generators = self._generators(generator, num_samples)
         # under `accelerate launch`, each process draws every world_size-th sample (unless it runs scans of its own)
@@ -376,6 +379,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         operator = self.operator_for(canon, operator=operator, target_spacing=target_spacing,
                                      slice_profile=slice_profile, slice_thickness=slice_thickness)
         self.check_memory(operator.hr_shape, num_samples, keep_samples, volume.source)
+        if estimated:  # once every setting is known to work
+            noise_std = _air_noise_std(volume)
         hr_affine = operator.hr_affine(canon.affine)
         work = torch.promote_types(dtype, torch.float32)  # physics, stitching and statistics in >= float32
         y = torch.from_numpy(norm(canon.data.astype(np.float32)))[None, None].to(device, work)
@@ -539,6 +544,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "skipped_tiles": skipped,
             "processes": processes,
             "noise_std": noise_std,
+            "noise_std_estimated": estimated,
             "refit_disagreement": refit,
             "slice_profile_estimated": slice_profile == "auto",
             "operator": operator.to_dict(),
@@ -842,13 +848,24 @@ class SharedPrediction:
         return self.x0 if self.then is None else self.then(self.x0, timestep)
 
 
-def _check_settings(*, eta: float, noise_std: float, num_samples: int, batch_size: int, guidance: str,
+def _air_noise_std(volume: Volume) -> float:
+    """``noise_std="auto"``: :func:`~gen_sr.physics.scan_noise_std`, or 0 with a warning where the scan has no air."""
+    std = scan_noise_std(volume)
+    if std is None:
+        warnings.warn(f"{volume.source or 'the input'} has no background air to read its noise std from (masked, "
+                      "skull-stripped or cropped to the head): the projections fit the data as without a noise std; "
+                      "pass its noise std where known", stacklevel=4)
+    return std or 0.0
+
+
+def _check_settings(*, eta: float, noise_std: float | str, num_samples: int, batch_size: int, guidance: str,
                     guidance_interval: int, guidance_scale: float, num_inference_steps: int | None,
                     strength: float = 1.0) -> None:
     """Refuse settings that cannot work, before any work (raises ``ValueError``)."""
     for name, value in (("eta", eta), ("noise_std", noise_std), ("guidance_scale", guidance_scale)):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            also = " (or 'auto')" if name == "noise_std" else ""
+            raise ValueError(f"{name} must be a finite number >= 0{also}, got {value!r}")
     for name, count in (("num_samples", num_samples), ("batch_size", batch_size),
                         ("guidance_interval", guidance_interval), ("num_inference_steps", num_inference_steps or 1)):
         if count < 1:
