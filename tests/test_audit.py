@@ -65,9 +65,9 @@ def test_audit_with_reference_writes_maps_report_and_metrics(tmp_path: Path, cap
     assert 0 < kept[0] < 50 and kept == sorted(kept) and kept[-1] > 95
     assert all(r["worst_percent"] <= r["best_percent"] for r in thin["rows"])
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
-    # a run given no noise std has no data-disagreement map, and the report says why
+    # no noise std (none given, none read: the box has no air): no data-disagreement map, and the report says why
     assert payload["data_disagreement"] is None and not (out / "data_disagreement.nii.gz").exists()
-    assert "Where the output departs from the data" in page and "given no noise std" in page
+    assert "Where the output departs from the data" in page and "the run had no noise std" in page
     # the threshold as an error size in input units: risk threshold × the input's robust intensity range
     pipe = LatentDiffusionSRPipeline.from_pretrained(f["model"])
     scale = pipe.intensity_normalization(load_volume(f["lr"]).canonical().data).scale
