@@ -16,7 +16,8 @@ In Python: ``run_cohort(pipe, find_scans(["scans/"]), "sr/", **pipe_kwargs)``.
 * **Reruns** skip every scan whose mean and sidecar exist (``overwrite=True`` redoes them); a scan that fails is
   reported with its one-line reason and does not stop the others.
 * **Summary:** ``summary.tsv`` and ``summary.json`` in the output folder, one row per scan: status, seconds, the
-  largest relative residual ``‖A x − y‖/‖y‖``, and the fraction of the head flagged (risk above the threshold).
+  noise std the run used (given, or read from the scan's air), the largest relative residual ``‖A x − y‖/‖y‖``, and
+  the fraction of the head flagged (risk above the threshold).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from gen_sr.volume import IntensityNormalization, load_volume, save_volume
 __all__ = ["CohortRow", "ScanOutputs", "find_scans", "flagged_fraction", "run_cohort", "scan_outputs"]
 
 _BIDS = re.compile(r"^(?P<entities>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_(?P<suffix>[A-Za-z0-9]+)$")
-SUMMARY_COLUMNS = ("scan", "status", "seconds", "max_relative_residual", "flagged_fraction", "output", "message")
+SUMMARY_COLUMNS = ("scan", "status", "seconds", "noise_std", "max_relative_residual", "flagged_fraction", "output",
+                   "message")
 
 
 def find_scans(inputs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, Path]]:
@@ -124,6 +126,7 @@ class CohortRow:
     scan: str
     status: str  # "done", "skipped" or "failed"
     seconds: float = 0.0
+    noise_std: float | None = None  # the one the run used: given, or read from the scan's air (``"auto"``)
     max_relative_residual: float | None = None
     flagged_fraction: float | None = None
     output: str = ""
@@ -178,8 +181,9 @@ def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, thresh
         flagged = flagged_fraction(np.asarray(result.risk), np.asarray(result.mean), threshold)
         write_json(paths.sidecar, {**result.metadata, "input": str(scan), "flagged_fraction": flagged,
                                    "risk_threshold": threshold, "seconds": seconds})
-        return CohortRow(str(scan), "done", seconds, max(result.metadata["relative_residual"]), flagged,
-                         str(paths.mean))
+        return CohortRow(str(scan), "done", seconds, noise_std=result.metadata["noise_std"],
+                         max_relative_residual=max(result.metadata["relative_residual"]), flagged_fraction=flagged,
+                         output=str(paths.mean))
     except (InputError, ValueError, RuntimeError, OSError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if os.environ.get("GEN_SR_DEBUG"):

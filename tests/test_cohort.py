@@ -75,7 +75,9 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["counts"] == {"done": 4, "skipped": 0, "failed": 1}
     rows = (tmp_path / "out" / "summary.tsv").read_text().splitlines()
-    assert rows[0].split("\t")[:3] == ["scan", "status", "seconds"] and len(rows) == 6
+    assert rows[0].split("\t")[:4] == ["scan", "status", "seconds", "noise_std"] and len(rows) == 6
+    done = [r for r in summary["scans"] if r["status"] == "done"]
+    assert all(r["noise_std"] == 0 for r in done)  # boxes in zeros: no air to read a noise std from
     mean = tmp_path / "out" / "sub-00" / "anat" / "sub-00_desc-sr_T1w.nii.gz"
     assert nib.load(mean).shape == (12, 10, 15)
     sidecar = json.loads(mean.with_name("sub-00_desc-sr_T1w.json").read_text())
