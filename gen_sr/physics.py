@@ -1051,10 +1051,18 @@ def background_noise_std(data: np.ndarray, axis: int, *, window: int = 7, margin
     return float(np.sqrt(np.median(second) / (2 + theta * theta)))
 
 
-def scan_noise_std(volume: Volume) -> float | None:
-    """:func:`background_noise_std` of a thick-slice scan, in windows on its slices across its coarsest voxel axis
-    (in its own array order), in its units; ``None`` where it has no air to read it from."""
-    return background_noise_std(volume.data, int(np.argmax(volume.spacing)))
+def scan_noise_std(volume: Volume, *, window: int = 7) -> float | None:
+    """:func:`background_noise_std` of a thick-slice scan, in ``window`` × ``window`` windows on its slices across
+    its coarsest voxel axis (in its own array order), in its units; ``None`` where it has no air to read it from.
+
+    A slab too thin for a window in its slices' plane (fewer than ``window`` voxels across, such as the demo's 4 mm
+    coronal slab of 4 mm axial slices) is read in the plane of its two longest axes instead: the noise is white on the
+    scan's own grid, so a window across slices reads it as well as one within a slice.
+    """
+    axis = int(np.argmax(volume.spacing))
+    if min(n for a, n in enumerate(volume.shape) if a != axis) < window:
+        axis = int(np.argmin(volume.shape))
+    return background_noise_std(volume.data, axis, window=window)
 
 
 def add_noise(

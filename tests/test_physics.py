@@ -344,6 +344,22 @@ def test_a_masked_head_or_one_cropped_to_the_head_has_no_air_to_read() -> None:
     assert background_noise_std(data[16:48, 16:48], axis=2) is None  # inside the head
 
 
+def test_a_slab_too_thin_for_a_window_in_its_slices_is_read_across_them() -> None:
+    """The demo's case: a 4-voxel slab of thick slices has no 7 x 7 window in the slices' plane; the scan's reading
+    then takes its two longest axes, and a scan with room in its slices reads as before."""
+    from helpers import head_in_air
+
+    from gen_sr.physics import background_noise_std, scan_noise_std
+    from gen_sr.volume import Volume
+
+    data = head_in_air((64, 64, 16), sigma=2.0, radius=20)  # slices along the last axis, 4 mm apart
+    affine = np.diag([1.0, 1.0, 4.0, 1.0])
+    assert scan_noise_std(Volume(data, affine)) == background_noise_std(data, axis=2)
+    slab = np.ascontiguousarray(data[:, 30:34])
+    assert background_noise_std(slab, axis=2) is None
+    assert scan_noise_std(Volume(slab, affine)) == pytest.approx(2.0, rel=0.06)
+
+
 def test_the_rician_snr_inverts_the_magnitude_moments() -> None:
     from gen_sr.physics import RAYLEIGH_MEAN_OVER_STD, rician_snr
 
