@@ -310,6 +310,8 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
         out.metadata["adaptation"] = dataclasses.asdict(pipe.model_card.adapted)
     if not process_state().is_main_process:  # under `accelerate launch`, the main process writes the outputs
         return 0
+    if not args.adapt:  # an adaptation printed it
+        _print_coarsened(out.metadata["coarsened_input"])
     if out.metadata["noise_std_estimated"] and out.metadata["noise_std"]:  # a scan without air: the run warned
         _print_noise_estimate(out.metadata["noise_std"])
     for key, path in outputs.items():
@@ -369,17 +371,41 @@ def _adaptation_config(args: argparse.Namespace):
                                fine_tune=args.adapt_steps > 0, weight_mix=args.adapt_weight_mix)
 
 
-def _scan_noise_std(args: argparse.Namespace, lr, *, report: bool = True) -> float:
-    """``--noise-std``, or with ``auto`` the std read from the scan's background air (0 where it has none;
-    :func:`gen_sr.physics.scan_noise_std`, as the pipeline reads it), printed where ``report``."""
+def _scan_noise_std(args: argparse.Namespace, lr, *, report: bool = True, gain: float = 1.0) -> float:
+    """``--noise-std`` (times ``gain``, for a scan that :func:`_measured_scan` resampled), or with ``auto`` the std
+    read from the scan's background air (0 where it has none; :func:`gen_sr.physics.scan_noise_std`, as the pipeline
+    reads it), printed where ``report``."""
     from gen_sr.physics import scan_noise_std
 
     if args.noise_std != "auto":
-        return args.noise_std
+        return args.noise_std * gain
     std = scan_noise_std(lr) or 0.0
     if report and process_state().is_main_process:
         _print_noise_estimate(std)
     return std
+
+
+def _measured_scan(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, float]:
+    """The scan as a run with ``--target-spacing`` measures it, in its own orientation: resampled in-plane where the
+    target is coarser there (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.coarsened`, printed), so that an
+    adaptation learns from what the run will see; and the factor that scales its noise std."""
+    canon = lr.canonical()
+    coarse, _, gain = pipe.coarsened(canon, args.target_spacing)
+    if coarse is canon:
+        return lr, 1.0
+    if process_state().is_main_process:
+        _print_coarsened({"from_spacing": canon.spacing, "to_spacing": coarse.spacing})
+    return coarse.reorient(lr.orientation), gain
+
+
+def _print_coarsened(record: dict | None) -> None:
+    if record:
+        print(f"input:    resampled from {_spacing_text(record['from_spacing'])} to "
+              f"{_spacing_text(record['to_spacing'])} mm voxels (RAS+; k-space truncation) for --target-spacing")
+
+
+def _spacing_text(spacing: Sequence[float]) -> str:
+    return " x ".join(f"{float(s):.4g}" for s in spacing)
 
 
 def _print_noise_estimate(std: float) -> None:
@@ -402,12 +428,12 @@ def _adaptation_noise(args: argparse.Namespace, scan_noise: float, flag: str = "
     return {"none": 0.0, "given": scan_noise, "estimate": None}[choice]
 
 
-def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
-    """Adapt ``pipe`` to ``lr`` and calibrate it on the scan (:func:`gen_sr.training.scan_fit.fit_to_scan`),
-    printing what was done."""
+def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, gain: float = 1.0):
+    """Adapt ``pipe`` to ``lr`` (as :func:`_measured_scan` gives it, with its noise ``gain``) and calibrate it on the
+    scan (:func:`gen_sr.training.scan_fit.fit_to_scan`), printing what was done."""
     from gen_sr.training.scan_fit import fit_to_scan
 
-    scan_noise = _scan_noise_std(args, lr, report=False)  # the commands print it
+    scan_noise = _scan_noise_std(args, lr, report=False, gain=gain)  # the commands print it
     noise, target_noise = _adaptation_noise(args, scan_noise), _adaptation_noise(args, scan_noise,
                                                                                   "--adapt-target-noise")
     if args.adapt_recorrupt and noise == 0:
@@ -458,7 +484,8 @@ def _adapted_if_asked(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, d
     if model.exists() and not args.overwrite:
         raise InputError("holds an adapted model already", model,
                          f"use it with --model {model} (without --adapt), or pass --overwrite to adapt again")
-    fit = _fit(args, pipe, lr, folder)
+    scan, gain = _measured_scan(args, pipe, lr)
+    fit = _fit(args, pipe, scan, folder, gain)
     save_model(fit.pipe, model, overwrite=True)
     if process_state().is_main_process:
         print(f"wrote:    {model} (the adapted, calibrated model)")
@@ -480,10 +507,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise InputError("exists already", target, "pass --overwrite to replace it, or choose another folder")
     check_output_dir(target.parent)
     lr = load_volume(args.input, volume_index=args.volume)
-    _scan_noise_std(args, lr)  # printed with auto
     pipe = _load_pipeline(args)
+    scan, gain = _measured_scan(args, pipe, lr)
+    _scan_noise_std(args, scan, gain=gain)  # printed with auto
     work = Path(args.adapt_dir) if args.adapt_dir else target.with_name(f"{target.name}_adaptation")
-    fit = _fit(args, pipe, lr, work)
+    fit = _fit(args, pipe, scan, work, gain)
     save_model(fit.pipe, target, overwrite=True)
     if process_state().is_main_process:
         print(f"wrote:    {target} (load it with --model {target}; checkpoints and logs in {work})")
@@ -639,6 +667,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                     masks=tissues, brain_mask=brain, reuse=args.reuse, calibration_region=args.calibration_region,
                     risk_threshold=args.risk_threshold,
                     overwrite=args.overwrite, **_acquisition_kwargs(args), **_sampling_kwargs(args))
+    if not args.adapt:  # an adaptation printed it
+        _print_coarsened(payload["card"].get("coarsened_input"))
     if payload["card"].get("noise_std_estimated") and payload["card"]["noise_std"]:  # without air: the run warned
         _print_noise_estimate(payload["card"]["noise_std"])
     print(f"verdict:  {payload['verdict']['text']}")
@@ -770,7 +800,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
 def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
     """How the LR input was acquired, and the HR grid to reconstruct on."""
     p.add_argument("--target-spacing", type=_spacing, metavar="X,Y,Z",
-                   help="HR voxel spacing in mm (default: isotropic at the finest input spacing)")
+                   help="HR voxel spacing in mm, in RAS+ order (default: isotropic at the finest input spacing); "
+                        "where it is coarser than the input in-plane (1 mm asked of a 0.45 mm scan) the input is "
+                        "resampled there first, by k-space truncation, and the run says so")
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
     _add_profile_argument(p, auto=True)
     p.add_argument("--noise-std", type=_noise_std, default="auto", metavar="STD|auto",

@@ -34,7 +34,7 @@ from scipy import ndimage
 from gen_sr.contrast import ContrastRanges, draw_tissue_means, random_remap, randomize_appearance, synthesize_contrast
 from gen_sr.errors import InputError
 from gen_sr.model_card import AcquisitionRanges
-from gen_sr.physics import AcquisitionOperator, SliceAcquisition, add_noise
+from gen_sr.physics import AcquisitionOperator, SliceAcquisition, add_noise, kept_noise_fraction
 from gen_sr.sample_data import SOURCE_NAMES, load_sample, mni152_tissues
 from gen_sr.volume import IntensityNormalization, Volume, load_volume
 
@@ -45,7 +45,6 @@ __all__ = [
     "SRPairDataset",
     "TrainingVolume",
     "find_volumes",
-    "kept_noise_fraction",
     "load_training_volumes",
     "read_volumes",
     "recorrupt",
@@ -258,13 +257,6 @@ def _resampled_crop(block: np.ndarray, spacing: Sequence[float], target: float, 
     grid = np.meshgrid(*axes, indexing="ij")
     return np.stack([ndimage.map_coordinates(channel, grid, order=3, mode="constant", cval=0.0)
                      for channel in window]).astype(np.float32)
-
-
-def kept_noise_fraction(op: AcquisitionOperator) -> float:
-    """``‖a‖²``: the fraction of the variance of white noise on the HR grid that ``A`` keeps in each of its samples
-    (``a``: a row of ``A``, the mean over rows; the product over the operator's axes). 1/4 for 4 mm box slices of
-    1 mm voxels."""
-    return math.prod(float(np.mean(np.sum(op.axis_matrix(a) ** 2, axis=1))) for a in op.axes)
 
 
 MIN_RECORRUPTION = 0.5

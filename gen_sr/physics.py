@@ -63,7 +63,9 @@ __all__ = [
     "SliceProfile",
     "StructureVisibility",
     "add_noise",
+    "coarsen",
     "describe_profile",
+    "kept_noise_fraction",
     "noise_std_for_snr",
     "operator_from_spacings",
     "read_slice_profile",
@@ -907,7 +909,9 @@ def operator_from_spacings(
         raise ValueError("give exactly one of hr_shape and lr_shape")
     ratio = np.asarray(lr_spacing) / np.asarray(hr_spacing)
     if np.any(ratio < 1 - _SPACING_RTOL):
-        raise ValueError(f"the HR spacing {hr_spacing} must not be coarser than the LR spacing {lr_spacing} on an axis")
+        mm = lambda spacing: " x ".join(f"{s:.4g}" for s in spacing)  # noqa: E731
+        raise ValueError(f"the HR spacing {mm(hr_spacing)} mm is coarser than the LR spacing {mm(lr_spacing)} mm along "
+                         f"axis {int(np.argmin(ratio))}: the HR grid may only refine the LR one")
     coarse = [a for a, r in enumerate(ratio) if r > 1 + _SPACING_RTOL]
     if slice_axes is None:
         slice_axes = [int(np.argmax(ratio))] if coarse else []
@@ -1101,6 +1105,38 @@ def add_noise(
 
 
 # --------------------------------------------------------------------------------------------------------- volumes
+def kept_noise_fraction(op: AcquisitionOperator) -> float:
+    """``‖a‖²``: the fraction of the variance of white noise on the HR grid that ``A`` keeps in each of its samples
+    (``a``: a row of ``A``, the mean over rows; the product over the operator's axes). 1/4 for 4 mm box slices of
+    1 mm voxels."""
+    return math.prod(float(np.mean(np.sum(op.axis_matrix(a) ** 2, axis=1))) for a in op.axes)
+
+
+def coarsen(volume: Volume, spacing: Sequence[float]) -> tuple[Volume, float]:
+    """``volume`` resampled, along each voxel axis where ``spacing`` is coarser than its own, onto about that
+    spacing by k-space truncation (:class:`KSpaceTruncation`, sharp cut: what a coarser matrix over the same field of
+    view would have measured), and the factor by which that scales a white noise's std.
+
+    The field of view is kept, so an axis of ``n`` voxels of ``h`` mm becomes ``m = round(n h / s)`` voxels of
+    ``n h / m`` mm, within half a voxel of ``s``; the affine is exact (voxel centres as :meth:`AcquisitionOperator.
+    lr_affine` places them). Axes where ``spacing`` is not coarser are kept; with none, ``volume`` itself and 1.
+
+    Args:
+        volume: a volume, in its own voxel order.
+        spacing: the wanted spacing in mm per voxel axis of ``volume``.
+    """
+    if len(spacing) != 3:
+        raise ValueError(f"a spacing needs 3 values, got {list(spacing)}")
+    transforms = [KSpaceTruncation(a, n / max(1, round(n * h / float(s))))
+                  for a, (n, h, s) in enumerate(zip(volume.shape, volume.spacing, spacing, strict=True))
+                  if float(s) > h * (1 + _SPACING_RTOL)]
+    if not transforms:
+        return volume, 1.0
+    op = AcquisitionOperator(transforms, volume.shape, volume.spacing)
+    y = op(torch.from_numpy(volume.data.astype(np.float64))[None, None])[0, 0].numpy()
+    return volume.with_data(y.astype(np.float32), op.lr_affine(volume.affine)), math.sqrt(kept_noise_fraction(op))
+
+
 def simulate_acquisition(
     volume: Volume,
     transforms: Sequence[AxisTransform],

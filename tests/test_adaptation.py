@@ -13,12 +13,12 @@ import torch
 from helpers import tiny_pipeline
 from scipy import ndimage
 
-from gen_sr.data import SRPairDataset, TrainingVolume, kept_noise_fraction
+from gen_sr.data import SRPairDataset, TrainingVolume
 from gen_sr.errors import InputError
 from gen_sr.eval.cases import super_resolve
 from gen_sr.eval.scan_calibration import calibrate_on_scan, held_out_foreground, scan_cases
 from gen_sr.model_card import Adaptation
-from gen_sr.physics import AcquisitionOperator, SliceAcquisition, simulate_acquisition
+from gen_sr.physics import AcquisitionOperator, SliceAcquisition, kept_noise_fraction, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.training.adaptation import (
     AdaptationConfig,
@@ -458,6 +458,16 @@ def test_fit_without_fine_tuning_calibrates_the_pretrained_unet_on_the_scan(tmp_
     assert record.steps == 0 and record.heldout_loss is None and record.held_out_slices == held_out_slices(10, 2)
     assert loaded.calibration.details["per_scan"]
     assert "without fine-tuning" in dict(loaded.model_card.summary())["calibrated on"]
+    # a scan finer in-plane than the target is calibrated on as the run will measure it: resampled in-plane
+    fine = lr.with_data(np.repeat(np.repeat(lr.data, 2, 0), 2, 1), lr.affine @ np.diag([0.5, 0.5, 1.0, 1.0]))
+    save_volume(fine, tmp_path / "fine.nii.gz")
+    code = main(["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "fine.nii.gz"), "--output-model",
+                 str(tmp_path / "fine_calibrated"), "--steps", "0", "--holdout-every", "2", "--samples", "2",
+                 "--sampling-steps", "2", "--target-spacing", "1,1,1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "resampled from 0.5 x 0.5 x 3 to 1 x 1 x 3 mm voxels" in out
+    assert LatentDiffusionSRPipeline.from_pretrained(tmp_path / "fine_calibrated").model_card.adapted.held_out_slices \
+        == record.held_out_slices
 
 
 def test_fit_runs_on_two_processes_with_identical_weights(tmp_path: Path) -> None:

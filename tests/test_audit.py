@@ -111,6 +111,31 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     assert "no run record" in capsys.readouterr().err
 
 
+def test_a_scan_finer_in_plane_than_the_target_is_resampled_and_its_run_audited(tmp_path: Path, capsys) -> None:
+    """``--target-spacing 1,1,1`` on a 0.5 mm in-plane scan: the command says it resampled the input in-plane, the
+    output is on the 1 mm grid over the input's field of view, and the audit of that run (reused, or sampled anew)
+    works on the grid the run measured and says so on its card."""
+    f = _files(tmp_path)
+    rng = np.random.default_rng(1)
+    data = np.zeros((28, 24, 8), dtype=np.float32)
+    data[4:24, 4:20, 1:7] = 60 + 40 * rng.random((20, 16, 6))
+    scan = save_volume(Volume(data, np.diag([0.5, 0.5, 3.0, 1.0])), tmp_path / "fine.nii.gz")
+    sr, std = tmp_path / "sr.nii.gz", tmp_path / "std.nii.gz"
+    run = ["--model", str(f["model"]), "--input", str(scan), "--samples", "2", "--steps", "2", "--target-spacing",
+           "1,1,1", "--noise-std", "2"]
+    assert main(["super-resolve", *run, "--output", str(sr), "--std", str(std)]) == 0
+    assert "resampled from 0.5 x 0.5 x 3 to 1 x 1 x 3 mm voxels" in capsys.readouterr().out
+    mean = load_volume(sr)
+    assert mean.shape == (14, 12, 24) and np.allclose(mean.spacing, 1.0)
+    assert json.loads((tmp_path / "sr.json").read_text())["noise_std"] < 2.0  # four voxels' average: about half
+    for extra in (["--reuse", str(sr), str(std)], []):
+        out = tmp_path / ("reused" if extra else "sampled")
+        assert main(["audit", *run, "--output-dir", str(out), *extra]) == 0
+        card = json.loads((out / "report.json").read_text())["card"]
+        assert card["coarsened_input"]["to_spacing"] == [1.0, 1.0, 3.0] and card["lr_spacing_mm"] == [1.0, 1.0, 3.0]
+        assert "Input resampled" in (out / "report.html").read_text()
+
+
 def test_the_noise_std_read_from_the_air_is_printed_recorded_and_on_the_audit_card(tmp_path: Path, capsys) -> None:
     """The commands read the scan's noise std from its air by default (``--noise-std auto``); ``--noise-std 0``
     asks for the noise-free projections."""

@@ -360,6 +360,33 @@ def test_a_slab_too_thin_for_a_window_in_its_slices_is_read_across_them() -> Non
     assert scan_noise_std(Volume(slab, affine)) == pytest.approx(2.0, rel=0.06)
 
 
+def test_coarsening_keeps_the_field_of_view_the_band_it_can_hold_and_says_what_it_does_to_white_noise() -> None:
+    """A 0.45 mm in-plane grid resampled to about 1 mm by k-space truncation: the same field of view (first and last
+    voxel edges), a cosine within the new band kept to round-off, white noise scaled by the factor returned, the slice
+    axis untouched; with nothing coarser, the volume itself."""
+    from gen_sr.physics import coarsen
+    from gen_sr.volume import Volume
+
+    affine = np.diag([-0.45, 0.45, 5.0, 1.0])
+    affine[:3, 3] = (80.0, -100.0, -50.0)
+    i = np.arange(101)[:, None, None] * np.ones((101, 90, 4))
+    wave = np.cos(2 * np.pi * 7 * (i + 0.5) / 101)  # 7 cycles over the field of view: well inside 1 mm's band
+    noise = np.random.default_rng(0).standard_normal((101, 90, 4))
+    volume = Volume((wave + noise).astype(np.float32), affine)
+    out, gain = coarsen(volume, (1.0, 1.0, 5.0))
+    assert out.shape == (45, 40, 4) and out.spacing[1] == pytest.approx(1.0125) and out.spacing[2] == 5.0
+    def edges(v: Volume) -> np.ndarray:  # the outer corners of the first and the last voxel, in world coordinates
+        return v.affine @ np.array([[-0.5, -0.5, -0.5, 1.0], [*(np.array(v.shape) - 0.5), 1.0]]).T
+
+    assert np.allclose(edges(out), edges(volume))
+    clean, _ = coarsen(volume.with_data(wave.astype(np.float32)), (1.0, 1.0, 5.0))
+    j = np.arange(45)[:, None, None]
+    assert np.allclose(clean.data, np.cos(2 * np.pi * 7 * (j + 0.5) / 45), atol=1e-4)
+    assert gain == pytest.approx(np.sqrt(45 / 101 * 40 / 90), rel=1e-2)
+    assert (out.data - clean.data).std() == pytest.approx(gain, rel=0.05)
+    assert coarsen(volume, (0.45, 0.3, 5.0)) == (volume, 1.0)
+
+
 def test_the_rician_snr_inverts_the_magnitude_moments() -> None:
     from gen_sr.physics import RAYLEIGH_MEAN_OVER_STD, rician_snr
 

@@ -246,6 +246,32 @@ def test_output_grid_is_the_grid_a_call_returns_without_sampling() -> None:
     assert grid.shape == canon.shape and np.allclose(grid.affine, canon.affine)
 
 
+def test_a_target_coarser_than_the_input_in_plane_resamples_the_input_there_first() -> None:
+    """1 mm voxels asked of a 0.5 mm in-plane scan: the run coarsens the input in-plane (recorded, with the factor
+    that scales its noise), its output covers the input's field of view on the 1 mm grid and equals the run on the
+    coarsened input itself (``measured_input``) given the scaled noise std. A target coarser along the slices is
+    still refused."""
+    pipe = _pipe(2)
+    data = np.random.default_rng(0).random((24, 20, 5)).astype(np.float32) * 100 + 50
+    lr = Volume(data, np.diag([0.5, 0.5, 3.0, 1.0]))
+    run = {"num_samples": 1, "target_spacing": (1.0, 1.0, 1.0), **RUN}
+    out = pipe(lr, noise_std=2.0, generator=_gens(0), **run)
+    record = out.metadata["coarsened_input"]
+    assert record["from_spacing"] == [0.5, 0.5, 3.0] and record["to_spacing"] == [1.0, 1.0, 3.0]
+    assert record["noise_std_factor"] == pytest.approx(0.5, rel=0.05)  # a quarter of the voxels: half the std
+    assert out.mean.shape == (12, 10, 15) and out.metadata["noise_std"] == 2.0 * record["noise_std_factor"]
+    grid = pipe.output_grid(lr, target_spacing=(1.0, 1.0, 1.0))
+    assert grid.shape == out.mean.shape and np.allclose(grid.affine, out.affine)
+    assert np.allclose(out.affine @ [-0.5, -0.5, -0.5, 1], lr.affine @ [-0.5, -0.5, -0.5, 1])  # the same first edge
+    measured = pipe.measured_input(lr, out.metadata)
+    assert measured.shape == (12, 10, 5) and pipe.measured_input(measured, {"coarsened_input": None}) is measured
+    again = pipe(measured, noise_std=2.0 * record["noise_std_factor"], generator=_gens(0), **run)
+    assert again.metadata["coarsened_input"] is None
+    np.testing.assert_allclose(again.mean, out.mean, rtol=1e-5, atol=1e-3)
+    with pytest.raises(InputError, match="coarser than the LR spacing"):
+        pipe(lr, target_spacing=(1.0, 1.0, 4.0), num_samples=1, **RUN)
+
+
 def test_outputs_land_at_the_right_world_coordinates() -> None:
     """Re-acquiring the SR output (its own affine, an oblique one) reproduces the LR input on the LR grid."""
     hr = Volume(np.random.default_rng(1).random((10, 12, 15)).astype(np.float32) + 1, oblique_affine())

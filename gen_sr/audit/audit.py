@@ -58,6 +58,7 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
         operator = AcquisitionOperator.from_dict(meta["operator"])
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"is not a super-resolve run record ({e})", meta_path) from None
+    lr = pipe.measured_input(lr, meta)
     mean, std = load_volume(sr_path), load_volume(std_path)
     if mean.shape != std.shape or not np.allclose(mean.affine, std.affine, atol=1e-4):
         raise InputError("is not on the grid of the SR mean", std_path)
@@ -162,6 +163,7 @@ def audit(
         if result.data_disagreement is not None:
             maps["data_disagreement"] = lr.with_data(np.asarray(result.data_disagreement, np.float32), result.affine)
         meta = result.metadata
+    lr = pipe.measured_input(lr, meta)  # the views, baselines and checks on the grid the run measured
     grid = maps["mean"]  # masks and tissue maps onto the SR grid
     masks = {k: resample_to(m, grid) for k, m in masks.items()} if masks else None
     brain_mask = resample_to(brain_mask, grid, order=0) if brain_mask is not None else None
@@ -190,6 +192,8 @@ def audit(
             "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",
             "interval": calibration.describe() if calibration is not None else "none (uncalibrated)",
             "risk": meta.get("risk"), "timings_s": meta.get("timings")}
+    if meta.get("coarsened_input"):
+        card["coarsened_input"] = meta["coarsened_input"]
     if pipe.model_card.adapted is not None:
         card["adaptation"] = asdict(pipe.model_card.adapted)
     canon_lr = lr.canonical()

@@ -171,6 +171,13 @@ def _timings(v: Any) -> str:
                      if isinstance(x, int | float))
 
 
+def _coarsened(v: Any) -> str:
+    if not isinstance(v, Mapping):
+        return _plain(v)
+    return (f"from {_spacing(v.get('from_spacing'))} to {_spacing(v.get('to_spacing'))} (RAS+), by k-space truncation, "
+            "for the SR voxel spacing asked")
+
+
 def _capped(v: Any) -> str:
     if not isinstance(v, int | float):
         return _plain(v)
@@ -182,7 +189,7 @@ _CARD: dict[str, tuple[str, Callable[[Any], str]]] = {
     "hr_spacing_mm": ("HR voxel spacing", _spacing), "lr_spacing_mm": ("LR voxel spacing", _spacing),
     "sr_spacing_mm": ("SR voxel spacing", _spacing), "steps": ("DDIM steps", _plain),
     "samples": ("Posterior samples", _plain), "seeds": ("Seeds", _seeds), "guidance": ("Data consistency", _plain),
-    "noise_std": ("Measurement noise std", _noise),
+    "coarsened_input": ("Input resampled", _coarsened), "noise_std": ("Measurement noise std", _noise),
     "noise_std_estimated": ("Noise std", lambda v: "read from the scan's background air (--noise-std auto)" if v
                             else "as given"),
     "relative_residual_max": ("Largest relative residual ‖A x − y‖ / ‖y‖", _plain),

@@ -15,7 +15,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +31,14 @@ from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
 from gen_sr.model_card import ModelCard
 from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, set_sdpa_attention
-from gen_sr.physics import AcquisitionOperator, SliceAcquisition, SliceProfile, operator_from_spacings, scan_noise_std
+from gen_sr.physics import (
+    AcquisitionOperator,
+    SliceAcquisition,
+    SliceProfile,
+    coarsen,
+    operator_from_spacings,
+    scan_noise_std,
+)
 from gen_sr.pipelines.guidance import (
     GradientGuidance,
     ProjectionGuidance,
@@ -372,6 +379,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         local = generators[rank::processes]
         device, dtype = self._execution_device, self.unet.dtype
         canon = volume.canonical()
+        input_spacing = canon.spacing
+        canon, target_spacing, noise_gain = self.coarsened(canon, target_spacing, operator)
         norm = self.intensity_normalization(canon.data)
 
         # 2. operator: the acquisition on the canonical HR grid, and the measurement
@@ -380,7 +389,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                                      slice_profile=slice_profile, slice_thickness=slice_thickness)
         self.check_memory(operator.hr_shape, num_samples, keep_samples, volume.source)
         if estimated:  # once every setting is known to work
-            noise_std = _air_noise_std(volume)
+            noise_std = _air_noise_std(canon)
+        else:  # in the input's units, on the input's grid: a coarsened grid holds less of it
+            noise_std = noise_std * noise_gain
         hr_affine = operator.hr_affine(canon.affine)
         work = torch.promote_types(dtype, torch.float32)  # physics, stitching and statistics in >= float32
         y = torch.from_numpy(norm(canon.data.astype(np.float32)))[None, None].to(device, work)
@@ -545,6 +556,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "processes": processes,
             "noise_std": noise_std,
             "noise_std_estimated": estimated,
+            "coarsened_input": None if canon.spacing == input_spacing else {
+                "from_spacing": list(input_spacing), "to_spacing": list(canon.spacing), "noise_std_factor": noise_gain},
             "refit_disagreement": refit,
             "slice_profile_estimated": slice_profile == "auto",
             "operator": operator.to_dict(),
@@ -593,10 +606,45 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         volume first): a :class:`~gen_sr.volume.Volume` in RAS+ voxel order whose data is a zero-cost placeholder;
         use its ``shape`` and ``affine``."""
         canon = self.as_volume(lr, affine, lr_spacing, volume_index).canonical()
+        canon, target_spacing, _ = self.coarsened(canon, target_spacing, operator)
         operator = self.operator_for(canon, operator=operator, target_spacing=target_spacing,
                                      slice_profile=slice_profile, slice_thickness=slice_thickness)
         placeholder = np.broadcast_to(np.float32(0), tuple(operator.hr_shape))
         return Volume(placeholder, operator.hr_affine(canon.affine), source=canon.source)
+
+    def coarsened(self, canon: Volume, target_spacing: Sequence[float] | None,
+                  operator: AcquisitionOperator | None = None) -> tuple[Volume, Sequence[float] | None, float]:
+        """An LR input in RAS+ as a run with ``target_spacing`` (in RAS+) measures it. Where the target is coarser than
+        the input along an axis the run does not super-resolve (1 mm voxels asked of a 0.45 mm in-plane scan), the
+        input is first resampled there by k-space truncation (:func:`~gen_sr.physics.coarsen`: what a coarser matrix
+        over the same field of view would have measured), so the model sees the in-plane resolution it was trained
+        for and the output grid stays within memory. Returns the input, the target spacing with those axes at the
+        resampled grid's (the same field of view, within half a voxel of the one asked) and the factor by which the
+        resampling scales the input's noise std; without a coarser target, or with an ``operator``, the input and
+        target as given and 1."""
+        if target_spacing is None or operator is not None:
+            return canon, target_spacing, 1.0
+        if len(target_spacing) != 3:
+            raise InputError(f"target spacing needs 3 values, got {list(target_spacing)}", canon.source)
+        axes = self.input_axes(canon)
+        pairs = enumerate(zip(target_spacing, canon.spacing, strict=True))
+        wanted = [s if a in axes else float(t) for a, (t, s) in pairs]
+        out, gain = coarsen(canon, wanted)
+        if out is canon:
+            return canon, target_spacing, 1.0
+        target = [r if w > s else float(t)
+                  for t, w, s, r in zip(target_spacing, wanted, canon.spacing, out.spacing, strict=True)]
+        return out, target, gain
+
+    @staticmethod
+    def measured_input(lr: Volume, metadata: Mapping[str, Any]) -> Volume:
+        """The LR input as the run that ``metadata`` records measured it (in ``lr``'s orientation): ``lr`` itself, or
+        where the run coarsened it (:meth:`coarsened`), the same resampling again, so that its operator's LR grid is
+        this volume's."""
+        coarsened = metadata.get("coarsened_input")
+        if not coarsened:
+            return lr
+        return coarsen(lr.canonical(), coarsened["to_spacing"])[0].reorient(lr.orientation)
 
     def input_axes(self, canon: Volume, operator: AcquisitionOperator | None = None) -> tuple[int, ...]:
         """The RAS+ axes to super-resolve in an input (in RAS+), the coarser first: the slice axes of ``operator``
@@ -655,10 +703,14 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         :class:`~gen_sr.errors.InputError`)."""
         need, have = self.memory_estimate(hr_shape, num_samples, keep_samples), _available_memory(self.device)
         if have is not None and need > have:
+            trained = self.model_card.in_plane_spacing
             raise InputError(
                 f"the output grid would be {' x '.join(map(str, hr_shape))} voxels, and {num_samples} samples on it "
                 f"need about {_bytes(need)} of memory; {_bytes(have)} is available", source,
-                "use a coarser --target-spacing, fewer --samples, or crop the input")
+                "use a coarser --target-spacing" + ("" if trained is None else
+                                                    f" (the model was trained for {trained[0]:g}-{trained[1]:g} mm "
+                                                    "in-plane; a coarser in-plane target resamples the input there)")
+                + ", fewer --samples, or crop the input")
 
     def intensity_normalization(self, lr_data: np.ndarray) -> IntensityNormalization:
         """The normalisation of an LR input: its robust percentiles, those the model was trained with."""
