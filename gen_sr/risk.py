@@ -112,7 +112,8 @@ class SamplingSettings:
         start = "" if self.strength == 1 else f", strength {self.strength:g}"
         shared = ", first call shared" if self.share_first_call else ""
         refit = ", refitted where the data disagree" if self.refit_disagreement else ""
-        return f"{self.num_samples} samples x {self.num_inference_steps} {self.scheduler} steps{start}{shared}{refit}"
+        samples = f"{self.num_samples} sample{'s' if self.num_samples != 1 else ''}"
+        return f"{samples} x {self.num_inference_steps} {self.scheduler} steps{start}{shared}{refit}"
 
     @classmethod
     def of_run(cls, metadata: Mapping[str, Any]) -> SamplingSettings:

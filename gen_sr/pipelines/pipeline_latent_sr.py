@@ -209,13 +209,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         if exact is not None or default is None:
             return exact
         if warn:
-            made = "; ".join(r.sampling.describe() for r in self.calibrations if r.sampling is not None)
-            several = len(self.calibrations) > 1
-            warnings.warn(f"the calibration{'s were' if several else ' was'} made with {made}, this run uses "
-                          f"{settings.describe()}: the risk map's coverage is not the calibrated one"
-                          + (f" (it uses the calibration of {default.sampling.describe()})" if several else "")
-                          + "; sample with calibrated settings, or calibrate with these (gen-sr calibrate)",
-                          CalibrationMismatchWarning, stacklevel=4)
+            made = "settings it did not record" if default.sampling is None else default.sampling.describe()
+            warnings.warn(f"this run uses {settings.describe()}, which no calibration of the model was made with: its "
+                          f"risk map uses the calibration made with {made}, whose coverage does not hold for these "
+                          "settings; sample with calibrated ones (gen-sr info --model lists them), or calibrate with "
+                          "these (gen-sr calibrate)", CalibrationMismatchWarning, stacklevel=4)
         return default
 
     # ------------------------------------------------------------------------------------------------- settings
