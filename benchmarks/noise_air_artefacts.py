@@ -1,9 +1,10 @@
 """How far the noise std read from a scan's air (``gen_sr.physics.scan_noise_std``, the commands' default) is off
-where the air is not what the estimator assumes: a Nyquist ghost in it, or noise that varies over the field of view
-(a parallel reconstruction's g-factor). Readings only, no sampling; figures in ``benchmarks/NOISE_ESTIMATE.md``.
+where the air is not what the estimator assumes: a Nyquist ghost in it, noise that varies over the field of view
+(a parallel reconstruction's g-factor), or a scan stored as integers whose air noise is a few steps wide. Readings
+only, no sampling; figures in ``benchmarks/NOISE_ESTIMATE.md``.
 
     python benchmarks/noise_air_artefacts.py [--head robex] [--subject 11] [--snr 30] [--ghosts 0 0.02 0.05 0.1 0.2]
-        [--g-factors 0 0.25 0.5 1]
+        [--g-factors 0 0.25 0.5 1] [--steps 0.7 1.5 3]
 
 The scan: a synthetic subject's whole head and field of view, its background set to 0 (``without_air`` of
 ``data_disagreement.py``, so that the air holds only what is added), 4 mm Gaussian axial slices, noise-free; then per
@@ -14,7 +15,9 @@ row
   std of SNR ``--snr``), magnitude taken;
 * **g-factor** ``a``: the noise std varies as ``σ (1 + a w)``, ``w`` a smooth bump that is 1 at the centre of the
   field of view and falls towards its edges (a Gaussian of 1/4 the field of view per axis), as a parallel
-  reconstruction's g-factor does.
+  reconstruction's g-factor does;
+* **stored as integers** ``k``: the noisy slices (std ``σ``) rounded to whole multiples of ``σ / k`` (the noise is
+  ``k`` steps wide), as a scanner's int16 file with that ``scl_slope`` holds them.
 
 Printed per row: the std read, and the std that the head itself holds (the root mean square of the per-voxel std
 over the head's foreground), and their ratio.
@@ -61,6 +64,8 @@ def main() -> None:
     parser.add_argument("--snr", type=float, default=30.0)
     parser.add_argument("--ghosts", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.1, 0.2])
     parser.add_argument("--g-factors", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
+    parser.add_argument("--steps", type=float, nargs="+", default=[0.7, 1.5, 3.0],
+                        help="noise std in steps of integer storage")
     parser.add_argument("--psnr", nargs="+", metavar="SPEC", help="super-resolve these slabs (see the docstring)")
     parser.add_argument("--model", default="models/heads2d")
     args = parser.parse_args()
@@ -83,6 +88,10 @@ def main() -> None:
         std = sigma * (1 + a * centre_bump(clean.shape))
         read = scan_noise_std(case.lr.with_data(noisy(clean, std, np.random.default_rng(0))))
         _row(f"g-factor {a:g}", read, float(np.sqrt(np.mean(std[head] ** 2))))
+    for k in args.steps:
+        step = sigma / k
+        stored = np.round(noisy(clean, sigma, np.random.default_rng(0)) / step) * step
+        _row(f"stored as integers, noise {k:g} steps", scan_noise_std(case.lr.with_data(stored)), sigma)
 
 
 def psnr_with_g_factors(args: argparse.Namespace) -> None:

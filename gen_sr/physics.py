@@ -1025,6 +1025,12 @@ def background_noise_std(data: np.ndarray, axis: int, *, window: int = 7, margin
     noise). No anatomy enters, so unlike :func:`estimate_noise_std` it does not read fine structure as
     noise; it assumes the noise in the air is the noise in the head (one coil's, or a parallel reconstruction's
     average).
+
+    Data stored as integers (times a scale, NIfTI's ``scl_slope``: :func:`_quantization_step` ``q``) whose air
+    noise is only a few steps round many air voxels down to 0: those are air, and only zeros that fill a 3 × 3
+    in-plane square are taken as padding or masking; the rounding's own variance ``q²/12`` (Sheppard) is taken off
+    ``v`` and ``s2``. Without this, rounded Rayleigh air of σ = 1-2 steps read 20-35 % low, and under 0.7 steps not
+    at all; with it within 1 % from 0.7 steps (+5 % at 0.5).
     """
     from scipy import ndimage
 
@@ -1034,6 +1040,9 @@ def background_noise_std(data: np.ndarray, axis: int, *, window: int = 7, margin
     head = np.stack([ndimage.binary_fill_holes(s) for s in head])
     head = ndimage.binary_dilation(head, np.ones((1, 2 * margin + 1, 2 * margin + 1), bool))
     zero = np.abs(x) <= 1e-6 * np.percentile(np.abs(x), 99)  # masking or padding, to round-off
+    step = _quantization_step(x[~head])
+    if step > 0:  # air rounded down to 0 is air: padding and masks are regions
+        zero = ndimage.binary_opening(zero, np.ones((1, 3, 3), bool))
     if (~head).sum() < min_voxels or zero[~head].mean() > 0.5:  # cropped to the head, or masked
         return None
     air = ~head & ~zero
@@ -1043,7 +1052,7 @@ def background_noise_std(data: np.ndarray, axis: int, *, window: int = 7, margin
     if not centres.any():
         return None
     mean = ndimage.uniform_filter(x, size, mode="reflect")[centres]
-    second = ndimage.uniform_filter(x * x, size, mode="reflect")[centres]
+    second = ndimage.uniform_filter(x * x, size, mode="reflect")[centres] - step * step / 12
     var = np.maximum(second - mean * mean, 0) * n / (n - 1)
     if (x[air] < 0).mean() > 0.01:
         return float(np.sqrt(np.median(var)))
@@ -1053,6 +1062,17 @@ def background_noise_std(data: np.ndarray, axis: int, *, window: int = 7, margin
     ratio = float(np.median(mean[positive] / np.sqrt(var[positive])))  # 0.4 % high on pure noise, ±3 % in 1000 windows
     theta = rician_snr(ratio, pure_noise_tolerance=0.05)
     return float(np.sqrt(np.median(second) / (2 + theta * theta)))
+
+
+def _quantization_step(values: np.ndarray) -> float:
+    """The step ``q`` of values stored as integers times a scale (every value a whole multiple of the smallest
+    positive one, to 1e-3 of it), or 0 for continuous data."""
+    positive = values[values > 0]
+    if positive.size == 0:
+        return 0.0
+    q = float(positive.min())
+    multiples = values / q
+    return q if np.allclose(multiples, np.round(multiples), rtol=0, atol=1e-3) else 0.0
 
 
 def scan_noise_std(volume: Volume, *, window: int = 7) -> float | None:
