@@ -85,7 +85,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from gen_sr.volume import read_nifti, stored_pixdim
 
-    if args.model is not None:
+    if args.model is not None and args.file is None:
         return _model_info(Path(args.model))
     if args.file is None:
         raise InputError("give a NIfTI file, or --model DIR for what a model was trained for")
@@ -121,7 +121,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     if not finite.all():
         lines.append(f"warning:     {int((~finite).sum())} NaN or Inf voxels")
     print("\n".join(lines))
+    if args.model is not None:
+        _print_plan(args)
     return 0
+
+
+def _print_plan(args: argparse.Namespace) -> None:
+    """``info FILE --model DIR``: what ``super-resolve`` would do with the file at its defaults, without sampling."""
+    from gen_sr.pipelines.pipeline_latent_sr import _bytes
+
+    args.device = "cpu"
+    plan = _load_pipeline(args).plan(args.file)
+    have = plan["memory_available_bytes"]
+    rows = [("with model", args.model), ("acquisition", f"{plan['acquisition']} (RAS+; --slice-thickness and "
+                                                        "--profile to change it)")]
+    if plan["resampled_from"]:
+        rows.append(("resampled", f"in-plane from {_spacing_text(plan['resampled_from'])} to "
+                                  f"{_spacing_text(plan['input_spacing'])} mm first (finer than the model was trained "
+                                  "for; --target-spacing to choose)"))
+    rows += [("output grid", f"{_shape(plan['output_shape'])} voxels of {_spacing_text(plan['output_spacing'])} mm"),
+             ("memory", f"about {_bytes(plan['memory_bytes'])} for 8 samples"
+                        + ("" if have is None else f" ({_bytes(have)} free)")),
+             ("noise std", "none read: no background air (fitted as noise-free; --noise-std to give it)"
+                           if plan["noise_std"] is None else f"{plan['noise_std']:.4g}, read from the background air")]
+    rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
+    print("\n".join(f"{label + ':':<13}{value}" for label, value in rows))
 
 
 def _model_info(folder: Path) -> int:
@@ -401,7 +425,8 @@ def _measured_scan(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, floa
 def _print_coarsened(record: dict | None) -> None:
     if record:
         print(f"input:    resampled from {_spacing_text(record['from_spacing'])} to "
-              f"{_spacing_text(record['to_spacing'])} mm voxels (RAS+; k-space truncation) for --target-spacing")
+              f"{_spacing_text(record['to_spacing'])} mm voxels (RAS+; k-space truncation) for the output grid "
+              "(--target-spacing, or the model's finest trained in-plane spacing)")
 
 
 def _spacing_text(spacing: Sequence[float]) -> str:
@@ -800,9 +825,10 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
 def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
     """How the LR input was acquired, and the HR grid to reconstruct on."""
     p.add_argument("--target-spacing", type=_spacing, metavar="X,Y,Z",
-                   help="HR voxel spacing in mm, in RAS+ order (default: isotropic at the finest input spacing); "
-                        "where it is coarser than the input in-plane (1 mm asked of a 0.45 mm scan) the input is "
-                        "resampled there first, by k-space truncation, and the run says so")
+                   help="HR voxel spacing in mm, in RAS+ order (default: isotropic at the finest input spacing, but "
+                        "no finer in-plane than the model was trained for); where it is coarser than the input "
+                        "in-plane (1 mm asked of a 0.45 mm scan) the input is resampled there first, by k-space "
+                        "truncation, and the run says so")
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
     _add_profile_argument(p, auto=True)
     p.add_argument("--noise-std", type=_noise_std, default="auto", metavar="STD|auto",
@@ -939,7 +965,9 @@ def _model_and_overwrite(p: argparse.ArgumentParser, *, model: str | None = None
 
 def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="?", help="a .nii or .nii.gz file")
-    p.add_argument("--model", metavar="DIR", help="show a model folder's card and calibration instead")
+    p.add_argument("--model", metavar="DIR", help="show a model folder's card and calibration; with a file, also what "
+                                                  "super-resolve would do with it at its defaults (grid, memory, "
+                                                  "noise std), without sampling")
 
 
 def _degrade_arguments(p: argparse.ArgumentParser) -> None:

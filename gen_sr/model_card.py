@@ -19,13 +19,17 @@ from gen_sr.config import config_from_dict, config_to_dict
 from gen_sr.errors import InputError
 from gen_sr.physics import describe_profile
 
-__all__ = ["DEFAULT_INFERENCE_STEPS", "SECOND_COARSE_RATIO", "AcquisitionRanges", "Adaptation", "Holdout", "ModelCard"]
+__all__ = ["DEFAULT_INFERENCE_STEPS", "IN_PLANE_MARGIN", "SECOND_COARSE_RATIO", "AcquisitionRanges", "Adaptation",
+           "Holdout", "ModelCard"]
 
 DEFAULT_INFERENCE_STEPS = 50
 """Sampling steps of a diffusion model whose card says nothing else."""
 SECOND_COARSE_RATIO = 1.5
 """An axis at least this many times coarser than an input's finest is super-resolved too, where the model takes any
 slice axis (:meth:`ModelCard.axes_for`): a 1 x 1.2 x 5 mm scan has one coarse axis, a 1 x 3 x 5 mm scan two."""
+IN_PLANE_MARGIN = 0.1
+"""How far outside a model's trained in-plane spacings (a fraction of the range's ends) an input's may lie before it
+counts as outside them (:meth:`ModelCard.outside_training`; the pipeline's default grid resamples a finer input)."""
 _AXES = "RAS"
 
 
@@ -323,7 +327,7 @@ class ModelCard:
         if self.in_plane_spacing is not None:
             lo, hi = self.in_plane_spacing
             plane = [float(s) for a, s in enumerate(lr_spacing) if a != axis]
-            if any(not lo * 0.9 <= s <= hi * 1.1 for s in plane):
+            if any(not lo * (1 - IN_PLANE_MARGIN) <= s <= hi * (1 + IN_PLANE_MARGIN) for s in plane):
                 trained = f"{lo:g} mm" if lo == hi else f"{lo:g}-{hi:g} mm"
                 out.append(f"in-plane spacing {' x '.join(f'{s:.3g}' for s in plane)} mm is outside the trained "
                            f"{trained}")

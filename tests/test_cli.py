@@ -231,6 +231,30 @@ def test_info_shows_what_a_model_was_trained_for(capsys, tmp_path: Path) -> None
     assert code == 2 and "--model DIR" in err
 
 
+def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(capsys, tmp_path: Path) -> None:
+    """``info FILE --model DIR``: the acquisition assumed, the input's in-plane resampling where it is finer than the
+    model was trained for, the output grid, the memory and the noise std read from the air."""
+    import dataclasses
+
+    from helpers import head_in_air
+    from test_pipeline import _pipe
+
+    pipe = _pipe(2)
+    pipe.model_card = dataclasses.replace(pipe.model_card, in_plane_spacing=(0.7, 1.5))
+    pipe.save_pretrained(tmp_path / "model")
+    for size, spacing, grid in ((48, (1.0, 1.0, 3.0), "48 x 48 x 12 voxels of 1 x 1 x 1 mm"),
+                                (96, (0.35, 0.35, 2.8), "48 x 48 x 16 voxels of 0.7 x 0.7 x 0.7 mm")):
+        scan = head_in_air((size, size, 4), sigma=2.0, radius=size * 0.3).astype(np.float32)
+        path = write_nifti(tmp_path / f"lr_{size}.nii.gz", scan, np.diag([*spacing, 1.0]))
+        code, out, _ = _run(capsys, "info", path, "--model", tmp_path / "model")
+        assert code == 0 and f"output grid: {grid}" in out and "warning:" not in out
+        assert ("resampled:   in-plane from 0.35 x 0.35 x 2.8 to 0.7 x 0.7 x 2.8 mm" in out) == (size == 96)
+        assert "acquisition: axis 2:" in out and "memory:      about" in out and "read from the background air" in out
+    thin = write_nifti(tmp_path / "thin.nii.gz", scan, np.diag([0.7, 0.7, 1.0, 1.0]))
+    code, out, _ = _run(capsys, "info", thin, "--model", tmp_path / "model")
+    assert "warning:     outside the trained regime: slice thickness 1 mm along S" in out
+
+
 def test_degrade_takes_a_measured_slice_profile_from_a_file(tmp_path: Path, capsys, hr_file: Path) -> None:
     from gen_sr.physics import SliceAcquisition, simulate_acquisition
 

@@ -156,15 +156,16 @@ def test_inputs_outside_the_trained_regime_warn_in_one_line_each(capsys, tmp_pat
              "in-plane spacing 0.5 x 0.5 mm is outside the trained 1 mm":
              Volume(inside.data, np.diag([0.5, 0.5, 3.0, 1.0])),
              "more than 10x away from the trained 80-120": inside.with_data(inside.data * 1000)}
-    for fragment, lr in cases.items():
+    for fragment, lr in cases.items():  # the fine in-plane scan kept at its own spacing (by default it is resampled)
         with pytest.warns(OutsideTrainingWarning, match=fragment):
-            out = pipe(lr, **run)
+            out = pipe(lr, target_spacing=[min(lr.spacing)] * 3, **run)
         assert len(out.metadata["outside_training"]) == 1 and fragment in out.metadata["outside_training"][0]
     folder = tmp_path / "model"
     pipe.save_pretrained(folder)
     lr_path = save_volume(cases["in-plane spacing 0.5 x 0.5 mm is outside the trained 1 mm"], tmp_path / "lr.nii.gz")
     code = main(["super-resolve", "--model", str(folder), "--input", str(lr_path), "--output",
-                 str(tmp_path / "sr.nii.gz"), "--samples", "1", "--steps", "1", "--guidance", "none"])
+                 str(tmp_path / "sr.nii.gz"), "--samples", "1", "--steps", "1", "--guidance", "none",
+                 "--target-spacing", "0.5,0.5,0.5"])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "outside the trained regime" in line]
     assert code == 0 and len(lines) == 1 and lines[0].startswith("gen-sr: warning: outside the trained regime: ")

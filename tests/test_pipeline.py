@@ -272,6 +272,22 @@ def test_a_target_coarser_than_the_input_in_plane_resamples_the_input_there_firs
         pipe(lr, target_spacing=(1.0, 1.0, 4.0), num_samples=1, **RUN)
 
 
+def test_the_default_grid_is_no_finer_in_plane_than_the_model_was_trained_for() -> None:
+    """A 0.35 mm in-plane scan and a model trained for 0.7-1.5 mm: without a target spacing the run resamples the
+    input to 0.7 mm in-plane and super-resolves onto 0.7 mm voxels; a scan within a tenth of the range keeps its own."""
+    pipe = _pipe(2)
+    pipe.model_card = dataclasses.replace(pipe.model_card, in_plane_spacing=(0.7, 1.5))
+    data = np.random.default_rng(0).random((24, 20, 4)).astype(np.float32) * 100 + 50
+    fine = Volume(data, np.diag([0.35, 0.35, 2.8, 1.0]))
+    grid = pipe.output_grid(fine)
+    assert grid.shape == (12, 10, 16) and np.allclose(grid.spacing, 0.7)
+    out = pipe(fine, num_samples=1, **RUN)
+    assert out.metadata["coarsened_input"]["to_spacing"] == pytest.approx([0.7, 0.7, 2.8])
+    assert not out.metadata["outside_training"]
+    near = Volume(data, np.diag([0.65, 0.65, 2.6, 1.0]))
+    assert pipe.output_grid(near).shape == (24, 20, 16)
+
+
 def test_outputs_land_at_the_right_world_coordinates() -> None:
     """Re-acquiring the SR output (its own affine, an oblique one) reproduces the LR input on the LR grid."""
     hr = Volume(np.random.default_rng(1).random((10, 12, 15)).astype(np.float32) + 1, oblique_affine())

@@ -29,7 +29,7 @@ from diffusers.utils import BaseOutput, logging
 
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
-from gen_sr.model_card import ModelCard
+from gen_sr.model_card import IN_PLANE_MARGIN, ModelCard
 from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, set_sdpa_attention
 from gen_sr.physics import (
     AcquisitionOperator,
@@ -596,6 +596,26 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         return torch.cat([self.unet(z.to(self.unet.dtype), t, c)
                           for z, c in zip(model_input.split(batch_size), cond.split(batch_size), strict=True)])
 
+    def plan(self, lr: LRInput, *, target_spacing: Sequence[float] | None = None,
+             slice_profile: SliceProfile = "gaussian", slice_thickness: float | None = None,
+             num_samples: int = DEFAULT_NUM_SAMPLES, volume_index: int | None = None) -> dict[str, Any]:
+        """What a call with these arguments would do, found without any sampling (``gen-sr info FILE --model DIR``):
+        the acquisition it assumes, the input's resampling if any (:meth:`coarsened`), the output grid, the memory
+        it needs against what is free, the noise std read from the scan's air (``noise_std="auto"``; ``None`` where it
+        has none) and where the input lies outside the trained regime."""
+        given = self.as_volume(lr, volume_index=volume_index).canonical()
+        canon, target, _ = self.coarsened(given, target_spacing)
+        operator = self.operator_for(canon, target_spacing=target, slice_profile=slice_profile,
+                                     slice_thickness=slice_thickness)
+        norm = self.intensity_normalization(canon.data)
+        return {"acquisition": operator.describe(), "sr_axes": list(self.input_axes(canon, operator)),
+                "resampled_from": None if canon is given else list(given.spacing),
+                "input_spacing": list(canon.spacing), "output_shape": list(operator.hr_shape),
+                "output_spacing": list(operator.hr_spacing),
+                "memory_bytes": self.memory_estimate(operator.hr_shape, num_samples, keep_samples=False),
+                "memory_available_bytes": _available_memory(self.device), "noise_std": scan_noise_std(canon),
+                "outside_training": self.outside_training(canon, operator, norm, self.input_axes(canon, operator))}
+
     def output_grid(self, lr: LRInput, *, affine: np.ndarray | None = None, lr_spacing: Sequence[float] | None = None,
                     target_spacing: Sequence[float] | None = None, operator: AcquisitionOperator | None = None,
                     slice_profile: SliceProfile = "gaussian", slice_thickness: float | None = None,
@@ -619,20 +639,34 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         for and the output grid stays within memory. Returns the input, the target spacing with those axes at the
         resampled grid's (the same field of view, within half a voxel of the one asked) and the factor by which the
         resampling scales the input's noise std; without a coarser target, or with an ``operator``, the input and
-        target as given and 1."""
-        if target_spacing is None or operator is not None:
+        target as given and 1. Without a target, the default one (:meth:`default_target_spacing`) decides."""
+        if operator is not None:
             return canon, target_spacing, 1.0
-        if len(target_spacing) != 3:
+        if target_spacing is not None and len(target_spacing) != 3:
             raise InputError(f"target spacing needs 3 values, got {list(target_spacing)}", canon.source)
         axes = self.input_axes(canon)
-        pairs = enumerate(zip(target_spacing, canon.spacing, strict=True))
-        wanted = [s if a in axes else float(t) for a, (t, s) in pairs]
+        asked = self.default_target_spacing(canon, axes) if target_spacing is None else target_spacing
+        wanted = [s if a in axes else float(t) for a, (t, s) in enumerate(zip(asked, canon.spacing, strict=True))]
         out, gain = coarsen(canon, wanted)
         if out is canon:
             return canon, target_spacing, 1.0
-        target = [r if w > s else float(t)
-                  for t, w, s, r in zip(target_spacing, wanted, canon.spacing, out.spacing, strict=True)]
+        resampled = zip(asked, wanted, canon.spacing, out.spacing, strict=True)
+        target = [r if w > s else float(t) for t, w, s, r in resampled]
         return out, target, gain
+
+    def default_target_spacing(self, canon: Volume, axes: Sequence[int]) -> list[float]:
+        """The HR spacing of a run given none, for an LR input in RAS+ super-resolved along ``axes``: each other axis
+        at the input's spacing, but no finer than the finest in-plane spacing the model was trained for (its card's
+        ``in_plane_spacing``, where a finer one lies outside it: :meth:`coarsened` then resamples the input), and
+        each super-resolved axis at the finest of those (isotropic voxels)."""
+        target = np.asarray(canon.spacing, dtype=np.float64)
+        others = [a for a in range(3) if a not in axes]
+        trained = self.model_card.in_plane_spacing
+        if trained is not None:
+            finest = trained[0]
+            target[others] = [s if s >= finest * (1 - IN_PLANE_MARGIN) else finest for s in target[others]]
+        target[list(axes)] = target[others].min()
+        return target.tolist()
 
     @staticmethod
     def measured_input(lr: Volume, metadata: Mapping[str, Any]) -> Volume:
@@ -784,7 +818,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         spacing = np.asarray(canon.spacing)
         if profile == "auto":
             profile, thickness = "gaussian", self._estimated_thickness(canon, axes, thickness)
-        if target is None:  # each super-resolved axis at the finest spacing of the others
+        if target is None:  # each super-resolved axis at the finest spacing of the others (as coarsened() left them)
             target = spacing.copy()
             target[list(axes)] = np.delete(spacing, list(axes)).min()
         if len(target) != 3:
