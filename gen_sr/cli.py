@@ -409,17 +409,22 @@ def _scan_noise_std(args: argparse.Namespace, lr, *, report: bool = True, gain: 
     return std
 
 
-def _measured_scan(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, float]:
+def _measured_scan(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, float, typing.Any]:
     """The scan as a run with ``--target-spacing`` measures it, in its own orientation: resampled in-plane where the
     target is coarser there (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.coarsened`, printed), so that an
-    adaptation learns from what the run will see; and the factor that scales its noise std."""
+    adaptation learns from what the run will see; the factor that scales its noise std; and ``--calibration-region``
+    on its grid."""
     canon = lr.canonical()
     coarse, _, gain = pipe.coarsened(canon, args.target_spacing)
     if coarse is canon:
-        return lr, 1.0
+        return lr, 1.0, args.calibration_region
     if process_state().is_main_process:
         _print_coarsened({"from_spacing": canon.spacing, "to_spacing": coarse.spacing})
-    return coarse.reorient(lr.orientation), gain
+    region = args.calibration_region
+    if region is not None:  # the mask of the scan as given, onto the resampled grid
+        inside = pipe.calibration_region_mask(lr, region, grid=coarse)
+        region = coarse.with_data(inside.astype(np.float32)).reorient(lr.orientation)
+    return coarse.reorient(lr.orientation), gain, region
 
 
 def _print_coarsened(record: dict | None) -> None:
@@ -453,9 +458,10 @@ def _adaptation_noise(args: argparse.Namespace, scan_noise: float, flag: str = "
     return {"none": 0.0, "given": scan_noise, "estimate": None}[choice]
 
 
-def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, gain: float = 1.0):
-    """Adapt ``pipe`` to ``lr`` (as :func:`_measured_scan` gives it, with its noise ``gain``) and calibrate it on the
-    scan (:func:`gen_sr.training.scan_fit.fit_to_scan`), printing what was done."""
+def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, gain: float = 1.0, region: typing.Any = None):
+    """Adapt ``pipe`` to ``lr`` (as :func:`_measured_scan` gives it, with its noise ``gain`` and calibration
+    ``region``) and calibrate it on the scan (:func:`gen_sr.training.scan_fit.fit_to_scan`), printing what was
+    done."""
     from gen_sr.training.scan_fit import fit_to_scan
 
     scan_noise = _scan_noise_std(args, lr, report=False, gain=gain)  # the commands print it
@@ -472,7 +478,7 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, gain: float = 1.0):
                           slice_thickness=args.slice_thickness, noise_std=noise, target_noise_std=target_noise,
                           recorrupt=recorrupt,
                           keep_better=args.keep_better, scan_noise_std=scan_noise, reference=args.compare_on,
-                          calibration_region=args.calibration_region, reference_noise=args.reference_noise,
+                          calibration_region=region, reference_noise=args.reference_noise,
                           resume="latest" if args.resume else None)
     except ValueError as e:  # settings the adaptation cannot use, e.g. crops that do not fit the model
         raise InputError(f"cannot adapt: {e}", args.input) from e
@@ -509,8 +515,8 @@ def _adapted_if_asked(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, d
     if model.exists() and not args.overwrite:
         raise InputError("holds an adapted model already", model,
                          f"use it with --model {model} (without --adapt), or pass --overwrite to adapt again")
-    scan, gain = _measured_scan(args, pipe, lr)
-    fit = _fit(args, pipe, scan, folder, gain)
+    scan, gain, region = _measured_scan(args, pipe, lr)
+    fit = _fit(args, pipe, scan, folder, gain, region)
     save_model(fit.pipe, model, overwrite=True)
     if process_state().is_main_process:
         print(f"wrote:    {model} (the adapted, calibrated model)")
@@ -533,10 +539,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     check_output_dir(target.parent)
     lr = load_volume(args.input, volume_index=args.volume)
     pipe = _load_pipeline(args)
-    scan, gain = _measured_scan(args, pipe, lr)
+    scan, gain, region = _measured_scan(args, pipe, lr)
     _scan_noise_std(args, scan, gain=gain)  # printed with auto
     work = Path(args.adapt_dir) if args.adapt_dir else target.with_name(f"{target.name}_adaptation")
-    fit = _fit(args, pipe, scan, work, gain)
+    fit = _fit(args, pipe, scan, work, gain, region)
     save_model(fit.pipe, target, overwrite=True)
     if process_state().is_main_process:
         print(f"wrote:    {target} (load it with --model {target}; checkpoints and logs in {work})")

@@ -461,9 +461,11 @@ def test_fit_without_fine_tuning_calibrates_the_pretrained_unet_on_the_scan(tmp_
     # a scan finer in-plane than the target is calibrated on as the run will measure it: resampled in-plane
     fine = lr.with_data(np.repeat(np.repeat(lr.data, 2, 0), 2, 1), lr.affine @ np.diag([0.5, 0.5, 1.0, 1.0]))
     save_volume(fine, tmp_path / "fine.nii.gz")
+    region = save_volume(fine.with_data((fine.data > np.median(fine.data)).astype(np.float32)),
+                         tmp_path / "fine_region.nii.gz")  # a mask on the scan as given: carried onto the 1 mm grid
     code = main(["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "fine.nii.gz"), "--output-model",
                  str(tmp_path / "fine_calibrated"), "--steps", "0", "--holdout-every", "2", "--samples", "2",
-                 "--sampling-steps", "2", "--target-spacing", "1,1,1"])
+                 "--sampling-steps", "2", "--target-spacing", "1,1,1", "--calibration-region", str(region)])
     out = capsys.readouterr().out
     assert code == 0 and "resampled from 0.5 x 0.5 x 3 to 1 x 1 x 3 mm voxels" in out
     assert LatentDiffusionSRPipeline.from_pretrained(tmp_path / "fine_calibrated").model_card.adapted.held_out_slices \
