@@ -130,7 +130,6 @@ def _print_plan(args: argparse.Namespace) -> None:
     """``info FILE --model DIR``: what ``super-resolve`` would do with the file at its defaults, without sampling."""
     from gen_sr.pipelines.pipeline_latent_sr import _bytes
 
-    args.device = "cpu"
     plan = _load_pipeline(args).plan(args.file)
     have = plan["memory_available_bytes"]
     rows = [("with model", args.model), ("acquisition", f"{plan['acquisition']} (RAS+; --slice-thickness and "
@@ -254,7 +253,7 @@ def _load_pipeline(args: argparse.Namespace, folder: str | None = None):
     from gen_sr.pipelines import LatentDiffusionSRPipeline
 
     diffusers_logging.disable_progress_bar()  # loading takes a second; its bar would clutter every message
-    model, device = Path(folder or args.model), args.device
+    model, device = Path(folder or args.model), getattr(args, "device", "cpu")  # gen-sr info has no --device
     if not (model / "model_index.json").is_file():
         raise InputError("is not a gen_sr model folder (no model_index.json)", model)
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -607,14 +607,14 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         canon, target, _ = self.coarsened(given, target_spacing)
         operator = self.operator_for(canon, target_spacing=target, slice_profile=slice_profile,
                                      slice_thickness=slice_thickness)
-        norm = self.intensity_normalization(canon.data)
-        return {"acquisition": operator.describe(), "sr_axes": list(self.input_axes(canon, operator)),
+        norm, axes = self.intensity_normalization(canon.data), self.input_axes(canon, operator)
+        return {"acquisition": operator.describe(), "sr_axes": list(axes),
                 "resampled_from": None if canon is given else list(given.spacing),
                 "input_spacing": list(canon.spacing), "output_shape": list(operator.hr_shape),
                 "output_spacing": list(operator.hr_spacing),
                 "memory_bytes": self.memory_estimate(operator.hr_shape, num_samples, keep_samples=False),
                 "memory_available_bytes": _available_memory(self.device), "noise_std": scan_noise_std(canon),
-                "outside_training": self.outside_training(canon, operator, norm, self.input_axes(canon, operator))}
+                "outside_training": self.outside_training(canon, operator, norm, axes)}
 
     def output_grid(self, lr: LRInput, *, affine: np.ndarray | None = None, lr_spacing: Sequence[float] | None = None,
                     target_spacing: Sequence[float] | None = None, operator: AcquisitionOperator | None = None,
