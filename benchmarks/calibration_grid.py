@@ -10,16 +10,28 @@ central coronal slab of ``--slab`` mm as the calibration cuts it, is resampled b
 (``gen_sr.physics.coarsen``) onto each isotropic grid of ``--grids`` no finer than its own, and super-resolved from
 Gaussian axial slices of each thickness with Rician noise at ``--snr`` (seed 0), 8 samples at the model's default
 sampler, seed 0. No choice is made here.
+
+``--test SPEC ...`` instead runs the registered test of a calibration per grid (``CALIBRATION_GRID.md``): the
+calibration's own volumes are super-resolved as ``gen-sr calibrate`` did for the shipped records (slab ``--slab``, 4 mm
+slices at SNR 30, noise seeds 0, 1, ..., 8 samples, seed 0, 12 units per volume, CRC at α = 0.1), with and without the
+refit where the data disagree, and ``λ̂`` is fitted on all of them (the pooled record, as shipped) and on each grid's
+volumes apart. Each test scan (``NAME:N`` of ``data_disagreement.py``: its 24 mm central coronal slab cropped to the
+foreground) is super-resolved from 4 mm Gaussian axial slices at SNR 30 (with the refit, as a run given its noise std)
+and noise-free (without), and the coverage of ``mean ± λ̂ std`` in its foreground is printed for the pooled scale and
+for the scale of its grid.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from gen_sr.eval.cases import load_hr_volumes, simulate_case, super_resolve
+from gen_sr.eval.calibration import calibration_volumes, fit_volumes
+from gen_sr.eval.cases import load_hr_volumes, simulate_case, simulate_cases, super_resolve
 from gen_sr.eval.metrics import foreground
 from gen_sr.physics import coarsen
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -43,9 +55,12 @@ def main() -> None:
     parser.add_argument("--grids", type=float, nargs="+", default=[1.0, 1.5])
     parser.add_argument("--thicknesses", type=float, nargs="+", default=[4.0, 6.0])
     parser.add_argument("--snr", type=float, default=30.0)
+    parser.add_argument("--test", nargs="+", metavar="SPEC", help="run the registered test on these scans")
     args = parser.parse_args()
     pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
+    if args.test:
+        return test_per_grid(pipe, args)
     print("| volume | grid (mm) | slices (mm) | slab voxels | λ90 |\n| --- | --- | --- | --- | --- |")
     for name, volume in load_hr_volumes(args.data, pipe, "all", slab_mm=args.slab):
         for grid in args.grids:
@@ -56,6 +71,47 @@ def main() -> None:
                 lam = scale_needed(pipe, hr, name, thickness, args.snr)
                 print(f"| {name} | {grid:g} | {thickness:g} | {' x '.join(map(str, hr.shape))} | {lam:.2f} |",
                       flush=True)
+
+
+def grid_of(volume) -> float:
+    """A volume's grid: its finest voxel spacing in mm, to 0.01 mm."""
+    return round(float(min(volume.spacing)), 2)
+
+
+def test_per_grid(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> None:
+    """``--test``: the pooled and the per-grid scales, and each test scan's coverage with both."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from data_disagreement import scan_volume
+
+    cases = simulate_cases(load_hr_volumes(args.data, pipe, "all", slab_mm=args.slab), axis=2, thickness=4.0,
+                           snr=30.0, seed=0)
+    fit = {"alpha": 0.1, "delta": 0.1, "method": "crc", "blocks": 12}
+    scales: dict[bool, dict[str, float]] = {}
+    for refit in (True, False):
+        volumes = calibration_volumes(pipe, cases, progress=False, num_samples=8, batch_size=8,
+                                      refit_disagreement=refit, generator=torch.Generator().manual_seed(0))
+        grids = {grid_of(c.hr) for c in cases}
+        scales[refit] = {"pooled": fit_volumes(volumes, **fit).calibration.scale}
+        for grid in sorted(grids):
+            chosen = [v for v, c in zip(volumes, cases, strict=True) if grid_of(c.hr) == grid]
+            scales[refit][f"{grid:g}"] = fit_volumes(chosen, **fit).calibration.scale
+        print(f"refit {refit}: scales " + ", ".join(f"{k} {v:.3f}" for k, v in scales[refit].items()), flush=True)
+    print("| scan | grid (mm) | SNR | pooled scale: coverage | grid's scale: coverage |\n"
+          "| --- | --- | --- | --- | --- |")
+    for spec in args.test:
+        hr = scan_volume(spec, 24.0)[0]
+        for snr in (30.0, None):
+            case = simulate_case(hr, spec, axis=2, thickness=4.0, snr=snr, seed=0)
+            out = super_resolve(pipe, case, num_samples=8, generator=torch.Generator().manual_seed(0),
+                                keep_samples=False, output_type="np")
+            truth = case.hr.data.astype(np.float64)
+            inside = foreground(truth)
+            ratio = np.abs(truth - out.mean)[inside] / np.maximum(out.std[inside], 1e-12)
+            own = scales[snr is not None]
+            pooled, grid = own["pooled"], own[f"{grid_of(case.hr):g}"]
+            print(f"| {spec} | {grid_of(case.hr):g} | {'noise-free' if snr is None else f'{snr:g}'} | "
+                  f"{pooled:.3f}: {np.mean(ratio <= pooled):.4f} | {grid:.3f}: {np.mean(ratio <= grid):.4f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
