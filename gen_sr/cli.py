@@ -561,7 +561,7 @@ def _cases(args: argparse.Namespace, pipe) -> list:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from gen_sr.eval.calibration import calibrate, check_calibration_settings
+    from gen_sr.eval.calibration import calibrate, calibrate_per_grid, case_grid, check_calibration_settings
     from gen_sr.risk import CALIBRATION_FILE
 
     target = Path(args.model) / CALIBRATION_FILE
@@ -570,11 +570,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     noise = {"noise_std": None if args.snr else 0.0}  # the cases' noise is --snr's: without it, no refit
     settings = pipe.sampling_settings(**noise, **_sampling_kwargs(args))
     made = pipe.calibrations.find(settings)
-    if made is not None and not args.overwrite:
+    if made is not None and not args.overwrite and not args.per_grid:
         raise InputError(f"the model is calibrated already for {settings.describe()}", target,
                          "pass --overwrite to replace that calibration, or calibrate other settings (--scheduler, "
                          "--steps, --samples)")
     cases = _cases(args, pipe)
+    grids = sorted({case_grid(c) for c in cases}) if args.per_grid else []
+    made_per_grid = [g for g in grids if any(r.sampling == settings and r.grid_spacing == g for r in pipe.calibrations)]
+    if made_per_grid and not args.overwrite:
+        raise InputError(f"the model is calibrated already for {settings.describe()} on "
+                         f"{', '.join(f'{g:g}' for g in made_per_grid)} mm grids", target,
+                         "pass --overwrite to replace those calibrations")
     try:
         check_calibration_settings(len(cases), alpha=args.alpha, delta=args.delta, method=args.method,
                                    blocks=args.blocks, interval=args.interval)
@@ -586,20 +592,35 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                "share_first_call": settings.share_first_call, "scheduler": pipe.sampler_name,
                "patch_size": args.patch_size, "guidance": args.guidance, "seed": args.seed,
                "mask": "foreground of the reference"}
+    rule = {"alpha": args.alpha, "delta": args.delta, "method": args.method, "blocks": args.blocks,
+            "interval": args.interval, "details": details}
     try:
-        result = calibrate(pipe, cases, alpha=args.alpha, delta=args.delta, method=args.method, blocks=args.blocks,
-                           interval=args.interval, details=details, **_sampling_kwargs(args))
+        if args.per_grid:
+            results = calibrate_per_grid(pipe, cases, **rule, **_sampling_kwargs(args))
+            fitted = [[c for c in cases if case_grid(c) == r.calibration.grid_spacing] for r in results]
+        else:
+            results, fitted = [calibrate(pipe, cases, **rule, **_sampling_kwargs(args))], [cases]
     except ValueError as e:  # a rule that cannot certify with these units
         raise InputError(str(e), args.model) from e
-    cal = result.calibration
     # the settings of a plain run
     default = args.scheduler is None and args.timestep_spacing is None and settings == pipe.sampling_settings(**noise)
-    pipe.calibrations = pipe.calibrations.with_record(cal, first=default)
+    for result in results:
+        pipe.calibrations = pipe.calibrations.with_record(result.calibration,
+                                                          first=default and result.calibration.grid_spacing is None)
     pipe.calibrations.save(args.model)
-    kept = [r.sampling.describe() for r in pipe.calibrations if r is not cal and r.sampling is not None]
+    new = [r.calibration for r in results]
+    kept = [r.sampling.describe() for r in pipe.calibrations if r not in new and r.sampling is not None]
     print(f"wrote:    {target}" + (f" (also kept: the calibrations for {'; '.join(kept)})" if kept else ""))
+    for result, group in zip(results, fitted, strict=True):
+        _print_calibration(args, result, group, settings)
+    return 0
+
+
+def _print_calibration(args: argparse.Namespace, result, cases: Sequence, settings) -> None:
+    cal = result.calibration
+    grid = "" if cal.grid_spacing is None else f" on {cal.grid_spacing:g} mm grids"
     print(f"interval: {cal.describe()}, from {cal.num_volumes} units ({args.method}), for runs with "
-          f"{settings.describe()}")
+          f"{settings.describe()}{grid}")
     print(f"coverage: {1 - cal.risk_hat:.4f} on the calibration units; target ≥ {1 - cal.alpha:g}"
           + (f" with probability ≥ {1 - cal.delta:g} (upper bound of the miss rate {cal.risk_upper:.4f})"
              if cal.method == "rcps" else " in expectation"))
@@ -613,7 +634,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"({other} would give λ = {alt.scale:.4g}, coverage {1 - alt.risk_hat:.4f} on these units)")
     else:
         print(f"({other} cannot certify with these units: {result.alternative_error})")
-    return 0
 
 
 def _output_dir(args: argparse.Namespace, *markers: str) -> Path:
@@ -1038,6 +1058,10 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("rcps", "crc"), default="rcps",
                    help="rcps: coverage with probability 1 - delta (conservative); crc: conformal risk control, "
                         "coverage in expectation (tight) (default: rcps)")
+    p.add_argument("--per-grid", action="store_true",
+                   help="fit one calibration per output grid of the volumes (their finest voxel spacing), each kept "
+                        "beside the others: a run uses the one of its own grid, else one fitted on any grid. The "
+                        "output grid sets the scale the std needs (benchmarks/CALIBRATION_GRID.md)")
     p.add_argument("--blocks", type=_positive_int, default=1,
                    help="cut each volume into this many slabs of equal brain volume, each a calibration unit "
                         "(default: 1)")

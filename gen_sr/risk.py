@@ -34,8 +34,8 @@ from gen_sr.physics import NOISE_GAIN_FLOOR
 if TYPE_CHECKING:
     from gen_sr.physics import AcquisitionOperator
 
-__all__ = ["CALIBRATION_FILE", "Calibration", "Calibrations", "DataDisagreement", "IntervalShape", "SamplingSettings",
-           "describe_risk", "risk_map"]
+__all__ = ["CALIBRATION_FILE", "GRID_TOLERANCE", "Calibration", "Calibrations", "DataDisagreement", "IntervalShape",
+           "SamplingSettings", "describe_risk", "risk_map", "run_grid_spacing"]
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -123,6 +123,10 @@ class SamplingSettings:
                    bool(metadata.get("refit_disagreement", False)))
 
 
+GRID_TOLERANCE = 0.1
+"""How far (a fraction of its grid) a run's output voxel size may lie from a per-grid calibration's for it to hold."""
+
+
 @dataclass
 class Calibration:
     """A fitted interval scale; saved as ``calibration.json`` in a model folder.
@@ -142,6 +146,9 @@ class Calibration:
         outside_scale: a per-scan calibration fitted in a region of the scan (e.g. the brain) and, apart, in the rest
             of its foreground: the scale outside the region (``scale`` holds inside). ``None``: one scale everywhere.
             Where a run is not given the region, the larger of the two holds everywhere (:meth:`scale_map`).
+        grid_spacing: the output voxel size in mm (the finest spacing of the HR grid) of the units it was fitted on,
+            for a record made per grid (``gen-sr calibrate --per-grid``): it holds for runs on that grid
+            (:meth:`Calibrations.find`). ``None``: fitted on any grid, for runs on any.
     """
 
     scale: float
@@ -156,6 +163,7 @@ class Calibration:
     shape: IntervalShape = field(default_factory=IntervalShape)
     sampling: SamplingSettings | None = None
     outside_scale: float | None = None
+    grid_spacing: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.shape, dict):  # as read back from JSON
@@ -204,10 +212,11 @@ class Calibration:
 
 
 class Calibrations:
-    """The calibrations of a model, at most one per sampler setting (:class:`SamplingSettings`), in order: the first
-    is the one made at the model's default settings (``gen-sr calibrate`` puts it there), the others are for runs
-    with other settings (e.g. ``--scheduler ddim --steps 25``). A record made before settings were recorded
-    (``sampling`` is ``None``) stands for any settings.
+    """The calibrations of a model, at most one per sampler setting (:class:`SamplingSettings`) and output grid
+    (``grid_spacing``), in order: the first is the one made at the model's default settings (``gen-sr calibrate`` puts
+    it there), the others are for runs with other settings (e.g. ``--scheduler ddim --steps 25``) or, made per grid,
+    for runs on one grid. A record made before settings were recorded (``sampling`` is ``None``) stands for any
+    settings.
 
     ``calibration.json`` holds them: one record as a JSON object (the format of a single calibration), several as a
     list of objects.
@@ -215,9 +224,9 @@ class Calibrations:
 
     def __init__(self, records: Iterable[Calibration] = ()) -> None:
         self._records = list(records)
-        seen = [r.sampling for r in self._records]
+        seen = [(r.sampling, r.grid_spacing) for r in self._records]
         if len(set(seen)) != len(seen):
-            raise ValueError(f"two calibrations for the same sampler settings: {seen}")
+            raise ValueError(f"two calibrations for the same sampler settings and grid: {seen}")
 
     def __iter__(self) -> Iterator[Calibration]:
         return iter(self._records)
@@ -228,18 +237,26 @@ class Calibrations:
     def __getitem__(self, index: int) -> Calibration:
         return self._records[index]
 
-    def find(self, settings: SamplingSettings) -> Calibration | None:
-        """The record made with exactly these settings (or one that does not record its settings), else ``None``."""
-        exact = next((r for r in self._records if r.sampling == settings), None)
-        return exact or next((r for r in self._records if r.sampling is None), None)
+    def find(self, settings: SamplingSettings, grid_spacing: float | None = None) -> Calibration | None:
+        """The record made with exactly these settings (or one that does not record its settings): the one made for
+        the run's output grid ``grid_spacing`` (mm; within :data:`GRID_TOLERANCE`, the nearest), else the one made
+        on any grid; else ``None``."""
+        made = [r for r in self._records if r.sampling == settings] or [r for r in self._records if r.sampling is None]
+        if grid_spacing is not None:
+            off = {id(r): abs(r.grid_spacing / grid_spacing - 1) for r in made if r.grid_spacing is not None}
+            near = [r for r in made if off.get(id(r), np.inf) <= GRID_TOLERANCE]
+            if near:
+                return min(near, key=lambda r: off[id(r)])
+        return next((r for r in made if r.grid_spacing is None), None)
 
     def with_record(self, calibration: Calibration, *, first: bool = False) -> Calibrations:
-        """These records with ``calibration`` added: it replaces the one made with the same settings (in its place),
-        or goes last (``first``: first, as the default settings' record)."""
-        others = [r for r in self._records if r.sampling != calibration.sampling]
+        """These records with ``calibration`` added: it replaces the one made with the same settings and grid (in its
+        place), or goes last (``first``: first, as the default settings' record)."""
+        key = (calibration.sampling, calibration.grid_spacing)
+        others = [r for r in self._records if (r.sampling, r.grid_spacing) != key]
         if first:
             return Calibrations([calibration, *others])
-        index = next((k for k, r in enumerate(self._records) if r.sampling == calibration.sampling), len(others))
+        index = next((k for k, r in enumerate(self._records) if (r.sampling, r.grid_spacing) == key), len(others))
         return Calibrations([*others[:index], calibration, *others[index:]])
 
     def save(self, folder: str | Path) -> Path | None:
@@ -267,7 +284,15 @@ class Calibrations:
     def describe(self) -> list[str]:
         """One line per record: the interval, the rule and the settings it was made with."""
         return [f"{r.describe()}, {r.method}, coverage {1 - r.alpha:g} target, {r.num_volumes} units"
-                + (f", made with {r.sampling.describe()}" if r.sampling else "") for r in self._records]
+                + (f", made with {r.sampling.describe()}" if r.sampling else "")
+                + (f", for {r.grid_spacing:g} mm grids" if r.grid_spacing is not None else "") for r in self._records]
+
+
+def run_grid_spacing(metadata: Mapping[str, Any]) -> float | None:
+    """The output voxel size in mm (the finest spacing of its HR grid) of a pipeline run, from its metadata; the grid
+    :meth:`Calibrations.find` matches per-grid records against (``None`` for a record without its operator)."""
+    operator = metadata.get("operator")
+    return float(min(operator["hr_spacing"])) if isinstance(operator, Mapping) and operator.get("hr_spacing") else None
 
 
 def risk_map(std: Array, mean: Array, calibration: Calibration | None, noise_std: float = 0.0,
@@ -300,7 +325,7 @@ def describe_risk(calibration: Calibration | None) -> dict[str, Any]:
     return {"calibrated": True, "per_scan": per_scan, "scale": cal.scale, "outside_scale": cal.outside_scale,
             "alpha": cal.alpha, "delta": cal.delta,
             "method": cal.method, "shape": asdict(cal.shape),
-            "made_with": None if cal.sampling is None else asdict(cal.sampling),
+            "made_with": None if cal.sampling is None else asdict(cal.sampling), "grid_spacing": cal.grid_spacing,
             "definition": f"the half-width of the interval {cal.describe()} over the robust intensity range: "
                           f"the interval misses at most {cal.alpha:g} of voxels ({cal.method}){where}"}
 

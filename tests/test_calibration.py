@@ -101,6 +101,17 @@ def test_a_model_keeps_one_calibration_per_sampler_setting(tmp_path: Path) -> No
     Calibrations([a]).save(tmp_path)  # one record: the object format of a single calibration
     assert json.loads((tmp_path / "calibration.json").read_text())["scale"] == a.scale
     assert Calibrations.load(tmp_path / "nothing").find(ddim) is None and not Calibrations.load(tmp_path / "x")
+    # a record per output grid: a run on that grid (within 10 %) uses it, others the record made on any grid
+    fine = dataclasses.replace(a, scale=5.0, grid_spacing=1.0)
+    per_grid = Calibrations([a]).with_record(fine)
+    assert per_grid.find(ddim, 1.05) is fine and per_grid.find(ddim, 1.5) is a and per_grid.find(ddim) is a
+    replaced = list(per_grid.with_record(dataclasses.replace(fine, scale=6.0)))  # its grid's record only
+    assert replaced[0] is a and replaced[1].scale == 6.0 and len(replaced) == 2
+    assert "for 1 mm grids" in per_grid.describe()[1]
+    per_grid.save(tmp_path)
+    assert list(Calibrations.load(tmp_path)) == [a, fine]
+    with pytest.raises(ValueError, match="same sampler settings and grid"):
+        Calibrations([fine, dataclasses.replace(fine, scale=1.0)])
 
 
 def test_save_load_and_errors(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import oblique_affine
 from test_pipeline import _pipe
 
@@ -110,6 +111,37 @@ def test_calibrate_chooses_an_interval_shape_by_leaving_volumes_out(tmp_path: Pa
     assert cal.num_volumes == 36 and cal.details["interval"] == "auto"  # 12 units of equal brain volume each
     assert cal.shape in SHAPE_CANDIDATES and "transfer: coverage of each volume calibrated on the others" in out
     assert len(cal.details["leave_one_volume_out_coverage"]) == 3 and cal.describe() in out
+
+
+def test_calibrate_per_grid_keeps_a_record_per_output_grid_and_a_run_uses_its_own(tmp_path: Path, capsys) -> None:
+    """``--per-grid``: volumes on a 1 mm and on a 1.5 mm grid give one record each (beside the pooled one, which stays
+    the default), and a run uses the record of its output grid; calibrating the same grids again needs --overwrite."""
+    from gen_sr.pipelines import LatentDiffusionSRPipeline
+
+    model = tmp_path / "model"
+    _pipe(2).save_pretrained(model)
+    paths = [str(save_volume(_hr(shape=(24, 10, 24)), tmp_path / f"hr{k}.nii.gz")) for k in range(2)]
+    for k in range(2):  # the same kind of head on a 1.5 mm grid
+        hr = _hr(shape=(16, 8, 16))
+        paths.append(str(save_volume(hr.with_data(hr.data, np.diag([1.5, 1.5, 1.5, 1.0])), tmp_path / f"c{k}.nii.gz")))
+    args = ["calibrate", "--model", str(model), "--data", *paths, "--blocks", "6", "--samples", "2", "--steps", "2",
+            "--method", "crc", "--slice-thickness", "3"]
+    assert main(args) == 0
+    pooled = Calibration.load(model)
+    assert main([*args, "--per-grid"]) == 0
+    out = capsys.readouterr().out
+    assert "on 1 mm grids" in out and "on 1.5 mm grids" in out
+    pipe = LatentDiffusionSRPipeline.from_pretrained(model)
+    records = list(pipe.calibrations)
+    assert records[0] == pooled and [r.grid_spacing for r in records] == [None, 1.0, 1.5]
+    assert [r.num_volumes for r in records] == [24, 12, 12]
+    settings = pipe.sampling_settings(num_samples=2, num_inference_steps=2)
+    for grid, record in ((1.0, records[1]), (1.06, records[1]), (1.5, records[2]), (1.25, records[0])):
+        assert pipe.calibration_for(settings, grid_spacing=grid) is record
+    lr = Volume(np.random.default_rng(0).random((16, 8, 4)).astype(np.float32) + 1, np.diag([1.5, 1.5, 6.0, 1.0]))
+    out = pipe(lr, num_samples=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.metadata["risk"]["scale"] == records[2].scale and out.metadata["risk"]["grid_spacing"] == 1.5
+    assert main([*args, "--per-grid"]) == 2 and "on 1, 1.5 mm grids" in capsys.readouterr().err
 
 
 def test_evaluate_command_and_its_errors(tmp_path: Path, capsys) -> None:

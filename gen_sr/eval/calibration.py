@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +46,8 @@ from gen_sr.eval.uncertainty import miss_rate
 from gen_sr.io import atomic_write
 from gen_sr.risk import Calibration, IntervalShape, SamplingSettings
 
-__all__ = ["SHAPE_CANDIDATES", "CalibrationResult", "CalibrationVolume", "calibrate", "calibration_volumes",
+__all__ = ["SHAPE_CANDIDATES", "CalibrationResult", "CalibrationVolume", "calibrate", "calibrate_per_grid",
+           "calibration_volumes", "case_grid",
            "check_calibration_settings", "choose_shape", "fit_calibration", "fit_shape", "fit_volumes", "hb_p_value",
            "minimum_units", "pooled_rmse", "split_units", "transfer_coverage", "upper_bound"]
 
@@ -379,10 +380,52 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     """
     check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks,
                                interval=interval)
-    volumes = calibration_volumes(pipe, cases, masks=masks, progress=progress, cache=cache, **pipe_kwargs)
-    sampling = pipe.sampling_settings(noise_std=cases_noise_std(cases), **pipe_kwargs)  # noise-free: no refit
+    volumes, sampling = _volumes_and_settings(pipe, cases, masks=masks, progress=progress, cache=cache,
+                                              **pipe_kwargs)
     return fit_volumes(volumes, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis, interval=interval,
                        details=details, progress=progress, sampling=sampling)
+
+
+def case_grid(case: Case) -> float:
+    """A case's output grid: the finest spacing of its HR volume, in mm (to 0.01 mm), as
+    :func:`gen_sr.risk.run_grid_spacing` reads a run's."""
+    return round(float(min(case.hr.spacing)), 2)
+
+
+def calibrate_per_grid(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta: float = 0.1,
+                       method: Literal["rcps", "crc"] = "rcps", blocks: int = 1, axis: int = 0,
+                       interval: Literal["std", "auto"] = "std", details: dict[str, Any] | None = None,
+                       progress: bool = True, cache: str | Path | None = None,
+                       masks: Callable[[Case], np.ndarray] | None = None,
+                       **pipe_kwargs: Any) -> list[CalibrationResult]:
+    """:func:`calibrate` apart for each output grid of the cases (:func:`case_grid`): the cases are super-resolved
+    once, and each grid's volumes are fitted on their own, in order of the grids; each record carries its
+    ``grid_spacing``, so that a run on that grid uses it (:meth:`gen_sr.risk.Calibrations.find`). The output grid sets
+    the scale the std needs (``benchmarks/CALIBRATION_GRID.md``). Arguments as :func:`calibrate`'s; every grid needs
+    the units its rule asks for."""
+    grids = sorted({case_grid(c) for c in cases})
+    for grid in grids:
+        check_calibration_settings(sum(case_grid(c) == grid for c in cases), alpha=alpha, delta=delta, method=method,
+                                   blocks=blocks, interval=interval)
+    volumes, sampling = _volumes_and_settings(pipe, cases, masks=masks, progress=progress, cache=cache,
+                                              **pipe_kwargs)
+    results = []
+    for grid in grids:
+        chosen = [v for v, c in zip(volumes, cases, strict=True) if case_grid(c) == grid]
+        result = fit_volumes(chosen, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis,
+                             interval=interval, details={**(details or {}), "grid_spacing": grid}, progress=progress,
+                             sampling=sampling)
+        results.append(replace(result, calibration=replace(result.calibration, grid_spacing=grid)))
+    return results
+
+
+def _volumes_and_settings(pipe: SRModel, cases: Sequence[Case], *, masks: Callable[[Case], np.ndarray] | None,
+                          progress: bool, cache: str | Path | None,
+                    **pipe_kwargs: Any) -> tuple[list[CalibrationVolume], SamplingSettings]:
+    """The calibration volumes of ``cases`` (:func:`calibration_volumes`) and the sampler settings they were made
+    with (a noise-free case set has no refit)."""
+    volumes = calibration_volumes(pipe, cases, masks=masks, progress=progress, cache=cache, **pipe_kwargs)
+    return volumes, pipe.sampling_settings(noise_std=cases_noise_std(cases), **pipe_kwargs)
 
 
 def fit_volumes(volumes: Sequence[CalibrationVolume], *, alpha: float = 0.1, delta: float = 0.1,

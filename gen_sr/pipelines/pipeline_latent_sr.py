@@ -201,11 +201,13 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
     def calibration(self, calibration: Calibration | None) -> None:
         self.calibrations = Calibrations([] if calibration is None else [calibration])
 
-    def calibration_for(self, settings: SamplingSettings, *, warn: bool = False) -> Calibration | None:
-        """The calibration a run with these sampler ``settings`` uses: the one made with them, else that of a
-        default run (:attr:`calibration`), which does not hold for them (``warn``: a
+    def calibration_for(self, settings: SamplingSettings, *, warn: bool = False,
+                        grid_spacing: float | None = None) -> Calibration | None:
+        """The calibration a run with these sampler ``settings`` on an output grid of ``grid_spacing`` mm uses: the
+        one made with them (for that grid where one was made per grid: :meth:`~gen_sr.risk.Calibrations.find`), else
+        that of a default run (:attr:`calibration`), which does not hold for them (``warn``: a
         :class:`CalibrationMismatchWarning` says so, and which settings have one)."""
-        exact, default = self.calibrations.find(settings), self.calibration
+        exact, default = self.calibrations.find(settings, grid_spacing), self.calibration
         if exact is not None or default is None:
             return exact
         if warn:
@@ -397,7 +399,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         settings = self.sampling_settings(num_samples=num_samples, num_inference_steps=num_inference_steps,
                                           strength=strength, share_first_call=share_first_call,
                                           refit_disagreement=refit_disagreement, noise_std=noise_std)
-        calibration = self.calibration_for(settings, warn=True)
+        calibration = self.calibration_for(settings, warn=True, grid_spacing=min(operator.hr_spacing))
         region = None
         if calibration_region is not None:
             grid = Volume(np.broadcast_to(np.float32(0), tuple(operator.hr_shape)), hr_affine)
