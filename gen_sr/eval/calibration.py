@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -415,13 +415,14 @@ def calibrate_per_grid(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0
         result = fit_volumes(chosen, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis,
                              interval=interval, details={**(details or {}), "grid_spacing": grid}, progress=progress,
                              sampling=sampling)
-        results.append(replace(result, calibration=replace(result.calibration, grid_spacing=grid)))
+        record = dataclasses.replace(result.calibration, grid_spacing=grid)
+        results.append(dataclasses.replace(result, calibration=record))
     return results
 
 
 def _volumes_and_settings(pipe: SRModel, cases: Sequence[Case], *, masks: Callable[[Case], np.ndarray] | None,
                           progress: bool, cache: str | Path | None,
-                    **pipe_kwargs: Any) -> tuple[list[CalibrationVolume], SamplingSettings]:
+                          **pipe_kwargs: Any) -> tuple[list[CalibrationVolume], SamplingSettings]:
     """The calibration volumes of ``cases`` (:func:`calibration_volumes`) and the sampler settings they were made
     with (a noise-free case set has no refit)."""
     volumes = calibration_volumes(pipe, cases, masks=masks, progress=progress, cache=cache, **pipe_kwargs)
