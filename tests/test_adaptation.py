@@ -394,6 +394,17 @@ def test_coronal_and_sagittal_stacks_adapt_and_super_resolve_as_the_axial_one(tm
     np.testing.assert_allclose(results[1].std.transpose(back), results[0].std, atol=1e-4)
 
 
+def test_adapting_in_python_on_a_scan_the_runs_would_resample_warns(tmp_path: Path) -> None:
+    """``fit_to_scan`` on a scan finer in-plane than the model was trained for: the runs resample it first, so the
+    adaptation should see it so too (the CLI passes it resampled); in Python a warning says so."""
+    pipe = tiny_pipeline()
+    pipe.model_card = dataclasses.replace(pipe.model_card, in_plane_spacing=(0.7, 1.5))
+    _, lr = _scan(shape=(24, 24, 30))
+    fine = lr.with_data(lr.data, lr.affine @ np.diag([0.35, 0.35, 1.0, 1.0]))
+    with pytest.warns(UserWarning, match=r"finer in-plane \(0\.35 mm\) than the model was trained for"):
+        fit_to_scan(pipe, fine, calibrate=False, work_dir=tmp_path / "w", config=_config(steps=2))
+
+
 def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsys) -> None:
     from gen_sr.cli import main
     from gen_sr.volume import save_volume

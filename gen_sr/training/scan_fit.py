@@ -25,6 +25,7 @@ import dataclasses
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -123,6 +124,12 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     timings: dict[str, float] = {}
     tic = time.perf_counter()
     volume = pipe.as_volume(lr, volume_index=volume_index)
+    canon = volume.canonical()
+    if pipe.coarsened(canon, None)[0] is not canon:
+        warnings.warn(f"{volume.source or 'the scan'} is finer in-plane ({min(canon.spacing):.3g} mm) than the model "
+                      "was trained for, so a run at the default grid resamples it first: adapt on the scan as the "
+                      "runs will measure it (LatentDiffusionSRPipeline.coarsened; gen-sr fit and --adapt do)",
+                      stacklevel=2)
     region = None if calibration_region is None else pipe.calibration_region_mask(volume, calibration_region)
     if scan_noise_std > 0 and RECORRUPT_PAIRS and "noise_std" not in adapt_kwargs:
         adapt_kwargs = {"noise_std": scan_noise_std, "recorrupt": True, **adapt_kwargs}
