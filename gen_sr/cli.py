@@ -643,6 +643,7 @@ def _output_dir(args: argparse.Namespace, *markers: str) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from gen_sr.eval.calibration import case_grid
     from gen_sr.eval.cases import cases_noise_std
     from gen_sr.eval.evaluate import evaluate
     from gen_sr.eval.tables import markdown_table, summarize, write_table
@@ -653,13 +654,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     regression = _load_pipeline(args, args.regression_model) if args.regression_model else None
     rows = evaluate(pipe, cases, regression=regression, **_sampling_kwargs(args))
     settings = pipe.sampling_settings(noise_std=cases_noise_std(cases), **_sampling_kwargs(args))
-    calibration = pipe.calibration_for(settings)  # the one the runs used
+    calibration = pipe.calibration_for(settings)  # the one the runs used, and the per-grid ones that served some
+    by_grid = {f"{g:g} mm": dataclasses.asdict(c) for g in sorted({case_grid(case) for case in cases})
+               if (c := pipe.calibration_for(settings, grid_spacing=g)) is not None and c.grid_spacing is not None}
     meta = {"model": str(args.model), "regression_model": args.regression_model, "data": list(args.data),
             "region": args.region, "slab_mm": args.slab,
             "operator": args.operator, "slice_thickness": args.slice_thickness, "profile": args.profile,
             "snr": args.snr, "samples": args.samples, "steps": _steps(args, pipe), "guidance": args.guidance,
             "seed": args.seed,
-            "calibration": None if calibration is None else dataclasses.asdict(calibration)}
+            "calibration": None if calibration is None else dataclasses.asdict(calibration),
+            "calibration_by_grid": by_grid or None}
     paths = write_table(out, rows, meta=meta)
     print(markdown_table(summarize(rows)), end="")
     print(f"wrote:    {', '.join(str(p) for p in paths.values())}")

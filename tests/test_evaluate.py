@@ -142,6 +142,11 @@ def test_calibrate_per_grid_keeps_a_record_per_output_grid_and_a_run_uses_its_ow
     out = pipe(lr, num_samples=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.metadata["risk"]["scale"] == records[2].scale and out.metadata["risk"]["grid_spacing"] == 1.5
     assert main([*args, "--per-grid"]) == 2 and "on 1, 1.5 mm grids" in capsys.readouterr().err
+    evaluation = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(model), "--data", paths[2], "--output-dir", str(evaluation), "--samples",
+                 "2", "--steps", "2", "--slice-thickness", "3"]) == 0
+    meta = json.loads((evaluation / "evaluation.json").read_text())["meta"]
+    assert meta["calibration_by_grid"]["1.5 mm"]["scale"] == records[2].scale  # the record its runs used
 
 
 def test_evaluate_command_and_its_errors(tmp_path: Path, capsys) -> None:
