@@ -128,7 +128,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _print_plan(args: argparse.Namespace) -> None:
     """``info FILE --model DIR``: what ``super-resolve`` would do with the file at its defaults, without sampling."""
-    from gen_sr.pipelines.pipeline_latent_sr import _bytes
+    from gen_sr.pipelines.pipeline_latent_sr import format_bytes
 
     plan = _load_pipeline(args).plan(args.file)
     have = plan["memory_available_bytes"]
@@ -139,8 +139,8 @@ def _print_plan(args: argparse.Namespace) -> None:
                                   f"{_spacing_text(plan['input_spacing'])} mm first (finer than the model was trained "
                                   "for; --target-spacing to choose)"))
     rows += [("output grid", f"{_shape(plan['output_shape'])} voxels of {_spacing_text(plan['output_spacing'])} mm"),
-             ("memory", f"about {_bytes(plan['memory_bytes'])} for 8 samples"
-                        + ("" if have is None else f" ({_bytes(have)} free)")),
+             ("memory", f"about {format_bytes(plan['memory_bytes'])} for 8 samples"
+                        + ("" if have is None else f" ({format_bytes(have)} free)")),
              ("noise std", "none read: no background air (fitted as noise-free; --noise-std to give it)"
                            if plan["noise_std"] is None else f"{plan['noise_std']:.4g}, read from the background air")]
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]

@@ -740,7 +740,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             trained = self.model_card.in_plane_spacing
             raise InputError(
                 f"the output grid would be {' x '.join(map(str, hr_shape))} voxels, and {num_samples} samples on it "
-                f"need about {_bytes(need)} of memory; {_bytes(have)} is available", source,
+                f"need about {format_bytes(need)} of memory; {format_bytes(have)} is available", source,
                 "use a coarser --target-spacing" + ("" if trained is None else
                                                     f" (the model was trained for {trained[0]:g}-{trained[1]:g} mm "
                                                     "in-plane; a coarser in-plane target resamples the input there)")
@@ -979,7 +979,8 @@ def _available_memory(device: torch.device) -> int | None:
         return None
 
 
-def _bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """A byte count in binary units, e.g. ``20.4 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
             return f"{n:.3g} {unit}"
