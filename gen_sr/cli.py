@@ -139,7 +139,7 @@ def _print_plan(args: argparse.Namespace) -> None:
                                   f"{_spacing_text(plan['input_spacing'])} mm first (finer than the model was trained "
                                   "for; --target-spacing to choose)"))
     rows += [("output grid", f"{_shape(plan['output_shape'])} voxels of {_spacing_text(plan['output_spacing'])} mm"),
-             ("memory", f"about {format_bytes(plan['memory_bytes'])} for 8 samples"
+             ("memory", f"about {format_bytes(plan['memory_bytes'])} for {plan['num_samples']} samples"
                         + ("" if have is None else f" ({format_bytes(have)} free)")),
              ("noise std", "none read: no background air (fitted as noise-free; --noise-std to give it)"
                            if plan["noise_std"] is None else f"{plan['noise_std']:.4g}, read from the background air")]

@@ -64,6 +64,7 @@ __all__ = [
     "StructureVisibility",
     "add_noise",
     "coarsen",
+    "coarser_axes",
     "describe_profile",
     "kept_noise_fraction",
     "noise_std_for_snr",
@@ -1132,6 +1133,12 @@ def kept_noise_fraction(op: AcquisitionOperator) -> float:
     return math.prod(float(np.mean(np.sum(op.axis_matrix(a) ** 2, axis=1))) for a in op.axes)
 
 
+def coarser_axes(spacing: Sequence[float], wanted: Sequence[float]) -> list[int]:
+    """The axes along which ``wanted`` is coarser than ``spacing`` (beyond a header's round-off): those
+    :func:`coarsen` resamples."""
+    return [a for a, (h, s) in enumerate(zip(spacing, wanted, strict=True)) if float(s) > h * (1 + _SPACING_RTOL)]
+
+
 def coarsen(volume: Volume, spacing: Sequence[float]) -> tuple[Volume, float]:
     """``volume`` resampled, along each voxel axis where ``spacing`` is coarser than its own, onto about that
     spacing by k-space truncation (:class:`KSpaceTruncation`, sharp cut: what a coarser matrix over the same field of
@@ -1147,9 +1154,8 @@ def coarsen(volume: Volume, spacing: Sequence[float]) -> tuple[Volume, float]:
     """
     if len(spacing) != 3:
         raise ValueError(f"a spacing needs 3 values, got {list(spacing)}")
-    transforms = [KSpaceTruncation(a, n / max(1, round(n * h / float(s))))
-                  for a, (n, h, s) in enumerate(zip(volume.shape, volume.spacing, spacing, strict=True))
-                  if float(s) > h * (1 + _SPACING_RTOL)]
+    transforms = [KSpaceTruncation(a, volume.shape[a] / max(1, round(volume.shape[a] * volume.spacing[a] / spacing[a])))
+                  for a in coarser_axes(volume.spacing, spacing)]
     if not transforms:
         return volume, 1.0
     op = AcquisitionOperator(transforms, volume.shape, volume.spacing)

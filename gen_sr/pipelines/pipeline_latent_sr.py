@@ -36,6 +36,7 @@ from gen_sr.physics import (
     SliceAcquisition,
     SliceProfile,
     coarsen,
+    coarser_axes,
     operator_from_spacings,
     scan_noise_std,
 )
@@ -614,6 +615,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 "resampled_from": None if canon is given else list(given.spacing),
                 "input_spacing": list(canon.spacing), "output_shape": list(operator.hr_shape),
                 "output_spacing": list(operator.hr_spacing),
+                "num_samples": num_samples,
                 "memory_bytes": self.memory_estimate(operator.hr_shape, num_samples, keep_samples=False),
                 "memory_available_bytes": _available_memory(self.device), "noise_std": scan_noise_std(canon),
                 "outside_training": self.outside_training(canon, operator, norm, axes)}
@@ -642,19 +644,25 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         resampled grid's (the same field of view, within half a voxel of the one asked) and the factor by which the
         resampling scales the input's noise std; without a coarser target, or with an ``operator``, the input and
         target as given and 1. Without a target, the default one (:meth:`default_target_spacing`) decides."""
-        if operator is not None:
+        wanted = None if operator is not None else self.coarser_grid(canon, target_spacing)
+        if wanted is None:
             return canon, target_spacing, 1.0
+        out, gain = coarsen(canon, wanted)
+        asked = self.default_target_spacing(canon, self.input_axes(canon)) if target_spacing is None else target_spacing
+        resampled = zip(asked, wanted, canon.spacing, out.spacing, strict=True)
+        target = [r if w > s else float(t) for t, w, s, r in resampled]
+        return out, target, gain
+
+    def coarser_grid(self, canon: Volume, target_spacing: Sequence[float] | None = None) -> list[float] | None:
+        """The spacing :meth:`coarsened` resamples an LR input in RAS+ onto for ``target_spacing`` (its own along the
+        axes the run super-resolves, the target's along the others), or ``None`` where the target is nowhere coarser
+        than the input and the input is used as it is: the check alone, without resampling."""
         if target_spacing is not None and len(target_spacing) != 3:
             raise InputError(f"target spacing needs 3 values, got {list(target_spacing)}", canon.source)
         axes = self.input_axes(canon)
         asked = self.default_target_spacing(canon, axes) if target_spacing is None else target_spacing
         wanted = [s if a in axes else float(t) for a, (t, s) in enumerate(zip(asked, canon.spacing, strict=True))]
-        out, gain = coarsen(canon, wanted)
-        if out is canon:
-            return canon, target_spacing, 1.0
-        resampled = zip(asked, wanted, canon.spacing, out.spacing, strict=True)
-        target = [r if w > s else float(t) for t, w, s, r in resampled]
-        return out, target, gain
+        return wanted if coarser_axes(canon.spacing, wanted) else None
 
     def default_target_spacing(self, canon: Volume, axes: Sequence[int]) -> list[float]:
         """The HR spacing of a run given none, for an LR input in RAS+ super-resolved along ``axes``: each other axis

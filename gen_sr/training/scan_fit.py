@@ -125,7 +125,7 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     tic = time.perf_counter()
     volume = pipe.as_volume(lr, volume_index=volume_index)
     canon = volume.canonical()
-    if pipe.coarsened(canon, None)[0] is not canon:
+    if pipe.coarser_grid(canon) is not None:
         warnings.warn(f"{volume.source or 'the scan'} is finer in-plane ({min(canon.spacing):.3g} mm) than the model "
                       "was trained for, so a run at the default grid resamples it first: adapt on the scan as the "
                       "runs will measure it (LatentDiffusionSRPipeline.coarsened; gen-sr fit and --adapt do)",
