@@ -96,8 +96,11 @@ def test_per_grid(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> 
             chosen = [v for v, c in zip(volumes, cases, strict=True) if grid_of(c.hr) == grid]
             scales[refit][f"{grid:g}"] = fit_volumes(chosen, **fit).calibration.scale
         print(f"refit {refit}: scales " + ", ".join(f"{k} {v:.3f}" for k, v in scales[refit].items()), flush=True)
-    print("| scan | grid (mm) | SNR | pooled scale: coverage | grid's scale: coverage |\n"
-          "| --- | --- | --- | --- | --- |")
+    shipped = {refit: pipe.calibrations.find(pipe.sampling_settings(noise_std=None if refit else 0.0)).scale
+               for refit in (True, False)}
+    print(f"shipped pooled scales: refit {shipped[True]:.3f}, no refit {shipped[False]:.3f}", flush=True)
+    print("| scan | grid (mm) | SNR | shipped scale: coverage | pooled scale: coverage | grid's scale: coverage |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for spec in args.test:
         hr = scan_volume(spec, 24.0)[0]
         for snr in (30.0, None):
@@ -108,10 +111,9 @@ def test_per_grid(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> 
             inside = foreground(truth)
             ratio = np.abs(truth - out.mean)[inside] / np.maximum(out.std[inside], 1e-12)
             own = scales[snr is not None]
-            pooled, grid = own["pooled"], own[f"{grid_of(case.hr):g}"]
+            row = (shipped[snr is not None], own["pooled"], own[f"{grid_of(case.hr):g}"])
             print(f"| {spec} | {grid_of(case.hr):g} | {'noise-free' if snr is None else f'{snr:g}'} | "
-                  f"{pooled:.3f}: {np.mean(ratio <= pooled):.4f} | {grid:.3f}: {np.mean(ratio <= grid):.4f} |",
-                  flush=True)
+                  + " | ".join(f"{s:.3f}: {np.mean(ratio <= s):.4f}" for s in row) + " |", flush=True)
 
 
 if __name__ == "__main__":
