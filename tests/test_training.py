@@ -58,6 +58,13 @@ def _run(stage: str, out: Path, *extra: str, processes: int = 1) -> subprocess.C
     return result
 
 
+def _train(stage: str, out: Path, *extra: str) -> None:
+    """One process of a training script, in this one (no interpreter to start: the scripts' own tests of processes,
+    signals and resumption use :func:`_run`)."""
+    script = train_autoencoder if stage == "autoencoder" else train_diffusion
+    assert script.main(["--config", TINY, f"--output_dir={out}", *extra, "--debug"]) == 0
+
+
 def _metrics(out: Path, stage: str) -> list[dict]:
     return [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
 
@@ -66,27 +73,27 @@ def _losses(out: Path, stage: str) -> list[float]:
     return [m["loss"] for m in _metrics(out, stage) if "loss" in m]
 
 
-def test_a_wavelet_latent_needs_no_training_and_carries_into_the_pipeline(tmp_path: Path) -> None:
+def test_a_wavelet_latent_needs_no_training_and_carries_into_the_pipeline(tmp_path: Path, capfd) -> None:
     """autoencoder.kind=haar: the autoencoder stage only measures the band statistics and exports; the diffusion
     stage trains on it, and the exported pipeline reconstructs its latents exactly."""
     from gen_sr.models import HaarAutoencoder
     from gen_sr.pipelines import LatentDiffusionSRPipeline
 
     out = tmp_path / "haar"
-    result = _run("autoencoder", out, "--autoencoder.kind=haar")
-    assert "Haar wavelet transform (exact; not trained)" in result.stdout + result.stderr
+    _train("autoencoder", out, "--autoencoder.kind=haar")
+    assert "Haar wavelet transform (exact; not trained)" in "".join(capfd.readouterr())
     checkpoints = out / "autoencoder" / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())  # nothing was trained
-    _run("diffusion", out, "--autoencoder.kind=haar", "--diffusion_training.steps=2")
+    _train("diffusion", out, "--autoencoder.kind=haar", "--diffusion_training.steps=2")
     pipe = LatentDiffusionSRPipeline.from_pretrained(out / "diffusion" / "model")
     assert type(pipe.vae) is HaarAutoencoder and len(pipe.vae.config.band_std) == 4
     x = torch.rand(2, 1, 16, 16)
     assert torch.allclose(pipe.vae.decode_latent(pipe.vae.encode_latent(x)), x, atol=1e-5)
     # two levels, with the loss of a one-level latent (unet.loss_levels): it trains, to a different first loss
     two = ["--autoencoder.kind=haar", "--autoencoder.levels=2"]
-    _run("autoencoder", tmp_path / "haar2", *two)
-    _run("diffusion", tmp_path / "haar2", *two, "--diffusion_training.steps=2")
-    _run("diffusion", tmp_path / "haar2w", f"--autoencoder_path={tmp_path / 'haar2' / 'autoencoder' / 'model'}",
+    _train("autoencoder", tmp_path / "haar2", *two)
+    _train("diffusion", tmp_path / "haar2", *two, "--diffusion_training.steps=2")
+    _train("diffusion", tmp_path / "haar2w", f"--autoencoder_path={tmp_path / 'haar2' / 'autoencoder' / 'model'}",
          *two, "--unet.loss_levels=1", "--diffusion_training.steps=2")
     first = [_losses(tmp_path / run, "diffusion")[0] for run in ("haar2", "haar2w")]
     assert first[0] != pytest.approx(first[1], rel=1e-3)
@@ -166,15 +173,16 @@ def test_unet_init_starts_the_diffusion_stage_from_a_saved_model(autoencoder_run
     were), not from new ones; another architecture or a folder without a UNet is one clear line, nothing written."""
     source = tmp_path / "source"
     vae = f"--autoencoder_path={autoencoder_run / 'autoencoder' / 'model'}"
-    _run("diffusion", source, vae, "--diffusion_training.steps=2", "--diffusion_training.seed=1")  # other weights
+    _train("diffusion", source, vae, "--diffusion_training.steps=2", "--diffusion_training.seed=1")  # other weights
     frozen = ["--diffusion_training.steps=1", "--diffusion_training.learning_rate=1e-12", vae]
-    _run("diffusion", tmp_path / "init", f"--unet_init={source / 'diffusion' / 'model'}", *frozen)
-    _run("diffusion", tmp_path / "new", *frozen)
+    _train("diffusion", tmp_path / "init", f"--unet_init={source / 'diffusion' / 'model'}", *frozen)
+    _train("diffusion", tmp_path / "new", *frozen)
     weights = "diffusion/model/unet/diffusion_pytorch_model.safetensors"
     src, init, new = (load_file(tmp_path / run / weights) for run in ("source", "init", "new"))
     for key in src:
         torch.testing.assert_close(init[key], src[key], rtol=0, atol=1e-6)
     assert any(not torch.allclose(new[key], src[key], atol=1e-3) for key in src)  # seed 0's weights are others
+    capsys.readouterr()  # what the runs above printed
     for init_from, message in ((source / "diffusion" / "model", "another architecture (channels differ"),
                                (tmp_path / "nowhere", "holds no saved UNet")):
         out = tmp_path / "refused"
@@ -249,15 +257,15 @@ def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
 def test_three_d_is_a_config_change(tmp_path: Path) -> None:
     """The same scripts and tiny config train 3D models when crop_size has three entries."""
     three_d = ["--data.crop_size=[8,8,8]", "--autoencoder_training.steps=2", "--diffusion_training.steps=2"]
-    _run("autoencoder", tmp_path, *three_d)
-    _run("diffusion", tmp_path, *three_d)
+    _train("autoencoder", tmp_path, *three_d)
+    _train("diffusion", tmp_path, *three_d)
     config = json.loads((tmp_path / "diffusion" / "model" / "unet" / "config.json").read_text())
     assert config["spatial_dims"] == 3
     assert json.loads((tmp_path / "diffusion" / "summary.json").read_text())["steps"] == 2
 
 
 def test_adversarial_term_and_gradient_accumulation(tmp_path: Path) -> None:
-    _run("autoencoder", tmp_path, "--autoencoder.adversarial_weight=0.1", "--autoencoder.adversarial_start_step=1",
+    _train("autoencoder", tmp_path, "--autoencoder.adversarial_weight=0.1", "--autoencoder.adversarial_start_step=1",
          "--autoencoder.discriminator_layers=2", "--autoencoder_training.gradient_accumulation_steps=2",
          "--autoencoder_training.steps=3")
     rows = [m for m in _metrics(tmp_path, "autoencoder") if "loss" in m]
@@ -274,7 +282,7 @@ def test_regression_baseline_is_one_config_away(autoencoder_run: Path, tmp_path:
     from gen_sr.volume import Volume
 
     shutil.copytree(autoencoder_run / "autoencoder", tmp_path / "autoencoder")
-    _run("diffusion", tmp_path, "--unet.objective=regression", "--noise_schedule.prediction_type=sample")
+    _train("diffusion", tmp_path, "--unet.objective=regression", "--noise_schedule.prediction_type=sample")
     rows = _metrics(tmp_path, "diffusion")
     assert [m["step"] for m in rows if "val/psnr" in m] == [3, 6]
     pipe = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "diffusion" / "model")
