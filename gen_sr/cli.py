@@ -874,33 +874,30 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
                               folder: tuple[str, str] = ("--adapt-dir", ""),
                               keep_flags: Sequence[str] = ("--adapt-keep-better",)) -> None:
     """How to fine-tune a model on the input's own in-plane slices, and calibrate it there."""
-    from gen_sr.eval.scan_calibration import REFERENCE_NOISE
-    from gen_sr.training.adaptation import AdaptationConfig
-    from gen_sr.training.scan_fit import KEEP_BETTER, REFERENCE
+    from gen_sr.training import adaptation_defaults as d
 
-    d = AdaptationConfig()
-    p.add_argument(*steps_flags, dest="adapt_steps", type=_whole_number_from(0), default=d.train.steps, metavar="N",
-                   help=f"fine-tuning steps (default: {d.train.steps}); 0 keeps the pretrained UNet and only "
+    p.add_argument(*steps_flags, dest="adapt_steps", type=_whole_number_from(0), default=d.STEPS, metavar="N",
+                   help=f"fine-tuning steps (default: {d.STEPS}); 0 keeps the pretrained UNet and only "
                         "calibrates it on the scan (at SNR 30 the pretrained mean was the better one on every "
                         "validation subject)")
-    p.add_argument(*keep_flags, dest="keep_better", action=argparse.BooleanOptionalAction, default=KEEP_BETTER,
+    p.add_argument(*keep_flags, dest="keep_better", action=argparse.BooleanOptionalAction, default=d.KEEP_BETTER,
                    help="after fine-tuning, calibrate the pretrained UNet on the scan's held-out slices too and keep "
                         "whichever has the smaller error there (one more calibration pass; default: "
-                        f"{'on' if KEEP_BETTER else 'off'})")
-    p.add_argument("--compare-on", dest="compare_on", choices=("noisy", "recorrupted"), default=REFERENCE,
+                        f"{'on' if d.KEEP_BETTER else 'off'})")
+    p.add_argument("--compare-on", dest="compare_on", choices=("noisy", "recorrupted"), default=d.REFERENCE,
                    help="what the two UNets' errors are measured against on a noisy scan (--noise-std): the held-out "
                         "slices, whose noise the problems share (noisy), or problems posed with noise independent "
-                        f"of their references (recorrupted; one more pass) (default: {REFERENCE})")
-    p.add_argument("--adapt-batch-size", type=_positive_int, default=d.train.batch_size,
-                   help=f"in-plane crops per fine-tuning step (default: {d.train.batch_size})")
-    p.add_argument("--adapt-learning-rate", type=_positive_float, default=d.train.learning_rate,
-                   help=f"fine-tuning learning rate (default: {d.train.learning_rate:g})")
-    p.add_argument("--adapt-weight-mix", type=_share, default=d.weight_mix, metavar="W",
+                        f"of their references (recorrupted; one more pass) (default: {d.REFERENCE})")
+    p.add_argument("--adapt-batch-size", type=_positive_int, default=d.BATCH_SIZE,
+                   help=f"in-plane crops per fine-tuning step (default: {d.BATCH_SIZE})")
+    p.add_argument("--adapt-learning-rate", type=_positive_float, default=d.LEARNING_RATE,
+                   help=f"fine-tuning learning rate (default: {d.LEARNING_RATE:g})")
+    p.add_argument("--adapt-weight-mix", type=_share, default=d.WEIGHT_MIX, metavar="W",
                    help="the adapted UNet's weights: W times the fine-tuned ones plus 1 - W times the pretrained ones, "
-                        f"in [0, 1] (WiSE-FT; default: {d.weight_mix:g})")
-    p.add_argument("--holdout-every", type=_whole_number_from(2), default=d.holdout_every, metavar="K",
+                        f"in [0, 1] (WiSE-FT; default: {d.WEIGHT_MIX:g})")
+    p.add_argument("--holdout-every", type=_whole_number_from(2), default=d.HOLDOUT_EVERY, metavar="K",
                    help=f"keep every K-th in-plane slice out of the fine-tuning, for the per-scan calibration "
-                        f"(default: {d.holdout_every})")
+                        f"(default: {d.HOLDOUT_EVERY})")
     p.add_argument("--adapt-noise", choices=("auto", "none", "given", "estimate"), default="auto",
                    help="the scan's noise in the fine-tuning pairs: auto (the default: given where the scan has a "
                         "noise std, else none), none, given (--noise-std, or the one read from the scan's air) or "
@@ -929,12 +926,12 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
                         "per-scan interval is then fitted in it and, apart, in the rest of the head, and each scale "
                         "holds where it was fitted (give the same mask to later runs of the adapted model). Over a "
                         "head with skull one scale over-covers the brain and under-covers the scalp")
-    p.add_argument("--reference-noise", choices=("keep", "extrapolate"), default=REFERENCE_NOISE,
+    p.add_argument("--reference-noise", choices=("keep", "extrapolate"), default=d.REFERENCE_NOISE,
                    help="on a noisy scan (--noise-std), the held-out slices the interval is fitted against hold the "
                         "scan's noise, which widens it: extrapolate poses the problems with references whose noise is "
                         "independent of the output's (recorrupted), fits the interval against them and against "
                         "references with more noise, and extrapolates to noise-free ones (SIMEX; no extra "
-                        f"sampling); keep fits it against the slices as they are (default: {REFERENCE_NOISE})")
+                        f"sampling); keep fits it against the slices as they are (default: {d.REFERENCE_NOISE})")
     p.add_argument("--calibration-blocks", type=_whole_number_from(1), default=4, metavar="K",
                    help="cut each held-out slice (in each direction) into K calibration units of equal foreground: "
                         "more units make the conformal margin smaller (default: 4)")

@@ -202,10 +202,11 @@ def test_console_script_runs_and_reports_usage_errors_with_exit_2() -> None:
 
 
 def test_the_help_and_info_import_no_torch(hr_file: Path) -> None:
-    """``gen-sr --help``, a usage error and ``gen-sr info FILE`` answer without importing torch, diffusers or MONAI
-    (seconds each): only the subcommand run gets its options, and the package imports its names on first use."""
-    check = ("import sys\nfrom gen_sr.cli import main\n"
-             "for argv in (['--help'], ['degarde'], ['info', sys.argv[1]]):\n"
+    """``gen-sr --help``, every subcommand's ``--help``, a usage error and ``gen-sr info FILE`` answer without
+    importing torch, diffusers or MONAI (seconds each): only the subcommand run gets its options, their defaults come
+    from modules that import nothing heavy, and the package imports its names on first use."""
+    check = ("import sys\nfrom gen_sr.cli import _COMMANDS, main\n"
+             "for argv in (['--help'], ['degarde'], ['info', sys.argv[1]], *([c, '--help'] for c in _COMMANDS)):\n"
              "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
              "heavy = sorted({'torch', 'diffusers', 'monai', 'accelerate'} & set(sys.modules))\n"
              "assert not heavy, heavy\n")

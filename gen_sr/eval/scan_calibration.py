@@ -62,16 +62,12 @@ from gen_sr.eval.cases import Case, SRModel, cases_noise_std, simulate_case
 from gen_sr.eval.metrics import foreground
 from gen_sr.eval.uncertainty import miss_rate
 from gen_sr.model_card import Adaptation
+from gen_sr.training.adaptation_defaults import REFERENCE_NOISE, ReferenceNoise
 from gen_sr.volume import Volume
 
 __all__ = ["ASSUMPTION", "MEASURED_COVERAGE", "REFERENCE_NOISE", "ReferenceNoise", "calibrate_on_scan",
            "extrapolate_to_zero_noise", "held_out_foreground", "held_out_truth", "recorrupted_case", "scan_cases"]
 
-ReferenceNoise = Literal["keep", "extrapolate"]
-REFERENCE_NOISE: ReferenceNoise = "keep"
-""":func:`calibrate_on_scan`'s default ``reference_noise`` (see the module docstring). ``"extrapolate"`` came nearer
-the scale that clean references give than ``"keep"`` on four fresh validation scans at SNR 30, but 18 % from it on
-one (round 7 of ``benchmarks/ADAPTATION.md``), so it is not the default."""
 _EXTRA_NOISE = (1.0, 2.0)
 """The noise variances added to the references for the extrapolation, in units of the scan's noise variance."""
 _NO_RECORRUPTION = ("the scan's slices average too little to recorrupt the problems with (gen_sr.data.recorrupt), so "

@@ -48,6 +48,7 @@ from gen_sr.model_card import AcquisitionRanges, Adaptation, ModelCard
 from gen_sr.physics import SliceAcquisition, SliceProfile, estimate_noise_std
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.pipeline_latent_sr import LRInput
+from gen_sr.training.adaptation_defaults import BATCH_SIZE, HOLDOUT_EVERY, LEARNING_RATE, STEPS, WEIGHT_MIX
 from gen_sr.training.common import finish, make_loaders, start_run
 from gen_sr.training.experiment import ExperimentConfig, TrainConfig, UNetConfig
 from gen_sr.training.latents import latent_noise_std
@@ -64,9 +65,9 @@ STAGE = "adaptation"
 
 
 def _default_train() -> TrainConfig:
-    return TrainConfig(steps=200, batch_size=8, learning_rate=2e-5, lr_schedule="constant_with_warmup",
-                       lr_warmup_steps=10, ema_decay=0.99, checkpoint_every=50, validate_every=1_000_000,
-                       val_batches=2, val_sampling_steps=10, log_every=10)
+    return TrainConfig(steps=STEPS, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE,
+                       lr_schedule="constant_with_warmup", lr_warmup_steps=10, ema_decay=0.99, checkpoint_every=50,
+                       validate_every=1_000_000, val_batches=2, val_sampling_steps=10, log_every=10)
 
 
 @dataclass
@@ -92,10 +93,10 @@ class AdaptationConfig:
 
     train: TrainConfig = field(default_factory=_default_train)
     crop_size: tuple[int, int] = (64, 64)
-    holdout_every: int = 5
+    holdout_every: int = HOLDOUT_EVERY
     min_foreground: float = 0.2
     fine_tune: bool = True
-    weight_mix: float = 1.0
+    weight_mix: float = WEIGHT_MIX
 
     def __post_init__(self) -> None:
         if self.holdout_every < 2:

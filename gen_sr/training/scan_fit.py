@@ -28,7 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -39,25 +39,11 @@ from gen_sr.eval.scan_calibration import REFERENCE_NOISE, ReferenceNoise, calibr
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.pipeline_latent_sr import LRInput
 from gen_sr.training.adaptation import adapt, with_unet
+from gen_sr.training.adaptation_defaults import KEEP_BETTER, RECORRUPT_PAIRS, REFERENCE, HeldOutReference
 from gen_sr.volume import Volume
 
 __all__ = ["KEEP_BETTER", "RECORRUPT_PAIRS", "REFERENCE", "HeldOutReference", "ScanFit", "fit_to_scan",
            "pretrained_on_scan", "save_model"]
-
-HeldOutReference = Literal["noisy", "recorrupted"]
-
-KEEP_BETTER = True
-""":func:`fit_to_scan`'s and the CLI's default for ``keep_better``: adopted on three validation subjects by a criterion
-fixed before the runs (``benchmarks/ADAPTATION.md``, "Round 2")."""
-
-REFERENCE: HeldOutReference = "noisy"
-""":func:`fit_to_scan`'s and the CLI's default ``reference``: recorrupted references changed no choice on six
-validation scans (``benchmarks/ADAPTATION.md``, "Round 3"), so the cheaper comparison stays."""
-
-RECORRUPT_PAIRS = True
-"""Whether :func:`fit_to_scan` recorrupts the fine-tuning pairs with the scan's noise std where it is given and the
-caller sets no ``noise_std`` of its own: adopted on six validation scans at SNR 30 by a criterion fixed before the runs
-(``benchmarks/ADAPTATION.md``, "Round 4")."""
 
 
 @dataclass
