@@ -89,6 +89,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         return _model_info(Path(args.model))
     if args.file is None:
         raise InputError("give a NIfTI file, or --model DIR for what a model was trained for")
+    if args.time and args.model is None:
+        raise InputError("--time estimates a model's run on the file: give --model DIR too")
 
     img, data = read_nifti(args.file)
     hdr = img.header
@@ -130,7 +132,8 @@ def _print_plan(args: argparse.Namespace) -> None:
     """``info FILE --model DIR``: what ``super-resolve`` would do with the file at its defaults, without sampling."""
     from gen_sr.pipelines.pipeline_latent_sr import format_bytes
 
-    plan = _load_pipeline(args).plan(args.file)
+    pipe = _load_pipeline(args)
+    plan = pipe.plan(args.file)
     have = plan["memory_available_bytes"]
     rows = [("with model", args.model), ("acquisition", f"{plan['acquisition']} (RAS+; --slice-thickness and "
                                                         "--profile to change it)")]
@@ -144,7 +147,25 @@ def _print_plan(args: argparse.Namespace) -> None:
              ("noise std", "none read: no background air (fitted as noise-free; --noise-std to give it)"
                            if plan["noise_std"] is None else f"{plan['noise_std']:.4g}, read from the background air")]
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
-    print("\n".join(f"{label + ':':<13}{value}" for label, value in rows))
+    print("\n".join(f"{label + ':':<13}{value}" for label, value in rows), flush=True)
+    if args.time:
+        waiting = sys.stdout.isatty()  # a line that the result overwrites
+        if waiting:
+            print(f"{'time:':<13}timing a run on a central slab of the scan ...", end="", flush=True)
+        pipe.set_progress_bar_config(disable=True)
+        with warnings.catch_warnings():  # the slab's own (the plan's are above)
+            warnings.simplefilter("ignore")
+            took = pipe.time_estimate(args.file, num_samples=plan["num_samples"])
+        print(f"{chr(13) if waiting else ''}{'time:':<13}about {_duration(took['seconds'])} for "
+              f"{plan['num_samples']} samples on this machine as it is loaded now (a slab of "
+              f"{took['probe_fraction']:.1%} of the output took {took['probe_seconds']:.2g} s; the estimate errs high)")
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` to the nearest unit that reads well: ``40 s``, ``12 min``, ``1.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
 
 
 def _model_info(folder: Path) -> int:
@@ -994,6 +1015,9 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", help="show a model folder's card and calibration; with a file, also what "
                                                   "super-resolve would do with it at its defaults (grid, memory, "
                                                   "noise std), without sampling")
+    p.add_argument("--time", action="store_true",
+                   help="with a file and --model: also estimate how long super-resolve would take on this machine, "
+                        "from a timed run on a central slab of the scan (a few percent of the whole run's time)")
 
 
 def _degrade_arguments(p: argparse.ArgumentParser) -> None:

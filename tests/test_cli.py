@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -254,6 +255,12 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
     thin = write_nifti(tmp_path / "thin.nii.gz", scan, np.diag([0.7, 0.7, 1.0, 1.0]))
     code, out, _ = _run(capsys, "info", thin, "--model", tmp_path / "model")
     assert "warning:     outside the trained regime: slice thickness 1 mm along S" in out
+    # --time: a run on an 8-voxel slab across the first in-plane axis of the resampled 48-voxel grid, timed
+    code, out, _ = _run(capsys, "info", path, "--model", tmp_path / "model", "--time")
+    assert code == 0 and re.search(r"time: +about \d+ s for 8 samples on this machine .*a slab of 16\.7% of the "
+                                   r"output took [0-9.]+ s", out), out
+    code, _, err = _run(capsys, "info", path, "--time")
+    assert code == 2 and "give --model DIR too" in err
 
 
 def test_degrade_takes_a_measured_slice_profile_from_a_file(tmp_path: Path, capsys, hr_file: Path) -> None:

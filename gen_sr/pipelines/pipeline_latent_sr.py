@@ -620,6 +620,36 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 "memory_available_bytes": _available_memory(self.device), "noise_std": scan_noise_std(canon),
                 "outside_training": self.outside_training(canon, operator, norm, axes)}
 
+    def time_estimate(self, lr: LRInput, *, target_spacing: Sequence[float] | None = None,
+                      slice_profile: SliceProfile = "gaussian", slice_thickness: float | None = None,
+                      num_samples: int = DEFAULT_NUM_SAMPLES, noise_std: float | Literal["auto"] = "auto",
+                      volume_index: int | None = None, probe_thickness: int = 8) -> dict[str, Any]:
+        """How long a call with these arguments would take on this machine (``gen-sr info FILE --model DIR --time``):
+        a call on the input's central slab ``probe_thickness`` voxels thick across an axis the run does not
+        super-resolve (the longest), timed, and scaled by the output voxels. Its samples, steps and settings are
+        the call's, so the shared first call and the data consistency are counted as they will be; the slab holds more
+        foreground than the whole volume's average and bears the fixed costs alone, so the estimate errs high.
+        Returns ``seconds`` (the estimate), ``probe_seconds`` and ``probe_fraction`` (the slab's share of the output
+        voxels)."""
+        given = self.as_volume(lr, volume_index=volume_index).canonical()
+        canon, target, gain = self.coarsened(given, target_spacing)
+        if noise_std == "auto":  # read on the whole scan, as the call reads it
+            noise_std = _air_noise_std(canon)
+        else:
+            noise_std = noise_std * gain
+        across = max((a for a in range(3) if a not in self.input_axes(canon)), key=lambda a: canon.shape[a])
+        start = np.zeros(3, dtype=int)
+        start[across] = max(0, (canon.shape[across] - probe_thickness) // 2)
+        stop = np.asarray(canon.shape)
+        stop[across] = min(stop[across], start[across] + probe_thickness)
+        slab = canon.crop(start, stop)
+        grid = {"target_spacing": target, "slice_profile": slice_profile, "slice_thickness": slice_thickness}
+        fraction = (math.prod(self.output_grid(slab, **grid).shape) / math.prod(self.output_grid(canon, **grid).shape))
+        tic = time.perf_counter()
+        self(slab, num_samples=num_samples, noise_std=noise_std, output_type="np", **grid)
+        probe = time.perf_counter() - tic
+        return {"seconds": probe / fraction, "probe_seconds": probe, "probe_fraction": fraction}
+
     def output_grid(self, lr: LRInput, *, affine: np.ndarray | None = None, lr_spacing: Sequence[float] | None = None,
                     target_spacing: Sequence[float] | None = None, operator: AcquisitionOperator | None = None,
                     slice_profile: SliceProfile = "gaussian", slice_thickness: float | None = None,
