@@ -24,6 +24,7 @@ for the scale of its grid.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def main() -> None:
     parser.add_argument("--thicknesses", type=float, nargs="+", default=[4.0, 6.0])
     parser.add_argument("--snr", type=float, default=30.0)
     parser.add_argument("--test", nargs="+", metavar="SPEC", help="run the registered test on these scans")
+    parser.add_argument("--no-refit-units", choices=("snr", "noise-free"), default="snr",
+                        help="--test: fit the records without the refit on the SNR 30 units (the first two tests) "
+                             "or on the same volumes noise-free (the third), which then also runs each test scan at "
+                             "SNR 30 without the refit")
     args = parser.parse_args()
     pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -83,11 +88,12 @@ def test_per_grid(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from data_disagreement import scan_volume
 
-    cases = simulate_cases(load_hr_volumes(args.data, pipe, "all", slab_mm=args.slab), axis=2, thickness=4.0,
-                           snr=30.0, seed=0)
+    named = list(load_hr_volumes(args.data, pipe, "all", slab_mm=args.slab))
+    units = {snr: simulate_cases(named, axis=2, thickness=4.0, snr=snr, seed=0) for snr in (30.0, None)}
     fit = {"alpha": 0.1, "delta": 0.1, "method": "crc", "blocks": 12}
     scales: dict[bool, dict[str, float]] = {}
     for refit in (True, False):
+        cases = units[30.0 if refit or args.no_refit_units == "snr" else None]
         volumes = calibration_volumes(pipe, cases, progress=False, num_samples=8, batch_size=8,
                                       refit_disagreement=refit, generator=torch.Generator().manual_seed(0))
         grids = {grid_of(c.hr) for c in cases}
@@ -101,18 +107,22 @@ def test_per_grid(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> 
     print(f"shipped pooled scales: refit {shipped[True]:.3f}, no refit {shipped[False]:.3f}", flush=True)
     print("| scan | grid (mm) | SNR | shipped scale: coverage | pooled scale: coverage | grid's scale: coverage |\n"
           "| --- | --- | --- | --- | --- | --- |")
+    runs = [(30.0, True), (None, False)] + ([(30.0, False)] if args.no_refit_units == "noise-free" else [])
     for spec in args.test:
         hr = scan_volume(spec, 24.0)[0]
-        for snr in (30.0, None):
+        for snr, refit in runs:
             case = simulate_case(hr, spec, axis=2, thickness=4.0, snr=snr, seed=0)
+            if not refit:  # noisy slices run without a noise std, as a scan without air and without --noise-std
+                case = dataclasses.replace(case, noise_std=0.0)
             out = super_resolve(pipe, case, num_samples=8, generator=torch.Generator().manual_seed(0),
                                 keep_samples=False, output_type="np")
             truth = case.hr.data.astype(np.float64)
             inside = foreground(truth)
             ratio = np.abs(truth - out.mean)[inside] / np.maximum(out.std[inside], 1e-12)
-            own = scales[snr is not None]
-            row = (shipped[snr is not None], own["pooled"], own[f"{grid_of(case.hr):g}"])
-            print(f"| {spec} | {grid_of(case.hr):g} | {'noise-free' if snr is None else f'{snr:g}'} | "
+            own = scales[refit]
+            row = (shipped[refit], own["pooled"], own[f"{grid_of(case.hr):g}"])
+            slices = "noise-free" if snr is None else f"{snr:g}" + ("" if refit else ", no refit")
+            print(f"| {spec} | {grid_of(case.hr):g} | {slices} | "
                   + " | ".join(f"{s:.3f}: {np.mean(ratio <= s):.4f}" for s in row) + " |", flush=True)
 
 
