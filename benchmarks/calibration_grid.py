@@ -17,8 +17,10 @@ slices at SNR 30, noise seeds 0, 1, ..., 8 samples, seed 0, 12 units per volume,
 refit where the data disagree, and ``λ̂`` is fitted on all of them (the pooled record, as shipped) and on each grid's
 volumes apart. Each test scan (``NAME:N`` of ``data_disagreement.py``: its 24 mm central coronal slab cropped to the
 foreground) is super-resolved from 4 mm Gaussian axial slices at SNR 30 (with the refit, as a run given its noise std)
-and noise-free (without), and the coverage of ``mean ± λ̂ std`` in its foreground is printed for the pooled scale and
-for the scale of its grid.
+and noise-free (without), and the coverage of ``mean ± λ̂ std`` in its foreground is printed for the model's shipped
+record, the pooled scale and the scale of its grid. With ``--no-refit-units noise-free`` (the third test) the records
+without the refit are fitted on the volumes' slices noise-free, and each test scan's SNR 30 slices are also run
+without a noise std (as a masked scan without one).
 """
 
 from __future__ import annotations
