@@ -40,14 +40,19 @@ from gen_sr.physics import coarsen
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 
 
-def scale_needed(pipe: LatentDiffusionSRPipeline, hr, name: str, thickness: float, snr: float) -> float:
-    """``λ90`` of one slab: the factor by which the std must be scaled to cover 90 % of its foreground."""
+def scale_needed(pipe: LatentDiffusionSRPipeline, hr, name: str, thickness: float,
+                 snr: float | None) -> tuple[float, float, float]:
+    """``λ90`` of one slab (the factor by which the std must be scaled to cover 90 % of its foreground), and the
+    median ``|truth − mean|`` and median std there, as fractions of the truth's 1st-99th percentile range."""
     case = simulate_case(hr, name, axis=2, thickness=thickness, snr=snr, seed=0)
     out = super_resolve(pipe, case, num_samples=8, generator=[torch.Generator().manual_seed(k) for k in range(8)],
                         keep_samples=False, output_type="np")
     truth = case.hr.data.astype(np.float64)
     inside = foreground(truth)
-    return float(np.quantile(np.abs(truth - out.mean)[inside] / np.maximum(out.std[inside], 1e-12), 0.9))
+    err, std = np.abs(truth - out.mean)[inside], out.std[inside]
+    span = float(np.subtract(*np.percentile(truth[inside], [99, 1])))
+    return (float(np.quantile(err / np.maximum(std, 1e-12), 0.9)), float(np.median(err)) / span,
+            float(np.median(std)) / span)
 
 
 def main() -> None:
@@ -57,7 +62,7 @@ def main() -> None:
     parser.add_argument("--slab", type=float, default=8.0)
     parser.add_argument("--grids", type=float, nargs="+", default=[1.0, 1.5])
     parser.add_argument("--thicknesses", type=float, nargs="+", default=[4.0, 6.0])
-    parser.add_argument("--snr", type=float, default=30.0)
+    parser.add_argument("--snr", type=float, default=30.0, help="0: noise-free slices")
     parser.add_argument("--test", nargs="+", metavar="SPEC", help="run the registered test on these scans")
     parser.add_argument("--no-refit-units", choices=("snr", "noise-free"), default="snr",
                         help="--test: fit the records without the refit on the SNR 30 units (the first two tests) "
@@ -68,16 +73,17 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     if args.test:
         return test_per_grid(pipe, args)
-    print("| volume | grid (mm) | slices (mm) | slab voxels | λ90 |\n| --- | --- | --- | --- | --- |")
+    print("| volume | grid (mm) | slices (mm) | slab voxels | λ90 | median \\|error\\| | median std |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for name, volume in load_hr_volumes(args.data, pipe, "all", slab_mm=args.slab):
         for grid in args.grids:
             if grid < max(volume.spacing) * (1 - 1e-6):
                 continue
             hr, _ = coarsen(volume, (grid, grid, grid))
             for thickness in args.thicknesses:
-                lam = scale_needed(pipe, hr, name, thickness, args.snr)
-                print(f"| {name} | {grid:g} | {thickness:g} | {' x '.join(map(str, hr.shape))} | {lam:.2f} |",
-                      flush=True)
+                lam, err, std = scale_needed(pipe, hr, name, thickness, args.snr or None)
+                print(f"| {name} | {grid:g} | {thickness:g} | {' x '.join(map(str, hr.shape))} | {lam:.2f} | "
+                      f"{err:.4f} | {std:.4f} |", flush=True)
 
 
 def grid_of(volume) -> float:

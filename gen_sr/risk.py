@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from gen_sr.physics import AcquisitionOperator
 
 __all__ = ["CALIBRATION_FILE", "GRID_TOLERANCE", "Calibration", "Calibrations", "DataDisagreement", "IntervalShape",
-           "SamplingSettings", "describe_risk", "risk_map", "run_grid_spacing"]
+           "SamplingSettings", "describe_risk", "risk_map", "run_calibration", "run_grid_spacing"]
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -293,6 +293,14 @@ def run_grid_spacing(metadata: Mapping[str, Any]) -> float | None:
     :meth:`Calibrations.find` matches per-grid records against (``None`` for a record without its operator)."""
     operator = metadata.get("operator")
     return float(min(operator["hr_spacing"])) if isinstance(operator, Mapping) and operator.get("hr_spacing") else None
+
+
+def run_calibration(model: Any, metadata: Mapping[str, Any], *, warn: bool = False) -> Calibration | None:
+    """The calibration that holds for a run of ``model`` (a pipeline) with this output ``metadata``: its
+    ``calibration_for`` the run's recorded sampler settings and output grid (:func:`run_grid_spacing`), so that a
+    benchmark or report measures the interval the run's risk map was made with. ``KeyError``/``ValueError`` for a
+    record written before the settings were."""
+    return model.calibration_for(SamplingSettings.of_run(metadata), warn=warn, grid_spacing=run_grid_spacing(metadata))
 
 
 def risk_map(std: Array, mean: Array, calibration: Calibration | None, noise_std: float = 0.0,

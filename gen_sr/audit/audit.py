@@ -28,7 +28,7 @@ from gen_sr.eval.uncertainty import coverage, uncertainty_report
 from gen_sr.io import check_output_dir, sidecar_path
 from gen_sr.physics import AcquisitionOperator, structure_visibility
 from gen_sr.pipelines import LatentDiffusionSRPipeline
-from gen_sr.risk import Calibration, DataDisagreement, SamplingSettings, risk_map, run_grid_spacing
+from gen_sr.risk import Calibration, DataDisagreement, risk_map, run_calibration
 from gen_sr.volume import Volume, covers, load_volume, resample_to, save_volume
 
 __all__ = ["DISAGREEMENT_FILE", "MAP_FILES", "NOMINAL_COVERAGE", "audit", "reuse_outputs"]
@@ -88,10 +88,9 @@ def _run_calibration(pipe: LatentDiffusionSRPipeline, meta: dict[str, Any], *,
     """The calibration that holds for a run (:meth:`~LatentDiffusionSRPipeline.calibration_for` its recorded sampler
     settings; ``warn``: a warning where none was made with them), or the default one for a record without them."""
     try:
-        settings = SamplingSettings.of_run(meta)
+        return run_calibration(pipe, meta, warn=warn)
     except (KeyError, TypeError, ValueError):  # a record written before the settings were
         return pipe.calibration
-    return pipe.calibration_for(settings, warn=warn, grid_spacing=run_grid_spacing(meta))
 
 
 def _calibration_curve(std: np.ndarray, mean: np.ndarray, error: np.ndarray, mask: np.ndarray,

@@ -20,7 +20,7 @@ from gen_sr.eval.baselines import BASELINES, baseline
 from gen_sr.eval.cases import Case, SRModel, super_resolve
 from gen_sr.eval.metrics import image_metrics, region_masks
 from gen_sr.eval.uncertainty import coverage, uncertainty_report
-from gen_sr.risk import SamplingSettings, run_grid_spacing
+from gen_sr.risk import run_calibration
 
 __all__ = ["evaluate"]
 
@@ -71,8 +71,7 @@ def evaluate(
             extra = {"relative_residual": float(max(out.metadata["relative_residual"]))}
             if out.metadata["num_samples"] > 1:
                 extra["std"] = out.std
-                calibration = model.calibration_for(SamplingSettings.of_run(out.metadata),  # the run warned
-                                                    grid_spacing=run_grid_spacing(out.metadata))
+                calibration = run_calibration(model, out.metadata)  # the run warned where it has none of its own
                 if calibration is not None:
                     extra["halfwidth"] = calibration.halfwidth(out.std, out.mean, case.noise_std)
             estimates[name] = (out.mean, time.perf_counter() - tic, extra)
