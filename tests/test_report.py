@@ -341,6 +341,10 @@ def test_card_rows_are_short_and_labelled() -> None:
     rows = dict(card_rows(AUDIT_CARD))
     assert rows["Calibration"] == ("conformal risk control (crc), α = 0.1 (coverage 90 %), from 96 units of 8 volumes; "
                                    "miss rate on the calibration data 0.090")
+    unknown = dict(card_rows({**AUDIT_CARD, "noise_std": 0.0, "noise_std_estimated": True}))
+    assert unknown["Noise std"].startswith("not known: the scan has no background air")
+    assert unknown["Measurement noise std"] == "not known (fitted as 0)"
+    assert dict(card_rows({**AUDIT_CARD, "noise_std_estimated": True}))["Noise std"].startswith("read from the scan's")
     per_grid = dict(card_rows({**AUDIT_CARD, "calibration": {**CALIBRATION, "grid_spacing": 1.5}}))["Calibration"]
     assert "from 96 units of 8 volumes on 1.5 mm output grids (the record for this run's grid); miss" in per_grid
     assert rows["Interval"] == "mean ± 0.45 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)"

@@ -207,6 +207,12 @@ def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
     for key, value in card.items():
         if key == "interval":
             rows.append(("Interval", _interval(card)))
+        elif key == "noise_std" and not value and card.get("noise_std_estimated"):
+            rows.append(("Measurement noise std", "not known (fitted as 0)"))
+        elif key == "noise_std_estimated" and value and not card.get("noise_std"):
+            rows.append(("Noise std", "not known: the scan has no background air to read it from (--noise-std auto), "
+                                      "so it was fitted as noise-free, and the calibrated interval, made for "
+                                      "noise-free slices, under-covers a noisy scan: give --noise-std"))
         else:
             label, fmt = _CARD.get(key, (str(key), _plain))
             rows.append((label, fmt(value)))

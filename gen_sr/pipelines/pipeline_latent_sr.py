@@ -977,7 +977,8 @@ def _air_noise_std(volume: Volume) -> float:
     std = scan_noise_std(volume)
     if std is None:
         warnings.warn(f"{volume.source or 'the input'} has no background air to read its noise std from (masked, "
-                      "skull-stripped or cropped to the head): the projections fit the data as without a noise std; "
+                      "skull-stripped or cropped to the head): the projections fit the data as without a noise std, "
+                      "and the risk map's calibration for that (made on noise-free slices) under-covers a noisy scan; "
                       "pass its noise std where known", stacklevel=4)
     return std or 0.0
 
