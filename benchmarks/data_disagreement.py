@@ -7,9 +7,10 @@
         [--thickness 4 --spacing 4] [--model models/heads2d] [--snr 30] [--slab 24] [--samples 8]
 
 Each scan (``NAME:N``: synthetic subject ``N`` of a sample head; ``NAME``: the head itself; ``NAME+air0[:N]``: the
-same with its background air set to 0, :func:`without_air`) is cut to its central
-coronal slab of ``--slab`` mm and cropped to its foreground, then super-resolved twice from Gaussian axial slices
-(``--thickness`` FWHM at ``--spacing``, 4 mm at 4 mm by default) with the same Rician noise (SNR ``--snr``):
+same with its background air set to 0, :func:`without_air`; ``NAME+masked[:N]``, for ``--projection-check``: its
+slices set to 0 outside the head after the noise, as a skull-stripped scan, :func:`skull_stripped`) is cut to its
+central coronal slab of ``--slab`` mm and cropped to its foreground, then super-resolved twice from Gaussian axial
+slices (``--thickness`` FWHM at ``--spacing``, 4 mm at 4 mm by default) with the same Rician noise (SNR ``--snr``):
 lesion-free, and with the stress test's sites inserted (2 and 6 mm; six added lesions, six controls and one removed
 site per size; placement seed N). The outputs go to ``DIR/NAME_N.npz`` (a scan already there is not run again).
 Then, over all scans in ``--scans``:
@@ -26,7 +27,8 @@ Then, over all scans in ``--scans``:
   ``--given-noise`` (default ``none``: the noise-free projections, as ``gen-sr super-resolve`` without
   ``--noise-std``; ``auto``: read from the slices' background air by ``gen_sr.physics.scan_noise_std``; ``mad``:
   estimated from the slices' in-plane detail by ``gen_sr.physics.estimate_noise_std``; ``true``: the added noise's;
-  ``--snr 0`` for noise-free slices), and the PSNR in the brain is printed beside cubic interpolation's;
+  ``--snr 0`` for noise-free slices), and the PSNR in the brain is printed beside cubic interpolation's, with the
+  coverage in the brain of the calibrated interval the run's risk map used;
 * ``--noise-readings``: only the noise std read from each scan's slices, by ``scan_noise_std`` (the air) and
   ``estimate_noise_std`` (in-plane detail), beside the added noise's, without sampling;
 * ``--refit-check``: instead, each scan's lesion-free slab is super-resolved with and without ``refit_disagreement``
@@ -42,6 +44,7 @@ against unflagged voxels of the lesion-free scan. A JSON of it all goes to ``DIR
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -59,7 +62,7 @@ from gen_sr.io import atomic_write, write_json
 from gen_sr.physics import AcquisitionOperator, estimate_noise_std, scan_noise_std
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.guidance import fit_where_data_disagree
-from gen_sr.risk import DataDisagreement
+from gen_sr.risk import DataDisagreement, run_calibration
 from gen_sr.sample_data import load_sample, synthetic_subject
 
 SIZES_MM = (2.0, 3.0, 4.0, 6.0)
@@ -70,6 +73,7 @@ THINNED = 0.05
 def scan_volume(spec: str, slab_mm: float):
     """The HR slab of a scan spec (``NAME[+air0][:N]``), and its lesion placement seed."""
     name, _, subject = spec.partition(":")
+    name = name.removesuffix(MASKED)  # applied to the slices: skull_stripped
     base = name.removesuffix(AIRLESS)
     volume = synthetic_subject(int(subject), "t1", base) if subject else load_sample(base)
     if name.endswith(AIRLESS):
@@ -78,6 +82,15 @@ def scan_volume(spec: str, slab_mm: float):
 
 
 AIRLESS = "+air0"
+MASKED = "+masked"
+
+
+def skull_stripped(case):
+    """``case`` with its slices set to 0 outside the head as a brain extraction of the scan would leave them (their
+    own foreground, smoothed by one voxel, grown by one): a scan without air, whose noise std cannot be read from
+    it. The truth is unchanged."""
+    head = ndimage.binary_dilation(foreground(case.lr.data, smooth=1.0), iterations=1)
+    return dataclasses.replace(case, lr=case.lr.with_data(np.where(head, case.lr.data, 0).astype(case.lr.data.dtype)))
 
 
 def without_air(volume, grow: int = 2):
@@ -281,18 +294,27 @@ def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: ar
     rows: dict[str, Any] = {}
     for spec in specs:
         case = simulate_case(scan_volume(spec, args.slab)[0], spec, **acquisition(args))
+        if MASKED in spec:
+            case = skull_stripped(case)
         truth = case.hr.data.astype(np.float64)
+        brain = foreground(truth)
         y = torch.from_numpy(np.asarray(case.lr.data, np.float64))[None, None]
         row = rows[spec] = {"cubic": brain_psnr(case.operator.interpolate(y, "cubic")[0, 0].numpy(), truth)}
         for given in args.given_noise.split(","):
             noise_std = given_noise_std(case, given) or 0.0
             out = pipe(case.lr, operator=case.operator, noise_std=noise_std, num_samples=args.samples,
                        generator=torch.Generator().manual_seed(0), keep_samples=False, output_type="np")
-            row[given] = brain_psnr(np.asarray(out.mean, np.float64), truth)
+            mean = np.asarray(out.mean, np.float64)
+            row[given] = brain_psnr(mean, truth)
             row[f"{given}_std"] = float(out.metadata["noise_std"])
-        print(f"{spec}: PSNR " + ", ".join(f"{k} {v:.2f} dB" for k, v in row.items() if not k.endswith("_std"))
+            if (calibration := run_calibration(pipe, out.metadata)) is not None:  # the record its risk map used
+                half = calibration.halfwidth(np.asarray(out.std, np.float64), mean, noise_std)
+                row[f"{given}_coverage"] = float(np.mean((np.abs(truth - mean) <= half)[brain]))
+        print(f"{spec}: PSNR " + ", ".join(f"{k} {v:.2f} dB" for k, v in row.items() if "_" not in k)
               + f" (true std {case.noise_std:.4g}" + "".join(f", {k} {v:.4g}" for k, v in row.items()
-                                                            if k.endswith("_std")) + ")", flush=True)
+                                                            if k.endswith("_std"))
+              + "); calibrated coverage " + ", ".join(f"{k.removesuffix('_coverage')} {v:.3f}"
+                                                      for k, v in row.items() if k.endswith("_coverage")), flush=True)
     return rows
 
 
