@@ -173,8 +173,8 @@ def main() -> None:
         "table, not across tables. The curated figures, with the issues' own benchmarks: `benchmarks/RESULTS.md`; "
         f"what the model is: `{args.model}/README.md`.\n",
         f"## Quality on the held-out head\n\nModel `{args.model}`"
-        + (f" (calibration: {pipe.calibration.method}, interval {pipe.calibration.describe()})" if pipe.calibration
-           else " (uncalibrated)")
+        + (f" (calibration: {pipe.calibration.method}; each run uses the record made for its sampler settings and "
+           f"output grid, as `gen-sr info --model {args.model}` lists them)" if pipe.calibration else " (uncalibrated)")
         + f"; {args.samples} samples x {steps} steps of {describe_sampler(pipe.scheduler)}, projection data "
         f"consistency; {head.source}, a {args.slab:g} mm coronal slab through its centre ({head.shape} voxels), "
         "slices along RAS+ axis 2; regions: its brain mask and the head's foreground; data range of PSNR/SSIM: the "
@@ -184,7 +184,7 @@ def main() -> None:
         quality_md,
         f"## Uncertainty at 4x (Rician noise at SNR {CALIBRATED_SNR:g})\n\nSpearman of std with |error|, AUSE "
         "(sparsification against the oracle), UCE/ENCE (10 equal-count bins), coverage of mean ± 1σ, ± 2σ and of the "
-        "calibrated interval (target 1 − α; the interval is named above).\n",
+        "calibrated interval (target 1 − α; each run's record, as above).\n",
         uncertainty(results[4.0, CALIBRATED_SNR][0]),
         "## Lesion stress test at 4x, in the brain\n",
         stress(pipe, brain_slab, kwargs, HERE / "stress_test_quick", 2, 1) if args.quick
