@@ -146,6 +146,10 @@ def _print_plan(args: argparse.Namespace) -> None:
                         + ("" if have is None else f" ({format_bytes(have)} free)")),
              ("noise std", "none read: no background air (fitted as noise-free; --noise-std to give it)"
                            if plan["noise_std"] is None else f"{plan['noise_std']:.4g}, read from the background air")]
+    if (cal := plan["calibration"]) is not None:
+        made_for = (f"the record for {cal.grid_spacing:g} mm grids" if cal.grid_spacing is not None else
+                    "fitted on every grid together (none of its own for this one)")
+        rows.append(("calibration", f"{cal.describe()}, {made_for}"))
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
     print("\n".join(f"{label + ':':<13}{value}" for label, value in rows), flush=True)
     if args.time:

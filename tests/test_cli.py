@@ -241,8 +241,14 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
     from helpers import head_in_air
     from test_pipeline import _pipe
 
+    from gen_sr.risk import Calibration
+
     pipe = _pipe(2)
     pipe.model_card = dataclasses.replace(pipe.model_card, in_plane_spacing=(0.7, 1.5))
+    pooled = Calibration(scale=4.0, alpha=0.1, delta=0.1, method="crc", bound="", num_volumes=8, risk_hat=0.1,
+                         risk_upper=0.1, sampling=pipe.sampling_settings(noise_std=1.0))  # a noisy run's, any grid
+    pipe.calibration = pooled
+    pipe.calibrations = pipe.calibrations.with_record(dataclasses.replace(pooled, scale=3.0, grid_spacing=1.0))
     pipe.save_pretrained(tmp_path / "model")
     for size, spacing, grid in ((48, (1.0, 1.0, 3.0), "48 x 48 x 12 voxels of 1 x 1 x 1 mm"),
                                 (96, (0.35, 0.35, 2.8), "48 x 48 x 16 voxels of 0.7 x 0.7 x 0.7 mm")):
@@ -251,6 +257,9 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
         code, out, _ = _run(capsys, "info", path, "--model", tmp_path / "model")
         assert code == 0 and f"output grid: {grid}" in out and "warning:" not in out
         assert ("resampled:   in-plane from 0.35 x 0.35 x 2.8 to 0.7 x 0.7 x 2.8 mm" in out) == (size == 96)
+        # the record its risk map would use: the 1 mm grid's own, the one fitted on every grid for 0.7 mm
+        assert ("calibration: mean ± 3 x (std), the record for 1 mm grids" in out) == (size == 48)
+        assert ("calibration: mean ± 4 x (std), fitted on every grid together" in out) == (size == 96)
         assert "acquisition: axis 2:" in out and "memory:      about" in out and "read from the background air" in out
     thin = write_nifti(tmp_path / "thin.nii.gz", scan, np.diag([0.7, 0.7, 1.0, 1.0]))
     code, out, _ = _run(capsys, "info", thin, "--model", tmp_path / "model")

@@ -605,19 +605,24 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         """What a call with these arguments would do, found without any sampling (``gen-sr info FILE --model DIR``):
         the acquisition it assumes, the input's resampling if any (:meth:`coarsened`), the output grid, the memory
         it needs against what is free, the noise std read from the scan's air (``noise_std="auto"``; ``None`` where it
-        has none) and where the input lies outside the trained regime."""
+        has none), the calibration its risk map would use (:meth:`calibration_for` its settings and output grid) and
+        where the input lies outside the trained regime."""
         given = self.as_volume(lr, volume_index=volume_index).canonical()
         canon, target, _ = self.coarsened(given, target_spacing)
         operator = self.operator_for(canon, target_spacing=target, slice_profile=slice_profile,
                                      slice_thickness=slice_thickness)
         norm, axes = self.intensity_normalization(canon.data), self.input_axes(canon, operator)
+        noise_std = scan_noise_std(canon)
+        settings = self.sampling_settings(num_samples=num_samples, noise_std=noise_std or 0.0)
+        calibration = self.calibration_for(settings, grid_spacing=min(operator.hr_spacing))
         return {"acquisition": operator.describe(), "sr_axes": list(axes),
                 "resampled_from": None if canon is given else list(given.spacing),
                 "input_spacing": list(canon.spacing), "output_shape": list(operator.hr_shape),
                 "output_spacing": list(operator.hr_spacing),
                 "num_samples": num_samples,
                 "memory_bytes": self.memory_estimate(operator.hr_shape, num_samples, keep_samples=False),
-                "memory_available_bytes": _available_memory(self.device), "noise_std": scan_noise_std(canon),
+                "memory_available_bytes": _available_memory(self.device), "noise_std": noise_std,
+                "calibration": calibration,
                 "outside_training": self.outside_training(canon, operator, norm, axes)}
 
     def time_estimate(self, lr: LRInput, *, target_spacing: Sequence[float] | None = None,
