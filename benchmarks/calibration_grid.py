@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--thicknesses", type=float, nargs="+", default=[4.0, 6.0])
     parser.add_argument("--snr", type=float, default=30.0, help="0: noise-free slices")
     parser.add_argument("--test", nargs="+", metavar="SPEC", help="run the registered test on these scans")
+    parser.add_argument("--shape-check", action="store_true",
+                        help="fit one scale for std x voxel size (mm) on the volumes of --data, and one per grid "
+                             "for the plain std, and print each volume's coverage calibrated on the others")
     parser.add_argument("--no-refit-units", choices=("snr", "noise-free"), default="snr",
                         help="--test: fit the records without the refit on the SNR 30 units (the first two tests) "
                              "or on the same volumes noise-free (the third), which then also runs each test scan at "
@@ -73,6 +76,8 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     if args.test:
         return test_per_grid(pipe, args)
+    if args.shape_check:
+        return shape_check(pipe, args)
     print("| volume | grid (mm) | slices (mm) | slab voxels | λ90 | median \\|error\\| | median std |\n"
           "| --- | --- | --- | --- | --- | --- | --- |")
     for name, volume in load_hr_volumes(args.data, pipe, "all", slab_mm=args.slab):
@@ -89,6 +94,31 @@ def main() -> None:
 def grid_of(volume) -> float:
     """A volume's grid: its finest voxel spacing in mm, to 0.01 mm."""
     return round(float(min(volume.spacing)), 2)
+
+
+def shape_check(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> None:
+    """``--shape-check`` (a diagnostic on calibration volumes only): would one scale serve every grid if the std were
+    multiplied by the voxel size in mm? The volumes of ``--data`` as ``gen-sr calibrate --per-grid --snr 30`` uses
+    them (with the refit); each volume's coverage when calibrated on the others (CRC, 12 blocks each), for one scale
+    of ``std × voxel size`` over all volumes and for the plain std per grid."""
+    cases = simulate_cases(load_hr_volumes(args.data, pipe, "all", slab_mm=args.slab), axis=2, thickness=4.0,
+                           snr=30.0, seed=0)
+    volumes = calibration_volumes(pipe, cases, progress=False, num_samples=8, batch_size=8, refit_disagreement=True,
+                                  generator=torch.Generator().manual_seed(0))
+    grids = [grid_of(c.hr) for c in cases]
+    fit = {"alpha": 0.1, "delta": 0.1, "method": "crc", "blocks": 12}
+    scaled = fit_volumes([dataclasses.replace(v, std=v.std * g) for v, g in zip(volumes, grids, strict=True)], **fit)
+    print(f"std x voxel size, one scale: {scaled.calibration.scale:.3f}", flush=True)
+    own = {}
+    for grid in sorted(set(grids)):
+        chosen = [i for i, g in enumerate(grids) if g == grid]
+        result = fit_volumes([volumes[i] for i in chosen], **fit)
+        own |= dict(zip(chosen, result.transfer, strict=True))
+        print(f"std on {grid:g} mm grids: {result.calibration.scale:.3f}", flush=True)
+    print("| volume | grid (mm) | coverage, std x voxel size, one scale | coverage, std, its grid's scale |\n"
+          "| --- | --- | --- | --- |")
+    for i, (case, grid) in enumerate(zip(cases, grids, strict=True)):
+        print(f"| {case.name} | {grid:g} | {scaled.transfer[i]:.4f} | {own[i]:.4f} |", flush=True)
 
 
 def test_per_grid(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> None:
