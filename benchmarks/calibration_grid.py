@@ -21,6 +21,9 @@ and noise-free (without), and the coverage of ``mean ± λ̂ std`` in its foregr
 record, the pooled scale and the scale of its grid. With ``--no-refit-units noise-free`` (the third test) the records
 without the refit are fitted on the volumes' slices noise-free, and each test scan's SNR 30 slices are also run
 without a noise std (as a masked scan without one).
+
+``--shape-check`` (a diagnostic on the volumes of ``--data`` only): each volume's leave-one-out coverage for one
+scale of ``std × voxel size`` over all of them, against the plain std with a scale per grid.
 """
 
 from __future__ import annotations
@@ -91,6 +94,16 @@ def main() -> None:
                       f"{err:.4f} | {std:.4f} |", flush=True)
 
 
+FIT = {"alpha": 0.1, "delta": 0.1, "method": "crc", "blocks": 12}
+"""The shipped calibration's rule: CRC at α = 0.1 on 12 blocks per volume."""
+
+
+def _calibration_volumes(pipe: LatentDiffusionSRPipeline, cases, *, refit: bool) -> list:
+    """The cases super-resolved as ``gen-sr calibrate`` does (8 samples, seed 0), with or without the refit."""
+    return calibration_volumes(pipe, cases, progress=False, num_samples=8, batch_size=8, refit_disagreement=refit,
+                               generator=torch.Generator().manual_seed(0))
+
+
 def grid_of(volume) -> float:
     """A volume's grid: its finest voxel spacing in mm, to 0.01 mm."""
     return round(float(min(volume.spacing)), 2)
@@ -103,16 +116,14 @@ def shape_check(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> No
     of ``std × voxel size`` over all volumes and for the plain std per grid."""
     cases = simulate_cases(load_hr_volumes(args.data, pipe, "all", slab_mm=args.slab), axis=2, thickness=4.0,
                            snr=30.0, seed=0)
-    volumes = calibration_volumes(pipe, cases, progress=False, num_samples=8, batch_size=8, refit_disagreement=True,
-                                  generator=torch.Generator().manual_seed(0))
+    volumes = _calibration_volumes(pipe, cases, refit=True)
     grids = [grid_of(c.hr) for c in cases]
-    fit = {"alpha": 0.1, "delta": 0.1, "method": "crc", "blocks": 12}
-    scaled = fit_volumes([dataclasses.replace(v, std=v.std * g) for v, g in zip(volumes, grids, strict=True)], **fit)
+    scaled = fit_volumes([dataclasses.replace(v, std=v.std * g) for v, g in zip(volumes, grids, strict=True)], **FIT)
     print(f"std x voxel size, one scale: {scaled.calibration.scale:.3f}", flush=True)
     own = {}
     for grid in sorted(set(grids)):
         chosen = [i for i, g in enumerate(grids) if g == grid]
-        result = fit_volumes([volumes[i] for i in chosen], **fit)
+        result = fit_volumes([volumes[i] for i in chosen], **FIT)
         own |= dict(zip(chosen, result.transfer, strict=True))
         print(f"std on {grid:g} mm grids: {result.calibration.scale:.3f}", flush=True)
     print("| volume | grid (mm) | coverage, std x voxel size, one scale | coverage, std, its grid's scale |\n"
@@ -128,17 +139,15 @@ def test_per_grid(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> 
 
     named = list(load_hr_volumes(args.data, pipe, "all", slab_mm=args.slab))
     units = {snr: simulate_cases(named, axis=2, thickness=4.0, snr=snr, seed=0) for snr in (30.0, None)}
-    fit = {"alpha": 0.1, "delta": 0.1, "method": "crc", "blocks": 12}
     scales: dict[bool, dict[str, float]] = {}
     for refit in (True, False):
         cases = units[30.0 if refit or args.no_refit_units == "snr" else None]
-        volumes = calibration_volumes(pipe, cases, progress=False, num_samples=8, batch_size=8,
-                                      refit_disagreement=refit, generator=torch.Generator().manual_seed(0))
+        volumes = _calibration_volumes(pipe, cases, refit=refit)
         grids = {grid_of(c.hr) for c in cases}
-        scales[refit] = {"pooled": fit_volumes(volumes, **fit).calibration.scale}
+        scales[refit] = {"pooled": fit_volumes(volumes, **FIT).calibration.scale}
         for grid in sorted(grids):
             chosen = [v for v, c in zip(volumes, cases, strict=True) if grid_of(c.hr) == grid]
-            scales[refit][f"{grid:g}"] = fit_volumes(chosen, **fit).calibration.scale
+            scales[refit][f"{grid:g}"] = fit_volumes(chosen, **FIT).calibration.scale
         print(f"refit {refit}: scales " + ", ".join(f"{k} {v:.3f}" for k, v in scales[refit].items()), flush=True)
     shipped = {refit: pipe.calibrations.find(pipe.sampling_settings(noise_std=None if refit else 0.0)).scale
                for refit in (True, False)}
