@@ -88,7 +88,12 @@ def _print_summary(payload: dict[str, Any], audit_dir: Path, seconds: float) -> 
     curve = payload["calibration_curve"]
     label = "calibrated" if curve["calibrated"] else "UNcalibrated (no calibration.json in the model folder)"
     i = int(np.argmin(np.abs(np.asarray(curve["nominal"]) - (1 - curve["alpha"]))))
-    print(f"  coverage of the {label} {100 * (1 - curve['alpha']):g} % intervals: "
+    record = payload["card"].get("calibration")
+    made_for = ""
+    if curve["calibrated"] and isinstance(record, dict):
+        grid = record.get("grid_spacing")
+        made_for = f" ({payload['card']['interval']}" + (f", the record for {grid:g} mm grids)" if grid else ")")
+    print(f"  coverage of the {label} {100 * (1 - curve['alpha']):g} % intervals{made_for}: "
           f"{100 * curve['observed'][i]:.1f} %")
     clusters = payload["clusters"]
     if clusters:

@@ -12,6 +12,7 @@ from test_pipeline import _pipe
 from gen_sr.demo import run_demo
 from gen_sr.errors import InputError
 from gen_sr.eval.baselines import BASELINES
+from gen_sr.risk import Calibration
 from gen_sr.volume import load_volume
 
 
@@ -35,3 +36,10 @@ def test_demo_end_to_end_on_the_held_out_head(tmp_path: Path, capsys) -> None:
         run_demo(tmp_path / "out", model=tmp_path / "model", num_samples=2, num_inference_steps=2, slab_mm=4)
     with pytest.raises(InputError, match="no trained model"):
         run_demo(tmp_path / "other", model=tmp_path / "nothing")
+    # calibrated per grid: the summary names the interval and the record of the run's 1 mm grid
+    settings = pipe.sampling_settings(num_samples=2, num_inference_steps=2, noise_std=1.0)  # the demo gives its noise
+    pipe.calibration = Calibration(scale=2.5, alpha=0.1, delta=0.1, method="crc", bound="", num_volumes=8,
+                                   risk_hat=0.1, risk_upper=0.1, sampling=settings, grid_spacing=1.0)
+    pipe.save_pretrained(tmp_path / "calibrated")
+    run_demo(tmp_path / "out2", model=tmp_path / "calibrated", num_samples=2, num_inference_steps=2, slab_mm=4)
+    assert "calibrated 90 % intervals (mean ± 2.5 x (std), the record for 1 mm grids):" in capsys.readouterr().out
