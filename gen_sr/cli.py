@@ -131,6 +131,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _print_plan(args: argparse.Namespace) -> None:
     """``info FILE --model DIR``: what ``super-resolve`` would do with the file at its defaults, without sampling."""
     from gen_sr.pipelines.pipeline_latent_sr import format_bytes
+    from gen_sr.risk import grid_text
 
     pipe = _load_pipeline(args)
     plan = pipe.plan(args.file)
@@ -147,9 +148,7 @@ def _print_plan(args: argparse.Namespace) -> None:
              ("noise std", "none read: no background air (fitted as noise-free; --noise-std to give it)"
                            if plan["noise_std"] is None else f"{plan['noise_std']:.4g}, read from the background air")]
     if (cal := plan["calibration"]) is not None:
-        made_for = (f"the record for {cal.grid_spacing:g} mm grids" if cal.grid_spacing is not None else
-                    "fitted on every grid together (none of its own for this one)")
-        rows.append(("calibration", f"{cal.describe()}, {made_for}"))
+        rows.append(("calibration", f"{cal.describe()}, {grid_text(cal.grid_spacing)}"))
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
     print("\n".join(f"{label + ':':<13}{value}" for label, value in rows), flush=True)
     if args.time:

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from gen_sr.physics import AcquisitionOperator
 
 __all__ = ["CALIBRATION_FILE", "GRID_TOLERANCE", "Calibration", "Calibrations", "DataDisagreement", "IntervalShape",
-           "SamplingSettings", "describe_risk", "risk_map", "run_calibration", "run_grid_spacing"]
+           "SamplingSettings", "describe_risk", "grid_text", "risk_map", "run_calibration",
+           "run_grid_spacing"]
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -293,6 +294,11 @@ def run_grid_spacing(metadata: Mapping[str, Any]) -> float | None:
     :meth:`Calibrations.find` matches per-grid records against (``None`` for a record without its operator)."""
     operator = metadata.get("operator")
     return float(min(operator["hr_spacing"])) if isinstance(operator, Mapping) and operator.get("hr_spacing") else None
+
+
+def grid_text(grid_spacing: float | None) -> str:
+    """Which output grids a record holds for, in words (its ``grid_spacing``; ``None``: any)."""
+    return f"the record for {grid_spacing:g} mm grids" if grid_spacing is not None else "fitted on every grid together"
 
 
 def run_calibration(model: Any, metadata: Mapping[str, Any], *, warn: bool = False) -> Calibration | None:
