@@ -161,7 +161,7 @@ def _print_plan(args: argparse.Namespace) -> None:
             took = pipe.time_estimate(args.file, num_samples=plan["num_samples"])
         print(f"{chr(13) if waiting else ''}{'time:':<13}about {_duration(took['seconds'])} for "
               f"{plan['num_samples']} samples on this machine as it is loaded now (a slab of "
-              f"{took['probe_fraction']:.1%} of the output took {took['probe_seconds']:.2g} s)")
+              f"{took['probe_fraction']:.1%} of the output took {took['probe_seconds']:.1f} s)")
 
 
 def _duration(seconds: float) -> str:
