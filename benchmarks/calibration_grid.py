@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen_sr.eval.calibration import calibration_volumes, fit_volumes
+from gen_sr.eval.calibration import calibration_volumes, case_grid, fit_volumes
 from gen_sr.eval.cases import load_hr_volumes, simulate_case, simulate_cases, super_resolve
 from gen_sr.eval.metrics import foreground
 from gen_sr.physics import coarsen
@@ -104,11 +104,6 @@ def _calibration_volumes(pipe: LatentDiffusionSRPipeline, cases, *, refit: bool)
                                generator=torch.Generator().manual_seed(0))
 
 
-def grid_of(volume) -> float:
-    """A volume's grid: its finest voxel spacing in mm, to 0.01 mm."""
-    return round(float(min(volume.spacing)), 2)
-
-
 def shape_check(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> None:
     """``--shape-check`` (a diagnostic on calibration volumes only): would one scale serve every grid if the std were
     multiplied by the voxel size in mm? The volumes of ``--data`` as ``gen-sr calibrate --per-grid --snr 30`` uses
@@ -117,7 +112,7 @@ def shape_check(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> No
     cases = simulate_cases(load_hr_volumes(args.data, pipe, "all", slab_mm=args.slab), axis=2, thickness=4.0,
                            snr=30.0, seed=0)
     volumes = _calibration_volumes(pipe, cases, refit=True)
-    grids = [grid_of(c.hr) for c in cases]
+    grids = [case_grid(c) for c in cases]
     scaled = fit_volumes([dataclasses.replace(v, std=v.std * g) for v, g in zip(volumes, grids, strict=True)], **FIT)
     print(f"std x voxel size, one scale: {scaled.calibration.scale:.3f}", flush=True)
     own = {}
@@ -143,10 +138,10 @@ def test_per_grid(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> 
     for refit in (True, False):
         cases = units[30.0 if refit or args.no_refit_units == "snr" else None]
         volumes = _calibration_volumes(pipe, cases, refit=refit)
-        grids = {grid_of(c.hr) for c in cases}
+        grids = {case_grid(c) for c in cases}
         scales[refit] = {"pooled": fit_volumes(volumes, **FIT).calibration.scale}
         for grid in sorted(grids):
-            chosen = [v for v, c in zip(volumes, cases, strict=True) if grid_of(c.hr) == grid]
+            chosen = [v for v, c in zip(volumes, cases, strict=True) if case_grid(c) == grid]
             scales[refit][f"{grid:g}"] = fit_volumes(chosen, **FIT).calibration.scale
         print(f"refit {refit}: scales " + ", ".join(f"{k} {v:.3f}" for k, v in scales[refit].items()), flush=True)
     shipped = {refit: pipe.calibrations.find(pipe.sampling_settings(noise_std=None if refit else 0.0)).scale
@@ -167,9 +162,9 @@ def test_per_grid(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> 
             inside = foreground(truth)
             ratio = np.abs(truth - out.mean)[inside] / np.maximum(out.std[inside], 1e-12)
             own = scales[refit]
-            row = (shipped[refit], own["pooled"], own[f"{grid_of(case.hr):g}"])
+            row = (shipped[refit], own["pooled"], own[f"{case_grid(case):g}"])
             slices = "noise-free" if snr is None else f"{snr:g}" + ("" if refit else ", no refit")
-            print(f"| {spec} | {grid_of(case.hr):g} | {slices} | "
+            print(f"| {spec} | {case_grid(case):g} | {slices} | "
                   + " | ".join(f"{s:.3f}: {np.mean(ratio <= s):.4f}" for s in row) + " |", flush=True)
 
 

@@ -58,6 +58,7 @@ from scipy import ndimage
 from gen_sr.eval.cases import central_slab, crop_to_foreground, simulate_case, super_resolve
 from gen_sr.eval.metrics import foreground
 from gen_sr.eval.stress import insert_lesions, measure_sites
+from gen_sr.eval.uncertainty import coverage
 from gen_sr.io import atomic_write, write_json
 from gen_sr.physics import AcquisitionOperator, estimate_noise_std, scan_noise_std
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -309,7 +310,7 @@ def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: ar
             row[f"{given}_std"] = float(out.metadata["noise_std"])
             if (calibration := run_calibration(pipe, out.metadata)) is not None:  # the record its risk map used
                 half = calibration.halfwidth(np.asarray(out.std, np.float64), mean, noise_std)
-                row[f"{given}_coverage"] = float(np.mean((np.abs(truth - mean) <= half)[brain]))
+                row[f"{given}_coverage"] = coverage(half, truth - mean, 1.0, brain)
         print(f"{spec}: PSNR " + ", ".join(f"{k} {v:.2f} dB" for k, v in row.items() if "_" not in k)
               + f" (true std {case.noise_std:.4g}" + "".join(f", {k} {v:.4g}" for k, v in row.items()
                                                             if k.endswith("_std"))

@@ -132,9 +132,11 @@ def _print_plan(args: argparse.Namespace) -> None:
     """``info FILE --model DIR``: what ``super-resolve`` would do with the file at its defaults, without sampling."""
     from gen_sr.pipelines.pipeline_latent_sr import format_bytes
     from gen_sr.risk import grid_text
+    from gen_sr.volume import load_volume
 
     pipe = _load_pipeline(args)
-    plan = pipe.plan(args.file)
+    lr = load_volume(args.file)  # once, for the plan and the timing
+    plan = pipe.plan(lr)
     have = plan["memory_available_bytes"]
     rows = [("with model", args.model), ("acquisition", f"{plan['acquisition']} (RAS+; --slice-thickness and "
                                                         "--profile to change it)")]
@@ -158,7 +160,7 @@ def _print_plan(args: argparse.Namespace) -> None:
         pipe.set_progress_bar_config(disable=True)
         with warnings.catch_warnings():  # the slab's own (the plan's are above)
             warnings.simplefilter("ignore")
-            took = pipe.time_estimate(args.file, num_samples=plan["num_samples"])
+            took = pipe.time_estimate(lr, num_samples=plan["num_samples"])
         print(f"{chr(13) if waiting else ''}{'time:':<13}about {_duration(took['seconds'])} for "
               f"{plan['num_samples']} samples on this machine as it is loaded now (a slab of "
               f"{took['probe_fraction']:.1%} of the output took {took['probe_seconds']:.1f} s)")
