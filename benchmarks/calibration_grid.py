@@ -22,6 +22,11 @@ record, the pooled scale and the scale of its grid. With ``--no-refit-units nois
 without the refit are fitted on the volumes' slices noise-free, and each test scan's SNR 30 slices are also run
 without a noise std (as a masked scan without one).
 
+``--between SPEC ... --grids G ...`` runs the fourth test: each test scan (as in ``--test``) resampled to each grid,
+from 4 mm Gaussian axial slices at SNR 30 (with the refit) and noise-free (without); the coverage of ``mean ± λ std``
+with the model's record for the run's grid (interpolated between two per-grid records where it lies between them) and
+with its pooled record.
+
 ``--shape-check`` (a diagnostic on the volumes of ``--data`` only): each volume's leave-one-out coverage for one
 scale of ``std × voxel size`` over all of them, against the plain std with a scale per grid.
 """
@@ -67,6 +72,9 @@ def main() -> None:
     parser.add_argument("--thicknesses", type=float, nargs="+", default=[4.0, 6.0])
     parser.add_argument("--snr", type=float, default=30.0, help="0: noise-free slices")
     parser.add_argument("--test", nargs="+", metavar="SPEC", help="run the registered test on these scans")
+    parser.add_argument("--between", nargs="+", metavar="SPEC",
+                        help="run the fourth test (grids between the per-grid records) on these scans, resampled to "
+                             "each of --grids")
     parser.add_argument("--shape-check", action="store_true",
                         help="fit one scale for std x voxel size (mm) on the volumes of --data, and one per grid "
                              "for the plain std, and print each volume's coverage calibrated on the others")
@@ -79,6 +87,8 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     if args.test:
         return test_per_grid(pipe, args)
+    if args.between:
+        return test_between(pipe, args)
     if args.shape_check:
         return shape_check(pipe, args)
     print("| volume | grid (mm) | slices (mm) | slab voxels | λ90 | median \\|error\\| | median std |\n"
@@ -93,6 +103,10 @@ def main() -> None:
                 print(f"| {name} | {grid:g} | {thickness:g} | {' x '.join(map(str, hr.shape))} | {lam:.2f} | "
                       f"{err:.4f} | {std:.4f} |", flush=True)
 
+
+SHAPE_CHECK_SCALE = 3.160
+"""The one scale of ``std × voxel size`` that ``--shape-check`` fitted on the shipped records' eight calibration
+volumes (SNR 30, with the refit; ``CALIBRATION_GRID.md``), reported beside the fourth test."""
 
 FIT = {"alpha": 0.1, "delta": 0.1, "method": "crc", "blocks": 12}
 """The shipped calibration's rule: CRC at α = 0.1 on 12 blocks per volume."""
@@ -127,11 +141,50 @@ def shape_check(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> No
         print(f"| {case.name} | {grid:g} | {scaled.transfer[i]:.4f} | {own[i]:.4f} |", flush=True)
 
 
-def test_per_grid(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> None:
-    """``--test``: the pooled and the per-grid scales, and each test scan's coverage with both."""
+def _error_over_std(pipe: LatentDiffusionSRPipeline, case) -> np.ndarray:
+    """``|truth − mean| / std`` in the foreground of one test run (8 samples, seed 0): the interval ``mean ± λ std``
+    covers the voxels where it is at most ``λ``."""
+    out = super_resolve(pipe, case, num_samples=8, generator=torch.Generator().manual_seed(0), keep_samples=False,
+                        output_type="np")
+    truth = case.hr.data.astype(np.float64)
+    inside = foreground(truth)
+    return np.abs(truth - out.mean)[inside] / np.maximum(out.std[inside], 1e-12)
+
+
+def _test_scans(specs: list[str]) -> list:
+    """The test scans (``NAME:N`` of ``data_disagreement.py``): each one's 24 mm central coronal slab cropped to its
+    foreground."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from data_disagreement import scan_volume
 
+    return [scan_volume(spec, 24.0)[0] for spec in specs]
+
+
+def test_between(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> None:
+    """``--between`` (the fourth test): each test scan resampled to each grid of ``--grids``, from 4 mm Gaussian
+    axial slices at SNR 30 (with the refit) and noise-free (without); coverage of ``mean ± λ std`` with the record the
+    model's ``Calibrations.find`` gives the run's grid and with its pooled record, and (runs with a noise std) of
+    ``SHAPE_CHECK_SCALE × std × voxel size``."""
+    print("| scan | grid (mm) | slices | record for the grid: coverage | pooled: coverage | std x voxel size: "
+          "coverage |\n| --- | --- | --- | --- | --- | --- |")
+    for spec, volume in zip(args.between, _test_scans(args.between), strict=True):
+        for grid in args.grids:
+            hr, _ = coarsen(volume, (grid, grid, grid))
+            for snr in (30.0, None):
+                case = simulate_case(hr, spec, axis=2, thickness=4.0, snr=snr, seed=0)
+                settings = pipe.sampling_settings(noise_std=case.noise_std)
+                records = (pipe.calibrations.find(settings, case_grid(case)), pipe.calibrations.find(settings))
+                ratio = _error_over_std(pipe, case)
+                cells = [f"{r.scale:.3f}" + (" (interpolated)" if r.between_grids else "") + f": "
+                         f"{np.mean(ratio <= r.scale):.4f}" for r in records]
+                shaped = SHAPE_CHECK_SCALE * case_grid(case)
+                cells.append(f"{shaped:.3f}: {np.mean(ratio <= shaped):.4f}" if snr else "")
+                print(f"| {spec} | {case_grid(case):g} | {'noise-free' if snr is None else f'SNR {snr:g}'} | "
+                      + " | ".join(cells) + " |", flush=True)
+
+
+def test_per_grid(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> None:
+    """``--test``: the pooled and the per-grid scales, and each test scan's coverage with both."""
     named = list(load_hr_volumes(args.data, pipe, "all", slab_mm=args.slab))
     units = {snr: simulate_cases(named, axis=2, thickness=4.0, snr=snr, seed=0) for snr in (30.0, None)}
     scales: dict[bool, dict[str, float]] = {}
@@ -150,17 +203,12 @@ def test_per_grid(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> 
     print("| scan | grid (mm) | SNR | shipped scale: coverage | pooled scale: coverage | grid's scale: coverage |\n"
           "| --- | --- | --- | --- | --- | --- |")
     runs = [(30.0, True), (None, False)] + ([(30.0, False)] if args.no_refit_units == "noise-free" else [])
-    for spec in args.test:
-        hr = scan_volume(spec, 24.0)[0]
+    for spec, hr in zip(args.test, _test_scans(args.test), strict=True):
         for snr, refit in runs:
             case = simulate_case(hr, spec, axis=2, thickness=4.0, snr=snr, seed=0)
             if not refit:  # noisy slices run without a noise std, as a scan without air and without --noise-std
                 case = dataclasses.replace(case, noise_std=0.0)
-            out = super_resolve(pipe, case, num_samples=8, generator=torch.Generator().manual_seed(0),
-                                keep_samples=False, output_type="np")
-            truth = case.hr.data.astype(np.float64)
-            inside = foreground(truth)
-            ratio = np.abs(truth - out.mean)[inside] / np.maximum(out.std[inside], 1e-12)
+            ratio = _error_over_std(pipe, case)
             own = scales[refit]
             row = (shipped[refit], own["pooled"], own[f"{case_grid(case):g}"])
             slices = "noise-free" if snr is None else f"{snr:g}" + ("" if refit else ", no refit")
