@@ -150,7 +150,7 @@ def _print_plan(args: argparse.Namespace) -> None:
              ("noise std", "none read: no background air (fitted as noise-free; --noise-std to give it)"
                            if plan["noise_std"] is None else f"{plan['noise_std']:.4g}, read from the background air")]
     if (cal := plan["calibration"]) is not None:
-        rows.append(("calibration", f"{cal.describe()}, {grid_text(cal.grid_spacing, cal.between_grids)}"))
+        rows.append(("calibration", f"{cal.describe()}, {grid_text(cal.grid_spacing)}"))
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
     print("\n".join(f"{label + ':':<13}{value}" for label, value in rows), flush=True)
     if args.time:

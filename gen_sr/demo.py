@@ -92,8 +92,7 @@ def _print_summary(payload: dict[str, Any], audit_dir: Path, seconds: float) -> 
     record = payload["card"].get("calibration")
     made_for = ""
     if curve["calibrated"] and isinstance(record, dict):
-        grids = grid_text(record.get("grid_spacing"), record.get("between_grids"))
-        made_for = f" ({payload['card']['interval']}, {grids})"
+        made_for = f" ({payload['card']['interval']}, {grid_text(record.get('grid_spacing'))})"
     print(f"  coverage of the {label} {100 * (1 - curve['alpha']):g} % intervals{made_for}: "
           f"{100 * curve['observed'][i]:.1f} %")
     clusters = payload["clusters"]

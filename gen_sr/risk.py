@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from gen_sr.physics import AcquisitionOperator
 
 __all__ = ["CALIBRATION_FILE", "GRID_TOLERANCE", "Calibration", "Calibrations", "DataDisagreement", "IntervalShape",
-           "SamplingSettings", "describe_risk", "grid_text", "interpolate_grids", "risk_map", "run_calibration",
+           "SamplingSettings", "describe_risk", "grid_text", "risk_map", "run_calibration",
            "run_grid_spacing"]
 
 CALIBRATION_FILE = "calibration.json"
@@ -150,9 +150,6 @@ class Calibration:
         grid_spacing: the output voxel size in mm (the finest spacing of the HR grid) of the units it was fitted on,
             for a record made per grid (``gen-sr calibrate --per-grid``): it holds for runs on that grid
             (:meth:`Calibrations.find`). ``None``: fitted on any grid, for runs on any.
-        between_grids: for a record made by :meth:`Calibrations.find` for a grid between two per-grid records (not
-            fitted, never saved): their grids, in mm; its ``scale``, ``risk_hat`` and ``risk_upper`` are theirs
-            interpolated linearly in the voxel size, its ``num_volumes`` their sum. ``None`` for fitted records.
     """
 
     scale: float
@@ -168,15 +165,12 @@ class Calibration:
     sampling: SamplingSettings | None = None
     outside_scale: float | None = None
     grid_spacing: float | None = None
-    between_grids: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.shape, dict):  # as read back from JSON
             self.shape = IntervalShape(**self.shape)
         if isinstance(self.sampling, dict):
             self.sampling = SamplingSettings(**self.sampling)
-        if self.between_grids is not None:
-            self.between_grids = tuple(self.between_grids)
 
     def scale_map(self, region: Array | None = None) -> Array | float:
         """``λ̂`` per voxel: ``scale`` inside ``region`` (a boolean mask on the output grid) and ``outside_scale``
@@ -245,20 +239,13 @@ class Calibrations:
         return self._records[index]
 
     def find(self, settings: SamplingSettings, grid_spacing: float | None = None) -> Calibration | None:
-        """The record made with exactly these settings (or one that does not record its settings) for a run on an
-        output grid of ``grid_spacing`` mm: between two records made per grid, their scale interpolated linearly in
-        the voxel size (:func:`interpolate_grids`; the scale a std needs grows in proportion to the voxel size between
-        1 and 1.5 mm, ``benchmarks/CALIBRATION_GRID.md``); else the per-grid record within :data:`GRID_TOLERANCE`
-        (the nearest); else the one made on any grid; else ``None``."""
+        """The record made with exactly these settings (or one that does not record its settings): the one made for
+        the run's output grid ``grid_spacing`` (mm; within :data:`GRID_TOLERANCE`, the nearest), else the one made
+        on any grid; else ``None``."""
         made = [r for r in self._records if r.sampling == settings] or [r for r in self._records if r.sampling is None]
         if grid_spacing is not None:
-            per_grid = sorted((r for r in made if r.grid_spacing is not None), key=lambda r: r.grid_spacing)
-            below = [r for r in per_grid if r.grid_spacing <= grid_spacing]
-            above = [r for r in per_grid if r.grid_spacing >= grid_spacing]
-            if below and above and (between := interpolate_grids(below[-1], above[0], grid_spacing)) is not None:
-                return between
-            off = {id(r): abs(r.grid_spacing / grid_spacing - 1) for r in per_grid}
-            near = [r for r in per_grid if off[id(r)] <= GRID_TOLERANCE]
+            off = {id(r): abs(r.grid_spacing / grid_spacing - 1) for r in made if r.grid_spacing is not None}
+            near = [r for r in made if off.get(id(r), np.inf) <= GRID_TOLERANCE]
             if near:
                 return min(near, key=lambda r: off[id(r)])
         return next((r for r in made if r.grid_spacing is None), None)
@@ -302,29 +289,6 @@ class Calibrations:
                 + (f", for {r.grid_spacing:g} mm grids" if r.grid_spacing is not None else "") for r in self._records]
 
 
-def interpolate_grids(low: Calibration, high: Calibration, grid_spacing: float) -> Calibration | None:
-    """The record for an output grid of ``grid_spacing`` mm between those of two per-grid records ``low`` and
-    ``high`` (``low.grid_spacing ≤ grid_spacing ≤ high.grid_spacing``): ``low`` itself where the grids are equal,
-    else their scales interpolated linearly in the voxel size (:attr:`Calibration.between_grids`). ``None`` where
-    the two intervals differ in more than their scale (shape, α, δ, rule, a region's scale), so that their scales
-    do not mean the same."""
-    if low is high or low.grid_spacing == high.grid_spacing:
-        return low
-    if ((low.shape, low.alpha, low.delta, low.method, low.bound) != (high.shape, high.alpha, high.delta, high.method,
-                                                                      high.bound)
-            or low.outside_scale is not None or high.outside_scale is not None):
-        return None
-    w = (grid_spacing - low.grid_spacing) / (high.grid_spacing - low.grid_spacing)
-
-    def mix(a: float, b: float) -> float:
-        return (1 - w) * a + w * b
-
-    return replace(low, scale=mix(low.scale, high.scale), risk_hat=mix(low.risk_hat, high.risk_hat),
-                               risk_upper=mix(low.risk_upper, high.risk_upper),
-                               num_volumes=low.num_volumes + high.num_volumes, details={}, grid_spacing=grid_spacing,
-                               between_grids=(low.grid_spacing, high.grid_spacing))
-
-
 def run_grid_spacing(metadata: Mapping[str, Any]) -> float | None:
     """The output voxel size in mm (the finest spacing of its HR grid) of a pipeline run, from its metadata; the grid
     :meth:`Calibrations.find` matches per-grid records against (``None`` for a record without its operator)."""
@@ -332,12 +296,8 @@ def run_grid_spacing(metadata: Mapping[str, Any]) -> float | None:
     return float(min(operator["hr_spacing"])) if isinstance(operator, Mapping) and operator.get("hr_spacing") else None
 
 
-def grid_text(grid_spacing: float | None, between_grids: Sequence[float] | None = None) -> str:
-    """Which output grids a record holds for, in words (its ``grid_spacing``, ``None``: any; and its
-    ``between_grids``, for one interpolated between two per-grid records)."""
-    if between_grids:
-        low, high = between_grids
-        return f"interpolated for {grid_spacing:g} mm grids between the records for {low:g} and {high:g} mm grids"
+def grid_text(grid_spacing: float | None) -> str:
+    """Which output grids a record holds for, in words (its ``grid_spacing``; ``None``: any)."""
     return f"the record for {grid_spacing:g} mm grids" if grid_spacing is not None else "fitted on every grid together"
 
 
@@ -380,7 +340,6 @@ def describe_risk(calibration: Calibration | None) -> dict[str, Any]:
             "alpha": cal.alpha, "delta": cal.delta,
             "method": cal.method, "shape": asdict(cal.shape),
             "made_with": None if cal.sampling is None else asdict(cal.sampling), "grid_spacing": cal.grid_spacing,
-            "between_grids": cal.between_grids,
             "definition": f"the half-width of the interval {cal.describe()} over the robust intensity range: "
                           f"the interval misses at most {cal.alpha:g} of voxels ({cal.method}){where}"}
 

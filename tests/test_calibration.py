@@ -22,7 +22,7 @@ from gen_sr.eval.calibration import (
     upper_bound,
 )
 from gen_sr.eval.uncertainty import miss_rate
-from gen_sr.risk import Calibration, Calibrations, IntervalShape, SamplingSettings, grid_text
+from gen_sr.risk import Calibration, Calibrations, IntervalShape, SamplingSettings
 
 SCALE_SPREAD = 0.25  # per-volume log-normal spread of the error scale: volumes differ, as real ones do
 
@@ -112,29 +112,6 @@ def test_a_model_keeps_one_calibration_per_sampler_setting(tmp_path: Path) -> No
     assert list(Calibrations.load(tmp_path)) == [a, fine]
     with pytest.raises(ValueError, match="same sampler settings and grid"):
         Calibrations([fine, dataclasses.replace(fine, scale=1.0)])
-
-
-def test_a_grid_between_two_per_grid_records_gets_their_scale_interpolated_in_the_voxel_size() -> None:
-    """Between the records for 1 and 1.5 mm grids a run gets a scale linear in its voxel size (the scale a std needs
-    grows so, ``benchmarks/CALIBRATION_GRID.md``); at a record's grid that record; beyond the outermost the record
-    within 10 %, else the pooled one; records whose intervals differ in more than their scale are not mixed."""
-    fit = fit_calibration(*_volumes(np.random.default_rng(0), n=30))
-    dpm = SamplingSettings("DPM", 3, 8)
-    pooled = dataclasses.replace(fit, scale=4.0, sampling=dpm)
-    one = dataclasses.replace(pooled, scale=3.0, grid_spacing=1.0, num_volumes=48, risk_hat=0.08)
-    coarse = dataclasses.replace(pooled, scale=5.0, grid_spacing=1.5, num_volumes=48, risk_hat=0.10)
-    records = Calibrations([pooled, coarse, one])
-    mid = records.find(dpm, 1.25)
-    assert mid.scale == pytest.approx(4.0) and mid.grid_spacing == 1.25 and mid.between_grids == (1.0, 1.5)
-    assert mid.num_volumes == 96 and mid.risk_hat == pytest.approx(0.09) and mid.sampling == dpm
-    assert records.find(dpm, 1.1).scale == pytest.approx(3.4) and records.find(dpm, 1.4).scale == pytest.approx(4.6)
-    assert records.find(dpm, 1.0) is one and records.find(dpm, 1.5) is coarse  # a record's own grid: itself
-    assert records.find(dpm, 0.95) is one and records.find(dpm, 1.6) is coarse and records.find(dpm, 0.8) is pooled
-    assert records.find(dpm, 2.0) is pooled and records.find(dpm) is pooled
-    assert "interpolated for 1.25 mm grids between the records for 1 and 1.5 mm grids" == grid_text(1.25, (1.0, 1.5))
-    other_rule = Calibrations([pooled, one, dataclasses.replace(coarse, alpha=0.2)])
-    assert other_rule.find(dpm, 1.25) is pooled and other_rule.find(dpm, 1.05) is one
-    assert mid.halfwidth(np.ones(3), np.zeros(3)) == pytest.approx(4.0 * np.ones(3))  # used as any record is
 
 
 def test_save_load_and_errors(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ import numpy as np
 
 from gen_sr.audit.figures import FigureRecord
 from gen_sr.audit.summary import INTENSITY_UNIT, coords, grouped, number, seconds
-from gen_sr.risk import grid_text
 
 __all__ = ["DISCLAIMER", "Cell", "Table", "card_rows", "render_page", "table"]
 
@@ -101,7 +100,7 @@ def _calibration(v: Any) -> str:
     elif v.get("num_volumes") is not None:
         text += f", from {v['num_volumes']} volumes"
     if isinstance(v.get("grid_spacing"), int | float):
-        text += f", {grid_text(v['grid_spacing'], v.get('between_grids'))}"
+        text += f" on {v['grid_spacing']:g} mm output grids (the record for this run's grid)"
     if isinstance(v.get("risk_hat"), int | float):
         text += f"; miss rate on the calibration data {v['risk_hat']:.3f}"
     if details.get("per_scan"):
