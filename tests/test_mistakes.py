@@ -17,7 +17,7 @@ from test_pipeline import _lr, _pipe
 
 from gen_sr.cli import main
 from gen_sr.model_card import ModelCard
-from gen_sr.pipelines.pipeline_latent_sr import OutsideTrainingWarning
+from gen_sr.pipelines.pipeline_latent_sr import LatentDiffusionSRPipeline, OutsideTrainingWarning
 from gen_sr.volume import Volume, save_volume
 
 
@@ -129,7 +129,7 @@ def test_a_grid_that_cannot_fit_in_memory_is_refused_before_sampling(capsys, tmp
     assert _files(tmp_path) == ["lr.nii.gz"]
 
 
-def test_pickled_weights_are_refused_unless_allowed(capsys, tmp_path: Path, lr_file: Path) -> None:
+def test_pickled_weights_are_refused_unless_allowed(capsys, tmp_path: Path, lr_file: Path, model_dir: Path) -> None:
     folder = tmp_path / "pickled"
     _pipe(2).save_pretrained(folder, safe_serialization=False)
     assert list((folder / "unet").glob("*.bin")) and not list((folder / "unet").glob("*.safetensors"))
@@ -141,6 +141,11 @@ def test_pickled_weights_are_refused_unless_allowed(capsys, tmp_path: Path, lr_f
     assert main([str(a) for a in [*argv, "--allow-pickle"]]) == 0
     err = capsys.readouterr().err
     assert "WARNING: --allow-pickle" in err and out.exists()
+    for folder_, allow, warned in ((folder, True, True), (model_dir, False, False)):  # the library warns likewise
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            LatentDiffusionSRPipeline.from_pretrained(folder_, allow_pickle=allow)
+        assert any("loading pickled weights" in str(w.message) for w in caught) == warned
 
 
 def test_inputs_outside_the_trained_regime_warn_in_one_line_each(capsys, tmp_path: Path) -> None:

@@ -176,11 +176,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 raise ValueError("use_safetensors=False loads pickled weights: pass allow_pickle=True to do that")
             kwargs["use_safetensors"] = True
             _refuse_pickled_weights(Path(pretrained_model_name_or_path))
-        if "model_card" not in kwargs and (Path(pretrained_model_name_or_path) / "model_index.json").is_file():
-            kwargs["model_card"] = ModelCard.from_folder(pretrained_model_name_or_path)  # also under its old key
         else:
             warnings.warn(f"loading pickled weights from {pretrained_model_name_or_path} is allowed: a pickle can run "
                           "any code when loaded; do this only for a model folder you trust", stacklevel=2)
+        if "model_card" not in kwargs and (Path(pretrained_model_name_or_path) / "model_index.json").is_file():
+            kwargs["model_card"] = ModelCard.from_folder(pretrained_model_name_or_path)  # also under its old key
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         pipe.calibrations = Calibrations.load(pretrained_model_name_or_path)
         return pipe
