@@ -109,6 +109,15 @@ def test_bad_parameters_are_one_line(capsys, tmp_path: Path, model_dir: Path, lr
     assert _files(tmp_path) == ["lr.nii.gz"]
 
 
+@pytest.mark.parametrize("size", ["30,30", "64,64,64"])
+def test_a_patch_size_the_model_cannot_tile_with_is_one_line(capsys, tmp_path: Path, model_dir: Path, lr_file: Path,
+                                                              size: str) -> None:
+    err = _mistake(capsys, "super-resolve", "--model", model_dir, "--input", lr_file, "--output",
+                   tmp_path / "sr.nii.gz", "--patch-size", size)
+    assert f"patch size {size} does not fit this 2D model (give 2 sizes (H,W), each a multiple of" in err
+    assert _files(tmp_path) == ["lr.nii.gz"]
+
+
 def test_calibration_with_too_few_volumes_is_refused_before_sampling(capsys, tmp_path: Path, model_dir: Path,
                                                                      lr_file: Path) -> None:
     hr = save_volume(Volume(np.random.default_rng(0).random((12, 10, 16)).astype(np.float32) + 1, np.eye(4)),

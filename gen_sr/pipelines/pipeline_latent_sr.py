@@ -249,6 +249,17 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
     def tile_multiple(self) -> int:
         return self.vae.downsample_factor * self.unet.downsample_factor
 
+    def check_patch_size(self, patch_size: Sequence[int] | None) -> None:
+        """Refuse a ``patch_size`` this model cannot tile with (:class:`~gen_sr.errors.InputError`): one size per
+        tile axis (``(h, w)`` for 2D models, ``(d, h, w)`` for 3D), each a positive multiple of
+        :attr:`tile_multiple`; ``None`` (the default tiling) passes."""
+        if patch_size is None:
+            return
+        n, f = self.spatial_dims, self.tile_multiple
+        if len(patch_size) != n or any(int(p) < 1 or int(p) % f for p in patch_size):
+            raise InputError(f"patch size {','.join(map(str, patch_size))} does not fit this {n}D model",
+                             hint=f"give {n} sizes ({'H,W' if n == 2 else 'D,H,W'}), each a multiple of {f}")
+
     # ------------------------------------------------------------------------------------------------- the call
     @torch.no_grad()
     def __call__(
@@ -371,6 +382,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         _check_settings(eta=eta, noise_std=0.0 if estimated else noise_std, num_samples=num_samples,
                         batch_size=batch_size, guidance=guidance, guidance_interval=guidance_interval,
                         guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, strength=strength)
+        self.check_patch_size(patch_size)
         volume = self.as_volume(lr, affine, lr_spacing, volume_index)
         generators = self._generators(generator, num_samples)
         # under `accelerate launch`, each process draws every world_size-th sample (unless it runs scans of its own)
