@@ -135,7 +135,7 @@ def _print_plan(args: argparse.Namespace) -> None:
     from gen_sr.volume import load_volume
 
     pipe = _load_pipeline(args)
-    lr = load_volume(args.file)  # once, for the plan and the timing
+    lr = load_volume(args.file, volume_index=args.volume)  # once, for the plan and the timing
     plan = pipe.plan(lr)
     have = plan["memory_available_bytes"]
     rows = [("with model", args.model), ("acquisition", f"{plan['acquisition']} (RAS+; --slice-thickness and "
@@ -1023,6 +1023,8 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time", action="store_true",
                    help="with a file and --model: also estimate how long super-resolve would take on this machine, "
                         "from a timed run on a central slab of the scan (a few percent of the whole run's time)")
+    p.add_argument("--volume", type=_volume_index, metavar="N",
+                   help="with a file and --model: the volume of a 4D series that super-resolve --volume N would take")
 
 
 def _degrade_arguments(p: argparse.ArgumentParser) -> None:

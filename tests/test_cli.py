@@ -261,6 +261,12 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
         assert ("calibration: mean ± 3 x (std), the record for 1 mm grids" in out) == (size == 48)
         assert ("calibration: mean ± 4 x (std), fitted on every grid together" in out) == (size == 96)
         assert "acquisition: axis 2:" in out and "memory:      about" in out and "read from the background air" in out
+    series = head_in_air((48, 48, 4), sigma=2.0, radius=14.4).astype(np.float32)
+    series = write_nifti(tmp_path / "series.nii.gz", np.stack([series, series], -1), np.diag([1.0, 1.0, 3.0, 1.0]))
+    code, _, err = _run(capsys, "info", series, "--model", tmp_path / "model")  # a 4D series: which volume?
+    assert code == 2 and "--volume N" in err and "Traceback" not in err
+    code, out, _ = _run(capsys, "info", series, "--model", tmp_path / "model", "--volume", "1")
+    assert code == 0 and "output grid: 48 x 48 x 12 voxels of 1 x 1 x 1 mm" in out
     thin = write_nifti(tmp_path / "thin.nii.gz", scan, np.diag([0.7, 0.7, 1.0, 1.0]))
     code, out, _ = _run(capsys, "info", thin, "--model", tmp_path / "model")
     assert "warning:     outside the trained regime: slice thickness 1 mm along S" in out
