@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from gen_sr.errors import InputError
 
-__all__ = ["NIFTI_SUFFIXES", "atomic_write", "check_output_dir", "check_output_file", "check_output_path",
+__all__ = ["NIFTI_SUFFIXES", "atomic_dir", "atomic_write", "check_output_dir", "check_output_file", "check_output_path",
            "check_writable_dir", "is_nifti_name", "json_ready", "sidecar_path", "write_json"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -101,6 +102,23 @@ def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> None:
         with contextlib.suppress(OSError):  # never hide the real error behind a failed clean-up
             tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_dir(folder: PathLike, write: Callable[[Path], Any]) -> Any:
+    """Write a folder whole or not at all: ``write(tmp_folder)`` into a hidden temporary folder beside ``folder``,
+    then renamed onto it (an existing ``folder`` is replaced); the temporary folder never outlives a failure. Returns
+    what ``write`` returns."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        result = write(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sidecar_path(path: PathLike) -> Path:

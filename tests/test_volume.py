@@ -10,7 +10,7 @@ import pytest
 from helpers import oblique_affine, write_nifti
 
 from gen_sr.errors import InputError
-from gen_sr.io import atomic_write
+from gen_sr.io import atomic_dir, atomic_write
 from gen_sr.sample_data import load_mni152
 from gen_sr.volume import IntensityNormalization, Volume, load_volume, save_volume
 
@@ -77,6 +77,29 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         atomic_write(target, failing_writer)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_replaces_a_folder_whole_or_leaves_it_as_it_was(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "old.json").write_text("old")
+
+    def half_written(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "unet.safetensors").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_dir(folder, half_written)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in folder.iterdir()] == ["old.json"]
+
+    def whole(tmp: Path) -> str:
+        tmp.mkdir()
+        (tmp / "new.json").write_text("new")
+        return "written"
+
+    assert atomic_dir(folder, whole) == "written"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in folder.iterdir()] == ["new.json"]
 
 
 def test_refuses_existing_output_without_overwrite(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ from diffusers import DDPMScheduler
 from gen_sr.contrast import ContrastRanges
 from gen_sr.data import DataConfig, TrainingVolume
 from gen_sr.errors import InputError
+from gen_sr.io import atomic_write
 from gen_sr.model_card import AcquisitionRanges, Adaptation, ModelCard
 from gen_sr.physics import SliceAcquisition, SliceProfile, estimate_noise_std
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -301,7 +302,8 @@ def _fine_tune(pipe: LatentDiffusionSRPipeline, cfg: AdaptationConfig, work_dir:
         before = validate_diffusion(unet, pipe.vae, noise_scheduler, val_loader, condition=card.unet_condition,
                                     sampling_steps=cfg.train.val_sampling_steps, seed=cfg.train.seed,
                                     device=run.accelerator.device, objective=card.objective)
-        run.metrics_path.write_text(json.dumps({"step": 0, **before}) + "\n")
+        line = json.dumps({"step": 0, **before}) + "\n"
+        atomic_write(run.metrics_path, lambda tmp: tmp.write_text(line))
     unet, ema = fit_denoiser(run, unet, pipe.vae, noise_scheduler, train_loader, val_loader, resume, latent_noise)
     ema.copy_to(unet.parameters())
     unet.eval().requires_grad_(False)

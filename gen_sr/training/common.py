@@ -30,7 +30,7 @@ from gen_sr.config import config_to_dict, parse_cli, save_config
 from gen_sr.data import SRPairDataset
 from gen_sr.distributed import exit_if_distributed
 from gen_sr.errors import InputError
-from gen_sr.io import atomic_write
+from gen_sr.io import atomic_dir, atomic_write, write_json
 from gen_sr.training.experiment import ExperimentConfig, TrainConfig
 
 __all__ = ["Checkpoints", "Run", "backward_and_step", "export_model", "finish", "interrupted_message", "make_loaders",
@@ -278,7 +278,7 @@ def finish(run: Run, model: torch.nn.Module, extra: dict[str, Any] | None = None
         **(extra or {}),
     }
     if acc.is_main_process:
-        (run.directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(run.directory / "summary.json", summary)
     for tracker in acc.trackers:
         tracker.finish()
     acc.wait_for_everyone()  # the process group stays up: see gen_sr.distributed
@@ -299,11 +299,11 @@ def backward_and_step(run: Run, loss: torch.Tensor, model: torch.nn.Module, opti
 
 
 def export_model(run: Run, write: Callable[[Path], str]) -> Path:
-    """Write the stage's ``model/`` folder from the main process (``write(folder)`` returns what to say about it)
-    while the other processes wait; returns the folder."""
+    """Write the stage's ``model/`` folder from the main process, whole or not at all (:func:`~gen_sr.io.atomic_dir`;
+    ``write(folder)`` returns what to say about it), while the other processes wait; returns the folder."""
     acc, out = run.accelerator, run.directory / "model"
     if acc.is_main_process:
-        acc.print(f"exported {out}{write(out)}")
+        acc.print(f"exported {out}{atomic_dir(out, write)}")
     acc.wait_for_everyone()
     return out
 

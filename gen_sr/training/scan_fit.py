@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
 from gen_sr.eval.calibration import CalibrationResult
 from gen_sr.eval.scan_calibration import REFERENCE_NOISE, ReferenceNoise, calibrate_on_scan
+from gen_sr.io import atomic_dir
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.pipeline_latent_sr import LRInput
 from gen_sr.training.adaptation import adapt, with_unet
@@ -189,13 +188,5 @@ def save_model(pipe: LatentDiffusionSRPipeline, folder: str | Path, overwrite: b
     if folder.exists() and not overwrite:
         raise InputError("exists already", folder, "pass --overwrite to replace it, or choose another folder")
     if process_state().is_main_process:
-        tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            pipe.save_pretrained(tmp)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        atomic_dir(folder, pipe.save_pretrained)
     return folder
