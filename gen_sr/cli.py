@@ -280,8 +280,12 @@ def _load_pipeline(args: argparse.Namespace, folder: str | None = None):
 
     diffusers_logging.disable_progress_bar()  # loading takes a second; its bar would clutter every message
     model, device = Path(folder or args.model), getattr(args, "device", "cpu")  # gen-sr info has no --device
+    if not model.is_dir():
+        raise InputError("no such model folder", model, f"paths are relative to the current folder, {Path.cwd()}")
     if not (model / "model_index.json").is_file():
         raise InputError("is not a gen_sr model folder (no model_index.json)", model)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device} was asked for, but no CUDA device is available", hint="use --device cpu")
     allow_pickle = getattr(args, "allow_pickle", False)
@@ -345,6 +349,7 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
         raise InputError("needs the input's noise std: pass --noise-std (with noise-free data the output fits the "
                          "slices exactly, so there is no disagreement to map)", args.data_disagreement)
     outputs = {k: check_output_path(v, args.overwrite, inputs=[args.input]) for k, v in maps.items() if v}
+    _check_distinct(outputs)
     sidecar = sidecar_path(outputs["mean"])
     check_output_file(sidecar, args.overwrite, inputs=[args.input])
     lr = load_volume(args.input, volume_index=args.volume)
@@ -662,6 +667,16 @@ def _print_calibration(args: argparse.Namespace, result, cases: Sequence, settin
         print(f"({other} cannot certify with these units: {result.alternative_error})")
 
 
+def _check_distinct(outputs: dict[str, Path]) -> None:
+    """Refuse two outputs named the same file (``--std`` given the ``--output`` path), before any work."""
+    seen: dict[Path, str] = {}
+    for key, path in outputs.items():
+        flag = "--output" if key == "mean" else f"--{key.replace('_', '-')}"
+        other = seen.setdefault(path.resolve(), flag)
+        if other != flag:
+            raise InputError(f"{other} and {flag} name the same file", path, "give each output its own path")
+
+
 def _output_dir(args: argparse.Namespace, *markers: str) -> Path:
     """``--output-dir``, checked before any work: it (or its parent) is a writable folder, and it holds none of the
     earlier ``markers`` files unless ``--overwrite``."""
@@ -812,6 +827,14 @@ def _whole_number(text: str, lo: int, hi: int | None = None, what: str = "a whol
     return value
 
 
+def _device(text: str) -> str:
+    """``--device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a CUDA device where there is one, else the CPU)."""
+    name, _, index = text.partition(":")
+    if text in ("cpu", "cuda", "auto") or (name == "cuda" and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or auto, got {text!r}")
+
+
 def _positive_int(text: str) -> int:
     return _whole_number(text, 1, what="a positive whole number")
 
@@ -862,7 +885,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
                         "noise explains (a lesion-free prior thins lesions there; benchmarks/DATA_DISAGREEMENT.md); "
                         "default: the model folder's (on for models/heads2d)")
     p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="cpu, cuda, cuda:N, or auto: CUDA where there is a device, else the CPU (default: cpu)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load a model folder with pickled (.bin) weights; a pickle can run any code when loaded, so "
                         "use this only for a folder you trust (default: safetensors only)")

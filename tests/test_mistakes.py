@@ -118,6 +118,18 @@ def test_a_patch_size_the_model_cannot_tile_with_is_one_line(capsys, tmp_path: P
     assert _files(tmp_path) == ["lr.nii.gz"]
 
 
+def test_a_missing_model_folder_a_bad_device_and_one_file_for_two_outputs_are_one_line(
+        capsys, tmp_path: Path, model_dir: Path, lr_file: Path) -> None:
+    run = ["super-resolve", "--input", lr_file, "--output", tmp_path / "sr.nii.gz"]
+    err = _mistake(capsys, *run, "--model", tmp_path / "no_model")
+    assert "no_model: no such model folder (paths are relative to the current folder" in err
+    assert "expected cpu, cuda, cuda:N or auto, got 'gpu'" in _mistake(capsys, *run, "--model", model_dir,
+                                                                      "--device", "gpu")
+    err = _mistake(capsys, *run, "--model", model_dir, "--std", tmp_path / "sr.nii.gz")
+    assert "sr.nii.gz: --output and --std name the same file" in err
+    assert _files(tmp_path) == ["lr.nii.gz"]
+
+
 def test_calibration_with_too_few_volumes_is_refused_before_sampling(capsys, tmp_path: Path, model_dir: Path,
                                                                      lr_file: Path) -> None:
     hr = save_volume(Volume(np.random.default_rng(0).random((12, 10, 16)).astype(np.float32) + 1, np.eye(4)),

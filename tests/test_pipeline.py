@@ -527,7 +527,7 @@ def test_cli_super_resolve(tmp_path: Path, capsys) -> None:
     assert "relative residual" in capsys.readouterr().out
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err  # outputs exist now
     spaced = [*args[:6], str(tmp_path / "trailing.nii.gz"), "--samples", "2", "--steps", "2", "--timestep-spacing",
-              "trailing", "--scheduler", "dpmsolver++"]
+              "trailing", "--scheduler", "dpmsolver++", "--device", "auto"]  # auto: the CPU here
     assert main(spaced) == 0
     record = json.loads((tmp_path / "trailing.json").read_text())
     assert record["scheduler"] == "DPMSolverDataConsistencyScheduler(trailing)"
