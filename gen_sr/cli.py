@@ -1156,7 +1156,9 @@ def _audit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", required=True, help="where to write report.html, report.json and the maps")
     p.add_argument("--reference", help="the HR truth on the SR grid: adds metrics against every baseline and the "
                                        "calibration plot")
-    p.add_argument("--mask", help="brain mask on the SR grid: where the flagged fraction and metrics are counted")
+    p.add_argument("--mask", help="a brain mask (1 inside, 0 outside; brought onto the SR grid): where the verdict's "
+                                  "flagged fraction, the peaks and the metrics are counted (default: the --tissue "
+                                  "maps' union, else the SR mean's foreground)")
     p.add_argument("--tissue", type=_tissue, action="append", default=[], metavar="NAME=FILE",
                    help="a tissue probability map on the SR grid, to label risk clusters (repeatable)")
     p.add_argument("--reuse", nargs=2, metavar=("SR", "STD"),

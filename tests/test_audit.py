@@ -109,6 +109,20 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
                  "--reuse", str(f["hr"]), str(std), "--overwrite"]) == 2
     assert "no run record" in capsys.readouterr().err
+    # a brain mask (here half of the SR grid) is where the verdict counts, whatever the foreground
+    hr = load_volume(f["hr"])
+    half = np.zeros(hr.shape, dtype=np.float32)
+    half[:, :, : hr.shape[2] // 2] = 1
+    mask = save_volume(hr.with_data(half), tmp_path / "mask.nii.gz")
+    audit_mask = ["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out), "--reuse",
+                  str(sr), str(std), "--overwrite", "--mask"]
+    assert main([*audit_mask, str(mask)]) == 0
+    verdict = json.loads((out / "report.json").read_text())["verdict"]
+    assert verdict["foreground"] == "brain (the given brain mask)" and verdict["foreground_voxels"] == half.sum()
+    assert "% of the brain flagged" in verdict["text"]
+    capsys.readouterr()
+    assert main([*audit_mask, str(f["lr"])]) == 2  # an image, not a mask: one line, before anything is written
+    assert "is not a brain mask: its values run from" in capsys.readouterr().err
 
 
 def test_a_scan_finer_in_plane_than_the_target_is_resampled_and_its_run_audited(tmp_path: Path, capsys) -> None:

@@ -150,6 +150,8 @@ def audit(
     """
     out = check_output_dir(output_dir, overwrite,
                            [*MAP_FILES.values(), DISAGREEMENT_FILE, "report.html", "report.json"])
+    if brain_mask is not None:
+        _check_mask(brain_mask)
     if reference is not None and reuse is None:  # before any sampling: a reference that does not fit is an error
         geometry = {k: v for k, v in pipe_kwargs.items() if k in _GEOMETRY_ARGUMENTS}
         _check_reference(reference, pipe.output_grid(lr, **geometry))
@@ -209,7 +211,8 @@ def audit(
                         dc_residual=maps["dc_residual"], disagreement=maps.get("data_disagreement"),
                         disagreement_stage=stage,
                         card=card, risk_threshold=risk_threshold,
-                        calibrated=calibration is not None, masks=masks, reference=reference, metrics=metrics,
+                        calibrated=calibration is not None, masks=masks, brain_mask=brain_mask, reference=reference,
+                        metrics=metrics,
                         calibration_curve=curve, input_name=input_name,
                         sr_axis=next(a for a in range(3) if maps["risk"].axis_to_canonical(a) == axis),
                         intensity_range=float(norm.scale), alpha=calibration.alpha if calibration is not None else None,
@@ -219,6 +222,14 @@ def audit(
 _GEOMETRY_ARGUMENTS = ("affine", "lr_spacing", "target_spacing", "operator", "slice_profile", "slice_thickness",
                        "volume_index")
 """The pipeline arguments that decide the SR grid (:meth:`LatentDiffusionSRPipeline.output_grid`)."""
+
+
+def _check_mask(mask: Volume) -> None:
+    """A brain mask holds values in [0, 1] (1 inside; a probability map is cut at 0.5), and some voxels inside."""
+    low, high = float(np.nanmin(mask.data)), float(np.nanmax(mask.data))
+    if low < 0 or high > 1 or high < 0.5:
+        raise InputError(f"is not a brain mask: its values run from {low:.4g} to {high:.4g}", mask.source,
+                         "give a mask holding 1 inside the brain and 0 outside")
 
 
 def _check_reference(reference: Volume, grid: Volume) -> None:
@@ -237,7 +248,7 @@ def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, o
     _check_reference(reference, mean)
     ref = resample_to(reference, mean)  # exact where the grids align (e.g. the LR was simulated from it)
     if brain_mask is not None:
-        mask = brain_mask.canonical().data > 0
+        mask = brain_mask.canonical().data >= 0.5
     elif masks:
         mask = sum(m.canonical().data for m in masks.values()) >= 0.5
     else:

@@ -194,10 +194,14 @@ def _tissue(fractions: dict[str, float]) -> str | None:
     return tissue if fractions[tissue] >= 0.5 else BACKGROUND
 
 
-def foreground_mask(mean: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[np.ndarray, str]:
-    """The voxels that the verdict's percentage counts, and their label: the brain (sum of the tissue masks ≥ 0.5)
-    when masks are given, else the SR mean above 10 % of its robust (0.5-99.5 percentile) range, holes filled."""
-    if masks:
+def foreground_mask(mean: np.ndarray, masks: dict[str, np.ndarray],
+                    brain_mask: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    """The voxels that the verdict's percentage counts, and their label: the given ``brain_mask`` (voxels ≥ 0.5) where
+    there is one, else the brain (sum of the tissue masks ≥ 0.5) when masks are given, else the SR mean above 10 % of
+    its robust (0.5-99.5 percentile) range, holes filled."""
+    if brain_mask is not None:
+        fg, label = brain_mask >= 0.5, "brain (the given brain mask)"
+    elif masks:
         fg, label = sum(masks.values()) >= 0.5, "brain (tissue masks, summed probability ≥ 0.5)"
     else:
         fg, label = foreground(mean), "foreground (SR mean above 10 % of its robust intensity range)"

@@ -42,7 +42,8 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
                  disagreement: Volume | None = None, disagreement_flag: DataDisagreement | None = None,
                  disagreement_stage: str = "output",
                  card: dict[str, Any], risk_threshold: float, calibrated: bool, masks: dict[str, Volume] | None = None,
-                 reference: Volume | None = None, metrics: dict[str, dict[str, float]] | None = None,
+                 brain_mask: Volume | None = None, reference: Volume | None = None,
+                 metrics: dict[str, dict[str, float]] | None = None,
                  calibration_curve: dict[str, Any] | None = None, input_name: str, sr_axis: int,
                  intensity_range: float | None = None, alpha: float | None = None,
                  outside_training: Sequence[str] | None = None,
@@ -52,9 +53,10 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
 
     All maps are brought onto the risk map's grid (the LR, and any map on another grid, by linear resampling), and
     shown in RAS+ orientation; positions are scanner (world) mm, RAS+. The verdict's percentage counts flagged
-    voxels (risk > ``risk_threshold``) inside the brain (masks given) or the SR mean's foreground (see
-    :func:`~gen_sr.audit.clusters.foreground_mask`); the per-slice profile runs along the risk map's voxel axis
-    ``sr_axis``. The peaks table and the views' centre follow ``peak_rule`` (default :class:`PeakRule`).
+    voxels (risk > ``risk_threshold``) inside ``brain_mask`` (a mask volume, 1 inside), else the brain of the tissue
+    ``masks``, else the SR mean's foreground (see :func:`~gen_sr.audit.clusters.foreground_mask`); the per-slice
+    profile runs along the risk map's voxel axis ``sr_axis``. The peaks table and the views' centre follow
+    ``peak_rule`` (default :class:`PeakRule`).
 
     Args:
         metrics: ``{method: {metric: value}}``, shown when given (with the reference).
@@ -87,9 +89,11 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
         maps["disagreement"] = on_grid(disagreement, risk)
     if reference is not None:
         maps["reference"] = on_grid(reference, risk)
-    fg, fg_label = foreground_mask(maps["mean"], {k: on_grid(m, risk) for k, m in (masks or {}).items()})
+    fg, fg_label = foreground_mask(maps["mean"], {k: on_grid(m, risk) for k, m in (masks or {}).items()},
+                                   None if brain_mask is None else on_grid(brain_mask, risk, order=0))
     all_clusters = risk_clusters(risk, t, masks=masks, top=None)
-    peaks, rule_record = ranked_peaks(risk, t, fg, rule, "brain mask" if masks else fg_label.split(" (")[0],
+    peaks, rule_record = ranked_peaks(risk, t, fg, rule,
+                                      "brain mask" if masks or brain_mask is not None else fg_label.split(" (")[0],
                                       masks=masks)
     flagged = (r > t) & fg
     if disagreement is not None:
