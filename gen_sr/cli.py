@@ -128,6 +128,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _planned_noise_text(plan: dict) -> str:
+    """``info``'s noise std row: read from the air, or not known (and then what the interval counts)."""
+    if plan["noise_std"] is not None:
+        return f"{plan['noise_std']:.4g}, read from the background air"
+    text = "none read: no background air (fitted as noise-free; --noise-std to give it)"
+    if plan["calibration"] is not None and plan["calibration"].for_unknown_noise:
+        text += f"; the interval counts the noise read in-plane, {plan['noise_std_in_plane']:.4g}"
+    return text
+
+
 def _print_plan(args: argparse.Namespace) -> None:
     """``info FILE --model DIR``: what ``super-resolve`` would do with the file at its defaults, without sampling."""
     from gen_sr.pipelines.pipeline_latent_sr import format_bytes
@@ -147,8 +157,7 @@ def _print_plan(args: argparse.Namespace) -> None:
     rows += [("output grid", f"{_shape(plan['output_shape'])} voxels of {_spacing_text(plan['output_spacing'])} mm"),
              ("memory", f"about {format_bytes(plan['memory_bytes'])} for {plan['num_samples']} samples"
                         + ("" if have is None else f" ({format_bytes(have)} free)")),
-             ("noise std", "none read: no background air (fitted as noise-free; --noise-std to give it)"
-                           if plan["noise_std"] is None else f"{plan['noise_std']:.4g}, read from the background air")]
+             ("noise std", _planned_noise_text(plan))]
     if (cal := plan["calibration"]) is not None:
         rows.append(("calibration", f"{cal.describe()}, {grid_text(cal.grid_spacing)}"))
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
@@ -580,15 +589,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
-def _cases(args: argparse.Namespace, pipe) -> list:
-    """The HR volumes of ``--data``, cut to ``--region``, with the acquisition simulated on each."""
-    from gen_sr.eval.cases import load_hr_volumes, read_operator_transforms, simulate_cases
+def _cases(args: argparse.Namespace, pipe, snrs: Sequence[float] | None = None) -> list:
+    """The HR volumes of ``--data``, cut to ``--region``, with the acquisition simulated on each: at ``--snr``, or at
+    each of ``snrs`` (0: noise-free; every volume once per SNR, the same noise seeds each time)."""
+    from gen_sr.eval.cases import load_hr_volumes, read_operator_transforms, simulate_cases, simulate_cases_at
 
     named = load_hr_volumes(args.data, pipe, args.region, args.model, slab_mm=args.slab)
     any_axis = pipe.model_card.trained_for.any_axis
     transforms = read_operator_transforms(args.operator, None if any_axis else pipe.sr_axis) if args.operator else None
-    return simulate_cases(named, axis=pipe.sr_axis, thickness=args.slice_thickness, spacing=args.slice_spacing,
-                          profile=args.profile, snr=args.snr, seed=args.seed, transforms=transforms)
+    acquisition = {"axis": pipe.sr_axis, "thickness": args.slice_thickness, "spacing": args.slice_spacing,
+                   "profile": args.profile, "seed": args.seed, "transforms": transforms}
+    if snrs is None:
+        return simulate_cases(named, snr=args.snr, **acquisition)
+    return simulate_cases_at(named, snrs, **acquisition)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -597,15 +610,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     target = Path(args.model) / CALIBRATION_FILE
     check_output_file(target, overwrite=True)
+    if args.noise_unknown and args.snr:
+        raise InputError("--snr and --noise-unknown both set the calibration volumes' noise: give one of them")
     pipe = _load_pipeline(args)
-    noise = {"noise_std": None if args.snr else 0.0}  # the cases' noise is --snr's: without it, no refit
+    noise = ({"noise_std": 0.0, "noise_known": False} if args.noise_unknown  # run without their noise std
+             else {"noise_std": None if args.snr else 0.0})  # the cases' noise is --snr's: without it, no refit
     settings = pipe.sampling_settings(**noise, **_sampling_kwargs(args))
     made = pipe.calibrations.find(settings)
     if made is not None and not args.overwrite and not args.per_grid:
         raise InputError(f"the model is calibrated already for {settings.describe()}", target,
                          "pass --overwrite to replace that calibration, or calibrate other settings (--scheduler, "
                          "--steps, --samples)")
-    cases = _cases(args, pipe)
+    cases = _cases(args, pipe, args.noise_unknown)
     grids = sorted({case_grid(c) for c in cases}) if args.per_grid else []
     made_per_grid = [g for g in grids if any(r.sampling == settings and r.grid_spacing == g for r in pipe.calibrations)]
     if made_per_grid and not args.overwrite:
@@ -618,13 +634,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise InputError(f"cannot calibrate: {e}", hint="see gen-sr calibrate --help") from None
     details = {"data": list(args.data), "region": args.region, "slab_mm": args.slab, "operator": args.operator,
-               "slice_thickness": args.slice_thickness, "profile": args.profile, "snr": args.snr,
+               "slice_thickness": args.slice_thickness, "profile": args.profile,
+               "snr": args.noise_unknown or args.snr, "noise_known": not args.noise_unknown,
                "samples": args.samples, "steps": _steps(args, pipe), "strength": args.strength,
                "share_first_call": settings.share_first_call, "scheduler": pipe.sampler_name,
                "patch_size": args.patch_size, "guidance": args.guidance, "seed": args.seed,
                "mask": "foreground of the reference"}
     rule = {"alpha": args.alpha, "delta": args.delta, "method": args.method, "blocks": args.blocks,
-            "interval": args.interval, "details": details}
+            "interval": args.interval, "details": details, "noise_known": not args.noise_unknown}
     try:
         if args.per_grid:
             results = calibrate_per_grid(pipe, cases, **rule, **_sampling_kwargs(args))
@@ -1114,6 +1131,11 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("rcps", "crc"), default="rcps",
                    help="rcps: coverage with probability 1 - delta (conservative); crc: conformal risk control, "
                         "coverage in expectation (tight) (default: rcps)")
+    p.add_argument("--noise-unknown", type=_non_negative_float, nargs="+", metavar="SNR",
+                   help="calibrate runs whose noise std is not known (scans without air, run without --noise-std): "
+                        "every volume simulated at each of these SNRs (0: noise-free), run without its noise std, and "
+                        "an interval mean ± λ (std + 0.5 x the noise read in-plane) "
+                        "(benchmarks/NOISE_UNKNOWN.md); a run without air then uses it. Instead of --snr")
     p.add_argument("--per-grid", action="store_true",
                    help="fit one calibration per output grid of the volumes (their finest voxel spacing), each kept "
                         "beside the others: a run uses the one of its own grid, else one fitted on any grid. The "

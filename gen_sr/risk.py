@@ -34,9 +34,9 @@ from gen_sr.physics import NOISE_GAIN_FLOOR
 if TYPE_CHECKING:
     from gen_sr.physics import AcquisitionOperator
 
-__all__ = ["CALIBRATION_FILE", "GRID_TOLERANCE", "Calibration", "Calibrations", "DataDisagreement", "IntervalShape",
-           "SamplingSettings", "describe_risk", "grid_text", "risk_map", "run_calibration",
-           "run_grid_spacing"]
+__all__ = ["CALIBRATION_FILE", "GRID_TOLERANCE", "NOISE_UNKNOWN_SHAPE", "Calibration", "Calibrations",
+           "DataDisagreement", "IntervalShape", "SamplingSettings", "describe_risk", "grid_text", "interval_noise_std",
+           "risk_map", "run_calibration", "run_grid_spacing"]
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -100,6 +100,9 @@ class SamplingSettings:
         share_first_call: whether the samples shared the first network call (the pipeline's option).
         refit_disagreement: whether the data were fitted where the mean departed from them (the pipeline's
             option; it narrows the spread there).
+        noise_known: ``False`` for a run whose noise std was not known (asked to read it from the scan's air, which
+            it has none of): it fits its slices as noise-free, and every sample keeps their noise, so its interval
+            needs a noise term (:data:`NOISE_UNKNOWN_SHAPE`) with the noise read in-plane.
     """
 
     scheduler: str
@@ -108,20 +111,38 @@ class SamplingSettings:
     strength: float = 1.0
     share_first_call: bool = False
     refit_disagreement: bool = False
+    noise_known: bool = True
 
     def describe(self) -> str:
         start = "" if self.strength == 1 else f", strength {self.strength:g}"
         shared = ", first call shared" if self.share_first_call else ""
         refit = ", refitted where the data disagree" if self.refit_disagreement else ""
+        unknown = "" if self.noise_known else ", noise std not known"
         samples = f"{self.num_samples} sample{'s' if self.num_samples != 1 else ''}"
-        return f"{samples} x {self.num_inference_steps} {self.scheduler} steps{start}{shared}{refit}"
+        return f"{samples} x {self.num_inference_steps} {self.scheduler} steps{start}{shared}{refit}{unknown}"
 
     @classmethod
     def of_run(cls, metadata: Mapping[str, Any]) -> SamplingSettings:
         """The settings of a pipeline run, from its metadata (the ``.json`` that ``super-resolve`` writes)."""
         return cls(str(metadata["scheduler"]), int(metadata["num_inference_steps"]), int(metadata["num_samples"]),
                    float(metadata.get("strength", 1.0)), bool(metadata.get("share_first_call", False)),
-                   bool(metadata.get("refit_disagreement", False)))
+                   bool(metadata.get("refit_disagreement", False)), bool(metadata.get("noise_known", True)))
+
+
+NOISE_UNKNOWN_SHAPE = IntervalShape(noise_floor=0.5)
+"""The interval of runs whose noise std is not known (:attr:`SamplingSettings.noise_known`): ``std + 0.5 σ̂``, with
+``σ̂`` the slices' noise read in-plane (:func:`gen_sr.physics.estimate_noise_std`, an upper estimate: it reads the
+finest anatomy too). The weight was chosen on calibration subjects (``benchmarks/NOISE_UNKNOWN.md``): with it one
+scale covers such runs at every noise level."""
+
+
+def interval_noise_std(metadata: Mapping[str, Any], calibration: Calibration | None) -> float:
+    """The noise std (input units) that the interval of a run with this ``metadata`` counts
+    (:meth:`IntervalShape.spread`) under ``calibration`` (:func:`run_calibration`): the one it was given or read from
+    air, or, under a calibration for runs whose noise std was not known, the one read in-plane from its slices."""
+    if calibration is not None and calibration.for_unknown_noise:
+        return float(metadata.get("noise_std_in_plane") or 0.0)
+    return float(metadata.get("noise_std") or 0.0)
 
 
 GRID_TOLERANCE = 0.1
@@ -171,6 +192,12 @@ class Calibration:
             self.shape = IntervalShape(**self.shape)
         if isinstance(self.sampling, dict):
             self.sampling = SamplingSettings(**self.sampling)
+
+    @property
+    def for_unknown_noise(self) -> bool:
+        """Whether it was made for runs whose noise std was not known (:attr:`SamplingSettings.noise_known`): their
+        interval counts the noise read in-plane."""
+        return self.sampling is not None and not self.sampling.noise_known
 
     def scale_map(self, region: Array | None = None) -> Array | float:
         """``λ̂`` per voxel: ``scale`` inside ``region`` (a boolean mask on the output grid) and ``outside_scale``

@@ -149,6 +149,40 @@ def test_calibrate_per_grid_keeps_a_record_per_output_grid_and_a_run_uses_its_ow
     assert meta["calibration_by_grid"]["1.5 mm"]["scale"] == records[2].scale  # the record its runs used
 
 
+def test_calibrate_noise_unknown_makes_the_record_that_runs_without_air_use(tmp_path: Path, capsys) -> None:
+    """``--noise-unknown 0 30``: every volume at each SNR, run without its noise std, fitted with the interval ``std +
+    0.5 σ̂`` (σ̂ read in-plane); a run on a scan without air (``noise_std="auto"``) uses that record and counts its own
+    σ̂, while before it, with only a noise-free record, it used that one and warned that it under-covers."""
+    from gen_sr.pipelines import LatentDiffusionSRPipeline
+    from gen_sr.risk import NOISE_UNKNOWN_SHAPE
+
+    model = tmp_path / "model"
+    _pipe(2).save_pretrained(model)
+    paths = [str(save_volume(_hr(shape=(24, 10, 24)), tmp_path / f"hr{k}.nii.gz")) for k in range(2)]
+    args = ["calibrate", "--model", str(model), "--data", *paths, "--blocks", "6", "--samples", "2", "--steps", "2",
+            "--method", "crc", "--slice-thickness", "3"]
+    assert main(args) == 0
+    airless = Volume(np.random.default_rng(0).random((24, 10, 8)).astype(np.float32) + 1, np.diag([1, 1, 3.0, 1]))
+    run = {"num_samples": 2, "num_inference_steps": 2, "noise_std": "auto", "generator": torch.Generator()}
+    with pytest.warns(UserWarning, match="made on noise-free slices\\) under-covers a noisy scan"):
+        before = LatentDiffusionSRPipeline.from_pretrained(model)(airless, **run)
+    assert before.metadata["noise_known"] is False and before.metadata["risk"]["scale"] == Calibration.load(model).scale
+    assert main([*args, "--noise-unknown", "0", "30"]) == 0
+    assert "noise std not known" in capsys.readouterr().out
+    pipe = LatentDiffusionSRPipeline.from_pretrained(model)
+    record = list(pipe.calibrations)[1]
+    assert record.for_unknown_noise and record.shape == NOISE_UNKNOWN_SHAPE and record.num_volumes == 24
+    assert record.details["snr"] == [0, 30] and record.details["noise_known"] is False
+    with pytest.warns(UserWarning, match="its risk map's interval counts the noise read in-plane"):
+        out = pipe(airless, **run | {"generator": torch.Generator().manual_seed(0)})
+    sigma = out.metadata["noise_std_in_plane"]
+    assert out.metadata["noise_known"] is False and sigma > 0 and out.metadata["risk"]["scale"] == record.scale
+    scale = pipe.intensity_normalization(airless.data).scale
+    np.testing.assert_allclose(out.risk, record.halfwidth(out.std, out.mean, sigma) / scale, rtol=1e-4, atol=1e-6)
+    assert main([*args, "--noise-unknown", "0", "--snr", "30"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
 def test_evaluate_command_and_its_errors(tmp_path: Path, capsys) -> None:
     model = tmp_path / "model"
     _pipe(2).save_pretrained(model)

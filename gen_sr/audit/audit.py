@@ -28,7 +28,7 @@ from gen_sr.eval.uncertainty import coverage, uncertainty_report
 from gen_sr.io import check_output_dir, sidecar_path
 from gen_sr.physics import AcquisitionOperator, structure_visibility
 from gen_sr.pipelines import LatentDiffusionSRPipeline
-from gen_sr.risk import Calibration, DataDisagreement, risk_map, run_calibration
+from gen_sr.risk import Calibration, DataDisagreement, interval_noise_std, risk_map, run_calibration
 from gen_sr.volume import Volume, covers, load_volume, resample_to, save_volume
 
 __all__ = ["DISAGREEMENT_FILE", "MAP_FILES", "NOMINAL_COVERAGE", "audit", "reuse_outputs"]
@@ -75,7 +75,8 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
         normalised = [torch.from_numpy(norm(v.data.astype(np.float64)))[None, None] for v in (canon_mean, canon_lr)]
         disagreement = DataDisagreement().statistic(operator, *normalised, sigma / scale)[0, 0].numpy()
     region = None if calibration_region is None else pipe.calibration_region_mask(lr, calibration_region, mean)
-    risk = risk_map(std.data, mean.data, _run_calibration(pipe, meta), meta.get("noise_std") or 0.0, scale, region)
+    calibration = _run_calibration(pipe, meta)
+    risk = risk_map(std.data, mean.data, calibration, interval_noise_std(meta, calibration), scale, region)
     maps = {"mean": mean, "std": std, "risk": std.with_data(np.asarray(risk, dtype=np.float32)),
             "dc_residual": canon_mean.with_data(dc.astype(np.float32)).reorient(mean.orientation)}
     if disagreement is not None:
@@ -188,6 +189,7 @@ def audit(
             "steps": meta.get("num_inference_steps"), "samples": meta.get("num_samples"), "seeds": meta.get("seeds"),
             "guidance": meta.get("guidance"), "noise_std": meta.get("noise_std"),
             "noise_std_estimated": bool(meta.get("noise_std_estimated")),
+            "noise_std_in_plane": meta.get("noise_std_in_plane"),
             "relative_residual_max": max(meta.get("relative_residual", [float("nan")])),
             "capped_fraction": meta["capped_fraction"] if "capped_fraction" in meta else operator.capped_fraction(),
             "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",

@@ -210,13 +210,26 @@ def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
         elif key == "noise_std" and not value and card.get("noise_std_estimated"):
             rows.append(("Measurement noise std", "not known (fitted as 0)"))
         elif key == "noise_std_estimated" and value and not card.get("noise_std"):
-            rows.append(("Noise std", "not known: the scan has no background air to read it from (--noise-std auto), "
-                                      "so it was fitted as noise-free, and the calibrated interval, made for "
-                                      "noise-free slices, under-covers a noisy scan: give --noise-std"))
+            rows.append(("Noise std", _noise_not_known(card)))
+        elif key == "noise_std_in_plane":
+            continue  # said in the noise std's row
         else:
             label, fmt = _CARD.get(key, (str(key), _plain))
             rows.append((label, fmt(value)))
     return rows
+
+
+def _noise_not_known(card: Mapping[str, Any]) -> str:
+    """The noise std row of a run that had none: fitted as noise-free, and what its interval did about it."""
+    text = ("not known: the scan has no background air to read it from (--noise-std auto), so it was fitted as "
+            "noise-free; ")
+    calibration = card.get("calibration") if isinstance(card.get("calibration"), Mapping) else {}
+    sampling = calibration.get("sampling") if isinstance(calibration.get("sampling"), Mapping) else {}
+    in_plane = card.get("noise_std_in_plane")
+    if sampling.get("noise_known") is False and isinstance(in_plane, int | float):
+        return text + (f"the calibrated interval counts the noise read in-plane from its slices ({in_plane:.3g}), as "
+                       "calibrated for such runs; give --noise-std for a noise-aware fit")
+    return text + "the calibrated interval, made for noise-free slices, under-covers a noisy scan: give --noise-std"
 
 
 # ----------------------------------------------------------------------------------------------------- tables

@@ -44,12 +44,30 @@ from gen_sr.eval.cases import Case, SRModel, balanced_cuts, cases_noise_std, sup
 from gen_sr.eval.metrics import region_masks
 from gen_sr.eval.uncertainty import miss_rate
 from gen_sr.io import atomic_write
-from gen_sr.risk import Calibration, IntervalShape, SamplingSettings
+from gen_sr.physics import estimate_noise_std
+from gen_sr.risk import NOISE_UNKNOWN_SHAPE, Calibration, IntervalShape, SamplingSettings
 
-__all__ = ["SHAPE_CANDIDATES", "CalibrationResult", "CalibrationVolume", "calibrate", "calibrate_per_grid",
-           "calibration_volumes", "case_grid",
-           "check_calibration_settings", "choose_shape", "fit_calibration", "fit_shape", "fit_volumes", "hb_p_value",
-           "minimum_units", "pooled_rmse", "split_units", "transfer_coverage", "upper_bound"]
+__all__ = [
+    "SHAPE_CANDIDATES",
+    "CalibrationResult",
+    "CalibrationVolume",
+    "calibrate",
+    "calibrate_per_grid",
+    "calibration_volumes",
+    "case_grid",
+    "check_calibration_settings",
+    "choose_shape",
+    "fit_calibration",
+    "fit_shape",
+    "fit_volumes",
+    "hb_p_value",
+    "minimum_units",
+    "pooled_rmse",
+    "split_units",
+    "transfer_coverage",
+    "unknown_noise_volumes",
+    "upper_bound",
+]
 
 def hb_p_value(risk_hat: float | np.ndarray, n: int, alpha: float) -> float | np.ndarray:
     """Hoeffding–Bentkus p-value of the null "the mean loss exceeds ``alpha``" given the mean ``risk_hat`` of ``n``
@@ -359,7 +377,7 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
               method: Literal["rcps", "crc"] = "rcps", blocks: int = 1, axis: int = 0,
               interval: Literal["std", "auto"] = "std", details: dict[str, Any] | None = None, progress: bool = True,
               cache: str | Path | None = None, masks: Callable[[Case], np.ndarray] | None = None,
-              **pipe_kwargs: Any) -> CalibrationResult:
+              noise_known: bool = True, **pipe_kwargs: Any) -> CalibrationResult:
     """Calibrate a model on simulated cases: super-resolve them, cut them into units, choose the interval shape
     (``interval="auto"``), fit ``λ̂`` and check how it transfers between volumes. The settings are checked before
     any sampling (:func:`check_calibration_settings`).
@@ -373,6 +391,9 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
         interval: ``"std"`` for ``mean ± λ̂·std``, or ``"auto"`` to choose a spread (:func:`choose_shape`).
         details: recorded in the calibration (where the data came from); units and transfer are added.
         progress, cache, masks: see :func:`calibration_volumes`.
+        noise_known: ``False`` to calibrate runs whose noise std is not known (a scan without air): the cases are
+            run without their noise std, and the interval is :data:`~gen_sr.risk.NOISE_UNKNOWN_SHAPE`'s, with each
+            volume's noise read in-plane from its slices (:func:`unknown_noise_volumes`).
         pipe_kwargs: for the pipeline call (``num_samples``, ``num_inference_steps``, ``generator``, ...).
 
     Raises:
@@ -381,9 +402,9 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks,
                                interval=interval)
     volumes, sampling = _volumes_and_settings(pipe, cases, masks=masks, progress=progress, cache=cache,
-                                              **pipe_kwargs)
+                                              noise_known=noise_known, **pipe_kwargs)
     return fit_volumes(volumes, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis, interval=interval,
-                       details=details, progress=progress, sampling=sampling)
+                       details=details, progress=progress, sampling=sampling, shape=_shape(noise_known))
 
 
 def case_grid(case: Case) -> float:
@@ -396,7 +417,7 @@ def calibrate_per_grid(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0
                        method: Literal["rcps", "crc"] = "rcps", blocks: int = 1, axis: int = 0,
                        interval: Literal["std", "auto"] = "std", details: dict[str, Any] | None = None,
                        progress: bool = True, cache: str | Path | None = None,
-                       masks: Callable[[Case], np.ndarray] | None = None,
+                       masks: Callable[[Case], np.ndarray] | None = None, noise_known: bool = True,
                        **pipe_kwargs: Any) -> list[CalibrationResult]:
     """:func:`calibrate` apart for each output grid of the cases (:func:`case_grid`): the cases are super-resolved
     once, and each grid's volumes are fitted on their own, in order of the grids; each record carries its
@@ -408,36 +429,59 @@ def calibrate_per_grid(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0
         check_calibration_settings(sum(case_grid(c) == grid for c in cases), alpha=alpha, delta=delta, method=method,
                                    blocks=blocks, interval=interval)
     volumes, sampling = _volumes_and_settings(pipe, cases, masks=masks, progress=progress, cache=cache,
-                                              **pipe_kwargs)
+                                              noise_known=noise_known, **pipe_kwargs)
     results = []
     for grid in grids:
         chosen = [v for v, c in zip(volumes, cases, strict=True) if case_grid(c) == grid]
         result = fit_volumes(chosen, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis,
                              interval=interval, details={**(details or {}), "grid_spacing": grid}, progress=progress,
-                             sampling=sampling)
+                             sampling=sampling, shape=_shape(noise_known))
         record = dataclasses.replace(result.calibration, grid_spacing=grid)
         results.append(dataclasses.replace(result, calibration=record))
     return results
 
 
 def _volumes_and_settings(pipe: SRModel, cases: Sequence[Case], *, masks: Callable[[Case], np.ndarray] | None,
-                          progress: bool, cache: str | Path | None,
+                          progress: bool, cache: str | Path | None, noise_known: bool = True,
                           **pipe_kwargs: Any) -> tuple[list[CalibrationVolume], SamplingSettings]:
-    """The calibration volumes of ``cases`` (:func:`calibration_volumes`) and the sampler settings they were made
-    with (a noise-free case set has no refit)."""
+    """The calibration volumes of ``cases`` (:func:`calibration_volumes`; :func:`unknown_noise_volumes` where the
+    noise is not known) and the sampler settings they were made with (a noise-free case set has no refit)."""
+    if not noise_known:
+        volumes = unknown_noise_volumes(pipe, cases, masks=masks, progress=progress, cache=cache, **pipe_kwargs)
+        return volumes, pipe.sampling_settings(noise_std=0.0, noise_known=False, **pipe_kwargs)
     volumes = calibration_volumes(pipe, cases, masks=masks, progress=progress, cache=cache, **pipe_kwargs)
     return volumes, pipe.sampling_settings(noise_std=cases_noise_std(cases), **pipe_kwargs)
+
+
+def unknown_noise_volumes(pipe: SRModel, cases: Sequence[Case], **kwargs: Any) -> list[CalibrationVolume]:
+    """The calibration volumes of runs whose noise std is not known: each case super-resolved without its noise std
+    (exact projections onto its slices, noise and all, as a scan without air is), and each volume's ``noise_std`` the
+    one read in-plane from its slices (:func:`~gen_sr.physics.estimate_noise_std` across their coarsest axis, as the
+    pipeline reads it), which :data:`~gen_sr.risk.NOISE_UNKNOWN_SHAPE` counts. ``kwargs``: as
+    :func:`calibration_volumes`'."""
+    blind = [dataclasses.replace(c, noise_std=0.0) for c in cases]
+    volumes = calibration_volumes(pipe, blind, **kwargs)
+    return [dataclasses.replace(v, noise_std=estimate_noise_std(c.lr.data, int(np.argmax(c.lr.spacing))))
+            for v, c in zip(volumes, cases, strict=True)]
+
+
+def _shape(noise_known: bool) -> IntervalShape:
+    """The interval of a calibration with ``interval="std"``: the plain std, or for runs whose noise is not known
+    :data:`~gen_sr.risk.NOISE_UNKNOWN_SHAPE`."""
+    return IntervalShape() if noise_known else NOISE_UNKNOWN_SHAPE
 
 
 def fit_volumes(volumes: Sequence[CalibrationVolume], *, alpha: float = 0.1, delta: float = 0.1,
                 method: Literal["rcps", "crc"] = "rcps", blocks: int = 1, axis: int = 0,
                 interval: Literal["std", "auto"] = "std", details: dict[str, Any] | None = None,
-                progress: bool = False, sampling: SamplingSettings | None = None) -> CalibrationResult:
+                progress: bool = False, sampling: SamplingSettings | None = None,
+                shape: IntervalShape = IntervalShape()) -> CalibrationResult:
     """The fitting half of :func:`calibrate`, on volumes already super-resolved (:func:`calibration_volumes`): choose
     the interval shape (``interval="auto"``), fit ``λ̂`` on the volumes' units, check how it transfers between volumes
-    and fit the other rule for comparison. ``sampling``: the settings the volumes were made with, recorded."""
+    and fit the other rule for comparison. ``sampling``: the settings the volumes were made with, recorded;
+    ``shape``: the interval's spread where ``interval`` is ``"std"`` (default: the plain std)."""
     fit: dict[str, Any] = {"alpha": alpha, "delta": delta, "method": method}
-    shape, transfer, transfer_error = IntervalShape(), None, None
+    transfer, transfer_error = None, None
     if interval == "auto":  # every fit here leaves a volume out: with too few units, the rule cannot certify
         try:
             shape, rows = choose_shape(volumes, blocks=blocks, axis=axis, progress=progress, **fit)

@@ -10,6 +10,7 @@ evaluation needs of a pipeline, so that ``eval/`` never imports ``pipelines/``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from gen_sr.volume import IntensityNormalization, Volume
 __all__ = ["HELD_OUT_HEAD", "REGIONS", "Case", "SRModel", "SROutput", "balanced_cuts", "calibration_slabs",
            "cases_noise_std", "central_slab", "crop_to_foreground", "has_calibration_slab", "held_out_head",
            "heldout_case", "heldout_slab", "load_hr_volumes", "model_slab", "read_operator_transforms", "simulate_case",
-           "simulate_cases", "super_resolve", "training_slabs"]
+           "simulate_cases", "simulate_cases_at", "super_resolve", "training_slabs"]
 
 Region = Literal["all", "train", "calibration", "heldout"]
 REGIONS: tuple[str, ...] = ("all", "train", "calibration", "heldout")
@@ -325,3 +326,10 @@ def simulate_cases(named: Sequence[tuple[str, Volume]], *, axis: int, thickness:
                               seed=seed + i, transforms=transforms) for i, (n, v) in enumerate(named)]
     except ValueError as e:  # e.g. slices thicker than a volume
         raise InputError(f"cannot simulate the acquisition: {e}") from e
+
+
+def simulate_cases_at(named: Sequence[tuple[str, Volume]], snrs: Sequence[float], **kwargs: Any) -> list[Case]:
+    """:func:`simulate_cases` at each SNR of ``snrs`` (0: noise-free), the same noise seeds each time; each case
+    named ``"<name> (SNR <snr>)"`` or ``"<name> (noise-free)"``. ``kwargs``: as :func:`simulate_cases`' but ``snr``."""
+    return [dataclasses.replace(c, name=f"{c.name} ({f'SNR {snr:g}' if snr else 'noise-free'})")
+            for snr in snrs for c in simulate_cases(named, snr=snr or None, **kwargs)]

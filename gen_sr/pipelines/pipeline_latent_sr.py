@@ -16,7 +16,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +37,7 @@ from gen_sr.physics import (
     SliceProfile,
     coarsen,
     coarser_axes,
+    estimate_noise_std,
     operator_from_spacings,
     scan_noise_std,
 )
@@ -47,7 +48,15 @@ from gen_sr.pipelines.guidance import (
     fit_where_data_disagree,
 )
 from gen_sr.pipelines.tiling import ForegroundTiles, PatchTiler, SlicePatchTiler, SliceTiler
-from gen_sr.risk import Calibration, Calibrations, DataDisagreement, SamplingSettings, describe_risk, risk_map
+from gen_sr.risk import (
+    Calibration,
+    Calibrations,
+    DataDisagreement,
+    SamplingSettings,
+    describe_risk,
+    interval_noise_std,
+    risk_map,
+)
 from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
 from gen_sr.slice_profile import estimate_slice_profile
 from gen_sr.volume import IntensityNormalization, Volume, load_volume, resample_to
@@ -209,6 +218,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         that of a default run (:attr:`calibration`), which does not hold for them (``warn``: a
         :class:`CalibrationMismatchWarning` says so, and which settings have one)."""
         exact, default = self.calibrations.find(settings, grid_spacing), self.calibration
+        if exact is None and not settings.noise_known:  # a model without records for such runs: as a noise-free one
+            exact = self.calibrations.find(replace(settings, noise_known=True), grid_spacing)
         if exact is not None or default is None:
             return exact
         if warn:
@@ -312,8 +323,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             noise_std: measurement noise std in input units (0: unknown or none: the projections fit the data
                 exactly, up to a cap on the inverse's noise gain that only much-overlapping slices reach,
                 :data:`~gen_sr.physics.NOISE_GAIN_FLOOR`; > 0 makes them noise-aware); ``"auto"``: read from the
-                scan's background air (:func:`~gen_sr.physics.scan_noise_std`; 0, with a warning, where it has none:
-                masked or cropped to the head), recorded in ``metadata``.
+                scan's background air (:func:`~gen_sr.physics.scan_noise_std`), recorded in ``metadata``; where it
+                has none (masked or cropped to the head), the noise std is not known: the projections fit the data
+                exactly, with a warning, and the risk map uses the model's calibration for such runs, whose interval
+                counts the noise read in-plane (:data:`~gen_sr.risk.NOISE_UNKNOWN_SHAPE`).
             refit_disagreement: with a noise std, after the noise-aware projection, fit the measurements (exactly,
                 up to that cap) where the samples' mean departs from them by more than the noise explains
                 (:func:`~gen_sr.pipelines.guidance.fit_where_data_disagree`); no effect without a noise std, where
@@ -401,18 +414,23 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         operator = self.operator_for(canon, operator=operator, target_spacing=target_spacing,
                                      slice_profile=slice_profile, slice_thickness=slice_thickness)
         self.check_memory(operator.hr_shape, num_samples, keep_samples, volume.source)
-        if estimated:  # once every setting is known to work
-            noise_std = _air_noise_std(canon)
-        else:  # in the input's units, on the input's grid: a coarsened grid holds less of it
-            noise_std = noise_std * noise_gain
+        noise_std = _noise_std(canon, noise_std, noise_gain)  # once every setting is known to work
+        noise_known, noise_std = noise_std is not None, noise_std or 0.0
         hr_affine = operator.hr_affine(canon.affine)
         work = torch.promote_types(dtype, torch.float32)  # physics, stitching and statistics in >= float32
         y = torch.from_numpy(norm(canon.data.astype(np.float32)))[None, None].to(device, work)
         sigma = noise_std / norm.scale
         settings = self.sampling_settings(num_samples=num_samples, num_inference_steps=num_inference_steps,
                                           strength=strength, share_first_call=share_first_call,
-                                          refit_disagreement=refit_disagreement, noise_std=noise_std)
+                                          refit_disagreement=refit_disagreement, noise_std=noise_std,
+                                          noise_known=noise_known)
         calibration = self.calibration_for(settings, warn=True, grid_spacing=min(operator.hr_spacing))
+        in_plane = None if noise_known else estimate_noise_std(canon.data, axes[0])  # what an unknown noise is
+        interval_sigma = interval_noise_std({"noise_std": noise_std, "noise_std_in_plane": in_plane},
+                                            calibration) / norm.scale  # the noise std that the interval counts
+        if not noise_known:
+            _warn_noise_unknown(volume.source, in_plane if calibration is not None and calibration.for_unknown_noise
+                                else None)
         region = None
         if calibration_region is not None:
             grid = Volume(np.broadcast_to(np.float32(0), tuple(operator.hr_shape)), hr_affine)
@@ -543,7 +561,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         # 8. uncertainty: risk is the std (or the calibrated interval half-width) over the robust intensity range
         mean = x.mean(dim=0, keepdim=True)
         std = x.std(dim=0, unbiased=False, keepdim=True)
-        risk = risk_map(std, mean, calibration, sigma, region=region)
+        risk = risk_map(std, mean, calibration, interval_sigma, region=region)
         dc = operator.residual_map(mean, y)
         timings["stitch_uncertainty_s"] = time.perf_counter() - tic
 
@@ -569,6 +587,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "processes": processes,
             "noise_std": noise_std,
             "noise_std_estimated": estimated,
+            "noise_known": noise_known,
+            "noise_std_in_plane": in_plane,
             "coarsened_input": None if canon.spacing == input_spacing else {
                 "from_spacing": list(input_spacing), "to_spacing": list(canon.spacing), "noise_std_factor": noise_gain},
             "refit_disagreement": refit,
@@ -591,19 +611,20 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
     def sampling_settings(self, *, num_samples: int = DEFAULT_NUM_SAMPLES, num_inference_steps: int | None = None,
                           strength: float = 1.0, share_first_call: bool | None = None,
                           refit_disagreement: bool | None = None, noise_std: float | None = None,
-                          **_: Any) -> SamplingSettings:
+                          noise_known: bool = True, **_: Any) -> SamplingSettings:
         """The sampler settings of a call with these arguments (the others, e.g. ``generator``, are ignored): what a
         calibration records and a run is checked against. ``share_first_call`` is what the run does: the model
         card's default where not given, and off where fewer than two steps are run; likewise
         ``refit_disagreement`` (the card's default where not given) is off for a run given ``noise_std`` 0 (``None``:
-        not known here, as for a calibration, which draws its own noise)."""
+        not known here, as for a calibration, which draws its own noise). ``noise_known``: ``False`` for a run asked
+        to read its noise std from air that the scan does not have (:attr:`SamplingSettings.noise_known`)."""
         steps = int(num_inference_steps or self.model_card.num_inference_steps)
         share = self.model_card.share_first_call if share_first_call is None else share_first_call
         if refit_disagreement is None:
             refit_disagreement = self.model_card.refit_disagreement
         return SamplingSettings(self.sampler_name, steps, int(num_samples), float(strength),
                                 bool(share) and max(1, round(strength * steps)) >= 2,
-                                bool(refit_disagreement) and (noise_std is None or noise_std > 0))
+                                bool(refit_disagreement) and (noise_std is None or noise_std > 0), noise_known)
 
     def _denoise(self, model_input: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, batch_size: int) -> torch.Tensor:
         """The network's output on ``model_input`` ``(B, C, *latent)`` with its conditions ``cond``, in batches of
@@ -617,15 +638,17 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         """What a call with these arguments would do, found without any sampling (``gen-sr info FILE --model DIR``):
         the acquisition it assumes, the input's resampling if any (:meth:`coarsened`), the output grid, the memory
         it needs against what is free, the noise std read from the scan's air (``noise_std="auto"``; ``None`` where it
-        has none), the calibration its risk map would use (:meth:`calibration_for` its settings and output grid) and
-        where the input lies outside the trained regime."""
+        has none, and then the one read in-plane that the interval counts), the calibration its risk map would use
+        (:meth:`calibration_for` its settings and output grid) and where the input lies outside the trained
+        regime."""
         given = self.as_volume(lr, volume_index=volume_index).canonical()
         canon, target, _ = self.coarsened(given, target_spacing)
         operator = self.operator_for(canon, target_spacing=target, slice_profile=slice_profile,
                                      slice_thickness=slice_thickness)
         norm, axes = self.intensity_normalization(canon.data), self.input_axes(canon, operator)
         noise_std = scan_noise_std(canon)
-        settings = self.sampling_settings(num_samples=num_samples, noise_std=noise_std or 0.0)
+        settings = self.sampling_settings(num_samples=num_samples, noise_std=noise_std or 0.0,
+                                          noise_known=noise_std is not None)
         calibration = self.calibration_for(settings, grid_spacing=min(operator.hr_spacing))
         return {"acquisition": operator.describe(), "sr_axes": list(axes),
                 "resampled_from": None if canon is given else list(given.spacing),
@@ -634,6 +657,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 "num_samples": num_samples,
                 "memory_bytes": self.memory_estimate(operator.hr_shape, num_samples, keep_samples=False),
                 "memory_available_bytes": _available_memory(self.device), "noise_std": noise_std,
+                "noise_std_in_plane": None if noise_std is not None else estimate_noise_std(canon.data, axes[0]),
                 "calibration": calibration,
                 "outside_training": self.outside_training(canon, operator, norm, axes)}
 
@@ -650,10 +674,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         (the slab's share of the output voxels)."""
         given = self.as_volume(lr, volume_index=volume_index).canonical()
         canon, target, gain = self.coarsened(given, target_spacing)
-        if noise_std == "auto":  # read on the whole scan, as the call reads it
-            noise_std = _air_noise_std(canon)
-        else:
-            noise_std = noise_std * gain
+        noise_std = _noise_std(canon, noise_std, gain) or 0.0  # read on the whole scan, as the call reads it
         across = max((a for a in range(3) if a not in self.input_axes(canon)), key=lambda a: canon.shape[a])
         start = np.zeros(3, dtype=int)
         start[across] = max(0, (canon.shape[across] - probe_thickness) // 2)
@@ -989,15 +1010,21 @@ class SharedPrediction:
         return self.x0 if self.then is None else self.then(self.x0, timestep)
 
 
-def _air_noise_std(volume: Volume) -> float:
-    """``noise_std="auto"``: :func:`~gen_sr.physics.scan_noise_std`, or 0 with a warning where the scan has no air."""
-    std = scan_noise_std(volume)
-    if std is None:
-        warnings.warn(f"{volume.source or 'the input'} has no background air to read its noise std from (masked, "
-                      "skull-stripped or cropped to the head): the projections fit the data as without a noise std, "
-                      "and the risk map's calibration for that (made on noise-free slices) under-covers a noisy scan; "
-                      "pass its noise std where known", stacklevel=4)
-    return std or 0.0
+def _noise_std(canon: Volume, noise_std: float | Literal["auto"], gain: float) -> float | None:
+    """The noise std of a call on ``canon`` (the grid it measures), in input units: ``"auto"`` reads it from the scan's
+    background air (:func:`~gen_sr.physics.scan_noise_std`; ``None`` where it has none: not known); a given one is
+    scaled by ``gain`` (a coarsened grid holds less of it, :meth:`LatentDiffusionSRPipeline.coarsened`)."""
+    return scan_noise_std(canon) if noise_std == "auto" else noise_std * gain
+
+
+def _warn_noise_unknown(source: str | None, in_plane: float | None) -> None:
+    """The warning of a run asked to read its noise std from air that the scan does not have; ``in_plane``: the noise
+    std read in-plane that its interval counts (``None``: the model has no calibration for such runs)."""
+    interval = (f"its risk map's interval counts the noise read in-plane ({in_plane:.4g})" if in_plane is not None
+                else "the risk map's calibration for that (made on noise-free slices) under-covers a noisy scan")
+    warnings.warn(f"{source or 'the input'} has no background air to read its noise std from (masked, skull-stripped "
+                  f"or cropped to the head): the projections fit the data as without a noise std, and {interval}; "
+                  "pass its noise std where known, for a noise-aware fit", stacklevel=4)
 
 
 def _check_settings(*, eta: float, noise_std: float | str, num_samples: int, batch_size: int, guidance: str,
