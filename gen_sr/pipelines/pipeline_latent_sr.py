@@ -614,7 +614,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                           noise_known: bool = True, **_: Any) -> SamplingSettings:
         """The sampler settings of a call with these arguments (the others, e.g. ``generator``, are ignored): what a
         calibration records and a run is checked against. ``share_first_call`` is what the run does: the model
-        card's default where not given, and off where fewer than two steps are run; likewise
+        card's default where not given, and off where fewer than two steps are run or the scheduler cannot predict
+        the clean sample from a shared call (``predict_original_sample``: a plain diffusers scheduler); likewise
         ``refit_disagreement`` (the card's default where not given) is off for a run given ``noise_std`` 0 (``None``:
         not known here, as for a calibration, which draws its own noise). ``noise_known``: ``False`` for a run asked
         to read its noise std from air that the scan does not have (:attr:`SamplingSettings.noise_known`)."""
@@ -622,8 +623,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         share = self.model_card.share_first_call if share_first_call is None else share_first_call
         if refit_disagreement is None:
             refit_disagreement = self.model_card.refit_disagreement
+        can_share = hasattr(self.scheduler, "predict_original_sample")  # a plain diffusers scheduler cannot
         return SamplingSettings(self.sampler_name, steps, int(num_samples), float(strength),
-                                bool(share) and max(1, round(strength * steps)) >= 2,
+                                bool(share) and can_share and max(1, round(strength * steps)) >= 2,
                                 bool(refit_disagreement) and (noise_std is None or noise_std > 0), noise_known)
 
     def _denoise(self, model_input: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, batch_size: int) -> torch.Tensor:
