@@ -405,7 +405,7 @@ def test_other_schedulers_run_without_guidance() -> None:
     assert max(out.metadata["relative_residual"]) <= 1e-4  # the final projection still applies
     with pytest.raises(ValueError, match="no data-consistency hook"):
         pipe(_lr(), num_samples=1, guidance="projection", **RUN)
-    pipe.model_card = dataclasses.replace(pipe.model_card, share_first_call=True)  # as models/heads2d's card: not for this one
+    pipe.model_card = dataclasses.replace(pipe.model_card, share_first_call=True)  # as heads2d's card
     shared = pipe(_lr(), num_samples=2, generator=_gens(0, 1), guidance="none", **RUN)
     assert shared.metadata["share_first_call"] is False and np.array_equal(shared.mean, out.mean)
 
