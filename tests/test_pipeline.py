@@ -407,6 +407,9 @@ def test_other_schedulers_run_without_guidance() -> None:
         pipe(_lr(), num_samples=1, guidance="projection", **RUN)
     pipe.model_card = dataclasses.replace(pipe.model_card, share_first_call=True)  # as heads2d's card
     shared = pipe(_lr(), num_samples=2, generator=_gens(0, 1), guidance="none", **RUN)
+    with pytest.warns(UserWarning, match="one sample has no spread: the std and risk maps are 0 everywhere"):
+        alone = pipe(_lr(), num_samples=1, generator=_gens(0), guidance="none", **RUN)
+    assert not alone.std.any() and not alone.risk.any()
     assert shared.metadata["share_first_call"] is False and np.array_equal(shared.mean, out.mean)
 
 

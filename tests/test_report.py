@@ -330,7 +330,8 @@ CALIBRATION = {"scale": 0.4525472352276444, "alpha": 0.1, "delta": 0.1, "method"
                "shape": {"smoothing": 1.0, "noise_floor": 0.0, "edge_weight": 3.2}}
 AUDIT_CARD = {"input": "sub-01_T1w_lr.nii.gz", "model": "models/heads2d",
               "operator": "axis 2: 4 mm slices every 4 mm, gaussian profile", "lr_spacing_mm": [1.0, 0.9, 2.2],
-              "sr_spacing_mm": [1.0, 0.9, 1.1], "steps": 50, "samples": 8, "seeds": list(range(8)),
+              "sr_spacing_mm": [1.0, 0.9, 1.1], "sampler": "DPMSolverDataConsistencyScheduler(trailing)", "steps": 50,
+              "samples": 8, "seeds": list(range(8)),
               "guidance": "projection", "noise_std": 0.03, "relative_residual_max": 0.0021,
               "calibration": CALIBRATION, "interval": "mean ± 0.4525 x (std smoothed over 1 voxels + ...)",
               "risk": {"calibrated": True, "scale": 0.4525, "alpha": 0.1, "definition": "the half-width ..."},
@@ -348,6 +349,7 @@ def test_card_rows_are_short_and_labelled() -> None:
     per_grid = dict(card_rows({**AUDIT_CARD, "calibration": {**CALIBRATION, "grid_spacing": 1.5}}))["Calibration"]
     assert "from 96 units of 8 volumes on 1.5 mm output grids (the record for this run's grid); miss" in per_grid
     assert rows["Interval"] == "mean ± 0.45 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)"
+    assert rows["Sampler"] == "DPMSolverDataConsistencyScheduler(trailing)" and rows["Sampler steps"] == "50"
     assert rows["Timings"] == "prepare 2.2 s, denoise 180 s, decode 10 s, stitch uncertainty 0.41 s"
     assert rows["Risk"] == "the calibrated interval's half-width ÷ the input's robust intensity range"
     assert rows["LR voxel spacing"] == "1 × 0.9 × 2.2 mm" and rows["Seeds"] == "0, 1, 2, …, 7 (8 seeds)"

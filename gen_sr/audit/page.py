@@ -189,7 +189,7 @@ def _capped(v: Any) -> str:
 _CARD: dict[str, tuple[str, Callable[[Any], str]]] = {
     "input": ("Input", _plain), "model": ("Model", _plain), "operator": ("Acquisition (RAS+ axes)", _plain),
     "hr_spacing_mm": ("HR voxel spacing", _spacing), "lr_spacing_mm": ("LR voxel spacing", _spacing),
-    "sr_spacing_mm": ("SR voxel spacing", _spacing), "steps": ("DDIM steps", _plain),
+    "sr_spacing_mm": ("SR voxel spacing", _spacing), "sampler": ("Sampler", _plain), "steps": ("Sampler steps", _plain),
     "samples": ("Posterior samples", _plain), "seeds": ("Seeds", _seeds), "guidance": ("Data consistency", _plain),
     "coarsened_input": ("Input resampled", _coarsened), "noise_std": ("Measurement noise std", _noise),
     "noise_std_estimated": ("Noise std", lambda v: "read from the scan's background air (--noise-std auto)" if v

@@ -396,6 +396,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                         batch_size=batch_size, guidance=guidance, guidance_interval=guidance_interval,
                         guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, strength=strength)
         self.check_patch_size(patch_size)
+        if num_samples == 1:
+            warnings.warn("one sample has no spread: the std and risk maps are 0 everywhere, so nothing can be "
+                          "flagged; sample 2 or more for an uncertainty map", stacklevel=2)
         volume = self.as_volume(lr, affine, lr_spacing, volume_index)
         generators = self._generators(generator, num_samples)
         # under `accelerate launch`, each process draws every world_size-th sample (unless it runs scans of its own)
