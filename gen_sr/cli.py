@@ -148,13 +148,15 @@ def _print_plan(args: argparse.Namespace) -> None:
     lr = load_volume(args.file, volume_index=args.volume)  # once, for the plan and the timing
     plan = pipe.plan(lr)
     have = plan["memory_available_bytes"]
-    rows = [("with model", args.model), ("acquisition", f"{plan['acquisition']} (RAS+; --slice-thickness and "
-                                                        "--profile to change it)")]
+    in_file = lambda ras: [ras[lr.axis_to_canonical(a)] for a in range(3)]  # noqa: E731 (the plan is in RAS+ order)
+    rows = [("with model", args.model), ("acquisition", f"{plan['acquisition']} (RAS+ axes; super-resolve's "
+                                                        "--slice-thickness and --profile change it)")]
     if plan["resampled_from"]:
-        rows.append(("resampled", f"in-plane from {_spacing_text(plan['resampled_from'])} to "
-                                  f"{_spacing_text(plan['input_spacing'])} mm first (finer than the model was trained "
-                                  "for; --target-spacing to choose)"))
-    rows += [("output grid", f"{_shape(plan['output_shape'])} voxels of {_spacing_text(plan['output_spacing'])} mm"),
+        rows.append(("resampled", f"in-plane from {_spacing_text(in_file(plan['resampled_from']))} to "
+                                  f"{_spacing_text(in_file(plan['input_spacing']))} mm first (finer than the model "
+                                  "was trained for; --target-spacing to choose)"))
+    rows += [("output grid", f"{_shape(in_file(plan['output_shape']))} voxels of "
+                             f"{_spacing_text(in_file(plan['output_spacing']))} mm (the file's axis order)"),
              ("memory", f"about {format_bytes(plan['memory_bytes'])} for {plan['num_samples']} samples"
                         + ("" if have is None else f" ({format_bytes(have)} free)")),
              ("noise std", _planned_noise_text(plan))]

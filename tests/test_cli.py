@@ -267,6 +267,12 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
     assert code == 2 and "--volume N" in err and "Traceback" not in err
     code, out, _ = _run(capsys, "info", series, "--model", tmp_path / "model", "--volume", "1")
     assert code == 0 and "output grid: 48 x 48 x 12 voxels of 1 x 1 x 1 mm" in out
+    sra = np.zeros((4, 4))  # stored with the file's axes along S (3 mm slices), R, A
+    sra[2, 0], sra[0, 1], sra[1, 2], sra[3, 3] = 3.0, 1.0, 1.0, 1.0
+    head = head_in_air((48, 40, 4), sigma=2.0, radius=14.4).astype(np.float32)
+    path_sra = write_nifti(tmp_path / "sra.nii.gz", np.transpose(head, (2, 0, 1)), sra)
+    code, out, _ = _run(capsys, "info", path_sra, "--model", tmp_path / "model")
+    assert code == 0 and "output grid: 12 x 48 x 40 voxels of 1 x 1 x 1 mm (the file's axis order)" in out, out
     thin = write_nifti(tmp_path / "thin.nii.gz", scan, np.diag([0.7, 0.7, 1.0, 1.0]))
     code, out, _ = _run(capsys, "info", thin, "--model", tmp_path / "model")
     assert "warning:     outside the trained regime: slice thickness 1 mm along S" in out
