@@ -1043,7 +1043,12 @@ def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a usage error as one line (what is wrong, and where the help is) and exit code 2."""
+    """argparse with a usage error as one line (what is wrong, and where the help is) and exit code 2; ``subcommands``
+    holds the subcommands' parsers (:func:`build_parser`)."""
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.subcommands: dict[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -1280,7 +1285,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (func, add_options, help) in _COMMANDS.items():
-        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p = parser.subcommands[name] = sub.add_parser(name, help=help, description=help, parents=[common])
         p.set_defaults(func=func)
         if command in (None, name):
             add_options(p)
@@ -1303,7 +1308,10 @@ def _print_warning(message: Warning | str, category: type[Warning], filename: st
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gen-sr``; returns the exit code (0 success, 2 user error)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_command_in(argv)).parse_args(argv)
+    parser = build_parser(_command_in(argv))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the subcommand whose options they are not, with its help
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default", UserWarning)  # each warning of this run once, however it was run

@@ -98,6 +98,8 @@ def test_unwritable_outputs_are_refused_before_any_work(capsys, tmp_path: Path, 
     (["calibrate", "--alpha", "2", "--data", "mni152"], "--alpha: expected a number strictly between 0 and 1"),
     (["calibrate", "--delta", "0", "--data", "mni152"], "--delta: expected a number strictly between 0 and 1"),
     (["audit", "--eta", "inf", "--output-dir", "x"], "--eta: expected a finite number >= 0"),
+    (["super-resolve", "--risk-threshold", "0.2"], "gen-sr super-resolve: error: unrecognized arguments: "
+                                                   "--risk-threshold 0.2"),
 ])
 def test_bad_parameters_are_one_line(capsys, tmp_path: Path, model_dir: Path, lr_file: Path, argv: list[str],
                                      fragment: str) -> None:
