@@ -418,7 +418,8 @@ def _super_resolve_cohort(args: argparse.Namespace) -> int:
     print(f"scans:    {len(rows)}: {counts['done']} done, {counts['skipped']} skipped (finished before), "
           f"{counts['failed']} failed")
     for r in failed:
-        print(f"failed:   {r.scan}: {r.message}", file=sys.stderr)
+        said = r.message if r.message.startswith(r.scan) else f"{r.scan}: {r.message}"  # an InputError names it
+        print(f"failed:   {said}", file=sys.stderr)
     print(f"wrote:    {out / 'summary.tsv'} and summary.json (one row per scan)")
     return 1 if failed else 0
 

@@ -71,7 +71,8 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
             "--output-dir", str(tmp_path / "out"), *SMALL]
     assert main(args) == 1  # one scan failed; the others are done
     captured = capsys.readouterr()
-    assert "4 done, 0 skipped" in captured.out and "1 failed" in captured.out and "sub-09_T1w" in captured.err
+    assert "4 done, 0 skipped" in captured.out and "1 failed" in captured.out
+    assert captured.err.count("sub-09_T1w.nii.gz") == 1  # named once on its line
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["counts"] == {"done": 4, "skipped": 0, "failed": 1}
     rows = (tmp_path / "out" / "summary.tsv").read_text().splitlines()
