@@ -142,9 +142,10 @@ def test_a_scan_finer_in_plane_than_the_target_is_resampled_and_its_run_audited(
     mean = load_volume(sr)
     assert mean.shape == (14, 12, 24) and np.allclose(mean.spacing, 1.0)
     assert json.loads((tmp_path / "sr.json").read_text())["noise_std"] < 2.0  # four voxels' average: about half
-    for extra in (["--reuse", str(sr), str(std)], []):
+    region = save_volume(Volume((data > 0).astype(np.float32), np.diag([0.5, 0.5, 3.0, 1.0])), tmp_path / "m.nii.gz")
+    for extra in (["--reuse", str(sr), str(std)], []):  # a calibration region is a mask on the given scan's grid
         out = tmp_path / ("reused" if extra else "sampled")
-        assert main(["audit", *run, "--output-dir", str(out), *extra]) == 0
+        assert main(["audit", *run, "--output-dir", str(out), "--calibration-region", str(region), *extra]) == 0
         card = json.loads((out / "report.json").read_text())["card"]
         assert card["coarsened_input"]["to_spacing"] == [1.0, 1.0, 3.0] and card["lr_spacing_mm"] == [1.0, 1.0, 3.0]
         assert "Input resampled" in (out / "report.html").read_text()

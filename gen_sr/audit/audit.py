@@ -58,7 +58,7 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
         operator = AcquisitionOperator.from_dict(meta["operator"])
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"is not a super-resolve run record ({e})", meta_path) from None
-    lr = pipe.measured_input(lr, meta)
+    given, lr = lr, pipe.measured_input(lr, meta)  # a calibration region is a mask on the given input's grid
     mean, std = load_volume(sr_path), load_volume(std_path)
     if mean.shape != std.shape or not np.allclose(mean.affine, std.affine, atol=1e-4):
         raise InputError("is not on the grid of the SR mean", std_path)
@@ -74,7 +74,7 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
     if sigma > 0:  # in the pipeline's normalised units, as the pipeline computed it (its foreground is not offset-free)
         normalised = [torch.from_numpy(norm(v.data.astype(np.float64)))[None, None] for v in (canon_mean, canon_lr)]
         disagreement = DataDisagreement().statistic(operator, *normalised, sigma / scale)[0, 0].numpy()
-    region = None if calibration_region is None else pipe.calibration_region_mask(lr, calibration_region, mean)
+    region = None if calibration_region is None else pipe.calibration_region_mask(given, calibration_region, mean)
     calibration = _run_calibration(pipe, meta)
     risk = risk_map(std.data, mean.data, calibration, interval_noise_std(meta, calibration), scale, region)
     maps = {"mean": mean, "std": std, "risk": std.with_data(np.asarray(risk, dtype=np.float32)),
@@ -165,7 +165,7 @@ def audit(
         if result.data_disagreement is not None:
             maps["data_disagreement"] = lr.with_data(np.asarray(result.data_disagreement, np.float32), result.affine)
         meta = result.metadata
-    lr = pipe.measured_input(lr, meta)  # the views, baselines and checks on the grid the run measured
+    given, lr = lr, pipe.measured_input(lr, meta)  # the views, baselines and checks on the grid the run measured
     grid = maps["mean"]  # masks and tissue maps onto the SR grid
     masks = {k: resample_to(m, grid) for k, m in masks.items()} if masks else None
     brain_mask = resample_to(brain_mask, grid, order=0) if brain_mask is not None else None
@@ -173,8 +173,8 @@ def audit(
     operator = AcquisitionOperator.from_dict(meta["operator"])
     metrics = curve = None
     if reference is not None:  # before anything is written: a reference that does not fit is an error
-        region = (None if calibration_region is None
-                  else pipe.calibration_region_mask(lr, calibration_region, maps["mean"].canonical()))
+        region = (None if calibration_region is None  # a mask on the given input's grid, as the run took it
+                  else pipe.calibration_region_mask(given, calibration_region, maps["mean"].canonical()))
         metrics, curve = _against_reference(maps, lr, reference, operator, meta, brain_mask, masks, calibration,
                                             region)
     out.mkdir(parents=True, exist_ok=True)
