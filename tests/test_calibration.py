@@ -243,6 +243,13 @@ def test_a_calibration_records_its_sampler_settings_and_a_run_with_others_warns(
     with warnings.catch_warnings():
         warnings.simplefilter("error", CalibrationMismatchWarning)
         pipe(cases[0].lr, **settings, refit_disagreement=True)
+    # calibrated per grid only, for 2 and 3 mm: a 1 mm run uses the nearest grid's record, and says so
+    made = pipe.calibration
+    pipe.calibrations = Calibrations([dataclasses.replace(made, scale=2.0, grid_spacing=2.0),
+                                      dataclasses.replace(made, scale=3.0, grid_spacing=3.0)])
+    with pytest.warns(CalibrationMismatchWarning, match="made for 1 mm output grids .* the one for 2 mm grids"):
+        assert pipe.calibration_for(expected, warn=True, grid_spacing=1.0).scale == 2.0
+    assert pipe.calibration_for(expected, grid_spacing=2.9).scale == 3.0
 
 
 def test_the_refit_is_in_the_settings_only_where_the_runs_have_noise() -> None:

@@ -214,15 +214,28 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
     def calibration_for(self, settings: SamplingSettings, *, warn: bool = False,
                         grid_spacing: float | None = None) -> Calibration | None:
         """The calibration a run with these sampler ``settings`` on an output grid of ``grid_spacing`` mm uses: the
-        one made with them (for that grid where one was made per grid: :meth:`~gen_sr.risk.Calibrations.find`), else
-        that of a default run (:attr:`calibration`), which does not hold for them (``warn``: a
-        :class:`CalibrationMismatchWarning` says so, and which settings have one)."""
-        exact, default = self.calibrations.find(settings, grid_spacing), self.calibration
+        one made with them (for that grid where one was made per grid: :meth:`~gen_sr.risk.Calibrations.find`); where
+        they were calibrated per grid only, for other grids, the nearest grid's; else that of a default run
+        (:attr:`calibration`), which does not hold for them (``warn``: a :class:`CalibrationMismatchWarning` says
+        so, and which settings or grid have one)."""
+        exact = self.calibrations.find(settings, grid_spacing)
         if exact is None and not settings.noise_known:  # a model without records for such runs: as a noise-free one
-            exact = self.calibrations.find(replace(settings, noise_known=True), grid_spacing)
-        if exact is not None or default is None:
+            settings = replace(settings, noise_known=True)
+            exact = self.calibrations.find(settings, grid_spacing)
+        if exact is not None:
             return exact
-        if warn:
+        per_grid = [r for r in self.calibrations if r.sampling == settings]  # made per grid only, none for this one
+        if per_grid and grid_spacing is not None:
+            nearest = min(per_grid, key=lambda r: abs(math.log(r.grid_spacing / grid_spacing)))
+            if warn:
+                warnings.warn(f"no calibration of the model was made for {grid_spacing:g} mm output grids with these "
+                              f"settings: the risk map uses the one for {nearest.grid_spacing:g} mm grids, whose "
+                              "coverage may not hold here (the scale the std needs grows with the voxel size); "
+                              "calibrate on volumes of this grid (gen-sr calibrate --per-grid)",
+                              CalibrationMismatchWarning, stacklevel=4)
+            return nearest
+        default = self.calibration
+        if default is not None and warn:
             made = "settings it did not record" if default.sampling is None else default.sampling.describe()
             warnings.warn(f"this run uses {settings.describe()}, which no calibration of the model was made with: its "
                           f"risk map uses the calibration made with {made}, whose coverage does not hold for these "
