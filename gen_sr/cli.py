@@ -22,7 +22,7 @@ import numpy as np
 
 from gen_sr.distributed import exit_if_distributed, process_state
 from gen_sr.errors import InputError
-from gen_sr.io import check_output_dir, check_output_file, check_output_path, write_json
+from gen_sr.io import check_output_dir, check_output_file, check_output_path, sidecar_path, write_json
 
 __all__ = ["main"]
 
@@ -212,6 +212,7 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     from gen_sr.volume import load_volume, save_volume
 
     out = check_output_path(args.output, args.overwrite, inputs=[args.input])
+    sidecar = check_output_file(sidecar_path(out), args.overwrite, inputs=[args.input])
     if args.save_operator:
         check_output_file(args.save_operator, args.overwrite, inputs=[args.input])
     hr = load_volume(args.input, volume_index=args.volume)
@@ -234,8 +235,16 @@ def cmd_degrade(args: argparse.Namespace) -> int:
         print(f"noise:       {args.noise}, SNR {args.snr:g} (std {sigma:.4g}), seed {args.seed}")
     save_volume(lr, out, overwrite=args.overwrite)
     print(f"wrote:       {out} ({_shape(lr.shape)} voxels of {_fmt(lr.spacing)} mm)")
+    bids = {"SliceThickness": args.slice_thickness, "SpacingBetweenSlices": acquisition.slice_spacing,
+            "GeneratedBy": [{"Name": "gen-sr degrade", "Description": operator.describe()
+                             + (f"; {args.noise} noise at SNR {args.snr:g}" if args.snr else "")}]}
+    saved = {"operator": operator.to_dict(), "noise_std": sigma, "noise": args.noise}
+    together = bool(args.save_operator) and Path(args.save_operator).resolve() == sidecar.resolve()
+    write_json(sidecar, {**bids, **saved} if together else bids)  # one file where --save-operator names the sidecar
+    print(f"wrote:       {sidecar} (BIDS sidecar: SliceThickness, which super-resolve reads)")
     if args.save_operator:
-        write_json(args.save_operator, {"operator": operator.to_dict(), "noise_std": sigma, "noise": args.noise})
+        if not together:
+            write_json(args.save_operator, saved)
         print(f"wrote:       {args.save_operator} (the operator on the canonical RAS+ HR grid)")
     return 0
 
@@ -343,7 +352,6 @@ def _steps(args: argparse.Namespace, pipe) -> int:
 
 
 def cmd_super_resolve(args: argparse.Namespace) -> int:
-    from gen_sr.io import sidecar_path
     from gen_sr.volume import load_volume, save_volume
 
     source = Path(args.input)
@@ -928,7 +936,9 @@ def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
                         "no finer in-plane than the model was trained for); where it is coarser than the input "
                         "in-plane (1 mm asked of a 0.45 mm scan) the input is resampled there first, by k-space "
                         "truncation, and the run says so")
-    p.add_argument("--slice-thickness", type=_positive_float, metavar="MM", help="default: the slice spacing")
+    p.add_argument("--slice-thickness", type=_positive_float, metavar="MM",
+                   help="default: the SliceThickness of the scan's BIDS JSON sidecar (as dcm2niix and gen-sr degrade "
+                        "write it), else the slice spacing")
     _add_profile_argument(p, auto=True)
     p.add_argument("--noise-std", type=_noise_std, default="auto", metavar="STD|auto",
                    help="the scan's measurement noise std in its units, >= 0: the projections fit the slices down to "

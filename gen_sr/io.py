@@ -22,7 +22,7 @@ import numpy as np
 from gen_sr.errors import InputError
 
 __all__ = ["NIFTI_SUFFIXES", "atomic_dir", "atomic_write", "check_output_dir", "check_output_file", "check_output_path",
-           "check_writable_dir", "is_nifti_name", "json_ready", "sidecar_path", "write_json"]
+           "check_writable_dir", "is_nifti_name", "json_ready", "sidecar_path", "sidecar_slice_thickness", "write_json"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PathLike = str | os.PathLike[str]
@@ -125,6 +125,19 @@ def sidecar_path(path: PathLike) -> Path:
     """The ``.json`` beside a NIfTI file (``sr.nii.gz`` → ``sr.json``), where a run records how it was made."""
     p = Path(path)
     return p.with_name(p.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+
+
+def sidecar_slice_thickness(path: PathLike | None) -> float | None:
+    """The slice thickness in mm that the BIDS JSON sidecar beside a NIfTI file records (``SliceThickness``, as
+    dcm2niix copies it from the DICOM header, and as ``gen-sr degrade`` writes it), or ``None`` where there is no
+    such file or field (or ``path`` is not a NIfTI file name, e.g. a description)."""
+    if path is None or not is_nifti_name(path):
+        return None
+    try:
+        value = json.loads(sidecar_path(path).read_text()).get("SliceThickness")
+    except (OSError, ValueError, AttributeError):  # none, not JSON, or not an object
+        return None
+    return float(value) if isinstance(value, int | float) and 0 < value < float("inf") else None
 
 
 def json_ready(value: Any) -> Any:

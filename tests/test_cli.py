@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -56,6 +57,8 @@ def test_lr_voxel_centres_are_the_profile_weighted_mean_of_the_hr_voxels(
         expected_spacing = float(spacing or thickness)
         assert lr.spacing[axis] == pytest.approx(expected_spacing, abs=1e-6)
         assert nib.load(out).header.get_zooms()[axis] == pytest.approx(expected_spacing, abs=1e-5)
+        bids = json.loads((tmp_path / f"lr{coord}.json").read_text())  # the sidecar super-resolve reads
+        assert bids["SliceThickness"] == float(thickness) and bids["SpacingBetweenSlices"] == expected_spacing
 
 
 def test_degrade_with_noise_is_seeded_and_leaves_the_input_alone(tmp_path: Path, capsys, hr_file: Path) -> None:
@@ -70,7 +73,8 @@ def test_degrade_with_noise_is_seeded_and_leaves_the_input_alone(tmp_path: Path,
         outs.append(load_volume(out).data)
     assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
     assert _digest(hr_file) == before
-    assert (tmp_path / "a.json").read_text().count('"slice"') == 1
+    saved = json.loads((tmp_path / "a.json").read_text())  # --save-operator named the sidecar: one file holds both
+    assert json.dumps(saved).count('"slice"') == 1 and saved["SliceThickness"] == 2.0
 
 
 def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str], str]]:
@@ -273,6 +277,15 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
     path_sra = write_nifti(tmp_path / "sra.nii.gz", np.transpose(head, (2, 0, 1)), sra)
     code, out, _ = _run(capsys, "info", path_sra, "--model", tmp_path / "model")
     assert code == 0 and "output grid: 12 x 48 x 40 voxels of 1 x 1 x 1 mm (the file's axis order)" in out, out
+    # a BIDS sidecar's SliceThickness (as dcm2niix writes it): 2 mm slices every 3 mm, unless the run says otherwise
+    gapped = write_nifti(tmp_path / "gapped.nii.gz", head, np.diag([1.0, 1.0, 3.0, 1.0]))
+    (tmp_path / "gapped.json").write_text(json.dumps({"SliceThickness": 2, "SpacingBetweenSlices": 3}))
+    code, out, _ = _run(capsys, "info", gapped, "--model", tmp_path / "model")
+    assert code == 0 and "acquisition: axis 2: 2 mm slices every 3 mm" in out, out
+    from gen_sr.pipelines import LatentDiffusionSRPipeline
+
+    pipe = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "model")
+    assert "axis 2: 3 mm slices every 3 mm" in pipe.plan(load_volume(gapped), slice_thickness=3.0)["acquisition"]
     thin = write_nifti(tmp_path / "thin.nii.gz", scan, np.diag([0.7, 0.7, 1.0, 1.0]))
     code, out, _ = _run(capsys, "info", thin, "--model", tmp_path / "model")
     assert "warning:     outside the trained regime: slice thickness 1 mm along S" in out

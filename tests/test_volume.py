@@ -10,7 +10,7 @@ import pytest
 from helpers import oblique_affine, write_nifti
 
 from gen_sr.errors import InputError
-from gen_sr.io import atomic_dir, atomic_write
+from gen_sr.io import atomic_dir, atomic_write, sidecar_slice_thickness
 from gen_sr.sample_data import load_mni152
 from gen_sr.volume import IntensityNormalization, Volume, load_volume, save_volume
 
@@ -100,6 +100,16 @@ def test_atomic_dir_replaces_a_folder_whole_or_leaves_it_as_it_was(tmp_path: Pat
 
     assert atomic_dir(folder, whole) == "written"
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in folder.iterdir()] == ["new.json"]
+
+
+def test_the_slice_thickness_of_a_bids_sidecar(tmp_path: Path) -> None:
+    scan = save_volume(_volume(), tmp_path / "sub-01_T2w.nii.gz")
+    assert sidecar_slice_thickness(scan) is None  # no sidecar
+    for text, expected in (('{"SliceThickness": 5, "SpacingBetweenSlices": 6.5}', 5.0), ('{"SliceThickness": 0}', None),
+                           ('{"EchoTime": 0.1}', None), ("[5]", None), ("not json", None)):
+        (tmp_path / "sub-01_T2w.json").write_text(text)
+        assert sidecar_slice_thickness(scan) == expected, text
+    assert sidecar_slice_thickness("synthetic subject 3 (deformed)") is None and sidecar_slice_thickness(None) is None
 
 
 def test_refuses_existing_output_without_overwrite(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from diffusers.utils import BaseOutput, logging
 
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
+from gen_sr.io import sidecar_slice_thickness
 from gen_sr.model_card import IN_PLANE_MARGIN, ModelCard
 from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, set_sdpa_attention
 from gen_sr.physics import (
@@ -914,6 +915,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         spacing = np.asarray(canon.spacing)
         if profile == "auto":
             profile, thickness = "gaussian", self._estimated_thickness(canon, axes, thickness)
+        elif thickness is None and len(axes) == 1:  # one stack of slices: the thickness its BIDS sidecar records
+            thickness = sidecar_slice_thickness(canon.source)
         if target is None:  # each super-resolved axis at the finest spacing of the others (as coarsened() left them)
             target = spacing.copy()
             target[list(axes)] = np.delete(spacing, list(axes)).min()
