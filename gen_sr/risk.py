@@ -63,6 +63,14 @@ class IntervalShape:
     noise_floor: float = 0.0
     edge_weight: float = 0.0
 
+    def describe(self) -> str:
+        """The spread in words, e.g. ``std smoothed over 1 voxel + 0.5 × noise std + 3.2 × |∇ mean|``."""
+        s = self.smoothing
+        terms = [f"std smoothed over {s:g} voxel{'' if s == 1 else 's'}" if s else "std"]
+        terms += [f"{self.noise_floor:g} × noise std"] if self.noise_floor else []
+        terms += [f"{self.edge_weight:g} × |∇ mean|"] if self.edge_weight else []
+        return " + ".join(terms)
+
     def spread(self, std: torch.Tensor | np.ndarray, mean: torch.Tensor | np.ndarray,
                noise_std: float = 0.0) -> torch.Tensor | np.ndarray:
         """The spread ``u`` of volumes ``std`` and ``mean``, shaped ``(..., X, Y, Z)`` (the last three axes are
@@ -216,16 +224,13 @@ class Calibration:
         return self.scale_map(region) * self.shape.spread(std, mean, noise_std)
 
     def describe(self) -> str:
-        """The interval in words, e.g. for run records and reports."""
-        s = self.shape
-        terms = [f"std smoothed over {s.smoothing:g} voxels" if s.smoothing else "std"]
-        terms += [f"{s.noise_floor:g} x noise std"] if s.noise_floor else []
-        terms += [f"{s.edge_weight:g} x |gradient of the mean|"] if s.edge_weight else []
-        spread = f"({' + '.join(terms)})"
+        """The interval in words, e.g. ``mean ± 0.4525 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)``, for run
+        records, the terminal and reports."""
+        spread = f"({self.shape.describe()})"
         if self.outside_scale is not None:
-            return (f"mean ± {self.scale:.4g} x {spread} in the calibration region, ± {self.outside_scale:.4g} x "
+            return (f"mean ± {self.scale:.4g} × {spread} in the calibration region, ± {self.outside_scale:.4g} × "
                     f"{spread} outside it")
-        return f"mean ± {self.scale:.4g} x {spread}"
+        return f"mean ± {self.scale:.4g} × {spread}"
 
     def save(self, folder: str | Path) -> Path:
         """Write this record as the folder's only calibration (:meth:`Calibrations.save` keeps several)."""

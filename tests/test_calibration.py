@@ -200,7 +200,7 @@ def test_calibration_records_its_shape(tmp_path: Path) -> None:
     cal = dataclasses.replace(fit_calibration(errors, stds), shape=IntervalShape(1.0, 0.5, 0.2))
     cal.save(tmp_path)
     assert Calibration.load(tmp_path) == cal
-    assert "std smoothed over 1 voxels + 0.5 x noise std + 0.2 x |gradient of the mean|" in cal.describe()
+    assert "std smoothed over 1 voxel + 0.5 × noise std + 0.2 × |∇ mean|" in cal.describe()
     std, mean = np.ones((6, 6, 6)), np.zeros((6, 6, 6))
     np.testing.assert_allclose(cal.halfwidth(std, mean, noise_std=2.0), cal.scale * 2.0)
 

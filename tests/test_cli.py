@@ -262,8 +262,8 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
         assert code == 0 and f"output grid: {grid}" in out and "warning:" not in out
         assert ("resampled:   in-plane from 0.35 x 0.35 x 2.8 to 0.7 x 0.7 x 2.8 mm" in out) == (size == 96)
         # the record its risk map would use: the 1 mm grid's own, the one fitted on every grid for 0.7 mm
-        assert ("calibration: mean ± 3 x (std), the record for 1 mm grids" in out) == (size == 48)
-        assert ("calibration: mean ± 4 x (std), fitted on every grid together" in out) == (size == 96)
+        assert ("calibration: mean ± 3 × (std), the record for 1 mm grids" in out) == (size == 48)
+        assert ("calibration: mean ± 4 × (std), fitted on every grid together" in out) == (size == 96)
         assert "acquisition: axis 2:" in out and "memory:      about" in out and "read from the background air" in out
     series = head_in_air((48, 48, 4), sigma=2.0, radius=14.4).astype(np.float32)
     series = write_nifti(tmp_path / "series.nii.gz", np.stack([series, series], -1), np.diag([1.0, 1.0, 3.0, 1.0]))

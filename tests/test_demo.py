@@ -42,4 +42,4 @@ def test_demo_end_to_end_on_the_held_out_head(tmp_path: Path, capsys) -> None:
                                    risk_hat=0.1, risk_upper=0.1, sampling=settings, grid_spacing=1.0)
     pipe.save_pretrained(tmp_path / "calibrated")
     run_demo(tmp_path / "out2", model=tmp_path / "calibrated", num_samples=2, num_inference_steps=2, slab_mm=4)
-    assert "calibrated 90 % intervals (mean ± 2.5 x (std), the record for 1 mm grids):" in capsys.readouterr().out
+    assert "calibrated 90 % intervals (mean ± 2.5 × (std), the record for 1 mm grids):" in capsys.readouterr().out

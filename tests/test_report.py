@@ -333,7 +333,7 @@ AUDIT_CARD = {"input": "sub-01_T1w_lr.nii.gz", "model": "models/heads2d",
               "sr_spacing_mm": [1.0, 0.9, 1.1], "sampler": "DPMSolverDataConsistencyScheduler(trailing)", "steps": 50,
               "samples": 8, "seeds": list(range(8)),
               "guidance": "projection", "noise_std": 0.03, "relative_residual_max": 0.0021,
-              "calibration": CALIBRATION, "interval": "mean ± 0.4525 x (std smoothed over 1 voxels + ...)",
+              "calibration": CALIBRATION, "interval": "mean ± 0.4525 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)",
               "risk": {"calibrated": True, "scale": 0.4525, "alpha": 0.1, "definition": "the half-width ..."},
               "timings_s": {"prepare_s": 2.2, "denoise_s": 180.4, "decode_s": 10.1, "stitch_uncertainty_s": 0.41}}
 
@@ -348,7 +348,7 @@ def test_card_rows_are_short_and_labelled() -> None:
     assert dict(card_rows({**AUDIT_CARD, "noise_std_estimated": True}))["Noise std"].startswith("read from the scan's")
     per_grid = dict(card_rows({**AUDIT_CARD, "calibration": {**CALIBRATION, "grid_spacing": 1.5}}))["Calibration"]
     assert "from 96 units of 8 volumes on 1.5 mm output grids (the record for this run's grid); miss" in per_grid
-    assert rows["Interval"] == "mean ± 0.45 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)"
+    assert rows["Interval"] == "mean ± 0.4525 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)"
     assert rows["Sampler"] == "DPMSolverDataConsistencyScheduler(trailing)" and rows["Sampler steps"] == "50"
     assert rows["Timings"] == "prepare 2.2 s, denoise 180 s, decode 10 s, stitch uncertainty 0.41 s"
     assert rows["Risk"] == "the calibrated interval's half-width ÷ the input's robust intensity range"

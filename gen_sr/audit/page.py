@@ -146,19 +146,6 @@ def _adaptation(v: Any) -> str:
     return text
 
 
-def _interval(card: Mapping[str, Any]) -> str:
-    """``mean ± 0.45 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)`` from the card's calibration record."""
-    cal = card.get("calibration")
-    if not isinstance(cal, Mapping) or "scale" not in cal or not isinstance(cal.get("shape", {}), Mapping):
-        return _plain(card.get("interval"))
-    shape = cal.get("shape", {})
-    smoothing, floor, edge = (float(shape.get(k, 0) or 0) for k in ("smoothing", "noise_floor", "edge_weight"))
-    terms = [f"std smoothed over {smoothing:g} voxel{'' if smoothing == 1 else 's'}" if smoothing else "std"]
-    terms += [f"{floor:g} × noise std"] if floor else []
-    terms += [f"{edge:g} × |∇ mean|"] if edge else []
-    return f"mean ± {float(cal['scale']):.2g} × ({' + '.join(terms)})"
-
-
 def _risk(v: Any) -> str:
     if isinstance(v, Mapping) and "calibrated" in v:
         return ("the calibrated interval's half-width ÷ the input's robust intensity range" if v["calibrated"]
@@ -206,7 +193,7 @@ def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows = []
     for key, value in card.items():
         if key == "interval":
-            rows.append(("Interval", _interval(card)))
+            rows.append(("Interval", _plain(value)))  # as Calibration.describe words it
         elif key == "noise_std" and not value and card.get("noise_std_estimated"):
             rows.append(("Measurement noise std", "not known (fitted as 0)"))
         elif key == "noise_std_estimated" and value and not card.get("noise_std"):
