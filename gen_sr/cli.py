@@ -195,9 +195,12 @@ def _model_info(folder: Path) -> int:
     if scheduler.is_file():
         from gen_sr.schedulers import SCHEDULERS
 
-        config = json.loads(scheduler.read_text())
-        ours = {cls.__name__: cls for cls in SCHEDULERS.values()}.get(config["_class_name"])
-        sampler = ours.from_config(config).sampler_name if ours else config["_class_name"]  # as pipe.sampler_name
+        try:
+            config = json.loads(scheduler.read_text())
+            ours = {cls.__name__: cls for cls in SCHEDULERS.values()}.get(config["_class_name"])
+            sampler = ours.from_config(config).sampler_name if ours else config["_class_name"]  # as pipe.sampler_name
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"is not a scheduler config ({e})", scheduler) from None
     rows = [("model", str(folder)), *card.summary(), ("sampler", f"{sampler} (--scheduler to change it)"),
             ("autoencoder", describe_autoencoder(folder / "vae")),
             ("calibration", "\n".join(calibrations.describe()).replace("\n", "\n" + " " * 18)

@@ -91,6 +91,11 @@ class LatentSpaceMixin:
     config: Any
     downsample_factor: int
 
+    def describe(self) -> str:
+        """One line on what the latent is (``gen-sr info --model``)."""
+        return (f"learned ({type(self).__name__}), {self.config.latent_channels} channels at "
+                f"1/{self.downsample_factor} the size")
+
     @property
     def scaling_factor(self) -> float:
         """The latent scaling factor recorded in the config."""
@@ -443,6 +448,10 @@ class HaarAutoencoder(LatentSpaceMixin, ModelMixin, ConfigMixin):
     def downsample_factor(self) -> int:
         return 2 ** int(self.config.levels)
 
+    def describe(self) -> str:
+        return (f"the Haar wavelet transform, {self.config.levels} level(s) (exact: no reconstruction error), "
+                f"{self.config.latent_channels} channels at 1/{self.downsample_factor} the size")
+
     def _conv(self, transpose: bool) -> Callable:
         if self.config.spatial_dims == 2:
             return F.conv_transpose2d if transpose else F.conv2d
@@ -516,18 +525,13 @@ def _saved_config(path: str | Path) -> dict[str, Any]:
 
 
 def describe_autoencoder(path: str | Path) -> str:
-    """One line on an exported autoencoder folder, from its ``config.json`` alone (no weights are read)."""
+    """One line on an exported autoencoder folder (its class's ``describe``), from its ``config.json`` alone: the
+    class is built from the config, no weights are read."""
     try:
         cfg = _saved_config(path)
     except InputError as e:
         return f"unknown ({e})"
-    if cfg["_class_name"] == "HaarAutoencoder":
-        levels = int(cfg.get("levels", 1))
-        return (f"the Haar wavelet transform, {levels} level(s) (exact: no reconstruction error), "
-                f"{cfg.get('latent_channels')} channels at 1/{2**levels} the size")
-    channels = cfg.get("channels") or []
-    return (f"learned ({cfg['_class_name']}), {cfg.get('latent_channels')} channels at "
-            f"1/{2 ** max(len(channels) - 1, 0)} the size")
+    return AUTOENCODERS[cfg["_class_name"]].from_config(cfg).describe()
 
 
 def load_autoencoder(path: str | Path) -> Autoencoder:

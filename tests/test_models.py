@@ -102,6 +102,7 @@ def test_vae_save_load_roundtrip(spatial_dims: int, tmp_path: Path) -> None:
         assert loaded.config[key] == vae.config[key], key
     assert loaded.config.channels == (8, 16)  # tuples again after the JSON round trip
     assert loaded.scaling_factor == 0.25
+    assert describe_autoencoder(tmp_path) == f"learned (AutoencoderKLModel), {LATENT_CHANNELS} channels at 1/2 the size"
     x = image(spatial_dims)
     with torch.no_grad():
         z = vae.encode_latent(x)
