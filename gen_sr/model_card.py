@@ -151,6 +151,31 @@ class Adaptation:
     heldout_rmse: tuple[float, float] | None = None
     heldout_reference: Literal["clean", "noisy", "recorrupted"] | None = None
 
+    def describe(self) -> tuple[str, str]:
+        """``(label, text)``: what was done on the scan, in one line (the model card's and the audit card's row)."""
+        loss = "" if self.heldout_loss is None else (f"; held-out in-plane loss {self.heldout_loss[0]:.4f} -> "
+                                                      f"{self.heldout_loss[1]:.4f}")
+        compared = "" if self.heldout_rmse is None else (
+            f"; held-out in-plane RMSE {self.heldout_rmse[0]:.4g} pretrained, {self.heldout_rmse[1]:.4g} fine-tuned"
+            + (f" ({self.heldout_reference} references)" if self.heldout_reference else ""))
+        if self.steps == 0:
+            return "calibrated on", (f"{self.source} without fine-tuning ({len(self.held_out_slices)} of its in-plane "
+                                     f"slices across RAS+ axis {self.axis})")
+        if self.kept == "pretrained":
+            return "calibrated on", (f"{self.source}, keeping the pretrained UNet: {self.steps} steps of fine-tuning "
+                                     f"on its in-plane slices across RAS+ axis {self.axis} did worse on the slices "
+                                     f"held out{compared}")
+        noise = ("" if not self.target_noise_std else f"; its slices' noise (std {self.target_noise_std:.4g}"
+                 f"{', estimated' if self.target_noise_estimated else ''}) taken as diffusion noise from timestep "
+                 f"{self.min_timestep} on")
+        noise += ("" if not self.recorrupted else f"; pairs recorrupted with noise std {self.noise_std:.4g}"
+                  f"{', estimated' if self.noise_estimated else ''}")
+        noise += ("" if self.weight_mix == 1 else f"; its weights {self.weight_mix:g} fine-tuned, "
+                  f"{1 - self.weight_mix:g} pretrained")
+        return "adapted on", (f"{self.source} ({self.steps} steps, {self.seconds:.0f} s, on its in-plane slices "
+                              f"across RAS+ axis {self.axis}; {len(self.held_out_slices)} slices held out for its "
+                              f"calibration{loss}{compared}{noise})")
+
 
 @dataclass
 class ModelCard:
@@ -282,30 +307,8 @@ class ModelCard:
                  f"the last {self.holdout.fraction:.0%} along RAS+ axis {self.holdout.axis}"
                  + (f", and {self.holdout.calibration_fraction:.0%} before it for calibration"
                     if self.holdout.calibration_fraction else ""))]
-        if (a := self.adapted) is not None:
-            loss = "" if a.heldout_loss is None else (f"; held-out in-plane loss {a.heldout_loss[0]:.4f} -> "
-                                                       f"{a.heldout_loss[1]:.4f}")
-            compared = "" if a.heldout_rmse is None else (
-                f"; held-out in-plane RMSE {a.heldout_rmse[0]:.4g} pretrained, {a.heldout_rmse[1]:.4g} fine-tuned"
-                + (f" ({a.heldout_reference} references)" if a.heldout_reference else ""))
-            if a.steps == 0:
-                rows.append(("calibrated on", f"{a.source} without fine-tuning ({len(a.held_out_slices)} of its "
-                                              f"in-plane slices across RAS+ axis {a.axis})"))
-            elif a.kept == "pretrained":
-                rows.append(("calibrated on", f"{a.source}, keeping the pretrained UNet: {a.steps} steps of "
-                                              f"fine-tuning on its in-plane slices across RAS+ axis {a.axis} did "
-                                              f"worse on the slices held out{compared}"))
-            else:
-                noise = ("" if not a.target_noise_std else f"; its slices' noise (std {a.target_noise_std:.4g}"
-                         f"{', estimated' if a.target_noise_estimated else ''}) taken as diffusion noise from "
-                         f"timestep {a.min_timestep} on")
-                noise += ("" if not a.recorrupted else f"; pairs recorrupted with noise std {a.noise_std:.4g}"
-                          f"{', estimated' if a.noise_estimated else ''}")
-                noise += ("" if a.weight_mix == 1 else f"; its weights {a.weight_mix:g} fine-tuned, "
-                          f"{1 - a.weight_mix:g} pretrained")
-                rows.append(("adapted on", f"{a.source} ({a.steps} steps, {a.seconds:.0f} s, on its in-plane slices "
-                                           f"across RAS+ axis {a.axis}; {len(a.held_out_slices)} slices held out for "
-                                           f"its calibration{loss}{compared}{noise})"))
+        if self.adapted is not None:
+            rows.append(self.adapted.describe())
         return rows
 
     def outside_training(self, lr_spacing: Sequence[float], slice_thickness: float, intensity_range: float,

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from gen_sr.audit.clusters import PeakRule, ranked_peaks
 from gen_sr.audit.page import card_rows
 from gen_sr.audit.report import BACKGROUND, build_report, risk_clusters, risk_peaks
 from gen_sr.audit.summary import grouped
+from gen_sr.model_card import Adaptation
 from gen_sr.volume import Volume
 
 SHAPE = (12, 14, 10)
@@ -359,6 +361,12 @@ def test_card_rows_are_short_and_labelled() -> None:
                            "x": {"a": 1, "b": [1, 2]}})) == {"Calibration": "none (uncalibrated)",
                                                              "Interval": "none (uncalibrated)", "x": "a: 1; b: 1, 2"}
     assert [grouped(v) for v in (37968.4, 123.0, 27.71, 0.5)] == ["37,968", "123", "27.7", "0.5"]
+    # an adaptation record, as report.json holds it: the model card's line; a record it cannot read, as it stands
+    adapted = Adaptation(source="lr.nii.gz", held_out_slices=[3, 8], steps=200, seconds=95.0,
+                         heldout_loss=(0.2, 0.17), heldout_rmse=(3.0, 2.5), heldout_reference="noisy")
+    row = dict(card_rows({"adaptation": json.loads(json.dumps(asdict(adapted)))}))["Adaptation"]
+    assert row == " ".join(adapted.describe()) and row.startswith("adapted on lr.nii.gz (200 steps, 95 s")
+    assert dict(card_rows({"adaptation": {"steps": "many"}}))["Adaptation"] == "steps: many"
 
 
 def test_colour_bars_name_their_units(monkeypatch) -> None:

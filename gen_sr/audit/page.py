@@ -17,6 +17,8 @@ import numpy as np
 
 from gen_sr.audit.figures import FigureRecord
 from gen_sr.audit.summary import INTENSITY_UNIT, coords, grouped, number, seconds
+from gen_sr.config import ConfigError, config_from_dict
+from gen_sr.model_card import Adaptation
 
 __all__ = ["DISCLAIMER", "Cell", "Table", "card_rows", "render_page", "table"]
 
@@ -123,27 +125,13 @@ def _calibration(v: Any) -> str:
 
 
 def _adaptation(v: Any) -> str:
-    """``fine-tuned on lr.nii.gz: 200 steps in 3 min, held-out in-plane loss 0.21 -> 0.17``, or what was kept instead
-    of the fine-tuning."""
-    if not isinstance(v, Mapping) or "steps" not in v:
+    """What was done on the scan (:meth:`gen_sr.model_card.Adaptation.describe`), e.g. ``adapted on lr.nii.gz (200
+    steps, 180 s, ...)``; a record this version cannot read, as it stands."""
+    try:
+        label, text = config_from_dict(Adaptation, dict(v)).describe()
+    except (ConfigError, TypeError, ValueError):
         return _plain(v)
-    if not v["steps"]:
-        return f"not fine-tuned: the pretrained network, calibrated on {v.get('source')}'s own held-out in-plane slices"
-    text = (f"fine-tuned on {v.get('source')}'s own in-plane slices: {v['steps']} steps in "
-            f"{seconds(float(v['seconds']))}")
-    loss, rmse = v.get("heldout_loss"), v.get("heldout_rmse")
-    if isinstance(loss, list | tuple) and len(loss) == 2:
-        text += f", held-out in-plane loss {float(loss[0]):.4f} → {float(loss[1]):.4f}"
-    if v.get("recorrupted"):
-        text += (f"; its training pairs recorrupted with the scan's noise (std {float(v.get('noise_std', 0)):.4g}), so "
-                 "that it could not learn to keep that noise")
-    mix = float(v.get("weight_mix", 1.0))
-    if mix < 1:
-        text += f"; its weights a mix of {mix:g} fine-tuned and {1 - mix:g} pretrained"
-    if isinstance(rmse, list | tuple) and len(rmse) == 2:
-        text += (f"; error on the held-out slices {float(rmse[0]):.4g} pretrained, {float(rmse[1]):.4g} fine-tuned "
-                 f"(RMSE): the {v.get('kept', 'fine-tuned')} network was kept")
-    return text
+    return f"{label} {text}"
 
 
 def _risk(v: Any) -> str:
