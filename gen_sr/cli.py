@@ -780,10 +780,10 @@ def _tissue(text: str) -> tuple[str, str]:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from gen_sr.audit.audit import audit
+    from gen_sr.audit.audit import AUDIT_FILES, audit
     from gen_sr.volume import load_volume
 
-    out = _output_dir(args)
+    out = _output_dir(args, *AUDIT_FILES)  # before the model loads
     lr = load_volume(args.input, volume_index=args.volume)
     reference = load_volume(args.reference) if args.reference else None
     brain = load_volume(args.mask) if args.mask else None

@@ -31,12 +31,14 @@ from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.risk import Calibration, DataDisagreement, interval_noise_std, risk_map, run_calibration
 from gen_sr.volume import Volume, covers, load_volume, resample_to, save_volume
 
-__all__ = ["DISAGREEMENT_FILE", "MAP_FILES", "NOMINAL_COVERAGE", "audit", "reuse_outputs"]
+__all__ = ["AUDIT_FILES", "DISAGREEMENT_FILE", "MAP_FILES", "NOMINAL_COVERAGE", "audit", "reuse_outputs"]
 
 NOMINAL_COVERAGE = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 MAP_FILES = {"mean": "sr_mean.nii.gz", "std": "sr_std.nii.gz", "risk": "risk.nii.gz",
              "dc_residual": "dc_residual.nii.gz"}
 DISAGREEMENT_FILE = "data_disagreement.nii.gz"
+AUDIT_FILES = (*MAP_FILES.values(), DISAGREEMENT_FILE, "report.html", "report.json")
+"""Every file an audit writes into its output folder (an existing one is replaced only with ``overwrite``)."""
 """The data-disagreement map (:class:`~gen_sr.risk.DataDisagreement`), written for runs given a noise std."""
 
 
@@ -149,8 +151,7 @@ def audit(
         The report's JSON payload. Its ``outside_training`` lists where the input lies outside the trained regime
         (from the run record, or checked now for a reused run recorded without it).
     """
-    out = check_output_dir(output_dir, overwrite,
-                           [*MAP_FILES.values(), DISAGREEMENT_FILE, "report.html", "report.json"])
+    out = check_output_dir(output_dir, overwrite, AUDIT_FILES)
     if brain_mask is not None:
         _check_mask(brain_mask)
     if reference is not None and reuse is None:  # before any sampling: a reference that does not fit is an error
