@@ -380,6 +380,11 @@ def test_colour_bars_name_their_units(monkeypatch) -> None:
     assert len(labels) == 7 and all(figures.INTENSITY_UNIT in v for k, v in labels.items() if k != 3)
     assert figures.RISK_UNIT in labels[3].replace("\n", " ")
     assert figures.RISK_UNIT == "fraction of the input's robust intensity range"
+    # a colour bar shows where the map runs past its scale (a risk peak of 0.5 on a scale that ends at 0.3)
+    risk = np.array([0.0, 0.1, 0.5])
+    assert figures.saturated(risk, {"vmin": 0, "vmax": 0.3}) == "max"
+    assert figures.saturated(risk, {"vmin": 0, "vmax": 0.5}) == "neither" and figures.saturated(risk, {}) == "neither"
+    assert figures.saturated(risk - 0.2, {"vmin": 0, "vmax": 0.2}) == "both"
 
 
 def test_report_says_what_a_flag_means_and_warns(tmp_path) -> None:

@@ -49,6 +49,14 @@ def window(a: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> tuple[float, flo
     return vmin, vmax if vmax > vmin else vmin + 1e-6
 
 
+def saturated(data: np.ndarray, opts: Mapping[str, Any]) -> str:
+    """Which ends of a layer's colour scale (``vmin``, ``vmax`` of ``opts``) its ``data`` runs past, as a colour
+    bar's ``extend``: ``"max"``, ``"min"``, ``"both"`` or ``"neither"`` (the bar then shows an arrow there)."""
+    above = "vmax" in opts and float(np.nanmax(data)) > opts["vmax"]
+    below = "vmin" in opts and float(np.nanmin(data)) < opts["vmin"]
+    return {(True, True): "both", (True, False): "max", (False, True): "min"}.get((above, below), "neither")
+
+
 def translucent(name: str, opaque_at: float) -> ListedColormap:
     """Colormap ``name`` with opacity rising from 0 at the bottom to 0.85 at the fraction ``opaque_at`` of the
     scale."""
@@ -78,8 +86,10 @@ def view_row(volume: Volume, centre: np.ndarray, layers: Sequence[Layer], label:
         ax.set_title(f"{name} · {'xyz'[axis]} = {world[axis]:.1f} mm", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    bar = fig.colorbar(im, ax=axes, shrink=0.85, pad=0.01)
-    bar.set_label(label, fontsize=8)
+    extend = saturated(*layers[-1])
+    bar = fig.colorbar(im, ax=axes, shrink=0.85, pad=0.01, extend=extend)
+    peak = float(np.nanmax(layers[-1][0]))
+    bar.set_label(label + (f" (up to {peak:.3g})" if extend in ("max", "both") else ""), fontsize=8)
     if contour is not None:
         bar.ax.axhline(contour, color="#00bcd4", lw=1.5)
     return png_uri(fig)
