@@ -164,7 +164,7 @@ class Adaptation:
         if self.kept == "pretrained":
             return "calibrated on", (f"{self.source}, keeping the pretrained UNet: {self.steps} steps of fine-tuning "
                                      f"on its in-plane slices across RAS+ axis {self.axis} did worse on the slices "
-                                     f"held out{compared}")
+                                     f"held out{compared}{loss}")
         noise = ("" if not self.target_noise_std else f"; its slices' noise (std {self.target_noise_std:.4g}"
                  f"{', estimated' if self.target_noise_estimated else ''}) taken as diffusion noise from timestep "
                  f"{self.min_timestep} on")

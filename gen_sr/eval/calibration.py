@@ -69,6 +69,7 @@ __all__ = [
     "upper_bound",
 ]
 
+
 def hb_p_value(risk_hat: float | np.ndarray, n: int, alpha: float) -> float | np.ndarray:
     """Hoeffding–Bentkus p-value of the null "the mean loss exceeds ``alpha``" given the mean ``risk_hat`` of ``n``
     losses in [0, 1] (Bates et al. 2021, eq. 13); vectorised over ``risk_hat``."""
