@@ -219,6 +219,11 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     if args.save_operator:
         check_output_file(args.save_operator, args.overwrite, inputs=[args.input])
     hr = load_volume(args.input, volume_index=args.volume)
+    finest = min(s for a, s in enumerate(hr.spacing) if a != args.axis)
+    if hr.spacing[args.axis] >= 1.5 * finest:  # a thick-slice scan degraded again: its slices blurred twice
+        warnings.warn(f"{args.input} is already coarse along voxel axis {args.axis} ({hr.spacing[args.axis]:g} mm "
+                      f"against {finest:g} mm in-plane): degrade simulates the slices of a high-resolution volume, "
+                      "and blurs these a second time", stacklevel=2)
     acquisition = SliceAcquisition(
         axis=args.axis, thickness=args.slice_thickness, spacing=args.slice_spacing, profile=args.profile
     )

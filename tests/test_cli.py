@@ -144,6 +144,9 @@ def test_existing_output_is_refused_without_overwrite(tmp_path: Path, capsys, hr
     code, _, err = _run(capsys, "degrade", "--input", hr_file, "--output", hr_file, "--slice-thickness", "2",
                         "--axis", "1", "--overwrite")
     assert code == 2 and "same file as an input" in err
+    again = tmp_path / "twice.nii.gz"  # the thick-slice output degraded again along its coarse axis: said
+    code, _, err = _run(capsys, "degrade", "--input", out, "--output", again, "--slice-thickness", "4", "--axis", "1")
+    assert code == 0 and "is already coarse along voxel axis 1" in err and "a second time" in err
 
 
 def test_volume_option_takes_one_volume_of_a_series(tmp_path: Path, capsys) -> None:
