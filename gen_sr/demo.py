@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from gen_sr.audit.audit import audit
+from gen_sr.audit.clusters import BACKGROUND
 from gen_sr.errors import InputError
 from gen_sr.eval.baselines import BASELINES
 from gen_sr.eval.cases import HELD_OUT_HEAD, held_out_head, simulate_case
@@ -96,9 +97,10 @@ def _print_summary(payload: dict[str, Any], audit_dir: Path, seconds: float) -> 
     print(f"  coverage of the {label} {100 * (1 - curve['alpha']):g} % intervals{made_for}: "
           f"{100 * curve['observed'][i]:.1f} %")
     clusters = payload["clusters"]
+    in_brain = [c for c in clusters if c.get("tissue") not in (None, BACKGROUND)]  # the verdict counts the brain
     if clusters:
-        top = clusters[0]
-        print(f"  top risk cluster: {top['size_mm3']:.0f} mm³, peak risk {top['peak_risk']:.3f} at "
+        top, where = (in_brain[0], " in the brain") if in_brain else (clusters[0], "")
+        print(f"  top risk cluster{where}: {top['size_mm3']:.0f} mm³, peak risk {top['peak_risk']:.3f} at "
               f"({', '.join(f'{x:.1f}' for x in top['peak_mm'])}) mm, {top.get('tissue') or 'no tissue map'}")
     if payload["peaks"]:
         peak = payload["peaks"][0]
