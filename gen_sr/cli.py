@@ -468,21 +468,13 @@ def _scan_noise_std(args: argparse.Namespace, lr, *, report: bool = True, gain: 
 
 
 def _measured_scan(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, float, typing.Any]:
-    """The scan as a run with ``--target-spacing`` measures it, in its own orientation: resampled in-plane where the
-    target is coarser there (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.coarsened`, printed), so that an
-    adaptation learns from what the run will see; the factor that scales its noise std; and ``--calibration-region``
-    on its grid."""
-    canon = lr.canonical()
-    coarse, _, gain = pipe.coarsened(canon, args.target_spacing)
-    if coarse is canon:
-        return lr, 1.0, args.calibration_region
-    if process_state().is_main_process:
-        _print_coarsened({"from_spacing": canon.spacing, "to_spacing": coarse.spacing})
-    region = args.calibration_region
-    if region is not None:  # the mask of the scan as given, onto the resampled grid
-        inside = pipe.calibration_region_mask(lr, region, grid=coarse)
-        region = coarse.with_data(inside.astype(np.float32)).reorient(lr.orientation)
-    return coarse.reorient(lr.orientation), gain, region
+    """The scan as a run with ``--target-spacing`` measures it (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.
+    measured_scan`: resampled in-plane where the target is coarser there, printed), the factor that scales its noise
+    std, and ``--calibration-region`` on its grid."""
+    scan, gain, region = pipe.measured_scan(lr, args.target_spacing, args.calibration_region)
+    if scan is not lr and process_state().is_main_process:
+        _print_coarsened({"from_spacing": lr.canonical().spacing, "to_spacing": scan.canonical().spacing})
+    return scan, gain, region
 
 
 def _print_coarsened(record: dict | None) -> None:

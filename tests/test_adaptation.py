@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -403,6 +404,12 @@ def test_adapting_in_python_on_a_scan_the_runs_would_resample_warns(tmp_path: Pa
     fine = lr.with_data(lr.data, lr.affine @ np.diag([0.35, 0.35, 1.0, 1.0]))
     with pytest.warns(UserWarning, match=r"finer in-plane \(0\.35 mm\) than the model was trained for"):
         fit_to_scan(pipe, fine, calibrate=False, work_dir=tmp_path / "w", config=_config(steps=2))
+    measured, gain, _ = pipe.measured_scan(fine)  # as the runs measure it: what the warning asks for, and the CLI does
+    assert min(measured.spacing) >= 0.7 - 1e-6 and 0 < gain < 1 and measured.orientation == fine.orientation
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_to_scan(pipe, measured, calibrate=False, work_dir=tmp_path / "w2", config=_config(steps=2))
+    assert not [w for w in caught if "finer in-plane" in str(w.message)]
 
 
 def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsys) -> None:

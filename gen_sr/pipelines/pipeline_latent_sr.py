@@ -775,6 +775,21 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             return lr
         return coarsen(lr.canonical(), coarsened["to_spacing"])[0].reorient(lr.orientation)
 
+    def measured_scan(self, lr: Volume, target_spacing: Sequence[float] | None = None,
+                      calibration_region: LRInput | None = None) -> tuple[Volume, float, LRInput | None]:
+        """A scan as a run with ``target_spacing`` measures it, in its own orientation: resampled in-plane where the
+        target is coarser there (:meth:`coarsened`), so that an adaptation learns from what the run will see (``lr``
+        itself otherwise); the factor by which that scales its noise std; and ``calibration_region`` (a mask on the
+        scan's grid, :meth:`calibration_region_mask`) on the grid returned."""
+        canon = lr.canonical()
+        coarse, _, gain = self.coarsened(canon, target_spacing)
+        if coarse is canon:
+            return lr, 1.0, calibration_region
+        if calibration_region is not None:
+            inside = self.calibration_region_mask(lr, calibration_region, grid=coarse)
+            calibration_region = coarse.with_data(inside.astype(np.float32)).reorient(lr.orientation)
+        return coarse.reorient(lr.orientation), gain, calibration_region
+
     def input_axes(self, canon: Volume, operator: AcquisitionOperator | None = None) -> tuple[int, ...]:
         """The RAS+ axes to super-resolve in an input (in RAS+), the coarser first: the slice axes of ``operator``
         when given, else the input's coarse axes (:meth:`~gen_sr.model_card.ModelCard.axes_for`: the model card's

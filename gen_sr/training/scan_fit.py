@@ -113,7 +113,7 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     if pipe.coarser_grid(canon) is not None:
         warnings.warn(f"{volume.source or 'the scan'} is finer in-plane ({min(canon.spacing):.3g} mm) than the model "
                       "was trained for, so a run at the default grid resamples it first: adapt on the scan as the "
-                      "runs will measure it (LatentDiffusionSRPipeline.coarsened; gen-sr fit and --adapt do)",
+                      "runs will measure it (LatentDiffusionSRPipeline.measured_scan; gen-sr fit and --adapt do)",
                       stacklevel=2)
     region = None if calibration_region is None else pipe.calibration_region_mask(volume, calibration_region)
     if scan_noise_std > 0 and RECORRUPT_PAIRS and "noise_std" not in adapt_kwargs:
