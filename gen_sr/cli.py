@@ -455,13 +455,13 @@ def _adaptation_config(args: argparse.Namespace):
 
 def _scan_noise_std(args: argparse.Namespace, lr, *, report: bool = True, gain: float = 1.0) -> float:
     """``--noise-std`` (times ``gain``, for a scan that :func:`_measured_scan` resampled), or with ``auto`` the std
-    read from the scan's background air (0 where it has none; :func:`gen_sr.physics.scan_noise_std`, as the pipeline
-    reads it), printed where ``report``."""
-    from gen_sr.physics import scan_noise_std
+    read from the scan's background air (0 where it has none), as the pipeline resolves it
+    (:func:`~gen_sr.pipelines.pipeline_latent_sr.resolve_noise_std`), printed where ``report``."""
+    from gen_sr.pipelines.pipeline_latent_sr import resolve_noise_std
 
+    std = resolve_noise_std(lr, args.noise_std, gain) or 0.0
     if args.noise_std != "auto":
-        return args.noise_std * gain
-    std = scan_noise_std(lr) or 0.0
+        return std
     if report and process_state().is_main_process:
         _print_noise_estimate(std)
     return std

@@ -65,7 +65,7 @@ from gen_sr.volume import IntensityNormalization, Volume, load_volume, resample_
 logger = logging.get_logger(__name__)
 
 __all__ = ["DEFAULT_NUM_SAMPLES", "CalibrationMismatchWarning", "LatentDiffusionSRPipeline", "OutsideTrainingWarning",
-           "SRPipelineOutput"]
+           "SRPipelineOutput", "resolve_noise_std"]
 
 DEFAULT_NUM_SAMPLES = 8
 """Posterior samples per run unless a call says otherwise."""
@@ -431,7 +431,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         operator = self.operator_for(canon, operator=operator, target_spacing=target_spacing,
                                      slice_profile=slice_profile, slice_thickness=slice_thickness)
         self.check_memory(operator.hr_shape, num_samples, keep_samples, volume.source)
-        noise_std = _noise_std(canon, noise_std, noise_gain)  # once every setting is known to work
+        noise_std = resolve_noise_std(canon, noise_std, noise_gain)  # once every setting is known to work
         noise_known, noise_std = noise_std is not None, noise_std or 0.0
         hr_affine = operator.hr_affine(canon.affine)
         work = torch.promote_types(dtype, torch.float32)  # physics, stitching and statistics in >= float32
@@ -693,7 +693,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         (the slab's share of the output voxels)."""
         given = self.as_volume(lr, volume_index=volume_index).canonical()
         canon, target, gain = self.coarsened(given, target_spacing)
-        noise_std = _noise_std(canon, noise_std, gain) or 0.0  # read on the whole scan, as the call reads it
+        noise_std = resolve_noise_std(canon, noise_std, gain) or 0.0  # read on the whole scan, as the call reads it
         across = max((a for a in range(3) if a not in self.input_axes(canon)), key=lambda a: canon.shape[a])
         start = np.zeros(3, dtype=int)
         start[across] = max(0, (canon.shape[across] - probe_thickness) // 2)
@@ -1046,11 +1046,11 @@ class SharedPrediction:
         return self.x0 if self.then is None else self.then(self.x0, timestep)
 
 
-def _noise_std(canon: Volume, noise_std: float | Literal["auto"], gain: float) -> float | None:
-    """The noise std of a call on ``canon`` (the grid it measures), in input units: ``"auto"`` reads it from the scan's
+def resolve_noise_std(scan: Volume, noise_std: float | Literal["auto"], gain: float = 1.0) -> float | None:
+    """The noise std of a call on ``scan`` (the grid it measures), in input units: ``"auto"`` reads it from the scan's
     background air (:func:`~gen_sr.physics.scan_noise_std`; ``None`` where it has none: not known); a given one is
     scaled by ``gain`` (a coarsened grid holds less of it, :meth:`LatentDiffusionSRPipeline.coarsened`)."""
-    return scan_noise_std(canon) if noise_std == "auto" else noise_std * gain
+    return scan_noise_std(scan) if noise_std == "auto" else noise_std * gain
 
 
 def _warn_noise_unknown(source: str | None, in_plane: float | None) -> None:
