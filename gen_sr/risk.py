@@ -144,13 +144,13 @@ finest anatomy too). The weight was chosen on calibration subjects (``benchmarks
 scale covers such runs at every noise level."""
 
 
-def interval_noise_std(metadata: Mapping[str, Any], calibration: Calibration | None) -> float:
-    """The noise std (input units) that the interval of a run with this ``metadata`` counts
-    (:meth:`IntervalShape.spread`) under ``calibration`` (:func:`run_calibration`): the one it was given or read from
-    air, or, under a calibration for runs whose noise std was not known, the one read in-plane from its slices."""
+def interval_noise_std(calibration: Calibration | None, noise_std: float, in_plane: float | None) -> float:
+    """The noise std (input units) that a run's interval counts (:meth:`IntervalShape.spread`) under its
+    ``calibration``: ``noise_std``, the one it was given or read from air, or under a calibration for runs whose noise
+    std was not known (:attr:`Calibration.for_unknown_noise`) ``in_plane``, the one read in-plane from its slices."""
     if calibration is not None and calibration.for_unknown_noise:
-        return float(metadata.get("noise_std_in_plane") or 0.0)
-    return float(metadata.get("noise_std") or 0.0)
+        return float(in_plane or 0.0)
+    return float(noise_std)
 
 
 GRID_TOLERANCE = 0.1

@@ -20,7 +20,7 @@ from gen_sr.eval.evaluate import evaluate
 from gen_sr.eval.tables import summarize, write_table
 from gen_sr.model_card import Holdout
 from gen_sr.risk import Calibration
-from gen_sr.volume import Volume, save_volume
+from gen_sr.volume import Volume, load_volume, save_volume
 
 
 def _hr(shape=(12, 10, 24), affine=None) -> Volume:
@@ -179,6 +179,17 @@ def test_calibrate_noise_unknown_makes_the_record_that_runs_without_air_use(tmp_
     assert out.metadata["noise_known"] is False and sigma > 0 and out.metadata["risk"]["scale"] == record.scale
     scale = pipe.intensity_normalization(airless.data).scale
     np.testing.assert_allclose(out.risk, record.halfwidth(out.std, out.mean, sigma) / scale, rtol=1e-4, atol=1e-6)
+    # the audit of such a run, reused, counts the same in-plane noise: the same risk map, and its card says so
+    scan = save_volume(airless, tmp_path / "airless.nii.gz")
+    sr, std, risk = (tmp_path / f"{k}.nii.gz" for k in ("sr", "std", "risk"))
+    assert main(["super-resolve", "--model", str(model), "--input", str(scan), "--output", str(sr), "--std", str(std),
+                 "--risk", str(risk), "--samples", "2", "--steps", "2"]) == 0
+    assert main(["audit", "--model", str(model), "--input", str(scan), "--output-dir", str(tmp_path / "audit"),
+                 "--reuse", str(sr), str(std)]) == 0
+    np.testing.assert_allclose(load_volume(tmp_path / "audit" / "risk.nii.gz").data, load_volume(risk).data,
+                               rtol=1e-5, atol=1e-7)
+    card = json.loads((tmp_path / "audit" / "report.json").read_text())["card"]
+    assert card["noise_std_in_plane"] == json.loads((tmp_path / "sr.json").read_text())["noise_std_in_plane"] > 0
     assert main([*args, "--noise-unknown", "0", "--snr", "30"]) == 2
     assert "give one of them" in capsys.readouterr().err
 

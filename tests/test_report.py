@@ -347,6 +347,9 @@ def test_card_rows_are_short_and_labelled() -> None:
     unknown = dict(card_rows({**AUDIT_CARD, "noise_std": 0.0, "noise_std_estimated": True}))
     assert unknown["Noise std"].startswith("not known: the scan has no background air")
     assert unknown["Measurement noise std"] == "not known (fitted as 0)"
+    counted = dict(card_rows({**AUDIT_CARD, "noise_std": 0.0, "noise_std_estimated": True, "noise_std_in_plane": 0.02}))
+    assert "the calibrated interval counts the noise read in-plane from its slices (0.02)" in counted["Noise std"]
+    assert "noise_std_in_plane" not in counted and "under-covers" in unknown["Noise std"]
     assert dict(card_rows({**AUDIT_CARD, "noise_std_estimated": True}))["Noise std"].startswith("read from the scan's")
     per_grid = dict(card_rows({**AUDIT_CARD, "calibration": {**CALIBRATION, "grid_spacing": 1.5}}))["Calibration"]
     assert "from 96 units of 8 volumes on 1.5 mm output grids (the record for this run's grid); miss" in per_grid

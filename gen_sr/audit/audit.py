@@ -78,7 +78,8 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
         disagreement = DataDisagreement().statistic(operator, *normalised, sigma / scale)[0, 0].numpy()
     region = None if calibration_region is None else pipe.calibration_region_mask(given, calibration_region, mean)
     calibration = _run_calibration(pipe, meta)
-    risk = risk_map(std.data, mean.data, calibration, interval_noise_std(meta, calibration), scale, region)
+    counted = interval_noise_std(calibration, sigma, meta.get("noise_std_in_plane"))
+    risk = risk_map(std.data, mean.data, calibration, counted, scale, region)
     maps = {"mean": mean, "std": std, "risk": std.with_data(np.asarray(risk, dtype=np.float32)),
             "dc_residual": canon_mean.with_data(dc.astype(np.float32)).reorient(mean.orientation)}
     if disagreement is not None:
@@ -191,7 +192,8 @@ def audit(
             "samples": meta.get("num_samples"), "seeds": meta.get("seeds"),
             "guidance": meta.get("guidance"), "noise_std": meta.get("noise_std"),
             "noise_std_estimated": bool(meta.get("noise_std_estimated")),
-            "noise_std_in_plane": meta.get("noise_std_in_plane"),
+            "noise_std_in_plane": (meta.get("noise_std_in_plane")  # the one its interval counted, if any
+                                   if calibration is not None and calibration.for_unknown_noise else None),
             "relative_residual_max": max(meta.get("relative_residual", [float("nan")])),
             "capped_fraction": meta["capped_fraction"] if "capped_fraction" in meta else operator.capped_fraction(),
             "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",

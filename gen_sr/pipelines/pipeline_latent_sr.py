@@ -443,11 +443,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                                           noise_known=noise_known)
         calibration = self.calibration_for(settings, warn=True, grid_spacing=min(operator.hr_spacing))
         in_plane = None if noise_known else estimate_noise_std(canon.data, axes[0])  # what an unknown noise is
-        interval_sigma = interval_noise_std({"noise_std": noise_std, "noise_std_in_plane": in_plane},
-                                            calibration) / norm.scale  # the noise std that the interval counts
+        interval_sigma = interval_noise_std(calibration, noise_std, in_plane) / norm.scale  # what the interval counts
         if not noise_known:
-            _warn_noise_unknown(volume.source, in_plane if calibration is not None and calibration.for_unknown_noise
-                                else None)
+            _warn_noise_unknown(volume.source, calibration is not None and calibration.for_unknown_noise, in_plane)
         region = None
         if calibration_region is not None:
             grid = Volume(np.broadcast_to(np.float32(0), tuple(operator.hr_shape)), hr_affine)
@@ -1053,10 +1051,11 @@ def resolve_noise_std(scan: Volume, noise_std: float | Literal["auto"], gain: fl
     return scan_noise_std(scan) if noise_std == "auto" else noise_std * gain
 
 
-def _warn_noise_unknown(source: str | None, in_plane: float | None) -> None:
-    """The warning of a run asked to read its noise std from air that the scan does not have; ``in_plane``: the noise
-    std read in-plane that its interval counts (``None``: the model has no calibration for such runs)."""
-    interval = (f"its risk map's interval counts the noise read in-plane ({in_plane:.4g})" if in_plane is not None
+def _warn_noise_unknown(source: str | None, counted: bool, in_plane: float) -> None:
+    """The warning of a run asked to read its noise std from air that the scan does not have; ``counted``: whether
+    its interval counts ``in_plane``, the noise std read in-plane (``False``: the model has no calibration for such
+    runs)."""
+    interval = (f"its risk map's interval counts the noise read in-plane ({in_plane:.4g})" if counted
                 else "the risk map's calibration for that (made on noise-free slices) under-covers a noisy scan")
     warnings.warn(f"{source or 'the input'} has no background air to read its noise std from (masked, skull-stripped "
                   f"or cropped to the head): the projections fit the data as without a noise std, and {interval}; "
