@@ -27,6 +27,11 @@ from 4 mm Gaussian axial slices at SNR 30 (with the refit) and noise-free (witho
 with the scale interpolated in the voxel size between the model's two per-grid records around the run's grid (the
 change tested, not adopted) and with its pooled record.
 
+``--voxel-scaled SPEC ... --grids G ...`` runs the fifth test: each test scan resampled to each grid of ``--grids`` no
+finer than its own, from 4 mm Gaussian axial slices at SNR 30 and SNR 60, its noise std given (with the refit); the
+coverage of ``SHAPE_CHECK_SCALE × std × voxel size`` (the change tested) and of ``mean ± λ std`` with the record the
+model gives the run today (``pipe.calibration_for``: its grid's, else the pooled one).
+
 ``--shape-check`` (a diagnostic on the volumes of ``--data`` only): each volume's leave-one-out coverage for one
 scale of ``std × voxel size`` over all of them, against the plain std with a scale per grid.
 """
@@ -75,6 +80,9 @@ def main() -> None:
     parser.add_argument("--between", nargs="+", metavar="SPEC",
                         help="run the fourth test (grids between the per-grid records) on these scans, resampled to "
                              "each of --grids")
+    parser.add_argument("--voxel-scaled", nargs="+", metavar="SPEC",
+                        help="run the fifth test (one scale for std x voxel size, runs with a noise std) on these "
+                             "scans, resampled to each of --grids no finer than their own")
     parser.add_argument("--shape-check", action="store_true",
                         help="fit one scale for std x voxel size (mm) on the volumes of --data, and one per grid "
                              "for the plain std, and print each volume's coverage calibrated on the others")
@@ -89,6 +97,8 @@ def main() -> None:
         return test_per_grid(pipe, args)
     if args.between:
         return test_between(pipe, args)
+    if args.voxel_scaled:
+        return test_voxel_scaled(pipe, args)
     if args.shape_check:
         return shape_check(pipe, args)
     print("| volume | grid (mm) | slices (mm) | slab voxels | λ90 | median \\|error\\| | median std |\n"
@@ -191,6 +201,27 @@ def test_between(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> N
                 cells.append(f"{shaped:.3f}: {np.mean(ratio <= shaped):.4f}" if snr else "")
                 print(f"| {spec} | {case_grid(case):g} | {'noise-free' if snr is None else f'SNR {snr:g}'} | "
                       + " | ".join(cells) + " |", flush=True)
+
+
+def test_voxel_scaled(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> None:
+    """``--voxel-scaled`` (the fifth test): each test scan resampled to each grid of ``--grids`` no finer than its
+    own, from 4 mm Gaussian axial slices at SNR 30 and SNR 60 with its noise std given; coverage of
+    ``SHAPE_CHECK_SCALE × std × voxel size`` and of the plain std with the record the model gives the run today."""
+    print("| scan | grid (mm) | slices | 3.160 x std x voxel size: coverage | today's record: coverage |\n"
+          "| --- | --- | --- | --- | --- |")
+    for spec, volume in zip(args.voxel_scaled, _test_scans(args.voxel_scaled), strict=True):
+        for grid in args.grids:
+            if grid < min(volume.spacing) * (1 - 1e-6):
+                continue
+            hr, _ = coarsen(volume, (grid, grid, grid))
+            for snr in (30.0, 60.0):
+                case = simulate_case(hr, spec, axis=2, thickness=4.0, snr=snr, seed=0)
+                settings = pipe.sampling_settings(noise_std=case.noise_std)
+                scales = (SHAPE_CHECK_SCALE * case_grid(case),
+                          pipe.calibration_for(settings, grid_spacing=case_grid(case)).scale)
+                ratio = _error_over_std(pipe, case)
+                print(f"| {spec} | {case_grid(case):g} | SNR {snr:g} | "
+                      + " | ".join(f"{s:.3f}: {np.mean(ratio <= s):.4f}" for s in scales) + " |", flush=True)
 
 
 def test_per_grid(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> None:
