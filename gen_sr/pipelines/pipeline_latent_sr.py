@@ -421,15 +421,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             raise ValueError(f"{num_samples} samples cannot be split over {processes} processes")
         local = generators[rank::processes]
         device, dtype = self._execution_device, self.unet.dtype
-        canon = volume.canonical()
-        input_spacing = canon.spacing
-        canon, target_spacing, noise_gain = self.coarsened(canon, target_spacing, operator)
-        norm = self.intensity_normalization(canon.data)
 
         # 2. operator: the acquisition on the canonical HR grid, and the measurement
-        axes = self.input_axes(canon, operator)
-        operator = self.operator_for(canon, operator=operator, target_spacing=target_spacing,
-                                     slice_profile=slice_profile, slice_thickness=slice_thickness)
+        given, canon, operator, axes, noise_gain = self._setup(volume, target_spacing, operator, slice_profile,
+                                                               slice_thickness)
+        norm = self.intensity_normalization(canon.data)
         self.check_memory(operator.hr_shape, num_samples, keep_samples, volume.source)
         noise_std = resolve_noise_std(canon, noise_std, noise_gain)  # once every setting is known to work
         noise_known, noise_std = noise_std is not None, noise_std or 0.0
@@ -604,8 +600,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "noise_std_estimated": estimated,
             "noise_known": noise_known,
             "noise_std_in_plane": in_plane,
-            "coarsened_input": None if canon.spacing == input_spacing else {
-                "from_spacing": list(input_spacing), "to_spacing": list(canon.spacing), "noise_std_factor": noise_gain},
+            "coarsened_input": None if canon is given else {
+                "from_spacing": list(given.spacing), "to_spacing": list(canon.spacing), "noise_std_factor": noise_gain},
             "refit_disagreement": refit,
             "slice_profile_estimated": slice_profile == "auto",
             "operator": operator.to_dict(),
@@ -658,11 +654,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         has none, and then the one read in-plane that the interval counts), the calibration its risk map would use
         (:meth:`calibration_for` its settings and output grid) and where the input lies outside the trained
         regime."""
-        given = self.as_volume(lr, volume_index=volume_index).canonical()
-        canon, target, _ = self.coarsened(given, target_spacing)
-        operator = self.operator_for(canon, target_spacing=target, slice_profile=slice_profile,
-                                     slice_thickness=slice_thickness)
-        norm, axes = self.intensity_normalization(canon.data), self.input_axes(canon, operator)
+        given, canon, operator, axes, _ = self._setup(self.as_volume(lr, volume_index=volume_index), target_spacing,
+                                                      None, slice_profile, slice_thickness)
+        norm = self.intensity_normalization(canon.data)
         noise_std = scan_noise_std(canon)
         settings = self.sampling_settings(num_samples=num_samples, noise_std=noise_std or 0.0,
                                           noise_known=noise_std is not None)
@@ -689,17 +683,18 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         head from 4 mm slices (1 sample, two other jobs on the cores) it gave 338-369 s for a run of 397 s: the
         machine's load moves both. Returns ``seconds`` (the estimate), ``probe_seconds`` and ``probe_fraction``
         (the slab's share of the output voxels)."""
-        given = self.as_volume(lr, volume_index=volume_index).canonical()
-        canon, target, gain = self.coarsened(given, target_spacing)
+        _, canon, operator, axes, gain = self._setup(self.as_volume(lr, volume_index=volume_index), target_spacing,
+                                                     None, slice_profile, slice_thickness)
         noise_std = resolve_noise_std(canon, noise_std, gain) or 0.0  # read on the whole scan, as the call reads it
-        across = max((a for a in range(3) if a not in self.input_axes(canon)), key=lambda a: canon.shape[a])
+        across = max((a for a in range(3) if a not in axes), key=lambda a: canon.shape[a])
         start = np.zeros(3, dtype=int)
         start[across] = max(0, (canon.shape[across] - probe_thickness) // 2)
         stop = np.asarray(canon.shape)
         stop[across] = min(stop[across], start[across] + probe_thickness)
         slab = canon.crop(start, stop)
-        grid = {"target_spacing": target, "slice_profile": slice_profile, "slice_thickness": slice_thickness}
-        fraction = (math.prod(self.output_grid(slab, **grid).shape) / math.prod(self.output_grid(canon, **grid).shape))
+        grid = {"target_spacing": operator.hr_spacing, "slice_profile": slice_profile,
+                "slice_thickness": slice_thickness}
+        fraction = math.prod(self.output_grid(slab, **grid).shape) / math.prod(operator.hr_shape)
         tic = time.perf_counter()
         self(slab, num_samples=num_samples, noise_std=noise_std, output_type="np", **grid)
         probe = time.perf_counter() - tic
@@ -712,12 +707,25 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         """The HR grid a call with these arguments returns, found without any sampling (e.g. to check a reference
         volume first): a :class:`~gen_sr.volume.Volume` in RAS+ voxel order whose data is a zero-cost placeholder;
         use its ``shape`` and ``affine``."""
-        canon = self.as_volume(lr, affine, lr_spacing, volume_index).canonical()
-        canon, target_spacing, _ = self.coarsened(canon, target_spacing, operator)
-        operator = self.operator_for(canon, operator=operator, target_spacing=target_spacing,
-                                     slice_profile=slice_profile, slice_thickness=slice_thickness)
+        _, canon, operator, _, _ = self._setup(self.as_volume(lr, affine, lr_spacing, volume_index), target_spacing,
+                                               operator, slice_profile, slice_thickness)
         placeholder = np.broadcast_to(np.float32(0), tuple(operator.hr_shape))
         return Volume(placeholder, operator.hr_affine(canon.affine), source=canon.source)
+
+    def _setup(self, volume: Volume, target_spacing: Sequence[float] | None, operator: AcquisitionOperator | None,
+               slice_profile: SliceProfile, slice_thickness: float | None
+               ) -> tuple[Volume, Volume, AcquisitionOperator, tuple[int, ...], float]:
+        """What a call on ``volume`` with these arguments measures, shared by :meth:`__call__`, :meth:`plan`,
+        :meth:`time_estimate` and :meth:`output_grid`: the input in RAS+ as given; as the run measures it
+        (:meth:`coarsened`: the same object where it is not resampled); the acquisition on its HR grid
+        (:meth:`operator_for`); the RAS+ axes it super-resolves (:meth:`input_axes`, from the ``operator`` given, if
+        any); and the factor by which the resampling scales its noise std."""
+        given = volume.canonical()
+        canon, target, gain = self.coarsened(given, target_spacing, operator)
+        axes = self.input_axes(canon, operator)
+        operator = self.operator_for(canon, operator=operator, target_spacing=target, slice_profile=slice_profile,
+                                     slice_thickness=slice_thickness)
+        return given, canon, operator, axes, gain
 
     def coarsened(self, canon: Volume, target_spacing: Sequence[float] | None,
                   operator: AcquisitionOperator | None = None) -> tuple[Volume, Sequence[float] | None, float]:
