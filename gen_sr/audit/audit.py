@@ -23,8 +23,9 @@ from gen_sr.audit.report import build_report
 from gen_sr.errors import InputError
 from gen_sr.eval.baselines import BASELINES, baseline
 from gen_sr.eval.cases import Case
-from gen_sr.eval.metrics import image_metrics, region_masks
-from gen_sr.eval.uncertainty import coverage, uncertainty_report
+from gen_sr.eval.evaluate import estimate_metrics
+from gen_sr.eval.metrics import region_masks
+from gen_sr.eval.uncertainty import coverage
 from gen_sr.io import check_output_dir, sidecar_path
 from gen_sr.physics import AcquisitionOperator, structure_visibility
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -262,9 +263,8 @@ def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, o
     case = Case("input", ref, lr.canonical(), operator, meta.get("noise_std", 0))
     truth = ref.data.astype(np.float64)
     data_range = float(np.ptp(truth[mask]))
-    metrics = {"gen_sr": image_metrics(mean.data, truth, mask, data_range)}
     std = maps["std"].canonical().data
-    metrics["gen_sr"] |= uncertainty_report(std, truth - mean.data, mask)
+    metrics = {"gen_sr": estimate_metrics(mean.data, truth, mask, data_range, std=std)}
     for name in BASELINES:
-        metrics[name] = image_metrics(baseline(case, name), truth, mask, data_range)
+        metrics[name] = estimate_metrics(baseline(case, name), truth, mask, data_range)
     return metrics, _calibration_curve(std, mean.data, truth - mean.data, mask, calibration, case.noise_std, region)
