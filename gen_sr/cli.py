@@ -161,7 +161,7 @@ def _print_plan(args: argparse.Namespace) -> None:
                         + ("" if have is None else f" ({format_bytes(have)} free)")),
              ("noise std", _planned_noise_text(plan))]
     if (cal := plan["calibration"]) is not None:
-        rows.append(("calibration", f"{cal.describe()}, {grid_text(cal.grid_spacing)}"))
+        rows.append(("calibration", f"{cal.describe()}, {grid_text(cal.grid_spacing, cal.scale_per_mm)}"))
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
     print("\n".join(f"{label + ':':<13}{value}" for label, value in rows), flush=True)
     if args.time:
@@ -623,6 +623,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_output_file(target, overwrite=True)
     if args.noise_unknown and args.snr:
         raise InputError("--snr and --noise-unknown both set the calibration volumes' noise: give one of them")
+    if args.per_mm and (args.per_grid or args.noise_unknown or not args.snr or args.interval != "std"):
+        raise InputError("--per-mm fits one plain-std scale for runs with a noise std on every grid: give it with "
+                         "--snr, without --per-grid, --noise-unknown or --interval auto")
     pipe = _load_pipeline(args)
     noise = ({"noise_std": 0.0, "noise_known": False} if args.noise_unknown  # run without their noise std
              else {"noise_std": None if args.snr else 0.0})  # the cases' noise is --snr's: without it, no refit
@@ -653,6 +656,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                "mask": "foreground of the reference"}
     rule = {"alpha": args.alpha, "delta": args.delta, "method": args.method, "blocks": args.blocks,
             "interval": args.interval, "details": details, "noise_known": not args.noise_unknown}
+    if args.per_mm:
+        rule["per_mm"] = True
     try:
         if args.per_grid:
             results = calibrate_per_grid(pipe, cases, **rule, **_sampling_kwargs(args))
@@ -1158,6 +1163,11 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
                    help="fit one calibration per output grid of the volumes (their finest voxel spacing), each kept "
                         "beside the others: a run uses the one of its own grid, else one fitted on any grid. The "
                         "output grid sets the scale the std needs (benchmarks/CALIBRATION_GRID.md)")
+    p.add_argument("--per-mm", action="store_true",
+                   help="fit one scale per mm of the output voxel size on the volumes of every grid together: "
+                        "intervals mean ± λ × voxel size × std, which a run on any grid uses at its own (it replaces "
+                        "the per-grid calibrations of the same settings). Runs with a noise std (--snr), plain std; "
+                        "the shipped model's for runs given a noise std (benchmarks/CALIBRATION_GRID.md, fifth test)")
     p.add_argument("--blocks", type=_positive_int, default=1,
                    help="cut each volume into this many slabs of equal brain volume, each a calibration unit "
                         "(default: 1)")

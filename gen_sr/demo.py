@@ -93,7 +93,8 @@ def _print_summary(payload: dict[str, Any], audit_dir: Path, seconds: float) -> 
     record = payload["card"].get("calibration")
     made_for = ""
     if curve["calibrated"] and isinstance(record, dict):
-        made_for = f" ({payload['card']['interval']}, {grid_text(record.get('grid_spacing'))})"
+        grids = grid_text(record.get("grid_spacing"), record.get("scale_per_mm"))
+        made_for = f" ({payload['card']['interval']}, {grids})"
     print(f"  coverage of the {label} {100 * (1 - curve['alpha']):g} % intervals{made_for}: "
           f"{100 * curve['observed'][i]:.1f} %")
     clusters = payload["clusters"]

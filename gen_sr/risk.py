@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -179,6 +179,10 @@ class Calibration:
         grid_spacing: the output voxel size in mm (the finest spacing of the HR grid) of the units it was fitted on,
             for a record made per grid (``gen-sr calibrate --per-grid``): it holds for runs on that grid
             (:meth:`Calibrations.find`). ``None``: fitted on any grid, for runs on any.
+        scale_per_mm: for a record whose scale grows with the output voxel size (``gen-sr calibrate --per-mm``:
+            ``mean ± λ × voxel size × u``, fitted on every grid together): ``λ`` per mm. Such a record is stored
+            with ``scale`` equal to it and no ``grid_spacing``; a run on a grid of ``g`` mm uses it at its grid
+            (:meth:`at_grid`: ``scale = scale_per_mm × g``, ``grid_spacing = g``). ``None``: a scale for any grid.
     """
 
     scale: float
@@ -194,12 +198,22 @@ class Calibration:
     sampling: SamplingSettings | None = None
     outside_scale: float | None = None
     grid_spacing: float | None = None
+    scale_per_mm: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.shape, dict):  # as read back from JSON
             self.shape = IntervalShape(**self.shape)
         if isinstance(self.sampling, dict):
             self.sampling = SamplingSettings(**self.sampling)
+        if self.scale_per_mm is not None and self.outside_scale is not None:
+            raise ValueError("a calibration per mm of the voxel size has one scale, not one per region")
+
+    def at_grid(self, grid_spacing: float) -> Calibration:
+        """This record as a run on an output grid of ``grid_spacing`` mm uses it: for a record per mm of the voxel
+        size (:attr:`scale_per_mm`), ``λ`` at that grid; any other record as it is."""
+        if self.scale_per_mm is None:
+            return self
+        return replace(self, scale=self.scale_per_mm * grid_spacing, grid_spacing=grid_spacing)
 
     @property
     def for_unknown_noise(self) -> bool:
@@ -227,6 +241,11 @@ class Calibration:
         """The interval in words, e.g. ``mean ± 0.4525 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)``, for run
         records, the terminal and reports."""
         spread = f"({self.shape.describe()})"
+        if self.scale_per_mm is not None and self.grid_spacing is None:
+            return f"mean ± {self.scale_per_mm:.4g} × voxel size (mm) × {spread}"
+        if self.scale_per_mm is not None:
+            return (f"mean ± {self.scale:.4g} × {spread} ({self.scale_per_mm:.4g} per mm of the {self.grid_spacing:g} "
+                    "mm voxels)")
         if self.outside_scale is not None:
             return (f"mean ± {self.scale:.4g} × {spread} in the calibration region, ± {self.outside_scale:.4g} × "
                     f"{spread} outside it")
@@ -273,23 +292,30 @@ class Calibrations:
     def find(self, settings: SamplingSettings, grid_spacing: float | None = None) -> Calibration | None:
         """The record made with exactly these settings (or one that does not record its settings): the one made for
         the run's output grid ``grid_spacing`` (mm; within :data:`GRID_TOLERANCE`, the nearest), else the one made
-        on any grid; else ``None``."""
+        on any grid (a record per mm of the voxel size at the run's grid: :meth:`Calibration.at_grid`); else
+        ``None``."""
         made = [r for r in self._records if r.sampling == settings] or [r for r in self._records if r.sampling is None]
         if grid_spacing is not None:
             off = {id(r): abs(r.grid_spacing / grid_spacing - 1) for r in made if r.grid_spacing is not None}
             near = [r for r in made if off.get(id(r), np.inf) <= GRID_TOLERANCE]
             if near:
                 return min(near, key=lambda r: off[id(r)])
-        return next((r for r in made if r.grid_spacing is None), None)
+        pooled = next((r for r in made if r.grid_spacing is None), None)
+        return pooled.at_grid(grid_spacing) if pooled is not None and grid_spacing is not None else pooled
 
     def with_record(self, calibration: Calibration, *, first: bool = False) -> Calibrations:
         """These records with ``calibration`` added: it replaces the one made with the same settings and grid (in its
-        place), or goes last (``first``: first, as the default settings' record)."""
+        place), or goes last (``first``: first, as the default settings' record). A record per mm of the voxel size
+        holds on every grid, so it also replaces the per-grid records of its settings."""
         key = (calibration.sampling, calibration.grid_spacing)
-        others = [r for r in self._records if (r.sampling, r.grid_spacing) != key]
+        per_mm = calibration.scale_per_mm is not None
+        others = [r for r in self._records if (r.sampling, r.grid_spacing) != key
+                  and not (per_mm and r.sampling == calibration.sampling)]
         if first:
             return Calibrations([calibration, *others])
-        index = next((k for k, r in enumerate(self._records) if (r.sampling, r.grid_spacing) == key), len(others))
+        kept = {id(r) for r in others}
+        place = next((k for k, r in enumerate(self._records) if (r.sampling, r.grid_spacing) == key), None)
+        index = len(others) if place is None else sum(id(r) in kept for r in self._records[:place])
         return Calibrations([*others[:index], calibration, *others[index:]])
 
     def save(self, folder: str | Path) -> Path | None:
@@ -328,8 +354,10 @@ def run_grid_spacing(metadata: Mapping[str, Any]) -> float | None:
     return float(min(operator["hr_spacing"])) if isinstance(operator, Mapping) and operator.get("hr_spacing") else None
 
 
-def grid_text(grid_spacing: float | None) -> str:
-    """Which output grids a record holds for, in words (its ``grid_spacing``; ``None``: any)."""
+def grid_text(grid_spacing: float | None, scale_per_mm: float | None = None) -> str:
+    """Which output grids a record holds for, in words (its ``grid_spacing``, ``None``: any; and ``scale_per_mm``)."""
+    if scale_per_mm is not None:
+        return "one scale per mm of the output voxel size, fitted on every grid together"
     return f"the record for {grid_spacing:g} mm grids" if grid_spacing is not None else "fitted on every grid together"
 
 
@@ -372,6 +400,7 @@ def describe_risk(calibration: Calibration | None) -> dict[str, Any]:
             "alpha": cal.alpha, "delta": cal.delta,
             "method": cal.method, "shape": asdict(cal.shape),
             "made_with": None if cal.sampling is None else asdict(cal.sampling), "grid_spacing": cal.grid_spacing,
+            "scale_per_mm": cal.scale_per_mm,
             "definition": f"the half-width of the interval {cal.describe()} over the robust intensity range: "
                           f"the interval misses at most {cal.alpha:g} of voxels ({cal.method}){where}"}
 

@@ -114,6 +114,29 @@ def test_a_model_keeps_one_calibration_per_sampler_setting(tmp_path: Path) -> No
         Calibrations([fine, dataclasses.replace(fine, scale=1.0)])
 
 
+def test_a_record_per_mm_of_the_voxel_size_holds_on_every_grid_at_its_own_scale(tmp_path: Path) -> None:
+    """A record per mm (``scale_per_mm``): a run on a 1.25 mm grid uses 1.25 λ, described as such; it replaces the
+    per-grid records of its settings (they would win on their grids) and only those; it survives a save."""
+    errors, stds = _volumes(np.random.default_rng(0), n=30)
+    fit = fit_calibration(errors, stds)
+    ddim, dpm = SamplingSettings("DDIM", 25, 8), SamplingSettings("DPM", 5, 8)
+    a, other = dataclasses.replace(fit, sampling=ddim), dataclasses.replace(fit, sampling=dpm, grid_spacing=1.0)
+    records = Calibrations([a, dataclasses.replace(a, scale=5.0, grid_spacing=1.0), other])
+    per_mm = dataclasses.replace(a, scale=3.0, scale_per_mm=3.0)
+    assert a.at_grid(1.25) is a  # any other record holds as it is
+    updated = records.with_record(per_mm)
+    assert list(updated) == [per_mm, other]
+    run = updated.find(ddim, 1.25)
+    assert run.scale == pytest.approx(3.75) and run.grid_spacing == 1.25 and run.scale_per_mm == 3.0
+    assert run.describe() == "mean ± 3.75 × (std) (3 per mm of the 1.25 mm voxels)"
+    assert per_mm.describe() == "mean ± 3 × voxel size (mm) × (std)" and updated.find(ddim) is per_mm
+    assert updated.find(dpm, 1.0) is other
+    updated.save(tmp_path)
+    assert list(Calibrations.load(tmp_path)) == [per_mm, other]
+    with pytest.raises(ValueError, match="one scale, not one per region"):
+        dataclasses.replace(per_mm, outside_scale=2.0)
+
+
 def test_save_load_and_errors(tmp_path: Path) -> None:
     errors, stds = _volumes(np.random.default_rng(0), n=30)
     cal = fit_calibration(errors, stds, details={"volumes": "synthetic"})

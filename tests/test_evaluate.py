@@ -149,6 +149,44 @@ def test_calibrate_per_grid_keeps_a_record_per_output_grid_and_a_run_uses_its_ow
     assert meta["calibration_by_grid"]["1.5 mm"]["scale"] == records[2].scale  # the record its runs used
 
 
+def test_calibrate_per_mm_fits_one_scale_for_the_std_times_the_voxel_size(tmp_path: Path, capsys) -> None:
+    """``--per-mm``: one scale for ``std × voxel size`` over volumes on a 1 mm and a 1.5 mm grid, equal to the plain-std
+    scale fitted on those volumes with each std weighed by its grid; it replaces the per-grid records of its settings,
+    and a run on a 1.5 mm grid uses 1.5 times it. Settings it does not serve are refused before any work."""
+    from gen_sr.eval.calibration import calibration_volumes, fit_volumes
+    from gen_sr.eval.cases import simulate_cases
+    from gen_sr.pipelines import LatentDiffusionSRPipeline
+
+    model = tmp_path / "model"
+    _pipe(2).save_pretrained(model)
+    paths = [str(save_volume(_hr(shape=(24, 10, 24)), tmp_path / "hr.nii.gz"))]
+    hr = _hr(shape=(16, 8, 16))
+    paths.append(str(save_volume(hr.with_data(hr.data, np.diag([1.5, 1.5, 1.5, 1.0])), tmp_path / "c.nii.gz")))
+    args = ["calibrate", "--model", str(model), "--data", *paths, "--blocks", "12", "--samples", "2", "--steps", "2",
+            "--method", "crc", "--slice-thickness", "3", "--snr", "30"]
+    assert main([*args, "--per-grid"]) == 0
+    for wrong in (["--per-grid"], ["--interval", "auto"]):
+        assert main([*args, "--per-mm", *wrong]) == 2 and "--per-mm" in capsys.readouterr().err
+    assert main([*args[:-2], "--per-mm"]) == 2 and "with --snr" in capsys.readouterr().err
+    assert main([*args, "--per-mm", "--overwrite"]) == 0
+    assert "mean ± " in capsys.readouterr().out
+    pipe = LatentDiffusionSRPipeline.from_pretrained(model)
+    settings = pipe.sampling_settings(num_samples=2, num_inference_steps=2)
+    assert [r.grid_spacing for r in pipe.calibrations if r.sampling == settings] == [None]  # per-grid ones replaced
+    record = pipe.calibrations.find(settings)
+    cases = simulate_cases([(p, load_volume(p)) for p in paths], axis=2, thickness=3.0, snr=30.0, seed=0)
+    volumes = calibration_volumes(pipe, cases, progress=False, num_samples=2, num_inference_steps=2,
+                                  generator=torch.Generator().manual_seed(0))
+    weighed = [replace(v, std=v.std * g) for v, g in zip(volumes, (1.0, 1.5), strict=True)]
+    expected = fit_volumes(weighed, method="crc", blocks=12).calibration.scale
+    assert record.scale_per_mm == pytest.approx(expected) and record.scale == record.scale_per_mm
+    lr = Volume(np.random.default_rng(0).random((16, 8, 4)).astype(np.float32) + 1, np.diag([1.5, 1.5, 6.0, 1.0]))
+    out = pipe(lr, num_samples=2, num_inference_steps=2, noise_std=0.5, generator=torch.Generator().manual_seed(0))
+    assert out.metadata["risk"]["scale"] == pytest.approx(1.5 * record.scale_per_mm)
+    assert out.metadata["risk"]["scale_per_mm"] == record.scale_per_mm and "per mm of the 1.5 mm voxels" in (
+        out.metadata["risk"]["definition"])
+
+
 def test_calibrate_noise_unknown_makes_the_record_that_runs_without_air_use(tmp_path: Path, capsys) -> None:
     """``--noise-unknown 0 30``: every volume at each SNR, run without its noise std, fitted with the interval ``std +
     0.5 σ̂`` (σ̂ read in-plane); a run on a scan without air (``noise_std="auto"``) uses that record and counts its own

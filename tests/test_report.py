@@ -353,6 +353,10 @@ def test_card_rows_are_short_and_labelled() -> None:
     assert dict(card_rows({**AUDIT_CARD, "noise_std_estimated": True}))["Noise std"].startswith("read from the scan's")
     per_grid = dict(card_rows({**AUDIT_CARD, "calibration": {**CALIBRATION, "grid_spacing": 1.5}}))["Calibration"]
     assert "from 96 units of 8 volumes on 1.5 mm output grids (the record for this run's grid); miss" in per_grid
+    per_mm = {**CALIBRATION, "grid_spacing": 1.5, "scale_per_mm": 3.16, "scale": 4.74}
+    per_mm = dict(card_rows({**AUDIT_CARD, "calibration": per_mm}))["Calibration"]
+    assert ("8 volumes on every output grid together, one scale per mm of the voxel size (3.16; 4.74 on this run's "
+            "1.5 mm grid); miss") in per_mm
     assert rows["Interval"] == "mean ± 0.4525 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)"
     assert rows["Sampler"] == "DPMSolverDataConsistencyScheduler(trailing)" and rows["Sampler steps"] == "50"
     assert rows["Timings"] == "prepare 2.2 s, denoise 180 s, decode 10 s, stitch uncertainty 0.41 s"

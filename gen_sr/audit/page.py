@@ -101,7 +101,11 @@ def _calibration(v: Any) -> str:
         text += f", from {units} units" + (f" of {len(volumes)} volumes" if isinstance(volumes, list) else "")
     elif v.get("num_volumes") is not None:
         text += f", from {v['num_volumes']} volumes"
-    if isinstance(v.get("grid_spacing"), int | float):
+    if isinstance(v.get("scale_per_mm"), int | float):
+        grid = v.get("grid_spacing")
+        text += (f" on every output grid together, one scale per mm of the voxel size ({v['scale_per_mm']:.4g}"
+                 + (f"; {v['scale']:.4g} on this run's {grid:g} mm grid)" if isinstance(grid, int | float) else ")"))
+    elif isinstance(v.get("grid_spacing"), int | float):
         text += f" on {v['grid_spacing']:g} mm output grids (the record for this run's grid)"
     if isinstance(v.get("risk_hat"), int | float):
         text += f"; miss rate on the calibration data {v['risk_hat']:.3f}"

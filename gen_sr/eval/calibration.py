@@ -378,7 +378,7 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
               method: Literal["rcps", "crc"] = "rcps", blocks: int = 1, axis: int = 0,
               interval: Literal["std", "auto"] = "std", details: dict[str, Any] | None = None, progress: bool = True,
               cache: str | Path | None = None, masks: Callable[[Case], np.ndarray] | None = None,
-              noise_known: bool = True, **pipe_kwargs: Any) -> CalibrationResult:
+              noise_known: bool = True, per_mm: bool = False, **pipe_kwargs: Any) -> CalibrationResult:
     """Calibrate a model on simulated cases: super-resolve them, cut them into units, choose the interval shape
     (``interval="auto"``), fit ``λ̂`` and check how it transfers between volumes. The settings are checked before
     any sampling (:func:`check_calibration_settings`).
@@ -395,6 +395,11 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
         noise_known: ``False`` to calibrate runs whose noise std is not known (a scan without air): the cases are
             run without their noise std, and the interval is :data:`~gen_sr.risk.NOISE_UNKNOWN_SHAPE`'s, with each
             volume's noise read in-plane from its slices (:func:`unknown_noise_volumes`).
+        per_mm: one scale per mm of the output voxel size, for every grid of the cases (``mean ± λ × voxel size ×
+            std``; :attr:`~gen_sr.risk.Calibration.scale_per_mm`): each volume's std is weighed by its grid
+            (:func:`case_grid`) before the fit. The samples' spread narrows as the voxels coarsen while the error
+            does not, so the scale a plain std needs grows with the voxel size (``benchmarks/CALIBRATION_GRID.md``).
+            Runs with a noise std and the plain std only (``interval="std"``).
         pipe_kwargs: for the pipeline call (``num_samples``, ``num_inference_steps``, ``generator``, ...).
 
     Raises:
@@ -402,10 +407,20 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     """
     check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks,
                                interval=interval)
+    if per_mm and (interval != "std" or not noise_known):
+        raise ValueError("a scale per mm of the voxel size is fitted for the plain std of runs with a noise std: "
+                         "not with interval 'auto' or for runs whose noise is not known")
     volumes, sampling = _volumes_and_settings(pipe, cases, masks=masks, progress=progress, cache=cache,
                                               noise_known=noise_known, **pipe_kwargs)
-    return fit_volumes(volumes, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis, interval=interval,
-                       details=details, progress=progress, sampling=sampling, shape=_shape(noise_known))
+    if per_mm:
+        volumes = [dataclasses.replace(v, std=v.std * case_grid(c)) for v, c in zip(volumes, cases, strict=True)]
+    result = fit_volumes(volumes, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis,
+                         interval=interval, details=details, progress=progress, sampling=sampling,
+                         shape=_shape(noise_known))
+    if not per_mm:
+        return result
+    cal = result.calibration
+    return dataclasses.replace(result, calibration=dataclasses.replace(cal, scale_per_mm=cal.scale))
 
 
 def case_grid(case: Case) -> float:
