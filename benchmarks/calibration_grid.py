@@ -32,6 +32,10 @@ finer than its own, from 4 mm Gaussian axial slices at SNR 30 and SNR 60, its no
 coverage of ``SHAPE_CHECK_SCALE × std × voxel size`` (the change tested) and of ``mean ± λ std`` with the record the
 model gives the run today (``pipe.calibration_for``: its grid's, else the pooled one).
 
+The first four tests read the model's records of their day (``git log models/heads2d/calibration.json``): since the
+fifth, the records for runs with a noise std are one per mm of the voxel size, which ``--test`` and ``--between`` do
+not reproduce (check out the commit of a test's results to repeat it).
+
 ``--shape-check`` (a diagnostic on the volumes of ``--data`` only): each volume's leave-one-out coverage for one
 scale of ``std × voxel size`` over all of them, against the plain std with a scale per grid.
 """

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gen_sr.eval.calibration import CalibrationVolume, calibration_volumes
+from gen_sr.eval.calibration import CalibrationVolume, calibration_volumes, case_grid
 from gen_sr.eval.cases import heldout_case, simulate_case, training_slabs
 from gen_sr.io import write_json
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -79,7 +79,8 @@ def main() -> None:
     volumes = calibration_volumes(pipe, cases, cache=out, num_samples=args.samples, num_inference_steps=args.steps,
                                   batch_size=args.batch_size,
                                   generator=[torch.Generator().manual_seed(k) for k in range(args.samples)])
-    report(volumes, len(args.seeds), calibrations, out)
+    grid = case_grid(cases[0])  # every case is cut from a 1 mm MNI152 head: one output grid
+    report(volumes, len(args.seeds), {n: c.at_grid(grid) for n, c in calibrations.items()}, out)
 
 
 def report(volumes: list[CalibrationVolume], n_subjects: int, calibrations: dict[str, Calibration],

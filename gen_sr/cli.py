@@ -635,6 +635,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise InputError(f"the model is calibrated already for {settings.describe()}", target,
                          "pass --overwrite to replace that calibration, or calibrate other settings (--scheduler, "
                          "--steps, --samples)")
+    if args.per_mm and not args.overwrite and any(r.sampling == settings for r in pipe.calibrations):
+        raise InputError(f"the model is calibrated already for {settings.describe()} (per grid)", target,
+                         "pass --overwrite to replace those calibrations with one per mm of the voxel size")
     cases = _cases(args, pipe, args.noise_unknown)
     grids = sorted({case_grid(c) for c in cases}) if args.per_grid else []
     made_per_grid = [g for g in grids if any(r.sampling == settings and r.grid_spacing == g for r in pipe.calibrations)]
@@ -673,7 +676,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                                           first=default and result.calibration.grid_spacing is None)
     pipe.calibrations.save(args.model)
     new = [r.calibration for r in results]
-    kept = [r.sampling.describe() for r in pipe.calibrations if r not in new and r.sampling is not None]
+    kept = list(dict.fromkeys(r.sampling.describe() for r in pipe.calibrations if r not in new and r.sampling))
     print(f"wrote:    {target}" + (f" (also kept: the calibrations for {'; '.join(kept)})" if kept else ""))
     for result, group in zip(results, fitted, strict=True):
         _print_calibration(args, result, group, settings)

@@ -208,10 +208,10 @@ class Calibration:
         if self.scale_per_mm is not None and self.outside_scale is not None:
             raise ValueError("a calibration per mm of the voxel size has one scale, not one per region")
 
-    def at_grid(self, grid_spacing: float) -> Calibration:
+    def at_grid(self, grid_spacing: float | None) -> Calibration:
         """This record as a run on an output grid of ``grid_spacing`` mm uses it: for a record per mm of the voxel
-        size (:attr:`scale_per_mm`), ``λ`` at that grid; any other record as it is."""
-        if self.scale_per_mm is None:
+        size (:attr:`scale_per_mm`), ``λ`` at that grid; any other record, or an unknown grid (``None``), as it is."""
+        if self.scale_per_mm is None or grid_spacing is None:
             return self
         return replace(self, scale=self.scale_per_mm * grid_spacing, grid_spacing=grid_spacing)
 
@@ -223,7 +223,10 @@ class Calibration:
 
     def scale_map(self, region: Array | None = None) -> Array | float:
         """``λ̂`` per voxel: ``scale`` inside ``region`` (a boolean mask on the output grid) and ``outside_scale``
-        outside it, where the calibration has one; without a region, the larger of the two (a float)."""
+        outside it, where the calibration has one; without a region, the larger of the two (a float). A record per mm
+        of the voxel size holds at a grid only: ``ValueError`` until :meth:`at_grid` gives it one."""
+        if self.scale_per_mm is not None and self.grid_spacing is None:
+            raise ValueError(f"the calibration {self.describe()} needs the run's output grid: use at_grid(voxel size)")
         if self.outside_scale is None:
             return self.scale
         if region is None:
@@ -279,6 +282,9 @@ class Calibrations:
         seen = [(r.sampling, r.grid_spacing) for r in self._records]
         if len(set(seen)) != len(seen):
             raise ValueError(f"two calibrations for the same sampler settings and grid: {seen}")
+        if any(r.scale_per_mm is not None and r.grid_spacing is not None for r in self._records):
+            raise ValueError("a calibration per mm of the voxel size is kept for every grid, not at one run's grid "
+                             "(keep the record at_grid was called on)")
 
     def __iter__(self) -> Iterator[Calibration]:
         return iter(self._records)
@@ -301,7 +307,7 @@ class Calibrations:
             if near:
                 return min(near, key=lambda r: off[id(r)])
         pooled = next((r for r in made if r.grid_spacing is None), None)
-        return pooled.at_grid(grid_spacing) if pooled is not None and grid_spacing is not None else pooled
+        return pooled.at_grid(grid_spacing) if pooled is not None else None
 
     def with_record(self, calibration: Calibration, *, first: bool = False) -> Calibrations:
         """These records with ``calibration`` added: it replaces the one made with the same settings and grid (in its
@@ -314,7 +320,7 @@ class Calibrations:
         if first:
             return Calibrations([calibration, *others])
         kept = {id(r) for r in others}
-        place = next((k for k, r in enumerate(self._records) if (r.sampling, r.grid_spacing) == key), None)
+        place = next((k for k, r in enumerate(self._records) if id(r) not in kept), None)  # the first one replaced
         index = len(others) if place is None else sum(id(r) in kept for r in self._records[:place])
         return Calibrations([*others[:index], calibration, *others[index:]])
 

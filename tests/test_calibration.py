@@ -121,18 +121,24 @@ def test_a_record_per_mm_of_the_voxel_size_holds_on_every_grid_at_its_own_scale(
     fit = fit_calibration(errors, stds)
     ddim, dpm = SamplingSettings("DDIM", 25, 8), SamplingSettings("DPM", 5, 8)
     a, other = dataclasses.replace(fit, sampling=ddim), dataclasses.replace(fit, sampling=dpm, grid_spacing=1.0)
-    records = Calibrations([a, dataclasses.replace(a, scale=5.0, grid_spacing=1.0), other])
+    fine = dataclasses.replace(a, scale=5.0, grid_spacing=1.0)
+    records = Calibrations([other, fine, a])
     per_mm = dataclasses.replace(a, scale=3.0, scale_per_mm=3.0)
-    assert a.at_grid(1.25) is a  # any other record holds as it is
+    assert a.at_grid(1.25) is a and per_mm.at_grid(None) is per_mm  # any other record, or no grid: as it is
     updated = records.with_record(per_mm)
-    assert list(updated) == [per_mm, other]
+    assert list(updated) == [other, per_mm]  # in the place of the first record it replaced
+    assert list(Calibrations([fine, other]).with_record(per_mm)) == [per_mm, other]  # per-grid records only
+    with pytest.raises(ValueError, match="needs the run's output grid"):
+        per_mm.halfwidth(np.ones((2, 2, 2)), np.ones((2, 2, 2)))  # λ per mm, with no grid to scale it
+    with pytest.raises(ValueError, match="kept for every grid"):
+        updated.with_record(updated.find(ddim, 1.5))  # a run's resolved record is not a record to keep
     run = updated.find(ddim, 1.25)
     assert run.scale == pytest.approx(3.75) and run.grid_spacing == 1.25 and run.scale_per_mm == 3.0
     assert run.describe() == "mean ± 3.75 × (std) (3 per mm of the 1.25 mm voxels)"
     assert per_mm.describe() == "mean ± 3 × voxel size (mm) × (std)" and updated.find(ddim) is per_mm
     assert updated.find(dpm, 1.0) is other
     updated.save(tmp_path)
-    assert list(Calibrations.load(tmp_path)) == [per_mm, other]
+    assert list(Calibrations.load(tmp_path)) == [other, per_mm]
     with pytest.raises(ValueError, match="one scale, not one per region"):
         dataclasses.replace(per_mm, outside_scale=2.0)
 

@@ -168,6 +168,7 @@ def test_calibrate_per_mm_fits_one_scale_for_the_std_times_the_voxel_size(tmp_pa
     for wrong in (["--per-grid"], ["--interval", "auto"]):
         assert main([*args, "--per-mm", *wrong]) == 2 and "--per-mm" in capsys.readouterr().err
     assert main([*args[:-2], "--per-mm"]) == 2 and "with --snr" in capsys.readouterr().err
+    assert main([*args, "--per-mm"]) == 2 and "pass --overwrite to replace" in capsys.readouterr().err  # per grid
     assert main([*args, "--per-mm", "--overwrite"]) == 0
     assert "mean ± " in capsys.readouterr().out
     pipe = LatentDiffusionSRPipeline.from_pretrained(model)
@@ -185,6 +186,11 @@ def test_calibrate_per_mm_fits_one_scale_for_the_std_times_the_voxel_size(tmp_pa
     assert out.metadata["risk"]["scale"] == pytest.approx(1.5 * record.scale_per_mm)
     assert out.metadata["risk"]["scale_per_mm"] == record.scale_per_mm and "per mm of the 1.5 mm voxels" in (
         out.metadata["risk"]["definition"])
+    pipe.calibration = record  # the only record: a run with other settings falls back to it, at its own grid
+    with pytest.warns(UserWarning, match="which no calibration of the model was made with"):
+        other = pipe(lr, num_samples=2, num_inference_steps=1, noise_std=0.5,
+                     generator=torch.Generator().manual_seed(0))
+    assert other.metadata["risk"]["scale"] == pytest.approx(1.5 * record.scale_per_mm)
 
 
 def test_calibrate_noise_unknown_makes_the_record_that_runs_without_air_use(tmp_path: Path, capsys) -> None:

@@ -357,6 +357,9 @@ def test_card_rows_are_short_and_labelled() -> None:
     per_mm = dict(card_rows({**AUDIT_CARD, "calibration": per_mm}))["Calibration"]
     assert ("8 volumes on every output grid together, one scale per mm of the voxel size (3.16; 4.74 on this run's "
             "1.5 mm grid); miss") in per_mm
+    no_grid = {**CALIBRATION, "scale_per_mm": 3.16, "scale": 3.16}  # a run record without its grid
+    no_grid = dict(card_rows({**AUDIT_CARD, "calibration": no_grid}))["Calibration"]
+    assert "one scale per mm of the voxel size (3.16); miss" in no_grid
     assert rows["Interval"] == "mean ± 0.4525 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)"
     assert rows["Sampler"] == "DPMSolverDataConsistencyScheduler(trailing)" and rows["Sampler steps"] == "50"
     assert rows["Timings"] == "prepare 2.2 s, denoise 180 s, decode 10 s, stitch uncertainty 0.41 s"

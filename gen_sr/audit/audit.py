@@ -29,7 +29,14 @@ from gen_sr.eval.uncertainty import coverage
 from gen_sr.io import check_output_dir, sidecar_path
 from gen_sr.physics import AcquisitionOperator, structure_visibility
 from gen_sr.pipelines import LatentDiffusionSRPipeline
-from gen_sr.risk import Calibration, DataDisagreement, interval_noise_std, risk_map, run_calibration
+from gen_sr.risk import (
+    Calibration,
+    DataDisagreement,
+    interval_noise_std,
+    risk_map,
+    run_calibration,
+    run_grid_spacing,
+)
 from gen_sr.volume import Volume, covers, load_volume, resample_to, save_volume
 
 __all__ = ["AUDIT_FILES", "DISAGREEMENT_FILE", "MAP_FILES", "NOMINAL_COVERAGE", "audit", "reuse_outputs"]
@@ -95,7 +102,7 @@ def _run_calibration(pipe: LatentDiffusionSRPipeline, meta: dict[str, Any], *,
     try:
         return run_calibration(pipe, meta, warn=warn)
     except (KeyError, TypeError, ValueError):  # a record written before the settings were
-        return pipe.calibration
+        return None if pipe.calibration is None else pipe.calibration.at_grid(run_grid_spacing(meta))
 
 
 def _calibration_curve(std: np.ndarray, mean: np.ndarray, error: np.ndarray, mask: np.ndarray,

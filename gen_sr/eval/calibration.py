@@ -180,7 +180,7 @@ class CalibrationVolume:
     def coverage(self, calibration: Calibration) -> float:
         """Fraction of the mask's voxels inside the calibrated interval."""
         u = calibration.shape.spread(self.std, self.mean, self.noise_std)
-        return 1.0 - float(miss_rate(self.error, u, calibration.scale, self.mask))
+        return 1.0 - float(miss_rate(self.error, u, calibration.scale_map(), self.mask))
 
 
 def calibration_volumes(
@@ -398,8 +398,9 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
         per_mm: one scale per mm of the output voxel size, for every grid of the cases (``mean ± λ × voxel size ×
             std``; :attr:`~gen_sr.risk.Calibration.scale_per_mm`): each volume's std is weighed by its grid
             (:func:`case_grid`) before the fit. The samples' spread narrows as the voxels coarsen while the error
-            does not, so the scale a plain std needs grows with the voxel size (``benchmarks/CALIBRATION_GRID.md``).
-            Runs with a noise std and the plain std only (``interval="std"``).
+            does not, so the scale a plain std needs grows with the voxel size (``benchmarks/CALIBRATION_GRID.md``:
+            adopted for runs with a noise std; the records of noise-free runs did not scale so). The plain std only
+            (``interval="std"``), for runs whose noise is known.
         pipe_kwargs: for the pipeline call (``num_samples``, ``num_inference_steps``, ``generator``, ...).
 
     Raises:

@@ -242,7 +242,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                           f"risk map uses the calibration made with {made}, whose coverage does not hold for these "
                           "settings; sample with calibrated ones (gen-sr info --model lists them), or calibrate with "
                           "these (gen-sr calibrate)", CalibrationMismatchWarning, stacklevel=4)
-        return default.at_grid(grid_spacing) if default is not None and grid_spacing is not None else default
+        return default.at_grid(grid_spacing) if default is not None else None
 
     # ------------------------------------------------------------------------------------------------- settings
     @property
