@@ -454,8 +454,8 @@ def _adaptation_config(args: argparse.Namespace):
 
 
 def _scan_noise_std(args: argparse.Namespace, lr, *, report: bool = True, gain: float = 1.0) -> float:
-    """``--noise-std`` (times ``gain``, for a scan that :func:`_measured_scan` resampled), or with ``auto`` the std
-    read from the scan's background air (0 where it has none), as the pipeline resolves it
+    """``--noise-std``, or with ``auto`` the std read from the background air of the scan ``lr`` as given (0 where it
+    has none), times ``gain`` for the grid :func:`_measured_scan` resampled it to, as the pipeline resolves it
     (:func:`~gen_sr.pipelines.pipeline_latent_sr.resolve_noise_std`), printed where ``report``."""
     from gen_sr.pipelines.pipeline_latent_sr import resolve_noise_std
 
@@ -508,13 +508,12 @@ def _adaptation_noise(args: argparse.Namespace, scan_noise: float, flag: str = "
     return {"none": 0.0, "given": scan_noise, "estimate": None}[choice]
 
 
-def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, gain: float = 1.0, region: typing.Any = None):
-    """Adapt ``pipe`` to ``lr`` (as :func:`_measured_scan` gives it, with its noise ``gain`` and calibration
-    ``region``) and calibrate it on the scan (:func:`gen_sr.training.scan_fit.fit_to_scan`), printing what was
-    done."""
+def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, scan_noise: float, region: typing.Any = None):
+    """Adapt ``pipe`` to ``lr`` (as :func:`_measured_scan` gives it, with its noise std ``scan_noise``,
+    :func:`_scan_noise_std`, and calibration ``region``) and calibrate it on the scan
+    (:func:`gen_sr.training.scan_fit.fit_to_scan`), printing what was done."""
     from gen_sr.training.scan_fit import fit_to_scan
 
-    scan_noise = _scan_noise_std(args, lr, report=False, gain=gain)  # the commands print it
     noise, target_noise = _adaptation_noise(args, scan_noise), _adaptation_noise(args, scan_noise,
                                                                                   "--adapt-target-noise")
     if args.adapt_recorrupt and noise == 0:
@@ -566,7 +565,7 @@ def _adapted_if_asked(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, d
         raise InputError("holds an adapted model already", model,
                          f"use it with --model {model} (without --adapt), or pass --overwrite to adapt again")
     scan, gain, region = _measured_scan(args, pipe, lr)
-    fit = _fit(args, pipe, scan, folder, gain, region)
+    fit = _fit(args, pipe, scan, folder, _scan_noise_std(args, lr, report=False, gain=gain), region)
     save_model(fit.pipe, model, overwrite=True)
     if process_state().is_main_process:
         print(f"wrote:    {model} (the adapted, calibrated model)")
@@ -590,9 +589,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     lr = load_volume(args.input, volume_index=args.volume)
     pipe = _load_pipeline(args)
     scan, gain, region = _measured_scan(args, pipe, lr)
-    _scan_noise_std(args, scan, gain=gain)  # printed with auto
+    noise = _scan_noise_std(args, lr, gain=gain)  # printed with auto
     work = Path(args.adapt_dir) if args.adapt_dir else target.with_name(f"{target.name}_adaptation")
-    fit = _fit(args, pipe, scan, work, gain, region)
+    fit = _fit(args, pipe, scan, work, noise, region)
     save_model(fit.pipe, target, overwrite=True)
     if process_state().is_main_process:
         print(f"wrote:    {target} (load it with --model {target}; checkpoints and logs in {work})")

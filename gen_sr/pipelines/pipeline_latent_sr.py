@@ -36,6 +36,7 @@ from gen_sr.physics import (
     AcquisitionOperator,
     SliceAcquisition,
     SliceProfile,
+    air_noise_gain,
     coarsen,
     coarser_axes,
     estimate_noise_std,
@@ -427,7 +428,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                                                                slice_thickness)
         norm = self.intensity_normalization(canon.data)
         self.check_memory(operator.hr_shape, num_samples, keep_samples, volume.source)
-        noise_std = resolve_noise_std(canon, noise_std, noise_gain)  # once every setting is known to work
+        noise_std = resolve_noise_std(given, noise_std, noise_gain)  # once every setting is known to work
         noise_known, noise_std = noise_std is not None, noise_std or 0.0
         hr_affine = operator.hr_affine(canon.affine)
         work = torch.promote_types(dtype, torch.float32)  # physics, stitching and statistics in >= float32
@@ -654,10 +655,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         has none, and then the one read in-plane that the interval counts), the calibration its risk map would use
         (:meth:`calibration_for` its settings and output grid) and where the input lies outside the trained
         regime."""
-        given, canon, operator, axes, _ = self._setup(self.as_volume(lr, volume_index=volume_index), target_spacing,
-                                                      None, slice_profile, slice_thickness)
+        given, canon, operator, axes, gain = self._setup(self.as_volume(lr, volume_index=volume_index),
+                                                         target_spacing, None, slice_profile, slice_thickness)
         norm = self.intensity_normalization(canon.data)
-        noise_std = scan_noise_std(canon)
+        noise_std = resolve_noise_std(given, "auto", gain)
         settings = self.sampling_settings(num_samples=num_samples, noise_std=noise_std or 0.0,
                                           noise_known=noise_std is not None)
         calibration = self.calibration_for(settings, grid_spacing=min(operator.hr_spacing))
@@ -683,9 +684,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         head from 4 mm slices (1 sample, two other jobs on the cores) it gave 338-369 s for a run of 397 s: the
         machine's load moves both. Returns ``seconds`` (the estimate), ``probe_seconds`` and ``probe_fraction``
         (the slab's share of the output voxels)."""
-        _, canon, operator, axes, gain = self._setup(self.as_volume(lr, volume_index=volume_index), target_spacing,
-                                                     None, slice_profile, slice_thickness)
-        noise_std = resolve_noise_std(canon, noise_std, gain) or 0.0  # read on the whole scan, as the call reads it
+        given, canon, operator, axes, gain = self._setup(self.as_volume(lr, volume_index=volume_index),
+                                                         target_spacing, None, slice_profile, slice_thickness)
+        noise_std = resolve_noise_std(given, noise_std, gain) or 0.0  # read on the whole scan, as the call reads it
         across = max((a for a in range(3) if a not in axes), key=lambda a: canon.shape[a])
         start = np.zeros(3, dtype=int)
         start[across] = max(0, (canon.shape[across] - probe_thickness) // 2)
@@ -732,15 +733,17 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         """An LR input in RAS+ as a run with ``target_spacing`` (in RAS+) measures it. Where the target is coarser than
         the input along an axis the run does not super-resolve (1 mm voxels asked of a 0.45 mm in-plane scan), the
         input is first resampled there by k-space truncation (:func:`~gen_sr.physics.coarsen`: what a coarser matrix
-        over the same field of view would have measured), so the model sees the in-plane resolution it was trained
         for and the output grid stays within memory. Returns the input, the target spacing with those axes at the
         resampled grid's (the same field of view, within half a voxel of the one asked) and the factor by which the
-        resampling scales the input's noise std; without a coarser target, or with an ``operator``, the input and
-        target as given and 1. Without a target, the default one (:meth:`default_target_spacing`) decides."""
+        resampling scales the input's noise std (read from its air's spectrum, :func:`~gen_sr.physics.air_noise_gain`:
+        a scanner's zero-filled interpolation keeps its noise; white noise, or a scan without air, the kept share
+        of k-space); without a coarser target, or with an ``operator``, the input and target as given and 1. Without
+        a target, the default one (:meth:`default_target_spacing`) decides."""
         wanted = None if operator is not None else self.coarser_grid(canon, target_spacing)
         if wanted is None:
             return canon, target_spacing, 1.0
-        out, gain = coarsen(canon, wanted)
+        out, white = coarsen(canon, wanted)
+        gain = air_noise_gain(canon, out) or white  # a zero-filled interpolation keeps its noise
         asked = self.default_target_spacing(canon, self.input_axes(canon)) if target_spacing is None else target_spacing
         resampled = zip(asked, wanted, canon.spacing, out.spacing, strict=True)
         target = [r if w > s else float(t) for t, w, s, r in resampled]
@@ -1053,10 +1056,13 @@ class SharedPrediction:
 
 
 def resolve_noise_std(scan: Volume, noise_std: float | Literal["auto"], gain: float = 1.0) -> float | None:
-    """The noise std of a call on ``scan`` (the grid it measures), in input units: ``"auto"`` reads it from the scan's
-    background air (:func:`~gen_sr.physics.scan_noise_std`; ``None`` where it has none: not known); a given one is
-    scaled by ``gain`` (a coarsened grid holds less of it, :meth:`LatentDiffusionSRPipeline.coarsened`)."""
-    return scan_noise_std(scan) if noise_std == "auto" else noise_std * gain
+    """The noise std of a call on ``scan`` (the input as given, before any resampling), in input units, on the grid
+    the call measures: the one given, or with ``"auto"`` the one read from the scan's background air
+    (:func:`~gen_sr.physics.scan_noise_std`; ``None`` where it has none: not known), times ``gain`` (a coarsened grid
+    holds less of it, :meth:`LatentDiffusionSRPipeline.coarsened`). The air is read on the scan as given: a
+    resampled air is no longer a magnitude's (Rayleigh), and read 31 % low on a head resampled from 1 to 1.25 mm."""
+    std = scan_noise_std(scan) if noise_std == "auto" else noise_std
+    return None if std is None else std * gain
 
 
 def _warn_noise_unknown(source: str | None, counted: bool, in_plane: float) -> None:
