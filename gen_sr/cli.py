@@ -618,17 +618,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from gen_sr.eval.calibration import calibrate, calibrate_per_grid, case_grid, check_calibration_settings
     from gen_sr.risk import CALIBRATION_FILE
 
-    target = Path(args.model) / CALIBRATION_FILE
-    check_output_file(target, overwrite=True)
     if args.noise_unknown and args.snr:
         raise InputError("--snr and --noise-unknown both set the calibration volumes' noise: give one of them")
     if args.per_mm and (args.per_grid or args.noise_unknown or not args.snr or args.interval != "std"):
         raise InputError("--per-mm fits one plain-std scale for runs with a noise std on every grid: give it with "
                          "--snr, without --per-grid, --noise-unknown or --interval auto")
     pipe = _load_pipeline(args)
+    target = Path(args.model) / CALIBRATION_FILE
+    check_output_file(target, overwrite=True)
     noise = ({"noise_std": 0.0, "noise_known": False} if args.noise_unknown  # run without their noise std
              else {"noise_std": None if args.snr else 0.0})  # the cases' noise is --snr's: without it, no refit
     settings = pipe.sampling_settings(**noise, **_sampling_kwargs(args))
+    cases = _cases(args, pipe, args.noise_unknown)  # the data's own errors first, then the model folder's
     made = pipe.calibrations.find(settings)
     if made is not None and not args.overwrite and not args.per_grid:
         raise InputError(f"the model is calibrated already for {settings.describe()}", target,
@@ -637,7 +638,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.per_mm and not args.overwrite and any(r.sampling == settings for r in pipe.calibrations):
         raise InputError(f"the model is calibrated already for {settings.describe()} (per grid)", target,
                          "pass --overwrite to replace those calibrations with one per mm of the voxel size")
-    cases = _cases(args, pipe, args.noise_unknown)
     grids = sorted({case_grid(c) for c in cases}) if args.per_grid else []
     made_per_grid = [g for g in grids if any(r.sampling == settings and r.grid_spacing == g for r in pipe.calibrations)]
     if made_per_grid and not args.overwrite:

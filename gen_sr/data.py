@@ -196,7 +196,7 @@ def find_volumes(paths: Sequence[str]) -> list[Path]:
         elif p.is_file():
             found.append(p)
         else:
-            raise InputError("no such data file or folder", p, "check data.paths in the config")
+            raise InputError("no such data file or folder", p, "check the path (--data, or data.paths in a config)")
     return found
 
 

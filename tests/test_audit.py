@@ -123,6 +123,14 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main([*audit_mask, str(f["lr"])]) == 2  # an image, not a mask: one line, before anything is written
     assert "is not a brain mask: its values run from" in capsys.readouterr().err
+    moved = hr.affine.copy()
+    moved[0, 3] += 200.0  # the same mask 200 mm away: not this scan's
+    elsewhere = save_volume(Volume(half, moved), tmp_path / "elsewhere.nii.gz")
+    assert main([*audit_mask, str(elsewhere)]) == 2 and "does not cover the SR grid" in capsys.readouterr().err
+    outside = np.zeros((*hr.shape[:2], 3 * hr.shape[2]), dtype=np.float32)
+    outside[:, :, 2 * hr.shape[2]:] = 1  # covers the SR grid, holds 1 only beyond it
+    taller = save_volume(Volume(outside, hr.affine), tmp_path / "taller.nii.gz")
+    assert main([*audit_mask, str(taller)]) == 2 and "holds no voxel of the SR grid" in capsys.readouterr().err
 
 
 def test_a_scan_finer_in_plane_than_the_target_is_resampled_and_its_run_audited(tmp_path: Path, capsys) -> None:

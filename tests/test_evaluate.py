@@ -169,6 +169,10 @@ def test_calibrate_per_mm_fits_one_scale_for_the_std_times_the_voxel_size(tmp_pa
         assert main([*args, "--per-mm", *wrong]) == 2 and "--per-mm" in capsys.readouterr().err
     assert main([*args[:-2], "--per-mm"]) == 2 and "with --snr" in capsys.readouterr().err
     assert main([*args, "--per-mm"]) == 2 and "pass --overwrite to replace" in capsys.readouterr().err  # per grid
+    missing = [*args[:4], str(tmp_path / "missing.nii.gz"), *args[6:], "--per-grid"]  # the data's error, not "again"
+    assert main(missing) == 2 and "no such data file or folder" in capsys.readouterr().err
+    assert main([args[0], "--model", str(tmp_path / "nothere"), *args[3:]]) == 2
+    assert "no such model folder" in capsys.readouterr().err
     assert main([*args, "--per-mm", "--overwrite"]) == 0
     assert "mean ± " in capsys.readouterr().out
     pipe = LatentDiffusionSRPipeline.from_pretrained(model)

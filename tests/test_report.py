@@ -365,6 +365,8 @@ def test_card_rows_are_short_and_labelled() -> None:
     assert rows["Timings"] == "prepare 2.2 s, denoise 180 s, decode 10 s, stitch uncertainty 0.41 s"
     assert rows["Risk"] == "the calibrated interval's half-width ÷ the input's robust intensity range"
     assert rows["LR voxel spacing"] == "1 × 0.9 × 2.2 mm" and rows["Seeds"] == "0, 1, 2, …, 7 (8 seeds)"
+    seeds = dict(card_rows({**AUDIT_CARD, "seeds": [818103936, 1180039872]}))["Seeds"]
+    assert seeds == "818103936, 1180039872"  # whole numbers, to run it again
     assert rows["Measurement noise std"] == "0.03 (input intensity units)"
     assert not any("{" in v or "runs/" in v for v in rows.values())
     assert dict(card_rows({"calibration": "none (uncalibrated)", "interval": "none (uncalibrated)",

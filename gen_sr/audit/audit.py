@@ -163,11 +163,13 @@ def audit(
     out = check_output_dir(output_dir, overwrite, AUDIT_FILES)
     if brain_mask is not None:
         _check_mask(brain_mask)
-    if reference is not None and reuse is None:  # before any sampling: a reference that does not fit is an error
+    given_volumes = {"reference": reference, "brain mask": brain_mask, **(masks or {})}
+    if reuse is None:  # before any sampling: a reference or mask that does not fit the output grid is an error
         geometry = {k: v for k, v in pipe_kwargs.items() if k in _GEOMETRY_ARGUMENTS}
-        _check_reference(reference, pipe.output_grid(lr, **geometry))
+        _check_cover(given_volumes, pipe.output_grid(lr, **geometry))
     if reuse is not None:
         maps, meta = reuse_outputs(pipe, lr, *reuse, calibration_region=calibration_region)
+        _check_cover(given_volumes, maps["mean"])
     else:
         result = pipe(lr, output_type="np", keep_samples=False, calibration_region=calibration_region,
                       **pipe_kwargs)
@@ -246,11 +248,19 @@ def _check_mask(mask: Volume) -> None:
                          "give a mask holding 1 inside the brain and 0 outside")
 
 
-def _check_reference(reference: Volume, grid: Volume) -> None:
-    """A reference must cover every voxel centre of the SR grid."""
-    if not covers(reference, grid):
-        raise InputError(f"does not cover the SR grid ({grid.shape} voxels of {np.round(grid.spacing, 3).tolist()} "
-                         "mm)", reference.source, "give the HR volume the LR was made from")
+def _check_cover(volumes: dict[str, Volume | None], grid: Volume) -> None:
+    """A reference, brain mask or tissue map must cover every voxel centre of the SR grid ``grid``, and a brain mask
+    hold some of it."""
+    for what, volume in volumes.items():
+        if volume is None:
+            continue
+        where = f"the SR grid ({grid.shape} voxels of {np.round(grid.spacing, 3).tolist()} mm)"
+        if not covers(volume, grid):
+            raise InputError(f"does not cover {where}", volume.source,
+                             f"give a {what} on the input's field of view (for a reference: the HR volume the LR "
+                             "was made from)")
+        if what == "brain mask" and not (resample_to(volume, grid.canonical(), order=0).data >= 0.5).any():
+            raise InputError(f"holds no voxel of {where}", volume.source, "give the brain mask of this scan")
 
 
 def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, operator: AcquisitionOperator,
@@ -259,7 +269,6 @@ def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, o
                        region: np.ndarray | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Metrics of SR and every baseline against the reference, and the calibration curve, in RAS+."""
     mean = maps["mean"].canonical()
-    _check_reference(reference, mean)
     ref = resample_to(reference, mean)  # exact where the grids align (e.g. the LR was simulated from it)
     if brain_mask is not None:
         mask = brain_mask.canonical().data >= 0.5

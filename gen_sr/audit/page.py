@@ -76,9 +76,10 @@ def _spacing(v: Any) -> str:
 
 
 def _seeds(v: Any) -> str:
+    """Seeds as whole numbers (a run is reproduced from them), the middle of a long list left out."""
     if isinstance(v, list | tuple) and len(v) > 6:
         return f"{', '.join(map(str, v[:3]))}, …, {v[-1]} ({len(v)} seeds)"
-    return _plain(v)
+    return ", ".join(map(str, v)) if isinstance(v, list | tuple) else _plain(v)
 
 
 def _noise(v: Any) -> str:
