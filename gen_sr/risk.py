@@ -221,6 +221,17 @@ class Calibration:
         interval counts the noise read in-plane."""
         return self.sampling is not None and not self.sampling.noise_known
 
+    def holds_for(self, settings: SamplingSettings, grid_spacing: float | None = None) -> bool:
+        """Whether this record was made for runs with these sampler ``settings`` on an output grid of
+        ``grid_spacing`` mm: the same settings (or a record that does not record them) and, for a record made per
+        grid, a grid within :data:`GRID_TOLERANCE` of its own (a record per mm of the voxel size holds on every
+        grid). A run whose record does not hold has a risk map in the calibration's units without its coverage."""
+        if self.sampling is not None and self.sampling != settings:
+            return False
+        if self.grid_spacing is None or grid_spacing is None or self.scale_per_mm is not None:
+            return True
+        return abs(self.grid_spacing / grid_spacing - 1) <= GRID_TOLERANCE
+
     def scale_map(self, region: Array | None = None) -> Array | float:
         """``λ̂`` per voxel: ``scale`` inside ``region`` (a boolean mask on the output grid) and ``outside_scale``
         outside it, where the calibration has one; without a region, the larger of the two (a float). A record per mm
@@ -395,14 +406,19 @@ def risk_map(std: Array, mean: Array, calibration: Calibration | None, noise_std
     return halfwidth / intensity_range
 
 
-def describe_risk(calibration: Calibration | None) -> dict[str, Any]:
-    """What the risk map means, for run records and reports."""
+def describe_risk(calibration: Calibration | None, holds: bool = True) -> dict[str, Any]:
+    """What the risk map means, for run records and reports; ``holds``: whether the calibration was made for the
+    run's settings and grid (:meth:`Calibration.holds_for`)."""
     if calibration is None:
         return {"calibrated": False, "definition": "std / robust intensity range (uncalibrated)"}
     cal = calibration
     per_scan = bool(cal.details.get("per_scan"))
     where = "; calibrated on this scan's own held-out in-plane slices" if per_scan else ""
-    return {"calibrated": True, "per_scan": per_scan, "scale": cal.scale, "outside_scale": cal.outside_scale,
+    if not holds:
+        where += ("; made for other sampler settings or another output grid, so its coverage does not hold for this "
+                  "run")
+    return {"calibrated": True, "holds": holds, "per_scan": per_scan, "scale": cal.scale,
+            "outside_scale": cal.outside_scale,
             "alpha": cal.alpha, "delta": cal.delta,
             "method": cal.method, "shape": asdict(cal.shape),
             "made_with": None if cal.sampling is None else asdict(cal.sampling), "grid_spacing": cal.grid_spacing,

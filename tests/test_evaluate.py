@@ -195,6 +195,8 @@ def test_calibrate_per_mm_fits_one_scale_for_the_std_times_the_voxel_size(tmp_pa
         other = pipe(lr, num_samples=2, num_inference_steps=1, noise_std=0.5,
                      generator=torch.Generator().manual_seed(0))
     assert other.metadata["risk"]["scale"] == pytest.approx(1.5 * record.scale_per_mm)
+    assert out.metadata["risk"]["holds"] and not other.metadata["risk"]["holds"]  # made for 2 steps, not 1
+    assert "its coverage does not hold for this run" in other.metadata["risk"]["definition"]
 
 
 def test_calibrate_noise_unknown_makes_the_record_that_runs_without_air_use(tmp_path: Path, capsys) -> None:

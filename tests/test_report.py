@@ -445,3 +445,18 @@ def test_uncalibrated_flags_promise_no_coverage(tmp_path) -> None:
     assert "no flagged fraction is expected" in v["meaning"] and v["unflagged_miss_bound_percent"] is None
     assert v["observed"] is None and payload["outside_training"] == []
     assert "Input outside the trained regime" not in (tmp_path / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_calibration_made_for_other_settings_is_said_and_promises_no_coverage(tmp_path) -> None:
+    """A run whose model has no calibration for its sampler settings or grid uses another one's scale: the verdict
+    says "calibrated for other settings", the risk note says its coverage does not hold, and no bound is given."""
+    inputs = _inputs()
+    payload = build_report(tmp_path, **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")},
+                           card={"risk": {"calibrated": True, "holds": False}}, risk_threshold=THRESHOLD,
+                           calibrated=True, calibration_holds=False, input_name="x", sr_axis=2, intensity_range=2.0,
+                           alpha=0.1, outside_training=[])
+    v = payload["verdict"]
+    assert "calibrated for other settings)" in v["text"] and v["unflagged_miss_bound_percent"] is None
+    assert v["risk_note"].startswith("Calibrated for other settings") and not payload["calibration_holds"]
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "so its coverage does not hold for this run" in page

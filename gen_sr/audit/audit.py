@@ -32,6 +32,7 @@ from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.risk import (
     Calibration,
     DataDisagreement,
+    SamplingSettings,
     interval_noise_std,
     risk_map,
     run_calibration,
@@ -103,6 +104,15 @@ def _run_calibration(pipe: LatentDiffusionSRPipeline, meta: dict[str, Any], *,
         return run_calibration(pipe, meta, warn=warn)
     except (KeyError, TypeError, ValueError):  # a record written before the settings were
         return None if pipe.calibration is None else pipe.calibration.at_grid(run_grid_spacing(meta))
+
+
+def _holds(calibration: Calibration | None, meta: dict[str, Any]) -> bool:
+    """Whether a run's calibration was made for its settings and grid (a record without its settings: yes)."""
+    try:
+        settings = SamplingSettings.of_run(meta)
+    except (KeyError, TypeError, ValueError):
+        return True
+    return calibration is None or calibration.holds_for(settings, run_grid_spacing(meta))
 
 
 def _calibration_curve(std: np.ndarray, mean: np.ndarray, error: np.ndarray, mask: np.ndarray,
@@ -227,7 +237,8 @@ def audit(
                         dc_residual=maps["dc_residual"], disagreement=maps.get("data_disagreement"),
                         disagreement_stage=stage,
                         card=card, risk_threshold=risk_threshold,
-                        calibrated=calibration is not None, masks=masks, brain_mask=brain_mask, reference=reference,
+                        calibrated=calibration is not None, calibration_holds=_holds(calibration, meta),
+                        masks=masks, brain_mask=brain_mask, reference=reference,
                         metrics=metrics,
                         calibration_curve=curve, input_name=input_name,
                         sr_axis=next(a for a in range(3) if maps["risk"].axis_to_canonical(a) == axis),

@@ -141,8 +141,11 @@ def _adaptation(v: Any) -> str:
 
 def _risk(v: Any) -> str:
     if isinstance(v, Mapping) and "calibrated" in v:
-        return ("the calibrated interval's half-width ÷ the input's robust intensity range" if v["calibrated"]
-                else "the samples' std ÷ the input's robust intensity range (uncalibrated)")
+        if not v["calibrated"]:
+            return "the samples' std ÷ the input's robust intensity range (uncalibrated)"
+        return ("the calibrated interval's half-width ÷ the input's robust intensity range"
+                + ("" if v.get("holds", True) else "; the calibration was made for other sampler settings or another "
+                   "output grid, so its coverage does not hold for this run"))
     return _plain(v)
 
 

@@ -41,7 +41,8 @@ __all__ = ["BACKGROUND", "DISCLAIMER", "PeakRule", "build_report", "risk_cluster
 def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volume, risk: Volume, dc_residual: Volume,
                  disagreement: Volume | None = None, disagreement_flag: DataDisagreement | None = None,
                  disagreement_stage: str = "output",
-                 card: dict[str, Any], risk_threshold: float, calibrated: bool, masks: dict[str, Volume] | None = None,
+                 card: dict[str, Any], risk_threshold: float, calibrated: bool, calibration_holds: bool = True,
+                 masks: dict[str, Volume] | None = None,
                  brain_mask: Volume | None = None, reference: Volume | None = None,
                  metrics: dict[str, dict[str, float]] | None = None,
                  calibration_curve: dict[str, Any] | None = None, input_name: str, sr_axis: int,
@@ -64,6 +65,8 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
         intensity_range: the input's robust intensity range in input units (the pipeline's
             ``intensity_normalization(lr).scale``), which turns the threshold into an error size.
         alpha: the calibration's miss rate (coverage ``1 − alpha``), when calibrated.
+        calibration_holds: whether that calibration was made for the run's settings and grid (the verdict says
+            where not, and claims no coverage).
         outside_training: the run record's sentences on where the input lies outside the trained regime
             (``None``: not checked).
         disagreement: the data-disagreement map of a run given a noise std
@@ -105,7 +108,8 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
     summary = verdict(flagged=int(np.count_nonzero(flagged)), foreground_voxels=int(fg.sum()), foreground=fg_label,
                       voxel_mm3=abs(float(np.linalg.det(risk.affine[:3, :3]))), flagged_of_volume=float(np.mean(r > t)),
                       clusters=all_clusters, threshold=t, calibrated=calibrated, alpha=alpha,
-                      intensity_range=intensity_range, exceedance=_exceedance(maps, flagged, fg, t, intensity_range))
+                      intensity_range=intensity_range, exceedance=_exceedance(maps, flagged, fg, t, intensity_range),
+                      calibration_holds=calibration_holds)
     # ------------------------------------------------------------------ orthogonal views in RAS+
     can = {k: Volume(a, risk.affine).canonical() for k, a in {**maps, "risk": r}.items()}
     centre, centred_on = _view_centre(can["mean"], all_clusters, peaks)
@@ -118,7 +122,8 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
                         "uri": calibration_plot(calibration_curve)})
     payload = json_ready({
         "input_name": str(input_name), "disclaimer": DISCLAIMER, "verdict": summary, "risk_threshold": t,
-        "calibrated": bool(calibrated), "card": card, "clusters": all_clusters[:10], "peaks": peaks,
+        "calibrated": bool(calibrated), "calibration_holds": bool(calibration_holds), "card": card,
+        "clusters": all_clusters[:10], "peaks": peaks,
         "peak_rule": rule_record, "geometry": geometry(lr.affine),
         "outside_training": None if outside_training is None else [str(s) for s in outside_training],
         "views": {"centred_on": centred_on, "centre_mm": apply_affine(can["mean"].affine, centre),

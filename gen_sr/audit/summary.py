@@ -93,7 +93,8 @@ def _percent(v: float | None) -> str:
 
 def verdict(*, flagged: int, foreground_voxels: int, foreground: str, voxel_mm3: float, flagged_of_volume: float,
             clusters: list[dict[str, Any]], threshold: float, calibrated: bool, alpha: float | None,
-            intensity_range: float | None, exceedance: dict[str, float | None] | None) -> dict[str, Any]:
+            intensity_range: float | None, exceedance: dict[str, float | None] | None,
+            calibration_holds: bool = True) -> dict[str, Any]:
     """The report's verdict: the one-line ``text``, what a flag means and the counts behind them.
 
     Args:
@@ -103,15 +104,18 @@ def verdict(*, flagged: int, foreground_voxels: int, foreground: str, voxel_mm3:
         clusters: every cluster (:func:`~gen_sr.audit.clusters.risk_clusters`).
         exceedance: against a reference, the percentages of flagged and unflagged voxels whose error exceeds the
             flag's error size, or ``None``.
+        calibration_holds: whether the calibration was made for the run's settings and grid
+            (:meth:`~gen_sr.risk.Calibration.holds_for`); where not, the risk keeps its units but no coverage.
     """
     region = foreground.split(" (")[0]
     pct = 100 * flagged / foreground_voxels
-    text = (f"{pct:.1f} % of the {region} flagged high-risk (risk > {threshold:g}, "
-            f"{'calibrated' if calibrated else 'uncalibrated'})")
+    label = "uncalibrated" if not calibrated else "calibrated" if calibration_holds else "calibrated for other settings"
+    text = f"{pct:.1f} % of the {region} flagged high-risk (risk > {threshold:g}, {label})"
     largest = max(clusters, key=lambda c: c["voxels"], default=None)
     if largest is not None:
         text += f"; largest cluster {grouped(largest['size_mm3'])} mm³, peak risk at {coords(largest['peak_mm'])} mm"
-    meaning, bound = flag_meaning(threshold, calibrated=calibrated, alpha=alpha, intensity_range=intensity_range,
+    meaning, bound = flag_meaning(threshold, calibrated=calibrated and calibration_holds, alpha=alpha,
+                                  intensity_range=intensity_range,
                                   unflagged_fraction=1 - flagged / foreground_voxels, region=region)
     observed = None
     if exceedance is not None and intensity_range is not None:
@@ -125,10 +129,19 @@ def verdict(*, flagged: int, foreground_voxels: int, foreground: str, voxel_mm3:
         "meaning": meaning, "error_size": None if intensity_range is None else threshold * intensity_range,
         "intensity_range": intensity_range, "alpha": alpha, "unflagged_miss_bound_percent": bound,
         "observed": observed, "observed_exceedance": exceedance,
-        "risk_note": "Calibrated: the risk scale comes from the model's calibration (card)." if calibrated
-        else "Uncalibrated: risk is the sample spread relative to the intensity range; the threshold has no coverage "
-             "guarantee.",
+        "risk_note": _risk_note(calibrated, calibration_holds),
     }
+
+
+def _risk_note(calibrated: bool, holds: bool) -> str:
+    if not calibrated:
+        return ("Uncalibrated: risk is the sample spread relative to the intensity range; the threshold has no "
+                "coverage guarantee.")
+    if not holds:
+        return ("Calibrated for other settings: the risk scale comes from a calibration made for other sampler "
+                "settings or another output grid (card), so its coverage does not hold for this run; sample with the "
+                "settings it was made for (gen-sr info --model lists them), or calibrate these.")
+    return "Calibrated: the risk scale comes from the model's calibration (card)."
 
 
 def geometry(affine: np.ndarray) -> dict[str, Any]:

@@ -609,7 +609,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "relative_residual": residuals,
             "capped_fraction": capped,
             "normalization": norm.to_dict(),
-            "risk": describe_risk(calibration) | {"calibration_region": region is not None},
+            "risk": describe_risk(calibration, calibration is not None and calibration.holds_for(
+                settings, min(operator.hr_spacing))) | {"calibration_region": region is not None},
             "data_disagreement": None if disagreement is None else flag.describe(before_refit=refit),
             "outside_training": outside,
             "timings": timings,
