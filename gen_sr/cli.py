@@ -783,10 +783,21 @@ def _tissue(text: str) -> tuple[str, str]:
     return name, path
 
 
+_RUN_FLAGS = ("--target-spacing", "--slice-thickness", "--profile", "--noise-std", "--samples", "--steps",
+              "--scheduler", "--timestep-spacing", "--eta", "--strength", "--share-first-call", "--no-share-first-call",
+              "--guidance", "--refit-disagreement", "--no-refit-disagreement", "--seed", "--batch-size",
+              "--skip-background", "--patch-size", "--adapt")
+"""``audit``'s options that set how a run is made, which an audit of an earlier run (``--reuse``) takes from its
+record instead."""
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from gen_sr.audit.audit import AUDIT_FILES, audit
     from gen_sr.volume import load_volume
 
+    if args.reuse and (ignored := sorted(set(_RUN_FLAGS) & getattr(args, "given_flags", set()))):
+        raise InputError(f"--reuse audits a run as its record says it was made, so {', '.join(ignored)} would "
+                         "change nothing", hint="leave them out, or audit a new run without --reuse")
     out = _output_dir(args, *AUDIT_FILES)  # before the model loads
     lr = load_volume(args.input, volume_index=args.volume)
     reference = load_volume(args.reference) if args.reference else None
@@ -1335,6 +1346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named by the subcommand whose options they are not, with its help
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.given_flags = {a.split("=")[0] for a in argv if a.startswith("--")}  # what the user typed
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default", UserWarning)  # each warning of this run once, however it was run

@@ -121,6 +121,8 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     assert verdict["foreground"] == "brain (the given brain mask)" and verdict["foreground_voxels"] == half.sum()
     assert "% of the brain flagged" in verdict["text"]
     capsys.readouterr()
+    for run_flag in (["--noise-std", "5"], ["--samples", "4"], ["--target-spacing", "1,1,1"]):  # the record's
+        assert main([*audit_mask[:-1], *run_flag]) == 2 and "would change nothing" in capsys.readouterr().err
     assert main([*audit_mask, str(f["lr"])]) == 2  # an image, not a mask: one line, before anything is written
     assert "is not a brain mask: its values run from" in capsys.readouterr().err
     moved = hr.affine.copy()
@@ -153,7 +155,8 @@ def test_a_scan_finer_in_plane_than_the_target_is_resampled_and_its_run_audited(
     region = save_volume(Volume((data > 0).astype(np.float32), np.diag([0.5, 0.5, 3.0, 1.0])), tmp_path / "m.nii.gz")
     for extra in (["--reuse", str(sr), str(std)], []):  # a calibration region is a mask on the given scan's grid
         out = tmp_path / ("reused" if extra else "sampled")
-        assert main(["audit", *run, "--output-dir", str(out), "--calibration-region", str(region), *extra]) == 0
+        given = run[:4] if extra else run  # a reused run's settings are its record's
+        assert main(["audit", *given, "--output-dir", str(out), "--calibration-region", str(region), *extra]) == 0
         card = json.loads((out / "report.json").read_text())["card"]
         assert card["coarsened_input"]["to_spacing"] == [1.0, 1.0, 3.0] and card["lr_spacing_mm"] == [1.0, 1.0, 3.0]
         assert "Input resampled" in (out / "report.html").read_text()
