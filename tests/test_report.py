@@ -156,7 +156,9 @@ def test_report_is_self_contained_and_json_matches(full_report) -> None:
     v = payload["verdict"]
     assert v["flagged_voxels"] == flagged.sum() == len(BLOB)
     assert v["flagged_percent"] == pytest.approx(100 * flagged.sum() / fg.sum())
-    assert v["n_clusters"] == 3 and v["largest_cluster"]["voxels"] == len(BLOB)
+    assert v["n_clusters"] == 1 and v["largest_cluster"]["voxels"] == len(BLOB)  # the two others lie outside it
+    assert len(payload["clusters"]) == payload["n_clusters"] == 3  # the clusters table is the whole volume's
+    assert "3 connected component(s) (26-connectivity) of\nrisk &gt; 0.3 over the whole volume (1 of the " in page
     assert payload["views"]["centred_on"] == "the peak of the highest-risk cluster"
     assert f"{v['flagged_percent']:.1f} % of the brain flagged high-risk (risk &gt; 0.3, calibrated)" in page
     assert "not for diagnosis" in page
@@ -294,6 +296,8 @@ def test_peak_rule_keeps_peaks_off_the_field_of_view_edge_and_the_brain_rim() ->
     assert not allowed[20, 20, 23] and allowed[20, 20, 22]  # 2.5 mm and 3.5 mm inside the rim (boundary at 25.5)
     whole = PeakRule(border_voxels=2, rim_mm=3.0).allowed(np.ones_like(brain), (1.0, 1.0, 1.0))
     assert whole[2, 2, 2] and not whole[1, 2, 2]  # no foreground boundary: only the edge of the field of view
+    slab = rule.allowed(np.ones((20, 4, 20), bool), (1.0, 1.0, 1.0))  # 4 voxels thick, as the demo's slab
+    assert slab[10, 0, 10] and slab[10, 3, 10] and not slab[1, 2, 10]  # cut faces qualify, the in-plane edge not
     assert [q["risk"] for q in risk_peaks(risk, 0.3)] == pytest.approx([0.9, 0.8, 0.5])  # unrestricted
     peaks, record = ranked_peaks(risk, 0.3, brain, rule, "brain mask")
     assert [q["position_mm"] for q in peaks] == [list(map(float, at["deep"]))]

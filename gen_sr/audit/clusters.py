@@ -125,8 +125,10 @@ def risk_peaks(risk: Volume, threshold: float, *, masks: dict[str, Volume] | Non
 class PeakRule:
     """Which voxels may be reported as a highest-risk place or centre the views.
 
-    A voxel qualifies when it lies at least ``border_voxels`` voxels inside every face of the field of view and
-    inside the foreground (the brain mask, holes filled), more than ``rim_mm`` mm (Euclidean) from its boundary.
+    A voxel qualifies when it lies at least ``border_voxels`` voxels inside every face of the field of view (along
+    axes more than ``4 × border_voxels`` voxels long: a thin slab, such as the demo's 4 voxels, has no inside along
+    its thin axis, and its faces are cuts through anatomy, not empty border slices) and inside the foreground (the
+    brain mask, holes filled), more than ``rim_mm`` mm (Euclidean) from its boundary.
     When no qualifying local maximum exceeds the threshold, the unrestricted maxima are used. The clusters are not
     restricted.
     """
@@ -139,7 +141,7 @@ class PeakRule:
         fg = ndimage.binary_fill_holes(np.asarray(foreground, dtype=bool))
         inside = np.zeros(fg.shape, dtype=bool)
         k = max(int(self.border_voxels), 0)
-        inside[tuple(slice(k, n - k) for n in fg.shape)] = True
+        inside[tuple(slice(k, n - k) if n > 4 * k else slice(None) for n in fg.shape)] = True
         if fg.all() or not fg.any():
             return inside
         # the distance to the nearest voxel centre outside; the boundary lies half a voxel nearer

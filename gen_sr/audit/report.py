@@ -105,9 +105,10 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
                                     foreground_voxels=int(fg.sum()), foreground=fg_label,
                                     clusters=risk_clusters(d, flag.threshold, masks=masks, top=5),
                                     stage=disagreement_stage)
+    counted = risk_clusters(Volume(np.where(fg, r, 0.0), risk.affine), t, masks=masks, top=None)  # in the region
     summary = verdict(flagged=int(np.count_nonzero(flagged)), foreground_voxels=int(fg.sum()), foreground=fg_label,
                       voxel_mm3=abs(float(np.linalg.det(risk.affine[:3, :3]))), flagged_of_volume=float(np.mean(r > t)),
-                      clusters=all_clusters, threshold=t, calibrated=calibrated, alpha=alpha,
+                      clusters=counted, threshold=t, calibrated=calibrated, alpha=alpha,
                       intensity_range=intensity_range, exceedance=_exceedance(maps, flagged, fg, t, intensity_range),
                       calibration_holds=calibration_holds)
     # ------------------------------------------------------------------ orthogonal views in RAS+
@@ -123,7 +124,7 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
     payload = json_ready({
         "input_name": str(input_name), "disclaimer": DISCLAIMER, "verdict": summary, "risk_threshold": t,
         "calibrated": bool(calibrated), "calibration_holds": bool(calibration_holds), "card": card,
-        "clusters": all_clusters[:10], "peaks": peaks,
+        "clusters": all_clusters[:10], "n_clusters": len(all_clusters), "peaks": peaks,
         "peak_rule": rule_record, "geometry": geometry(lr.affine),
         "outside_training": None if outside_training is None else [str(s) for s in outside_training],
         "views": {"centred_on": centred_on, "centre_mm": apply_affine(can["mean"].affine, centre),

@@ -101,7 +101,8 @@ def verdict(*, flagged: int, foreground_voxels: int, foreground: str, voxel_mm3:
         flagged, foreground_voxels: flagged voxels inside the foreground, and its size, in voxels.
         foreground: how the foreground was defined (its first word names it in the text).
         flagged_of_volume: the flagged fraction of the whole volume.
-        clusters: every cluster (:func:`~gen_sr.audit.clusters.risk_clusters`).
+        clusters: every cluster of the flagged voxels inside the foreground (:func:`~gen_sr.audit.clusters.
+            risk_clusters` of the risk there), which the text's "largest cluster" names.
         exceedance: against a reference, the percentages of flagged and unflagged voxels whose error exceeds the
             flag's error size, or ``None``.
         calibration_holds: whether the calibration was made for the run's settings and grid
