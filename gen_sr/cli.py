@@ -400,6 +400,7 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
         print(f"wrote:    {path} ({key})")
     write_json(sidecar, out.metadata)
     residual = max(out.metadata["relative_residual"])
+    _print_risk(out.metadata["risk"])
     print(f"wrote:    {sidecar} (seeds, operator, residuals, timings)")
     print(f"samples:  {args.samples}, {out.metadata['num_inference_steps']} steps, guidance {args.guidance}; "
           f"max relative residual ‖Ax−y‖/‖y‖ {residual:.2e}")
@@ -486,6 +487,12 @@ def _print_coarsened(record: dict | None) -> None:
 
 def _spacing_text(spacing: Sequence[float]) -> str:
     return " x ".join(f"{float(s):.4g}" for s in spacing)
+
+
+def _print_risk(risk: dict | None) -> None:
+    """The run record's sentence on what its risk map is (the interval and its λ, or uncalibrated)."""
+    if risk and risk.get("definition"):
+        print(f"risk:     {risk['definition']}")
 
 
 def _print_noise_estimate(std: float) -> None:
@@ -812,6 +819,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         _print_coarsened(payload["card"].get("coarsened_input"))
     if payload["card"].get("noise_std_estimated") and payload["card"]["noise_std"]:  # without air: the run warned
         _print_noise_estimate(payload["card"]["noise_std"])
+    _print_risk(payload["card"].get("risk"))
     print(f"verdict:  {payload['verdict']['text']}")
     if (departs := payload["data_disagreement"]) is not None:
         when = {"before_refit": " before the refit (then fitted to them)", "after_refit": " after the refit"}
@@ -1177,10 +1185,11 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
                         "beside the others: a run uses the one of its own grid, else one fitted on any grid. The "
                         "output grid sets the scale the std needs (benchmarks/CALIBRATION_GRID.md)")
     p.add_argument("--per-mm", action="store_true",
-                   help="fit one scale per mm of the output voxel size on the volumes of every grid together: "
-                        "intervals mean ± λ × voxel size × std, which a run on any grid uses at its own (it replaces "
-                        "the per-grid calibrations of the same settings). Runs with a noise std (--snr), plain std; "
-                        "the shipped model's for runs given a noise std (benchmarks/CALIBRATION_GRID.md, fifth test)")
+                   help="fit one λ for std x output voxel size (mm) on the volumes of every grid together (needs "
+                        "--snr; volumes on two or more grids, e.g. 1 and 1.5 mm, make it worth it): intervals mean ± "
+                        "λ x voxel size x std, which a run on any grid uses at its own voxel size; it replaces the "
+                        "per-grid calibrations of the same sampler settings. What the shipped model uses for runs "
+                        "given a noise std (benchmarks/CALIBRATION_GRID.md, fifth test)")
     p.add_argument("--blocks", type=_positive_int, default=1,
                    help="cut each volume into this many slabs of equal brain volume, each a calibration unit "
                         "(default: 1)")

@@ -258,8 +258,8 @@ class Calibration:
         if self.scale_per_mm is not None and self.grid_spacing is None:
             return f"mean ± {self.scale_per_mm:.4g} × voxel size (mm) × {spread}"
         if self.scale_per_mm is not None:
-            return (f"mean ± {self.scale:.4g} × {spread} ({self.scale_per_mm:.4g} per mm of the {self.grid_spacing:g} "
-                    "mm voxels)")
+            return (f"mean ± {self.scale:.4g} × {spread} ({self.scale_per_mm:.4g} per mm of the "
+                    f"{self.grid_spacing:.3g} mm voxels)")
         if self.outside_scale is not None:
             return (f"mean ± {self.scale:.4g} × {spread} in the calibration region, ± {self.outside_scale:.4g} × "
                     f"{spread} outside it")

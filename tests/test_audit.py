@@ -86,12 +86,14 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
                  "--data-disagreement", str(tmp_path / "dd.nii.gz"),
                  "--samples", "2", "--steps", "2", "--slice-thickness", "3", "--noise-std", "2.0"]) == 0
     record = json.loads((tmp_path / "sr.json").read_text())
+    assert f"risk:     {record['risk']['definition']}" in capsys.readouterr().out  # the interval and its λ
     recorded = record.pop("outside_training")  # as in runs recorded before the check: the audit checks now
     (tmp_path / "sr.json").write_text(json.dumps(record))
     out = tmp_path / "audit"
     assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
                  "--reuse", str(sr), str(std)]) == 0
-    assert "departs from the measured slices beyond their noise" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "departs from the measured slices beyond their noise" in printed and "risk:     the half-width" in printed
     assert json.loads((out / "report.json").read_text())["outside_training"] == recorded
     # recomputed from the reused mean and std, they equal what the run wrote (up to float32 storage of the mean)
     np.testing.assert_allclose(load_volume(out / "risk.nii.gz").data, load_volume(tmp_path / "risk.nii.gz").data,
