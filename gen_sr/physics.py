@@ -1145,8 +1145,8 @@ def air_noise_gain(given: Volume, resampled: Volume, *, patch: int = 16, min_pat
     x, air, _ = found
     plane = [a for a in range(3) if a != axis]
     shares = [resampled.shape[a] / given.shape[a] for a in plane]
-    if all(k >= 1 for k in shares):
-        return 1.0
+    if all(k >= 1 for k in shares):  # not resampled in the plane read: nothing to say
+        return None
     squares = [x[z, i:i + patch, j:j + patch] for z in range(x.shape[0])
                for i in range(0, x.shape[1] - patch + 1, patch) for j in range(0, x.shape[2] - patch + 1, patch)
                if air[z, i:i + patch, j:j + patch].all()]
@@ -1170,8 +1170,6 @@ def air_noise_gain(given: Volume, resampled: Volume, *, patch: int = 16, min_pat
         return None
     if measured >= share(low):
         band = low
-    elif measured <= share(high):
-        band = high
     else:
         for _ in range(40):
             band = 0.5 * (low + high)

@@ -173,7 +173,8 @@ def audit(
     out = check_output_dir(output_dir, overwrite, AUDIT_FILES)
     if brain_mask is not None:
         _check_mask(brain_mask)
-    given_volumes = {"reference": reference, "brain mask": brain_mask, **(masks or {})}
+    given_volumes = {"reference": reference, "brain mask": brain_mask,
+                     **{f"{name} tissue map": m for name, m in (masks or {}).items()}}
     if reuse is None:  # before any sampling: a reference or mask that does not fit the output grid is an error
         geometry = {k: v for k, v in pipe_kwargs.items() if k in _GEOMETRY_ARGUMENTS}
         _check_cover(given_volumes, pipe.output_grid(lr, **geometry))
