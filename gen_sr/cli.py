@@ -129,9 +129,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _planned_noise_text(plan: dict) -> str:
-    """``info``'s noise std row: read from the air, or not known (and then what the interval counts)."""
+    """``info``'s noise std row: read from the air, given, or not known (and then what the interval counts)."""
     if plan["noise_std"] is not None:
-        return f"{plan['noise_std']:.4g}, read from the background air"
+        return f"{plan['noise_std']:.4g}, " + ("read from the background air" if plan["noise_std_estimated"] else
+                                              "as given (--noise-std)")
     text = "none read: no background air (fitted as noise-free; --noise-std to give it)"
     if plan["calibration"] is not None and plan["calibration"].for_unknown_noise:
         text += f"; the interval counts the noise read in-plane, {plan['noise_std_in_plane']:.4g}"
@@ -146,22 +147,25 @@ def _print_plan(args: argparse.Namespace) -> None:
 
     pipe = _load_pipeline(args)
     lr = load_volume(args.file, volume_index=args.volume)  # once, for the plan and the timing
-    plan = pipe.plan(lr)
+    plan = pipe.plan(lr, num_samples=args.samples, **_acquisition_kwargs(args))
     have = plan["memory_available_bytes"]
     in_file = lambda ras: [ras[lr.axis_to_canonical(a)] for a in range(3)]  # noqa: E731 (the plan is in RAS+ order)
     rows = [("with model", args.model), ("acquisition", f"{plan['acquisition']} (RAS+ axes; super-resolve's "
                                                         "--slice-thickness and --profile change it)")]
     if plan["resampled_from"]:
         rows.append(("resampled", f"in-plane from {_spacing_text(in_file(plan['resampled_from']))} to "
-                                  f"{_spacing_text(in_file(plan['input_spacing']))} mm first (finer than the model "
-                                  "was trained for; --target-spacing to choose)"))
+                                  f"{_spacing_text(in_file(plan['input_spacing']))} mm first "
+                                  + ("(for --target-spacing)" if args.target_spacing else
+                                     "(finer than the model was trained for; --target-spacing to choose)")))
     rows += [("output grid", f"{_shape(in_file(plan['output_shape']))} voxels of "
                              f"{_spacing_text(in_file(plan['output_spacing']))} mm (the file's axis order)"),
              ("memory", f"about {format_bytes(plan['memory_bytes'])} for {plan['num_samples']} samples"
                         + ("" if have is None else f" ({format_bytes(have)} free)")),
              ("noise std", _planned_noise_text(plan))]
     if (cal := plan["calibration"]) is not None:
-        rows.append(("calibration", f"{cal.describe()}, {grid_text(cal.grid_spacing, cal.scale_per_mm)}"))
+        rows.append(("calibration", f"{cal.describe()}, {grid_text(cal.grid_spacing, cal.scale_per_mm)}"
+                                    + ("" if plan["calibration_holds"] else "; made for other sampler settings or "
+                                       "another grid: its coverage does not hold for this run")))
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
     print("\n".join(f"{label + ':':<13}{value}" for label, value in rows), flush=True)
     if args.time:
@@ -171,7 +175,7 @@ def _print_plan(args: argparse.Namespace) -> None:
         pipe.set_progress_bar_config(disable=True)
         with warnings.catch_warnings():  # the slab's own (the plan's are above)
             warnings.simplefilter("ignore")
-            took = pipe.time_estimate(lr, num_samples=plan["num_samples"])
+            took = pipe.time_estimate(lr, num_samples=plan["num_samples"], **_acquisition_kwargs(args))
         print(f"{chr(13) if waiting else ''}{'time:':<13}about {_duration(took['seconds'])} for "
               f"{plan['num_samples']} samples on this machine as it is loaded now (a slab of "
               f"{took['probe_fraction']:.1%} of the output took {took['probe_seconds']:.1f} s)")
@@ -261,12 +265,11 @@ def cmd_degrade(args: argparse.Namespace) -> int:
 def _slice_profile(text: str, auto: bool = False) -> str | tuple[float, ...]:
     """A ``--slice-profile`` value; ``auto`` (estimated from the scan) only where there is a scan to estimate it
     from, not where an acquisition is simulated."""
-    from gen_sr.physics import read_slice_profile
-
     if text == "auto" and not auto:
         raise argparse.ArgumentTypeError("auto estimates a scan's profile; to simulate one, give it")
-    if text in ("gaussian", "rect", "auto"):
+    if text in ("gaussian", "rect", "auto"):  # argparse converts the default too: no heavy import for it
         return text
+    from gen_sr.physics import read_slice_profile
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"expected gaussian, rect, {'auto ' if auto else ''}or a profile file, got "
                                          f"{text!r} (no such file)")
@@ -1108,8 +1111,9 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time", action="store_true",
                    help="with a file and --model: also estimate how long super-resolve would take on this machine, "
                         "from a timed run on a central slab of the scan (a few percent of the whole run's time)")
-    p.add_argument("--volume", type=_volume_index, metavar="N",
-                   help="with a file and --model: the volume of a 4D series that super-resolve --volume N would take")
+    p.add_argument("--samples", type=_positive_int, default=8, help="with a file and --model: posterior samples "
+                                                                     "(default: 8)")
+    _add_acquisition_arguments(p)  # with a file and --model: as super-resolve would take them
 
 
 def _degrade_arguments(p: argparse.ArgumentParser) -> None:

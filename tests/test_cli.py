@@ -298,6 +298,14 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
                                    r"of the output took [0-9]+\.[0-9] s", out), out  # the load decides the unit
     code, _, err = _run(capsys, "info", path, "--time")
     assert code == 2 and "give --model DIR too" in err
+    # what a run with other settings would do: another grid, a given noise std, fewer samples than calibrated
+    code, out, _ = _run(capsys, "info", path, "--model", tmp_path / "model", "--target-spacing", "2,2,2",
+                        "--noise-std", "1.5", "--samples", "4")
+    assert code == 0 and "output grid: 17 x 17 x 6 voxels of 1.976 x 1.976 x 2 mm" in out, out
+    assert "to 1.976 x 1.976 x 2.8 mm first (for --target-spacing)" in out
+    assert re.search(r"noise std: +0\.[0-9]+, as given \(--noise-std\)", out)  # 1.5 on 0.35 mm, less on 2 mm voxels
+    assert "memory:      about" in out and "for 4 samples" in out
+    assert "its coverage does not hold for this run" in out  # the model was calibrated with 8 samples
 
 
 def test_degrade_takes_a_measured_slice_profile_from_a_file(tmp_path: Path, capsys, hr_file: Path) -> None:

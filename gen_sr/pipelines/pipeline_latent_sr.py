@@ -649,17 +649,19 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
     def plan(self, lr: LRInput, *, target_spacing: Sequence[float] | None = None,
              slice_profile: SliceProfile = "gaussian", slice_thickness: float | None = None,
-             num_samples: int = DEFAULT_NUM_SAMPLES, volume_index: int | None = None) -> dict[str, Any]:
+             noise_std: float | Literal["auto"] = "auto", num_samples: int = DEFAULT_NUM_SAMPLES,
+             volume_index: int | None = None) -> dict[str, Any]:
         """What a call with these arguments would do, found without any sampling (``gen-sr info FILE --model DIR``):
         the acquisition it assumes, the input's resampling if any (:meth:`coarsened`), the output grid, the memory
-        it needs against what is free, the noise std read from the scan's air (``noise_std="auto"``; ``None`` where it
-        has none, and then the one read in-plane that the interval counts), the calibration its risk map would use
+        it needs against what is free, the noise std (given, or read from the scan's air with ``noise_std="auto"``;
+        ``None`` where it has none, and then the one read in-plane that the interval counts; ``noise_std_estimated``
+        says which), the calibration its risk map would use
         (:meth:`calibration_for` its settings and output grid) and where the input lies outside the trained
         regime."""
         given, canon, operator, axes, gain = self._setup(self.as_volume(lr, volume_index=volume_index),
                                                          target_spacing, None, slice_profile, slice_thickness)
         norm = self.intensity_normalization(canon.data)
-        noise_std = resolve_noise_std(given, "auto", gain)
+        estimated, noise_std = noise_std == "auto", resolve_noise_std(given, noise_std, gain)
         settings = self.sampling_settings(num_samples=num_samples, noise_std=noise_std or 0.0,
                                           noise_known=noise_std is not None)
         calibration = self.calibration_for(settings, grid_spacing=min(operator.hr_spacing))
@@ -670,8 +672,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 "num_samples": num_samples,
                 "memory_bytes": self.memory_estimate(operator.hr_shape, num_samples, keep_samples=False),
                 "memory_available_bytes": _available_memory(self.device), "noise_std": noise_std,
+                "noise_std_estimated": estimated,
                 "noise_std_in_plane": None if noise_std is not None else estimate_noise_std(canon.data, axes[0]),
                 "calibration": calibration,
+                "calibration_holds": calibration is not None and calibration.holds_for(settings,
+                                                                                       min(operator.hr_spacing)),
                 "outside_training": self.outside_training(canon, operator, norm, axes)}
 
     def time_estimate(self, lr: LRInput, *, target_spacing: Sequence[float] | None = None,
