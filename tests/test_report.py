@@ -162,6 +162,8 @@ def test_report_is_self_contained_and_json_matches(full_report) -> None:
     assert payload["views"]["centred_on"] == "the peak of the highest-risk cluster"
     assert f"{v['flagged_percent']:.1f} % of the brain flagged high-risk (risk &gt; 0.3, calibrated)" in page
     assert "not for diagnosis" in page
+    assert "HFEN: the NRMSE of Laplacian-of-Gaussian filtered images" in page  # each column said
+    assert "spearman: rank correlation" not in page  # a column the table does not have
     top = payload["clusters"][0]
     np.testing.assert_allclose(top["centroid_mm"], _world(np.mean(BLOB, axis=0)), atol=1e-9)
     np.testing.assert_allclose(payload["views"]["centre_mm"], _world((5, 6, 4)), atol=1e-6)  # nearest voxel

@@ -27,6 +27,19 @@ DISCLAIMER = ("Research tool, not for diagnosis. The risk map flags where the su
 _HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "nrmse": False, "hfen": False, "mse": False, "rmse": False,
                      "mae": False, "lpips": False}
 _UNITS = {"psnr": "dB"}
+_METRIC_NOTES = {
+    "psnr": "PSNR: peak signal-to-noise ratio over the reference's intensity range in the counted region",
+    "ssim": "SSIM: structural similarity (1: identical)",
+    "nrmse": "NRMSE: ‖estimate − reference‖ / ‖reference‖",
+    "hfen": "HFEN: the NRMSE of Laplacian-of-Gaussian filtered images (errors in edges and fine texture)",
+    "spearman": "spearman: rank correlation of the samples' std with |error| (1: the std ranks the error perfectly)",
+    "ause": "ause: area between the sparsification curves of the std and of the error itself (0: perfect ranking)",
+    "uce": "uce: the mean gap between the error's and the std's variance in bins of std (squared intensity units)",
+    "ence": "ence: the mean relative gap between the std and the RMS error in bins of std (0: calibrated std)",
+    "coverage_1sigma": "coverage_1sigma / 2sigma: the share of voxels whose error lies within ±1 / ±2 std (a "
+                       "Gaussian's: 0.68 / 0.95)",
+}
+"""What each column of the metrics table means, said under it."""
 _METHODS = {"crc": "conformal risk control", "rcps": "risk-controlling prediction sets"}
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")), autoescape=True,
                           undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -294,6 +307,8 @@ def render_page(payload: Mapping[str, Any], figures: Sequence[FigureRecord]) -> 
         "clusters": _cluster_table(payload["clusters"]), "peaks": _peak_table(payload["peaks"]),
         "profile": by_id["profile"], "calibration": by_id.get("calibration"),
         "metrics": _metrics_table(payload["metrics"]) if payload["metrics"] else None,
+        "metric_notes": [note for name, note in _METRIC_NOTES.items()
+                         if any(name in map(str.lower, row) for row in (payload["metrics"] or {}).values())],
         "calibration_tables": _calibration_tables(curve) if curve is not None and "calibration" in by_id else None,
         "thin_structures": _thin_structure_table(payload["thin_structures"]),
         "disagreement_clusters": _cluster_table((payload["data_disagreement"] or {}).get("clusters", []),
