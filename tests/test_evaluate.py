@@ -190,6 +190,8 @@ def test_calibrate_per_mm_fits_one_scale_for_the_std_times_the_voxel_size(tmp_pa
     assert out.metadata["risk"]["scale"] == pytest.approx(1.5 * record.scale_per_mm)
     assert out.metadata["risk"]["scale_per_mm"] == record.scale_per_mm and "per mm of the 1.5 mm voxels" in (
         out.metadata["risk"]["definition"])
+    one_grid = [*args[:4], paths[0], *args[6:], "--per-mm", "--overwrite", "--blocks", "24"]
+    assert main(one_grid) == 0 and "every calibration volume is on one output grid" in capsys.readouterr().err
     pipe.calibration = record  # the only record: a run with other settings falls back to it, at its own grid
     with pytest.warns(UserWarning, match="which no calibration of the model was made with"):
         other = pipe(lr, num_samples=2, num_inference_steps=1, noise_std=0.5,

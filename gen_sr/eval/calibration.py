@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,6 +412,10 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     if per_mm and (interval != "std" or not noise_known):
         raise ValueError("a scale per mm of the voxel size is fitted for the plain std of runs with a noise std: "
                          "not with interval 'auto' or for runs whose noise is not known")
+    if per_mm and len({case_grid(c) for c in cases}) < 2:
+        warnings.warn("every calibration volume is on one output grid: a scale per mm of the voxel size is then that "
+                      "grid's scale over its voxel size, and other grids get it untested; add volumes on another grid "
+                      "(e.g. resampled to 1.5 mm)", stacklevel=2)
     volumes, sampling = _volumes_and_settings(pipe, cases, masks=masks, progress=progress, cache=cache,
                                               noise_known=noise_known, **pipe_kwargs)
     if per_mm:
