@@ -413,10 +413,10 @@ def describe_risk(calibration: Calibration | None, holds: bool = True) -> dict[s
         return {"calibrated": False, "definition": "std / robust intensity range (uncalibrated)"}
     cal = calibration
     per_scan = bool(cal.details.get("per_scan"))
-    where = "; calibrated on this scan's own held-out in-plane slices" if per_scan else ""
+    where = "; calibrated on the held-out in-plane slices of the scan the model was adapted on" if per_scan else ""
     if not holds:
-        where += ("; made for other sampler settings or another output grid, so its coverage does not hold for this "
-                  "run")
+        where += ("; made for other sampler settings, another output grid or another scan, so its coverage does not "
+                  "hold for this run")
     return {"calibrated": True, "holds": holds, "per_scan": per_scan, "scale": cal.scale,
             "outside_scale": cal.outside_scale,
             "alpha": cal.alpha, "delta": cal.delta,

@@ -32,7 +32,7 @@ from gen_sr.training.adaptation import (
 )
 from gen_sr.training.noisy_targets import noisy_target_share
 from gen_sr.training.scan_fit import fit_to_scan, save_model
-from gen_sr.volume import Volume
+from gen_sr.volume import Volume, load_volume
 
 
 def _field(shape: tuple[int, ...], sigma: float = 1.5, seed: int = 0) -> np.ndarray:
@@ -427,6 +427,13 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
     assert "calibrated on the scan" in capsys.readouterr().out
     assert main(["info", "--model", str(tmp_path / "adapted")]) == 0
     assert "adapted on" in capsys.readouterr().out
+    adapted = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "adapted")
+    run = {"num_samples": 2, "num_inference_steps": 2, "generator": torch.Generator().manual_seed(0)}
+    assert adapted(load_volume(tmp_path / "lr.nii.gz"), **run).metadata["risk"]["holds"]  # its own scan
+    _, other = _scan(shape=(24, 20, 30))  # another scan: its per-scan calibration does not hold there
+    save_volume(other, tmp_path / "other.nii.gz")
+    with pytest.warns(UserWarning, match="was adapted and calibrated on .*lr.nii.gz, not on this scan"):
+        assert not adapted(load_volume(tmp_path / "other.nii.gz"), **run).metadata["risk"]["holds"]
     assert main(["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),
                  "--output-model", str(tmp_path / "adapted"), *small]) == 2
     assert "exists already" in capsys.readouterr().err
@@ -447,7 +454,7 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
                  "--adapt-weight-mix", "0.5"])
     assert code == 0
     page = (tmp_path / "audit" / "report.html").read_text().replace("&#39;", "'")
-    assert "Per-scan: fitted on this scan's own 5 held-out in-plane slices" in page
+    assert "Per-scan: fitted on 5 held-out in-plane slices of the scan the model was adapted on" in page
     assert "Adaptation" in page and "held-out in-plane loss" in page and "held-out in-plane RMSE" in page
     assert "its weights 0.5 fine-tuned, 0.5 pretrained" in page or "keeping the pretrained UNet" in page
     with pytest.raises(SystemExit) as exc:  # argparse's one line, exit 2

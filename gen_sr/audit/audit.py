@@ -238,7 +238,10 @@ def audit(
                         dc_residual=maps["dc_residual"], disagreement=maps.get("data_disagreement"),
                         disagreement_stage=stage,
                         card=card, risk_threshold=risk_threshold,
-                        calibrated=calibration is not None, calibration_holds=_holds(calibration, meta),
+                        calibrated=calibration is not None,
+                        calibration_holds=_holds(calibration, meta) and (
+                            calibration is None or not calibration.details.get("per_scan")
+                            or pipe.adapted_on(lr.canonical())),
                         masks=masks, brain_mask=brain_mask, reference=reference,
                         metrics=metrics,
                         calibration_curve=curve, input_name=input_name,

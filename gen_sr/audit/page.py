@@ -126,8 +126,9 @@ def _calibration(v: Any) -> str:
     if details.get("per_scan"):
         held = details.get("held_out_slices")
         count = f"{len(held)} " if isinstance(held, list) else ""
-        text += (f". Per-scan: fitted on this scan's own {count}held-out in-plane slices, degraded along each in-plane "
-                 "axis with its slices; it assumes the scan's statistics in-plane and through-plane are alike")
+        text += (f". Per-scan: fitted on {count}held-out in-plane slices of the scan the model was adapted on, "
+                 "degraded along each in-plane axis with its slices; it assumes the scan's statistics in-plane and "
+                 "through-plane are alike")
         measured = details.get("measured_coverage")
         if isinstance(measured, list | tuple) and len(measured) == 2:
             text += (f". Where this was measured (real and validation heads, every slice axis), the per-scan 90 % "

@@ -223,7 +223,11 @@ def _super_resolved(pipe: SRModel, case: Case, cache: str | Path | None,
         with np.load(path) as z:
             arrays = [z[k] for k in keys]
     else:
-        out = super_resolve(pipe, case, output_type="np", keep_samples=False, **pipe_kwargs)
+        from gen_sr.pipelines.pipeline_latent_sr import CalibrationMismatchWarning
+
+        with warnings.catch_warnings():  # a calibration uses the mean and std, not the model's risk map
+            warnings.simplefilter("ignore", CalibrationMismatchWarning)
+            out = super_resolve(pipe, case, output_type="np", keep_samples=False, **pipe_kwargs)
         arrays = [case.hr.data, out.mean, out.std]
         if path is not None:
             arrays = [np.asarray(a, dtype=np.float32) for a in arrays]

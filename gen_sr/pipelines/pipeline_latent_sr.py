@@ -443,6 +443,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         interval_sigma = interval_noise_std(calibration, noise_std, in_plane) / norm.scale  # what the interval counts
         if not noise_known:
             _warn_noise_unknown(volume.source, calibration is not None and calibration.for_unknown_noise, in_plane)
+        elsewhere = calibration is not None and calibration.details.get("per_scan") and not self.adapted_on(canon)
+        if elsewhere:
+            warnings.warn(f"the model was adapted and calibrated on {self.model_card.adapted.source}, not on this "
+                          "scan: its risk map's coverage does not hold here; adapt it on this scan (--adapt, or "
+                          "gen-sr fit), or use the model it was adapted from", CalibrationMismatchWarning, stacklevel=3)
         region = None
         if calibration_region is not None:
             grid = Volume(np.broadcast_to(np.float32(0), tuple(operator.hr_shape)), hr_affine)
@@ -610,7 +615,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "capped_fraction": capped,
             "normalization": norm.to_dict(),
             "risk": describe_risk(calibration, calibration is not None and calibration.holds_for(
-                settings, min(operator.hr_spacing))) | {"calibration_region": region is not None},
+                settings, min(operator.hr_spacing)) and not elsewhere) | {"calibration_region": region is not None},
             "data_disagreement": None if disagreement is None else flag.describe(before_refit=refit),
             "outside_training": outside,
             "timings": timings,
@@ -718,6 +723,17 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                                                operator, slice_profile, slice_thickness)
         placeholder = np.broadcast_to(np.float32(0), tuple(operator.hr_shape))
         return Volume(placeholder, operator.hr_affine(canon.affine), source=canon.source)
+
+    def adapted_on(self, canon: Volume) -> bool:
+        """Whether an input (in RAS+, as a run measures it: :meth:`_setup`'s) is the scan the model was adapted and
+        calibrated on (:attr:`~gen_sr.model_card.ModelCard.adapted`): its grid, and its file name where both are
+        known. ``True`` for a model that was not adapted. A per-scan calibration holds on that scan only."""
+        adapted = self.model_card.adapted
+        if adapted is None:
+            return True
+        named = adapted.source not in ("", "<array>") and canon.source is not None
+        return tuple(adapted.lr_shape) == tuple(canon.shape) and (
+            not named or Path(adapted.source).name == Path(canon.source).name)
 
     def _setup(self, volume: Volume, target_spacing: Sequence[float] | None, operator: AcquisitionOperator | None,
                slice_profile: SliceProfile, slice_thickness: float | None
