@@ -70,6 +70,13 @@ def _finite_float(text: str) -> float:
     return _number(text)
 
 
+def _nonzero_float(text: str) -> float:
+    value = _number(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a nonzero number (0 plants no lesion)")
+    return value
+
+
 def _fmt(values: Sequence[float], digits: int = 3) -> str:
     return " x ".join(f"{v:.{digits}f}".rstrip("0").rstrip(".") for v in values)
 
@@ -222,7 +229,12 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     sidecar = check_output_file(sidecar_path(out), args.overwrite, inputs=[args.input])
     if args.save_operator:
         check_output_file(args.save_operator, args.overwrite, inputs=[args.input])
+        _check_distinct({"mean": out, "save_operator": Path(args.save_operator)})
     hr = load_volume(args.input, volume_index=args.volume)
+    if args.slice_thickness < hr.spacing[args.axis] * (1 - 1e-6):
+        raise InputError(f"--slice-thickness {args.slice_thickness:g} mm is finer than the input's "
+                         f"{hr.spacing[args.axis]:g} mm voxels along axis {args.axis}", args.input,
+                         "degrade simulates thick slices of a finer volume: give a thickness of at least its voxel")
     finest = min(s for a, s in enumerate(hr.spacing) if a != args.axis)
     if hr.spacing[args.axis] >= 1.5 * finest:  # a thick-slice scan degraded again: its slices blurred twice
         warnings.warn(f"{args.input} is already coarse along voxel axis {args.axis} ({hr.spacing[args.axis]:g} mm "
@@ -524,6 +536,9 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, scan_noise: float, 
     (:func:`gen_sr.training.scan_fit.fit_to_scan`), printing what was done."""
     from gen_sr.training.scan_fit import fit_to_scan
 
+    if args.samples < 2:  # before any training: the calibration fits a multiple of the samples' spread
+        raise InputError(f"the per-scan calibration needs the samples' spread, which {args.samples} sample has not",
+                         args.input, "give --samples 2 or more (8 by default)")
     noise, target_noise = _adaptation_noise(args, scan_noise), _adaptation_noise(args, scan_noise,
                                                                                   "--adapt-target-noise")
     if args.adapt_recorrupt and noise == 0:
@@ -566,6 +581,11 @@ def _adapted_if_asked(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, d
     """With ``--adapt``: the model adapted to ``lr`` and calibrated on it, kept in ``--adapt-dir`` (its
     ``model/``), and the time of each phase; else ``pipe`` as it is."""
     if not args.adapt:
+        given = sorted(f for f in getattr(args, "given_flags", set())
+                       if f.startswith("--adapt-") or f in ("--holdout-every", "--compare-on"))
+        if given:
+            raise InputError(f"{', '.join(given)} set the adaptation, which runs only with --adapt",
+                             hint="add --adapt, or leave them out")
         return pipe, {}
     from gen_sr.training.scan_fit import save_model
 
@@ -775,7 +795,9 @@ def cmd_stress_test(args: argparse.Namespace) -> int:
             seed=args.seed, output_dir=out, contrast=args.contrast, n_per_size=args.lesions_per_size,
             diameters_mm=args.diameters, **kwargs)
     except ValueError as e:  # e.g. no room for lesions of that size
-        raise InputError(f"cannot run the stress test: {e}") from e
+        raise InputError(f"cannot run the stress test: {e}",
+                         hint="give a thicker --slab (12 mm or more) or smaller --diameters" if "no room" in str(e)
+                         else None) from e
     every = result["summary"]["all"]
     print(f"lesions:  {every['n_added']} added, {every['n_controls']} control sites, {every['n_removed']} removed")
     print(f"erasure:  {every['erasure']:.3f}   false structure: {every['false_structure']:.3f}   "
@@ -1218,7 +1240,7 @@ def _stress_test_arguments(p: argparse.ArgumentParser) -> None:
     _model_and_overwrite(p, model="a model folder", overwrite="replace an existing stress test")
     _add_simulation_arguments(p)
     p.add_argument("--output-dir", required=True, help="where to write stress_test.md/.csv/.json/.png")
-    p.add_argument("--contrast", type=_finite_float, default=0.3,
+    p.add_argument("--contrast", type=_nonzero_float, default=0.3,
                    help="lesion contrast as a signed fraction of the robust intensity range (default: 0.3)")
     p.add_argument("--diameters", type=_positive_float, nargs="+", metavar="MM",
                    help="lesion diameters in mm (default: half and 1.5 times the slice thickness)")

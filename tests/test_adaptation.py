@@ -437,6 +437,12 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
     assert main(["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),
                  "--output-model", str(tmp_path / "adapted"), *small]) == 2
     assert "exists already" in capsys.readouterr().err
+    assert main(["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),  # before training
+                 "--output-model", str(tmp_path / "one"), *small, "--samples", "1"]) == 2
+    assert "give --samples 2 or more" in capsys.readouterr().err and not (tmp_path / "one_adaptation").exists()
+    assert main(["super-resolve", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),
+                 "--output", str(tmp_path / "x.nii.gz"), "--adapt-steps", "6"]) == 2  # adaptation flags, no --adapt
+    assert "--adapt-steps set the adaptation, which runs only with --adapt" in capsys.readouterr().err
     code = main(["super-resolve", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),
                  "--output", str(tmp_path / "sr.nii.gz"), "--adapt", "--adapt-steps", "6", "--adapt-batch-size", "4",
                  "--holdout-every", "2", "--samples", "2", "--steps", "2", "--adapt-keep-better"])

@@ -75,6 +75,13 @@ def test_degrade_with_noise_is_seeded_and_leaves_the_input_alone(tmp_path: Path,
     assert _digest(hr_file) == before
     saved = json.loads((tmp_path / "a.json").read_text())  # --save-operator named the sidecar: one file holds both
     assert json.dumps(saved).count('"slice"') == 1 and saved["SliceThickness"] == 2.0
+    same = tmp_path / "same.nii.gz"  # the operator over the image itself, and slices finer than the voxels: refused
+    code, _, err = _run(capsys, "degrade", "--input", hr_file, "--output", same, "--slice-thickness", "2", "--axis",
+                        "0", "--save-operator", same)
+    assert code == 2 and "--output and --save-operator name the same file" in err and not same.exists()
+    code, _, err = _run(capsys, "degrade", "--input", hr_file, "--output", same, "--slice-thickness", "0.5",
+                        "--axis", "0")
+    assert code == 2 and "is finer than the input's" in err and not same.exists()
 
 
 def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str], str]]:

@@ -67,6 +67,9 @@ def test_calibrate_then_super_resolve_reports_calibrated_risk(tmp_path: Path, ca
     assert cal["method"] == "crc" and cal["num_volumes"] == 22 and cal["scale"] > 0  # 2 background slabs: no unit
     assert "coverage" in capsys.readouterr().out
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # no lesion to plant: argparse's one line, before any sampling
+        main([*args, "--overwrite", "--contrast", "0"])
+    assert exc.value.code == 2 and "expected a nonzero number" in capsys.readouterr().err
     # other sampler settings get a calibration of their own, beside the first
     assert main([*args[:-3], "3", "--method", "crc"]) == 0 and "also kept" in capsys.readouterr().out
     records = json.loads((model / "calibration.json").read_text())
