@@ -438,7 +438,7 @@ def _super_resolve_cohort(args: argparse.Namespace) -> int:
         raise InputError(f"{', '.join(unused)} take(s) one scan; with --output-dir every scan gets its mean, std and "
                          "risk maps and a sidecar", args.input)
     out = check_output_dir(args.output_dir)
-    scans = find_scans([args.input])
+    scans = find_scans([args.input], output_dir=out)
     pipe = _load_pipeline(args)
     sampling = {k: v for k, v in _sampling_kwargs(args).items() if k != "generator"}
     rows = run_cohort(pipe, scans, out, overwrite=args.overwrite, seed=args.seed, **sampling,

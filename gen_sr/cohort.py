@@ -28,7 +28,7 @@ import re
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,13 @@ SUMMARY_COLUMNS = ("scan", "status", "seconds", "noise_std", "max_relative_resid
                    "message")
 
 
-def find_scans(inputs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, Path]]:
+def find_scans(inputs: Sequence[str | os.PathLike[str]],
+               output_dir: str | os.PathLike[str] | None = None) -> list[tuple[Path, Path]]:
     """``(file, root)`` of every NIfTI scan under ``inputs`` (files, folders searched recursively, or glob
     patterns), sorted and without repeats; ``root`` is what output names are made relative to (the folder given, or
-    the file's own folder). Files whose name starts with a dot are left out.
+    the file's own folder). Files whose name starts with a dot are left out, and with ``output_dir`` the outputs that
+    a cohort run writes there for the scans found (:func:`scan_outputs`: an output folder inside the input folder, or
+    the same one, is not read back as scans).
 
     Raises:
         InputError: an input that does not exist or matches nothing, or no scan at all.
@@ -76,6 +79,12 @@ def find_scans(inputs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, Pat
             raise InputError("holds no .nii or .nii.gz files", path)
         for f, r in pairs:
             found.setdefault(f.resolve(), r.resolve())
+    if output_dir is not None:
+        out = Path(output_dir).resolve()
+        written = {p for f, r in found.items() for p in astuple(scan_outputs(f, r, out))}
+        found = {f: r for f, r in found.items() if f not in written}
+        if not found:
+            raise InputError("holds only the outputs of earlier runs", inputs[0] if inputs else None)
     return sorted(found.items())
 
 

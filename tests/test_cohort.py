@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import astuple
 from pathlib import Path
 
 import nibabel as nib
@@ -57,6 +58,16 @@ def test_scans_are_found_in_folders_and_globs_and_a_missing_input_is_clear(tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no"):
         find_scans([tmp_path / "empty"])
+    # outputs written into the input folder (or one inside it) are not read back as scans
+    for name, inside in (("same", "."), ("nested", "sr")):
+        scans = _cohort(tmp_path / name)
+        out = tmp_path / name / inside
+        for f, root in find_scans([tmp_path / name]):
+            for written in astuple(scan_outputs(f, root, out))[:3]:
+                written.parent.mkdir(parents=True, exist_ok=True)
+                written.write_bytes(f.read_bytes())
+        assert len(find_scans([tmp_path / name])) == 4 * len(scans)  # read back as scans, without output_dir
+        assert [f for f, _ in find_scans([tmp_path / name], output_dir=out)] == sorted(f.resolve() for f in scans)
 
 
 SMALL = ["--samples", "2", "--steps", "2", "--seed", "3"]
