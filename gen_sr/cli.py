@@ -960,7 +960,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
     p.add_argument("--guidance", choices=("projection", "gradient", "none"), default="projection",
                    help="data consistency during sampling (default: projection); outputs are always projected")
     p.add_argument("--refit-disagreement", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --noise-std: fit the data where the mean departs from them by more than the "
+                   help="with a noise std (--noise-std, or --snr where the command simulates the slices): fit the "
+                        "data where the mean departs from them by more than the "
                         "noise explains (a lesion-free prior thins lesions there; benchmarks/DATA_DISAGREEMENT.md); "
                         "default: the model folder's (on for models/heads2d)")
     p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
