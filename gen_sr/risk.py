@@ -34,9 +34,23 @@ from gen_sr.physics import NOISE_GAIN_FLOOR
 if TYPE_CHECKING:
     from gen_sr.physics import AcquisitionOperator
 
-__all__ = ["CALIBRATION_FILE", "GRID_TOLERANCE", "NOISE_UNKNOWN_SHAPE", "Calibration", "Calibrations",
-           "DataDisagreement", "IntervalShape", "SamplingSettings", "describe_risk", "grid_text", "interval_noise_std",
-           "risk_map", "run_calibration", "run_grid_spacing"]
+__all__ = [
+    "CALIBRATION_FILE",
+    "GRID_TOLERANCE",
+    "NOISE_UNKNOWN_SHAPE",
+    "Calibration",
+    "CalibrationMismatchWarning",
+    "Calibrations",
+    "DataDisagreement",
+    "IntervalShape",
+    "SamplingSettings",
+    "describe_risk",
+    "grid_text",
+    "interval_noise_std",
+    "risk_map",
+    "run_calibration",
+    "run_grid_spacing",
+]
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -151,6 +165,11 @@ def interval_noise_std(calibration: Calibration | None, noise_std: float, in_pla
     if calibration is not None and calibration.for_unknown_noise:
         return float(in_plane or 0.0)
     return float(noise_std)
+
+
+class CalibrationMismatchWarning(UserWarning):
+    """A run whose calibration was not made for it: other sampler settings, another output grid, or (a per-scan
+    calibration) another scan. Its risk map keeps the calibration's units without its coverage."""
 
 
 GRID_TOLERANCE = 0.1

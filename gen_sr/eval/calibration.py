@@ -46,7 +46,13 @@ from gen_sr.eval.metrics import region_masks
 from gen_sr.eval.uncertainty import miss_rate
 from gen_sr.io import atomic_write
 from gen_sr.physics import estimate_noise_std
-from gen_sr.risk import NOISE_UNKNOWN_SHAPE, Calibration, IntervalShape, SamplingSettings
+from gen_sr.risk import (
+    NOISE_UNKNOWN_SHAPE,
+    Calibration,
+    CalibrationMismatchWarning,
+    IntervalShape,
+    SamplingSettings,
+)
 
 __all__ = [
     "SHAPE_CANDIDATES",
@@ -223,8 +229,6 @@ def _super_resolved(pipe: SRModel, case: Case, cache: str | Path | None,
         with np.load(path) as z:
             arrays = [z[k] for k in keys]
     else:
-        from gen_sr.pipelines.pipeline_latent_sr import CalibrationMismatchWarning
-
         with warnings.catch_warnings():  # a calibration uses the mean and std, not the model's risk map
             warnings.simplefilter("ignore", CalibrationMismatchWarning)
             out = super_resolve(pipe, case, output_type="np", keep_samples=False, **pipe_kwargs)

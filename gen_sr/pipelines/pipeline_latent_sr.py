@@ -52,6 +52,7 @@ from gen_sr.pipelines.guidance import (
 from gen_sr.pipelines.tiling import ForegroundTiles, PatchTiler, SlicePatchTiler, SliceTiler
 from gen_sr.risk import (
     Calibration,
+    CalibrationMismatchWarning,
     Calibrations,
     DataDisagreement,
     SamplingSettings,
@@ -77,10 +78,6 @@ BYTES_PER_VOXEL_AND_SAMPLE = 96
 memory grew by 76 B per voxel and sample from a 64 x 64 x 96 to a 128 x 128 x 96 grid at 8 samples
 (``benchmarks/pipeline_memory.py``). :meth:`LatentDiffusionSRPipeline.check_memory` uses it to
 refuse, before any sampling, a grid that cannot fit; it is an estimate for that, not a prediction."""
-
-
-class CalibrationMismatchWarning(UserWarning):
-    """A run whose sampler settings are not those any of the model's calibrations was made with."""
 
 
 class OutsideTrainingWarning(UserWarning):
