@@ -225,6 +225,9 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     from gen_sr.physics import SliceAcquisition, describe_profile, simulate_acquisition
     from gen_sr.volume import load_volume, save_volume
 
+    if args.snr is None and "--noise" in getattr(args, "given_flags", set()):
+        raise InputError(f"--noise {args.noise} sets the kind of noise --snr adds, and no --snr was given",
+                         hint="add --snr, or leave --noise out for noise-free slices")
     out = check_output_path(args.output, args.overwrite, inputs=[args.input])
     sidecar = check_output_file(sidecar_path(out), args.overwrite, inputs=[args.input])
     if args.save_operator:

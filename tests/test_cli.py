@@ -82,6 +82,9 @@ def test_degrade_with_noise_is_seeded_and_leaves_the_input_alone(tmp_path: Path,
     code, _, err = _run(capsys, "degrade", "--input", hr_file, "--output", same, "--slice-thickness", "0.5",
                         "--axis", "0")
     assert code == 2 and "is finer than the input's" in err and not same.exists()
+    code, _, err = _run(capsys, "degrade", "--input", hr_file, "--output", same, "--slice-thickness", "2",
+                        "--axis", "0", "--noise", "gaussian")  # a noise kind without a noise level
+    assert code == 2 and "no --snr was given" in err and not same.exists()
 
 
 def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, list[str], str]]:
