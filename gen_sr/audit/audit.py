@@ -106,13 +106,17 @@ def _run_calibration(pipe: LatentDiffusionSRPipeline, meta: dict[str, Any], *,
         return None if pipe.calibration is None else pipe.calibration.at_grid(run_grid_spacing(meta))
 
 
-def _holds(calibration: Calibration | None, meta: dict[str, Any]) -> bool:
-    """Whether a run's calibration was made for its settings and grid (a record without its settings: yes)."""
+def _holds(pipe: LatentDiffusionSRPipeline, calibration: Calibration | None, meta: dict[str, Any],
+           lr: Volume) -> bool:
+    """Whether a run's calibration was made for it (:meth:`LatentDiffusionSRPipeline.calibration_holds`; ``lr``: the
+    input as the run measured it; a record without its settings: as far as the scan says)."""
+    if calibration is None:
+        return True
     try:
         settings = SamplingSettings.of_run(meta)
     except (KeyError, TypeError, ValueError):
-        return True
-    return calibration is None or calibration.holds_for(settings, run_grid_spacing(meta))
+        return pipe.adapted_on(lr.canonical(), calibration)
+    return pipe.calibration_holds(calibration, settings, lr.canonical(), run_grid_spacing(meta))
 
 
 def _calibration_curve(std: np.ndarray, mean: np.ndarray, error: np.ndarray, mask: np.ndarray,
@@ -239,9 +243,7 @@ def audit(
                         disagreement_stage=stage,
                         card=card, risk_threshold=risk_threshold,
                         calibrated=calibration is not None,
-                        calibration_holds=_holds(calibration, meta) and (
-                            calibration is None or not calibration.details.get("per_scan")
-                            or pipe.adapted_on(lr.canonical())),
+                        calibration_holds=_holds(pipe, calibration, meta, lr),
                         masks=masks, brain_mask=brain_mask, reference=reference,
                         metrics=metrics,
                         calibration_curve=curve, input_name=input_name,

@@ -440,8 +440,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         interval_sigma = interval_noise_std(calibration, noise_std, in_plane) / norm.scale  # what the interval counts
         if not noise_known:
             _warn_noise_unknown(volume.source, calibration is not None and calibration.for_unknown_noise, in_plane)
-        elsewhere = calibration is not None and calibration.details.get("per_scan") and not self.adapted_on(canon)
-        if elsewhere:
+        if calibration is not None and not self.adapted_on(canon, calibration):
             warnings.warn(f"the model was adapted and calibrated on {self.model_card.adapted.source}, not on this "
                           "scan: its risk map's coverage does not hold here; adapt it on this scan (--adapt, or "
                           "gen-sr fit), or use the model it was adapted from", CalibrationMismatchWarning, stacklevel=3)
@@ -611,8 +610,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "relative_residual": residuals,
             "capped_fraction": capped,
             "normalization": norm.to_dict(),
-            "risk": describe_risk(calibration, calibration is not None and calibration.holds_for(
-                settings, min(operator.hr_spacing)) and not elsewhere) | {"calibration_region": region is not None},
+            "risk": describe_risk(calibration, self.calibration_holds(calibration, settings, canon,
+                                                                      min(operator.hr_spacing)))
+            | {"calibration_region": region is not None},
             "data_disagreement": None if disagreement is None else flag.describe(before_refit=refit),
             "outside_training": outside,
             "timings": timings,
@@ -677,8 +677,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 "noise_std_estimated": estimated,
                 "noise_std_in_plane": None if noise_std is not None else estimate_noise_std(canon.data, axes[0]),
                 "calibration": calibration,
-                "calibration_holds": calibration is not None and calibration.holds_for(settings,
-                                                                                       min(operator.hr_spacing)),
+                "calibration_holds": self.calibration_holds(calibration, settings, canon, min(operator.hr_spacing)),
                 "outside_training": self.outside_training(canon, operator, norm, axes)}
 
     def time_estimate(self, lr: LRInput, *, target_spacing: Sequence[float] | None = None,
@@ -721,12 +720,22 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         placeholder = np.broadcast_to(np.float32(0), tuple(operator.hr_shape))
         return Volume(placeholder, operator.hr_affine(canon.affine), source=canon.source)
 
-    def adapted_on(self, canon: Volume) -> bool:
+    def calibration_holds(self, calibration: Calibration | None, settings: SamplingSettings, canon: Volume,
+                          grid_spacing: float | None) -> bool:
+        """Whether ``calibration`` was made for a run with these sampler ``settings`` on an input ``canon`` (in RAS+,
+        as the run measures it) with an output grid of ``grid_spacing`` mm: its settings and grid
+        (:meth:`~gen_sr.risk.Calibration.holds_for`) and, for a per-scan calibration, its scan
+        (:meth:`adapted_on`). ``False`` without a calibration."""
+        return (calibration is not None and calibration.holds_for(settings, grid_spacing)
+                and self.adapted_on(canon, calibration))
+
+    def adapted_on(self, canon: Volume, calibration: Calibration | None = None) -> bool:
         """Whether an input (in RAS+, as a run measures it: :meth:`_setup`'s) is the scan the model was adapted and
         calibrated on (:attr:`~gen_sr.model_card.ModelCard.adapted`): its grid, and its file name where both are
-        known. ``True`` for a model that was not adapted. A per-scan calibration holds on that scan only."""
+        known. ``True`` for a model that was not adapted, or for a ``calibration`` that is not per-scan (only a
+        per-scan calibration is bound to its scan)."""
         adapted = self.model_card.adapted
-        if adapted is None:
+        if adapted is None or (calibration is not None and not calibration.details.get("per_scan")):
             return True
         named = adapted.source not in ("", "<array>") and canon.source is not None
         return tuple(adapted.lr_shape) == tuple(canon.shape) and (
