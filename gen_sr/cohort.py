@@ -13,7 +13,9 @@ In Python: ``run_cohort(pipe, find_scans(["scans/"]), "sr/", **pipe_kwargs)``.
   ``<stem>_sr.json`` under the same relative folder.
 * **Processes:** under ``accelerate launch`` (several processes, GPUs or machines) each process takes every
   world-size-th scan and draws all of that scan's samples itself.
-* **Reruns** skip every scan whose mean and sidecar exist (``overwrite=True`` redoes them); a scan that fails is
+* **Reruns** skip every scan whose mean and sidecar exist, and take its figures from that sidecar
+  (``overwrite=True`` redoes them); a rerun with other settings (model, sampler, seed, acquisition) than the run that
+  wrote them is refused before any sampling, so that one folder never mixes two settings. A scan that fails is
   reported with its one-line reason and does not stop the others.
 * **Summary:** ``summary.tsv`` and ``summary.json`` in the output folder, one row per scan: status, seconds, the
   noise std the run used (given, or read from the scan's air), the largest relative residual ``‖A x − y‖/‖y‖``, and
@@ -23,6 +25,7 @@ In Python: ``run_cohort(pipe, find_scans(["scans/"]), "sr/", **pipe_kwargs)``.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import time
@@ -38,10 +41,11 @@ from tqdm.auto import tqdm
 
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
-from gen_sr.io import NIFTI_SUFFIXES, atomic_write, is_nifti_name, write_json
+from gen_sr.io import NIFTI_SUFFIXES, atomic_write, is_nifti_name, json_ready, write_json
 from gen_sr.volume import IntensityNormalization, load_volume, save_volume
 
-__all__ = ["CohortRow", "ScanOutputs", "find_scans", "flagged_fraction", "run_cohort", "scan_outputs"]
+__all__ = ["CohortRow", "ScanOutputs", "find_scans", "flagged_fraction", "run_cohort", "run_settings",
+           "scan_outputs"]
 
 _BIDS = re.compile(r"^(?P<entities>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_(?P<suffix>[A-Za-z0-9]+)$")
 SUMMARY_COLUMNS = ("scan", "status", "seconds", "noise_std", "max_relative_residual", "flagged_fraction", "output",
@@ -160,10 +164,14 @@ def run_cohort(pipe: Any, scans: Sequence[tuple[Path, Path]], output_dir: str | 
     out = Path(output_dir)
     state = process_state()
     seed = pipe_kwargs.pop("seed", 0)
+    settings = run_settings(pipe, seed, pipe_kwargs)
+    if not overwrite:
+        _check_earlier_settings([scan_outputs(scan, root, out) for scan, root in scans], settings, out)
     mine = list(scans)[state.process_index :: state.num_processes]
     rows = []
     for scan, root in tqdm(mine, desc="cohort", unit="scan", disable=not (progress and state.is_local_main_process)):
-        rows.append(_one_scan(pipe, scan, scan_outputs(scan, root, out), overwrite, risk_threshold, seed, pipe_kwargs))
+        rows.append(_one_scan(pipe, scan, scan_outputs(scan, root, out), overwrite, risk_threshold, seed, pipe_kwargs,
+                              settings))
     everyone = gather_object([asdict(r) for r in rows]) if state.num_processes > 1 else [asdict(r) for r in rows]
     order = {str(scan): k for k, (scan, _) in enumerate(scans)}
     result = sorted((CohortRow(**r) for r in everyone), key=lambda r: order.get(r.scan, len(order)))
@@ -172,12 +180,56 @@ def run_cohort(pipe: Any, scans: Sequence[tuple[Path, Path]], output_dir: str | 
     return result
 
 
+def run_settings(pipe: Any, seed: int, pipe_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What makes a cohort's outputs what they are, as JSON (recorded in each sidecar as ``cohort_settings``): the
+    model folder, the sampler, the seed and the pipeline arguments, but for ``batch_size`` (a memory knob: the output
+    depends on it only by float32 rounding)."""
+    model = getattr(pipe.config, "_name_or_path", None)
+    return json_ready({"model": str(Path(model).resolve()) if model else None, "sampler": pipe.sampler_name,
+                       "seed": seed, **{k: v for k, v in sorted(pipe_kwargs.items()) if k != "batch_size"}})
+
+
+def _earlier_sidecar(paths: ScanOutputs) -> dict[str, Any]:
+    """The sidecar an earlier run wrote for a finished scan (``{}`` where it cannot be read)."""
+    try:
+        record = json.loads(paths.sidecar.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _check_earlier_settings(outputs: Sequence[ScanOutputs], settings: dict[str, Any], output_dir: Path) -> None:
+    """Refuse a rerun whose settings differ from those of the run that finished some of its scans (a sidecar
+    without ``cohort_settings``, from before they were recorded, is taken as the same).
+
+    Raises:
+        InputError: naming how many scans, and the settings that differ for the first of them.
+    """
+    stale = []
+    for paths in outputs:
+        earlier = _earlier_sidecar(paths).get("cohort_settings") if paths.done() else None
+        if earlier is not None and earlier != settings:
+            stale.append(earlier)
+    if stale:
+        earlier = stale[0]  # its differences are named
+        changed = ", ".join(f"{k} {earlier.get(k)!r} → {settings.get(k)!r}"
+                            for k in sorted(set(earlier) | set(settings)) if earlier.get(k) != settings.get(k))
+        raise InputError(f"{len(stale)} scan(s) here were finished by an earlier run with other settings ({changed}), "
+                         "and a folder should not mix two", output_dir,
+                         "pass --overwrite to redo them with these settings, or give another --output-dir")
+
+
 def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, threshold: float, seed: int,
-              pipe_kwargs: dict[str, Any]) -> CohortRow:
+              pipe_kwargs: dict[str, Any], settings: dict[str, Any]) -> CohortRow:
     import torch
 
     if paths.done() and not overwrite:
-        return CohortRow(str(scan), "skipped", output=str(paths.mean), message="finished by an earlier run")
+        earlier = _earlier_sidecar(paths)
+        residual = earlier.get("relative_residual")
+        return CohortRow(str(scan), "skipped", earlier.get("seconds", 0.0), noise_std=earlier.get("noise_std"),
+                         max_relative_residual=max(residual) if residual else None,
+                         flagged_fraction=earlier.get("flagged_fraction"), output=str(paths.mean),
+                         message="finished by an earlier run")
     tic = time.perf_counter()
     try:
         lr = load_volume(scan)
@@ -189,7 +241,7 @@ def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, thresh
         seconds = time.perf_counter() - tic
         flagged = flagged_fraction(np.asarray(result.risk), np.asarray(result.mean), threshold)
         write_json(paths.sidecar, {**result.metadata, "input": str(scan), "flagged_fraction": flagged,
-                                   "risk_threshold": threshold, "seconds": seconds})
+                                   "risk_threshold": threshold, "seconds": seconds, "cohort_settings": settings})
         return CohortRow(str(scan), "done", seconds, noise_std=result.metadata["noise_std"],
                          max_relative_residual=max(result.metadata["relative_residual"]), flagged_fraction=flagged,
                          output=str(paths.mean))

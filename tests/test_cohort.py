@@ -97,6 +97,14 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     stamp = mean.stat().st_mtime_ns
     assert main(args) == 1
     assert "0 done, 4 skipped" in capsys.readouterr().out and mean.stat().st_mtime_ns == stamp
+    rerun = json.loads((tmp_path / "out" / "summary.json").read_text())["scans"]
+    for before, after in zip(summary["scans"], rerun, strict=True):  # a skipped scan's figures from its sidecar
+        assert after["noise_std"] == before["noise_std"]
+        assert after["flagged_fraction"] == before["flagged_fraction"]
+    assert main([*args, "--seed", "5"]) == 2  # other settings: refused before any sampling, nothing rewritten
+    err = capsys.readouterr().err
+    assert "4 scan(s) here were finished by an earlier run with other settings (seed 3 → 5)" in err
+    assert "--overwrite" in err and err.count("\n") == 1 and mean.stat().st_mtime_ns == stamp
 
 
 def test_two_processes_write_the_same_outputs_as_one_and_a_rerun_skips_all(tmp_path: Path) -> None:
