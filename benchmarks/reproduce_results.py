@@ -45,6 +45,7 @@ from gen_sr.eval.cases import HELD_OUT_HEAD, held_out_head, simulate_case
 from gen_sr.eval.evaluate import evaluate
 from gen_sr.eval.metrics import foreground
 from gen_sr.eval.stress import run_stress_test
+from gen_sr.eval.tables import UNCERTAINTY_COLUMNS as UNCERTAINTY
 from gen_sr.eval.tables import markdown_table, summarize
 from gen_sr.io import atomic_write
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -56,7 +57,6 @@ CALIBRATED_SNR = 30.0
 QUALITY = [(2.0, None), (4.0, None), (4.0, CALIBRATED_SNR), (6.0, None)]
 QUICK_QUALITY = [(4.0, CALIBRATED_SNR)]
 COLUMNS = ("psnr", "ssim", "nrmse", "hfen", "relative_residual", "seconds")
-UNCERTAINTY = ("spearman", "ause", "uce", "ence", "coverage_1sigma", "coverage_2sigma", "coverage_calibrated")
 
 
 def quality(pipe, regression, head: Volume, brain: np.ndarray, kwargs: dict, acquisitions=QUALITY) -> tuple[str, dict]:

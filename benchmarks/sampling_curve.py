@@ -78,9 +78,9 @@ def measure(pipe: LatentDiffusionSRPipeline, cases: list, setting: dict, samples
                         generator=[torch.Generator().manual_seed(k) for k in range(samples)], **setting)
     finally:
         pipe.scheduler = default
-    brain = [r for r in rows if r["region"] == "brain"]
-    ours = [r for r in brain if r["method"] == "gen_sr"]
-    best = [max((r for r in brain if r["volume"] == o["volume"] and r["method"] in BASELINE_NAMES),
+    inside = [r for r in rows if r["region"] == "foreground"]
+    ours = [r for r in inside if r["method"] == "gen_sr"]
+    best = [max((r for r in inside if r["volume"] == o["volume"] and r["method"] in BASELINE_NAMES),
                 key=lambda r: r["psnr"]) for o in ours]
     steps = max(1, round(setting["strength"] * setting["num_inference_steps"]))
     if pipe.sampling_settings(**setting, num_samples=samples).share_first_call:

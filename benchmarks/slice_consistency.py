@@ -27,7 +27,7 @@ import torch
 
 from gen_sr.eval.baselines import baseline
 from gen_sr.eval.cases import heldout_case, super_resolve
-from gen_sr.eval.metrics import psnr, region_masks, slice_jitter, ssim_volume
+from gen_sr.eval.metrics import foreground, psnr, slice_jitter, ssim_volume
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.sample_data import load_mni152
 from gen_sr.schedulers.ddim import describe_sampler
@@ -54,7 +54,7 @@ def main() -> None:
     pipe = LatentDiffusionSRPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     case = heldout_case(pipe, load_mni152("t1"), "mni152 held-out slab", thickness=args.thickness)
-    ref, mask = case.hr.data.astype(np.float64), region_masks(case.hr.data)["brain"]
+    ref, mask = case.hr.data.astype(np.float64), foreground(case.hr.data)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"input {case.lr.shape} -> {case.hr.shape}, {args.samples} samples, {args.steps} steps of "
           f"{describe_sampler(pipe.scheduler)}")

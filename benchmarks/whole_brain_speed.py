@@ -61,12 +61,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 def whole_brain_case(data: str, shape: tuple[int, int, int]):
     """The head cut to ``shape`` around its foreground's centre and degraded to 4 mm slices along RAS+ axis 2."""
     from gen_sr.eval.cases import simulate_case
-    from gen_sr.eval.metrics import region_masks
+    from gen_sr.eval.metrics import foreground
     from gen_sr.sample_data import load_sample
     from gen_sr.volume import load_volume
 
     hr = (load_volume(data) if Path(data).is_file() else load_sample(data)).canonical()
-    centre = np.argwhere(region_masks(hr.data)["brain"]).mean(0).round().astype(int)
+    centre = np.argwhere(foreground(hr.data)).mean(0).round().astype(int)
     start = np.clip(centre - np.asarray(shape) // 2, 0, np.maximum(np.asarray(hr.shape) - shape, 0))
     hr = hr.crop(start, np.minimum(start + shape, hr.shape))
     return simulate_case(hr, f"{data} {tuple(hr.shape)}", axis=2, thickness=4.0)
@@ -137,7 +137,7 @@ def sample(args: argparse.Namespace, case, device: torch.device, dtype: torch.dt
 
 def worker(args: argparse.Namespace) -> None:
     from gen_sr.eval.baselines import baseline
-    from gen_sr.eval.metrics import psnr, region_masks
+    from gen_sr.eval.metrics import foreground, psnr
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -145,7 +145,7 @@ def worker(args: argparse.Namespace) -> None:
     case = whole_brain_case(args.data, tuple(args.shape))
     out, seconds = sample(args, case, device, dtype, profile=args.profile)
     peak = peak_memory_mib(device)
-    brain = region_masks(case.hr.data)["brain"]
+    brain = foreground(case.hr.data)
     ref = case.hr.data.astype(np.float64)
     data_range = float(np.ptp(ref[brain]))
     result = {"seconds": seconds, "timings": out.metadata["timings"], "peak_mib": peak,

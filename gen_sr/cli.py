@@ -222,7 +222,7 @@ def _model_info(folder: Path) -> int:
 
 # ----------------------------------------------------------------------------------------------------- degrade
 def cmd_degrade(args: argparse.Namespace) -> int:
-    from gen_sr.physics import SliceAcquisition, describe_profile, simulate_acquisition
+    from gen_sr.physics import SliceAcquisition, coarse_along, describe_profile, simulate_acquisition
     from gen_sr.volume import load_volume, save_volume
 
     if args.snr is None and "--noise" in getattr(args, "given_flags", set()):
@@ -238,11 +238,9 @@ def cmd_degrade(args: argparse.Namespace) -> int:
         raise InputError(f"--slice-thickness {args.slice_thickness:g} mm is finer than the input's "
                          f"{hr.spacing[args.axis]:g} mm voxels along axis {args.axis}", args.input,
                          "degrade simulates thick slices of a finer volume: give a thickness of at least its voxel")
-    finest = min(s for a, s in enumerate(hr.spacing) if a != args.axis)
-    if hr.spacing[args.axis] >= 1.5 * finest:  # a thick-slice scan degraded again: its slices blurred twice
-        warnings.warn(f"{args.input} is already coarse along voxel axis {args.axis} ({hr.spacing[args.axis]:g} mm "
-                      f"against {finest:g} mm in-plane): degrade simulates the slices of a high-resolution volume, "
-                      "and blurs these a second time", stacklevel=2)
+    if coarse := coarse_along(hr, args.axis):  # a thick-slice scan degraded again: its slices blurred twice
+        warnings.warn(f"{args.input} is already coarse along voxel axis {args.axis} ({coarse}): degrade simulates "
+                      "the slices of a high-resolution volume, and blurs these a second time", stacklevel=2)
     acquisition = SliceAcquisition(
         axis=args.axis, thickness=args.slice_thickness, spacing=args.slice_spacing, profile=args.profile
     )
@@ -637,6 +635,7 @@ def _cases(args: argparse.Namespace, pipe, snrs: Sequence[float] | None = None) 
     each of ``snrs`` (0: noise-free; every volume once per SNR, the same noise seeds each time)."""
     from gen_sr.eval.cases import load_hr_volumes, read_operator_transforms, simulate_cases, simulate_cases_at
 
+    _simulated_acquisition(args)  # an --operator with the options it overrides: refused before any work
     named = load_hr_volumes(args.data, pipe, args.region, args.model, slab_mm=args.slab)
     any_axis = pipe.model_card.trained_for.any_axis
     transforms = read_operator_transforms(args.operator, None if any_axis else pipe.sr_axis) if args.operator else None
@@ -645,6 +644,24 @@ def _cases(args: argparse.Namespace, pipe, snrs: Sequence[float] | None = None) 
     if snrs is None:
         return simulate_cases(named, snr=args.snr, **acquisition)
     return simulate_cases_at(named, snrs, **acquisition)
+
+
+_OPERATOR_SETS = ("--slice-thickness", "--slice-spacing", "--profile", "--slice-profile")
+"""The options of a simulated acquisition that an ``--operator`` file sets instead."""
+
+
+def _simulated_acquisition(args: argparse.Namespace) -> dict[str, typing.Any]:
+    """The simulated acquisition as a record keeps it: ``--operator``'s file, or the slices' thickness, spacing and
+    profile (``None`` where the operator sets them). ``--operator`` with one of those options is an
+    :class:`InputError`: it would be ignored."""
+    if not args.operator:
+        return {"operator": None, "slice_thickness": args.slice_thickness, "slice_spacing": args.slice_spacing,
+                "profile": args.profile}
+    if ignored := sorted(set(_OPERATOR_SETS) & getattr(args, "given_flags", set())):
+        raise InputError(f"--operator {args.operator} sets the slices' thickness, spacing and profile, so "
+                         f"{', '.join(ignored)} would be ignored",
+                         hint="leave them out, or leave out --operator to simulate those slices")
+    return {"operator": args.operator, "slice_thickness": None, "slice_spacing": None, "profile": None}
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -682,8 +699,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                    blocks=args.blocks, interval=args.interval)
     except ValueError as e:
         raise InputError(f"cannot calibrate: {e}", hint="see gen-sr calibrate --help") from None
-    details = {"data": list(args.data), "region": args.region, "slab_mm": args.slab, "operator": args.operator,
-               "slice_thickness": args.slice_thickness, "profile": args.profile,
+    details = {"data": list(args.data), "region": args.region, "slab_mm": args.slab, **_simulated_acquisition(args),
                "snr": args.noise_unknown or args.snr, "noise_known": not args.noise_unknown,
                "samples": args.samples, "steps": _steps(args, pipe), "strength": args.strength,
                "share_first_call": settings.share_first_call, "scheduler": pipe.sampler_name,
@@ -767,10 +783,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     by_grid = {f"{g:g} mm": dataclasses.asdict(c) for g in sorted({case_grid(case) for case in cases})
                if (c := pipe.calibration_for(settings, grid_spacing=g)) is not None and c.grid_spacing is not None}
     meta = {"model": str(args.model), "regression_model": args.regression_model, "data": list(args.data),
-            "region": args.region, "slab_mm": args.slab,
-            "operator": args.operator, "slice_thickness": args.slice_thickness, "profile": args.profile,
-            "snr": args.snr, "samples": args.samples, "steps": _steps(args, pipe), "guidance": args.guidance,
-            "seed": args.seed,
+            "region": args.region, "slab_mm": args.slab, **_simulated_acquisition(args), "snr": args.snr,
+            "samples": args.samples, "steps": _steps(args, pipe), "guidance": args.guidance, "seed": args.seed,
             "calibration": None if calibration is None else dataclasses.asdict(calibration),
             "calibration_by_grid": by_grid or None}
     paths = write_table(out, rows, meta=meta)
@@ -1091,7 +1105,7 @@ def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
     """HR volumes to simulate acquisitions from, and the acquisition."""
     p.add_argument("--data", required=True, nargs="+", metavar="PATH",
                    help="HR NIfTI files or folders of them, or sample names: mni152 (embedded), colin27, robex "
-                        "(after `make data`)")
+                        "(after `make data`); near-isotropic volumes: the slices are simulated from them")
     p.add_argument("--region", choices=("all", "train", "calibration", "heldout"), default="all",
                    help="use the whole volumes, or only the training, calibration or held-out slab the model folder "
                         "records, cropped to the brain's bounding box (default: all)")
@@ -1105,7 +1119,8 @@ def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snr", type=_positive_float, help="add Rician noise at this SNR (default: noise-free)")
     p.add_argument("--operator", metavar="JSON",
                    help="simulate this acquisition instead (as `gen-sr degrade --save-operator` writes it; its axes "
-                        "are RAS+ axes); replaces --slice-thickness, --slice-spacing and --profile")
+                        "are RAS+ axes); it sets the slices' thickness, spacing and profile, so give none of "
+                        "--slice-thickness, --slice-spacing and --profile with it")
 
 
 class _Parser(argparse.ArgumentParser):

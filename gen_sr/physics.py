@@ -63,6 +63,7 @@ __all__ = [
     "SliceProfile",
     "StructureVisibility",
     "add_noise",
+    "coarse_along",
     "coarsen",
     "coarser_axes",
     "describe_profile",
@@ -1225,6 +1226,20 @@ def kept_noise_fraction(op: AcquisitionOperator) -> float:
     (``a``: a row of ``A``, the mean over rows; the product over the operator's axes). 1/4 for 4 mm box slices of
     1 mm voxels."""
     return math.prod(float(np.mean(np.sum(op.axis_matrix(a) ** 2, axis=1))) for a in op.axes)
+
+
+COARSE_RATIO = 1.5
+"""A volume whose spacing along an axis is at least this many times its finest spacing along the others is coarse
+there already (a thick-slice scan): slices simulated from it blur its own a second time."""
+
+
+def coarse_along(volume: Volume, axis: int) -> str | None:
+    """How ``volume`` is coarse already along voxel ``axis`` (``"4 mm against 1 mm in-plane"``) where its spacing
+    there is at least :data:`COARSE_RATIO` times its finest along the other axes, else ``None``: whether it can
+    stand for the high-resolution truth that slices along ``axis`` are simulated from."""
+    spacing = volume.spacing
+    finest = min(s for a, s in enumerate(spacing) if a != axis)
+    return f"{spacing[axis]:g} mm against {finest:g} mm in-plane" if spacing[axis] >= COARSE_RATIO * finest else None
 
 
 def coarser_axes(spacing: Sequence[float], wanted: Sequence[float]) -> list[int]:

@@ -16,8 +16,9 @@ from gen_sr.cli import main
 from gen_sr.eval.baselines import BASELINES, baseline
 from gen_sr.eval.calibration import SHAPE_CANDIDATES
 from gen_sr.eval.cases import simulate_case
-from gen_sr.eval.evaluate import evaluate
-from gen_sr.eval.tables import summarize, write_table
+from gen_sr.eval.evaluate import estimate_metrics, evaluate
+from gen_sr.eval.metrics import foreground, psnr
+from gen_sr.eval.tables import markdown_table, summarize, write_table
 from gen_sr.model_card import Holdout
 from gen_sr.risk import Calibration
 from gen_sr.volume import Volume, load_volume, save_volume
@@ -52,7 +53,7 @@ def test_evaluate_rows_summary_and_files(tmp_path: Path) -> None:
     paths = write_table(tmp_path, rows, meta={"what": "test"})
     payload = json.loads(paths["json"].read_text())
     assert payload["meta"] == {"what": "test"} and len(payload["rows"]) == len(rows)
-    assert "| gen_sr | brain | 2 |" in paths["md"].read_text() and "LPIPS" in paths["md"].read_text()
+    assert "| gen_sr | foreground | 2 |" in paths["md"].read_text() and "LPIPS" in paths["md"].read_text()
     assert paths["csv"].read_text().count("\n") == len(rows) + 1
 
 
@@ -253,7 +254,8 @@ def test_evaluate_command_and_its_errors(tmp_path: Path, capsys) -> None:
     args = ["evaluate", "--model", str(model), "--data", str(hr), "--output-dir", str(tmp_path / "eval"),
             "--samples", "2", "--steps", "2"]
     assert main(args) == 0
-    assert "| cubic | brain | 1 |" in capsys.readouterr().out
+    assert "| cubic | foreground | 1 |" in (printed := capsys.readouterr()).out
+    assert "warning" not in printed.err  # a 1 mm volume is a fine truth to simulate slices from
     assert (tmp_path / "eval" / "evaluation.csv").is_file()
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--region", "heldout"]) == 2
@@ -356,17 +358,26 @@ def test_calibration_slabs_are_the_reserved_slab_in_pieces_of_equal_brain_volume
         np.testing.assert_array_equal(v.data, data[lo:hi, 12:18])
 
 
-def test_evaluate_with_an_operator_file_from_degrade(tmp_path: Path, capsys) -> None:
+def _with_operator(tmp_path: Path, *acquisition: str) -> tuple[Path, Path, Path, list[str]]:
+    """A tiny model folder, an HR volume, the operator JSON of ``degrade`` with ``acquisition`` (along axis 2), and
+    the arguments of ``evaluate`` with that operator: ``(model, hr, op, args)``."""
     model = tmp_path / "model"
     _pipe(2).save_pretrained(model)
     hr = save_volume(_hr(), tmp_path / "hr.nii.gz")
     op = tmp_path / "op.json"
-    assert main(["degrade", "--input", str(hr), "--output", str(tmp_path / "lr.nii.gz"), "--slice-thickness", "3",
-                 "--slice-spacing", "4", "--profile", "rect", "--axis", "2", "--save-operator", str(op)]) == 0
+    assert main(["degrade", "--input", str(hr), "--output", str(tmp_path / "lr.nii.gz"), *acquisition, "--axis", "2",
+                 "--save-operator", str(op)]) == 0
     args = ["evaluate", "--model", str(model), "--data", str(hr), "--output-dir", str(tmp_path / "eval"),
             "--samples", "2", "--steps", "2", "--operator", str(op)]
+    return model, hr, op, args
+
+
+def test_evaluate_with_an_operator_file_from_degrade(tmp_path: Path, capsys) -> None:
+    model, hr, op, args = _with_operator(tmp_path, "--slice-thickness", "3", "--slice-spacing", "4", "--profile",
+                                         "rect")
     assert main(args) == 0
-    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["meta"]["operator"] == str(op)
+    meta = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["meta"]
+    assert meta["operator"] == str(op) and meta["slice_thickness"] is None and meta["profile"] is None  # the file's
     wrong = tmp_path / "wrong.json"
     assert main(["degrade", "--input", str(hr), "--output", str(tmp_path / "lr0.nii.gz"), "--slice-thickness", "3",
                  "--axis", "0", "--save-operator", str(wrong)]) == 0
@@ -410,3 +421,61 @@ def test_calibration_volumes_cache_their_outputs(tmp_path: Path) -> None:
         assert a.name == b.name and a.noise_std == b.noise_std > 0
         for key in ("error", "mean", "std", "mask"):  # float32 on disk
             np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=1e-6, atol=1e-5)
+
+
+def test_evaluate_warns_of_a_volume_already_coarse_along_the_slices(tmp_path: Path, capsys) -> None:
+    model = tmp_path / "model"
+    _pipe(2).save_pretrained(model)
+    hr = _hr(shape=(12, 10, 8))
+    thick = save_volume(Volume(hr.data, np.diag([1.0, 1.0, 3.0, 1.0])), tmp_path / "thick.nii.gz")  # 3 mm slices
+    args = ["evaluate", "--model", str(model), "--data", str(thick), "--output-dir", str(tmp_path / "eval"),
+            "--samples", "2", "--steps", "2", "--slice-thickness", "6"]
+    assert main(args) == 0
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert f"{thick} is already coarse along RAS+ axis 2 (3 mm against 1 mm in-plane)" in warning
+    assert "a second time" in warning and "give high-resolution (near-isotropic) volumes" in warning
+    with pytest.warns(UserWarning, match="already coarse along RAS[+] axis 0"):  # the axis the slices are along
+        simulate_case(Volume(hr.data, np.diag([2.0, 1.0, 1.0, 1.0])), "sagittal", axis=0, thickness=4.0)
+
+
+def test_an_operator_file_refuses_the_slice_options_it_sets(tmp_path: Path, capsys) -> None:
+    _, _, op, args = _with_operator(tmp_path, "--slice-thickness", "3")
+    for flags in (["--slice-thickness", "5"], ["--slice-spacing", "4"], ["--profile", "rect"],
+                  ["--slice-profile", "rect"]):
+        capsys.readouterr()
+        assert main([*args, *flags]) == 2
+        err = capsys.readouterr().err
+        assert f"--operator {op} sets the slices' thickness, spacing and profile, so {flags[0]} would be ignored" in err
+        assert "leave them out" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "eval").exists()  # refused before any work
+    assert main([*args[:-2], "--slice-thickness", "5"]) == 0  # without the file, the thickness is what is recorded
+    meta = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["meta"]
+    assert meta["operator"] is None and meta["slice_thickness"] == 5.0 and meta["profile"] == "gaussian"
+
+
+def test_the_foreground_is_labelled_as_such_and_a_brain_mask_as_the_brain() -> None:
+    case = simulate_case(_hr(), "v", thickness=4.0)
+    assert {r["region"] for r in evaluate(None, [case], progress=False)} == {"foreground"}
+    ref = case.hr.data.astype(np.float64)
+    head, brain = foreground(ref), np.zeros(ref.shape, bool)
+    brain[4:10, 2:8, 4:20] = True
+    rows = evaluate(None, [case], masks=lambda c: {"brain": brain, "foreground": head}, baselines=["cubic"],
+                    progress=False)
+    assert [r["region"] for r in rows] == ["brain", "foreground"]
+    # one data range for every region: the brain's
+    assert rows[1]["psnr"] == pytest.approx(psnr(baseline(case, "cubic"), ref, head, float(np.ptp(ref[brain]))))
+
+
+def test_the_markdown_table_shows_every_uncertainty_figure() -> None:
+    rng = np.random.default_rng(0)
+    truth, mask = rng.random((8, 8, 8)), np.ones((8, 8, 8), bool)
+    std = 0.05 + 0.1 * rng.random(truth.shape)
+    rows = [{"volume": f"v{k}", "method": "gen_sr", "region": "foreground", "seconds": 1.0}
+            | estimate_metrics(truth + std * rng.standard_normal(truth.shape), truth, mask, 1.0, std=std)
+            for k in range(2)]
+    table = summarize(rows)
+    header, _, row = markdown_table(table).splitlines()
+    cells = dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | "), strict=True))
+    for column in ("uce", "ence", "coverage_1sigma", "coverage_2sigma", "spearman", "ause"):
+        assert cells[column] != "—", column
+    assert float(cells["coverage_1sigma"].split(" ± ")[0]) == pytest.approx(table[0]["coverage_1sigma"], rel=1e-3)

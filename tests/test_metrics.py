@@ -71,7 +71,7 @@ def test_region_masks_from_tissues_labels_and_foreground() -> None:
     ref = np.zeros((8, 8, 8))
     ref[2:6, 2:6, 2:6] = 1.0
     ref[3:5, 3:5, 3:5] = 0.0  # a hole inside: still brain
-    assert region_masks(ref)["brain"].sum() == 64
+    assert region_masks(ref)["foreground"].sum() == 64
     assert foreground(ref, fill_holes=False).sum() == 64 - 8 and foreground(ref + 5.0).sum() == 64  # offset-free
     ref[2:6, 2:6, 2] = 0.05  # a face below 10 % of the range: outside, and the hole opens through it
     assert foreground(ref).sum() == 64 - 16 - 8 and foreground(ref, 0.02).sum() == 64

@@ -24,7 +24,7 @@ from gen_sr.errors import InputError
 from gen_sr.eval.baselines import BASELINES, baseline
 from gen_sr.eval.cases import Case
 from gen_sr.eval.evaluate import estimate_metrics
-from gen_sr.eval.metrics import region_masks
+from gen_sr.eval.metrics import foreground
 from gen_sr.eval.uncertainty import coverage
 from gen_sr.io import check_output_dir, sidecar_path
 from gen_sr.physics import AcquisitionOperator, structure_visibility
@@ -292,7 +292,7 @@ def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, o
     elif masks:
         mask = sum(m.canonical().data for m in masks.values()) >= 0.5
     else:
-        mask = region_masks(ref.data)["brain"]
+        mask = foreground(ref.data)
     case = Case("input", ref, lr.canonical(), operator, meta.get("noise_std", 0))
     truth = ref.data.astype(np.float64)
     data_range = float(np.ptp(truth[mask]))

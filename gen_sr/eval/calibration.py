@@ -42,7 +42,7 @@ from scipy.stats import binom
 from tqdm.auto import tqdm
 
 from gen_sr.eval.cases import Case, SRModel, balanced_cuts, cases_noise_std, super_resolve
-from gen_sr.eval.metrics import region_masks
+from gen_sr.eval.metrics import foreground
 from gen_sr.eval.uncertainty import miss_rate
 from gen_sr.io import atomic_write
 from gen_sr.physics import estimate_noise_std
@@ -213,7 +213,7 @@ def calibration_volumes(
     volumes = []
     for case in tqdm(cases, desc="calibrate", unit="volume", disable=not progress):
         hr, mean, std = _super_resolved(pipe, case, cache, pipe_kwargs)
-        mask = masks(case) if masks is not None else region_masks(hr)["brain"]
+        mask = masks(case) if masks is not None else foreground(hr)
         volumes.append(CalibrationVolume(case.name, hr - mean, mean, std, np.asarray(mask, dtype=bool),
                                          case.noise_std))
     return volumes

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,16 @@ import torch
 
 from gen_sr.data import read_volumes, slab, slab_bounds
 from gen_sr.errors import InputError
-from gen_sr.eval.metrics import region_masks
+from gen_sr.eval.metrics import foreground
 from gen_sr.model_card import Holdout, ModelCard
-from gen_sr.physics import AcquisitionOperator, AxisTransform, SliceAcquisition, SliceProfile, simulate_acquisition
+from gen_sr.physics import (
+    AcquisitionOperator,
+    AxisTransform,
+    SliceAcquisition,
+    SliceProfile,
+    coarse_along,
+    simulate_acquisition,
+)
 from gen_sr.risk import Calibration, SamplingSettings
 from gen_sr.sample_data import load_sample
 from gen_sr.volume import IntensityNormalization, Volume
@@ -111,11 +119,24 @@ def simulate_case(hr: Volume, name: str, *, axis: int = 2, thickness: float = 4.
         seed: noise seed.
         transforms: any acquisition instead of the slices (axes are RAS+ axes), e.g. the ``transforms`` of an
             operator JSON that ``gen-sr degrade --save-operator`` wrote.
+
+    A volume coarse already along an axis the acquisition slices (a thick-slice scan) is warned about.
     """
     canon = hr.canonical()
     transforms = list(transforms) if transforms is not None else [SliceAcquisition(axis, thickness, spacing, profile)]
+    _warn_if_coarse(canon, name, transforms)
     lr, operator, sigma = simulate_acquisition(canon, transforms, snr=snr, seed=seed)
     return Case(name, canon, lr, operator, sigma)
+
+
+def _warn_if_coarse(hr: Volume, name: str, transforms: Sequence[AxisTransform]) -> None:
+    """Warn where ``hr`` (RAS+) is coarse already along an axis the acquisition slices
+    (:func:`~gen_sr.physics.coarse_along`): a thick-slice scan is no truth to simulate slices from."""
+    for axis in sorted({t.axis for t in transforms if isinstance(t, SliceAcquisition)}):
+        if coarse := coarse_along(hr, axis):
+            warnings.warn(f"{hr.source or name} is already coarse along RAS+ axis {axis} ({coarse}): the slices "
+                          "simulated from it blur its own a second time, so figures against it as the truth mean "
+                          "little; give high-resolution (near-isotropic) volumes", stacklevel=3)
 
 
 def heldout_case(pipe: SRModel, hr: Volume, name: str = "held-out slab", *, margin: int = 4, **simulate: Any) -> Case:
@@ -147,7 +168,7 @@ def calibration_slabs(pipe: SRModel, hr: Volume, *, pieces: int = 1, margin: int
     name = f"{'xyz'[axis]}{start[axis]}-{stop[axis] - 1}"
     whole = canon.crop(start, stop)
     start, stop = _foreground_box(whole, margin)
-    x = [start[0], *(start[0] + balanced_cuts(region_masks(whole.crop(start, stop).data)["brain"], pieces)), stop[0]]
+    x = [start[0], *(start[0] + balanced_cuts(foreground(whole.crop(start, stop).data), pieces)), stop[0]]
     out = []
     for a, b in itertools.pairwise(x):
         piece = whole.crop([a, *start[1:]], [b, *stop[1:]])
@@ -202,12 +223,12 @@ def _holdout(pipe: SRModel) -> Holdout:
 
 
 def crop_to_foreground(volume: Volume, margin: int = 4) -> Volume:
-    """The bounding box of the foreground (:func:`~gen_sr.eval.metrics.region_masks`), plus ``margin`` voxels."""
+    """The bounding box of the foreground (:func:`~gen_sr.eval.metrics.foreground`), plus ``margin`` voxels."""
     return volume.crop(*_foreground_box(volume, margin))
 
 
 def _foreground_box(volume: Volume, margin: int) -> tuple[np.ndarray, np.ndarray]:
-    box = np.argwhere(region_masks(volume.data)["brain"])
+    box = np.argwhere(foreground(volume.data))
     return np.maximum(box.min(0) - margin, 0), np.minimum(box.max(0) + 1 + margin, volume.shape)
 
 

@@ -22,7 +22,10 @@ from gen_sr.eval.metrics import image_metrics, region_masks
 from gen_sr.eval.uncertainty import coverage, uncertainty_report
 from gen_sr.risk import run_calibration
 
-__all__ = ["estimate_metrics", "evaluate"]
+__all__ = ["RANGE_REGIONS", "estimate_metrics", "evaluate"]
+
+RANGE_REGIONS = ("brain", "foreground")
+"""The regions, in order of preference, whose reference range is every method's PSNR and SSIM data range."""
 
 
 def evaluate(
@@ -41,7 +44,8 @@ def evaluate(
     Args:
         pipe: a :class:`~gen_sr.pipelines.LatentDiffusionSRPipeline`, or ``None`` for baselines only.
         cases: from :func:`simulate_case`.
-        masks: per case, named boolean masks on the HR grid (default: the reference's foreground, "brain").
+        masks: per case, named boolean masks on the HR grid (default: the reference's foreground, named
+            ``"foreground"``; name a brain mask ``"brain"``).
         baselines: baseline names.
         regression: a regression model's pipeline (``unet.objective=regression``), run once per case with one
             sample (seed 0) and its own default steps, as the method ``"regression (L1)"``.
@@ -53,13 +57,15 @@ def evaluate(
         Rows ``{"volume", "method", "region", "seconds", "psnr", "ssim", "nrmse", "hfen", ...}``; the model's rows
         also hold the uncertainty figures (Spearman, AUSE, UCE, ENCE, coverage, and ``coverage_calibrated`` of
         ``mean ± λ̂·std`` when the model is calibrated) and the relative residual. PSNR and SSIM use one data range
-        per case, the reference's inside the ``"brain"`` region (or the whole volume), for every method and region.
+        per case for every method and region: the reference's inside the ``"brain"`` region, else inside the
+        ``"foreground"`` one, else in the whole volume (:data:`RANGE_REGIONS`).
     """
     rows: list[dict[str, Any]] = []
     for case in tqdm(cases, desc="evaluate", unit="volume", disable=not progress):
         regions = masks(case) if masks is not None else region_masks(case.hr.data)
         ref = case.hr.data.astype(np.float64)
-        data_range = float(np.ptp(ref[regions["brain"]] if "brain" in regions else ref))
+        inside = next((regions[r] for r in RANGE_REGIONS if r in regions), None)
+        data_range = float(np.ptp(ref if inside is None else ref[inside]))
         estimates: dict[str, tuple[np.ndarray, float, dict]] = {}
         seeded = {"num_samples": 1, "generator": torch.Generator().manual_seed(0)}  # its noise input: reproducible
         models = {method_name: (pipe, pipe_kwargs), "regression (L1)": (regression, seeded)}

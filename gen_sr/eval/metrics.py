@@ -4,7 +4,8 @@
 * :func:`ssim` per batch entry of ``(B, C, H, W)`` or ``(B, C, D, H, W)`` tensors (MONAI's SSIM), and
   :func:`ssim_volume` for one 2D or 3D array.
 * :func:`image_metrics`: all four for one estimate, the figures the evaluation tables report.
-* :func:`region_masks`: masks from a brain mask, tissue probability maps (GM/WM) or a label map.
+* :func:`region_masks`: masks from a brain mask (else the reference's foreground), tissue probability maps
+  (GM/WM) or a label map.
 
 LPIPS is not provided: it needs pretrained network weights, which cannot be downloaded at run time; tables say so
 with :data:`LPIPS_NOTE`.
@@ -182,21 +183,23 @@ def region_masks(reference: np.ndarray | None = None, *, brain: np.ndarray | Non
     """Named boolean masks to evaluate in.
 
     Args:
-        reference: when given and no ``brain`` mask is, the brain is its :func:`foreground`.
-        brain: a brain mask (non-zero voxels).
+        reference: when given and no ``brain`` mask is, its :func:`foreground`, as ``"foreground"`` (it is no brain
+            mask: a head's foreground holds the scalp and skull too).
+        brain: a brain mask (non-zero voxels), as ``"brain"``.
         tissues: probability maps such as ``{"GM": gm, "WM": wm}``; a voxel belongs to the most probable tissue
             when that probability is at least ``threshold``.
         labels: an integer label map; each non-zero label becomes one mask.
         label_names: names for labels (default ``"label <n>"``).
 
     Returns:
-        ``{"brain": ..., "GM": ..., ...}``; empty masks are left out.
+        ``{"brain": ..., "GM": ..., ...}`` (``"foreground"`` in place of ``"brain"`` without a brain mask); empty
+        masks are left out.
     """
     masks: dict[str, np.ndarray] = {}
     if brain is not None:
         masks["brain"] = np.asarray(brain) != 0
     elif reference is not None:
-        masks["brain"] = foreground(reference)
+        masks["foreground"] = foreground(reference)
     if tissues:
         names = list(tissues)
         stack = np.stack([np.asarray(tissues[n], dtype=np.float64) for n in names])

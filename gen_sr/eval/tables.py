@@ -16,8 +16,8 @@ import numpy as np
 from gen_sr.eval.metrics import LPIPS_NOTE
 from gen_sr.io import atomic_write, write_json
 
-__all__ = ["COLUMNS", "figures_table", "markdown_rows", "markdown_table", "summarize", "write_table",
-           "write_table_files"]
+__all__ = ["COLUMNS", "UNCERTAINTY_COLUMNS", "figures_table", "markdown_rows", "markdown_table", "summarize",
+           "write_table", "write_table_files"]
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -38,8 +38,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-COLUMNS = ("psnr", "ssim", "nrmse", "hfen", "spearman", "ause", "coverage_2sigma", "coverage_calibrated",
-            "relative_residual", "seconds")
+UNCERTAINTY_COLUMNS = ("spearman", "ause", "uce", "ence", "coverage_1sigma", "coverage_2sigma", "coverage_calibrated")
+"""The uncertainty figures of a model's rows (:func:`~gen_sr.eval.evaluate.estimate_metrics`), in table order."""
+COLUMNS = ("psnr", "ssim", "nrmse", "hfen", *UNCERTAINTY_COLUMNS, "relative_residual", "seconds")
 
 
 def _fmt(value: Any) -> str:
