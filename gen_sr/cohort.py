@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
-from gen_sr.io import NIFTI_SUFFIXES, atomic_write, is_nifti_name, json_ready, write_json
+from gen_sr.io import NIFTI_SUFFIXES, atomic_write, folder_digest, is_nifti_name, json_ready, write_json
 from gen_sr.volume import IntensityNormalization, load_volume, save_volume
 
 __all__ = ["CohortRow", "ScanOutputs", "find_scans", "flagged_fraction", "run_cohort", "run_settings",
@@ -182,11 +182,18 @@ def run_cohort(pipe: Any, scans: Sequence[tuple[Path, Path]], output_dir: str | 
 
 def run_settings(pipe: Any, seed: int, pipe_kwargs: dict[str, Any]) -> dict[str, Any]:
     """What makes a cohort's outputs what they are, as JSON (recorded in each sidecar as ``cohort_settings``): the
-    model folder, the sampler, the seed and the pipeline arguments, but for ``batch_size`` (a memory knob: the output
-    depends on it only by float32 rounding)."""
+    model folder and its content (:func:`~gen_sr.io.folder_digest`: weights, card and calibration), the sampler
+    settings as the runs resolve them (``pipe.sampling_settings``: a step count left to the model's default equals
+    the same count given), the seed and the other pipeline arguments, but for ``batch_size`` (a memory knob: the
+    output depends on it only by float32 rounding)."""
     model = getattr(pipe.config, "_name_or_path", None)
-    return json_ready({"model": str(Path(model).resolve()) if model else None, "sampler": pipe.sampler_name,
-                       "seed": seed, **{k: v for k, v in sorted(pipe_kwargs.items()) if k != "batch_size"}})
+    folder = Path(model).resolve() if model and Path(model).is_dir() else None
+    noise = pipe_kwargs.get("noise_std")
+    sampling = asdict(pipe.sampling_settings(**{**pipe_kwargs, "noise_std": noise if noise != "auto" else None}))
+    others = {k: v for k, v in pipe_kwargs.items() if k not in sampling and k != "batch_size"}
+    return json_ready({"model": None if folder is None else str(folder),
+                       "model_digest": None if folder is None else folder_digest(folder),
+                       "sampling": sampling, "seed": seed, **dict(sorted(others.items()))})
 
 
 def _earlier_sidecar(paths: ScanOutputs) -> dict[str, Any]:
@@ -211,12 +218,22 @@ def _check_earlier_settings(outputs: Sequence[ScanOutputs], settings: dict[str, 
         if earlier is not None and earlier != settings:
             stale.append(earlier)
     if stale:
-        earlier = stale[0]  # its differences are named
-        changed = ", ".join(f"{k} {earlier.get(k)!r} → {settings.get(k)!r}"
-                            for k in sorted(set(earlier) | set(settings)) if earlier.get(k) != settings.get(k))
+        before, now = _flat(stale[0]), _flat(settings)  # the first one's differences are named
+        changed = ", ".join(f"{k} {before.get(k)!r} → {now.get(k)!r}"
+                            for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
         raise InputError(f"{len(stale)} scan(s) here were finished by an earlier run with other settings ({changed}), "
                          "and a folder should not mix two", output_dir,
                          "pass --overwrite to redo them with these settings, or give another --output-dir")
+
+
+def _flat(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with its nested records' keys prefixed (``{"sampling": {"num_samples": 8}}`` gives
+    ``{"num_samples": 8}``: each setting by its own name; a digest shortened to 12 characters)."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        flat.update(_flat(value) if isinstance(value, dict) else {key: value[:12] if key.endswith("digest")
+                                                                              and value else value})
+    return flat
 
 
 def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, threshold: float, seed: int,

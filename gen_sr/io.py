@@ -9,6 +9,7 @@ half-written file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +23,8 @@ import numpy as np
 from gen_sr.errors import InputError
 
 __all__ = ["NIFTI_SUFFIXES", "atomic_dir", "atomic_write", "check_output_dir", "check_output_file", "check_output_path",
-           "check_writable_dir", "is_nifti_name", "json_ready", "sidecar_path", "sidecar_slice_thickness", "write_json"]
+           "check_writable_dir", "folder_digest", "is_nifti_name", "json_ready", "sidecar_path",
+           "sidecar_slice_thickness", "write_json"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PathLike = str | os.PathLike[str]
@@ -138,6 +140,19 @@ def sidecar_slice_thickness(path: PathLike | None) -> float | None:
     except (OSError, ValueError, AttributeError):  # none, not JSON, or not an object
         return None
     return float(value) if isinstance(value, int | float) and 0 < value < float("inf") else None
+
+
+def folder_digest(folder: PathLike) -> str:
+    """The SHA-256 of a folder's files (their relative names and contents, in sorted order): whether a model folder
+    is still the one an earlier run used (weights, card, calibration and configs alike)."""
+    root = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def json_ready(value: Any) -> Any:

@@ -19,6 +19,7 @@ from helpers import tiny_pipeline, write_nifti
 from gen_sr.cli import main
 from gen_sr.cohort import find_scans, scan_outputs
 from gen_sr.errors import InputError
+from gen_sr.risk import Calibration, Calibrations
 
 ROOT = Path(__file__).parents[1]
 
@@ -101,10 +102,18 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     for before, after in zip(summary["scans"], rerun, strict=True):  # a skipped scan's figures from its sidecar
         assert after["noise_std"] == before["noise_std"]
         assert after["flagged_fraction"] == before["flagged_fraction"]
+    assert main([*args, "--batch-size", "1"]) == 1  # a memory knob: the same settings
+    assert "0 done, 4 skipped" in capsys.readouterr().out
     assert main([*args, "--seed", "5"]) == 2  # other settings: refused before any sampling, nothing rewritten
     err = capsys.readouterr().err
     assert "4 scan(s) here were finished by an earlier run with other settings (seed 3 → 5)" in err
     assert "--overwrite" in err and err.count("\n") == 1 and mean.stat().st_mtime_ns == stamp
+    assert main([*args, "--samples", "3"]) == 2
+    assert "(num_samples 2 → 3)" in capsys.readouterr().err
+    recalibrated = Calibration(scale=2.0, alpha=0.1, delta=0.1, method="crc", bound="hoeffding", num_volumes=4,
+                               risk_hat=0.1, risk_upper=0.1)
+    Calibrations([recalibrated]).save(tmp_path / "model")  # the model folder changed in place
+    assert main(args) == 2 and "model_digest" in capsys.readouterr().err
 
 
 def test_two_processes_write_the_same_outputs_as_one_and_a_rerun_skips_all(tmp_path: Path) -> None:
