@@ -170,7 +170,7 @@ def _print_plan(args: argparse.Namespace) -> None:
                         + ("" if have is None else f" ({format_bytes(have)} free)")),
              ("noise std", _planned_noise_text(plan))]
     if (cal := plan["calibration"]) is not None:
-        rows.append(("calibration", f"{cal.describe()}, {grid_text(cal.grid_spacing, cal.scale_per_mm)}"
+        rows.append(("calibration", f"{cal.describe()}, {grid_text(cal)}"
                                     + ("" if plan["calibration_holds"] else "; made for other sampler settings or "
                                        "another grid: its coverage does not hold for this run")))
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
@@ -690,6 +690,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                          "pass --overwrite to replace those calibrations with one per mm of the voxel size")
     grids = sorted({case_grid(c) for c in cases}) if args.per_grid else []
     made_per_grid = [g for g in grids if any(r.sampling == settings and r.grid_spacing == g for r in pipe.calibrations)]
+    if args.per_grid and not args.overwrite and any(r.sampling == settings and r.scale_per_mm is not None
+                                                    for r in pipe.calibrations):
+        raise InputError(f"the model is calibrated already for {settings.describe()} (per mm of the voxel size, on "
+                         "every grid)", target, "pass --overwrite to replace that calibration with per-grid ones")
     if made_per_grid and not args.overwrite:
         raise InputError(f"the model is calibrated already for {settings.describe()} on "
                          f"{', '.join(f'{g:g}' for g in made_per_grid)} mm grids", target,
@@ -746,7 +750,8 @@ def _print_calibration(args: argparse.Namespace, result, cases: Sequence, settin
         print(f"(no transfer check: {result.transfer_error})")
     other = "crc" if args.method == "rcps" else "rcps"
     if (alt := result.alternative) is not None:  # the other rule on the same units, for comparison (not written)
-        print(f"({other} would give λ = {alt.scale:.4g}, coverage {1 - alt.risk_hat:.4f} on these units)")
+        per_mm = " per mm of the voxel size" if alt.scale_per_mm is not None else ""
+        print(f"({other} would give λ = {alt.scale:.4g}{per_mm}, coverage {1 - alt.risk_hat:.4f} on these units)")
     else:
         print(f"({other} cannot certify with these units: {result.alternative_error})")
 

@@ -26,7 +26,7 @@ from gen_sr.errors import InputError
 from gen_sr.eval.baselines import BASELINES
 from gen_sr.eval.cases import HELD_OUT_HEAD, held_out_head, simulate_case
 from gen_sr.io import check_output_dir, check_output_path
-from gen_sr.risk import grid_text
+from gen_sr.risk import Calibration, grid_text
 from gen_sr.volume import save_volume
 
 __all__ = ["DEFAULT_MODEL", "run_demo"]
@@ -93,7 +93,7 @@ def _print_summary(payload: dict[str, Any], audit_dir: Path, seconds: float) -> 
     record = payload["card"].get("calibration")
     made_for = ""
     if curve["calibrated"] and isinstance(record, dict):
-        grids = grid_text(record.get("grid_spacing"), record.get("scale_per_mm"))
+        grids = grid_text(Calibration(**record))
         made_for = f" ({payload['card']['interval']}, {grids})"
     print(f"  coverage of the {label} {100 * (1 - curve['alpha']):g} % intervals{made_for}: "
           f"{100 * curve['observed'][i]:.1f} %")

@@ -240,16 +240,26 @@ class Calibration:
         interval counts the noise read in-plane."""
         return self.sampling is not None and not self.sampling.noise_known
 
+    @property
+    def fitted_grids(self) -> tuple[float, ...]:
+        """The output grids (mm) of the volumes a record per mm of the voxel size was fitted on (its ``details``'
+        ``grids``; empty where it does not say)."""
+        return tuple(float(g) for g in self.details.get("grids", ()))
+
     def holds_for(self, settings: SamplingSettings, grid_spacing: float | None = None) -> bool:
         """Whether this record was made for runs with these sampler ``settings`` on an output grid of
         ``grid_spacing`` mm: the same settings (or a record that does not record them) and, for a record made per
-        grid, a grid within :data:`GRID_TOLERANCE` of its own (a record per mm of the voxel size holds on every
-        grid). A run whose record does not hold has a risk map in the calibration's units without its coverage."""
+        grid, a grid within :data:`GRID_TOLERANCE` of its own; for a record per mm of the voxel size, a grid within
+        :data:`GRID_TOLERANCE` of the range it was fitted on (:attr:`fitted_grids`; any grid where it does not say).
+        A run whose record does not hold has a risk map in the calibration's units without its coverage."""
         if self.sampling is not None and self.sampling != settings:
             return False
-        if self.grid_spacing is None or grid_spacing is None or self.scale_per_mm is not None:
+        if grid_spacing is None:
             return True
-        return abs(self.grid_spacing / grid_spacing - 1) <= GRID_TOLERANCE
+        if self.scale_per_mm is not None:
+            grids = self.fitted_grids
+            return not grids or min(grids) / (1 + GRID_TOLERANCE) <= grid_spacing <= max(grids) * (1 + GRID_TOLERANCE)
+        return self.grid_spacing is None or abs(self.grid_spacing / grid_spacing - 1) <= GRID_TOLERANCE
 
     def scale_map(self, region: Array | None = None) -> Array | float:
         """``λ̂`` per voxel: ``scale`` inside ``region`` (a boolean mask on the output grid) and ``outside_scale``
@@ -315,6 +325,10 @@ class Calibrations:
         if any(r.scale_per_mm is not None and r.grid_spacing is not None for r in self._records):
             raise ValueError("a calibration per mm of the voxel size is kept for every grid, not at one run's grid "
                              "(keep the record at_grid was called on)")
+        per_mm = {r.sampling for r in self._records if r.scale_per_mm is not None}
+        if mixed := [r.sampling for r in self._records if r.grid_spacing is not None and r.sampling in per_mm]:
+            raise ValueError(f"a calibration per mm of the voxel size and per-grid ones for the same settings "
+                             f"({mixed[0]}): a run's scale would jump between them with its grid")
 
     def __iter__(self) -> Iterator[Calibration]:
         return iter(self._records)
@@ -342,11 +356,13 @@ class Calibrations:
     def with_record(self, calibration: Calibration, *, first: bool = False) -> Calibrations:
         """These records with ``calibration`` added: it replaces the one made with the same settings and grid (in its
         place), or goes last (``first``: first, as the default settings' record). A record per mm of the voxel size
-        holds on every grid, so it also replaces the per-grid records of its settings."""
+        holds on every grid, so it also replaces the per-grid records of its settings, and a per-grid record the
+        record per mm of its settings (the two are not mixed)."""
         key = (calibration.sampling, calibration.grid_spacing)
-        per_mm = calibration.scale_per_mm is not None
+        per_mm, per_grid = calibration.scale_per_mm is not None, calibration.grid_spacing is not None
         others = [r for r in self._records if (r.sampling, r.grid_spacing) != key
-                  and not (per_mm and r.sampling == calibration.sampling)]
+                  and not (r.sampling == calibration.sampling and ((per_mm and r.grid_spacing is not None)
+                                                                   or (per_grid and r.scale_per_mm is not None)))]
         if first:
             return Calibrations([calibration, *others])
         kept = {id(r) for r in others}
@@ -380,7 +396,8 @@ class Calibrations:
         """One line per record: the interval, the rule and the settings it was made with."""
         return [f"{r.describe()}, {r.method}, coverage {1 - r.alpha:g} target, {r.num_volumes} units"
                 + (f", made with {r.sampling.describe()}" if r.sampling else "")
-                + (f", for {r.grid_spacing:g} mm grids" if r.grid_spacing is not None else "") for r in self._records]
+                + (f", {grid_text(r)}" if r.grid_spacing is not None or r.scale_per_mm is not None else "")
+                for r in self._records]
 
 
 def run_grid_spacing(metadata: Mapping[str, Any]) -> float | None:
@@ -390,11 +407,17 @@ def run_grid_spacing(metadata: Mapping[str, Any]) -> float | None:
     return float(min(operator["hr_spacing"])) if isinstance(operator, Mapping) and operator.get("hr_spacing") else None
 
 
-def grid_text(grid_spacing: float | None, scale_per_mm: float | None = None) -> str:
-    """Which output grids a record holds for, in words (its ``grid_spacing``, ``None``: any; and ``scale_per_mm``)."""
-    if scale_per_mm is not None:
-        return "one scale per mm of the output voxel size, fitted on every grid together"
-    return f"the record for {grid_spacing:g} mm grids" if grid_spacing is not None else "fitted on every grid together"
+def grid_text(calibration: Calibration) -> str:
+    """Which output grids a record holds for, in words (:attr:`~Calibration.grid_spacing`, ``None``: any; a record
+    per mm of the voxel size, and the grids it was fitted on, :meth:`Calibration.holds_for`)."""
+    if calibration.scale_per_mm is not None:
+        grids = calibration.fitted_grids
+        where = (f"{min(grids):g}-{max(grids):g} mm grids" if len(grids) > 1 else f"{grids[0]:g} mm grids") if grids \
+            else "every grid"
+        return f"one scale per mm of the output voxel size, fitted on {where} together"
+    if calibration.grid_spacing is not None:
+        return f"the record for {calibration.grid_spacing:g} mm grids"
+    return "fitted on every grid together"
 
 
 def run_calibration(model: Any, metadata: Mapping[str, Any], *, warn: bool = False) -> Calibration | None:

@@ -141,6 +141,12 @@ def test_a_record_per_mm_of_the_voxel_size_holds_on_every_grid_at_its_own_scale(
     assert list(Calibrations.load(tmp_path)) == [other, per_mm]
     with pytest.raises(ValueError, match="one scale, not one per region"):
         dataclasses.replace(per_mm, outside_scale=2.0)
+    assert list(updated.with_record(fine)) == [other, fine]  # a per-grid record replaces the per-mm one: never mixed
+    with pytest.raises(ValueError, match="jump between them"):
+        Calibrations([per_mm, fine])
+    fitted = dataclasses.replace(per_mm, details={"grids": [1.0, 1.5]})  # holds near the grids it was fitted on
+    assert per_mm.holds_for(ddim, 4.0) and fitted.fitted_grids == (1.0, 1.5)
+    assert [fitted.holds_for(ddim, g) for g in (0.85, 0.95, 1.25, 1.6, 1.7)] == [False, True, True, True, False]
 
 
 def test_save_load_and_errors(tmp_path: Path) -> None:

@@ -154,7 +154,7 @@ def test_calibrate_per_mm_fits_one_scale_for_the_std_times_the_voxel_size(tmp_pa
     """``--per-mm``: one scale for ``std × voxel size`` over volumes on a 1 mm and a 1.5 mm grid, equal to the plain-std
     scale fitted on those volumes with each std weighed by its grid; it replaces the per-grid records of its settings,
     and a run on a 1.5 mm grid uses 1.5 times it. Settings it does not serve are refused before any work."""
-    from gen_sr.eval.calibration import calibration_volumes, fit_volumes
+    from gen_sr.eval.calibration import calibrate, calibration_volumes, fit_volumes
     from gen_sr.eval.cases import simulate_cases
     from gen_sr.pipelines import LatentDiffusionSRPipeline
 
@@ -186,6 +186,11 @@ def test_calibrate_per_mm_fits_one_scale_for_the_std_times_the_voxel_size(tmp_pa
     weighed = [replace(v, std=v.std * g) for v, g in zip(volumes, (1.0, 1.5), strict=True)]
     expected = fit_volumes(weighed, method="crc", blocks=12).calibration.scale
     assert record.scale_per_mm == pytest.approx(expected) and record.scale == record.scale_per_mm
+    assert record.fitted_grids == (1.0, 1.5) and not record.holds_for(settings, 2.0)  # fitted on these grids only
+    with pytest.raises(ValueError, match="noise-free"):  # in Python too, before any sampling
+        calibrate(pipe, simulate_cases([(p, load_volume(p)) for p in paths], axis=2, thickness=3.0), per_mm=True,
+                  method="crc", blocks=12)
+    assert main([*args, "--per-grid"]) == 2 and "per mm of the voxel size" in capsys.readouterr().err
     lr = Volume(np.random.default_rng(0).random((16, 8, 4)).astype(np.float32) + 1, np.diag([1.5, 1.5, 6.0, 1.0]))
     out = pipe(lr, num_samples=2, num_inference_steps=2, noise_std=0.5, generator=torch.Generator().manual_seed(0))
     assert out.metadata["risk"]["scale"] == pytest.approx(1.5 * record.scale_per_mm)

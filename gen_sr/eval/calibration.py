@@ -417,9 +417,10 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     """
     check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks,
                                interval=interval)
-    if per_mm and (interval != "std" or not noise_known):
+    if per_mm and (interval != "std" or not noise_known or not cases_noise_std(cases)):
         raise ValueError("a scale per mm of the voxel size is fitted for the plain std of runs with a noise std: "
-                         "not with interval 'auto' or for runs whose noise is not known")
+                         "not with interval 'auto', for runs whose noise is not known, or on noise-free volumes "
+                         "(their scales did not grow so with the voxel size)")
     if per_mm and len({case_grid(c) for c in cases}) < 2:
         warnings.warn("every calibration volume is on one output grid: a scale per mm of the voxel size is then that "
                       "grid's scale over its voxel size, and other grids get it untested; add volumes on another grid "
@@ -433,8 +434,15 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
                          shape=_shape(noise_known))
     if not per_mm:
         return result
-    cal = result.calibration
-    return dataclasses.replace(result, calibration=dataclasses.replace(cal, scale_per_mm=cal.scale))
+    grids = sorted({case_grid(c) for c in cases})
+
+    def per_mm_record(cal: Calibration | None) -> Calibration | None:  # the scale is per mm of the voxel size
+        if cal is None:
+            return None
+        return dataclasses.replace(cal, scale_per_mm=cal.scale, details={**cal.details, "grids": grids})
+
+    return dataclasses.replace(result, calibration=per_mm_record(result.calibration),
+                               alternative=per_mm_record(result.alternative))
 
 
 def case_grid(case: Case) -> float:
