@@ -98,6 +98,8 @@ class Adaptation:
     Attributes:
         source: the scan's file (or ``<array>``).
         lr_shape: its shape in RAS+ voxel order.
+        lr_digest: the SHA-256 of its voxels and geometry in RAS+ (:meth:`gen_sr.volume.Volume.digest`), which a run
+            is checked against (``None`` in cards from before it was recorded: the file name and shape are then).
         axis, slice_thickness, slice_spacing, profile: its coarse axis and slices (``profile``: ``"gaussian"``,
             ``"rect"`` or the user-given samples across the slice).
         held_out_slices: in-plane slices kept out of the fine-tuning.
@@ -129,6 +131,7 @@ class Adaptation:
 
     source: str = "<array>"
     lr_shape: tuple[int, int, int] = (0, 0, 0)
+    lr_digest: str | None = None
     axis: int = 2
     slice_thickness: float = 1.0
     slice_spacing: float = 1.0

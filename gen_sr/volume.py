@@ -11,6 +11,7 @@ a half-written file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zlib
 from collections.abc import Sequence
@@ -102,6 +103,14 @@ class Volume:
     def canonical(self) -> Volume:
         """This volume in RAS+ voxel order, the orientation all processing uses."""
         return self.reorient(CANONICAL)
+
+    def digest(self) -> str:
+        """The SHA-256 of this volume's voxels (as float32) and geometry (its affine to 1e-6 mm): whether two volumes
+        are the same scan, whatever their file names (e.g. the scan an adapted model was calibrated on)."""
+        digest = hashlib.sha256(np.asarray(self.shape, dtype=np.int64).tobytes())
+        digest.update(np.round(np.asarray(self.affine, dtype=np.float64), 6).tobytes())
+        digest.update(np.ascontiguousarray(self.data, dtype=np.float32).tobytes())
+        return digest.hexdigest()
 
     def axis_to_canonical(self, axis: int) -> int:
         """The canonical (RAS+) voxel axis that this volume's voxel ``axis`` becomes."""

@@ -434,6 +434,12 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
     save_volume(other, tmp_path / "other.nii.gz")
     with pytest.warns(UserWarning, match="was adapted and calibrated on .*lr.nii.gz, not on this scan"):
         assert not adapted(load_volume(tmp_path / "other.nii.gz"), **run).metadata["risk"]["holds"]
+    twin = tmp_path / "sub-02" / "lr.nii.gz"  # another subject, same matrix and file name: its voxels tell
+    twin.parent.mkdir()
+    save_volume(_scan(shape=(24, 24, 30), seed=1)[1], twin)
+    assert not adapted.adapted_on(load_volume(twin).canonical(), adapted.calibration)
+    save_volume(lr, tmp_path / "renamed.nii.gz")  # the same scan under another name holds
+    assert adapted.adapted_on(load_volume(tmp_path / "renamed.nii.gz").canonical(), adapted.calibration)
     assert main(["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),
                  "--output-model", str(tmp_path / "adapted"), *small]) == 2
     assert "exists already" in capsys.readouterr().err

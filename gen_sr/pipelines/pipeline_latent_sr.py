@@ -731,12 +731,15 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
     def adapted_on(self, canon: Volume, calibration: Calibration | None = None) -> bool:
         """Whether an input (in RAS+, as a run measures it: :meth:`_setup`'s) is the scan the model was adapted and
-        calibrated on (:attr:`~gen_sr.model_card.ModelCard.adapted`): its grid, and its file name where both are
-        known. ``True`` for a model that was not adapted, or for a ``calibration`` that is not per-scan (only a
-        per-scan calibration is bound to its scan)."""
+        calibrated on (:attr:`~gen_sr.model_card.ModelCard.adapted`): the same voxels and geometry
+        (:meth:`~gen_sr.volume.Volume.digest`, whatever the file's name; for a card from before the digest was
+        recorded, the same shape, and file name where both are known). ``True`` for a model that was not adapted, or
+        for a ``calibration`` that is not per-scan (only a per-scan calibration is bound to its scan)."""
         adapted = self.model_card.adapted
         if adapted is None or (calibration is not None and not calibration.details.get("per_scan")):
             return True
+        if adapted.lr_digest is not None:
+            return tuple(adapted.lr_shape) == tuple(canon.shape) and adapted.lr_digest == canon.digest()
         named = adapted.source not in ("", "<array>") and canon.source is not None
         return tuple(adapted.lr_shape) == tuple(canon.shape) and (
             not named or Path(adapted.source).name == Path(canon.source).name)
@@ -761,6 +764,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         """An LR input in RAS+ as a run with ``target_spacing`` (in RAS+) measures it. Where the target is coarser than
         the input along an axis the run does not super-resolve (1 mm voxels asked of a 0.45 mm in-plane scan), the
         input is first resampled there by k-space truncation (:func:`~gen_sr.physics.coarsen`: what a coarser matrix
+        over the same field of view would have measured), so the model sees the in-plane resolution it was trained
         for and the output grid stays within memory. Returns the input, the target spacing with those axes at the
         resampled grid's (the same field of view, within half a voxel of the one asked) and the factor by which the
         resampling scales the input's noise std (read from its air's spectrum, :func:`~gen_sr.physics.air_noise_gain`:

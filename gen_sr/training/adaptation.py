@@ -238,7 +238,8 @@ def adapt(
         unet, losses = _fine_tune(pipe, cfg, work_dir, data_cfg, training_volume, noise_scheduler, latent_noise, resume)
     else:  # the held-out slices are only the per-scan calibration's
         unet, losses = copy.deepcopy(pipe.unet).eval().requires_grad_(False), {}
-    record = Adaptation(source=str(canon.source or "<array>"), lr_shape=canon.shape, axis=slices.axis,
+    record = Adaptation(source=str(canon.source or "<array>"), lr_shape=canon.shape, lr_digest=canon.digest(),
+                        axis=slices.axis,
                         slice_thickness=slices.thickness, slice_spacing=slices.spacing,
                         profile=slices.profile,  # type: ignore[arg-type]
                         held_out_slices=held, steps=cfg.train.steps if cfg.fine_tune else 0,
