@@ -177,16 +177,16 @@ def _print_plan(args: argparse.Namespace) -> None:
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
     print("\n".join(f"{label + ':':<13}{value}" for label, value in rows), flush=True)
     if args.time:
-        waiting = sys.stdout.isatty()  # a line that the result overwrites
-        if waiting:
-            print(f"{'time:':<13}timing a run on a central slab of the scan ...", end="", flush=True)
-        pipe.set_progress_bar_config(disable=True)
+        print(f"{'timing:':<13}super-resolving a central slab of the scan with {plan['num_samples']} samples, to "
+              "scale its time to the whole output ...", flush=True)
+        # the sampling's progress bars, as super-resolve shows them (on the main process), gone when done
+        pipe.set_progress_bar_config(desc="timing", leave=False, disable=not process_state().is_local_main_process)
         with warnings.catch_warnings():  # the slab's own (the plan's are above)
             warnings.simplefilter("ignore")
             took = pipe.time_estimate(lr, num_samples=plan["num_samples"], **_acquisition_kwargs(args))
-        print(f"{chr(13) if waiting else ''}{'time:':<13}about {_duration(took['seconds'])} for "
-              f"{plan['num_samples']} samples on this machine as it is loaded now (a slab of "
-              f"{took['probe_fraction']:.1%} of the output took {took['probe_seconds']:.1f} s)")
+        print(f"{'time:':<13}about {_duration(took['seconds'])} for {plan['num_samples']} samples on this machine as "
+              f"it is loaded now (a slab of {took['probe_fraction']:.1%} of the output took "
+              f"{took['probe_seconds']:.1f} s)")
 
 
 def _duration(seconds: float) -> str:

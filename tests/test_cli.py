@@ -336,7 +336,9 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
     code, out, _ = _run(capsys, "info", thin, "--model", tmp_path / "model")
     assert "warning:     outside the trained regime: slice thickness 1 mm along S" in out
     # --time: a run on an 8-voxel slab across the first in-plane axis of the resampled 48-voxel grid, timed
-    code, out, _ = _run(capsys, "info", path, "--model", tmp_path / "model", "--time")
+    code, out, err = _run(capsys, "info", path, "--model", tmp_path / "model", "--time")
+    assert "timing:      super-resolving a central slab of the scan with 8 samples" in out  # said first, then a bar
+    assert re.search(r"timing: +100%\|.*\| 2/2 ", err), err  # the tiny model's 2 steps, as super-resolve shows them
     assert code == 0 and re.search(r"time: +about [0-9.]+ (s|min|h) for 8 samples on this machine .*a slab of 16\.7% "
                                    r"of the output took [0-9]+\.[0-9] s", out), out  # the load decides the unit
     code, _, err = _run(capsys, "info", path, "--time")
