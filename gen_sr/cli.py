@@ -839,11 +839,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     reference = load_volume(args.reference) if args.reference else None
     brain = load_volume(args.mask) if args.mask else None
     tissues = {name: load_volume(path) for name, path in args.tissue} or None
-    pipe, _ = _adapted_if_asked(args, _load_pipeline(args), lr)
+    pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr)
     payload = audit(pipe, lr, out, input_name=Path(args.input).name, model_name=str(args.model), reference=reference,
                     masks=tissues, brain_mask=brain, reuse=args.reuse, calibration_region=args.calibration_region,
-                    risk_threshold=args.risk_threshold,
-                    overwrite=args.overwrite, **_acquisition_kwargs(args), **_sampling_kwargs(args))
+                    risk_threshold=args.risk_threshold, overwrite=args.overwrite, timings=timings,
+                    **_acquisition_kwargs(args), **_sampling_kwargs(args))
     if not args.adapt:  # an adaptation printed it
         _print_coarsened(payload["card"].get("coarsened_input"))
     if payload["card"].get("noise_std_estimated") and payload["card"]["noise_std"]:  # without air: the run warned
