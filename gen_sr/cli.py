@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import functools
 import glob
+import itertools
 import json
 import os
 import sys
@@ -176,16 +177,16 @@ def _print_plan(args: argparse.Namespace) -> None:
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
     print("\n".join(f"{label + ':':<13}{value}" for label, value in rows), flush=True)
     if args.time:
-        waiting = sys.stdout.isatty()  # a line that the result overwrites
-        if waiting:
-            print(f"{'time:':<13}timing a run on a central slab of the scan ...", end="", flush=True)
-        pipe.set_progress_bar_config(disable=True)
+        print(f"{'timing:':<13}super-resolving a central slab of the scan with {plan['num_samples']} samples, to "
+              "scale its time to the whole output ...", flush=True)
+        # the sampling's progress bars, as super-resolve shows them (on the main process), gone when done
+        pipe.set_progress_bar_config(desc="timing", leave=False, disable=not process_state().is_local_main_process)
         with warnings.catch_warnings():  # the slab's own (the plan's are above)
             warnings.simplefilter("ignore")
             took = pipe.time_estimate(lr, num_samples=plan["num_samples"], **_acquisition_kwargs(args))
-        print(f"{chr(13) if waiting else ''}{'time:':<13}about {_duration(took['seconds'])} for "
-              f"{plan['num_samples']} samples on this machine as it is loaded now (a slab of "
-              f"{took['probe_fraction']:.1%} of the output took {took['probe_seconds']:.1f} s)")
+        print(f"{'time:':<13}about {_duration(took['seconds'])} for {plan['num_samples']} samples on this machine as "
+              f"it is loaded now (a slab of {took['probe_fraction']:.1%} of the output took "
+              f"{took['probe_seconds']:.1f} s)")
 
 
 def _duration(seconds: float) -> str:
@@ -225,7 +226,7 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     from gen_sr.physics import SliceAcquisition, coarse_along, describe_profile, simulate_acquisition
     from gen_sr.volume import load_volume, save_volume
 
-    if args.snr is None and "--noise" in getattr(args, "given_flags", set()):
+    if args.snr is None and "--noise" in _given(args).values():
         raise InputError(f"--noise {args.noise} sets the kind of noise --snr adds, and no --snr was given",
                          hint="add --snr, or leave --noise out for noise-free slices")
     out = check_output_path(args.output, args.overwrite, inputs=[args.input])
@@ -292,7 +293,8 @@ def _slice_profile(text: str, auto: bool = False) -> str | tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _add_profile_argument(p: argparse.ArgumentParser, auto: bool = False) -> None:
+def _add_profile_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup | _RunSettings,
+                          auto: bool = False) -> None:
     """``--slice-profile`` (see :func:`_slice_profile`)."""
     estimated = ("auto (a Gaussian whose FWHM is estimated from the scan's in-plane and through-plane spectra; leave "
                  "out --slice-thickness), " if auto else "")
@@ -582,8 +584,8 @@ def _adapted_if_asked(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, d
     """With ``--adapt``: the model adapted to ``lr`` and calibrated on it, kept in ``--adapt-dir`` (its
     ``model/``), and the time of each phase; else ``pipe`` as it is."""
     if not args.adapt:
-        given = sorted(f for f in getattr(args, "given_flags", set())
-                       if f.startswith("--adapt-") or f in ("--holdout-every", "--compare-on"))
+        given = sorted(flag for flag, name in _given(args).items()
+                       if name.startswith("--adapt-") or name in ("--holdout-every", "--compare-on"))
         if given:
             raise InputError(f"{', '.join(given)} set the adaptation, which runs only with --adapt",
                              hint="add --adapt, or leave them out")
@@ -601,6 +603,12 @@ def _adapted_if_asked(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, d
     if process_state().is_main_process:
         print(f"wrote:    {model} (the adapted, calibrated model)")
     return fit.pipe, fit.timings
+
+
+def _given(args: argparse.Namespace) -> dict[str, str]:
+    """The options the command line gave (:meth:`_Parser.given`: each as typed, with the name of the option it
+    sets), as :func:`main` records them; none for a namespace made otherwise."""
+    return getattr(args, "given_flags", {})
 
 
 def _default_adapt_dir(args: argparse.Namespace) -> Path:
@@ -837,19 +845,12 @@ def _tissue(text: str) -> tuple[str, str]:
     return name, path
 
 
-_RUN_FLAGS = ("--target-spacing", "--slice-thickness", "--profile", "--noise-std", "--samples", "--steps",
-              "--scheduler", "--timestep-spacing", "--eta", "--strength", "--share-first-call", "--no-share-first-call",
-              "--guidance", "--refit-disagreement", "--no-refit-disagreement", "--seed", "--batch-size",
-              "--skip-background", "--patch-size", "--adapt")
-"""``audit``'s options that set how a run is made, which an audit of an earlier run (``--reuse``) takes from its
-record instead."""
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
     from gen_sr.audit.audit import AUDIT_FILES, audit
     from gen_sr.volume import load_volume
 
-    if args.reuse and (ignored := sorted(set(_RUN_FLAGS) & getattr(args, "given_flags", set()))):
+    run_settings = getattr(args, "run_settings", frozenset())  # a recorded run's are its record's
+    if args.reuse and (ignored := sorted(flag for flag, name in _given(args).items() if name in run_settings)):
         raise InputError(f"--reuse audits a run as its record says it was made, so {', '.join(ignored)} would "
                          "change nothing", hint="leave them out, or audit a new run without --reuse")
     out = _output_dir(args, *AUDIT_FILES)  # before the model loads
@@ -857,11 +858,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     reference = load_volume(args.reference) if args.reference else None
     brain = load_volume(args.mask) if args.mask else None
     tissues = {name: load_volume(path) for name, path in args.tissue} or None
-    pipe, _ = _adapted_if_asked(args, _load_pipeline(args), lr)
+    pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr)
     payload = audit(pipe, lr, out, input_name=Path(args.input).name, model_name=str(args.model), reference=reference,
                     masks=tissues, brain_mask=brain, reuse=args.reuse, calibration_region=args.calibration_region,
-                    risk_threshold=args.risk_threshold,
-                    overwrite=args.overwrite, **_acquisition_kwargs(args), **_sampling_kwargs(args))
+                    risk_threshold=args.risk_threshold, overwrite=args.overwrite, timings=timings,
+                    **_acquisition_kwargs(args), **_sampling_kwargs(args))
     if not args.adapt:  # an adaptation printed it
         _print_coarsened(payload["card"].get("coarsened_input"))
     if payload["card"].get("noise_std_estimated") and payload["card"]["noise_std"]:  # without air: the run warned
@@ -958,7 +959,9 @@ def _sizes(text: str) -> list[int]:
     return values
 
 
-def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
+def _add_sampling_arguments(parser: _Parser, steps_flag: str = "--steps") -> None:
+    """How the samples are drawn (run settings: :class:`_RunSettings`), and the device and weights to draw them with."""
+    p = _RunSettings(parser, "sampling", "how the posterior samples are drawn")
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
     p.add_argument(steps_flag, dest="sampling_steps", type=_positive_int, metavar="N",
                    help="sampling steps (default: the model folder's: 3 for models/heads2d; 50 for a diffusion "
@@ -987,11 +990,11 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
                         "noise explains (a lesion-free prior thins lesions there; benchmarks/DATA_DISAGREEMENT.md); "
                         "default: the model folder's (on for models/heads2d)")
     p.add_argument("--seed", type=_seed, default=0, help="seed (default: 0)")
-    p.add_argument("--device", type=_device, default="cpu",
-                   help="cpu, cuda, cuda:N, or auto: CUDA where there is a device, else the CPU (default: cpu)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load a model folder with pickled (.bin) weights; a pickle can run any code when loaded, so "
-                        "use this only for a folder you trust (default: safetensors only)")
+    parser.add_argument("--device", type=_device, default="cpu",
+                        help="cpu, cuda, cuda:N, or auto: CUDA where there is a device, else the CPU (default: cpu)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load a model folder with pickled (.bin) weights; a pickle can run any code when loaded, "
+                             "so use this only for a folder you trust (default: safetensors only)")
     p.add_argument("--batch-size", type=_positive_int, default=8,
                    help="tiles per network call: the memory knob; the output depends on it only by float32 rounding "
                         "(default: 8, the fastest measured on a 2-core CPU; a GPU takes more)")
@@ -1003,8 +1006,10 @@ def _add_sampling_arguments(p: argparse.ArgumentParser, steps_flag: str = "--ste
                         "slices); 3D models: the patch size D,H,W (default: up to 64 per axis)")
 
 
-def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
-    """How the LR input was acquired, and the HR grid to reconstruct on."""
+def _add_acquisition_arguments(parser: _Parser) -> None:
+    """How the LR input was acquired, and the HR grid to reconstruct on (run settings: :class:`_RunSettings`); which
+    volume of a 4D series it is."""
+    p = _RunSettings(parser, "acquisition", "how the scan was acquired, and the grid to reconstruct it on")
     p.add_argument("--target-spacing", type=_spacing, metavar="X,Y,Z",
                    help="HR voxel spacing in mm, in RAS+ order (default: isotropic at the finest input spacing, but "
                         "no finer in-plane than the model was trained for); where it is coarser than the input "
@@ -1021,10 +1026,11 @@ def _add_acquisition_arguments(p: argparse.ArgumentParser) -> None:
                         "head, is fitted as with 0); 0: exact projections, up to a cap on the noise gain that "
                         "much-overlapping slices reach; when adapting, the per-scan calibration's problems carry it "
                         "too")
-    p.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
+    parser.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
 
 
-def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[str] = ("--adapt-steps",),
+def _add_adaptation_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup,
+                              steps_flags: Sequence[str] = ("--adapt-steps",),
                               folder: tuple[str, str] = ("--adapt-dir", ""),
                               keep_flags: Sequence[str] = ("--adapt-keep-better",)) -> None:
     """How to fine-tune a model on the input's own in-plane slices, and calibrate it there."""
@@ -1091,12 +1097,19 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser, steps_flags: Sequence[
                         "more units make the conformal margin smaller (default: 4)")
 
 
-def _add_adapt_option(p: argparse.ArgumentParser, default_dir: str) -> None:
-    p.add_argument("--adapt", action="store_true",
-                   help="first fine-tune the model on the input's own in-plane slices and calibrate it there, so that "
-                        "the risk map is calibrated on this scan (see gen-sr fit)")
-    _add_adaptation_arguments(p, folder=("--adapt-dir", "with --adapt: where the fine-tuning's checkpoints and the "
-                                         f"adapted model (model/) go (default: {default_dir})"))
+_ADAPTATION = "fine-tuning on the scan's own in-plane slices, and the per-scan calibration"
+"""The help of the adaptation's options."""
+
+
+def _add_adapt_option(p: _Parser, default_dir: str) -> None:
+    """``--adapt`` (a run setting: an adapted model makes another run) and the adaptation's options."""
+    _RunSettings(p, "adaptation", _ADAPTATION).add_argument(
+        "--adapt", action="store_true", help="first fine-tune the model on the input's own in-plane slices and "
+                                             "calibrate it there, so that the risk map is calibrated on this scan "
+                                             "(see gen-sr fit)")
+    _add_adaptation_arguments(p.group("adaptation"), folder=(
+        "--adapt-dir", "with --adapt: where the fine-tuning's checkpoints and the adapted model (model/) go "
+                       f"(default: {default_dir})"))
 
 
 def _whole_number_from(lo: int) -> Callable[[str], int]:
@@ -1129,15 +1142,53 @@ def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a usage error as one line (what is wrong, and where the help is) and exit code 2; ``subcommands``
-    holds the subcommands' parsers (:func:`build_parser`)."""
+    """argparse with a usage error as one line (what is wrong, and where the help is) and exit code 2, and every
+    option given in full: no abbreviations (``--sam 4`` is an unrecognized argument, not ``--samples 4``), so that
+    the options a command line gives are the ones it names (:meth:`given`). ``subcommands`` holds the subcommands'
+    parsers (:func:`build_parser`; they are ``_Parser`` too, as argparse makes a subparser of its parent's class);
+    ``run_settings`` the names of the options that set how a run is made (:class:`_RunSettings`)."""
 
     def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
-        self.subcommands: dict[str, argparse.ArgumentParser] = {}
+        self.subcommands: dict[str, _Parser] = {}
+        self.run_settings: set[str] = set()
+        self._groups: dict[str, argparse._ArgumentGroup] = {}
+
+    def group(self, title: str, description: str | None = None) -> argparse._ArgumentGroup:
+        """The argument group ``title`` (its own section of ``--help``), made on first use."""
+        if title not in self._groups:
+            self._groups[title] = self.add_argument_group(title, description)
+        return self._groups[title]
+
+    def given(self, argv: Sequence[str]) -> dict[str, str]:
+        """The options the command line ``argv`` gives (up to a ``--``), each as typed, with the name of the option
+        it sets (its first flag): ``--slice-profile`` gives ``--profile``, ``--no-share-first-call``
+        ``--share-first-call``. Words that name no option of this parser are left out."""
+        given = {}
+        for word in itertools.takewhile(lambda w: w != "--", argv):
+            flag = word.split("=")[0]
+            if flag.startswith("--") and (action := self._option_string_actions.get(flag)) is not None:
+                given[flag] = action.option_strings[0]
+        return given
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _RunSettings:
+    """The argument group ``title`` of ``parser`` (:meth:`_Parser.group`), for options that set how a run is made:
+    what its result depends on, which its record holds, so that ``audit --reuse`` refuses them (their names are
+    collected in :attr:`_Parser.run_settings`). Options that change no result (``--device``, ``--allow-pickle``) or
+    pick the input (``--volume``, which an audit of a recorded run reads the scan with too) are not run settings."""
+
+    def __init__(self, parser: _Parser, title: str, description: str | None = None) -> None:
+        self._parser, self._group = parser, parser.group(title, description)
+
+    def add_argument(self, *args: typing.Any, **kwargs: typing.Any) -> argparse.Action:
+        action = self._group.add_argument(*args, **kwargs)
+        self._parser.run_settings.add(action.option_strings[0])
+        return action
 
 
 def _model_and_overwrite(p: argparse.ArgumentParser, *, model: str | None = None,
@@ -1202,11 +1253,11 @@ def _super_resolve_arguments(p: argparse.ArgumentParser) -> None:
     _add_adapt_option(p, "<output>_adaptation beside --output")
 
 
-def _fit_arguments(p: argparse.ArgumentParser) -> None:
+def _fit_arguments(p: _Parser) -> None:
     _model_and_overwrite(p, model="the pretrained model folder", overwrite="replace an existing output model")
     p.add_argument("--input", required=True, help="the low-resolution NIfTI scan to adapt to")
     p.add_argument("--output-model", required=True, metavar="DIR", help="where to write the adapted model folder")
-    _add_adaptation_arguments(p, steps_flags=("--steps", "--adapt-steps"),
+    _add_adaptation_arguments(p.group("adaptation", _ADAPTATION), steps_flags=("--steps", "--adapt-steps"),
                               keep_flags=("--keep-better", "--adapt-keep-better"),
                               folder=("--work-dir", "where checkpoints and logs go (default: "
                                                     "<output-model>_adaptation)"))
@@ -1403,9 +1454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_in(argv))
     args, unknown = parser.parse_known_args(argv)
+    command = parser.subcommands[args.command]
     if unknown:  # named by the subcommand whose options they are not, with its help
-        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.given_flags = {a.split("=")[0] for a in argv if a.startswith("--")}  # what the user typed
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.given_flags = command.given(argv)  # the options typed, each with the one it sets (aliases resolved)
+    args.run_settings = frozenset(command.run_settings)  # what a run's record holds (audit --reuse)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default", UserWarning)  # each warning of this run once, however it was run

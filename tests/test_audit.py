@@ -123,8 +123,13 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     assert verdict["foreground"] == "brain (the given brain mask)" and verdict["foreground_voxels"] == half.sum()
     assert "% of the brain flagged" in verdict["text"]
     capsys.readouterr()
-    for run_flag in (["--noise-std", "5"], ["--samples", "4"], ["--target-spacing", "1,1,1"]):  # the record's
-        assert main([*audit_mask[:-1], *run_flag]) == 2 and "would change nothing" in capsys.readouterr().err
+    for run_flag in (["--noise-std", "5"], ["--samples", "4"], ["--target-spacing", "1,1,1"],  # the record's
+                     ["--slice-profile", "rect"], ["--no-share-first-call"]):  # an alias is the option it names
+        assert main([*audit_mask[:-1], *run_flag]) == 2
+        assert f"so {run_flag[0]} would change nothing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # an abbreviation is no option: it cannot slip past that check
+        main([*audit_mask[:-1], "--sam", "4"])
+    assert exc.value.code == 2 and "unrecognized arguments: --sam 4" in capsys.readouterr().err
     assert main([*audit_mask, str(f["lr"])]) == 2  # an image, not a mask: one line, before anything is written
     assert "is not a brain mask: its values run from" in capsys.readouterr().err
     moved = hr.affine.copy()

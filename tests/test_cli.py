@@ -211,6 +211,39 @@ def test_help_for_every_subcommand(capsys) -> None:
         assert "usage: gen-sr " + name in capsys.readouterr().out
 
 
+
+def test_options_are_given_in_full_and_resolved_to_the_option_they_set(capsys) -> None:
+    """No parser takes an abbreviation (``--sam 4`` would slip past what the command line is checked for), and the
+    options given are resolved to the option each sets: an alias or a ``--no-`` form is that option."""
+    parser = build_parser()
+    assert not parser.allow_abbrev and all(not sub.allow_abbrev for sub in parser.subcommands.values())
+    for argv, abbreviation in ((["degrade", "--input", "a", "--output", "b", "--slice-thickness", "4", "--axis", "2",
+                                 "--save", "op.json"], "--save op.json"),  # --save-operator
+                               (["info", "x.nii", "--mod", "m"], "--mod m"), (["--deb", "info", "x.nii"], "--deb")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and f"unrecognized arguments: {abbreviation} (see" in capsys.readouterr().err
+    audit = parser.subcommands["audit"]
+    assert audit.given(["audit", "--slice-profile=rect", "--no-share-first-call", "--input", "x", "--", "--seed"]) == {
+        "--slice-profile": "--profile", "--no-share-first-call": "--share-first-call", "--input": "--input"}
+
+
+_RUN_FLAGS = ("--target-spacing", "--slice-thickness", "--profile", "--noise-std", "--samples", "--steps",
+              "--scheduler", "--timestep-spacing", "--eta", "--strength", "--share-first-call", "--no-share-first-call",
+              "--guidance", "--refit-disagreement", "--no-refit-disagreement", "--seed", "--batch-size",
+              "--skip-background", "--patch-size", "--adapt")
+"""The hand-written list of ``audit``'s run options that ``--reuse`` refused before they were read off the parser."""
+
+
+def test_audits_run_settings_are_read_off_its_parser_and_lose_none_of_the_old_list() -> None:
+    audit = build_parser("audit").subcommands["audit"]
+    options = {flag: action for action in audit._actions for flag in action.option_strings}
+    run = {options[name] for name in audit.run_settings}
+    assert run == {options[flag] for flag in _RUN_FLAGS}  # the same options: none lost, none added
+    assert {flag for action in run for flag in action.option_strings} == {*_RUN_FLAGS, "--slice-profile"}
+    for kept_out in ("--device", "--allow-pickle", "--volume", "--reuse", "--adapt-steps", "--calibration-region"):
+        assert options[kept_out] not in run  # no effect on the result, or not how a run is made
+
 def test_console_script_runs_and_reports_usage_errors_with_exit_2() -> None:
     ok = subprocess.run([sys.executable, "-m", "gen_sr.cli", "--help"], capture_output=True, text=True, check=False)
     assert ok.returncode == 0 and "degrade" in ok.stdout
@@ -303,7 +336,9 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
     code, out, _ = _run(capsys, "info", thin, "--model", tmp_path / "model")
     assert "warning:     outside the trained regime: slice thickness 1 mm along S" in out
     # --time: a run on an 8-voxel slab across the first in-plane axis of the resampled 48-voxel grid, timed
-    code, out, _ = _run(capsys, "info", path, "--model", tmp_path / "model", "--time")
+    code, out, err = _run(capsys, "info", path, "--model", tmp_path / "model", "--time")
+    assert "timing:      super-resolving a central slab of the scan with 8 samples" in out  # said first, then a bar
+    assert re.search(r"timing: +100%\|.*\| 2/2 ", err), err  # the tiny model's 2 steps, as super-resolve shows them
     assert code == 0 and re.search(r"time: +about [0-9.]+ (s|min|h) for 8 samples on this machine .*a slab of 16\.7% "
                                    r"of the output took [0-9]+\.[0-9] s", out), out  # the load decides the unit
     code, _, err = _run(capsys, "info", path, "--time")

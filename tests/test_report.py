@@ -369,6 +369,10 @@ def test_card_rows_are_short_and_labelled() -> None:
     assert rows["Interval"] == "mean ± 0.4525 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)"
     assert rows["Sampler"] == "DPMSolverDataConsistencyScheduler(trailing)" and rows["Sampler steps"] == "50"
     assert rows["Timings"] == "prepare 2.2 s, denoise 180 s, decode 10 s, stitch uncertainty 0.41 s"
+    adapted = {"adapt_s": 95.2, "calibrate_s": 40.3, "compare_s": 38.9, **AUDIT_CARD["timings_s"]}
+    assert dict(card_rows({**AUDIT_CARD, "timings_s": adapted}))["Timings"] == (
+        "adaptation: adapt 95 s, compare with the pretrained UNet 39 s, calibrate on the scan 40 s; sampling: prepare "
+        "2.2 s, denoise 180 s, decode 10 s, stitch uncertainty 0.41 s")
     assert rows["Risk"] == "the calibrated interval's half-width ÷ the input's robust intensity range"
     assert rows["LR voxel spacing"] == "1 × 0.9 × 2.2 mm" and rows["Seeds"] == "0, 1, 2, …, 7 (8 seeds)"
     seeds = dict(card_rows({**AUDIT_CARD, "seeds": [818103936, 1180039872]}))["Seeds"]

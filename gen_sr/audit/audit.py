@@ -149,6 +149,7 @@ def audit(
     calibration_region: Any = None,
     risk_threshold: float = 0.1,
     overwrite: bool = False,
+    timings: dict[str, float] | None = None,
     **pipe_kwargs: Any,
 ) -> dict[str, Any]:
     """Audit one LR volume; writes the four NIfTI maps (five with a noise std: the data disagreement),
@@ -168,6 +169,9 @@ def audit(
             argument).
         risk_threshold: risk above which a voxel is flagged (a fraction of the robust intensity range).
         overwrite: replace existing outputs.
+        timings: the time in seconds of each phase that made ``pipe`` for this run, e.g. an adaptation's
+            (:attr:`gen_sr.training.scan_fit.ScanFit.timings`: ``adapt_s``, ``calibrate_s``, ``compare_s``): the
+            card's ``timings_s`` holds them before the run's own (as ``super-resolve --adapt`` records them).
         pipe_kwargs: for the pipeline call (``num_samples``, ``num_inference_steps``, ``generator``, ...).
 
     Returns:
@@ -223,7 +227,7 @@ def audit(
             "capped_fraction": meta["capped_fraction"] if "capped_fraction" in meta else operator.capped_fraction(),
             "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",
             "interval": calibration.describe() if calibration is not None else "none (uncalibrated)",
-            "risk": meta.get("risk"), "timings_s": meta.get("timings")}
+            "risk": meta.get("risk"), "timings_s": {**(timings or {}), **(meta.get("timings") or {})} or None}
     if meta.get("coarsened_input"):
         card["coarsened_input"] = meta["coarsened_input"]
     if pipe.model_card.adapted is not None:

@@ -163,11 +163,21 @@ def _risk(v: Any) -> str:
     return _plain(v)
 
 
+_ADAPTATION_PHASES = {"adapt_s": "adapt", "compare_s": "compare with the pretrained UNet",
+                      "calibrate_s": "calibrate on the scan"}
+"""An adaptation's phases (:attr:`gen_sr.training.scan_fit.ScanFit.timings`), as the timings row names them."""
+
+
 def _timings(v: Any) -> str:
+    """The time of each phase: ``prepare 2.2 s, denoise 180 s, ...``; after an adaptation, its phases first:
+    ``adaptation: adapt 95 s, ...; sampling: prepare 2.2 s, ...``."""
     if not isinstance(v, Mapping):
         return _plain(v)
-    return ", ".join(f"{str(k).removesuffix('_s').replace('_', ' ')} {seconds(float(x))}" for k, x in v.items()
-                     if isinstance(x, int | float))
+    times = {str(k): float(x) for k, x in v.items() if isinstance(x, int | float)}
+    sampling = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {seconds(x)}" for k, x in times.items()
+                         if k not in _ADAPTATION_PHASES)
+    adaptation = ", ".join(f"{name} {seconds(times[k])}" for k, name in _ADAPTATION_PHASES.items() if k in times)
+    return f"adaptation: {adaptation}; sampling: {sampling}" if adaptation else sampling
 
 
 def _coarsened(v: Any) -> str:
