@@ -584,9 +584,8 @@ def _adapted_if_asked(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, d
     """With ``--adapt``: the model adapted to ``lr`` and calibrated on it, kept in ``--adapt-dir`` (its
     ``model/``), and the time of each phase; else ``pipe`` as it is."""
     if not args.adapt:
-        given = sorted(flag for flag, name in _given(args).items()
-                       if name.startswith("--adapt-") or name in ("--holdout-every", "--compare-on"))
-        if given:
+        needs_adapt = getattr(args, "adaptation_options", frozenset())
+        if given := sorted(flag for flag, name in _given(args).items() if name in needs_adapt):
             raise InputError(f"{', '.join(given)} set the adaptation, which runs only with --adapt",
                              hint="add --adapt, or leave them out")
         return pipe, {}
@@ -1100,6 +1099,10 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser | argparse._ArgumentGro
 _ADAPTATION = "fine-tuning on the scan's own in-plane slices, and the per-scan calibration"
 """The help of the adaptation's options."""
 
+_RUN_WITHOUT_ADAPT = frozenset({"--adapt", "--calibration-region"})
+"""The options of the adaptation's group that a run without ``--adapt`` takes too (``--calibration-region``: where
+an adapted model's per-scan interval holds); ``super-resolve`` and ``audit`` refuse the others without ``--adapt``."""
+
 
 def _add_adapt_option(p: _Parser, default_dir: str) -> None:
     """``--adapt`` (a run setting: an adapted model makes another run) and the adaptation's options."""
@@ -1160,6 +1163,11 @@ class _Parser(argparse.ArgumentParser):
         if title not in self._groups:
             self._groups[title] = self.add_argument_group(title, description)
         return self._groups[title]
+
+    def options_in(self, title: str) -> frozenset[str]:
+        """The names (first flags) of the options in the argument group ``title`` (none where it has no such group)."""
+        group = self._groups.get(title)
+        return frozenset(a.option_strings[0] for a in group._group_actions) if group is not None else frozenset()
 
     def given(self, argv: Sequence[str]) -> dict[str, str]:
         """The options the command line ``argv`` gives (up to a ``--``), each as typed, with the name of the option
@@ -1459,6 +1467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.given_flags = command.given(argv)  # the options typed, each with the one it sets (aliases resolved)
     args.run_settings = frozenset(command.run_settings)  # what a run's record holds (audit --reuse)
+    args.adaptation_options = command.options_in("adaptation") - _RUN_WITHOUT_ADAPT  # those that need --adapt
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default", UserWarning)  # each warning of this run once, however it was run
