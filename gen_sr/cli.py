@@ -97,8 +97,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         return _model_info(Path(args.model))
     if args.file is None:
         raise InputError("give a NIfTI file, or --model DIR for what a model was trained for")
-    if args.time and args.model is None:
-        raise InputError("--time estimates a model's run on the file: give --model DIR too")
+    run_options = getattr(args, "run_settings", frozenset()) | {"--samples", "--time"}
+    if args.model is None and (given := sorted(f for f, name in _given(args).items() if name in run_options)):
+        raise InputError(f"{', '.join(given)} preview(s) a model's run on the file: give --model DIR too",
+                         args.file)
 
     img, data = read_nifti(args.file)
     hdr = img.header
