@@ -149,7 +149,7 @@ def _planned_noise_text(plan: dict) -> str:
 def _print_plan(args: argparse.Namespace) -> None:
     """``info FILE --model DIR``: what ``super-resolve`` would do with the file at its defaults, without sampling."""
     from gen_sr.pipelines.pipeline_latent_sr import format_bytes
-    from gen_sr.risk import grid_text
+    from gen_sr.risk import grid_text, mismatch_text
     from gen_sr.volume import load_volume
 
     pipe = _load_pipeline(args)
@@ -170,9 +170,9 @@ def _print_plan(args: argparse.Namespace) -> None:
                         + ("" if have is None else f" ({format_bytes(have)} free)")),
              ("noise std", _planned_noise_text(plan))]
     if (cal := plan["calibration"]) is not None:
+        mismatch = plan["calibration_mismatch"]
         rows.append(("calibration", f"{cal.describe()}, {grid_text(cal.grid_spacing, cal.scale_per_mm)}"
-                                    + ("" if plan["calibration_holds"] else "; made for other sampler settings or "
-                                       "another grid: its coverage does not hold for this run")))
+                                    + ("" if mismatch is None else f"; {mismatch_text(mismatch)}")))
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
     print("\n".join(f"{label + ':':<13}{value}" for label, value in rows), flush=True)
     if args.time:
