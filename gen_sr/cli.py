@@ -152,7 +152,7 @@ def _planned_noise_text(plan: dict) -> str:
 def _print_plan(args: argparse.Namespace) -> None:
     """``info FILE --model DIR``: what ``super-resolve`` would do with the file at its defaults, without sampling."""
     from gen_sr.pipelines.pipeline_latent_sr import format_bytes
-    from gen_sr.risk import grid_text
+    from gen_sr.risk import grid_text, mismatch_text
     from gen_sr.volume import load_volume
 
     pipe = _load_pipeline(args)
@@ -173,9 +173,9 @@ def _print_plan(args: argparse.Namespace) -> None:
                         + ("" if have is None else f" ({format_bytes(have)} free)")),
              ("noise std", _planned_noise_text(plan))]
     if (cal := plan["calibration"]) is not None:
+        mismatch = plan["calibration_mismatch"]
         rows.append(("calibration", f"{cal.describe()}, {grid_text(cal)}"
-                                    + ("" if plan["calibration_holds"] else "; made for other sampler settings or "
-                                       "another grid: its coverage does not hold for this run")))
+                                    + ("" if mismatch is None else f"; {mismatch_text(mismatch)}")))
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
     print("\n".join(f"{label + ':':<13}{value}" for label, value in rows), flush=True)
     if args.time:
@@ -655,7 +655,7 @@ def _cases(args: argparse.Namespace, pipe, snrs: Sequence[float] | None = None) 
     return simulate_cases_at(named, snrs, **acquisition)
 
 
-_OPERATOR_SETS = ("--slice-thickness", "--slice-spacing", "--profile", "--slice-profile")
+_OPERATOR_SETS = frozenset({"--slice-thickness", "--slice-spacing", "--profile"})
 """The options of a simulated acquisition that an ``--operator`` file sets instead."""
 
 
@@ -666,7 +666,7 @@ def _simulated_acquisition(args: argparse.Namespace) -> dict[str, typing.Any]:
     if not args.operator:
         return {"operator": None, "slice_thickness": args.slice_thickness, "slice_spacing": args.slice_spacing,
                 "profile": args.profile}
-    if ignored := sorted(set(_OPERATOR_SETS) & getattr(args, "given_flags", set())):
+    if ignored := sorted(flag for flag, name in _given(args).items() if name in _OPERATOR_SETS):
         raise InputError(f"--operator {args.operator} sets the slices' thickness, spacing and profile, so "
                          f"{', '.join(ignored)} would be ignored",
                          hint="leave them out, or leave out --operator to simulate those slices")

@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -37,16 +37,20 @@ if TYPE_CHECKING:
 __all__ = [
     "CALIBRATION_FILE",
     "GRID_TOLERANCE",
+    "MISMATCH_WORDING",
     "NOISE_UNKNOWN_SHAPE",
     "Calibration",
     "CalibrationMismatchWarning",
     "Calibrations",
     "DataDisagreement",
     "IntervalShape",
+    "Mismatch",
+    "MismatchWording",
     "SamplingSettings",
     "describe_risk",
     "grid_text",
     "interval_noise_std",
+    "mismatch_text",
     "risk_map",
     "run_calibration",
     "run_grid_spacing",
@@ -168,8 +172,64 @@ def interval_noise_std(calibration: Calibration | None, noise_std: float, in_pla
 
 
 class CalibrationMismatchWarning(UserWarning):
-    """A run whose calibration was not made for it: other sampler settings, another output grid, or (a per-scan
-    calibration) another scan. Its risk map keeps the calibration's units without its coverage."""
+    """A run whose calibration was not made for it (a :data:`Mismatch`). Its risk map keeps the calibration's units
+    without its coverage."""
+
+
+Mismatch = Literal["settings", "grid", "scan", "noise_unknown"]
+"""Why a calibration does not hold for a run (``None`` where it holds): it was made with other sampler settings
+(``"settings"``), for another output grid (``"grid"``), per scan on another scan (``"scan"``: the scan the model was
+adapted on), or for runs given a noise std, used by a run whose noise std is not known (``"noise_unknown"``:
+:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.calibration_for` falls back to such records). Each is worded once,
+in :data:`MISMATCH_WORDING`."""
+
+
+@dataclass(frozen=True)
+class MismatchWording:
+    """What a :data:`Mismatch` means and what to do about it, for every text that says so (run records, the terminal,
+    the audit's verdict, note and card).
+
+    Attributes:
+        label: the verdict's label after "calibrated", e.g. ``"for other settings"``.
+        made_for: what the calibration was made for, after "the calibration was".
+        advice: what to do instead.
+    """
+
+    label: str
+    made_for: str
+    advice: str
+
+
+MISMATCH_WORDING: dict[Mismatch, MismatchWording] = {
+    "settings": MismatchWording(
+        "for other settings",
+        "made with other sampler settings (sampler, steps, samples, strength, shared first call or refit)",
+        "sample with the settings it was made for (gen-sr info --model lists them), or calibrate with these "
+        "(gen-sr calibrate)"),
+    "grid": MismatchWording(
+        "for another grid",
+        "made for another output grid (the scale the std needs grows with the voxel size)",
+        "run on the grid it was made for (--target-spacing), or calibrate on volumes of this grid (gen-sr calibrate "
+        "--per-grid, or --per-mm for every grid)"),
+    "scan": MismatchWording(
+        "on another scan",
+        "made per scan, on the scan the model was adapted on, not on this one",
+        "adapt the model on this scan (--adapt, or gen-sr fit), or use the model it was adapted from"),
+    "noise_unknown": MismatchWording(
+        "for a known noise std",
+        "made for runs given the noise std, and this run's is not known (no background air to read it from): its "
+        "samples keep the slices' noise, which that interval leaves out",
+        "give the scan's noise std (--noise-std), or calibrate for runs without one (gen-sr calibrate "
+        "--noise-unknown)"),
+}
+"""The one wording of each :data:`Mismatch` (:func:`mismatch_text`)."""
+
+
+def mismatch_text(mismatch: Mismatch) -> str:
+    """The clause that says a run's calibration does not hold, why and what to do, e.g. ``the calibration was made
+    for another output grid (...), so its coverage does not hold for this run; run on the grid ...``."""
+    wording = MISMATCH_WORDING[mismatch]
+    return f"the calibration was {wording.made_for}, so its coverage does not hold for this run; {wording.advice}"
 
 
 GRID_TOLERANCE = 0.1
@@ -235,6 +295,12 @@ class Calibration:
         return replace(self, scale=self.scale_per_mm * grid_spacing, grid_spacing=grid_spacing)
 
     @property
+    def per_scan(self) -> bool:
+        """Whether it was fitted on one scan (:func:`gen_sr.eval.scan_calibration.calibrate_on_scan`: on the held-out
+        slices of the scan the model was adapted on), so that it holds for that scan only."""
+        return bool(self.details.get("per_scan"))
+
+    @property
     def for_unknown_noise(self) -> bool:
         """Whether it was made for runs whose noise std was not known (:attr:`SamplingSettings.noise_known`): their
         interval counts the noise read in-plane."""
@@ -246,20 +312,27 @@ class Calibration:
         ``grids``; empty where it does not say)."""
         return tuple(float(g) for g in self.details.get("grids", ()))
 
-    def holds_for(self, settings: SamplingSettings, grid_spacing: float | None = None) -> bool:
-        """Whether this record was made for runs with these sampler ``settings`` on an output grid of
-        ``grid_spacing`` mm: the same settings (or a record that does not record them) and, for a record made per
-        grid, a grid within :data:`GRID_TOLERANCE` of its own; for a record per mm of the voxel size, a grid within
-        :data:`GRID_TOLERANCE` of the range it was fitted on (:attr:`fitted_grids`; any grid where it does not say).
-        A run whose record does not hold has a risk map in the calibration's units without its coverage."""
+    def mismatch(self, settings: SamplingSettings, grid_spacing: float | None = None) -> Mismatch | None:
+        """Why this record was not made for runs with these sampler ``settings`` on an output grid of
+        ``grid_spacing`` mm, or ``None`` where it was: the same settings (or a record that does not record them) and,
+        for a record made per grid, a grid within :data:`GRID_TOLERANCE` of its own; for a record per mm of the voxel
+        size, a grid within :data:`GRID_TOLERANCE` of the range it was fitted on (:attr:`fitted_grids`; any grid
+        where it does not say). A record that differs only in being made for a known noise std, used by a run whose
+        noise std is not known, is ``"noise_unknown"``. A run whose record does not hold has a risk map in the
+        calibration's units without its coverage. (Its scan, for a per-scan record, is the pipeline's to check:
+        :meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.calibration_mismatch`.)"""
         if self.sampling is not None and self.sampling != settings:
-            return False
+            known = not settings.noise_known and self.sampling == replace(settings, noise_known=True)
+            return "noise_unknown" if known else "settings"
         if grid_spacing is None:
-            return True
+            return None
         if self.scale_per_mm is not None:
             grids = self.fitted_grids
-            return not grids or min(grids) / (1 + GRID_TOLERANCE) <= grid_spacing <= max(grids) * (1 + GRID_TOLERANCE)
-        return self.grid_spacing is None or abs(self.grid_spacing / grid_spacing - 1) <= GRID_TOLERANCE
+            inside = not grids or min(grids) / (1 + GRID_TOLERANCE) <= grid_spacing <= max(grids) * (1 + GRID_TOLERANCE)
+            return None if inside else "grid"
+        if self.grid_spacing is None:
+            return None
+        return None if abs(self.grid_spacing / grid_spacing - 1) <= GRID_TOLERANCE else "grid"
 
     def scale_map(self, region: Array | None = None) -> Array | float:
         """``λ̂`` per voxel: ``scale`` inside ``region`` (a boolean mask on the output grid) and ``outside_scale``
@@ -409,7 +482,7 @@ def run_grid_spacing(metadata: Mapping[str, Any]) -> float | None:
 
 def grid_text(calibration: Calibration) -> str:
     """Which output grids a record holds for, in words (:attr:`~Calibration.grid_spacing`, ``None``: any; a record
-    per mm of the voxel size, and the grids it was fitted on, :meth:`Calibration.holds_for`)."""
+    per mm of the voxel size, and the grids it was fitted on, :meth:`Calibration.mismatch`)."""
     if calibration.scale_per_mm is not None:
         grids = calibration.fitted_grids
         where = (f"{min(grids):g}-{max(grids):g} mm grids" if len(grids) > 1 else f"{grids[0]:g} mm grids") if grids \
@@ -448,25 +521,30 @@ def risk_map(std: Array, mean: Array, calibration: Calibration | None, noise_std
     return halfwidth / intensity_range
 
 
-def describe_risk(calibration: Calibration | None, holds: bool = True) -> dict[str, Any]:
-    """What the risk map means, for run records and reports; ``holds``: whether the calibration was made for the
-    run's settings and grid (:meth:`Calibration.holds_for`)."""
+def describe_risk(calibration: Calibration | None, mismatch: Mismatch | None, *,
+                  calibration_region: bool) -> dict[str, Any]:
+    """What a run's risk map means, for its run record and the audit's card (both from here, so that they agree);
+    ``mismatch``: why the calibration was not made for the run, ``None`` where it was
+    (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.calibration_mismatch`): a calibrated record says both,
+    ``holds`` (whether it was) and ``mismatch``; ``calibration_region``: whether the run was given the region of a
+    calibration fitted per region."""
     if calibration is None:
-        return {"calibrated": False, "definition": "std / robust intensity range (uncalibrated)"}
+        return {"calibrated": False, "definition": "std / robust intensity range (uncalibrated)",
+                "calibration_region": calibration_region}
     cal = calibration
-    per_scan = bool(cal.details.get("per_scan"))
-    where = "; calibrated on the held-out in-plane slices of the scan the model was adapted on" if per_scan else ""
-    if not holds:
-        where += ("; made for other sampler settings, another output grid or another scan, so its coverage does not "
-                  "hold for this run")
-    return {"calibrated": True, "holds": holds, "per_scan": per_scan, "scale": cal.scale,
+    where = "; calibrated on the held-out in-plane slices of the scan the model was adapted on" if cal.per_scan else ""
+    if mismatch is not None:
+        where += f"; {mismatch_text(mismatch)}"
+    return {"calibrated": True, "holds": mismatch is None, "mismatch": mismatch, "per_scan": cal.per_scan,
+            "scale": cal.scale,
             "outside_scale": cal.outside_scale,
             "alpha": cal.alpha, "delta": cal.delta,
             "method": cal.method, "shape": asdict(cal.shape),
             "made_with": None if cal.sampling is None else asdict(cal.sampling), "grid_spacing": cal.grid_spacing,
             "scale_per_mm": cal.scale_per_mm,
             "definition": f"the half-width of the interval {cal.describe()} over the robust intensity range: "
-                          f"the interval misses at most {cal.alpha:g} of voxels ({cal.method}){where}"}
+                          f"the interval misses at most {cal.alpha:g} of voxels ({cal.method}){where}",
+            "calibration_region": calibration_region}
 
 
 @dataclass(frozen=True)

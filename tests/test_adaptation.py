@@ -22,6 +22,7 @@ from gen_sr.eval.scan_calibration import calibrate_on_scan, held_out_foreground,
 from gen_sr.model_card import Adaptation
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, kept_noise_fraction, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
+from gen_sr.risk import mismatch_text
 from gen_sr.training.adaptation import (
     AdaptationConfig,
     adapt,
@@ -434,7 +435,8 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
     _, other = _scan(shape=(24, 20, 30))  # another scan: its per-scan calibration does not hold there
     save_volume(other, tmp_path / "other.nii.gz")
     with pytest.warns(UserWarning, match="was adapted and calibrated on .*lr.nii.gz, not on this scan"):
-        assert not adapted(load_volume(tmp_path / "other.nii.gz"), **run).metadata["risk"]["holds"]
+        risk = adapted(load_volume(tmp_path / "other.nii.gz"), **run).metadata["risk"]
+    assert not risk["holds"] and risk["mismatch"] == "scan" and mismatch_text("scan") in risk["definition"]
     twin = tmp_path / "sub-02" / "lr.nii.gz"  # another subject, same matrix and file name: its voxels tell
     twin.parent.mkdir()
     save_volume(_scan(shape=(24, 24, 30), seed=1)[1], twin)

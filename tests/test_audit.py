@@ -16,9 +16,10 @@ from test_pipeline import RUN, _gens, _pipe
 from gen_sr.audit import audit
 from gen_sr.cli import main
 from gen_sr.eval.baselines import BASELINES
+from gen_sr.model_card import Adaptation
 from gen_sr.physics import SliceAcquisition, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
-from gen_sr.risk import Calibration, IntervalShape
+from gen_sr.risk import Calibration, Calibrations, IntervalShape, SamplingSettings, mismatch_text
 from gen_sr.volume import Volume, load_volume, save_volume
 
 
@@ -246,3 +247,87 @@ def test_the_audit_of_a_refitted_run_says_where_the_prior_departed_from_the_data
                  "--reuse", str(sr), str(std)]) == 0
     section = json.loads((again / "report.json").read_text())["data_disagreement"]
     assert section["stage"] == "after_refit" and "only what remains" in section["text"]
+
+
+def test_a_reused_run_is_described_with_the_calibration_its_risk_was_recomputed_with(tmp_path: Path, capsys) -> None:
+    """``audit --reuse`` recomputes the risk with the model's current calibration: after the model's records were
+    replaced (here by one made for another grid), the printed risk line, the card's risk record and the page say the
+    new λ and why it does not hold, not what the run's own record said."""
+    f = _files(tmp_path)
+    plain = {"alpha": 0.1, "delta": 0.1, "method": "crc", "bound": "hb", "num_volumes": 30, "risk_hat": 0.09,
+             "risk_upper": 0.1}
+    Calibration(scale=2.0, **plain).save(f["model"])
+    sr, std = tmp_path / "sr.nii.gz", tmp_path / "std.nii.gz"
+    assert main(["super-resolve", "--model", str(f["model"]), "--input", str(f["lr"]), "--output", str(sr), "--std",
+                 str(std), "--risk", str(tmp_path / "risk.nii.gz"), "--samples", "2", "--steps", "2",
+                 "--slice-thickness", "3", "--noise-std", "2.0"]) == 0
+    record = json.loads((tmp_path / "sr.json").read_text())
+    assert record["risk"]["scale"] == 2.0 and record["risk"]["holds"] and record["risk"]["mismatch"] is None
+    # the records replaced: one made with the run's settings, but for 2 mm grids (the run's is 1 mm)
+    Calibration(scale=5.0, **plain, sampling=SamplingSettings.of_run(record), grid_spacing=2.0).save(f["model"])
+    capsys.readouterr()
+    out = tmp_path / "audit"
+    assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
+                 "--reuse", str(sr), str(std)]) == 0
+    printed, warned = capsys.readouterr()
+    assert "uses the one for 2 mm grids" in warned
+    payload = json.loads((out / "report.json").read_text())
+    card = payload["card"]
+    assert card["risk"]["scale"] == card["calibration"]["scale"] == 5.0 and card["interval"] == "mean ± 5 × (std)"
+    assert card["risk"]["holds"] is False and card["risk"]["mismatch"] == payload["calibration_mismatch"] == "grid"
+    assert f"risk:     {card['risk']['definition']}" in printed and "mean ± 5 × (std)" in card["risk"]["definition"]
+    assert mismatch_text("grid") in card["risk"]["definition"] and "mean ± 2" not in printed
+    assert "calibrated for another grid" in payload["verdict"]["text"] and not payload["calibration_holds"]
+    page = " ".join((out / "report.html").read_text().split())
+    assert str(escape(mismatch_text("grid"))) in page and "other sampler settings" not in page
+    # the map is the new scale's: 5/2 of the run's (a plain-std interval)
+    np.testing.assert_allclose(load_volume(out / "risk.nii.gz").data, 2.5 * load_volume(tmp_path / "risk.nii.gz").data,
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_the_pipeline_says_why_a_calibration_does_not_hold(tmp_path: Path, capsys) -> None:
+    """Each reason a calibration does not hold for a run, from the pipeline (its run record, plan and ``info``):
+    other settings, another grid, another scan (a per-scan record of an adapted model) and a run whose noise is not
+    known falling back to a record made for a known one."""
+    f = _files(tmp_path)
+    pipe = LatentDiffusionSRPipeline.from_pretrained(f["model"])
+    pipe.model_card = dataclasses.replace(pipe.model_card, num_inference_steps=2)  # the default run: 2 steps
+    pipe.save_pretrained(f["model"])
+    lr = load_volume(f["lr"])  # a box in zeros: no air to read the noise std from
+    plan = pipe.plan(lr, num_samples=2)
+    assert plan["noise_std"] is None and plan["calibration"] is None and plan["calibration_mismatch"] is None
+    unknown = pipe.sampling_settings(num_samples=2, noise_std=0.0, noise_known=False)
+    canon, grid = lr.canonical(), min(plan["output_spacing"])
+    plain = {"alpha": 0.1, "delta": 0.1, "method": "crc", "bound": "hb", "num_volumes": 30, "risk_hat": 0.09,
+             "risk_upper": 0.1}
+    known = Calibration(scale=2.0, **plain, sampling=dataclasses.replace(unknown, noise_known=True))
+    cases = {"settings": Calibration(scale=2.0, **plain, sampling=SamplingSettings("other", 9, 9)),
+             "grid": Calibration(scale=2.0, **plain, sampling=unknown, grid_spacing=2 * grid),
+             "noise_unknown": known, None: Calibration(scale=2.0, **plain, sampling=unknown)}
+    for reason, calibration in cases.items():
+        assert pipe.calibration_mismatch(calibration, unknown, canon, grid) == reason
+    assert pipe.calibration_mismatch(None, unknown, canon, grid) is None  # uncalibrated: nothing to hold
+    # a per-scan record binds an adapted model to its scan; any other record does not
+    per_scan = Calibration(scale=2.0, **plain, details={"per_scan": True})
+    assert per_scan.per_scan and not known.per_scan
+    (tmp_path / "cal").mkdir()
+    per_scan.save(tmp_path / "cal")  # read from details: calibration.json keeps its format, and reads back
+    assert Calibration.load(tmp_path / "cal").per_scan and "per_scan" not in dataclasses.asdict(per_scan)
+    assert not any(r.per_scan for r in Calibrations.load(Path(__file__).parents[1] / "models" / "heads2d"))
+    pipe.model_card = dataclasses.replace(pipe.model_card, adapted=Adaptation(source="other.nii.gz",
+                                                                              lr_shape=(9, 9, 9)))
+    assert pipe.calibration_mismatch(per_scan, unknown, canon, grid) == "scan"
+    assert pipe.calibration_mismatch(per_scan, None, canon, grid) == "scan"  # a record without its settings
+    assert pipe.calibration_mismatch(known, unknown, canon, grid) == "noise_unknown"
+    # the run whose noise is not known falls back to the record for a known one: its record and info say so
+    pipe = LatentDiffusionSRPipeline.from_pretrained(f["model"])
+    pipe.calibration = known
+    with pytest.warns(UserWarning, match="no background air"):
+        meta = pipe(lr, num_samples=2, noise_std="auto", output_type="np", generator=_gens(0, 1)).metadata
+    assert meta["risk"]["holds"] is False and meta["risk"]["mismatch"] == "noise_unknown"
+    assert meta["risk"]["definition"].endswith(mismatch_text("noise_unknown"))
+    known.save(f["model"])
+    capsys.readouterr()
+    assert main(["info", str(f["lr"]), "--model", str(f["model"]), "--samples", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"; {mismatch_text('noise_unknown')}" in printed and "other sampler settings" not in printed

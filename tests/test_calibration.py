@@ -145,8 +145,8 @@ def test_a_record_per_mm_of_the_voxel_size_holds_on_every_grid_at_its_own_scale(
     with pytest.raises(ValueError, match="jump between them"):
         Calibrations([per_mm, fine])
     fitted = dataclasses.replace(per_mm, details={"grids": [1.0, 1.5]})  # holds near the grids it was fitted on
-    assert per_mm.holds_for(ddim, 4.0) and fitted.fitted_grids == (1.0, 1.5)
-    assert [fitted.holds_for(ddim, g) for g in (0.85, 0.95, 1.25, 1.6, 1.7)] == [False, True, True, True, False]
+    assert per_mm.mismatch(ddim, 4.0) is None and fitted.fitted_grids == (1.0, 1.5)
+    assert [fitted.mismatch(ddim, g) for g in (0.85, 0.95, 1.25, 1.6, 1.7)] == ["grid", None, None, None, "grid"]
 
 
 def test_save_load_and_errors(tmp_path: Path) -> None:

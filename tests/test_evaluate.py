@@ -186,7 +186,7 @@ def test_calibrate_per_mm_fits_one_scale_for_the_std_times_the_voxel_size(tmp_pa
     weighed = [replace(v, std=v.std * g) for v, g in zip(volumes, (1.0, 1.5), strict=True)]
     expected = fit_volumes(weighed, method="crc", blocks=12).calibration.scale
     assert record.scale_per_mm == pytest.approx(expected) and record.scale == record.scale_per_mm
-    assert record.fitted_grids == (1.0, 1.5) and not record.holds_for(settings, 2.0)  # fitted on these grids only
+    assert record.fitted_grids == (1.0, 1.5) and record.mismatch(settings, 2.0) == "grid"  # fitted on these grids only
     with pytest.raises(ValueError, match="noise-free"):  # in Python too, before any sampling
         calibrate(pipe, simulate_cases([(p, load_volume(p)) for p in paths], axis=2, thickness=3.0), per_mm=True,
                   method="crc", blocks=12)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import oblique_affine
+from markupsafe import escape
 from PIL import Image
 
 from gen_sr.audit import figures
@@ -22,6 +23,7 @@ from gen_sr.audit.page import card_rows
 from gen_sr.audit.report import BACKGROUND, build_report, risk_clusters, risk_peaks
 from gen_sr.audit.summary import grouped
 from gen_sr.model_card import Adaptation
+from gen_sr.risk import MISMATCH_WORDING, Calibration, describe_risk, mismatch_text
 from gen_sr.volume import Volume
 
 SHAPE = (12, 14, 10)
@@ -77,8 +79,9 @@ CURVE = {"nominal": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95], "observed": [0.46, 0.58, 0.
 def full_report(tmp_path_factory) -> tuple[Path, dict, dict]:
     out = tmp_path_factory.mktemp("audit")
     inputs = _inputs()
-    payload = build_report(out, **inputs, card=CARD, risk_threshold=THRESHOLD, calibrated=True, metrics=METRICS,
-                           calibration_curve=CURVE, input_name="sub-01_T1w_lr.nii.gz", sr_axis=2)
+    payload = build_report(out, **inputs, card=CARD, risk_threshold=THRESHOLD, calibrated=True,
+                           calibration_mismatch=None, metrics=METRICS, calibration_curve=CURVE,
+                           input_name="sub-01_T1w_lr.nii.gz", sr_axis=2)
     return out, payload, inputs
 
 
@@ -158,7 +161,9 @@ def test_report_is_self_contained_and_json_matches(full_report) -> None:
     assert v["flagged_percent"] == pytest.approx(100 * flagged.sum() / fg.sum())
     assert v["n_clusters"] == 1 and v["largest_cluster"]["voxels"] == len(BLOB)  # the two others lie outside it
     assert len(payload["clusters"]) == payload["n_clusters"] == 3  # the clusters table is the whole volume's
-    assert "3 connected component(s) (26-connectivity) of\nrisk &gt; 0.3 over the whole volume (1 of the " in page
+    assert ("3 connected component(s) (26-connectivity) of risk &gt; 0.3 over the whole volume; 1 cluster(s) when only "
+            "the flagged voxels inside the brain are counted (the verdict's largest cluster is one of them);"
+            in " ".join(page.split()))  # a count of clusters, not of voxels
     assert payload["views"]["centred_on"] == "the peak of the highest-risk cluster"
     assert f"{v['flagged_percent']:.1f} % of the brain flagged high-risk (risk &gt; 0.3, calibrated)" in page
     assert "not for diagnosis" in page
@@ -193,7 +198,8 @@ def test_user_strings_are_escaped(tmp_path) -> None:
     name = "<script>alert(1)</script>.nii.gz"
     payload = build_report(tmp_path, lr=inputs["lr"], mean=inputs["mean"], std=inputs["std"], risk=inputs["risk"],
                            dc_residual=inputs["dc_residual"], card={"operator": "<img src=x onerror=alert(1)>",
-                           "<i>model</i>": "a & b"}, risk_threshold=THRESHOLD, calibrated=False, masks=masks,
+                           "<i>model</i>": "a & b"}, risk_threshold=THRESHOLD, calibrated=False,
+                           calibration_mismatch=None, masks=masks,
                            metrics={"<em>m</em>": {"<u>PSNR</u>": 1.0}}, input_name=name, sr_axis=0)
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "<script" not in page.lower() and "<img src=x" not in page and "<b>GM" not in page
@@ -210,11 +216,36 @@ def test_report_without_clusters_or_masks(tmp_path) -> None:
     inputs = _inputs()
     payload = build_report(tmp_path / "new" / "dir", lr=inputs["lr"], mean=inputs["mean"], std=inputs["std"],
                            risk=inputs["risk"], dc_residual=inputs["dc_residual"], card={}, risk_threshold=2.0,
-                           calibrated=False, input_name="x.nii.gz", sr_axis=1)
+                           calibrated=False, calibration_mismatch=None, input_name="x.nii.gz", sr_axis=1)
     assert payload["clusters"] == [] and payload["verdict"]["flagged_voxels"] == 0
     assert payload["verdict"]["text"].startswith("0.0 % of the foreground flagged high-risk")
     assert payload["views"]["centred_on"] == "the volume centre"
     assert 'class="verdict ok"' in (tmp_path / "new" / "dir" / "report.html").read_text(encoding="utf-8")
+
+
+
+def test_without_a_brain_mask_or_tissue_maps_the_texts_say_foreground_not_brain(tmp_path) -> None:
+    """With no brain mask or tissue maps the verdict counts the SR mean's foreground (the head, scalp and skull too):
+    every text names it so; a brain mask makes it the brain."""
+    inputs = _inputs()
+    common = {k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual", "reference")}
+    payload = build_report(tmp_path / "fg", **common, card={}, risk_threshold=THRESHOLD, calibrated=True,
+                           calibration_mismatch=None, alpha=0.1, intensity_range=1.0, input_name="x", sr_axis=2)
+    v = payload["verdict"]
+    page = " ".join((tmp_path / "fg" / "report.html").read_text(encoding="utf-8").split())
+    assert v["region"] == "foreground" and v["foreground"].startswith("foreground (SR mean above")
+    assert v["text"].startswith(f"{v['flagged_percent']:.1f} % of the foreground flagged") and v["flagged_voxels"] > 0
+    assert "% of the foreground) can be off by" in v["meaning"]
+    assert "unflagged voxels of the foreground" in v["observed"]
+    assert "inside the foreground are counted" in page and "inside the foreground, more than" in page
+    assert "brain" not in page and "brain" not in json.dumps(payload)
+    brain = inputs["masks"]["GM"].with_data((inputs["masks"]["GM"].data + inputs["masks"]["WM"].data >= 0.5)
+                                            .astype(np.float32))
+    masked = build_report(tmp_path / "brain", **common, brain_mask=brain, card={}, risk_threshold=THRESHOLD,
+                          calibrated=True, calibration_mismatch=None, alpha=0.1, intensity_range=1.0, input_name="x",
+                          sr_axis=2)
+    assert masked["verdict"]["region"] == "brain" and "% of the brain flagged" in masked["verdict"]["text"]
+    assert "inside the brain mask, more than" in masked["peak_rule"]["text"]
 
 
 # ----------------------------------------------------------------------------------------------------- browser
@@ -321,6 +352,7 @@ def test_views_follow_the_peak_rule_and_say_so(tmp_path) -> None:
     mean = vol(np.where(brain, 1.0, 0.0))
     payload = build_report(tmp_path, lr=mean, mean=mean, std=vol(risk.data / 2), risk=risk,
                            dc_residual=vol(0 * brain), card={}, risk_threshold=0.3, calibrated=False,
+                           calibration_mismatch=None,
                            masks={"GM": vol(brain)}, input_name="x", sr_axis=2)
     page = " ".join((tmp_path / "report.html").read_text(encoding="utf-8").split())
     assert payload["clusters"][0]["peak_mm"] == list(map(float, at["border"]))  # cluster #1 is the edge voxel
@@ -342,7 +374,8 @@ AUDIT_CARD = {"input": "sub-01_T1w_lr.nii.gz", "model": "models/heads2d",
               "samples": 8, "seeds": list(range(8)),
               "guidance": "projection", "noise_std": 0.03, "relative_residual_max": 0.0021,
               "calibration": CALIBRATION, "interval": "mean ± 0.4525 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)",
-              "risk": {"calibrated": True, "scale": 0.4525, "alpha": 0.1, "definition": "the half-width ..."},
+              "risk": {"calibrated": True, "holds": True, "mismatch": None, "scale": 0.4525, "alpha": 0.1,
+                       "definition": "the half-width ..."},
               "timings_s": {"prepare_s": 2.2, "denoise_s": 180.4, "decode_s": 10.1, "stitch_uncertainty_s": 0.41}}
 
 
@@ -413,6 +446,7 @@ def test_report_says_what_a_flag_means_and_warns(tmp_path) -> None:
     inputs = _inputs()
     outside = ["slice thickness 8 mm along S is outside the trained 2-6 mm"]
     payload = build_report(tmp_path, **inputs, card=AUDIT_CARD, risk_threshold=THRESHOLD, calibrated=True,
+                           calibration_mismatch=None,
                            input_name="sub-01_T1w_lr.nii.gz", sr_axis=2, intensity_range=0.5, alpha=0.1,
                            outside_training=outside)
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
@@ -448,7 +482,8 @@ def test_report_says_what_a_flag_means_and_warns(tmp_path) -> None:
 def test_uncalibrated_flags_promise_no_coverage(tmp_path) -> None:
     inputs = _inputs()
     payload = build_report(tmp_path, **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")},
-                           card={}, risk_threshold=THRESHOLD, calibrated=False, input_name="x", sr_axis=2,
+                           card={}, risk_threshold=THRESHOLD, calibrated=False, calibration_mismatch=None,
+                           input_name="x", sr_axis=2,
                            intensity_range=2.0, outside_training=[])
     v = payload["verdict"]
     assert v["meaning"].startswith("Where flagged, the samples' standard deviation exceeds 0.6 input intensity units")
@@ -457,16 +492,46 @@ def test_uncalibrated_flags_promise_no_coverage(tmp_path) -> None:
     assert "Input outside the trained regime" not in (tmp_path / "report.html").read_text(encoding="utf-8")
 
 
-def test_a_calibration_made_for_other_settings_is_said_and_promises_no_coverage(tmp_path) -> None:
-    """A run whose model has no calibration for its sampler settings or grid uses another one's scale: the verdict
-    says "calibrated for other settings", the risk note says its coverage does not hold, and no bound is given."""
+@pytest.mark.parametrize("mismatch", ["settings", "grid", "scan", "noise_unknown"])
+def test_a_calibration_not_made_for_the_run_says_why_and_promises_no_coverage(tmp_path, mismatch) -> None:
+    """A run whose calibration was made for other settings, another grid, another scan (per-scan) or a known noise std
+    keeps its scale without its coverage: the verdict's label, the risk note and the card's risk row each say which,
+    in the one wording of gen_sr.risk, and no bound is given."""
     inputs = _inputs()
+    cal = Calibration(**CALIBRATION)
     payload = build_report(tmp_path, **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")},
-                           card={"risk": {"calibrated": True, "holds": False}}, risk_threshold=THRESHOLD,
-                           calibrated=True, calibration_holds=False, input_name="x", sr_axis=2, intensity_range=2.0,
-                           alpha=0.1, outside_training=[])
-    v = payload["verdict"]
-    assert "calibrated for other settings)" in v["text"] and v["unflagged_miss_bound_percent"] is None
-    assert v["risk_note"].startswith("Calibrated for other settings") and not payload["calibration_holds"]
-    page = (tmp_path / "report.html").read_text(encoding="utf-8")
-    assert "so its coverage does not hold for this run" in page
+                           card={"risk": describe_risk(cal, mismatch, calibration_region=False)},
+                           risk_threshold=THRESHOLD, calibrated=True, calibration_mismatch=mismatch, input_name="x",
+                           sr_axis=2, intensity_range=2.0, alpha=0.1, outside_training=[])
+    v, wording = payload["verdict"], MISMATCH_WORDING[mismatch]
+    assert f"calibrated {wording.label})" in v["text"] and v["unflagged_miss_bound_percent"] is None
+    assert v["risk_note"].startswith(f"Calibrated {wording.label}: ") and mismatch_text(mismatch) in v["risk_note"]
+    assert not payload["calibration_holds"] and payload["calibration_mismatch"] == mismatch
+    page = " ".join((tmp_path / "report.html").read_text(encoding="utf-8").split())
+    assert str(escape(mismatch_text(mismatch))) in page and wording.advice in mismatch_text(mismatch)
+    others = [w for k, w in MISMATCH_WORDING.items() if k != mismatch]
+    assert not any(str(escape(w.made_for)) in page for w in others)  # only this run's reason
+    held = build_report(tmp_path / "held", **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")},
+                        card={"risk": describe_risk(cal, None, calibration_region=False)}, risk_threshold=THRESHOLD,
+                        calibrated=True, calibration_mismatch=None, input_name="x", sr_axis=2, intensity_range=2.0,
+                        alpha=0.1, outside_training=[])
+    assert "calibrated)" in held["verdict"]["text"] and held["verdict"]["unflagged_miss_bound_percent"] is not None
+    assert held["calibration_holds"] and "coverage does not hold" not in (tmp_path / "held" / "report.html").read_text()
+
+
+def test_each_mismatch_is_worded_once_and_a_build_without_the_reason_is_refused(tmp_path) -> None:
+    """The four reasons read differently (what the calibration was made for, and what to do), and a report cannot
+    be built without saying whether the calibration holds (it defaulted to holding)."""
+    wordings = MISMATCH_WORDING.values()
+    assert len({w.label for w in wordings}) == len({w.made_for for w in wordings}) == len({w.advice for w in wordings})
+    assert len(wordings) == 4
+    assert "adapted" in MISMATCH_WORDING["scan"].made_for and "--adapt" in MISMATCH_WORDING["scan"].advice
+    assert "--noise-std" in MISMATCH_WORDING["noise_unknown"].advice
+    assert "--per-grid" in MISMATCH_WORDING["grid"].advice
+    inputs = _inputs()
+    with pytest.raises(TypeError, match="calibration_mismatch"):
+        build_report(tmp_path, **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")}, card={},
+                     risk_threshold=THRESHOLD, calibrated=True, input_name="x", sr_axis=2)
+    # a card's risk record that does not say whether it holds is shown as it stands, not as holding
+    row = dict(card_rows({"risk": {"calibrated": True, "definition": "d"}}))["Risk"]
+    assert row == "calibrated: yes; definition: d"

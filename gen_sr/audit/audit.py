@@ -32,7 +32,9 @@ from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.risk import (
     Calibration,
     DataDisagreement,
+    Mismatch,
     SamplingSettings,
+    describe_risk,
     interval_noise_std,
     risk_map,
     run_calibration,
@@ -106,17 +108,16 @@ def _run_calibration(pipe: LatentDiffusionSRPipeline, meta: dict[str, Any], *,
         return None if pipe.calibration is None else pipe.calibration.at_grid(run_grid_spacing(meta))
 
 
-def _holds(pipe: LatentDiffusionSRPipeline, calibration: Calibration | None, meta: dict[str, Any],
-           lr: Volume) -> bool:
-    """Whether a run's calibration was made for it (:meth:`LatentDiffusionSRPipeline.calibration_holds`; ``lr``: the
-    input as the run measured it; a record without its settings: as far as the scan says)."""
-    if calibration is None:
-        return True
+def _mismatch(pipe: LatentDiffusionSRPipeline, calibration: Calibration | None, meta: dict[str, Any],
+              lr: Volume) -> Mismatch | None:
+    """Why a run's calibration was not made for it, ``None`` where it was
+    (:meth:`LatentDiffusionSRPipeline.calibration_mismatch`; ``lr``: the input as the run measured it; a record without
+    its settings: as far as the scan says)."""
     try:
         settings = SamplingSettings.of_run(meta)
     except (KeyError, TypeError, ValueError):
-        return pipe.adapted_on(lr.canonical(), calibration)
-    return pipe.calibration_holds(calibration, settings, lr.canonical(), run_grid_spacing(meta))
+        settings = None
+    return pipe.calibration_mismatch(calibration, settings, lr.canonical(), run_grid_spacing(meta))
 
 
 def _calibration_curve(std: np.ndarray, mean: np.ndarray, error: np.ndarray, mask: np.ndarray,
@@ -201,6 +202,10 @@ def audit(
     masks = {k: resample_to(m, grid) for k, m in masks.items()} if masks else None
     brain_mask = resample_to(brain_mask, grid, order=0) if brain_mask is not None else None
     calibration = _run_calibration(pipe, meta, warn=False)  # the run or reuse_outputs warned already
+    mismatch = _mismatch(pipe, calibration, meta, lr)
+    # described as the map written here was made: a reused run's is recomputed with the model's current calibration,
+    # so its record's own description (meta["risk"]) may be out of date
+    risk = describe_risk(calibration, mismatch, calibration_region=calibration_region is not None)
     operator = AcquisitionOperator.from_dict(meta["operator"])
     metrics = curve = None
     if reference is not None:  # before anything is written: a reference that does not fit is an error
@@ -227,7 +232,7 @@ def audit(
             "capped_fraction": meta["capped_fraction"] if "capped_fraction" in meta else operator.capped_fraction(),
             "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",
             "interval": calibration.describe() if calibration is not None else "none (uncalibrated)",
-            "risk": meta.get("risk"), "timings_s": {**(timings or {}), **(meta.get("timings") or {})} or None}
+            "risk": risk, "timings_s": {**(timings or {}), **(meta.get("timings") or {})} or None}
     if meta.get("coarsened_input"):
         card["coarsened_input"] = meta["coarsened_input"]
     if pipe.model_card.adapted is not None:
@@ -247,7 +252,7 @@ def audit(
                         disagreement_stage=stage,
                         card=card, risk_threshold=risk_threshold,
                         calibrated=calibration is not None,
-                        calibration_holds=_holds(pipe, calibration, meta, lr),
+                        calibration_mismatch=mismatch,
                         masks=masks, brain_mask=brain_mask, reference=reference,
                         metrics=metrics,
                         calibration_curve=curve, input_name=input_name,

@@ -11,7 +11,7 @@ unrestricted maxima when nothing else exceeds the threshold. Positions are scann
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from nibabel.affines import apply_affine
@@ -20,8 +20,8 @@ from scipy import ndimage
 from gen_sr.eval.metrics import foreground
 from gen_sr.volume import Volume, resample_to
 
-__all__ = ["BACKGROUND", "PeakRule", "foreground_mask", "on_grid", "ranked_peaks", "risk_clusters", "risk_peaks",
-           "slice_profile"]
+__all__ = ["BACKGROUND", "CountedRegion", "PeakRule", "foreground_mask", "on_grid", "ranked_peaks", "risk_clusters",
+           "risk_peaks", "slice_profile"]
 
 BACKGROUND = "background/other"
 
@@ -196,18 +196,42 @@ def _tissue(fractions: dict[str, float]) -> str | None:
     return tissue if fractions[tissue] >= 0.5 else BACKGROUND
 
 
+@dataclass(frozen=True)
+class CountedRegion:
+    """The region the verdict's percentage counts, as the report's texts name it (:func:`foreground_mask` decides).
+
+    Attributes:
+        name: ``"brain"`` only where a brain mask or tissue maps define it; else ``"foreground"`` (the SR mean's,
+            which holds the scalp and skull too), or ``"whole volume"`` where neither holds a voxel.
+        how: how it was found (empty for the whole volume).
+    """
+
+    name: Literal["brain", "foreground", "whole volume"]
+    how: str = ""
+
+    @property
+    def label(self) -> str:
+        """The name with how it was found, e.g. ``brain (the given brain mask)``."""
+        return f"{self.name} ({self.how})" if self.how else self.name
+
+    @property
+    def mask(self) -> str:
+        """The mask it is, for :meth:`PeakRule.describe`: ``brain mask``, ``foreground`` or ``whole volume``."""
+        return "brain mask" if self.name == "brain" else self.name
+
+
 def foreground_mask(mean: np.ndarray, masks: dict[str, np.ndarray],
-                    brain_mask: np.ndarray | None = None) -> tuple[np.ndarray, str]:
-    """The voxels that the verdict's percentage counts, and their label: the given ``brain_mask`` (voxels ≥ 0.5) where
-    there is one, else the brain (sum of the tissue masks ≥ 0.5) when masks are given, else the SR mean above 10 % of
-    its robust (0.5-99.5 percentile) range, holes filled."""
+                    brain_mask: np.ndarray | None = None) -> tuple[np.ndarray, CountedRegion]:
+    """The voxels that the verdict's percentage counts, and what they are: the given ``brain_mask`` (voxels ≥ 0.5)
+    where there is one, else the brain (sum of the tissue masks ≥ 0.5) when masks are given, else the SR mean above
+    10 % of its robust (0.5-99.5 percentile) range, holes filled (the foreground: the head, not the brain)."""
     if brain_mask is not None:
-        fg, label = brain_mask >= 0.5, "brain (the given brain mask)"
+        fg, region = brain_mask >= 0.5, CountedRegion("brain", "the given brain mask")
     elif masks:
-        fg, label = sum(masks.values()) >= 0.5, "brain (tissue masks, summed probability ≥ 0.5)"
+        fg, region = sum(masks.values()) >= 0.5, CountedRegion("brain", "tissue masks, summed probability ≥ 0.5")
     else:
-        fg, label = foreground(mean), "foreground (SR mean above 10 % of its robust intensity range)"
-    return (fg, label) if fg.any() else (np.ones_like(mean, dtype=bool), "whole volume")
+        fg, region = foreground(mean), CountedRegion("foreground", "SR mean above 10 % of its robust intensity range")
+    return (fg, region) if fg.any() else (np.ones_like(mean, dtype=bool), CountedRegion("whole volume"))
 
 
 def slice_profile(risk: np.ndarray, fg: np.ndarray, threshold: float, axis: int) -> dict[str, list[float]]:

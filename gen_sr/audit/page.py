@@ -19,6 +19,7 @@ from gen_sr.audit.figures import FigureRecord
 from gen_sr.audit.summary import INTENSITY_UNIT, coords, grouped, number, seconds
 from gen_sr.config import ConfigError, config_from_dict
 from gen_sr.model_card import Adaptation
+from gen_sr.risk import MISMATCH_WORDING, Calibration, mismatch_text
 
 __all__ = ["DISCLAIMER", "Cell", "Table", "card_rows", "render_page", "table"]
 
@@ -102,28 +103,29 @@ def _noise(v: Any) -> str:
 
 
 def _calibration(v: Any) -> str:
-    """``conformal risk control (crc), α = 0.1 (coverage 90 %), from 96 units of 8 volumes; …``."""
-    if not isinstance(v, Mapping) or "alpha" not in v:
+    """``conformal risk control (crc), α = 0.1 (coverage 90 %), from 96 units of 8 volumes; …``: a calibration
+    record as the card holds it (``asdict``); anything else (e.g. ``none (uncalibrated)``), as it stands."""
+    try:
+        cal = Calibration(**v)
+    except (TypeError, ValueError):
         return _plain(v)
-    method = str(v.get("method", ""))
-    details = v.get("details") if isinstance(v.get("details"), Mapping) else {}
+    method, details = cal.method, cal.details
     units, volumes = details.get("units"), details.get("volumes")
-    text = f"{_METHODS.get(method, method)} ({method}), α = {v['alpha']:g} (coverage {100 * (1 - v['alpha']):g} %)"
-    if method == "rcps" and "delta" in v:
-        text += f", δ = {v['delta']:g} ({v.get('bound', '')} bound)"
+    text = f"{_METHODS.get(method, method)} ({method}), α = {cal.alpha:g} (coverage {100 * (1 - cal.alpha):g} %)"
+    if method == "rcps":
+        text += f", δ = {cal.delta:g} ({cal.bound} bound)"
     if units is not None:
         text += f", from {units} units" + (f" of {len(volumes)} volumes" if isinstance(volumes, list) else "")
-    elif v.get("num_volumes") is not None:
-        text += f", from {v['num_volumes']} volumes"
-    if isinstance(v.get("scale_per_mm"), int | float):
-        grid = v.get("grid_spacing")
-        text += (f" on every output grid together, one scale per mm of the voxel size ({v['scale_per_mm']:.4g}"
-                 + (f"; {v['scale']:.4g} on this run's {grid:g} mm grid)" if isinstance(grid, int | float) else ")"))
-    elif isinstance(v.get("grid_spacing"), int | float):
-        text += f" on {v['grid_spacing']:g} mm output grids (the record for this run's grid)"
-    if isinstance(v.get("risk_hat"), int | float):
-        text += f"; miss rate on the calibration data {v['risk_hat']:.3f}"
-    if details.get("per_scan"):
+    else:
+        text += f", from {cal.num_volumes} volumes"
+    if cal.scale_per_mm is not None:
+        grid = cal.grid_spacing
+        text += (f" on every output grid together, one scale per mm of the voxel size ({cal.scale_per_mm:.4g}"
+                 + (f"; {cal.scale:.4g} on this run's {grid:g} mm grid)" if grid is not None else ")"))
+    elif cal.grid_spacing is not None:
+        text += f" on {cal.grid_spacing:g} mm output grids (the record for this run's grid)"
+    text += f"; miss rate on the calibration data {cal.risk_hat:.3f}"
+    if cal.per_scan:
         held = details.get("held_out_slices")
         count = f"{len(held)} " if isinstance(held, list) else ""
         text += (f". Per-scan: fitted on {count}held-out in-plane slices of the scan the model was adapted on, "
@@ -134,9 +136,9 @@ def _calibration(v: Any) -> str:
             text += (f". Where this was measured (real and validation heads, every slice axis), the per-scan 90 % "
                      f"interval covered {100 * float(measured[0]):.0f}-{100 * float(measured[1]):.0f} % of voxels "
                      "through-plane, as heads are not alike along every axis")
-    if isinstance(v.get("outside_scale"), int | float):
-        text += (f". Fitted per region: scale {v['scale']:.3g} in the calibration region (the mask given), "
-                 f"{v['outside_scale']:.3g} in the rest of the foreground")
+    if cal.outside_scale is not None:
+        text += (f". Fitted per region: scale {cal.scale:.3g} in the calibration region (the mask given), "
+                 f"{cal.outside_scale:.3g} in the rest of the foreground")
     if isinstance(details.get("noisy_reference_scale"), int | float):
         text += (f". The scale is extrapolated to noise-free references ({details['noisy_reference_scale']:.3g} "
                  "against references holding noise)")
@@ -154,13 +156,16 @@ def _adaptation(v: Any) -> str:
 
 
 def _risk(v: Any) -> str:
-    if isinstance(v, Mapping) and "calibrated" in v:
-        if not v["calibrated"]:
-            return "the samples' std ÷ the input's robust intensity range (uncalibrated)"
-        return ("the calibrated interval's half-width ÷ the input's robust intensity range"
-                + ("" if v.get("holds", True) else "; the calibration was made for other sampler settings or another "
-                   "output grid, so its coverage does not hold for this run"))
-    return _plain(v)
+    """The run's risk (:func:`~gen_sr.risk.describe_risk`): uncalibrated, or calibrated and, where its calibration
+    was not made for the run, why (``mismatch``); a record that does not say, as it stands."""
+    if not isinstance(v, Mapping) or "calibrated" not in v:
+        return _plain(v)
+    if not v["calibrated"]:
+        return "the samples' std ÷ the input's robust intensity range (uncalibrated)"
+    if "mismatch" not in v or (v["mismatch"] is not None and v["mismatch"] not in MISMATCH_WORDING):
+        return _plain(v)
+    return ("the calibrated interval's half-width ÷ the input's robust intensity range"
+            + ("" if v["mismatch"] is None else f"; {mismatch_text(v['mismatch'])}"))
 
 
 _ADAPTATION_PHASES = {"adapt_s": "adapt", "compare_s": "compare with the pretrained UNet",

@@ -32,7 +32,7 @@ from gen_sr.audit.page import DISCLAIMER, render_page
 from gen_sr.audit.summary import data_disagreement, geometry, thin_structures, verdict
 from gen_sr.io import atomic_write, json_ready, write_json
 from gen_sr.physics import StructureVisibility
-from gen_sr.risk import DataDisagreement
+from gen_sr.risk import DataDisagreement, Mismatch
 from gen_sr.volume import Volume
 
 __all__ = ["BACKGROUND", "DISCLAIMER", "PeakRule", "build_report", "risk_clusters", "risk_peaks"]
@@ -41,7 +41,7 @@ __all__ = ["BACKGROUND", "DISCLAIMER", "PeakRule", "build_report", "risk_cluster
 def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volume, risk: Volume, dc_residual: Volume,
                  disagreement: Volume | None = None, disagreement_flag: DataDisagreement | None = None,
                  disagreement_stage: str = "output",
-                 card: dict[str, Any], risk_threshold: float, calibrated: bool, calibration_holds: bool = True,
+                 card: dict[str, Any], risk_threshold: float, calibrated: bool, calibration_mismatch: Mismatch | None,
                  masks: dict[str, Volume] | None = None,
                  brain_mask: Volume | None = None, reference: Volume | None = None,
                  metrics: dict[str, dict[str, float]] | None = None,
@@ -65,8 +65,10 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
         intensity_range: the input's robust intensity range in input units (the pipeline's
             ``intensity_normalization(lr).scale``), which turns the threshold into an error size.
         alpha: the calibration's miss rate (coverage ``1 − alpha``), when calibrated.
-        calibration_holds: whether that calibration was made for the run's settings and grid (the verdict says
-            where not, and claims no coverage).
+        calibration_mismatch: why that calibration was not made for the run (its settings, grid, scan or noise;
+            :meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.calibration_mismatch`), ``None`` where it was (and
+            uncalibrated): the verdict says where not, and claims no coverage. Required, so that no caller claims
+            coverage by leaving it out.
         outside_training: the run record's sentences on where the input lies outside the trained regime
             (``None``: not checked).
         disagreement: the data-disagreement map of a run given a noise std
@@ -92,25 +94,22 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
         maps["disagreement"] = on_grid(disagreement, risk)
     if reference is not None:
         maps["reference"] = on_grid(reference, risk)
-    fg, fg_label = foreground_mask(maps["mean"], {k: on_grid(m, risk) for k, m in (masks or {}).items()},
-                                   None if brain_mask is None else on_grid(brain_mask, risk, order=0))
+    fg, region = foreground_mask(maps["mean"], {k: on_grid(m, risk) for k, m in (masks or {}).items()},
+                                 None if brain_mask is None else on_grid(brain_mask, risk, order=0))
     all_clusters = risk_clusters(risk, t, masks=masks, top=None)
-    peaks, rule_record = ranked_peaks(risk, t, fg, rule,
-                                      "brain mask" if masks or brain_mask is not None else fg_label.split(" (")[0],
-                                      masks=masks)
+    peaks, rule_record = ranked_peaks(risk, t, fg, rule, region.mask, masks=masks)
     flagged = (r > t) & fg
     if disagreement is not None:
         d = Volume(np.where(fg, maps["disagreement"], 0.0), risk.affine)  # its regions inside the counted region
         departs = data_disagreement(flag, flagged=int(np.count_nonzero(flag.flags(d.data))),
-                                    foreground_voxels=int(fg.sum()), foreground=fg_label,
+                                    foreground_voxels=int(fg.sum()), region=region,
                                     clusters=risk_clusters(d, flag.threshold, masks=masks, top=5),
                                     stage=disagreement_stage)
     counted = risk_clusters(Volume(np.where(fg, r, 0.0), risk.affine), t, masks=masks, top=None)  # in the region
-    summary = verdict(flagged=int(np.count_nonzero(flagged)), foreground_voxels=int(fg.sum()), foreground=fg_label,
+    summary = verdict(flagged=int(np.count_nonzero(flagged)), foreground_voxels=int(fg.sum()), region=region,
                       voxel_mm3=abs(float(np.linalg.det(risk.affine[:3, :3]))), flagged_of_volume=float(np.mean(r > t)),
-                      clusters=counted, threshold=t, calibrated=calibrated, alpha=alpha,
-                      intensity_range=intensity_range, exceedance=_exceedance(maps, flagged, fg, t, intensity_range),
-                      calibration_holds=calibration_holds)
+                      clusters=counted, threshold=t, calibrated=calibrated, mismatch=calibration_mismatch, alpha=alpha,
+                      intensity_range=intensity_range, exceedance=_exceedance(maps, flagged, fg, t, intensity_range))
     # ------------------------------------------------------------------ orthogonal views in RAS+
     can = {k: Volume(a, risk.affine).canonical() for k, a in {**maps, "risk": r}.items()}
     centre, centred_on = _view_centre(can["mean"], all_clusters, peaks)
@@ -123,7 +122,8 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
                         "uri": calibration_plot(calibration_curve)})
     payload = json_ready({
         "input_name": str(input_name), "disclaimer": DISCLAIMER, "verdict": summary, "risk_threshold": t,
-        "calibrated": bool(calibrated), "calibration_holds": bool(calibration_holds), "card": card,
+        "calibrated": bool(calibrated), "calibration_holds": calibration_mismatch is None,
+        "calibration_mismatch": calibration_mismatch, "card": card,
         "clusters": all_clusters[:10], "n_clusters": len(all_clusters), "peaks": peaks,
         "peak_rule": rule_record, "geometry": geometry(lr.affine),
         "outside_training": None if outside_training is None else [str(s) for s in outside_training],

@@ -11,8 +11,9 @@ from typing import Any, Literal
 import numpy as np
 from nibabel.affines import obliquity
 
+from gen_sr.audit.clusters import CountedRegion
 from gen_sr.physics import StructureVisibility
-from gen_sr.risk import DataDisagreement
+from gen_sr.risk import MISMATCH_WORDING, DataDisagreement, Mismatch, mismatch_text
 
 __all__ = ["FRAME", "INTENSITY_UNIT", "coords", "data_disagreement", "flag_meaning", "geometry", "grouped", "number",
            "seconds", "thin_structures", "verdict"]
@@ -91,57 +92,57 @@ def _percent(v: float | None) -> str:
     return "—" if v is None else f"{v:.3g} %"
 
 
-def verdict(*, flagged: int, foreground_voxels: int, foreground: str, voxel_mm3: float, flagged_of_volume: float,
-            clusters: list[dict[str, Any]], threshold: float, calibrated: bool, alpha: float | None,
-            intensity_range: float | None, exceedance: dict[str, float | None] | None,
-            calibration_holds: bool = True) -> dict[str, Any]:
+def verdict(*, flagged: int, foreground_voxels: int, region: CountedRegion, voxel_mm3: float,
+            flagged_of_volume: float, clusters: list[dict[str, Any]], threshold: float, calibrated: bool,
+            mismatch: Mismatch | None, alpha: float | None, intensity_range: float | None,
+            exceedance: dict[str, float | None] | None) -> dict[str, Any]:
     """The report's verdict: the one-line ``text``, what a flag means and the counts behind them.
 
     Args:
-        flagged, foreground_voxels: flagged voxels inside the foreground, and its size, in voxels.
-        foreground: how the foreground was defined (its first word names it in the text).
+        flagged, foreground_voxels: flagged voxels inside the counted region, and its size, in voxels.
+        region: the counted region (:func:`~gen_sr.audit.clusters.foreground_mask`; its name is the text's).
         flagged_of_volume: the flagged fraction of the whole volume.
         clusters: every cluster of the flagged voxels inside the foreground (:func:`~gen_sr.audit.clusters.
             risk_clusters` of the risk there), which the text's "largest cluster" names.
         exceedance: against a reference, the percentages of flagged and unflagged voxels whose error exceeds the
             flag's error size, or ``None``.
-        calibration_holds: whether the calibration was made for the run's settings and grid
-            (:meth:`~gen_sr.risk.Calibration.holds_for`); where not, the risk keeps its units but no coverage.
+        mismatch: for a calibrated run, why its calibration was not made for it, ``None`` where it was
+            (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.calibration_mismatch`); where not, the risk keeps
+            its units but no coverage.
     """
-    region = foreground.split(" (")[0]
+    holds = calibrated and mismatch is None
     pct = 100 * flagged / foreground_voxels
-    label = "uncalibrated" if not calibrated else "calibrated" if calibration_holds else "calibrated for other settings"
-    text = f"{pct:.1f} % of the {region} flagged high-risk (risk > {threshold:g}, {label})"
+    label = ("uncalibrated" if not calibrated else "calibrated" if holds
+             else f"calibrated {MISMATCH_WORDING[mismatch].label}")
+    text = f"{pct:.1f} % of the {region.name} flagged high-risk (risk > {threshold:g}, {label})"
     largest = max(clusters, key=lambda c: c["voxels"], default=None)
     if largest is not None:
         text += f"; largest cluster {grouped(largest['size_mm3'])} mm³, peak risk at {coords(largest['peak_mm'])} mm"
-    meaning, bound = flag_meaning(threshold, calibrated=calibrated and calibration_holds, alpha=alpha,
-                                  intensity_range=intensity_range,
-                                  unflagged_fraction=1 - flagged / foreground_voxels, region=region)
+    meaning, bound = flag_meaning(threshold, calibrated=holds, alpha=alpha, intensity_range=intensity_range,
+                                  unflagged_fraction=1 - flagged / foreground_voxels, region=region.name)
     observed = None
     if exceedance is not None and intensity_range is not None:
         observed = (f"Against the reference: {_percent(exceedance['flagged_percent'])} of the flagged and "
-                    f"{_percent(exceedance['unflagged_percent'])} of the unflagged voxels of the {region} are off by "
-                    f"more than {threshold * intensity_range:.3g}.")
+                    f"{_percent(exceedance['unflagged_percent'])} of the unflagged voxels of the {region.name} are "
+                    f"off by more than {threshold * intensity_range:.3g}.")
     return {
         "text": text, "flagged_percent": pct, "flagged_voxels": flagged, "flagged_mm3": flagged * voxel_mm3,
-        "foreground_voxels": foreground_voxels, "foreground": foreground,
+        "foreground_voxels": foreground_voxels, "foreground": region.label, "region": region.name,
         "flagged_percent_of_volume": 100 * flagged_of_volume, "n_clusters": len(clusters), "largest_cluster": largest,
         "meaning": meaning, "error_size": None if intensity_range is None else threshold * intensity_range,
         "intensity_range": intensity_range, "alpha": alpha, "unflagged_miss_bound_percent": bound,
         "observed": observed, "observed_exceedance": exceedance,
-        "risk_note": _risk_note(calibrated, calibration_holds),
+        "risk_note": _risk_note(calibrated, mismatch),
     }
 
 
-def _risk_note(calibrated: bool, holds: bool) -> str:
+def _risk_note(calibrated: bool, mismatch: Mismatch | None) -> str:
     if not calibrated:
         return ("Uncalibrated: risk is the sample spread relative to the intensity range; the threshold has no "
                 "coverage guarantee.")
-    if not holds:
-        return ("Calibrated for other settings: the risk scale comes from a calibration made for other sampler "
-                "settings or another output grid (card), so its coverage does not hold for this run; sample with the "
-                "settings it was made for (gen-sr info --model lists them), or calibrate these.")
+    if mismatch is not None:
+        return (f"Calibrated {MISMATCH_WORDING[mismatch].label}: the risk scale comes from the model's calibration "
+                f"(card), but {mismatch_text(mismatch)}.")
     return "Calibrated: the risk scale comes from the model's calibration (card)."
 
 
@@ -180,15 +181,15 @@ def thin_structures(records: Sequence[StructureVisibility]) -> dict[str, Any]:
     return {"text": text, "rows": rows}
 
 
-def data_disagreement(flag: DataDisagreement, *, flagged: int, foreground_voxels: int, foreground: str,
+def data_disagreement(flag: DataDisagreement, *, flagged: int, foreground_voxels: int, region: CountedRegion,
                       clusters: list[dict[str, Any]],
                       stage: Literal["output", "before_refit", "after_refit"] = "output") -> dict[str, Any]:
     """The section on where the output departs from the measured data (:class:`~gen_sr.risk.DataDisagreement`):
     the flagged share of the foreground, its largest clusters (:func:`~gen_sr.audit.clusters.risk_clusters` of the
     statistic) and what they mean. ``stage``: the map is of the output (``"output"``), of the samples' mean before the
     pipeline refitted the data where it exceeded the refit level (``"before_refit"``), or of a reused output after
-    that refit (``"after_refit"``: only what remains)."""
-    region = foreground.split(" (")[0]
+    that refit (``"after_refit"``: only what remains). ``region``: the counted region, as the verdict's."""
+    name = region.name
     pct = 100 * flagged / max(foreground_voxels, 1)
     level = (f"(the local mean of the squared residual over a {flag.size_mm:g} mm window is more than "
              f"{flag.threshold:g} times its typical value in the measured slices, which the noise-aware projection "
@@ -201,18 +202,18 @@ def data_disagreement(flag: DataDisagreement, *, flagged: int, foreground_voxels
                  "lesions that the model showed fainter than the slices carry lay in one. It is a measurement of "
                  "disagreement, not a lesion detector: a region below the level is not proof of a faithful output.")
     if stage == "before_refit":
-        text = (f"In {pct:.1f} % of the {region} the model's samples departed from the measured slices by more than "
+        text = (f"In {pct:.1f} % of the {name} the model's samples departed from the measured slices by more than "
                 f"their noise explains {level}, before the output was fitted to the data there (the pipeline's "
                 f"refit where the data disagree). {spread} After the refit the output agrees with what the slices "
                 "measure, but what they cannot measure there (detail finer than a slice) still comes from a prior "
                 f"that disagreed with the data. {validated} Compare the output with the input slices at these places.")
     elif stage == "after_refit":
-        text = (f"{pct:.1f} % of the {region} still departs from the measured slices by more than their noise "
+        text = (f"{pct:.1f} % of the {name} still departs from the measured slices by more than their noise "
                 f"explains {level}. This map is computed from the reused output, after the run refitted the data "
                 "where its samples departed from them: it shows only what remains, not where the refit acted (the "
                 f"super-resolve run's --data-disagreement map shows that). {spread}")
     else:
-        text = (f"{pct:.1f} % of the {region} departs from the measured slices by more than their noise explains "
+        text = (f"{pct:.1f} % of the {name} departs from the measured slices by more than their noise explains "
                 f"{level}. {spread} The output no longer fits the measurements there. {validated} Where it is high, "
                 "compare the output with the input slices.")
     return {"text": text, "flagged_percent": pct, "flagged_voxels": flagged, "size_mm": flag.size_mm,

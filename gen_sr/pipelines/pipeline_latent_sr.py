@@ -51,10 +51,12 @@ from gen_sr.pipelines.guidance import (
 )
 from gen_sr.pipelines.tiling import ForegroundTiles, PatchTiler, SlicePatchTiler, SliceTiler
 from gen_sr.risk import (
+    MISMATCH_WORDING,
     Calibration,
     CalibrationMismatchWarning,
     Calibrations,
     DataDisagreement,
+    Mismatch,
     SamplingSettings,
     describe_risk,
     interval_noise_std,
@@ -230,16 +232,14 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 warnings.warn(f"no calibration of the model was made for {grid_spacing:g} mm output grids with these "
                               f"settings: the risk map uses the one for {nearest.grid_spacing:g} mm grids, whose "
                               "coverage may not hold here (the scale the std needs grows with the voxel size); "
-                              "calibrate on volumes of this grid (gen-sr calibrate --per-grid)",
-                              CalibrationMismatchWarning, stacklevel=4)
+                              f"{MISMATCH_WORDING['grid'].advice}", CalibrationMismatchWarning, stacklevel=4)
             return nearest
         default = self.calibration
         if default is not None and warn:
             made = "settings it did not record" if default.sampling is None else default.sampling.describe()
             warnings.warn(f"this run uses {settings.describe()}, which no calibration of the model was made with: its "
                           f"risk map uses the calibration made with {made}, whose coverage does not hold for these "
-                          "settings; sample with calibrated ones (gen-sr info --model lists them), or calibrate with "
-                          "these (gen-sr calibrate)", CalibrationMismatchWarning, stacklevel=4)
+                          f"settings; {MISMATCH_WORDING['settings'].advice}", CalibrationMismatchWarning, stacklevel=4)
         return default.at_grid(grid_spacing) if default is not None else None
 
     # ------------------------------------------------------------------------------------------------- settings
@@ -442,8 +442,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             _warn_noise_unknown(volume.source, calibration is not None and calibration.for_unknown_noise, in_plane)
         if calibration is not None and not self.adapted_on(canon, calibration):
             warnings.warn(f"the model was adapted and calibrated on {self.model_card.adapted.source}, not on this "
-                          "scan: its risk map's coverage does not hold here; adapt it on this scan (--adapt, or "
-                          "gen-sr fit), or use the model it was adapted from", CalibrationMismatchWarning, stacklevel=3)
+                          f"scan: its risk map's coverage does not hold here; {MISMATCH_WORDING['scan'].advice}",
+                          CalibrationMismatchWarning, stacklevel=3)
         region = None
         if calibration_region is not None:
             grid = Volume(np.broadcast_to(np.float32(0), tuple(operator.hr_shape)), hr_affine)
@@ -610,9 +610,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "relative_residual": residuals,
             "capped_fraction": capped,
             "normalization": norm.to_dict(),
-            "risk": describe_risk(calibration, self.calibration_holds(calibration, settings, canon,
-                                                                      min(operator.hr_spacing)))
-            | {"calibration_region": region is not None},
+            "risk": describe_risk(calibration,
+                                  self.calibration_mismatch(calibration, settings, canon, min(operator.hr_spacing)),
+                                  calibration_region=region is not None),
             "data_disagreement": None if disagreement is None else flag.describe(before_refit=refit),
             "outside_training": outside,
             "timings": timings,
@@ -658,8 +658,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         it needs against what is free, the noise std (given, or read from the scan's air with ``noise_std="auto"``;
         ``None`` where it has none, and then the one read in-plane that the interval counts; ``noise_std_estimated``
         says which), the calibration its risk map would use
-        (:meth:`calibration_for` its settings and output grid) and where the input lies outside the trained
-        regime."""
+        (:meth:`calibration_for` its settings and output grid) and why it was not made for the run
+        (``calibration_mismatch``: :meth:`calibration_mismatch`, ``None`` where it was), and where the input lies
+        outside the trained regime."""
         given, canon, operator, axes, gain = self._setup(self.as_volume(lr, volume_index=volume_index),
                                                          target_spacing, None, slice_profile, slice_thickness)
         norm = self.intensity_normalization(canon.data)
@@ -677,7 +678,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 "noise_std_estimated": estimated,
                 "noise_std_in_plane": None if noise_std is not None else estimate_noise_std(canon.data, axes[0]),
                 "calibration": calibration,
-                "calibration_holds": self.calibration_holds(calibration, settings, canon, min(operator.hr_spacing)),
+                "calibration_mismatch": self.calibration_mismatch(calibration, settings, canon,
+                                                                  min(operator.hr_spacing)),
                 "outside_training": self.outside_training(canon, operator, norm, axes)}
 
     def time_estimate(self, lr: LRInput, *, target_spacing: Sequence[float] | None = None,
@@ -720,14 +722,19 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         placeholder = np.broadcast_to(np.float32(0), tuple(operator.hr_shape))
         return Volume(placeholder, operator.hr_affine(canon.affine), source=canon.source)
 
-    def calibration_holds(self, calibration: Calibration | None, settings: SamplingSettings, canon: Volume,
-                          grid_spacing: float | None) -> bool:
-        """Whether ``calibration`` was made for a run with these sampler ``settings`` on an input ``canon`` (in RAS+,
-        as the run measures it) with an output grid of ``grid_spacing`` mm: its settings and grid
-        (:meth:`~gen_sr.risk.Calibration.holds_for`) and, for a per-scan calibration, its scan
-        (:meth:`adapted_on`). ``False`` without a calibration."""
-        return (calibration is not None and calibration.holds_for(settings, grid_spacing)
-                and self.adapted_on(canon, calibration))
+    def calibration_mismatch(self, calibration: Calibration | None, settings: SamplingSettings | None, canon: Volume,
+                             grid_spacing: float | None) -> Mismatch | None:
+        """Why ``calibration`` was not made for a run with these sampler ``settings`` on an input ``canon`` (in RAS+,
+        as the run measures it) with an output grid of ``grid_spacing`` mm, or ``None`` where it was (and without a
+        calibration): for a per-scan calibration, its scan (:meth:`adapted_on`: ``"scan"``), then its settings and
+        grid (:meth:`~gen_sr.risk.Calibration.mismatch`; ``settings`` ``None``: not known, as in a run record written
+        before they were, so only the scan is checked). :data:`~gen_sr.risk.MISMATCH_WORDING` says what each
+        means."""
+        if calibration is None:
+            return None
+        if not self.adapted_on(canon, calibration):
+            return "scan"
+        return None if settings is None else calibration.mismatch(settings, grid_spacing)
 
     def adapted_on(self, canon: Volume, calibration: Calibration | None = None) -> bool:
         """Whether an input (in RAS+, as a run measures it: :meth:`_setup`'s) is the scan the model was adapted and
@@ -736,7 +743,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         recorded, the same shape, and file name where both are known). ``True`` for a model that was not adapted, or
         for a ``calibration`` that is not per-scan (only a per-scan calibration is bound to its scan)."""
         adapted = self.model_card.adapted
-        if adapted is None or (calibration is not None and not calibration.details.get("per_scan")):
+        if adapted is None or (calibration is not None and not calibration.per_scan):
             return True
         if adapted.lr_digest is not None:
             return tuple(adapted.lr_shape) == tuple(canon.shape) and adapted.lr_digest == canon.digest()
