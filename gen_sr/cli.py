@@ -23,7 +23,14 @@ import numpy as np
 
 from gen_sr.distributed import exit_if_distributed, process_state
 from gen_sr.errors import InputError
-from gen_sr.io import check_output_dir, check_output_file, check_output_path, sidecar_path, write_json
+from gen_sr.io import (
+    SLICE_PROFILE_KEY,
+    check_output_dir,
+    check_output_file,
+    check_output_path,
+    sidecar_path,
+    write_json,
+)
 
 __all__ = ["main"]
 
@@ -149,6 +156,19 @@ def _planned_noise_text(plan: dict) -> str:
     return text
 
 
+_SLICES_FROM = {"given": "as given", "sidecar": "from the scan's JSON sidecar", "estimated": "estimated from the scan",
+                "default": "by default", "operator": "from the operator"}
+
+
+def _slices_from(plan: dict) -> str:
+    """Where a plan's slice thickness and profile came from, e.g. ``thickness and profile from the scan's JSON
+    sidecar`` (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.resolved_slices`)."""
+    sources: dict[str, list[str]] = {}
+    for what in ("thickness", "profile"):
+        sources.setdefault(plan[f"slice_{what}_from"], []).append(what)
+    return ", ".join(f"{' and '.join(whats)} {_SLICES_FROM[source]}" for source, whats in sources.items())
+
+
 def _print_plan(args: argparse.Namespace) -> None:
     """``info FILE --model DIR``: what ``super-resolve`` would do with the file at its defaults, without sampling."""
     from gen_sr.pipelines.pipeline_latent_sr import format_bytes
@@ -160,8 +180,8 @@ def _print_plan(args: argparse.Namespace) -> None:
     plan = pipe.plan(lr, num_samples=args.samples, **_acquisition_kwargs(args))
     have = plan["memory_available_bytes"]
     in_file = lambda ras: [ras[lr.axis_to_canonical(a)] for a in range(3)]  # noqa: E731 (the plan is in RAS+ order)
-    rows = [("with model", args.model), ("acquisition", f"{plan['acquisition']} (RAS+ axes; super-resolve's "
-                                                        "--slice-thickness and --profile change it)")]
+    rows = [("with model", args.model), ("acquisition", f"{plan['acquisition']} (RAS+ axes; {_slices_from(plan)}; "
+                                                        "super-resolve's --slice-thickness and --profile change it)")]
     if plan["resampled_from"]:
         rows.append(("resampled", f"in-plane from {_spacing_text(in_file(plan['resampled_from']))} to "
                                   f"{_spacing_text(in_file(plan['input_spacing']))} mm first "
@@ -264,12 +284,14 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     save_volume(lr, out, overwrite=args.overwrite)
     print(f"wrote:       {out} ({_shape(lr.shape)} voxels of {_fmt(lr.spacing)} mm)")
     bids = {"SliceThickness": args.slice_thickness, "SpacingBetweenSlices": acquisition.slice_spacing,
+            SLICE_PROFILE_KEY: acquisition.profile,  # gen_sr's own key: super-resolve's default --profile
             "GeneratedBy": [{"Name": "gen-sr degrade", "Description": operator.describe()
                              + (f"; {args.noise} noise at SNR {args.snr:g}" if args.snr else "")}]}
     saved = {"operator": operator.to_dict(), "noise_std": sigma, "noise": args.noise}
     together = bool(args.save_operator) and Path(args.save_operator).resolve() == sidecar.resolve()
     write_json(sidecar, {**bids, **saved} if together else bids)  # one file where --save-operator names the sidecar
-    print(f"wrote:       {sidecar} (BIDS sidecar: SliceThickness, which super-resolve reads)")
+    print(f"wrote:       {sidecar} (BIDS sidecar: SliceThickness, and gen_sr's own {SLICE_PROFILE_KEY}, which "
+          "super-resolve reads)")
     if args.save_operator:
         if not together:
             write_json(args.save_operator, saved)
@@ -295,17 +317,21 @@ def _slice_profile(text: str, auto: bool = False) -> str | tuple[float, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _add_profile_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup | _RunSettings,
-                          auto: bool = False) -> None:
-    """``--slice-profile`` (see :func:`_slice_profile`)."""
+def _add_profile_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup | _RunSettings, scan: bool = False,
+                          simulated: str = "") -> None:
+    """``--slice-profile`` (see :func:`_slice_profile`): of a ``scan`` (``auto`` allowed; not given, ``None``: the
+    pipeline takes its JSON sidecar's, else a Gaussian), or of the slices a command simulates (default ``gaussian``;
+    ``simulated``: what the help adds about them)."""
     estimated = ("auto (a Gaussian whose FWHM is estimated from the scan's in-plane and through-plane spectra; leave "
-                 "out --slice-thickness), " if auto else "")
-    p.add_argument("--profile", "--slice-profile", dest="profile", type=functools.partial(_slice_profile, auto=auto),
-                   default="gaussian",
-                   metavar=f"gaussian|rect|{'auto|' if auto else ''}FILE",
+                 "out --slice-thickness), " if scan else "")
+    default = (f"default: the {SLICE_PROFILE_KEY} of the scan's JSON sidecar (gen_sr's own key, not a BIDS one, which "
+               "gen-sr degrade writes), else gaussian" if scan else "default: gaussian")
+    p.add_argument("--profile", "--slice-profile", dest="profile", type=functools.partial(_slice_profile, auto=scan),
+                   default=None if scan else "gaussian",
+                   metavar=f"gaussian|rect|{'auto|' if scan else ''}FILE",
                    help=f"slice profile: gaussian (FWHM = the slice thickness), rect, {estimated}or a text file of "
                         "profile samples on a uniform grid from one edge of the slice to the other, e.g. measured on "
-                        "a phantom (its extent is then the slice thickness); default: gaussian")
+                        f"a phantom (its extent is then the slice thickness); {default}{simulated}")
 
 
 def _spacing(text: str) -> list[float]:
@@ -1019,7 +1045,7 @@ def _add_acquisition_arguments(parser: _Parser) -> None:
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM",
                    help="default: the SliceThickness of the scan's BIDS JSON sidecar (as dcm2niix and gen-sr degrade "
                         "write it), else the slice spacing")
-    _add_profile_argument(p, auto=True)
+    _add_profile_argument(p, scan=True)
     p.add_argument("--noise-std", type=_noise_std, default="auto", metavar="STD|auto",
                    help="the scan's measurement noise std in its units, >= 0: the projections fit the slices down to "
                         "it, and exactly where the output departs from them beyond it (default: auto, read from the "
@@ -1233,7 +1259,9 @@ def _degrade_arguments(p: argparse.ArgumentParser) -> None:
                    help="voxel axis of the input file the slices are stacked along (see `gen-sr info`)")
     p.add_argument("--slice-spacing", type=_positive_float, metavar="MM",
                    help="centre-to-centre slice distance in mm (default: the thickness; larger leaves gaps)")
-    _add_profile_argument(p)
+    _add_profile_argument(p, simulated=f". The output's JSON sidecar records it as {SLICE_PROFILE_KEY} (gen_sr's own "
+                                       "key, not a BIDS one) beside SliceThickness, and super-resolve, info, audit "
+                                       "and fit take both from there where not given")
     p.add_argument("--snr", type=_positive_float,
                    help="add noise at this SNR (mean foreground / noise std); default: none")
     p.add_argument("--noise", choices=("rician", "gaussian"), default="rician", help="noise model (default: rician)")

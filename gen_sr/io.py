@@ -22,11 +22,15 @@ import numpy as np
 
 from gen_sr.errors import InputError
 
-__all__ = ["NIFTI_SUFFIXES", "atomic_dir", "atomic_write", "check_output_dir", "check_output_file", "check_output_path",
-           "check_writable_dir", "folder_digest", "is_nifti_name", "json_ready", "sidecar_path",
-           "sidecar_slice_thickness", "write_json"]
+__all__ = ["NIFTI_SUFFIXES", "SLICE_PROFILE_KEY", "atomic_dir", "atomic_write", "check_output_dir", "check_output_file",
+           "check_output_path", "check_writable_dir", "folder_digest", "is_nifti_name", "json_ready", "read_sidecar",
+           "sidecar_path", "sidecar_slice_profile", "sidecar_slice_thickness", "write_json"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SLICE_PROFILE_KEY = "SliceProfile"
+"""gen_sr's own key (not a BIDS one) in a scan's JSON sidecar: its slice profile, ``"gaussian"``, ``"rect"`` or a list
+of samples across the slice (as ``--profile FILE`` reads them), which ``gen-sr degrade`` writes beside
+``SliceThickness``."""
 PathLike = str | os.PathLike[str]
 
 
@@ -129,16 +133,24 @@ def sidecar_path(path: PathLike) -> Path:
     return p.with_name(p.name.removesuffix(".gz").removesuffix(".nii") + ".json")
 
 
+def read_sidecar(path: PathLike | None) -> dict[str, Any]:
+    """The JSON object in the sidecar beside a NIfTI file (:func:`sidecar_path`), as dcm2niix and ``gen-sr degrade``
+    write it; ``{}`` where there is no such file, it is not a JSON object, or ``path`` is not a NIfTI file name (e.g. a
+    description)."""
+    if path is None or not is_nifti_name(path):
+        return {}
+    try:
+        value = json.loads(sidecar_path(path).read_text())
+    except (OSError, ValueError):  # none, or not JSON
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def sidecar_slice_thickness(path: PathLike | None) -> float | None:
     """The slice thickness in mm that the BIDS JSON sidecar beside a NIfTI file records (``SliceThickness``, as
     dcm2niix copies it from the DICOM header, and as ``gen-sr degrade`` writes it), or ``None`` where there is no
-    such file or field (or ``path`` is not a NIfTI file name, e.g. a description)."""
-    if path is None or not is_nifti_name(path):
-        return None
-    try:
-        value = json.loads(sidecar_path(path).read_text()).get("SliceThickness")
-    except (OSError, ValueError, AttributeError):  # none, not JSON, or not an object
-        return None
+    such file or field, or its value is not a positive number (:func:`read_sidecar`)."""
+    value = read_sidecar(path).get("SliceThickness")
     return float(value) if isinstance(value, int | float) and 0 < value < float("inf") else None
 
 
@@ -153,6 +165,35 @@ def folder_digest(folder: PathLike) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def sidecar_slice_profile(path: PathLike | None) -> str | tuple[float, ...] | None:
+    """The slice profile that the JSON sidecar beside a NIfTI file records under :data:`SLICE_PROFILE_KEY` (gen_sr's own
+    key, which ``gen-sr degrade`` writes): ``"gaussian"``, ``"rect"`` or a tuple of samples; ``None`` where there is no
+    such file or field (:func:`read_sidecar`).
+
+    Raises:
+        InputError: the field holds anything else (a misspelt name, samples that are not a profile). A wrong profile
+            would change the fit without a word, so the sidecar is named rather than passed over; a profile given
+            to the run (``--profile``) is used instead of it, and the sidecar then not read.
+    """
+    sidecar = read_sidecar(path)
+    value = sidecar.get(SLICE_PROFILE_KEY)
+    if value is None:
+        return None
+    if value in ("gaussian", "rect"):
+        return value
+    problem = "expected gaussian, rect or a list of profile samples"
+    if isinstance(value, list) and value and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        from gen_sr.physics import SliceAcquisition  # torch: only where a sidecar holds samples
+
+        try:
+            return SliceAcquisition(axis=0, thickness=1.0, profile=tuple(value)).profile  # type: ignore[return-value]
+        except ValueError as e:
+            problem = str(e)
+    raise InputError(f"{SLICE_PROFILE_KEY} {json.dumps(value)[:60]} is not a slice profile: {problem}",
+                     sidecar_path(path),  # type: ignore[arg-type]  (not None: it has a sidecar)
+                     "give the run's --profile, which is used instead, or correct or remove the field")
 
 
 def json_ready(value: Any) -> Any:

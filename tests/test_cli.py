@@ -370,3 +370,45 @@ def test_degrade_takes_a_measured_slice_profile_from_a_file(tmp_path: Path, caps
     gaussian = tmp_path / "gaussian.nii.gz"
     _run(capsys, "degrade", "--input", hr_file, "--output", gaussian, "--slice-thickness", "3", "--axis", "0")
     assert not np.allclose(load_volume(gaussian).data, load_volume(out).data)
+    # the sidecar records the profile (gen_sr's own key), for super-resolve to take
+    assert json.loads((tmp_path / "lr.json").read_text())["SliceProfile"] == list(samples)
+    assert json.loads((tmp_path / "gaussian.json").read_text())["SliceProfile"] == "gaussian"
+
+
+def test_super_resolve_takes_the_slice_profile_degrade_recorded(capsys, tmp_path: Path) -> None:
+    """A scan degraded with ``--profile rect`` is fitted with rect slices without the flag (its sidecar's
+    ``SliceProfile``); a profile given wins; a sidecar profile that is not one is a clear error unless one is given."""
+    from helpers import head_in_air, tiny_pipeline
+
+    from gen_sr.pipelines import LatentDiffusionSRPipeline
+
+    tiny_pipeline(2).save_pretrained(tmp_path / "model")
+    hr = write_nifti(tmp_path / "hr.nii.gz", head_in_air((32, 32, 24), radius=10.0).astype(np.float32), np.eye(4))
+    lr = tmp_path / "lr.nii.gz"
+    assert _run(capsys, "degrade", "--input", hr, "--output", lr, "--slice-thickness", "3", "--axis", "2",
+                "--profile", "rect")[0] == 0
+    assert json.loads((tmp_path / "lr.json").read_text())["SliceProfile"] == "rect"
+    run = ("--model", tmp_path / "model", "--input", lr, "--samples", "2", "--steps", "1", "--noise-std", "0")
+    for name, flags, profile, source in (("sr", (), "rect", "sidecar"),
+                                         ("given", ("--profile", "gaussian"), "gaussian", "given")):
+        assert _run(capsys, "super-resolve", *run, "--output", tmp_path / f"{name}.nii.gz", *flags)[0] == 0
+        meta = json.loads((tmp_path / f"{name}.json").read_text())
+        assert [t["profile"] for t in meta["operator"]["transforms"]] == [profile]
+        assert meta["slice_profile_from"] == source and meta["slice_thickness_from"] == "sidecar"
+    code, out, _ = _run(capsys, "info", lr, "--model", tmp_path / "model")  # the plan says what it would use
+    assert code == 0 and ("acquisition: axis 2: 3 mm slices every 3 mm, rect profile (RAS+ axes; thickness and "
+                          "profile from the scan's JSON sidecar;") in out, out
+    pipe = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "model")
+    plan = pipe.plan(lr)  # in Python too; a profile given is used as before
+    assert "rect profile" in plan["acquisition"] and plan["slice_profile_from"] == "sidecar"
+    plan = pipe.plan(lr, slice_profile="gaussian", slice_thickness=4.0)
+    assert "4 mm slices every 3 mm, gaussian profile" in plan["acquisition"]
+    assert (plan["slice_profile_from"], plan["slice_thickness_from"]) == ("given", "given")
+    assert pipe.plan(load_volume(lr))["slice_profile_from"] == "sidecar"  # a Volume read from the file, too
+    # a sidecar profile that is not one: named, unless the run gives its own
+    (tmp_path / "lr.json").write_text(json.dumps({"SliceThickness": 3, "SliceProfile": "trapezoid"}))
+    code, _, err = _run(capsys, "info", lr, "--model", tmp_path / "model")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f'{tmp_path / "lr.json"}: SliceProfile "trapezoid" is not a slice profile' in err and "--profile" in err
+    code, out, _ = _run(capsys, "info", lr, "--model", tmp_path / "model", "--profile", "rect")
+    assert code == 0 and "rect profile (RAS+ axes; thickness from the scan's JSON sidecar, profile as given;" in out

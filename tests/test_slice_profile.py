@@ -38,6 +38,7 @@ def test_the_pipeline_estimates_the_thickness_with_slice_profile_auto() -> None:
     out = pipe(case.lr, slice_profile="auto", **run)
     slices = out.metadata["operator"]["transforms"][0]
     assert out.metadata["slice_profile_estimated"] and slices["profile"] == "gaussian"
+    assert out.metadata["slice_profile_from"] == out.metadata["slice_thickness_from"] == "estimated"
     assert slices["thickness"] == estimate_slice_profile(case.lr, shapes=("gaussian",)).thickness
     with pytest.raises(InputError, match="takes no slice thickness"):
         pipe(case.lr, slice_profile="auto", slice_thickness=3.0, **run)

@@ -10,7 +10,7 @@ import pytest
 from helpers import oblique_affine, write_nifti
 
 from gen_sr.errors import InputError
-from gen_sr.io import atomic_dir, atomic_write, sidecar_slice_thickness
+from gen_sr.io import atomic_dir, atomic_write, sidecar_slice_profile, sidecar_slice_thickness
 from gen_sr.sample_data import load_mni152
 from gen_sr.volume import IntensityNormalization, Volume, load_volume, save_volume
 
@@ -110,6 +110,22 @@ def test_the_slice_thickness_of_a_bids_sidecar(tmp_path: Path) -> None:
         (tmp_path / "sub-01_T2w.json").write_text(text)
         assert sidecar_slice_thickness(scan) == expected, text
     assert sidecar_slice_thickness("synthetic subject 3 (deformed)") is None and sidecar_slice_thickness(None) is None
+
+
+def test_the_slice_profile_of_a_sidecar(tmp_path: Path) -> None:
+    """gen_sr's own ``SliceProfile`` key (``gen-sr degrade`` writes it): a profile, or a clear error naming the file."""
+    scan = save_volume(_volume(), tmp_path / "lr.nii.gz")
+    assert sidecar_slice_profile(scan) is None and sidecar_slice_profile(None) is None  # no sidecar, no file
+    for text, expected in (('{"SliceProfile": "rect", "SliceThickness": 4}', "rect"), ('{"SliceThickness": 4}', None),
+                           ('{"SliceProfile": [0, 1, 0.5, 0]}', (0.0, 1.0, 0.5, 0.0)), ("not json", None),
+                           ('["rect"]', None)):
+        (tmp_path / "lr.json").write_text(text)
+        assert sidecar_slice_profile(scan) == expected, text
+    for text in ('{"SliceProfile": "Gauss"}', '{"SliceProfile": [1, -1]}', '{"SliceProfile": [1]}',
+                 '{"SliceProfile": 3}', '{"SliceProfile": [true, false]}', '{"SliceProfile": []}'):
+        (tmp_path / "lr.json").write_text(text)
+        with pytest.raises(InputError, match=r"lr\.json: SliceProfile .* is not a slice profile"):
+            sidecar_slice_profile(scan)
 
 
 def test_refuses_existing_output_without_overwrite(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from diffusers.utils import BaseOutput, logging
 
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
-from gen_sr.io import sidecar_slice_thickness
+from gen_sr.io import sidecar_slice_profile, sidecar_slice_thickness
 from gen_sr.model_card import IN_PLANE_MARGIN, ModelCard
 from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, set_sdpa_attention
 from gen_sr.physics import (
@@ -293,7 +293,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         lr_spacing: Sequence[float] | None = None,
         target_spacing: Sequence[float] | None = None,
         operator: AcquisitionOperator | None = None,
-        slice_profile: SliceProfile = "gaussian",
+        slice_profile: SliceProfile | None = None,
         slice_thickness: float | None = None,
         noise_std: float | Literal["auto"] = 0.0,
         refit_disagreement: bool | None = None,
@@ -328,10 +328,14 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             target_spacing: HR voxel spacing in mm; default: the LR spacing with each super-resolved axis set to
                 the finest spacing of the others.
             operator: the acquisition on the canonical (RAS+) HR grid, instead of one built from the spacings.
-            slice_profile, slice_thickness: the acquisition's slice profile and thickness (default: the LR spacing;
-                a given thickness applies to every sliced axis). ``slice_profile="auto"`` estimates the thickness
-                from the scan (:mod:`gen_sr.slice_profile`; one coarse axis, no thickness given) as the FWHM of a
-                Gaussian profile; the operator in ``metadata`` records it.
+            slice_profile, slice_thickness: the acquisition's slice profile and thickness; a given thickness
+                applies to every sliced axis. Not given, a scan with one coarse axis takes them from its JSON
+                sidecar (``SliceThickness``, as dcm2niix and ``gen-sr degrade`` write it; gen_sr's own
+                ``SliceProfile``, which ``gen-sr degrade`` writes: :func:`~gen_sr.io.sidecar_slice_profile`), and
+                otherwise the profile is ``"gaussian"`` and the thickness the LR spacing. ``slice_profile="auto"``
+                estimates the thickness from the scan (:mod:`gen_sr.slice_profile`; one coarse axis, no thickness
+                given) as the FWHM of a Gaussian profile. The operator in ``metadata`` records what was used, and
+                ``slice_profile_from`` and ``slice_thickness_from`` where each came from (:meth:`resolved_slices`).
             noise_std: measurement noise std in input units (0: unknown or none: the projections fit the data
                 exactly, up to a cap on the inverse's noise gain that only much-overlapping slices reach,
                 :data:`~gen_sr.physics.NOISE_GAIN_FLOOR`; > 0 makes them noise-aware); ``"auto"``: read from the
@@ -421,8 +425,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.unet.dtype
 
         # 2. operator: the acquisition on the canonical HR grid, and the measurement
-        given, canon, operator, axes, noise_gain = self._setup(volume, target_spacing, operator, slice_profile,
-                                                               slice_thickness)
+        given, canon, operator, axes, noise_gain, sources = self._setup(volume, target_spacing, operator,
+                                                                        slice_profile, slice_thickness)
         norm = self.intensity_normalization(canon.data)
         self.check_memory(operator.hr_shape, num_samples, keep_samples, volume.source)
         noise_std = resolve_noise_std(given, noise_std, noise_gain)  # once every setting is known to work
@@ -606,6 +610,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 "from_spacing": list(given.spacing), "to_spacing": list(canon.spacing), "noise_std_factor": noise_gain},
             "refit_disagreement": refit,
             "slice_profile_estimated": slice_profile == "auto",
+            **sources,
             "operator": operator.to_dict(),
             "relative_residual": residuals,
             "capped_fraction": capped,
@@ -650,7 +655,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                           for z, c in zip(model_input.split(batch_size), cond.split(batch_size), strict=True)])
 
     def plan(self, lr: LRInput, *, target_spacing: Sequence[float] | None = None,
-             slice_profile: SliceProfile = "gaussian", slice_thickness: float | None = None,
+             slice_profile: SliceProfile | None = None, slice_thickness: float | None = None,
              noise_std: float | Literal["auto"] = "auto", num_samples: int = DEFAULT_NUM_SAMPLES,
              volume_index: int | None = None) -> dict[str, Any]:
         """What a call with these arguments would do, found without any sampling (``gen-sr info FILE --model DIR``):
@@ -660,15 +665,16 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         says which), the calibration its risk map would use
         (:meth:`calibration_for` its settings and output grid) and why it was not made for the run
         (``calibration_mismatch``: :meth:`calibration_mismatch`, ``None`` where it was), and where the input lies
-        outside the trained regime."""
-        given, canon, operator, axes, gain = self._setup(self.as_volume(lr, volume_index=volume_index),
-                                                         target_spacing, None, slice_profile, slice_thickness)
+        outside the trained regime. ``slice_profile_from`` and ``slice_thickness_from`` say where the acquisition's
+        profile and thickness came from (:meth:`resolved_slices`)."""
+        given, canon, operator, axes, gain, sources = self._setup(self.as_volume(lr, volume_index=volume_index),
+                                                                  target_spacing, None, slice_profile, slice_thickness)
         norm = self.intensity_normalization(canon.data)
         estimated, noise_std = noise_std == "auto", resolve_noise_std(given, noise_std, gain)
         settings = self.sampling_settings(num_samples=num_samples, noise_std=noise_std or 0.0,
                                           noise_known=noise_std is not None)
         calibration = self.calibration_for(settings, grid_spacing=min(operator.hr_spacing))
-        return {"acquisition": operator.describe(), "sr_axes": list(axes),
+        return {"acquisition": operator.describe(), **sources, "sr_axes": list(axes),
                 "resampled_from": None if canon is given else list(given.spacing),
                 "input_spacing": list(canon.spacing), "output_shape": list(operator.hr_shape),
                 "output_spacing": list(operator.hr_spacing),
@@ -683,7 +689,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 "outside_training": self.outside_training(canon, operator, norm, axes)}
 
     def time_estimate(self, lr: LRInput, *, target_spacing: Sequence[float] | None = None,
-                      slice_profile: SliceProfile = "gaussian", slice_thickness: float | None = None,
+                      slice_profile: SliceProfile | None = None, slice_thickness: float | None = None,
                       num_samples: int = DEFAULT_NUM_SAMPLES, noise_std: float | Literal["auto"] = "auto",
                       volume_index: int | None = None, probe_thickness: int = 8) -> dict[str, Any]:
         """How long a call with these arguments would take on this machine (``gen-sr info FILE --model DIR --time``):
@@ -693,8 +699,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         head from 4 mm slices (1 sample, two other jobs on the cores) it gave 338-369 s for a run of 397 s: the
         machine's load moves both. Returns ``seconds`` (the estimate), ``probe_seconds`` and ``probe_fraction``
         (the slab's share of the output voxels)."""
-        given, canon, operator, axes, gain = self._setup(self.as_volume(lr, volume_index=volume_index),
-                                                         target_spacing, None, slice_profile, slice_thickness)
+        given, canon, operator, axes, gain, _ = self._setup(self.as_volume(lr, volume_index=volume_index),
+                                                            target_spacing, None, slice_profile, slice_thickness)
         noise_std = resolve_noise_std(given, noise_std, gain) or 0.0  # read on the whole scan, as the call reads it
         across = max((a for a in range(3) if a not in axes), key=lambda a: canon.shape[a])
         start = np.zeros(3, dtype=int)
@@ -712,13 +718,13 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
     def output_grid(self, lr: LRInput, *, affine: np.ndarray | None = None, lr_spacing: Sequence[float] | None = None,
                     target_spacing: Sequence[float] | None = None, operator: AcquisitionOperator | None = None,
-                    slice_profile: SliceProfile = "gaussian", slice_thickness: float | None = None,
+                    slice_profile: SliceProfile | None = None, slice_thickness: float | None = None,
                     volume_index: int | None = None) -> Volume:
         """The HR grid a call with these arguments returns, found without any sampling (e.g. to check a reference
         volume first): a :class:`~gen_sr.volume.Volume` in RAS+ voxel order whose data is a zero-cost placeholder;
         use its ``shape`` and ``affine``."""
-        _, canon, operator, _, _ = self._setup(self.as_volume(lr, affine, lr_spacing, volume_index), target_spacing,
-                                               operator, slice_profile, slice_thickness)
+        _, canon, operator, _, _, _ = self._setup(self.as_volume(lr, affine, lr_spacing, volume_index),
+                                                  target_spacing, operator, slice_profile, slice_thickness)
         placeholder = np.broadcast_to(np.float32(0), tuple(operator.hr_shape))
         return Volume(placeholder, operator.hr_affine(canon.affine), source=canon.source)
 
@@ -752,19 +758,19 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             not named or Path(adapted.source).name == Path(canon.source).name)
 
     def _setup(self, volume: Volume, target_spacing: Sequence[float] | None, operator: AcquisitionOperator | None,
-               slice_profile: SliceProfile, slice_thickness: float | None
-               ) -> tuple[Volume, Volume, AcquisitionOperator, tuple[int, ...], float]:
+               slice_profile: SliceProfile | None, slice_thickness: float | None
+               ) -> tuple[Volume, Volume, AcquisitionOperator, tuple[int, ...], float, dict[str, str]]:
         """What a call on ``volume`` with these arguments measures, shared by :meth:`__call__`, :meth:`plan`,
         :meth:`time_estimate` and :meth:`output_grid`: the input in RAS+ as given; as the run measures it
         (:meth:`coarsened`: the same object where it is not resampled); the acquisition on its HR grid
         (:meth:`operator_for`); the RAS+ axes it super-resolves (:meth:`input_axes`, from the ``operator`` given, if
-        any); and the factor by which the resampling scales its noise std."""
+        any); the factor by which the resampling scales its noise std; and where the slices' profile and
+        thickness came from (:meth:`resolved_slices`)."""
         given = volume.canonical()
         canon, target, gain = self.coarsened(given, target_spacing, operator)
         axes = self.input_axes(canon, operator)
-        operator = self.operator_for(canon, operator=operator, target_spacing=target, slice_profile=slice_profile,
-                                     slice_thickness=slice_thickness)
-        return given, canon, operator, axes, gain
+        operator, sources = self._acquisition(canon, operator, target, slice_profile, slice_thickness)
+        return given, canon, operator, axes, gain, sources
 
     def coarsened(self, canon: Volume, target_spacing: Sequence[float] | None,
                   operator: AcquisitionOperator | None = None) -> tuple[Volume, Sequence[float] | None, float]:
@@ -857,17 +863,53 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         return axes
 
     def operator_for(self, canon: Volume, *, operator: AcquisitionOperator | None = None,
-                     target_spacing: Sequence[float] | None = None, slice_profile: SliceProfile = "gaussian",
+                     target_spacing: Sequence[float] | None = None, slice_profile: SliceProfile | None = None,
                      slice_thickness: float | None = None) -> AcquisitionOperator:
         """The acquisition a call assumes for an LR input in RAS+ (``Volume.canonical()``), on its HR grid: the given
         ``operator``, checked against the input's grid, or the one built from the spacings along the axes
         :meth:`input_axes` chooses (see :meth:`__call__` for the arguments)."""
+        return self._acquisition(canon, operator, target_spacing, slice_profile, slice_thickness)[0]
+
+    def _acquisition(self, canon: Volume, operator: AcquisitionOperator | None, target: Sequence[float] | None,
+                     profile: SliceProfile | None, thickness: float | None
+                     ) -> tuple[AcquisitionOperator, dict[str, str]]:
+        """:meth:`operator_for`, and where its slices' profile and thickness came from (:meth:`resolved_slices`;
+        ``"operator"`` for both where an ``operator`` is given)."""
         axes = self.input_axes(canon, operator)
-        operator = operator or self._operator(canon, axes, target_spacing, slice_profile, slice_thickness)
+        if operator is None:
+            profile, thickness, sources = self.resolved_slices(canon, axes, profile, thickness)
+            operator = self._operator(canon, axes, target, profile, thickness)
+        else:
+            sources = {"slice_profile_from": "operator", "slice_thickness_from": "operator"}
         if tuple(operator.lr_shape) != canon.shape:
             raise InputError(f"the operator expects an LR grid {operator.lr_shape}, the input is {canon.shape}",
                              canon.source)
-        return operator
+        return operator, sources
+
+    def resolved_slices(self, canon: Volume, axes: Sequence[int], slice_profile: SliceProfile | None = None,
+                        slice_thickness: float | None = None
+                        ) -> tuple[SliceProfile, float | None, dict[str, str]]:
+        """The slice profile and thickness that a run with these arguments assumes for an LR input in RAS+,
+        super-resolved along RAS+ ``axes``, and where each came from, as ``{"slice_profile_from": ...,
+        "slice_thickness_from": ...}`` (what the run's ``metadata`` and :meth:`plan` record): ``"given"``;
+        ``"sidecar"``, the scan's JSON sidecar, for a scan with one stack of slices (``SliceThickness``,
+        :func:`~gen_sr.io.sidecar_slice_thickness`; ``SliceProfile``, :func:`~gen_sr.io.sidecar_slice_profile`,
+        which raises :class:`~gen_sr.errors.InputError` for a value that is not a profile, and is not read where a
+        profile is given); ``"estimated"`` for ``slice_profile="auto"`` (a Gaussian, its thickness estimated from
+        the scan); else ``"default"``: a Gaussian profile, and a thickness of ``None`` (the slice spacing)."""
+        if slice_profile == "auto":
+            return ("gaussian", self._estimated_thickness(canon, axes, slice_thickness),
+                    {"slice_profile_from": "estimated", "slice_thickness_from": "estimated"})
+        one_stack = len(axes) == 1  # a sidecar describes one stack of slices
+        profile_from = thickness_from = "given"
+        if slice_profile is None:
+            slice_profile = sidecar_slice_profile(canon.source) if one_stack else None
+            profile_from = "default" if slice_profile is None else "sidecar"
+        if slice_thickness is None:
+            slice_thickness = sidecar_slice_thickness(canon.source) if one_stack else None
+            thickness_from = "default" if slice_thickness is None else "sidecar"
+        return (slice_profile or "gaussian", slice_thickness,
+                {"slice_profile_from": profile_from, "slice_thickness_from": thickness_from})
 
     def outside_training(self, canon: Volume, operator: AcquisitionOperator, norm: IntensityNormalization,
                          axes: Sequence[int] | None = None) -> list[str]:
@@ -975,11 +1017,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
     def _operator(self, canon: Volume, axes: Sequence[int], target: Sequence[float] | None, profile: SliceProfile,
                   thickness: float | None) -> AcquisitionOperator:
+        """The acquisition along ``axes`` with these slices (:meth:`resolved_slices`) on the HR grid of ``target``."""
         spacing = np.asarray(canon.spacing)
-        if profile == "auto":
-            profile, thickness = "gaussian", self._estimated_thickness(canon, axes, thickness)
-        elif thickness is None and len(axes) == 1:  # one stack of slices: the thickness its BIDS sidecar records
-            thickness = sidecar_slice_thickness(canon.source)
         if target is None:  # each super-resolved axis at the finest spacing of the others (as coarsened() left them)
             target = spacing.copy()
             target[list(axes)] = np.delete(spacing, list(axes)).min()

@@ -117,10 +117,11 @@ class ScanSlices:
     profile: SliceProfile
 
 
-def scan_slices(pipe: LatentDiffusionSRPipeline, canon: Volume, *, slice_profile: SliceProfile = "gaussian",
+def scan_slices(pipe: LatentDiffusionSRPipeline, canon: Volume, *, slice_profile: SliceProfile | None = None,
                 slice_thickness: float | None = None) -> ScanSlices:
     """The thick slices of an LR scan in RAS+ as the pipeline would model them (its coarse axis, the given profile
-    and thickness, the spacing of the file). Adaptation needs in-plane slices: an input with two coarse axes has
+    and thickness, else those its JSON sidecar records, else the defaults: ``pipe.resolved_slices``; the spacing of
+    the file). Adaptation needs in-plane slices: an input with two coarse axes has
     none, and is refused."""
     axes = pipe.input_axes(canon)
     if len(axes) != 1:
@@ -172,7 +173,7 @@ def adapt(
     *,
     work_dir: str | Path,
     config: AdaptationConfig | None = None,
-    slice_profile: SliceProfile = "gaussian",
+    slice_profile: SliceProfile | None = None,
     slice_thickness: float | None = None,
     noise_std: float | None = 0.0,
     target_noise_std: float | None = 0.0,
