@@ -1326,7 +1326,8 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-mm", action="store_true",
                    help="fit one λ for std x output voxel size (mm) on the volumes of every grid together (needs "
                         "--snr; volumes on two or more grids, e.g. 1 and 1.5 mm, make it worth it): intervals mean ± "
-                        "λ x voxel size x std, which a run on any grid uses at its own voxel size; it replaces the "
+                        "λ x voxel size x std, which a run uses at its own voxel size on grids within 10 %% of the "
+                        "range of those volumes' (outside it, its coverage is marked as not holding); it replaces the "
                         "per-grid calibrations of the same sampler settings. What the shipped model uses for runs "
                         "given a noise std (benchmarks/CALIBRATION_GRID.md, fifth test)")
     p.add_argument("--blocks", type=_positive_int, default=1,

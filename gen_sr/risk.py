@@ -208,9 +208,9 @@ MISMATCH_WORDING: dict[Mismatch, MismatchWording] = {
         "(gen-sr calibrate)"),
     "grid": MismatchWording(
         "for another grid",
-        "made for another output grid (the scale the std needs grows with the voxel size)",
-        "run on the grid it was made for (--target-spacing), or calibrate on volumes of this grid (gen-sr calibrate "
-        "--per-grid, or --per-mm for every grid)"),
+        "made for other output grids (the scale the std needs grows with the voxel size)",
+        "run on a grid it was made for (--target-spacing), or calibrate on volumes of this grid too (gen-sr calibrate "
+        "--per-grid, or --per-mm with volumes on this grid among others)"),
     "scan": MismatchWording(
         "on another scan",
         "made per scan, on the scan the model was adapted on, not on this one",
