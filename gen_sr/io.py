@@ -24,7 +24,7 @@ from gen_sr.errors import InputError
 
 __all__ = ["NIFTI_SUFFIXES", "SLICE_PROFILE_KEY", "atomic_dir", "atomic_write", "check_output_dir", "check_output_file",
            "check_output_path", "check_writable_dir", "folder_digest", "is_nifti_name", "json_ready", "read_sidecar",
-           "sidecar_path", "sidecar_slice_profile", "sidecar_slice_thickness", "write_json"]
+           "sidecar_path", "sidecar_profile_error", "sidecar_slice_profile", "sidecar_slice_thickness", "write_json"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SLICE_PROFILE_KEY = "SliceProfile"
@@ -169,31 +169,28 @@ def folder_digest(folder: PathLike) -> str:
 
 def sidecar_slice_profile(path: PathLike | None) -> str | tuple[float, ...] | None:
     """The slice profile that the JSON sidecar beside a NIfTI file records under :data:`SLICE_PROFILE_KEY` (gen_sr's own
-    key, which ``gen-sr degrade`` writes): ``"gaussian"``, ``"rect"`` or a tuple of samples; ``None`` where there is no
-    such file or field (:func:`read_sidecar`).
+    key, which ``gen-sr degrade`` writes): ``"gaussian"``, ``"rect"`` or a tuple of samples, as it is written (whether
+    samples make a profile is the acquisition's to check: :class:`~gen_sr.physics.SliceAcquisition`); ``None`` where
+    there is no such file or field (:func:`read_sidecar`).
 
     Raises:
-        InputError: the field holds anything else (a misspelt name, samples that are not a profile). A wrong profile
-            would change the fit without a word, so the sidecar is named rather than passed over; a profile given
-            to the run (``--profile``) is used instead of it, and the sidecar then not read.
+        InputError: the field holds anything else (a misspelt name, a dict). A wrong profile would change the fit
+            without a word, so the sidecar is named rather than passed over; a profile given to the run
+            (``--profile``) is used instead of it, and the sidecar then not read.
     """
-    sidecar = read_sidecar(path)
-    value = sidecar.get(SLICE_PROFILE_KEY)
-    if value is None:
-        return None
-    if value in ("gaussian", "rect"):
+    value = read_sidecar(path).get(SLICE_PROFILE_KEY)
+    if value is None or value in ("gaussian", "rect"):
         return value
-    problem = "expected gaussian, rect or a list of profile samples"
     if isinstance(value, list) and value and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-        from gen_sr.physics import SliceAcquisition  # torch: only where a sidecar holds samples
+        return tuple(float(v) for v in value)
+    raise sidecar_profile_error(path, value, "expected gaussian, rect or a list of profile samples")
 
-        try:
-            return SliceAcquisition(axis=0, thickness=1.0, profile=tuple(value)).profile  # type: ignore[return-value]
-        except ValueError as e:
-            problem = str(e)
-    raise InputError(f"{SLICE_PROFILE_KEY} {json.dumps(value)[:60]} is not a slice profile: {problem}",
-                     sidecar_path(path),  # type: ignore[arg-type]  (not None: it has a sidecar)
-                     "give the run's --profile, which is used instead, or correct or remove the field")
+
+def sidecar_profile_error(path: PathLike | None, value: Any, problem: str) -> InputError:
+    """The error for a :data:`SLICE_PROFILE_KEY` value of the sidecar beside ``path`` that is not a slice profile."""
+    return InputError(f"{SLICE_PROFILE_KEY} {json.dumps(json_ready(value))[:60]} is not a slice profile: {problem}",
+                      sidecar_path(path),  # type: ignore[arg-type]  (not None: it has a sidecar)
+                      "give the run's --profile, which is used instead, or correct or remove the field")
 
 
 def json_ready(value: Any) -> Any:

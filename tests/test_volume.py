@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import oblique_affine, write_nifti
+from helpers import oblique_affine, tiny_pipeline, write_nifti
 
 from gen_sr.errors import InputError
 from gen_sr.io import atomic_dir, atomic_write, sidecar_slice_profile, sidecar_slice_thickness
@@ -121,11 +121,16 @@ def test_the_slice_profile_of_a_sidecar(tmp_path: Path) -> None:
                            ('["rect"]', None)):
         (tmp_path / "lr.json").write_text(text)
         assert sidecar_slice_profile(scan) == expected, text
-    for text in ('{"SliceProfile": "Gauss"}', '{"SliceProfile": [1, -1]}', '{"SliceProfile": [1]}',
-                 '{"SliceProfile": 3}', '{"SliceProfile": [true, false]}', '{"SliceProfile": []}'):
+    for text in ('{"SliceProfile": "Gauss"}', '{"SliceProfile": 3}', '{"SliceProfile": [true, false]}',
+                 '{"SliceProfile": []}'):
         (tmp_path / "lr.json").write_text(text)
         with pytest.raises(InputError, match=r"lr\.json: SliceProfile .* is not a slice profile"):
             sidecar_slice_profile(scan)
+    pipe, canon = tiny_pipeline(), load_volume(scan).canonical()
+    for text in ('{"SliceProfile": [1, -1]}', '{"SliceProfile": [1]}'):  # samples that make no profile: a run says so
+        (tmp_path / "lr.json").write_text(text)
+        with pytest.raises(InputError, match=r"lr\.json: SliceProfile \[.*\] is not a slice profile: "):
+            pipe.resolved_slices(canon, (2,))
 
 
 def test_refuses_existing_output_without_overwrite(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from diffusers.utils import BaseOutput, logging
 
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
-from gen_sr.io import sidecar_slice_profile, sidecar_slice_thickness
+from gen_sr.io import sidecar_profile_error, sidecar_slice_profile, sidecar_slice_thickness
 from gen_sr.model_card import IN_PLANE_MARGIN, ModelCard
 from gen_sr.models import Autoencoder, ConditionalUNetModel, latent_condition, set_sdpa_attention
 from gen_sr.physics import (
@@ -905,6 +905,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         if slice_profile is None:
             slice_profile = sidecar_slice_profile(canon.source) if one_stack else None
             profile_from = "default" if slice_profile is None else "sidecar"
+            if isinstance(slice_profile, tuple):  # samples: do they make a profile?
+                try:
+                    slice_profile = SliceAcquisition(axis=0, thickness=1.0, profile=slice_profile).profile
+                except ValueError as e:
+                    raise sidecar_profile_error(canon.source, slice_profile, str(e)) from e
         if slice_thickness is None:
             slice_thickness = sidecar_slice_thickness(canon.source) if one_stack else None
             thickness_from = "default" if slice_thickness is None else "sidecar"
