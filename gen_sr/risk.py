@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -54,6 +54,7 @@ __all__ = [
     "risk_map",
     "run_calibration",
     "run_grid_spacing",
+    "within_grids",
 ]
 
 CALIBRATION_FILE = "calibration.json"
@@ -233,7 +234,14 @@ def mismatch_text(mismatch: Mismatch) -> str:
 
 
 GRID_TOLERANCE = 0.1
-"""How far (a fraction of its grid) a run's output voxel size may lie from a per-grid calibration's for it to hold."""
+"""How far (a fraction of its grid) a run's output voxel size may lie from a per-grid calibration's for it to hold, or
+beyond the range of grids a record fitted on several was fitted on (:func:`within_grids`)."""
+
+
+def within_grids(grids: Sequence[float], grid_spacing: float) -> bool:
+    """Whether an output grid of ``grid_spacing`` mm lies within :data:`GRID_TOLERANCE` of the range of ``grids``
+    (mm): ``min / (1 + tol) ≤ g ≤ max / (1 − tol)``; for one grid ``f``, ``|f / g − 1| ≤ tol``."""
+    return min(grids) / (1 + GRID_TOLERANCE) <= grid_spacing <= max(grids) / (1 - GRID_TOLERANCE)
 
 
 @dataclass
@@ -262,6 +270,9 @@ class Calibration:
             ``mean ± λ × voxel size × u``, fitted on every grid together): ``λ`` per mm. Such a record is stored
             with ``scale`` equal to it and no ``grid_spacing``; a run on a grid of ``g`` mm uses it at its grid
             (:meth:`at_grid`: ``scale = scale_per_mm × g``, ``grid_spacing = g``). ``None``: a scale for any grid.
+        fitted_grids: the output grids (mm) of the volumes a record not made per grid was fitted on: it holds within
+            :data:`GRID_TOLERANCE` of their range (:meth:`mismatch`). Empty in files written before they were
+            recorded: such a record is taken to hold on any grid.
     """
 
     scale: float
@@ -278,8 +289,10 @@ class Calibration:
     outside_scale: float | None = None
     grid_spacing: float | None = None
     scale_per_mm: float | None = None
+    fitted_grids: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        self.fitted_grids = tuple(float(g) for g in self.fitted_grids)  # a list, as read back from JSON
         if isinstance(self.shape, dict):  # as read back from JSON
             self.shape = IntervalShape(**self.shape)
         if isinstance(self.sampling, dict):
@@ -306,33 +319,23 @@ class Calibration:
         interval counts the noise read in-plane."""
         return self.sampling is not None and not self.sampling.noise_known
 
-    @property
-    def fitted_grids(self) -> tuple[float, ...]:
-        """The output grids (mm) of the volumes a record per mm of the voxel size was fitted on (its ``details``'
-        ``grids``; empty where it does not say)."""
-        return tuple(float(g) for g in self.details.get("grids", ()))
-
     def mismatch(self, settings: SamplingSettings, grid_spacing: float | None = None) -> Mismatch | None:
         """Why this record was not made for runs with these sampler ``settings`` on an output grid of
-        ``grid_spacing`` mm, or ``None`` where it was: the same settings (or a record that does not record them) and,
-        for a record made per grid, a grid within :data:`GRID_TOLERANCE` of its own; for a record per mm of the voxel
-        size, a grid within :data:`GRID_TOLERANCE` of the range it was fitted on (:attr:`fitted_grids`; any grid
-        where it does not say). A record that differs only in being made for a known noise std, used by a run whose
-        noise std is not known, is ``"noise_unknown"``. A run whose record does not hold has a risk map in the
-        calibration's units without its coverage. (Its scan, for a per-scan record, is the pipeline's to check:
+        ``grid_spacing`` mm, or ``None`` where it was: the same settings (or a record that does not record them) and
+        a grid within :data:`GRID_TOLERANCE` of the one it was made for (a record made per grid) or of the range it
+        was fitted on (any other: :attr:`fitted_grids`, :func:`within_grids`; any grid where it does not say). A
+        record that differs only in being made for a known noise std, used by a run whose noise std is not known, is
+        ``"noise_unknown"``. A run whose record does not hold has a risk map in the calibration's units without its
+        coverage. (Its scan, for a per-scan record, is the pipeline's to check:
         :meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.calibration_mismatch`.)"""
         if self.sampling is not None and self.sampling != settings:
             known = not settings.noise_known and self.sampling == replace(settings, noise_known=True)
             return "noise_unknown" if known else "settings"
-        if grid_spacing is None:
+        per_grid = self.grid_spacing is not None and self.scale_per_mm is None  # not a per-mm one at a run's grid
+        grids = (self.grid_spacing,) if per_grid else self.fitted_grids
+        if grid_spacing is None or not grids:
             return None
-        if self.scale_per_mm is not None:
-            grids = self.fitted_grids
-            inside = not grids or min(grids) / (1 + GRID_TOLERANCE) <= grid_spacing <= max(grids) * (1 + GRID_TOLERANCE)
-            return None if inside else "grid"
-        if self.grid_spacing is None:
-            return None
-        return None if abs(self.grid_spacing / grid_spacing - 1) <= GRID_TOLERANCE else "grid"
+        return None if within_grids(grids, grid_spacing) else "grid"
 
     def scale_map(self, region: Array | None = None) -> Array | float:
         """``λ̂`` per voxel: ``scale`` inside ``region`` (a boolean mask on the output grid) and ``outside_scale``
@@ -419,10 +422,9 @@ class Calibrations:
         ``None``."""
         made = [r for r in self._records if r.sampling == settings] or [r for r in self._records if r.sampling is None]
         if grid_spacing is not None:
-            off = {id(r): abs(r.grid_spacing / grid_spacing - 1) for r in made if r.grid_spacing is not None}
-            near = [r for r in made if off.get(id(r), np.inf) <= GRID_TOLERANCE]
+            near = [r for r in made if r.grid_spacing is not None and within_grids((r.grid_spacing,), grid_spacing)]
             if near:
-                return min(near, key=lambda r: off[id(r)])
+                return min(near, key=lambda r: abs(math.log(r.grid_spacing / grid_spacing)))
         pooled = next((r for r in made if r.grid_spacing is None), None)
         return pooled.at_grid(grid_spacing) if pooled is not None else None
 
@@ -469,7 +471,7 @@ class Calibrations:
         """One line per record: the interval, the rule and the settings it was made with."""
         return [f"{r.describe()}, {r.method}, coverage {1 - r.alpha:g} target, {r.num_volumes} units"
                 + (f", made with {r.sampling.describe()}" if r.sampling else "")
-                + (f", {grid_text(r)}" if r.grid_spacing is not None or r.scale_per_mm is not None else "")
+                + f", {grid_text(r)}"
                 for r in self._records]
 
 
@@ -481,16 +483,16 @@ def run_grid_spacing(metadata: Mapping[str, Any]) -> float | None:
 
 
 def grid_text(calibration: Calibration) -> str:
-    """Which output grids a record holds for, in words (:attr:`~Calibration.grid_spacing`, ``None``: any; a record
-    per mm of the voxel size, and the grids it was fitted on, :meth:`Calibration.mismatch`)."""
-    if calibration.scale_per_mm is not None:
-        grids = calibration.fitted_grids
-        where = (f"{min(grids):g}-{max(grids):g} mm grids" if len(grids) > 1 else f"{grids[0]:g} mm grids") if grids \
-            else "every grid"
-        return f"one scale per mm of the output voxel size, fitted on {where} together"
-    if calibration.grid_spacing is not None:
+    """Which output grids a record holds for, in words (:attr:`~Calibration.grid_spacing` for a record made per grid;
+    else one fitted on grids together, per mm of the voxel size or not, near the :attr:`~Calibration.fitted_grids`
+    it was fitted on: :meth:`Calibration.mismatch`)."""
+    if calibration.grid_spacing is not None and calibration.scale_per_mm is None:
         return f"the record for {calibration.grid_spacing:g} mm grids"
-    return "fitted on every grid together"
+    grids = calibration.fitted_grids
+    where = "every grid" if not grids else (f"{min(grids):g}-{max(grids):g} mm grids" if len(set(grids)) > 1
+                                            else f"{grids[0]:g} mm grids")
+    per_mm = "one scale per mm of the output voxel size, " if calibration.scale_per_mm is not None else ""
+    return f"{per_mm}fitted on {where} together"
 
 
 def run_calibration(model: Any, metadata: Mapping[str, Any], *, warn: bool = False) -> Calibration | None:

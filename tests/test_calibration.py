@@ -144,9 +144,12 @@ def test_a_record_per_mm_of_the_voxel_size_holds_on_every_grid_at_its_own_scale(
     assert list(updated.with_record(fine)) == [other, fine]  # a per-grid record replaces the per-mm one: never mixed
     with pytest.raises(ValueError, match="jump between them"):
         Calibrations([per_mm, fine])
-    fitted = dataclasses.replace(per_mm, details={"grids": [1.0, 1.5]})  # holds near the grids it was fitted on
+    fitted = dataclasses.replace(per_mm, fitted_grids=[1.0, 1.5])  # holds near the grids it was fitted on
     assert per_mm.mismatch(ddim, 4.0) is None and fitted.fitted_grids == (1.0, 1.5)
     assert [fitted.mismatch(ddim, g) for g in (0.85, 0.95, 1.25, 1.6, 1.7)] == ["grid", None, None, None, "grid"]
+    pooled = dataclasses.replace(a, fitted_grids=(1.0, 1.5))  # fitted on grids together, not per mm: the same range
+    assert pooled.mismatch(ddim, 1.2) is None and pooled.mismatch(ddim, 2.0) == "grid" and a.mismatch(ddim, 2.0) is None
+    assert "fitted on 1-1.5 mm grids together" in Calibrations([pooled]).describe()[0]
 
 
 def test_save_load_and_errors(tmp_path: Path) -> None:

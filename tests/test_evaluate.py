@@ -20,7 +20,7 @@ from gen_sr.eval.evaluate import estimate_metrics, evaluate
 from gen_sr.eval.metrics import foreground, psnr
 from gen_sr.eval.tables import markdown_table, summarize, write_table
 from gen_sr.model_card import Holdout
-from gen_sr.risk import Calibration
+from gen_sr.risk import Calibration, CalibrationMismatchWarning
 from gen_sr.volume import Volume, load_volume, save_volume
 
 
@@ -196,6 +196,11 @@ def test_calibrate_per_mm_fits_one_scale_for_the_std_times_the_voxel_size(tmp_pa
     assert out.metadata["risk"]["scale"] == pytest.approx(1.5 * record.scale_per_mm)
     assert out.metadata["risk"]["scale_per_mm"] == record.scale_per_mm and "per mm of the 1.5 mm voxels" in (
         out.metadata["risk"]["definition"])
+    with pytest.warns(CalibrationMismatchWarning, match="fitted on 1-1.5 mm grids together, and this run's output "
+                                                        "grid is 2 mm: its coverage does not hold here"):
+        far = pipe(lr.with_data(lr.data, np.diag([2.0, 2.0, 6.0, 1.0])), num_samples=2,
+                   num_inference_steps=2, noise_std=0.5, generator=torch.Generator().manual_seed(0))
+    assert far.metadata["risk"]["mismatch"] == "grid" and not far.metadata["risk"]["holds"]
     one_grid = [*args[:4], paths[0], *args[6:], "--per-mm", "--overwrite", "--blocks", "24"]
     assert main(one_grid) == 0 and "every calibration volume is on one output grid" in capsys.readouterr().err
     pipe.calibration = record  # the only record: a run with other settings falls back to it, at its own grid

@@ -432,17 +432,15 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     result = fit_volumes(volumes, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis,
                          interval=interval, details=details, progress=progress, sampling=sampling,
                          shape=_shape(noise_known))
-    if not per_mm:
-        return result
-    grids = sorted({case_grid(c) for c in cases})
+    grids = tuple(sorted({case_grid(c) for c in cases}))
 
-    def per_mm_record(cal: Calibration | None) -> Calibration | None:  # the scale is per mm of the voxel size
+    def on_grids(cal: Calibration | None) -> Calibration | None:  # where it holds; per mm of the voxel size
         if cal is None:
             return None
-        return dataclasses.replace(cal, scale_per_mm=cal.scale, details={**cal.details, "grids": grids})
+        return dataclasses.replace(cal, fitted_grids=grids, scale_per_mm=cal.scale if per_mm else None)
 
-    return dataclasses.replace(result, calibration=per_mm_record(result.calibration),
-                               alternative=per_mm_record(result.alternative))
+    return dataclasses.replace(result, calibration=on_grids(result.calibration),
+                               alternative=on_grids(result.alternative))
 
 
 def case_grid(case: Case) -> float:

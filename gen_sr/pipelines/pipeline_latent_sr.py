@@ -59,6 +59,7 @@ from gen_sr.risk import (
     Mismatch,
     SamplingSettings,
     describe_risk,
+    grid_text,
     interval_noise_std,
     risk_map,
 )
@@ -218,12 +219,18 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         one made with them (for that grid where one was made per grid: :meth:`~gen_sr.risk.Calibrations.find`); where
         they were calibrated per grid only, for other grids, the nearest grid's; else that of a default run
         (:attr:`calibration`), which does not hold for them (``warn``: a :class:`CalibrationMismatchWarning` says
-        so, and which settings or grid have one)."""
+        so, and which settings or grid have one, as it does for a record made with these settings on grids away
+        from this one: :meth:`~gen_sr.risk.Calibration.mismatch`)."""
         exact = self.calibrations.find(settings, grid_spacing)
         if exact is None and not settings.noise_known:  # a model without records for such runs: as a noise-free one
             settings = replace(settings, noise_known=True)
             exact = self.calibrations.find(settings, grid_spacing)
         if exact is not None:
+            if warn and exact.mismatch(settings, grid_spacing) == "grid":
+                warnings.warn(f"the model's calibration for these settings was {grid_text(exact)}, and this run's "
+                              f"output grid is {grid_spacing:g} mm: its coverage does not hold here (the scale the "
+                              f"std needs grows with the voxel size); {MISMATCH_WORDING['grid'].advice}",
+                              CalibrationMismatchWarning, stacklevel=4)
             return exact
         per_grid = [r for r in self.calibrations if r.sampling == settings]  # made per grid only, none for this one
         if per_grid and grid_spacing is not None:
@@ -231,7 +238,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             if warn:
                 warnings.warn(f"no calibration of the model was made for {grid_spacing:g} mm output grids with these "
                               f"settings: the risk map uses the one for {nearest.grid_spacing:g} mm grids, whose "
-                              "coverage may not hold here (the scale the std needs grows with the voxel size); "
+                              "coverage does not hold here (the scale the std needs grows with the voxel size); "
                               f"{MISMATCH_WORDING['grid'].advice}", CalibrationMismatchWarning, stacklevel=4)
             return nearest
         default = self.calibration
