@@ -100,14 +100,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from gen_sr.volume import read_nifti, stored_pixdim
 
+    run_options = getattr(args, "run_settings", frozenset()) | {"--samples", "--time"}
+    preview = sorted(f for f, name in _given(args).items() if name in run_options)
+    if preview and (args.model is None or args.file is None):
+        raise InputError(f"{', '.join(preview)} preview(s) a model's run on a file: give the FILE and --model DIR",
+                         args.file)
     if args.model is not None and args.file is None:
         return _model_info(Path(args.model))
     if args.file is None:
         raise InputError("give a NIfTI file, or --model DIR for what a model was trained for")
-    run_options = getattr(args, "run_settings", frozenset()) | {"--samples", "--time"}
-    if args.model is None and (given := sorted(f for f, name in _given(args).items() if name in run_options)):
-        raise InputError(f"{', '.join(given)} preview(s) a model's run on the file: give --model DIR too",
-                         args.file)
 
     img, data = read_nifti(args.file)
     hdr = img.header
@@ -706,7 +707,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.noise_unknown and args.snr:
         raise InputError("--snr and --noise-unknown both set the calibration volumes' noise: give one of them")
     if args.per_mm and (args.per_grid or args.noise_unknown or not args.snr or args.interval != "std"):
-        raise InputError("--per-mm fits one plain-std scale for runs with a noise std on every grid: give it with "
+        raise InputError("--per-mm fits one plain-std scale for runs with a noise std on several grids: give it with "
                          "--snr, without --per-grid, --noise-unknown or --interval auto")
     pipe = _load_pipeline(args)
     target = Path(args.model) / CALIBRATION_FILE
@@ -728,7 +729,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.per_grid and not args.overwrite and any(r.sampling == settings and r.scale_per_mm is not None
                                                     for r in pipe.calibrations):
         raise InputError(f"the model is calibrated already for {settings.describe()} (per mm of the voxel size, on "
-                         "every grid)", target, "pass --overwrite to replace that calibration with per-grid ones")
+                         "several grids)", target, "pass --overwrite to replace that calibration with per-grid ones")
     if made_per_grid and not args.overwrite:
         raise InputError(f"the model is calibrated already for {settings.describe()} on "
                          f"{', '.join(f'{g:g}' for g in made_per_grid)} mm grids", target,

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
-from gen_sr.io import NIFTI_SUFFIXES, atomic_write, folder_digest, is_nifti_name, json_ready, write_json
+from gen_sr.io import NIFTI_SUFFIXES, atomic_write, is_nifti_name, json_ready, model_digests, write_json
 from gen_sr.volume import IntensityNormalization, load_volume, save_volume
 
 __all__ = ["CohortRow", "ScanOutputs", "find_scans", "flagged_fraction", "run_cohort", "run_settings",
@@ -182,7 +182,7 @@ def run_cohort(pipe: Any, scans: Sequence[tuple[Path, Path]], output_dir: str | 
 
 def run_settings(pipe: Any, seed: int, pipe_kwargs: dict[str, Any]) -> dict[str, Any]:
     """What makes a cohort's outputs what they are, as JSON (recorded in each sidecar as ``cohort_settings``): the
-    model folder and its content (:func:`~gen_sr.io.folder_digest`: weights, card and calibration), the sampler
+    model folder and its content (:func:`~gen_sr.io.model_digests`: weights, card and calibration), the sampler
     settings as the runs resolve them (``pipe.sampling_settings``: a step count left to the model's default equals
     the same count given), the seed and the other pipeline arguments, but for ``batch_size`` (a memory knob: the
     output depends on it only by float32 rounding)."""
@@ -192,7 +192,7 @@ def run_settings(pipe: Any, seed: int, pipe_kwargs: dict[str, Any]) -> dict[str,
     sampling = asdict(pipe.sampling_settings(**{**pipe_kwargs, "noise_std": noise if noise != "auto" else None}))
     others = {k: v for k, v in pipe_kwargs.items() if k not in sampling and k != "batch_size"}
     return json_ready({"model": None if folder is None else str(folder),
-                       "model_digest": None if folder is None else folder_digest(folder),
+                       "model_files": None if folder is None else model_digests(folder),
                        "sampling": sampling, "seed": seed, **dict(sorted(others.items()))})
 
 
@@ -227,12 +227,12 @@ def _check_earlier_settings(outputs: Sequence[ScanOutputs], settings: dict[str, 
 
 
 def _flat(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` with its nested records' keys prefixed (``{"sampling": {"num_samples": 8}}`` gives
-    ``{"num_samples": 8}``: each setting by its own name; a digest shortened to 12 characters)."""
+    """``settings`` with its nested records flattened (``{"sampling": {"num_samples": 8}}`` gives
+    ``{"num_samples": 8}``, ``{"model_files": {"unet/config.json": ...}}`` ``{"unet/config.json": ...}``): each
+    setting, and each model file, by its own name."""
     flat: dict[str, Any] = {}
     for key, value in settings.items():
-        flat.update(_flat(value) if isinstance(value, dict) else {key: value[:12] if key.endswith("digest")
-                                                                              and value else value})
+        flat.update(_flat(value) if isinstance(value, dict) else {key: value})
     return flat
 
 

@@ -22,9 +22,10 @@ import numpy as np
 
 from gen_sr.errors import InputError
 
-__all__ = ["NIFTI_SUFFIXES", "SLICE_PROFILE_KEY", "atomic_dir", "atomic_write", "check_output_dir", "check_output_file",
-           "check_output_path", "check_writable_dir", "folder_digest", "is_nifti_name", "json_ready", "read_sidecar",
-           "sidecar_path", "sidecar_profile_error", "sidecar_slice_profile", "sidecar_slice_thickness", "write_json"]
+__all__ = ["MODEL_FILE_SUFFIXES", "NIFTI_SUFFIXES", "SLICE_PROFILE_KEY", "atomic_dir", "atomic_write",
+           "check_output_dir", "check_output_file", "check_output_path", "check_writable_dir", "is_nifti_name",
+           "json_ready", "model_digests", "read_sidecar", "sidecar_path", "sidecar_profile_error",
+           "sidecar_slice_profile", "sidecar_slice_thickness", "write_json"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SLICE_PROFILE_KEY = "SliceProfile"
@@ -154,17 +155,26 @@ def sidecar_slice_thickness(path: PathLike | None) -> float | None:
     return float(value) if isinstance(value, int | float) and 0 < value < float("inf") else None
 
 
-def folder_digest(folder: PathLike) -> str:
-    """The SHA-256 of a folder's files (their relative names and contents, in sorted order): whether a model folder
-    is still the one an earlier run used (weights, card, calibration and configs alike)."""
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin")
+"""The files of a model folder that loading it reads (configs, card, calibration, weights): :func:`model_digests`."""
+
+
+def model_digests(folder: PathLike) -> dict[str, str]:
+    """The SHA-256 (first 16 hex digits) of each file of a model folder that loading it reads
+    (:data:`MODEL_FILE_SUFFIXES`; not its README or hidden files), by relative path: whether a model folder is still
+    the one an earlier run used, and which file changed."""
     root = Path(folder)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+    digests = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        digest = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-    return digest.hexdigest()
+        digests[relative.as_posix()] = digest.hexdigest()[:16]
+    return digests
 
 
 def sidecar_slice_profile(path: PathLike | None) -> str | tuple[float, ...] | None:

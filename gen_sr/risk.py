@@ -210,11 +210,11 @@ MISMATCH_WORDING: dict[Mismatch, MismatchWording] = {
     "grid": MismatchWording(
         "for another grid",
         "made for other output grids (the scale the std needs grows with the voxel size)",
-        "run on a grid it was made for (--target-spacing), or calibrate on volumes of this grid too (gen-sr calibrate "
-        "--per-grid, or --per-mm with volumes on this grid among others)"),
+        "run on a grid it was made for (--target-spacing), or calibrate again with volumes on this grid among the "
+        "others (gen-sr calibrate --overwrite, as the record was made: gen-sr info --model shows it)"),
     "scan": MismatchWording(
         "on another scan",
-        "made per scan, on the scan the model was adapted on, not on this one",
+        "made per scan, on the scan the model was adapted on, not on this one (or not as this run resamples it)",
         "adapt the model on this scan (--adapt, or gen-sr fit), or use the model it was adapted from"),
     "noise_unknown": MismatchWording(
         "for a known noise std",
@@ -267,9 +267,10 @@ class Calibration:
             for a record made per grid (``gen-sr calibrate --per-grid``): it holds for runs on that grid
             (:meth:`Calibrations.find`). ``None``: fitted on any grid, for runs on any.
         scale_per_mm: for a record whose scale grows with the output voxel size (``gen-sr calibrate --per-mm``:
-            ``mean ± λ × voxel size × u``, fitted on every grid together): ``λ`` per mm. Such a record is stored
-            with ``scale`` equal to it and no ``grid_spacing``; a run on a grid of ``g`` mm uses it at its grid
-            (:meth:`at_grid`: ``scale = scale_per_mm × g``, ``grid_spacing = g``). ``None``: a scale for any grid.
+            ``mean ± λ × voxel size × u``, fitted on the volumes of several grids together): ``λ`` per mm. Such a
+            record is stored with ``scale`` equal to it and no ``grid_spacing``; a run on a grid of ``g`` mm uses it
+            at its grid (:meth:`at_grid`: ``scale = scale_per_mm × g``, ``grid_spacing = g``). ``None``: a scale for
+            any grid.
         fitted_grids: the output grids (mm) of the volumes a record not made per grid was fitted on: it holds within
             :data:`GRID_TOLERANCE` of their range (:meth:`mismatch`). Empty in files written before they were
             recorded: such a record is taken to hold on any grid.
@@ -431,7 +432,7 @@ class Calibrations:
     def with_record(self, calibration: Calibration, *, first: bool = False) -> Calibrations:
         """These records with ``calibration`` added: it replaces the one made with the same settings and grid (in its
         place), or goes last (``first``: first, as the default settings' record). A record per mm of the voxel size
-        holds on every grid, so it also replaces the per-grid records of its settings, and a per-grid record the
+        holds on a range of grids, so it also replaces the per-grid records of its settings, and a per-grid record the
         record per mm of its settings (the two are not mixed)."""
         key = (calibration.sampling, calibration.grid_spacing)
         per_mm, per_grid = calibration.scale_per_mm is not None, calibration.grid_spacing is not None

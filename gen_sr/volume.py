@@ -108,7 +108,7 @@ class Volume:
         """The SHA-256 of this volume's voxels (as float32) and geometry (its affine to 1e-6 mm): whether two volumes
         are the same scan, whatever their file names (e.g. the scan an adapted model was calibrated on)."""
         digest = hashlib.sha256(np.asarray(self.shape, dtype=np.int64).tobytes())
-        digest.update(np.round(np.asarray(self.affine, dtype=np.float64), 6).tobytes())
+        digest.update((np.round(np.asarray(self.affine, dtype=np.float64), 6) + 0.0).tobytes())  # -0.0 as 0.0
         digest.update(np.ascontiguousarray(self.data, dtype=np.float32).tobytes())
         return digest.hexdigest()
 

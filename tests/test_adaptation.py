@@ -168,6 +168,16 @@ def test_adaptation_lowers_the_held_out_loss_and_its_folder_reloads_with_identic
         save_model(fit.pipe, tmp_path / "adapted")
 
 
+def test_the_per_scan_problems_of_anisotropic_in_plane_pixels_raise_no_coarse_truth_warning() -> None:
+    """A scan's in-plane slice is the per-scan problems' truth, whatever its pixels' aspect (0.5 x 0.8 mm here):
+    evaluation's warning about a coarse truth is for volumes given as the truth, not for these."""
+    lr = Volume(_field((32, 20, 8)), np.diag([0.5, 0.8, 3.0, 1.0]))
+    record = Adaptation(lr_shape=lr.shape, axis=2, slice_thickness=3.0, slice_spacing=3.0, held_out_slices=[2, 5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(scan_cases(lr, record)) == 4  # two held-out slices, each degraded along both in-plane axes
+
+
 @pytest.mark.parametrize(("learning_rate", "kept"), [(1e-3, "fine-tuned"), (1.0, "pretrained")])
 def test_keep_better_keeps_the_unet_with_the_smaller_error_on_the_held_out_slices(tmp_path: Path, learning_rate: float,
                                                                                    kept: str) -> None:

@@ -342,9 +342,11 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
     assert code == 0 and re.search(r"time: +about [0-9.]+ (s|min|h) for 8 samples on this machine .*a slab of 16\.7% "
                                    r"of the output took [0-9]+\.[0-9] s", out), out  # the load decides the unit
     code, _, err = _run(capsys, "info", path, "--time")
-    assert code == 2 and "give --model DIR too" in err
+    assert code == 2 and "give the FILE and --model DIR" in err
     code, _, err = _run(capsys, "info", path, "--noise-std", "2", "--slice-profile", "rect")  # ignored otherwise
-    assert code == 2 and "--noise-std, --slice-profile preview(s) a model's run on the file" in err
+    assert code == 2 and "--noise-std, --slice-profile preview(s) a model's run on a file" in err
+    code, _, err = _run(capsys, "info", "--model", tmp_path / "model", "--samples", "3")  # a model without a file
+    assert code == 2 and "--samples preview(s) a model's run on a file: give the FILE" in err
     # what a run with other settings would do: another grid, a given noise std, fewer samples than calibrated
     code, out, _ = _run(capsys, "info", path, "--model", tmp_path / "model", "--target-spacing", "2,2,2",
                         "--noise-std", "1.5", "--samples", "4")

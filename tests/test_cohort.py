@@ -102,6 +102,7 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     for before, after in zip(summary["scans"], rerun, strict=True):  # a skipped scan's figures from its sidecar
         assert after["noise_std"] == before["noise_std"]
         assert after["flagged_fraction"] == before["flagged_fraction"]
+    (tmp_path / "model" / "README.md").write_text("notes on this model\n")  # not read by loading it
     assert main([*args, "--batch-size", "1"]) == 1  # a memory knob: the same settings
     assert "0 done, 4 skipped" in capsys.readouterr().out
     assert main([*args, "--seed", "5"]) == 2  # other settings: refused before any sampling, nothing rewritten
@@ -113,7 +114,7 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     recalibrated = Calibration(scale=2.0, alpha=0.1, delta=0.1, method="crc", bound="hoeffding", num_volumes=4,
                                risk_hat=0.1, risk_upper=0.1)
     Calibrations([recalibrated]).save(tmp_path / "model")  # the model folder changed in place
-    assert main(args) == 2 and "model_digest" in capsys.readouterr().err
+    assert main(args) == 2 and "calibration.json None → '" in capsys.readouterr().err  # the file that changed
 
 
 def test_two_processes_write_the_same_outputs_as_one_and_a_rerun_skips_all(tmp_path: Path) -> None:

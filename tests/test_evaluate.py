@@ -158,8 +158,9 @@ def test_calibrate_per_mm_fits_one_scale_for_the_std_times_the_voxel_size(tmp_pa
     from gen_sr.eval.cases import simulate_cases
     from gen_sr.pipelines import LatentDiffusionSRPipeline
 
-    model = tmp_path / "model"
-    _pipe(2).save_pretrained(model)
+    model, made = tmp_path / "model", _pipe(2)
+    made.model_card = replace(made.model_card, refit_disagreement=True)  # as models/heads2d: runs with a noise refit
+    made.save_pretrained(model)
     paths = [str(save_volume(_hr(shape=(24, 10, 24)), tmp_path / "hr.nii.gz"))]
     hr = _hr(shape=(16, 8, 16))
     paths.append(str(save_volume(hr.with_data(hr.data, np.diag([1.5, 1.5, 1.5, 1.0])), tmp_path / "c.nii.gz")))
@@ -191,6 +192,8 @@ def test_calibrate_per_mm_fits_one_scale_for_the_std_times_the_voxel_size(tmp_pa
         calibrate(pipe, simulate_cases([(p, load_volume(p)) for p in paths], axis=2, thickness=3.0), per_mm=True,
                   method="crc", blocks=12)
     assert main([*args, "--per-grid"]) == 2 and "per mm of the voxel size" in capsys.readouterr().err
+    assert main([*args, "--per-mm", "--overwrite", "--no-refit-disagreement"]) == 2  # would replace noise-free records
+    assert "without the refit" in capsys.readouterr().err
     lr = Volume(np.random.default_rng(0).random((16, 8, 4)).astype(np.float32) + 1, np.diag([1.5, 1.5, 6.0, 1.0]))
     out = pipe(lr, num_samples=2, num_inference_steps=2, noise_std=0.5, generator=torch.Generator().manual_seed(0))
     assert out.metadata["risk"]["scale"] == pytest.approx(1.5 * record.scale_per_mm)

@@ -391,14 +391,14 @@ def test_card_rows_are_short_and_labelled() -> None:
     assert "noise_std_in_plane" not in counted and "under-covers" in unknown["Noise std"]
     assert dict(card_rows({**AUDIT_CARD, "noise_std_estimated": True}))["Noise std"].startswith("read from the scan's")
     per_grid = dict(card_rows({**AUDIT_CARD, "calibration": {**CALIBRATION, "grid_spacing": 1.5}}))["Calibration"]
-    assert "from 96 units of 8 volumes on 1.5 mm output grids (the record for this run's grid); miss" in per_grid
-    per_mm = {**CALIBRATION, "grid_spacing": 1.5, "scale_per_mm": 3.16, "scale": 4.74}
+    assert "from 96 units of 8 volumes (the record for 1.5 mm grids); miss" in per_grid
+    per_mm = {**CALIBRATION, "grid_spacing": 1.5, "scale_per_mm": 3.16, "scale": 4.74, "fitted_grids": [1.0, 1.5]}
     per_mm = dict(card_rows({**AUDIT_CARD, "calibration": per_mm}))["Calibration"]
-    assert ("8 volumes on every output grid together, one scale per mm of the voxel size (3.16; 4.74 on this run's "
-            "1.5 mm grid); miss") in per_mm
+    assert ("8 volumes (one scale per mm of the output voxel size, fitted on 1-1.5 mm grids together: 3.16 per mm, "
+            "4.74 on this run's 1.5 mm grid); miss") in per_mm
     no_grid = {**CALIBRATION, "scale_per_mm": 3.16, "scale": 3.16}  # a run record without its grid
     no_grid = dict(card_rows({**AUDIT_CARD, "calibration": no_grid}))["Calibration"]
-    assert "one scale per mm of the voxel size (3.16); miss" in no_grid
+    assert "one scale per mm of the output voxel size, fitted on every grid together: 3.16 per mm); miss" in no_grid
     assert rows["Interval"] == "mean ± 0.4525 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)"
     assert rows["Sampler"] == "DPMSolverDataConsistencyScheduler(trailing)" and rows["Sampler steps"] == "50"
     assert rows["Timings"] == "prepare 2.2 s, denoise 180 s, decode 10 s, stitch uncertainty 0.41 s"
@@ -527,7 +527,7 @@ def test_each_mismatch_is_worded_once_and_a_build_without_the_reason_is_refused(
     assert len(wordings) == 4
     assert "adapted" in MISMATCH_WORDING["scan"].made_for and "--adapt" in MISMATCH_WORDING["scan"].advice
     assert "--noise-std" in MISMATCH_WORDING["noise_unknown"].advice
-    assert "--per-grid" in MISMATCH_WORDING["grid"].advice
+    assert "--target-spacing" in MISMATCH_WORDING["grid"].advice and "this grid" in MISMATCH_WORDING["grid"].advice
     inputs = _inputs()
     with pytest.raises(TypeError, match="calibration_mismatch"):
         build_report(tmp_path, **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")}, card={},

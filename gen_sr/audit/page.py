@@ -19,7 +19,7 @@ from gen_sr.audit.figures import FigureRecord
 from gen_sr.audit.summary import INTENSITY_UNIT, coords, grouped, number, seconds
 from gen_sr.config import ConfigError, config_from_dict
 from gen_sr.model_card import Adaptation
-from gen_sr.risk import MISMATCH_WORDING, Calibration, mismatch_text
+from gen_sr.risk import MISMATCH_WORDING, Calibration, grid_text, mismatch_text
 
 __all__ = ["DISCLAIMER", "Cell", "Table", "card_rows", "render_page", "table"]
 
@@ -118,12 +118,12 @@ def _calibration(v: Any) -> str:
         text += f", from {units} units" + (f" of {len(volumes)} volumes" if isinstance(volumes, list) else "")
     else:
         text += f", from {cal.num_volumes} volumes"
+    at_grid = ""
     if cal.scale_per_mm is not None:
-        grid = cal.grid_spacing
-        text += (f" on every output grid together, one scale per mm of the voxel size ({cal.scale_per_mm:.4g}"
-                 + (f"; {cal.scale:.4g} on this run's {grid:g} mm grid)" if grid is not None else ")"))
-    elif cal.grid_spacing is not None:
-        text += f" on {cal.grid_spacing:g} mm output grids (the record for this run's grid)"
+        at_grid = f": {cal.scale_per_mm:.4g} per mm" + (
+            f", {cal.scale:.4g} on this run's {cal.grid_spacing:g} mm grid" if cal.grid_spacing is not None else "")
+    if cal.grid_spacing is not None or cal.scale_per_mm is not None or cal.fitted_grids:  # else: any grid, unsaid
+        text += f" ({grid_text(cal)}{at_grid})"
     text += f"; miss rate on the calibration data {cal.risk_hat:.3f}"
     if cal.per_scan:
         held = details.get("held_out_slices")

@@ -417,10 +417,12 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
     """
     check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks,
                                interval=interval)
-    if per_mm and (interval != "std" or not noise_known or not cases_noise_std(cases)):
-        raise ValueError("a scale per mm of the voxel size is fitted for the plain std of runs with a noise std: "
-                         "not with interval 'auto', for runs whose noise is not known, or on noise-free volumes "
-                         "(their scales did not grow so with the voxel size)")
+    refit = pipe.sampling_settings(noise_std=cases_noise_std(cases), **pipe_kwargs).refit_disagreement
+    if per_mm and (interval != "std" or not noise_known or not cases_noise_std(cases) or not refit):
+        raise ValueError("a scale per mm of the voxel size is fitted for the plain std of runs with a noise std, which "
+                         "refit the data where they disagree: not with interval 'auto', for runs whose noise is not "
+                         "known, on noise-free volumes (their scales did not grow so with the voxel size) or without "
+                         "the refit (whose records are the noise-free runs')")
     if per_mm and len({case_grid(c) for c in cases}) < 2:
         warnings.warn("every calibration volume is on one output grid: a scale per mm of the voxel size is then that "
                       "grid's scale over its voxel size, and other grids get it untested; add volumes on another grid "

@@ -108,7 +108,7 @@ def cases_noise_std(cases: Sequence[Case]) -> float:
 
 def simulate_case(hr: Volume, name: str, *, axis: int = 2, thickness: float = 4.0, spacing: float | None = None,
                   profile: SliceProfile = "gaussian", snr: float | None = None, seed: int = 0,
-                  transforms: Sequence[AxisTransform] | None = None) -> Case:
+                  transforms: Sequence[AxisTransform] | None = None, check_truth: bool = True) -> Case:
     """Degrade an HR volume with through-plane slices along RAS+ ``axis`` (2: inferior-superior).
 
     Args:
@@ -120,11 +120,13 @@ def simulate_case(hr: Volume, name: str, *, axis: int = 2, thickness: float = 4.
         transforms: any acquisition instead of the slices (axes are RAS+ axes), e.g. the ``transforms`` of an
             operator JSON that ``gen-sr degrade --save-operator`` wrote.
 
-    A volume coarse already along an axis the acquisition slices (a thick-slice scan) is warned about.
+    A volume coarse already along an axis the acquisition slices (a thick-slice scan) is warned about, unless
+    ``check_truth`` is off (a scan's own in-plane slice, whose pixels may be anisotropic: the per-scan problems).
     """
     canon = hr.canonical()
     transforms = list(transforms) if transforms is not None else [SliceAcquisition(axis, thickness, spacing, profile)]
-    _warn_if_coarse(canon, name, transforms)
+    if check_truth:
+        _warn_if_coarse(canon, name, transforms)
     lr, operator, sigma = simulate_acquisition(canon, transforms, snr=snr, seed=seed)
     return Case(name, canon, lr, operator, sigma)
 
