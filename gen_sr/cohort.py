@@ -184,8 +184,10 @@ def run_settings(pipe: Any, seed: int, pipe_kwargs: dict[str, Any]) -> dict[str,
     """What makes a cohort's outputs what they are, as JSON (recorded in each sidecar as ``cohort_settings``): the
     model folder and its content (:func:`~gen_sr.io.model_digests`: weights, card and calibration), the sampler
     settings as the runs resolve them (``pipe.sampling_settings``: a step count left to the model's default equals
-    the same count given), the seed and the other pipeline arguments, but for ``batch_size`` (a memory knob: the
-    output depends on it only by float32 rounding)."""
+    the same count given), the seed and the other pipeline arguments as given, but for ``batch_size`` (a memory knob:
+    the output depends on it only by float32 rounding). The acquisition's are compared as given too: a slice profile
+    or thickness left to each scan's sidecar is "not given" in both runs, and one given as what a sidecar says is
+    another setting."""
     model = getattr(pipe.config, "_name_or_path", None)
     folder = Path(model).resolve() if model and Path(model).is_dir() else None
     noise = pipe_kwargs.get("noise_std")
