@@ -60,7 +60,8 @@ def check_output_file(path: PathLike, overwrite: bool = False, inputs: Sequence[
 
     Raises:
         InputError: a wrong suffix, a missing or unwritable directory, an existing file without ``overwrite``, or
-            the same file as one of ``inputs``.
+            the same file as one of ``inputs`` or as the JSON sidecar of a NIfTI one (``scan.nii`` and the run record
+            of an output ``scan.nii.gz`` are both ``scan.json``).
     """
     p = Path(path)
     if suffixes is not None and not p.name.lower().endswith(tuple(suffixes)):
@@ -68,9 +69,11 @@ def check_output_file(path: PathLike, overwrite: bool = False, inputs: Sequence[
     if p.is_dir():
         raise InputError("is a directory; an output file name is needed", p)
     check_writable_dir(p.parent)
-    for src in inputs:
+    sidecars = [sidecar_path(src) for src in inputs if is_nifti_name(src)]
+    for src in [*inputs, *sidecars]:
         if Path(src).exists() and p.exists() and p.resolve() == Path(src).resolve():
-            raise InputError("output is the same file as an input; inputs are never modified", p)
+            what = "the JSON sidecar of an input" if src in sidecars else "the same file as an input"
+            raise InputError(f"output is {what}; inputs are never modified", p, "give the output another name")
     if p.exists() and not overwrite:
         raise InputError("output already exists", p, "pass --overwrite to replace it")
     return p
@@ -136,23 +139,43 @@ def sidecar_path(path: PathLike) -> Path:
 
 def read_sidecar(path: PathLike | None) -> dict[str, Any]:
     """The JSON object in the sidecar beside a NIfTI file (:func:`sidecar_path`), as dcm2niix and ``gen-sr degrade``
-    write it; ``{}`` where there is no such file, it is not a JSON object, or ``path`` is not a NIfTI file name (e.g. a
-    description)."""
+    write it; ``{}`` where there is no such file or ``path`` is not a NIfTI file name (e.g. a description).
+
+    Raises:
+        InputError: a sidecar that cannot be read or is not a JSON object (a trailing comma left by a hand edit):
+            what it says about the slices would be dropped without a word.
+    """
     if path is None or not is_nifti_name(path):
         return {}
+    sidecar = sidecar_path(path)
+    hint = "correct or remove it, or give what it should say (--slice-thickness, --profile)"
     try:
-        value = json.loads(sidecar_path(path).read_text())
-    except (OSError, ValueError):  # none, or not JSON
+        value = json.loads(sidecar.read_text())
+    except FileNotFoundError:
         return {}
-    return value if isinstance(value, dict) else {}
+    except (OSError, ValueError) as e:
+        raise InputError(f"the scan's JSON sidecar cannot be read ({str(e).splitlines()[0]})", sidecar, hint) from e
+    if not isinstance(value, dict):
+        raise InputError("the scan's JSON sidecar is not a JSON object", sidecar, hint)
+    return value
 
 
 def sidecar_slice_thickness(path: PathLike | None) -> float | None:
     """The slice thickness in mm that the BIDS JSON sidecar beside a NIfTI file records (``SliceThickness``, as
     dcm2niix copies it from the DICOM header, and as ``gen-sr degrade`` writes it), or ``None`` where there is no
-    such file or field, or its value is not a positive number (:func:`read_sidecar`)."""
+    such file or field (:func:`read_sidecar`).
+
+    Raises:
+        InputError: a value that is not a positive number of mm.
+    """
     value = read_sidecar(path).get("SliceThickness")
-    return float(value) if isinstance(value, int | float) and 0 < value < float("inf") else None
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf"):
+        return float(value)
+    raise InputError(f"SliceThickness {json.dumps(json_ready(value))[:40]} is not a thickness in mm",
+                     sidecar_path(path),  # type: ignore[arg-type]  (not None: it has a sidecar)
+                     "give the run's --slice-thickness, which is used instead, or correct or remove the field")
 
 
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin")

@@ -44,6 +44,9 @@ def test_output_checks_name_the_problem(tmp_path: Path, unwritable: Path) -> Non
     assert check_output_path(tmp_path / "a.nii.gz", overwrite=True) == tmp_path / "a.nii.gz"
     with pytest.raises(InputError, match="same file as an input"):
         check_output_path(tmp_path / "a.nii.gz", overwrite=True, inputs=[tmp_path / "a.nii.gz"])
+    (tmp_path / "a.json").write_text("{}")  # the input's sidecar: an output a.nii would write its record there
+    with pytest.raises(InputError, match="output is the JSON sidecar of an input; inputs are never modified"):
+        check_output_file(tmp_path / "a.json", overwrite=True, inputs=[tmp_path / "a.nii.gz"])
     with pytest.raises(InputError, match="is a file"):
         check_output_dir(tmp_path / "a.nii.gz")
     (tmp_path / "run").mkdir()

@@ -105,10 +105,13 @@ def test_atomic_dir_replaces_a_folder_whole_or_leaves_it_as_it_was(tmp_path: Pat
 def test_the_slice_thickness_of_a_bids_sidecar(tmp_path: Path) -> None:
     scan = save_volume(_volume(), tmp_path / "sub-01_T2w.nii.gz")
     assert sidecar_slice_thickness(scan) is None  # no sidecar
-    for text, expected in (('{"SliceThickness": 5, "SpacingBetweenSlices": 6.5}', 5.0), ('{"SliceThickness": 0}', None),
-                           ('{"EchoTime": 0.1}', None), ("[5]", None), ("not json", None)):
+    for text, expected in (('{"SliceThickness": 5, "SpacingBetweenSlices": 6.5}', 5.0), ('{"EchoTime": 0.1}', None)):
         (tmp_path / "sub-01_T2w.json").write_text(text)
         assert sidecar_slice_thickness(scan) == expected, text
+    for text in ("[5]", "not json"):  # what it says would be dropped: the file is named instead
+        (tmp_path / "sub-01_T2w.json").write_text(text)
+        with pytest.raises(InputError, match=r"sub-01_T2w\.json: the scan's JSON sidecar"):
+            sidecar_slice_thickness(scan)
     assert sidecar_slice_thickness("synthetic subject 3 (deformed)") is None and sidecar_slice_thickness(None) is None
 
 
@@ -117,10 +120,17 @@ def test_the_slice_profile_of_a_sidecar(tmp_path: Path) -> None:
     scan = save_volume(_volume(), tmp_path / "lr.nii.gz")
     assert sidecar_slice_profile(scan) is None and sidecar_slice_profile(None) is None  # no sidecar, no file
     for text, expected in (('{"SliceProfile": "rect", "SliceThickness": 4}', "rect"), ('{"SliceThickness": 4}', None),
-                           ('{"SliceProfile": [0, 1, 0.5, 0]}', (0.0, 1.0, 0.5, 0.0)), ("not json", None),
-                           ('["rect"]', None)):
+                           ('{"SliceProfile": [0, 1, 0.5, 0]}', (0.0, 1.0, 0.5, 0.0))):
         (tmp_path / "lr.json").write_text(text)
         assert sidecar_slice_profile(scan) == expected, text
+    for text in ('{"SliceProfile": "rect",\n}', '["rect"]'):  # a hand edit's trailing comma; not an object
+        (tmp_path / "lr.json").write_text(text)
+        with pytest.raises(InputError, match=r"lr\.json: the scan's JSON sidecar (cannot be read|is not a JSON obj)"):
+            sidecar_slice_profile(scan)
+    for text in ('{"SliceThickness": 0}', '{"SliceThickness": "4"}', '{"SliceThickness": -4}'):
+        (tmp_path / "lr.json").write_text(text)
+        with pytest.raises(InputError, match=r"lr\.json: SliceThickness .* is not a thickness in mm"):
+            sidecar_slice_thickness(scan)
     for text in ('{"SliceProfile": "Gauss"}', '{"SliceProfile": 3}', '{"SliceProfile": [true, false]}',
                  '{"SliceProfile": []}'):
         (tmp_path / "lr.json").write_text(text)
