@@ -14,7 +14,9 @@ In Python: ``run_cohort(pipe, find_scans(["scans/"]), "sr/", **pipe_kwargs)``.
 * **Processes:** under ``accelerate launch`` (several processes, GPUs or machines) each process takes every
   world-size-th scan and draws all of that scan's samples itself.
 * **Reruns** skip every scan whose mean and sidecar exist, and take its figures from that sidecar
-  (``overwrite=True`` redoes them); a rerun with other settings (model, sampler, seed, acquisition) than the run that
+  (``overwrite=True`` redoes them, removing their earlier outputs first); a scan whose file or JSON sidecar changed
+  since (:func:`input_stamp`) is redone; two scans that would write the same outputs are refused; a rerun with other
+  settings (model, sampler, seed, acquisition) than the run that
   wrote them is refused before any sampling, so that one folder never mixes two settings. A scan that fails is
   reported with its one-line reason and does not stop the others.
 * **Summary:** ``summary.tsv`` and ``summary.json`` in the output folder, one row per scan: status, seconds, the
@@ -41,10 +43,10 @@ from tqdm.auto import tqdm
 
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
-from gen_sr.io import NIFTI_SUFFIXES, atomic_write, is_nifti_name, json_ready, model_digests, write_json
+from gen_sr.io import NIFTI_SUFFIXES, atomic_write, is_nifti_name, json_ready, model_digests, sidecar_path, write_json
 from gen_sr.volume import IntensityNormalization, load_volume, save_volume
 
-__all__ = ["CohortRow", "ScanOutputs", "find_scans", "flagged_fraction", "run_cohort", "run_settings",
+__all__ = ["CohortRow", "ScanOutputs", "find_scans", "flagged_fraction", "input_stamp", "run_cohort", "run_settings",
            "scan_outputs"]
 
 _BIDS = re.compile(r"^(?P<entities>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_(?P<suffix>[A-Za-z0-9]+)$")
@@ -165,6 +167,7 @@ def run_cohort(pipe: Any, scans: Sequence[tuple[Path, Path]], output_dir: str | 
     state = process_state()
     seed = pipe_kwargs.pop("seed", 0)
     settings = run_settings(pipe, seed, pipe_kwargs)
+    _check_distinct_outputs(scans, out)
     if not overwrite:
         _check_earlier_settings([scan_outputs(scan, root, out) for scan, root in scans], settings, out)
     mine = list(scans)[state.process_index :: state.num_processes]
@@ -228,6 +231,24 @@ def _check_earlier_settings(outputs: Sequence[ScanOutputs], settings: dict[str, 
                          "pass --overwrite to redo them with these settings, or give another --output-dir")
 
 
+def _check_distinct_outputs(scans: Sequence[tuple[Path, Path]], output_dir: Path) -> None:
+    """Refuse two scans whose outputs would be the same files (``a.nii`` and ``a.nii.gz`` in one folder)."""
+    seen: dict[Path, Path] = {}
+    for scan, root in scans:
+        other = seen.setdefault(scan_outputs(scan, root, output_dir).mean, scan)
+        if other != scan:
+            raise InputError(f"and {other} would write the same outputs", scan, "rename one, or run them apart")
+
+
+def input_stamp(scan: Path) -> dict[str, list[int] | None]:
+    """The size and modification time (ns) of a scan's file and of its JSON sidecar (``None`` without one): whether a
+    finished scan's outputs still belong to its input (a rerun redoes a scan whose stamp changed)."""
+    def stamp(path: Path) -> list[int] | None:
+        return [path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else None
+
+    return {"scan": stamp(scan), "sidecar": stamp(sidecar_path(scan))}
+
+
 def _flat(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` with its nested records flattened (``{"sampling": {"num_samples": 8}}`` gives
     ``{"num_samples": 8}``, ``{"model_files": {"unet/config.json": ...}}`` ``{"unet/config.json": ...}``): each
@@ -242,13 +263,17 @@ def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, thresh
               pipe_kwargs: dict[str, Any], settings: dict[str, Any]) -> CohortRow:
     import torch
 
-    if paths.done() and not overwrite:
-        earlier = _earlier_sidecar(paths)
+    earlier = _earlier_sidecar(paths) if paths.done() else {}
+    stamp = json_ready(input_stamp(scan))
+    changed = earlier.get("input_stamp", stamp) != stamp  # a record from before stamps were kept: as unchanged
+    if earlier and not (overwrite or changed):
         residual = earlier.get("relative_residual")
         return CohortRow(str(scan), "skipped", earlier.get("seconds", 0.0), noise_std=earlier.get("noise_std"),
                          max_relative_residual=max(residual) if residual else None,
                          flagged_fraction=earlier.get("flagged_fraction"), output=str(paths.mean),
                          message="finished by an earlier run")
+    for path in astuple(paths):  # redone: no output of the earlier run stays, even where this one fails
+        path.unlink(missing_ok=True)
     tic = time.perf_counter()
     try:
         lr = load_volume(scan)
@@ -260,10 +285,11 @@ def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, thresh
         seconds = time.perf_counter() - tic
         flagged = flagged_fraction(np.asarray(result.risk), np.asarray(result.mean), threshold)
         write_json(paths.sidecar, {**result.metadata, "input": str(scan), "flagged_fraction": flagged,
-                                   "risk_threshold": threshold, "seconds": seconds, "cohort_settings": settings})
+                                   "risk_threshold": threshold, "seconds": seconds, "cohort_settings": settings,
+                                   "input_stamp": stamp})
         return CohortRow(str(scan), "done", seconds, noise_std=result.metadata["noise_std"],
                          max_relative_residual=max(result.metadata["relative_residual"]), flagged_fraction=flagged,
-                         output=str(paths.mean))
+                         output=str(paths.mean), message="its input changed since an earlier run" if changed else "")
     except (InputError, ValueError, RuntimeError, OSError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if os.environ.get("GEN_SR_DEBUG"):

@@ -111,10 +111,19 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     assert "--overwrite" in err and err.count("\n") == 1 and mean.stat().st_mtime_ns == stamp
     assert main([*args, "--samples", "3"]) == 2
     assert "(num_samples 2 → 3)" in capsys.readouterr().err
+    (files[0].parent / "sub-00_T1w.json").write_text('{"SliceThickness": 3}')  # an input changed: redone, alone
+    assert main(args) == 1 and "1 done, 3 skipped" in capsys.readouterr().out
+    assert mean.stat().st_mtime_ns != stamp
     recalibrated = Calibration(scale=2.0, alpha=0.1, delta=0.1, method="crc", bound="hoeffding", num_volumes=4,
                                risk_hat=0.1, risk_upper=0.1)
     Calibrations([recalibrated]).save(tmp_path / "model")  # the model folder changed in place
     assert main(args) == 2 and "calibration.json None → '" in capsys.readouterr().err  # the file that changed
+    files[1].write_bytes(b"broken")  # --overwrite redoes every scan, and leaves none of a failed one's old outputs
+    old = tmp_path / "out" / "sub-01" / "anat" / "sub-01_desc-sr_T1w.nii.gz"
+    assert old.is_file() and main([*args, "--overwrite"]) == 1 and not old.exists()
+    assert not old.with_name("sub-01_desc-sr_T1w.json").exists()
+    (tmp_path / "bids" / "sub-00" / "anat" / "sub-00_T1w.nii").write_bytes(files[0].read_bytes())  # a.nii, a.nii.gz
+    assert main(args) == 2 and "would write the same outputs" in capsys.readouterr().err
 
 
 def test_two_processes_write_the_same_outputs_as_one_and_a_rerun_skips_all(tmp_path: Path) -> None:
