@@ -112,6 +112,11 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
                  "--reuse", str(f["hr"]), str(std), "--overwrite"]) == 2
     assert "no run record" in capsys.readouterr().err
+    other = load_volume(f["lr"])  # the same grid, other data: not the scan this run super-resolved
+    save_volume(other.with_data(other.data * 1.01), tmp_path / "other.nii.gz")
+    assert main(["audit", "--model", str(f["model"]), "--input", str(tmp_path / "other.nii.gz"), "--output-dir",
+                 str(out), "--reuse", str(sr), str(std), "--overwrite"]) == 2
+    assert "sr.nii.gz: was made from another input than" in capsys.readouterr().err
     # a brain mask (here half of the SR grid) is where the verdict counts, whatever the foreground
     hr = load_volume(f["hr"])
     half = np.zeros(hr.shape, dtype=np.float32)

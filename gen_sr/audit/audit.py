@@ -71,6 +71,10 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
         operator = AcquisitionOperator.from_dict(meta["operator"])
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"is not a super-resolve run record ({e})", meta_path) from None
+    recorded = meta.get("input_digest")  # none in records from before it was kept
+    if recorded is not None and recorded != lr.canonical().digest():
+        raise InputError(f"was made from another input than {lr.source or 'the one given'} (its record's digest "
+                         "differs)", sr_path, "give the scan it super-resolved as --input")
     given, lr = lr, pipe.measured_input(lr, meta)  # a calibration region is a mask on the given input's grid
     mean, std = load_volume(sr_path), load_volume(std_path)
     if mean.shape != std.shape or not np.allclose(mean.affine, std.affine, atol=1e-4):

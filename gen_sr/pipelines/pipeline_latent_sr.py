@@ -591,6 +591,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
 
         # 9. output: back to input units and orientation
         metadata = {
+            "input_digest": given.digest(),  # the scan as given, in RAS+: what an audit of this run checks it against
             "seeds": [g.initial_seed() for g in generators],
             "scheduler": self.sampler_name,
             "num_inference_steps": num_inference_steps,
