@@ -162,7 +162,9 @@ def test_save_load_and_errors(tmp_path: Path) -> None:
         fit_calibration(errors[:1], stds[:1])
     with pytest.raises(ValueError, match="reaches a miss rate"):
         fit_calibration([np.ones(10)] * 3, [np.zeros(10)] * 3)
-    with pytest.raises(ValueError, match="needs at least 22 volumes"):  # 0.9²² ≤ 0.1: no fewer can certify
+    with pytest.raises(ValueError, match=r"even there 0\.100 of the voxels miss \(with 30 units crc allows 0\.070\)"):
+        fit_calibration([np.ones(10)] * 30, [np.r_[np.zeros(1), np.ones(9)]] * 30, method="crc")
+    with pytest.raises(ValueError, match="needs at least 22 units"):  # 0.9²² ≤ 0.1: no fewer can certify
         fit_calibration(errors[:21], stds[:21])
     # the same limits, refused before any sampling: CRC needs 1 / (n + 1) <= alpha, so 9 units at alpha 0.1
     fit_calibration(errors[:9], [s * 50 for s in stds[:9]], method="crc")

@@ -155,9 +155,14 @@ def fit_calibration(
     # λ̂: the start of the last run of accepted values (every λ from there on is accepted)
     if not ok[-1]:
         need = minimum_units(method, alpha, delta, bound)
-        raise ValueError(f"no scale up to {max_scale} reaches a miss rate of {alpha} with {n} volumes "
-                         f"(mean miss rate there: {risk[-1]:.3f}); this rule needs at least {need} volumes even "
-                         "when nothing misses: use more calibration volumes, or a larger alpha or delta")
+        if n < need:
+            raise ValueError(f"no scale reaches a miss rate of {alpha:g} with {n} units: this rule needs at least "
+                             f"{need} units even when nothing misses; use more calibration units, or a larger alpha "
+                             "or delta")
+        allowed = f" (with {n} units {method} allows {((n + 1) * alpha - 1) / n:.3f})" if method == "crc" else ""
+        raise ValueError(f"no scale up to {max_scale:g} reaches a miss rate of {alpha:g} with {n} units: even there "
+                         f"{risk[-1]:.3f} of the voxels miss{allowed}, where the std is about 0 and the mean errs; "
+                         "use more calibration units, or a larger alpha or delta")
     first = len(ok) - int(np.argmin(ok[::-1])) if not ok.all() else 0
     scale = float(grid[first])
     return Calibration(scale=scale, alpha=alpha, delta=delta, method=method, bound=bound, num_volumes=n,
