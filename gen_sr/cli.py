@@ -89,6 +89,11 @@ def _fmt(values: Sequence[float], digits: int = 3) -> str:
     return " x ".join(f"{v:.{digits}f}".rstrip("0").rstrip(".") for v in values)
 
 
+def _options(flags: Sequence[str], singular: str, plural: str) -> str:
+    """Options named with their verb: ``--alpha sets``, ``--alpha, --resume set``."""
+    return f"{', '.join(flags)} {singular if len(flags) == 1 else plural}"
+
+
 def _shape(shape: Sequence[int]) -> str:
     return " x ".join(str(n) for n in shape)
 
@@ -103,7 +108,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     run_options = getattr(args, "run_settings", frozenset()) | {"--samples", "--time"}
     preview = sorted(f for f, name in _given(args).items() if name in run_options)
     if preview and (args.model is None or args.file is None):
-        raise InputError(f"{', '.join(preview)} preview(s) a model's run on a file: give the FILE and --model DIR",
+        raise InputError(f"{_options(preview, 'previews', 'preview')} a model's run on a file: give the FILE and "
+                         "--model DIR",
                          args.file)
     if args.model is not None and args.file is None:
         return _model_info(Path(args.model))
@@ -467,8 +473,8 @@ def _super_resolve_cohort(args: argparse.Namespace) -> int:
                                        ("--volume", args.volume),
                                        ("--calibration-region", args.calibration_region)) if value]
     if unused:
-        raise InputError(f"{', '.join(unused)} take(s) one scan; with --output-dir every scan gets its mean, std and "
-                         "risk maps and a sidecar", args.input)
+        raise InputError(f"{_options(unused, 'takes', 'take')} one scan; with --output-dir every scan gets its mean, "
+                         "std and risk maps and a sidecar", args.input)
     out = check_output_dir(args.output_dir)
     scans = find_scans([args.input], output_dir=out)
     pipe = _load_pipeline(args)
@@ -615,8 +621,8 @@ def _adapted_if_asked(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, d
     if not args.adapt:
         needs_adapt = getattr(args, "adaptation_options", frozenset())
         if given := sorted(flag for flag, name in _given(args).items() if name in needs_adapt):
-            raise InputError(f"{', '.join(given)} set the adaptation, which runs only with --adapt",
-                             hint="add --adapt, or leave them out")
+            raise InputError(f"{_options(given, 'sets', 'set')} the adaptation, which runs only with --adapt",
+                             hint=f"add --adapt, or leave {'it' if len(given) == 1 else 'them'} out")
         return pipe, {}
     from gen_sr.training.scan_fit import save_model
 

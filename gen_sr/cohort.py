@@ -224,7 +224,8 @@ def _check_earlier_settings(outputs: Sequence[ScanOutputs], settings: dict[str, 
             stale.append(earlier)
     if stale:
         before, now = _flat(stale[0]), _flat(settings)  # the first one's differences are named
-        changed = ", ".join(f"{k} {before.get(k)!r} → {now.get(k)!r}"
+        said = lambda v: "none" if v is None else repr(v)  # noqa: E731
+        changed = ", ".join(f"{k} {said(before.get(k))} → {said(now.get(k))}"
                             for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
         raise InputError(f"{len(stale)} scan(s) here were finished by an earlier run with other settings ({changed}), "
                          "and a folder should not mix two", output_dir,

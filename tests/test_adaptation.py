@@ -461,11 +461,11 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
     assert "give --samples 2 or more" in capsys.readouterr().err and not (tmp_path / "one_adaptation").exists()
     assert main(["super-resolve", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),
                  "--output", str(tmp_path / "x.nii.gz"), "--adapt-steps", "6"]) == 2  # adaptation flags, no --adapt
-    assert "--adapt-steps set the adaptation, which runs only with --adapt" in capsys.readouterr().err
+    assert "--adapt-steps sets the adaptation, which runs only with --adapt" in capsys.readouterr().err
     for flag in (["--alpha", "0.2"], ["--resume"], ["--calibration-blocks", "2"]):  # each option of its group
         assert main(["super-resolve", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),
                      "--output", str(tmp_path / "x.nii.gz"), *flag]) == 2
-        assert f"{flag[0]} set the adaptation" in capsys.readouterr().err
+        assert f"{flag[0]} sets the adaptation" in capsys.readouterr().err
     code = main(["super-resolve", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"),
                  "--output", str(tmp_path / "sr.nii.gz"), "--adapt", "--adapt-steps", "6", "--adapt-batch-size", "4",
                  "--holdout-every", "2", "--samples", "2", "--steps", "2", "--adapt-keep-better"])

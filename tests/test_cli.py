@@ -344,9 +344,9 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
     code, _, err = _run(capsys, "info", path, "--time")
     assert code == 2 and "give the FILE and --model DIR" in err
     code, _, err = _run(capsys, "info", path, "--noise-std", "2", "--slice-profile", "rect")  # ignored otherwise
-    assert code == 2 and "--noise-std, --slice-profile preview(s) a model's run on a file" in err
+    assert code == 2 and "--noise-std, --slice-profile preview a model's run on a file" in err
     code, _, err = _run(capsys, "info", "--model", tmp_path / "model", "--samples", "3")  # a model without a file
-    assert code == 2 and "--samples preview(s) a model's run on a file: give the FILE" in err
+    assert code == 2 and "--samples previews a model's run on a file: give the FILE" in err
     # what a run with other settings would do: another grid, a given noise std, fewer samples than calibrated
     code, out, _ = _run(capsys, "info", path, "--model", tmp_path / "model", "--target-spacing", "2,2,2",
                         "--noise-std", "1.5", "--samples", "4")

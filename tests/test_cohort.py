@@ -117,7 +117,7 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     recalibrated = Calibration(scale=2.0, alpha=0.1, delta=0.1, method="crc", bound="hoeffding", num_volumes=4,
                                risk_hat=0.1, risk_upper=0.1)
     Calibrations([recalibrated]).save(tmp_path / "model")  # the model folder changed in place
-    assert main(args) == 2 and "calibration.json None → '" in capsys.readouterr().err  # the file that changed
+    assert main(args) == 2 and "calibration.json none → '" in capsys.readouterr().err  # the file that changed
     files[1].write_bytes(b"broken")  # --overwrite redoes every scan, and leaves none of a failed one's old outputs
     old = tmp_path / "out" / "sub-01" / "anat" / "sub-01_desc-sr_T1w.nii.gz"
     assert old.is_file() and main([*args, "--overwrite"]) == 1 and not old.exists()
