@@ -904,7 +904,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     _print_risk(payload["card"].get("risk"))
     print(f"verdict:  {payload['verdict']['text']}")
     if (departs := payload["data_disagreement"]) is not None:
-        when = {"before_refit": " before the refit (then fitted to them)", "after_refit": " after the refit"}
+        when = {"before_refit": " before the refit (then fitted to them)",
+                "after_refit": " after the run's refit, which hides where it acted (the run's --data-disagreement "
+                               "map shows that)"}
         print(f"data:     {departs['flagged_percent']:.1f} % departs from the measured slices beyond their noise"
               f"{when.get(departs['stage'], '')} (data disagreement > {departs['threshold']:g}; its largest regions "
               "are in the report)")
