@@ -43,11 +43,20 @@ from tqdm.auto import tqdm
 
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
-from gen_sr.io import NIFTI_SUFFIXES, atomic_write, is_nifti_name, json_ready, model_digests, sidecar_path, write_json
+from gen_sr.io import (
+    NIFTI_SUFFIXES,
+    atomic_write,
+    file_sha256,
+    is_nifti_name,
+    json_ready,
+    model_digests,
+    sidecar_path,
+    write_json,
+)
 from gen_sr.volume import IntensityNormalization, load_volume, save_volume
 
 __all__ = ["CohortRow", "ScanOutputs", "find_scans", "flagged_fraction", "input_stamp", "run_cohort", "run_settings",
-           "scan_outputs"]
+           "same_input", "scan_outputs"]
 
 _BIDS = re.compile(r"^(?P<entities>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_(?P<suffix>[A-Za-z0-9]+)$")
 SUMMARY_COLUMNS = ("scan", "status", "seconds", "noise_std", "max_relative_residual", "flagged_fraction", "output",
@@ -241,13 +250,28 @@ def _check_distinct_outputs(scans: Sequence[tuple[Path, Path]], output_dir: Path
             raise InputError(f"and {other} would write the same outputs", scan, "rename one, or run them apart")
 
 
-def input_stamp(scan: Path) -> dict[str, list[int] | None]:
-    """The size and modification time (ns) of a scan's file and of its JSON sidecar (``None`` without one): whether a
-    finished scan's outputs still belong to its input (a rerun redoes a scan whose stamp changed)."""
-    def stamp(path: Path) -> list[int] | None:
-        return [path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else None
+def input_stamp(scan: Path) -> dict[str, list[Any] | None]:
+    """The size, modification time (ns) and SHA-256 of a scan's file and of its JSON sidecar (``None`` without one):
+    what a finished scan's outputs were made from (:func:`same_input`)."""
+    return {"scan": _file_stamp(scan), "sidecar": _file_stamp(sidecar_path(scan))}
 
-    return {"scan": stamp(scan), "sidecar": stamp(sidecar_path(scan))}
+
+def same_input(recorded: dict[str, Any], scan: Path) -> bool:
+    """Whether a scan and its sidecar hold what they held when ``recorded`` (:func:`input_stamp`) was taken: a file
+    whose size and time are unchanged is taken as unchanged; one whose time changed (copied, touched, checked out)
+    is compared by content, so only an edit makes a rerun redo the scan."""
+    for key, path in (("scan", scan), ("sidecar", sidecar_path(scan))):
+        before, now = recorded.get(key), path.stat() if path.is_file() else None
+        if before is None or now is None:
+            if (before is None) != (now is None):
+                return False
+        elif [now.st_size, now.st_mtime_ns] != before[:2] and file_sha256(path) != before[2]:
+            return False
+    return True
+
+
+def _file_stamp(path: Path) -> list[Any] | None:
+    return [path.stat().st_size, path.stat().st_mtime_ns, file_sha256(path)] if path.is_file() else None
 
 
 def _flat(settings: dict[str, Any]) -> dict[str, Any]:
@@ -265,8 +289,7 @@ def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, thresh
     import torch
 
     earlier = _earlier_sidecar(paths) if paths.done() else {}
-    stamp = json_ready(input_stamp(scan))
-    changed = earlier.get("input_stamp", stamp) != stamp  # a record from before stamps were kept: as unchanged
+    changed = "input_stamp" in earlier and not same_input(earlier["input_stamp"], scan)  # none kept: as unchanged
     if earlier and not (overwrite or changed):
         residual = earlier.get("relative_residual")
         return CohortRow(str(scan), "skipped", earlier.get("seconds", 0.0), noise_std=earlier.get("noise_std"),
@@ -287,7 +310,7 @@ def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, thresh
         flagged = flagged_fraction(np.asarray(result.risk), np.asarray(result.mean), threshold)
         write_json(paths.sidecar, {**result.metadata, "input": str(scan), "flagged_fraction": flagged,
                                    "risk_threshold": threshold, "seconds": seconds, "cohort_settings": settings,
-                                   "input_stamp": stamp})
+                                   "input_stamp": input_stamp(scan)})
         return CohortRow(str(scan), "done", seconds, noise_std=result.metadata["noise_std"],
                          max_relative_residual=max(result.metadata["relative_residual"]), flagged_fraction=flagged,
                          output=str(paths.mean), message="its input changed since an earlier run" if changed else "")

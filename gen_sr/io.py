@@ -23,8 +23,8 @@ import numpy as np
 from gen_sr.errors import InputError
 
 __all__ = ["MODEL_FILE_SUFFIXES", "NIFTI_SUFFIXES", "SLICE_PROFILE_KEY", "atomic_dir", "atomic_write",
-           "check_output_dir", "check_output_file", "check_output_path", "check_writable_dir", "is_nifti_name",
-           "json_ready", "model_digests", "read_sidecar", "sidecar_path", "sidecar_profile_error",
+           "check_output_dir", "check_output_file", "check_output_path", "check_writable_dir", "file_sha256",
+           "is_nifti_name", "json_ready", "model_digests", "read_sidecar", "sidecar_path", "sidecar_profile_error",
            "sidecar_slice_profile", "sidecar_slice_thickness", "write_json"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -192,12 +192,17 @@ def model_digests(folder: PathLike) -> dict[str, str]:
         relative = path.relative_to(root)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        digests[relative.as_posix()] = digest.hexdigest()[:16]
+        digests[relative.as_posix()] = file_sha256(path)[:16]
     return digests
+
+
+def file_sha256(path: PathLike) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def sidecar_slice_profile(path: PathLike | None) -> str | tuple[float, ...] | None:

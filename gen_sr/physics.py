@@ -1292,8 +1292,9 @@ def simulate_acquisition(
         seed: noise seed.
 
     Returns:
-        The LR volume (input orientation, float64 internally, the input's float dtype on return), the operator on
-        the canonical HR grid, and the noise std used (0 when noise-free).
+        The LR volume (input orientation, float64 internally, the input's float dtype on return; its ``source``
+        says it was simulated from the volume's, so that no run reads the HR file's JSON sidecar for these slices),
+        the operator on the canonical HR grid, and the noise std used (0 when noise-free).
     """
     canon = volume.canonical()
     transforms = [replace(t, axis=volume.axis_to_canonical(t.axis)) for t in transforms]
@@ -1303,4 +1304,5 @@ def simulate_acquisition(
     if snr is not None:
         y, sigma = add_noise(y, snr=snr, kind=noise, generator=torch.Generator().manual_seed(seed))
     lr = canon.with_data(y[0, 0].numpy().astype(volume.data.dtype), op.lr_affine(canon.affine))
+    lr = replace(lr, source=f"{volume.source} (simulated slices)" if volume.source else None)
     return lr.reorient(volume.orientation), op, sigma

@@ -111,6 +111,7 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     assert "--overwrite" in err and err.count("\n") == 1 and mean.stat().st_mtime_ns == stamp
     assert main([*args, "--samples", "3"]) == 2
     assert "(num_samples 2 → 3)" in capsys.readouterr().err
+    os.utime(files[1], ns=(1, 1))  # a time changed, not the content (copied, checked out): still finished
     (files[0].parent / "sub-00_T1w.json").write_text('{"SliceThickness": 3}')  # an input changed: redone, alone
     assert main(args) == 1 and "1 done, 3 skipped" in capsys.readouterr().out
     assert mean.stat().st_mtime_ns != stamp

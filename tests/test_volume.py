@@ -11,6 +11,7 @@ from helpers import oblique_affine, tiny_pipeline, write_nifti
 
 from gen_sr.errors import InputError
 from gen_sr.io import atomic_dir, atomic_write, sidecar_slice_profile, sidecar_slice_thickness
+from gen_sr.physics import SliceAcquisition, simulate_acquisition
 from gen_sr.sample_data import load_mni152
 from gen_sr.volume import IntensityNormalization, Volume, load_volume, save_volume
 
@@ -137,6 +138,10 @@ def test_the_slice_profile_of_a_sidecar(tmp_path: Path) -> None:
         with pytest.raises(InputError, match=r"lr\.json: SliceProfile .* is not a slice profile"):
             sidecar_slice_profile(scan)
     pipe, canon = tiny_pipeline(), load_volume(scan).canonical()
+    (tmp_path / "lr.json").write_text('{"SliceThickness": 1, "SliceProfile": "rect"}')  # a 3D scan's, as dcm2niix
+    simulated, _, _ = simulate_acquisition(load_volume(scan), [SliceAcquisition(2, 4.0)])  # slices made from it
+    assert pipe.resolved_slices(simulated.canonical(), (2,))[1:] == (None, {"slice_profile_from": "default",
+                                                                             "slice_thickness_from": "default"})
     for text in ('{"SliceProfile": [1, -1]}', '{"SliceProfile": [1]}'):  # samples that make no profile: a run says so
         (tmp_path / "lr.json").write_text(text)
         with pytest.raises(InputError, match=r"lr\.json: SliceProfile \[.*\] is not a slice profile: "):
