@@ -108,8 +108,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     run_options = getattr(args, "run_settings", frozenset()) | {"--samples", "--time"}
     preview = sorted(f for f, name in _given(args).items() if name in run_options)
     if preview and (args.model is None or args.file is None):
-        raise InputError(f"{_options(preview, 'previews', 'preview')} a model's run on a file: give the FILE and "
-                         "--model DIR",
+        missing = " and ".join(n for n, v in (("the FILE", args.file), ("--model DIR", args.model)) if v is None)
+        raise InputError(f"{_options(preview, 'previews', 'preview')} a model's run on a file: give {missing} too",
                          args.file)
     if args.model is not None and args.file is None:
         return _model_info(Path(args.model))
@@ -201,7 +201,7 @@ def _print_plan(args: argparse.Namespace) -> None:
              ("noise std", _planned_noise_text(plan))]
     if (cal := plan["calibration"]) is not None:
         mismatch = plan["calibration_mismatch"]
-        rows.append(("calibration", f"{cal.describe()}, {grid_text(cal)}"
+        rows.append(("calibration", ", ".join(filter(None, (cal.describe(), grid_text(cal))))
                                     + ("" if mismatch is None else f"; {mismatch_text(mismatch)}")))
     rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
     print("\n".join(f"{label + ':':<13}{value}" for label, value in rows), flush=True)
@@ -721,6 +721,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     noise = ({"noise_std": 0.0, "noise_known": False} if args.noise_unknown  # run without their noise std
              else {"noise_std": None if args.snr else 0.0})  # the cases' noise is --snr's: without it, no refit
     settings = pipe.sampling_settings(**noise, **_sampling_kwargs(args))
+    if args.per_mm and not settings.refit_disagreement:
+        raise InputError("--per-mm calibrates runs that refit the data where they disagree, and these would not "
+                         "(--no-refit-disagreement, or the model card's default)", args.model,
+                         "add --refit-disagreement")
     cases = _cases(args, pipe, args.noise_unknown)  # the data's own errors first, then the model folder's
     made = pipe.calibrations.find(settings)
     if made is not None and not args.overwrite and not args.per_grid:
@@ -778,8 +782,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _print_calibration(args: argparse.Namespace, result, cases: Sequence, settings) -> None:
+    from gen_sr.risk import grid_text
+
     cal = result.calibration
-    grid = "" if cal.grid_spacing is None else f" on {cal.grid_spacing:g} mm grids"
+    grid = f"; {grid_text(cal)}" if grid_text(cal) else ""
     print(f"interval: {cal.describe()}, from {cal.num_volumes} units ({args.method}), for runs with "
           f"{settings.describe()}{grid}")
     print(f"coverage: {1 - cal.risk_hat:.4f} on the calibration units; target ≥ {1 - cal.alpha:g}"
@@ -1330,11 +1336,13 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
                         "(benchmarks/NOISE_UNKNOWN.md); a run without air then uses it. Instead of --snr")
     p.add_argument("--per-grid", action="store_true",
                    help="fit one calibration per output grid of the volumes (their finest voxel spacing), each kept "
-                        "beside the others: a run uses the one of its own grid, else one fitted on any grid. The "
-                        "output grid sets the scale the std needs (benchmarks/CALIBRATION_GRID.md)")
+                        "beside the others: a run uses the one of its own grid (within 10 %%), else one fitted on "
+                        "grids together, which holds within 10 %% of their range. The output grid sets the scale the "
+                        "std needs (benchmarks/CALIBRATION_GRID.md)")
     p.add_argument("--per-mm", action="store_true",
-                   help="fit one λ for std x output voxel size (mm) on the volumes of every grid together (needs "
-                        "--snr; volumes on two or more grids, e.g. 1 and 1.5 mm, make it worth it): intervals mean ± "
+                   help="fit one λ for std x output voxel size (mm) on the volumes of all their grids together "
+                        "(needs --snr, and runs that refit the data where they disagree; volumes on two or more "
+                        "grids, e.g. 1 and 1.5 mm, make it worth it): intervals mean ± "
                         "λ x voxel size x std, which a run uses at its own voxel size on grids within 10 %% of the "
                         "range of those volumes' (outside it, its coverage is marked as not holding); it replaces the "
                         "per-grid calibrations of the same sampler settings. What the shipped model uses for runs "

@@ -93,8 +93,7 @@ def _print_summary(payload: dict[str, Any], audit_dir: Path, seconds: float) -> 
     record = payload["card"].get("calibration")
     made_for = ""
     if curve["calibrated"] and isinstance(record, dict):
-        grids = grid_text(Calibration(**record))
-        made_for = f" ({payload['card']['interval']}, {grids})"
+        made_for = f" ({', '.join(filter(None, (payload['card']['interval'], grid_text(Calibration(**record)))))})"
     print(f"  coverage of the {label} {100 * (1 - curve['alpha']):g} % intervals{made_for}: "
           f"{100 * curve['observed'][i]:.1f} %")
     if payload["peaks"]:

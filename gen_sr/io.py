@@ -150,7 +150,7 @@ def read_sidecar(path: PathLike | None) -> dict[str, Any]:
     sidecar = sidecar_path(path)
     hint = "correct or remove it, or give what it should say (--slice-thickness, --profile)"
     try:
-        value = json.loads(sidecar.read_text())
+        value = json.loads(sidecar.read_bytes())  # UTF-8, -16 or -32, with or without a byte-order mark
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:

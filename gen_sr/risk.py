@@ -234,8 +234,9 @@ def mismatch_text(mismatch: Mismatch) -> str:
 
 
 GRID_TOLERANCE = 0.1
-"""How far (a fraction of its grid) a run's output voxel size may lie from a per-grid calibration's for it to hold, or
-beyond the range of grids a record fitted on several was fitted on (:func:`within_grids`)."""
+"""How far a run's output voxel size ``g`` may lie from the grid ``f`` of a per-grid calibration for it to hold
+(``|f / g − 1| ≤ 0.1``: 0.909-1.111 mm for a 1 mm record), or beyond the range of grids a record fitted on several
+was fitted on, the same way (:func:`within_grids`)."""
 
 
 def within_grids(grids: Sequence[float], grid_spacing: float) -> bool:
@@ -265,7 +266,7 @@ class Calibration:
             Where a run is not given the region, the larger of the two holds everywhere (:meth:`scale_map`).
         grid_spacing: the output voxel size in mm (the finest spacing of the HR grid) of the units it was fitted on,
             for a record made per grid (``gen-sr calibrate --per-grid``): it holds for runs on that grid
-            (:meth:`Calibrations.find`). ``None``: fitted on any grid, for runs on any.
+            (:meth:`Calibrations.find`). ``None``: fitted on grids together (:attr:`fitted_grids`).
         scale_per_mm: for a record whose scale grows with the output voxel size (``gen-sr calibrate --per-mm``:
             ``mean ± λ × voxel size × u``, fitted on the volumes of several grids together): ``λ`` per mm. Such a
             record is stored with ``scale`` equal to it and no ``grid_spacing``; a run on a grid of ``g`` mm uses it
@@ -400,8 +401,8 @@ class Calibrations:
         if len(set(seen)) != len(seen):
             raise ValueError(f"two calibrations for the same sampler settings and grid: {seen}")
         if any(r.scale_per_mm is not None and r.grid_spacing is not None for r in self._records):
-            raise ValueError("a calibration per mm of the voxel size is kept for every grid, not at one run's grid "
-                             "(keep the record at_grid was called on)")
+            raise ValueError("a calibration per mm of the voxel size is kept for its range of grids, not at one run's "
+                             "grid (keep the record at_grid was called on)")
         per_mm = {r.sampling for r in self._records if r.scale_per_mm is not None}
         if mixed := [r.sampling for r in self._records if r.grid_spacing is not None and r.sampling in per_mm]:
             raise ValueError(f"a calibration per mm of the voxel size and per-grid ones for the same settings "
@@ -418,9 +419,9 @@ class Calibrations:
 
     def find(self, settings: SamplingSettings, grid_spacing: float | None = None) -> Calibration | None:
         """The record made with exactly these settings (or one that does not record its settings): the one made for
-        the run's output grid ``grid_spacing`` (mm; within :data:`GRID_TOLERANCE`, the nearest), else the one made
-        on any grid (a record per mm of the voxel size at the run's grid: :meth:`Calibration.at_grid`); else
-        ``None``."""
+        the run's output grid ``grid_spacing`` (mm; within :data:`GRID_TOLERANCE`, the nearest), else the one fitted
+        on grids together (a record per mm of the voxel size at the run's grid: :meth:`Calibration.at_grid`; whether
+        it holds there is :meth:`Calibration.mismatch`'s to say); else ``None``."""
         made = [r for r in self._records if r.sampling == settings] or [r for r in self._records if r.sampling is None]
         if grid_spacing is not None:
             near = [r for r in made if r.grid_spacing is not None and within_grids((r.grid_spacing,), grid_spacing)]
@@ -472,7 +473,7 @@ class Calibrations:
         """One line per record: the interval, the rule and the settings it was made with."""
         return [f"{r.describe()}, {r.method}, coverage {1 - r.alpha:g} target, {r.num_volumes} units"
                 + (f", made with {r.sampling.describe()}" if r.sampling else "")
-                + f", {grid_text(r)}"
+                + (f", {grid}" if (grid := grid_text(r)) else "")
                 for r in self._records]
 
 
@@ -486,13 +487,16 @@ def run_grid_spacing(metadata: Mapping[str, Any]) -> float | None:
 def grid_text(calibration: Calibration) -> str:
     """Which output grids a record holds for, in words (:attr:`~Calibration.grid_spacing` for a record made per grid;
     else one fitted on grids together, per mm of the voxel size or not, near the :attr:`~Calibration.fitted_grids`
-    it was fitted on: :meth:`Calibration.mismatch`)."""
+    it was fitted on: :meth:`Calibration.mismatch`); ``""`` for a record that says nothing of grids (written before
+    they were recorded, or per scan)."""
     if calibration.grid_spacing is not None and calibration.scale_per_mm is None:
         return f"the record for {calibration.grid_spacing:g} mm grids"
     grids = calibration.fitted_grids
+    per_mm = "one scale per mm of the output voxel size, " if calibration.scale_per_mm is not None else ""
+    if not (grids or per_mm):
+        return ""
     where = "every grid" if not grids else (f"{min(grids):g}-{max(grids):g} mm grids" if len(set(grids)) > 1
                                             else f"{grids[0]:g} mm grids")
-    per_mm = "one scale per mm of the output voxel size, " if calibration.scale_per_mm is not None else ""
     return f"{per_mm}fitted on {where} together"
 
 

@@ -130,7 +130,7 @@ def test_a_record_per_mm_of_the_voxel_size_holds_on_every_grid_at_its_own_scale(
     assert list(Calibrations([fine, other]).with_record(per_mm)) == [per_mm, other]  # per-grid records only
     with pytest.raises(ValueError, match="needs the run's output grid"):
         per_mm.halfwidth(np.ones((2, 2, 2)), np.ones((2, 2, 2)))  # λ per mm, with no grid to scale it
-    with pytest.raises(ValueError, match="kept for every grid"):
+    with pytest.raises(ValueError, match="kept for its range of grids"):
         updated.with_record(updated.find(ddim, 1.5))  # a run's resolved record is not a record to keep
     run = updated.find(ddim, 1.25)
     assert run.scale == pytest.approx(3.75) and run.grid_spacing == 1.25 and run.scale_per_mm == 3.0
@@ -164,6 +164,8 @@ def test_save_load_and_errors(tmp_path: Path) -> None:
         fit_calibration([np.ones(10)] * 3, [np.zeros(10)] * 3)
     with pytest.raises(ValueError, match=r"even there 0\.100 of the voxels miss \(with 30 units crc allows 0\.070\)"):
         fit_calibration([np.ones(10)] * 30, [np.r_[np.zeros(1), np.ones(9)]] * 30, method="crc")
+    with pytest.raises(ValueError, match=r"0\.050 of the voxels miss \(rcps needs the miss rate's 0\.9 upper bound"):
+        fit_calibration([np.ones(20)] * 30, [np.r_[np.zeros(1), np.ones(19)]] * 30, method="rcps")
     with pytest.raises(ValueError, match="needs at least 22 units"):  # 0.9²² ≤ 0.1: no fewer can certify
         fit_calibration(errors[:21], stds[:21])
     # the same limits, refused before any sampling: CRC needs 1 / (n + 1) <= alpha, so 9 units at alpha 0.1

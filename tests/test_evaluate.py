@@ -131,7 +131,7 @@ def test_calibrate_per_grid_keeps_a_record_per_output_grid_and_a_run_uses_its_ow
     pooled = Calibration.load(model)
     assert main([*args, "--per-grid"]) == 0
     out = capsys.readouterr().out
-    assert "on 1 mm grids" in out and "on 1.5 mm grids" in out
+    assert "the record for 1 mm grids" in out and "the record for 1.5 mm grids" in out
     pipe = LatentDiffusionSRPipeline.from_pretrained(model)
     records = list(pipe.calibrations)
     assert records[0] == pooled and [r.grid_spacing for r in records] == [None, 1.0, 1.5]
@@ -193,7 +193,7 @@ def test_calibrate_per_mm_fits_one_scale_for_the_std_times_the_voxel_size(tmp_pa
                   method="crc", blocks=12)
     assert main([*args, "--per-grid"]) == 2 and "per mm of the voxel size" in capsys.readouterr().err
     assert main([*args, "--per-mm", "--overwrite", "--no-refit-disagreement"]) == 2  # would replace noise-free records
-    assert "without the refit" in capsys.readouterr().err
+    assert "--per-mm calibrates runs that refit the data where they disagree" in capsys.readouterr().err
     lr = Volume(np.random.default_rng(0).random((16, 8, 4)).astype(np.float32) + 1, np.diag([1.5, 1.5, 6.0, 1.0]))
     out = pipe(lr, num_samples=2, num_inference_steps=2, noise_std=0.5, generator=torch.Generator().manual_seed(0))
     assert out.metadata["risk"]["scale"] == pytest.approx(1.5 * record.scale_per_mm)

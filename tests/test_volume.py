@@ -109,6 +109,8 @@ def test_the_slice_thickness_of_a_bids_sidecar(tmp_path: Path) -> None:
     for text, expected in (('{"SliceThickness": 5, "SpacingBetweenSlices": 6.5}', 5.0), ('{"EchoTime": 0.1}', None)):
         (tmp_path / "sub-01_T2w.json").write_text(text)
         assert sidecar_slice_thickness(scan) == expected, text
+    (tmp_path / "sub-01_T2w.json").write_bytes('\ufeff{"SliceThickness": 3}'.encode())  # saved with a byte-order mark
+    assert sidecar_slice_thickness(scan) == 3.0
     for text in ("[5]", "not json"):  # what it says would be dropped: the file is named instead
         (tmp_path / "sub-01_T2w.json").write_text(text)
         with pytest.raises(InputError, match=r"sub-01_T2w\.json: the scan's JSON sidecar"):

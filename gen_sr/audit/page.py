@@ -122,8 +122,8 @@ def _calibration(v: Any) -> str:
     if cal.scale_per_mm is not None:
         at_grid = f": {cal.scale_per_mm:.4g} per mm" + (
             f", {cal.scale:.4g} on this run's {cal.grid_spacing:g} mm grid" if cal.grid_spacing is not None else "")
-    if cal.grid_spacing is not None or cal.scale_per_mm is not None or cal.fitted_grids:  # else: any grid, unsaid
-        text += f" ({grid_text(cal)}{at_grid})"
+    if grid := grid_text(cal):  # else: a record that says nothing of grids
+        text += f" ({grid}{at_grid})"
     text += f"; miss rate on the calibration data {cal.risk_hat:.3f}"
     if cal.per_scan:
         held = details.get("held_out_slices")

@@ -159,7 +159,9 @@ def fit_calibration(
             raise ValueError(f"no scale reaches a miss rate of {alpha:g} with {n} units: this rule needs at least "
                              f"{need} units even when nothing misses; use more calibration units, or a larger alpha "
                              "or delta")
-        allowed = f" (with {n} units {method} allows {((n + 1) * alpha - 1) / n:.3f})" if method == "crc" else ""
+        allowed = (f" (with {n} units {method} allows {((n + 1) * alpha - 1) / n:.3f})" if method == "crc" else
+                   f" (rcps needs the miss rate's {1 - delta:g} upper bound below {alpha:g}, which {n} units do not "
+                   "give there)")
         raise ValueError(f"no scale up to {max_scale:g} reaches a miss rate of {alpha:g} with {n} units: even there "
                          f"{risk[-1]:.3f} of the voxels miss{allowed}, where the std is about 0 and the mean errs; "
                          "use more calibration units, or a larger alpha or delta")
@@ -430,7 +432,7 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
                          "the refit (whose records are the noise-free runs')")
     if per_mm and len({case_grid(c) for c in cases}) < 2:
         warnings.warn("every calibration volume is on one output grid: a scale per mm of the voxel size is then that "
-                      "grid's scale over its voxel size, and other grids get it untested; add volumes on another grid "
+                      "grid's scale over its voxel size, and holds near that grid only; add volumes on another grid "
                       "(e.g. resampled to 1.5 mm)", stacklevel=2)
     volumes, sampling = _volumes_and_settings(pipe, cases, masks=masks, progress=progress, cache=cache,
                                               noise_known=noise_known, **pipe_kwargs)
