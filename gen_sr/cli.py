@@ -817,7 +817,9 @@ def _check_distinct(outputs: dict[str, Path]) -> None:
 def _output_dir(args: argparse.Namespace, *markers: str) -> Path:
     """``--output-dir``, checked before any work: it (or its parent) is a writable folder, and it holds none of the
     earlier ``markers`` files unless ``--overwrite``."""
-    return check_output_dir(args.output_dir, args.overwrite, markers)
+    inputs = [getattr(args, "input", None), getattr(args, "reference", None), getattr(args, "mask", None),
+              *(path for _, path in getattr(args, "tissue", None) or []), *(getattr(args, "reuse", None) or [])]
+    return check_output_dir(args.output_dir, args.overwrite, markers, inputs=[i for i in inputs if i])
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -69,14 +69,22 @@ def check_output_file(path: PathLike, overwrite: bool = False, inputs: Sequence[
     if p.is_dir():
         raise InputError("is a directory; an output file name is needed", p)
     check_writable_dir(p.parent)
-    sidecars = [sidecar_path(src) for src in inputs if is_nifti_name(src)]
-    for src in [*inputs, *sidecars]:
-        if Path(src).exists() and p.exists() and p.resolve() == Path(src).resolve():
-            what = "the JSON sidecar of an input" if src in sidecars else "the same file as an input"
-            raise InputError(f"output is {what}; inputs are never modified", p, "give the output another name")
+    _check_not_an_input(p, inputs)
     if p.exists() and not overwrite:
         raise InputError("output already exists", p, "pass --overwrite to replace it")
     return p
+
+
+def _check_not_an_input(p: Path, inputs: Sequence[PathLike]) -> None:
+    """Refuse an output that is one of ``inputs`` or the JSON sidecar of a NIfTI one (existing or not: a run would
+    read it as the scan's), whatever ``overwrite``."""
+    for src in inputs:
+        if Path(src).exists() and p.exists() and p.resolve() == Path(src).resolve():
+            raise InputError("output is the same file as an input; inputs are never modified", p,
+                             "give the output another name")
+        if is_nifti_name(src) and p.resolve() == sidecar_path(src).resolve():
+            raise InputError(f"output is the JSON sidecar of the input {Path(src).name}, where a run reads its slices "
+                             "from; inputs are never modified", p, "give the output another name")
 
 
 def check_output_path(path: PathLike, overwrite: bool = False, inputs: Sequence[PathLike] = ()) -> Path:
@@ -84,14 +92,18 @@ def check_output_path(path: PathLike, overwrite: bool = False, inputs: Sequence[
     return check_output_file(path, overwrite, inputs, NIFTI_SUFFIXES)
 
 
-def check_output_dir(path: PathLike, overwrite: bool = False, markers: Sequence[str] = ()) -> Path:
+def check_output_dir(path: PathLike, overwrite: bool = False, markers: Sequence[str] = (),
+                     inputs: Sequence[PathLike] = ()) -> Path:
     """Check an output folder before any work: it exists and is writable, or its parent is (it is then created
-    when written); it holds none of ``markers`` (earlier outputs) unless ``overwrite``."""
+    when written); it holds none of ``markers`` (earlier outputs) unless ``overwrite``; none of them would be one of
+    ``inputs`` or an input's JSON sidecar (:func:`check_output_file`), whatever ``overwrite``."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise InputError("is a file; an output folder is needed", out)
     check_writable_dir(out if out.is_dir() else out.parent,
                        "the output folder" if out.is_dir() else "the output folder's parent")
+    for marker in markers:
+        _check_not_an_input(out / marker, inputs)
     if not overwrite and (existing := [m for m in markers if (out / m).exists()]):
         raise InputError(f"holds outputs already ({', '.join(existing)})", out, "pass --overwrite to replace them")
     return out

@@ -45,8 +45,16 @@ def test_output_checks_name_the_problem(tmp_path: Path, unwritable: Path) -> Non
     with pytest.raises(InputError, match="same file as an input"):
         check_output_path(tmp_path / "a.nii.gz", overwrite=True, inputs=[tmp_path / "a.nii.gz"])
     (tmp_path / "a.json").write_text("{}")  # the input's sidecar: an output a.nii would write its record there
-    with pytest.raises(InputError, match="output is the JSON sidecar of an input; inputs are never modified"):
+    with pytest.raises(InputError, match=r"output is the JSON sidecar of the input a\.nii\.gz, where a run reads"):
         check_output_file(tmp_path / "a.json", overwrite=True, inputs=[tmp_path / "a.nii.gz"])
+    with pytest.raises(InputError, match=r"JSON sidecar of the input b\.nii\.gz"):  # before it exists too
+        check_output_file(tmp_path / "b.json", inputs=[tmp_path / "b.nii.gz"])
+    (tmp_path / "ain").mkdir()  # an audit folder holding its input: report.json is that input's sidecar
+    (tmp_path / "ain" / "report.nii.gz").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"JSON sidecar of the input report\.nii\.gz"):
+        check_output_dir(tmp_path / "ain", True, ["report.json"], inputs=[tmp_path / "ain" / "report.nii.gz"])
+    with pytest.raises(InputError, match="same file as an input"):
+        check_output_dir(tmp_path / "ain", True, ["report.nii.gz"], inputs=[tmp_path / "ain" / "report.nii.gz"])
     with pytest.raises(InputError, match="is a file"):
         check_output_dir(tmp_path / "a.nii.gz")
     (tmp_path / "run").mkdir()

@@ -48,9 +48,9 @@ NOMINAL_COVERAGE = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 MAP_FILES = {"mean": "sr_mean.nii.gz", "std": "sr_std.nii.gz", "risk": "risk.nii.gz",
              "dc_residual": "dc_residual.nii.gz"}
 DISAGREEMENT_FILE = "data_disagreement.nii.gz"
+"""The data-disagreement map (:class:`~gen_sr.risk.DataDisagreement`), written for runs given a noise std."""
 AUDIT_FILES = (*MAP_FILES.values(), DISAGREEMENT_FILE, "report.html", "report.json")
 """Every file an audit writes into its output folder (an existing one is replaced only with ``overwrite``)."""
-"""The data-disagreement map (:class:`~gen_sr.risk.DataDisagreement`), written for runs given a noise std."""
 
 
 def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Path, std_path: str | Path,
