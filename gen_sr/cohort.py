@@ -72,7 +72,8 @@ def find_scans(inputs: Sequence[str | os.PathLike[str]],
     the same one, is not read back as scans).
 
     Raises:
-        InputError: an input that does not exist or matches nothing, or no scan at all.
+        InputError: an input that does not exist or matches nothing, no scan at all, or (with ``output_dir``) a scan
+            where another's output would go that is not an earlier run's output (whose record names its scan).
     """
     found: dict[Path, Path] = {}
     for entry in inputs:
@@ -96,7 +97,17 @@ def find_scans(inputs: Sequence[str | os.PathLike[str]],
             found.setdefault(f.resolve(), r.resolve())
     if output_dir is not None:
         out = Path(output_dir).resolve()
-        written = {p for f, r in found.items() for p in astuple(scan_outputs(f, r, out))}
+        claims: dict[Path, list[tuple[Path, ScanOutputs]]] = {}  # output file -> the scans whose output it is
+        for f, r in found.items():
+            paths = scan_outputs(f, r, out)
+            for p in astuple(paths):
+                claims.setdefault(p, []).append((f, paths))
+        written = set()
+        for f in found.keys() & claims.keys():  # an earlier run's output (its record names its scan), or a scan
+            if not any(_is_record_of(paths, scan) for scan, paths in claims[f]):
+                raise InputError(f"is a scan, and where the output of {claims[f][0][0].name} would go", f,
+                                 "give another --output-dir, or rename it")
+            written.add(f)
         found = {f: r for f, r in found.items() if f not in written}
         if not found:
             raise InputError("holds only the outputs of earlier runs", inputs[0] if inputs else None)
@@ -210,6 +221,11 @@ def run_settings(pipe: Any, seed: int, pipe_kwargs: dict[str, Any]) -> dict[str,
                        "sampling": sampling, "seed": seed, **dict(sorted(others.items()))})
 
 
+def _is_record_of(paths: ScanOutputs, scan: Path) -> bool:
+    """Whether ``paths``' sidecar is the record of a cohort run of ``scan`` (its ``input``)."""
+    return paths.sidecar.is_file() and _earlier_sidecar(paths).get("input") == str(scan)
+
+
 def _earlier_sidecar(paths: ScanOutputs) -> dict[str, Any]:
     """The sidecar an earlier run wrote for a finished scan (``{}`` where it cannot be read)."""
     try:
@@ -288,6 +304,9 @@ def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, thresh
               pipe_kwargs: dict[str, Any], settings: dict[str, Any]) -> CohortRow:
     import torch
 
+    if paths.sidecar.is_file() and not _is_record_of(paths, scan):  # someone else's file: never taken or removed
+        return CohortRow(str(scan), "failed", message=f"{paths.sidecar} is not a run record of this scan: give another "
+                                                      "--output-dir")
     earlier = _earlier_sidecar(paths) if paths.done() else {}
     changed = "input_stamp" in earlier and not same_input(earlier["input_stamp"], scan)  # none kept: as unchanged
     if earlier and not (overwrite or changed):

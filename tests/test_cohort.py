@@ -64,11 +64,19 @@ def test_scans_are_found_in_folders_and_globs_and_a_missing_input_is_clear(tmp_p
         scans = _cohort(tmp_path / name)
         out = tmp_path / name / inside
         for f, root in find_scans([tmp_path / name]):
-            for written in astuple(scan_outputs(f, root, out))[:3]:
+            paths = scan_outputs(f, root, out)
+            for written in astuple(paths)[:3]:
                 written.parent.mkdir(parents=True, exist_ok=True)
                 written.write_bytes(f.read_bytes())
+            paths.sidecar.write_text(json.dumps({"input": str(f)}))  # the run record names its scan
         assert len(find_scans([tmp_path / name])) == 4 * len(scans)  # read back as scans, without output_dir
         assert [f for f, _ in find_scans([tmp_path / name], output_dir=out)] == sorted(f.resolve() for f in scans)
+    # a scan of its own where another's output would go (a_sr.nii.gz beside a.nii.gz) is named, not dropped
+    (tmp_path / "own").mkdir()
+    for stem in ("a", "a_sr"):
+        write_nifti(tmp_path / "own" / f"{stem}.nii.gz", np.ones((4, 4, 4), np.float32), np.eye(4))
+    with pytest.raises(InputError, match=r"a_sr\.nii\.gz: is a scan, and where the output of a\.nii\.gz would go"):
+        find_scans([tmp_path / "own"], output_dir=tmp_path / "own")
 
 
 SMALL = ["--samples", "2", "--steps", "2", "--seed", "3"]
@@ -125,6 +133,13 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     assert not old.with_name("sub-01_desc-sr_T1w.json").exists()
     (tmp_path / "bids" / "sub-00" / "anat" / "sub-00_T1w.nii").write_bytes(files[0].read_bytes())  # a.nii, a.nii.gz
     assert main(args) == 2 and "would write the same outputs" in capsys.readouterr().err
+    (tmp_path / "bids" / "sub-00" / "anat" / "sub-00_T1w.nii").unlink()
+    foreign = tmp_path / "mine" / "sub-02" / "anat" / "sub-02_desc-sr_T1w.json"  # a file of the user's, not a record
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text('{"note": "mine"}')
+    elsewhere = [*[a if a != str(tmp_path / "out") else str(tmp_path / "mine") for a in args], "--overwrite"]
+    assert main(elsewhere) == 1 and "is not a run record of this scan" in capsys.readouterr().err
+    assert foreign.read_text() == '{"note": "mine"}'  # neither taken as finished nor removed
 
 
 def test_two_processes_write_the_same_outputs_as_one_and_a_rerun_skips_all(tmp_path: Path) -> None:
