@@ -14,6 +14,7 @@ from test_mistakes import _network_calls
 from test_pipeline import RUN, _gens, _pipe
 
 from gen_sr.audit import audit
+from gen_sr.audit.audit import reuse_outputs
 from gen_sr.cli import main
 from gen_sr.eval.baselines import BASELINES
 from gen_sr.model_card import Adaptation
@@ -117,6 +118,17 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     assert main(["audit", "--model", str(f["model"]), "--input", str(tmp_path / "other.nii.gz"), "--output-dir",
                  str(out), "--reuse", str(sr), str(std), "--overwrite"]) == 2
     assert "sr.nii.gz: was made from another input than" in capsys.readouterr().err
+    shifted = load_volume(f["lr"])  # a record from before the digest: the field of view tells a scan elsewhere
+    moved = shifted.affine.copy()
+    moved[:3, 3] += 28.0
+    save_volume(shifted.with_data(shifted.data, moved), tmp_path / "moved.nii.gz")
+    old = {k: v for k, v in json.loads((tmp_path / "sr.json").read_text()).items() if k != "input_digest"}
+    (tmp_path / "sr.json").write_text(json.dumps(old))
+    with pytest.warns(UserWarning, match="predates the scan's digest"):
+        reuse_outputs(LatentDiffusionSRPipeline.from_pretrained(f["model"]), load_volume(f["lr"]), sr, std)
+    assert main(["audit", "--model", str(f["model"]), "--input", str(tmp_path / "moved.nii.gz"), "--output-dir",
+                 str(out), "--reuse", str(sr), str(std), "--overwrite"]) == 2
+    assert "does not lie over this input: its field of view is" in capsys.readouterr().err
     # a brain mask (here half of the SR grid) is where the verdict counts, whatever the foreground
     hr = load_volume(f["hr"])
     half = np.zeros(hr.shape, dtype=np.float32)

@@ -11,6 +11,7 @@ calibrated one; without a calibration, ``σ_eff = σ``.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,11 @@ AUDIT_FILES = (*MAP_FILES.values(), DISAGREEMENT_FILE, "report.html", "report.js
 """Every file an audit writes into its output folder (an existing one is replaced only with ``overwrite``)."""
 
 
+def _centre(volume: Volume) -> np.ndarray:
+    """The world position (mm) of a volume's centre."""
+    return volume.affine[:3, :3] @ ((np.asarray(volume.shape) - 1) / 2) + volume.affine[:3, 3]
+
+
 def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Path, std_path: str | Path,
                   calibration_region: Any = None) -> tuple[dict[str, Volume], dict[str, Any]]:
     """Maps of an earlier ``gen-sr super-resolve`` run: its mean and std files and the ``.json`` beside the mean.
@@ -75,6 +81,9 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
     if recorded is not None and recorded != lr.canonical().digest():
         raise InputError(f"was made from another input than {lr.source or 'the one given'} (its record's digest "
                          "differs)", sr_path, "give the scan it super-resolved as --input")
+    if recorded is None:
+        warnings.warn(f"{meta_path} predates the scan's digest in run records: that the run was made from "
+                      f"{lr.source or 'this input'} is checked by its grid and field of view only", stacklevel=3)
     given, lr = lr, pipe.measured_input(lr, meta)  # a calibration region is a mask on the given input's grid
     mean, std = load_volume(sr_path), load_volume(std_path)
     if mean.shape != std.shape or not np.allclose(mean.affine, std.affine, atol=1e-4):
@@ -83,6 +92,10 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
     if tuple(operator.hr_shape) != canon_mean.shape or tuple(operator.lr_shape) != canon_lr.shape:
         raise InputError("does not belong to this input: its operator maps "
                          f"{tuple(operator.hr_shape)} to {tuple(operator.lr_shape)}", meta_path)
+    offset = float(np.linalg.norm(_centre(canon_mean) - _centre(canon_lr)))
+    if offset > max(canon_lr.spacing):
+        raise InputError(f"does not lie over this input: its field of view is {offset:.1f} mm away from it", sr_path,
+                         "give the scan it super-resolved as --input")
     as_tensor = lambda v: torch.from_numpy(v.data.astype(np.float64))[None, None]  # noqa: E731
     dc = operator.residual_map(as_tensor(canon_mean), as_tensor(canon_lr))[0, 0].numpy()
     norm = pipe.intensity_normalization(canon_lr.data)
