@@ -894,7 +894,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     run_settings = getattr(args, "run_settings", frozenset())  # a recorded run's are its record's
     if args.reuse and (ignored := sorted(flag for flag, name in _given(args).items() if name in run_settings)):
         raise InputError(f"--reuse audits a run as its record says it was made, so {', '.join(ignored)} would "
-                         "change nothing", hint="leave them out, or audit a new run without --reuse")
+                         "change nothing", hint=f"leave {'it' if len(ignored) == 1 else 'them'} out, or audit a new "
+                                                "run without --reuse")
     out = _output_dir(args, *AUDIT_FILES)  # before the model loads
     lr = load_volume(args.input, volume_index=args.volume)
     reference = load_volume(args.reference) if args.reference else None

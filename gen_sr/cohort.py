@@ -263,7 +263,8 @@ def _check_distinct_outputs(scans: Sequence[tuple[Path, Path]], output_dir: Path
     for scan, root in scans:
         other = seen.setdefault(scan_outputs(scan, root, output_dir).mean, scan)
         if other != scan:
-            raise InputError(f"and {other} would write the same outputs", scan, "rename one, or run them apart")
+            raise InputError(f"{scan.name} and {other.name} would write the same outputs (and share one JSON "
+                             "sidecar)", scan.parent, "rename one, with its sidecar, or move it to another folder")
 
 
 def input_stamp(scan: Path) -> dict[str, list[Any] | None]:

@@ -185,7 +185,8 @@ def sidecar_slice_thickness(path: PathLike | None) -> float | None:
         return None
     if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf"):
         return float(value)
-    raise InputError(f"SliceThickness {json.dumps(json_ready(value))[:40]} is not a thickness in mm",
+    kind = " (a string: write it as a number)" if isinstance(value, str) else ""
+    raise InputError(f"SliceThickness {json.dumps(json_ready(value))[:40]} is not a thickness in mm{kind}",
                      sidecar_path(path),  # type: ignore[arg-type]  (not None: it has a sidecar)
                      "give the run's --slice-thickness, which is used instead, or correct or remove the field")
 

@@ -495,8 +495,9 @@ def grid_text(calibration: Calibration) -> str:
     per_mm = "one scale per mm of the output voxel size, " if calibration.scale_per_mm is not None else ""
     if not (grids or per_mm):
         return ""
-    where = "every grid" if not grids else (f"{min(grids):g}-{max(grids):g} mm grids" if len(set(grids)) > 1
-                                            else f"{grids[0]:g} mm grids")
+    if len(set(grids)) == 1:
+        return f"{per_mm}fitted on {grids[0]:g} mm grids"
+    where = f"{min(grids):g}-{max(grids):g} mm grids" if grids else "every grid"
     return f"{per_mm}fitted on {where} together"
 
 

@@ -384,10 +384,11 @@ def check_calibration_settings(num_volumes: int, *, alpha: float = 0.1, delta: f
         raise ValueError(f"interval 'auto' chooses between shapes by leaving one volume out, and needs at least 3 "
                          f"volumes; got {num_volumes} (add volumes, or use interval 'std')")
     need = minimum_units(method, alpha, delta)
+    or_delta = " or delta, or use crc" if method == "rcps" else ""  # delta is rcps's only
     if num_volumes * blocks < need:
         raise ValueError(f"{method} cannot reach a miss rate of {alpha:g} with {num_volumes * blocks} units "
                          f"({num_volumes} volume(s) x {blocks} block(s)): it needs at least {need} even when nothing "
-                         "misses (add volumes or --blocks, or raise alpha or delta)")
+                         f"misses (add volumes or --blocks, or raise alpha{or_delta})")
 
 
 def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta: float = 0.1,
