@@ -451,6 +451,9 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     for key, path in outputs.items():
         save_volume(lr.with_data(getattr(out, key), out.affine), path, overwrite=args.overwrite)
         print(f"wrote:    {path} ({key})")
+    # what audit --reuse checks its mean and std against (as written: the voxels a reader gets)
+    out.metadata["output_digests"] = {key: load_volume(path).digest() for key, path in outputs.items()
+                                      if key in ("mean", "std")}
     write_json(sidecar, out.metadata)
     residual = max(out.metadata["relative_residual"])
     _print_risk(out.metadata["risk"])

@@ -118,6 +118,9 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     assert main(["audit", "--model", str(f["model"]), "--input", str(tmp_path / "other.nii.gz"), "--output-dir",
                  str(out), "--reuse", str(sr), str(std), "--overwrite"]) == 2
     assert "sr.nii.gz: was made from another input than" in capsys.readouterr().err
+    assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
+                 "--reuse", str(sr), str(sr), "--overwrite"]) == 2  # the mean given as the std
+    assert "sr.nii.gz: is not the std this run record was written with" in capsys.readouterr().err
     shifted = load_volume(f["lr"])  # a record from before the digest: the field of view tells a scan elsewhere
     moved = shifted.affine.copy()
     moved[:3, 3] += 28.0

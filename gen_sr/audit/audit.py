@@ -86,6 +86,11 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
                       f"{lr.source or 'this input'} is checked by its grid and field of view only", stacklevel=3)
     given, lr = lr, pipe.measured_input(lr, meta)  # a calibration region is a mask on the given input's grid
     mean, std = load_volume(sr_path), load_volume(std_path)
+    written = meta.get("output_digests") or {}  # none in earlier records
+    for key, path, volume in (("mean", sr_path, mean), ("std", std_path, std)):
+        if key in written and written[key] != volume.digest():
+            raise InputError(f"is not the {key} this run record was written with", path,
+                             f"give the {key} that super-resolve wrote beside {meta_path.name}")
     if mean.shape != std.shape or not np.allclose(mean.affine, std.affine, atol=1e-4):
         raise InputError("is not on the grid of the SR mean", std_path)
     canon_mean, canon_lr = mean.canonical(), lr.canonical()
