@@ -13,12 +13,12 @@ In Python: ``run_cohort(pipe, find_scans(["scans/"]), "sr/", **pipe_kwargs)``.
   ``<stem>_sr.json`` under the same relative folder.
 * **Processes:** under ``accelerate launch`` (several processes, GPUs or machines) each process takes every
   world-size-th scan and draws all of that scan's samples itself.
-* **Reruns** skip every scan whose mean and sidecar exist, and take its figures from that sidecar
+* **Reruns** skip every scan whose mean and run record exist, and take its figures from that record
   (``overwrite=True`` redoes them, removing their earlier outputs first); a scan whose file or JSON sidecar changed
-  since (:func:`input_stamp`) is redone; two scans that would write the same outputs are refused; a rerun with other
-  settings (model, sampler, seed, acquisition) than the run that
-  wrote them is refused before any sampling, so that one folder never mixes two settings. A scan that fails is
-  reported with its one-line reason and does not stop the others.
+  since (:func:`input_stamp`) is redone; a rerun with other settings (model files, sampler, seed, acquisition) than
+  the run that finished scans is refused before any sampling, so that one folder never mixes two settings. Two scans
+  that would write the same outputs, or a file of the user's where a scan's output would go, are refused. A scan
+  that fails is reported with its one-line reason and does not stop the others.
 * **Summary:** ``summary.tsv`` and ``summary.json`` in the output folder, one row per scan: status, seconds, the
   noise std the run used (given, or read from the scan's air), the largest relative residual ``‖A x − y‖/‖y‖``, and
   the fraction of the head flagged (risk above the threshold).
@@ -318,7 +318,7 @@ def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, thresh
                          message="finished by an earlier run")
     for path in astuple(paths):  # redone: no output of the earlier run stays, even where this one fails
         path.unlink(missing_ok=True)
-    tic = time.perf_counter()
+    tic, stamp = time.perf_counter(), input_stamp(scan)  # what this run reads
     try:
         lr = load_volume(scan)
         result = pipe(lr, keep_samples=False, output_type="np", split_samples=False,
@@ -330,7 +330,7 @@ def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, thresh
         flagged = flagged_fraction(np.asarray(result.risk), np.asarray(result.mean), threshold)
         write_json(paths.sidecar, {**result.metadata, "input": str(scan), "flagged_fraction": flagged,
                                    "risk_threshold": threshold, "seconds": seconds, "cohort_settings": settings,
-                                   "input_stamp": input_stamp(scan)})
+                                   "input_stamp": stamp})
         return CohortRow(str(scan), "done", seconds, noise_std=result.metadata["noise_std"],
                          max_relative_residual=max(result.metadata["relative_residual"]), flagged_fraction=flagged,
                          output=str(paths.mean), message="its input changed since an earlier run" if changed else "")
