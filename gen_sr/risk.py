@@ -430,6 +430,14 @@ class Calibrations:
         pooled = next((r for r in made if r.grid_spacing is None), None)
         return pooled.at_grid(grid_spacing) if pooled is not None else None
 
+    def nearest(self, settings: SamplingSettings, grid_spacing: float) -> Calibration | None:
+        """The record :meth:`find` gives; else, for settings calibrated per grid only, that of the grid nearest
+        ``grid_spacing`` (which does not hold there: :meth:`Calibration.mismatch`); else ``None``."""
+        if (found := self.find(settings, grid_spacing)) is not None:
+            return found
+        per_grid = [r for r in self._records if r.sampling == settings and r.grid_spacing is not None]
+        return min(per_grid, key=lambda r: abs(math.log(r.grid_spacing / grid_spacing)), default=None)
+
     def with_record(self, calibration: Calibration, *, first: bool = False) -> Calibrations:
         """These records with ``calibration`` added: it replaces the one made with the same settings and grid (in its
         place), or goes last (``first``: first, as the default settings' record). A record per mm of the voxel size

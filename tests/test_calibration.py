@@ -292,6 +292,9 @@ def test_a_calibration_records_its_sampler_settings_and_a_run_with_others_warns(
     with pytest.warns(CalibrationMismatchWarning, match="made for 1 mm output grids .* the one for 2 mm grids"):
         assert pipe.calibration_for(expected, warn=True, grid_spacing=1.0).scale == 2.0
     assert pipe.calibration_for(expected, grid_spacing=2.9).scale == 3.0
+    other = dataclasses.replace(expected, num_samples=4)  # other settings: the default settings' record of this grid
+    with pytest.warns(CalibrationMismatchWarning, match="which no calibration of the model was made with"):
+        assert pipe.calibration_for(other, warn=True, grid_spacing=2.9).scale == 3.0
 
 
 def test_the_refit_is_in_the_settings_only_where_the_runs_have_noise() -> None:

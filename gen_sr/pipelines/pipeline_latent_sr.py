@@ -217,10 +217,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                         grid_spacing: float | None = None) -> Calibration | None:
         """The calibration a run with these sampler ``settings`` on an output grid of ``grid_spacing`` mm uses: the
         one made with them (for that grid where one was made per grid: :meth:`~gen_sr.risk.Calibrations.find`); where
-        they were calibrated per grid only, for other grids, the nearest grid's; else that of a default run
-        (:attr:`calibration`), which does not hold for them (``warn``: a :class:`CalibrationMismatchWarning` says
-        so, and which settings or grid have one, as it does for a record made with these settings on grids away
-        from this one: :meth:`~gen_sr.risk.Calibration.mismatch`)."""
+        they were calibrated per grid only, for other grids, the nearest grid's; else that of a default run on this
+        grid (:attr:`calibration`'s settings, :meth:`~gen_sr.risk.Calibrations.nearest`), which does not hold for
+        them (``warn``: a :class:`CalibrationMismatchWarning` says so, and which settings or grid have one, as it
+        does for a record made with these settings on grids away from this one:
+        :meth:`~gen_sr.risk.Calibration.mismatch`)."""
         exact = self.calibrations.find(settings, grid_spacing)
         if exact is None and not settings.noise_known:  # a model without records for such runs: as a noise-free one
             settings = replace(settings, noise_known=True)
@@ -232,9 +233,8 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                               f"std needs grows with the voxel size); {MISMATCH_WORDING['grid'].advice}",
                               CalibrationMismatchWarning, stacklevel=4)
             return exact
-        per_grid = [r for r in self.calibrations if r.sampling == settings]  # made per grid only, none for this one
-        if per_grid and grid_spacing is not None:
-            nearest = min(per_grid, key=lambda r: abs(math.log(r.grid_spacing / grid_spacing)))
+        nearest = None if grid_spacing is None else self.calibrations.nearest(settings, grid_spacing)
+        if nearest is not None:  # made per grid only, none for this one
             if warn:
                 warnings.warn(f"no calibration of the model was made for {grid_spacing:g} mm output grids with these "
                               f"settings: the risk map uses the one for {nearest.grid_spacing:g} mm grids, whose "
@@ -247,7 +247,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             warnings.warn(f"this run uses {settings.describe()}, which no calibration of the model was made with: its "
                           f"risk map uses the calibration made with {made}, whose coverage does not hold for these "
                           f"settings; {MISMATCH_WORDING['settings'].advice}", CalibrationMismatchWarning, stacklevel=4)
-        return default.at_grid(grid_spacing) if default is not None else None
+        if default is None or grid_spacing is None or default.sampling is None:
+            return None if default is None else default.at_grid(grid_spacing)
+        return self.calibrations.nearest(default.sampling, grid_spacing)  # the default settings' record for this grid
 
     # ------------------------------------------------------------------------------------------------- settings
     @property
