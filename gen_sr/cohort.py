@@ -124,8 +124,9 @@ class ScanOutputs:
     sidecar: Path
 
     def done(self) -> bool:
-        """Whether an earlier run finished this scan (its mean and sidecar are there; both are written last)."""
-        return self.mean.is_file() and self.sidecar.is_file()
+        """Whether an earlier run finished this scan: its mean is there and its run record says it finished (a run
+        writes the record first, unfinished, so that its partial outputs are known as its own, and again last)."""
+        return self.mean.is_file() and self.sidecar.is_file() and _earlier_sidecar(self).get("finished", True) is True
 
 
 def scan_outputs(scan: Path, root: Path, output_dir: Path) -> ScanOutputs:
@@ -222,8 +223,10 @@ def run_settings(pipe: Any, seed: int, pipe_kwargs: dict[str, Any]) -> dict[str,
 
 
 def _is_record_of(paths: ScanOutputs, scan: Path) -> bool:
-    """Whether ``paths``' sidecar is the record of a cohort run of ``scan`` (its ``input``)."""
-    return paths.sidecar.is_file() and _earlier_sidecar(paths).get("input") == str(scan)
+    """Whether ``paths``' sidecar is the record of a cohort run of ``scan``: its ``input`` names the scan (by path,
+    or by file name where the folders were moved or mounted elsewhere since)."""
+    named = _earlier_sidecar(paths).get("input") if paths.sidecar.is_file() else None
+    return isinstance(named, str) and (named == str(scan) or Path(named).name == scan.name)
 
 
 def _earlier_sidecar(paths: ScanOutputs) -> dict[str, Any]:
@@ -244,7 +247,7 @@ def _check_earlier_settings(outputs: Sequence[ScanOutputs], settings: dict[str, 
     """
     stale = []
     for paths in outputs:
-        earlier = _earlier_sidecar(paths).get("cohort_settings") if paths.done() else None
+        earlier = _earlier_sidecar(paths).get("cohort_settings") if paths.done() else None  # finished ones only
         if earlier is not None and earlier != settings:
             stale.append(earlier)
     if stale:
@@ -282,7 +285,7 @@ def same_input(recorded: dict[str, Any], scan: Path) -> bool:
         if before is None or now is None:
             if (before is None) != (now is None):
                 return False
-        elif [now.st_size, now.st_mtime_ns] != before[:2] and file_sha256(path) != before[2]:
+        elif [now.st_size, now.st_mtime_ns] != before[:2] and (len(before) < 3 or file_sha256(path) != before[2]):
             return False
     return True
 
@@ -308,6 +311,9 @@ def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, thresh
     if paths.sidecar.is_file() and not _is_record_of(paths, scan):  # someone else's file: never taken or removed
         return CohortRow(str(scan), "failed", message=f"{paths.sidecar} is not a run record of this scan: give another "
                                                       "--output-dir")
+    if not paths.sidecar.is_file() and not overwrite and (there := [p for p in astuple(paths) if p.exists()]):
+        return CohortRow(str(scan), "failed", message=f"{there[0]} is there and is no output of a run of this scan: "
+                                                      "remove it, pass --overwrite, or give another --output-dir")
     earlier = _earlier_sidecar(paths) if paths.done() else {}
     changed = "input_stamp" in earlier and not same_input(earlier["input_stamp"], scan)  # none kept: as unchanged
     if earlier and not (overwrite or changed):
@@ -316,19 +322,19 @@ def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, thresh
                          max_relative_residual=max(residual) if residual else None,
                          flagged_fraction=earlier.get("flagged_fraction"), output=str(paths.mean),
                          message="finished by an earlier run")
-    for path in astuple(paths):  # redone: no output of the earlier run stays, even where this one fails
-        path.unlink(missing_ok=True)
+    _remove(paths)  # redone: no output of the earlier run stays, even where this one fails
     tic, stamp = time.perf_counter(), input_stamp(scan)  # what this run reads
     try:
+        paths.mean.parent.mkdir(parents=True, exist_ok=True)
+        write_json(paths.sidecar, {"input": str(scan), "finished": False, "cohort_settings": settings})
         lr = load_volume(scan)
         result = pipe(lr, keep_samples=False, output_type="np", split_samples=False,
                       generator=torch.Generator().manual_seed(seed), **pipe_kwargs)
-        paths.mean.parent.mkdir(parents=True, exist_ok=True)
         for key, path in (("std", paths.std), ("risk", paths.risk), ("mean", paths.mean)):  # the mean last
             save_volume(lr.with_data(getattr(result, key), result.affine), path, overwrite=True)
         seconds = time.perf_counter() - tic
         flagged = flagged_fraction(np.asarray(result.risk), np.asarray(result.mean), threshold)
-        write_json(paths.sidecar, {**result.metadata, "input": str(scan), "flagged_fraction": flagged,
+        write_json(paths.sidecar, {**result.metadata, "input": str(scan), "finished": True, "flagged_fraction": flagged,
                                    "risk_threshold": threshold, "seconds": seconds, "cohort_settings": settings,
                                    "input_stamp": stamp})
         return CohortRow(str(scan), "done", seconds, noise_std=result.metadata["noise_std"],
@@ -338,7 +344,14 @@ def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, thresh
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if os.environ.get("GEN_SR_DEBUG"):
             traceback.print_exc()
+        _remove(paths)  # nothing half-made stays
         return CohortRow(str(scan), "failed", time.perf_counter() - tic, message=message)
+
+
+def _remove(paths: ScanOutputs) -> None:
+    """Remove a scan's outputs (its maps, then its run record)."""
+    for path in astuple(paths):
+        path.unlink(missing_ok=True)
 
 
 def write_summary(rows: Sequence[CohortRow], output_dir: Path) -> tuple[Path, Path]:

@@ -69,22 +69,23 @@ def check_output_file(path: PathLike, overwrite: bool = False, inputs: Sequence[
     if p.is_dir():
         raise InputError("is a directory; an output file name is needed", p)
     check_writable_dir(p.parent)
-    _check_not_an_input(p, inputs)
+    _check_not_an_input(p, inputs, "give the output another name")
     if p.exists() and not overwrite:
         raise InputError("output already exists", p, "pass --overwrite to replace it")
     return p
 
 
-def _check_not_an_input(p: Path, inputs: Sequence[PathLike]) -> None:
+def _check_not_an_input(p: Path, inputs: Sequence[PathLike], hint: str) -> None:
     """Refuse an output that is one of ``inputs`` or the JSON sidecar of a NIfTI one (existing or not: a run would
-    read it as the scan's), whatever ``overwrite``."""
+    read it as the scan's), whatever ``overwrite``; ``hint``: what to do."""
     for src in inputs:
+        if not is_nifti_name(src) and not Path(src).exists():  # a description, e.g. "synthetic subject 3"
+            continue
         if Path(src).exists() and p.exists() and p.resolve() == Path(src).resolve():
-            raise InputError("output is the same file as an input; inputs are never modified", p,
-                             "give the output another name")
+            raise InputError("output is the same file as an input; inputs are never modified", p, hint)
         if is_nifti_name(src) and p.resolve() == sidecar_path(src).resolve():
             raise InputError(f"output is the JSON sidecar of the input {Path(src).name}, where a run reads its slices "
-                             "from; inputs are never modified", p, "give the output another name")
+                             "from; inputs are never modified", p, hint)
 
 
 def check_output_path(path: PathLike, overwrite: bool = False, inputs: Sequence[PathLike] = ()) -> Path:
@@ -103,7 +104,7 @@ def check_output_dir(path: PathLike, overwrite: bool = False, markers: Sequence[
     check_writable_dir(out if out.is_dir() else out.parent,
                        "the output folder" if out.is_dir() else "the output folder's parent")
     for marker in markers:
-        _check_not_an_input(out / marker, inputs)
+        _check_not_an_input(out / marker, inputs, "give another output folder")
     if not overwrite and (existing := [m for m in markers if (out / m).exists()]):
         raise InputError(f"holds outputs already ({', '.join(existing)})", out, "pass --overwrite to replace them")
     return out

@@ -164,3 +164,30 @@ def test_two_processes_write_the_same_outputs_as_one_and_a_rerun_skips_all(tmp_p
         name = Path(f"sub-{k:02d}") / "anat" / f"sub-{k:02d}_desc-sr_T1w.nii.gz"
         a, b = (np.asarray(nib.load(tmp_path / run / name).dataobj) for run in ("one", "two"))
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+
+
+def test_a_moved_input_folder_keeps_its_finished_scans_and_a_file_of_the_users_is_never_removed(tmp_path: Path,
+                                                                                                capsys) -> None:
+    """Records name their scan by path, or by file name once the folders moved; a file at an output place with no run
+    record beside it is the user's: the scan fails and keeps it (``--overwrite`` replaces it)."""
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    _cohort(tmp_path / "bids", n=2)
+
+    def run(source: str, out: str, *extra: str) -> int:
+        return main(["super-resolve", "--model", str(tmp_path / "model"), "--input", str(tmp_path / source),
+                     "--output-dir", str(tmp_path / out), *SMALL, *extra])
+
+    assert run("bids", "out") == 0
+    (tmp_path / "bids").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert run("moved", "out") == 0 and "0 done, 2 skipped" in capsys.readouterr().out
+    record = tmp_path / "out" / "sub-01" / "anat" / "sub-01_desc-sr_T1w.json"  # as a run killed while writing left it
+    record.write_text(json.dumps({"input": str(tmp_path / "moved" / "sub-01" / "anat" / "sub-01_T1w.nii.gz"),
+                                  "finished": False}))
+    assert run("moved", "out") == 0 and "1 done, 1 skipped" in capsys.readouterr().out  # its own leftovers: redone
+    mine = tmp_path / "out2" / "sub-00" / "anat" / "sub-00_desc-srstd_T1w.nii.gz"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"the user's")
+    assert run("moved", "out2") == 1 and "is there and is no output of a run of this scan" in capsys.readouterr().err
+    assert mine.read_bytes() == b"the user's"
+    assert run("moved", "out2", "--overwrite") == 0 and nib.load(mine).shape == (12, 10, 15)

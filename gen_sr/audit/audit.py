@@ -201,7 +201,8 @@ def audit(
         The report's JSON payload. Its ``outside_training`` lists where the input lies outside the trained regime
         (from the run record, or checked now for a reused run recorded without it).
     """
-    out = check_output_dir(output_dir, overwrite, AUDIT_FILES)
+    given = [v.source for v in (lr, reference, brain_mask, *(masks or {}).values()) if v is not None and v.source]
+    out = check_output_dir(output_dir, overwrite, AUDIT_FILES, inputs=[*given, *(reuse or ())])
     if brain_mask is not None:
         _check_mask(brain_mask)
     given_volumes = {"reference": reference, "brain mask": brain_mask,
