@@ -449,11 +449,12 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                                           refit_disagreement=refit_disagreement, noise_std=noise_std,
                                           noise_known=noise_known)
         calibration = self.calibration_for(settings, warn=True, grid_spacing=min(operator.hr_spacing))
+        mismatch = self.calibration_mismatch(calibration, settings, canon, min(operator.hr_spacing))
         in_plane = None if noise_known else estimate_noise_std(canon.data, axes[0])  # what an unknown noise is
         interval_sigma = interval_noise_std(calibration, noise_std, in_plane) / norm.scale  # what the interval counts
         if not noise_known:
             _warn_noise_unknown(volume.source, calibration is not None and calibration.for_unknown_noise, in_plane)
-        if calibration is not None and not self.adapted_on(canon, calibration):
+        if mismatch == "scan":  # the other reasons were warned of by calibration_for
             warnings.warn(f"the model was adapted and calibrated on {self.model_card.adapted.source}, not on this "
                           f"scan: its risk map's coverage does not hold here; {MISMATCH_WORDING['scan'].advice}",
                           CalibrationMismatchWarning, stacklevel=3)
@@ -625,9 +626,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             "relative_residual": residuals,
             "capped_fraction": capped,
             "normalization": norm.to_dict(),
-            "risk": describe_risk(calibration,
-                                  self.calibration_mismatch(calibration, settings, canon, min(operator.hr_spacing)),
-                                  calibration_region=region is not None),
+            "risk": describe_risk(calibration, mismatch, calibration_region=region is not None),
             "data_disagreement": None if disagreement is None else flag.describe(before_refit=refit),
             "outside_training": outside,
             "timings": timings,
