@@ -407,12 +407,18 @@ def _acquisition_kwargs(args: argparse.Namespace) -> dict:
             "slice_thickness": args.slice_thickness, "noise_std": args.noise_std}
 
 
+def _run_kwargs(args: argparse.Namespace) -> dict:
+    """The pipeline arguments of each scan of a cohort (the seed, not a generator): its recorded settings."""
+    return {**{k: v for k, v in _sampling_kwargs(args).items() if k != "generator"}, **_acquisition_kwargs(args)}
+
+
 def _steps(args: argparse.Namespace, pipe) -> int:
     """The DDIM steps a run uses: ``--steps``, else the model card's default."""
     return args.sampling_steps or pipe.model_card.num_inference_steps
 
 
 def cmd_super_resolve(args: argparse.Namespace) -> int:
+    from gen_sr.cohort import input_stamp, single_scan_record
     from gen_sr.volume import load_volume, save_volume
 
     source = Path(args.input)
@@ -432,6 +438,7 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     _check_distinct(outputs)
     sidecar = sidecar_path(outputs["mean"])
     check_output_file(sidecar, args.overwrite, inputs=[args.input])
+    stamp = input_stamp(source.resolve())  # before the scan is read, as a cohort takes it
     lr = load_volume(args.input, volume_index=args.volume)
     if args.data_disagreement and not _scan_noise_std(args, lr, report=False):
         raise InputError("has no background air to read its noise std from (--noise-std auto), which the data "
@@ -454,6 +461,9 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     # what audit --reuse checks its mean and std against (as written: the voxels a reader gets)
     out.metadata["output_digests"] = {key: load_volume(path).digest() for key, path in outputs.items()
                                       if key in ("mean", "std")}
+    if not args.adapt:  # the model folder's run: a cohort can take these outputs as the scan's (gen_sr.cohort)
+        out.metadata.update(single_scan_record(pipe, args.seed, {**_run_kwargs(args), "volume_index": args.volume,
+                                                                 "calibration_region": args.calibration_region}, stamp))
     write_json(sidecar, out.metadata)
     residual = max(out.metadata["relative_residual"])
     _print_risk(out.metadata["risk"])
@@ -481,9 +491,7 @@ def _super_resolve_cohort(args: argparse.Namespace) -> int:
     out = check_output_dir(args.output_dir)
     scans = find_scans([args.input], output_dir=out)
     pipe = _load_pipeline(args)
-    sampling = {k: v for k, v in _sampling_kwargs(args).items() if k != "generator"}
-    rows = run_cohort(pipe, scans, out, overwrite=args.overwrite, seed=args.seed, **sampling,
-                      **_acquisition_kwargs(args))
+    rows = run_cohort(pipe, scans, out, overwrite=args.overwrite, seed=args.seed, **_run_kwargs(args))
     if not process_state().is_main_process:
         return 0
     failed = [r for r in rows if r.status == "failed"]

@@ -13,15 +13,23 @@ In Python: ``run_cohort(pipe, find_scans(["scans/"]), "sr/", **pipe_kwargs)``.
   ``<stem>_sr.json`` under the same relative folder.
 * **Processes:** under ``accelerate launch`` (several processes, GPUs or machines) each process takes every
   world-size-th scan and draws all of that scan's samples itself.
-* **Reruns** skip every scan whose mean and run record exist, and take its figures from that record
+* **Reruns** skip every scan whose maps and run record exist, and take its figures from that record
   (``overwrite=True`` redoes them, removing their earlier outputs first); a scan whose file or JSON sidecar changed
   since (:func:`input_stamp`) is redone; a rerun with other settings (model files, sampler, seed, acquisition) than
-  the run that finished scans is refused before any sampling, so that one folder never mixes two settings. Two scans
-  that would write the same outputs, or a file of the user's where a scan's output would go, are refused. A scan
-  that fails is reported with its one-line reason and does not stop the others.
+  the runs that finished scans is refused before any sampling, so that one folder never mixes two settings. The
+  acquisition is compared as each scan's run takes it, not as it was given: a slice profile or thickness given as
+  the scan's JSON sidecar says, or a target spacing given as the default one, is the same setting.
+* **Single-scan runs' outputs** (``gen-sr super-resolve --input a.nii.gz --output ... --std ... --risk ...``) at
+  a scan's very output paths count as an earlier run's where their record proves them its: the scan as it is now
+  (its :func:`input_stamp`) and the settings (:func:`single_scan_record`: runs without ``--adapt`` record both), with
+  the std and risk maps there; settings that differ are refused as above. Any other file where a scan's output would
+  go is the user's: the scan fails and keeps it (``--overwrite`` replaces maps without a record beside them, never
+  another record). Two scans that would write the same outputs are refused. A scan that fails is reported with its
+  one-line reason and does not stop the others.
 * **Summary:** ``summary.tsv`` and ``summary.json`` in the output folder, one row per scan: status, seconds, the
   noise std the run used (given, or read from the scan's air), the largest relative residual ``‖A x − y‖/‖y‖``, and
-  the fraction of the head flagged (risk above the threshold).
+  the fraction of the head flagged (risk above the threshold; ``n/a`` for a single-scan run's outputs, whose record
+  holds neither it nor the seconds).
 """
 
 from __future__ import annotations
@@ -56,11 +64,14 @@ from gen_sr.io import (
 from gen_sr.volume import IntensityNormalization, load_volume, save_volume
 
 __all__ = ["CohortRow", "ScanOutputs", "find_scans", "flagged_fraction", "input_stamp", "run_cohort", "run_settings",
-           "same_input", "scan_outputs"]
+           "same_input", "scan_outputs", "single_scan_record"]
 
 _BIDS = re.compile(r"^(?P<entities>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_(?P<suffix>[A-Za-z0-9]+)$")
 SUMMARY_COLUMNS = ("scan", "status", "seconds", "noise_std", "max_relative_residual", "flagged_fraction", "output",
                    "message")
+_ACQUISITION = ("target_spacing", "slice_profile", "slice_thickness")
+"""The settings that, with each scan's grid and JSON sidecar, make its acquisition: compared as each scan's run takes
+them (:func:`run_cohort`)."""
 
 
 def find_scans(inputs: Sequence[str | os.PathLike[str]],
@@ -73,7 +84,8 @@ def find_scans(inputs: Sequence[str | os.PathLike[str]],
 
     Raises:
         InputError: an input that does not exist or matches nothing, no scan at all, or (with ``output_dir``) a scan
-            where another's output would go that is not an earlier run's output (whose record names its scan).
+            where another's output would go that is not an earlier run's output (whose record is its scan's:
+            :class:`_Scan`).
     """
     found: dict[Path, Path] = {}
     for entry in inputs:
@@ -104,7 +116,7 @@ def find_scans(inputs: Sequence[str | os.PathLike[str]],
                 claims.setdefault(p, []).append((f, paths))
         written = set()
         for f in found.keys() & claims.keys():  # an earlier run's output (its record names its scan), or a scan
-            if not any(_is_record_of(paths, scan) for scan, paths in claims[f]):
+            if not any(_Scan.read(scan, paths).ours for scan, paths in claims[f]):
                 raise InputError(f"is a scan, and where the output of {claims[f][0][0].name} would go", f,
                                  "give another --output-dir, or rename it")
             written.add(f)
@@ -123,10 +135,36 @@ class ScanOutputs:
     risk: Path
     sidecar: Path
 
-    def done(self) -> bool:
-        """Whether an earlier run finished this scan: its mean is there and its run record says it finished (a run
-        writes the record first, unfinished, so that its partial outputs are known as its own, and again last)."""
-        return self.mean.is_file() and self.sidecar.is_file() and _earlier_sidecar(self).get("finished", True) is True
+
+@dataclass(frozen=True)
+class _Scan:
+    """A scan of a run, its output paths and what an earlier run left there, found once per run (:meth:`read`)."""
+
+    scan: Path
+    paths: ScanOutputs
+    record: dict[str, Any] | None  # the JSON at the run record's place: None where there is none, {} if no object
+    ours: bool  # the record is a run record of this scan
+    finished: bool  # ours, it says it finished, and the mean, std and risk maps are there
+    changed: bool  # finished, but the scan or its JSON sidecar changed since (:func:`same_input`)
+
+    @classmethod
+    def read(cls, scan: Path, paths: ScanOutputs) -> _Scan:
+        """``scan`` and its output place. A record is the scan's where it names it (a cohort run's ``input``: by path,
+        or by file name where the folders were moved or mounted elsewhere since), or where it is a single-scan run's
+        (no ``input``: :func:`single_scan_record`) that proves it: the scan's stamp as it is now, the run's settings,
+        and the std and risk maps beside it. A run writes its record first, unfinished, so that its partial outputs
+        are known as its own, and again last."""
+        record = _read_record(paths.sidecar)
+        if record is None:
+            return cls(scan, paths, None, ours=False, finished=False, changed=False)
+        name, stamp = record.get("input"), record.get("input_stamp")
+        maps = all(p.is_file() for p in (paths.mean, paths.std, paths.risk))
+        named = isinstance(name, str) and (name == str(scan) or Path(name).name == scan.name)
+        single = name is None and stamp is not None and record.get("cohort_settings") is not None
+        same = (named or single) and (stamp is None or same_input(stamp, scan))  # no stamp kept: as unchanged
+        ours = named or (single and same and maps)
+        finished = ours and record.get("finished", True) is True and maps
+        return cls(scan, paths, record, ours=ours, finished=finished, changed=finished and not same)
 
 
 def scan_outputs(scan: Path, root: Path, output_dir: Path) -> ScanOutputs:
@@ -189,13 +227,13 @@ def run_cohort(pipe: Any, scans: Sequence[tuple[Path, Path]], output_dir: str | 
     seed = pipe_kwargs.pop("seed", 0)
     settings = run_settings(pipe, seed, pipe_kwargs)
     _check_distinct_outputs(scans, out)
+    found = [_Scan.read(scan, scan_outputs(scan, root, out)) for scan, root in scans]  # each record read once
     if not overwrite:
-        _check_earlier_settings([scan_outputs(scan, root, out) for scan, root in scans], settings, out)
-    mine = list(scans)[state.process_index :: state.num_processes]
+        _check_earlier_settings(found, pipe, settings, pipe_kwargs, out)
+    mine = found[state.process_index :: state.num_processes]
     rows = []
-    for scan, root in tqdm(mine, desc="cohort", unit="scan", disable=not (progress and state.is_local_main_process)):
-        rows.append(_one_scan(pipe, scan, scan_outputs(scan, root, out), overwrite, risk_threshold, seed, pipe_kwargs,
-                              settings))
+    for one in tqdm(mine, desc="cohort", unit="scan", disable=not (progress and state.is_local_main_process)):
+        rows.append(_one_scan(pipe, one, overwrite, risk_threshold, seed, pipe_kwargs, settings))
     everyone = gather_object([asdict(r) for r in rows]) if state.num_processes > 1 else [asdict(r) for r in rows]
     order = {str(scan): k for k, (scan, _) in enumerate(scans)}
     result = sorted((CohortRow(**r) for r in everyone), key=lambda r: order.get(r.scan, len(order)))
@@ -209,9 +247,9 @@ def run_settings(pipe: Any, seed: int, pipe_kwargs: dict[str, Any]) -> dict[str,
     model folder and its content (:func:`~gen_sr.io.model_digests`: weights, card and calibration), the sampler
     settings as the runs resolve them (``pipe.sampling_settings``: a step count left to the model's default equals
     the same count given), the seed and the other pipeline arguments as given, but for ``batch_size`` (a memory knob:
-    the output depends on it only by float32 rounding). The acquisition's are compared as given too: a slice profile
-    or thickness left to each scan's sidecar is "not given" in both runs, and one given as what a sidecar says is
-    another setting."""
+    the output depends on it only by float32 rounding). The acquisition's (target spacing, slice profile and
+    thickness) are recorded as given too, and a rerun compares them as each scan's run resolves them (its
+    ``operator``; :func:`run_cohort`)."""
     model = getattr(pipe.config, "_name_or_path", None)
     folder = Path(model).resolve() if model and Path(model).is_dir() else None
     noise = pipe_kwargs.get("noise_std")
@@ -222,42 +260,73 @@ def run_settings(pipe: Any, seed: int, pipe_kwargs: dict[str, Any]) -> dict[str,
                        "sampling": sampling, "seed": seed, **dict(sorted(others.items()))})
 
 
-def _is_record_of(paths: ScanOutputs, scan: Path) -> bool:
-    """Whether ``paths``' sidecar is the record of a cohort run of ``scan``: its ``input`` names the scan (by path,
-    or by file name where the folders were moved or mounted elsewhere since)."""
-    named = _earlier_sidecar(paths).get("input") if paths.sidecar.is_file() else None
-    return isinstance(named, str) and (named == str(scan) or Path(named).name == scan.name)
+def single_scan_record(pipe: Any, seed: int, pipe_kwargs: dict[str, Any], stamp: dict[str, Any]) -> dict[str, Any]:
+    """What a single-scan run of a model folder (not adapted: its pipeline is the folder's) adds to its record so that
+    a cohort can take its outputs as the scan's: the :func:`input_stamp` taken before it read the scan, and its
+    :func:`run_settings` (``pipe_kwargs``: its pipeline arguments but the generator, the input's ``volume_index``
+    with them)."""
+    return {"input_stamp": stamp, "cohort_settings": run_settings(pipe, seed, pipe_kwargs)}
 
 
-def _earlier_sidecar(paths: ScanOutputs) -> dict[str, Any]:
-    """The sidecar an earlier run wrote for a finished scan (``{}`` where it cannot be read)."""
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """The JSON object at a run record's place: ``None`` where there is no file, ``{}`` where it holds none."""
+    if not path.is_file():
+        return None
     try:
-        record = json.loads(paths.sidecar.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
 
 
-def _check_earlier_settings(outputs: Sequence[ScanOutputs], settings: dict[str, Any], output_dir: Path) -> None:
-    """Refuse a rerun whose settings differ from those of the run that finished some of its scans (a sidecar
-    without ``cohort_settings``, from before they were recorded, is taken as the same).
+def _check_earlier_settings(scans: Sequence[_Scan], pipe: Any, settings: dict[str, Any], pipe_kwargs: dict[str, Any],
+                            output_dir: Path) -> None:
+    """Refuse a rerun whose settings differ from those of the runs that finished some of its scans (:func:`_changes`;
+    a scan whose input changed since is redone, and a record without ``cohort_settings``, from before they were
+    recorded, is taken as the same).
 
     Raises:
         InputError: naming how many scans, and the settings that differ for the first of them.
     """
-    stale = []
-    for paths in outputs:
-        earlier = _earlier_sidecar(paths).get("cohort_settings") if paths.done() else None  # finished ones only
-        if earlier is not None and earlier != settings:
-            stale.append(earlier)
+    stale = [changes for one in scans if one.finished and not one.changed
+             and (changes := _changes(one, pipe, settings, pipe_kwargs))]
     if stale:
-        before, now = _flat(stale[0]), _flat(settings)  # the first one's differences are named
         said = lambda v: "none" if v is None else repr(v)  # noqa: E731
-        changed = ", ".join(f"{k} {said(before.get(k))} → {said(now.get(k))}"
-                            for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
+        changed = ", ".join(f"{k} {said(before)} → {said(now)}" for k, (before, now) in stale[0].items())
         raise InputError(f"{len(stale)} scan(s) here were finished by an earlier run with other settings ({changed}), "
                          "and a folder should not mix two", output_dir,
                          "pass --overwrite to redo them with these settings, or give another --output-dir")
+
+
+def _changes(earlier: _Scan, pipe: Any, settings: dict[str, Any], pipe_kwargs: dict[str, Any]
+             ) -> dict[str, tuple[Any, Any]]:
+    """The settings of this run that differ from those of the run that finished ``earlier`` (its record's
+    ``cohort_settings``; ``{}`` without them), as ``{name: (before, now)}``, each setting and model file by its own
+    name (:func:`_flat`; one that a record does not hold is none). The acquisition is compared as the scan's run takes
+    it: where its settings were given otherwise, the acquisition this run would take for the scan (the pipeline's
+    ``plan``) against the one the earlier run recorded (``operator``), field by field (``slice profile (axis 2)``);
+    given alike, they are alike (the scan, its JSON sidecar and the model files are those of the earlier run)."""
+    recorded = (earlier.record or {}).get("cohort_settings")
+    if recorded is None:
+        return {}
+    before, now = _flat(recorded), _flat(settings)
+    if any(before.get(k) != now.get(k) for k in _ACQUISITION):
+        given = {k: pipe_kwargs[k] for k in _ACQUISITION if k in pipe_kwargs}
+        plan = pipe.plan(earlier.scan, noise_std=0.0, **given)  # a noise std given: no air to read for the plan
+        before = _resolved(before, (earlier.record or {}).get("operator"))
+        now = _resolved(now, json_ready(plan["operator"]))
+    return {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
+
+
+def _resolved(settings: dict[str, Any], operator: dict[str, Any] | None) -> dict[str, Any]:
+    """Flat ``settings`` with the acquisition as given (:data:`_ACQUISITION`) replaced by the one a run took, an
+    operator's record (``metadata["operator"]``): its grid (``hr_shape``, ``hr_spacing``) and each transform's fields
+    by name and axis, e.g. ``slice thickness (axis 2)``."""
+    resolved = {k: v for k, v in settings.items() if k not in _ACQUISITION}
+    resolved.update({k: v for k, v in (operator or {}).items() if k != "transforms"})
+    for t in (operator or {}).get("transforms", []):
+        resolved.update({f"{t['type']} {k} (axis {t['axis']})": v for k, v in t.items() if k not in ("type", "axis")})
+    return resolved
 
 
 def _check_distinct_outputs(scans: Sequence[tuple[Path, Path]], output_dir: Path) -> None:
@@ -304,23 +373,24 @@ def _flat(settings: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _one_scan(pipe: Any, scan: Path, paths: ScanOutputs, overwrite: bool, threshold: float, seed: int,
-              pipe_kwargs: dict[str, Any], settings: dict[str, Any]) -> CohortRow:
+def _one_scan(pipe: Any, found: _Scan, overwrite: bool, threshold: float, seed: int, pipe_kwargs: dict[str, Any],
+              settings: dict[str, Any]) -> CohortRow:
     import torch
 
-    if paths.sidecar.is_file() and not _is_record_of(paths, scan):  # someone else's file: never taken or removed
-        return CohortRow(str(scan), "failed", message=f"{paths.sidecar} is not a run record of this scan: give another "
-                                                      "--output-dir")
-    if not paths.sidecar.is_file() and not overwrite and (there := [p for p in astuple(paths) if p.exists()]):
+    scan, paths, changed, record = found.scan, found.paths, found.changed, found.record or {}
+    if found.record is not None and not found.ours:  # someone else's file: never taken or removed
+        return CohortRow(str(scan), "failed", message=f"{paths.sidecar} is not a run record of this scan that a "
+                                                      "cohort can take (a single-scan run's counts where it records "
+                                                      "this very scan and its settings, with its std and risk maps "
+                                                      "beside it): move it away, or give another --output-dir")
+    if found.record is None and not overwrite and (there := [p for p in astuple(paths) if p.exists()]):
         return CohortRow(str(scan), "failed", message=f"{there[0]} is there and is no output of a run of this scan: "
                                                       "remove it, pass --overwrite, or give another --output-dir")
-    earlier = _earlier_sidecar(paths) if paths.done() else {}
-    changed = "input_stamp" in earlier and not same_input(earlier["input_stamp"], scan)  # none kept: as unchanged
-    if earlier and not (overwrite or changed):
-        residual = earlier.get("relative_residual")
-        return CohortRow(str(scan), "skipped", earlier.get("seconds", 0.0), noise_std=earlier.get("noise_std"),
+    if found.finished and not (overwrite or changed):
+        residual = record.get("relative_residual")
+        return CohortRow(str(scan), "skipped", record.get("seconds", 0.0), noise_std=record.get("noise_std"),
                          max_relative_residual=max(residual) if residual else None,
-                         flagged_fraction=earlier.get("flagged_fraction"), output=str(paths.mean),
+                         flagged_fraction=record.get("flagged_fraction"), output=str(paths.mean),
                          message="finished by an earlier run")
     _remove(paths)  # redone: no output of the earlier run stays, even where this one fails
     tic, stamp = time.perf_counter(), input_stamp(scan)  # what this run reads

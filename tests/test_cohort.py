@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import astuple
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from helpers import tiny_pipeline, write_nifti
 from gen_sr.cli import main
 from gen_sr.cohort import find_scans, scan_outputs
 from gen_sr.errors import InputError
+from gen_sr.io import sidecar_path
 from gen_sr.risk import Calibration, Calibrations
 
 ROOT = Path(__file__).parents[1]
@@ -191,3 +193,101 @@ def test_a_moved_input_folder_keeps_its_finished_scans_and_a_file_of_the_users_i
     assert run("moved", "out2") == 1 and "is there and is no output of a run of this scan" in capsys.readouterr().err
     assert mine.read_bytes() == b"the user's"
     assert run("moved", "out2", "--overwrite") == 0 and nib.load(mine).shape == (12, 10, 15)
+
+
+def _cohort_args(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    return ["super-resolve", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "bids"), "--output-dir",
+            str(tmp_path / out), *SMALL, *extra]
+
+
+def test_a_rerun_reads_each_run_record_once(tmp_path: Path, capsys, monkeypatch) -> None:
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    _cohort(tmp_path / "bids", n=2)
+    assert main(_cohort_args(tmp_path, "out")) == 0
+    opened: list[str] = []
+    path_open = Path.open
+
+    def counted(self: Path, *args, **kwargs):  # pathlib's own open, counted: read_text and read_bytes go through it
+        if self.name.endswith("_desc-sr_T1w.json"):
+            opened.append(self.name)
+        return path_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counted)
+    capsys.readouterr()
+    assert main(_cohort_args(tmp_path, "out")) == 0 and "0 done, 2 skipped" in capsys.readouterr().out
+    assert Counter(opened) == {"sub-00_desc-sr_T1w.json": 1, "sub-01_desc-sr_T1w.json": 1}
+
+
+def test_a_rerun_compares_the_acquisition_as_each_scan_takes_it(tmp_path: Path, capsys) -> None:
+    """The same settings are the same acquisition model for every scan: a slice profile, thickness or target spacing
+    given as each scan's JSON sidecar (or the default) makes them is the same setting; one that makes another is
+    refused, naming what it changes and for how many scans."""
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    files = _cohort(tmp_path / "bids", n=2)
+    for f, profile in zip(files, ("rect", "gaussian"), strict=True):  # 3 mm slices, of two profiles
+        sidecar_path(f).write_text(json.dumps({"SliceThickness": 3, "SliceProfile": profile}))
+    assert main(_cohort_args(tmp_path, "out")) == 0
+    mean = tmp_path / "out" / "sub-00" / "anat" / "sub-00_desc-sr_T1w.nii.gz"
+    stamp = mean.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(_cohort_args(tmp_path, "out", "--slice-thickness", "3", "--target-spacing", "1,1,1")) == 0
+    assert "0 done, 2 skipped" in capsys.readouterr().out and mean.stat().st_mtime_ns == stamp
+    assert main(_cohort_args(tmp_path, "out", "--profile", "rect")) == 2  # sub-01's sidecar says gaussian
+    err = capsys.readouterr().err
+    assert "1 scan(s) here were finished by an earlier run with other settings (slice profile (axis 2) " \
+           "'gaussian' → 'rect')" in err and err.count("\n") == 1
+    assert main(_cohort_args(tmp_path, "out", "--slice-thickness", "4")) == 2
+    assert "2 scan(s)" in (err := capsys.readouterr().err) and "slice thickness (axis 2) 3.0 → 4.0" in err
+    assert main(_cohort_args(tmp_path, "out", "--seed", "5", "--slice-thickness", "3")) == 2  # as given, alike
+    assert "other settings (seed 3 → 5)" in capsys.readouterr().err
+    assert mean.stat().st_mtime_ns == stamp
+    sidecar_path(files[1]).write_text(json.dumps({"SliceThickness": 3, "SliceProfile": "rect"}))  # sub-01 is redone
+    assert main(_cohort_args(tmp_path, "out", "--profile", "rect")) == 0  # and sub-00's sidecar says rect
+    assert "1 done, 1 skipped" in capsys.readouterr().out and mean.stat().st_mtime_ns == stamp
+    assert main(_cohort_args(tmp_path, "out", "--profile", "rect", "--slice-thickness", "3")) == 0
+    assert "0 done, 2 skipped" in capsys.readouterr().out
+
+
+def test_a_single_scan_runs_outputs_at_a_cohorts_paths_are_taken_where_their_record_proves_them(tmp_path: Path,
+                                                                                               capsys) -> None:
+    """``super-resolve --input a.nii.gz --output`` (with ``--std`` and ``--risk``) at the very paths a cohort uses:
+    taken as finished where its record proves the scan and the settings; other settings refuse the rerun as a
+    cohort's would; a record that proves less (no std and risk maps, written before records kept the scan's stamp
+    and settings) keeps the scan failing, its files kept."""
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    files = _cohort(tmp_path / "bids", n=2)
+
+    def single(out: str, *extra: str, maps: tuple[str, ...] = ("std", "risk")) -> Path:
+        paths = scan_outputs(files[0].resolve(), (tmp_path / "bids").resolve(), tmp_path / out)
+        paths.mean.parent.mkdir(parents=True)
+        given = [a for m in maps for a in (f"--{m}", str(getattr(paths, m)))]
+        assert main(["super-resolve", "--model", str(tmp_path / "model"), "--input", str(files[0]), "--output",
+                     str(paths.mean), *given, *SMALL, *extra]) == 0
+        return paths.mean
+
+    mean = single("out")
+    stamp = mean.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(_cohort_args(tmp_path, "out")) == 0 and "1 done, 1 skipped" in capsys.readouterr().out
+    assert mean.stat().st_mtime_ns == stamp
+    assert main(_cohort_args(tmp_path, "fresh")) == 0  # what the cohort makes of it: the same
+    fresh = tmp_path / "fresh" / mean.relative_to(tmp_path / "out")
+    np.testing.assert_allclose(nib.load(mean).get_fdata(), nib.load(fresh).get_fdata(), rtol=0, atol=1e-4)
+    other = single("other", "--seed", "4")
+    capsys.readouterr()
+    assert main(_cohort_args(tmp_path, "other")) == 2
+    assert "1 scan(s) here were finished by an earlier run with other settings (seed 4 → 3)" in capsys.readouterr().err
+    assert main(_cohort_args(tmp_path, "other", "--overwrite")) == 0
+    np.testing.assert_allclose(nib.load(other).get_fdata(), nib.load(fresh).get_fdata(), rtol=0, atol=1e-4)
+    alone = single("alone", maps=())  # no std or risk map: not taken, not removed
+    old = single("old")  # a record from before they kept the scan's stamp and settings
+    record = json.loads(old.with_name("sub-00_desc-sr_T1w.json").read_text())
+    old.with_name("sub-00_desc-sr_T1w.json").write_text(json.dumps({k: v for k, v in record.items()
+                                                                    if k not in ("input_stamp", "cohort_settings")}))
+    for out, kept in (("alone", alone), ("old", old)):
+        stamp = kept.stat().st_mtime_ns
+        capsys.readouterr()
+        assert main(_cohort_args(tmp_path, out, "--overwrite")) == 1 and kept.stat().st_mtime_ns == stamp
+        said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("failed:")]
+        assert len(said) == 1 and "sub-00_desc-sr_T1w.json is not a run record of this scan that a cohort can take" \
+            in said[0] and said[0].endswith("give another --output-dir")

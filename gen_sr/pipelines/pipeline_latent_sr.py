@@ -668,11 +668,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
              noise_std: float | Literal["auto"] = "auto", num_samples: int = DEFAULT_NUM_SAMPLES,
              volume_index: int | None = None) -> dict[str, Any]:
         """What a call with these arguments would do, found without any sampling (``gen-sr info FILE --model DIR``):
-        the acquisition it assumes, the input's resampling if any (:meth:`coarsened`), the output grid, the memory
-        it needs against what is free, the noise std (given, or read from the scan's air with ``noise_std="auto"``;
-        ``None`` where it has none, and then the one read in-plane that the interval counts; ``noise_std_estimated``
-        says which), the calibration its risk map would use
-        (:meth:`calibration_for` its settings and output grid) and why it was not made for the run
+        the acquisition it assumes (``acquisition`` in words, ``operator`` as the call's ``metadata`` records it), the
+        input's resampling if any (:meth:`coarsened`), the output grid, the memory it needs against what is free, the
+        noise std (given, or read from the scan's air with ``noise_std="auto"``; ``None`` where it has none, and then
+        the one read in-plane that the interval counts; ``noise_std_estimated`` says which), the calibration its risk
+        map would use (:meth:`calibration_for` its settings and output grid) and why it was not made for the run
         (``calibration_mismatch``: :meth:`calibration_mismatch`, ``None`` where it was), and where the input lies
         outside the trained regime. ``slice_profile_from`` and ``slice_thickness_from`` say where the acquisition's
         profile and thickness came from (:meth:`resolved_slices`)."""
@@ -683,7 +683,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         settings = self.sampling_settings(num_samples=num_samples, noise_std=noise_std or 0.0,
                                           noise_known=noise_std is not None)
         calibration = self.calibration_for(settings, grid_spacing=min(operator.hr_spacing))
-        return {"acquisition": operator.describe(), **sources, "sr_axes": list(axes),
+        return {"acquisition": operator.describe(), "operator": operator.to_dict(), **sources, "sr_axes": list(axes),
                 "resampled_from": None if canon is given else list(given.spacing),
                 "input_spacing": list(canon.spacing), "output_shape": list(operator.hr_shape),
                 "output_spacing": list(operator.hr_spacing),
