@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import glob
 import itertools
-import json
 import os
 import sys
 import typing
@@ -29,6 +28,7 @@ from gen_sr.io import (
     check_output_file,
     check_output_path,
     sidecar_path,
+    slice_sidecar,
     write_json,
 )
 
@@ -105,8 +105,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from gen_sr.volume import read_nifti, stored_pixdim
 
-    run_options = getattr(args, "run_settings", frozenset()) | {"--samples", "--time"}
-    preview = sorted(f for f, name in _given(args).items() if name in run_options)
+    run_options = args.run_settings | {"--samples", "--time"}
+    preview = sorted(f for f, name in args.given_flags.items() if name in run_options)
     if preview and (args.model is None or args.file is None):
         missing = " and ".join(n for n, v in (("the FILE", args.file), ("--model DIR", args.model)) if v is None)
         raise InputError(f"{_options(preview, 'previews', 'preview')} a model's run on a file: give {missing} too",
@@ -229,19 +229,10 @@ def _model_info(folder: Path) -> int:
     from gen_sr.model_card import ModelCard
     from gen_sr.models import describe_autoencoder
     from gen_sr.risk import Calibrations
+    from gen_sr.schedulers import folder_sampler_name
 
     card, calibrations = ModelCard.from_folder(folder), Calibrations.load(folder)
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    sampler = "not recorded"
-    if scheduler.is_file():
-        from gen_sr.schedulers import SCHEDULERS
-
-        try:
-            config = json.loads(scheduler.read_text())
-            ours = {cls.__name__: cls for cls in SCHEDULERS.values()}.get(config["_class_name"])
-            sampler = ours.from_config(config).sampler_name if ours else config["_class_name"]  # as pipe.sampler_name
-        except (ValueError, KeyError, TypeError) as e:
-            raise InputError(f"is not a scheduler config ({e})", scheduler) from None
+    sampler = folder_sampler_name(folder) or "not recorded"
     rows = [("model", str(folder)), *card.summary(), ("sampler", f"{sampler} (--scheduler to change it)"),
             ("autoencoder", describe_autoencoder(folder / "vae")),
             ("calibration", "\n".join(calibrations.describe()).replace("\n", "\n" + " " * 18)
@@ -255,7 +246,7 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     from gen_sr.physics import SliceAcquisition, coarse_along, describe_profile, simulate_acquisition
     from gen_sr.volume import load_volume, save_volume
 
-    if args.snr is None and "--noise" in _given(args).values():
+    if args.snr is None and "--noise" in args.given_flags.values():
         raise InputError(f"--noise {args.noise} sets the kind of noise --snr adds, and no --snr was given",
                          hint="add --snr, or leave --noise out for noise-free slices")
     out = check_output_path(args.output, args.overwrite, inputs=[args.input])
@@ -290,8 +281,7 @@ def cmd_degrade(args: argparse.Namespace) -> int:
         print(f"noise:       {args.noise}, SNR {args.snr:g} (std {sigma:.4g}), seed {args.seed}")
     save_volume(lr, out, overwrite=args.overwrite)
     print(f"wrote:       {out} ({_shape(lr.shape)} voxels of {_fmt(lr.spacing)} mm)")
-    bids = {"SliceThickness": args.slice_thickness, "SpacingBetweenSlices": acquisition.slice_spacing,
-            SLICE_PROFILE_KEY: acquisition.profile,  # gen_sr's own key: super-resolve's default --profile
+    bids = {**slice_sidecar(args.slice_thickness, acquisition.slice_spacing, acquisition.profile),
             "GeneratedBy": [{"Name": "gen-sr degrade", "Description": operator.describe()
                              + (f"; {args.noise} noise at SNR {args.snr:g}" if args.snr else "")}]}
     saved = {"operator": operator.to_dict(), "noise_std": sigma, "noise": args.noise}
@@ -360,7 +350,7 @@ def _load_pipeline(args: argparse.Namespace, folder: str | None = None):
     from gen_sr.pipelines import LatentDiffusionSRPipeline
 
     diffusers_logging.disable_progress_bar()  # loading takes a second; its bar would clutter every message
-    model, device = Path(folder or args.model), getattr(args, "device", "cpu")  # gen-sr info has no --device
+    model, device = Path(folder or args.model), args.device
     if not model.is_dir():
         raise InputError("no such model folder", model, f"paths are relative to the current folder, {Path.cwd()}")
     if not (model / "model_index.json").is_file():
@@ -369,7 +359,7 @@ def _load_pipeline(args: argparse.Namespace, folder: str | None = None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device} was asked for, but no CUDA device is available", hint="use --device cpu")
-    allow_pickle = getattr(args, "allow_pickle", False)
+    allow_pickle = args.allow_pickle
     if allow_pickle:
         print(f"gen-sr {args.command}: WARNING: --allow-pickle: loading pickled weights from {model}; a pickle can "
               "run any code when loaded; use this only for a model folder you trust", file=sys.stderr)
@@ -382,8 +372,8 @@ def _load_pipeline(args: argparse.Namespace, folder: str | None = None):
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the model: {str(e).splitlines()[0]}", model) from e
     pipe.set_progress_bar_config(disable=not process_state().is_local_main_process)
-    spacing = getattr(args, "timestep_spacing", None)
-    if getattr(args, "scheduler", None):
+    spacing = args.timestep_spacing
+    if args.scheduler:
         from gen_sr.schedulers import scheduler_from_name
 
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config,
@@ -443,7 +433,7 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     if args.data_disagreement and not _scan_noise_std(args, lr, report=False):
         raise InputError("has no background air to read its noise std from (--noise-std auto), which the data "
                          "disagreement needs: pass its noise std", args.input)
-    pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr)
+    pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr, beside=args.output)
     out = pipe(lr, keep_samples=False, output_type="np", calibration_region=args.calibration_region,
                **_acquisition_kwargs(args), **_sampling_kwargs(args))
     out.metadata["timings"] = {**timings, **out.metadata["timings"]}
@@ -565,12 +555,13 @@ def _print_noise_estimate(std: float) -> None:
           "without a noise std; pass --noise-std where known")
 
 
-def _adaptation_noise(args: argparse.Namespace, scan_noise: float, flag: str = "--adapt-noise") -> float | None:
-    """A noise std for ``adapt`` from ``flag``'s choice (``none``: 0, ``given``: ``scan_noise``, the one
-    ``--noise-std`` gives, ``estimate``: ``None``, ``auto``: ``given`` where there is one, else ``none``):
-    ``--adapt-noise`` gives the std the pairs are recorrupted with or topped up to (``noise_std``),
-    ``--adapt-target-noise`` the one their truth holds (``target_noise_std``)."""
-    choice = getattr(args, flag.removeprefix("--").replace("-", "_"))
+def _adaptation_noise(args: argparse.Namespace, scan_noise: float, *, target: bool = False) -> float | None:
+    """A noise std for ``adapt`` from the choice of ``--adapt-noise``, or with ``target`` of
+    ``--adapt-target-noise`` (``none``: 0, ``given``: ``scan_noise``, the one ``--noise-std`` gives, ``estimate``:
+    ``None``, ``auto``: ``given`` where there is one, else ``none``): ``--adapt-noise`` gives the std the pairs are
+    recorrupted with or topped up to (``noise_std``), ``--adapt-target-noise`` the one their truth holds
+    (``target_noise_std``)."""
+    flag, choice = ("--adapt-target-noise", args.adapt_target_noise) if target else ("--adapt-noise", args.adapt_noise)
     if choice == "auto":
         choice = "given" if scan_noise else "none"
     if choice == "given" and not scan_noise:
@@ -588,8 +579,7 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, scan_noise: float, 
     if args.samples < 2:  # before any training: the calibration fits a multiple of the samples' spread
         raise InputError(f"the per-scan calibration needs the samples' spread, which {args.samples} sample has not",
                          args.input, "give --samples 2 or more (8 by default)")
-    noise, target_noise = _adaptation_noise(args, scan_noise), _adaptation_noise(args, scan_noise,
-                                                                                  "--adapt-target-noise")
+    noise, target_noise = _adaptation_noise(args, scan_noise), _adaptation_noise(args, scan_noise, target=True)
     if args.adapt_recorrupt and noise == 0:
         raise InputError("--adapt-recorrupt needs the scan's noise: pass --noise-std (or --adapt-noise estimate)",
                          args.input)
@@ -626,18 +616,18 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, scan_noise: float, 
     return fit
 
 
-def _adapted_if_asked(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, dict[str, float]]:
+def _adapted_if_asked(args: argparse.Namespace, pipe, lr, beside: str) -> tuple[typing.Any, dict[str, float]]:
     """With ``--adapt``: the model adapted to ``lr`` and calibrated on it, kept in ``--adapt-dir`` (its
-    ``model/``), and the time of each phase; else ``pipe`` as it is."""
+    ``model/``; default: ``<beside>_adaptation``, beside the command's output ``beside``), and the time of each
+    phase; else ``pipe`` as it is."""
     if not args.adapt:
-        needs_adapt = getattr(args, "adaptation_options", frozenset())
-        if given := sorted(flag for flag, name in _given(args).items() if name in needs_adapt):
+        if given := sorted(flag for flag, name in args.given_flags.items() if name in args.adaptation_options):
             raise InputError(f"{_options(given, 'sets', 'set')} the adaptation, which runs only with --adapt",
                              hint=f"add --adapt, or leave {'it' if len(given) == 1 else 'them'} out")
         return pipe, {}
     from gen_sr.training.scan_fit import save_model
 
-    folder = Path(args.adapt_dir) if args.adapt_dir else _default_adapt_dir(args)
+    folder = Path(args.adapt_dir) if args.adapt_dir else _default_adapt_dir(beside)
     model = folder / "model"
     if model.exists() and not args.overwrite:
         raise InputError("holds an adapted model already", model,
@@ -650,14 +640,8 @@ def _adapted_if_asked(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, d
     return fit.pipe, fit.timings
 
 
-def _given(args: argparse.Namespace) -> dict[str, str]:
-    """The options the command line gave (:meth:`_Parser.given`: each as typed, with the name of the option it
-    sets), as :func:`main` records them; none for a namespace made otherwise."""
-    return getattr(args, "given_flags", {})
-
-
-def _default_adapt_dir(args: argparse.Namespace) -> Path:
-    out = Path(args.output if hasattr(args, "output") else args.output_dir)
+def _default_adapt_dir(beside: str) -> Path:
+    out = Path(beside)
     stem = out.name.removesuffix(".gz").removesuffix(".nii")
     return out.with_name(f"{stem}_adaptation")
 
@@ -710,7 +694,7 @@ def _simulated_acquisition(args: argparse.Namespace) -> dict[str, typing.Any]:
     if not args.operator:
         return {"operator": None, "slice_thickness": args.slice_thickness, "slice_spacing": args.slice_spacing,
                 "profile": args.profile}
-    if ignored := sorted(flag for flag, name in _given(args).items() if name in _OPERATOR_SETS):
+    if ignored := sorted(flag for flag, name in args.given_flags.items() if name in _OPERATOR_SETS):
         raise InputError(f"--operator {args.operator} sets the slices' thickness, spacing and profile, so "
                          f"{', '.join(ignored)} would be ignored",
                          hint="leave them out, or leave out --operator to simulate those slices")
@@ -825,11 +809,9 @@ def _check_distinct(outputs: dict[str, Path]) -> None:
             raise InputError(f"{other} and {flag} name the same file", path, "give each output its own path")
 
 
-def _output_dir(args: argparse.Namespace, *markers: str) -> Path:
+def _output_dir(args: argparse.Namespace, *markers: str, inputs: Sequence[str | None] = ()) -> Path:
     """``--output-dir``, checked before any work: it (or its parent) is a writable folder, and it holds none of the
-    earlier ``markers`` files unless ``--overwrite``."""
-    inputs = [getattr(args, "input", None), getattr(args, "reference", None), getattr(args, "mask", None),
-              *(path for _, path in getattr(args, "tissue", None) or []), *(getattr(args, "reuse", None) or [])]
+    earlier ``markers`` files unless ``--overwrite``, nor any of the command's ``inputs`` (``None``: not given)."""
     return check_output_dir(args.output_dir, args.overwrite, markers, inputs=[i for i in inputs if i])
 
 
@@ -902,17 +884,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from gen_sr.audit.audit import AUDIT_FILES, audit
     from gen_sr.volume import load_volume
 
-    run_settings = getattr(args, "run_settings", frozenset())  # a recorded run's are its record's
-    if args.reuse and (ignored := sorted(flag for flag, name in _given(args).items() if name in run_settings)):
+    if args.reuse and (ignored := sorted(flag for flag, name in args.given_flags.items()
+                                         if name in args.run_settings)):  # a recorded run's are its record's
         raise InputError(f"--reuse audits a run as its record says it was made, so {', '.join(ignored)} would "
                          "change nothing", hint=f"leave {'it' if len(ignored) == 1 else 'them'} out, or audit a new "
                                                 "run without --reuse")
-    out = _output_dir(args, *AUDIT_FILES)  # before the model loads
+    inputs = [args.input, args.reference, args.mask, *(path for _, path in args.tissue), *(args.reuse or [])]
+    out = _output_dir(args, *AUDIT_FILES, inputs=inputs)  # before the model loads
     lr = load_volume(args.input, volume_index=args.volume)
     reference = load_volume(args.reference) if args.reference else None
     brain = load_volume(args.mask) if args.mask else None
     tissues = {name: load_volume(path) for name, path in args.tissue} or None
-    pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr)
+    pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr, beside=args.output_dir)
     payload = audit(pipe, lr, out, input_name=Path(args.input).name, model_name=str(args.model), reference=reference,
                     masks=tissues, brain_mask=brain, reuse=args.reuse, calibration_region=args.calibration_region,
                     risk_threshold=args.risk_threshold, overwrite=args.overwrite, timings=timings,
@@ -1179,8 +1162,10 @@ def _whole_number_from(lo: int) -> Callable[[str], int]:
     return parse
 
 
-def _add_simulation_arguments(p: argparse.ArgumentParser) -> None:
-    """HR volumes to simulate acquisitions from, and the acquisition."""
+def _add_simulation_arguments(parser: _Parser) -> None:
+    """HR volumes to simulate acquisitions from, and the acquisition, in their own section of the help."""
+    p = parser.group("simulated acquisition", "the high-resolution volumes, and the low-resolution acquisition "
+                                              "simulated from each")
     p.add_argument("--data", required=True, nargs="+", metavar="PATH",
                    help="HR NIfTI files or folders of them, or sample names: mni152 (embedded), colin27, robex "
                         "(after `make data`); near-isotropic volumes: the slices are simulated from them")
@@ -1265,6 +1250,11 @@ def _model_and_overwrite(p: argparse.ArgumentParser, *, model: str | None = None
         p.add_argument("--overwrite", action="store_true", help=overwrite)
 
 
+_PLAN_LOADING = {"device": "cpu", "allow_pickle": False, "scheduler": None, "timestep_spacing": None}
+"""How ``info FILE --model DIR`` loads the model (:func:`_load_pipeline`), which it has no options for: on the CPU,
+safetensors only, with the model folder's own sampler, as ``super-resolve`` does at its defaults."""
+
+
 def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="?", help="a .nii or .nii.gz file")
     p.add_argument("--model", metavar="DIR", help="show a model folder's card and calibration; with a file, also what "
@@ -1276,6 +1266,7 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=_positive_int, default=8, help="with a file and --model: posterior samples "
                                                                      "(default: 8)")
     _add_acquisition_arguments(p)  # with a file and --model: as super-resolve would take them
+    p.set_defaults(**_PLAN_LOADING)
 
 
 def _degrade_arguments(p: argparse.ArgumentParser) -> None:
@@ -1332,10 +1323,11 @@ def _fit_arguments(p: _Parser) -> None:
     _add_acquisition_arguments(p)
 
 
-def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
-    _model_and_overwrite(p, model="a model folder; calibration.json is written into it",
+def _calibrate_arguments(parser: _Parser) -> None:
+    _model_and_overwrite(parser, model="a model folder; calibration.json is written into it",
                          overwrite="replace the calibration made with the same sampler settings")
-    _add_simulation_arguments(p)
+    _add_simulation_arguments(parser)
+    p = parser.group("calibration", "the rule that fits the interval's scale, and the units it is fitted on")
     p.add_argument("--alpha", type=_fraction, default=0.1,
                    help="target miss rate, in (0, 1): coverage 1 - alpha (default: 0.1)")
     p.add_argument("--delta", type=_fraction, default=0.1,
@@ -1368,10 +1360,10 @@ def _calibrate_arguments(p: argparse.ArgumentParser) -> None:
                    help="std: intervals mean ± λ·std; auto: also choose a spread from the std, a noise floor and an "
                         "edge term, the one whose calibration transfers best when each volume is left out in turn "
                         "(needs 3 or more volumes) (default: std)")
-    _add_sampling_arguments(p)
+    _add_sampling_arguments(parser)
 
 
-def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+def _evaluate_arguments(p: _Parser) -> None:
     _model_and_overwrite(p, model="a model folder", overwrite="replace an existing evaluation")
     _add_simulation_arguments(p)
     p.add_argument("--output-dir", required=True, help="where to write evaluation.md/.csv/.json")
@@ -1381,7 +1373,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     _add_sampling_arguments(p)
 
 
-def _stress_test_arguments(p: argparse.ArgumentParser) -> None:
+def _stress_test_arguments(p: _Parser) -> None:
     _model_and_overwrite(p, model="a model folder", overwrite="replace an existing stress test")
     _add_simulation_arguments(p)
     p.add_argument("--output-dir", required=True, help="where to write stress_test.md/.csv/.json/.png")
@@ -1449,7 +1441,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
                         "voxels) (default: 4)")
 
 
-_COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {
+_COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[_Parser], None], str]] = {
     "info": (cmd_info, _info_arguments,
              "print a NIfTI file's shape, spacing, orientation and intensity range, or what a model was trained for "
              "(--model)"),
@@ -1500,10 +1492,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (func, add_options, help) in _COMMANDS.items():
         p = parser.subcommands[name] = sub.add_parser(name, help=help, description=help, parents=[common])
-        p.set_defaults(func=func)
         if command in (None, name):
             add_options(p)
+        # what the shared helpers read off every command's arguments: the run settings (audit --reuse refuses them,
+        # info previews them) and the adaptation's options that need --adapt
+        p.set_defaults(func=func, run_settings=frozenset(p.run_settings),
+                       adaptation_options=p.options_in("adaptation") - _RUN_WITHOUT_ADAPT)
     return parser
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """``argv`` parsed by its subcommand's parser (:func:`build_parser`), an unknown word a usage error there, with
+    ``given_flags`` the options it gives (:meth:`_Parser.given`: each as typed, with the option it sets)."""
+    parser = build_parser(_command_in(argv))
+    args, unknown = parser.parse_known_args(argv)
+    command = parser.subcommands[args.command]
+    if unknown:  # named by the subcommand whose options they are not, with its help
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.given_flags = command.given(argv)  # the options typed, each with the one it sets (aliases resolved)
+    return args
 
 
 def _command_in(argv: Sequence[str]) -> str:
@@ -1521,15 +1528,7 @@ def _print_warning(message: Warning | str, category: type[Warning], filename: st
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gen-sr``; returns the exit code (0 success, 2 user error)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command_in(argv))
-    args, unknown = parser.parse_known_args(argv)
-    command = parser.subcommands[args.command]
-    if unknown:  # named by the subcommand whose options they are not, with its help
-        command.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.given_flags = command.given(argv)  # the options typed, each with the one it sets (aliases resolved)
-    args.run_settings = frozenset(command.run_settings)  # what a run's record holds (audit --reuse)
-    args.adaptation_options = command.options_in("adaptation") - _RUN_WITHOUT_ADAPT  # those that need --adapt
+    args = _parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default", UserWarning)  # each warning of this run once, however it was run

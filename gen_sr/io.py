@@ -25,7 +25,7 @@ from gen_sr.errors import InputError
 __all__ = ["MODEL_FILE_SUFFIXES", "NIFTI_SUFFIXES", "SLICE_PROFILE_KEY", "atomic_dir", "atomic_write",
            "check_output_dir", "check_output_file", "check_output_path", "check_writable_dir", "file_sha256",
            "is_nifti_name", "json_ready", "model_digests", "read_sidecar", "sidecar_path", "sidecar_profile_error",
-           "sidecar_slice_profile", "sidecar_slice_thickness", "write_json"]
+           "sidecar_slice_profile", "sidecar_slice_thickness", "slice_sidecar", "write_json"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SLICE_PROFILE_KEY = "SliceProfile"
@@ -190,6 +190,16 @@ def sidecar_slice_thickness(path: PathLike | None) -> float | None:
     raise InputError(f"SliceThickness {json.dumps(json_ready(value))[:40]} is not a thickness in mm{kind}",
                      sidecar_path(path),  # type: ignore[arg-type]  (not None: it has a sidecar)
                      "give the run's --slice-thickness, which is used instead, or correct or remove the field")
+
+
+def slice_sidecar(thickness: float, spacing: float, profile: str | Sequence[float]) -> dict[str, Any]:
+    """The entries of a scan's JSON sidecar (:func:`sidecar_path`) that say how its slices were acquired: the BIDS
+    ``SliceThickness`` and ``SpacingBetweenSlices`` in mm, and the slice profile under gen_sr's own
+    :data:`SLICE_PROFILE_KEY` (``"gaussian"``, ``"rect"`` or samples across the slice), as ``gen-sr degrade`` writes
+    them; :func:`sidecar_slice_thickness` and :func:`sidecar_slice_profile` read them back, so that a run on the scan
+    takes them where it is not given them."""
+    return {"SliceThickness": thickness, "SpacingBetweenSlices": spacing,
+            SLICE_PROFILE_KEY: profile if isinstance(profile, str) else list(profile)}
 
 
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin")

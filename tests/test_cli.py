@@ -244,6 +244,96 @@ def test_audits_run_settings_are_read_off_its_parser_and_lose_none_of_the_old_li
     for kept_out in ("--device", "--allow-pickle", "--volume", "--reuse", "--adapt-steps", "--calibration-region"):
         assert options[kept_out] not in run  # no effect on the result, or not how a run is made
 
+
+def _args_read() -> dict[str, tuple[set[str], set[str]]]:
+    """For each function of ``gen_sr/cli.py``: the attributes it reads off ``args``, and the module's functions it
+    passes ``args`` to. A ``getattr`` or ``hasattr`` on ``args`` fails: a command's arguments are read as they are."""
+    import ast
+
+    import gen_sr.cli as cli
+
+    tree = ast.parse(Path(cli.__file__).read_text())
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    reads = {}
+    for name, function in functions.items():
+        attributes, callees = set(), set()
+        for node in ast.walk(function):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args"
+                    and isinstance(node.ctx, ast.Load)):
+                attributes.add(node.attr)
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                passed = [a for a in [*node.args, *(k.value for k in node.keywords)]
+                          if isinstance(a, ast.Name) and a.id == "args"]
+                assert not (passed and node.func.id in ("getattr", "hasattr")), f"{name}: {node.func.id}(args, ...)"
+                if passed and node.func.id in functions:
+                    callees.add(node.func.id)
+        reads[name] = attributes, callees
+    return reads
+
+
+def _required_arguments(parser) -> list[str]:
+    """A command line that gives each required option of ``parser`` a value it takes (its first choice, else 1)."""
+    argv = []
+    for action in parser._actions:
+        if action.required and action.option_strings:
+            value = str(action.choices[0]) if action.choices else "1"
+            argv += [action.option_strings[0], *[value] * (action.nargs if isinstance(action.nargs, int) else 1)]
+    return argv
+
+
+def test_every_subcommands_arguments_have_what_its_helpers_read() -> None:
+    """Each subcommand's parse result has every attribute that its command function, and the shared helpers it passes
+    its arguments to, read off them (``_load_pipeline``'s ``--device`` for ``info``, which has no such option): a
+    helper shared by commands with different options cannot read one that a command lacks, nor default a typo."""
+    from gen_sr.cli import _COMMANDS, _parse_args
+
+    reads = _args_read()
+    parser = build_parser()
+    for command, (func, _, _) in _COMMANDS.items():
+        needed, todo = set(), [func.__name__]
+        while todo:
+            name = todo.pop()
+            if name not in needed:
+                needed.add(name)
+                todo += reads[name][1]
+        args = _parse_args([command, *_required_arguments(parser.subcommands[command])])
+        attributes = set().union(*(reads[name][0] for name in needed))
+        assert attributes - set(vars(args)) == set(), command
+    # the reads are found where they are: info's plan loads the model, which reads how to load it
+    assert {"device", "allow_pickle", "scheduler", "timestep_spacing"} <= reads["_load_pipeline"][0]
+    assert "_load_pipeline" in reads["_print_plan"][1] and "_print_plan" in reads["cmd_info"][1]
+
+
+def _help_sections(command: str, capsys) -> dict[str, list[str]]:
+    """``gen-sr COMMAND --help``'s sections (``options``, then each argument group's title), each with the first
+    flag of each option it lists."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    sections: dict[str, list[str]] = {}
+    for line in capsys.readouterr().out.splitlines():
+        if re.fullmatch(r"\S.*:", line):
+            sections[line[:-1]] = flags = []
+        elif line.startswith("  -") and sections:
+            flags.append(line.split()[0].rstrip(","))
+    return sections
+
+
+def test_calibrate_help_lists_the_simulated_acquisition_and_the_rule_under_their_titles(capsys) -> None:
+    """``calibrate``'s options sit in titled sections as ``super-resolve``'s do: the volumes and the acquisition
+    simulated from them (as ``evaluate`` and ``stress-test`` list them), the calibration's rule, the sampling; only
+    the model, the overwrite, the device and the weights' format are left as plain options."""
+    simulation = ["--data", "--region", "--slab", "--slice-thickness", "--slice-spacing", "--profile", "--snr",
+                  "--operator"]
+    sections = _help_sections("calibrate", capsys)
+    assert list(sections) == ["options", "simulated acquisition", "calibration", "sampling"]
+    assert sections["options"] == ["-h", "--debug", "--model", "--overwrite", "--device", "--allow-pickle"]
+    assert sections["simulated acquisition"] == simulation
+    assert sections["calibration"] == ["--alpha", "--delta", "--method", "--noise-unknown", "--per-grid", "--per-mm",
+                                       "--blocks", "--interval"]
+    for command in ("evaluate", "stress-test"):
+        assert _help_sections(command, capsys)["simulated acquisition"] == simulation
+    assert {"sampling", "acquisition", "adaptation"} <= set(_help_sections("super-resolve", capsys))
+
 def test_console_script_runs_and_reports_usage_errors_with_exit_2() -> None:
     ok = subprocess.run([sys.executable, "-m", "gen_sr.cli", "--help"], capture_output=True, text=True, check=False)
     assert ok.returncode == 0 and "degrade" in ok.stdout

@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 
 from gen_sr.errors import InputError
-from gen_sr.io import atomic_write, check_output_dir, check_output_file, check_output_path, sidecar_path, write_json
+from gen_sr.io import (
+    atomic_write,
+    check_output_dir,
+    check_output_file,
+    check_output_path,
+    sidecar_path,
+    sidecar_slice_profile,
+    sidecar_slice_thickness,
+    slice_sidecar,
+    write_json,
+)
 
 
 def test_a_failing_writer_raises_its_own_error_and_leaves_no_file(tmp_path: Path) -> None:
@@ -70,3 +80,13 @@ def test_json_is_strict_and_sidecars_sit_beside_their_volume(tmp_path: Path) -> 
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1.5, "bad": None, "t": [1, 2], "3": [0, 1]}
     assert sidecar_path(tmp_path / "sr.nii.gz") == tmp_path / "sr.json"
     assert sidecar_path("sr.nii") == Path("sr.json")
+
+
+@pytest.mark.parametrize("profile", ["rect", (0.0, 0.5, 1.0, 0.5, 0.0)])
+def test_a_slice_sidecar_is_read_back_as_written(tmp_path: Path, profile: str | tuple[float, ...]) -> None:
+    """The entries ``gen-sr degrade`` writes about its slices (:func:`slice_sidecar`) are what a run reads back from
+    the sidecar beside the scan, a profile's samples included."""
+    scan = tmp_path / "lr.nii.gz"
+    write_json(sidecar_path(scan), {**slice_sidecar(3.5, 4.0, profile), "EchoTime": 0.01})
+    assert json.loads(sidecar_path(scan).read_text())["SpacingBetweenSlices"] == 4.0
+    assert sidecar_slice_thickness(scan) == 3.5 and sidecar_slice_profile(scan) == profile

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from gen_sr.schedulers import SCHEDULERS, DDIMDataConsistencyScheduler
+from gen_sr.errors import InputError
+from gen_sr.schedulers import SCHEDULERS, DDIMDataConsistencyScheduler, folder_sampler_name
 
 PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]
 ETAS = [0.0, 0.5, 1.0]
@@ -298,3 +300,19 @@ def test_multistep_predict_original_sample_is_the_x0_a_step_hands_its_hook_and_l
         torch.testing.assert_close(predicted, seen[0], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="set_timesteps"):
         SCHEDULERS[name](**_CFG).predict_original_sample(out, 999, x)
+
+
+def test_a_model_folders_sampler_is_named_as_the_loaded_pipeline_names_it(tmp_path: Path) -> None:
+    """:func:`folder_sampler_name` reads the sampler off a model folder's scheduler config without loading the model:
+    one of ours with its variant, as ``pipe.sampler_name`` names it; another scheduler by its class name; none where
+    the folder records none; a config that is not one is an error naming the file."""
+    heads2d = Path(__file__).parents[1] / "models" / "heads2d"
+    assert folder_sampler_name(heads2d) == "DPMSolverDataConsistencyScheduler(trailing)"
+    assert folder_sampler_name(tmp_path) is None
+    config = tmp_path / "scheduler" / "scheduler_config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"_class_name": "EulerDiscreteScheduler"}))
+    assert folder_sampler_name(tmp_path) == "EulerDiscreteScheduler"
+    config.write_text(json.dumps({"num_train_timesteps": 1000}))
+    with pytest.raises(InputError, match=r"scheduler_config.json: is not a scheduler config"):
+        folder_sampler_name(tmp_path)

@@ -4,16 +4,21 @@
 :class:`DPMSolverDataConsistencyScheduler` and :class:`UniPCDataConsistencyScheduler` are diffusers' multistep
 solvers with the same hook (:mod:`gen_sr.schedulers.multistep`). Any other diffusers scheduler (built with
 ``from_config(scheduler.config)``) can be used as it is with guidance off. ``SCHEDULERS`` names them for the command
-line (``--scheduler``), and :func:`scheduler_from_name` builds one from a model's scheduler config.
+line (``--scheduler``), and :func:`scheduler_from_name` builds one from a model's scheduler config;
+:func:`folder_sampler_name` names the sampler a model folder records without loading the model.
 """
 
+import json
+from os import PathLike
+from pathlib import Path
 from typing import Any
 
+from gen_sr.errors import InputError
 from gen_sr.schedulers.ddim import DDIMDataConsistencyScheduler
 from gen_sr.schedulers.multistep import DPMSolverDataConsistencyScheduler, UniPCDataConsistencyScheduler
 
 __all__ = ["SCHEDULERS", "SCHEDULER_OPTIONS", "DDIMDataConsistencyScheduler", "DPMSolverDataConsistencyScheduler",
-           "UniPCDataConsistencyScheduler", "scheduler_from_name"]
+           "UniPCDataConsistencyScheduler", "folder_sampler_name", "scheduler_from_name"]
 
 SCHEDULERS = {"ddim": DDIMDataConsistencyScheduler, "dpmsolver++": DPMSolverDataConsistencyScheduler,
               "sde-dpmsolver++": DPMSolverDataConsistencyScheduler, "unipc": UniPCDataConsistencyScheduler}
@@ -31,3 +36,23 @@ def scheduler_from_name(name: str, config: Any, **overrides: Any) -> Any:
     """The sampler ``name`` (a key of :data:`SCHEDULERS`) with the rest of ``config`` (a model's scheduler config:
     betas, prediction type, ...); ``overrides`` set further config entries (e.g. ``timestep_spacing="trailing"``)."""
     return SCHEDULERS[name].from_config(config, **{**SCHEDULER_OPTIONS.get(name, {}), **overrides})
+
+
+def folder_sampler_name(folder: str | PathLike[str]) -> str | None:
+    """The sampler that a model folder's ``scheduler/scheduler_config.json`` records, named as the loaded pipeline's
+    ``sampler_name`` names it (one of :data:`SCHEDULERS` with its variant, e.g.
+    ``DPMSolverDataConsistencyScheduler(trailing)``, else the config's class name), read without loading the model;
+    ``None`` where the folder records none.
+
+    Raises:
+        InputError: the file is not a scheduler config.
+    """
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+        ours = {cls.__name__: cls for cls in SCHEDULERS.values()}.get(config["_class_name"])
+        return ours.from_config(config).sampler_name if ours else config["_class_name"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"is not a scheduler config ({e})", path) from None
