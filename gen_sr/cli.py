@@ -409,7 +409,7 @@ def _steps(args: argparse.Namespace, pipe) -> int:
 
 def cmd_super_resolve(args: argparse.Namespace) -> int:
     from gen_sr.cohort import input_stamp, single_scan_record
-    from gen_sr.volume import load_volume, save_volume
+    from gen_sr.volume import load_volume, save_maps
 
     source = Path(args.input)
     if args.output_dir is not None or source.is_dir() or glob.has_magic(args.input):
@@ -445,12 +445,11 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
         _print_coarsened(out.metadata["coarsened_input"])
     if out.metadata["noise_std_estimated"] and out.metadata["noise_std"]:  # a scan without air: the run warned
         _print_noise_estimate(out.metadata["noise_std"])
-    for key, path in outputs.items():
-        save_volume(lr.with_data(getattr(out, key), out.affine), path, overwrite=args.overwrite)
-        print(f"wrote:    {path} ({key})")
     # what audit --reuse checks its mean and std against (as written: the voxels a reader gets)
-    out.metadata["output_digests"] = {key: load_volume(path).digest() for key, path in outputs.items()
-                                      if key in ("mean", "std")}
+    out.metadata["output_digests"] = save_maps(lr, {key: (getattr(out, key), out.affine, path)
+                                                    for key, path in outputs.items()}, overwrite=args.overwrite)
+    for key, path in outputs.items():
+        print(f"wrote:    {path} ({key})")
     if not args.adapt:  # the model folder's run: a cohort can take these outputs as the scan's (gen_sr.cohort)
         out.metadata.update(single_scan_record(pipe, args.seed, {**_run_kwargs(args), "volume_index": args.volume,
                                                                  "calibration_region": args.calibration_region}, stamp))

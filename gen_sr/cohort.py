@@ -61,7 +61,7 @@ from gen_sr.io import (
     sidecar_path,
     write_json,
 )
-from gen_sr.volume import IntensityNormalization, load_volume, save_volume
+from gen_sr.volume import IntensityNormalization, load_volume, save_maps
 
 __all__ = ["CohortRow", "ScanOutputs", "find_scans", "flagged_fraction", "input_stamp", "run_cohort", "run_settings",
            "same_input", "scan_outputs", "single_scan_record"]
@@ -400,13 +400,14 @@ def _one_scan(pipe: Any, found: _Scan, overwrite: bool, threshold: float, seed: 
         lr = load_volume(scan)
         result = pipe(lr, keep_samples=False, output_type="np", split_samples=False,
                       generator=torch.Generator().manual_seed(seed), **pipe_kwargs)
-        for key, path in (("std", paths.std), ("risk", paths.risk), ("mean", paths.mean)):  # the mean last
-            save_volume(lr.with_data(getattr(result, key), result.affine), path, overwrite=True)
+        digests = save_maps(lr, {key: (getattr(result, key), result.affine, path)  # the mean last
+                                 for key, path in (("std", paths.std), ("risk", paths.risk), ("mean", paths.mean))},
+                            overwrite=True)
         seconds = time.perf_counter() - tic
         flagged = flagged_fraction(np.asarray(result.risk), np.asarray(result.mean), threshold)
         write_json(paths.sidecar, {**result.metadata, "input": str(scan), "finished": True, "flagged_fraction": flagged,
                                    "risk_threshold": threshold, "seconds": seconds, "cohort_settings": settings,
-                                   "input_stamp": stamp})
+                                   "input_stamp": stamp, "output_digests": digests})
         return CohortRow(str(scan), "done", seconds, noise_std=result.metadata["noise_std"],
                          max_relative_residual=max(result.metadata["relative_residual"]), flagged_fraction=flagged,
                          output=str(paths.mean), message="its input changed since an earlier run" if changed else "")

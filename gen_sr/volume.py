@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ __all__ = [
     "load_volume",
     "read_nifti",
     "resample_to",
+    "save_maps",
     "save_volume",
     "stored_pixdim",
 ]
@@ -248,6 +249,19 @@ def save_volume(
     img = volume.to_nifti(dtype)
     atomic_write(p, lambda tmp: nib.save(img, tmp))
     return p
+
+
+def save_maps(like: Volume, maps: Mapping[str, tuple[np.ndarray, np.ndarray, str | os.PathLike[str]]], *,
+              overwrite: bool = False) -> dict[str, str]:
+    """Write an output's maps on ``like``'s header, each ``{key: (data, affine, path)}`` in the order given (a run
+    writes its mean last, so that a mean on disk means its maps are there), and return each map's
+    :meth:`Volume.digest` as a reader loads it back (float32 rounding included): what ``audit --reuse`` checks a
+    map given to it against."""
+    digests = {}
+    for key, (data, affine, path) in maps.items():
+        written = save_volume(like.with_data(data, affine), path, overwrite=overwrite)
+        digests[key] = load_volume(written).digest()
+    return digests
 
 
 # ----------------------------------------------------------------------------------------------------- intensity

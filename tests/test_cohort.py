@@ -22,6 +22,7 @@ from gen_sr.cohort import find_scans, scan_outputs
 from gen_sr.errors import InputError
 from gen_sr.io import sidecar_path
 from gen_sr.risk import Calibration, Calibrations
+from gen_sr.volume import load_volume
 
 ROOT = Path(__file__).parents[1]
 
@@ -105,6 +106,9 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     assert nib.load(mean).shape == (12, 10, 15)
     sidecar = json.loads(mean.with_name("sub-00_desc-sr_T1w.json").read_text())
     assert sidecar["input"] == str(files[0].resolve()) and 0 <= sidecar["flagged_fraction"] <= 1
+    std = mean.with_name("sub-00_desc-srstd_T1w.nii.gz")  # what audit --reuse checks a cohort's maps against
+    assert sidecar["output_digests"] == {"mean": load_volume(mean).digest(), "std": load_volume(std).digest(),
+                                         "risk": load_volume(mean.with_name("sub-00_desc-risk_T1w.nii.gz")).digest()}
     stamp = mean.stat().st_mtime_ns
     assert main(args) == 1
     assert "0 done, 4 skipped" in capsys.readouterr().out and mean.stat().st_mtime_ns == stamp
