@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -101,6 +102,31 @@ def test_atomic_dir_replaces_a_folder_whole_or_leaves_it_as_it_was(tmp_path: Pat
 
     assert atomic_dir(folder, whole) == "written"
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in folder.iterdir()] == ["new.json"]
+
+
+def test_atomic_dir_keeps_the_old_folder_when_the_new_one_cannot_be_put_in_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "old.json").write_text("old")
+    real_replace = os.replace
+    renames: list[str] = []
+
+    def replace_failing_onto_the_folder(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        renames.append(Path(src).name)
+        if Path(dst) == folder and Path(src).name.startswith(".model.partial"):
+            raise OSError("interrupted")  # the new folder cannot be moved in, after the old one was moved aside
+        real_replace(src, dst)
+
+    def whole(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "new.json").write_text("new")
+
+    monkeypatch.setattr(os, "replace", replace_failing_onto_the_folder)
+    with pytest.raises(OSError, match="interrupted"):
+        atomic_dir(folder, whole)
+    assert renames[0] == "model"  # the old folder was moved aside first, and then moved back
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (folder / "old.json").read_text() == "old"
 
 
 def test_the_slice_thickness_of_a_bids_sidecar(tmp_path: Path) -> None:
