@@ -34,6 +34,23 @@ def test_save_load_round_trip_keeps_data_and_geometry(tmp_path: Path) -> None:
     assert img.header.get_xyzt_units()[0] == "mm"
 
 
+def test_a_sheared_affine_is_written_as_the_sform_alone_and_read_back_exactly(tmp_path: Path) -> None:
+    affine = oblique_affine()
+    affine[:3, :3] = affine[:3, :3] @ np.array([[1.0, 0.2, 0.0], [0.0, 1.0, 0.1], [0.0, 0.0, 1.0]])  # a shear
+    source = nib.Nifti1Header()
+    source["qform_code"], source["sform_code"] = 1, 1  # a scanner's codes: the output must not keep the qform's
+    vol = Volume(data=_volume().data, affine=affine, header=source)
+    for name in ("once.nii.gz", "twice.nii.gz"):  # the second from the first, as loaded (header included)
+        path = save_volume(vol, tmp_path / name)
+        img = nib.load(path)
+        qform, qform_code = img.get_qform(coded=True)
+        assert qform_code == 0 and qform is None  # the qform can only hold the affine without its shear
+        assert int(img.header["sform_code"]) == 1 and np.allclose(img.get_sform(), affine, atol=1e-6)
+        assert np.allclose(img.header.get_zooms()[:3], vol.spacing, atol=1e-6)
+        vol = load_volume(path)
+        assert np.allclose(vol.affine, affine, atol=1e-6)
+
+
 @pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("L", "P", "S"), ("A", "S", "L"), ("I", "R", "P")])
 def test_reorientation_preserves_world_geometry(axcodes) -> None:
     vol = _volume()
