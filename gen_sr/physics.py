@@ -579,8 +579,19 @@ class AcquisitionOperator:
         return 1.0 - exact
 
     def project(self, x: torch.Tensor, y: torch.Tensor, *, floor: float = 0.0) -> torch.Tensor:
-        """The closest ``x'`` to ``x`` (Euclidean) with ``A x' = y``: ``x + A⁺(y − A x)``; with ``floor``, the
-        components that :meth:`pinv` caps are fitted partially."""
+        """``x + A⁺(y − A x)``, with ``A⁺`` :meth:`pinv` at ``floor``.
+
+        Without ``floor`` (or where nothing is capped: :meth:`capped_fraction` is 0) this is the projection onto
+        ``{x' : A x' = y}``: the closest such ``x'`` to ``x`` (Euclidean); projecting again changes nothing.
+
+        With ``floor > 0`` it is not a projection but one damped step towards the data: in every singular component
+        of ``A`` that :meth:`pinv` caps, the residual ``y − A x`` is removed only in the fraction ``(s / ŝ)²`` (``s``
+        the axis's singular value, ``ŝ`` its cap; the product over the capped axes), in the others wholly, and the
+        part of ``x`` that ``A`` does not see is kept. ``A x' = y`` then holds in the uncapped components only, and
+        applying it again moves the result further towards the data.
+
+        Shapes: ``x`` ``(B, C, *hr_shape)``, ``y`` ``(B, C, *lr_shape)``; the result as ``x``.
+        """
         return x + self.pinv(y - self.forward(x), floor=floor)
 
     def soft_project(self, x: torch.Tensor, y: torch.Tensor, noise_std: float | torch.Tensor) -> torch.Tensor:
