@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,19 +130,31 @@ def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> None:
 
 def atomic_dir(folder: PathLike, write: Callable[[Path], Any]) -> Any:
     """Write a folder whole or not at all: ``write(tmp_folder)`` into a hidden temporary folder beside ``folder``,
-    then renamed onto it (an existing ``folder`` is replaced); the temporary folder never outlives a failure. Returns
-    what ``write`` returns."""
+    then renamed onto it. An existing ``folder`` is first renamed aside (a hidden sibling), and only removed once the
+    new one is in place; if putting the new one in place fails, the old one is renamed back. So at every moment one
+    whole folder exists, the old or the new (after a hard kill between the two renames, the old one under its hidden
+    name). The temporary folder never outlives a failure, and the failure itself is what is raised. Returns what
+    ``write`` returns."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    aside = folder.with_name(f".{folder.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         result = write(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        return result
+        moved_aside = folder.exists()
+        if moved_aside:
+            os.replace(folder, aside)
+        try:
+            os.replace(tmp, folder)
+        except BaseException:
+            if moved_aside:
+                with contextlib.suppress(OSError):  # never hide the real error; the old folder is kept aside then
+                    os.replace(aside, folder)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)  # the new folder is in place: a failed clean-up is no failed write
+    return result
 
 
 def sidecar_path(path: PathLike) -> Path:

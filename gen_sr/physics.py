@@ -579,43 +579,41 @@ class AcquisitionOperator:
         return 1.0 - exact
 
     def project(self, x: torch.Tensor, y: torch.Tensor, *, floor: float = 0.0) -> torch.Tensor:
-        """The closest ``x'`` to ``x`` (Euclidean) with ``A x' = y``: ``x + A⁺(y − A x)``; with ``floor``, the
-        components that :meth:`pinv` caps are fitted partially."""
+        """``x + A⁺(y − A x)``, with ``A⁺`` :meth:`pinv` at ``floor``.
+
+        Without ``floor`` (or where nothing is capped: :meth:`capped_fraction` is 0) this is the projection onto
+        ``{x' : A x' = y}``: the closest such ``x'`` to ``x`` (Euclidean); projecting again changes nothing.
+
+        With ``floor > 0`` it is not a projection but one damped step towards the data: in every singular component
+        of ``A`` that :meth:`pinv` caps, the residual ``y − A x`` is removed only in the fraction ``(s / ŝ)²`` (``s``
+        the axis's singular value, ``ŝ`` its cap; the product over the capped axes), in the others wholly, and the
+        part of ``x`` that ``A`` does not see is kept. ``A x' = y`` then holds in the uncapped components only, and
+        applying it again moves the result further towards the data.
+
+        Shapes: ``x`` ``(B, C, *hr_shape)``, ``y`` ``(B, C, *lr_shape)``; the result as ``x``.
+        """
         return x + self.pinv(y - self.forward(x), floor=floor)
 
-    def soft_project(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        noise_std: float | torch.Tensor,
-        prior_std: float | None = None,
-    ) -> torch.Tensor:
+    def soft_project(self, x: torch.Tensor, y: torch.Tensor, noise_std: float | torch.Tensor) -> torch.Tensor:
         """Noise-aware projection ``x + Aᵀ(A Aᵀ + λ I)⁻¹(y − A x)``.
 
-        With ``prior_std`` given, ``λ = (noise_std / prior_std)²``: the posterior mean of ``x'`` under
-        ``x' ~ N(x, prior_std² I)`` and ``y = A x' + N(0, noise_std² I)``. Without it (the default), ``λ`` follows
-        Morozov's discrepancy principle, chosen per batch entry so that ``‖A x' − y‖ = √m · noise_std`` (``m`` LR
-        voxels per entry): ``x'`` fits the data down to the noise level and no further. Entries whose residual is
-        already at or below that level are left unchanged. With ``noise_std = 0`` this equals :meth:`project`.
+        ``λ`` follows Morozov's discrepancy principle, chosen per batch entry so that ``‖A x' − y‖ = √m · noise_std``
+        (``m`` LR voxels per entry): ``x'`` fits the data down to the noise level and no further. Entries whose
+        residual is already at or below that level are left unchanged. With ``noise_std = 0`` this equals
+        :meth:`project`.
 
         Args:
             x: HR estimate ``(B, C, *hr_shape)``.
             y: measurement ``(B, C, *lr_shape)``.
             noise_std: noise standard deviation of ``y`` (scalar or per batch entry ``(B,)``).
-            prior_std: standard deviation of the prior around ``x``; ``None`` for the discrepancy principle.
         """
         sigma = torch.as_tensor(noise_std, dtype=x.dtype, device=x.device).reshape(-1)
         if not torch.any(sigma > 0):
             return self.project(x, y)
         r = y - self.forward(x)
         c, s = self._coefficients(r)
-        batch_shape = (-1,) + (1,) * (c.ndim - 1)
-        if prior_std is not None:
-            lam = (sigma / prior_std) ** 2
-        else:
-            target_sq = (sigma**2 * r[0].numel()).expand(r.shape[0])
-            lam = _discrepancy_lambda(c, s, r, target_sq)
-        lam = lam.reshape(batch_shape)
+        target_sq = (sigma**2 * r[0].numel()).expand(r.shape[0])
+        lam = _discrepancy_lambda(c, s, r, target_sq).reshape((-1,) + (1,) * (c.ndim - 1))
         return x + self._synthesize(c * s / (s * s + lam))
 
     def upsample(self, y: torch.Tensor, how: str = "cubic") -> torch.Tensor:
@@ -879,7 +877,6 @@ def operator_from_spacings(
     slice_axes: Sequence[int] | None = None,
     profile: SliceProfile | Sequence[float] = "gaussian",
     slice_thickness: float | None = None,
-    kspace_window: str | None = None,
 ) -> AcquisitionOperator:
     """Build the acquisition that turns an HR grid into an LR grid from their voxel spacings.
 
@@ -899,7 +896,6 @@ def operator_from_spacings(
         slice_axes: axes acquired as slices.
         profile: slice profile (see :class:`SliceAcquisition`).
         slice_thickness: slice thickness in mm; defaults to the LR spacing (contiguous slices).
-        kspace_window: window of the k-space axes.
 
     Returns:
         The operator, on the HR grid.
@@ -923,7 +919,7 @@ def operator_from_spacings(
             thickness = slice_thickness or lr_spacing[a]
             transforms.append(SliceAcquisition(a, thickness, lr_spacing[a], _as_profile(profile)))
         else:
-            transforms.append(KSpaceTruncation(a, float(ratio[a]), kspace_window))
+            transforms.append(KSpaceTruncation(a, float(ratio[a])))
     if hr_shape is None:
         assert lr_shape is not None
         hr_shape = list(lr_shape)

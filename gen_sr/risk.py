@@ -384,6 +384,12 @@ class Calibration:
         return records[0] if records else None
 
 
+def _nearest_grid(records: Sequence[Calibration], grid_spacing: float) -> Calibration | None:
+    """The one of ``records`` (each made for one grid) whose grid spacing is nearest ``grid_spacing`` in ratio (the
+    first of equals), or ``None`` where there are none."""
+    return min(records, key=lambda r: abs(math.log(r.grid_spacing / grid_spacing)), default=None)
+
+
 class Calibrations:
     """The calibrations of a model, at most one per sampler setting (:class:`SamplingSettings`) and output grid
     (``grid_spacing``), in order: the first is the one made at the model's default settings (``gen-sr calibrate`` puts
@@ -424,9 +430,10 @@ class Calibrations:
         it holds there is :meth:`Calibration.mismatch`'s to say); else ``None``."""
         made = [r for r in self._records if r.sampling == settings] or [r for r in self._records if r.sampling is None]
         if grid_spacing is not None:
-            near = [r for r in made if r.grid_spacing is not None and within_grids((r.grid_spacing,), grid_spacing)]
-            if near:
-                return min(near, key=lambda r: abs(math.log(r.grid_spacing / grid_spacing)))
+            near = _nearest_grid([r for r in made if r.grid_spacing is not None
+                                  and within_grids((r.grid_spacing,), grid_spacing)], grid_spacing)
+            if near is not None:
+                return near
         pooled = next((r for r in made if r.grid_spacing is None), None)
         return pooled.at_grid(grid_spacing) if pooled is not None else None
 
@@ -435,8 +442,8 @@ class Calibrations:
         ``grid_spacing`` (which does not hold there: :meth:`Calibration.mismatch`); else ``None``."""
         if (found := self.find(settings, grid_spacing)) is not None:
             return found
-        per_grid = [r for r in self._records if r.sampling == settings and r.grid_spacing is not None]
-        return min(per_grid, key=lambda r: abs(math.log(r.grid_spacing / grid_spacing)), default=None)
+        return _nearest_grid([r for r in self._records if r.sampling == settings and r.grid_spacing is not None],
+                             grid_spacing)
 
     def with_record(self, calibration: Calibration, *, first: bool = False) -> Calibrations:
         """These records with ``calibration`` added: it replaces the one made with the same settings and grid (in its

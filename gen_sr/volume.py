@@ -119,7 +119,10 @@ class Volume:
         return int(ornt.ornt_transform(io, ornt.axcodes2ornt(CANONICAL))[axis, 0])
 
     def to_nifti(self, dtype: np.dtype | type | None = None) -> nib.Nifti1Image:
-        """A NIfTI-1 image with this geometry; pixdim, qform and sform all match ``affine`` exactly."""
+        """A NIfTI-1 image with this geometry: the sform and pixdim match ``affine`` exactly, and so does the qform,
+        which can hold no shear: for a sheared ``affine`` (a registration's output, say) the qform is written with
+        code 0 (unknown), so that readers (nibabel, ITK-SNAP, FSLeyes) take the sform, not the qform's nearest
+        shear-free approximation."""
         dtype = np.dtype(dtype or (np.float64 if self.data.dtype == np.float64 else np.float32))
         header = self.header.copy() if self.header is not None else nib.Nifti1Header()
         header.set_data_dtype(dtype)
@@ -131,7 +134,10 @@ class Volume:
         sform_code = int(header["sform_code"]) or 2  # keep the source's codes; 'aligned' when it had none
         qform_code = int(header["qform_code"]) or 1
         img.set_sform(self.affine, code=sform_code)
-        img.set_qform(self.affine, code=qform_code)
+        try:
+            img.set_qform(self.affine, code=qform_code, strip_shears=False)
+        except nib.spatialimages.HeaderDataError:  # shears: the qform can only hold their stripped version
+            img.set_qform(self.affine, code=0)
         return img
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -31,6 +32,23 @@ def test_save_load_round_trip_keeps_data_and_geometry(tmp_path: Path) -> None:
     assert np.allclose(img.header.get_zooms()[:3], vol.spacing, atol=1e-6)  # pixdim matches the affine
     assert np.allclose(img.get_qform(), vol.affine, atol=1e-5) and np.allclose(img.get_sform(), vol.affine)
     assert img.header.get_xyzt_units()[0] == "mm"
+
+
+def test_a_sheared_affine_is_written_as_the_sform_alone_and_read_back_exactly(tmp_path: Path) -> None:
+    affine = oblique_affine()
+    affine[:3, :3] = affine[:3, :3] @ np.array([[1.0, 0.2, 0.0], [0.0, 1.0, 0.1], [0.0, 0.0, 1.0]])  # a shear
+    source = nib.Nifti1Header()
+    source["qform_code"], source["sform_code"] = 1, 1  # a scanner's codes: the output must not keep the qform's
+    vol = Volume(data=_volume().data, affine=affine, header=source)
+    for name in ("once.nii.gz", "twice.nii.gz"):  # the second from the first, as loaded (header included)
+        path = save_volume(vol, tmp_path / name)
+        img = nib.load(path)
+        qform, qform_code = img.get_qform(coded=True)
+        assert qform_code == 0 and qform is None  # the qform can only hold the affine without its shear
+        assert int(img.header["sform_code"]) == 1 and np.allclose(img.get_sform(), affine, atol=1e-6)
+        assert np.allclose(img.header.get_zooms()[:3], vol.spacing, atol=1e-6)
+        vol = load_volume(path)
+        assert np.allclose(vol.affine, affine, atol=1e-6)
 
 
 @pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("L", "P", "S"), ("A", "S", "L"), ("I", "R", "P")])
@@ -101,6 +119,31 @@ def test_atomic_dir_replaces_a_folder_whole_or_leaves_it_as_it_was(tmp_path: Pat
 
     assert atomic_dir(folder, whole) == "written"
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in folder.iterdir()] == ["new.json"]
+
+
+def test_atomic_dir_keeps_the_old_folder_when_the_new_one_cannot_be_put_in_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "old.json").write_text("old")
+    real_replace = os.replace
+    renames: list[str] = []
+
+    def replace_failing_onto_the_folder(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        renames.append(Path(src).name)
+        if Path(dst) == folder and Path(src).name.startswith(".model.partial"):
+            raise OSError("interrupted")  # the new folder cannot be moved in, after the old one was moved aside
+        real_replace(src, dst)
+
+    def whole(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / "new.json").write_text("new")
+
+    monkeypatch.setattr(os, "replace", replace_failing_onto_the_folder)
+    with pytest.raises(OSError, match="interrupted"):
+        atomic_dir(folder, whole)
+    assert renames[0] == "model"  # the old folder was moved aside first, and then moved back
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (folder / "old.json").read_text() == "old"
 
 
 def test_the_slice_thickness_of_a_bids_sidecar(tmp_path: Path) -> None:

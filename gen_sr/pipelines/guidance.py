@@ -11,7 +11,9 @@ measurement with the acquisition operator ``A``, and brings the correction back 
   keeps everything but the correction.
 * :class:`GradientGuidance`: a DPS-style step on ``‖y − A D(ẑ0)‖`` with respect to ``ẑ0`` (the unsquared norm, with
   the step normalised by it, as the DPS authors' code does). ``A`` is linear, so the image-space gradient is
-  ``Aᵀ r / ‖r‖`` exactly; only the decoder is back-propagated, one chunk of tiles at a time, which bounds memory.
+  ``Aᵀ r / ‖r‖`` exactly; it is brought to the tiles through the transpose of the merge
+  (:func:`~gen_sr.pipelines.tiling.merge_adjoint`, not ``split``: the weighted merge of overlapping patches is not
+  orthogonal), and only the decoder is back-propagated, one chunk of tiles at a time, which bounds memory.
 
 Either runs on a chosen set of timesteps only. Every output sample is also projected in pixel space at the end
 (:func:`final_projection`), so its data consistency does not depend on the latent corrections.
@@ -28,14 +30,10 @@ from typing import Protocol
 import torch
 
 from gen_sr.physics import NOISE_GAIN_FLOOR, AcquisitionOperator
+from gen_sr.pipelines.tiling import Tiler, merge_adjoint
 from gen_sr.risk import DataDisagreement
 
 __all__ = ["GradientGuidance", "ProjectionGuidance", "final_projection", "fit_where_data_disagree"]
-
-
-class Tiler(Protocol):
-    def split(self, volume: torch.Tensor) -> torch.Tensor: ...
-    def merge(self, tiles: torch.Tensor) -> torch.Tensor: ...
 
 
 class Autoencoder(Protocol):
@@ -145,6 +143,7 @@ class GradientGuidance(_VolumeHook):
 
     Args:
         scale: step size ``ζ``; the update is ``ẑ0 − ζ ∇ ‖y − A D(ẑ0)‖`` per sample.
+        noise_std: taken, so that both hooks are built alike, but not used: the step's size is ``scale`` alone.
         (others as :class:`ProjectionGuidance`)
     """
 
@@ -160,9 +159,10 @@ class GradientGuidance(_VolumeHook):
             _, x = self._volumes(z0)
             r = self.operator(x) - self._measurement(x.shape[0])
             norm = r.flatten(1).norm(dim=1).clamp_min(torch.finfo(r.dtype).tiny)
-            grad_x = self.tiler.split(self.operator.adjoint(r) / norm.view(-1, *([1] * (r.ndim - 1)))).to(z0.dtype)
+            grad_x = self.operator.adjoint(r) / norm.view(-1, *([1] * (r.ndim - 1)))
+        grad_tiles = merge_adjoint(self.tiler, grad_x).to(z0.dtype)
         grads = []
-        for z_chunk, g_chunk in zip(z0.split(self.chunk_size), grad_x.split(self.chunk_size), strict=True):
+        for z_chunk, g_chunk in zip(z0.split(self.chunk_size), grad_tiles.split(self.chunk_size), strict=True):
             with torch.enable_grad():
                 z = z_chunk.detach().requires_grad_(True)
                 decoded = self.vae.decode_latent(z.to(self.vae.dtype))

@@ -11,6 +11,9 @@
 * :class:`ForegroundTiles` wraps any of them and leaves out the tiles with no foreground: sampling runs on the
   others only, and the left-out tiles are filled with a fixed image (the condition) when merging.
 
+:func:`merge_adjoint` is the transpose of any of their merges, for gradients taken through a merge: for the weighted
+merges it is not ``split``.
+
 Both pad tiles to a multiple of the autoencoder's (and UNet's) downsampling factor with zeros, as training did, and
 crop the padding away when merging. Volumes are ``(N, C, X, Y, Z)`` (``N`` samples); tiles are
 ``(N * T, C, *tile)`` with the ``T`` tiles of sample ``n`` at ``n * T … n * T + T − 1``.
@@ -20,13 +23,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import compute_importance_map
 
-__all__ = ["ForegroundTiles", "PatchTiler", "SlicePatchTiler", "SliceTiler"]
+__all__ = ["ForegroundTiles", "PatchTiler", "SlicePatchTiler", "SliceTiler", "Tiler", "merge_adjoint"]
+
+
+class Tiler(Protocol):
+    """What a tiler offers: ``num_tiles`` tiles of ``tile_shape`` per sample, :meth:`split` and :meth:`merge`."""
+
+    num_tiles: int
+    tile_shape: tuple[int, ...]
+
+    def split(self, volume: torch.Tensor) -> torch.Tensor: ...
+    def merge(self, tiles: torch.Tensor) -> torch.Tensor: ...
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -183,3 +197,22 @@ class ForegroundTiles:
         full = (fill.expand(n, *fill.shape[1:]) if fill.shape[0] == 1 else fill).clone()
         full[:, self.keep.to(tiles.device)] = tiles.reshape(n, self.num_tiles, *tiles.shape[1:])
         return self.tiler.merge(full.reshape(-1, *full.shape[2:]))
+
+
+def merge_adjoint(tiler: Tiler, volumes: torch.Tensor) -> torch.Tensor:
+    """The transpose of ``tiler.merge``'s linear part applied to ``volumes``, by back-propagating through the merge
+    (torch autograd): ``⟨merge(a) − merge(0), b⟩ = ⟨a, merge_adjoint(tiler, b)⟩`` for every ``a`` and ``b``. It is
+    ``split`` for a :class:`SliceTiler` only: the weighted average of overlapping patches is not an orthogonal map.
+
+    Args:
+        tiler: any of this module's tilers.
+        volumes: ``(N, C, X, Y, Z)``, e.g. a gradient with respect to the merged volumes.
+
+    Returns:
+        ``(N * T, C, *tile_shape)``, in ``volumes``' dtype and device (e.g. that gradient with respect to the tiles).
+    """
+    n, c = volumes.shape[:2]
+    tiles = volumes.new_zeros(n * tiler.num_tiles, c, *tiler.tile_shape, requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(tiler.merge(tiles), tiles, grad_outputs=volumes)
+    return grad

@@ -25,7 +25,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
-__all__ = ["DDIMDataConsistencyScheduler", "X0Hook", "describe_sampler"]
+__all__ = ["DDIMDataConsistencyScheduler", "NamedSampler", "X0Hook", "describe_sampler"]
 
 X0Hook = Callable[[torch.Tensor, int | torch.Tensor], torch.Tensor]
 """``x0_hook(x0_hat, timestep) -> x0'``: tensors of the shape of the sample, ``(B, C, H, W)`` or ``(B, C, D, H, W)``."""
@@ -41,7 +41,16 @@ def describe_sampler(scheduler: Any, *variants: str) -> str:
     return type(scheduler).__name__ + (f"({', '.join(parts)})" if parts else "")
 
 
-class DDIMDataConsistencyScheduler(DDIMScheduler):
+class NamedSampler:
+    """Gives a scheduler :attr:`sampler_name`, what a calibration records of it (:func:`describe_sampler`)."""
+
+    @property
+    def sampler_name(self) -> str:
+        """What a calibration records of this sampler (:func:`describe_sampler`)."""
+        return describe_sampler(self)
+
+
+class DDIMDataConsistencyScheduler(NamedSampler, DDIMScheduler):
     """:class:`diffusers.DDIMScheduler` whose predicted clean sample can be replaced by a hook in :meth:`step`.
 
     Config, constructor, ``set_timesteps``, ``add_noise`` and saving/loading are exactly those of ``DDIMScheduler``:
@@ -64,15 +73,22 @@ class DDIMDataConsistencyScheduler(DDIMScheduler):
     # The KarrasDiffusionSchedulers names, DDIMScheduler included: from_config works both ways with all of them.
     _compatibles: ClassVar[list[str]] = list(DDIMScheduler._compatibles)
 
-    @property
-    def sampler_name(self) -> str:
-        """What a calibration records of this sampler (:func:`describe_sampler`)."""
-        return describe_sampler(self)
-
     def _alpha_beta_prod(self, timestep: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(abar_t, 1 - abar_t)`` as 0-d tensors, indexed exactly as ``DDIMScheduler.step`` does."""
         alpha_prod_t = self.alphas_cumprod[timestep]
         return alpha_prod_t, 1 - alpha_prod_t
+
+    def _for_prediction_type(self, formulas: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
+        """``formulas[prediction_type]()`` for the configured ``prediction_type``.
+
+        Raises:
+            ValueError: If ``prediction_type`` is not ``epsilon``, ``v_prediction`` or ``sample``.
+        """
+        prediction_type = self.config.prediction_type
+        if prediction_type not in formulas:
+            raise ValueError(f"prediction_type {prediction_type!r} must be one of 'epsilon', 'sample' or "
+                             "'v_prediction'")
+        return formulas[prediction_type]()
 
     def predict_original_sample(
         self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor
@@ -94,14 +110,11 @@ class DDIMDataConsistencyScheduler(DDIMScheduler):
             ValueError: If ``prediction_type`` is not ``epsilon``, ``v_prediction`` or ``sample``.
         """
         alpha_prod_t, beta_prod_t = self._alpha_beta_prod(timestep)
-        prediction_type = self.config.prediction_type
-        if prediction_type == "epsilon":
-            return (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
-        if prediction_type == "sample":
-            return model_output
-        if prediction_type == "v_prediction":
-            return (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
-        raise ValueError(f"prediction_type {prediction_type!r} must be one of 'epsilon', 'sample' or 'v_prediction'")
+        return self._for_prediction_type({
+            "epsilon": lambda: (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5),
+            "sample": lambda: model_output,
+            "v_prediction": lambda: (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output,
+        })
 
     def model_output_from_original_sample(
         self, x0: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor
@@ -123,14 +136,11 @@ class DDIMDataConsistencyScheduler(DDIMScheduler):
             ValueError: If ``prediction_type`` is not ``epsilon``, ``v_prediction`` or ``sample``.
         """
         alpha_prod_t, beta_prod_t = self._alpha_beta_prod(timestep)
-        prediction_type = self.config.prediction_type
-        if prediction_type == "epsilon":
-            return (sample - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5)
-        if prediction_type == "sample":
-            return x0
-        if prediction_type == "v_prediction":
-            return (alpha_prod_t ** (0.5) * sample - x0) / beta_prod_t ** (0.5)
-        raise ValueError(f"prediction_type {prediction_type!r} must be one of 'epsilon', 'sample' or 'v_prediction'")
+        return self._for_prediction_type({
+            "epsilon": lambda: (sample - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5),
+            "sample": lambda: x0,
+            "v_prediction": lambda: (alpha_prod_t ** (0.5) * sample - x0) / beta_prod_t ** (0.5),
+        })
 
     def step(
         self,

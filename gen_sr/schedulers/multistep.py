@@ -23,23 +23,18 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from gen_sr.schedulers.ddim import X0Hook, describe_sampler
+from gen_sr.schedulers.ddim import NamedSampler, X0Hook, describe_sampler
 
 __all__ = ["DPMSolverDataConsistencyScheduler", "UniPCDataConsistencyScheduler"]
 
 
-class _X0HookMixin:
+class _X0HookMixin(NamedSampler):
     """Applies ``x0_hook`` to the solver's predicted clean sample inside one ``step`` call."""
 
     _hook: tuple[X0Hook, int | torch.Tensor] | None = None
     _step_index: int | None
     timesteps: torch.Tensor | None
     num_inference_steps: int | None
-
-    @property
-    def sampler_name(self) -> str:
-        """What a calibration records of this sampler (:func:`~gen_sr.schedulers.ddim.describe_sampler`)."""
-        return describe_sampler(self)
 
     def _predicts_x0(self) -> bool:
         raise NotImplementedError
