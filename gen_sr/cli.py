@@ -1049,8 +1049,8 @@ def _add_acquisition_arguments(parser: _Parser) -> None:
     volume of a 4D series it is."""
     p = _RunSettings(parser, "acquisition", "how the scan was acquired, and the grid to reconstruct it on")
     p.add_argument("--target-spacing", type=_spacing, metavar="X,Y,Z",
-                   help="HR voxel spacing in mm, in RAS+ order (default: isotropic at the finest input spacing, but "
-                        "no finer in-plane than the model was trained for); where it is coarser than the input "
+                   help="HR voxel spacing in mm, in RAS+ order (default: the in-plane spacings, no finer than the "
+                        "model was trained for, and the thick axis at the finest of them); where it is coarser than the input "
                         "in-plane (1 mm asked of a 0.45 mm scan) the input is resampled there first, by k-space "
                         "truncation, and the run says so")
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM",
