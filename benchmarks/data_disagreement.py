@@ -63,7 +63,8 @@ from gen_sr.io import atomic_write, write_json
 from gen_sr.physics import AcquisitionOperator, estimate_noise_std, scan_noise_std
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.guidance import fit_where_data_disagree
-from gen_sr.risk import DataDisagreement, run_calibration
+from gen_sr.risk import DataDisagreement
+from gen_sr.run_record import run_calibration
 from gen_sr.sample_data import load_sample, synthetic_subject
 
 SIZES_MM = (2.0, 3.0, 4.0, 6.0)
@@ -121,7 +122,7 @@ def run_scan(pipe: LatentDiffusionSRPipeline, spec: str, path: Path, args: argpa
                 labels[les.mask(case.hr.affine, case.hr.shape)] = k
             saved |= {"sites": json.dumps(sites), "site_labels": labels, "noise_std": case.noise_std,
                       "operator": case.operator.to_json()}
-        print(f"{spec} ({tag}): {case.hr.shape} voxels, {sum(out.metadata['timings'].values()):.0f} s", flush=True)
+        print(f"{spec} ({tag}): {case.hr.shape} voxels, {sum(out.record.timings.values()):.0f} s", flush=True)
     atomic_write(path, lambda tmp: np.savez_compressed(tmp, **saved))  # a killed run leaves no half file
 
 
@@ -307,8 +308,8 @@ def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: ar
                        generator=torch.Generator().manual_seed(0), keep_samples=False, output_type="np")
             mean = np.asarray(out.mean, np.float64)
             row[given] = brain_psnr(mean, truth)
-            row[f"{given}_std"] = float(out.metadata["noise_std"])
-            if (calibration := run_calibration(pipe, out.metadata)) is not None:  # the record its risk map used
+            row[f"{given}_std"] = out.record.noise_std
+            if (calibration := run_calibration(pipe, out.record)) is not None:  # the record its risk map used
                 half = calibration.halfwidth(np.asarray(out.std, np.float64), mean, noise_std)
                 row[f"{given}_coverage"] = coverage(half, truth - mean, 1.0, brain)
         print(f"{spec}: PSNR " + ", ".join(f"{k} {v:.2f} dB" for k, v in row.items() if "_" not in k)

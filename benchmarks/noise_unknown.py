@@ -125,15 +125,15 @@ def test(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> None:
             case = skull_stripped(simulate_case(hr, spec, axis=2, thickness=4.0, snr=snr or None, seed=0))
             out = pipe(case.lr, operator=case.operator, noise_std="auto", generator=torch.Generator().manual_seed(0),
                        keep_samples=False, output_type="np", **RUN)
-            meta = out.metadata
-            assert meta["noise_known"] is False, f"{spec}: the pipeline read a noise std from air"
+            run = out.record
+            assert run.noise_known is False, f"{spec}: the pipeline read a noise std from air"
             truth = case.hr.data.astype(np.float64)
             inside = foreground(truth)
             err = np.abs(truth - out.mean)[inside]
             halfwidth = out.risk[inside] * pipe.intensity_normalization(case.lr.data).scale
             today = pipe.calibrations.find(pipe.sampling_settings(noise_std=0.0), case_grid(case))
             print(f"| {spec} | {case_grid(case):g} | {f'SNR {snr:g}' if snr else 'noise-free'} | "
-                  f"{meta['noise_std_in_plane']:.4g} | {meta['risk']['scale']:.3f}: {np.mean(err <= halfwidth):.4f} | "
+                  f"{run.noise_std_in_plane:.4g} | {run.risk['scale']:.3f}: {np.mean(err <= halfwidth):.4f} | "
                   f"{today.scale:.3f}: {np.mean(err <= today.scale * out.std[inside]):.4f} |", flush=True)
 
 

@@ -80,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         out = pipe(lr, num_samples=args.n, num_inference_steps=args.steps, guidance=args.kind,
                    batch_size=args.batch_size, generator=torch.Generator().manual_seed(0), keep_samples=False)
-        seconds = sum(out.metadata["timings"].values())
+        seconds = sum(out.record.timings.values())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
     print(json.dumps({"seconds": seconds, "peak_rss_mib": peak}))
 

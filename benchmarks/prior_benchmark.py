@@ -43,7 +43,7 @@ from gen_sr.io import atomic_write
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.guidance import final_projection
 from gen_sr.pipelines.tiling import SliceTiler
-from gen_sr.risk import run_calibration
+from gen_sr.run_record import run_calibration
 from gen_sr.schedulers import SCHEDULERS, scheduler_from_name
 from gen_sr.schedulers.ddim import describe_sampler
 
@@ -88,7 +88,7 @@ def measure(pipe: LatentDiffusionSRPipeline, regression: LatentDiffusionSRPipeli
             "λ90": float(np.quantile(ratio[brain], 0.9)),
             "spearman(risk, |err|)": _spearman(risk, err, brain), "spearman(risk, |∇ mean|)": _spearman(risk, grad,
                                                                                                          brain)}
-    if (calibration := run_calibration(pipe, out.metadata)) is not None:  # the record the run's risk map used
+    if (calibration := run_calibration(pipe, out.record)) is not None:  # the record the run's risk map used
         half = calibration.halfwidth(std, np.asarray(out.mean, np.float64), case.noise_std)
         row["coverage calibrated"] = float(coverage(half, err, 1.0, brain))
         row["calibrated scale"] = calibration.scale

@@ -50,8 +50,8 @@ def main() -> None:
         x = torch.from_numpy(sr)[None, None]
         residual = case.operator.residual_map(x, case.lr_tensor())[0, 0].numpy() / case.noise_std
         sites = measure_sites(sr, truth.data, lesions, truth.affine, operator=case.operator)
-        print(f"== {path}: {hr.shape} voxels, noise std {case.noise_std:.3g}, {out.metadata['scheduler']} x "
-              f"{out.metadata['num_inference_steps']}; |A x - y| / sigma over the slab's foreground: mean "
+        print(f"== {path}: {hr.shape} voxels, noise std {case.noise_std:.3g}, {out.record.scheduler} x "
+              f"{out.record.num_inference_steps}; |A x - y| / sigma over the slab's foreground: mean "
               f"{residual[truth.data > 0].mean():.2f}")
         inside: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         for les, s in zip(lesions, sites, strict=True):

@@ -148,11 +148,11 @@ def worker(args: argparse.Namespace) -> None:
     brain = foreground(case.hr.data)
     ref = case.hr.data.astype(np.float64)
     data_range = float(np.ptp(ref[brain]))
-    result = {"seconds": seconds, "timings": out.metadata["timings"], "peak_mib": peak,
-              "skipped_tiles": out.metadata["skipped_tiles"], "device": str(device), "dtype": str(dtype),
+    result = {"seconds": seconds, "timings": out.record.timings, "peak_mib": peak,
+              "skipped_tiles": out.record.skipped_tiles, "device": str(device), "dtype": str(dtype),
               "psnr": psnr(out.mean, ref, brain, data_range),
               "psnr_cubic": psnr(baseline(case, "cubic"), ref, brain, data_range),
-              "residual": max(out.metadata["relative_residual"])}
+              "residual": out.record.max_relative_residual}
     if dtype != torch.float32:  # the same setting and seeds in float32: how far the lower precision moves the mean
         reference, _ = sample(args, case, device, torch.float32)
         result["vs_float32"] = psnr(out.mean, reference.mean, brain, data_range)

@@ -32,6 +32,9 @@ from gen_sr.io import (
     write_json,
 )
 
+if typing.TYPE_CHECKING:
+    from gen_sr.run_record import CoarsenedInput, RunPlan
+
 __all__ = ["main"]
 
 EXIT_USER_ERROR = 2
@@ -152,14 +155,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _planned_noise_text(plan: dict) -> str:
+def _planned_noise_text(plan: RunPlan) -> str:
     """``info``'s noise std row: read from the air, given, or not known (and then what the interval counts)."""
-    if plan["noise_std"] is not None:
-        return f"{plan['noise_std']:.4g}, " + ("read from the background air" if plan["noise_std_estimated"] else
-                                              "as given (--noise-std)")
+    if plan.noise_std is not None:
+        return f"{plan.noise_std:.4g}, " + ("read from the background air" if plan.noise_std_estimated else
+                                            "as given (--noise-std)")
     text = "none read: no background air (fitted as noise-free; --noise-std to give it)"
-    if plan["calibration"] is not None and plan["calibration"].for_unknown_noise:
-        text += f"; the interval counts the noise read in-plane, {plan['noise_std_in_plane']:.4g}"
+    if plan.calibration is not None and plan.calibration.for_unknown_noise:
+        text += f"; the interval counts the noise read in-plane, {plan.noise_std_in_plane:.4g}"
     return text
 
 
@@ -167,12 +170,12 @@ _SLICES_FROM = {"given": "as given", "sidecar": "from the scan's JSON sidecar", 
                 "default": "by default", "operator": "from the operator"}
 
 
-def _slices_from(plan: dict) -> str:
+def _slices_from(plan: RunPlan) -> str:
     """Where a plan's slice thickness and profile came from, e.g. ``thickness and profile from the scan's JSON
     sidecar`` (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.resolved_slices`)."""
     sources: dict[str, list[str]] = {}
-    for what in ("thickness", "profile"):
-        sources.setdefault(plan[f"slice_{what}_from"], []).append(what)
+    for what, source in (("thickness", plan.slice_thickness_from), ("profile", plan.slice_profile_from)):
+        sources.setdefault(source, []).append(what)
     return ", ".join(f"{' and '.join(whats)} {_SLICES_FROM[source]}" for source, whats in sources.items())
 
 
@@ -185,35 +188,35 @@ def _print_plan(args: argparse.Namespace) -> None:
     pipe = _load_pipeline(args)
     lr = load_volume(args.file, volume_index=args.volume)  # once, for the plan and the timing
     plan = pipe.plan(lr, num_samples=args.samples, **_acquisition_kwargs(args))
-    have = plan["memory_available_bytes"]
+    have = plan.memory_available_bytes
     in_file = lambda ras: [ras[lr.axis_to_canonical(a)] for a in range(3)]  # noqa: E731 (the plan is in RAS+ order)
-    rows = [("with model", args.model), ("acquisition", f"{plan['acquisition']} (RAS+ axes; {_slices_from(plan)}; "
+    rows = [("with model", args.model), ("acquisition", f"{plan.acquisition} (RAS+ axes; {_slices_from(plan)}; "
                                                         "super-resolve's --slice-thickness and --profile change it)")]
-    if plan["resampled_from"]:
-        rows.append(("resampled", f"in-plane from {_spacing_text(in_file(plan['resampled_from']))} to "
-                                  f"{_spacing_text(in_file(plan['input_spacing']))} mm first "
+    if (coarsened := plan.coarsened_input) is not None:
+        rows.append(("resampled", f"in-plane from {_spacing_text(in_file(coarsened.from_spacing))} to "
+                                  f"{_spacing_text(in_file(coarsened.to_spacing))} mm first "
                                   + ("(for --target-spacing)" if args.target_spacing else
                                      "(finer than the model was trained for; --target-spacing to choose)")))
-    rows += [("output grid", f"{_shape(in_file(plan['output_shape']))} voxels of "
-                             f"{_spacing_text(in_file(plan['output_spacing']))} mm (the file's axis order)"),
-             ("memory", f"about {format_bytes(plan['memory_bytes'])} for {plan['num_samples']} samples"
+    rows += [("output grid", f"{_shape(in_file(plan.output_shape))} voxels of "
+                             f"{_spacing_text(in_file(plan.output_spacing))} mm (the file's axis order)"),
+             ("memory", f"about {format_bytes(plan.memory_bytes)} for {plan.num_samples} samples"
                         + ("" if have is None else f" ({format_bytes(have)} free)")),
              ("noise std", _planned_noise_text(plan))]
-    if (cal := plan["calibration"]) is not None:
-        mismatch = plan["calibration_mismatch"]
+    if (cal := plan.calibration) is not None:
+        mismatch = plan.calibration_mismatch
         rows.append(("calibration", ", ".join(filter(None, (cal.describe(), grid_text(cal))))
                                     + ("" if mismatch is None else f"; {mismatch_text(mismatch)}")))
-    rows += [("warning", f"outside the trained regime: {message}") for message in plan["outside_training"]]
+    rows += [("warning", f"outside the trained regime: {message}") for message in plan.outside_training]
     print("\n".join(f"{label + ':':<13}{value}" for label, value in rows), flush=True)
     if args.time:
-        print(f"{'timing:':<13}super-resolving a central slab of the scan with {plan['num_samples']} samples, to "
+        print(f"{'timing:':<13}super-resolving a central slab of the scan with {plan.num_samples} samples, to "
               "scale its time to the whole output ...", flush=True)
         # the sampling's progress bars, as super-resolve shows them (on the main process), gone when done
         pipe.set_progress_bar_config(desc="timing", leave=False, disable=not process_state().is_local_main_process)
         with warnings.catch_warnings():  # the slab's own (the plan's are above)
             warnings.simplefilter("ignore")
-            took = pipe.time_estimate(lr, num_samples=plan["num_samples"], **_acquisition_kwargs(args))
-        print(f"{'time:':<13}about {_duration(took['seconds'])} for {plan['num_samples']} samples on this machine as "
+            took = pipe.time_estimate(lr, num_samples=plan.num_samples, **_acquisition_kwargs(args))
+        print(f"{'time:':<13}about {_duration(took['seconds'])} for {plan.num_samples} samples on this machine as "
               f"it is loaded now (a slab of {took['probe_fraction']:.1%} of the output took "
               f"{took['probe_seconds']:.1f} s)")
 
@@ -436,29 +439,30 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr, beside=args.output)
     out = pipe(lr, keep_samples=False, output_type="np", calibration_region=args.calibration_region,
                **_acquisition_kwargs(args), **_sampling_kwargs(args))
-    out.metadata["timings"] = {**timings, **out.metadata["timings"]}
-    if pipe.model_card.adapted is not None:
-        out.metadata["adaptation"] = dataclasses.asdict(pipe.model_card.adapted)
+    adapted = pipe.model_card.adapted
+    run = dataclasses.replace(out.record, timings={**timings, **out.record.timings},
+                              adaptation=None if adapted is None else dataclasses.asdict(adapted))
     if not process_state().is_main_process:  # under `accelerate launch`, the main process writes the outputs
         return 0
     if not args.adapt:  # an adaptation printed it
-        _print_coarsened(out.metadata["coarsened_input"])
-    if out.metadata["noise_std_estimated"] and out.metadata["noise_std"]:  # a scan without air: the run warned
-        _print_noise_estimate(out.metadata["noise_std"])
+        _print_coarsened(run.coarsened_input)
+    if run.noise_std_estimated and run.noise_std:  # a scan without air: the run warned
+        _print_noise_estimate(run.noise_std)
     # what audit --reuse checks its mean and std against (as written: the voxels a reader gets)
-    out.metadata["output_digests"] = save_maps(lr, {key: (getattr(out, key), out.affine, path)
-                                                    for key, path in outputs.items()}, overwrite=args.overwrite)
+    run = dataclasses.replace(run, output_digests=save_maps(lr, {key: (getattr(out, key), out.affine, path)
+                                                                 for key, path in outputs.items()},
+                                                            overwrite=args.overwrite))
     for key, path in outputs.items():
         print(f"wrote:    {path} ({key})")
-    if not args.adapt:  # the model folder's run: a cohort can take these outputs as the scan's (gen_sr.cohort)
-        out.metadata.update(single_scan_record(pipe, args.seed, {**_run_kwargs(args), "volume_index": args.volume,
-                                                                 "calibration_region": args.calibration_region}, stamp))
-    write_json(sidecar, out.metadata)
-    residual = max(out.metadata["relative_residual"])
-    _print_risk(out.metadata["risk"])
+    cohort = {}  # the model folder's run: a cohort can take these outputs as the scan's (gen_sr.cohort)
+    if not args.adapt:
+        cohort = single_scan_record(pipe, args.seed, {**_run_kwargs(args), "volume_index": args.volume,
+                                                      "calibration_region": args.calibration_region}, stamp)
+    write_json(sidecar, {**run.to_dict(), **cohort})
+    _print_risk(run.risk)
     print(f"wrote:    {sidecar} (seeds, operator, residuals, timings)")
-    print(f"samples:  {args.samples}, {out.metadata['num_inference_steps']} steps, guidance {args.guidance}; "
-          f"max relative residual ‖Ax−y‖/‖y‖ {residual:.2e}")
+    print(f"samples:  {args.samples}, {run.num_inference_steps} steps, guidance {args.guidance}; "
+          f"max relative residual ‖Ax−y‖/‖y‖ {run.max_relative_residual:.2e}")
     return 0
 
 
@@ -525,16 +529,18 @@ def _measured_scan(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, floa
     """The scan as a run with ``--target-spacing`` measures it (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.
     measured_scan`: resampled in-plane where the target is coarser there, printed), the factor that scales its noise
     std, and ``--calibration-region`` on its grid."""
+    from gen_sr.run_record import CoarsenedInput
+
     scan, gain, region = pipe.measured_scan(lr, args.target_spacing, args.calibration_region)
     if scan is not lr and process_state().is_main_process:
-        _print_coarsened({"from_spacing": lr.canonical().spacing, "to_spacing": scan.canonical().spacing})
+        _print_coarsened(CoarsenedInput(lr.canonical().spacing, scan.canonical().spacing, gain))
     return scan, gain, region
 
 
-def _print_coarsened(record: dict | None) -> None:
-    if record:
-        print(f"input:    resampled from {_spacing_text(record['from_spacing'])} to "
-              f"{_spacing_text(record['to_spacing'])} mm voxels (RAS+; k-space truncation) for the output grid "
+def _print_coarsened(coarsened: CoarsenedInput | None) -> None:
+    if coarsened is not None:
+        print(f"input:    resampled from {_spacing_text(coarsened.from_spacing)} to "
+              f"{_spacing_text(coarsened.to_spacing)} mm voxels (RAS+; k-space truncation) for the output grid "
               "(--target-spacing, or the model's finest trained in-plane spacing)")
 
 
@@ -881,6 +887,7 @@ def _tissue(text: str) -> tuple[str, str]:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from gen_sr.audit.audit import AUDIT_FILES, audit
+    from gen_sr.run_record import CoarsenedInput
     from gen_sr.volume import load_volume
 
     if args.reuse and (ignored := sorted(flag for flag, name in args.given_flags.items()
@@ -899,8 +906,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                     masks=tissues, brain_mask=brain, reuse=args.reuse, calibration_region=args.calibration_region,
                     risk_threshold=args.risk_threshold, overwrite=args.overwrite, timings=timings,
                     **_acquisition_kwargs(args), **_sampling_kwargs(args))
-    if not args.adapt:  # an adaptation printed it
-        _print_coarsened(payload["card"].get("coarsened_input"))
+    if not args.adapt and (coarsened := payload["card"].get("coarsened_input")):  # an adaptation printed it
+        _print_coarsened(CoarsenedInput.from_dict(coarsened))
     if payload["card"].get("noise_std_estimated") and payload["card"]["noise_std"]:  # without air: the run warned
         _print_noise_estimate(payload["card"]["noise_std"])
     _print_risk(payload["card"].get("risk"))
@@ -1050,9 +1057,9 @@ def _add_acquisition_arguments(parser: _Parser) -> None:
     p = _RunSettings(parser, "acquisition", "how the scan was acquired, and the grid to reconstruct it on")
     p.add_argument("--target-spacing", type=_spacing, metavar="X,Y,Z",
                    help="HR voxel spacing in mm, in RAS+ order (default: the in-plane spacings, no finer than the "
-                        "model was trained for, and the thick axis at the finest of them); where it is coarser than the input "
-                        "in-plane (1 mm asked of a 0.45 mm scan) the input is resampled there first, by k-space "
-                        "truncation, and the run says so")
+                        "model was trained for, and the thick axis at the finest of them); where it is coarser than "
+                        "the input in-plane (1 mm asked of a 0.45 mm scan) the input is resampled there first, by "
+                        "k-space truncation, and the run says so")
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM",
                    help="default: the SliceThickness of the scan's BIDS JSON sidecar (as dcm2niix and gen-sr degrade "
                         "write it), else the slice spacing")

@@ -41,7 +41,7 @@ import re
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from gen_sr.io import (
     sidecar_path,
     write_json,
 )
+from gen_sr.run_record import RunRecord
 from gen_sr.volume import IntensityNormalization, load_volume, save_maps
 
 __all__ = ["CohortRow", "ScanOutputs", "find_scans", "flagged_fraction", "input_stamp", "run_cohort", "run_settings",
@@ -313,8 +314,8 @@ def _changes(earlier: _Scan, pipe: Any, settings: dict[str, Any], pipe_kwargs: d
     if any(before.get(k) != now.get(k) for k in _ACQUISITION):
         given = {k: pipe_kwargs[k] for k in _ACQUISITION if k in pipe_kwargs}
         plan = pipe.plan(earlier.scan, noise_std=0.0, **given)  # a noise std given: no air to read for the plan
-        before = _resolved(before, (earlier.record or {}).get("operator"))
-        now = _resolved(now, json_ready(plan["operator"]))
+        before = _resolved(before, RunRecord.from_dict(earlier.record or {}).operator)
+        now = _resolved(now, json_ready(plan.operator.to_dict()))
     return {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
 
 
@@ -387,9 +388,9 @@ def _one_scan(pipe: Any, found: _Scan, overwrite: bool, threshold: float, seed: 
         return CohortRow(str(scan), "failed", message=f"{there[0]} is there and is no output of a run of this scan: "
                                                       "remove it, pass --overwrite, or give another --output-dir")
     if found.finished and not (overwrite or changed):
-        residual = record.get("relative_residual")
-        return CohortRow(str(scan), "skipped", record.get("seconds", 0.0), noise_std=record.get("noise_std"),
-                         max_relative_residual=max(residual) if residual else None,
+        run = RunRecord.from_dict(record)
+        return CohortRow(str(scan), "skipped", record.get("seconds", 0.0), noise_std=run.noise_std,
+                         max_relative_residual=run.max_relative_residual,
                          flagged_fraction=record.get("flagged_fraction"), output=str(paths.mean),
                          message="finished by an earlier run")
     _remove(paths)  # redone: no output of the earlier run stays, even where this one fails
@@ -405,11 +406,12 @@ def _one_scan(pipe: Any, found: _Scan, overwrite: bool, threshold: float, seed: 
                             overwrite=True)
         seconds = time.perf_counter() - tic
         flagged = flagged_fraction(np.asarray(result.risk), np.asarray(result.mean), threshold)
-        write_json(paths.sidecar, {**result.metadata, "input": str(scan), "finished": True, "flagged_fraction": flagged,
+        run = replace(result.record, output_digests=digests)
+        write_json(paths.sidecar, {**run.to_dict(), "input": str(scan), "finished": True, "flagged_fraction": flagged,
                                    "risk_threshold": threshold, "seconds": seconds, "cohort_settings": settings,
-                                   "input_stamp": stamp, "output_digests": digests})
-        return CohortRow(str(scan), "done", seconds, noise_std=result.metadata["noise_std"],
-                         max_relative_residual=max(result.metadata["relative_residual"]), flagged_fraction=flagged,
+                                   "input_stamp": stamp})
+        return CohortRow(str(scan), "done", seconds, noise_std=run.noise_std,
+                         max_relative_residual=run.max_relative_residual, flagged_fraction=flagged,
                          output=str(paths.mean), message="its input changed since an earlier run" if changed else "")
     except (InputError, ValueError, RuntimeError, OSError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__

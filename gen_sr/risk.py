@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -52,8 +52,6 @@ __all__ = [
     "interval_noise_std",
     "mismatch_text",
     "risk_map",
-    "run_calibration",
-    "run_grid_spacing",
     "within_grids",
 ]
 
@@ -124,7 +122,8 @@ class SamplingSettings:
         num_inference_steps: its steps.
         num_samples: samples per run (the std of fewer samples is noisier).
         strength: where the reverse process starts (1: pure noise).
-        share_first_call: whether the samples shared the first network call (the pipeline's option).
+        share_first_call: whether the samples shared the first network call (the pipeline's option; with two
+            coarse axes, what the first stage did: the second's samples each have their own condition).
         refit_disagreement: whether the data were fitted where the mean departed from them (the pipeline's
             option; it narrows the spread there).
         noise_known: ``False`` for a run whose noise std was not known (asked to read it from the scan's air, which
@@ -147,13 +146,6 @@ class SamplingSettings:
         unknown = "" if self.noise_known else ", noise std not known"
         samples = f"{self.num_samples} sample{'s' if self.num_samples != 1 else ''}"
         return f"{samples} x {self.num_inference_steps} {self.scheduler} steps{start}{shared}{refit}{unknown}"
-
-    @classmethod
-    def of_run(cls, metadata: Mapping[str, Any]) -> SamplingSettings:
-        """The settings of a pipeline run, from its metadata (the ``.json`` that ``super-resolve`` writes)."""
-        return cls(str(metadata["scheduler"]), int(metadata["num_inference_steps"]), int(metadata["num_samples"]),
-                   float(metadata.get("strength", 1.0)), bool(metadata.get("share_first_call", False)),
-                   bool(metadata.get("refit_disagreement", False)), bool(metadata.get("noise_known", True)))
 
 
 NOISE_UNKNOWN_SHAPE = IntervalShape(noise_floor=0.5)
@@ -344,7 +336,9 @@ class Calibration:
         outside it, where the calibration has one; without a region, the larger of the two (a float). A record per mm
         of the voxel size holds at a grid only: ``ValueError`` until :meth:`at_grid` gives it one."""
         if self.scale_per_mm is not None and self.grid_spacing is None:
-            raise ValueError(f"the calibration {self.describe()} needs the run's output grid: use at_grid(voxel size)")
+            raise ValueError(f"the calibration {self.describe()} holds at an output grid only (its scale is per mm of "
+                             "the voxel size): take it at the run's grid, calibration.at_grid(voxel_mm), or use "
+                             "pipe.calibration_for(settings, grid_spacing=voxel_mm)")
         if self.outside_scale is None:
             return self.scale
         if region is None:
@@ -365,8 +359,8 @@ class Calibration:
         if self.scale_per_mm is not None and self.grid_spacing is None:
             return f"mean ± {self.scale_per_mm:.4g} × voxel size (mm) × {spread}"
         if self.scale_per_mm is not None:
-            return (f"mean ± {self.scale:.4g} × {spread} ({self.scale_per_mm:.4g} per mm of the "
-                    f"{self.grid_spacing:.3g} mm voxels)")
+            return (f"mean ± {self.scale:.4g} × {spread} ({self.scale_per_mm:.4g} per mm of the finest output "
+                    f"spacing ({self.grid_spacing:.3g} mm))")
         if self.outside_scale is not None:
             return (f"mean ± {self.scale:.4g} × {spread} in the calibration region, ± {self.outside_scale:.4g} × "
                     f"{spread} outside it")
@@ -492,13 +486,6 @@ class Calibrations:
                 for r in self._records]
 
 
-def run_grid_spacing(metadata: Mapping[str, Any]) -> float | None:
-    """The output voxel size in mm (the finest spacing of its HR grid) of a pipeline run, from its metadata; the grid
-    :meth:`Calibrations.find` matches per-grid records against (``None`` for a record without its operator)."""
-    operator = metadata.get("operator")
-    return float(min(operator["hr_spacing"])) if isinstance(operator, Mapping) and operator.get("hr_spacing") else None
-
-
 def grid_text(calibration: Calibration) -> str:
     """Which output grids a record holds for, in words (:attr:`~Calibration.grid_spacing` for a record made per grid;
     else one fitted on grids together, per mm of the voxel size or not, near the :attr:`~Calibration.fitted_grids`
@@ -514,14 +501,6 @@ def grid_text(calibration: Calibration) -> str:
         return f"{per_mm}fitted on {grids[0]:g} mm grids"
     where = f"{min(grids):g}-{max(grids):g} mm grids" if grids else "every grid"
     return f"{per_mm}fitted on {where} together"
-
-
-def run_calibration(model: Any, metadata: Mapping[str, Any], *, warn: bool = False) -> Calibration | None:
-    """The calibration that holds for a run of ``model`` (a pipeline) with this output ``metadata``: its
-    ``calibration_for`` the run's recorded sampler settings and output grid (:func:`run_grid_spacing`), so that a
-    benchmark or report measures the interval the run's risk map was made with. ``KeyError``/``ValueError`` for a
-    record written before the settings were."""
-    return model.calibration_for(SamplingSettings.of_run(metadata), warn=warn, grid_spacing=run_grid_spacing(metadata))
 
 
 def risk_map(std: Array, mean: Array, calibration: Calibration | None, noise_std: float = 0.0,

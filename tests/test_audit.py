@@ -21,6 +21,7 @@ from gen_sr.model_card import Adaptation
 from gen_sr.physics import SliceAcquisition, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.risk import Calibration, Calibrations, IntervalShape, SamplingSettings, mismatch_text
+from gen_sr.run_record import RunRecord
 from gen_sr.volume import Volume, load_volume, save_volume
 
 
@@ -284,7 +285,7 @@ def test_a_reused_run_is_described_with_the_calibration_its_risk_was_recomputed_
     record = json.loads((tmp_path / "sr.json").read_text())
     assert record["risk"]["scale"] == 2.0 and record["risk"]["holds"] and record["risk"]["mismatch"] is None
     # the records replaced: one made with the run's settings, but for 2 mm grids (the run's is 1 mm)
-    Calibration(scale=5.0, **plain, sampling=SamplingSettings.of_run(record), grid_spacing=2.0).save(f["model"])
+    Calibration(scale=5.0, **plain, sampling=RunRecord.from_dict(record).sampling, grid_spacing=2.0).save(f["model"])
     capsys.readouterr()
     out = tmp_path / "audit"
     assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
@@ -315,9 +316,9 @@ def test_the_pipeline_says_why_a_calibration_does_not_hold(tmp_path: Path, capsy
     pipe.save_pretrained(f["model"])
     lr = load_volume(f["lr"])  # a box in zeros: no air to read the noise std from
     plan = pipe.plan(lr, num_samples=2)
-    assert plan["noise_std"] is None and plan["calibration"] is None and plan["calibration_mismatch"] is None
+    assert plan.noise_std is None and plan.calibration is None and plan.calibration_mismatch is None
     unknown = pipe.sampling_settings(num_samples=2, noise_std=0.0, noise_known=False)
-    canon, grid = lr.canonical(), min(plan["output_spacing"])
+    canon, grid = lr.canonical(), plan.grid_spacing
     plain = {"alpha": 0.1, "delta": 0.1, "method": "crc", "bound": "hb", "num_volumes": 30, "risk_hat": 0.09,
              "risk_upper": 0.1}
     known = Calibration(scale=2.0, **plain, sampling=dataclasses.replace(unknown, noise_known=True))
@@ -351,3 +352,22 @@ def test_the_pipeline_says_why_a_calibration_does_not_hold(tmp_path: Path, capsy
     assert main(["info", str(f["lr"]), "--model", str(f["model"]), "--samples", "2"]) == 0
     printed = capsys.readouterr().out
     assert f"; {mismatch_text('noise_unknown')}" in printed and "other sampler settings" not in printed
+
+
+def test_audit_reads_a_record_without_a_noise_std_as_noise_free(tmp_path: Path, capsys) -> None:
+    """A run record whose ``noise_std`` is null (or missing) is read as noise-free everywhere an audit reads it, the
+    reused maps and the calibration plot against a reference alike (one default: ``RunRecord.from_dict``)."""
+    f = _files(tmp_path)
+    Calibration(scale=2.0, alpha=0.1, delta=0.1, method="crc", bound="hb", num_volumes=30, risk_hat=0.09,
+                risk_upper=0.1, shape=IntervalShape(noise_floor=1.0)).save(f["model"])
+    sr, std = tmp_path / "sr.nii.gz", tmp_path / "std.nii.gz"
+    assert main(["super-resolve", "--model", str(f["model"]), "--input", str(f["lr"]), "--output", str(sr), "--std",
+                 str(std), "--samples", "2", "--steps", "2", "--slice-thickness", "3", "--noise-std", "0"]) == 0
+    record = json.loads((tmp_path / "sr.json").read_text())
+    assert record["noise_std"] == 0
+    (tmp_path / "sr.json").write_text(json.dumps({**record, "noise_std": None}))
+    out = tmp_path / "audit"
+    assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
+                 "--reuse", str(sr), str(std), "--reference", str(f["hr"])]) == 0
+    payload = json.loads((out / "report.json").read_text())
+    assert payload["card"]["noise_std"] == 0.0 and payload["calibration_curve"]["calibrated"]

@@ -128,13 +128,13 @@ def test_a_record_per_mm_of_the_voxel_size_holds_on_every_grid_at_its_own_scale(
     updated = records.with_record(per_mm)
     assert list(updated) == [other, per_mm]  # in the place of the first record it replaced
     assert list(Calibrations([fine, other]).with_record(per_mm)) == [per_mm, other]  # per-grid records only
-    with pytest.raises(ValueError, match="needs the run's output grid"):
+    with pytest.raises(ValueError, match="holds at an output grid only"):
         per_mm.halfwidth(np.ones((2, 2, 2)), np.ones((2, 2, 2)))  # λ per mm, with no grid to scale it
     with pytest.raises(ValueError, match="kept for its range of grids"):
         updated.with_record(updated.find(ddim, 1.5))  # a run's resolved record is not a record to keep
     run = updated.find(ddim, 1.25)
     assert run.scale == pytest.approx(3.75) and run.grid_spacing == 1.25 and run.scale_per_mm == 3.0
-    assert run.describe() == "mean ± 3.75 × (std) (3 per mm of the 1.25 mm voxels)"
+    assert run.describe() == "mean ± 3.75 × (std) (3 per mm of the finest output spacing (1.25 mm))"
     assert per_mm.describe() == "mean ± 3 × voxel size (mm) × (std)" and updated.find(ddim) is per_mm
     assert updated.find(dpm, 1.0) is other
     updated.save(tmp_path)

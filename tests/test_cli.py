@@ -421,7 +421,7 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
     from gen_sr.pipelines import LatentDiffusionSRPipeline
 
     pipe = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "model")
-    assert "axis 2: 3 mm slices every 3 mm" in pipe.plan(load_volume(gapped), slice_thickness=3.0)["acquisition"]
+    assert "axis 2: 3 mm slices every 3 mm" in pipe.plan(load_volume(gapped), slice_thickness=3.0).acquisition
     thin = write_nifti(tmp_path / "thin.nii.gz", scan, np.diag([0.7, 0.7, 1.0, 1.0]))
     code, out, _ = _run(capsys, "info", thin, "--model", tmp_path / "model")
     assert "warning:     outside the trained regime: slice thickness 1 mm along S" in out
@@ -492,11 +492,11 @@ def test_super_resolve_takes_the_slice_profile_degrade_recorded(capsys, tmp_path
                           "profile from the scan's JSON sidecar;") in out, out
     pipe = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "model")
     plan = pipe.plan(lr)  # in Python too; a profile given is used as before
-    assert "rect profile" in plan["acquisition"] and plan["slice_profile_from"] == "sidecar"
+    assert "rect profile" in plan.acquisition and plan.slice_profile_from == "sidecar"
     plan = pipe.plan(lr, slice_profile="gaussian", slice_thickness=4.0)
-    assert "4 mm slices every 3 mm, gaussian profile" in plan["acquisition"]
-    assert (plan["slice_profile_from"], plan["slice_thickness_from"]) == ("given", "given")
-    assert pipe.plan(load_volume(lr))["slice_profile_from"] == "sidecar"  # a Volume read from the file, too
+    assert "4 mm slices every 3 mm, gaussian profile" in plan.acquisition
+    assert (plan.slice_profile_from, plan.slice_thickness_from) == ("given", "given")
+    assert pipe.plan(load_volume(lr)).slice_profile_from == "sidecar"  # a Volume read from the file, too
     # a sidecar profile that is not one: named, unless the run gives its own
     (tmp_path / "lr.json").write_text(json.dumps({"SliceThickness": 3, "SliceProfile": "trapezoid"}))
     code, _, err = _run(capsys, "info", lr, "--model", tmp_path / "model")

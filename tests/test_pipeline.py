@@ -59,6 +59,21 @@ def _gens(*seeds: int) -> list[torch.Generator]:
 RUN = {"num_inference_steps": 3, "guidance_interval": 1, "batch_size": 8}
 
 
+def _unshared_and_shared(pipe: LatentDiffusionSRPipeline, lr: Volume, seeds: tuple[int, ...]) -> tuple:
+    """A run of ``pipe`` on ``lr`` (one sample per seed) without and one with ``share_first_call``, each with the
+    number of tiles its network calls saw: ``((plain, calls), (shared, calls))``."""
+    runs = []
+    for share in (False, True):
+        seen: list[int] = []
+        handle = pipe.unet.register_forward_hook(lambda _m, args, _out, seen=seen: seen.append(len(args[0])))
+        try:
+            out = pipe(lr, num_samples=len(seeds), generator=_gens(*seeds), share_first_call=share, **RUN)
+        finally:
+            handle.remove()
+        runs.append((out, sum(seen)))
+    return tuple(runs)
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_same_seed_same_output_and_samples_are_independent(spatial_dims: int) -> None:
     pipe, lr = _pipe(spatial_dims), _lr()
@@ -169,7 +184,7 @@ def test_overlapping_slices_without_a_noise_std_warn_and_record_what_is_fitted_p
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*fitted only partially")
         contiguous = pipe(lr, num_samples=1, generator=_gens(0), **RUN)
-        pipe(lr, slice_thickness=6.0, noise_std=2.0, num_samples=1, generator=_gens(0), **RUN)  # noise-aware
+        pipe(lr, slice_thickness=6.0, num_samples=1, generator=_gens(0), **(RUN | {"noise_std": 2.0}))  # noise-aware
     assert contiguous.metadata["capped_fraction"] == 0
 
 
@@ -187,12 +202,12 @@ def test_the_noise_std_can_be_read_from_the_scans_background_air() -> None:
                        generator=_gens(0), **RUN)
     assert out.metadata["noise_std"] == 0 and out.data_disagreement is None
     with pytest.raises(ValueError, match="'auto'"):
-        _pipe(2)(_lr(), noise_std="guess", num_samples=1, **RUN)
+        _pipe(2)(_lr(), num_samples=1, **(RUN | {"noise_std": "guess"}))
 
 
 def test_noise_aware_projection_stops_at_the_noise_level() -> None:
     lr = _lr()
-    out = _pipe(2)(lr, num_samples=2, generator=_gens(0, 1), noise_std=2.0, **RUN)
+    out = _pipe(2)(lr, num_samples=2, generator=_gens(0, 1), **(RUN | {"noise_std": 2.0}))
     y = lr.data.astype(np.float64)
     # ‖A x − y‖ ≈ √m σ in input units: the relative residual equals the noise's relative size
     expected = 2.0 * np.sqrt(y.size) / np.linalg.norm(y - np.percentile(y, 0.5))
@@ -202,7 +217,7 @@ def test_noise_aware_projection_stops_at_the_noise_level() -> None:
     assert d.shape == out.mean.shape and d.min() >= 0 and "noise std" in out.metadata["data_disagreement"]
     assert 0.5 < float(np.median(d[d > 0])) < 2
     # fitting the data where the mean departs from it: closer to the data, recorded; a no-op without noise
-    refit = _pipe(2)(lr, num_samples=2, generator=_gens(0, 1), noise_std=2.0, refit_disagreement=True, **RUN)
+    refit = _pipe(2)(lr, num_samples=2, generator=_gens(0, 1), refit_disagreement=True, **(RUN | {"noise_std": 2.0}))
     assert refit.metadata["refit_disagreement"] is True and out.metadata["refit_disagreement"] is False
     assert max(refit.metadata["relative_residual"]) < max(out.metadata["relative_residual"])
     # its map is the mean's before the refit: where the prior departed from the data, as without the refit
@@ -255,7 +270,7 @@ def test_a_target_coarser_than_the_input_in_plane_resamples_the_input_there_firs
     data = np.random.default_rng(0).random((24, 20, 5)).astype(np.float32) * 100 + 50
     lr = Volume(data, np.diag([0.5, 0.5, 3.0, 1.0]))
     run = {"num_samples": 1, "target_spacing": (1.0, 1.0, 1.0), **RUN}
-    out = pipe(lr, noise_std=2.0, generator=_gens(0), **run)
+    out = pipe(lr, generator=_gens(0), **(run | {"noise_std": 2.0}))
     record = out.metadata["coarsened_input"]
     assert record["from_spacing"] == [0.5, 0.5, 3.0] and record["to_spacing"] == [1.0, 1.0, 3.0]
     assert record["noise_std_factor"] == pytest.approx(0.5, rel=0.05)  # a quarter of the voxels: half the std
@@ -263,9 +278,10 @@ def test_a_target_coarser_than_the_input_in_plane_resamples_the_input_there_firs
     grid = pipe.output_grid(lr, target_spacing=(1.0, 1.0, 1.0))
     assert grid.shape == out.mean.shape and np.allclose(grid.affine, out.affine)
     assert np.allclose(out.affine @ [-0.5, -0.5, -0.5, 1], lr.affine @ [-0.5, -0.5, -0.5, 1])  # the same first edge
-    measured = pipe.measured_input(lr, out.metadata)
-    assert measured.shape == (12, 10, 5) and pipe.measured_input(measured, {"coarsened_input": None}) is measured
-    again = pipe(measured, noise_std=2.0 * record["noise_std_factor"], generator=_gens(0), **run)
+    measured = pipe.measured_input(lr, out.record)
+    assert measured.shape == (12, 10, 5)
+    assert pipe.measured_input(measured, dataclasses.replace(out.record, coarsened_input=None)) is measured
+    again = pipe(measured, generator=_gens(0), **(run | {"noise_std": 2.0 * record["noise_std_factor"]}))
     assert again.metadata["coarsened_input"] is None
     np.testing.assert_allclose(again.mean, out.mean, rtol=1e-5, atol=1e-3)
     with pytest.raises(InputError, match="coarser than the LR spacing"):
@@ -289,11 +305,11 @@ def test_a_resampled_scan_reads_its_noise_std_before_the_resampling() -> None:
     held = float(np.std((resampled.data - truth)[truth > 50]))  # the noise the resampled scan holds
     assert scan_noise_std(resampled) < 0.75 * held  # the old reading
     plan = pipe.plan(lr, target_spacing=grid)
-    assert plan["noise_std"] == pytest.approx(held, rel=0.08)
-    out = pipe(lr, target_spacing=grid, noise_std="auto", num_samples=1, **RUN)
-    assert out.metadata["noise_std"] == plan["noise_std"]
+    assert plan.noise_std == pytest.approx(held, rel=0.08)
+    out = pipe(lr, target_spacing=grid, num_samples=1, **(RUN | {"noise_std": "auto"}))
+    assert out.metadata["noise_std"] == plan.noise_std
     assert out.metadata["coarsened_input"]["noise_std_factor"] == pytest.approx(white)  # white: coarsen's factor
-    given = pipe(lr, target_spacing=grid, noise_std=3.0, num_samples=1, **RUN)
+    given = pipe(lr, target_spacing=grid, num_samples=1, **(RUN | {"noise_std": 3.0}))
     assert given.metadata["noise_std"] == pytest.approx(3.0 * white)
 
 
@@ -647,7 +663,8 @@ def test_a_calibration_scales_risk_and_travels_with_the_model(tmp_path: Path) ->
     # a noise floor in the interval: the risk rises by λ̂ times the noise std over the input's intensity range
     loaded.calibration = dataclasses.replace(pipe.calibration, shape=IntervalShape(noise_floor=1.0))
     pipe.calibration = None
-    noisy, plain_noisy = (p(lr, num_samples=2, generator=_gens(0, 1), noise_std=3.0, **RUN) for p in (loaded, pipe))
+    noisy, plain_noisy = (p(lr, num_samples=2, generator=_gens(0, 1), **(RUN | {"noise_std": 3.0}))
+                          for p in (loaded, pipe))
     scale = loaded.intensity_normalization(lr.data).scale
     np.testing.assert_allclose(noisy.risk, 2.5 * (plain_noisy.risk + 3.0 / scale), rtol=1e-5)
     assert noisy.metadata["risk"]["shape"]["noise_floor"] == 1.0 and "noise std" in noisy.metadata["risk"]["definition"]
@@ -712,16 +729,9 @@ def test_a_shared_first_call_is_made_once_for_all_samples_from_sample_0s_start(n
 
     pipe, lr = _pipe(2), _lr()
     pipe.scheduler = scheduler_from_name(name, pipe.scheduler.config, timestep_spacing="trailing")
-    seen: list[int] = []
-    handle = pipe.unet.register_forward_hook(lambda _m, args, _out: seen.append(len(args[0])))
-    try:
-        plain = pipe(lr, num_samples=3, generator=_gens(4, 5, 6), share_first_call=False, **RUN)
-        per_sample_calls, seen[:] = sum(seen), []
-        shared = pipe(lr, num_samples=3, generator=_gens(4, 5, 6), share_first_call=True, **RUN)
-    finally:
-        handle.remove()
+    (plain, per_sample_calls), (shared, shared_calls) = _unshared_and_shared(pipe, lr, (4, 5, 6))
     tiles = per_sample_calls // (3 * RUN["num_inference_steps"])  # tiles of one sample per step
-    assert sum(seen) == tiles + 3 * tiles * (RUN["num_inference_steps"] - 1)
+    assert shared_calls == tiles + 3 * tiles * (RUN["num_inference_steps"] - 1)
     assert (plain.metadata["share_first_call"], shared.metadata["share_first_call"]) == (False, True)
     scale = float(np.abs(plain.samples).max())
     np.testing.assert_allclose(shared.samples[0], plain.samples[0], atol=1e-5 * scale)
@@ -752,3 +762,88 @@ def test_the_model_cards_share_first_call_is_the_default_and_a_calibration_recor
     assert out.metadata["share_first_call"] and out.metadata["risk"]["calibrated"]
     with pytest.warns(CalibrationMismatchWarning, match="this run uses 2 samples x 2 "):
         pipe(lr, num_samples=2, generator=_gens(0, 1), share_first_call=False)
+
+
+def test_a_scan_without_air_is_not_warned_that_its_interval_leaves_the_noise_out() -> None:
+    """A scan without air (its noise std not known) under a calibration made for such runs: the interval counts the
+    noise read in-plane, and the run says so; it was also warned, falsely, that the interval's noise term counted no
+    noise. A run that does leave it out (known noise-free under a calibration with a noise term) is still warned."""
+    from gen_sr.risk import NOISE_UNKNOWN_SHAPE, Calibration, Calibrations, IntervalShape
+
+    pipe = _pipe(2)
+    unknown = pipe.sampling_settings(num_samples=2, noise_std=0.0, noise_known=False)
+    plain = {"alpha": 0.1, "delta": 0.1, "method": "crc", "bound": "hb", "num_volumes": 30, "risk_hat": 0.09,
+             "risk_upper": 0.1}
+    pipe.calibrations = Calibrations([
+        Calibration(scale=2.0, **plain, shape=NOISE_UNKNOWN_SHAPE, sampling=unknown),
+        Calibration(scale=2.0, **plain, shape=IntervalShape(noise_floor=1.0),
+                    sampling=dataclasses.replace(unknown, noise_known=True))])
+    scan = head_in_air((40, 40, 4), sigma=2.0, radius=11)
+    masked = Volume(np.where(head_in_air((40, 40, 4), sigma=0.0, radius=11) > 0, scan, 0).astype(np.float32),
+                    np.diag([1.0, 1.0, 3.0, 1.0]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = pipe(masked, num_samples=2, generator=_gens(0, 1), **(RUN | {"noise_std": "auto"}))
+    said = [str(w.message) for w in caught]
+    assert out.metadata["noise_std_in_plane"] > 0 and any("counts the noise read in-plane" in m for m in said)
+    assert not any("leaves the measurement noise out" in m for m in said)
+    with pytest.warns(UserWarning, match="leaves the measurement noise out"):
+        pipe(masked, num_samples=2, generator=_gens(0, 1), **RUN)
+
+
+def test_a_two_stage_run_records_that_only_its_first_stage_shared_the_first_call() -> None:
+    """With two coarse axes the second stage's samples each have their own condition (the first stage's sample), so
+    only the first stage shares its first network call: the record says so per stage (``shared_first_call``), and
+    keeps ``share_first_call``, the option a calibration is looked up by, as the first stage did."""
+    pipe = _pipe(2)
+    pipe.model_card = dataclasses.replace(pipe.model_card, trained_for=dataclasses.replace(
+        pipe.model_card.trained_for, any_axis=True))
+    hr = Volume(np.random.default_rng(2).random((12, 15, 18)).astype(np.float32) + 1, np.eye(4))
+    lr, _, _ = simulate_acquisition(hr, [SliceAcquisition(1, 3.0), SliceAcquisition(2, 6.0)])
+    (plain, plain_calls), (shared, shared_calls) = _unshared_and_shared(pipe, lr, (0, 1, 2))
+    first_tiles = lr.canonical().shape[shared.record.sr_axes[1]]  # stage 1: one slice across the second axis each
+    assert plain_calls - shared_calls == (3 - 1) * first_tiles  # saved in the first stage only
+    assert shared.record.shared_first_call == (True, False) and shared.record.share_first_call
+    assert plain.record.shared_first_call == (False, False) and not plain.record.share_first_call
+    one = _pipe(2)
+    one.model_card = dataclasses.replace(one.model_card, share_first_call=True)
+    assert one(_lr(), num_samples=2, generator=_gens(0, 1), **RUN).record.shared_first_call == (True,)
+
+
+def test_a_calibration_per_mm_holds_at_a_runs_grid_and_says_how_to_take_it_there() -> None:
+    """``pipe.calibration`` is the default settings' record as stored: one per mm of the voxel size (the shipped
+    model's) has no scale until it is taken at a grid, and says how; ``calibration_for`` a run's grid gives it."""
+    from gen_sr.risk import Calibration
+
+    pipe = _pipe(2)
+    pipe.calibration = Calibration(scale=3.0, alpha=0.1, delta=0.1, method="crc", bound="hb", num_volumes=30,
+                                   risk_hat=0.09, risk_upper=0.1, sampling=pipe.sampling_settings(), scale_per_mm=3.0,
+                                   fitted_grids=(1.0, 1.5))
+    std = np.ones((2, 2, 2))
+    with pytest.raises(ValueError, match=r"holds at an output grid only.*at_grid\(voxel_mm\).*calibration_for"):
+        pipe.calibration.halfwidth(std, std)
+    at_run = pipe.calibration_for(pipe.sampling_settings(), grid_spacing=1.2)
+    np.testing.assert_allclose(at_run.halfwidth(std, std), 3.6 * std)
+    assert pipe.calibration.at_grid(1.2) == at_run and "of the finest output spacing (1.2 mm)" in at_run.describe()
+
+
+def test_nifti_outputs_keep_the_inputs_header(tmp_path: Path) -> None:
+    """``output_type="nifti"``: the maps on the input's header (units, codes, description), from a file or a
+    nibabel image alike, so that ``nib.save(out.mean, path)`` writes what the input's geometry says."""
+    import nibabel as nib
+
+    affine = oblique_affine(spacing=(1.0, 1.0, 3.0))
+    img = nib.Nifti1Image(_lr().data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["descrip"] = b"scan 7"
+    img.set_sform(affine, code=4)
+    img.set_qform(affine, code=1)
+    nib.save(img, tmp_path / "lr.nii.gz")
+    pipe = _pipe(2)
+    for given in (tmp_path / "lr.nii.gz", nib.load(tmp_path / "lr.nii.gz")):
+        out = pipe(given, num_samples=2, generator=_gens(0, 1), output_type="nifti", **RUN)
+        nib.save(out.mean, tmp_path / "sr.nii.gz")
+        back = nib.load(tmp_path / "sr.nii.gz")
+        assert back.header.get_xyzt_units() == ("mm", "sec") and back.header["descrip"] == b"scan 7"
+        assert (int(back.header["sform_code"]), int(back.header["qform_code"])) == (4, 1)
+        assert np.allclose(back.affine, out.affine, atol=1e-4) and back.shape == out.mean.shape

@@ -34,13 +34,11 @@ from gen_sr.risk import (
     Calibration,
     DataDisagreement,
     Mismatch,
-    SamplingSettings,
     describe_risk,
     interval_noise_std,
     risk_map,
-    run_calibration,
-    run_grid_spacing,
 )
+from gen_sr.run_record import RunRecord, run_calibration
 from gen_sr.volume import Volume, covers, load_volume, resample_to, save_volume
 
 __all__ = ["AUDIT_FILES", "DISAGREEMENT_FILE", "MAP_FILES", "NOMINAL_COVERAGE", "audit", "reuse_outputs"]
@@ -60,7 +58,7 @@ def _centre(volume: Volume) -> np.ndarray:
 
 
 def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Path, std_path: str | Path,
-                  calibration_region: Any = None) -> tuple[dict[str, Volume], dict[str, Any]]:
+                  calibration_region: Any = None) -> tuple[dict[str, Volume], RunRecord]:
     """Maps of an earlier ``gen-sr super-resolve`` run: its mean and std files and the ``.json`` beside the mean.
 
     The risk is recomputed from the std with the model's current calibration (with ``calibration_region``, the
@@ -73,20 +71,20 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
         raise InputError("has no run record beside it (the .json that super-resolve writes)", sr_path,
                          f"expected {meta_path.name}")
     try:
-        meta = json.loads(meta_path.read_text())
-        operator = AcquisitionOperator.from_dict(meta["operator"])
-    except (ValueError, KeyError, TypeError) as e:
+        run = RunRecord.from_dict(json.loads(meta_path.read_text()))
+        operator = run.acquisition()
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"is not a super-resolve run record ({e})", meta_path) from None
-    recorded = meta.get("input_digest")  # none in records from before it was kept
+    recorded = run.input_digest  # none in records from before it was kept
     if recorded is not None and recorded != lr.canonical().digest():
         raise InputError(f"was made from another input than {lr.source or 'the one given'} (its record's digest "
                          "differs)", sr_path, "give the scan it super-resolved as --input")
     if recorded is None:
         warnings.warn(f"{meta_path} predates the scan's digest in run records: that the run was made from "
                       f"{lr.source or 'this input'} is checked by its grid and field of view only", stacklevel=3)
-    given, lr = lr, pipe.measured_input(lr, meta)  # a calibration region is a mask on the given input's grid
+    given, lr = lr, pipe.measured_input(lr, run)  # a calibration region is a mask on the given input's grid
     mean, std = load_volume(sr_path), load_volume(std_path)
-    written = meta.get("output_digests") or {}  # none in earlier records
+    written = run.output_digests or {}  # none in earlier records
     for key, path, volume in (("mean", sr_path, mean), ("std", std_path, std)):
         if key in written and written[key] != volume.digest():
             raise InputError(f"is not the {key} this run record was written with", path,
@@ -104,42 +102,28 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
     as_tensor = lambda v: torch.from_numpy(v.data.astype(np.float64))[None, None]  # noqa: E731
     dc = operator.residual_map(as_tensor(canon_mean), as_tensor(canon_lr))[0, 0].numpy()
     norm = pipe.intensity_normalization(canon_lr.data)
-    scale, sigma = norm.scale, float(meta.get("noise_std") or 0.0)
+    scale, sigma = norm.scale, run.noise_std
     disagreement = None
     if sigma > 0:  # in the pipeline's normalised units, as the pipeline computed it (its foreground is not offset-free)
         normalised = [torch.from_numpy(norm(v.data.astype(np.float64)))[None, None] for v in (canon_mean, canon_lr)]
         disagreement = DataDisagreement().statistic(operator, *normalised, sigma / scale)[0, 0].numpy()
     region = None if calibration_region is None else pipe.calibration_region_mask(given, calibration_region, mean)
-    calibration = _run_calibration(pipe, meta)
-    counted = interval_noise_std(calibration, sigma, meta.get("noise_std_in_plane"))
+    calibration = run_calibration(pipe, run, warn=True)
+    counted = interval_noise_std(calibration, sigma, run.noise_std_in_plane)
     risk = risk_map(std.data, mean.data, calibration, counted, scale, region)
     maps = {"mean": mean, "std": std, "risk": std.with_data(np.asarray(risk, dtype=np.float32)),
             "dc_residual": canon_mean.with_data(dc.astype(np.float32)).reorient(mean.orientation)}
     if disagreement is not None:
         maps["data_disagreement"] = canon_mean.with_data(disagreement.astype(np.float32)).reorient(mean.orientation)
-    return maps, meta
+    return maps, run
 
 
-def _run_calibration(pipe: LatentDiffusionSRPipeline, meta: dict[str, Any], *,
-                     warn: bool = True) -> Calibration | None:
-    """The calibration that holds for a run (:meth:`~LatentDiffusionSRPipeline.calibration_for` its recorded sampler
-    settings; ``warn``: a warning where none was made with them), or the default one for a record without them."""
-    try:
-        return run_calibration(pipe, meta, warn=warn)
-    except (KeyError, TypeError, ValueError):  # a record written before the settings were
-        return None if pipe.calibration is None else pipe.calibration.at_grid(run_grid_spacing(meta))
-
-
-def _mismatch(pipe: LatentDiffusionSRPipeline, calibration: Calibration | None, meta: dict[str, Any],
+def _mismatch(pipe: LatentDiffusionSRPipeline, calibration: Calibration | None, run: RunRecord,
               lr: Volume) -> Mismatch | None:
     """Why a run's calibration was not made for it, ``None`` where it was
     (:meth:`LatentDiffusionSRPipeline.calibration_mismatch`; ``lr``: the input as the run measured it; a record without
     its settings: as far as the scan says)."""
-    try:
-        settings = SamplingSettings.of_run(meta)
-    except (KeyError, TypeError, ValueError):
-        settings = None
-    return pipe.calibration_mismatch(calibration, settings, lr.canonical(), run_grid_spacing(meta))
+    return pipe.calibration_mismatch(calibration, run.sampling, lr.canonical(), run.grid_spacing)
 
 
 def _calibration_curve(std: np.ndarray, mean: np.ndarray, error: np.ndarray, mask: np.ndarray,
@@ -211,7 +195,7 @@ def audit(
         geometry = {k: v for k, v in pipe_kwargs.items() if k in _GEOMETRY_ARGUMENTS}
         _check_cover(given_volumes, pipe.output_grid(lr, **geometry))
     if reuse is not None:
-        maps, meta = reuse_outputs(pipe, lr, *reuse, calibration_region=calibration_region)
+        maps, run = reuse_outputs(pipe, lr, *reuse, calibration_region=calibration_region)
         _check_cover(given_volumes, maps["mean"])
     else:
         result = pipe(lr, output_type="np", keep_samples=False, calibration_region=calibration_region,
@@ -219,22 +203,22 @@ def audit(
         maps = {k: lr.with_data(np.asarray(getattr(result, k), np.float32), result.affine) for k in MAP_FILES}
         if result.data_disagreement is not None:
             maps["data_disagreement"] = lr.with_data(np.asarray(result.data_disagreement, np.float32), result.affine)
-        meta = result.metadata
-    given, lr = lr, pipe.measured_input(lr, meta)  # the views, baselines and checks on the grid the run measured
+        run = result.record
+    given, lr = lr, pipe.measured_input(lr, run)  # the views, baselines and checks on the grid the run measured
     grid = maps["mean"]  # masks and tissue maps onto the SR grid
     masks = {k: resample_to(m, grid) for k, m in masks.items()} if masks else None
     brain_mask = resample_to(brain_mask, grid, order=0) if brain_mask is not None else None
-    calibration = _run_calibration(pipe, meta, warn=False)  # the run or reuse_outputs warned already
-    mismatch = _mismatch(pipe, calibration, meta, lr)
+    calibration = run_calibration(pipe, run)  # the run or reuse_outputs warned already
+    mismatch = _mismatch(pipe, calibration, run, lr)
     # described as the map written here was made: a reused run's is recomputed with the model's current calibration,
-    # so its record's own description (meta["risk"]) may be out of date
+    # so its record's own description (run.risk) may be out of date
     risk = describe_risk(calibration, mismatch, calibration_region=calibration_region is not None)
-    operator = AcquisitionOperator.from_dict(meta["operator"])
+    operator = run.acquisition()
     metrics = curve = None
     if reference is not None:  # before anything is written: a reference that does not fit is an error
         region = (None if calibration_region is None  # a mask on the given input's grid, as the run took it
                   else pipe.calibration_region_mask(given, calibration_region, maps["mean"].canonical()))
-        metrics, curve = _against_reference(maps, lr, reference, operator, meta, brain_mask, masks, calibration,
+        metrics, curve = _against_reference(maps, lr, reference, operator, run, brain_mask, masks, calibration,
                                             region)
     out.mkdir(parents=True, exist_ok=True)
     for key, name in {**MAP_FILES, "data_disagreement": DISAGREEMENT_FILE}.items():
@@ -245,30 +229,29 @@ def audit(
     card = {"input": input_name, "model": model_name, "operator": operator.describe(),
             "lr_spacing_mm": [round(float(s), 4) for s in lr.spacing],
             "sr_spacing_mm": [round(float(s), 4) for s in maps["mean"].spacing],
-            "sampler": meta.get("scheduler"), "steps": meta.get("num_inference_steps"),
-            "samples": meta.get("num_samples"), "seeds": meta.get("seeds"),
-            "guidance": meta.get("guidance"), "noise_std": meta.get("noise_std"),
-            "noise_std_estimated": bool(meta.get("noise_std_estimated")),
-            "noise_std_in_plane": (meta.get("noise_std_in_plane")  # the one its interval counted, if any
+            "sampler": run.scheduler, "steps": run.num_inference_steps,
+            "samples": run.num_samples, "seeds": list(run.seeds),
+            "guidance": run.guidance, "noise_std": run.noise_std,
+            "noise_std_estimated": run.noise_std_estimated,
+            "noise_std_in_plane": (run.noise_std_in_plane  # the one its interval counted, if any
                                    if calibration is not None and calibration.for_unknown_noise else None),
-            "relative_residual_max": max(meta.get("relative_residual", [float("nan")])),
-            "capped_fraction": meta["capped_fraction"] if "capped_fraction" in meta else operator.capped_fraction(),
+            "relative_residual_max": run.max_relative_residual,
+            "capped_fraction": operator.capped_fraction() if run.capped_fraction is None else run.capped_fraction,
             "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",
             "interval": calibration.describe() if calibration is not None else "none (uncalibrated)",
-            "risk": risk, "timings_s": {**(timings or {}), **(meta.get("timings") or {})} or None}
-    if meta.get("coarsened_input"):
-        card["coarsened_input"] = meta["coarsened_input"]
+            "risk": risk, "timings_s": {**(timings or {}), **run.timings} or None}
+    if run.coarsened_input is not None:
+        card["coarsened_input"] = run.coarsened_input.to_dict()
     if pipe.model_card.adapted is not None:
         card["adaptation"] = asdict(pipe.model_card.adapted)
     canon_lr = lr.canonical()
     norm = pipe.intensity_normalization(canon_lr.data)
     axes = pipe.input_axes(canon_lr, operator)  # the RAS+ axes the run super-resolved; the views follow the first
     axis = axes[0]
-    outside = meta.get("outside_training")  # runs recorded before the check have none: check now
-    if outside is None:
-        outside = pipe.outside_training(canon_lr, operator, norm, axes)
+    outside = run.outside_training  # runs recorded before the check have none: check now
+    outside = pipe.outside_training(canon_lr, operator, norm, axes) if outside is None else list(outside)
     stage = "output"  # a refitted run's map: its mean before the refit, or only what remains of a reused output
-    if meta.get("refit_disagreement"):
+    if run.refit_disagreement:
         stage = "after_refit" if reuse is not None else "before_refit"
     return build_report(out, lr=lr, mean=maps["mean"], std=maps["std"], risk=maps["risk"],
                         dc_residual=maps["dc_residual"], disagreement=maps.get("data_disagreement"),
@@ -313,7 +296,7 @@ def _check_cover(volumes: dict[str, Volume | None], grid: Volume) -> None:
 
 
 def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, operator: AcquisitionOperator,
-                       meta: dict, brain_mask: Volume | None, masks: dict[str, Volume] | None,
+                       run: RunRecord, brain_mask: Volume | None, masks: dict[str, Volume] | None,
                        calibration: Calibration | None,
                        region: np.ndarray | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Metrics of SR and every baseline against the reference, and the calibration curve, in RAS+."""
@@ -325,7 +308,7 @@ def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, o
         mask = sum(m.canonical().data for m in masks.values()) >= 0.5
     else:
         mask = foreground(ref.data)
-    case = Case("input", ref, lr.canonical(), operator, meta.get("noise_std", 0))
+    case = Case("input", ref, lr.canonical(), operator, run.noise_std)
     truth = ref.data.astype(np.float64)
     data_range = float(np.ptp(truth[mask]))
     std = maps["std"].canonical().data

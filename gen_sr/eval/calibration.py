@@ -455,7 +455,7 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
 
 def case_grid(case: Case) -> float:
     """A case's output grid: the finest spacing of its HR volume, in mm (to 0.01 mm), as
-    :func:`gen_sr.risk.run_grid_spacing` reads a run's."""
+    :attr:`gen_sr.run_record.RunRecord.grid_spacing` reads a run's."""
     return round(float(min(case.hr.spacing)), 2)
 
 

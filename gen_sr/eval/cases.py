@@ -35,6 +35,7 @@ from gen_sr.physics import (
     simulate_acquisition,
 )
 from gen_sr.risk import Calibration, SamplingSettings
+from gen_sr.run_record import RunRecord
 from gen_sr.sample_data import load_sample
 from gen_sr.volume import IntensityNormalization, Volume
 
@@ -49,7 +50,7 @@ REGIONS: tuple[str, ...] = ("all", "train", "calibration", "heldout")
 
 class SROutput(Protocol):
     """What a super-resolution run returns (:class:`gen_sr.pipelines.SRPipelineOutput` is one): volumes on the HR
-    grid, ``(X, Y, Z)``, and the run record."""
+    grid, ``(X, Y, Z)``, and the run record (as JSON, and typed)."""
 
     mean: Any
     std: Any
@@ -57,6 +58,9 @@ class SROutput(Protocol):
     dc_residual: Any
     affine: np.ndarray
     metadata: dict[str, Any]
+
+    @property
+    def record(self) -> RunRecord: ...
 
 
 class SRModel(Protocol):

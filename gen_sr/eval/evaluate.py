@@ -20,7 +20,7 @@ from gen_sr.eval.baselines import BASELINES, baseline
 from gen_sr.eval.cases import Case, SRModel, super_resolve
 from gen_sr.eval.metrics import image_metrics, region_masks
 from gen_sr.eval.uncertainty import coverage, uncertainty_report
-from gen_sr.risk import run_calibration
+from gen_sr.run_record import run_calibration
 
 __all__ = ["RANGE_REGIONS", "estimate_metrics", "evaluate"]
 
@@ -74,10 +74,11 @@ def evaluate(
                 continue
             tic = time.perf_counter()
             out = super_resolve(model, case, output_type="np", keep_samples=False, **kwargs)
-            extra = {"relative_residual": float(max(out.metadata["relative_residual"]))}
-            if out.metadata["num_samples"] > 1:
+            run = out.record
+            extra = {"relative_residual": float(run.max_relative_residual)}
+            if run.num_samples > 1:
                 extra["std"] = out.std
-                calibration = run_calibration(model, out.metadata)  # the run warned where it has none of its own
+                calibration = run_calibration(model, run)  # the run warned where it has none of its own
                 if calibration is not None:
                     extra["halfwidth"] = calibration.halfwidth(out.std, out.mean, case.noise_std)
             estimates[name] = (out.mean, time.perf_counter() - tic, extra)

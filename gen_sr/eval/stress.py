@@ -415,7 +415,8 @@ def run_stress_test(pipe: SRModel, hr_volumes: Sequence[Volume | str | Path], *,
                             generator=torch.Generator().manual_seed(seed),
                             **{"keep_samples": False, **pipe_kwargs, "output_type": "np"})
         sr, risk = np.asarray(out.mean, np.float64), np.asarray(out.risk, np.float64)
-        sampling = {k: out.metadata[k] for k in ("scheduler", "num_inference_steps")}
+        run = out.record
+        sampling = {"scheduler": run.scheduler, "num_inference_steps": run.num_inference_steps}
         fg = _site_region(truth.data)
         wrong = np.abs(sr - truth.data) > tau * scale
         scores.append(risk[fg])
@@ -425,7 +426,7 @@ def run_stress_test(pipe: SRModel, hr_volumes: Sequence[Volume | str | Path], *,
         sites += [{"volume": i, **s} for s in measured]
         volumes.append({"source": hr.source or f"volume {i}", "shape": list(truth.shape), "intensity_range": scale,
                         "auroc": auroc(risk, wrong, fg), "noise_std": sigma,
-                        "relative_residual": out.metadata["relative_residual"]})
+                        "relative_residual": list(run.relative_residual)})
         if figure is None:
             figure = ((truth.data, baseline(case, "trilinear"), sr, risk), truth, lesions, ax)
     settings = {"n_volumes": len(volumes), "thickness_mm": thickness_mm, "axis": ax, "snr": snr,

@@ -1,9 +1,11 @@
-"""``LatentDiffusionSRPipeline``: DDIM sampling conditioned on an LR volume, with data consistency, N samples and
-per-voxel uncertainty, on whole volumes with exact geometry.
+"""``LatentDiffusionSRPipeline``: latent diffusion sampling conditioned on an LR volume, with data consistency, N
+samples and per-voxel uncertainty, on whole volumes with exact geometry. The sampler is the model folder's scheduler
+(``models/heads2d``: DPM-Solver++, 3 steps; DDIM and UniPC take the same data-consistency hook).
 
     pipe = LatentDiffusionSRPipeline.from_pretrained("models/heads2d")
-    out = pipe("lr.nii.gz", num_samples=8, num_inference_steps=50, guidance="projection")
+    out = pipe("lr.nii.gz", num_samples=8, guidance="projection")
     out.mean, out.std, out.risk, out.dc_residual   # numpy volumes in the input's orientation, on the HR grid
+    out.record                                     # what the run did (gen_sr.run_record.RunRecord)
 
 The generic ``DiffusionPipeline.from_pretrained`` does not know this class; call it on the class, as above.
 """
@@ -15,7 +17,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -60,9 +62,9 @@ from gen_sr.risk import (
     SamplingSettings,
     describe_risk,
     grid_text,
-    interval_noise_std,
     risk_map,
 )
+from gen_sr.run_record import RunPlan, RunRecord
 from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
 from gen_sr.slice_profile import estimate_slice_profile
 from gen_sr.volume import IntensityNormalization, Volume, load_volume, resample_to
@@ -108,10 +110,15 @@ class SRPipelineOutput(BaseOutput):
             the projection leaves no residual to judge). With ``refit_disagreement`` it is the samples' mean before
             the refit: where the prior departed from the data (the output was then fitted to them there).
         affine: the HR voxel-to-world affine of the outputs.
-        metadata: seeds, steps, operator, guidance, final relative residuals ``‖A x − y‖/‖y‖`` (0 up to round-off
-            without a noise std, unless ``capped_fraction``, the share of the slices' components fitted only up to
-            the inverse's gain cap (:meth:`~gen_sr.physics.AcquisitionOperator.capped_fraction`), is above 0) and
-            timings.
+        metadata: the run record as JSON (:meth:`~gen_sr.run_record.RunRecord.to_dict`, what ``super-resolve``
+            writes beside its outputs): seeds, steps, operator, guidance, final relative residuals ``‖A x − y‖/‖y‖``
+            (0 up to round-off without a noise std, unless ``capped_fraction``, the share of the slices' components
+            fitted only up to the inverse's gain cap (:meth:`~gen_sr.physics.AcquisitionOperator.capped_fraction`),
+            is above 0) and timings; :attr:`record` reads it typed.
+
+    With ``output_type="nifti"`` the volumes are NIfTI images on the input's header (its units, codes and
+    description; samples along the 4th axis): ``nib.save(out.mean, "sr.nii.gz")`` writes one as the input's
+    geometry says.
     """
 
     mean: Any
@@ -122,6 +129,11 @@ class SRPipelineOutput(BaseOutput):
     data_disagreement: Any
     affine: np.ndarray
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def record(self) -> RunRecord:
+        """What the run did, typed (:class:`~gen_sr.run_record.RunRecord`, read from :attr:`metadata`)."""
+        return RunRecord.from_dict(self.metadata)
 
 
 def _add_time(timings: dict[str, float], key: str, tic: float) -> None:
@@ -163,8 +175,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         self._thickness_estimates: dict[tuple, float] = {}  # slice_profile="auto", per input
 
     def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> None:
-        """xformers attention, where installed. The MONAI attention blocks these models are built from have no
-        xformers path, so this says so clearly; torch SDPA (the default) already avoids the attention matrix."""
+        """Always raises (diffusers pipelines offer it, so it is here to say why): the MONAI attention blocks these
+        models are built from have no xformers path. Their memory-efficient option is torch's
+        ``scaled_dot_product_attention`` (MONAI's ``use_flash_attention``), which never builds the attention matrix
+        and which the pipeline switches on for both models when it is made (:func:`~gen_sr.models.set_sdpa_attention`).
+        ``ImportError`` where xformers is not installed, else ``NotImplementedError``."""
         import importlib.util
 
         if importlib.util.find_spec("xformers") is None:
@@ -204,9 +219,13 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------- calibration
     @property
     def calibration(self) -> Calibration | None:
-        """The calibration of a default run (:meth:`sampling_settings` with no arguments), else the first of
-        :attr:`calibrations`, or ``None``. Setting it replaces all of them (``None``: uncalibrated); add one for
-        other settings with ``pipe.calibrations = pipe.calibrations.with_record(cal)``."""
+        """The record made with the settings of a default run (:meth:`sampling_settings` with no arguments), else the
+        first of :attr:`calibrations`, or ``None``; as stored, for no grid in particular. A record whose scale is per
+        mm of the output voxel size (``models/heads2d``'s) holds at a grid only: its
+        :meth:`~gen_sr.risk.Calibration.halfwidth` raises until it is given one; the record a run on a grid uses is
+        :meth:`calibration_for` its settings and ``grid_spacing`` (or ``pipe.calibration.at_grid(voxel_mm)``).
+        Setting it replaces all of them (``None``: uncalibrated); add one for other settings with
+        ``pipe.calibrations = pipe.calibrations.with_record(cal)``."""
         return self.calibrations.find(self.sampling_settings()) or next(iter(self.calibrations), None)
 
     @calibration.setter
@@ -231,7 +250,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 warnings.warn(f"the model's calibration for these settings was {grid_text(exact)}, and this run's "
                               f"output grid is {grid_spacing:g} mm: its coverage does not hold here (the scale the "
                               f"std needs grows with the voxel size); {MISMATCH_WORDING['grid'].advice}",
-                              CalibrationMismatchWarning, stacklevel=4)
+                              CalibrationMismatchWarning, stacklevel=5)
             return exact
         nearest = None if grid_spacing is None else self.calibrations.nearest(settings, grid_spacing)
         if nearest is not None:  # made per grid only, none for this one
@@ -239,14 +258,14 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 warnings.warn(f"no calibration of the model was made for {grid_spacing:g} mm output grids with these "
                               f"settings: the risk map uses the one for {nearest.grid_spacing:g} mm grids, whose "
                               "coverage does not hold here (the scale the std needs grows with the voxel size); "
-                              f"{MISMATCH_WORDING['grid'].advice}", CalibrationMismatchWarning, stacklevel=4)
+                              f"{MISMATCH_WORDING['grid'].advice}", CalibrationMismatchWarning, stacklevel=5)
             return nearest
         default = self.calibration
         if default is not None and warn:
             made = "settings it did not record" if default.sampling is None else default.sampling.describe()
             warnings.warn(f"this run uses {settings.describe()}, which no calibration of the model was made with: its "
                           f"risk map uses the calibration made with {made}, whose coverage does not hold for these "
-                          f"settings; {MISMATCH_WORDING['settings'].advice}", CalibrationMismatchWarning, stacklevel=4)
+                          f"settings; {MISMATCH_WORDING['settings'].advice}", CalibrationMismatchWarning, stacklevel=5)
         if default is None or grid_spacing is None or default.sampling is None:
             return None if default is None else default.at_grid(grid_spacing)
         return self.calibrations.nearest(default.sampling, grid_spacing)  # the default settings' record for this grid
@@ -359,8 +378,10 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             calibration_region: for a per-scan calibration fitted per region (``Calibration.outside_scale``; ``gen-sr
                 fit --calibration-region``): the same mask on the input's own grid (anything ``lr`` may be; nonzero
                 inside), so that each scale holds where it was fitted; without it the larger holds everywhere.
-            num_inference_steps, eta: DDIM settings; the default steps are the model folder's
-                (``model_card.num_inference_steps``: 50 for diffusion, 1 for a regression model).
+            num_inference_steps: the scheduler's steps; default: the model folder's (``model_card.
+                num_inference_steps``: 3 DPM-Solver++ steps for ``models/heads2d``, 1 for a regression model).
+            eta: DDIM's stochasticity (0: deterministic given the seed); the multistep solvers have none, and a
+                scheduler without ``eta`` ignores it with a warning.
             strength: where the reverse process starts, in (0, 1]: 1 starts from pure noise; below 1 it starts from
                 the encoded condition (the LR interpolated onto the HR grid) noised to the timestep ``strength`` of
                 the way up, and runs only the last ``round(strength * num_inference_steps)`` of the steps (diffusers'
@@ -375,10 +396,14 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 ``1 + N (S - 1)`` calls per tile instead of ``N S`` (``benchmarks/SAMPLING.md``). It applies where
                 all samples share one condition and at least two steps are run (with one, it is off); a sample
                 then depends on sample 0's seed, so sample ``k`` of a run differs slightly from the same seed run
-                alone (sample 0 does not).
+                alone (sample 0 does not). With two coarse axes only the first stage shares it (the second's samples
+                each have their own condition, the first stage's sample); ``metadata["shared_first_call"]`` records
+                each stage's.
             guidance: data consistency during sampling; ``guidance_scale`` is the gradient step size;
                 ``guidance_interval`` applies it every k-th step, counted back from the last one.
-            generator: one generator, or one per sample (sample ``k`` then equals sample ``k`` run alone).
+            generator: one generator, or one per sample: sample ``k`` then draws from generator ``k`` only, and
+                equals sample ``k`` run alone where the first call is not shared (``share_first_call``, which the
+                model card may enable, as ``models/heads2d``'s does: then only sample 0 does).
             batch_size: tiles per network call: the memory knob; it changes the output only by float32 rounding.
                 The default 8 is the fastest measured on the 2-core CPU (one call on whole sagittal slices: 0.92x the
                 time of 16, 0.82x with the UNet channels-last; a whole brain 0.86x; ``benchmarks/RESULTS.md``); a GPU
@@ -416,8 +441,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         timings: dict[str, float] = {}
         tic = time.perf_counter()
         # 1. check inputs
-        estimated = noise_std == "auto"
-        _check_settings(eta=eta, noise_std=0.0 if estimated else noise_std, num_samples=num_samples,
+        _check_settings(eta=eta, noise_std=0.0 if noise_std == "auto" else noise_std, num_samples=num_samples,
                         batch_size=batch_size, guidance=guidance, guidance_interval=guidance_interval,
                         guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, strength=strength)
         self.check_patch_size(patch_size)
@@ -433,64 +457,37 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         local = generators[rank::processes]
         device, dtype = self._execution_device, self.unet.dtype
 
-        # 2. operator: the acquisition on the canonical HR grid, and the measurement
-        given, canon, operator, axes, noise_gain, sources = self._setup(volume, target_spacing, operator,
-                                                                        slice_profile, slice_thickness)
-        norm = self.intensity_normalization(canon.data)
-        self.check_memory(operator.hr_shape, num_samples, keep_samples, volume.source)
-        noise_std = resolve_noise_std(given, noise_std, noise_gain)  # once every setting is known to work
-        noise_known, noise_std = noise_std is not None, noise_std or 0.0
+        # 2. plan: the acquisition on the canonical HR grid, the noise std, the sampler settings and their
+        #    calibration (warning where any does not hold), and the measurement
+        plan = self._prepare_run(volume, target_spacing=target_spacing, operator=operator,
+                                 slice_profile=slice_profile, slice_thickness=slice_thickness, noise_std=noise_std,
+                                 num_samples=num_samples, num_inference_steps=num_inference_steps, strength=strength,
+                                 share_first_call=share_first_call, refit_disagreement=refit_disagreement,
+                                 keep_samples=keep_samples, for_call=True)
+        self._warn_run(plan, calibration_region=calibration_region is not None)
+        canon, operator, axes, norm = plan.canon, plan.operator, plan.axes, plan.normalization
         hr_affine = operator.hr_affine(canon.affine)
         work = torch.promote_types(dtype, torch.float32)  # physics, stitching and statistics in >= float32
         y = torch.from_numpy(norm(canon.data.astype(np.float32)))[None, None].to(device, work)
-        sigma = noise_std / norm.scale
-        settings = self.sampling_settings(num_samples=num_samples, num_inference_steps=num_inference_steps,
-                                          strength=strength, share_first_call=share_first_call,
-                                          refit_disagreement=refit_disagreement, noise_std=noise_std,
-                                          noise_known=noise_known)
-        calibration = self.calibration_for(settings, warn=True, grid_spacing=min(operator.hr_spacing))
-        mismatch = self.calibration_mismatch(calibration, settings, canon, min(operator.hr_spacing))
-        in_plane = None if noise_known else estimate_noise_std(canon.data, axes[0])  # what an unknown noise is
-        interval_sigma = interval_noise_std(calibration, noise_std, in_plane) / norm.scale  # what the interval counts
-        if not noise_known:
-            _warn_noise_unknown(volume.source, calibration is not None and calibration.for_unknown_noise, in_plane)
-        if mismatch == "scan":  # the other reasons were warned of by calibration_for
-            warnings.warn(f"the model was adapted and calibrated on {self.model_card.adapted.source}, not on this "
-                          f"scan: its risk map's coverage does not hold here; {MISMATCH_WORDING['scan'].advice}",
-                          CalibrationMismatchWarning, stacklevel=3)
+        sigma = (plan.noise_std or 0.0) / norm.scale
+        interval_sigma = plan.interval_noise_std / norm.scale  # what the calibrated interval counts
         region = None
         if calibration_region is not None:
             grid = Volume(np.broadcast_to(np.float32(0), tuple(operator.hr_shape)), hr_affine)
             region = torch.from_numpy(self.calibration_region_mask(volume, calibration_region, grid)).to(device)
-        elif calibration is not None and calibration.outside_scale is not None:
-            warnings.warn("the calibration has a scale per region (fitted with a calibration region) but no "
-                          "calibration_region was given: the larger scale holds everywhere; pass the same mask "
-                          "(--calibration-region)", stacklevel=3)
-        if calibration is not None and calibration.shape.noise_floor > 0 and noise_std == 0:
-            warnings.warn("the calibrated interval has a noise term but noise_std is 0: the risk map leaves the "
-                          "measurement noise out; pass the input's noise std (--noise-std)", stacklevel=3)
-        capped = operator.capped_fraction()
-        if noise_std == 0 and capped > 0:
-            warnings.warn(f"the slices measure {capped:.0%} of their components so weakly (they overlap, or are "
-                          "under two output voxels thick) that an exact fit would multiply the noise there: those "
-                          "are fitted only partially; pass the input's noise std (--noise-std) for a noise-aware "
-                          "fit", stacklevel=3)
-        outside = self.outside_training(canon, operator, norm, axes)
-        for message in outside:
-            warnings.warn(f"outside the trained regime: {message}", OutsideTrainingWarning, stacklevel=3)
 
         # 3. timesteps
         num_inference_steps = num_inference_steps or self.model_card.num_inference_steps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps[num_inference_steps - max(1, round(strength * num_inference_steps)):]
         guided = timesteps.flip(0)[::guidance_interval].tolist() if guidance != "none" else []
-        share = settings.share_first_call
+        share = plan.settings.share_first_call
         mode = self.model_card.unet_condition
         timings["prepare_s"] = time.perf_counter() - tic
 
         # 4-6. per stage (one per coarse axis; with two, the first stage works on the grid in between, still coarse
         #      along the second axis, and each of its samples is the measurement of that sample in the second)
-        measured, measured_sigma, guidance_calls, normals, skipped = y, sigma, 0, [], 0
+        measured, measured_sigma, guidance_calls, normals, shared_stages, skipped = y, sigma, 0, [], [], 0
         for stage_operator, stage_axis, stage_normal in self._stages(operator, axes, slice_normal):
             condition_image = stage_operator.upsample(measured, self.model_card.condition).to(dtype)
             tilers = self._tilers(stage_operator.hr_shape, stage_axis, stage_normal, patch_size, patch_overlap)
@@ -566,6 +563,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 volumes.append(tiler.merge(tiles.to(work)))
                 _add_time(timings, "decode_s", tic)
             normals.append([t.normal for t in tilers] if self.spatial_dims == 2 else None)
+            shared_stages.append(bool(shared))
             measured, measured_sigma = torch.stack(volumes).mean(dim=0), 0.0  # the next stage's measurement
 
         # 7. project every sample onto the data
@@ -580,7 +578,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         if sigma > 0:
             measured = flag.measured_statistic(operator, x.mean(dim=0, keepdim=True), y, sigma)
             disagreement = flag.on_hr_grid(operator, measured)
-        refit = settings.refit_disagreement
+        refit = plan.settings.refit_disagreement
         if refit:
             x = fit_where_data_disagree(x, operator, y, sigma, flag, measured)
         residuals = operator.residual(x, y.expand(x.shape[0], *y.shape[1:])).tolist()
@@ -588,52 +586,53 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         # 8. uncertainty: risk is the std (or the calibrated interval half-width) over the robust intensity range
         mean = x.mean(dim=0, keepdim=True)
         std = x.std(dim=0, unbiased=False, keepdim=True)
-        risk = risk_map(std, mean, calibration, interval_sigma, region=region)
+        risk = risk_map(std, mean, plan.calibration, interval_sigma, region=region)
         dc = operator.residual_map(mean, y)
         timings["stitch_uncertainty_s"] = time.perf_counter() - tic
 
-        # 9. output: back to input units and orientation
-        metadata = {
-            "input_digest": given.digest(),  # the scan as given, in RAS+: what an audit of this run checks it against
-            "seeds": [g.initial_seed() for g in generators],
-            "scheduler": self.sampler_name,
-            "num_inference_steps": num_inference_steps,
-            "eta": eta,
-            "strength": strength,
-            "denoising_steps": len(timesteps),
-            "num_samples": num_samples,
-            "share_first_call": share,
-            "guidance": guidance,
-            "guidance_scale": guidance_scale,
-            "guided_timesteps": guided,
-            "guidance_calls": guidance_calls,
-            "sr_axes": list(axes),
-            "slice_normals": normals[0] if len(normals) == 1 else normals,
-            "patch_size": None if patch_size is None else [int(p) for p in patch_size],
-            "skip_background": skip_background,
-            "skipped_tiles": skipped,
-            "processes": processes,
-            "noise_std": noise_std,
-            "noise_std_estimated": estimated,
-            "noise_known": noise_known,
-            "noise_std_in_plane": in_plane,
-            "coarsened_input": None if canon is given else {
-                "from_spacing": list(given.spacing), "to_spacing": list(canon.spacing), "noise_std_factor": noise_gain},
-            "refit_disagreement": refit,
-            "slice_profile_estimated": slice_profile == "auto",
-            **sources,
-            "operator": operator.to_dict(),
-            "relative_residual": residuals,
-            "capped_fraction": capped,
-            "normalization": norm.to_dict(),
-            "risk": describe_risk(calibration, mismatch, calibration_region=region is not None),
-            "data_disagreement": None if disagreement is None else flag.describe(before_refit=refit),
-            "outside_training": outside,
-            "timings": timings,
-        }
+        # 9. output: back to input units and orientation, and the run record
+        record = RunRecord(
+            input_digest=plan.given.digest(),  # the scan as given, in RAS+: what an audit of this run checks it against
+            seeds=tuple(g.initial_seed() for g in generators),
+            scheduler=self.sampler_name,
+            num_inference_steps=num_inference_steps,
+            eta=eta,
+            strength=strength,
+            denoising_steps=len(timesteps),
+            num_samples=num_samples,
+            share_first_call=share,
+            shared_first_call=tuple(shared_stages),
+            guidance=guidance,
+            guidance_scale=guidance_scale,
+            guided_timesteps=tuple(guided),
+            guidance_calls=guidance_calls,
+            sr_axes=tuple(axes),
+            slice_normals=normals[0] if len(normals) == 1 else normals,
+            patch_size=None if patch_size is None else tuple(int(p) for p in patch_size),
+            skip_background=skip_background,
+            skipped_tiles=skipped,
+            processes=processes,
+            noise_std=plan.noise_std or 0.0,
+            noise_std_estimated=plan.noise_std_estimated,
+            noise_known=plan.noise_known,
+            noise_std_in_plane=plan.noise_std_in_plane,
+            coarsened_input=plan.coarsened_input,
+            refit_disagreement=refit,
+            slice_profile_estimated=slice_profile == "auto",
+            slice_profile_from=plan.slice_profile_from,
+            slice_thickness_from=plan.slice_thickness_from,
+            operator=operator.to_dict(),
+            relative_residual=tuple(residuals),
+            capped_fraction=plan.capped_fraction,
+            normalization=norm.to_dict(),
+            risk=describe_risk(plan.calibration, plan.calibration_mismatch, calibration_region=region is not None),
+            data_disagreement=None if disagreement is None else flag.describe(before_refit=refit),
+            outside_training=plan.outside_training,
+            timings=timings,
+        )
         fields = self._outputs(canon, volume, hr_affine, norm, mean, x if keep_samples else None, std, risk, dc,
                                disagreement, output_type)
-        out = SRPipelineOutput(*fields, metadata=metadata)
+        out = SRPipelineOutput(*fields, metadata=record.to_dict())
         return out if return_dict else out.to_tuple()
 
     # ------------------------------------------------------------------------------------------------- helpers
@@ -666,36 +665,87 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
     def plan(self, lr: LRInput, *, target_spacing: Sequence[float] | None = None,
              slice_profile: SliceProfile | None = None, slice_thickness: float | None = None,
              noise_std: float | Literal["auto"] = "auto", num_samples: int = DEFAULT_NUM_SAMPLES,
-             volume_index: int | None = None) -> dict[str, Any]:
+             volume_index: int | None = None) -> RunPlan:
         """What a call with these arguments would do, found without any sampling (``gen-sr info FILE --model DIR``):
-        the acquisition it assumes (``acquisition`` in words, ``operator`` as the call's ``metadata`` records it), the
-        input's resampling if any (:meth:`coarsened`), the output grid, the memory it needs against what is free, the
-        noise std (given, or read from the scan's air with ``noise_std="auto"``; ``None`` where it has none, and then
-        the one read in-plane that the interval counts; ``noise_std_estimated`` says which), the calibration its risk
-        map would use (:meth:`calibration_for` its settings and output grid) and why it was not made for the run
+        a :class:`~gen_sr.run_record.RunPlan`, which the call itself prepares from: the acquisition it assumes
+        (``acquisition`` in words, ``operator``), the input's resampling if any (:meth:`coarsened`), the output grid,
+        the memory it needs (without the samples kept) against what is free, the noise std (given, or read from the
+        scan's air with ``noise_std="auto"``; ``None`` where it has none, and then the one read in-plane that the
+        interval counts; ``noise_std_estimated`` says which), the calibration its risk map would use
+        (:meth:`calibration_for` its settings and output grid) and why it was not made for the run
         (``calibration_mismatch``: :meth:`calibration_mismatch`, ``None`` where it was), and where the input lies
         outside the trained regime. ``slice_profile_from`` and ``slice_thickness_from`` say where the acquisition's
-        profile and thickness came from (:meth:`resolved_slices`)."""
-        given, canon, operator, axes, gain, sources = self._setup(self.as_volume(lr, volume_index=volume_index),
-                                                                  target_spacing, None, slice_profile, slice_thickness)
+        profile and thickness came from (:meth:`resolved_slices`). It warns of nothing: the call does."""
+        return self._prepare_run(self.as_volume(lr, volume_index=volume_index), target_spacing=target_spacing,
+                                 slice_profile=slice_profile, slice_thickness=slice_thickness, noise_std=noise_std,
+                                 num_samples=num_samples)
+
+    def _prepare_run(self, volume: Volume, *, target_spacing: Sequence[float] | None = None,
+                     operator: AcquisitionOperator | None = None, slice_profile: SliceProfile | None = None,
+                     slice_thickness: float | None = None, noise_std: float | Literal["auto"] = "auto",
+                     num_samples: int = DEFAULT_NUM_SAMPLES, num_inference_steps: int | None = None,
+                     strength: float = 1.0, share_first_call: bool | None = None,
+                     refit_disagreement: bool | None = None, keep_samples: bool = False,
+                     for_call: bool = False) -> RunPlan:
+        """The :class:`~gen_sr.run_record.RunPlan` of a call on ``volume`` with these arguments (see
+        :meth:`__call__`), shared by the call and :meth:`plan`: the setup (:meth:`_setup`), the normalisation, the
+        noise std, the sampler settings, their calibration and why it does not hold, the noise read in-plane where
+        the noise std is not known, and where the input lies outside the trained regime. ``for_call``: first refuse
+        an output grid that cannot fit in memory (:meth:`check_memory`, before the noise std is read), and warn
+        where the calibration was not made for these settings or grid (:meth:`calibration_for`; the call's other
+        warnings are :meth:`_warn_run`'s)."""
+        given, canon, operator, axes, gain, sources = self._setup(volume, target_spacing, operator, slice_profile,
+                                                                  slice_thickness)
         norm = self.intensity_normalization(canon.data)
-        estimated, noise_std = noise_std == "auto", resolve_noise_std(given, noise_std, gain)
-        settings = self.sampling_settings(num_samples=num_samples, noise_std=noise_std or 0.0,
-                                          noise_known=noise_std is not None)
-        calibration = self.calibration_for(settings, grid_spacing=min(operator.hr_spacing))
-        return {"acquisition": operator.describe(), "operator": operator.to_dict(), **sources, "sr_axes": list(axes),
-                "resampled_from": None if canon is given else list(given.spacing),
-                "input_spacing": list(canon.spacing), "output_shape": list(operator.hr_shape),
-                "output_spacing": list(operator.hr_spacing),
-                "num_samples": num_samples,
-                "memory_bytes": self.memory_estimate(operator.hr_shape, num_samples, keep_samples=False),
-                "memory_available_bytes": _available_memory(self.device), "noise_std": noise_std,
-                "noise_std_estimated": estimated,
-                "noise_std_in_plane": None if noise_std is not None else estimate_noise_std(canon.data, axes[0]),
-                "calibration": calibration,
-                "calibration_mismatch": self.calibration_mismatch(calibration, settings, canon,
-                                                                  min(operator.hr_spacing)),
-                "outside_training": self.outside_training(canon, operator, norm, axes)}
+        if for_call:
+            self.check_memory(operator.hr_shape, num_samples, keep_samples, volume.source)
+        std = resolve_noise_std(given, noise_std, gain)  # once every setting is known to work
+        settings = self.sampling_settings(num_samples=num_samples, num_inference_steps=num_inference_steps,
+                                          strength=strength, share_first_call=share_first_call,
+                                          refit_disagreement=refit_disagreement, noise_std=std or 0.0,
+                                          noise_known=std is not None)
+        grid = min(operator.hr_spacing)
+        calibration = self.calibration_for(settings, warn=for_call, grid_spacing=grid)
+        return RunPlan(
+            given=given, canon=canon, operator=operator, axes=tuple(axes), noise_gain=gain,
+            slice_profile_from=sources["slice_profile_from"], slice_thickness_from=sources["slice_thickness_from"],
+            normalization=norm, noise_std=std, noise_std_estimated=noise_std == "auto",
+            noise_std_in_plane=None if std is not None else estimate_noise_std(canon.data, axes[0]),
+            settings=settings, calibration=calibration,
+            calibration_mismatch=self.calibration_mismatch(calibration, settings, canon, grid),
+            capped_fraction=operator.capped_fraction(),
+            outside_training=tuple(self.outside_training(canon, operator, norm, axes)),
+            memory_bytes=self.memory_estimate(operator.hr_shape, num_samples, keep_samples),
+            memory_available_bytes=_available_memory(self.device))
+
+    def _warn_run(self, plan: RunPlan, *, calibration_region: bool) -> None:
+        """A call's warnings about its plan, in this order: a noise std that could not be read from air, a per-scan
+        calibration used on another scan (the other reasons a calibration does not hold were warned of by
+        :meth:`calibration_for`), a calibration fitted per region used without its region (``calibration_region``:
+        whether one was given), an interval whose noise term counts no noise, slices fitted only partially for want
+        of a noise std, and each way the input lies outside the trained regime."""
+        calibration, noise_std = plan.calibration, plan.noise_std or 0.0
+        if not plan.noise_known:
+            _warn_noise_unknown(plan.given.source, calibration is not None and calibration.for_unknown_noise,
+                                plan.noise_std_in_plane)
+        if plan.calibration_mismatch == "scan":
+            warnings.warn(f"the model was adapted and calibrated on {self.model_card.adapted.source}, not on this "
+                          f"scan: its risk map's coverage does not hold here; {MISMATCH_WORDING['scan'].advice}",
+                          CalibrationMismatchWarning, stacklevel=4)
+        if not calibration_region and calibration is not None and calibration.outside_scale is not None:
+            warnings.warn("the calibration has a scale per region (fitted with a calibration region) but no "
+                          "calibration_region was given: the larger scale holds everywhere; pass the same mask "
+                          "(--calibration-region)", stacklevel=4)
+        if calibration is not None and calibration.shape.noise_floor > 0 and plan.interval_noise_std == 0:
+            warnings.warn("the calibrated interval has a noise term but noise_std is 0: the risk map leaves the "
+                          "measurement noise out; pass the input's noise std (--noise-std)", stacklevel=4)
+        if noise_std == 0 and plan.capped_fraction > 0:
+            warnings.warn(f"the slices measure {plan.capped_fraction:.0%} of their components so weakly (they "
+                          "overlap, or are under two output voxels thick) that an exact fit would multiply the noise "
+                          "there: those are fitted only partially; pass the input's noise std (--noise-std) for a "
+                          "noise-aware fit", stacklevel=4)
+        for message in plan.outside_training:
+            warnings.warn(f"outside the trained regime: {message}", OutsideTrainingWarning, stacklevel=4)
 
     def time_estimate(self, lr: LRInput, *, target_spacing: Sequence[float] | None = None,
                       slice_profile: SliceProfile | None = None, slice_thickness: float | None = None,
@@ -829,14 +879,13 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         return target.tolist()
 
     @staticmethod
-    def measured_input(lr: Volume, metadata: Mapping[str, Any]) -> Volume:
-        """The LR input as the run that ``metadata`` records measured it (in ``lr``'s orientation): ``lr`` itself, or
+    def measured_input(lr: Volume, record: RunRecord) -> Volume:
+        """The LR input as the run that ``record`` records measured it (in ``lr``'s orientation): ``lr`` itself, or
         where the run coarsened it (:meth:`coarsened`), the same resampling again, so that its operator's LR grid is
         this volume's."""
-        coarsened = metadata.get("coarsened_input")
-        if not coarsened:
+        if record.coarsened_input is None:
             return lr
-        return coarsen(lr.canonical(), coarsened["to_spacing"])[0].reorient(lr.orientation)
+        return coarsen(lr.canonical(), record.coarsened_input.to_spacing)[0].reorient(lr.orientation)
 
     def measured_scan(self, lr: Volume, target_spacing: Sequence[float] | None = None,
                       calibration_region: LRInput | None = None) -> tuple[Volume, float, LRInput | None]:
@@ -973,7 +1022,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         if isinstance(lr, str | Path):
             return load_volume(lr, volume_index=volume_index)
         if isinstance(lr, nib.spatialimages.SpatialImage):
-            return Volume(np.asarray(lr.get_fdata(dtype=np.float32)), lr.affine, source="<nibabel image>")
+            header = lr.header if isinstance(lr, nib.Nifti1Image) else None  # its units and codes, for the outputs
+            return Volume(np.asarray(lr.get_fdata(dtype=np.float32)), lr.affine, header=header,
+                          source="<nibabel image>")
         data = lr.detach().cpu().numpy() if isinstance(lr, torch.Tensor) else np.asarray(lr)
         if data.ndim != 3:
             raise InputError(f"an array input must be 3D, got shape {data.shape}")
@@ -1165,7 +1216,7 @@ def _warn_noise_unknown(source: str | None, counted: bool, in_plane: float) -> N
                 else "the risk map's calibration for that (made on noise-free slices) under-covers a noisy scan")
     warnings.warn(f"{source or 'the input'} has no background air to read its noise std from (masked, skull-stripped "
                   f"or cropped to the head): the projections fit the data as without a noise std, and {interval}; "
-                  "pass its noise std where known, for a noise-aware fit", stacklevel=4)
+                  "pass its noise std where known, for a noise-aware fit", stacklevel=5)
 
 
 def _check_settings(*, eta: float, noise_std: float | str, num_samples: int, batch_size: int, guidance: str,

@@ -1,0 +1,321 @@
+"""What a super-resolution run will do and what it did, as typed records.
+
+:class:`RunPlan` is what :meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.plan` finds before any sampling (and what
+the call itself prepares from): the acquisition, the output grid, the noise std, the calibration its risk map uses.
+:class:`RunRecord` is what a call did: ``SRPipelineOutput.record``, written as JSON beside the outputs
+(``SRPipelineOutput.metadata`` is its :meth:`RunRecord.to_dict`) and read back by ``audit --reuse``, cohorts,
+benchmarks and evaluations through :meth:`RunRecord.from_dict`, the one place where a record written by an older
+version gets its defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from gen_sr.physics import AcquisitionOperator
+from gen_sr.risk import Calibration, Mismatch, SamplingSettings, interval_noise_std
+from gen_sr.volume import IntensityNormalization, Volume
+
+__all__ = ["CoarsenedInput", "RunPlan", "RunRecord", "run_calibration"]
+
+
+@dataclass(frozen=True)
+class CoarsenedInput:
+    """How a run resampled its input in-plane first (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.coarsened`).
+
+    Attributes:
+        from_spacing: the input's spacing in mm, RAS+.
+        to_spacing: the spacing it was resampled to (the run's LR grid), RAS+.
+        noise_std_factor: the factor by which the resampling scaled the input's noise std.
+    """
+
+    from_spacing: tuple[float, ...]
+    to_spacing: tuple[float, ...]
+    noise_std_factor: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"from_spacing": list(self.from_spacing), "to_spacing": list(self.to_spacing),
+                "noise_std_factor": self.noise_std_factor}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CoarsenedInput:
+        return cls(tuple(map(float, d["from_spacing"])), tuple(map(float, d["to_spacing"])),
+                   float(d["noise_std_factor"]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRecord:
+    """What one super-resolution run did. Its JSON (:meth:`to_dict`, the ``.json`` written beside the outputs) holds
+    these fields in this order, by name; each default is what a record written before that field existed means
+    (:meth:`from_dict`). Sequences are tuples here and lists in the JSON.
+
+    Attributes:
+        operator: the acquisition on the canonical (RAS+) HR grid (:meth:`AcquisitionOperator.to_dict`; read it with
+            :meth:`acquisition`); the only field every record has.
+        input_digest: the scan as given, in RAS+ (:meth:`~gen_sr.volume.Volume.digest`), which ``audit --reuse``
+            checks the input against; ``None``: not recorded (the input is then checked by its grid only).
+        seeds: each sample's generator seed.
+        scheduler, num_inference_steps, num_samples: the sampler (``pipe.sampler_name``), its steps and the
+            samples; ``None``: not recorded, and then :attr:`sampling` is ``None``.
+        eta: DDIM's eta (0 for the multistep solvers, which have none).
+        strength: where the reverse process started (1: pure noise).
+        denoising_steps: the steps run (fewer than ``num_inference_steps`` below strength 1).
+        share_first_call: whether the samples shared their first network call (the pipeline's option as the run
+            resolved it, :meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.sampling_settings`): the key a calibration
+            is looked up by. With two coarse axes it says what the first stage did; :attr:`shared_first_call` says
+            what each did.
+        shared_first_call: per sampling stage (one per super-resolved axis), whether its samples shared the first
+            network call: a second stage's samples each have their own condition (the first stage's sample), so
+            they share it only where the run draws one sample. Empty: not recorded.
+        guidance, guidance_scale, guided_timesteps, guidance_calls: the data consistency during sampling, its
+            timesteps and the hook's calls.
+        sr_axes: the RAS+ axes super-resolved, the coarser first.
+        slice_normals: 2D models: the RAS+ axes slices were taken across (a list per stage with two axes); ``None``
+            for 3D models.
+        patch_size, skip_background, skipped_tiles: the tiling (``patch_size`` ``None``: the default one).
+        processes: the processes the samples were split over.
+        noise_std: the noise std the projections used, in input units (0: none, or not known).
+        noise_std_estimated: whether it was asked to be read from the scan's air (``noise_std="auto"``).
+        noise_known: ``False`` where it was asked to be read from air the scan does not have
+            (:attr:`SamplingSettings.noise_known`).
+        noise_std_in_plane: for such a run, the noise std read in-plane (:func:`~gen_sr.physics.estimate_noise_std`),
+            which its interval counts where its calibration was made for such runs; else ``None``.
+        coarsened_input: how the input was resampled in-plane first, or ``None``.
+        refit_disagreement: whether the data were fitted where the mean departed from them.
+        slice_profile_estimated: ``slice_profile="auto"``.
+        slice_profile_from, slice_thickness_from: where the slices' profile and thickness came from
+            (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.resolved_slices`).
+        relative_residual: ``‖A x − y‖/‖y‖`` of each sample.
+        capped_fraction: the share of the slices' components fitted only up to the inverse's gain cap; ``None``:
+            not recorded (:meth:`AcquisitionOperator.capped_fraction` of :attr:`operator` says it).
+        normalization: the intensity normalisation (:meth:`~gen_sr.volume.IntensityNormalization.to_dict`).
+        risk: what the risk map is (:func:`~gen_sr.risk.describe_risk`).
+        data_disagreement: what the data-disagreement map is, or ``None`` for a run without a noise std.
+        outside_training: where the input lies outside the trained regime, one sentence each; ``None``: not
+            recorded (checked again by a reader that needs it).
+        timings: seconds per phase.
+        adaptation: the adaptation that made the model, where a command adapted it first; ``None`` (and absent from
+            the JSON) otherwise.
+        output_digests: each map's digest as written (:func:`~gen_sr.volume.save_maps`), which ``audit --reuse``
+            checks the maps given to it against; ``None`` (and absent from the JSON) until a command writes them.
+    """
+
+    input_digest: str | None = None
+    seeds: tuple[int, ...] = ()
+    scheduler: str | None = None
+    num_inference_steps: int | None = None
+    eta: float = 0.0
+    strength: float = 1.0
+    denoising_steps: int | None = None
+    num_samples: int | None = None
+    share_first_call: bool = False
+    shared_first_call: tuple[bool, ...] = ()
+    guidance: str | None = None
+    guidance_scale: float = 1.0
+    guided_timesteps: tuple[int, ...] = ()
+    guidance_calls: int = 0
+    sr_axes: tuple[int, ...] = ()
+    slice_normals: list[int] | list[list[int] | None] | None = None
+    patch_size: tuple[int, ...] | None = None
+    skip_background: float | None = None
+    skipped_tiles: int = 0
+    processes: int = 1
+    noise_std: float = 0.0
+    noise_std_estimated: bool = False
+    noise_known: bool = True
+    noise_std_in_plane: float | None = None
+    coarsened_input: CoarsenedInput | None = None
+    refit_disagreement: bool = False
+    slice_profile_estimated: bool = False
+    slice_profile_from: str = "default"
+    slice_thickness_from: str = "default"
+    operator: dict[str, Any]
+    relative_residual: tuple[float, ...] = ()
+    capped_fraction: float | None = None
+    normalization: dict[str, float] | None = None
+    risk: dict[str, Any] | None = None
+    data_disagreement: str | None = None
+    outside_training: tuple[str, ...] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    adaptation: dict[str, Any] | None = None
+    output_digests: dict[str, str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-ready values, the keys in field order (``adaptation`` and ``output_digests`` only where
+        set), as written beside the outputs."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)
+                if not (f.name in _ADDED_BY_COMMANDS and getattr(self, f.name) is None)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunRecord:
+        """Read a record back (:meth:`to_dict`'s, or an older version's: a field it lacks takes its default, a
+        ``noise_std`` of ``null`` is 0). Keys that are not fields (what a cohort adds to its scans' records) are left
+        out. ``ValueError`` for a mapping without an ``operator`` (not a run record)."""
+        if not isinstance(d.get("operator"), Mapping):
+            raise ValueError("no operator: not a run record")
+        known = {f.name for f in fields(cls)}
+        values = {k: _READ.get(k, _same)(v) for k, v in d.items() if k in known}
+        return cls(**values)
+
+    @property
+    def sampling(self) -> SamplingSettings | None:
+        """The sampler settings a calibration is looked up by (:meth:`~gen_sr.risk.Calibrations.find`); ``None`` for
+        a record without its sampler, steps or samples."""
+        if self.scheduler is None or self.num_inference_steps is None or self.num_samples is None:
+            return None
+        return SamplingSettings(str(self.scheduler), int(self.num_inference_steps), int(self.num_samples),
+                                float(self.strength), bool(self.share_first_call), bool(self.refit_disagreement),
+                                bool(self.noise_known))
+
+    @property
+    def grid_spacing(self) -> float | None:
+        """The output voxel size in mm (the finest spacing of the HR grid): the grid a per-grid calibration is matched
+        against (:meth:`~gen_sr.risk.Calibrations.find`); ``None`` where the operator does not record it."""
+        spacing = self.operator.get("hr_spacing")
+        return float(min(spacing)) if spacing else None
+
+    @property
+    def max_relative_residual(self) -> float | None:
+        """The largest relative residual of the samples (``None``: none recorded)."""
+        return max(self.relative_residual) if self.relative_residual else None
+
+    def acquisition(self) -> AcquisitionOperator:
+        """The run's acquisition operator."""
+        return AcquisitionOperator.from_dict(self.operator)
+
+
+_ADDED_BY_COMMANDS = ("adaptation", "output_digests")
+"""Fields that a command sets after the run (:class:`RunRecord`): absent from the JSON where not set."""
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _tuple(value: Any) -> tuple | None:
+    return None if value is None else tuple(value)
+
+
+_READ = {
+    "seeds": _tuple, "shared_first_call": _tuple, "guided_timesteps": _tuple, "sr_axes": _tuple, "patch_size": _tuple,
+    "relative_residual": _tuple, "outside_training": _tuple,
+    "noise_std": lambda v: float(v or 0.0),
+    "coarsened_input": lambda v: CoarsenedInput.from_dict(v) if v else None,
+    "timings": lambda v: dict(v or {}),
+}
+"""How :meth:`RunRecord.from_dict` reads a JSON value into a field, where it is not taken as it is."""
+
+
+def _plain(value: Any) -> Any:
+    """A field's JSON form: tuples as lists, a :class:`CoarsenedInput` as its dict."""
+    if isinstance(value, CoarsenedInput):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a call on one input with given arguments will do, found without any sampling
+    (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.plan`; the call prepares from the same). Volumes and the
+    operator are in RAS+.
+
+    Attributes:
+        given: the input as given, in RAS+.
+        canon: the input as the run measures it (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.coarsened`:
+            ``given`` itself where it is not resampled).
+        operator: the acquisition on the HR grid.
+        axes: the RAS+ axes super-resolved, the coarser first.
+        noise_gain: the factor by which the resampling scales the noise std (1 without one).
+        slice_profile_from, slice_thickness_from: where the slices' profile and thickness came from
+            (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.resolved_slices`).
+        normalization: the input's intensity normalisation.
+        noise_std: the noise std in input units on the measured grid: given, or read from the scan's air; ``None``
+            where it has none (not known).
+        noise_std_estimated: whether it was asked to be read from the air (``noise_std="auto"``).
+        noise_std_in_plane: where the noise std is not known, the one read in-plane (what an interval for such runs
+            counts); else ``None``.
+        settings: the sampler settings of the run.
+        calibration: the calibration its risk map uses (``calibration_for`` its settings and output grid), or
+            ``None``.
+        calibration_mismatch: why that calibration was not made for the run (``None`` where it was).
+        capped_fraction: the share of the slices' components that a fit without a noise std fits only partially
+            (:meth:`AcquisitionOperator.capped_fraction`).
+        outside_training: where the input lies outside the trained regime, one sentence each.
+        memory_bytes: the memory the run needs, about (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.
+            memory_estimate`).
+        memory_available_bytes: the memory free now (``None``: not known).
+    """
+
+    given: Volume
+    canon: Volume
+    operator: AcquisitionOperator
+    axes: tuple[int, ...]
+    noise_gain: float
+    slice_profile_from: str
+    slice_thickness_from: str
+    normalization: IntensityNormalization
+    noise_std: float | None
+    noise_std_estimated: bool
+    noise_std_in_plane: float | None
+    settings: SamplingSettings
+    calibration: Calibration | None
+    calibration_mismatch: Mismatch | None
+    capped_fraction: float
+    outside_training: tuple[str, ...]
+    memory_bytes: int
+    memory_available_bytes: int | None
+
+    @property
+    def noise_known(self) -> bool:
+        return self.noise_std is not None
+
+    @property
+    def interval_noise_std(self) -> float:
+        """The noise std (input units) that the calibrated interval counts (:func:`~gen_sr.risk.interval_noise_std`):
+        the run's, or for a calibration made for runs whose noise std is not known, the one read in-plane."""
+        return interval_noise_std(self.calibration, self.noise_std or 0.0, self.noise_std_in_plane)
+
+    @property
+    def acquisition(self) -> str:
+        """The acquisition in words (:meth:`AcquisitionOperator.describe`)."""
+        return self.operator.describe()
+
+    @property
+    def coarsened_input(self) -> CoarsenedInput | None:
+        """How the input is resampled in-plane first, or ``None``."""
+        if self.canon is self.given:
+            return None
+        return CoarsenedInput(tuple(self.given.spacing), tuple(self.canon.spacing), self.noise_gain)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.operator.hr_shape)
+
+    @property
+    def output_spacing(self) -> tuple[float, ...]:
+        return tuple(float(s) for s in self.operator.hr_spacing)
+
+    @property
+    def grid_spacing(self) -> float:
+        """The output voxel size in mm (the finest output spacing), as a calibration is matched against it."""
+        return min(self.output_spacing)
+
+    @property
+    def num_samples(self) -> int:
+        return self.settings.num_samples
+
+
+def run_calibration(model: Any, record: RunRecord, *, warn: bool = False) -> Calibration | None:
+    """The calibration that holds for a run of ``model`` (a pipeline) with this ``record``: its ``calibration_for``
+    the run's sampler settings and output grid, so that a benchmark, report or reused run measures the interval the
+    run's risk map was made with (``warn``: a warning where none was made for them). For a record without its
+    sampler settings, the model's default calibration at the run's grid."""
+    settings = record.sampling
+    if settings is None:
+        default = model.calibration
+        return None if default is None else default.at_grid(record.grid_spacing)
+    return model.calibration_for(settings, warn=warn, grid_spacing=record.grid_spacing)
