@@ -31,7 +31,8 @@ def main() -> None:
     hr = load_mni152("t1").canonical().crop([40, 40, 20], [40 + args.crop, 40 + args.crop, 116])
     case = simulate_case(hr, "crop", axis=pipe.sr_axis, thickness=4.0)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    pipe(case.lr, operator=case.operator, num_samples=args.samples, num_inference_steps=args.steps, batch_size=64)
+    pipe(case.lr, operator=case.operator, noise_std=0.0, num_samples=args.samples, num_inference_steps=args.steps,
+         batch_size=64)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     voxels = int(np.prod(case.operator.hr_shape))
     print(f"samples {args.samples}, HR grid {case.operator.hr_shape} ({voxels} voxels): before the run "

@@ -78,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.kind == "hand":
         seconds = hand_loop(pipe, lr, args.n, args.steps, args.batch_size)
     else:
-        out = pipe(lr, num_samples=args.n, num_inference_steps=args.steps, guidance=args.kind,
+        out = pipe(lr, num_samples=args.n, num_inference_steps=args.steps, guidance=args.kind, noise_std=0.0,
                    batch_size=args.batch_size, generator=torch.Generator().manual_seed(0), keep_samples=False)
         seconds = sum(out.record.timings.values())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux

@@ -161,7 +161,7 @@ def test_adaptation_lowers_the_held_out_loss_and_its_folder_reloads_with_identic
     loaded = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "adapted")
     loaded.set_progress_bar_config(disable=True)
     assert loaded.model_card == fit.pipe.model_card and loaded.calibration == fit.pipe.calibration
-    a, b = fit.pipe(lr, generator=_gen(3), **RUN), loaded(lr, generator=_gen(3), **RUN)
+    a, b = fit.pipe(lr, generator=_gen(3), noise_std=0.0, **RUN), loaded(lr, generator=_gen(3), noise_std=0.0, **RUN)
     np.testing.assert_array_equal(a.mean, b.mean)
     np.testing.assert_array_equal(a.risk, b.risk)
     with pytest.raises(InputError, match="exists already"):
@@ -279,7 +279,7 @@ def test_per_scan_calibration_covers_the_through_plane_errors_of_an_isotropic_vo
         adapted.calibration = result.calibration
         assert result.calibration.num_volumes == len(scan_cases(lr, adapted.model_card.adapted)) * blocks
         assert result.calibration.num_volumes == 20 * blocks
-        out = adapted(lr, generator=_gen(5), **RUN)
+        out = adapted(lr, generator=_gen(5), noise_std=0.0, **RUN)
         covered = np.abs(truth.data - out.mean) <= out.risk * scale
         coverage[blocks] = covered[inner].mean()
     assert 0.75 <= coverage[4] <= 0.90  # 0.82 when written (0.85 with one unit per slice)
@@ -400,7 +400,7 @@ def test_coronal_and_sagittal_stacks_adapt_and_super_resolve_as_the_axial_one(tm
     results = []
     for k, lr in enumerate((axial, other)):
         adapted = adapt(tiny_pipeline(), lr, work_dir=tmp_path / f"w{k}", config=_config(steps=10))
-        results.append(adapted(lr, generator=_gen(2), **RUN))
+        results.append(adapted(lr, generator=_gen(2), noise_std=0.0, **RUN))
     assert results[1].metadata["sr_axes"] == [axis]
     back = np.argsort(order)
     np.testing.assert_allclose(results[1].mean.transpose(back), results[0].mean, atol=1e-4)
@@ -440,7 +440,7 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
     assert main(["info", "--model", str(tmp_path / "adapted")]) == 0
     assert "adapted on" in capsys.readouterr().out
     adapted = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "adapted")
-    run = {"num_samples": 2, "num_inference_steps": 2, "generator": torch.Generator().manual_seed(0)}
+    run = {"num_samples": 2, "noise_std": 0.0, "num_inference_steps": 2, "generator": torch.Generator().manual_seed(0)}
     assert adapted(load_volume(tmp_path / "lr.nii.gz"), **run).metadata["risk"]["holds"]  # its own scan
     _, other = _scan(shape=(24, 20, 30))  # another scan: its per-scan calibration does not hold there
     save_volume(other, tmp_path / "other.nii.gz")
@@ -618,7 +618,7 @@ def test_a_calibration_per_region_covers_each_region_and_the_pipeline_applies_ea
     scale = float(np.percentile(lr.data, 99.5) - np.percentile(lr.data, 0.5))
     result = calibrate_on_scan(adapted, lr, alpha=0.2, progress=False, region=region, generator=_gen(), **RUN)
     adapted.calibration = cal = result.calibration
-    out = adapted(lr, generator=_gen(5), calibration_region=region, **RUN)
+    out = adapted(lr, generator=_gen(5), calibration_region=region, noise_std=0.0, **RUN)
     covered = np.abs(truth.data - out.mean) <= out.risk * scale
     coverage = {h: covered[inner][m[inner]].mean() for h, m in halves.items()}
     assert cal.outside_scale is not None and cal.details["region"]
@@ -628,11 +628,11 @@ def test_a_calibration_per_region_covers_each_region_and_the_pipeline_applies_ea
     np.testing.assert_allclose(ratio[inside], cal.scale, rtol=1e-4)
     np.testing.assert_allclose(ratio[~inside], cal.outside_scale, rtol=1e-4)
     with pytest.warns(UserWarning, match="scale per region"):
-        plain = adapted(lr, generator=_gen(5), **RUN)
+        plain = adapted(lr, generator=_gen(5), noise_std=0.0, **RUN)
     np.testing.assert_allclose((plain.risk * scale)[out.std > 1e-6] / plain.std[out.std > 1e-6],
                                max(cal.scale, cal.outside_scale), rtol=1e-4)
     with pytest.raises(InputError, match="calibration region is a mask on the input's own grid"):
-        adapted(lr, generator=_gen(5), calibration_region=region[:, :, :-1], **RUN)
+        adapted(lr, generator=_gen(5), calibration_region=region[:, :, :-1], noise_std=0.0, **RUN)
 
 
 def test_the_references_noise_extrapolated_away_comes_near_the_calibration_against_clean_references(

@@ -175,7 +175,7 @@ def test_inputs_outside_the_trained_regime_warn_in_one_line_each(capsys, tmp_pat
     pipe = _pipe(2)
     pipe.model_card = replace(ModelCard(), in_plane_spacing=(1.0, 1.0), intensity_range=(80.0, 120.0))
     inside = _lr()  # 1 x 1 x 3 mm, intensities 50..150
-    run = {"num_samples": 1, "num_inference_steps": 1, "guidance": "none"}
+    run = {"num_samples": 1, "num_inference_steps": 1, "guidance": "none", "noise_std": 0.0}
     with warnings.catch_warnings():
         warnings.simplefilter("error", OutsideTrainingWarning)
         assert pipe(inside, **run).metadata["outside_training"] == []

@@ -56,7 +56,9 @@ def _gens(*seeds: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-RUN = {"num_inference_steps": 3, "guidance_interval": 1, "batch_size": 8}
+RUN = {"num_inference_steps": 3, "guidance_interval": 1, "batch_size": 8, "noise_std": 0.0}
+"""The tests' run settings; their inputs are noise-free (``noise_std=0``: known noise-free) unless a test gives one
+(``**(RUN | {"noise_std": ...})``)."""
 
 
 def _unshared_and_shared(pipe: LatentDiffusionSRPipeline, lr: Volume, seeds: tuple[int, ...]) -> tuple:
@@ -124,7 +126,7 @@ def test_fused_orientations_are_reproducible_per_sample_and_data_consistent() ->
 
 def test_strength_starts_from_the_noised_condition_and_runs_only_the_last_steps() -> None:
     pipe, lr = _pipe(2, "haar"), _lr()
-    run = {"num_inference_steps": 10, "guidance": "none", "batch_size": 8}
+    run = {"num_inference_steps": 10, "guidance": "none", "batch_size": 8, "noise_std": 0.0}
     seen: list[int] = []
 
     def record(_pipe, _i, t, _kw):
@@ -188,19 +190,26 @@ def test_overlapping_slices_without_a_noise_std_warn_and_record_what_is_fitted_p
     assert contiguous.metadata["capped_fraction"] == 0
 
 
-def test_the_noise_std_can_be_read_from_the_scans_background_air() -> None:
-    """``noise_std="auto"``: read from the air around the head, recorded, and the run is a noisy one; a masked scan
-    has no air: a warning, and the run goes on as without a noise std."""
+def test_the_noise_std_is_read_from_the_scans_background_air_by_default() -> None:
+    """By default (``noise_std="auto"``, as in the commands and ``plan``) the noise std is read from the air around
+    the head, recorded, and the run is a noisy one (it was taken as known noise-free before: a noisy scan's interval
+    then under-covered); a masked scan has no air: a warning, and the run goes on as without a noise std, its noise
+    recorded as not known. ``noise_std=0`` says noise-free."""
+    default = {k: v for k, v in RUN.items() if k != "noise_std"}
     scan = head_in_air((40, 40, 4), sigma=2.0, radius=11)
-    out = _pipe(2)(Volume(scan.astype(np.float32), np.diag([1.0, 1.0, 3.0, 1.0])), noise_std="auto",
-                   num_samples=1, generator=_gens(0), **RUN)
+    out = _pipe(2)(Volume(scan.astype(np.float32), np.diag([1.0, 1.0, 3.0, 1.0])), num_samples=1,
+                   generator=_gens(0), **default)
     assert out.metadata["noise_std_estimated"] is True and out.metadata["noise_std"] == pytest.approx(2.0, rel=0.1)
     assert out.data_disagreement is not None  # a noisy run: the map is there
-    masked = np.where(head_in_air((40, 40, 4), sigma=0.0, radius=11) > 0, scan, 0).astype(np.float32)
+    masked = Volume(np.where(head_in_air((40, 40, 4), sigma=0.0, radius=11) > 0, scan, 0).astype(np.float32),
+                    np.diag([1.0, 1.0, 3.0, 1.0]))
     with pytest.warns(UserWarning, match="no background air"):
-        out = _pipe(2)(Volume(masked, np.diag([1.0, 1.0, 3.0, 1.0])), noise_std="auto", num_samples=1,
-                       generator=_gens(0), **RUN)
-    assert out.metadata["noise_std"] == 0 and out.data_disagreement is None
+        out = _pipe(2)(masked, num_samples=1, generator=_gens(0), **default)
+    assert out.metadata["noise_std"] == 0 and out.record.noise_known is False and out.data_disagreement is None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no background air")
+        noise_free = _pipe(2)(masked, num_samples=1, generator=_gens(0), **RUN)
+    assert noise_free.record.noise_known and not noise_free.record.noise_std_estimated
     with pytest.raises(ValueError, match="'auto'"):
         _pipe(2)(_lr(), num_samples=1, **(RUN | {"noise_std": "guess"}))
 
@@ -754,14 +763,14 @@ def test_the_model_cards_share_first_call_is_the_default_and_a_calibration_recor
     assert not pipe.sampling_settings(num_samples=2, share_first_call=False).share_first_call
     assert not pipe.sampling_settings(num_samples=2, num_inference_steps=1).share_first_call
     assert not pipe.sampling_settings(num_samples=2, strength=0.5).share_first_call  # one step of two
-    one_step = pipe(lr, num_samples=2, generator=_gens(0, 1), num_inference_steps=1)
+    one_step = pipe(lr, num_samples=2, generator=_gens(0, 1), num_inference_steps=1, noise_std=0.0)
     assert not one_step.metadata["share_first_call"] and not np.allclose(one_step.samples[0], one_step.samples[1])
     pipe.calibration = Calibration(scale=2.0, alpha=0.1, delta=0.1, method="crc", bound="", num_volumes=3,
                                    risk_hat=0.1, risk_upper=0.1, sampling=made)
-    out = pipe(lr, num_samples=2, generator=_gens(0, 1))
+    out = pipe(lr, num_samples=2, generator=_gens(0, 1), noise_std=0.0)
     assert out.metadata["share_first_call"] and out.metadata["risk"]["calibrated"]
     with pytest.warns(CalibrationMismatchWarning, match="this run uses 2 samples x 2 "):
-        pipe(lr, num_samples=2, generator=_gens(0, 1), share_first_call=False)
+        pipe(lr, num_samples=2, generator=_gens(0, 1), share_first_call=False, noise_std=0.0)
 
 
 def test_a_scan_without_air_is_not_warned_that_its_interval_leaves_the_noise_out() -> None:

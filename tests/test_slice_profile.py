@@ -34,7 +34,7 @@ def test_the_pipeline_estimates_the_thickness_with_slice_profile_auto() -> None:
 
     pipe = tiny_pipeline()
     case = simulate_case(_isotropic((16, 16, 48)), "texture", axis=2, thickness=3.0)  # too small to be accurate
-    run = {"num_samples": 1, "num_inference_steps": 2}
+    run = {"num_samples": 1, "num_inference_steps": 2, "noise_std": 0.0}
     out = pipe(case.lr, slice_profile="auto", **run)
     slices = out.metadata["operator"]["transforms"][0]
     assert out.metadata["slice_profile_estimated"] and slices["profile"] == "gaussian"

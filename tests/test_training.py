@@ -291,7 +291,7 @@ def test_regression_baseline_is_one_config_away(autoencoder_run: Path, tmp_path:
     assert pipe.scheduler.config.prediction_type == "sample"
     pipe.set_progress_bar_config(disable=True)
     lr = Volume(torch.rand(12, 10, 5).numpy() + 1, torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0])).numpy())
-    out = pipe(lr, num_samples=1)
+    out = pipe(lr, num_samples=1, noise_std=0.0)
     assert out.metadata["num_inference_steps"] == 1 and out.metadata["relative_residual"][0] < 1e-4
     case = simulate_case(Volume(torch.rand(12, 10, 24).numpy() + 1, torch.eye(4).numpy()), "v", thickness=4.0)
     methods = {r["method"] for r in evaluate(None, [case], regression=pipe, progress=False)}

@@ -323,7 +323,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         operator: AcquisitionOperator | None = None,
         slice_profile: SliceProfile | None = None,
         slice_thickness: float | None = None,
-        noise_std: float | Literal["auto"] = 0.0,
+        noise_std: float | Literal["auto"] = "auto",
         refit_disagreement: bool | None = None,
         calibration_region: LRInput | None = None,
         num_inference_steps: int | None = None,
@@ -364,13 +364,15 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                 estimates the thickness from the scan (:mod:`gen_sr.slice_profile`; one coarse axis, no thickness
                 given) as the FWHM of a Gaussian profile. The operator in ``metadata`` records what was used, and
                 ``slice_profile_from`` and ``slice_thickness_from`` where each came from (:meth:`resolved_slices`).
-            noise_std: measurement noise std in input units (0: unknown or none: the projections fit the data
-                exactly, up to a cap on the inverse's noise gain that only much-overlapping slices reach,
-                :data:`~gen_sr.physics.NOISE_GAIN_FLOOR`; > 0 makes them noise-aware); ``"auto"``: read from the
-                scan's background air (:func:`~gen_sr.physics.scan_noise_std`), recorded in ``metadata``; where it
-                has none (masked or cropped to the head), the noise std is not known: the projections fit the data
-                exactly, with a warning, and the risk map uses the model's calibration for such runs, whose interval
-                counts the noise read in-plane (:data:`~gen_sr.risk.NOISE_UNKNOWN_SHAPE`).
+            noise_std: measurement noise std in input units. ``"auto"`` (the default, as in the commands): read from
+                the scan's background air (:func:`~gen_sr.physics.scan_noise_std`), recorded in ``metadata``; where
+                it has none (masked or cropped to the head), the noise std is not known: the projections fit the
+                data exactly, with a warning, and the risk map uses the model's calibration for such runs, whose
+                interval counts the noise read in-plane (:data:`~gen_sr.risk.NOISE_UNKNOWN_SHAPE`). ``0``: known
+                noise-free (simulated data): the projections fit the data exactly, up to a cap on the inverse's
+                noise gain that only much-overlapping slices reach (:data:`~gen_sr.physics.NOISE_GAIN_FLOOR`), and
+                the risk map uses the noise-free calibration; on a noisy scan its interval under-covers. ``> 0``:
+                the projections are noise-aware.
             refit_disagreement: with a noise std, after the noise-aware projection, fit the measurements (exactly,
                 up to that cap) where the samples' mean departs from them by more than the noise explains
                 (:func:`~gen_sr.pipelines.guidance.fit_where_data_disagree`); no effect without a noise std, where
