@@ -1059,9 +1059,9 @@ def _add_acquisition_arguments(parser: _Parser) -> None:
     p = _RunSettings(parser, "acquisition", "how the scan was acquired, and the grid to reconstruct it on")
     p.add_argument("--target-spacing", type=_spacing, metavar="X,Y,Z",
                    help="HR voxel spacing in mm, in RAS+ order (default: the in-plane spacings, no finer than the "
-                        "model was trained for, and the thick axis at the finest of them); where it is coarser than the input "
-                        "in-plane (1 mm asked of a 0.45 mm scan) the input is resampled there first, by k-space "
-                        "truncation, and the run says so")
+                        "model was trained for, and the thick axis at the finest of them); where it is coarser "
+                        "than the input in-plane (1 mm asked of a 0.45 mm scan) the input is resampled there first, "
+                        "by k-space truncation, and the run says so")
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM",
                    help="default: the SliceThickness of the scan's BIDS JSON sidecar (as dcm2niix and gen-sr degrade "
                         "write it), else the slice spacing")
