@@ -973,7 +973,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         if isinstance(lr, str | Path):
             return load_volume(lr, volume_index=volume_index)
         if isinstance(lr, nib.spatialimages.SpatialImage):
-            return Volume(np.asarray(lr.get_fdata(dtype=np.float32)), lr.affine, source="<nibabel image>")
+            return Volume.from_image(lr, np.asarray(lr.get_fdata(dtype=np.float32)), source="<nibabel image>")
         data = lr.detach().cpu().numpy() if isinstance(lr, torch.Tensor) else np.asarray(lr)
         if data.ndim != 3:
             raise InputError(f"an array input must be 3D, got shape {data.shape}")
