@@ -58,6 +58,7 @@ import torch
 from gen_sr.volume import Volume
 
 __all__ = [
+    "CUBIC_MIN_SAMPLES",
     "AcquisitionOperator",
     "AxisTransform",
     "GeometryWarning",
@@ -70,6 +71,7 @@ __all__ = [
     "coarsen",
     "coarser_axes",
     "describe_profile",
+    "interpolation_method",
     "kept_noise_fraction",
     "noise_std_for_snr",
     "operator_from_spacings",
@@ -823,6 +825,18 @@ def structure_visibility(operator: AcquisitionOperator, sizes_mm: Sequence[float
     return out
 
 
+CUBIC_MIN_SAMPLES = 4
+"""The fewest LR samples along an axis that :meth:`AcquisitionOperator.interpolate` fits a cubic spline through
+(scipy's ``make_interp_spline`` with ``k=3``, not-a-knot ends): along an axis with fewer, its ``"cubic"`` is linear
+(:func:`interpolation_method`)."""
+
+
+def interpolation_method(method: str, n_lr: int) -> str:
+    """The method :meth:`AcquisitionOperator.interpolate` uses when asked for ``method`` along an axis of ``n_lr``
+    LR samples: ``"linear"`` for ``"cubic"`` with fewer than :data:`CUBIC_MIN_SAMPLES`, else ``method``."""
+    return "linear" if method == "cubic" and n_lr < CUBIC_MIN_SAMPLES else method
+
+
 def _interpolation_matrix(factor: AxisFactor, n_hr: int, spacing_hr: float, method: str) -> np.ndarray:
     """``(n_hr, n_lr)`` matrix interpolating LR samples at their centres onto the HR voxel centres."""
     n_lr = factor.matrix.shape[0]
@@ -835,7 +849,7 @@ def _interpolation_matrix(factor: AxisFactor, n_hr: int, spacing_hr: float, meth
         den = n_lr * (np.tan if n_lr % 2 == 0 else np.sin)(np.pi * v / n_lr)  # even n: the Nyquist bin split
         near = np.abs(np.sin(np.pi * v / n_lr)) < 1e-12  # v ≡ 0 (mod n): the kernel's limit there is 1
         return np.where(near, 1.0, np.sin(np.pi * v) / np.where(near, 1.0, den))
-    if method == "cubic" and n_lr >= 4:
+    if interpolation_method(method, n_lr) == "cubic":
         from scipy.interpolate import make_interp_spline
 
         return make_interp_spline(centers, np.eye(n_lr), k=3, axis=0)(positions)

@@ -15,28 +15,25 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gen_sr.physics import CUBIC_MIN_SAMPLES, interpolation_method
+
 if TYPE_CHECKING:
     from gen_sr.eval.cases import Case
     from gen_sr.physics import AcquisitionOperator
 
-__all__ = ["BASELINES", "CUBIC_MIN_SLICES", "baseline", "baseline_note", "baseline_notes", "linear_axes"]
+__all__ = ["BASELINES", "baseline", "baseline_note", "baseline_notes", "linear_axes"]
 
 BASELINES = {"trilinear": "linear", "cubic": "cubic", "sinc": "sinc"}
 """Baseline name → :meth:`AcquisitionOperator.interpolate` method."""
-CUBIC_MIN_SLICES = 4
-"""The fewest LR samples along an axis that :meth:`~gen_sr.physics.AcquisitionOperator.interpolate` fits a cubic
-spline through: along an axis with fewer, its ``"cubic"`` is linear. A copy of the rule in
-``gen_sr.physics._interpolation_matrix``, which has no public name for it (:func:`linear_axes` is the one place that
-reads it)."""
 
 
 def linear_axes(operator: AcquisitionOperator, name: str) -> tuple[int, ...]:
     """The axes along which baseline ``name`` interpolates linearly though it is named otherwise: for ``cubic``,
     the axes ``operator`` interpolates along (:attr:`~gen_sr.physics.AcquisitionOperator.axes`) with fewer than
-    :data:`CUBIC_MIN_SLICES` LR samples; ``()`` for any other baseline."""
-    if BASELINES[name] != "cubic":
-        return ()
-    return tuple(a for a in operator.axes if operator.lr_shape[a] < CUBIC_MIN_SLICES)
+    :data:`~gen_sr.physics.CUBIC_MIN_SAMPLES` LR samples (:func:`~gen_sr.physics.interpolation_method`); ``()`` for
+    any other baseline."""
+    method = BASELINES[name]
+    return tuple(a for a in operator.axes if interpolation_method(method, operator.lr_shape[a]) != method)
 
 
 def baseline_note(operator: AcquisitionOperator, name: str) -> str | None:
@@ -51,7 +48,7 @@ def baseline_note(operator: AcquisitionOperator, name: str) -> str | None:
     linear = next(b for b, method in BASELINES.items() if method == "linear")
     same = (f"so its figures are {linear}'s" if set(axes) == set(operator.axes)
             else "so it is cubic along the other axes only")
-    return (f"{name}: the input has too few slices for a cubic spline (at least {CUBIC_MIN_SLICES}) along {where}, "
+    return (f"{name}: the input has too few slices for a cubic spline (at least {CUBIC_MIN_SAMPLES}) along {where}, "
             f"where it was computed as linear interpolation, {same}")
 
 
