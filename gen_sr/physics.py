@@ -69,6 +69,7 @@ __all__ = [
     "add_noise",
     "coarse_along",
     "coarsen",
+    "coarsening",
     "coarser_axes",
     "describe_profile",
     "interpolation_method",
@@ -1266,6 +1267,15 @@ def coarser_axes(spacing: Sequence[float], wanted: Sequence[float]) -> list[int]
     return [a for a, (h, s) in enumerate(zip(spacing, wanted, strict=True)) if float(s) > h * (1 + _SPACING_RTOL)]
 
 
+def coarsening(volume: Volume, spacing: Sequence[float]) -> tuple[KSpaceTruncation, ...]:
+    """The k-space truncations by which :func:`coarsen` resamples ``volume`` for ``spacing`` (in mm per voxel axis of
+    ``volume``), none where it is nowhere coarser: all that decides its result besides the volume."""
+    if len(spacing) != 3:
+        raise ValueError(f"a spacing needs 3 values, got {list(spacing)}")
+    return tuple(KSpaceTruncation(a, volume.shape[a] / max(1, round(volume.shape[a] * volume.spacing[a] / spacing[a])))
+                 for a in coarser_axes(volume.spacing, spacing))
+
+
 def coarsen(volume: Volume, spacing: Sequence[float]) -> tuple[Volume, float]:
     """``volume`` resampled, along each voxel axis where ``spacing`` is coarser than its own, onto about that
     spacing by k-space truncation (:class:`KSpaceTruncation`, sharp cut: what a coarser matrix over the same field of
@@ -1279,10 +1289,7 @@ def coarsen(volume: Volume, spacing: Sequence[float]) -> tuple[Volume, float]:
         volume: a volume, in its own voxel order.
         spacing: the wanted spacing in mm per voxel axis of ``volume``.
     """
-    if len(spacing) != 3:
-        raise ValueError(f"a spacing needs 3 values, got {list(spacing)}")
-    transforms = [KSpaceTruncation(a, volume.shape[a] / max(1, round(volume.shape[a] * volume.spacing[a] / spacing[a])))
-                  for a in coarser_axes(volume.spacing, spacing)]
+    transforms = coarsening(volume, spacing)
     if not transforms:
         return volume, 1.0
     op = AcquisitionOperator(transforms, volume.shape, volume.spacing)

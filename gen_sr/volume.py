@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -32,6 +33,7 @@ from gen_sr.io import atomic_write, check_output_path
 __all__ = [
     "IntensityNormalization",
     "Volume",
+    "VolumeMemo",
     "covers",
     "load_volume",
     "read_nifti",
@@ -166,6 +168,38 @@ class Volume:
             if not sform_code:  # the qform was the only placement: the sform holds it now
                 img.set_sform(self.affine, code=qform_code)
         return img
+
+
+T = TypeVar("T")
+
+
+class VolumeMemo:
+    """Results computed from volumes, kept for the last ``volumes`` volumes asked about, so that several calls on one
+    scan (a command's plan, adaptation, run and audit) compute each once. A result is kept under the volume's exact
+    voxels (their bytes, shape and dtype) and affine, and a name for what was computed: a volume whose voxels differ
+    in any bit, even an array changed in place since, is another volume. Its header and source are not looked at: a
+    result must not depend on them. Results are handed out as kept, so keep only ones no caller changes (hand out
+    copies of arrays). Looking a volume up costs a SHA-256 of its voxels (0.03 s for 7 million float32 voxels)."""
+
+    def __init__(self, volumes: int = 2) -> None:
+        self.volumes = volumes
+        self._kept: OrderedDict[str, dict[Hashable, Any]] = OrderedDict()
+
+    def get(self, volume: Volume, what: Hashable, compute: Callable[[], T]) -> T:
+        """``compute()``, or its result kept from an earlier call on the same voxels and affine with the same
+        ``what``, which names the computation and everything besides ``volume`` that it reads."""
+        data = np.ascontiguousarray(volume.data)
+        digest = hashlib.sha256(f"{data.dtype.str} {data.shape}".encode())
+        digest.update(np.ascontiguousarray(volume.affine, dtype=np.float64))
+        digest.update(data)
+        key = digest.hexdigest()
+        results = self._kept.pop(key, {})
+        self._kept[key] = results  # the latest last
+        while len(self._kept) > self.volumes:
+            self._kept.popitem(last=False)
+        if what not in results:
+            results[what] = compute()
+        return results[what]
 
 
 # ----------------------------------------------------------------------------------------------------- loading

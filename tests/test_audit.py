@@ -11,7 +11,7 @@ import pytest
 from helpers import head_in_air, oblique_affine
 from markupsafe import escape
 from test_mistakes import _network_calls
-from test_pipeline import RUN, _gens, _pipe
+from test_pipeline import RUN, _gens, _pipe, counted_commands
 
 from gen_sr.audit import audit
 from gen_sr.audit.audit import reuse_outputs
@@ -170,10 +170,20 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     assert main([*audit_mask, str(taller)]) == 2 and "holds no voxel of the SR grid" in capsys.readouterr().err
 
 
-def test_a_scan_finer_in_plane_than_the_target_is_resampled_and_its_run_audited(tmp_path: Path, capsys) -> None:
+def test_a_scan_finer_in_plane_than_the_target_is_resampled_and_its_run_audited(tmp_path: Path, capsys,
+                                                                               monkeypatch) -> None:
     """``--target-spacing 1,1,1`` on a 0.5 mm in-plane scan: the command says it resampled the input in-plane, the
     output is on the 1 mm grid over the input's field of view, and the audit of that run (reused, or sampled anew)
-    works on the grid the run measured and says so on its card."""
+    works on the grid the run measured and says so on its card. Each command resamples the scan once, though the
+    audit looks at it for its output grid, its run and its views, and with ``--reuse`` for the record's check and its
+    views (the pipeline's :data:`~test_pipeline.INPUT_WORK` counted, each command keeping nothing of another's)."""
+    counted = counted_commands(monkeypatch)
+
+    def command(argv: list[str]) -> int:
+        code, calls = counted(argv)
+        assert calls["coarsen"] == 1 and max(calls.values()) == 1, calls
+        return code
+
     f = _files(tmp_path)
     rng = np.random.default_rng(1)
     data = np.zeros((28, 24, 8), dtype=np.float32)
@@ -182,7 +192,7 @@ def test_a_scan_finer_in_plane_than_the_target_is_resampled_and_its_run_audited(
     sr, std = tmp_path / "sr.nii.gz", tmp_path / "std.nii.gz"
     run = ["--model", str(f["model"]), "--input", str(scan), "--samples", "2", "--steps", "2", "--target-spacing",
            "1,1,1", "--noise-std", "2"]
-    assert main(["super-resolve", *run, "--output", str(sr), "--std", str(std)]) == 0
+    assert command(["super-resolve", *run, "--output", str(sr), "--std", str(std)]) == 0
     assert "resampled from 0.5 x 0.5 x 3 to 1 x 1 x 3 mm voxels" in capsys.readouterr().out
     mean = load_volume(sr)
     assert mean.shape == (14, 12, 24) and np.allclose(mean.spacing, 1.0)
@@ -191,7 +201,7 @@ def test_a_scan_finer_in_plane_than_the_target_is_resampled_and_its_run_audited(
     for extra in (["--reuse", str(sr), str(std)], []):  # a calibration region is a mask on the given scan's grid
         out = tmp_path / ("reused" if extra else "sampled")
         given = run[:4] if extra else run  # a reused run's settings are its record's
-        assert main(["audit", *given, "--output-dir", str(out), "--calibration-region", str(region), *extra]) == 0
+        assert command(["audit", *given, "--output-dir", str(out), "--calibration-region", str(region), *extra]) == 0
         card = json.loads((out / "report.json").read_text())["card"]
         assert card["coarsened_input"]["to_spacing"] == [1.0, 1.0, 3.0] and card["lr_spacing_mm"] == [1.0, 1.0, 3.0]
         assert "Input resampled" in (out / "report.html").read_text()

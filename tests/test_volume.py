@@ -16,12 +16,36 @@ from gen_sr.errors import InputError
 from gen_sr.io import atomic_dir, atomic_write, sidecar_slice_profile, sidecar_slice_thickness
 from gen_sr.physics import SliceAcquisition, simulate_acquisition
 from gen_sr.sample_data import load_mni152
-from gen_sr.volume import IntensityNormalization, Volume, load_volume, save_volume
+from gen_sr.volume import IntensityNormalization, Volume, VolumeMemo, load_volume, save_volume
 
 
 def _volume(shape=(6, 7, 8), affine=None) -> Volume:
     data = np.random.default_rng(1).random(shape).astype(np.float32)
     return Volume(data=data, affine=oblique_affine() if affine is None else affine)
+
+
+def test_a_memo_computes_once_per_volume_and_never_answers_for_other_voxels() -> None:
+    """``VolumeMemo``: the same voxels and affine (another object, another name) get the kept result; a voxel
+    changed in place, the same values in another dtype, another affine or another ``what`` are computed anew; only
+    the last ``volumes`` volumes are kept."""
+    memo, computed = VolumeMemo(volumes=2), []
+
+    def total(volume: Volume, what: str = "sum") -> float:
+        return memo.get(volume, what, lambda: computed.append(what) or float(volume.data.sum()))
+
+    a = _volume()
+    assert total(a) == total(Volume(a.data.copy(), a.affine.copy(), source="elsewhere.nii")) and len(computed) == 1
+    a.data[1, 2, 3] += 1  # changed in place: the same object is another volume now
+    assert total(a) == pytest.approx(float(a.data.sum())) and len(computed) == 2
+    total(a, "another")
+    total(a)
+    assert computed == ["sum", "sum", "another"]
+    wider, moved = Volume(a.data.astype(np.float64), a.affine), Volume(a.data, a.affine * 1.001)
+    for other in (wider, moved, wider):  # the same values in float64, another affine: other volumes
+        total(other)
+    assert len(computed) == 5
+    total(a)  # dropped: two volumes came after it
+    assert len(computed) == 6
 
 
 def test_save_load_round_trip_keeps_data_and_geometry(tmp_path: Path) -> None:
