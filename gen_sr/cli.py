@@ -468,7 +468,7 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
 
 def _super_resolve_cohort(args: argparse.Namespace) -> int:
     """``--input`` a folder, BIDS dataset or glob, ``--output-dir`` the outputs (:mod:`gen_sr.cohort`)."""
-    from gen_sr.cohort import find_scans, run_cohort
+    from gen_sr.cohort import calibration_line, find_scans, run_cohort
 
     if args.output_dir is None:
         raise InputError("is a folder or pattern of scans: give --output-dir for their outputs (--output is for one "
@@ -491,6 +491,8 @@ def _super_resolve_cohort(args: argparse.Namespace) -> int:
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "skipped", "failed")}
     print(f"scans:    {len(rows)}: {counts['done']} done, {counts['skipped']} skipped (finished before), "
           f"{counts['failed']} failed")
+    if (uncalibrated := calibration_line(rows)) is not None:
+        print(f"risk:     {uncalibrated}")
     for r in failed:
         said = r.message if r.message.startswith(r.scan) else f"{r.scan}: {r.message}"  # an InputError names it
         print(f"failed:   {said}", file=sys.stderr)
@@ -821,6 +823,7 @@ def _output_dir(args: argparse.Namespace, *markers: str, inputs: Sequence[str | 
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from gen_sr.eval.baselines import baseline_notes
     from gen_sr.eval.calibration import case_grid
     from gen_sr.eval.cases import cases_noise_std
     from gen_sr.eval.evaluate import evaluate
@@ -840,8 +843,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "samples": args.samples, "steps": _steps(args, pipe), "guidance": args.guidance, "seed": args.seed,
             "calibration": None if calibration is None else dataclasses.asdict(calibration),
             "calibration_by_grid": by_grid or None}
-    paths = write_table(out, rows, meta=meta)
+    notes = baseline_notes(cases)
+    paths = write_table(out, rows, meta=meta, notes=notes)
     print(markdown_table(summarize(rows)), end="")
+    for note in notes:
+        print(f"note:     {note}")
     print(f"wrote:    {', '.join(str(p) for p in paths.values())}")
     return 0
 
@@ -887,6 +893,7 @@ def _tissue(text: str) -> tuple[str, str]:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from gen_sr.audit.audit import AUDIT_FILES, audit
+    from gen_sr.audit.summary import DISAGREEMENT_STAGES
     from gen_sr.run_record import CoarsenedInput
     from gen_sr.volume import load_volume
 
@@ -913,14 +920,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     _print_risk(payload["card"].get("risk"))
     print(f"verdict:  {payload['verdict']['text']}")
     if (departs := payload["data_disagreement"]) is not None:
-        when = {"before_refit": " before the refit (then fitted to them)",
-                "after_refit": " after the run's refit, which hides where it acted (the run's --data-disagreement "
-                               "map shows that)"}
-        print(f"data:     {departs['flagged_percent']:.1f} % departs from the measured slices beyond their noise"
-              f"{when.get(departs['stage'], '')} (data disagreement > {departs['threshold']:g}; its largest regions "
-              "are in the report)")
+        stage = departs["stage"]
+        of = "" if stage == "output" else f", {DISAGREEMENT_STAGES[stage]}"
+        print(f"data:     {departs['flagged_percent']:.1f} % departs from the measured slices beyond their noise{of} "
+              f"(data disagreement > {departs['threshold']:g}; its largest regions are in the report)")
+    notes = payload["baseline_notes"]
     for method, row in (payload.get("metrics") or {}).items():
-        print(f"          {method:<10} PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}")
+        label = f"{method} *" if method in notes else method
+        print(f"          {label:<10} PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}")
+    for note in notes.values():
+        print(f"          * {note}")
     print(f"wrote:    {out / 'report.html'} (open it in any browser; it is self-contained), report.json, maps")
     return 0
 
@@ -1057,9 +1066,9 @@ def _add_acquisition_arguments(parser: _Parser) -> None:
     p = _RunSettings(parser, "acquisition", "how the scan was acquired, and the grid to reconstruct it on")
     p.add_argument("--target-spacing", type=_spacing, metavar="X,Y,Z",
                    help="HR voxel spacing in mm, in RAS+ order (default: the in-plane spacings, no finer than the "
-                        "model was trained for, and the thick axis at the finest of them); where it is coarser than "
-                        "the input in-plane (1 mm asked of a 0.45 mm scan) the input is resampled there first, by "
-                        "k-space truncation, and the run says so")
+                        "model was trained for, and the thick axis at the finest of them); where it is coarser "
+                        "than the input in-plane (1 mm asked of a 0.45 mm scan) the input is resampled there first, "
+                        "by k-space truncation, and the run says so")
     p.add_argument("--slice-thickness", type=_positive_float, metavar="MM",
                    help="default: the SliceThickness of the scan's BIDS JSON sidecar (as dcm2niix and gen-sr degrade "
                         "write it), else the slice spacing")

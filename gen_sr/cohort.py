@@ -29,7 +29,10 @@ In Python: ``run_cohort(pipe, find_scans(["scans/"]), "sr/", **pipe_kwargs)``.
 * **Summary:** ``summary.tsv`` and ``summary.json`` in the output folder, one row per scan: status, seconds, the
   noise std the run used (given, or read from the scan's air), the largest relative residual ``‖A x − y‖/‖y‖``, and
   the fraction of the head flagged (risk above the threshold; ``n/a`` for a single-scan run's outputs, whose record
-  holds neither it nor the seconds).
+  holds neither it nor the seconds), and whether the scan's risk map is calibrated for its run
+  (``calibration_holds``; where not, ``calibration_mismatch`` says why: :data:`~gen_sr.risk.Mismatch`, or
+  ``uncalibrated``), from its run record: a flagged fraction bounds nothing where it is not
+  (:func:`calibration_line` says how many).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ import os
 import re
 import time
 import traceback
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -61,15 +65,18 @@ from gen_sr.io import (
     sidecar_path,
     write_json,
 )
+from gen_sr.risk import MISMATCH_WORDING, mismatch_text
 from gen_sr.run_record import RunRecord
 from gen_sr.volume import IntensityNormalization, load_volume, save_maps
 
-__all__ = ["CohortRow", "ScanOutputs", "find_scans", "flagged_fraction", "input_stamp", "run_cohort", "run_settings",
-           "same_input", "scan_outputs", "single_scan_record"]
+__all__ = ["UNCALIBRATED", "CohortRow", "ScanOutputs", "calibration_line", "find_scans", "flagged_fraction",
+           "input_stamp", "run_cohort", "run_settings", "same_input", "scan_outputs", "single_scan_record"]
 
 _BIDS = re.compile(r"^(?P<entities>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_(?P<suffix>[A-Za-z0-9]+)$")
-SUMMARY_COLUMNS = ("scan", "status", "seconds", "noise_std", "max_relative_residual", "flagged_fraction", "output",
-                   "message")
+SUMMARY_COLUMNS = ("scan", "status", "seconds", "noise_std", "max_relative_residual", "flagged_fraction",
+                   "calibration_holds", "calibration_mismatch", "output", "message")
+UNCALIBRATED = "uncalibrated"
+"""A row's ``calibration_mismatch`` where the run had no calibration at all (else a :data:`~gen_sr.risk.Mismatch`)."""
 _ACQUISITION = ("target_spacing", "slice_profile", "slice_thickness")
 """The settings that, with each scan's grid and JSON sidecar, make its acquisition: compared as each scan's run takes
 them (:func:`run_cohort`)."""
@@ -204,8 +211,41 @@ class CohortRow:
     noise_std: float | None = None  # the one the run used: given, or read from the scan's air (``"auto"``)
     max_relative_residual: float | None = None
     flagged_fraction: float | None = None
+    calibration_holds: bool | None = None  # whether its risk map is calibrated for its run (None: not recorded)
+    calibration_mismatch: str | None = None  # where not, why: a Mismatch, or UNCALIBRATED
     output: str = ""
     message: str = ""
+
+
+def _calibration(run: RunRecord) -> dict[str, Any]:
+    """A :class:`CohortRow`'s ``calibration_holds`` and ``calibration_mismatch``, from a run record's ``risk``
+    (:func:`~gen_sr.risk.describe_risk`: ``calibrated``, ``holds``, ``mismatch``); none for a record without them."""
+    risk = run.risk
+    if not isinstance(risk, Mapping) or "calibrated" not in risk:
+        return {}
+    if not risk["calibrated"]:
+        return {"calibration_holds": False, "calibration_mismatch": UNCALIBRATED}
+    if "holds" not in risk:
+        return {}
+    return {"calibration_holds": bool(risk["holds"]), "calibration_mismatch": risk.get("mismatch")}
+
+
+def calibration_line(rows: Sequence[CohortRow]) -> str | None:
+    """How many scans' risk maps are not calibrated for their runs, and why, in a sentence for the end of a cohort
+    run (each reason as :data:`~gen_sr.risk.MISMATCH_WORDING` says it; with one reason, what to do); ``None`` where
+    the calibration holds for every scan whose record says."""
+    said = [r for r in rows if r.calibration_holds is not None]
+    why = Counter(r.calibration_mismatch for r in said if not r.calibration_holds)
+    if not why:
+        return None
+    labels = {m: "uncalibrated" if m == UNCALIBRATED else f"calibrated {MISMATCH_WORDING[m].label}"
+              if m in MISMATCH_WORDING else f"calibrated, but not for it ({m})" for m in why}
+    text = (f"the risk maps of {why.total()} of {len(said)} scans are not calibrated for their runs "
+            f"({', '.join(f'{n} {labels[m]}' for m, n in why.items())}), so their flagged fractions bound nothing")
+    only = next(iter(why)) if len(why) == 1 else None
+    if only in MISMATCH_WORDING:
+        text += f": {mismatch_text(only)}"
+    return text
 
 
 def run_cohort(pipe: Any, scans: Sequence[tuple[Path, Path]], output_dir: str | os.PathLike[str], *,
@@ -391,8 +431,8 @@ def _one_scan(pipe: Any, found: _Scan, overwrite: bool, threshold: float, seed: 
         run = RunRecord.from_dict(record)
         return CohortRow(str(scan), "skipped", record.get("seconds", 0.0), noise_std=run.noise_std,
                          max_relative_residual=run.max_relative_residual,
-                         flagged_fraction=record.get("flagged_fraction"), output=str(paths.mean),
-                         message="finished by an earlier run")
+                         flagged_fraction=record.get("flagged_fraction"), **_calibration(run),
+                         output=str(paths.mean), message="finished by an earlier run")
     _remove(paths)  # redone: no output of the earlier run stays, even where this one fails
     tic, stamp = time.perf_counter(), input_stamp(scan)  # what this run reads
     try:
@@ -412,7 +452,8 @@ def _one_scan(pipe: Any, found: _Scan, overwrite: bool, threshold: float, seed: 
                                    "input_stamp": stamp})
         return CohortRow(str(scan), "done", seconds, noise_std=run.noise_std,
                          max_relative_residual=run.max_relative_residual, flagged_fraction=flagged,
-                         output=str(paths.mean), message="its input changed since an earlier run" if changed else "")
+                         **_calibration(run), output=str(paths.mean),
+                         message="its input changed since an earlier run" if changed else "")
     except (InputError, ValueError, RuntimeError, OSError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if os.environ.get("GEN_SR_DEBUG"):
@@ -440,5 +481,6 @@ def write_summary(rows: Sequence[CohortRow], output_dir: Path) -> tuple[Path, Pa
     lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(cell(getattr(r, c)) for c in SUMMARY_COLUMNS) for r in rows]
     atomic_write(tsv, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "skipped", "failed")}
+    counts["calibration_does_not_hold"] = sum(r.calibration_holds is False for r in rows)
     write_json(js, {"counts": counts, "scans": [asdict(r) for r in rows]})
     return tsv, js

@@ -27,6 +27,7 @@ from gen_sr.eval.baselines import BASELINES
 from gen_sr.eval.cases import HELD_OUT_HEAD, held_out_head, simulate_case
 from gen_sr.io import check_output_dir, check_output_path
 from gen_sr.risk import Calibration, grid_text
+from gen_sr.schedulers import sampler_text
 from gen_sr.volume import save_volume
 
 __all__ = ["DEFAULT_MODEL", "run_demo"]
@@ -67,9 +68,8 @@ def run_demo(output_dir: Path, overwrite: bool = False, model: Path = DEFAULT_MO
     print(f"  2. acquisition      {paths[1]}  ({_dims(case.lr)}; {THICKNESS_MM:g} mm Gaussian axial slices, Rician "
           f"noise at SNR {SNR:g})")
     print(f"     brain mask       {paths[2]}  (Colin27's own brain extraction: where the figures are measured)")
-    print(f"  3. super-resolving  {num_samples} samples x {num_inference_steps} steps "
-          f"({pipe.sampler_name}), projection data "
-          f"consistency, model {model} ...")
+    print(f"  3. super-resolving  {num_samples} samples, {sampler_text(pipe.sampler_name, num_inference_steps)}, "
+          f"projection data consistency, model {model} ...")
     payload = audit(pipe, case.lr, output_dir / "audit", input_name=paths[1].name, model_name=str(model),
                     reference=case.hr, masks={"brain": mask}, overwrite=overwrite, operator=case.operator,
                     noise_std=case.noise_std, num_samples=num_samples, num_inference_steps=num_inference_steps,

@@ -25,8 +25,11 @@ Signal model and geometry (tested to 1e-4 mm):
   That model reproduces linear intensity ramps exactly, so the profile-weighted mean position of the HR voxels a
   slice integrates is exactly that slice's centre. Near the ends of the field of view the profile is truncated
   symmetrically about the slice centre, which keeps this true for the outermost slices too.
-* The first slice's nominal slab starts where the input's field of view starts: decimating 1 mm voxels into 4 mm
-  slices puts the first slice centre 1.5 mm from the first HR centre. k-space truncation keeps the field of view.
+* A slice's voxel is one slice spacing wide, centred on the slice whatever its thickness (a gap or an overlap lies
+  evenly on either side), so ``n`` slices span ``n`` slice spacings: the field of view their NIfTI affine gives.
+  The first slice's voxel starts where the input's field of view starts: decimating 1 mm voxels into 4 mm slices
+  puts the first slice centre 1.5 mm from the first HR centre, whatever the slice thickness. k-space truncation
+  keeps the field of view.
 * Going back from an LR grid to an HR one (:func:`operator_from_spacings` with ``lr_shape``), the HR grid covers the
   LR field of view exactly, voxel edge to voxel edge, whenever the HR spacing divides it, up to a tolerance of
   ``1e-4`` HR voxel plus float32 round-off (see :func:`_grid_tol`). Otherwise the HR field of view ends at the
@@ -55,6 +58,7 @@ import torch
 from gen_sr.volume import Volume
 
 __all__ = [
+    "CUBIC_MIN_SAMPLES",
     "AcquisitionOperator",
     "AxisTransform",
     "GeometryWarning",
@@ -65,8 +69,10 @@ __all__ = [
     "add_noise",
     "coarse_along",
     "coarsen",
+    "coarsening",
     "coarser_axes",
     "describe_profile",
+    "interpolation_method",
     "kept_noise_fraction",
     "noise_std_for_snr",
     "operator_from_spacings",
@@ -206,7 +212,8 @@ class SliceAcquisition(AxisTransform):
         profile: ``"gaussian"``, ``"rect"``, or a sequence of profile samples on a uniform grid spanning
             ``[-thickness/2, thickness/2]`` (linearly interpolated, zero outside).
         first_center: position of the first slice centre in mm from the first HR voxel centre. By default the first
-            slice's nominal slab starts at the start of the field of view (``thickness/2 − h/2``).
+            slice's voxel (``spacing`` wide, centred on the slice) starts at the start of the field of view
+            (``spacing/2 − h/2``), so that ``n`` slices span ``n × spacing`` mm, gap or overlap included.
     """
 
     kind: ClassVar[str] = "slice"
@@ -255,17 +262,21 @@ class SliceAcquisition(AxisTransform):
     def _first(self, spacing_in: float) -> float:
         if self.first_center is not None:
             return float(self.first_center)
-        return max(0.5 * (self.thickness - spacing_in), 0.0)
+        return max(0.5 * (self.slice_spacing - spacing_in), 0.0)
+
+    def _last_end(self, n_out: int, spacing_in: float) -> float:
+        """Where the voxel of the last of ``n_out`` slices ends, in mm from the first HR voxel centre."""
+        return self._first(spacing_in) + (n_out - 0.5) * self.slice_spacing
 
     def out_size(self, n_in: int, spacing_in: float) -> int:
         """Number of slices that ``n_in`` voxels hold: the most slices whose :meth:`hr_size_for` is ``<= n_in``.
 
-        A slice is held when its centre lies within the outermost HR voxel centres and its nominal slab ends less
-        than half an HR voxel past the field of view (so the HR grid that holds them is the nearest whole number of
-        voxels; see :meth:`hr_size_for`).
+        A slice is held when its centre lies within the outermost HR voxel centres and its voxel (one slice spacing
+        wide, whatever the thickness) ends less than half an HR voxel past the field of view (so the HR grid that
+        holds them is the nearest whole number of voxels; see :meth:`hr_size_for`).
         """
         first, s = self._first(spacing_in), self.slice_spacing
-        n = max(0, math.floor((n_in * spacing_in - first - 0.5 * self.thickness) / s) + 1)  # within a slice or two
+        n = max(0, math.floor((n_in * spacing_in - first - 0.5 * s) / s) + 1)  # within a slice or two
         while n >= 1 and self.hr_size_for(n, spacing_in) > n_in:
             n -= 1
         while self.hr_size_for(n + 1, spacing_in) <= n_in:
@@ -275,22 +286,22 @@ class SliceAcquisition(AxisTransform):
     def hr_size_for(self, n_out: int, spacing_in: float) -> int:
         """The HR axis length that holds ``n_out`` slices (the inverse of :meth:`out_size`).
 
-        The HR field of view ends at the whole voxel nearest to the end of the last slice's nominal slab (ties round
-        up), and no earlier than the last slice centre. When the HR spacing divides the slices' extent (to within
+        The HR field of view ends at the whole voxel nearest to the end of the last slice's voxel (one slice spacing
+        wide, whatever the thickness: the field of view is ``n_out`` slice spacings; ties round up), and no earlier
+        than the last slice centre. When the HR spacing divides the slices' field of view (to within
         :func:`_grid_tol`, which absorbs float32 affine round-off) the HR grid covers it exactly, edge to edge.
         """
         last = self._first(spacing_in) + (n_out - 1) * self.slice_spacing
-        end = (last + 0.5 * self.thickness) / spacing_in  # slab end, in HR voxels from the first HR voxel centre
+        end = self._last_end(n_out, spacing_in) / spacing_in  # in HR voxels from the first HR voxel centre
         tol = _grid_tol(end)
-        by_slab = math.floor(end + tol) + 1  # the HR field of view ends at n - 0.5: within half a voxel of `end`
+        by_end = math.floor(end + tol) + 1  # the HR field of view ends at n - 0.5: within half a voxel of `end`
         by_center = math.ceil(last / spacing_in + 1 - tol)
-        return max(by_slab, by_center)
+        return max(by_end, by_center)
 
     def hr_fov_mismatch(self, n_out: int, n_in: int, spacing_in: float) -> float:
-        """How far (mm) the field of view of ``n_in`` HR voxels ends past the last of ``n_out`` slices' nominal
-        slabs; negative when it ends before. With the default first slice, both start at the same place."""
-        last = self._first(spacing_in) + (n_out - 1) * self.slice_spacing
-        return (n_in - 0.5) * spacing_in - (last + 0.5 * self.thickness)
+        """How far (mm) the field of view of ``n_in`` HR voxels ends past that of ``n_out`` slices (the last slice's
+        voxel end); negative when it ends before. With the default first slice, both start at the same place."""
+        return (n_in - 0.5) * spacing_in - self._last_end(n_out, spacing_in)
 
     def build(self, n_in: int, spacing_in: float) -> AxisFactor:
         if n_in < 2:
@@ -299,8 +310,8 @@ class SliceAcquisition(AxisTransform):
         n_out = self.out_size(n_in, spacing_in)
         if first < 0 or n_out < 1:
             raise ValueError(
-                f"a {self.thickness:g} mm slice does not fit in {n_in} voxels of {spacing_in:g} mm "
-                f"along axis {self.axis}"
+                f"a {self.thickness:g} mm slice every {self.slice_spacing:g} mm does not fit in {n_in} voxels of "
+                f"{spacing_in:g} mm along axis {self.axis}"
             )
         centers = first + self.slice_spacing * np.arange(n_out)
         extent = (n_in - 1) * spacing_in
@@ -815,6 +826,18 @@ def structure_visibility(operator: AcquisitionOperator, sizes_mm: Sequence[float
     return out
 
 
+CUBIC_MIN_SAMPLES = 4
+"""The fewest LR samples along an axis that :meth:`AcquisitionOperator.interpolate` fits a cubic spline through
+(scipy's ``make_interp_spline`` with ``k=3``, not-a-knot ends): along an axis with fewer, its ``"cubic"`` is linear
+(:func:`interpolation_method`)."""
+
+
+def interpolation_method(method: str, n_lr: int) -> str:
+    """The method :meth:`AcquisitionOperator.interpolate` uses when asked for ``method`` along an axis of ``n_lr``
+    LR samples: ``"linear"`` for ``"cubic"`` with fewer than :data:`CUBIC_MIN_SAMPLES`, else ``method``."""
+    return "linear" if method == "cubic" and n_lr < CUBIC_MIN_SAMPLES else method
+
+
 def _interpolation_matrix(factor: AxisFactor, n_hr: int, spacing_hr: float, method: str) -> np.ndarray:
     """``(n_hr, n_lr)`` matrix interpolating LR samples at their centres onto the HR voxel centres."""
     n_lr = factor.matrix.shape[0]
@@ -827,7 +850,7 @@ def _interpolation_matrix(factor: AxisFactor, n_hr: int, spacing_hr: float, meth
         den = n_lr * (np.tan if n_lr % 2 == 0 else np.sin)(np.pi * v / n_lr)  # even n: the Nyquist bin split
         near = np.abs(np.sin(np.pi * v / n_lr)) < 1e-12  # v ≡ 0 (mod n): the kernel's limit there is 1
         return np.where(near, 1.0, np.sin(np.pi * v) / np.where(near, 1.0, den))
-    if method == "cubic" and n_lr >= 4:
+    if interpolation_method(method, n_lr) == "cubic":
         from scipy.interpolate import make_interp_spline
 
         return make_interp_spline(centers, np.eye(n_lr), k=3, axis=0)(positions)
@@ -927,7 +950,7 @@ def operator_from_spacings(
             n_lr, h, s = int(lr_shape[t.axis]), hr_spacing[t.axis], lr_spacing[t.axis]
             if isinstance(t, SliceAcquisition):
                 n = t.hr_size_for(n_lr, h)
-                fov = (n_lr - 1) * t.slice_spacing + t.thickness  # first slab start to last slab end
+                fov = n_lr * t.slice_spacing  # the slices' voxels, whatever their thickness
                 mismatch = t.hr_fov_mismatch(n_lr, n, h)
             else:
                 n = max(1, round(n_lr * ratio[t.axis]))
@@ -1244,6 +1267,15 @@ def coarser_axes(spacing: Sequence[float], wanted: Sequence[float]) -> list[int]
     return [a for a, (h, s) in enumerate(zip(spacing, wanted, strict=True)) if float(s) > h * (1 + _SPACING_RTOL)]
 
 
+def coarsening(volume: Volume, spacing: Sequence[float]) -> tuple[KSpaceTruncation, ...]:
+    """The k-space truncations by which :func:`coarsen` resamples ``volume`` for ``spacing`` (in mm per voxel axis of
+    ``volume``), none where it is nowhere coarser: all that decides its result besides the volume."""
+    if len(spacing) != 3:
+        raise ValueError(f"a spacing needs 3 values, got {list(spacing)}")
+    return tuple(KSpaceTruncation(a, volume.shape[a] / max(1, round(volume.shape[a] * volume.spacing[a] / spacing[a])))
+                 for a in coarser_axes(volume.spacing, spacing))
+
+
 def coarsen(volume: Volume, spacing: Sequence[float]) -> tuple[Volume, float]:
     """``volume`` resampled, along each voxel axis where ``spacing`` is coarser than its own, onto about that
     spacing by k-space truncation (:class:`KSpaceTruncation`, sharp cut: what a coarser matrix over the same field of
@@ -1257,10 +1289,7 @@ def coarsen(volume: Volume, spacing: Sequence[float]) -> tuple[Volume, float]:
         volume: a volume, in its own voxel order.
         spacing: the wanted spacing in mm per voxel axis of ``volume``.
     """
-    if len(spacing) != 3:
-        raise ValueError(f"a spacing needs 3 values, got {list(spacing)}")
-    transforms = [KSpaceTruncation(a, volume.shape[a] / max(1, round(volume.shape[a] * volume.spacing[a] / spacing[a])))
-                  for a in coarser_axes(volume.spacing, spacing)]
+    transforms = coarsening(volume, spacing)
     if not transforms:
         return volume, 1.0
     op = AcquisitionOperator(transforms, volume.shape, volume.spacing)

@@ -3,7 +3,9 @@
 A :class:`Volume` is a 3D array with its voxel-to-world affine (voxel *centres*, in mm) and the source header. Work
 happens in one canonical orientation (RAS+, :meth:`Volume.canonical`); results go back to the input's orientation
 with :meth:`Volume.reorient`. The affine is carried exactly through both, and through every resampling (see
-:meth:`gen_sr.physics.AcquisitionOperator.lr_affine`).
+:meth:`gen_sr.physics.AcquisitionOperator.lr_affine`). So are both of the source's transforms, each with its own
+code (:meth:`Volume.from_image`, :meth:`Volume.to_nifti`): a reader that prefers the qform places an output where it
+places the input, as does one that prefers the sform.
 
 Outputs are written atomically (:func:`save_volume`, through :mod:`gen_sr.io`), so an interrupted run never leaves
 a half-written file.
@@ -14,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -30,6 +33,7 @@ from gen_sr.io import atomic_write, check_output_path
 __all__ = [
     "IntensityNormalization",
     "Volume",
+    "VolumeMemo",
     "covers",
     "load_volume",
     "read_nifti",
@@ -51,17 +55,32 @@ class Volume:
         affine: ``(4, 4)`` voxel-index-to-world (mm) matrix; index ``(0, 0, 0)`` is the centre of the first voxel.
         header: the source NIfTI header (units, description, codes), or ``None``.
         source: where the volume came from, for messages.
+        sform_to_qform: ``(4, 4)`` world-to-world map from the source's sform to its qform (``qform = sform_to_qform
+            @ sform``) where its qform places the image elsewhere (both with nonzero codes); ``None`` where they
+            agree or the source has only one. A map between worlds, it holds for every voxel grid: the qform of this
+            volume's grid is ``sform_to_qform @ affine``, whatever crop, reorientation or resampling made it.
     """
 
     data: np.ndarray
     affine: np.ndarray
     header: nib.Nifti1Header | None = None
     source: str | None = None
+    sform_to_qform: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.data.ndim != 3:
             raise ValueError(f"a Volume holds a 3D array, got shape {self.data.shape}")
         object.__setattr__(self, "affine", np.asarray(self.affine, dtype=np.float64))
+
+    @classmethod
+    def from_image(cls, img: nib.spatialimages.SpatialImage, data: np.ndarray, source: str | None = None) -> Volume:
+        """A volume of ``data`` (``(X, Y, Z)``, the voxels of ``img``) with ``img``'s affine (nibabel's choice: the
+        sform if coded, else the qform) and, for a NIfTI image, its header and, where its qform differs from its
+        sform, the map between them (:attr:`sform_to_qform`)."""
+        if not isinstance(img.header, nib.Nifti1Header):  # another format's image (NIfTI-2's header is NIfTI-1's)
+            return cls(data=data, affine=img.affine, source=source)
+        return cls(data=data, affine=img.affine, header=img.header, source=source,
+                   sform_to_qform=_sform_to_qform(img.header, img.affine, data.shape[:3]))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -119,10 +138,16 @@ class Volume:
         return int(ornt.ornt_transform(io, ornt.axcodes2ornt(CANONICAL))[axis, 0])
 
     def to_nifti(self, dtype: np.dtype | type | None = None) -> nib.Nifti1Image:
-        """A NIfTI-1 image with this geometry: the sform and pixdim match ``affine`` exactly, and so does the qform,
-        which can hold no shear: for a sheared ``affine`` (a registration's output, say) the qform is written with
-        code 0 (unknown), so that readers (nibabel, ITK-SNAP, FSLeyes) take the sform, not the qform's nearest
-        shear-free approximation."""
+        """A NIfTI-1 image with this geometry and the source's transform codes, so that every reader, whichever
+        transform it prefers, places it where it places the source.
+
+        The source's sform (or its qform, if it had no sform) is ``affine``; its other transform, carried through
+        every change of voxel grid (:attr:`sform_to_qform`), keeps its code, and so does a transform the source did
+        not have (code 0, holding ``affine``). A source with neither (or no header) gets ``affine`` as its sform
+        (code 2, aligned) and qform (code 1, scanner). The qform can hold no shear: one that would need it (a
+        sheared ``affine``, e.g. a registration's output, with no qform of its own) is written with code 0, so that
+        readers (nibabel, ITK-SNAP, FSLeyes) take the sform, not the qform's nearest shear-free approximation.
+        pixdim is the qform's voxel sizes (``affine``'s where the qform has code 0)."""
         dtype = np.dtype(dtype or (np.float64 if self.data.dtype == np.float64 else np.float32))
         header = self.header.copy() if self.header is not None else nib.Nifti1Header()
         header.set_data_dtype(dtype)
@@ -131,14 +156,50 @@ class Volume:
         if header.get_xyzt_units()[0] == "unknown":
             header.set_xyzt_units(xyz="mm")  # affines here are in mm
         img = nib.Nifti1Image(self.data.astype(dtype, copy=False), self.affine, header=header)
-        sform_code = int(header["sform_code"]) or 2  # keep the source's codes; 'aligned' when it had none
-        qform_code = int(header["qform_code"]) or 1
+        sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])  # the source's codes
+        if not sform_code and not qform_code:  # a source that placed nothing: 'aligned' and 'scanner'
+            sform_code, qform_code = 2, 1
+        qform = self.affine if self.sform_to_qform is None else self.sform_to_qform @ self.affine
         img.set_sform(self.affine, code=sform_code)
         try:
-            img.set_qform(self.affine, code=qform_code, strip_shears=False)
+            img.set_qform(qform, code=qform_code, strip_shears=False)
         except nib.spatialimages.HeaderDataError:  # shears: the qform can only hold their stripped version
             img.set_qform(self.affine, code=0)
+            if not sform_code:  # the qform was the only placement: the sform holds it now
+                img.set_sform(self.affine, code=qform_code)
         return img
+
+
+T = TypeVar("T")
+
+
+class VolumeMemo:
+    """Results computed from volumes, kept for the last ``volumes`` volumes asked about, so that several calls on one
+    scan (a command's plan, adaptation, run and audit) compute each once. A result is kept under the volume's exact
+    voxels (their bytes, shape and dtype) and affine, and a name for what was computed: a volume whose voxels differ
+    in any bit, even an array changed in place since, is another volume. Its header and source are not looked at: a
+    result must not depend on them. Results are handed out as kept, so keep only ones no caller changes (hand out
+    copies of arrays). Looking a volume up costs a SHA-256 of its voxels (0.03 s for 7 million float32 voxels)."""
+
+    def __init__(self, volumes: int = 2) -> None:
+        self.volumes = volumes
+        self._kept: OrderedDict[str, dict[Hashable, Any]] = OrderedDict()
+
+    def get(self, volume: Volume, what: Hashable, compute: Callable[[], T]) -> T:
+        """``compute()``, or its result kept from an earlier call on the same voxels and affine with the same
+        ``what``, which names the computation and everything besides ``volume`` that it reads."""
+        data = np.ascontiguousarray(volume.data)
+        digest = hashlib.sha256(f"{data.dtype.str} {data.shape}".encode())
+        digest.update(np.ascontiguousarray(volume.affine, dtype=np.float64))
+        digest.update(data)
+        key = digest.hexdigest()
+        results = self._kept.pop(key, {})
+        self._kept[key] = results  # the latest last
+        while len(self._kept) > self.volumes:
+            self._kept.popitem(last=False)
+        if what not in results:
+            results[what] = compute()
+        return results[what]
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -243,7 +304,22 @@ def load_volume(path: str | os.PathLike[str], volume_index: int | None = None) -
     lo, hi = float(data.min()), float(data.max())
     if lo == hi:
         raise InputError(f"is constant (every voxel is {lo:g}); there is nothing to process", path)
-    return Volume(data=data, affine=affine, header=img.header, source=str(path))
+    return Volume.from_image(img, data, source=str(path))
+
+
+def _sform_to_qform(header: nib.Nifti1Header, affine: np.ndarray, shape: Sequence[int],
+                    tolerance: float = 1e-3) -> np.ndarray | None:
+    """``(4, 4)`` world map from ``header``'s sform to its qform, where both are coded, ``affine`` is the sform, and
+    the qform places some corner of the voxel grid of ``shape`` (``(X, Y, Z)``) more than ``tolerance`` mm away
+    from where the sform does; else ``None`` (the two agree to float32 rounding, or one is missing)."""
+    sform, sform_code = header.get_sform(coded=True)
+    qform, qform_code = header.get_qform(coded=True)
+    if not (sform_code and qform_code) or not np.allclose(affine, sform, rtol=0, atol=1e-4):
+        return None
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1).T
+    if np.max(np.linalg.norm(apply_affine(qform, corners) - apply_affine(sform, corners), axis=1)) <= tolerance:
+        return None
+    return qform @ np.linalg.inv(sform)
 
 
 # ----------------------------------------------------------------------------------------------------- writing

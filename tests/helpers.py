@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -25,6 +29,23 @@ def oblique_affine(spacing=(1.0, 0.9, 1.1), angles=(0.3, -0.2, 0.15), origin=(-1
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
     nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), path)
     return path
+
+
+def count_calls(module: ModuleType, names: Sequence[str], patch: Callable[[Any, str, Any], None] = setattr) -> Counter:
+    """A counter of the calls that ``module`` makes from now on to each of its functions ``names``: each still runs
+    (a passthrough that counts, not a stand-in). ``patch`` puts the passthrough in place of the name (a test's
+    ``monkeypatch.setattr``, undone after it)."""
+    calls: Counter = Counter()
+
+    def counted(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def passthrough(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return passthrough
+
+    for name in names:
+        patch(module, name, counted(name, getattr(module, name)))
+    return calls
 
 
 def cached_head(name: str):

@@ -424,6 +424,28 @@ def test_adapting_in_python_on_a_scan_the_runs_would_resample_warns(tmp_path: Pa
     assert not [w for w in caught if "finer in-plane" in str(w.message)]
 
 
+def test_adapting_on_a_fine_scan_from_the_command_line_resamples_it_once(tmp_path: Path, monkeypatch) -> None:
+    """``super-resolve --adapt`` and ``audit --adapt`` on a scan finer in-plane than the model was trained for: the
+    adaptation and the run on the scan as it measures it (and the audit's output grid and views) resample it, read
+    how that scaled its noise and read its noise once each (:data:`~test_pipeline.INPUT_WORK`, counted)."""
+    from test_pipeline import counted_commands
+
+    from gen_sr.volume import save_volume
+
+    pipe = tiny_pipeline()
+    pipe.model_card = dataclasses.replace(pipe.model_card, in_plane_spacing=(0.7, 1.5))
+    pipe.save_pretrained(tmp_path / "model")
+    _, lr = _scan(shape=(48, 48, 30))
+    save_volume(lr.with_data(lr.data, lr.affine @ np.diag([0.35, 0.35, 1.0, 1.0])), tmp_path / "fine.nii.gz")
+    run = ["--model", str(tmp_path / "model"), "--input", str(tmp_path / "fine.nii.gz"), "--adapt", "--adapt-steps",
+           "0", "--holdout-every", "2", "--samples", "2", "--steps", "2"]
+    command = counted_commands(monkeypatch)
+    for argv in (["super-resolve", *run, "--output", str(tmp_path / "sr.nii.gz")],
+                 ["audit", *run, "--output-dir", str(tmp_path / "audit"), "--adapt-dir", str(tmp_path / "again")]):
+        code, calls = command(argv)
+        assert code == 0 and calls["coarsen"] == 1 and max(calls.values()) == 1, calls
+
+
 def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsys) -> None:
     from gen_sr.cli import main
     from gen_sr.volume import save_volume

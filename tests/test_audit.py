@@ -11,12 +11,13 @@ import pytest
 from helpers import head_in_air, oblique_affine
 from markupsafe import escape
 from test_mistakes import _network_calls
-from test_pipeline import RUN, _gens, _pipe
+from test_pipeline import RUN, _gens, _pipe, counted_commands
 
 from gen_sr.audit import audit
 from gen_sr.audit.audit import reuse_outputs
+from gen_sr.audit.summary import DISAGREEMENT_STAGES
 from gen_sr.cli import main
-from gen_sr.eval.baselines import BASELINES
+from gen_sr.eval.baselines import BASELINES, baseline_note
 from gen_sr.model_card import Adaptation
 from gen_sr.physics import SliceAcquisition, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
@@ -157,17 +158,33 @@ def test_audit_reuses_a_super_resolve_run(tmp_path: Path, capsys) -> None:
     moved = hr.affine.copy()
     moved[0, 3] += 200.0  # the same mask 200 mm away: not this scan's
     elsewhere = save_volume(Volume(half, moved), tmp_path / "elsewhere.nii.gz")
-    assert main([*audit_mask, str(elsewhere)]) == 2 and "does not cover the SR grid" in capsys.readouterr().err
+    grid = "the SR grid, 12 × 14 × 24 RAS+ voxels of 1 × 1 × 1 mm"
+    assert main([*audit_mask, str(elsewhere)]) == 2  # one line: the file, what is wrong, the advice for a mask
+    assert capsys.readouterr().err.splitlines()[-1] == (f"gen-sr audit: error: {elsewhere}: does not cover {grid} "
+                                                        "(give a brain mask on the input's field of view)")
+    assert main([*audit_mask[:-1], "--tissue", f"GM={elsewhere}"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"gen-sr audit: error: {elsewhere}: does not cover {grid} "
+                                                        "(give the GM tissue map on the input's field of view)")
     outside = np.zeros((*hr.shape[:2], 3 * hr.shape[2]), dtype=np.float32)
     outside[:, :, 2 * hr.shape[2]:] = 1  # covers the SR grid, holds 1 only beyond it
     taller = save_volume(Volume(outside, hr.affine), tmp_path / "taller.nii.gz")
     assert main([*audit_mask, str(taller)]) == 2 and "holds no voxel of the SR grid" in capsys.readouterr().err
 
 
-def test_a_scan_finer_in_plane_than_the_target_is_resampled_and_its_run_audited(tmp_path: Path, capsys) -> None:
+def test_a_scan_finer_in_plane_than_the_target_is_resampled_and_its_run_audited(tmp_path: Path, capsys,
+                                                                               monkeypatch) -> None:
     """``--target-spacing 1,1,1`` on a 0.5 mm in-plane scan: the command says it resampled the input in-plane, the
     output is on the 1 mm grid over the input's field of view, and the audit of that run (reused, or sampled anew)
-    works on the grid the run measured and says so on its card."""
+    works on the grid the run measured and says so on its card. Each command resamples the scan once, though the
+    audit looks at it for its output grid, its run and its views, and with ``--reuse`` for the record's check and its
+    views (the pipeline's :data:`~test_pipeline.INPUT_WORK` counted, each command keeping nothing of another's)."""
+    counted = counted_commands(monkeypatch)
+
+    def command(argv: list[str]) -> int:
+        code, calls = counted(argv)
+        assert calls["coarsen"] == 1 and max(calls.values()) == 1, calls
+        return code
+
     f = _files(tmp_path)
     rng = np.random.default_rng(1)
     data = np.zeros((28, 24, 8), dtype=np.float32)
@@ -176,7 +193,7 @@ def test_a_scan_finer_in_plane_than_the_target_is_resampled_and_its_run_audited(
     sr, std = tmp_path / "sr.nii.gz", tmp_path / "std.nii.gz"
     run = ["--model", str(f["model"]), "--input", str(scan), "--samples", "2", "--steps", "2", "--target-spacing",
            "1,1,1", "--noise-std", "2"]
-    assert main(["super-resolve", *run, "--output", str(sr), "--std", str(std)]) == 0
+    assert command(["super-resolve", *run, "--output", str(sr), "--std", str(std)]) == 0
     assert "resampled from 0.5 x 0.5 x 3 to 1 x 1 x 3 mm voxels" in capsys.readouterr().out
     mean = load_volume(sr)
     assert mean.shape == (14, 12, 24) and np.allclose(mean.spacing, 1.0)
@@ -185,7 +202,7 @@ def test_a_scan_finer_in_plane_than_the_target_is_resampled_and_its_run_audited(
     for extra in (["--reuse", str(sr), str(std)], []):  # a calibration region is a mask on the given scan's grid
         out = tmp_path / ("reused" if extra else "sampled")
         given = run[:4] if extra else run  # a reused run's settings are its record's
-        assert main(["audit", *given, "--output-dir", str(out), "--calibration-region", str(region), *extra]) == 0
+        assert command(["audit", *given, "--output-dir", str(out), "--calibration-region", str(region), *extra]) == 0
         card = json.loads((out / "report.json").read_text())["card"]
         assert card["coarsened_input"]["to_spacing"] == [1.0, 1.0, 3.0] and card["lr_spacing_mm"] == [1.0, 1.0, 3.0]
         assert "Input resampled" in (out / "report.html").read_text()
@@ -226,7 +243,9 @@ def test_a_reference_that_does_not_fit_is_refused_before_anything_is_written(tmp
         assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out),
                      "--reference", str(small), "--samples", "2", "--steps", "2"]) == 2
     assert calls == []
-    assert "does not cover the SR grid" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"gen-sr audit: error: {small}: does not cover the SR grid, 12 × 14 × 24 RAS+ voxels of 1 × 1 × 1 mm (give the "
+        "HR volume the LR was made from, or another that covers the input's field of view)")
     assert not out.exists()  # not even the folder
     record = tmp_path / "sr.json"
     save_volume(load_volume(f["hr"]), tmp_path / "sr.nii.gz")
@@ -251,14 +270,37 @@ def test_audit_of_two_coarse_axes_says_what_each_stack_of_slices_keeps(tmp_path:
     assert rows[six, 2.0]["best_percent"] < rows[three, 2.0]["best_percent"]
 
 
+def test_the_audit_says_when_its_cubic_baseline_was_linear(tmp_path: Path, capsys) -> None:
+    """Three slices are too few for a cubic spline: the report's cubic row is trilinear's, and the table (page, JSON
+    and terminal) says so in baseline_note's words."""
+    f = _files(tmp_path)
+    hr = load_volume(f["hr"])
+    lr, operator, _ = simulate_acquisition(hr, [SliceAcquisition(2, 8.0)])  # RAS+ axis 2: 24 mm in 3 slices
+    assert operator.lr_shape[2] == 3
+    three = save_volume(lr, tmp_path / "three.nii.gz")
+    out = tmp_path / "audit"
+    assert main(["audit", "--model", str(f["model"]), "--input", str(three), "--output-dir", str(out),
+                 "--reference", str(f["hr"]), "--samples", "2", "--steps", "2", "--slice-thickness", "8"]) == 0
+    note = baseline_note(operator, "cubic")
+    assert note is not None and f"* {note}" in capsys.readouterr().out
+    payload = json.loads((out / "report.json").read_text())
+    assert payload["baseline_notes"] == {"cubic": note} and payload["metrics"]["cubic"] == payload["metrics"][
+        "trilinear"]
+    page = (out / "report.html").read_text()
+    assert "<td>cubic *</td>" in page and f"* {escape(note)}." in page and "<td>trilinear</td>" in page
+
+
 def test_the_audit_of_a_refitted_run_says_where_the_prior_departed_from_the_data(tmp_path: Path, capsys) -> None:
     f = _files(tmp_path)
     run = ["--samples", "2", "--steps", "2", "--slice-thickness", "3", "--noise-std", "2.0", "--refit-disagreement"]
     out = tmp_path / "audit"
     assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(out), *run]) == 0
-    assert "before the refit" in capsys.readouterr().out
-    section = json.loads((out / "report.json").read_text())["data_disagreement"]
-    assert section["stage"] == "before_refit" and "before the output was fitted to the data" in section["text"]
+    assert f"beyond their noise, {DISAGREEMENT_STAGES['before_refit']} (" in capsys.readouterr().out
+    payload = json.loads((out / "report.json").read_text())
+    section, caption = payload["data_disagreement"], _caption(payload, "view_disagreement")
+    assert section["stage"] == "before_refit" and f"This map is {DISAGREEMENT_STAGES['before_refit']}." in section[
+        "text"]
+    assert caption.endswith(DISAGREEMENT_STAGES["before_refit"])  # the image says what the text says
     # reusing a refitted run: the map is of its output, after the refit, and says so
     sr, std = tmp_path / "sr.nii.gz", tmp_path / "std.nii.gz"
     assert main(["super-resolve", "--model", str(f["model"]), "--input", str(f["lr"]), "--output", str(sr), "--std",
@@ -266,8 +308,17 @@ def test_the_audit_of_a_refitted_run_says_where_the_prior_departed_from_the_data
     again = tmp_path / "again"
     assert main(["audit", "--model", str(f["model"]), "--input", str(f["lr"]), "--output-dir", str(again),
                  "--reuse", str(sr), str(std)]) == 0
-    section = json.loads((again / "report.json").read_text())["data_disagreement"]
-    assert section["stage"] == "after_refit" and "only what remains" in section["text"]
+    payload = json.loads((again / "report.json").read_text())
+    section, caption = payload["data_disagreement"], _caption(payload, "view_disagreement")
+    assert section["stage"] == "after_refit" and f"This map is {DISAGREEMENT_STAGES['after_refit']}." in section[
+        "text"]
+    assert caption.endswith(DISAGREEMENT_STAGES["after_refit"]) and "before the refit" not in caption
+    assert str(escape(caption)) in (again / "report.html").read_text()
+
+
+def _caption(payload: dict, figure: str) -> str:
+    """The title of a report's figure."""
+    return next(f["title"] for f in payload["figures"] if f["id"] == figure)
 
 
 def test_a_reused_run_is_described_with_the_calibration_its_risk_was_recomputed_with(tmp_path: Path, capsys) -> None:
@@ -299,6 +350,13 @@ def test_a_reused_run_is_described_with_the_calibration_its_risk_was_recomputed_
     assert f"risk:     {card['risk']['definition']}" in printed and "mean ± 5 × (std)" in card["risk"]["definition"]
     assert mismatch_text("grid") in card["risk"]["definition"] and "mean ± 2" not in printed
     assert "calibrated for another grid" in payload["verdict"]["text"] and not payload["calibration_holds"]
+    # a flag is explained at the scale the map was made with (std > error size ÷ 5), as a calibration that does not
+    # hold, not as none
+    meaning = payload["verdict"]["meaning"]
+    size = payload["verdict"]["error_size"]
+    assert (f"the samples' standard deviation exceeds {size / 5:.3g} input intensity units ({size:.3g} ÷ the scale 5)"
+            in meaning)
+    assert mismatch_text("grid") in meaning and "Without a calibration" not in meaning
     page = " ".join((out / "report.html").read_text().split())
     assert str(escape(mismatch_text("grid"))) in page and "other sampler settings" not in page
     # the map is the new scale's: 5/2 of the run's (a plain-std interval)

@@ -447,6 +447,27 @@ def test_info_with_a_model_says_what_super_resolve_would_do_without_sampling(cap
     assert "its coverage does not hold for this run" in out  # the model was calibrated with 8 samples
 
 
+def test_info_with_a_model_resamples_a_fine_scan_once_for_its_plan_and_timing(capsys, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """``info FILE --model DIR --time`` on a scan finer in-plane than the model was trained for: its plan and the
+    timed run resample the scan, read how that scaled its noise and read its noise once each
+    (:data:`~test_pipeline.INPUT_WORK`, counted)."""
+    import dataclasses
+
+    from helpers import head_in_air
+    from test_pipeline import _pipe, counted_commands
+
+    pipe = _pipe(2)
+    pipe.model_card = dataclasses.replace(pipe.model_card, in_plane_spacing=(0.7, 1.5), num_inference_steps=2)
+    pipe.save_pretrained(tmp_path / "model")
+    scan = head_in_air((96, 96, 4), sigma=2.0, radius=28.8).astype(np.float32)
+    path = write_nifti(tmp_path / "fine.nii.gz", scan, np.diag([0.35, 0.35, 2.8, 1.0]))
+    code, calls = counted_commands(monkeypatch)(["info", str(path), "--model", str(tmp_path / "model"), "--time",
+                                                 "--samples", "2"])
+    assert code == 0 and "resampled:   in-plane from 0.35" in capsys.readouterr().out
+    assert calls == {"coarsen": 1, "air_noise_gain": 1, "scan_noise_std": 1}
+
+
 def test_degrade_takes_a_measured_slice_profile_from_a_file(tmp_path: Path, capsys, hr_file: Path) -> None:
     from gen_sr.physics import SliceAcquisition, simulate_acquisition
 

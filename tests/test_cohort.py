@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import astuple
+from dataclasses import astuple, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +21,8 @@ from gen_sr.cli import main
 from gen_sr.cohort import find_scans, scan_outputs
 from gen_sr.errors import InputError
 from gen_sr.io import sidecar_path
-from gen_sr.risk import Calibration, Calibrations
+from gen_sr.risk import Calibration, Calibrations, mismatch_text
+from gen_sr.run_record import RunRecord
 from gen_sr.volume import load_volume
 
 ROOT = Path(__file__).parents[1]
@@ -97,7 +98,7 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     assert "4 done, 0 skipped" in captured.out and "1 failed" in captured.out
     assert captured.err.count("sub-09_T1w.nii.gz") == 1  # named once on its line
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["counts"] == {"done": 4, "skipped": 0, "failed": 1}
+    assert summary["counts"] == {"done": 4, "skipped": 0, "failed": 1, "calibration_does_not_hold": 4}
     rows = (tmp_path / "out" / "summary.tsv").read_text().splitlines()
     assert rows[0].split("\t")[:4] == ["scan", "status", "seconds", "noise_std"] and len(rows) == 6
     done = [r for r in summary["scans"] if r["status"] == "done"]
@@ -146,6 +147,48 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     elsewhere = [*[a if a != str(tmp_path / "out") else str(tmp_path / "mine") for a in args], "--overwrite"]
     assert main(elsewhere) == 1 and "is not a run record of this scan" in capsys.readouterr().err
     assert foreign.read_text() == '{"note": "mine"}'  # neither taken as finished nor removed
+
+
+def test_the_summary_says_whose_risk_maps_are_not_calibrated_for_their_runs(tmp_path: Path, capsys) -> None:
+    """Each row says whether the scan's risk map is calibrated for its run (from its run record), and why not; the
+    end of the run says how many are not, in the one wording of each reason; a skipped scan's come from its record."""
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    _cohort(tmp_path / "bids", n=2)
+    out = tmp_path / "out"
+    args = ["super-resolve", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "bids"), "--output-dir",
+            str(out), *SMALL]
+
+    def summary() -> tuple[list[dict], list[list[str]], str]:
+        rows = [r.split("\t") for r in (out / "summary.tsv").read_text().splitlines()]
+        said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("risk:")]
+        return json.loads((out / "summary.json").read_text())["scans"], rows, "\n".join(said)
+
+    assert main(args) == 0  # the model has no calibration
+    scans, rows, said = summary()
+    columns = rows[0].index("calibration_holds"), rows[0].index("calibration_mismatch")
+    assert rows[0][columns[0] - 1] == "flagged_fraction" and columns[1] == columns[0] + 1
+    assert [[r[c] for c in columns] for r in rows[1:]] == [["False", "uncalibrated"]] * 2
+    assert said == ("risk:     the risk maps of 2 of 2 scans are not calibrated for their runs (2 uncalibrated), so "
+                    "their flagged fractions bound nothing")
+    record = json.loads(sidecar_path(Path(scans[0]["output"])).read_text())
+    settings = RunRecord.from_dict(record).sampling
+    plain = {"alpha": 0.1, "delta": 0.1, "method": "crc", "bound": "hb", "num_volumes": 4, "risk_hat": 0.1,
+             "risk_upper": 0.1}
+    Calibration(scale=2.0, **plain, sampling=replace(settings, num_samples=8)).save(tmp_path / "model")
+    assert main([*args, "--overwrite"]) == 0
+    scans, rows, said = summary()
+    assert [(r["calibration_holds"], r["calibration_mismatch"]) for r in scans] == [(False, "settings")] * 2
+    assert said == ("risk:     the risk maps of 2 of 2 scans are not calibrated for their runs (2 calibrated for "
+                    f"other settings), so their flagged fractions bound nothing: {mismatch_text('settings')}")
+    assert main(args) == 0  # skipped: from their records
+    scans, _, again = summary()
+    assert {r["status"] for r in scans} == {"skipped"} and again == said
+    assert json.loads((out / "summary.json").read_text())["counts"]["calibration_does_not_hold"] == 2
+    Calibration(scale=2.0, **plain, sampling=settings).save(tmp_path / "model")  # made with the runs' settings
+    assert main([*args, "--overwrite"]) == 0
+    scans, rows, said = summary()
+    assert [(r["calibration_holds"], r["calibration_mismatch"]) for r in scans] == [(True, None)] * 2
+    assert [[r[c] for c in columns] for r in rows[1:]] == [["True", "n/a"]] * 2 and said == ""
 
 
 def test_two_processes_write_the_same_outputs_as_one_and_a_rerun_skips_all(tmp_path: Path) -> None:

@@ -13,13 +13,14 @@ from helpers import oblique_affine
 from test_pipeline import _pipe
 
 from gen_sr.cli import main
-from gen_sr.eval.baselines import BASELINES, baseline
+from gen_sr.eval.baselines import BASELINES, baseline, baseline_note, baseline_notes, linear_axes
 from gen_sr.eval.calibration import SHAPE_CANDIDATES
 from gen_sr.eval.cases import simulate_case
 from gen_sr.eval.evaluate import estimate_metrics, evaluate
 from gen_sr.eval.metrics import foreground, psnr
 from gen_sr.eval.tables import markdown_table, summarize, write_table
 from gen_sr.model_card import Holdout
+from gen_sr.physics import SliceAcquisition
 from gen_sr.risk import Calibration, CalibrationMismatchWarning
 from gen_sr.volume import Volume, load_volume, save_volume
 
@@ -39,6 +40,40 @@ def test_baselines_are_exact_where_the_truth_is_constant_across_slices() -> None
         np.testing.assert_allclose(baseline(case, name), case.hr.data, rtol=1e-6, atol=1e-6)
     rows = evaluate(None, [case], progress=False)
     assert {r["method"] for r in rows} == set(BASELINES) and all(r["psnr"] > 100 for r in rows)
+
+
+def test_a_cubic_baseline_with_too_few_slices_is_said_to_be_linear(tmp_path: Path, capsys) -> None:
+    """``cubic`` is linear along an axis with fewer than 4 LR slices (gen_sr.physics falls back): baseline_note says
+    so exactly where its figures are trilinear's, and where it is cubic along another axis only; gen-sr evaluate's
+    table (printed, .md and .json) carries the note."""
+    three = simulate_case(_hr(), "three", thickness=8.0)  # 24 mm: 3 slices
+    four = simulate_case(_hr(), "four", thickness=6.0)  # 4 slices
+    assert (three.lr.shape[2], four.lr.shape[2]) == (3, 4)
+    np.testing.assert_array_equal(baseline(three, "cubic"), baseline(three, "trilinear"))
+    assert linear_axes(three.operator, "cubic") == (2,) and linear_axes(three.operator, "trilinear") == ()
+    assert baseline_note(three.operator, "cubic") == (
+        "cubic: the input has too few slices for a cubic spline (at least 4) along RAS+ axis 2 (3 slices), where it "
+        "was computed as linear interpolation, so its figures are trilinear's")
+    assert not np.allclose(baseline(four, "cubic"), baseline(four, "trilinear"))
+    assert baseline_note(four.operator, "cubic") is None
+    assert all(baseline_note(three.operator, name) is None for name in ("trilinear", "sinc"))
+    both = simulate_case(_hr(shape=(12, 24, 24)), "both", transforms=[SliceAcquisition(1, 4.0),
+                                                                      SliceAcquisition(2, 8.0)])
+    assert both.lr.shape[1:] == (6, 3) and not np.allclose(baseline(both, "cubic"), baseline(both, "trilinear"))
+    assert baseline_note(both.operator, "cubic").endswith("(3 slices), where it was computed as linear "
+                                                          "interpolation, so it is cubic along the other axes only")
+    assert baseline_notes([three, four]) == [f"{baseline_note(three.operator, 'cubic')} (volumes three)"]
+    # gen-sr evaluate on 3 slices: the note under its table
+    model = tmp_path / "model"
+    _pipe(2).save_pretrained(model)
+    hr = save_volume(_hr(), tmp_path / "hr.nii.gz")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(model), "--data", str(hr), "--output-dir", str(out), "--samples", "2",
+                 "--steps", "2", "--slice-thickness", "8"]) == 0
+    note = baseline_note(three.operator, "cubic")
+    assert f"note:     {note}\n" in capsys.readouterr().out
+    assert f"\n{note}.\n" in (out / "evaluation.md").read_text()
+    assert json.loads((out / "evaluation.json").read_text())["notes"] == [note]
 
 
 def test_evaluate_rows_summary_and_files(tmp_path: Path) -> None:

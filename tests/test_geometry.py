@@ -9,7 +9,9 @@ from dataclasses import replace
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from helpers import oblique_affine
+from nibabel.affines import apply_affine
 from test_pipeline import _pipe
 
 from gen_sr.physics import GeometryWarning, SliceAcquisition, operator_from_spacings, simulate_acquisition
@@ -158,3 +160,50 @@ def test_non_dividing_target_keeps_every_slice_centre_on_the_hr_grid() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", GeometryWarning)
         assert operator_from_spacings((4, 4, 4), (4, 4, 5), lr_shape=(3, 3, 20)).hr_shape == (3, 3, 25)
+
+
+def _fov_corners(volume: Volume) -> np.ndarray:
+    """``(8, 3)`` world positions (mm) of the outer corners of ``volume``'s first and last voxels."""
+    edges = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in volume.shape], indexing="ij")).reshape(3, -1).T
+    return apply_affine(volume.affine, edges)
+
+
+@pytest.mark.parametrize("thickness", [3.0, 5.0, 6.5, 1.0])  # a gap, contiguous slices, an overlap, a big gap
+@pytest.mark.parametrize("h,spacing,n_lr", [(1.0, 5.0, 6), (0.7, 2.8, 9)])
+def test_the_slice_spacing_not_the_thickness_decides_the_field_of_view(thickness, h, spacing, n_lr) -> None:
+    """Slices with a gap, contiguous or overlapping: ``n`` slices every ``s`` mm span ``n × s`` mm whatever their
+    thickness. Made from an HR volume of that extent, their voxels' outer edges are the HR volume's; and going back,
+    the HR grid (the pipeline's, no warning) is that volume's, edge to edge, with an exact adjoint."""
+    n_hr = round(n_lr * spacing / h)
+    hr = Volume(np.random.default_rng(1).random((7, 6, n_hr), dtype=np.float32),
+                _float32(oblique_affine(spacing=(h, h, h))))
+    lr, _, _ = simulate_acquisition(hr, [SliceAcquisition(2, thickness, spacing)])
+    assert lr.shape[2] == n_lr
+    lr = lr.with_data(lr.data, _float32(lr.affine))  # as read back from its NIfTI file
+    assert np.allclose(_fov_corners(lr), _fov_corners(hr), atol=1e-4)
+    canon = lr.canonical()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GeometryWarning)
+        op = _any_axis_pipe().operator_for(canon, target_spacing=[h, h, h], slice_thickness=thickness)
+    assert op.hr_shape == hr.canonical().shape and op.lr_shape == canon.shape
+    sr = _grid(op.hr_shape, op.hr_affine(canon.affine))
+    assert np.allclose(_fov_corners(sr), _fov_corners(canon), atol=1e-4)  # both RAS+: corner for corner
+    assert np.allclose(sr.affine, hr.canonical().affine, atol=1e-4)
+    x = torch.from_numpy(np.random.default_rng(2).random((1, 1, *op.hr_shape)))
+    y = torch.from_numpy(np.random.default_rng(3).random((1, 1, *op.lr_shape)))
+    assert float((op(x) * y).sum()) == pytest.approx(float((x * op.adjoint(y)).sum()), rel=1e-12)
+
+
+def test_the_hr_grid_of_slices_with_a_gap_or_overlap_is_as_long_as_their_field_of_view() -> None:
+    """6 slices every 5 mm (30 mm) onto 1 mm voxels: 30 voxels for 3 mm (a gap), 5 mm and 6 mm (an overlap) slices,
+    not 28 or 31; 2.6 mm slices every 3 mm (7 of them, 21 mm) onto 1 mm: 21, where the 2.6 mm thickness alone
+    would not divide."""
+    for thickness in (3.0, 5.0, 6.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GeometryWarning)
+            op = operator_from_spacings((1, 1, 1), (1, 1, 5), lr_shape=(3, 4, 6), slice_thickness=thickness)
+        assert op.hr_shape == (3, 4, 30), thickness
+        assert op.lr_index_to_hr_index()[2, 3] == pytest.approx(2.0)  # the first slice's voxel starts the grid
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GeometryWarning)
+        assert operator_from_spacings((1, 1, 1), (1, 1, 3), lr_shape=(3, 4, 7), slice_thickness=2.6).hr_shape[2] == 21

@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
-from helpers import head_in_air, oblique_affine
+from helpers import count_calls, head_in_air, oblique_affine
 
 from gen_sr.errors import InputError
 from gen_sr.model_card import Adaptation, ModelCard
@@ -21,7 +23,7 @@ from gen_sr.physics import AcquisitionOperator, SliceAcquisition, simulate_acqui
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.guidance import final_projection
 from gen_sr.schedulers import DDIMDataConsistencyScheduler
-from gen_sr.volume import Volume
+from gen_sr.volume import Volume, VolumeMemo
 
 
 def _pipe(spatial_dims: int, autoencoder: str = "kl", levels: int = 1) -> LatentDiffusionSRPipeline:
@@ -336,6 +338,55 @@ def test_the_default_grid_is_no_finer_in_plane_than_the_model_was_trained_for() 
     assert not out.metadata["outside_training"]
     near = Volume(data, np.diag([0.65, 0.65, 2.6, 1.0]))
     assert pipe.output_grid(near).shape == (24, 20, 16)
+
+
+INPUT_WORK = ("coarsen", "air_noise_gain", "scan_noise_std")
+"""What the pipeline computes from a fine input before any sampling, seconds each on a real scan: its resampling, how
+that scaled its noise, and its noise read from the air."""
+
+
+def counted_commands(monkeypatch: pytest.MonkeyPatch) -> Callable[[list[str]], tuple[int, Counter]]:
+    """``gen-sr`` as in a process of its own (keeping nothing that another command computed), returning its exit code
+    and how often it called each of :data:`INPUT_WORK`."""
+    import gen_sr.pipelines.pipeline_latent_sr as pipeline_module
+    from gen_sr.cli import main
+
+    calls = count_calls(pipeline_module, INPUT_WORK, monkeypatch.setattr)
+
+    def command(argv: list[str]) -> tuple[int, Counter]:
+        monkeypatch.setattr(pipeline_module, "_INPUTS", VolumeMemo())
+        calls.clear()
+        return main(argv), Counter(calls)
+    return command
+
+
+def test_the_calls_on_one_input_resample_it_and_read_its_noise_once(monkeypatch) -> None:
+    """A 0.35 mm in-plane scan and a model trained for 0.7-1.5 mm: its plan, its output grid, two runs and the input
+    as they measured it resample it, read how that scaled its noise and read its noise once (:data:`INPUT_WORK`, each
+    the real function, counted), and the second run is the first bit for bit. The resampled input handed out is the
+    caller's own, and a scan changed in place is one to resample anew."""
+    import gen_sr.pipelines.pipeline_latent_sr as pipeline_module
+    from gen_sr.physics import coarsen
+
+    calls = count_calls(pipeline_module, INPUT_WORK, monkeypatch.setattr)
+    pipe = _pipe(2)
+    pipe.model_card = dataclasses.replace(pipe.model_card, in_plane_spacing=(0.7, 1.5))
+    data = head_in_air((48, 48, 4), sigma=2.0, radius=14.4, seed=7).astype(np.float32)
+    lr = Volume(data, np.diag([0.35, 0.35, 2.8, 1.0]))
+    plan, grid = pipe.plan(lr), pipe.output_grid(lr)
+    first, again = (pipe(lr, num_samples=2, generator=_gens(0, 1), **(RUN | {"noise_std": "auto"})) for _ in range(2))
+    measured = pipe.measured_input(lr, first.record)
+    assert calls == dict.fromkeys(INPUT_WORK, 1)
+    assert plan.noise_std == first.record.noise_std and grid.shape == first.mean.shape
+    for key in ("mean", "samples", "std", "risk", "dc_residual", "data_disagreement"):
+        np.testing.assert_array_equal(getattr(again, key), getattr(first, key))
+    assert {**again.metadata, "timings": None} == {**first.metadata, "timings": None}
+    measured.data[:] = 0  # the caller's own: the next answer is still the resampled scan
+    to_spacing = first.metadata["coarsened_input"]["to_spacing"]
+    np.testing.assert_array_equal(pipe.measured_input(lr, first.record).data, coarsen(lr, to_spacing)[0].data)
+    lr.data[20, 20, 1] += 50  # changed in place: another scan
+    changed = pipe(lr, num_samples=2, generator=_gens(0, 1), **(RUN | {"noise_std": "auto"}))
+    assert calls == dict.fromkeys(INPUT_WORK, 2) and not np.array_equal(changed.mean, first.mean)
 
 
 def test_outputs_land_at_the_right_world_coordinates() -> None:

@@ -8,7 +8,7 @@ import json
 import math
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,9 @@ from gen_sr.audit import figures
 from gen_sr.audit.clusters import PeakRule, ranked_peaks
 from gen_sr.audit.page import card_rows
 from gen_sr.audit.report import BACKGROUND, build_report, risk_clusters, risk_peaks
-from gen_sr.audit.summary import grouped
+from gen_sr.audit.summary import flag_meaning, grouped
 from gen_sr.model_card import Adaptation
-from gen_sr.risk import MISMATCH_WORDING, Calibration, describe_risk, mismatch_text
+from gen_sr.risk import MISMATCH_WORDING, Calibration, IntervalShape, describe_risk, mismatch_text, risk_map
 from gen_sr.volume import Volume
 
 SHAPE = (12, 14, 10)
@@ -79,7 +79,7 @@ CURVE = {"nominal": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95], "observed": [0.46, 0.58, 0.
 def full_report(tmp_path_factory) -> tuple[Path, dict, dict]:
     out = tmp_path_factory.mktemp("audit")
     inputs = _inputs()
-    payload = build_report(out, **inputs, card=CARD, risk_threshold=THRESHOLD, calibrated=True,
+    payload = build_report(out, **inputs, card=CARD, risk_threshold=THRESHOLD, calibration=CALIBRATED,
                            calibration_mismatch=None, metrics=METRICS, calibration_curve=CURVE,
                            input_name="sub-01_T1w_lr.nii.gz", sr_axis=2)
     return out, payload, inputs
@@ -198,7 +198,7 @@ def test_user_strings_are_escaped(tmp_path) -> None:
     name = "<script>alert(1)</script>.nii.gz"
     payload = build_report(tmp_path, lr=inputs["lr"], mean=inputs["mean"], std=inputs["std"], risk=inputs["risk"],
                            dc_residual=inputs["dc_residual"], card={"operator": "<img src=x onerror=alert(1)>",
-                           "<i>model</i>": "a & b"}, risk_threshold=THRESHOLD, calibrated=False,
+                           "<i>model</i>": "a & b"}, risk_threshold=THRESHOLD, calibration=None,
                            calibration_mismatch=None, masks=masks,
                            metrics={"<em>m</em>": {"<u>PSNR</u>": 1.0}}, input_name=name, sr_axis=0)
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
@@ -216,7 +216,7 @@ def test_report_without_clusters_or_masks(tmp_path) -> None:
     inputs = _inputs()
     payload = build_report(tmp_path / "new" / "dir", lr=inputs["lr"], mean=inputs["mean"], std=inputs["std"],
                            risk=inputs["risk"], dc_residual=inputs["dc_residual"], card={}, risk_threshold=2.0,
-                           calibrated=False, calibration_mismatch=None, input_name="x.nii.gz", sr_axis=1)
+                           calibration=None, calibration_mismatch=None, input_name="x.nii.gz", sr_axis=1)
     assert payload["clusters"] == [] and payload["verdict"]["flagged_voxels"] == 0
     assert payload["verdict"]["text"].startswith("0.0 % of the foreground flagged high-risk")
     assert payload["views"]["centred_on"] == "the volume centre"
@@ -229,8 +229,8 @@ def test_without_a_brain_mask_or_tissue_maps_the_texts_say_foreground_not_brain(
     every text names it so; a brain mask makes it the brain."""
     inputs = _inputs()
     common = {k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual", "reference")}
-    payload = build_report(tmp_path / "fg", **common, card={}, risk_threshold=THRESHOLD, calibrated=True,
-                           calibration_mismatch=None, alpha=0.1, intensity_range=1.0, input_name="x", sr_axis=2)
+    payload = build_report(tmp_path / "fg", **common, card={}, risk_threshold=THRESHOLD, calibration=CALIBRATED,
+                           calibration_mismatch=None, intensity_range=1.0, input_name="x", sr_axis=2)
     v = payload["verdict"]
     page = " ".join((tmp_path / "fg" / "report.html").read_text(encoding="utf-8").split())
     assert v["region"] == "foreground" and v["foreground"].startswith("foreground (SR mean above")
@@ -242,7 +242,7 @@ def test_without_a_brain_mask_or_tissue_maps_the_texts_say_foreground_not_brain(
     brain = inputs["masks"]["GM"].with_data((inputs["masks"]["GM"].data + inputs["masks"]["WM"].data >= 0.5)
                                             .astype(np.float32))
     masked = build_report(tmp_path / "brain", **common, brain_mask=brain, card={}, risk_threshold=THRESHOLD,
-                          calibrated=True, calibration_mismatch=None, alpha=0.1, intensity_range=1.0, input_name="x",
+                          calibration=CALIBRATED, calibration_mismatch=None, intensity_range=1.0, input_name="x",
                           sr_axis=2)
     assert masked["verdict"]["region"] == "brain" and "% of the brain flagged" in masked["verdict"]["text"]
     assert "inside the brain mask, more than" in masked["peak_rule"]["text"]
@@ -351,7 +351,7 @@ def test_views_follow_the_peak_rule_and_say_so(tmp_path) -> None:
     vol = lambda a: Volume(np.asarray(a, dtype=np.float32), risk.affine)  # noqa: E731
     mean = vol(np.where(brain, 1.0, 0.0))
     payload = build_report(tmp_path, lr=mean, mean=mean, std=vol(risk.data / 2), risk=risk,
-                           dc_residual=vol(0 * brain), card={}, risk_threshold=0.3, calibrated=False,
+                           dc_residual=vol(0 * brain), card={}, risk_threshold=0.3, calibration=None,
                            calibration_mismatch=None,
                            masks={"GM": vol(brain)}, input_name="x", sr_axis=2)
     page = " ".join((tmp_path / "report.html").read_text(encoding="utf-8").split())
@@ -368,6 +368,7 @@ CALIBRATION = {"scale": 0.4525472352276444, "alpha": 0.1, "delta": 0.1, "method"
                "num_volumes": 96, "risk_hat": 0.0902, "risk_upper": 0.1636,
                "details": {"data": ["runs/subjects/calibration"], "units": 96, "volumes": [f"s{i}" for i in range(8)]},
                "shape": {"smoothing": 1.0, "noise_floor": 0.0, "edge_weight": 3.2}}
+CALIBRATED = Calibration(**CALIBRATION)
 AUDIT_CARD = {"input": "sub-01_T1w_lr.nii.gz", "model": "models/heads2d",
               "operator": "axis 2: 4 mm slices every 4 mm, gaussian profile", "lr_spacing_mm": [1.0, 0.9, 2.2],
               "sr_spacing_mm": [1.0, 0.9, 1.1], "sampler": "DPMSolverDataConsistencyScheduler(trailing)", "steps": 50,
@@ -400,7 +401,14 @@ def test_card_rows_are_short_and_labelled() -> None:
     no_grid = dict(card_rows({**AUDIT_CARD, "calibration": no_grid}))["Calibration"]
     assert "one scale per mm of the output voxel size, fitted on every grid together: 3.16 per mm); miss" in no_grid
     assert rows["Interval"] == "mean ± 0.4525 × (std smoothed over 1 voxel + 3.2 × |∇ mean|)"
-    assert rows["Sampler"] == "DPMSolverDataConsistencyScheduler(trailing)" and rows["Sampler steps"] == "50"
+    # the sampler in words, with its steps (report.json keeps its recorded name)
+    assert rows["Sampler"] == "DPM-Solver++, 50 steps, trailing spacing" and "Sampler steps" not in rows
+    assert not any("DataConsistencyScheduler" in v for v in rows.values())
+    sde = {**AUDIT_CARD, "sampler": "DPMSolverDataConsistencyScheduler(sde-dpmsolver++, linspace)", "steps": 1}
+    assert dict(card_rows(sde))["Sampler"] == "SDE-DPM-Solver++, 1 step, linspace spacing"
+    assert dict(card_rows({**AUDIT_CARD, "sampler": "DDIMDataConsistencyScheduler"}))["Sampler"] == "DDIM, 50 steps"
+    other = dict(card_rows({**AUDIT_CARD, "sampler": "EulerDiscreteScheduler", "steps": None}))
+    assert other["Sampler"] == "EulerDiscreteScheduler" and other["Sampler steps"] == "—"
     assert rows["Timings"] == "prepare 2.2 s, denoise 180 s, decode 10 s, stitch uncertainty 0.41 s"
     adapted = {"adapt_s": 95.2, "calibrate_s": 40.3, "compare_s": 38.9, **AUDIT_CARD["timings_s"]}
     assert dict(card_rows({**AUDIT_CARD, "timings_s": adapted}))["Timings"] == (
@@ -445,9 +453,9 @@ def test_colour_bars_name_their_units(monkeypatch) -> None:
 def test_report_says_what_a_flag_means_and_warns(tmp_path) -> None:
     inputs = _inputs()
     outside = ["slice thickness 8 mm along S is outside the trained 2-6 mm"]
-    payload = build_report(tmp_path, **inputs, card=AUDIT_CARD, risk_threshold=THRESHOLD, calibrated=True,
+    payload = build_report(tmp_path, **inputs, card=AUDIT_CARD, risk_threshold=THRESHOLD, calibration=CALIBRATED,
                            calibration_mismatch=None,
-                           input_name="sub-01_T1w_lr.nii.gz", sr_axis=2, intensity_range=0.5, alpha=0.1,
+                           input_name="sub-01_T1w_lr.nii.gz", sr_axis=2, intensity_range=0.5,
                            outside_training=outside)
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     v = payload["verdict"]
@@ -482,7 +490,7 @@ def test_report_says_what_a_flag_means_and_warns(tmp_path) -> None:
 def test_uncalibrated_flags_promise_no_coverage(tmp_path) -> None:
     inputs = _inputs()
     payload = build_report(tmp_path, **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")},
-                           card={}, risk_threshold=THRESHOLD, calibrated=False, calibration_mismatch=None,
+                           card={}, risk_threshold=THRESHOLD, calibration=None, calibration_mismatch=None,
                            input_name="x", sr_axis=2,
                            intensity_range=2.0, outside_training=[])
     v = payload["verdict"]
@@ -501,8 +509,8 @@ def test_a_calibration_not_made_for_the_run_says_why_and_promises_no_coverage(tm
     cal = Calibration(**CALIBRATION)
     payload = build_report(tmp_path, **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")},
                            card={"risk": describe_risk(cal, mismatch, calibration_region=False)},
-                           risk_threshold=THRESHOLD, calibrated=True, calibration_mismatch=mismatch, input_name="x",
-                           sr_axis=2, intensity_range=2.0, alpha=0.1, outside_training=[])
+                           risk_threshold=THRESHOLD, calibration=cal, calibration_mismatch=mismatch, input_name="x",
+                           sr_axis=2, intensity_range=2.0, outside_training=[])
     v, wording = payload["verdict"], MISMATCH_WORDING[mismatch]
     assert f"calibrated {wording.label})" in v["text"] and v["unflagged_miss_bound_percent"] is None
     assert v["risk_note"].startswith(f"Calibrated {wording.label}: ") and mismatch_text(mismatch) in v["risk_note"]
@@ -513,10 +521,42 @@ def test_a_calibration_not_made_for_the_run_says_why_and_promises_no_coverage(tm
     assert not any(str(escape(w.made_for)) in page for w in others)  # only this run's reason
     held = build_report(tmp_path / "held", **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")},
                         card={"risk": describe_risk(cal, None, calibration_region=False)}, risk_threshold=THRESHOLD,
-                        calibrated=True, calibration_mismatch=None, input_name="x", sr_axis=2, intensity_range=2.0,
-                        alpha=0.1, outside_training=[])
+                        calibration=cal, calibration_mismatch=None, input_name="x", sr_axis=2, intensity_range=2.0,
+                        outside_training=[])
     assert "calibrated)" in held["verdict"]["text"] and held["verdict"]["unflagged_miss_bound_percent"] is not None
     assert held["calibration_holds"] and "coverage does not hold" not in (tmp_path / "held" / "report.html").read_text()
+
+
+def test_a_flag_under_a_calibration_that_does_not_hold_is_explained_at_the_scale_applied(tmp_path) -> None:
+    """A risk map made with a calibration made for other settings (λ̂ = 3.16 on the std) flags where the std exceeds
+    the error size ÷ 3.16: the text gives that std, says that a calibration was applied whose coverage does not hold
+    and why, and claims no coverage; it does not call the run uncalibrated. Each scale of a calibration fitted per
+    region, and a spread other than the std, are said too."""
+    inputs = _inputs()
+    cal = Calibration(scale=3.16, alpha=0.1, delta=0.1, method="crc", bound="hb", num_volumes=30, risk_hat=0.09,
+                      risk_upper=0.1)
+    std, mean = inputs["std"], inputs["mean"]
+    risk = std.with_data(risk_map(std.data, mean.data, cal, intensity_range=0.5))
+    payload = build_report(tmp_path, **{**{k: inputs[k] for k in ("lr", "mean", "std", "dc_residual")}, "risk": risk},
+                           card={}, risk_threshold=THRESHOLD, calibration=cal, calibration_mismatch="settings",
+                           input_name="x", sr_axis=2, intensity_range=0.5, outside_training=[])
+    meaning = payload["verdict"]["meaning"]
+    at = THRESHOLD * 0.5 / 3.16  # the std a flag stands for
+    assert meaning.startswith("Where flagged, the interval of the model's calibration, mean ± 3.16 × (std), is wider "
+                              "than ±0.15 input intensity units (the threshold 0.3 × the input's robust intensity "
+                              f"range 0.5): the samples' standard deviation exceeds {at:.3g} input intensity units "
+                              "(0.15 ÷ the scale 3.16), so the shown intensity is uncertain there.")
+    assert f"The risk map uses that calibration, but {mismatch_text('settings')}." in meaning
+    assert "no flagged fraction is expected" in meaning and "Without a calibration" not in meaning
+    fg = payload["verdict"]["foreground_voxels"]
+    assert 0 < payload["verdict"]["flagged_voxels"] < fg
+    assert np.mean((risk.data > THRESHOLD) == (std.data > at)) > 0.999  # what the text says is what was flagged
+    per_region = replace(cal, outside_scale=4.0, shape=IntervalShape(smoothing=1.0))
+    text, bound = flag_meaning(0.1, calibration=per_region, mismatch="grid", intensity_range=None,
+                               unflagged_fraction=0.9, region="brain")
+    assert bound is None and mismatch_text("grid") in text
+    assert ("the spread std smoothed over 1 voxel exceeds 0.0316 × the input's robust intensity range in the "
+            "calibration region and 0.025 × the input's robust intensity range outside it") in text
 
 
 def test_each_mismatch_is_worded_once_and_a_build_without_the_reason_is_refused(tmp_path) -> None:
@@ -531,7 +571,7 @@ def test_each_mismatch_is_worded_once_and_a_build_without_the_reason_is_refused(
     inputs = _inputs()
     with pytest.raises(TypeError, match="calibration_mismatch"):
         build_report(tmp_path, **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")}, card={},
-                     risk_threshold=THRESHOLD, calibrated=True, input_name="x", sr_axis=2)
+                     risk_threshold=THRESHOLD, calibration=CALIBRATED, input_name="x", sr_axis=2)
     # a card's risk record that does not say whether it holds is shown as it stands, not as holding
     row = dict(card_rows({"risk": {"calibrated": True, "definition": "d"}}))["Risk"]
     assert row == "calibrated: yes; definition: d"

@@ -8,18 +8,44 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from helpers import oblique_affine, tiny_pipeline, write_nifti
+from nibabel.affines import voxel_sizes
 
 from gen_sr.errors import InputError
 from gen_sr.io import atomic_dir, atomic_write, sidecar_slice_profile, sidecar_slice_thickness
 from gen_sr.physics import SliceAcquisition, simulate_acquisition
 from gen_sr.sample_data import load_mni152
-from gen_sr.volume import IntensityNormalization, Volume, load_volume, save_volume
+from gen_sr.volume import IntensityNormalization, Volume, VolumeMemo, load_volume, save_volume
 
 
 def _volume(shape=(6, 7, 8), affine=None) -> Volume:
     data = np.random.default_rng(1).random(shape).astype(np.float32)
     return Volume(data=data, affine=oblique_affine() if affine is None else affine)
+
+
+def test_a_memo_computes_once_per_volume_and_never_answers_for_other_voxels() -> None:
+    """``VolumeMemo``: the same voxels and affine (another object, another name) get the kept result; a voxel
+    changed in place, the same values in another dtype, another affine or another ``what`` are computed anew; only
+    the last ``volumes`` volumes are kept."""
+    memo, computed = VolumeMemo(volumes=2), []
+
+    def total(volume: Volume, what: str = "sum") -> float:
+        return memo.get(volume, what, lambda: computed.append(what) or float(volume.data.sum()))
+
+    a = _volume()
+    assert total(a) == total(Volume(a.data.copy(), a.affine.copy(), source="elsewhere.nii")) and len(computed) == 1
+    a.data[1, 2, 3] += 1  # changed in place: the same object is another volume now
+    assert total(a) == pytest.approx(float(a.data.sum())) and len(computed) == 2
+    total(a, "another")
+    total(a)
+    assert computed == ["sum", "sum", "another"]
+    wider, moved = Volume(a.data.astype(np.float64), a.affine), Volume(a.data, a.affine * 1.001)
+    for other in (wider, moved, wider):  # the same values in float64, another affine: other volumes
+        total(other)
+    assert len(computed) == 5
+    total(a)  # dropped: two volumes came after it
+    assert len(computed) == 6
 
 
 def test_save_load_round_trip_keeps_data_and_geometry(tmp_path: Path) -> None:
@@ -49,6 +75,90 @@ def test_a_sheared_affine_is_written_as_the_sform_alone_and_read_back_exactly(tm
         assert np.allclose(img.header.get_zooms()[:3], vol.spacing, atol=1e-6)
         vol = load_volume(path)
         assert np.allclose(vol.affine, affine, atol=1e-6)
+
+
+def _turned(affine: np.ndarray, degrees: float = 1.0) -> np.ndarray:
+    """``affine`` turned by ``degrees`` about the world's z axis and moved by (2, -1, 0.5) mm."""
+    a = np.deg2rad(degrees)
+    world = np.eye(4)
+    world[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    world[:3, 3] = (2.0, -1.0, 0.5)
+    return world @ affine
+
+
+def _sheared(affine: np.ndarray) -> np.ndarray:
+    out = affine.copy()
+    out[:3, :3] = out[:3, :3] @ np.array([[1.0, 0.2, 0.0], [0.0, 1.0, 0.1], [0.0, 0.0, 1.0]])
+    return out
+
+
+TRANSFORM_CASES = {  # name: (sform, its code, qform (nibabel writes a sheared one without its shear), its code)
+    "qform turned 1 degree from the sform": (oblique_affine((1.0, 1.0, 3.0)), 2, _turned(oblique_affine((1, 1, 3))), 1),
+    "qform only": (np.eye(4), 0, oblique_affine((1.0, 1.0, 3.0)), 1),
+    "sform only": (oblique_affine((1.0, 1.0, 3.0)), 4, np.eye(4), 0),
+    "both the same (ordinary)": (oblique_affine((1.0, 1.0, 3.0)), 1, oblique_affine((1.0, 1.0, 3.0)), 1),
+    "sheared sform, qform without the shear": (_sheared(oblique_affine((1.0, 1.0, 3.0))), 2,
+                                               _sheared(oblique_affine((1.0, 1.0, 3.0))), 1),
+}
+
+
+def _two_transform_scan(path: Path, sform: np.ndarray, sform_code: int, qform: np.ndarray, qform_code: int,
+                        shape=(12, 10, 5)) -> Path:
+    """A scan whose header holds ``sform`` and ``qform`` with their own codes (0: present but not to be used)."""
+    img = nib.Nifti1Image(np.random.default_rng(0).random(shape).astype(np.float32) * 100 + 50, None)
+    img.header.set_sform(sform, code=sform_code)
+    img.header.set_qform(qform, code=qform_code)
+    nib.save(img, path)
+    return path
+
+
+def _check_transforms_carried(scan: nib.Nifti1Image, out: nib.Nifti1Image) -> None:
+    """Every transform of ``scan`` is in ``out`` with its code, moved only by the voxel-grid change
+    ``T = inv(scan.affine) @ out.affine``; one ``scan`` does not use (code 0) stays unused."""
+    grid_change = np.linalg.inv(scan.affine) @ out.affine  # output voxel -> input voxel
+    for name in ("qform", "sform"):
+        before, code = getattr(scan.header, f"get_{name}")(coded=True)
+        after, code_out = getattr(out.header, f"get_{name}")(coded=True)
+        assert code_out == code, (name, code, code_out)
+        if code:
+            assert np.allclose(after, before @ grid_change, atol=1e-4), name
+    qform, qform_code = out.header.get_qform(coded=True)
+    assert np.allclose(out.header.get_zooms()[:3], voxel_sizes(qform if qform_code else out.affine), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(TRANSFORM_CASES))
+def test_each_of_the_inputs_transforms_is_carried_with_its_code_through_a_grid_change(tmp_path: Path, case) -> None:
+    """An input's qform and sform, each with its own code, come out of the grid change a run makes (RAS+, the
+    finer slice grid, and back to the file's axes) moved only by that change: a reader that prefers either places
+    the output where it places the input. A transform the input does not use stays unused."""
+    scan = _two_transform_scan(tmp_path / "in.nii.gz", *TRANSFORM_CASES[case])
+    vol = load_volume(scan)
+    assert (vol.sform_to_qform is None) == (case in ("qform only", "sform only", "both the same (ordinary)"))
+    canon = vol.canonical()
+    fine = np.diag([1.0, 1.0, 1.0, 1.0])
+    fine[:3, :3] = np.diag(1 / np.asarray(canon.spacing))  # 1 mm voxels along every axis, from the first centre
+    shape = tuple(round((n - 1) * h) + 1 for n, h in zip(canon.shape, canon.spacing, strict=True))
+    out = canon.with_data(np.random.default_rng(1).random(shape, np.float32), canon.affine @ fine)
+    out = out.reorient(vol.orientation)
+    out = out.crop((1, 0, 2), out.shape)  # and a crop
+    for name in ("once.nii.gz", "twice.nii.gz"):  # and again from the output, as loaded
+        written = save_volume(out, tmp_path / name)
+        _check_transforms_carried(nib.load(scan), nib.load(written))
+        assert np.allclose(nib.load(written).affine, out.affine, atol=1e-5)  # nibabel's choice is the affine
+        out = load_volume(written)
+
+
+def test_a_super_resolved_scan_keeps_the_inputs_qform_and_sform(tmp_path: Path) -> None:
+    """Through the pipeline (a tiny real model), from a file and as a nibabel image: the mean, its maps and the
+    samples' 4D image carry the input's two transforms, a 1-degree turn apart, each with its code."""
+    scan = _two_transform_scan(tmp_path / "in.nii.gz", *TRANSFORM_CASES["qform turned 1 degree from the sform"])
+    pipe = tiny_pipeline()
+    for given in (scan, nib.load(scan)):
+        out = pipe(given, num_samples=2, generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+                   slice_thickness=3.0, output_type="nifti", num_inference_steps=2, noise_std=0.0)
+        assert out.mean.shape[2] == 15  # 5 slices of 3 mm on 1 mm voxels
+        for image in (out.mean, out.std, out.risk, out.samples):
+            _check_transforms_carried(nib.load(scan), image)
 
 
 @pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("L", "P", "S"), ("A", "S", "L"), ("I", "R", "P")])

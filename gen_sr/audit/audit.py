@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from scipy.stats import norm
 
 from gen_sr.audit.report import build_report
 from gen_sr.errors import InputError
-from gen_sr.eval.baselines import BASELINES, baseline
+from gen_sr.eval.baselines import BASELINES, baseline, baseline_note
 from gen_sr.eval.cases import Case
 from gen_sr.eval.evaluate import estimate_metrics
 from gen_sr.eval.metrics import foreground
@@ -118,6 +118,14 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
     return maps, run
 
 
+def _as_applied(calibration: Calibration | None, region_given: bool) -> Calibration | None:
+    """``calibration`` as a run's risk map applied it: one fitted per region, for a run not given the region, with the
+    larger of its two scales everywhere (:meth:`~gen_sr.risk.Calibration.scale_map`)."""
+    if calibration is None or calibration.outside_scale is None or region_given:
+        return calibration
+    return replace(calibration, scale=float(calibration.scale_map()), outside_scale=None)
+
+
 def _mismatch(pipe: LatentDiffusionSRPipeline, calibration: Calibration | None, run: RunRecord,
               lr: Volume) -> Mismatch | None:
     """Why a run's calibration was not made for it, ``None`` where it was
@@ -189,8 +197,11 @@ def audit(
     out = check_output_dir(output_dir, overwrite, AUDIT_FILES, inputs=[*given, *(reuse or ())])
     if brain_mask is not None:
         _check_mask(brain_mask)
-    given_volumes = {"reference": reference, "brain mask": brain_mask,
-                     **{f"{name} tissue map": m for name, m in (masks or {}).items()}}
+    given_volumes = {"reference": (reference, "give the HR volume the LR was made from, or another that covers the "
+                                              "input's field of view"),
+                     "brain mask": (brain_mask, "give a brain mask on the input's field of view"),
+                     **{f"{name} tissue map": (m, f"give the {name} tissue map on the input's field of view")
+                        for name, m in (masks or {}).items()}}
     if reuse is None:  # before any sampling: a reference or mask that does not fit the output grid is an error
         geometry = {k: v for k, v in pipe_kwargs.items() if k in _GEOMETRY_ARGUMENTS}
         _check_cover(given_volumes, pipe.output_grid(lr, **geometry))
@@ -220,6 +231,7 @@ def audit(
                   else pipe.calibration_region_mask(given, calibration_region, maps["mean"].canonical()))
         metrics, curve = _against_reference(maps, lr, reference, operator, run, brain_mask, masks, calibration,
                                             region)
+    notes = {name: note for name in BASELINES if metrics and (note := baseline_note(operator, name)) is not None}
     out.mkdir(parents=True, exist_ok=True)
     for key, name in {**MAP_FILES, "data_disagreement": DISAGREEMENT_FILE}.items():
         if key in maps:
@@ -257,13 +269,13 @@ def audit(
                         dc_residual=maps["dc_residual"], disagreement=maps.get("data_disagreement"),
                         disagreement_stage=stage,
                         card=card, risk_threshold=risk_threshold,
-                        calibrated=calibration is not None,
+                        calibration=_as_applied(calibration, calibration_region is not None),
                         calibration_mismatch=mismatch,
                         masks=masks, brain_mask=brain_mask, reference=reference,
-                        metrics=metrics,
+                        metrics=metrics, baseline_notes=notes,
                         calibration_curve=curve, input_name=input_name,
                         sr_axis=next(a for a in range(3) if maps["risk"].axis_to_canonical(a) == axis),
-                        intensity_range=float(norm.scale), alpha=calibration.alpha if calibration is not None else None,
+                        intensity_range=float(norm.scale),
                         outside_training=outside, visibility=structure_visibility(operator))
 
 
@@ -280,18 +292,18 @@ def _check_mask(mask: Volume) -> None:
                          "give a mask holding 1 inside the brain and 0 outside")
 
 
-def _check_cover(volumes: dict[str, Volume | None], grid: Volume) -> None:
-    """A reference, brain mask or tissue map must cover every voxel centre of the SR grid ``grid``, and a brain mask
-    hold some of it."""
-    for what, volume in volumes.items():
+def _check_cover(volumes: dict[str, tuple[Volume | None, str]], grid: Volume) -> None:
+    """A reference, brain mask or tissue map (``volumes``: by what it is, the volume and the advice for one that does
+    not cover) must cover every voxel centre of the SR grid ``grid``, and a brain mask hold some of it."""
+    canon = grid.canonical()  # said alike whichever orientation it is given in
+    where = "the SR grid, {} RAS+ voxels of {} mm".format(" × ".join(map(str, canon.shape)),
+                                                          " × ".join(f"{s:.3g}" for s in canon.spacing))
+    for what, (volume, advice) in volumes.items():
         if volume is None:
             continue
-        where = f"the SR grid ({grid.shape} voxels of {np.round(grid.spacing, 3).tolist()} mm)"
         if not covers(volume, grid):
-            raise InputError(f"does not cover {where}", volume.source,
-                             f"give a {what} on the input's field of view (for a reference: the HR volume the LR "
-                             "was made from)")
-        if what == "brain mask" and not (resample_to(volume, grid.canonical(), order=0).data >= 0.5).any():
+            raise InputError(f"does not cover {where}", volume.source, advice)
+        if what == "brain mask" and not (resample_to(volume, canon, order=0).data >= 0.5).any():
             raise InputError(f"holds no voxel of {where}", volume.source, "give the brain mask of this scan")
 
 

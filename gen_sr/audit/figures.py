@@ -15,7 +15,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from nibabel.affines import apply_affine
 
-from gen_sr.audit.summary import INTENSITY_UNIT
+from gen_sr.audit.summary import DISAGREEMENT_STAGES, INTENSITY_UNIT, DisagreementStage
 from gen_sr.volume import Volume
 
 __all__ = ["INTENSITY_UNIT", "RISK_UNIT", "FigureRecord", "calibration_plot", "orthogonal_views", "png_uri",
@@ -96,12 +96,14 @@ def view_row(volume: Volume, centre: np.ndarray, layers: Sequence[Layer], label:
 
 
 def orthogonal_views(maps: Mapping[str, Volume], centre: np.ndarray, threshold: float,
-                     disagreement_threshold: float | None = None) -> list[FigureRecord]:
+                     disagreement_threshold: float | None = None,
+                     disagreement_stage: DisagreementStage = "output") -> list[FigureRecord]:
     """One row of orthogonal views per map, all RAS+ (canonical) on one grid, through voxel ``centre``.
 
     ``maps`` holds ``lr``, ``mean``, ``std``, ``risk`` and ``dc`` and, optionally, ``disagreement`` and
     ``reference``; the risk is drawn over the SR mean, opaque from ``threshold`` up, with a contour there, and the
-    data disagreement likewise from ``disagreement_threshold``.
+    data disagreement likewise from ``disagreement_threshold``, its caption saying what it is of
+    (``disagreement_stage``: :data:`~gen_sr.audit.summary.DISAGREEMENT_STAGES`).
     """
     data = {k: np.asarray(v.data) for k, v in maps.items()}
     grid = maps["mean"]
@@ -127,8 +129,8 @@ def orthogonal_views(maps: Mapping[str, Volume], centre: np.ndarray, threshold: 
          f"|A x − y| ({INTENSITY_UNIT})", None),
     ]
     if "disagreement" in data and disagreement_threshold is not None:
-        rows.append(("disagreement", "Data disagreement over the SR mean (where the samples' mean departed from the "
-                     "slices by more than their noise; before the refit, where one was made)",
+        rows.append(("disagreement", "Data disagreement over the SR mean: the departure from the measured slices "
+                     f"beyond their noise, {DISAGREEMENT_STAGES[disagreement_stage]}",
                      over_mean(data["disagreement"], disagreement_threshold, "PuBu"),
                      "local mean of ((A x − y) / σ)²\nover its median (opaque from\nthe flag level up)",
                      disagreement_threshold))

@@ -20,6 +20,7 @@ from gen_sr.audit.summary import INTENSITY_UNIT, coords, grouped, number, second
 from gen_sr.config import ConfigError, config_from_dict
 from gen_sr.model_card import Adaptation
 from gen_sr.risk import MISMATCH_WORDING, Calibration, grid_text, mismatch_text
+from gen_sr.schedulers import sampler_text
 
 __all__ = ["DISCLAIMER", "Cell", "Table", "card_rows", "render_page", "table"]
 
@@ -216,6 +217,7 @@ _CARD: dict[str, tuple[str, Callable[[Any], str]]] = {
 def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The model card as short labelled rows (the full record stays in ``report.json``)."""
     rows = []
+    steps = card.get("steps") if isinstance(card.get("sampler"), str) and isinstance(card.get("steps"), int) else None
     for key, value in card.items():
         if key == "interval":
             rows.append(("Interval", _plain(value)))  # as Calibration.describe words it
@@ -223,8 +225,10 @@ def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
             rows.append(("Measurement noise std", "not known (fitted as 0)"))
         elif key == "noise_std_estimated" and value and not card.get("noise_std"):
             rows.append(("Noise std", _noise_not_known(card)))
-        elif key == "noise_std_in_plane":
-            continue  # said in the noise std's row
+        elif key == "noise_std_in_plane" or (key == "steps" and steps is not None):
+            continue  # said in the noise std's row, and the sampler's
+        elif key == "sampler" and isinstance(value, str):  # its recorded name (the run record's) in words
+            rows.append((_CARD[key][0], sampler_text(value, steps)))
         else:
             label, fmt = _CARD.get(key, (str(key), _plain))
             rows.append((label, fmt(value)))
@@ -243,7 +247,8 @@ def _noise_not_known(card: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- tables
-def _metrics_table(metrics: Mapping[str, Mapping[str, float | None]]) -> Table:
+def _metrics_table(metrics: Mapping[str, Mapping[str, float | None]], notes: Mapping[str, str]) -> Table:
+    """The metrics, one row per method; a method with a note (``notes``: said under the table) marked ``*``."""
     names = list(dict.fromkeys(k for row in metrics.values() for k in row))
     best = {}
     for name in names:
@@ -252,8 +257,9 @@ def _metrics_table(metrics: Mapping[str, Mapping[str, float | None]]) -> Table:
         if direction is not None and values:
             best[name] = max(values) if direction else min(values)
     header = ["method"] + [f"{n} [{_UNITS[n.lower()]}]" if n.lower() in _UNITS else n for n in names]
-    rows = [[method] + [Cell(number(row.get(n)), bold=row.get(n) is not None and row.get(n) == best.get(n))
-                        for n in names] for method, row in metrics.items()]
+    rows = [[f"{method} *" if method in notes else method]
+            + [Cell(number(row.get(n)), bold=row.get(n) is not None and row.get(n) == best.get(n)) for n in names]
+            for method, row in metrics.items()]
     return table(header, rows, numeric=range(1, len(header)))
 
 
@@ -313,6 +319,7 @@ def render_page(payload: Mapping[str, Any], figures: Sequence[FigureRecord]) -> 
     card.append(("Input obliquity", f"{geometry['max_obliquity_deg']:.1f}° "
                                     f"({'oblique' if geometry['oblique'] else 'not oblique'})"))
     curve = payload.get("calibration_curve")
+    notes = payload.get("baseline_notes") or {}
     by_id = {f["id"]: f for f in figures}
     context = {
         "p": payload, "v": payload["verdict"], "disclaimer": DISCLAIMER, "version": __version__,
@@ -322,7 +329,8 @@ def render_page(payload: Mapping[str, Any], figures: Sequence[FigureRecord]) -> 
         "peak_max_at": coords(payload["peak_rule"]["max_at_mm"]),
         "clusters": _cluster_table(payload["clusters"]), "peaks": _peak_table(payload["peaks"]),
         "profile": by_id["profile"], "calibration": by_id.get("calibration"),
-        "metrics": _metrics_table(payload["metrics"]) if payload["metrics"] else None,
+        "metrics": _metrics_table(payload["metrics"], notes) if payload["metrics"] else None,
+        "baseline_notes": [f"* {note}." for note in notes.values()],
         "metric_notes": [note for name, note in _METRIC_NOTES.items()
                          if any(name in map(str.lower, row) for row in (payload["metrics"] or {}).values())],
         "calibration_tables": _calibration_tables(curve) if curve is not None and "calibration" in by_id else None,

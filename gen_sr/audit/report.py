@@ -29,10 +29,10 @@ from gen_sr.audit.clusters import (
 )
 from gen_sr.audit.figures import calibration_plot, orthogonal_views, profile_plot
 from gen_sr.audit.page import DISCLAIMER, render_page
-from gen_sr.audit.summary import data_disagreement, geometry, thin_structures, verdict
+from gen_sr.audit.summary import DisagreementStage, data_disagreement, geometry, thin_structures, verdict
 from gen_sr.io import atomic_write, json_ready, write_json
 from gen_sr.physics import StructureVisibility
-from gen_sr.risk import DataDisagreement, Mismatch
+from gen_sr.risk import Calibration, DataDisagreement, Mismatch
 from gen_sr.volume import Volume
 
 __all__ = ["BACKGROUND", "DISCLAIMER", "PeakRule", "build_report", "risk_clusters", "risk_peaks"]
@@ -40,13 +40,14 @@ __all__ = ["BACKGROUND", "DISCLAIMER", "PeakRule", "build_report", "risk_cluster
 
 def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volume, risk: Volume, dc_residual: Volume,
                  disagreement: Volume | None = None, disagreement_flag: DataDisagreement | None = None,
-                 disagreement_stage: str = "output",
-                 card: dict[str, Any], risk_threshold: float, calibrated: bool, calibration_mismatch: Mismatch | None,
+                 disagreement_stage: DisagreementStage = "output",
+                 card: dict[str, Any], risk_threshold: float, calibration: Calibration | None,
+                 calibration_mismatch: Mismatch | None,
                  masks: dict[str, Volume] | None = None,
                  brain_mask: Volume | None = None, reference: Volume | None = None,
-                 metrics: dict[str, dict[str, float]] | None = None,
+                 metrics: dict[str, dict[str, float]] | None = None, baseline_notes: dict[str, str] | None = None,
                  calibration_curve: dict[str, Any] | None = None, input_name: str, sr_axis: int,
-                 intensity_range: float | None = None, alpha: float | None = None,
+                 intensity_range: float | None = None,
                  outside_training: Sequence[str] | None = None,
                  peak_rule: PeakRule | None = None,
                  visibility: Sequence[StructureVisibility] | None = None) -> dict[str, Any]:
@@ -61,10 +62,13 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
 
     Args:
         metrics: ``{method: {metric: value}}``, shown when given (with the reference).
+        baseline_notes: ``{method: note}`` for the baselines of ``metrics`` that computed something other than they
+            are named (:func:`~gen_sr.eval.baselines.baseline_note`), said under the table.
         calibration_curve: ``{"nominal": [...], "observed": [...]}`` and optional scalars (``alpha``, ``lambda``).
         intensity_range: the input's robust intensity range in input units (the pipeline's
             ``intensity_normalization(lr).scale``), which turns the threshold into an error size.
-        alpha: the calibration's miss rate (coverage ``1 − alpha``), when calibrated.
+        calibration: the calibration as the risk map applied it (its scale, spread and miss rate ``alpha``: coverage
+            ``1 − alpha``), ``None`` uncalibrated.
         calibration_mismatch: why that calibration was not made for the run (its settings, grid, scan or noise;
             :meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.calibration_mismatch`), ``None`` where it was (and
             uncalibrated): the verdict says where not, and claims no coverage. Required, so that no caller claims
@@ -108,12 +112,12 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
     counted = risk_clusters(Volume(np.where(fg, r, 0.0), risk.affine), t, masks=masks, top=None)  # in the region
     summary = verdict(flagged=int(np.count_nonzero(flagged)), foreground_voxels=int(fg.sum()), region=region,
                       voxel_mm3=abs(float(np.linalg.det(risk.affine[:3, :3]))), flagged_of_volume=float(np.mean(r > t)),
-                      clusters=counted, threshold=t, calibrated=calibrated, mismatch=calibration_mismatch, alpha=alpha,
+                      clusters=counted, threshold=t, calibration=calibration, mismatch=calibration_mismatch,
                       intensity_range=intensity_range, exceedance=_exceedance(maps, flagged, fg, t, intensity_range))
     # ------------------------------------------------------------------ orthogonal views in RAS+
     can = {k: Volume(a, risk.affine).canonical() for k, a in {**maps, "risk": r}.items()}
     centre, centred_on = _view_centre(can["mean"], all_clusters, peaks)
-    figures = orthogonal_views(can, centre, t, None if disagreement is None else flag.threshold)
+    figures = orthogonal_views(can, centre, t, None if disagreement is None else flag.threshold, disagreement_stage)
     profile = slice_profile(r, fg, t, sr_axis)
     figures.append({"id": "profile", "title": f"Mean risk and flagged fraction per slice along voxel axis {sr_axis}",
                     "uri": profile_plot(profile, t, sr_axis, risk.spacing[sr_axis])})
@@ -122,7 +126,7 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
                         "uri": calibration_plot(calibration_curve)})
     payload = json_ready({
         "input_name": str(input_name), "disclaimer": DISCLAIMER, "verdict": summary, "risk_threshold": t,
-        "calibrated": bool(calibrated), "calibration_holds": calibration_mismatch is None,
+        "calibrated": calibration is not None, "calibration_holds": calibration_mismatch is None,
         "calibration_mismatch": calibration_mismatch, "card": card,
         "clusters": all_clusters[:10], "n_clusters": len(all_clusters), "peaks": peaks,
         "peak_rule": rule_record, "geometry": geometry(lr.affine),
@@ -130,7 +134,7 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
         "views": {"centred_on": centred_on, "centre_mm": apply_affine(can["mean"].affine, centre),
                   "rule": rule_record["text"]},
         "profile": {**profile, "axis": sr_axis, "spacing_mm": risk.spacing[sr_axis]},
-        "metrics": metrics, "calibration_curve": calibration_curve,
+        "metrics": metrics, "baseline_notes": dict(baseline_notes or {}), "calibration_curve": calibration_curve,
         "thin_structures": None if visibility is None else thin_structures(visibility),
         "data_disagreement": departs,
         "figures": [{"id": f["id"], "title": f["title"]} for f in figures],

@@ -13,13 +13,22 @@ from nibabel.affines import obliquity
 
 from gen_sr.audit.clusters import CountedRegion
 from gen_sr.physics import StructureVisibility
-from gen_sr.risk import MISMATCH_WORDING, DataDisagreement, Mismatch, mismatch_text
+from gen_sr.risk import MISMATCH_WORDING, Calibration, DataDisagreement, IntervalShape, Mismatch, mismatch_text
 
-__all__ = ["FRAME", "INTENSITY_UNIT", "coords", "data_disagreement", "flag_meaning", "geometry", "grouped", "number",
-           "seconds", "thin_structures", "verdict"]
+__all__ = ["DISAGREEMENT_STAGES", "FRAME", "INTENSITY_UNIT", "DisagreementStage", "coords", "data_disagreement",
+           "flag_meaning", "geometry", "grouped", "number", "seconds", "thin_structures", "verdict"]
 
 FRAME = "scanner (world) coordinates in mm, RAS+ (x: left → right, y: posterior → anterior, z: inferior → superior)"
 INTENSITY_UNIT = "input intensity units"
+DisagreementStage = Literal["output", "before_refit", "after_refit"]
+"""What a data-disagreement map is of (:func:`data_disagreement`)."""
+DISAGREEMENT_STAGES: dict[DisagreementStage, str] = {
+    "output": "of the output",
+    "before_refit": "of the samples' mean before the refit: the output was then fitted to the data where they disagree",
+    "after_refit": "of the reused output, after its run's refit: only what remains, not where the refit acted (the "
+                   "super-resolve run's --data-disagreement map shows that)",
+}
+"""The one wording of what a data-disagreement map is of, for the report's text, its image and the terminal."""
 RAS_AXES = ("x: left → right", "y: posterior → anterior", "z: inferior → superior")
 OBLIQUE_DEG = 0.01  # voxel axes rotated by more than this from the scanner axes: an oblique input
 
@@ -48,37 +57,74 @@ def seconds(v: float) -> str:
     return f"{v:.0f} s" if v >= 10 else f"{v:.2g} s"
 
 
+def _amount(fraction: float, intensity_range: float | None) -> str:
+    """A fraction of the input's robust intensity range as an intensity (``4.79 input intensity units``), or as that
+    fraction where the range is not known."""
+    if intensity_range is None:
+        return f"{fraction:.3g} × the input's robust intensity range"
+    return f"{fraction * intensity_range:.3g} {INTENSITY_UNIT}"
+
+
 def _size(threshold: float, intensity_range: float | None) -> tuple[str, str]:
     """The error size a flag stands for: short (``0.0922``) and with its derivation."""
+    amount = _amount(threshold, intensity_range)
     if intensity_range is None:
-        text = f"{threshold:g} × the input's robust intensity range"
-        return text, text
-    x = threshold * intensity_range
-    return f"{x:.3g}", (f"{x:.3g} {INTENSITY_UNIT} (the threshold {threshold:g} × the input's robust intensity range "
-                        f"{intensity_range:.4g})")
+        return amount, amount
+    return f"{threshold * intensity_range:.3g}", (f"{amount} (the threshold {threshold:g} × the input's robust "
+                                                   f"intensity range {intensity_range:.4g})")
 
 
-def flag_meaning(threshold: float, *, calibrated: bool, alpha: float | None, intensity_range: float | None,
-                 unflagged_fraction: float, region: str) -> tuple[str, float | None]:
+def _no_coverage(short: str) -> str:
+    """What a flag without a calibration that holds leaves open (the end of :func:`flag_meaning`'s text)."""
+    return f"errors larger than {short} can occur anywhere, flagged or not, and no flagged fraction is expected."
+
+
+def _spread_exceeds(calibration: Calibration, short: str, threshold: float, intensity_range: float | None) -> str:
+    """Where the interval ``mean ± λ̂ u`` of ``calibration`` is wider than the flag's error size ``X`` (``short``),
+    the spread ``u`` (the samples' std, or the calibration's spread of it) exceeds ``X / λ̂``: that, in words, at each
+    scale it applied (one, or one in the calibration region and one outside it)."""
+    plain = calibration.shape == IntervalShape()
+    spread = "the samples' standard deviation" if plain else f"the spread {calibration.shape.describe()}"
+    at = lambda scale: _amount(threshold / scale, intensity_range)  # noqa: E731
+    if calibration.outside_scale is None:
+        return f"{spread} exceeds {at(calibration.scale)} ({short} ÷ the scale {calibration.scale:.4g})"
+    return (f"{spread} exceeds {at(calibration.scale)} in the calibration region and "
+            f"{at(calibration.outside_scale)} outside it ({short} ÷ the scale {calibration.scale:.4g} in it, "
+            f"{calibration.outside_scale:.4g} outside)")
+
+
+def flag_meaning(threshold: float, *, calibration: Calibration | None, mismatch: Mismatch | None,
+                 intensity_range: float | None, unflagged_fraction: float, region: str) -> tuple[str, float | None]:
     """What a flagged voxel means, and the bound (in %) on unflagged voxels off by more than the flag's error size
     (``None`` when nothing bounds it).
 
     Flagged means risk > threshold, i.e. the calibrated interval's half-width (or, uncalibrated, the std) exceeds
     ``X = threshold × intensity_range``. A calibration with miss rate ``alpha`` bounds the misses over all voxels,
     not the flagged fraction; the misses it allows could all fall among the unflagged voxels, so at most
-    ``alpha / unflagged_fraction`` of those can be off by more than ``X``.
+    ``alpha / unflagged_fraction`` of those can be off by more than ``X``. A calibration that does not hold for the
+    run still set the risk map's scale: the text gives the spread a flag stands for at that scale, and says why it
+    bounds nothing.
+
+    Args:
+        calibration: the calibration as the risk map applied it (``None``: uncalibrated).
+        mismatch: why it was not made for the run (:data:`~gen_sr.risk.Mismatch`), ``None`` where it was.
     """
     short, size = _size(threshold, intensity_range)
-    if not calibrated:
+    if calibration is None:
         return (f"Where flagged, the samples' standard deviation exceeds {size}: they disagree by that much, so the "
-                "shown intensity is uncertain there. Without a calibration this says nothing about coverage: errors "
-                "larger than that can occur anywhere, flagged or not, and no flagged fraction is expected."), None
-    cov = f"{100 * (1 - alpha):g} % " if alpha is not None else ""
+                f"shown intensity is uncertain there. Without a calibration this says nothing about coverage: "
+                f"{_no_coverage(short)}"), None
+    if mismatch is not None:
+        return (f"Where flagged, the interval of the model's calibration, {calibration.describe()}, is wider than "
+                f"±{size}: {_spread_exceeds(calibration, short, threshold, intensity_range)}, so the shown intensity "
+                f"is uncertain there. The risk map uses that calibration, but {mismatch_text(mismatch)}. So its "
+                f"interval says nothing about coverage here: {_no_coverage(short)}"), None
+    alpha = calibration.alpha
     text = (f"Where flagged, the truth may differ from the shown intensity by more than {size}: there the calibrated "
-            f"{cov}interval is wider than ±{short}, so an error of that size cannot be ruled out. A flagged voxel is "
-            "uncertain, not necessarily wrong. Calibration does not set how much should be flagged (that depends on "
-            "how wide the intervals are, not on their coverage); it bounds the misses.")
-    if alpha is None or unflagged_fraction <= 0:
+            f"{100 * (1 - alpha):g} % interval is wider than ±{short}, so an error of that size cannot be ruled out. A "
+            "flagged voxel is uncertain, not necessarily wrong. Calibration does not set how much should be flagged "
+            "(that depends on how wide the intervals are, not on their coverage); it bounds the misses.")
+    if unflagged_fraction <= 0:
         return text, None
     bound = min(100.0, 100 * alpha / unflagged_fraction)
     text += (f" If it holds for this input (it is a guarantee on average over inputs like the calibration data), "
@@ -93,8 +139,8 @@ def _percent(v: float | None) -> str:
 
 
 def verdict(*, flagged: int, foreground_voxels: int, region: CountedRegion, voxel_mm3: float,
-            flagged_of_volume: float, clusters: list[dict[str, Any]], threshold: float, calibrated: bool,
-            mismatch: Mismatch | None, alpha: float | None, intensity_range: float | None,
+            flagged_of_volume: float, clusters: list[dict[str, Any]], threshold: float,
+            calibration: Calibration | None, mismatch: Mismatch | None, intensity_range: float | None,
             exceedance: dict[str, float | None] | None) -> dict[str, Any]:
     """The report's verdict: the one-line ``text``, what a flag means and the counts behind them.
 
@@ -106,20 +152,22 @@ def verdict(*, flagged: int, foreground_voxels: int, region: CountedRegion, voxe
             risk_clusters` of the risk there), which the text's "largest cluster" names.
         exceedance: against a reference, the percentages of flagged and unflagged voxels whose error exceeds the
             flag's error size, or ``None``.
+        calibration: the calibration as the risk map applied it (``None``: uncalibrated).
         mismatch: for a calibrated run, why its calibration was not made for it, ``None`` where it was
             (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.calibration_mismatch`); where not, the risk keeps
             its units but no coverage.
     """
-    holds = calibrated and mismatch is None
+    calibrated = calibration is not None
     pct = 100 * flagged / foreground_voxels
-    label = ("uncalibrated" if not calibrated else "calibrated" if holds
+    label = ("uncalibrated" if not calibrated else "calibrated" if mismatch is None
              else f"calibrated {MISMATCH_WORDING[mismatch].label}")
     text = f"{pct:.1f} % of the {region.name} flagged high-risk (risk > {threshold:g}, {label})"
     largest = max(clusters, key=lambda c: c["voxels"], default=None)
     if largest is not None:
         text += f"; largest cluster {grouped(largest['size_mm3'])} mm³, peak risk at {coords(largest['peak_mm'])} mm"
-    meaning, bound = flag_meaning(threshold, calibrated=holds, alpha=alpha, intensity_range=intensity_range,
-                                  unflagged_fraction=1 - flagged / foreground_voxels, region=region.name)
+    meaning, bound = flag_meaning(threshold, calibration=calibration, mismatch=mismatch if calibrated else None,
+                                  intensity_range=intensity_range, unflagged_fraction=1 - flagged / foreground_voxels,
+                                  region=region.name)
     observed = None
     if exceedance is not None and intensity_range is not None:
         observed = (f"Against the reference: {_percent(exceedance['flagged_percent'])} of the flagged and "
@@ -130,7 +178,8 @@ def verdict(*, flagged: int, foreground_voxels: int, region: CountedRegion, voxe
         "foreground_voxels": foreground_voxels, "foreground": region.label, "region": region.name,
         "flagged_percent_of_volume": 100 * flagged_of_volume, "n_clusters": len(clusters), "largest_cluster": largest,
         "meaning": meaning, "error_size": None if intensity_range is None else threshold * intensity_range,
-        "intensity_range": intensity_range, "alpha": alpha, "unflagged_miss_bound_percent": bound,
+        "intensity_range": intensity_range, "alpha": calibration.alpha if calibrated else None,
+        "unflagged_miss_bound_percent": bound,
         "observed": observed, "observed_exceedance": exceedance,
         "risk_note": _risk_note(calibrated, mismatch),
     }
@@ -183,12 +232,13 @@ def thin_structures(records: Sequence[StructureVisibility]) -> dict[str, Any]:
 
 def data_disagreement(flag: DataDisagreement, *, flagged: int, foreground_voxels: int, region: CountedRegion,
                       clusters: list[dict[str, Any]],
-                      stage: Literal["output", "before_refit", "after_refit"] = "output") -> dict[str, Any]:
+                      stage: DisagreementStage = "output") -> dict[str, Any]:
     """The section on where the output departs from the measured data (:class:`~gen_sr.risk.DataDisagreement`):
     the flagged share of the foreground, its largest clusters (:func:`~gen_sr.audit.clusters.risk_clusters` of the
     statistic) and what they mean. ``stage``: the map is of the output (``"output"``), of the samples' mean before the
     pipeline refitted the data where it exceeded the refit level (``"before_refit"``), or of a reused output after
-    that refit (``"after_refit"``: only what remains). ``region``: the counted region, as the verdict's."""
+    that refit (``"after_refit"``: only what remains), as :data:`DISAGREEMENT_STAGES` words it. ``region``: the
+    counted region, as the verdict's."""
     name = region.name
     pct = 100 * flagged / max(foreground_voxels, 1)
     level = (f"(the local mean of the squared residual over a {flag.size_mm:g} mm window is more than "
@@ -203,15 +253,13 @@ def data_disagreement(flag: DataDisagreement, *, flagged: int, foreground_voxels
                  "disagreement, not a lesion detector: a region below the level is not proof of a faithful output.")
     if stage == "before_refit":
         text = (f"In {pct:.1f} % of the {name} the model's samples departed from the measured slices by more than "
-                f"their noise explains {level}, before the output was fitted to the data there (the pipeline's "
-                f"refit where the data disagree). {spread} After the refit the output agrees with what the slices "
-                "measure, but what they cannot measure there (detail finer than a slice) still comes from a prior "
-                f"that disagreed with the data. {validated} Compare the output with the input slices at these places.")
+                f"their noise explains {level}. This map is {DISAGREEMENT_STAGES[stage]}. {spread} After the refit "
+                "the output agrees with what the slices measure, but what they cannot measure there (detail finer "
+                f"than a slice) still comes from a prior that disagreed with the data. {validated} Compare the output "
+                "with the input slices at these places.")
     elif stage == "after_refit":
         text = (f"{pct:.1f} % of the {name} still departs from the measured slices by more than their noise "
-                f"explains {level}. This map is computed from the reused output, after the run refitted the data "
-                "where its samples departed from them: it shows only what remains, not where the refit acted (the "
-                f"super-resolve run's --data-disagreement map shows that). {spread}")
+                f"explains {level}. This map is {DISAGREEMENT_STAGES[stage]}. {spread}")
     else:
         text = (f"{pct:.1f} % of the {name} departs from the measured slices by more than their noise explains "
                 f"{level}. {spread} The output no longer fits the measurements there. {validated} Where it is high, "

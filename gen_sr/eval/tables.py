@@ -73,12 +73,16 @@ def markdown_table(table: Sequence[dict[str, Any]], columns: Sequence[str] = COL
 
 
 def write_table(output_dir: str | Path, rows: Sequence[dict[str, Any]], stem: str = "evaluation",
-                meta: dict[str, Any] | None = None) -> dict[str, Path]:
+                meta: dict[str, Any] | None = None, notes: Sequence[str] = ()) -> dict[str, Path]:
     """Write ``<stem>.md``, ``<stem>.csv`` (one line per volume, method and region) and ``<stem>.json`` (rows,
-    summary and ``meta``), each atomically."""
+    summary and ``meta``), each atomically; ``notes``: sentences on the rows (e.g. a baseline that computed something
+    other than it is named: :func:`~gen_sr.eval.baselines.baseline_notes`), under the Markdown table and in the
+    JSON's ``notes``."""
     table = summarize(rows)
-    return write_table_files(output_dir, stem, markdown_table(table) + f"\n{LPIPS_NOTE}.\n", rows,
-                             {"meta": meta or {}, "summary": table, "rows": list(rows), "note": LPIPS_NOTE})
+    said = "".join(f"\n{note}.\n" for note in notes)
+    return write_table_files(output_dir, stem, markdown_table(table) + said + f"\n{LPIPS_NOTE}.\n", rows,
+                             {"meta": meta or {}, "summary": table, "rows": list(rows), "note": LPIPS_NOTE,
+                              "notes": list(notes)})
 
 
 def write_table_files(output_dir: str | Path, stem: str, markdown: str, rows: Sequence[dict[str, Any]],

@@ -40,6 +40,7 @@ from gen_sr.physics import (
     SliceProfile,
     air_noise_gain,
     coarsen,
+    coarsening,
     coarser_axes,
     estimate_noise_std,
     operator_from_spacings,
@@ -67,7 +68,7 @@ from gen_sr.risk import (
 from gen_sr.run_record import RunPlan, RunRecord
 from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
 from gen_sr.slice_profile import estimate_slice_profile
-from gen_sr.volume import IntensityNormalization, Volume, load_volume, resample_to
+from gen_sr.volume import IntensityNormalization, Volume, VolumeMemo, load_volume, resample_to
 
 logger = logging.get_logger(__name__)
 
@@ -83,6 +84,16 @@ BYTES_PER_VOXEL_AND_SAMPLE = 96
 memory grew by 76 B per voxel and sample from a 64 x 64 x 96 to a 128 x 128 x 96 grid at 8 samples
 (``benchmarks/pipeline_memory.py``). :meth:`LatentDiffusionSRPipeline.check_memory` uses it to
 refuse, before any sampling, a grid that cannot fit; it is an estimate for that, not a prediction."""
+
+_INPUTS = VolumeMemo()
+"""What a call computes from its input and another call on the same input would compute again, for the last two
+inputs: the input resampled (:meth:`LatentDiffusionSRPipeline.coarsened`,
+:meth:`~LatentDiffusionSRPipeline.measured_input`), how that scaled its noise, and its noise std read from its air
+(:func:`resolve_noise_std`): seconds for a 0.5 mm head on the 2-core CPU (an output grid 1.2-4 s, a plan 2.4-6.5 s,
+as its load varied; ``benchmarks/RESULTS.md``). A command looks at its scan several times: ``gen-sr audit`` for the
+output grid, the run and the audit of what the run measured, ``super-resolve --adapt`` for the adaptation and the
+run, ``info --time`` for the plan and the timed run; and so does a Python session, ``pipe.plan(lr)`` then
+``pipe(lr)``."""
 
 
 class OutsideTrainingWarning(UserWarning):
@@ -844,12 +855,14 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         resampling scales the input's noise std (read from its air's spectrum, :func:`~gen_sr.physics.air_noise_gain`:
         a scanner's zero-filled interpolation keeps its noise; white noise, or a scan without air, the kept share
         of k-space); without a coarser target, or with an ``operator``, the input and target as given and 1. Without
-        a target, the default one (:meth:`default_target_spacing`) decides."""
+        a target, the default one (:meth:`default_target_spacing`) decides. The resampling and the factor are
+        computed once for each input and grid, however often it is asked (:data:`_INPUTS`)."""
         wanted = None if operator is not None else self.coarser_grid(canon, target_spacing)
         if wanted is None:
             return canon, target_spacing, 1.0
-        out, white = coarsen(canon, wanted)
-        gain = air_noise_gain(canon, out) or white  # a zero-filled interpolation keeps its noise
+        out, white = _coarsened_input(canon, wanted)
+        read = _INPUTS.get(canon, ("air_noise_gain", coarsening(canon, wanted)), lambda: air_noise_gain(canon, out))
+        gain = read or white  # a zero-filled interpolation keeps its noise
         asked = self.default_target_spacing(canon, self.input_axes(canon)) if target_spacing is None else target_spacing
         resampled = zip(asked, wanted, canon.spacing, out.spacing, strict=True)
         target = [r if w > s else float(t) for t, w, s, r in resampled]
@@ -887,7 +900,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         this volume's."""
         if record.coarsened_input is None:
             return lr
-        return coarsen(lr.canonical(), record.coarsened_input.to_spacing)[0].reorient(lr.orientation)
+        return _coarsened_input(lr.canonical(), record.coarsened_input.to_spacing)[0].reorient(lr.orientation)
 
     def measured_scan(self, lr: Volume, target_spacing: Sequence[float] | None = None,
                       calibration_region: LRInput | None = None) -> tuple[Volume, float, LRInput | None]:
@@ -1024,9 +1037,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         if isinstance(lr, str | Path):
             return load_volume(lr, volume_index=volume_index)
         if isinstance(lr, nib.spatialimages.SpatialImage):
-            header = lr.header if isinstance(lr, nib.Nifti1Image) else None  # its units and codes, for the outputs
-            return Volume(np.asarray(lr.get_fdata(dtype=np.float32)), lr.affine, header=header,
-                          source="<nibabel image>")
+            return Volume.from_image(lr, np.asarray(lr.get_fdata(dtype=np.float32)), source="<nibabel image>")
         data = lr.detach().cpu().numpy() if isinstance(lr, torch.Tensor) else np.asarray(lr)
         if data.ndim != 3:
             raise InputError(f"an array input must be 3D, got shape {data.shape}")
@@ -1205,9 +1216,25 @@ def resolve_noise_std(scan: Volume, noise_std: float | Literal["auto"], gain: fl
     the call measures: the one given, or with ``"auto"`` the one read from the scan's background air
     (:func:`~gen_sr.physics.scan_noise_std`; ``None`` where it has none: not known), times ``gain`` (a coarsened grid
     holds less of it, :meth:`LatentDiffusionSRPipeline.coarsened`). The air is read on the scan as given: a
-    resampled air is no longer a magnitude's (Rayleigh), and read 31 % low on a head resampled from 1 to 1.25 mm."""
-    std = scan_noise_std(scan) if noise_std == "auto" else noise_std
+    resampled air is no longer a magnitude's (Rayleigh), and read 31 % low on a head resampled from 1 to 1.25 mm. It
+    is read once for each scan, however often it is asked (:data:`_INPUTS`)."""
+    std = _INPUTS.get(scan, "scan_noise_std", lambda: scan_noise_std(scan)) if noise_std == "auto" else noise_std
     return None if std is None else std * gain
+
+
+def _coarsened_input(canon: Volume, spacing: Sequence[float]) -> tuple[Volume, float]:
+    """:func:`~gen_sr.physics.coarsen`, computed once for each input and grid (:data:`_INPUTS`): the volume returned
+    is the caller's own (its header and source ``canon``'s)."""
+    grid = coarsening(canon, spacing)
+    if not grid:  # coarsen's answer is the input itself
+        return canon, 1.0
+
+    def resample() -> tuple[np.ndarray, np.ndarray, float]:
+        out, white = coarsen(canon, spacing)
+        return out.data, out.affine, white
+
+    data, affine, white = _INPUTS.get(canon, ("coarsen", grid), resample)
+    return canon.with_data(data.copy(), affine.copy()), white
 
 
 def _warn_noise_unknown(source: str | None, counted: bool, in_plane: float) -> None:

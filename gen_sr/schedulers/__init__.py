@@ -5,10 +5,12 @@
 solvers with the same hook (:mod:`gen_sr.schedulers.multistep`). Any other diffusers scheduler (built with
 ``from_config(scheduler.config)``) can be used as it is with guidance off. ``SCHEDULERS`` names them for the command
 line (``--scheduler``), and :func:`scheduler_from_name` builds one from a model's scheduler config;
-:func:`folder_sampler_name` names the sampler a model folder records without loading the model.
+:func:`folder_sampler_name` names the sampler a model folder records without loading the model, and
+:func:`sampler_text` says a recorded sampler name in words.
 """
 
 import json
+import re
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,9 @@ from gen_sr.errors import InputError
 from gen_sr.schedulers.ddim import DDIMDataConsistencyScheduler
 from gen_sr.schedulers.multistep import DPMSolverDataConsistencyScheduler, UniPCDataConsistencyScheduler
 
-__all__ = ["SCHEDULERS", "SCHEDULER_OPTIONS", "DDIMDataConsistencyScheduler", "DPMSolverDataConsistencyScheduler",
-           "UniPCDataConsistencyScheduler", "folder_sampler_name", "scheduler_from_name"]
+__all__ = ["READABLE_NAMES", "SCHEDULERS", "SCHEDULER_OPTIONS", "DDIMDataConsistencyScheduler",
+           "DPMSolverDataConsistencyScheduler", "UniPCDataConsistencyScheduler", "folder_sampler_name", "sampler_text",
+           "scheduler_from_name"]
 
 SCHEDULERS = {"ddim": DDIMDataConsistencyScheduler, "dpmsolver++": DPMSolverDataConsistencyScheduler,
               "sde-dpmsolver++": DPMSolverDataConsistencyScheduler, "unipc": UniPCDataConsistencyScheduler}
@@ -30,6 +33,28 @@ SCHEDULER_OPTIONS: dict[str, dict[str, Any]] = {
 }
 """The config entries a name sets over the model's own (so that ``dpmsolver++`` is the ODE solver even where the
 model folder's config asks for the SDE one)."""
+
+
+READABLE_NAMES = {"ddim": "DDIM", "dpmsolver++": "DPM-Solver++", "sde-dpmsolver++": "SDE-DPM-Solver++",
+                  "unipc": "UniPC"}
+"""How a report names each sampler of :data:`SCHEDULERS` (its command-line name)."""
+
+
+def sampler_text(name: str, steps: int | None = None) -> str:
+    """A sampler as run records and calibrations name it (``sampler_name``: its class name and variants, e.g.
+    ``DPMSolverDataConsistencyScheduler(trailing)``), in words for a reader: ``DPM-Solver++, 3 steps, trailing
+    spacing`` (``steps``: its step count, if given); a sampler not of :data:`SCHEDULERS`, by its recorded name."""
+    match = re.fullmatch(r"(\w+)(?:\((.*)\))?", name.strip())
+    command = next((k for k, cls in SCHEDULERS.items() if match and cls.__name__ == match[1]), None)
+    if command is None:
+        parts = [name]
+    else:
+        variants = [v.strip() for v in (match[2] or "").split(",") if v.strip()]
+        command = next((v for v in variants if v in READABLE_NAMES), command)  # the SDE form
+        parts = [READABLE_NAMES[command], *(f"{v} spacing" for v in variants if v not in READABLE_NAMES)]
+    if steps is not None:
+        parts.insert(1, f"{steps} step{'' if steps == 1 else 's'}")
+    return ", ".join(parts)
 
 
 def scheduler_from_name(name: str, config: Any, **overrides: Any) -> Any:
