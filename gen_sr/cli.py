@@ -449,9 +449,9 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     if run.noise_std_estimated and run.noise_std:  # a scan without air: the run warned
         _print_noise_estimate(run.noise_std)
     # what audit --reuse checks its mean and std against (as written: the voxels a reader gets)
-    run = dataclasses.replace(run, output_digests=save_maps(lr, {key: (getattr(out, key), out.affine, path)
-                                                                 for key, path in outputs.items()},
-                                                            overwrite=args.overwrite))
+    last = sorted(outputs, key=lambda key: key == "mean")  # the mean last, as a cohort writes it
+    run = dataclasses.replace(run, output_digests=save_maps(lr, {key: (getattr(out, key), out.affine, outputs[key])
+                                                                 for key in last}, overwrite=args.overwrite))
     for key, path in outputs.items():
         print(f"wrote:    {path} ({key})")
     cohort = {}  # the model folder's run: a cohort can take these outputs as the scan's (gen_sr.cohort)

@@ -45,7 +45,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, astuple, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +73,6 @@ __all__ = ["UNCALIBRATED", "CohortRow", "ScanOutputs", "calibration_line", "find
            "input_stamp", "run_cohort", "run_settings", "same_input", "scan_outputs", "single_scan_record"]
 
 _BIDS = re.compile(r"^(?P<entities>sub-[A-Za-z0-9]+(?:_[a-z]+-[A-Za-z0-9]+)*)_(?P<suffix>[A-Za-z0-9]+)$")
-SUMMARY_COLUMNS = ("scan", "status", "seconds", "noise_std", "max_relative_residual", "flagged_fraction",
-                   "calibration_holds", "calibration_mismatch", "output", "message")
 UNCALIBRATED = "uncalibrated"
 """A row's ``calibration_mismatch`` where the run had no calibration at all (else a :data:`~gen_sr.risk.Mismatch`)."""
 _ACQUISITION = ("target_spacing", "slice_profile", "slice_thickness")
@@ -152,6 +150,7 @@ class _Scan:
     paths: ScanOutputs
     record: dict[str, Any] | None  # the JSON at the run record's place: None where there is none, {} if no object
     ours: bool  # the record is a run record of this scan
+    single: bool  # the record is a single-scan run's (it proves itself this scan's only where ``ours``)
     finished: bool  # ours, it says it finished, and the mean, std and risk maps are there
     changed: bool  # finished, but the scan or its JSON sidecar changed since (:func:`same_input`)
 
@@ -164,7 +163,7 @@ class _Scan:
         are known as its own, and again last."""
         record = _read_record(paths.sidecar)
         if record is None:
-            return cls(scan, paths, None, ours=False, finished=False, changed=False)
+            return cls(scan, paths, None, ours=False, single=False, finished=False, changed=False)
         name, stamp = record.get("input"), record.get("input_stamp")
         maps = all(p.is_file() for p in (paths.mean, paths.std, paths.risk))
         named = isinstance(name, str) and (name == str(scan) or Path(name).name == scan.name)
@@ -172,7 +171,7 @@ class _Scan:
         same = (named or single) and (stamp is None or same_input(stamp, scan))  # no stamp kept: as unchanged
         ours = named or (single and same and maps)
         finished = ours and record.get("finished", True) is True and maps
-        return cls(scan, paths, record, ours=ours, finished=finished, changed=finished and not same)
+        return cls(scan, paths, record, ours=ours, single=single, finished=finished, changed=finished and not same)
 
 
 def scan_outputs(scan: Path, root: Path, output_dir: Path) -> ScanOutputs:
@@ -207,7 +206,7 @@ class CohortRow:
 
     scan: str
     status: str  # "done", "skipped" or "failed"
-    seconds: float = 0.0
+    seconds: float | None = None  # None: not recorded (a single-scan run's outputs taken as the scan's)
     noise_std: float | None = None  # the one the run used: given, or read from the scan's air (``"auto"``)
     max_relative_residual: float | None = None
     flagged_fraction: float | None = None
@@ -419,17 +418,18 @@ def _one_scan(pipe: Any, found: _Scan, overwrite: bool, threshold: float, seed: 
     import torch
 
     scan, paths, changed, record = found.scan, found.paths, found.changed, found.record or {}
-    if found.record is not None and not found.ours:  # someone else's file: never taken or removed
-        return CohortRow(str(scan), "failed", message=f"{paths.sidecar} is not a run record of this scan that a "
-                                                      "cohort can take (a single-scan run's counts where it records "
-                                                      "this very scan and its settings, with its std and risk maps "
-                                                      "beside it): move it away, or give another --output-dir")
+    if found.record is not None and not found.ours and not (overwrite and found.single):  # never taken or removed
+        what = ("is a single-scan run's record of this scan as it was before it changed, or without its std and risk "
+                "maps: pass --overwrite to redo it" if found.single else
+                "is not a run record of this scan that a cohort can take (a single-scan run's counts where it records "
+                "this very scan and its settings, with its std and risk maps beside it): move it away")
+        return CohortRow(str(scan), "failed", message=f"{paths.sidecar} {what}, or give another --output-dir")
     if found.record is None and not overwrite and (there := [p for p in astuple(paths) if p.exists()]):
         return CohortRow(str(scan), "failed", message=f"{there[0]} is there and is no output of a run of this scan: "
                                                       "remove it, pass --overwrite, or give another --output-dir")
     if found.finished and not (overwrite or changed):
         run = RunRecord.from_dict(record)
-        return CohortRow(str(scan), "skipped", record.get("seconds", 0.0), noise_std=run.noise_std,
+        return CohortRow(str(scan), "skipped", record.get("seconds"), noise_std=run.noise_std,
                          max_relative_residual=run.max_relative_residual,
                          flagged_fraction=record.get("flagged_fraction"), **_calibration(run),
                          output=str(paths.mean), message="finished by an earlier run")
@@ -478,7 +478,8 @@ def write_summary(rows: Sequence[CohortRow], output_dir: Path) -> tuple[Path, Pa
             return "n/a"
         return f"{v:.4g}" if isinstance(v, float) else str(v).replace("\t", " ")
 
-    lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(cell(getattr(r, c)) for c in SUMMARY_COLUMNS) for r in rows]
+    columns = [f.name for f in fields(CohortRow)]
+    lines = ["\t".join(columns)] + ["\t".join(cell(getattr(r, c)) for c in columns) for r in rows]
     atomic_write(tsv, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "skipped", "failed")}
     counts["calibration_does_not_hold"] = sum(r.calibration_holds is False for r in rows)

@@ -71,7 +71,7 @@ def load_mni152(kind: str = "t1") -> Volume:
 
         img = getattr(datasets, SAMPLES[kind])(resolution=1)
     data = np.asarray(img.get_fdata(dtype=np.float32))
-    return Volume(data=data, affine=img.affine, header=img.header, source=f"MNI152 2009 {kind} template (nilearn)")
+    return Volume.from_image(img, data, source=f"MNI152 2009 {kind} template (nilearn)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ from gen_sr.errors import InputError
 from gen_sr.io import atomic_write, check_output_path
 
 __all__ = [
+    "CHECKED_MAPS",
     "IntensityNormalization",
     "Volume",
     "VolumeMemo",
@@ -333,16 +334,22 @@ def save_volume(
     return p
 
 
+CHECKED_MAPS = ("mean", "std")
+"""The maps whose digests a run record keeps (:func:`save_maps`): those ``audit --reuse`` is given back and checks."""
+
+
 def save_maps(like: Volume, maps: Mapping[str, tuple[np.ndarray, np.ndarray, str | os.PathLike[str]]], *,
               overwrite: bool = False) -> dict[str, str]:
     """Write an output's maps on ``like``'s header, each ``{key: (data, affine, path)}`` in the order given (a run
-    writes its mean last, so that a mean on disk means its maps are there), and return each map's
-    :meth:`Volume.digest` as a reader loads it back (float32 rounding included): what ``audit --reuse`` checks a
-    map given to it against."""
+    writes its mean last, so that a mean on disk means its maps are there), and return the :meth:`Volume.digest` of
+    each of :data:`CHECKED_MAPS` among them as a reader gets it back (float32 rounding included): what ``audit
+    --reuse`` checks a map given to it against. A map is read back as written, not checked as an input is (a
+    one-sample run's std is constant 0, and is an output all the same)."""
     digests = {}
     for key, (data, affine, path) in maps.items():
         written = save_volume(like.with_data(data, affine), path, overwrite=overwrite)
-        digests[key] = load_volume(written).digest()
+        if key in CHECKED_MAPS:
+            digests[key] = Volume.from_image(*read_nifti(written)).digest()
     return digests
 
 

@@ -108,8 +108,7 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     sidecar = json.loads(mean.with_name("sub-00_desc-sr_T1w.json").read_text())
     assert sidecar["input"] == str(files[0].resolve()) and 0 <= sidecar["flagged_fraction"] <= 1
     std = mean.with_name("sub-00_desc-srstd_T1w.nii.gz")  # what audit --reuse checks a cohort's maps against
-    assert sidecar["output_digests"] == {"mean": load_volume(mean).digest(), "std": load_volume(std).digest(),
-                                         "risk": load_volume(mean.with_name("sub-00_desc-risk_T1w.nii.gz")).digest()}
+    assert sidecar["output_digests"] == {"mean": load_volume(mean).digest(), "std": load_volume(std).digest()}
     stamp = mean.stat().st_mtime_ns
     assert main(args) == 1
     assert "0 done, 4 skipped" in capsys.readouterr().out and mean.stat().st_mtime_ns == stamp
@@ -317,6 +316,8 @@ def test_a_single_scan_runs_outputs_at_a_cohorts_paths_are_taken_where_their_rec
     capsys.readouterr()
     assert main(_cohort_args(tmp_path, "out")) == 0 and "1 done, 1 skipped" in capsys.readouterr().out
     assert mean.stat().st_mtime_ns == stamp
+    taken = json.loads((tmp_path / "out" / "summary.json").read_text())["scans"][0]
+    assert taken["status"] == "skipped" and taken["seconds"] is None  # not recorded by a single-scan run: n/a
     assert main(_cohort_args(tmp_path, "fresh")) == 0  # what the cohort makes of it: the same
     fresh = tmp_path / "fresh" / mean.relative_to(tmp_path / "out")
     np.testing.assert_allclose(nib.load(mean).get_fdata(), nib.load(fresh).get_fdata(), rtol=0, atol=1e-4)
@@ -331,10 +332,44 @@ def test_a_single_scan_runs_outputs_at_a_cohorts_paths_are_taken_where_their_rec
     record = json.loads(old.with_name("sub-00_desc-sr_T1w.json").read_text())
     old.with_name("sub-00_desc-sr_T1w.json").write_text(json.dumps({k: v for k, v in record.items()
                                                                     if k not in ("input_stamp", "cohort_settings")}))
-    for out, kept in (("alone", alone), ("old", old)):
+    for out, kept, flags, said_first in (
+            ("old", old, ["--overwrite"], "is not a run record of this scan that a cohort can take"),  # never removed
+            ("alone", alone, [], "is a single-scan run's record of this scan as it was before it changed, or without "
+                                 "its std and risk maps: pass --overwrite to redo it")):
         stamp = kept.stat().st_mtime_ns
         capsys.readouterr()
-        assert main(_cohort_args(tmp_path, out, "--overwrite")) == 1 and kept.stat().st_mtime_ns == stamp
+        assert main(_cohort_args(tmp_path, out, *flags)) == 1 and kept.stat().st_mtime_ns == stamp
         said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("failed:")]
-        assert len(said) == 1 and "sub-00_desc-sr_T1w.json is not a run record of this scan that a cohort can take" \
-            in said[0] and said[0].endswith("give another --output-dir")
+        assert len(said) == 1 and f"sub-00_desc-sr_T1w.json {said_first}" in said[0] \
+            and said[0].endswith("give another --output-dir")
+    assert main(_cohort_args(tmp_path, "alone", "--overwrite")) == 0  # a single-scan run's own outputs: redone
+    np.testing.assert_allclose(nib.load(alone).get_fdata(), nib.load(fresh).get_fdata(), rtol=0, atol=1e-4)
+    edited = single("edited")  # the scan changed after a single-scan run: refused as above, redone with --overwrite
+    files[0].write_bytes(files[1].read_bytes())
+    capsys.readouterr()
+    assert main(_cohort_args(tmp_path, "edited")) == 1 and "pass --overwrite to redo it" in capsys.readouterr().err
+    assert main(_cohort_args(tmp_path, "edited", "--overwrite")) == 0
+    rows = json.loads((tmp_path / "edited" / "summary.json").read_text())["scans"]
+    assert [r["status"] for r in rows] == ["done", "done"] and edited.is_file()
+    assert main(_cohort_args(tmp_path, "edited")) == 0  # skipped: their seconds are the cohort's own
+    rows = json.loads((tmp_path / "edited" / "summary.json").read_text())["scans"]
+    assert all(r["seconds"] is not None for r in rows)
+
+
+def test_a_one_sample_run_writes_its_constant_std_as_an_output(tmp_path: Path, capsys) -> None:
+    """A one-sample run's std (and so its risk) is 0 everywhere: an output all the same, not refused as a constant
+    input when its digest is recorded, in a single-scan run and in a cohort."""
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    files = _cohort(tmp_path / "bids", n=1)
+    one = ["--samples", "1", "--steps", "2", "--seed", "3"]
+    out = tmp_path / "single"
+    out.mkdir()
+    assert main(["super-resolve", "--model", str(tmp_path / "model"), "--input", str(files[0]), "--output",
+                 str(out / "sr.nii.gz"), "--std", str(out / "std.nii.gz"), "--risk", str(out / "risk.nii.gz"),
+                 *one]) == 0
+    record = json.loads((out / "sr.json").read_text())
+    assert np.all(np.asarray(nib.load(out / "std.nii.gz").dataobj) == 0) and set(record["output_digests"]) == {
+        "mean", "std"}
+    assert main(["super-resolve", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "bids"),
+                 "--output-dir", str(tmp_path / "out"), *one]) == 0
+    assert "1 done, 0 skipped" in capsys.readouterr().out

@@ -368,6 +368,7 @@ def test_the_calls_on_one_input_resample_it_and_read_its_noise_once(monkeypatch)
     import gen_sr.pipelines.pipeline_latent_sr as pipeline_module
     from gen_sr.physics import coarsen
 
+    monkeypatch.setattr(pipeline_module, "_INPUTS", VolumeMemo())  # nothing kept from the tests before
     calls = count_calls(pipeline_module, INPUT_WORK, monkeypatch.setattr)
     pipe = _pipe(2)
     pipe.model_card = dataclasses.replace(pipe.model_card, in_plane_spacing=(0.7, 1.5))
