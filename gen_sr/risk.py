@@ -30,6 +30,7 @@ from monai.networks.layers.convutils import gaussian_1d
 from gen_sr.errors import InputError
 from gen_sr.io import write_json
 from gen_sr.physics import NOISE_GAIN_FLOOR
+from gen_sr.schedulers import sampler_text
 
 if TYPE_CHECKING:
     from gen_sr.physics import AcquisitionOperator
@@ -140,12 +141,13 @@ class SamplingSettings:
     noise_known: bool = True
 
     def describe(self) -> str:
+        """The settings in words, e.g. ``8 samples, DPM-Solver++, 3 steps, trailing spacing, first call shared``."""
         start = "" if self.strength == 1 else f", strength {self.strength:g}"
         shared = ", first call shared" if self.share_first_call else ""
         refit = ", refitted where the data disagree" if self.refit_disagreement else ""
         unknown = "" if self.noise_known else ", noise std not known"
         samples = f"{self.num_samples} sample{'s' if self.num_samples != 1 else ''}"
-        return f"{samples} x {self.num_inference_steps} {self.scheduler} steps{start}{shared}{refit}{unknown}"
+        return f"{samples}, {sampler_text(self.scheduler, self.num_inference_steps)}{start}{shared}{refit}{unknown}"
 
 
 NOISE_UNKNOWN_SHAPE = IntervalShape(noise_floor=0.5)

@@ -276,7 +276,7 @@ def test_a_calibration_records_its_sampler_settings_and_a_run_with_others_warns(
         warnings.simplefilter("error", CalibrationMismatchWarning)
         pipe(cases[0].lr, noise_std=0.0, **settings)  # the calibrated settings (noise-free cases): silent
     for other in ({"num_inference_steps": 3}, {"num_samples": 3}, {"strength": 0.5}):
-        with pytest.warns(CalibrationMismatchWarning, match="made with 2 samples x 2 DDIMDataConsistencyScheduler"):
+        with pytest.warns(CalibrationMismatchWarning, match="made with 2 samples, DDIM, 2 steps"):
             pipe(cases[0].lr, noise_std=0.0, **(settings | other))
     # the refit where the data disagree narrows the spread there: a calibration made without it does not hold for it;
     # without noise it does nothing, so the calibration holds

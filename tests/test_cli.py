@@ -364,7 +364,7 @@ def test_info_shows_what_a_model_was_trained_for(capsys, tmp_path: Path) -> None
                      "objective:        diffusion, 3 sampling step(s) by default, the first network call shared by all"
                      " samples",
                      "sampler:          DPMSolverDataConsistencyScheduler(trailing)",
-                     "made with 8 samples x 3 DPMSolverDataConsistencyScheduler(trailing) steps, first call shared",
+                     "made with 8 samples, DPM-Solver++, 3 steps, trailing spacing, first call shared",
                      "calibration:      mean ± ", "autoencoder:      the Haar wavelet transform, 1 level(s)"):
         assert fragment in out
     code, _, err = _run(capsys, "info", "--model", tmp_path)

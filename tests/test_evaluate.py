@@ -108,7 +108,8 @@ def test_calibrate_then_super_resolve_reports_calibrated_risk(tmp_path: Path, ca
     records = json.loads((model / "calibration.json").read_text())
     assert [r["sampling"]["num_inference_steps"] for r in records] == [2, 3] and records[0] == cal
     assert main(["info", "--model", str(model)]) == 0
-    assert "made with 2 samples x 2" in (info := capsys.readouterr().out) and "made with 2 samples x 3" in info
+    info = capsys.readouterr().out
+    assert "made with 2 samples, DDIM, 2 steps" in info and "made with 2 samples, DDIM, 3 steps" in info
     lr = tmp_path / "lr.nii.gz"
     assert main(["degrade", "--input", str(hr), "--output", str(lr), "--slice-thickness", "4", "--axis", "2"]) == 0
     out = tmp_path / "sr.nii.gz"

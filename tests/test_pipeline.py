@@ -583,8 +583,7 @@ def test_the_sde_solver_draws_each_samples_noise_from_its_own_generator() -> Non
     pipe.calibration = Calibration(scale=2.0, alpha=0.1, delta=0.1, method="crc", bound="", num_volumes=3,
                                    risk_hat=0.1, risk_upper=0.1, sampling=made)  # an ODE calibration
     pipe.scheduler = scheduler_from_name("sde-dpmsolver++", ode.config)
-    with pytest.warns(CalibrationMismatchWarning, match=r"this run uses 2 samples x 3 "
-                                                        r"DPMSolverDataConsistencyScheduler\(sde-dpmsolver\+\+"):
+    with pytest.warns(CalibrationMismatchWarning, match=r"this run uses 2 samples, SDE-DPM-Solver\+\+, 3 steps"):
         pipe(_lr(), num_samples=2, generator=_gens(0, 1), **RUN)
 
 
@@ -821,7 +820,7 @@ def test_the_model_cards_share_first_call_is_the_default_and_a_calibration_recor
                                    risk_hat=0.1, risk_upper=0.1, sampling=made)
     out = pipe(lr, num_samples=2, generator=_gens(0, 1), noise_std=0.0)
     assert out.metadata["share_first_call"] and out.metadata["risk"]["calibrated"]
-    with pytest.warns(CalibrationMismatchWarning, match="this run uses 2 samples x 2 "):
+    with pytest.warns(CalibrationMismatchWarning, match="this run uses 2 samples, "):
         pipe(lr, num_samples=2, generator=_gens(0, 1), share_first_call=False, noise_std=0.0)
 
 
