@@ -44,6 +44,27 @@ def test_the_pipeline_estimates_the_thickness_with_slice_profile_auto() -> None:
         pipe(case.lr, slice_profile="auto", slice_thickness=3.0, **run)
 
 
+def test_a_scans_slice_thickness_is_estimated_once_for_every_pipeline_that_runs_it(monkeypatch) -> None:
+    """A plan, a run and the run of another pipeline (as ``--adapt`` makes one) on one scan estimate its thickness
+    once (the input memo), and a scan changed since anew."""
+    from helpers import count_calls, tiny_pipeline
+
+    import gen_sr.pipelines.pipeline_latent_sr as pipeline_module
+    from gen_sr.volume import VolumeMemo
+
+    monkeypatch.setattr(pipeline_module, "_INPUTS", VolumeMemo())
+    calls = count_calls(pipeline_module, ["estimate_slice_profile"], monkeypatch.setattr)
+    case = simulate_case(_isotropic((16, 16, 48)), "texture", axis=2, thickness=3.0)
+    run = {"num_samples": 1, "num_inference_steps": 2, "noise_std": 0.0, "slice_profile": "auto"}
+    first = tiny_pipeline()
+    first.plan(case.lr, slice_profile="auto")
+    thickness = first(case.lr, **run).record.operator["transforms"][0]["thickness"]
+    assert tiny_pipeline(seed=1)(case.lr, **run).record.operator["transforms"][0]["thickness"] == thickness
+    assert calls["estimate_slice_profile"] == 1
+    first(case.lr.with_data(case.lr.data * 2), **run)
+    assert calls["estimate_slice_profile"] == 2
+
+
 def test_only_commands_with_a_scan_take_slice_profile_auto(tmp_path, capsys) -> None:
     from gen_sr.cli import main
     from gen_sr.volume import save_volume

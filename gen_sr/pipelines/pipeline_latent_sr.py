@@ -88,12 +88,12 @@ refuse, before any sampling, a grid that cannot fit; it is an estimate for that,
 _INPUTS = VolumeMemo()
 """What a call computes from its input and another call on the same input would compute again, for the last two
 inputs: the input resampled (:meth:`LatentDiffusionSRPipeline.coarsened`,
-:meth:`~LatentDiffusionSRPipeline.measured_input`), how that scaled its noise, and its noise std read from its air
-(:func:`resolve_noise_std`): seconds for a 0.5 mm head on the 2-core CPU (an output grid 1.2-4 s, a plan 2.4-6.5 s,
-as its load varied; ``benchmarks/RESULTS.md``). A command looks at its scan several times: ``gen-sr audit`` for the
-output grid, the run and the audit of what the run measured, ``super-resolve --adapt`` for the adaptation and the
-run, ``info --time`` for the plan and the timed run; and so does a Python session, ``pipe.plan(lr)`` then
-``pipe(lr)``."""
+:meth:`~LatentDiffusionSRPipeline.measured_input`), how that scaled its noise, its noise std read from its air
+(:func:`resolve_noise_std`) and its slice thickness estimated (``slice_profile="auto"``): seconds for a 0.5 mm head
+on the 2-core CPU (an output grid 1.2-4 s, a plan 2.4-6.5 s, as its load varied; ``benchmarks/RESULTS.md``). A
+command looks at its scan several times: ``gen-sr audit`` for the output grid, the run and the audit of what the run
+measured, ``super-resolve --adapt`` for the adaptation and the run, ``info --time`` for the plan and the timed run;
+and so does a Python session, ``pipe.plan(lr)`` then ``pipe(lr)``."""
 
 
 class OutsideTrainingWarning(UserWarning):
@@ -183,7 +183,6 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         if unet.config.spatial_dims == 2:  # faster convolutions on the 2-core CPU (benchmarks/RESULTS.md, "Speed")
             unet.to(memory_format=torch.channels_last)
         self.calibrations = Calibrations()  # from the model folder's calibration.json: one per sampler setting
-        self._thickness_estimates: dict[tuple, float] = {}  # slice_profile="auto", per input
 
     def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> None:
         """Always raises (diffusers pipelines offer it, so it is here to say why): the MONAI attention blocks these
@@ -1118,17 +1117,16 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                                 f"; this input has {len(axes)}"), canon.source,
                              "leave out --slice-thickness, or give the profile" if given is not None else
                              "give the profile and thickness")
-        key = (canon.shape, canon.affine.tobytes(), hash(canon.data.tobytes()), axes[0])
-        cache = self._thickness_estimates
-        if key not in cache:
+        def estimate() -> float:
             try:
-                estimate = estimate_slice_profile(canon, axis=axes[0], shapes=("gaussian",))
+                found = estimate_slice_profile(canon, axis=axes[0], shapes=("gaussian",))
             except ValueError as e:
                 raise InputError(f"cannot estimate the slice profile: {e}", canon.source,
                                  "give --slice-profile and --slice-thickness") from e
-            cache[key] = estimate.thickness
-            logger.info("estimated slice profile: %s", estimate.describe())
-        return cache[key]
+            logger.info("estimated slice profile: %s", found.describe())
+            return found.thickness
+
+        return _INPUTS.get(canon, ("slice_thickness", axes[0]), estimate)  # once per scan, as its resampling
 
     def _stages(self, operator: AcquisitionOperator, axes: Sequence[int],
                 slice_normal: int | Sequence[int] | None) -> list[tuple[AcquisitionOperator, int, Any]]:
