@@ -9,12 +9,14 @@ half-written file.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -134,8 +136,12 @@ def atomic_dir(folder: PathLike, write: Callable[[Path], Any]) -> Any:
     new one is in place; if putting the new one in place fails, the old one is renamed back. So at every moment one
     whole folder exists, the old or the new (after a hard kill between the two renames, the old one under its hidden
     name). The temporary folder never outlives a failure, and the failure itself is what is raised. Returns what
-    ``write`` returns."""
+    ``write`` returns. An old folder left aside by an earlier write that was killed is named in a warning (it is the
+    user's to remove once the new one is checked)."""
     folder = Path(folder)
+    if stale := sorted(p.name for p in folder.parent.glob(f".{glob.escape(folder.name)}.old-*")):
+        warnings.warn(f"an earlier write of {folder} was interrupted and left its old version beside it as "
+                      f"{', '.join(stale)}: remove it once {folder.name} is checked", stacklevel=2)
     tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     aside = folder.with_name(f".{folder.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     shutil.rmtree(tmp, ignore_errors=True)

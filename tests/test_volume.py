@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -254,6 +255,24 @@ def test_atomic_dir_keeps_the_old_folder_when_the_new_one_cannot_be_put_in_place
         atomic_dir(folder, whole)
     assert renames[0] == "model"  # the old folder was moved aside first, and then moved back
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and (folder / "old.json").read_text() == "old"
+
+
+def test_atomic_dir_names_an_old_folder_that_a_killed_write_left_aside(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    left = tmp_path / ".model.old-123-abcdef12"  # a write killed between its two renames
+    left.mkdir()
+
+    def whole(tmp: Path) -> None:
+        tmp.mkdir()
+
+    with pytest.warns(UserWarning, match=r"an earlier write of .*model was interrupted .* \.model\.old-123-abcdef12"):
+        atomic_dir(folder, whole)
+    assert left.is_dir() and folder.is_dir()  # the user's to remove, never removed here
+    left.rmdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        atomic_dir(folder, whole)  # nothing left aside: no warning
 
 
 def test_the_slice_thickness_of_a_bids_sidecar(tmp_path: Path) -> None:
