@@ -153,6 +153,7 @@ class _Scan:
     single: bool  # the record is a single-scan run's (it proves itself this scan's only where ``ours``)
     finished: bool  # ours, it says it finished, and the mean, std and risk maps are there
     changed: bool  # finished, but the scan or its JSON sidecar changed since (:func:`same_input`)
+    run: RunRecord | None = None  # where finished, the record as a run record
 
     @classmethod
     def read(cls, scan: Path, paths: ScanOutputs) -> _Scan:
@@ -170,8 +171,9 @@ class _Scan:
         single = name is None and stamp is not None and record.get("cohort_settings") is not None
         same = (named or single) and (stamp is None or same_input(stamp, scan))  # no stamp kept: as unchanged
         ours = named or (single and same and maps)
-        finished = ours and record.get("finished", True) is True and maps
-        return cls(scan, paths, record, ours=ours, single=single, finished=finished, changed=finished and not same)
+        finished = ours and record.get("finished", True) is True and maps and isinstance(record.get("operator"), dict)
+        return cls(scan, paths, record, ours=ours, single=single, finished=finished, changed=finished and not same,
+                   run=RunRecord.from_dict(record) if finished else None)
 
 
 def scan_outputs(scan: Path, root: Path, output_dir: Path) -> ScanOutputs:
@@ -353,7 +355,7 @@ def _changes(earlier: _Scan, pipe: Any, settings: dict[str, Any], pipe_kwargs: d
     if any(before.get(k) != now.get(k) for k in _ACQUISITION):
         given = {k: pipe_kwargs[k] for k in _ACQUISITION if k in pipe_kwargs}
         plan = pipe.plan(earlier.scan, noise_std=0.0, **given)  # a noise std given: no air to read for the plan
-        before = _resolved(before, RunRecord.from_dict(earlier.record or {}).operator)
+        before = _resolved(before, earlier.run.operator)
         now = _resolved(now, json_ready(plan.operator.to_dict()))
     return {k: (before.get(k), now.get(k)) for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
 
@@ -428,7 +430,7 @@ def _one_scan(pipe: Any, found: _Scan, overwrite: bool, threshold: float, seed: 
         return CohortRow(str(scan), "failed", message=f"{there[0]} is there and is no output of a run of this scan: "
                                                       "remove it, pass --overwrite, or give another --output-dir")
     if found.finished and not (overwrite or changed):
-        run = RunRecord.from_dict(record)
+        run = found.run
         return CohortRow(str(scan), "skipped", record.get("seconds"), noise_std=run.noise_std,
                          max_relative_residual=run.max_relative_residual,
                          flagged_fraction=record.get("flagged_fraction"), **_calibration(run),
