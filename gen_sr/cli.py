@@ -513,13 +513,14 @@ def _adaptation_config(args: argparse.Namespace):
                                fine_tune=args.adapt_steps > 0, weight_mix=args.adapt_weight_mix)
 
 
-def _scan_noise_std(args: argparse.Namespace, lr, *, report: bool = True, gain: float = 1.0) -> float:
-    """``--noise-std``, or with ``auto`` the std read from the background air of the scan ``lr`` as given (0 where it
-    has none), times ``gain`` for the grid :func:`_measured_scan` resampled it to, as the pipeline resolves it
-    (:func:`~gen_sr.pipelines.pipeline_latent_sr.resolve_noise_std`), printed where ``report``."""
+def _scan_noise_std(args: argparse.Namespace, lr, *, report: bool = True, gain: float = 1.0) -> float | None:
+    """``--noise-std``, or with ``auto`` the std read from the background air of the scan ``lr`` as given (``None``
+    where it has none: not known), times ``gain`` for the grid :func:`_measured_scan` resampled it to, as the pipeline
+    resolves it for a run (:func:`~gen_sr.pipelines.pipeline_latent_sr.resolve_noise_std`), printed where
+    ``report``."""
     from gen_sr.pipelines.pipeline_latent_sr import resolve_noise_std
 
-    std = resolve_noise_std(lr, args.noise_std, gain) or 0.0
+    std = resolve_noise_std(lr, args.noise_std, gain)
     if args.noise_std != "auto":
         return std
     if report and process_state().is_main_process:
@@ -556,13 +557,13 @@ def _print_risk(risk: dict | None) -> None:
         print(f"risk:     {risk['definition']}")
 
 
-def _print_noise_estimate(std: float) -> None:
+def _print_noise_estimate(std: float | None) -> None:
     print(f"noise:    std {std:.4g} read from the scan's background air (--noise-std auto)" if std else
           "noise:    no background air to read the noise std from (masked or cropped to the head): fitted as "
           "without a noise std; pass --noise-std where known")
 
 
-def _adaptation_noise(args: argparse.Namespace, scan_noise: float, *, target: bool = False) -> float | None:
+def _adaptation_noise(args: argparse.Namespace, scan_noise: float | None, *, target: bool = False) -> float | None:
     """A noise std for ``adapt`` from the choice of ``--adapt-noise``, or with ``target`` of
     ``--adapt-target-noise`` (``none``: 0, ``given``: ``scan_noise``, the one ``--noise-std`` gives, ``estimate``:
     ``None``, ``auto``: ``given`` where there is one, else ``none``): ``--adapt-noise`` gives the std the pairs are
@@ -577,10 +578,11 @@ def _adaptation_noise(args: argparse.Namespace, scan_noise: float, *, target: bo
     return {"none": 0.0, "given": scan_noise, "estimate": None}[choice]
 
 
-def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, scan_noise: float, region: typing.Any = None):
+def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, scan_noise: float | None, region: typing.Any = None):
     """Adapt ``pipe`` to ``lr`` (as :func:`_measured_scan` gives it, with its noise std ``scan_noise``,
-    :func:`_scan_noise_std`, and calibration ``region``) and calibrate it on the scan
-    (:func:`gen_sr.training.scan_fit.fit_to_scan`), printing what was done."""
+    :func:`_scan_noise_std`: ``None`` where not known, as a run at the same ``--noise-std`` resolves it, and
+    calibration ``region``) and calibrate it on the scan for such runs (:func:`gen_sr.training.scan_fit.fit_to_scan`),
+    printing what was done."""
     from gen_sr.training.scan_fit import fit_to_scan
 
     if args.samples < 2:  # before any training: the calibration fits a multiple of the samples' spread

@@ -22,7 +22,7 @@ from gen_sr.eval.scan_calibration import calibrate_on_scan, held_out_foreground,
 from gen_sr.model_card import Adaptation
 from gen_sr.physics import AcquisitionOperator, SliceAcquisition, kept_noise_fraction, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
-from gen_sr.risk import mismatch_text
+from gen_sr.risk import NOISE_UNKNOWN_SHAPE, mismatch_text
 from gen_sr.training.adaptation import (
     AdaptationConfig,
     adapt,
@@ -337,6 +337,32 @@ def test_per_scan_calibration_problems_carry_the_scans_noise_when_it_is_given() 
             assert residual.std() == pytest.approx(sigma, rel=0.05)
 
 
+def test_a_scan_whose_noise_std_is_not_known_is_calibrated_on_problems_topped_up_to_its_in_plane_noise(
+        tmp_path: Path) -> None:
+    """``noise_std=None`` (a scan without air, run with ``noise_std="auto"``): the problems are topped up to the noise
+    read in-plane from the scan's slices, as a run on it reads it, and projected blind (without a noise std), as that
+    run is; the record is one for such runs, whose interval counts that noise."""
+    _, clean = _scan(shape=(32, 32, 60))
+    noisy = clean.with_data((clean.data + 0.05 * np.random.default_rng(4).standard_normal(clean.shape))
+                            .astype(np.float32))
+    adapted = adapt(tiny_pipeline(), noisy, work_dir=tmp_path / "work",
+                    config=dataclasses.replace(_config(), fine_tune=False))
+    record = adapted.model_card.adapted
+    result = calibrate_on_scan(adapted, noisy, noise_std=None, alpha=0.2, blocks=1, progress=False,
+                               generator=_gen(), **RUN)
+    sigma = adapted.plan(noisy).noise_std_in_plane  # what a default run on the scan counts
+    cal = result.calibration
+    assert cal.for_unknown_noise and cal.shape == NOISE_UNKNOWN_SHAPE and cal.details["in_plane_noise_std"] == sigma
+    assert cal.mismatch(adapted.sampling_settings(noise_std=0.0, noise_known=False, **RUN)) is None  # such a run's
+    errors, generator = [], _gen()  # the pooled RMSE again: topped-up problems, projected blind
+    inside = held_out_foreground(noisy, record)
+    for j, case in enumerate(scan_cases(noisy, record, noise_std=sigma)):
+        out = super_resolve(adapted, dataclasses.replace(case, noise_std=0.0), generator=generator, output_type="np",
+                            keep_samples=False, slice_normal=2, **RUN)
+        errors.append((case.hr.data - out.mean)[inside[:, :, [j // 2]]])
+    np.testing.assert_allclose(np.sqrt(np.mean(np.concatenate(errors) ** 2)), result.rmse, rtol=1e-4)
+
+
 def test_recorrupted_problems_hold_the_scans_noise_independent_of_their_references() -> None:
     """Recorrupted, a problem's thick slices still hold the scan's noise per voxel, but the reference's noise no longer
     shows in them: A(reference noise) is uncorrelated with the LR noise, where the plain problems share it."""
@@ -462,8 +488,8 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
     assert main(["info", "--model", str(tmp_path / "adapted")]) == 0
     assert "adapted on" in capsys.readouterr().out
     adapted = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "adapted")
-    run = {"num_samples": 2, "noise_std": 0.0, "num_inference_steps": 2, "generator": torch.Generator().manual_seed(0)}
-    assert adapted(load_volume(tmp_path / "lr.nii.gz"), **run).metadata["risk"]["holds"]  # its own scan
+    run = {"num_samples": 2, "num_inference_steps": 2, "generator": torch.Generator().manual_seed(0)}  # noise: auto
+    assert adapted(load_volume(tmp_path / "lr.nii.gz"), **run).metadata["risk"]["holds"]  # its own scan, no air
     _, other = _scan(shape=(24, 20, 30))  # another scan: its per-scan calibration does not hold there
     save_volume(other, tmp_path / "other.nii.gz")
     with pytest.warns(UserWarning, match="was adapted and calibrated on .*lr.nii.gz, not on this scan"):
@@ -729,3 +755,32 @@ def test_fit_and_super_resolve_with_a_calibration_region_from_the_command_line(t
                  "--output", str(tmp_path / "sr2.nii.gz"), "--samples", "2", "--steps", "2",
                  "--calibration-region", str(tmp_path / "bad.nii.gz")]) == 2
     assert "a calibration region is a mask on the input's own grid" in capsys.readouterr().err
+
+
+def test_fit_on_a_scan_without_air_calibrates_the_default_runs_on_it_whose_noise_is_not_known(tmp_path: Path,
+                                                                                             capsys) -> None:
+    """A noisy scan without background air (masked, skull-stripped): its noise std cannot be read from air, so a run
+    at the defaults (``--noise-std auto``) does not know it. ``gen-sr fit`` at the defaults resolves it as that run
+    will, and calibrates for such runs: blind projections, the interval ``std + 0.5 σ̂`` with ``σ̂`` the noise read
+    in-plane from the scan (the run's), on problems topped up to it. The run's per-scan calibration then holds."""
+    from gen_sr.cli import main
+    from gen_sr.volume import save_volume
+
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    _, lr = _scan(shape=(24, 24, 30))  # foreground everywhere: no air
+    noisy = lr.with_data((lr.data + 0.03 * np.random.default_rng(0).standard_normal(lr.shape)).astype(np.float32))
+    save_volume(noisy, tmp_path / "lr.nii.gz")
+    assert main(["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"), "--output-model",
+                 str(tmp_path / "adapted"), "--steps", "0", "--holdout-every", "2", "--samples", "2",
+                 "--sampling-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "no background air" in out and "(std + 0.5 × noise std), from 40 units" in out
+    fitted = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "adapted").calibration
+    assert fitted.for_unknown_noise and fitted.shape == NOISE_UNKNOWN_SHAPE and fitted.details["noise_std"] is None
+    assert main(["super-resolve", "--model", str(tmp_path / "adapted"), "--input", str(tmp_path / "lr.nii.gz"),
+                 "--output", str(tmp_path / "sr.nii.gz"), "--samples", "2", "--steps", "2"]) == 0
+    assert "its risk map's interval counts the noise read in-plane" in capsys.readouterr().err
+    run = json.loads((tmp_path / "sr.json").read_text())
+    assert run["risk"]["per_scan"] and run["risk"]["holds"] and run["risk"]["mismatch"] is None
+    assert not run["noise_known"] and run["noise_std_in_plane"] > 0.01  # the scan's noise, read in-plane
+    assert fitted.details["in_plane_noise_std"] == pytest.approx(run["noise_std_in_plane"])  # the problems' noise

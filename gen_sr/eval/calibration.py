@@ -68,12 +68,14 @@ __all__ = [
     "fit_shape",
     "fit_volumes",
     "hb_p_value",
+    "interval_shape",
     "minimum_units",
     "pooled_rmse",
     "split_units",
     "transfer_coverage",
     "unknown_noise_volumes",
     "upper_bound",
+    "volumes_and_settings",
 ]
 
 
@@ -435,13 +437,13 @@ def calibrate(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0.1, delta
         warnings.warn("every calibration volume is on one output grid: a scale per mm of the voxel size is then that "
                       "grid's scale over its voxel size, and holds near that grid only; add volumes on another grid "
                       "(e.g. resampled to 1.5 mm)", stacklevel=2)
-    volumes, sampling = _volumes_and_settings(pipe, cases, masks=masks, progress=progress, cache=cache,
-                                              noise_known=noise_known, **pipe_kwargs)
+    volumes, sampling = volumes_and_settings(pipe, cases, masks=masks, progress=progress, cache=cache,
+                                             noise_known=noise_known, **pipe_kwargs)
     if per_mm:
         volumes = [dataclasses.replace(v, std=v.std * case_grid(c)) for v, c in zip(volumes, cases, strict=True)]
     result = fit_volumes(volumes, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis,
                          interval=interval, details=details, progress=progress, sampling=sampling,
-                         shape=_shape(noise_known))
+                         shape=interval_shape(noise_known))
     grids = tuple(sorted({case_grid(c) for c in cases}))
 
     def on_grids(cal: Calibration | None) -> Calibration | None:  # where it holds; per mm of the voxel size
@@ -474,44 +476,51 @@ def calibrate_per_grid(pipe: SRModel, cases: Sequence[Case], *, alpha: float = 0
     for grid in grids:
         check_calibration_settings(sum(case_grid(c) == grid for c in cases), alpha=alpha, delta=delta, method=method,
                                    blocks=blocks, interval=interval)
-    volumes, sampling = _volumes_and_settings(pipe, cases, masks=masks, progress=progress, cache=cache,
-                                              noise_known=noise_known, **pipe_kwargs)
+    volumes, sampling = volumes_and_settings(pipe, cases, masks=masks, progress=progress, cache=cache,
+                                             noise_known=noise_known, **pipe_kwargs)
     results = []
     for grid in grids:
         chosen = [v for v, c in zip(volumes, cases, strict=True) if case_grid(c) == grid]
         result = fit_volumes(chosen, alpha=alpha, delta=delta, method=method, blocks=blocks, axis=axis,
                              interval=interval, details={**(details or {}), "grid_spacing": grid}, progress=progress,
-                             sampling=sampling, shape=_shape(noise_known))
+                             sampling=sampling, shape=interval_shape(noise_known))
         record = dataclasses.replace(result.calibration, grid_spacing=grid)
         results.append(dataclasses.replace(result, calibration=record))
     return results
 
 
-def _volumes_and_settings(pipe: SRModel, cases: Sequence[Case], *, masks: Callable[[Case], np.ndarray] | None,
-                          progress: bool, cache: str | Path | None, noise_known: bool = True,
-                          **pipe_kwargs: Any) -> tuple[list[CalibrationVolume], SamplingSettings]:
-    """The calibration volumes of ``cases`` (:func:`calibration_volumes`; :func:`unknown_noise_volumes` where the
-    noise is not known) and the sampler settings they were made with (a noise-free case set has no refit)."""
+def volumes_and_settings(pipe: SRModel, cases: Sequence[Case], *, masks: Callable[[Case], np.ndarray] | None,
+                         progress: bool, cache: str | Path | None, noise_known: bool = True,
+                         in_plane: float | None = None,
+                         **pipe_kwargs: Any) -> tuple[list[CalibrationVolume], SamplingSettings]:
+    """The calibration volumes of ``cases`` (:func:`calibration_volumes`; :func:`unknown_noise_volumes`, with
+    ``in_plane``, where the noise is not known) and the sampler settings they were made with (a noise-free case set
+    has no refit)."""
     if not noise_known:
-        volumes = unknown_noise_volumes(pipe, cases, masks=masks, progress=progress, cache=cache, **pipe_kwargs)
+        volumes = unknown_noise_volumes(pipe, cases, masks=masks, progress=progress, cache=cache, in_plane=in_plane,
+                                        **pipe_kwargs)
         return volumes, pipe.sampling_settings(noise_std=0.0, noise_known=False, **pipe_kwargs)
     volumes = calibration_volumes(pipe, cases, masks=masks, progress=progress, cache=cache, **pipe_kwargs)
     return volumes, pipe.sampling_settings(noise_std=cases_noise_std(cases), **pipe_kwargs)
 
 
-def unknown_noise_volumes(pipe: SRModel, cases: Sequence[Case], **kwargs: Any) -> list[CalibrationVolume]:
+def unknown_noise_volumes(pipe: SRModel, cases: Sequence[Case], *, in_plane: float | None = None,
+                          **kwargs: Any) -> list[CalibrationVolume]:
     """The calibration volumes of runs whose noise std is not known: each case super-resolved without its noise std
     (exact projections onto its slices, noise and all, as a scan without air is), and each volume's ``noise_std`` the
     one read in-plane from its slices (:func:`~gen_sr.physics.estimate_noise_std` across their coarsest axis, as the
-    pipeline reads it), which :data:`~gen_sr.risk.NOISE_UNKNOWN_SHAPE` counts. ``kwargs``: as
-    :func:`calibration_volumes`'."""
+    pipeline reads it), which :data:`~gen_sr.risk.NOISE_UNKNOWN_SHAPE` counts. ``in_plane``: that noise std for every
+    case, where all were cut from one scan and it was read on the scan's own slices (the per-scan problems of
+    :func:`gen_sr.eval.scan_calibration.calibrate_on_scan`, one voxel thick, have no slices of their own to read it
+    in). ``kwargs``: as :func:`calibration_volumes`'."""
     blind = [dataclasses.replace(c, noise_std=0.0) for c in cases]
     volumes = calibration_volumes(pipe, blind, **kwargs)
-    return [dataclasses.replace(v, noise_std=estimate_noise_std(c.lr.data, int(np.argmax(c.lr.spacing))))
+    return [dataclasses.replace(v, noise_std=estimate_noise_std(c.lr.data, int(np.argmax(c.lr.spacing)))
+                                if in_plane is None else in_plane)
             for v, c in zip(volumes, cases, strict=True)]
 
 
-def _shape(noise_known: bool) -> IntervalShape:
+def interval_shape(noise_known: bool) -> IntervalShape:
     """The interval of a calibration with ``interval="std"``: the plain std, or for runs whose noise is not known
     :data:`~gen_sr.risk.NOISE_UNKNOWN_SHAPE`."""
     return IntervalShape() if noise_known else NOISE_UNKNOWN_SHAPE

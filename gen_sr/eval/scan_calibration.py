@@ -14,7 +14,10 @@ is about 1 point (91.3 %). Blocks of one slice are only approximately exchangeab
 
 Noise and foreground: the held-out slices hold the scan's noise, which their simulated thick slices average down;
 given the scan's noise std, the problems are topped up to it and projected noise-aware, as the real run is
-(:func:`scan_cases`). Units count the scan's foreground (:func:`held_out_foreground`), not each slice's own.
+(:func:`scan_cases`). A scan without background air, run with ``noise_std="auto"``, has no known noise std: its runs
+project blind and their interval counts the noise read in-plane from the slices (``benchmarks/NOISE_UNKNOWN.md``), so
+its problems are topped up to that estimate and calibrated as such runs (``noise_std=None``). Units count the scan's
+foreground (:func:`held_out_foreground`), not each slice's own.
 
 Region: a head with skull holds scalp and skull, where the error is larger beside the spread than in the brain; one
 scale over the whole foreground is then too wide in the brain and too narrow outside it. Given a region of the scan
@@ -51,17 +54,19 @@ from gen_sr.errors import InputError
 from gen_sr.eval.calibration import (
     CalibrationResult,
     CalibrationVolume,
-    calibration_volumes,
     check_calibration_settings,
     fit_shape,
     fit_volumes,
+    interval_shape,
     pooled_rmse,
     split_units,
+    volumes_and_settings,
 )
-from gen_sr.eval.cases import Case, SRModel, cases_noise_std, simulate_case
+from gen_sr.eval.cases import Case, SRModel, simulate_case
 from gen_sr.eval.metrics import foreground
 from gen_sr.eval.uncertainty import miss_rate
 from gen_sr.model_card import Adaptation
+from gen_sr.physics import estimate_noise_std
 from gen_sr.training.adaptation_defaults import REFERENCE_NOISE, ReferenceNoise
 from gen_sr.volume import Volume
 
@@ -201,7 +206,7 @@ def _noise_matched(case: Case, noise_std: float, rng: np.random.Generator) -> Ca
 
 def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: float = 0.1,
                       method: Literal["rcps", "crc"] = "crc", blocks: int = 4, progress: bool = True,
-                      details: dict[str, Any] | None = None, noise_std: float = 0.0, recorrupt: bool = False,
+                      details: dict[str, Any] | None = None, noise_std: float | None = 0.0, recorrupt: bool = False,
                       clean_scan: Volume | None = None, region: np.ndarray | None = None,
                       reference_noise: ReferenceNoise = REFERENCE_NOISE, seed: int = 0,
                       **pipe_kwargs: Any) -> CalibrationResult:
@@ -216,10 +221,17 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
             docstring).
         details: added to the calibration record.
         noise_std: the scan's noise std per voxel in its units, as the pipeline is given it for the real run
-            (:func:`scan_cases`: the problems are brought up to it); 0 for noise-free problems.
+            (:func:`scan_cases`: the problems are brought up to it); 0 for noise-free problems. ``None``: not known,
+            as for a scan without background air run with ``noise_std="auto"``
+            (:func:`~gen_sr.pipelines.pipeline_latent_sr.resolve_noise_std`): calibrated for such runs
+            (:attr:`~gen_sr.risk.SamplingSettings.noise_known` ``False``), as
+            :func:`gen_sr.eval.calibration.calibrate` with ``noise_known=False`` does; the noise std read in-plane
+            from the scan's slices (:func:`~gen_sr.physics.estimate_noise_std`, the one such a run's interval counts)
+            is what the problems are brought up to and what their interval counts, and their projections are blind
+            (without a noise std), as the run's are.
         recorrupt: pose the problems with noise independent of their references' (:func:`recorrupted_case`); for
             ranking models by the error (``CalibrationResult.rmse``), not for the interval: the references hold
-            more noise than the slices.
+            more noise than the slices. Only with a known noise std, as ``reference_noise="extrapolate"``.
         clean_scan: for benchmarks, where the scan was simulated: the same scan without its noise, whose held-out
             slices are then the references of the same problems (an oracle: how far the held-out slices' own noise
             moves the calibration).
@@ -236,13 +248,15 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
     record = _record(pipe)
     if reference_noise not in ("keep", "extrapolate"):
         raise ValueError(f"reference_noise must be 'keep' or 'extrapolate', not {reference_noise!r}")
-    extrapolate = reference_noise == "extrapolate" and noise_std > 0 and clean_scan is None
-    triples = _cases_and_masks(lr, record, seed=seed, noise_std=noise_std, recorrupt=recorrupt or extrapolate,
+    known = noise_std is not None
+    level = noise_std if known else estimate_noise_std(lr.canonical().data, record.axis)  # as the run reads it
+    extrapolate = known and reference_noise == "extrapolate" and level > 0 and clean_scan is None
+    triples = _cases_and_masks(lr, record, seed=seed, noise_std=level, recorrupt=known and (recorrupt or extrapolate),
                                clean_scan=clean_scan, region=region)
     if not triples:
         raise InputError("has no foreground in any of its held-out in-plane slices", lr.source,
                          "check that it is the scan the model was adapted on")
-    cases, masks = [c for c, _, _ in triples], {id(c): m for c, m, _ in triples}
+    cases, masks = [c for c, _, _ in triples], {c.name: m for c, m, _ in triples}
     inside = [r for _, _, r in triples]
     axis = min(a for a in range(3) if a != record.axis)
     reference_variance = recorrupted_reference_variance(cases[0].operator) if extrapolate else None
@@ -250,17 +264,19 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
     extrapolate = reference_variance is not None
     info = {"per_scan": True, "assumption": ASSUMPTION, "measured_coverage": list(MEASURED_COVERAGE),
             "scan": record.source, "held_out_slices": list(record.held_out_slices), "noise_std": noise_std,
-            "recorrupted": (recorrupt or extrapolate) and noise_std > 0, "clean_references": clean_scan is not None,
+            **({} if known else {"in_plane_noise_std": level}),
+            "recorrupted": known and (recorrupt or extrapolate) and level > 0,
+            "clean_references": clean_scan is not None,
             "reference_noise": "extrapolate" if extrapolate else "keep", "region": region is not None, **note,
             **(details or {})}
-    fit = {"alpha": alpha, "delta": delta, "method": method, "blocks": blocks, "axis": axis}
+    fit = {"alpha": alpha, "delta": delta, "method": method, "blocks": blocks, "axis": axis,
+           "shape": interval_shape(known)}
     try:
         check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks)
-        volumes = calibration_volumes(pipe, cases, masks=lambda case: masks[id(case)], progress=progress,
-                                      **pipe_kwargs)
+        volumes, sampling = volumes_and_settings(pipe, cases, masks=lambda case: masks[case.name], progress=progress,
+                                                 cache=None, noise_known=known, in_plane=level, **pipe_kwargs)
         counted = volumes if region is None else [dataclasses.replace(v, mask=v.mask & r)
                                                   for v, r in zip(volumes, inside, strict=True)]
-        sampling = pipe.sampling_settings(noise_std=cases_noise_std(cases), **pipe_kwargs)
         result = fit_volumes(counted, details=info, sampling=sampling, **fit)
         if region is not None:  # the whole foreground's, as without a region: it ranks models
             result.rmse = pooled_rmse(volumes)
@@ -307,7 +323,7 @@ def _extrapolate(result: CalibrationResult, volumes: list[CalibrationVolume], se
     the miss rate against the noisy references at that scale, and its details record the scales it was made from."""
     cal = result.calibration
     scale, scales = _scale(volumes, seed, reference_variance, fit, first=cal.scale)
-    errors, spreads, masks = split_units(volumes, blocks=fit["blocks"], axis=fit["axis"])
+    errors, spreads, masks = split_units(volumes, fit["shape"], blocks=fit["blocks"], axis=fit["axis"])
     risk = float(np.mean([miss_rate(e, u, scale, m) for e, u, m in zip(errors, spreads, masks, strict=True)]))
     cal.details |= {"noisy_reference_scale": cal.scale, "reference_noise_scales": scales,
                     "reference_noise_variances": _variances(reference_variance)}

@@ -74,7 +74,7 @@ def pretrained_on_scan(pipe: LatentDiffusionSRPipeline,
 
 def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool = True,
                 keep_better: bool = KEEP_BETTER, alpha: float = 0.1, method: str = "crc", blocks: int = 4,
-                progress: bool = True, scan_noise_std: float = 0.0, reference: HeldOutReference = REFERENCE,
+                progress: bool = True, scan_noise_std: float | None = 0.0, reference: HeldOutReference = REFERENCE,
                 sampling: dict[str, Any] | None = None, volume_index: int | None = None,
                 calibration_region: LRInput | None = None, reference_noise: ReferenceNoise = REFERENCE_NOISE,
                 **adapt_kwargs: Any) -> ScanFit:
@@ -85,7 +85,10 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     ``scan_noise_std``: the scan's noise std per voxel in its units, as the pipeline is given it (``noise_std``) for
     the real run: the calibration's problems are brought up to it
     (:func:`gen_sr.eval.scan_calibration.scan_cases`), and unless ``adapt_kwargs`` holds a ``noise_std`` of its own,
-    the fine-tuning pairs are recorrupted with it (:data:`RECORRUPT_PAIRS`; :func:`gen_sr.data.recorrupt`).
+    the fine-tuning pairs are recorrupted with it (:data:`RECORRUPT_PAIRS`; :func:`gen_sr.data.recorrupt`). ``None``:
+    not known, as a run with ``noise_std="auto"`` resolves it on a scan without background air
+    (:func:`~gen_sr.pipelines.pipeline_latent_sr.resolve_noise_std`): the scan is calibrated for such runs
+    (``calibrate_on_scan(noise_std=None)``), whose calibration then holds for them, and the pairs are not recorrupted.
 
     ``keep_better``: also calibrate the pretrained UNet on the held-out slices, drawing the same noise (the
     generators in ``sampling`` are reset to their state before the first calibration), and keep whichever of the two
@@ -99,7 +102,8 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     ``"extrapolate"`` they are recorrupted (:func:`gen_sr.eval.scan_calibration.recorrupted_case`: noise independent
     of their references'), which rank the two as their error against the clean slices would. ``"recorrupted"``:
     compared on recorrupted problems in any case; with ``"keep"`` that costs a third pass, as the kept UNet is then
-    calibrated on the calibration's own problems (``rejected`` is not calibrated). Noise-free, all are the same.
+    calibrated on the calibration's own problems (``rejected`` is not calibrated). Noise-free, all are the same; with
+    the noise std not known there is none to recorrupt with, and the calibration's own problems rank them.
 
     ``calibration_region`` (a mask on the scan's own grid, e.g. its brain) and ``reference_noise``: how the interval
     is fitted (:func:`gen_sr.eval.scan_calibration.calibrate_on_scan`'s ``region`` and ``reference_noise``); the
@@ -116,7 +120,7 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
                       "runs will measure it (LatentDiffusionSRPipeline.measured_scan; gen-sr fit and --adapt do)",
                       stacklevel=2)
     region = None if calibration_region is None else pipe.calibration_region_mask(volume, calibration_region)
-    if scan_noise_std > 0 and RECORRUPT_PAIRS and "noise_std" not in adapt_kwargs:
+    if scan_noise_std and RECORRUPT_PAIRS and "noise_std" not in adapt_kwargs:
         adapt_kwargs = {"noise_std": scan_noise_std, "recorrupt": True, **adapt_kwargs}
     adapted = adapt(pipe, volume, **adapt_kwargs)
     timings["adapt_s"] = time.perf_counter() - tic
@@ -139,8 +143,8 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     if not keep_better or adapted.model_card.adapted.steps == 0:  # nothing was fine-tuned: nothing to compare
         return ScanFit(adapted, on_scan(adapted, "calibrate_s"), timings)
     pretrained = pretrained_on_scan(pipe, adapted)
-    recorrupted_calibration = reference_noise == "extrapolate" and scan_noise_std > 0  # its problems recorrupted
-    if reference == "recorrupted" and scan_noise_std > 0 and not recorrupted_calibration:  # a third pass
+    recorrupted_calibration = reference_noise == "extrapolate" and bool(scan_noise_std)  # its problems recorrupted
+    if reference == "recorrupted" and scan_noise_std and not recorrupted_calibration:  # a third pass
         rmse = (float(on_scan(pretrained, "compare_s", True).rmse),  # type: ignore[arg-type]
                 float(on_scan(adapted, "compare_s", True).rmse))  # type: ignore[arg-type]
         results = None
@@ -150,7 +154,7 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     kept = "pretrained" if rmse[0] <= rmse[1] else "fine-tuned"
     recorrupted = results is None or bool(results[1].calibration.details.get("recorrupted"))
     record = dataclasses.replace(adapted.model_card.adapted, kept=kept, heldout_rmse=rmse, heldout_reference=(
-        "recorrupted" if recorrupted else "noisy" if scan_noise_std > 0 else "clean"))
+        "recorrupted" if recorrupted else "clean" if scan_noise_std == 0 else "noisy"))  # not known: read in-plane
     for candidate in (pretrained, adapted):
         candidate.model_card = dataclasses.replace(candidate.model_card, adapted=record)
     winner, loser = (pretrained, adapted) if kept == "pretrained" else (adapted, pretrained)
