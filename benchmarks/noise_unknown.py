@@ -133,7 +133,7 @@ def test(pipe: LatentDiffusionSRPipeline, args: argparse.Namespace) -> None:
             halfwidth = out.risk[inside] * pipe.intensity_normalization(case.lr.data).scale
             today = pipe.calibrations.find(pipe.sampling_settings(noise_std=0.0), case_grid(case))
             print(f"| {spec} | {case_grid(case):g} | {f'SNR {snr:g}' if snr else 'noise-free'} | "
-                  f"{run.noise_std_in_plane:.4g} | {run.risk['scale']:.3f}: {np.mean(err <= halfwidth):.4f} | "
+                  f"{run.noise_std_in_plane:.4g} | {run.risk.scale:.3f}: {np.mean(err <= halfwidth):.4f} | "
                   f"{today.scale:.3f}: {np.mean(err <= today.scale * out.std[inside]):.4f} |", flush=True)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from gen_sr.eval.metrics import foreground, psnr
 from gen_sr.eval.uncertainty import coverage, spearman, spearman_ceiling
+from gen_sr.run_record import RunRecord
 from gen_sr.volume import load_volume
 
 
@@ -36,7 +37,8 @@ def check(run: Path, truth_path: Path, mask_path: Path | None = None, outside: b
         inside = inside & ~mask if outside else mask
     err = np.abs(mean - truth)
     grad = np.sqrt(sum(g**2 for g in np.gradient(mean)))
-    scale = json.loads((run / "sr.json").read_text())["risk"].get("scale")
+    risk = RunRecord.from_dict(json.loads((run / "sr.json").read_text())).risk
+    scale = None if risk is None else risk.scale
     row = {"voxels": float(inside.sum()), "psnr": psnr(mean, truth, inside, float(np.ptp(truth[inside]))),
            "rmse": float(np.sqrt(np.mean(err[inside] ** 2))), "median std": float(np.median(std[inside])),
            "λ90": float(np.quantile(err[inside] / np.maximum(std[inside], 1e-12), 0.9)),

@@ -33,7 +33,7 @@ from gen_sr.io import (
 )
 
 if typing.TYPE_CHECKING:
-    from gen_sr.run_record import CoarsenedInput, RunPlan
+    from gen_sr.run_record import CoarsenedInput, RiskRecord, RunPlan
 
 __all__ = ["main"]
 
@@ -216,9 +216,9 @@ def _print_plan(args: argparse.Namespace) -> None:
         with warnings.catch_warnings():  # the slab's own (the plan's are above)
             warnings.simplefilter("ignore")
             took = pipe.time_estimate(lr, num_samples=plan.num_samples, **_acquisition_kwargs(args))
-        print(f"{'time:':<13}about {_duration(took['seconds'])} for {plan.num_samples} samples on this machine as "
-              f"it is loaded now (a slab of {took['probe_fraction']:.1%} of the output took "
-              f"{took['probe_seconds']:.1f} s)")
+        print(f"{'time:':<13}about {_duration(took.seconds)} for {plan.num_samples} samples on this machine as "
+              f"it is loaded now (a slab of {took.probe_fraction:.1%} of the output took "
+              f"{took.probe_seconds:.1f} s)")
 
 
 def _duration(seconds: float) -> str:
@@ -412,6 +412,7 @@ def _steps(args: argparse.Namespace, pipe) -> int:
 
 def cmd_super_resolve(args: argparse.Namespace) -> int:
     from gen_sr.cohort import input_stamp, single_scan_record
+    from gen_sr.run_record import CohortRecord
     from gen_sr.volume import load_volume, save_maps
 
     source = Path(args.input)
@@ -454,11 +455,11 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
                                                                  for key in last}, overwrite=args.overwrite))
     for key, path in outputs.items():
         print(f"wrote:    {path} ({key})")
-    cohort = {}  # the model folder's run: a cohort can take these outputs as the scan's (gen_sr.cohort)
+    cohort = CohortRecord()  # the model folder's run: a cohort can take these outputs as the scan's (gen_sr.cohort)
     if not args.adapt:
         cohort = single_scan_record(pipe, args.seed, {**_run_kwargs(args), "volume_index": args.volume,
                                                       "calibration_region": args.calibration_region}, stamp)
-    write_json(sidecar, {**run.to_dict(), **cohort})
+    write_json(sidecar, {**run.to_dict(), **cohort.to_dict()})
     _print_risk(run.risk)
     print(f"wrote:    {sidecar} (seeds, operator, residuals, timings)")
     print(f"samples:  {args.samples}, {run.num_inference_steps} steps, guidance {args.guidance}; "
@@ -551,10 +552,10 @@ def _spacing_text(spacing: Sequence[float]) -> str:
     return " x ".join(f"{float(s):.4g}" for s in spacing)
 
 
-def _print_risk(risk: dict | None) -> None:
+def _print_risk(risk: RiskRecord | None) -> None:
     """The run record's sentence on what its risk map is (the interval and its λ, or uncalibrated)."""
-    if risk and risk.get("definition"):
-        print(f"risk:     {risk['definition']}")
+    if risk is not None:
+        print(f"risk:     {risk.definition}")
 
 
 def _print_noise_estimate(std: float | None) -> None:
@@ -896,7 +897,7 @@ def _tissue(text: str) -> tuple[str, str]:
 def cmd_audit(args: argparse.Namespace) -> int:
     from gen_sr.audit.audit import AUDIT_FILES, audit
     from gen_sr.audit.summary import DISAGREEMENT_STAGES
-    from gen_sr.run_record import CoarsenedInput
+    from gen_sr.run_record import CoarsenedInput, RiskRecord
     from gen_sr.volume import load_volume
 
     if args.reuse and (ignored := sorted(flag for flag, name in args.given_flags.items()
@@ -919,7 +920,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         _print_coarsened(CoarsenedInput.from_dict(coarsened))
     if payload["card"].get("noise_std_estimated") and payload["card"]["noise_std"]:  # without air: the run warned
         _print_noise_estimate(payload["card"]["noise_std"])
-    _print_risk(payload["card"].get("risk"))
+    _print_risk(RiskRecord.from_dict(payload["card"]["risk"]))
     print(f"verdict:  {payload['verdict']['text']}")
     if (departs := payload["data_disagreement"]) is not None:
         stage = departs["stage"]

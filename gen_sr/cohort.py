@@ -44,7 +44,7 @@ import re
 import time
 import traceback
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, astuple, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ from gen_sr.io import (
     write_json,
 )
 from gen_sr.risk import MISMATCH_WORDING, mismatch_text
-from gen_sr.run_record import RunRecord
+from gen_sr.run_record import CohortRecord, RunRecord
 from gen_sr.volume import IntensityNormalization, load_volume, save_maps
 
 __all__ = ["UNCALIBRATED", "CohortRow", "ScanOutputs", "calibration_line", "find_scans", "flagged_fraction",
@@ -148,10 +148,10 @@ class _Scan:
 
     scan: Path
     paths: ScanOutputs
-    record: dict[str, Any] | None  # the JSON at the run record's place: None where there is none, {} if no object
+    record: CohortRecord | None  # the JSON at the run record's place, as a cohort reads it: None where there is none
     ours: bool  # the record is a run record of this scan
     single: bool  # the record is a single-scan run's (it proves itself this scan's only where ``ours``)
-    finished: bool  # ours, it says it finished, and the mean, std and risk maps are there
+    finished: bool  # ours, a run record not under way, and the mean, std and risk maps are there
     changed: bool  # finished, but the scan or its JSON sidecar changed since (:func:`same_input`)
     run: RunRecord | None = None  # where finished, the record as a run record
 
@@ -162,18 +162,20 @@ class _Scan:
         (no ``input``: :func:`single_scan_record`) that proves it: the scan's stamp as it is now, the run's settings,
         and the std and risk maps beside it. A run writes its record first, unfinished, so that its partial outputs
         are known as its own, and again last."""
-        record = _read_record(paths.sidecar)
-        if record is None:
+        raw = _read_record(paths.sidecar)
+        if raw is None:
             return cls(scan, paths, None, ours=False, single=False, finished=False, changed=False)
-        name, stamp = record.get("input"), record.get("input_stamp")
+        record = CohortRecord.from_dict(raw)
+        name, stamp = record.input, record.input_stamp
         maps = all(p.is_file() for p in (paths.mean, paths.std, paths.risk))
         named = isinstance(name, str) and (name == str(scan) or Path(name).name == scan.name)
-        single = name is None and stamp is not None and record.get("cohort_settings") is not None
+        single = name is None and stamp is not None and record.cohort_settings is not None
         same = (named or single) and (stamp is None or same_input(stamp, scan))  # no stamp kept: as unchanged
         ours = named or (single and same and maps)
-        finished = ours and record.get("finished", True) is True and maps and isinstance(record.get("operator"), dict)
+        run = _run_record(raw) if ours and not record.under_way and maps else None
+        finished = run is not None
         return cls(scan, paths, record, ours=ours, single=single, finished=finished, changed=finished and not same,
-                   run=RunRecord.from_dict(record) if finished else None)
+                   run=run)
 
 
 def scan_outputs(scan: Path, root: Path, output_dir: Path) -> ScanOutputs:
@@ -220,15 +222,16 @@ class CohortRow:
 
 def _calibration(run: RunRecord) -> dict[str, Any]:
     """A :class:`CohortRow`'s ``calibration_holds`` and ``calibration_mismatch``, from a run record's ``risk``
-    (:func:`~gen_sr.risk.describe_risk`: ``calibrated``, ``holds``, ``mismatch``); none for a record without them."""
+    (:class:`~gen_sr.run_record.RiskRecord`: ``calibrated``, ``holds``, ``mismatch``); none for a record without
+    them."""
     risk = run.risk
-    if not isinstance(risk, Mapping) or "calibrated" not in risk:
+    if risk is None:
         return {}
-    if not risk["calibrated"]:
+    if not risk.calibrated:
         return {"calibration_holds": False, "calibration_mismatch": UNCALIBRATED}
-    if "holds" not in risk:
+    if risk.holds is None:
         return {}
-    return {"calibration_holds": bool(risk["holds"]), "calibration_mismatch": risk.get("mismatch")}
+    return {"calibration_holds": risk.holds, "calibration_mismatch": risk.mismatch}
 
 
 def calibration_line(rows: Sequence[CohortRow]) -> str | None:
@@ -302,12 +305,12 @@ def run_settings(pipe: Any, seed: int, pipe_kwargs: dict[str, Any]) -> dict[str,
                        "sampling": sampling, "seed": seed, **dict(sorted(others.items()))})
 
 
-def single_scan_record(pipe: Any, seed: int, pipe_kwargs: dict[str, Any], stamp: dict[str, Any]) -> dict[str, Any]:
+def single_scan_record(pipe: Any, seed: int, pipe_kwargs: dict[str, Any], stamp: dict[str, Any]) -> CohortRecord:
     """What a single-scan run of a model folder (not adapted: its pipeline is the folder's) adds to its record so that
     a cohort can take its outputs as the scan's: the :func:`input_stamp` taken before it read the scan, and its
     :func:`run_settings` (``pipe_kwargs``: its pipeline arguments but the generator, the input's ``volume_index``
     with them)."""
-    return {"input_stamp": stamp, "cohort_settings": run_settings(pipe, seed, pipe_kwargs)}
+    return CohortRecord(input_stamp=stamp, cohort_settings=run_settings(pipe, seed, pipe_kwargs))
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -319,6 +322,15 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def _run_record(record: dict[str, Any]) -> RunRecord | None:
+    """A scan's JSON as a run record, or ``None`` where it is none (a cohort's record of a run under way, or the
+    user's file)."""
+    try:
+        return RunRecord.from_dict(record)
+    except ValueError:
+        return None
 
 
 def _check_earlier_settings(scans: Sequence[_Scan], pipe: Any, settings: dict[str, Any], pipe_kwargs: dict[str, Any],
@@ -348,7 +360,7 @@ def _changes(earlier: _Scan, pipe: Any, settings: dict[str, Any], pipe_kwargs: d
     it: where its settings were given otherwise, the acquisition this run would take for the scan (the pipeline's
     ``plan``) against the one the earlier run recorded (``operator``), field by field (``slice profile (axis 2)``);
     given alike, they are alike (the scan, its JSON sidecar and the model files are those of the earlier run)."""
-    recorded = (earlier.record or {}).get("cohort_settings")
+    recorded = None if earlier.record is None else earlier.record.cohort_settings
     if recorded is None:
         return {}
     before, now = _flat(recorded), _flat(settings)
@@ -419,7 +431,7 @@ def _one_scan(pipe: Any, found: _Scan, overwrite: bool, threshold: float, seed: 
               settings: dict[str, Any]) -> CohortRow:
     import torch
 
-    scan, paths, changed, record = found.scan, found.paths, found.changed, found.record or {}
+    scan, paths, changed = found.scan, found.paths, found.changed
     if found.record is not None and not found.ours and not (overwrite and found.single):  # never taken or removed
         what = ("is a single-scan run's record of this scan as it was before it changed, or without its std and risk "
                 "maps: pass --overwrite to redo it" if found.single else
@@ -430,16 +442,16 @@ def _one_scan(pipe: Any, found: _Scan, overwrite: bool, threshold: float, seed: 
         return CohortRow(str(scan), "failed", message=f"{there[0]} is there and is no output of a run of this scan: "
                                                       "remove it, pass --overwrite, or give another --output-dir")
     if found.finished and not (overwrite or changed):
-        run = found.run
-        return CohortRow(str(scan), "skipped", record.get("seconds"), noise_std=run.noise_std,
+        run, record = found.run, found.record
+        return CohortRow(str(scan), "skipped", record.seconds, noise_std=run.noise_std,
                          max_relative_residual=run.max_relative_residual,
-                         flagged_fraction=record.get("flagged_fraction"), **_calibration(run),
+                         flagged_fraction=record.flagged_fraction, **_calibration(run),
                          output=str(paths.mean), message="finished by an earlier run")
     _remove(paths)  # redone: no output of the earlier run stays, even where this one fails
     tic, stamp = time.perf_counter(), input_stamp(scan)  # what this run reads
     try:
         paths.mean.parent.mkdir(parents=True, exist_ok=True)
-        write_json(paths.sidecar, {"input": str(scan), "finished": False, "cohort_settings": settings})
+        write_json(paths.sidecar, CohortRecord(input=str(scan), finished=False, cohort_settings=settings).to_dict())
         lr = load_volume(scan)
         result = pipe(lr, keep_samples=False, output_type="np", split_samples=False,
                       generator=torch.Generator().manual_seed(seed), **pipe_kwargs)
@@ -449,9 +461,9 @@ def _one_scan(pipe: Any, found: _Scan, overwrite: bool, threshold: float, seed: 
         seconds = time.perf_counter() - tic
         flagged = flagged_fraction(np.asarray(result.risk), np.asarray(result.mean), threshold)
         run = replace(result.record, output_digests=digests)
-        write_json(paths.sidecar, {**run.to_dict(), "input": str(scan), "finished": True, "flagged_fraction": flagged,
-                                   "risk_threshold": threshold, "seconds": seconds, "cohort_settings": settings,
-                                   "input_stamp": stamp})
+        cohort = CohortRecord(input=str(scan), finished=True, flagged_fraction=flagged, risk_threshold=threshold,
+                              seconds=seconds, cohort_settings=settings, input_stamp=stamp)
+        write_json(paths.sidecar, {**run.to_dict(), **cohort.to_dict()})
         return CohortRow(str(scan), "done", seconds, noise_std=run.noise_std,
                          max_relative_residual=run.max_relative_residual, flagged_fraction=flagged,
                          **_calibration(run), output=str(paths.mean),

@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -48,7 +48,6 @@ __all__ = [
     "Mismatch",
     "MismatchWording",
     "SamplingSettings",
-    "describe_risk",
     "grid_text",
     "interval_noise_std",
     "mismatch_text",
@@ -523,32 +522,6 @@ def risk_map(std: Array, mean: Array, calibration: Calibration | None, noise_std
     """
     halfwidth = calibration.halfwidth(std, mean, noise_std, region) if calibration is not None else std
     return halfwidth / intensity_range
-
-
-def describe_risk(calibration: Calibration | None, mismatch: Mismatch | None, *,
-                  calibration_region: bool) -> dict[str, Any]:
-    """What a run's risk map means, for its run record and the audit's card (both from here, so that they agree);
-    ``mismatch``: why the calibration was not made for the run, ``None`` where it was
-    (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.calibration_mismatch`): a calibrated record says both,
-    ``holds`` (whether it was) and ``mismatch``; ``calibration_region``: whether the run was given the region of a
-    calibration fitted per region."""
-    if calibration is None:
-        return {"calibrated": False, "definition": "std / robust intensity range (uncalibrated)",
-                "calibration_region": calibration_region}
-    cal = calibration
-    where = "; calibrated on the held-out in-plane slices of the scan the model was adapted on" if cal.per_scan else ""
-    if mismatch is not None:
-        where += f"; {mismatch_text(mismatch)}"
-    return {"calibrated": True, "holds": mismatch is None, "mismatch": mismatch, "per_scan": cal.per_scan,
-            "scale": cal.scale,
-            "outside_scale": cal.outside_scale,
-            "alpha": cal.alpha, "delta": cal.delta,
-            "method": cal.method, "shape": asdict(cal.shape),
-            "made_with": None if cal.sampling is None else asdict(cal.sampling), "grid_spacing": cal.grid_spacing,
-            "scale_per_mm": cal.scale_per_mm,
-            "definition": f"the half-width of the interval {cal.describe()} over the robust intensity range: "
-                          f"the interval misses at most {cal.alpha:g} of voxels ({cal.method}){where}",
-            "calibration_region": calibration_region}
 
 
 @dataclass(frozen=True)

@@ -5,20 +5,30 @@ the call itself prepares from): the acquisition, the output grid, the noise std,
 :class:`RunRecord` is what a call did: ``SRPipelineOutput.record``, written as JSON beside the outputs
 (``SRPipelineOutput.metadata`` is its :meth:`RunRecord.to_dict`) and read back by ``audit --reuse``, cohorts,
 benchmarks and evaluations through :meth:`RunRecord.from_dict`, the one place where a record written by an older
-version gets its defaults.
+version gets its defaults. Its ``risk`` is a :class:`RiskRecord` (:func:`describe_risk`); a cohort adds its own keys
+beside a scan's run record, read through :class:`CohortRecord`. :class:`TimeEstimate` is what
+:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.time_estimate` measures.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from gen_sr.physics import AcquisitionOperator
-from gen_sr.risk import Calibration, Mismatch, SamplingSettings, interval_noise_std
+from gen_sr.risk import (
+    Calibration,
+    IntervalShape,
+    Mismatch,
+    SamplingSettings,
+    interval_noise_std,
+    mismatch_text,
+)
 from gen_sr.volume import IntensityNormalization, Volume
 
-__all__ = ["CoarsenedInput", "RunPlan", "RunRecord", "run_calibration"]
+__all__ = ["CoarsenedInput", "CohortRecord", "RiskRecord", "RunPlan", "RunRecord", "TimeEstimate", "describe_risk",
+           "run_calibration"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,92 @@ class CoarsenedInput:
     def from_dict(cls, d: Mapping[str, Any]) -> CoarsenedInput:
         return cls(tuple(map(float, d["from_spacing"])), tuple(map(float, d["to_spacing"])),
                    float(d["noise_std_factor"]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RiskRecord:
+    """What a run's risk map is (:func:`describe_risk`): a run record's ``risk`` and the audit card's. Its JSON
+    (:meth:`to_dict`) holds ``calibrated``, ``definition`` and ``calibration_region`` for a run without a calibration,
+    and every field, in this order, for a calibrated one. Each default is what a record written before that field
+    existed means (:meth:`from_dict`); the calibration's fields are ``None`` for a run without one.
+
+    Attributes:
+        calibrated: whether the map is a calibrated interval's half-width (else the samples' std), over the input's
+            robust intensity range.
+        holds: whether the calibration was made for the run (its sampler settings, grid and scan); ``None``: not
+            recorded.
+        mismatch: where it was not, why (:data:`~gen_sr.risk.Mismatch`); ``None`` where it was, or not recorded.
+        per_scan: calibrated on the held-out in-plane slices of the scan the model was adapted on.
+        scale, outside_scale, alpha, delta, method, shape, grid_spacing, scale_per_mm: the calibration's, at the
+            run's grid (:class:`~gen_sr.risk.Calibration`; ``shape`` ``None``: not recorded, the plain std).
+        made_with: the sampler settings the calibration was made with (``None``: not recorded).
+        definition: the map in one sentence.
+        calibration_region: whether the run was given the region of a calibration fitted per region.
+    """
+
+    calibrated: bool
+    holds: bool | None = None
+    mismatch: Mismatch | None = None
+    per_scan: bool = False
+    scale: float | None = None
+    outside_scale: float | None = None
+    alpha: float | None = None
+    delta: float | None = None
+    method: str | None = None
+    shape: IntervalShape | None = None
+    made_with: SamplingSettings | None = None
+    grid_spacing: float | None = None
+    scale_per_mm: float | None = None
+    definition: str
+    calibration_region: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-ready values, the keys in field order (only :data:`_UNCALIBRATED_KEYS` for a run
+        without a calibration), as :func:`describe_risk` has written them."""
+        values = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        return values if self.calibrated else {k: values[k] for k in _UNCALIBRATED_KEYS}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> RiskRecord:
+        """Read a record back (:meth:`to_dict`'s, or an older version's: a field it lacks takes its default; keys
+        that are no longer fields are left out). ``ValueError`` for a value without ``calibrated`` and
+        ``definition`` (not a risk record)."""
+        if not isinstance(d, Mapping) or "calibrated" not in d or "definition" not in d:
+            raise ValueError("no calibrated and definition: not a risk record")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        if values.get("shape") is not None:
+            values["shape"] = IntervalShape(**values["shape"])
+        if values.get("made_with") is not None:
+            values["made_with"] = SamplingSettings(**values["made_with"])
+        return cls(**values)
+
+
+_UNCALIBRATED_KEYS = ("calibrated", "definition", "calibration_region")
+"""The fields a :class:`RiskRecord` of a run without a calibration writes."""
+
+
+def describe_risk(calibration: Calibration | None, mismatch: Mismatch | None, *,
+                  calibration_region: bool) -> RiskRecord:
+    """What a run's risk map means, for its run record and the audit's card (both from here, so that they agree);
+    ``mismatch``: why the calibration was not made for the run, ``None`` where it was
+    (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.calibration_mismatch`): a calibrated record says both,
+    ``holds`` (whether it was) and ``mismatch``; ``calibration_region``: whether the run was given the region of a
+    calibration fitted per region."""
+    if calibration is None:
+        return RiskRecord(calibrated=False, definition="std / robust intensity range (uncalibrated)",
+                          calibration_region=calibration_region)
+    cal = calibration
+    where = "; calibrated on the held-out in-plane slices of the scan the model was adapted on" if cal.per_scan else ""
+    if mismatch is not None:
+        where += f"; {mismatch_text(mismatch)}"
+    return RiskRecord(calibrated=True, holds=mismatch is None, mismatch=mismatch, per_scan=cal.per_scan,
+                      scale=cal.scale, outside_scale=cal.outside_scale, alpha=cal.alpha, delta=cal.delta,
+                      method=cal.method, shape=cal.shape, made_with=cal.sampling, grid_spacing=cal.grid_spacing,
+                      scale_per_mm=cal.scale_per_mm,
+                      definition=f"the half-width of the interval {cal.describe()} over the robust intensity range: "
+                                 f"the interval misses at most {cal.alpha:g} of voxels ({cal.method}){where}",
+                      calibration_region=calibration_region)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +187,7 @@ class RunRecord:
         capped_fraction: the share of the slices' components fitted only up to the inverse's gain cap; ``None``:
             not recorded (:meth:`AcquisitionOperator.capped_fraction` of :attr:`operator` says it).
         normalization: the intensity normalisation (:meth:`~gen_sr.volume.IntensityNormalization.to_dict`).
-        risk: what the risk map is (:func:`~gen_sr.risk.describe_risk`).
+        risk: what the risk map is (:func:`describe_risk`); ``None``: not recorded.
         data_disagreement: what the data-disagreement map is, or ``None`` for a run without a noise std.
         outside_training: where the input lies outside the trained regime, one sentence each; ``None``: not
             recorded (checked again by a reader that needs it).
@@ -135,7 +231,7 @@ class RunRecord:
     relative_residual: tuple[float, ...] = ()
     capped_fraction: float | None = None
     normalization: dict[str, float] | None = None
-    risk: dict[str, Any] | None = None
+    risk: RiskRecord | None = None
     data_disagreement: str | None = None
     outside_training: tuple[str, ...] | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -198,20 +294,32 @@ def _tuple(value: Any) -> tuple | None:
     return None if value is None else tuple(value)
 
 
+def _risk_record(value: Any) -> RiskRecord | None:
+    """A run record's ``risk`` as read: ``None`` for a value that is no risk record (as for none at all)."""
+    try:
+        return RiskRecord.from_dict(value)
+    except ValueError:
+        return None
+
+
 _READ = {
     "seeds": _tuple, "shared_first_call": _tuple, "guided_timesteps": _tuple, "sr_axes": _tuple, "patch_size": _tuple,
     "relative_residual": _tuple, "outside_training": _tuple,
     "noise_std": lambda v: float(v or 0.0),
     "coarsened_input": lambda v: CoarsenedInput.from_dict(v) if v else None,
+    "risk": _risk_record,
     "timings": lambda v: dict(v or {}),
 }
 """How :meth:`RunRecord.from_dict` reads a JSON value into a field, where it is not taken as it is."""
 
 
 def _plain(value: Any) -> Any:
-    """A field's JSON form: tuples as lists, a :class:`CoarsenedInput` as its dict."""
-    if isinstance(value, CoarsenedInput):
+    """A field's JSON form: tuples as lists, a record with a ``to_dict`` (:class:`CoarsenedInput`,
+    :class:`RiskRecord`) as that, another dataclass as its ``asdict``."""
+    if isinstance(value, CoarsenedInput | RiskRecord):
         return value.to_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
@@ -319,3 +427,69 @@ def run_calibration(model: Any, record: RunRecord, *, warn: bool = False) -> Cal
         default = model.calibration
         return None if default is None else default.at_grid(record.grid_spacing)
     return model.calibration_for(settings, warn=warn, grid_spacing=record.grid_spacing)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CohortRecord:
+    """What a cohort (:mod:`gen_sr.cohort`) keeps beside a scan's run record in its JSON sidecar, and what a
+    single-scan run keeps there so that a cohort can take its outputs (:func:`~gen_sr.cohort.single_scan_record`):
+    these keys after the run's (:class:`RunRecord`), in this order, each only where it is not ``None``
+    (:meth:`to_dict`); a key a record lacks reads as ``None`` (:meth:`from_dict`), values as they are.
+
+    Attributes:
+        input: the scan a cohort's run made it from (its path); ``None``: a single-scan run's record.
+        finished: ``False`` while a cohort's run of the scan is under way (it writes its record first, without the
+            run's, and again when done), ``True`` once it finished; ``None``: not said (a single-scan run's
+            record), which counts as finished (:attr:`under_way`).
+        flagged_fraction: the fraction of the imaged object whose risk exceeds ``risk_threshold``
+            (:func:`~gen_sr.cohort.flagged_fraction`); ``None``: not recorded (a single-scan run's record).
+        risk_threshold: the risk above which a voxel counted as flagged.
+        seconds: the run's wall time; ``None``: not recorded (a single-scan run's record).
+        cohort_settings: the settings the outputs were made with (:func:`~gen_sr.cohort.run_settings`); ``None``:
+            from before they were recorded, or a run of an adapted model.
+        input_stamp: the scan and its JSON sidecar as the run found them (:func:`~gen_sr.cohort.input_stamp`);
+            ``None``: not kept, and then the scan is taken as unchanged.
+    """
+
+    input: str | None = None
+    finished: bool | None = None
+    flagged_fraction: float | None = None
+    risk_threshold: float | None = None
+    seconds: float | None = None
+    cohort_settings: dict[str, Any] | None = None
+    input_stamp: dict[str, list[Any] | None] | None = None
+
+    @property
+    def under_way(self) -> bool:
+        """Whether a cohort's run of the scan wrote this record before it finished (and did not finish)."""
+        return self.finished is False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The keys a scan's sidecar holds beside its run record, in field order, each only where it is set."""
+        return {f.name: value for f in fields(self) if (value := getattr(self, f.name)) is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CohortRecord:
+        """Read these keys of a scan's sidecar (a run record's, or the record a cohort writes before its run);
+        the others are the run's (:meth:`RunRecord.from_dict`)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """How long a call would take on this machine
+    (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.time_estimate`): a call on a slab of the input, timed and
+    scaled by the output voxels.
+
+    Attributes:
+        probe_seconds: the slab's call, in seconds.
+        probe_fraction: the slab's share of the output voxels.
+    """
+
+    probe_seconds: float
+    probe_fraction: float
+
+    @property
+    def seconds(self) -> float:
+        """The estimate: the slab's time scaled to the whole output."""
+        return self.probe_seconds / self.probe_fraction

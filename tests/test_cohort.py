@@ -22,7 +22,7 @@ from gen_sr.cohort import find_scans, scan_outputs
 from gen_sr.errors import InputError
 from gen_sr.io import sidecar_path
 from gen_sr.risk import Calibration, Calibrations, mismatch_text
-from gen_sr.run_record import RunRecord
+from gen_sr.run_record import CohortRecord, RunRecord
 from gen_sr.volume import load_volume
 
 ROOT = Path(__file__).parents[1]
@@ -107,6 +107,9 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     assert nib.load(mean).shape == (12, 10, 15)
     sidecar = json.loads(mean.with_name("sub-00_desc-sr_T1w.json").read_text())
     assert sidecar["input"] == str(files[0].resolve()) and 0 <= sidecar["flagged_fraction"] <= 1
+    run, cohort = RunRecord.from_dict(sidecar), CohortRecord.from_dict(sidecar)  # the run's keys, then the cohort's
+    assert json.dumps({**run.to_dict(), **cohort.to_dict()}) == json.dumps(sidecar)  # as written, in that order
+    assert cohort.finished is True and cohort.risk_threshold == 0.1 and cohort.cohort_settings["seed"] == 3
     std = mean.with_name("sub-00_desc-srstd_T1w.nii.gz")  # what audit --reuse checks a cohort's maps against
     assert sidecar["output_digests"] == {"mean": load_volume(mean).digest(), "std": load_volume(std).digest()}
     stamp = mean.stat().st_mtime_ns
@@ -116,6 +119,7 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     for before, after in zip(summary["scans"], rerun, strict=True):  # a skipped scan's figures from its sidecar
         assert after["noise_std"] == before["noise_std"]
         assert after["flagged_fraction"] == before["flagged_fraction"]
+        assert after["seconds"] == before["seconds"] or before["status"] == "failed"  # a failed scan is tried again
     (tmp_path / "model" / "README.md").write_text("notes on this model\n")  # not read by loading it
     assert main([*args, "--batch-size", "1"]) == 1  # a memory knob: the same settings
     assert "0 done, 4 skipped" in capsys.readouterr().out

@@ -23,7 +23,8 @@ from gen_sr.audit.page import card_rows
 from gen_sr.audit.report import BACKGROUND, build_report, risk_clusters, risk_peaks
 from gen_sr.audit.summary import flag_meaning, grouped
 from gen_sr.model_card import Adaptation
-from gen_sr.risk import MISMATCH_WORDING, Calibration, IntervalShape, describe_risk, mismatch_text, risk_map
+from gen_sr.risk import MISMATCH_WORDING, Calibration, IntervalShape, mismatch_text, risk_map
+from gen_sr.run_record import describe_risk
 from gen_sr.volume import Volume
 
 SHAPE = (12, 14, 10)
@@ -508,7 +509,7 @@ def test_a_calibration_not_made_for_the_run_says_why_and_promises_no_coverage(tm
     inputs = _inputs()
     cal = Calibration(**CALIBRATION)
     payload = build_report(tmp_path, **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")},
-                           card={"risk": describe_risk(cal, mismatch, calibration_region=False)},
+                           card={"risk": describe_risk(cal, mismatch, calibration_region=False).to_dict()},
                            risk_threshold=THRESHOLD, calibration=cal, calibration_mismatch=mismatch, input_name="x",
                            sr_axis=2, intensity_range=2.0, outside_training=[])
     v, wording = payload["verdict"], MISMATCH_WORDING[mismatch]
@@ -520,11 +521,29 @@ def test_a_calibration_not_made_for_the_run_says_why_and_promises_no_coverage(tm
     others = [w for k, w in MISMATCH_WORDING.items() if k != mismatch]
     assert not any(str(escape(w.made_for)) in page for w in others)  # only this run's reason
     held = build_report(tmp_path / "held", **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")},
-                        card={"risk": describe_risk(cal, None, calibration_region=False)}, risk_threshold=THRESHOLD,
-                        calibration=cal, calibration_mismatch=None, input_name="x", sr_axis=2, intensity_range=2.0,
-                        outside_training=[])
+                        card={"risk": describe_risk(cal, None, calibration_region=False).to_dict()},
+                        risk_threshold=THRESHOLD, calibration=cal, calibration_mismatch=None, input_name="x", sr_axis=2,
+                        intensity_range=2.0, outside_training=[])
     assert "calibrated)" in held["verdict"]["text"] and held["verdict"]["unflagged_miss_bound_percent"] is not None
     assert held["calibration_holds"] and "coverage does not hold" not in (tmp_path / "held" / "report.html").read_text()
+
+
+def test_the_card_says_of_a_runs_risk_only_what_its_record_says() -> None:
+    """The card's risk row reads the record (RiskRecord): a calibration's coverage and why it does not hold are said
+    where the record says them; an older record that does not (no ``holds``, or ``holds`` without ``mismatch``) is
+    shown as it stands."""
+    cal = Calibration(**CALIBRATION)
+    claims = "the calibrated interval's half-width ÷ the input's robust intensity range"
+    held = describe_risk(cal, None, calibration_region=False).to_dict()
+    assert dict(card_rows({"risk": held}))["Risk"] == claims
+    grid = dict(card_rows({"risk": describe_risk(cal, "grid", calibration_region=False).to_dict()}))["Risk"]
+    assert grid == f"{claims}; {mismatch_text('grid')}"
+    assert dict(card_rows({"risk": describe_risk(None, None, calibration_region=False).to_dict()}))["Risk"].endswith(
+        "(uncalibrated)")
+    for older in ({k: v for k, v in held.items() if k not in ("holds", "mismatch")},
+                  {**{k: v for k, v in held.items() if k != "mismatch"}, "holds": False}):
+        row = dict(card_rows({"risk": older}))["Risk"]
+        assert row.startswith("calibrated: yes; ") and claims not in row  # the record as it stands
 
 
 def test_a_flag_under_a_calibration_that_does_not_hold_is_explained_at_the_scale_applied(tmp_path) -> None:

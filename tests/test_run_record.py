@@ -12,8 +12,16 @@ import torch
 from helpers import tiny_pipeline
 
 from gen_sr.io import json_ready
-from gen_sr.risk import Calibration, CalibrationMismatchWarning, describe_risk
-from gen_sr.run_record import RunPlan, RunRecord, run_calibration
+from gen_sr.risk import Calibration, CalibrationMismatchWarning, IntervalShape, SamplingSettings, mismatch_text
+from gen_sr.run_record import (
+    CohortRecord,
+    RiskRecord,
+    RunPlan,
+    RunRecord,
+    TimeEstimate,
+    describe_risk,
+    run_calibration,
+)
 from gen_sr.volume import Volume
 
 PLAIN = {"alpha": 0.1, "delta": 0.1, "method": "crc", "bound": "hb", "num_volumes": 30, "risk_hat": 0.09,
@@ -34,7 +42,7 @@ def test_a_runs_record_reads_back_from_its_json_as_it_was_written() -> None:
     out = pipe(_lr(), num_samples=2, generator=_gens(4, 5), noise_std=2.0)
     written = json.loads(json.dumps(json_ready(out.metadata)))  # as super-resolve writes it and audit reads it
     record = RunRecord.from_dict(written)
-    assert record.to_dict() == written and record == out.record
+    assert json.dumps(record.to_dict()) == json.dumps(written) and record == out.record  # its keys in their order
     assert record.seeds == (4, 5) and record.noise_std == 2.0 and record.shared_first_call == (False,)
     assert record.sampling == pipe.sampling_settings(num_samples=2, noise_std=2.0)
     assert record.grid_spacing == 1.0 and record.max_relative_residual == max(written["relative_residual"])
@@ -86,3 +94,74 @@ def test_the_call_prepares_from_the_plan_that_plan_returns() -> None:
     assert plan.calibration_mismatch == "settings"
     assert record.risk == describe_risk(plan.calibration, plan.calibration_mismatch, calibration_region=False)
     assert plan.memory_bytes == pipe.memory_estimate(plan.output_shape, 2, keep_samples=False)
+
+
+CALIBRATED_KEYS = ["calibrated", "holds", "mismatch", "per_scan", "scale", "outside_scale", "alpha", "delta", "method",
+                   "shape", "made_with", "grid_spacing", "scale_per_mm", "definition", "calibration_region"]
+"""The keys of a calibrated run's ``risk``, in their order, as written since records said ``mismatch``."""
+
+
+def test_a_runs_risk_is_a_typed_record_written_as_before() -> None:
+    """``risk`` reads back into a RiskRecord whose JSON has the keys (and their order) that records on disk have:
+    all of them for a calibrated run, three for one without a calibration."""
+    pipe = tiny_pipeline(2)
+    made_with = pipe.sampling_settings(num_samples=5)  # not the run's: the calibration does not hold
+    pipe.calibration = Calibration(scale=2.0, **PLAIN, shape=IntervalShape(noise_floor=0.5), sampling=made_with)
+    with pytest.warns(CalibrationMismatchWarning):
+        out = pipe(_lr(), num_samples=2, generator=_gens(0, 1), noise_std=2.0)
+    written = json.loads(json.dumps(json_ready(out.metadata)))
+    risk = RunRecord.from_dict(written).risk
+    assert list(written["risk"]) == CALIBRATED_KEYS and json.dumps(risk.to_dict()) == json.dumps(written["risk"])
+    assert (risk.calibrated, risk.holds, risk.mismatch, risk.scale, risk.alpha) == (True, False, "settings", 2.0, 0.1)
+    assert risk.shape == IntervalShape(noise_floor=0.5) and risk.made_with == made_with
+    assert risk.definition.endswith(mismatch_text("settings")) and risk.calibration_region is False
+    pipe.calibration = None
+    plain = RunRecord.from_dict(json.loads(json.dumps(json_ready(pipe(_lr(), num_samples=2, generator=_gens(0, 1),
+                                                                      noise_std=2.0).metadata)))).risk
+    assert plain.to_dict() == {"calibrated": False, "definition": "std / robust intensity range (uncalibrated)",
+                               "calibration_region": False}
+    assert plain.holds is None and plain.scale is None and plain.shape is None
+
+
+def test_a_risk_record_written_before_a_field_existed_reads_with_one_set_of_defaults() -> None:
+    """Older records' ``risk`` lacks what was added since (``per_scan``, ``made_with``, ``holds``, ``mismatch``,
+    ``calibration_region``) or holds a key since dropped (``between_grids``): each reads with its default, and so
+    says what it said (``holds`` ``None``: not recorded); a value that is no risk record reads as none."""
+    record = json.loads(json.dumps(json_ready(tiny_pipeline(2)(_lr(), num_samples=2, generator=_gens(0, 1),
+                                                                 noise_std=0.0).metadata)))
+    first = {"calibrated": True, "scale": 2.5, "alpha": 0.1, "delta": 0.1, "method": "rcps",
+             "shape": {"smoothing": 1.0, "noise_floor": 0.0, "edge_weight": 0.0},
+             "definition": "the half-width of the interval mean ± 2.5 × (std smoothed over 1 voxel) ..."}
+    oldest = RunRecord.from_dict({**record, "risk": first}).risk
+    assert oldest == RiskRecord(calibrated=True, scale=2.5, alpha=0.1, delta=0.1, method="rcps",
+                                shape=IntervalShape(smoothing=1.0), definition=first["definition"])
+    assert (oldest.holds, oldest.mismatch, oldest.per_scan, oldest.made_with, oldest.calibration_region) == (
+        None, None, False, None, False)
+    sampler = {"scheduler": "DDIMScheduler", "num_inference_steps": 2, "num_samples": 8, "strength": 1.0}
+    between = RiskRecord.from_dict({**first, "per_scan": False, "outside_scale": None, "made_with": sampler,
+                                    "grid_spacing": None, "between_grids": False, "holds": False})
+    assert between.made_with == SamplingSettings(**sampler) and between.holds is False and between.mismatch is None
+    assert RunRecord.from_dict({**record, "risk": "n/a"}).risk is None
+    assert "risk" not in record or RunRecord.from_dict({k: v for k, v in record.items() if k != "risk"}).risk is None
+    with pytest.raises(ValueError, match="not a risk record"):
+        RiskRecord.from_dict({"scale": 2.5})
+
+
+def test_a_cohort_record_reads_the_keys_a_cohort_keeps_beside_the_run() -> None:
+    """A scan's sidecar holds the run's record and then a cohort's keys (:class:`CohortRecord`), each only where set:
+    a cohort's run under way, a single-scan run's, and one written before they were kept read with their defaults."""
+    run = json.loads(json.dumps(json_ready(tiny_pipeline(2)(_lr(), num_samples=2, generator=_gens(0, 1),
+                                                              noise_std=0.0).metadata)))
+    started = {"input": "a.nii.gz", "finished": False, "cohort_settings": {"seed": 3}}
+    assert CohortRecord.from_dict(started).under_way and CohortRecord.from_dict(started).to_dict() == started
+    single = {**run, "input_stamp": {"scan": [1, 2, "ab"], "sidecar": None}, "cohort_settings": {"seed": 3}}
+    taken = CohortRecord.from_dict(single)
+    assert taken.input is None and taken.finished is None and not taken.under_way and taken.seconds is None
+    assert {**RunRecord.from_dict(single).to_dict(), **taken.to_dict()} == single
+    old = CohortRecord.from_dict({**run, "input": "a.nii.gz", "finished": True})  # before settings and stamps
+    assert not old.under_way and old.cohort_settings is None and old.input_stamp is None and old.seconds is None
+    assert CohortRecord.from_dict(run) == CohortRecord() and CohortRecord().to_dict() == {}
+
+
+def test_a_time_estimate_scales_the_slab_to_the_output() -> None:
+    assert TimeEstimate(probe_seconds=3.0, probe_fraction=0.25).seconds == 12.0

@@ -34,11 +34,10 @@ from gen_sr.risk import (
     Calibration,
     DataDisagreement,
     Mismatch,
-    describe_risk,
     interval_noise_std,
     risk_map,
 )
-from gen_sr.run_record import RunRecord, run_calibration
+from gen_sr.run_record import RunRecord, describe_risk, run_calibration
 from gen_sr.volume import Volume, covers, load_volume, resample_to, save_volume
 
 __all__ = ["AUDIT_FILES", "DISAGREEMENT_FILE", "MAP_FILES", "NOMINAL_COVERAGE", "audit", "reuse_outputs"]
@@ -251,7 +250,7 @@ def audit(
             "capped_fraction": operator.capped_fraction() if run.capped_fraction is None else run.capped_fraction,
             "calibration": asdict(calibration) if calibration is not None else "none (uncalibrated)",
             "interval": calibration.describe() if calibration is not None else "none (uncalibrated)",
-            "risk": risk, "timings_s": {**(timings or {}), **run.timings} or None}
+            "risk": risk.to_dict(), "timings_s": {**(timings or {}), **run.timings} or None}
     if run.coarsened_input is not None:
         card["coarsened_input"] = run.coarsened_input.to_dict()
     if pipe.model_card.adapted is not None:

@@ -20,6 +20,7 @@ from gen_sr.audit.summary import INTENSITY_UNIT, coords, grouped, number, second
 from gen_sr.config import ConfigError, config_from_dict
 from gen_sr.model_card import Adaptation
 from gen_sr.risk import MISMATCH_WORDING, Calibration, grid_text, mismatch_text
+from gen_sr.run_record import RiskRecord
 from gen_sr.schedulers import sampler_text
 
 __all__ = ["DISCLAIMER", "Cell", "Table", "card_rows", "render_page", "table"]
@@ -157,16 +158,18 @@ def _adaptation(v: Any) -> str:
 
 
 def _risk(v: Any) -> str:
-    """The run's risk (:func:`~gen_sr.risk.describe_risk`): uncalibrated, or calibrated and, where its calibration
-    was not made for the run, why (``mismatch``); a record that does not say, as it stands."""
-    if not isinstance(v, Mapping) or "calibrated" not in v:
+    """The run's risk (:class:`~gen_sr.run_record.RiskRecord`): uncalibrated, or calibrated and, where its
+    calibration was not made for the run, why (``mismatch``); a record that does not say, as it stands."""
+    try:
+        risk = RiskRecord.from_dict(v)
+    except (TypeError, ValueError):
         return _plain(v)
-    if not v["calibrated"]:
+    if not risk.calibrated:
         return "the samples' std ÷ the input's robust intensity range (uncalibrated)"
-    if "mismatch" not in v or (v["mismatch"] is not None and v["mismatch"] not in MISMATCH_WORDING):
+    if risk.holds is None or not (risk.holds or risk.mismatch in MISMATCH_WORDING):
         return _plain(v)
     return ("the calibrated interval's half-width ÷ the input's robust intensity range"
-            + ("" if v["mismatch"] is None else f"; {mismatch_text(v['mismatch'])}"))
+            + ("" if risk.holds else f"; {mismatch_text(risk.mismatch)}"))
 
 
 _ADAPTATION_PHASES = {"adapt_s": "adapt", "compare_s": "compare with the pretrained UNet",

@@ -61,11 +61,10 @@ from gen_sr.risk import (
     DataDisagreement,
     Mismatch,
     SamplingSettings,
-    describe_risk,
     grid_text,
     risk_map,
 )
-from gen_sr.run_record import RunPlan, RunRecord
+from gen_sr.run_record import RunPlan, RunRecord, TimeEstimate, describe_risk
 from gen_sr.schedulers import DDIMDataConsistencyScheduler  # imported here so that from_pretrained can load it
 from gen_sr.slice_profile import estimate_slice_profile
 from gen_sr.volume import IntensityNormalization, Volume, VolumeMemo, load_volume, resample_to
@@ -762,14 +761,14 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
     def time_estimate(self, lr: LRInput, *, target_spacing: Sequence[float] | None = None,
                       slice_profile: SliceProfile | None = None, slice_thickness: float | None = None,
                       num_samples: int = DEFAULT_NUM_SAMPLES, noise_std: float | Literal["auto"] = "auto",
-                      volume_index: int | None = None, probe_thickness: int = 8) -> dict[str, Any]:
+                      volume_index: int | None = None, probe_thickness: int = 8) -> TimeEstimate:
         """How long a call with these arguments would take on this machine (``gen-sr info FILE --model DIR --time``):
         a call on the input's central slab ``probe_thickness`` voxels thick across an axis the run does not
         super-resolve (the longest), timed, and scaled by the output voxels. Its samples, steps and settings are
         the call's, so the shared first call and the data consistency are counted as they will be. On the MNI152
         head from 4 mm slices (1 sample, two other jobs on the cores) it gave 338-369 s for a run of 397 s: the
-        machine's load moves both. Returns ``seconds`` (the estimate), ``probe_seconds`` and ``probe_fraction``
-        (the slab's share of the output voxels)."""
+        machine's load moves both. Returns the slab's time and its share of the output voxels, and the estimate
+        (:attr:`~gen_sr.run_record.TimeEstimate.seconds`)."""
         given, canon, operator, axes, gain, _ = self._setup(self.as_volume(lr, volume_index=volume_index),
                                                             target_spacing, None, slice_profile, slice_thickness)
         noise_std = resolve_noise_std(given, noise_std, gain) or 0.0  # read on the whole scan, as the call reads it
@@ -785,7 +784,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         tic = time.perf_counter()
         self(slab, num_samples=num_samples, noise_std=noise_std, output_type="np", **grid)
         probe = time.perf_counter() - tic
-        return {"seconds": probe / fraction, "probe_seconds": probe, "probe_fraction": fraction}
+        return TimeEstimate(probe_seconds=probe, probe_fraction=fraction)
 
     def output_grid(self, lr: LRInput, *, affine: np.ndarray | None = None, lr_spacing: Sequence[float] | None = None,
                     target_spacing: Sequence[float] | None = None, operator: AcquisitionOperator | None = None,
