@@ -44,6 +44,7 @@ __all__ = [
     "DataConfig",
     "SRPairDataset",
     "TrainingVolume",
+    "check_crops_hold_a_slice",
     "find_volumes",
     "load_training_volumes",
     "read_volumes",
@@ -230,7 +231,41 @@ def load_training_volumes(cfg: DataConfig) -> list[TrainingVolume]:
         if name == "mni152" and cfg.contrast.synthesis_probability > 0:
             tissues = np.stack([t.canonical().data for t in mni152_tissues().values()]).astype(np.float32)
         out.append(TrainingVolume(norm(canon.data).astype(np.float32), canon.spacing, tissues, norm.scale))
+    check_crops_hold_a_slice(cfg, [v.spacing for v in out])  # before a training run writes anything
     return out
+
+
+def check_crops_hold_a_slice(cfg: DataConfig, spacings: Sequence[Sequence[float]]) -> None:
+    """Refuse crops that may hold no slice along their super-resolved axis, where an item's operator cannot be built.
+
+    The worst case is checked: the largest slice spacing the acquisition ranges draw (the thickest slices with the
+    largest gap) across the fewest mm a crop spans along that axis (``crop_size`` voxels of the finest spacing an item
+    has there: the finest ``in_plane_spacing``, else the volumes' own ``spacings``, ``(3,)`` each, along every axis an
+    item may super-resolve).
+
+    Raises:
+        InputError: naming the crop, the voxels and the slice spacing.
+    """
+    acq = cfg.acquisition
+    spacing = acq.thickness[1] * (1.0 + acq.gap[1])
+    slices = SliceAcquisition(0, acq.thickness[1], spacing)
+    if cfg.spatial_dims == 2 and cfg.in_plane_spacing is not None:
+        along = [(cfg.crop_size[1], float(cfg.in_plane_spacing[0]))]
+    else:
+        if not acq.any_axis:
+            axes = [acq.axis]
+        elif cfg.spatial_dims == 3:
+            axes = [0, 1, 2]
+        else:  # either in-plane axis of the slices taken across each normal
+            axes = sorted({a for normal in cfg.slice_normals for a in range(3) if a != normal})
+        along = [(cfg.crop_size[a] if cfg.spatial_dims == 3 else cfg.crop_size[1], float(s[a]))
+                 for s in spacings for a in axes]
+    for n, h in along:
+        if slices.out_size(n, h) < 1:
+            raise InputError(
+                f"crop_size {tuple(cfg.crop_size)} holds no slice: {n} voxels of {h:g} mm along the super-resolved "
+                f"axis are shorter than the largest slice spacing drawn, {spacing:g} mm (acquisition thickness up to "
+                f"{acq.thickness[1]:g} mm, gap up to {acq.gap[1]:g}); use larger crops or thinner slices")
 
 
 def training_ranges(volumes: Sequence[TrainingVolume], axis: int) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -336,6 +371,7 @@ class SRPairDataset(torch.utils.data.Dataset):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         self.cfg, self.split, self.length, self.seed = cfg, split, int(length), int(seed)
         records = [v if isinstance(v, TrainingVolume) else TrainingVolume(v[0], tuple(v[1])) for v in volumes]
+        check_crops_hold_a_slice(cfg, [v.spacing for v in records])
         self.regions = [(self._region(v.stack()), tuple(v.spacing)) for v in records]
         self.pad = SpatialPad(spatial_size=cfg.crop_size if cfg.spatial_dims == 3 else (*cfg.crop_size,))
 

@@ -36,6 +36,33 @@ def test_items_are_deterministic_and_shaped(crop) -> None:
         a[20]
 
 
+@pytest.mark.parametrize(
+    "crop,spacing,acquisition,in_plane,fits",
+    [
+        ((8, 8), (1.0, 1.0, 1.0), {"thickness": (2.0, 8.0), "gap": (0.0, 0.25)}, None, False),  # 8 mm, 10 mm slices
+        ((8, 8), (1.0, 1.0, 1.0), {"thickness": (8.0, 8.0)}, None, True),  # one 8 mm slice: the operator's own rule
+        ((7, 7), (1.0, 1.0, 1.0), {"thickness": (8.0, 8.0)}, None, False),
+        ((8, 8), (1.0, 1.0, 1.0), {"thickness": (6.0, 6.0)}, (0.7, 1.5), False),  # resampled to 0.7 mm: 5.6 mm
+        ((8, 8, 8), (1.0, 1.0, 0.5), {"thickness": (6.0, 6.0), "axis": 0}, None, True),
+        ((8, 8, 8), (1.0, 1.0, 0.5), {"thickness": (6.0, 6.0), "any_axis": True}, None, False),  # 4 mm along z
+    ],
+)
+def test_a_crop_that_holds_no_slice_is_refused_when_the_dataset_is_built(crop, spacing, acquisition, in_plane,
+                                                                          fits) -> None:
+    """The largest slice spacing drawn must fit in a crop along every axis an item may super-resolve, at the finest
+    spacing an item has there; otherwise building the dataset says so, not an item's operator deep in training."""
+    cfg = DataConfig(crop_size=crop, min_foreground=0.0, in_plane_spacing=in_plane,
+                     slice_normals=[1] if len(crop) == 2 else [1, 2],
+                     acquisition=AcquisitionRanges(snr=None, **acquisition))
+    volume = np.random.default_rng(0).random((20, 20, 20), dtype=np.float32)
+    if not fits:
+        with pytest.raises(ValueError, match=rf"crop_size \({', '.join(map(str, crop))}\) holds no slice"):
+            SRPairDataset([(volume, spacing)], cfg, length=8)
+        return
+    items = SRPairDataset([(volume, spacing)], cfg, length=8)
+    assert all(items[i]["hr"].shape == (1, *crop) for i in range(len(items)))
+
+
 def test_training_never_sees_the_held_out_slab() -> None:
     cfg = DataConfig(crop_size=(16, 16), holdout_fraction=0.25, min_foreground=0.0,
                      acquisition=AcquisitionRanges(snr=None))

@@ -227,6 +227,7 @@ def test_a_kill_during_checkpointing_leaves_the_previous_checkpoint_loadable(aut
         (train_diffusion, "--unet.condition=pixels", "unet.condition"),
         (train_diffusion, "--unet.loss_levels=1", "needs autoencoder.kind=haar with more than 1 levels"),
         (train_autoencoder, "--data.paths=[/no/such/folder]", "/no/such/folder"),
+        (train_autoencoder, "--data.acquisition.thickness=[2.0,20.0]", "crop_size (16, 16) holds no slice"),
     ],
 )
 def test_bad_configs_exit_2_with_one_line(script, override: str, message: str, tmp_path: Path, capsys) -> None:
