@@ -412,6 +412,7 @@ def _steps(args: argparse.Namespace, pipe) -> int:
 
 def cmd_super_resolve(args: argparse.Namespace) -> int:
     from gen_sr.cohort import input_stamp, single_scan_record
+    from gen_sr.pipelines.pipeline_latent_sr import resolve_noise_std
     from gen_sr.run_record import CohortRecord
     from gen_sr.volume import load_volume, save_maps
 
@@ -434,7 +435,7 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
     check_output_file(sidecar, args.overwrite, inputs=[args.input])
     stamp = input_stamp(source.resolve())  # before the scan is read, as a cohort takes it
     lr = load_volume(args.input, volume_index=args.volume)
-    if args.data_disagreement and not _scan_noise_std(args, lr, report=False):
+    if args.data_disagreement and not resolve_noise_std(lr, args.noise_std):
         raise InputError("has no background air to read its noise std from (--noise-std auto), which the data "
                          "disagreement needs: pass its noise std", args.input)
     pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr, beside=args.output)
@@ -514,33 +515,6 @@ def _adaptation_config(args: argparse.Namespace):
                                fine_tune=args.adapt_steps > 0, weight_mix=args.adapt_weight_mix)
 
 
-def _scan_noise_std(args: argparse.Namespace, lr, *, report: bool = True, gain: float = 1.0) -> float | None:
-    """``--noise-std``, or with ``auto`` the std read from the background air of the scan ``lr`` as given (``None``
-    where it has none: not known), times ``gain`` for the grid :func:`_measured_scan` resampled it to, as the pipeline
-    resolves it for a run (:func:`~gen_sr.pipelines.pipeline_latent_sr.resolve_noise_std`), printed where
-    ``report``."""
-    from gen_sr.pipelines.pipeline_latent_sr import resolve_noise_std
-
-    std = resolve_noise_std(lr, args.noise_std, gain)
-    if args.noise_std != "auto":
-        return std
-    if report and process_state().is_main_process:
-        _print_noise_estimate(std)
-    return std
-
-
-def _measured_scan(args: argparse.Namespace, pipe, lr) -> tuple[typing.Any, float, typing.Any]:
-    """The scan as a run with ``--target-spacing`` measures it (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.
-    measured_scan`: resampled in-plane where the target is coarser there, printed), the factor that scales its noise
-    std, and ``--calibration-region`` on its grid."""
-    from gen_sr.run_record import CoarsenedInput
-
-    scan, gain, region = pipe.measured_scan(lr, args.target_spacing, args.calibration_region)
-    if scan is not lr and process_state().is_main_process:
-        _print_coarsened(CoarsenedInput(lr.canonical().spacing, scan.canonical().spacing, gain))
-    return scan, gain, region
-
-
 def _print_coarsened(coarsened: CoarsenedInput | None) -> None:
     if coarsened is not None:
         print(f"input:    resampled from {_spacing_text(coarsened.from_spacing)} to "
@@ -559,9 +533,12 @@ def _print_risk(risk: RiskRecord | None) -> None:
 
 
 def _print_noise_estimate(std: float | None) -> None:
+    """The noise std read from the scan's air (``--noise-std auto``), or for a fit on a scan that has none, that its
+    per-scan calibration is for runs whose noise std is not known (:data:`~gen_sr.risk.NOISE_UNKNOWN_SHAPE`)."""
     print(f"noise:    std {std:.4g} read from the scan's background air (--noise-std auto)" if std else
-          "noise:    no background air to read the noise std from (masked or cropped to the head): fitted as "
-          "without a noise std; pass --noise-std where known")
+          "noise:    no background air to read the noise std from (masked or cropped to the head): the per-scan\n"
+          "          calibration is for runs whose noise std is not known (interval std + 0.5 σ̂ read in-plane); pass "
+          "--noise-std where known")
 
 
 def _adaptation_noise(args: argparse.Namespace, scan_noise: float | None, *, target: bool = False) -> float | None:
@@ -579,13 +556,20 @@ def _adaptation_noise(args: argparse.Namespace, scan_noise: float | None, *, tar
     return {"none": 0.0, "given": scan_noise, "estimate": None}[choice]
 
 
-def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, scan_noise: float | None, region: typing.Any = None):
-    """Adapt ``pipe`` to ``lr`` (as :func:`_measured_scan` gives it, with its noise std ``scan_noise``,
-    :func:`_scan_noise_std`: ``None`` where not known, as a run at the same ``--noise-std`` resolves it, and
-    calibration ``region``) and calibrate it on the scan for such runs (:func:`gen_sr.training.scan_fit.fit_to_scan`),
-    printing what was done."""
-    from gen_sr.training.scan_fit import fit_to_scan
+def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, *, report_noise: bool = True):
+    """Adapt ``pipe`` to the scan ``lr`` and calibrate it there for the runs on it with the same ``--target-spacing``,
+    ``--noise-std`` and ``--calibration-region`` (:func:`gen_sr.training.scan_fit.fit_to_scan`, on the scan as they
+    measure it: :func:`~gen_sr.training.scan_fit.measure_scan`), printing what was done: its resampling, with
+    ``report_noise`` the noise std read from its air (``--noise-std auto``), and the adaptation."""
+    from gen_sr.training.scan_fit import fit_to_scan, measure_scan
 
+    measured = measure_scan(pipe, lr, target_spacing=args.target_spacing, noise_std=args.noise_std,
+                            calibration_region=args.calibration_region)
+    scan_noise = measured.noise_std
+    if process_state().is_main_process:
+        _print_coarsened(measured.coarsened)
+        if report_noise and args.noise_std == "auto":
+            _print_noise_estimate(scan_noise)
     if args.samples < 2:  # before any training: the calibration fits a multiple of the samples' spread
         raise InputError(f"the per-scan calibration needs the samples' spread, which {args.samples} sample has not",
                          args.input, "give --samples 2 or more (8 by default)")
@@ -600,8 +584,9 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, scan_noise: float |
                           work_dir=work_dir, config=_adaptation_config(args), slice_profile=args.profile,
                           slice_thickness=args.slice_thickness, noise_std=noise, target_noise_std=target_noise,
                           recorrupt=recorrupt,
-                          keep_better=args.keep_better, scan_noise_std=scan_noise, reference=args.compare_on,
-                          calibration_region=region, reference_noise=args.reference_noise,
+                          keep_better=args.keep_better, scan_noise_std=args.noise_std,
+                          target_spacing=args.target_spacing, reference=args.compare_on,
+                          calibration_region=args.calibration_region, reference_noise=args.reference_noise,
                           resume="latest" if args.resume else None)
     except ValueError as e:  # settings the adaptation cannot use, e.g. crops that do not fit the model
         raise InputError(f"cannot adapt: {e}", args.input) from e
@@ -642,8 +627,7 @@ def _adapted_if_asked(args: argparse.Namespace, pipe, lr, beside: str) -> tuple[
     if model.exists() and not args.overwrite:
         raise InputError("holds an adapted model already", model,
                          f"use it with --model {model} (without --adapt), or pass --overwrite to adapt again")
-    scan, gain, region = _measured_scan(args, pipe, lr)
-    fit = _fit(args, pipe, scan, folder, _scan_noise_std(args, lr, report=False, gain=gain), region)
+    fit = _fit(args, pipe, lr, folder, report_noise=False)  # the run prints it
     save_model(fit.pipe, model, overwrite=True)
     if process_state().is_main_process:
         print(f"wrote:    {model} (the adapted, calibrated model)")
@@ -666,10 +650,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     check_output_dir(target.parent)
     lr = load_volume(args.input, volume_index=args.volume)
     pipe = _load_pipeline(args)
-    scan, gain, region = _measured_scan(args, pipe, lr)
-    noise = _scan_noise_std(args, lr, gain=gain)  # printed with auto
     work = Path(args.adapt_dir) if args.adapt_dir else target.with_name(f"{target.name}_adaptation")
-    fit = _fit(args, pipe, scan, work, noise, region)
+    fit = _fit(args, pipe, lr, work)
     save_model(fit.pipe, target, overwrite=True)
     if process_state().is_main_process:
         print(f"wrote:    {target} (load it with --model {target}; checkpoints and logs in {work})")

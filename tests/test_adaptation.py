@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_pipeline
+from helpers import head_in_air, tiny_pipeline
 from scipy import ndimage
 
 from gen_sr.data import SRPairDataset, TrainingVolume
@@ -33,7 +33,7 @@ from gen_sr.training.adaptation import (
     scan_slices,
 )
 from gen_sr.training.noisy_targets import noisy_target_share
-from gen_sr.training.scan_fit import fit_to_scan, save_model
+from gen_sr.training.scan_fit import fit_to_scan, measure_scan, save_model
 from gen_sr.volume import Volume, load_volume
 
 
@@ -150,7 +150,7 @@ def test_adaptation_lowers_the_held_out_loss_and_its_folder_reloads_with_identic
         lr = lr.with_data(1.5 - lr.data)
     before = [p.clone() for p in pipe.unet.parameters()]
     fit = fit_to_scan(pipe, lr, work_dir=tmp_path / "work", config=_config(), progress=False, keep_better=False,
-                      sampling={"generator": _gen(), **RUN})
+                      sampling={"generator": _gen(), **RUN}, scan_noise_std=0.0)  # noise-free, as its runs are told
     record = fit.pipe.model_card.adapted
     assert record.heldout_loss[1] < 0.9 * record.heldout_loss[0]
     assert all(torch.equal(a, b) for a, b in zip(before, pipe.unet.parameters(), strict=True))  # pipe untouched
@@ -186,7 +186,7 @@ def test_keep_better_keeps_the_unet_with_the_smaller_error_on_the_held_out_slice
     pipe = tiny_pipeline()
     _, lr = _scan()
     fit = fit_to_scan(pipe, lr, work_dir=tmp_path / "work", config=_config(learning_rate=learning_rate),
-                      keep_better=True, progress=False, sampling={"generator": _gen(), **RUN})
+                      keep_better=True, progress=False, sampling={"generator": _gen(), **RUN}, scan_noise_std=0.0)
     record = fit.pipe.model_card.adapted
     assert record.kept == kept and fit.rejected.model_card.adapted == record
     assert set(fit.timings) == {"adapt_s", "calibrate_s", "compare_s"}
@@ -433,21 +433,26 @@ def test_coronal_and_sagittal_stacks_adapt_and_super_resolve_as_the_axial_one(tm
     np.testing.assert_allclose(results[1].std.transpose(back), results[0].std, atol=1e-4)
 
 
-def test_adapting_in_python_on_a_scan_the_runs_would_resample_warns(tmp_path: Path) -> None:
+def test_adapting_in_python_on_a_scan_the_runs_would_resample_adapts_on_it_as_they_measure_it(tmp_path: Path) -> None:
     """``fit_to_scan`` on a scan finer in-plane than the model was trained for: the runs resample it first, so the
-    adaptation should see it so too (the CLI passes it resampled); in Python a warning says so."""
+    adaptation learns from it resampled so too (:func:`measure_scan`, as the CLI's), and its pairs are recorrupted
+    with the noise std the runs resolve: read from the air of the scan as given, scaled by the resampling."""
     pipe = tiny_pipeline()
     pipe.model_card = dataclasses.replace(pipe.model_card, in_plane_spacing=(0.7, 1.5))
-    _, lr = _scan(shape=(24, 24, 30))
-    fine = lr.with_data(lr.data, lr.affine @ np.diag([0.35, 0.35, 1.0, 1.0]))
-    with pytest.warns(UserWarning, match=r"finer in-plane \(0\.35 mm\) than the model was trained for"):
-        fit_to_scan(pipe, fine, calibrate=False, work_dir=tmp_path / "w", config=_config(steps=2))
-    measured, gain, _ = pipe.measured_scan(fine)  # as the runs measure it: what the warning asks for, and the CLI does
-    assert min(measured.spacing) >= 0.7 - 1e-6 and 0 < gain < 1 and measured.orientation == fine.orientation
+    fine = Volume(head_in_air((96, 96, 4), sigma=2.0, radius=28.8).astype(np.float32), np.diag([0.35, 0.35, 2.8, 1.0]))
+    measured = measure_scan(pipe, fine)
+    assert measured.coarsened is not None and min(measured.scan.spacing) >= 0.7 - 1e-6
+    assert 0 < measured.noise_gain < 1 and measured.scan.orientation == fine.orientation
+    assert measured.noise_std == pytest.approx(fine.data[:20, :20].std() / np.sqrt(2 - np.pi / 2) * measured.noise_gain,
+                                               rel=0.1)  # the air's Rayleigh std, as read on the scan as given
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit_to_scan(pipe, measured, calibrate=False, work_dir=tmp_path / "w2", config=_config(steps=2))
+        fit = fit_to_scan(pipe, fine, calibrate=False, work_dir=tmp_path / "w", config=_config(steps=2))
     assert not [w for w in caught if "finer in-plane" in str(w.message)]
+    record = fit.pipe.model_card.adapted
+    assert record.lr_shape == measured.scan.canonical().shape and record.lr_digest == measured.scan.canonical().digest()
+    assert record.recorrupted and record.noise_std == measured.noise_std  # RECORRUPT_PAIRS, with the runs' std
+    assert fit.pipe.adapted_on(fit.pipe.plan(fine).canon)  # the scan a run on the fine scan measures
 
 
 def test_adapting_on_a_fine_scan_from_the_command_line_resamples_it_once(tmp_path: Path, monkeypatch) -> None:
@@ -775,6 +780,8 @@ def test_fit_on_a_scan_without_air_calibrates_the_default_runs_on_it_whose_noise
                  "--sampling-steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "no background air" in out and "(std + 0.5 × noise std), from 40 units" in out
+    assert re.search(r"the per-scan\s+calibration is for runs whose noise std is not known \(interval std \+ 0\.5 σ̂ "
+                     r"read in-plane\); pass --noise-std where known", out)
     fitted = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "adapted").calibration
     assert fitted.for_unknown_noise and fitted.shape == NOISE_UNKNOWN_SHAPE and fitted.details["noise_std"] is None
     assert main(["super-resolve", "--model", str(tmp_path / "adapted"), "--input", str(tmp_path / "lr.nii.gz"),
@@ -784,3 +791,31 @@ def test_fit_on_a_scan_without_air_calibrates_the_default_runs_on_it_whose_noise
     assert run["risk"]["per_scan"] and run["risk"]["holds"] and run["risk"]["mismatch"] is None
     assert not run["noise_known"] and run["noise_std_in_plane"] > 0.01  # the scan's noise, read in-plane
     assert fitted.details["in_plane_noise_std"] == pytest.approx(run["noise_std_in_plane"])  # the problems' noise
+
+
+@pytest.mark.parametrize("air", [True, False], ids=["air", "no air"])
+def test_fit_to_scan_at_its_defaults_calibrates_the_runs_at_the_defaults(tmp_path: Path, air: bool) -> None:
+    """``fit_to_scan(pipe, lr, work_dir=...)`` at its defaults, then the adapted pipeline called on the same scan at
+    its defaults, as a Python user does: the fit resolves the noise std as that run will (``"auto"``: read from the
+    air where the scan has some, not known where it has none), so the run's per-scan calibration holds. With a
+    default of 0 it was made for runs without a noise std: on a scan with air the run, given one, refits where the
+    data disagree (as models/heads2d's card asks) with other settings; on one without, its noise is not known."""
+    pipe = tiny_pipeline()
+    pipe.model_card = dataclasses.replace(pipe.model_card, refit_disagreement=True)  # as models/heads2d's card
+    if air:
+        lr = Volume(head_in_air((40, 40, 10), sigma=2.0, radius=12).astype(np.float32), np.diag([1.0, 1.0, 3.5, 1.0]))
+    else:
+        _, clean = _scan(shape=(24, 24, 30))  # foreground everywhere
+        lr = clean.with_data((clean.data + 0.03 * np.random.default_rng(0).standard_normal(clean.shape))
+                             .astype(np.float32))
+    run = {"num_samples": 2, "num_inference_steps": 2}
+    fit = fit_to_scan(pipe, lr, work_dir=tmp_path / "work", config=dataclasses.replace(_config(), fine_tune=False),
+                      progress=False, sampling={**run, "generator": _gen()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without air the run warns that its noise std is not known
+        out = fit.pipe(lr, generator=_gen(1), output_type="np", **run)
+    assert out.record.noise_known is air and (out.record.noise_std > 1.5) is air  # read from the air: about 2
+    risk = out.metadata["risk"]
+    assert risk["per_scan"] and risk["mismatch"] is None and risk["holds"]
+    noise = fit.calibration.calibration.details["noise_std"]
+    assert noise == pytest.approx(out.record.noise_std) if air else noise is None  # the run's own

@@ -1208,13 +1208,13 @@ class SharedPrediction:
         return self.x0 if self.then is None else self.then(self.x0, timestep)
 
 
-def resolve_noise_std(scan: Volume, noise_std: float | Literal["auto"], gain: float = 1.0) -> float | None:
+def resolve_noise_std(scan: Volume, noise_std: float | Literal["auto"] | None, gain: float = 1.0) -> float | None:
     """The noise std of a call on ``scan`` (the input as given, before any resampling), in input units, on the grid
-    the call measures: the one given, or with ``"auto"`` the one read from the scan's background air
-    (:func:`~gen_sr.physics.scan_noise_std`; ``None`` where it has none: not known), times ``gain`` (a coarsened grid
-    holds less of it, :meth:`LatentDiffusionSRPipeline.coarsened`). The air is read on the scan as given: a
-    resampled air is no longer a magnitude's (Rayleigh), and read 31 % low on a head resampled from 1 to 1.25 mm. It
-    is read once for each scan, however often it is asked (:data:`_INPUTS`)."""
+    the call measures: the one given (``None``: not known), or with ``"auto"`` the one read from the scan's
+    background air (:func:`~gen_sr.physics.scan_noise_std`; ``None`` where it has none: not known), times ``gain`` (a
+    coarsened grid holds less of it, :meth:`LatentDiffusionSRPipeline.coarsened`). The air is read on the scan as
+    given: a resampled air is no longer a magnitude's (Rayleigh), and read 31 % low on a head resampled from 1 to
+    1.25 mm. It is read once for each scan, however often it is asked (:data:`_INPUTS`)."""
     std = _INPUTS.get(scan, "scan_noise_std", lambda: scan_noise_std(scan)) if noise_std == "auto" else noise_std
     return None if std is None else std * gain
 

@@ -22,8 +22,8 @@ validation subject at SNR 30 that top-up lost 0.08 dB against none (``benchmarks
 the pairs are recorrupted with it instead (:func:`gen_sr.data.recorrupt`): the truth's noise is then independent of the
 simulated slices' and cannot be learned from them. With the true std that gained 0.34 dB over plain pairs on six
 validation scans at SNR 30 (0.9 dB on the two smooth MNI152 subjects), and
-:func:`gen_sr.training.scan_fit.fit_to_scan` does it wherever the scan's noise std is given. ``adapt`` itself adds no
-noise by default.
+:func:`gen_sr.training.scan_fit.fit_to_scan` does it wherever the scan's noise std is known (given, or by default
+read from its air). ``adapt`` itself adds no noise by default.
 """
 
 from __future__ import annotations

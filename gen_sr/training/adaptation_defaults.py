@@ -38,8 +38,9 @@ no choice on six validation scans (``benchmarks/ADAPTATION.md``, "Round 3"), so 
 
 RECORRUPT_PAIRS = True
 """Whether :func:`~gen_sr.training.scan_fit.fit_to_scan` recorrupts the fine-tuning pairs with the scan's noise std
-where it is given and the caller sets no ``noise_std`` of its own: adopted on six validation scans at SNR 30 by a
-criterion fixed before the runs (``benchmarks/ADAPTATION.md``, "Round 4")."""
+where it is known (given, or read from its air: ``scan_noise_std="auto"``) and the caller sets no ``noise_std`` of its
+own: adopted on six validation scans at SNR 30 by a criterion fixed before the runs (``benchmarks/ADAPTATION.md``,
+"Round 4")."""
 
 ReferenceNoise = Literal["keep", "extrapolate"]
 

@@ -6,16 +6,19 @@
 smaller error there is kept: the held-out slices are truth the fine-tuning never saw, so the scan itself decides
 whether fine-tuning helped.
 
-The held-out problems must pose the real one: with the scan's noise given (``scan_noise_std``), their simulated thick
-slices are topped up to it and projected noise-aware, as the real thick slices are
+The held-out problems must pose the real one: the scan is adapted on and calibrated as the runs will measure it
+(:func:`measure_scan`: resampled in-plane where they resample it, its noise std resolved as theirs is), and with its
+noise std known (``scan_noise_std``: by default read from its background air, as a run at the defaults reads it), their
+simulated thick slices are topped up to it and projected noise-aware, as the real thick slices are
 (:func:`gen_sr.eval.scan_calibration.scan_cases`). Without it, at SNR 30 they held half the real noise, and on a
 validation subject they ranked first a fine-tuned UNet that lost 0.91 dB through-plane (``benchmarks/ADAPTATION.md``).
 The truth of the held-out slices is itself noisy, and the problems' thick slices are made from it, so a model that
 keeps the measured noise is rewarded for it there. ``reference="recorrupted"`` poses the comparison's problems with
 noise independent of their references' (:func:`gen_sr.eval.scan_calibration.recorrupted_case`), at one more pass.
 
-    fit = fit_to_scan(pipe, "lr.nii.gz", work_dir="runs/adapt_lr", scan_noise_std=12.0)
+    fit = fit_to_scan(pipe, "lr.nii.gz", work_dir="runs/adapt_lr")  # for runs at the defaults: noise_std="auto"
     save_model(fit.pipe, "models/heads2d_lr")
+    out = fit.pipe("lr.nii.gz")  # at the defaults too: its per-scan calibration holds
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -36,13 +39,14 @@ from gen_sr.eval.calibration import CalibrationResult
 from gen_sr.eval.scan_calibration import REFERENCE_NOISE, ReferenceNoise, calibrate_on_scan
 from gen_sr.io import atomic_dir
 from gen_sr.pipelines import LatentDiffusionSRPipeline
-from gen_sr.pipelines.pipeline_latent_sr import LRInput
+from gen_sr.pipelines.pipeline_latent_sr import LRInput, resolve_noise_std
+from gen_sr.run_record import CoarsenedInput
 from gen_sr.training.adaptation import adapt, with_unet
 from gen_sr.training.adaptation_defaults import KEEP_BETTER, RECORRUPT_PAIRS, REFERENCE, HeldOutReference
 from gen_sr.volume import Volume
 
-__all__ = ["KEEP_BETTER", "RECORRUPT_PAIRS", "REFERENCE", "HeldOutReference", "ScanFit", "fit_to_scan",
-           "pretrained_on_scan", "save_model"]
+__all__ = ["KEEP_BETTER", "RECORRUPT_PAIRS", "REFERENCE", "HeldOutReference", "MeasuredScan", "ScanFit",
+           "fit_to_scan", "measure_scan", "pretrained_on_scan", "save_model"]
 
 
 @dataclass
@@ -65,6 +69,49 @@ class ScanFit:
     rejected: LatentDiffusionSRPipeline | None = None
 
 
+@dataclass(frozen=True)
+class MeasuredScan:
+    """A scan as the runs on it with one output grid and noise setting measure it (:func:`measure_scan`).
+
+    Attributes:
+        given: the scan as given, in its own orientation.
+        scan: as the runs measure it, in the same orientation: ``given`` itself, or resampled in-plane where their
+            output grid is coarser there (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.measured_scan`).
+        noise_gain: the factor by which that resampling scaled its noise std (1 where it was not resampled).
+        noise_std: its noise std on ``scan``'s grid, in its units, as those runs resolve it
+            (:func:`~gen_sr.pipelines.pipeline_latent_sr.resolve_noise_std`): the one given, or read from the air
+            of ``given`` times ``noise_gain``; ``None`` where not known (asked to read it from air the scan has none
+            of).
+        calibration_region: the calibration region given, on ``scan``'s grid (``None`` where none was given).
+    """
+
+    given: Volume
+    scan: Volume
+    noise_gain: float
+    noise_std: float | None
+    calibration_region: LRInput | None = None
+
+    @property
+    def coarsened(self) -> CoarsenedInput | None:
+        """How the scan was resampled (RAS+), as a run's record says it; ``None`` where it was not."""
+        if self.scan is self.given:
+            return None
+        return CoarsenedInput(self.given.canonical().spacing, self.scan.canonical().spacing, self.noise_gain)
+
+
+def measure_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, target_spacing: Sequence[float] | None = None,
+                 noise_std: float | Literal["auto"] | None = "auto", calibration_region: LRInput | None = None,
+                 volume_index: int | None = None) -> MeasuredScan:
+    """The scan ``lr`` as runs of ``pipe`` on it with ``target_spacing`` and ``noise_std`` (``__call__``'s
+    arguments, with its defaults; ``None``: not known) measure it: resampled in-plane where they resample it, with the
+    noise std they resolve (read on the scan as given, not on its resampling) and ``calibration_region`` (a mask on
+    the scan's own grid) on the grid they measure: what an adaptation to those runs learns from and is calibrated
+    on (:func:`fit_to_scan`; ``gen-sr fit`` and ``--adapt``)."""
+    given = pipe.as_volume(lr, volume_index=volume_index)
+    scan, gain, region = pipe.measured_scan(given, target_spacing, calibration_region)
+    return MeasuredScan(given, scan, gain, resolve_noise_std(given.canonical(), noise_std, gain), region)
+
+
 def pretrained_on_scan(pipe: LatentDiffusionSRPipeline,
                        adapted: LatentDiffusionSRPipeline) -> LatentDiffusionSRPipeline:
     """``pipe``'s UNet (a copy) with ``adapted``'s autoencoder, scheduler and model card (whose ``adapted`` record
@@ -74,7 +121,8 @@ def pretrained_on_scan(pipe: LatentDiffusionSRPipeline,
 
 def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool = True,
                 keep_better: bool = KEEP_BETTER, alpha: float = 0.1, method: str = "crc", blocks: int = 4,
-                progress: bool = True, scan_noise_std: float | None = 0.0, reference: HeldOutReference = REFERENCE,
+                progress: bool = True, scan_noise_std: float | Literal["auto"] | None = "auto",
+                target_spacing: Sequence[float] | None = None, reference: HeldOutReference = REFERENCE,
                 sampling: dict[str, Any] | None = None, volume_index: int | None = None,
                 calibration_region: LRInput | None = None, reference_noise: ReferenceNoise = REFERENCE_NOISE,
                 **adapt_kwargs: Any) -> ScanFit:
@@ -82,13 +130,19 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     ``work_dir``, ``config``, ``slice_profile``, ...) and calibrate it on the scan's held-out in-plane slices
     (:func:`gen_sr.eval.scan_calibration.calibrate_on_scan`, with ``alpha``, ``method``, ``blocks`` and the pipeline
     settings ``sampling``: ``num_samples``, ``generator``, ...); ``calibrate=False`` skips the calibration.
-    ``scan_noise_std``: the scan's noise std per voxel in its units, as the pipeline is given it (``noise_std``) for
-    the real run: the calibration's problems are brought up to it
-    (:func:`gen_sr.eval.scan_calibration.scan_cases`), and unless ``adapt_kwargs`` holds a ``noise_std`` of its own,
-    the fine-tuning pairs are recorrupted with it (:data:`RECORRUPT_PAIRS`; :func:`gen_sr.data.recorrupt`). ``None``:
-    not known, as a run with ``noise_std="auto"`` resolves it on a scan without background air
-    (:func:`~gen_sr.pipelines.pipeline_latent_sr.resolve_noise_std`): the scan is calibrated for such runs
-    (``calibrate_on_scan(noise_std=None)``), whose calibration then holds for them, and the pairs are not recorrupted.
+
+    Both are made for the runs of the result on ``lr`` (the scan as they are given it) with ``target_spacing`` and
+    ``noise_std=scan_noise_std`` (the defaults are a run's), on the scan as those runs measure it
+    (:func:`measure_scan`): resampled in-plane where they resample it (a scan finer in-plane than the model was
+    trained for, at the default grid), with the noise std they resolve. ``scan_noise_std``: the scan's noise std per
+    voxel in its units, as the pipeline is given it (``noise_std``) for the real run; ``"auto"`` (the default, as
+    the run's): read from the scan's background air, or where it has none, not known (``None``), as the run resolves
+    it (:func:`~gen_sr.pipelines.pipeline_latent_sr.resolve_noise_std`). Known, the calibration's problems are brought
+    up to it (:func:`gen_sr.eval.scan_calibration.scan_cases`), and unless ``adapt_kwargs`` holds a ``noise_std`` of
+    its own, the fine-tuning pairs are recorrupted with it (:data:`RECORRUPT_PAIRS`; :func:`gen_sr.data.recorrupt`);
+    0: noise-free problems and plain pairs. Not known, the scan is calibrated for runs whose noise std is not known
+    (``calibrate_on_scan(noise_std=None)``: blind projections, the interval counting the noise read in-plane) and the
+    pairs are not recorrupted. Either way the per-scan calibration holds for those runs.
 
     ``keep_better``: also calibrate the pretrained UNet on the held-out slices, drawing the same noise (the
     generators in ``sampling`` are reset to their state before the first calibration), and keep whichever of the two
@@ -96,14 +150,15 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     why (``heldout_rmse``). It costs one more calibration pass; without the calibration (``calibrate=False``) there is
     nothing to compare on, and the fine-tuned UNet is returned. Save the result with :func:`save_model`.
 
-    ``reference``: what the two are compared against where the scan is noisy (``scan_noise_std`` > 0). ``"noisy"``:
-    the calibration's own problems. With ``reference_noise="keep"`` (the default) their reference (the held-out
-    slice) shares its noise with the problem, so a model that keeps the measured noise is rewarded for it; with
-    ``"extrapolate"`` they are recorrupted (:func:`gen_sr.eval.scan_calibration.recorrupted_case`: noise independent
-    of their references'), which rank the two as their error against the clean slices would. ``"recorrupted"``:
-    compared on recorrupted problems in any case; with ``"keep"`` that costs a third pass, as the kept UNet is then
-    calibrated on the calibration's own problems (``rejected`` is not calibrated). Noise-free, all are the same; with
-    the noise std not known there is none to recorrupt with, and the calibration's own problems rank them.
+    ``reference``: what the two are compared against where the scan is noisy (its noise std known and > 0).
+    ``"noisy"``: the calibration's own problems. With ``reference_noise="keep"`` (the default) their reference (the
+    held-out slice) shares its noise with the problem, so a model that keeps the measured noise is rewarded for it;
+    with ``"extrapolate"`` they are recorrupted (:func:`gen_sr.eval.scan_calibration.recorrupted_case`: noise
+    independent of their references'), which rank the two as their error against the clean slices would.
+    ``"recorrupted"``: compared on recorrupted problems in any case; with ``"keep"`` that costs a third pass, as the
+    kept UNet is then calibrated on the calibration's own problems (``rejected`` is not calibrated). Noise-free, all
+    are the same; with the noise std not known there is none to recorrupt with, and the calibration's own problems
+    rank them.
 
     ``calibration_region`` (a mask on the scan's own grid, e.g. its brain) and ``reference_noise``: how the interval
     is fitted (:func:`gen_sr.eval.scan_calibration.calibrate_on_scan`'s ``region`` and ``reference_noise``); the
@@ -112,16 +167,12 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     """
     timings: dict[str, float] = {}
     tic = time.perf_counter()
-    volume = pipe.as_volume(lr, volume_index=volume_index)
-    canon = volume.canonical()
-    if pipe.coarser_grid(canon) is not None:
-        warnings.warn(f"{volume.source or 'the scan'} is finer in-plane ({min(canon.spacing):.3g} mm) than the model "
-                      "was trained for, so a run at the default grid resamples it first: adapt on the scan as the "
-                      "runs will measure it (LatentDiffusionSRPipeline.measured_scan; gen-sr fit and --adapt do)",
-                      stacklevel=2)
-    region = None if calibration_region is None else pipe.calibration_region_mask(volume, calibration_region)
-    if scan_noise_std and RECORRUPT_PAIRS and "noise_std" not in adapt_kwargs:
-        adapt_kwargs = {"noise_std": scan_noise_std, "recorrupt": True, **adapt_kwargs}
+    measured = measure_scan(pipe, lr, target_spacing=target_spacing, noise_std=scan_noise_std,
+                            calibration_region=calibration_region, volume_index=volume_index)
+    volume, noise = measured.scan, measured.noise_std  # as the runs resolve it
+    region = None if calibration_region is None else pipe.calibration_region_mask(volume, measured.calibration_region)
+    if noise and RECORRUPT_PAIRS and "noise_std" not in adapt_kwargs:
+        adapt_kwargs = {"noise_std": noise, "recorrupt": True, **adapt_kwargs}
     adapted = adapt(pipe, volume, **adapt_kwargs)
     timings["adapt_s"] = time.perf_counter() - tic
     if not calibrate:
@@ -133,7 +184,7 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
             generator.set_state(state)
         tic = time.perf_counter()
         result = _calibrate(candidate, volume, alpha=alpha, method=method, blocks=blocks, progress=progress,
-                            sampling=sampling, noise_std=scan_noise_std, recorrupt=recorrupt,
+                            sampling=sampling, noise_std=noise, recorrupt=recorrupt,
                             region=None if recorrupt else region, reference_noise=reference_noise)
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - tic
         if not recorrupt:
@@ -143,8 +194,8 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     if not keep_better or adapted.model_card.adapted.steps == 0:  # nothing was fine-tuned: nothing to compare
         return ScanFit(adapted, on_scan(adapted, "calibrate_s"), timings)
     pretrained = pretrained_on_scan(pipe, adapted)
-    recorrupted_calibration = reference_noise == "extrapolate" and bool(scan_noise_std)  # its problems recorrupted
-    if reference == "recorrupted" and scan_noise_std and not recorrupted_calibration:  # a third pass
+    recorrupted_calibration = reference_noise == "extrapolate" and bool(noise)  # its problems recorrupted
+    if reference == "recorrupted" and noise and not recorrupted_calibration:  # a third pass
         rmse = (float(on_scan(pretrained, "compare_s", True).rmse),  # type: ignore[arg-type]
                 float(on_scan(adapted, "compare_s", True).rmse))  # type: ignore[arg-type]
         results = None
@@ -154,7 +205,7 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     kept = "pretrained" if rmse[0] <= rmse[1] else "fine-tuned"
     recorrupted = results is None or bool(results[1].calibration.details.get("recorrupted"))
     record = dataclasses.replace(adapted.model_card.adapted, kept=kept, heldout_rmse=rmse, heldout_reference=(
-        "recorrupted" if recorrupted else "clean" if scan_noise_std == 0 else "noisy"))  # not known: read in-plane
+        "recorrupted" if recorrupted else "clean" if noise == 0 else "noisy"))  # not known: read in-plane
     for candidate in (pretrained, adapted):
         candidate.model_card = dataclasses.replace(candidate.model_card, adapted=record)
     winner, loser = (pretrained, adapted) if kept == "pretrained" else (adapted, pretrained)
