@@ -23,8 +23,11 @@ Signal model and geometry (tested to 1e-4 mm):
   reference throughout.
 * A slice integrates the HR signal, taken as the linear interpolant of the HR voxel values, against its profile.
   That model reproduces linear intensity ramps exactly, so the profile-weighted mean position of the HR voxels a
-  slice integrates is exactly that slice's centre. Near the ends of the field of view the profile is truncated
-  symmetrically about the slice centre, which keeps this true for the outermost slices too.
+  slice integrates is exactly that slice's centre, for every slice whose profile lies within the grid. An end slice
+  whose profile reaches past the outermost HR voxel centre keeps its whole profile and sees the object continued
+  there by the end voxel (``A`` on a crop is ``A`` on the crop edge-padded): nearer to the slice of a head that goes
+  on than a truncated profile (``benchmarks/END_SLICES.md``), at the cost of a mean position up to a fraction of a
+  millimetre inwards (0.29 mm for 4 mm Gaussian slices every 3 mm on 1 mm voxels).
 * A slice's voxel is one slice spacing wide, centred on the slice whatever its thickness (a gap or an overlap lies
   evenly on either side), so ``n`` slices span ``n`` slice spacings: the field of view their NIfTI affine gives.
   The first slice's voxel starts where the input's field of view starts: decimating 1 mm voxels into 4 mm slices
