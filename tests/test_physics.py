@@ -189,6 +189,8 @@ def test_end_slices_see_the_object_continued_by_the_end_voxels(t: SliceAcquisiti
     m = t.build(n, h).matrix
     x = np.random.default_rng(0).random((n, 5))
     assert np.allclose(m @ x, padded[: len(m)] @ np.pad(x, ((pad, pad), (0, 0)), mode="edge"), rtol=0, atol=1e-12)
+
+
 def test_four_mm_decimation_geometry() -> None:
     op = AcquisitionOperator([SliceAcquisition(2, 4.0)], (10, 10, 189), (1.0, 1.0, 1.0))
     assert op.lr_shape == (10, 10, 47)
