@@ -53,7 +53,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -80,6 +80,7 @@ __all__ = [
     "noise_std_for_snr",
     "operator_from_spacings",
     "read_slice_profile",
+    "rician_error_moment",
     "simulate_acquisition",
     "structure_visibility",
 ]
@@ -616,25 +617,39 @@ class AcquisitionOperator:
         """
         return x + self.pinv(y - self.forward(x), floor=floor)
 
-    def soft_project(self, x: torch.Tensor, y: torch.Tensor, noise_std: float | torch.Tensor) -> torch.Tensor:
+    def soft_project(self, x: torch.Tensor, y: torch.Tensor, noise_std: float | torch.Tensor, *,
+                     noise: Literal["gaussian", "rician"] = "gaussian") -> torch.Tensor:
         """Noise-aware projection ``x + Aᵀ(A Aᵀ + λ I)⁻¹(y − A x)``.
 
-        ``λ`` follows Morozov's discrepancy principle, chosen per batch entry so that ``‖A x' − y‖ = √m · noise_std``
-        (``m`` LR voxels per entry): ``x'`` fits the data down to the noise level and no further. Entries whose
-        residual is already at or below that level are left unchanged. With ``noise_std = 0`` this equals
+        ``λ`` follows Morozov's discrepancy principle, chosen per batch entry so that ``‖A x' − y‖²`` equals what the
+        truth's residual would be expected to be: ``m · noise_std²`` for Gaussian noise (``m`` LR voxels per entry),
+        and for a magnitude image (``noise="rician"``, ``y`` the magnitude itself) ``Σ σ² ρ(ν/σ)`` over the LR
+        voxels, with ``ν = max(A x, 0)`` and ``ρ`` :func:`rician_error_moment` (2 in pure noise, where Gaussian's
+        target is half what the air gives). ``x'`` fits the data down to the noise level and no further. Entries
+        whose residual is already at or below that level are left unchanged. With ``noise_std = 0`` this equals
         :meth:`project`.
 
         Args:
             x: HR estimate ``(B, C, *hr_shape)``.
             y: measurement ``(B, C, *lr_shape)``.
-            noise_std: noise standard deviation of ``y`` (scalar or per batch entry ``(B,)``).
+            noise_std: noise standard deviation of ``y`` (scalar or per batch entry ``(B,)``; per real channel for
+                Rician noise).
+            noise: the noise model the target is taken from.
         """
         sigma = torch.as_tensor(noise_std, dtype=x.dtype, device=x.device).reshape(-1)
         if not torch.any(sigma > 0):
             return self.project(x, y)
-        r = y - self.forward(x)
+        if noise not in ("gaussian", "rician"):
+            raise ValueError(f"noise must be 'gaussian' or 'rician', not {noise!r}")
+        ax = self.forward(x)
+        r = y - ax
         c, s = self._coefficients(r)
-        target_sq = (sigma**2 * r[0].numel()).expand(r.shape[0])
+        if noise == "gaussian":
+            target_sq = (sigma**2 * r[0].numel()).expand(r.shape[0])
+        else:
+            per_entry = sigma.reshape((-1,) + (1,) * (ax.ndim - 1))
+            theta = ax.clamp_min(0).double() / per_entry.double().clamp_min(torch.finfo(torch.float64).tiny)
+            target_sq = (sigma**2 * rician_error_moment(theta).flatten(1).sum(1).to(x.dtype)).expand(r.shape[0])
         lam = _discrepancy_lambda(c, s, r, target_sq).reshape((-1,) + (1,) * (c.ndim - 1))
         return x + self._synthesize(c * s / (s * s + lam))
 
@@ -1024,6 +1039,16 @@ def _rician_xi(theta: np.ndarray) -> np.ndarray:
     z = theta * theta / 4  # the scaled Bessel functions keep exp(-θ²/2)·I(θ²/4)² finite at any θ
     bracket = (2 + theta * theta) * special.i0e(z) + theta * theta * special.i1e(z)
     return 2 + theta * theta - math.pi / 8 * bracket * bracket
+
+
+def rician_error_moment(theta: torch.Tensor) -> torch.Tensor:
+    """``E[(M − ν)²] / σ²`` for the Rician magnitude ``M`` of a signal ``ν = θσ`` in complex Gaussian noise of std
+    ``σ`` per channel: 2 in pure noise (``θ = 0``, Rayleigh), about 0.90 at ``θ`` 1-2, tending to 1 at high SNR.
+    From ``E[M] = σ √(π/2) L½(−θ²/2)`` (Koay & Basser 2006), ``E[(M − ν)²] = 2ν² + 2σ² − 2ν E[M]``. Take ``theta``
+    in float64: the difference cancels at high SNR."""
+    z = theta * theta / 4  # the scaled Bessel functions keep exp(-θ²/4)·I(θ²/4) finite at any θ
+    mean = math.sqrt(math.pi / 2) * ((1 + 2 * z) * torch.special.i0e(z) + 2 * z * torch.special.i1e(z))
+    return 2 * theta * theta + 2 - 2 * theta * mean
 
 
 def rician_snr(mean_over_std: float, iterations: int = 100, *, pure_noise_tolerance: float = 0.0) -> float:
