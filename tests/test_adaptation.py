@@ -363,6 +363,22 @@ def test_a_scan_whose_noise_std_is_not_known_is_calibrated_on_problems_topped_up
     np.testing.assert_allclose(np.sqrt(np.mean(np.concatenate(errors) ** 2)), result.rmse, rtol=1e-4)
 
 
+def test_a_per_scan_calibration_keeps_its_problems_in_a_cache_and_reads_them_back(tmp_path: Path) -> None:
+    """``cache``: the super-resolved problems are kept there (one file each) and read back by the next call, which
+    then draws nothing: with other noise it gives the same calibration."""
+    _, lr = _scan(shape=(24, 24, 30))
+    adapted = adapt(tiny_pipeline(), lr, work_dir=tmp_path / "work",
+                    config=dataclasses.replace(_config(), fine_tune=False))
+    kwargs = {"alpha": 0.2, "blocks": 1, "progress": False, "cache": tmp_path / "cache", **RUN}
+    first = calibrate_on_scan(adapted, lr, generator=_gen(), **kwargs)
+    kept = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(kept) == first.calibration.num_volumes == len(scan_cases(lr, adapted.model_card.adapted))
+    again = calibrate_on_scan(adapted, lr, generator=_gen(1), **kwargs)  # other noise, read from the cache
+    fresh = calibrate_on_scan(adapted, lr, generator=_gen(1), **{**kwargs, "cache": None})
+    assert again.calibration.scale == first.calibration.scale and again.rmse == first.rmse
+    assert fresh.rmse != first.rmse  # without the cache that noise gives another calibration
+
+
 def test_recorrupted_problems_hold_the_scans_noise_independent_of_their_references() -> None:
     """Recorrupted, a problem's thick slices still hold the scan's noise per voxel, but the reference's noise no longer
     shows in them: A(reference noise) is uncorrelated with the LR noise, where the plain problems share it."""

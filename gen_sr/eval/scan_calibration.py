@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -209,7 +210,7 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
                       details: dict[str, Any] | None = None, noise_std: float | None = 0.0, recorrupt: bool = False,
                       clean_scan: Volume | None = None, region: np.ndarray | None = None,
                       reference_noise: ReferenceNoise = REFERENCE_NOISE, seed: int = 0,
-                      **pipe_kwargs: Any) -> CalibrationResult:
+                      cache: str | Path | None = None, **pipe_kwargs: Any) -> CalibrationResult:
     """Calibrate an adapted model on its scan's held-out in-plane slices (see the module docstring).
 
     Args:
@@ -243,6 +244,10 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
             see the module docstring: the problems are then recorrupted); ``"keep"`` (the default) fits it against
             the held-out slices as they are, noise and all.
         seed: the problems' noise and the extrapolation's.
+        cache: a folder that keeps each problem's truth, mean and std and reuses them on the next call
+            (:func:`gen_sr.eval.calibration.calibration_volumes`), for benchmarks that fit several rules on the same
+            super-resolved problems; it records neither the pipeline's settings nor these arguments, so give each
+            kind of problem (noise, recorruption, references) its own folder.
         pipe_kwargs: for the pipeline calls (``num_samples``, ``num_inference_steps``, ``generator``, ...).
     """
     record = _record(pipe)
@@ -274,7 +279,7 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
     try:
         check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks)
         volumes, sampling = volumes_and_settings(pipe, cases, masks=lambda case: masks[case.name], progress=progress,
-                                                 cache=None, noise_known=known, in_plane=level, **pipe_kwargs)
+                                                 cache=cache, noise_known=known, in_plane=level, **pipe_kwargs)
         counted = volumes if region is None else [dataclasses.replace(v, mask=v.mask & r)
                                                   for v, r in zip(volumes, inside, strict=True)]
         result = fit_volumes(counted, details=info, sampling=sampling, **fit)
