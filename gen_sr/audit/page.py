@@ -162,7 +162,7 @@ def _risk(v: Any) -> str:
     calibration was not made for the run, why (``mismatch``); a record that does not say, as it stands."""
     try:
         risk = RiskRecord.from_dict(v)
-    except (TypeError, ValueError):
+    except ValueError:  # no risk record (RiskRecord.from_dict raises nothing else), as a run record reads it
         return _plain(v)
     if not risk.calibrated:
         return "the samples' std ÷ the input's robust intensity range (uncalibrated)"
