@@ -354,6 +354,17 @@ def test_a_scan_whose_noise_std_is_not_known_is_calibrated_on_problems_topped_up
     cal = result.calibration
     assert cal.for_unknown_noise and cal.shape == NOISE_UNKNOWN_SHAPE and cal.details["in_plane_noise_std"] == sigma
     assert cal.mismatch(adapted.sampling_settings(noise_std=0.0, noise_known=False, **RUN)) is None  # such a run's
+    from gen_sr.audit.page import _calibration  # its coverage was never measured: neither record nor page claim one
+
+    assert "measured_coverage" not in cal.details
+    earlier = dataclasses.replace(cal, details={**cal.details, "measured_coverage": [0.84, 0.96]})  # as made before
+    for made in (cal, earlier):
+        said = _calibration(dataclasses.asdict(made))
+        assert "coverage through-plane was not measured for scans whose noise std is not known" in said
+        assert "covered" not in said
+    known = calibrate_on_scan(adapted, noisy, noise_std=0.05, alpha=0.2, blocks=1, progress=False, generator=_gen(),
+                              **RUN).calibration
+    assert "interval covered 84-96 % of voxels" in _calibration(dataclasses.asdict(known))
     errors, generator = [], _gen()  # the pooled RMSE again: topped-up problems, projected blind
     inside = held_out_foreground(noisy, record)
     for j, case in enumerate(scan_cases(noisy, record, noise_std=sigma)):

@@ -86,8 +86,10 @@ ASSUMPTION = ("per-scan: fitted on the scan's own held-out in-plane slices, degr
 MEASURED_COVERAGE = (0.84, 0.96)
 """How far :data:`ASSUMPTION` held where it was measured: the through-plane coverage of the per-scan 90 % interval
 ranged over this on the real and validation heads of ``benchmarks/ADAPTATION.md`` (4 mm slices along each axis,
-noise-free and SNR 30, over the head and in the brain; rounds 6 and 7 and the Colin27 sections). The calibration
-record carries it, so that a report can say what the interval promises."""
+noise-free and SNR 30, over the head and in the brain; rounds 6 and 7 and the Colin27 sections), all calibrated with
+a known noise std (or 0). The calibration record carries it, so that a report can say what the interval promises;
+a calibration for runs whose noise std is not known (``noise_std=None``: problems topped up to the in-plane noise
+estimate, an upper one) was not measured, and its record does not carry it."""
 _AXES = "RAS"
 
 
@@ -267,7 +269,8 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
     reference_variance = recorrupted_reference_variance(cases[0].operator) if extrapolate else None
     note = {"reference_noise_note": _NO_RECORRUPTION} if extrapolate and reference_variance is None else {}
     extrapolate = reference_variance is not None
-    info = {"per_scan": True, "assumption": ASSUMPTION, "measured_coverage": list(MEASURED_COVERAGE),
+    info = {"per_scan": True, "assumption": ASSUMPTION,
+            **({"measured_coverage": list(MEASURED_COVERAGE)} if known else {}),  # measured with a known noise std
             "scan": record.source, "held_out_slices": list(record.held_out_slices), "noise_std": noise_std,
             **({} if known else {"in_plane_noise_std": level}),
             "recorrupted": known and (recorrupt or extrapolate) and level > 0,
