@@ -820,6 +820,46 @@ def test_fit_on_a_scan_without_air_calibrates_the_default_runs_on_it_whose_noise
     assert fitted.details["in_plane_noise_std"] == pytest.approx(run["noise_std_in_plane"])  # the problems' noise
 
 
+def test_recorrupting_a_scan_whose_noise_std_is_not_known_is_refused_before_any_work(tmp_path: Path,
+                                                                                     capsys) -> None:
+    """Recorrupted problems (``recorrupt``, ``reference_noise="extrapolate"``; ``fit_to_scan(reference="recorrupted")``,
+    ``--compare-on recorrupted``) need the scan's noise std: where it is not known (a scan without air, at
+    ``"auto"``) they are refused, not dropped: a ``ValueError`` in Python, before adapting; one line and exit code 2
+    from the command line, before any training."""
+    from gen_sr.cli import main
+    from gen_sr.volume import save_volume
+
+    _, clean = _scan(shape=(24, 24, 30))  # foreground everywhere: no air
+    lr = clean.with_data((clean.data + 0.03 * np.random.default_rng(0).standard_normal(clean.shape))
+                         .astype(np.float32))
+    pipe = tiny_pipeline()
+    pipe.model_card = dataclasses.replace(pipe.model_card, adapted=Adaptation(
+        lr_shape=lr.shape, axis=2, slice_thickness=3.0, slice_spacing=3.0, held_out_slices=held_out_slices(10, 2)))
+    for asked, name in (({"recorrupt": True}, "recorrupt=True"),
+                        ({"reference_noise": "extrapolate"}, "reference_noise='extrapolate'")):
+        with pytest.raises(ValueError, match=f"^{re.escape(name)} needs the scan's noise std to recorrupt the "
+                                             "problems with, and it is not known$"):
+            calibrate_on_scan(pipe, lr, noise_std=None, progress=False, **asked, **RUN)
+    for asked in ({"reference": "recorrupted"}, {"reference_noise": "extrapolate"}):
+        with pytest.raises(ValueError, match="needs the scan's noise std"):
+            fit_to_scan(tiny_pipeline(), lr, work_dir=tmp_path / "work", config=_config(steps=2), progress=False,
+                        **asked)
+        assert not (tmp_path / "work").exists()  # nothing adapted
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    save_volume(lr, tmp_path / "lr.nii.gz")
+    fit = ["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"), "--output-model",
+           str(tmp_path / "adapted"), "--steps", "2", "--holdout-every", "2", "--samples", "2", "--sampling-steps", "2"]
+    capsys.readouterr()
+    assert main([*fit, "--compare-on", "recorrupted", "--reference-noise", "extrapolate"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--compare-on recorrupted and --reference-noise extrapolate need the scan's " \
+        "noise std to recorrupt the problems with, and it is not known (no background air to read it from)" in err
+    assert "pass --noise-std" in err and not (tmp_path / "adapted").exists()
+    assert main([*fit, "--compare-on", "recorrupted", "--noise-std", "0.03"]) == 0  # given: recorrupted
+    assert LatentDiffusionSRPipeline.from_pretrained(tmp_path / "adapted").model_card.adapted.heldout_reference == \
+        "recorrupted"
+
+
 @pytest.mark.parametrize("air", [True, False], ids=["air", "no air"])
 def test_fit_to_scan_at_its_defaults_calibrates_the_runs_at_the_defaults(tmp_path: Path, air: bool) -> None:
     """``fit_to_scan(pipe, lr, work_dir=...)`` at its defaults, then the adapted pipeline called on the same scan at

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,7 +73,8 @@ from gen_sr.training.adaptation_defaults import REFERENCE_NOISE, ReferenceNoise
 from gen_sr.volume import Volume
 
 __all__ = ["ASSUMPTION", "MEASURED_COVERAGE", "REFERENCE_NOISE", "ReferenceNoise", "calibrate_on_scan",
-           "extrapolate_to_zero_noise", "held_out_foreground", "held_out_truth", "recorrupted_case", "scan_cases"]
+           "check_noise_to_recorrupt", "extrapolate_to_zero_noise", "held_out_foreground", "held_out_truth",
+           "recorrupted_case", "scan_cases"]
 
 _EXTRA_NOISE = (1.0, 2.0)
 """The noise variances added to the references for the extrapolation, in units of the scan's noise variance."""
@@ -207,6 +209,20 @@ def _noise_matched(case: Case, noise_std: float, rng: np.random.Generator) -> Ca
                                noise_std=noise_std)
 
 
+def check_noise_to_recorrupt(noise_std: float | None, asked: Sequence[tuple[str, bool]]) -> None:
+    """Refuse a recorruption asked for where the scan's noise std is not known (``None``): there is no noise to pose
+    the problems with. ``asked``: each option that recorrupts, as the caller names it (e.g. ``"recorrupt=True"``),
+    and whether it was asked for.
+
+    Raises:
+        ValueError: one line naming the options asked for.
+    """
+    names = [name for name, on in asked if on]
+    if noise_std is None and names:
+        raise ValueError(f"{' and '.join(names)} need{'s' if len(names) == 1 else ''} the scan's noise std to "
+                         "recorrupt the problems with, and it is not known")
+
+
 def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: float = 0.1,
                       method: Literal["rcps", "crc"] = "crc", blocks: int = 4, progress: bool = True,
                       details: dict[str, Any] | None = None, noise_std: float | None = 0.0, recorrupt: bool = False,
@@ -234,7 +250,8 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
             (without a noise std), as the run's are.
         recorrupt: pose the problems with noise independent of their references' (:func:`recorrupted_case`); for
             ranking models by the error (``CalibrationResult.rmse``), not for the interval: the references hold
-            more noise than the slices. Only with a known noise std, as ``reference_noise="extrapolate"``.
+            more noise than the slices. Only with a known noise std, as ``reference_noise="extrapolate"``: either
+            with ``noise_std=None`` is a ``ValueError`` (:func:`check_noise_to_recorrupt`).
         clean_scan: for benchmarks, where the scan was simulated: the same scan without its noise, whose held-out
             slices are then the references of the same problems (an oracle: how far the held-out slices' own noise
             moves the calibration).
@@ -255,10 +272,12 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
     record = _record(pipe)
     if reference_noise not in ("keep", "extrapolate"):
         raise ValueError(f"reference_noise must be 'keep' or 'extrapolate', not {reference_noise!r}")
+    check_noise_to_recorrupt(noise_std, [("recorrupt=True", recorrupt),
+                                         ("reference_noise='extrapolate'", reference_noise == "extrapolate")])
     known = noise_std is not None
     level = noise_std if known else estimate_noise_std(lr.canonical().data, record.axis)  # as the run reads it
-    extrapolate = known and reference_noise == "extrapolate" and level > 0 and clean_scan is None
-    triples = _cases_and_masks(lr, record, seed=seed, noise_std=level, recorrupt=known and (recorrupt or extrapolate),
+    extrapolate = reference_noise == "extrapolate" and level > 0 and clean_scan is None  # known: checked above
+    triples = _cases_and_masks(lr, record, seed=seed, noise_std=level, recorrupt=recorrupt or extrapolate,
                                clean_scan=clean_scan, region=region)
     if not triples:
         raise InputError("has no foreground in any of its held-out in-plane slices", lr.source,
@@ -273,7 +292,7 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
             **({"measured_coverage": list(MEASURED_COVERAGE)} if known else {}),  # measured with a known noise std
             "scan": record.source, "held_out_slices": list(record.held_out_slices), "noise_std": noise_std,
             **({} if known else {"in_plane_noise_std": level}),
-            "recorrupted": known and (recorrupt or extrapolate) and level > 0,
+            "recorrupted": (recorrupt or extrapolate) and level > 0,
             "clean_references": clean_scan is not None,
             "reference_noise": "extrapolate" if extrapolate else "keep", "region": region is not None, **note,
             **(details or {})}
