@@ -715,6 +715,45 @@ def test_a_calibration_per_region_covers_each_region_and_the_pipeline_applies_ea
         adapted(lr, generator=_gen(5), calibration_region=region[:, :, :-1], noise_std=0.0, **RUN)
 
 
+def test_a_calibration_per_region_of_a_scan_whose_noise_std_is_not_known_counts_the_in_plane_noise_outside_too(
+        tmp_path: Path) -> None:
+    """A scan without air (noise std not known) calibrated per region: the scale outside the region is fitted, as the
+    one inside, for the interval ``std + 0.5 σ̂`` (:data:`NOISE_UNKNOWN_SHAPE`) on the problems' own volumes (read
+    back from the calibration's cache), not for the plain std; and a default run given the region applies each
+    scale to that interval, ``σ̂`` the noise it reads in-plane, outside the region as inside."""
+    from gen_sr.eval.calibration import fit_shape, unknown_noise_volumes
+    from gen_sr.risk import IntervalShape
+
+    truth, clean, region = _two_textures()  # foreground everywhere: no air
+    lr = clean.with_data((clean.data + 0.05 * np.random.default_rng(2).standard_normal(clean.shape))
+                         .astype(np.float32))
+    adapted = adapt(tiny_pipeline(), lr, work_dir=tmp_path / "work",
+                    config=dataclasses.replace(_config(), fine_tune=False))
+    record = adapted.model_card.adapted
+    cal = calibrate_on_scan(adapted, lr, noise_std=None, alpha=0.2, progress=False, region=region,
+                            cache=tmp_path / "cache", generator=_gen(), **RUN).calibration
+    sigma = cal.details["in_plane_noise_std"]
+    assert cal.shape == NOISE_UNKNOWN_SHAPE and cal.outside_scale is not None and sigma > 0.02
+    outside = held_out_foreground(lr, record) & ~np.take(region, record.held_out_slices, axis=record.axis)
+    volumes = unknown_noise_volumes(adapted, scan_cases(lr, record, noise_std=sigma), in_plane=sigma,
+                                    masks=lambda case: outside[:, :, [int(case.name.split()[1]) // 2]],
+                                    progress=False, cache=tmp_path / "cache")  # the calibration's, as it kept them
+    rule = {"blocks": 4, "axis": 0, "alpha": 0.2, "delta": 0.1, "method": "crc"}
+    assert cal.outside_scale == pytest.approx(fit_shape(volumes, NOISE_UNKNOWN_SHAPE, **rule).scale, rel=1e-9)
+    assert cal.outside_scale != pytest.approx(fit_shape(volumes, IntervalShape(), **rule).scale, rel=0.02)
+    adapted.calibration = cal
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run warns that its noise std is not known
+        out = adapted(lr, generator=_gen(5), calibration_region=region, output_type="np", **RUN)
+    assert not out.record.noise_known and out.metadata["risk"]["holds"]
+    halfwidth = out.risk * float(np.percentile(lr.data, 99.5) - np.percentile(lr.data, 0.5))
+    ratio = halfwidth / (out.std + 0.5 * out.record.noise_std_in_plane)
+    inside = np.zeros(out.std.shape, bool)
+    inside[truth.shape[0] // 2:] = True  # the region (the right half) on the output grid
+    np.testing.assert_allclose(ratio[inside], cal.scale, rtol=1e-4)
+    np.testing.assert_allclose(ratio[~inside], cal.outside_scale, rtol=1e-4)
+
+
 def test_the_references_noise_extrapolated_away_comes_near_the_calibration_against_clean_references(
         tmp_path: Path) -> None:
     """At SNR ~3 the held-out slices' own noise widens the interval fitted against them. Posed with recorrupted
