@@ -908,7 +908,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         _print_coarsened(CoarsenedInput.from_dict(coarsened))
     if payload["card"].get("noise_std_estimated") and payload["card"]["noise_std"]:  # without air: the run warned
         _print_noise_estimate(payload["card"]["noise_std"])
-    _print_risk(RiskRecord.from_dict(payload["card"]["risk"]))
+    _print_risk(RiskRecord.from_dict(payload["card"]["risk"]))  # audit returns report.json's payload: read back
     print(f"verdict:  {payload['verdict']['text']}")
     if (departs := payload["data_disagreement"]) is not None:
         stage = departs["stage"]

@@ -4,6 +4,7 @@ record, with one set of defaults for what older records lack, and a call prepare
 from __future__ import annotations
 
 import json
+import time
 import warnings
 
 import numpy as np
@@ -192,5 +193,15 @@ def test_a_cohort_record_reads_the_keys_a_cohort_keeps_beside_the_run() -> None:
     assert CohortRecord.from_dict(run) == CohortRecord() and CohortRecord().to_dict() == {}
 
 
-def test_a_time_estimate_scales_the_slab_to_the_output() -> None:
-    assert TimeEstimate(probe_seconds=3.0, probe_fraction=0.25).seconds == 12.0
+def test_a_time_estimate_times_a_central_slab_and_scales_it_to_the_output() -> None:
+    """``time_estimate`` of a tiny pipeline: a real call on a slab ``probe_thickness`` voxels thick across the
+    longest axis the run does not super-resolve, timed within the estimate's own wall time, and its share of the
+    output voxels; the estimate is that time scaled to the whole output. (``info --time`` prints it: test_cli.)"""
+    pipe = tiny_pipeline(2)
+    lr = _lr()  # 12 x 10 x 5 voxels, 3 mm slices along axis 2: the slab lies across axis 0, the longest in-plane
+    for thickness, fraction in ((8, 8 / 12), (3, 3 / 12), (20, 1.0)):
+        tic = time.perf_counter()
+        took = pipe.time_estimate(lr, num_samples=2, noise_std=0.0, probe_thickness=thickness)
+        wall = time.perf_counter() - tic
+        assert isinstance(took, TimeEstimate) and took.probe_fraction == pytest.approx(fraction)
+        assert 0 < took.probe_seconds <= wall and took.seconds == pytest.approx(took.probe_seconds / fraction)
