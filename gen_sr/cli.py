@@ -561,6 +561,7 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, *, report_noise: bo
     ``--noise-std`` and ``--calibration-region`` (:func:`gen_sr.training.scan_fit.fit_to_scan`, on the scan as they
     measure it: :func:`~gen_sr.training.scan_fit.measure_scan`), printing what was done: its resampling, with
     ``report_noise`` the noise std read from its air (``--noise-std auto``), and the adaptation."""
+    from gen_sr.eval.scan_calibration import check_noise_to_recorrupt
     from gen_sr.training.scan_fit import fit_to_scan, measure_scan
 
     measured = measure_scan(pipe, lr, target_spacing=args.target_spacing, noise_std=args.noise_std,
@@ -573,6 +574,11 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, *, report_noise: bo
     if args.samples < 2:  # before any training: the calibration fits a multiple of the samples' spread
         raise InputError(f"the per-scan calibration needs the samples' spread, which {args.samples} sample has not",
                          args.input, "give --samples 2 or more (8 by default)")
+    try:  # before any training, in the flags' words
+        check_noise_to_recorrupt(scan_noise, [("--compare-on recorrupted", args.compare_on == "recorrupted"),
+                                              ("--reference-noise extrapolate", args.reference_noise == "extrapolate")])
+    except ValueError as e:
+        raise InputError(f"{e} (no background air to read it from)", args.input, "pass --noise-std") from None
     noise, target_noise = _adaptation_noise(args, scan_noise), _adaptation_noise(args, scan_noise, target=True)
     if args.adapt_recorrupt and noise == 0:
         raise InputError("--adapt-recorrupt needs the scan's noise: pass --noise-std (or --adapt-noise estimate)",
@@ -902,7 +908,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         _print_coarsened(CoarsenedInput.from_dict(coarsened))
     if payload["card"].get("noise_std_estimated") and payload["card"]["noise_std"]:  # without air: the run warned
         _print_noise_estimate(payload["card"]["noise_std"])
-    _print_risk(RiskRecord.from_dict(payload["card"]["risk"]))
+    _print_risk(RiskRecord.from_dict(payload["card"]["risk"]))  # audit returns report.json's payload: read back
     print(f"verdict:  {payload['verdict']['text']}")
     if (departs := payload["data_disagreement"]) is not None:
         stage = departs["stage"]
@@ -1062,9 +1068,10 @@ def _add_acquisition_arguments(parser: _Parser) -> None:
                    help="the scan's measurement noise std in its units, >= 0: the projections fit the slices down to "
                         "it, and exactly where the output departs from them beyond it (default: auto, read from the "
                         "scan's background air, printed and recorded; a scan without air, masked or cropped to the "
-                        "head, is fitted as with 0); 0: exact projections, up to a cap on the noise gain that "
-                        "much-overlapping slices reach; when adapting, the per-scan calibration's problems carry it "
-                        "too")
+                        "head, has no known noise std: its slices are fitted as with 0, and fit and --adapt "
+                        "calibrate it for such runs, whose interval counts the noise read in-plane); 0: exact "
+                        "projections, up to a cap on the noise gain that much-overlapping slices reach; when "
+                        "adapting, the per-scan calibration's problems carry it too")
     parser.add_argument("--volume", type=_volume_index, metavar="N", help="volume index to take from a 4D series")
 
 

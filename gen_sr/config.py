@@ -29,7 +29,7 @@ import functools
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +38,8 @@ import yaml
 from gen_sr.errors import InputError
 from gen_sr.io import atomic_write
 
-__all__ = ["ConfigError", "config_from_dict", "config_to_dict", "load_config", "parse_cli", "save_config"]
+__all__ = ["ConfigError", "config_from_dict", "config_to_dict", "known_fields", "load_config", "parse_cli",
+           "record_from_dict", "save_config"]
 
 T = TypeVar("T")
 _KEY = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
@@ -332,6 +333,41 @@ def config_from_dict(schema: type[T], raw: dict, source: str | None = None) -> T
     state = _state(schema)
     _merge(schema, state, raw, "", source)
     return _build(schema, state)
+
+
+def known_fields(schema: type, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The items of ``raw`` that name a field of the dataclass ``schema``: a record written by another version of
+    gen_sr read back, whose keys this version does not know (a newer one's, or fields dropped since) are left out."""
+    names = {f.name for f in _fields(schema)}
+    return {k: v for k, v in raw.items() if k in names}
+
+
+def record_from_dict(schema: type[T], raw: Any) -> T:
+    """A ``schema`` record (a dataclass) from a mapping that gen_sr wrote as JSON, by this version or another: unlike
+    :func:`config_from_dict` (for what a user writes), a key that is no field is left out (:func:`known_fields`),
+    a field it lacks takes its default, values are not checked, and a field typed as a dataclass (or ``None``) is
+    read the same way from its mapping. ``raw`` a ``schema`` already: returned as it is.
+
+    Raises:
+        ValueError: ``raw``, or a nested record's value, is not a mapping, or lacks a field without a default
+            (one line naming the field); never ``TypeError``, so that a reader catches one kind.
+    """
+    if isinstance(raw, schema):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{schema.__name__}: expected a mapping, got {type(raw).__name__}")
+    values = known_fields(schema, raw)
+    required = [f.name for f in _fields(schema)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing := [name for name in required if name not in values]:
+        raise ValueError(f"{schema.__name__}: no {' and '.join(missing)}")
+    for name, value in values.items():
+        if value is not None and (sub := _section(_hints(schema)[name])) is not None:
+            try:
+                values[name] = record_from_dict(sub, value)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+    return schema(**values)
 
 
 def _key_lines(cls: type, state: dict[str, Any], prefix: str = "") -> list[str]:

@@ -27,6 +27,7 @@ import torch
 from monai.networks.layers import separable_filtering
 from monai.networks.layers.convutils import gaussian_1d
 
+from gen_sr.config import record_from_dict
 from gen_sr.errors import InputError
 from gen_sr.io import write_json
 from gen_sr.physics import NOISE_GAIN_FLOOR
@@ -288,10 +289,9 @@ class Calibration:
 
     def __post_init__(self) -> None:
         self.fitted_grids = tuple(float(g) for g in self.fitted_grids)  # a list, as read back from JSON
-        if isinstance(self.shape, dict):  # as read back from JSON
-            self.shape = IntervalShape(**self.shape)
-        if isinstance(self.sampling, dict):
-            self.sampling = SamplingSettings(**self.sampling)
+        self.shape = record_from_dict(IntervalShape, self.shape)  # a mapping, as read back from JSON
+        if self.sampling is not None:
+            self.sampling = record_from_dict(SamplingSettings, self.sampling)
         if self.scale_per_mm is not None and self.outside_scale is not None:
             raise ValueError("a calibration per mm of the voxel size has one scale, not one per region")
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
+from gen_sr.config import known_fields, record_from_dict
 from gen_sr.physics import AcquisitionOperator
 from gen_sr.risk import (
     Calibration,
@@ -100,18 +101,11 @@ class RiskRecord:
 
     @classmethod
     def from_dict(cls, d: Any) -> RiskRecord:
-        """Read a record back (:meth:`to_dict`'s, or an older version's: a field it lacks takes its default; keys
-        that are no longer fields are left out). ``ValueError`` for a value without ``calibrated`` and
-        ``definition`` (not a risk record)."""
-        if not isinstance(d, Mapping) or "calibrated" not in d or "definition" not in d:
-            raise ValueError("no calibrated and definition: not a risk record")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
-        if values.get("shape") is not None:
-            values["shape"] = IntervalShape(**values["shape"])
-        if values.get("made_with") is not None:
-            values["made_with"] = SamplingSettings(**values["made_with"])
-        return cls(**values)
+        """Read a record back (:meth:`to_dict`'s, or another version's: a field it lacks takes its default; keys
+        that are not fields, here or in ``shape`` and ``made_with``, are left out: :func:`~gen_sr.config.
+        record_from_dict`). ``ValueError`` (only) for a value that is no risk record: not a mapping, without
+        ``calibrated`` and ``definition``, or with a ``shape`` or ``made_with`` that is not a mapping."""
+        return record_from_dict(cls, d)
 
 
 _UNCALIBRATED_KEYS = ("calibrated", "definition", "calibration_region")
@@ -251,9 +245,7 @@ class RunRecord:
         out. ``ValueError`` for a mapping without an ``operator`` (not a run record)."""
         if not isinstance(d.get("operator"), Mapping):
             raise ValueError("no operator: not a run record")
-        known = {f.name for f in fields(cls)}
-        values = {k: _READ.get(k, _same)(v) for k, v in d.items() if k in known}
-        return cls(**values)
+        return cls(**{k: _READ.get(k, _same)(v) for k, v in known_fields(cls, d).items()})
 
     @property
     def sampling(self) -> SamplingSettings | None:
@@ -472,7 +464,7 @@ class CohortRecord:
     def from_dict(cls, d: Mapping[str, Any]) -> CohortRecord:
         """Read these keys of a scan's sidecar (a run record's, or the record a cohort writes before its run);
         the others are the run's (:meth:`RunRecord.from_dict`)."""
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        return record_from_dict(cls, d)
 
 
 @dataclass(frozen=True)

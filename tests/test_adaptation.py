@@ -354,6 +354,17 @@ def test_a_scan_whose_noise_std_is_not_known_is_calibrated_on_problems_topped_up
     cal = result.calibration
     assert cal.for_unknown_noise and cal.shape == NOISE_UNKNOWN_SHAPE and cal.details["in_plane_noise_std"] == sigma
     assert cal.mismatch(adapted.sampling_settings(noise_std=0.0, noise_known=False, **RUN)) is None  # such a run's
+    from gen_sr.audit.page import _calibration  # its coverage was never measured: neither record nor page claim one
+
+    assert "measured_coverage" not in cal.details
+    earlier = dataclasses.replace(cal, details={**cal.details, "measured_coverage": [0.84, 0.96]})  # as made before
+    for made in (cal, earlier):
+        said = _calibration(dataclasses.asdict(made))
+        assert "coverage through-plane was not measured for scans whose noise std is not known" in said
+        assert "covered" not in said
+    known = calibrate_on_scan(adapted, noisy, noise_std=0.05, alpha=0.2, blocks=1, progress=False, generator=_gen(),
+                              **RUN).calibration
+    assert "interval covered 84-96 % of voxels" in _calibration(dataclasses.asdict(known))
     errors, generator = [], _gen()  # the pooled RMSE again: topped-up problems, projected blind
     inside = held_out_foreground(noisy, record)
     for j, case in enumerate(scan_cases(noisy, record, noise_std=sigma)):
@@ -361,6 +372,22 @@ def test_a_scan_whose_noise_std_is_not_known_is_calibrated_on_problems_topped_up
                             keep_samples=False, slice_normal=2, **RUN)
         errors.append((case.hr.data - out.mean)[inside[:, :, [j // 2]]])
     np.testing.assert_allclose(np.sqrt(np.mean(np.concatenate(errors) ** 2)), result.rmse, rtol=1e-4)
+
+
+def test_a_per_scan_calibration_keeps_its_problems_in_a_cache_and_reads_them_back(tmp_path: Path) -> None:
+    """``cache``: the super-resolved problems are kept there (one file each) and read back by the next call, which
+    then draws nothing: with other noise it gives the same calibration."""
+    _, lr = _scan(shape=(24, 24, 30))
+    adapted = adapt(tiny_pipeline(), lr, work_dir=tmp_path / "work",
+                    config=dataclasses.replace(_config(), fine_tune=False))
+    kwargs = {"alpha": 0.2, "blocks": 1, "progress": False, "cache": tmp_path / "cache", **RUN}
+    first = calibrate_on_scan(adapted, lr, generator=_gen(), **kwargs)
+    kept = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(kept) == first.calibration.num_volumes == len(scan_cases(lr, adapted.model_card.adapted))
+    again = calibrate_on_scan(adapted, lr, generator=_gen(1), **kwargs)  # other noise, read from the cache
+    fresh = calibrate_on_scan(adapted, lr, generator=_gen(1), **{**kwargs, "cache": None})
+    assert again.calibration.scale == first.calibration.scale and again.rmse == first.rmse
+    assert fresh.rmse != first.rmse  # without the cache that noise gives another calibration
 
 
 def test_recorrupted_problems_hold_the_scans_noise_independent_of_their_references() -> None:
@@ -688,6 +715,45 @@ def test_a_calibration_per_region_covers_each_region_and_the_pipeline_applies_ea
         adapted(lr, generator=_gen(5), calibration_region=region[:, :, :-1], noise_std=0.0, **RUN)
 
 
+def test_a_calibration_per_region_of_a_scan_whose_noise_std_is_not_known_counts_the_in_plane_noise_outside_too(
+        tmp_path: Path) -> None:
+    """A scan without air (noise std not known) calibrated per region: the scale outside the region is fitted, as the
+    one inside, for the interval ``std + 0.5 σ̂`` (:data:`NOISE_UNKNOWN_SHAPE`) on the problems' own volumes (read
+    back from the calibration's cache), not for the plain std; and a default run given the region applies each
+    scale to that interval, ``σ̂`` the noise it reads in-plane, outside the region as inside."""
+    from gen_sr.eval.calibration import fit_shape, unknown_noise_volumes
+    from gen_sr.risk import IntervalShape
+
+    truth, clean, region = _two_textures()  # foreground everywhere: no air
+    lr = clean.with_data((clean.data + 0.05 * np.random.default_rng(2).standard_normal(clean.shape))
+                         .astype(np.float32))
+    adapted = adapt(tiny_pipeline(), lr, work_dir=tmp_path / "work",
+                    config=dataclasses.replace(_config(), fine_tune=False))
+    record = adapted.model_card.adapted
+    cal = calibrate_on_scan(adapted, lr, noise_std=None, alpha=0.2, progress=False, region=region,
+                            cache=tmp_path / "cache", generator=_gen(), **RUN).calibration
+    sigma = cal.details["in_plane_noise_std"]
+    assert cal.shape == NOISE_UNKNOWN_SHAPE and cal.outside_scale is not None and sigma > 0.02
+    outside = held_out_foreground(lr, record) & ~np.take(region, record.held_out_slices, axis=record.axis)
+    volumes = unknown_noise_volumes(adapted, scan_cases(lr, record, noise_std=sigma), in_plane=sigma,
+                                    masks=lambda case: outside[:, :, [int(case.name.split()[1]) // 2]],
+                                    progress=False, cache=tmp_path / "cache")  # the calibration's, as it kept them
+    rule = {"blocks": 4, "axis": 0, "alpha": 0.2, "delta": 0.1, "method": "crc"}
+    assert cal.outside_scale == pytest.approx(fit_shape(volumes, NOISE_UNKNOWN_SHAPE, **rule).scale, rel=1e-9)
+    assert cal.outside_scale != pytest.approx(fit_shape(volumes, IntervalShape(), **rule).scale, rel=0.02)
+    adapted.calibration = cal
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run warns that its noise std is not known
+        out = adapted(lr, generator=_gen(5), calibration_region=region, output_type="np", **RUN)
+    assert not out.record.noise_known and out.metadata["risk"]["holds"]
+    halfwidth = out.risk * float(np.percentile(lr.data, 99.5) - np.percentile(lr.data, 0.5))
+    ratio = halfwidth / (out.std + 0.5 * out.record.noise_std_in_plane)
+    inside = np.zeros(out.std.shape, bool)
+    inside[truth.shape[0] // 2:] = True  # the region (the right half) on the output grid
+    np.testing.assert_allclose(ratio[inside], cal.scale, rtol=1e-4)
+    np.testing.assert_allclose(ratio[~inside], cal.outside_scale, rtol=1e-4)
+
+
 def test_the_references_noise_extrapolated_away_comes_near_the_calibration_against_clean_references(
         tmp_path: Path) -> None:
     """At SNR ~3 the held-out slices' own noise widens the interval fitted against them. Posed with recorrupted
@@ -791,6 +857,46 @@ def test_fit_on_a_scan_without_air_calibrates_the_default_runs_on_it_whose_noise
     assert run["risk"]["per_scan"] and run["risk"]["holds"] and run["risk"]["mismatch"] is None
     assert not run["noise_known"] and run["noise_std_in_plane"] > 0.01  # the scan's noise, read in-plane
     assert fitted.details["in_plane_noise_std"] == pytest.approx(run["noise_std_in_plane"])  # the problems' noise
+
+
+def test_recorrupting_a_scan_whose_noise_std_is_not_known_is_refused_before_any_work(tmp_path: Path,
+                                                                                     capsys) -> None:
+    """Recorrupted problems (``recorrupt``, ``reference_noise="extrapolate"``; ``fit_to_scan(reference="recorrupted")``,
+    ``--compare-on recorrupted``) need the scan's noise std: where it is not known (a scan without air, at
+    ``"auto"``) they are refused, not dropped: a ``ValueError`` in Python, before adapting; one line and exit code 2
+    from the command line, before any training."""
+    from gen_sr.cli import main
+    from gen_sr.volume import save_volume
+
+    _, clean = _scan(shape=(24, 24, 30))  # foreground everywhere: no air
+    lr = clean.with_data((clean.data + 0.03 * np.random.default_rng(0).standard_normal(clean.shape))
+                         .astype(np.float32))
+    pipe = tiny_pipeline()
+    pipe.model_card = dataclasses.replace(pipe.model_card, adapted=Adaptation(
+        lr_shape=lr.shape, axis=2, slice_thickness=3.0, slice_spacing=3.0, held_out_slices=held_out_slices(10, 2)))
+    for asked, name in (({"recorrupt": True}, "recorrupt=True"),
+                        ({"reference_noise": "extrapolate"}, "reference_noise='extrapolate'")):
+        with pytest.raises(ValueError, match=f"^{re.escape(name)} needs the scan's noise std to recorrupt the "
+                                             "problems with, and it is not known$"):
+            calibrate_on_scan(pipe, lr, noise_std=None, progress=False, **asked, **RUN)
+    for asked in ({"reference": "recorrupted"}, {"reference_noise": "extrapolate"}):
+        with pytest.raises(ValueError, match="needs the scan's noise std"):
+            fit_to_scan(tiny_pipeline(), lr, work_dir=tmp_path / "work", config=_config(steps=2), progress=False,
+                        **asked)
+        assert not (tmp_path / "work").exists()  # nothing adapted
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    save_volume(lr, tmp_path / "lr.nii.gz")
+    fit = ["fit", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"), "--output-model",
+           str(tmp_path / "adapted"), "--steps", "2", "--holdout-every", "2", "--samples", "2", "--sampling-steps", "2"]
+    capsys.readouterr()
+    assert main([*fit, "--compare-on", "recorrupted", "--reference-noise", "extrapolate"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--compare-on recorrupted and --reference-noise extrapolate need the scan's " \
+        "noise std to recorrupt the problems with, and it is not known (no background air to read it from)" in err
+    assert "pass --noise-std" in err and not (tmp_path / "adapted").exists()
+    assert main([*fit, "--compare-on", "recorrupted", "--noise-std", "0.03"]) == 0  # given: recorrupted
+    assert LatentDiffusionSRPipeline.from_pretrained(tmp_path / "adapted").model_card.adapted.heldout_reference == \
+        "recorrupted"
 
 
 @pytest.mark.parametrize("air", [True, False], ids=["air", "no air"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
+from gen_sr.errors import InputError
 from gen_sr.eval.calibration import (
     CalibrationVolume,
     check_calibration_settings,
@@ -112,6 +113,25 @@ def test_a_model_keeps_one_calibration_per_sampler_setting(tmp_path: Path) -> No
     assert list(Calibrations.load(tmp_path)) == [a, fine]
     with pytest.raises(ValueError, match="same sampler settings and grid"):
         Calibrations([fine, dataclasses.replace(fine, scale=1.0)])
+
+
+def test_a_calibration_file_whose_shape_or_settings_a_newer_version_extended_loads(tmp_path: Path) -> None:
+    """``calibration.json``'s ``shape`` and ``sampling`` read as a risk record's do (:func:`gen_sr.config.
+    record_from_dict`): a key this version does not know is left out; a value that is no mapping is the file's one
+    clear error."""
+    errors, stds = _volumes(np.random.default_rng(0), n=30)
+    fit = dataclasses.replace(fit_calibration(errors, stds), shape=IntervalShape(noise_floor=0.5),
+                              sampling=SamplingSettings("DDIM", 25, 8))
+    fit.save(tmp_path)
+    written = json.loads((tmp_path / "calibration.json").read_text())
+    newer = {**written, "shape": {**written["shape"], "new_term": 1.0},
+             "sampling": {**written["sampling"], "sampler_variant": "x"}}
+    (tmp_path / "calibration.json").write_text(json.dumps(newer))
+    assert list(Calibrations.load(tmp_path)) == [fit]
+    (tmp_path / "calibration.json").write_text(json.dumps({**written, "sampling": ["DDIM", 25, 8]}))
+    with pytest.raises(InputError, match=r"is not a calibration record or a list of them \(SamplingSettings: "
+                                         r"expected a mapping, got list\)"):
+        Calibrations.load(tmp_path)
 
 
 def test_a_record_per_mm_of_the_voxel_size_holds_on_every_grid_at_its_own_scale(tmp_path: Path) -> None:

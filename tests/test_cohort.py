@@ -268,6 +268,29 @@ def test_a_rerun_reads_each_run_record_once(tmp_path: Path, capsys, monkeypatch)
     assert Counter(opened) == {"sub-00_desc-sr_T1w.json": 1, "sub-01_desc-sr_T1w.json": 1}
 
 
+def test_a_finished_scan_whose_risk_a_newer_version_wrote_is_still_finished(tmp_path: Path, capsys) -> None:
+    """A sidecar written by a newer gen_sr, whose risk record's ``made_with`` holds a key this version does not know,
+    reads as it did (the key left out, as at the top level): the scan is finished and skipped, not a traceback
+    that stops the cohort. One whose ``made_with`` is no mapping reads as a run without a risk record, as any value
+    that is no risk record does: still finished."""
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "model")
+    made_with = pipe.sampling_settings(num_samples=2, num_inference_steps=2)
+    Calibration(scale=2.0, alpha=0.1, delta=0.1, method="crc", bound="hb", num_volumes=4, risk_hat=0.1,
+                risk_upper=0.1, sampling=made_with).save(tmp_path / "model")
+    _cohort(tmp_path / "bids", n=1)
+    assert main(_cohort_args(tmp_path, "out")) == 0
+    sidecar = tmp_path / "out" / "sub-00" / "anat" / "sub-00_desc-sr_T1w.json"
+    record = json.loads(sidecar.read_text())
+    assert RunRecord.from_dict(record).risk.made_with == made_with
+    for value in ({**record["risk"]["made_with"], "sampler_variant": "x"}, "8 samples"):
+        sidecar.write_text(json.dumps({**record, "risk": {**record["risk"], "made_with": value}}))
+        capsys.readouterr()
+        assert main(_cohort_args(tmp_path, "out")) == 0 and "0 done, 1 skipped" in capsys.readouterr().out
+        risk = RunRecord.from_dict(json.loads(sidecar.read_text())).risk
+        assert risk.made_with == made_with if isinstance(value, dict) else risk is None
+
+
 def test_a_rerun_compares_the_acquisition_as_each_scan_takes_it(tmp_path: Path, capsys) -> None:
     """The same settings are the same acquisition model for every scan: a slice profile, thickness or target spacing
     given as each scan's JSON sidecar (or the default) makes them is the same setting; one that makes another is

@@ -4,6 +4,7 @@ record, with one set of defaults for what older records lack, and a call prepare
 from __future__ import annotations
 
 import json
+import time
 import warnings
 
 import numpy as np
@@ -143,8 +144,37 @@ def test_a_risk_record_written_before_a_field_existed_reads_with_one_set_of_defa
     assert between.made_with == SamplingSettings(**sampler) and between.holds is False and between.mismatch is None
     assert RunRecord.from_dict({**record, "risk": "n/a"}).risk is None
     assert "risk" not in record or RunRecord.from_dict({k: v for k, v in record.items() if k != "risk"}).risk is None
-    with pytest.raises(ValueError, match="not a risk record"):
+    with pytest.raises(ValueError, match=r"^RiskRecord: no calibrated and definition$"):
         RiskRecord.from_dict({"scale": 2.5})
+
+
+def test_a_risk_record_of_a_newer_version_reads_and_one_that_is_none_is_one_kind_of_error() -> None:
+    """A newer gen_sr may add fields to the risk record and to the records it holds (``made_with`` has gained fields
+    twice): a key this version does not know is left out at every level, as at the top. A ``made_with`` or ``shape``
+    that is no mapping is one ``ValueError`` (one line), which a run record reads as no risk record, as a value
+    that is none; the audit page shows it as it stands."""
+    from gen_sr.audit.page import _plain, _risk
+
+    pipe = tiny_pipeline(2)
+    pipe.calibration = Calibration(scale=2.0, **PLAIN, shape=IntervalShape(noise_floor=0.5),
+                                   sampling=pipe.sampling_settings(num_samples=2))
+    record = json.loads(json.dumps(json_ready(pipe(_lr(), num_samples=2, generator=_gens(0, 1),
+                                                   noise_std=2.0).metadata)))
+    written = record["risk"]
+    newer = {**written, "made_with": {**written["made_with"], "sampler_variant": "x"},
+             "shape": {**written["shape"], "new_term": 1.0}, "new_key": True}
+    risk = RunRecord.from_dict({**record, "risk": newer}).risk
+    assert risk == RunRecord.from_dict(record).risk and risk.made_with == pipe.calibration.sampling
+    assert _risk(newer) == _risk(written) == "the calibrated interval's half-width ÷ the input's robust intensity range"
+    for key, expected in (("made_with", "made_with: SamplingSettings: expected a mapping, got str"),
+                          ("shape", "shape: IntervalShape: expected a mapping, got list")):
+        broken = {**written, key: "8 samples" if key == "made_with" else [0.0, 0.5]}
+        with pytest.raises(ValueError) as raised:
+            RiskRecord.from_dict(broken)
+        assert str(raised.value) == expected
+        assert RunRecord.from_dict({**record, "risk": broken}).risk is None and _risk(broken) == _plain(broken)
+    with pytest.raises(ValueError, match=r"^made_with: SamplingSettings: no num_inference_steps$"):
+        RiskRecord.from_dict({**written, "made_with": {"scheduler": "DDIM", "num_samples": 8}})
 
 
 def test_a_cohort_record_reads_the_keys_a_cohort_keeps_beside_the_run() -> None:
@@ -163,5 +193,15 @@ def test_a_cohort_record_reads_the_keys_a_cohort_keeps_beside_the_run() -> None:
     assert CohortRecord.from_dict(run) == CohortRecord() and CohortRecord().to_dict() == {}
 
 
-def test_a_time_estimate_scales_the_slab_to_the_output() -> None:
-    assert TimeEstimate(probe_seconds=3.0, probe_fraction=0.25).seconds == 12.0
+def test_a_time_estimate_times_a_central_slab_and_scales_it_to_the_output() -> None:
+    """``time_estimate`` of a tiny pipeline: a real call on a slab ``probe_thickness`` voxels thick across the
+    longest axis the run does not super-resolve, timed within the estimate's own wall time, and its share of the
+    output voxels; the estimate is that time scaled to the whole output. (``info --time`` prints it: test_cli.)"""
+    pipe = tiny_pipeline(2)
+    lr = _lr()  # 12 x 10 x 5 voxels, 3 mm slices along axis 2: the slab lies across axis 0, the longest in-plane
+    for thickness, fraction in ((8, 8 / 12), (3, 3 / 12), (20, 1.0)):
+        tic = time.perf_counter()
+        took = pipe.time_estimate(lr, num_samples=2, noise_std=0.0, probe_thickness=thickness)
+        wall = time.perf_counter() - tic
+        assert isinstance(took, TimeEstimate) and took.probe_fraction == pytest.approx(fraction)
+        assert 0 < took.probe_seconds <= wall and took.seconds == pytest.approx(took.probe_seconds / fraction)

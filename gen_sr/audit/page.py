@@ -134,7 +134,10 @@ def _calibration(v: Any) -> str:
                  "degraded along each in-plane axis with its slices; it assumes the scan's statistics in-plane and "
                  "through-plane are alike")
         measured = details.get("measured_coverage")
-        if isinstance(measured, list | tuple) and len(measured) == 2:
+        if cal.for_unknown_noise:  # a record made before this was fixed carries the known-noise figures: not its own
+            text += (". Made for runs whose noise std is not known (the interval counts the noise read in-plane); "
+                     "its coverage through-plane was not measured for scans whose noise std is not known")
+        elif isinstance(measured, list | tuple) and len(measured) == 2:
             text += (f". Where this was measured (real and validation heads, every slice axis), the per-scan 90 % "
                      f"interval covered {100 * float(measured[0]):.0f}-{100 * float(measured[1]):.0f} % of voxels "
                      "through-plane, as heads are not alike along every axis")
@@ -162,7 +165,7 @@ def _risk(v: Any) -> str:
     calibration was not made for the run, why (``mismatch``); a record that does not say, as it stands."""
     try:
         risk = RiskRecord.from_dict(v)
-    except (TypeError, ValueError):
+    except ValueError:  # no risk record (RiskRecord.from_dict raises nothing else), as a run record reads it
         return _plain(v)
     if not risk.calibrated:
         return "the samples' std ÷ the input's robust intensity range (uncalibrated)"

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -71,7 +73,8 @@ from gen_sr.training.adaptation_defaults import REFERENCE_NOISE, ReferenceNoise
 from gen_sr.volume import Volume
 
 __all__ = ["ASSUMPTION", "MEASURED_COVERAGE", "REFERENCE_NOISE", "ReferenceNoise", "calibrate_on_scan",
-           "extrapolate_to_zero_noise", "held_out_foreground", "held_out_truth", "recorrupted_case", "scan_cases"]
+           "check_noise_to_recorrupt", "extrapolate_to_zero_noise", "held_out_foreground", "held_out_truth",
+           "recorrupted_case", "scan_cases"]
 
 _EXTRA_NOISE = (1.0, 2.0)
 """The noise variances added to the references for the extrapolation, in units of the scan's noise variance."""
@@ -85,8 +88,10 @@ ASSUMPTION = ("per-scan: fitted on the scan's own held-out in-plane slices, degr
 MEASURED_COVERAGE = (0.84, 0.96)
 """How far :data:`ASSUMPTION` held where it was measured: the through-plane coverage of the per-scan 90 % interval
 ranged over this on the real and validation heads of ``benchmarks/ADAPTATION.md`` (4 mm slices along each axis,
-noise-free and SNR 30, over the head and in the brain; rounds 6 and 7 and the Colin27 sections). The calibration
-record carries it, so that a report can say what the interval promises."""
+noise-free and SNR 30, over the head and in the brain; rounds 6 and 7 and the Colin27 sections), all calibrated with
+a known noise std (or 0). The calibration record carries it, so that a report can say what the interval promises;
+a calibration for runs whose noise std is not known (``noise_std=None``: problems topped up to the in-plane noise
+estimate, an upper one) was not measured, and its record does not carry it."""
 _AXES = "RAS"
 
 
@@ -204,12 +209,26 @@ def _noise_matched(case: Case, noise_std: float, rng: np.random.Generator) -> Ca
                                noise_std=noise_std)
 
 
+def check_noise_to_recorrupt(noise_std: float | None, asked: Sequence[tuple[str, bool]]) -> None:
+    """Refuse a recorruption asked for where the scan's noise std is not known (``None``): there is no noise to pose
+    the problems with. ``asked``: each option that recorrupts, as the caller names it (e.g. ``"recorrupt=True"``),
+    and whether it was asked for.
+
+    Raises:
+        ValueError: one line naming the options asked for.
+    """
+    names = [name for name, on in asked if on]
+    if noise_std is None and names:
+        raise ValueError(f"{' and '.join(names)} need{'s' if len(names) == 1 else ''} the scan's noise std to "
+                         "recorrupt the problems with, and it is not known")
+
+
 def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: float = 0.1,
                       method: Literal["rcps", "crc"] = "crc", blocks: int = 4, progress: bool = True,
                       details: dict[str, Any] | None = None, noise_std: float | None = 0.0, recorrupt: bool = False,
                       clean_scan: Volume | None = None, region: np.ndarray | None = None,
                       reference_noise: ReferenceNoise = REFERENCE_NOISE, seed: int = 0,
-                      **pipe_kwargs: Any) -> CalibrationResult:
+                      cache: str | Path | None = None, **pipe_kwargs: Any) -> CalibrationResult:
     """Calibrate an adapted model on its scan's held-out in-plane slices (see the module docstring).
 
     Args:
@@ -231,7 +250,8 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
             (without a noise std), as the run's are.
         recorrupt: pose the problems with noise independent of their references' (:func:`recorrupted_case`); for
             ranking models by the error (``CalibrationResult.rmse``), not for the interval: the references hold
-            more noise than the slices. Only with a known noise std, as ``reference_noise="extrapolate"``.
+            more noise than the slices. Only with a known noise std, as ``reference_noise="extrapolate"``: either
+            with ``noise_std=None`` is a ``ValueError`` (:func:`check_noise_to_recorrupt`).
         clean_scan: for benchmarks, where the scan was simulated: the same scan without its noise, whose held-out
             slices are then the references of the same problems (an oracle: how far the held-out slices' own noise
             moves the calibration).
@@ -243,15 +263,21 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
             see the module docstring: the problems are then recorrupted); ``"keep"`` (the default) fits it against
             the held-out slices as they are, noise and all.
         seed: the problems' noise and the extrapolation's.
+        cache: a folder that keeps each problem's truth, mean and std and reuses them on the next call
+            (:func:`gen_sr.eval.calibration.calibration_volumes`), for benchmarks that fit several rules on the same
+            super-resolved problems; it records neither the pipeline's settings nor these arguments, so give each
+            kind of problem (noise, recorruption, references) its own folder.
         pipe_kwargs: for the pipeline calls (``num_samples``, ``num_inference_steps``, ``generator``, ...).
     """
     record = _record(pipe)
     if reference_noise not in ("keep", "extrapolate"):
         raise ValueError(f"reference_noise must be 'keep' or 'extrapolate', not {reference_noise!r}")
+    check_noise_to_recorrupt(noise_std, [("recorrupt=True", recorrupt),
+                                         ("reference_noise='extrapolate'", reference_noise == "extrapolate")])
     known = noise_std is not None
     level = noise_std if known else estimate_noise_std(lr.canonical().data, record.axis)  # as the run reads it
-    extrapolate = known and reference_noise == "extrapolate" and level > 0 and clean_scan is None
-    triples = _cases_and_masks(lr, record, seed=seed, noise_std=level, recorrupt=known and (recorrupt or extrapolate),
+    extrapolate = reference_noise == "extrapolate" and level > 0 and clean_scan is None  # known: checked above
+    triples = _cases_and_masks(lr, record, seed=seed, noise_std=level, recorrupt=recorrupt or extrapolate,
                                clean_scan=clean_scan, region=region)
     if not triples:
         raise InputError("has no foreground in any of its held-out in-plane slices", lr.source,
@@ -262,10 +288,11 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
     reference_variance = recorrupted_reference_variance(cases[0].operator) if extrapolate else None
     note = {"reference_noise_note": _NO_RECORRUPTION} if extrapolate and reference_variance is None else {}
     extrapolate = reference_variance is not None
-    info = {"per_scan": True, "assumption": ASSUMPTION, "measured_coverage": list(MEASURED_COVERAGE),
+    info = {"per_scan": True, "assumption": ASSUMPTION,
+            **({"measured_coverage": list(MEASURED_COVERAGE)} if known else {}),  # measured with a known noise std
             "scan": record.source, "held_out_slices": list(record.held_out_slices), "noise_std": noise_std,
             **({} if known else {"in_plane_noise_std": level}),
-            "recorrupted": known and (recorrupt or extrapolate) and level > 0,
+            "recorrupted": (recorrupt or extrapolate) and level > 0,
             "clean_references": clean_scan is not None,
             "reference_noise": "extrapolate" if extrapolate else "keep", "region": region is not None, **note,
             **(details or {})}
@@ -274,7 +301,7 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
     try:
         check_calibration_settings(len(cases), alpha=alpha, delta=delta, method=method, blocks=blocks)
         volumes, sampling = volumes_and_settings(pipe, cases, masks=lambda case: masks[case.name], progress=progress,
-                                                 cache=None, noise_known=known, in_plane=level, **pipe_kwargs)
+                                                 cache=cache, noise_known=known, in_plane=level, **pipe_kwargs)
         counted = volumes if region is None else [dataclasses.replace(v, mask=v.mask & r)
                                                   for v, r in zip(volumes, inside, strict=True)]
         result = fit_volumes(counted, details=info, sampling=sampling, **fit)

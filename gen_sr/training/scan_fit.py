@@ -36,7 +36,7 @@ import torch
 from gen_sr.distributed import process_state
 from gen_sr.errors import InputError
 from gen_sr.eval.calibration import CalibrationResult
-from gen_sr.eval.scan_calibration import REFERENCE_NOISE, ReferenceNoise, calibrate_on_scan
+from gen_sr.eval.scan_calibration import REFERENCE_NOISE, ReferenceNoise, calibrate_on_scan, check_noise_to_recorrupt
 from gen_sr.io import atomic_dir
 from gen_sr.pipelines import LatentDiffusionSRPipeline
 from gen_sr.pipelines.pipeline_latent_sr import LRInput, resolve_noise_std
@@ -157,8 +157,8 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     independent of their references'), which rank the two as their error against the clean slices would.
     ``"recorrupted"``: compared on recorrupted problems in any case; with ``"keep"`` that costs a third pass, as the
     kept UNet is then calibrated on the calibration's own problems (``rejected`` is not calibrated). Noise-free, all
-    are the same; with the noise std not known there is none to recorrupt with, and the calibration's own problems
-    rank them.
+    are the same; with the noise std not known there is none to recorrupt with: ``"recorrupted"`` (as
+    ``reference_noise="extrapolate"``) is then a ``ValueError``, before any adaptation.
 
     ``calibration_region`` (a mask on the scan's own grid, e.g. its brain) and ``reference_noise``: how the interval
     is fitted (:func:`gen_sr.eval.scan_calibration.calibrate_on_scan`'s ``region`` and ``reference_noise``); the
@@ -170,6 +170,8 @@ def fit_to_scan(pipe: LatentDiffusionSRPipeline, lr: LRInput, *, calibrate: bool
     measured = measure_scan(pipe, lr, target_spacing=target_spacing, noise_std=scan_noise_std,
                             calibration_region=calibration_region, volume_index=volume_index)
     volume, noise = measured.scan, measured.noise_std  # as the runs resolve it
+    check_noise_to_recorrupt(noise, [("reference='recorrupted'", reference == "recorrupted"),
+                                     ("reference_noise='extrapolate'", reference_noise == "extrapolate")])
     region = None if calibration_region is None else pipe.calibration_region_mask(volume, measured.calibration_region)
     if noise and RECORRUPT_PAIRS and "noise_std" not in adapt_kwargs:
         adapt_kwargs = {"noise_std": noise, "recorrupt": True, **adapt_kwargs}
