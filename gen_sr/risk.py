@@ -171,12 +171,13 @@ class CalibrationMismatchWarning(UserWarning):
     without its coverage."""
 
 
-Mismatch = Literal["settings", "grid", "scan", "noise_unknown"]
+Mismatch = Literal["settings", "grid", "scan", "noise_unknown", "noise_known"]
 """Why a calibration does not hold for a run (``None`` where it holds): it was made with other sampler settings
 (``"settings"``), for another output grid (``"grid"``), per scan on another scan (``"scan"``: the scan the model was
-adapted on), or for runs given a noise std, used by a run whose noise std is not known (``"noise_unknown"``:
-:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.calibration_for` falls back to such records). Each is worded once,
-in :data:`MISMATCH_WORDING`."""
+adapted on), for runs given a noise std, used by a run whose noise std is not known (``"noise_unknown"``:
+:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.calibration_for` falls back to such records), or the converse,
+for runs whose noise std is not known (a per-scan calibration of a scan without air), used by a run given one
+(``"noise_known"``). Each is worded once, in :data:`MISMATCH_WORDING`."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,12 @@ MISMATCH_WORDING: dict[Mismatch, MismatchWording] = {
         "samples keep the slices' noise, which that interval leaves out",
         "give the scan's noise std (--noise-std), or calibrate for runs without one (gen-sr calibrate "
         "--noise-unknown)"),
+    "noise_known": MismatchWording(
+        "for an unknown noise std",
+        "made for runs whose noise std is not known (a scan without background air: exact projections, an interval "
+        "that counts the noise read in-plane), and this run was given one",
+        "run without --noise-std, as the calibration was made, or to use the noise std, fit again with it (gen-sr "
+        "fit --noise-std S) or calibrate for runs given it (gen-sr calibrate)"),
 }
 """The one wording of each :data:`Mismatch` (:func:`mismatch_text`)."""
 
@@ -320,12 +327,17 @@ class Calibration:
         a grid within :data:`GRID_TOLERANCE` of the one it was made for (a record made per grid) or of the range it
         was fitted on (any other: :attr:`fitted_grids`, :func:`within_grids`; any grid where it does not say). A
         record that differs only in being made for a known noise std, used by a run whose noise std is not known, is
-        ``"noise_unknown"``. A run whose record does not hold has a risk map in the calibration's units without its
-        coverage. (Its scan, for a per-scan record, is the pipeline's to check:
+        ``"noise_unknown"``, and the converse ``"noise_known"`` (the refit of the data, which only a run with a noise
+        std does, follows the noise and is not compared then). A run whose record does not hold has a risk map in
+        the calibration's units without its coverage. (Its scan, for a per-scan record, is the pipeline's to check:
         :meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.calibration_mismatch`.)"""
         if self.sampling is not None and self.sampling != settings:
-            known = not settings.noise_known and self.sampling == replace(settings, noise_known=True)
-            return "noise_unknown" if known else "settings"
+            def noise_aside(s: SamplingSettings) -> SamplingSettings:  # the settings that do not follow the noise
+                return replace(s, noise_known=True, refit_disagreement=False)
+
+            if settings.noise_known == self.sampling.noise_known or noise_aside(self.sampling) != noise_aside(settings):
+                return "settings"
+            return "noise_known" if settings.noise_known else "noise_unknown"
         per_grid = self.grid_spacing is not None and self.scale_per_mm is None  # not a per-mm one at a run's grid
         grids = (self.grid_spacing,) if per_grid else self.fitted_grids
         if grid_spacing is None or not grids:

@@ -21,7 +21,7 @@ from gen_sr.eval.baselines import BASELINES, baseline_note
 from gen_sr.model_card import Adaptation
 from gen_sr.physics import SliceAcquisition, simulate_acquisition
 from gen_sr.pipelines import LatentDiffusionSRPipeline
-from gen_sr.risk import Calibration, Calibrations, IntervalShape, SamplingSettings, mismatch_text
+from gen_sr.risk import MISMATCH_WORDING, Calibration, Calibrations, IntervalShape, SamplingSettings, mismatch_text
 from gen_sr.run_record import RunRecord
 from gen_sr.volume import Volume, load_volume, save_volume
 
@@ -385,6 +385,13 @@ def test_the_pipeline_says_why_a_calibration_does_not_hold(tmp_path: Path, capsy
              "noise_unknown": known, None: Calibration(scale=2.0, **plain, sampling=unknown)}
     for reason, calibration in cases.items():
         assert pipe.calibration_mismatch(calibration, unknown, canon, grid) == reason
+    # the converse: a record for runs whose noise std is not known (a per-scan one of a scan without air), used by a
+    # run given one, which also refits the data (the refit follows the noise): the noise is why, not "settings"
+    given = dataclasses.replace(unknown, noise_known=True, refit_disagreement=True)
+    assert pipe.calibration_mismatch(cases[None], given, canon, grid) == "noise_known"
+    assert pipe.calibration_mismatch(known, dataclasses.replace(unknown, refit_disagreement=True), canon,
+                                     grid) == "noise_unknown"
+    assert "--noise-std" in MISMATCH_WORDING["noise_known"].advice
     assert pipe.calibration_mismatch(None, unknown, canon, grid) is None  # uncalibrated: nothing to hold
     # a per-scan record binds an adapted model to its scan; any other record does not
     per_scan = Calibration(scale=2.0, **plain, details={"per_scan": True})

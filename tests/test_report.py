@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+import typing
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from gen_sr.audit.page import card_rows
 from gen_sr.audit.report import BACKGROUND, build_report, risk_clusters, risk_peaks
 from gen_sr.audit.summary import flag_meaning, grouped
 from gen_sr.model_card import Adaptation
-from gen_sr.risk import MISMATCH_WORDING, Calibration, IntervalShape, mismatch_text, risk_map
+from gen_sr.risk import MISMATCH_WORDING, Calibration, IntervalShape, Mismatch, mismatch_text, risk_map
 from gen_sr.run_record import describe_risk
 from gen_sr.volume import Volume
 
@@ -501,7 +502,7 @@ def test_uncalibrated_flags_promise_no_coverage(tmp_path) -> None:
     assert "Input outside the trained regime" not in (tmp_path / "report.html").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("mismatch", ["settings", "grid", "scan", "noise_unknown"])
+@pytest.mark.parametrize("mismatch", ["settings", "grid", "scan", "noise_unknown", "noise_known"])
 def test_a_calibration_not_made_for_the_run_says_why_and_promises_no_coverage(tmp_path, mismatch) -> None:
     """A run whose calibration was made for other settings, another grid, another scan (per-scan) or a known noise std
     keeps its scale without its coverage: the verdict's label, the risk note and the card's risk row each say which,
@@ -579,11 +580,11 @@ def test_a_flag_under_a_calibration_that_does_not_hold_is_explained_at_the_scale
 
 
 def test_each_mismatch_is_worded_once_and_a_build_without_the_reason_is_refused(tmp_path) -> None:
-    """The four reasons read differently (what the calibration was made for, and what to do), and a report cannot
+    """The five reasons read differently (what the calibration was made for, and what to do), and a report cannot
     be built without saying whether the calibration holds (it defaulted to holding)."""
     wordings = MISMATCH_WORDING.values()
     assert len({w.label for w in wordings}) == len({w.made_for for w in wordings}) == len({w.advice for w in wordings})
-    assert len(wordings) == 4
+    assert len(wordings) == len(typing.get_args(Mismatch)) == 5
     assert "adapted" in MISMATCH_WORDING["scan"].made_for and "--adapt" in MISMATCH_WORDING["scan"].advice
     assert "--noise-std" in MISMATCH_WORDING["noise_unknown"].advice
     assert "--target-spacing" in MISMATCH_WORDING["grid"].advice and "this grid" in MISMATCH_WORDING["grid"].advice
