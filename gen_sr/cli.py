@@ -354,6 +354,8 @@ def _load_pipeline(args: argparse.Namespace, folder: str | None = None):
 
     diffusers_logging.disable_progress_bar()  # loading takes a second; its bar would clutter every message
     model, device = Path(folder or args.model), args.device
+    if model.is_file():
+        raise InputError("is a file, not a model folder", model, f"pass the folder that holds it, {model.parent}")
     if not model.is_dir():
         raise InputError("no such model folder", model, f"paths are relative to the current folder, {Path.cwd()}")
     if not (model / "model_index.json").is_file():

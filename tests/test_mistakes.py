@@ -125,6 +125,8 @@ def test_a_missing_model_folder_a_bad_device_and_one_file_for_two_outputs_are_on
     run = ["super-resolve", "--input", lr_file, "--output", tmp_path / "sr.nii.gz"]
     err = _mistake(capsys, *run, "--model", tmp_path / "no_model")
     assert "no_model: no such model folder (paths are relative to the current folder" in err
+    err = _mistake(capsys, *run, "--model", model_dir / "model_index.json")
+    assert f"model_index.json: is a file, not a model folder (pass the folder that holds it, {model_dir})" in err
     assert "expected cpu, cuda, cuda:N or auto, got 'gpu'" in _mistake(capsys, *run, "--model", model_dir,
                                                                       "--device", "gpu")
     err = _mistake(capsys, *run, "--model", model_dir, "--std", tmp_path / "sr.nii.gz")
