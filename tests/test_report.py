@@ -362,6 +362,10 @@ def test_views_follow_the_peak_rule_and_say_so(tmp_path) -> None:
     assert payload["views"]["centred_on"] == "the first of the highest-risk places (risk 0.5, in cluster #3)"
     assert [q["cluster"] for q in payload["peaks"]] == [3]
     assert "The map's overall maximum, risk 0.9 at (0.0, 20.0, 15.0) mm, lies in the excluded zone." in page
+    # the verdict names the place the views point at, not a cluster's peak in the excluded zone
+    deep = "({})".format(", ".join(f"{x:.1f}" for x in at["deep"]))
+    assert payload["verdict"]["text"].endswith(f"highest-risk place away from the brain's rim at {deep} mm")
+    assert "({})".format(", ".join(f"{x:.1f}" for x in at["border"])) not in payload["verdict"]["text"]
     assert "The input is not oblique" in page and payload["geometry"]["oblique"] is False
 
 

@@ -113,7 +113,8 @@ def build_report(output_dir: str | Path, *, lr: Volume, mean: Volume, std: Volum
     summary = verdict(flagged=int(np.count_nonzero(flagged)), foreground_voxels=int(fg.sum()), region=region,
                       voxel_mm3=abs(float(np.linalg.det(risk.affine[:3, :3]))), flagged_of_volume=float(np.mean(r > t)),
                       clusters=counted, threshold=t, calibration=calibration, mismatch=calibration_mismatch,
-                      intensity_range=intensity_range, exceedance=_exceedance(maps, flagged, fg, t, intensity_range))
+                      intensity_range=intensity_range, exceedance=_exceedance(maps, flagged, fg, t, intensity_range),
+                      peak=peaks[0] if peaks else None, peak_fallback=rule_record["fallback"])
     # ------------------------------------------------------------------ orthogonal views in RAS+
     can = {k: Volume(a, risk.affine).canonical() for k, a in {**maps, "risk": r}.items()}
     centre, centred_on = _view_centre(can["mean"], all_clusters, peaks)

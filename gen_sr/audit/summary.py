@@ -141,7 +141,8 @@ def _percent(v: float | None) -> str:
 def verdict(*, flagged: int, foreground_voxels: int, region: CountedRegion, voxel_mm3: float,
             flagged_of_volume: float, clusters: list[dict[str, Any]], threshold: float,
             calibration: Calibration | None, mismatch: Mismatch | None, intensity_range: float | None,
-            exceedance: dict[str, float | None] | None) -> dict[str, Any]:
+            exceedance: dict[str, float | None] | None, peak: dict[str, Any] | None = None,
+            peak_fallback: bool = False) -> dict[str, Any]:
     """The report's verdict: the one-line ``text``, what a flag means and the counts behind them.
 
     Args:
@@ -150,6 +151,10 @@ def verdict(*, flagged: int, foreground_voxels: int, region: CountedRegion, voxe
         flagged_of_volume: the flagged fraction of the whole volume.
         clusters: every cluster of the flagged voxels inside the foreground (:func:`~gen_sr.audit.clusters.
             risk_clusters` of the risk there), which the text's "largest cluster" names.
+        peak, peak_fallback: the first of the highest-risk places (:func:`~gen_sr.audit.clusters.ranked_peaks`: away
+            from the region's rim, or with ``peak_fallback`` over the whole volume), where the report's views point:
+            the place the text names (not the largest cluster's own peak, which may lie on the rim the peaks leave
+            out).
         exceedance: against a reference, the percentages of flagged and unflagged voxels whose error exceeds the
             flag's error size, or ``None``.
         calibration: the calibration as the risk map applied it (``None``: uncalibrated).
@@ -164,7 +169,10 @@ def verdict(*, flagged: int, foreground_voxels: int, region: CountedRegion, voxe
     text = f"{pct:.1f} % of the {region.name} flagged high-risk (risk > {threshold:g}, {label})"
     largest = max(clusters, key=lambda c: c["voxels"], default=None)
     if largest is not None:
-        text += f"; largest cluster {grouped(largest['size_mm3'])} mm³, peak risk at {coords(largest['peak_mm'])} mm"
+        text += f"; largest cluster {grouped(largest['size_mm3'])} mm³"
+    if peak is not None:
+        where = "over the whole volume" if peak_fallback else f"away from the {region.name}'s rim"
+        text += f"; highest-risk place {where} at {coords(peak['position_mm'])} mm"
     meaning, bound = flag_meaning(threshold, calibration=calibration, mismatch=mismatch if calibrated else None,
                                   intensity_range=intensity_range, unflagged_fraction=1 - flagged / foreground_voxels,
                                   region=region.name)
