@@ -566,7 +566,11 @@ def test_fit_and_super_resolve_adapt_from_the_command_line(tmp_path: Path, capsy
     assert "Per-scan: fitted on 5 held-out in-plane slices of the scan the model was adapted on" in page
     assert "Adaptation" in page and "held-out in-plane loss" in page and "held-out in-plane RMSE" in page
     assert "its weights 0.5 fine-tuned, 0.5 pretrained" in page or "keeping the pretrained UNet" in page
-    timings = json.loads((tmp_path / "audit" / "report.json").read_text())["card"]["timings_s"]  # as super-resolve's
+    card = json.loads((tmp_path / "audit" / "report.json").read_text())["card"]
+    kept = "pretrained" if card["adaptation"]["kept"] == "pretrained" else "fine-tuned"  # the model that made it
+    verb = "calibrated on" if kept == "pretrained" else "adapted on"
+    assert card["model"] == f"{tmp_path / 'model'}, {verb} lr.nii.gz ({kept} UNet)"
+    timings = card["timings_s"]  # as super-resolve's
     assert {"adapt_s", "calibrate_s", "compare_s", "denoise_s"} <= set(timings)  # the adaptation's beside the run's
     assert re.search(r"adaptation: adapt [0-9.]+ s, compare with the pretrained UNet [0-9.]+ s, calibrate on the scan "
                      r"[0-9.]+ s; sampling: prepare [0-9.]+ s, denoise", page), page

@@ -237,6 +237,11 @@ def audit(
             save_volume(maps[key], out / name, overwrite=True)
         else:  # a run without a noise std has no disagreement map: none of an earlier audit stays beside it
             (out / name).unlink(missing_ok=True)
+    adapted = pipe.model_card.adapted
+    if adapted is not None:  # the model that made the output is the folder's, adapted (the Adaptation row says how)
+        label, _ = adapted.describe()
+        unet = "pretrained" if adapted.steps == 0 else adapted.kept
+        model_name = f"{model_name}, {label} {Path(adapted.source).name} ({unet} UNet)"
     card = {"input": input_name, "model": model_name, "operator": operator.describe(),
             "lr_spacing_mm": [round(float(s), 4) for s in lr.spacing],
             "sr_spacing_mm": [round(float(s), 4) for s in maps["mean"].spacing],
