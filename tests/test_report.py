@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+import tempfile
 import typing
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -531,6 +532,24 @@ def test_a_calibration_not_made_for_the_run_says_why_and_promises_no_coverage(tm
                         intensity_range=2.0, outside_training=[])
     assert "calibrated)" in held["verdict"]["text"] and held["verdict"]["unflagged_miss_bound_percent"] is not None
     assert held["calibration_holds"] and "coverage does not hold" not in (tmp_path / "held" / "report.html").read_text()
+    assert "on average over inputs like the calibration data" in held["verdict"]["meaning"]
+    assert held["verdict"]["risk_note"] == "Calibrated: the risk scale comes from the model's calibration (card)."
+
+
+def test_a_per_scan_calibration_is_said_to_be_made_on_the_scan() -> None:
+    """The verdict's risk note and the flag's meaning say where a per-scan calibration was made and on what
+    assumption, not "the model's calibration" and "inputs like the calibration data" (a walkthrough's report)."""
+    inputs = _inputs()
+    cal = Calibration(**{**CALIBRATION, "details": {**CALIBRATION["details"], "per_scan": True}})
+    for mismatch in (None, "scan"):
+        with tempfile.TemporaryDirectory() as folder:
+            v = build_report(Path(folder), **{k: inputs[k] for k in ("lr", "mean", "std", "risk", "dc_residual")},
+                             card={"risk": describe_risk(cal, mismatch, calibration_region=False).to_dict()},
+                             risk_threshold=THRESHOLD, calibration=cal, calibration_mismatch=mismatch, input_name="x",
+                             sr_axis=2, intensity_range=2.0, outside_training=[])["verdict"]
+        assert "per-scan calibration, on held-out in-plane slices of the scan it was adapted on" in v["risk_note"]
+        assert ("this scan's own held-out in-plane slices" in v["meaning"]) == (mismatch is None)
+        assert "inputs like the calibration data" not in v["meaning"]
 
 
 def test_the_card_says_of_a_runs_risk_only_what_its_record_says() -> None:

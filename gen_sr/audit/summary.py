@@ -127,7 +127,10 @@ def flag_meaning(threshold: float, *, calibration: Calibration | None, mismatch:
     if unflagged_fraction <= 0:
         return text, None
     bound = min(100.0, 100 * alpha / unflagged_fraction)
-    text += (f" If it holds for this input (it is a guarantee on average over inputs like the calibration data), "
+    over = ("a per-scan calibration: made on this scan's own held-out in-plane slices, assuming its through-plane "
+            "problem is like the in-plane one" if calibration.per_scan
+            else "it is a guarantee on average over inputs like the calibration data")
+    text += (f" If it holds for this input ({over}), "
              f"the truth lies outside its interval in at most {100 * alpha:g} % of voxels, so at most {bound:.3g} % of "
              f"the unflagged voxels ({100 * unflagged_fraction:.1f} % of the {region}) can be off by more than "
              f"{short}.")
@@ -189,18 +192,20 @@ def verdict(*, flagged: int, foreground_voxels: int, region: CountedRegion, voxe
         "intensity_range": intensity_range, "alpha": calibration.alpha if calibrated else None,
         "unflagged_miss_bound_percent": bound,
         "observed": observed, "observed_exceedance": exceedance,
-        "risk_note": _risk_note(calibrated, mismatch),
+        "risk_note": _risk_note(calibration, mismatch),
     }
 
 
-def _risk_note(calibrated: bool, mismatch: Mismatch | None) -> str:
-    if not calibrated:
+def _risk_note(calibration: Calibration | None, mismatch: Mismatch | None) -> str:
+    if calibration is None:
         return ("Uncalibrated: risk is the sample spread relative to the intensity range; the threshold has no "
                 "coverage guarantee.")
+    source = ("the model's per-scan calibration, on held-out in-plane slices of the scan it was adapted on (card)"
+              if calibration.per_scan else "the model's calibration (card)")
     if mismatch is not None:
-        return (f"Calibrated {MISMATCH_WORDING[mismatch].label}: the risk scale comes from the model's calibration "
-                f"(card), but {mismatch_text(mismatch)}.")
-    return "Calibrated: the risk scale comes from the model's calibration (card)."
+        return (f"Calibrated {MISMATCH_WORDING[mismatch].label}: the risk scale comes from {source}, but "
+                f"{mismatch_text(mismatch)}.")
+    return f"Calibrated: the risk scale comes from {source}."
 
 
 def geometry(affine: np.ndarray) -> dict[str, Any]:
