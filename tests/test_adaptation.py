@@ -308,6 +308,11 @@ def test_per_scan_calibration_counts_the_scans_foreground_and_leaves_out_slices_
                                            for c in cases)
     result = calibrate_on_scan(adapted, lr, alpha=0.2, blocks=1, progress=False, generator=_gen(), **RUN)
     assert result.calibration.num_volumes == 12
+    assert result.calibration.details["slices_with_foreground"] == [5, 7, 9, 11, 13, 15]  # the record says which
+    from gen_sr.audit.page import _calibration  # the audit card's row
+
+    assert "fitted on 6 (of 10; the others hold no foreground) held-out in-plane slices" in _calibration(
+        dataclasses.asdict(result.calibration))
     errors, generator = [], _gen()  # the pooled RMSE counts the scan's foreground only
     for j, case in enumerate(cases):
         out = super_resolve(adapted, case, generator=generator, output_type="np", keep_samples=False,

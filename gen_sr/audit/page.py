@@ -128,8 +128,10 @@ def _calibration(v: Any) -> str:
         text += f" ({grid}{at_grid})"
     text += f"; miss rate on the calibration data {cal.risk_hat:.3f}"
     if cal.per_scan:
-        held = details.get("held_out_slices")
+        held, used = details.get("held_out_slices"), details.get("slices_with_foreground")
         count = f"{len(held)} " if isinstance(held, list) else ""
+        if isinstance(held, list) and isinstance(used, list) and len(used) < len(held):
+            count = f"{len(used)} (of {len(held)}; the others hold no foreground) "
         text += (f". Per-scan: fitted on {count}held-out in-plane slices of the scan the model was adapted on, "
                  "degraded along each in-plane axis with its slices; it assumes the scan's statistics in-plane and "
                  "through-plane are alike")

@@ -223,6 +223,14 @@ def check_noise_to_recorrupt(noise_std: float | None, asked: Sequence[tuple[str,
                          "recorrupt the problems with, and it is not known")
 
 
+def _slices_with_foreground(lr: Volume, record: Adaptation) -> list[int]:
+    """The held-out in-plane slices (indices along ``record.axis`` of the scan in RAS+) that hold foreground: the
+    ones the calibration's units come from (:func:`held_out_foreground`)."""
+    inside = held_out_foreground(lr, record)
+    return [int(index) for j, index in enumerate(record.held_out_slices)
+            if np.take(inside, j, axis=record.axis).any()]
+
+
 def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: float = 0.1,
                       method: Literal["rcps", "crc"] = "crc", blocks: int = 4, progress: bool = True,
                       details: dict[str, Any] | None = None, noise_std: float | None = 0.0, recorrupt: bool = False,
@@ -291,6 +299,7 @@ def calibrate_on_scan(pipe: SRModel, lr: Volume, *, alpha: float = 0.1, delta: f
     info = {"per_scan": True, "assumption": ASSUMPTION,
             **({"measured_coverage": list(MEASURED_COVERAGE)} if known else {}),  # measured with a known noise std
             "scan": record.source, "held_out_slices": list(record.held_out_slices), "noise_std": noise_std,
+            "slices_with_foreground": _slices_with_foreground(lr, record),
             **({} if known else {"in_plane_noise_std": level}),
             "recorrupted": (recorrupt or extrapolate) and level > 0,
             "clean_references": clean_scan is not None,
