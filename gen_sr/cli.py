@@ -160,7 +160,7 @@ def _planned_noise_text(plan: RunPlan) -> str:
     if plan.noise_std is not None:
         return f"{plan.noise_std:.4g}, " + ("read from the background air" if plan.noise_std_estimated else
                                             "as given (--noise-std)")
-    text = "none read: no background air (fitted as noise-free; --noise-std to give it)"
+    text = "not known: no background air (the slices are fitted exactly, without a noise std; --noise-std to give it)"
     if plan.calibration is not None and plan.calibration.for_unknown_noise:
         text += f"; the interval counts the noise read in-plane, {plan.noise_std_in_plane:.4g}"
     return text
@@ -1070,7 +1070,7 @@ def _add_acquisition_arguments(parser: _Parser) -> None:
                    help="the scan's measurement noise std in its units, >= 0: the projections fit the slices down to "
                         "it, and exactly where the output departs from them beyond it (default: auto, read from the "
                         "scan's background air, printed and recorded; a scan without air, masked or cropped to the "
-                        "head, has no known noise std: its slices are fitted as with 0, and fit and --adapt "
+                        "head, has no known noise std: its slices are fitted exactly, without one, and fit and --adapt "
                         "calibrate it for such runs, whose interval counts the noise read in-plane); 0: exact "
                         "projections, up to a cap on the noise gain that much-overlapping slices reach; when "
                         "adapting, the per-scan calibration's problems carry it too")
