@@ -1012,7 +1012,9 @@ def _add_sampling_arguments(parser: _Parser, steps_flag: str = "--steps") -> Non
     p.add_argument("--samples", type=_positive_int, default=8, help="posterior samples (default: 8)")
     p.add_argument(steps_flag, dest="sampling_steps", type=_positive_int, metavar="N",
                    help="sampling steps (default: the model folder's: 3 for models/heads2d; 50 for a diffusion "
-                        "model whose card says nothing, 1 for a regression model)")
+                        "model whose card says nothing, 1 for a regression model)"
+                        + ("" if steps_flag != "--steps" else "; in gen-sr fit, --steps are fine-tuning steps and "
+                           "these are --sampling-steps"))
     p.add_argument("--scheduler", choices=("ddim", "dpmsolver++", "sde-dpmsolver++", "unipc"),
                    help="the sampler, each with the data-consistency hook (default: the model folder's; "
                         "models/heads2d: dpmsolver++; sde-dpmsolver++ adds fresh noise at each step); "
@@ -1085,7 +1087,8 @@ def _add_adaptation_arguments(p: argparse.ArgumentParser | argparse._ArgumentGro
     from gen_sr.training import adaptation_defaults as d
 
     p.add_argument(*steps_flags, dest="adapt_steps", type=_whole_number_from(0), default=d.STEPS, metavar="N",
-                   help=f"fine-tuning steps (default: {d.STEPS}); 0 keeps the pretrained UNet and only "
+                   help=f"fine-tuning steps (default: {d.STEPS}; in super-resolve and audit --steps are sampling "
+                        f"steps and these are --adapt-steps); 0 keeps the pretrained UNet and only "
                         "calibrates it on the scan (at SNR 30 the pretrained mean was the better one on every "
                         "validation subject)")
     p.add_argument(*keep_flags, dest="keep_better", action=argparse.BooleanOptionalAction, default=d.KEEP_BETTER,
