@@ -255,11 +255,22 @@ class Calibration:
         alpha: target miss rate (coverage ``1 − alpha``).
         delta: allowed probability that the guarantee fails (``"rcps"``).
         method: ``"rcps"`` or ``"crc"``.
-        bound: the upper confidence bound of ``"rcps"``.
-        num_volumes: calibration volumes used.
-        risk_hat: mean miss rate on the calibration volumes at ``scale``.
-        risk_upper: its ``1 − δ`` upper bound.
-        details: where the calibration data came from (free-form, recorded as given).
+        bound: the upper confidence bound of ``"rcps"`` (``"hb"``: Hoeffding–Bentkus, or ``"hoeffding"``); ``""`` for
+            ``"crc"``, which uses none (records made before this was fixed hold ``"hb"`` there, unused).
+        num_volumes: the calibration units ``scale`` was fitted on, :attr:`num_units` (the name is older than the
+            units: each calibration volume, cut into ``details["blocks_per_volume"]`` blocks, gives that many units;
+            ``details["volumes"]`` names the volumes).
+        risk_hat: mean miss rate on the calibration units at ``scale``.
+        risk_upper: the rule's bound on the miss rate at ``scale``, from ``n`` = :attr:`num_units` units: for
+            ``"rcps"``, the ``1 − δ`` upper confidence bound ``bound``; for ``"crc"``, the conformal miss rate
+            ``(n · risk_hat + 1) / (n + 1)``, which the rule keeps at or below ``alpha`` (the expected miss rate's
+            bound, without ``δ``). Records made before this was fixed hold the Hoeffding–Bentkus bound under
+            ``"crc"`` too (with ``bound`` ``"hb"``).
+        details: where the calibration data came from (free-form, recorded as given). Calibrations fitted on units
+            (:func:`gen_sr.eval.calibration.fit_volumes`) add ``volumes``, ``blocks_per_volume``, ``units`` and
+            ``interval``: ``"auto"`` where the spread was chosen among candidates, else the spread given
+            (:meth:`IntervalShape.describe`, e.g. ``"std"``); :attr:`shape` is the spread applied either way (records
+            made before this was fixed say ``"std"`` for :data:`NOISE_UNKNOWN_SHAPE`'s too).
         shape: the spread that ``scale`` multiplies (files without one mean the plain std).
         sampling: the sampler settings it was made with (``None`` in files written before it was recorded).
         outside_scale: a per-scan calibration fitted in a region of the scan (e.g. the brain) and, apart, in the rest
@@ -308,6 +319,11 @@ class Calibration:
         if self.scale_per_mm is None or grid_spacing is None:
             return self
         return replace(self, scale=self.scale_per_mm * grid_spacing, grid_spacing=grid_spacing)
+
+    @property
+    def num_units(self) -> int:
+        """The calibration units ``scale`` was fitted on (stored as :attr:`num_volumes`, its older name)."""
+        return self.num_volumes
 
     @property
     def per_scan(self) -> bool:

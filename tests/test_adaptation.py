@@ -313,6 +313,10 @@ def test_per_scan_calibration_counts_the_scans_foreground_and_leaves_out_slices_
 
     assert "fitted on 6 (of 10; the others hold no foreground) held-out in-plane slices" in _calibration(
         dataclasses.asdict(result.calibration))
+    # what the record's rule and interval were: crc has no confidence bound; the plain std
+    cal = result.calibration
+    assert cal.method == "crc" and cal.bound == "" and cal.details["interval"] == "std"
+    assert cal.risk_upper == pytest.approx((12 * cal.risk_hat + 1) / 13) and cal.risk_upper <= cal.alpha
     errors, generator = [], _gen()  # the pooled RMSE counts the scan's foreground only
     for j, case in enumerate(cases):
         out = super_resolve(adapted, case, generator=generator, output_type="np", keep_samples=False,
@@ -358,6 +362,7 @@ def test_a_scan_whose_noise_std_is_not_known_is_calibrated_on_problems_topped_up
     sigma = adapted.plan(noisy).noise_std_in_plane  # what a default run on the scan counts
     cal = result.calibration
     assert cal.for_unknown_noise and cal.shape == NOISE_UNKNOWN_SHAPE and cal.details["in_plane_noise_std"] == sigma
+    assert cal.details["interval"] == "std + 0.5 × noise std" == NOISE_UNKNOWN_SHAPE.describe()  # the one applied
     assert cal.mismatch(adapted.sampling_settings(noise_std=0.0, noise_known=False, **RUN)) is None  # such a run's
     from gen_sr.audit.page import _calibration  # its coverage was never measured: neither record nor page claim one
 
@@ -784,6 +789,8 @@ def test_the_references_noise_extrapolated_away_comes_near_the_calibration_again
         if name == "extrapolate":
             made_from, variances = cal.details["reference_noise_scales"], cal.details["reference_noise_variances"]
             assert cal.details["recorrupted"]
+            n = cal.num_volumes  # the units; the rule's figure at the extrapolated scale, as its miss rate there is
+            assert cal.risk_upper == pytest.approx((n * cal.risk_hat + 1) / (n + 1))
     assert cal.details["reference_noise"] == "keep"  # the oracle's references are clean already
     assert made_from[0] < made_from[1] < made_from[2] and variances[0] > 1.0  # recorrupted: more than the scan's
     assert scales["keep"] > 1.02 * scales["clean"]  # the noise widened it (1.834 against 1.776 when written)

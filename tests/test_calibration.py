@@ -71,6 +71,18 @@ def test_rcps_violation_rate_is_at_most_delta(bound: str, n: int) -> None:
     assert float(np.median(scales)) < 3.0  # the oracle λ for α = 0.1 is about 1.7
 
 
+def test_a_record_says_which_bound_its_rule_holds_and_counts_units() -> None:
+    """RCPS records its upper confidence bound (``bound``, ``risk_upper``); CRC uses none: its record has no bound
+    name and its ``risk_upper`` is the conformal miss rate ``(n R̂ + 1) / (n + 1)`` that the rule keeps at or below
+    α. ``num_volumes`` counts the units the scale was fitted on (``num_units``)."""
+    errors, stds = _volumes(np.random.default_rng(2), n=30)
+    rcps = fit_calibration(errors, stds, method="rcps")
+    assert rcps.bound == "hb" and rcps.risk_upper == pytest.approx(upper_bound(rcps.risk_hat, 30, 0.1))
+    crc = fit_calibration(errors, stds, method="crc")
+    assert crc.bound == "" and crc.risk_upper == pytest.approx((30 * crc.risk_hat + 1) / 31)
+    assert crc.risk_hat < crc.risk_upper <= crc.alpha and crc.num_units == crc.num_volumes == 30
+
+
 def test_conformal_risk_control_is_tight_in_expectation() -> None:
     alpha, n = 0.1, 100
     risks = [_true_risk(fit_calibration(*_volumes(np.random.default_rng(s), n, voxels=500), alpha=alpha,

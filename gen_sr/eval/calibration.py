@@ -71,6 +71,7 @@ __all__ = [
     "interval_shape",
     "minimum_units",
     "pooled_rmse",
+    "rule_bound",
     "split_units",
     "transfer_coverage",
     "unknown_noise_volumes",
@@ -97,6 +98,15 @@ def minimum_units(method: str, alpha: float, delta: float, bound: str = "hb") ->
     if bound == "hoeffding":
         return math.ceil(math.log(1 / delta) / (2 * alpha**2))
     return math.ceil(math.log(delta) / math.log(1 - alpha))
+
+
+def rule_bound(method: str, risk_hat: float, n: int, delta: float, bound: str = "hb") -> float:
+    """The bound a rule holds the miss rate to at a scale whose mean miss rate on ``n`` units is ``risk_hat``
+    (:attr:`gen_sr.risk.Calibration.risk_upper`): for ``"crc"``, the conformal ``(n · risk_hat + 1) / (n + 1)`` (at
+    most ``α`` at ``λ̂``); for ``"rcps"``, the ``1 − δ`` upper confidence bound ``bound`` (:func:`upper_bound`)."""
+    if method == "crc":
+        return (n * risk_hat + 1) / (n + 1)
+    return upper_bound(risk_hat, n, delta, bound)
 
 
 def upper_bound(risk_hat: float, n: int, delta: float, bound: str = "hb") -> float:
@@ -169,9 +179,9 @@ def fit_calibration(
                          "use more calibration units, or a larger alpha or delta")
     first = len(ok) - int(np.argmin(ok[::-1])) if not ok.all() else 0
     scale = float(grid[first])
-    return Calibration(scale=scale, alpha=alpha, delta=delta, method=method, bound=bound, num_volumes=n,
-                       risk_hat=float(risk[first]), risk_upper=upper_bound(float(risk[first]), n, delta, bound),
-                       details=dict(details or {}))
+    return Calibration(scale=scale, alpha=alpha, delta=delta, method=method,
+                       bound=bound if method == "rcps" else "", num_volumes=n, risk_hat=float(risk[first]),
+                       risk_upper=rule_bound(method, float(risk[first]), n, delta, bound), details=dict(details or {}))
 
 
 @dataclass
@@ -552,7 +562,8 @@ def fit_volumes(volumes: Sequence[CalibrationVolume], *, alpha: float = 0.1, del
     units = split_units(volumes, shape, blocks=blocks, axis=axis)  # once: the spreads are the costly part
     rmse = pooled_rmse(volumes)
     record = {**(details or {}), "volumes": [v.name for v in volumes], "blocks_per_volume": blocks,
-              "units": len(units[0]), "interval": interval, "leave_one_volume_out_coverage": transfer, "rmse": rmse}
+              "units": len(units[0]), "interval": interval if interval == "auto" else shape.describe(),
+              "leave_one_volume_out_coverage": transfer, "rmse": rmse}
     result = CalibrationResult(dataclasses.replace(fit_calibration(*units, **fit, details=record), shape=shape,
                                                    sampling=sampling), transfer, transfer_error, rmse=rmse)
     try:  # the other rule on the same units, for comparison

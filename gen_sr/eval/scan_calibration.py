@@ -61,6 +61,7 @@ from gen_sr.eval.calibration import (
     fit_volumes,
     interval_shape,
     pooled_rmse,
+    rule_bound,
     split_units,
     volumes_and_settings,
 )
@@ -356,14 +357,17 @@ def _variances(reference_variance: float) -> list[float]:
 def _extrapolate(result: CalibrationResult, volumes: list[CalibrationVolume], seed: int, fit: dict[str, Any],
                  reference_variance: float) -> None:
     """``result``'s scale corrected for the references' noise (:func:`_scale`), in place; its ``risk_hat`` becomes
-    the miss rate against the noisy references at that scale, and its details record the scales it was made from."""
+    the miss rate against the noisy references at that scale (and ``risk_upper`` the rule's bound there), and its
+    details record the scales it was made from."""
     cal = result.calibration
     scale, scales = _scale(volumes, seed, reference_variance, fit, first=cal.scale)
     errors, spreads, masks = split_units(volumes, fit["shape"], blocks=fit["blocks"], axis=fit["axis"])
     risk = float(np.mean([miss_rate(e, u, scale, m) for e, u, m in zip(errors, spreads, masks, strict=True)]))
     cal.details |= {"noisy_reference_scale": cal.scale, "reference_noise_scales": scales,
                     "reference_noise_variances": _variances(reference_variance)}
-    result.calibration = dataclasses.replace(cal, scale=scale, risk_hat=risk)
+    result.calibration = dataclasses.replace(cal, scale=scale, risk_hat=risk,
+                                             risk_upper=rule_bound(cal.method, risk, cal.num_units, cal.delta,
+                                                                   cal.bound))
 
 
 def extrapolate_to_zero_noise(variances: list[float], scales: list[float]) -> float:
