@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from gen_sr.audit.audit import audit
+from gen_sr.audit.summary import peaks_where
 from gen_sr.errors import InputError
 from gen_sr.eval.baselines import BASELINES
 from gen_sr.eval.cases import HELD_OUT_HEAD, held_out_head, simulate_case
@@ -98,7 +99,7 @@ def _print_summary(payload: dict[str, Any], audit_dir: Path, seconds: float) -> 
           f"{100 * curve['observed'][i]:.1f} %")
     if payload["peaks"]:
         peak = payload["peaks"][0]
-        where = "over the whole volume" if payload["peak_rule"]["fallback"] else "away from the brain's rim"
+        where = peaks_where(payload["peak_rule"]["fallback"], payload["verdict"]["region"])
         print(f"  highest-risk place {where}: risk {peak['risk']:.3f} at "
               f"({', '.join(f'{x:.1f}' for x in peak['position_mm'])}) mm, {peak.get('tissue') or 'no tissue map'} "
               "(the report's views point here)")

@@ -23,9 +23,17 @@ from gen_sr.audit import figures
 from gen_sr.audit.clusters import PeakRule, ranked_peaks
 from gen_sr.audit.page import card_rows
 from gen_sr.audit.report import BACKGROUND, build_report, risk_clusters, risk_peaks
-from gen_sr.audit.summary import flag_meaning, grouped
+from gen_sr.audit.summary import coords, flag_meaning, grouped
 from gen_sr.model_card import Adaptation
-from gen_sr.risk import MISMATCH_WORDING, Calibration, IntervalShape, Mismatch, mismatch_text, risk_map
+from gen_sr.risk import (
+    MISMATCH_WORDING,
+    Calibration,
+    IntervalShape,
+    Mismatch,
+    SamplingSettings,
+    mismatch_text,
+    risk_map,
+)
 from gen_sr.run_record import describe_risk
 from gen_sr.volume import Volume
 
@@ -368,6 +376,13 @@ def test_views_follow_the_peak_rule_and_say_so(tmp_path) -> None:
     assert payload["verdict"]["text"].endswith(f"highest-risk place away from the brain's rim at {deep} mm")
     assert "({})".format(", ".join(f"{x:.1f}" for x in at["border"])) not in payload["verdict"]["text"]
     assert "The input is not oblique" in page and payload["geometry"]["oblique"] is False
+    assert coords(at["rim"]) not in payload["verdict"]["text"]  # the brain's largest cluster's peak, on its rim
+    # where nothing qualifies under the rule, the headline says the place was ranked over the whole volume
+    whole = build_report(tmp_path / "whole", lr=mean, mean=mean, std=vol(risk.data / 2), risk=risk,
+                         dc_residual=vol(0 * brain), card={}, risk_threshold=0.6, calibration=None,
+                         calibration_mismatch=None, masks={"GM": vol(brain)}, input_name="x", sr_axis=2)
+    assert whole["peak_rule"]["fallback"] and whole["verdict"]["text"].endswith(
+        f"; highest-risk place over the whole volume at {coords(at['border'])} mm")
 
 
 # ----------------------------------------------------------------------------------------------------- wording
@@ -392,11 +407,13 @@ def test_card_rows_are_short_and_labelled() -> None:
     assert rows["Calibration"] == ("conformal risk control (crc), α = 0.1 (coverage 90 %), from 96 units of 8 volumes; "
                                    "miss rate on the calibration data 0.090")
     unknown = dict(card_rows({**AUDIT_CARD, "noise_std": 0.0, "noise_std_estimated": True}))
-    assert unknown["Noise std"].startswith("not known: the scan has no background air")
-    assert unknown["Measurement noise std"] == "not known (fitted as 0)"
-    counted = dict(card_rows({**AUDIT_CARD, "noise_std": 0.0, "noise_std_estimated": True, "noise_std_in_plane": 0.02}))
-    assert "the calibrated interval counts the noise read in-plane from its slices (0.02)" in counted["Noise std"]
-    assert "noise_std_in_plane" not in counted and "under-covers" in unknown["Noise std"]
+    assert unknown["Measurement noise std"].startswith("not known: the scan has no background air")
+    assert "Noise std" not in unknown  # one row says it: not known, fitted as noise-free
+    counted = card_rows({**AUDIT_CARD, "noise_std": 0.0, "noise_std_estimated": True, "noise_std_in_plane": 0.02})
+    said = dict(counted)["Measurement noise std"]
+    assert "the calibrated interval counts the noise read in-plane from its slices (0.02)" in said
+    assert [label for label, _ in counted].count("Measurement noise std") == 1 and "Noise std" not in dict(counted)
+    assert "noise_std_in_plane" not in dict(counted) and "under-covers" in unknown["Measurement noise std"]
     assert dict(card_rows({**AUDIT_CARD, "noise_std_estimated": True}))["Noise std"].startswith("read from the scan's")
     per_grid = dict(card_rows({**AUDIT_CARD, "calibration": {**CALIBRATION, "grid_spacing": 1.5}}))["Calibration"]
     assert "from 96 units of 8 volumes (the record for 1.5 mm grids); miss" in per_grid
@@ -455,6 +472,65 @@ def test_colour_bars_name_their_units(monkeypatch) -> None:
     assert figures.saturated(risk, {"vmin": 0, "vmax": 0.3}) == "max"
     assert figures.saturated(risk, {"vmin": 0, "vmax": 0.5}) == "neither" and figures.saturated(risk, {}) == "neither"
     assert figures.saturated(risk - 0.2, {"vmin": 0, "vmax": 0.2}) == "both"
+
+
+def _per_scan(noise_known: bool) -> Calibration:
+    """A per-scan record as :func:`gen_sr.eval.scan_calibration.calibrate_on_scan` writes it: 9 of the 11 held-out
+    slices with foreground (2 directions, 4 blocks each), for runs whose noise std is known or not."""
+    details = {"per_scan": True, "assumption": "per-scan: ...", "held_out_slices": [2, 7, 12, 17, 22, 27, 32, 37, 42,
+                                                                                   47, 52],
+               "slices_with_foreground": [7, 12, 17, 22, 27, 32, 37, 42, 47], "units": 72, "blocks_per_volume": 4,
+               "volumes": [f"slice {k} degraded along {a}" for k in range(7, 48, 5) for a in "RS"]}
+    if noise_known:
+        details["measured_coverage"] = [0.84, 0.96]
+    return Calibration(scale=2.72, alpha=0.1, delta=0.1, method="crc", bound="", num_volumes=72, risk_hat=0.087,
+                       risk_upper=(72 * 0.087 + 1) / 73, details=details,
+                       shape=IntervalShape() if noise_known else IntervalShape(noise_floor=0.5),
+                       sampling=SamplingSettings("DPMSolverDataConsistencyScheduler(trailing)", 3, 8,
+                                                 noise_known=noise_known))
+
+
+def test_a_per_scan_calibrations_summary_says_what_it_was_fitted_on_assumes_and_measured(tmp_path) -> None:
+    """After ``audit --adapt``: the summary (risk note, flag meaning) and the card's calibration row say the scale was
+    fitted on this scan's own held-out in-plane slices (how many of how many), the assumption that carries it
+    through-plane, and the coverage measured for such calibrations, or, for one made for runs whose noise std is not
+    known, that it was not measured: one wording, shared. The card has one row for a noise std not known."""
+    inputs = _inputs()
+    said = {}
+    for known in (False, True):
+        cal = _per_scan(known)
+        card = {**AUDIT_CARD, "noise_std": 0.03 if known else 0.0, "noise_std_estimated": not known,
+                "noise_std_in_plane": None if known else 2.24, "calibration": json.loads(json.dumps(asdict(cal))),
+                "interval": cal.describe()}
+        payload = build_report(tmp_path / str(known), **inputs, card=card, risk_threshold=THRESHOLD, calibration=cal,
+                               calibration_mismatch=None, input_name="t2_lr.nii.gz", sr_axis=2, intensity_range=0.5)
+        rows, v = card_rows(payload["card"]), payload["verdict"]
+        page = " ".join((tmp_path / str(known) / "report.html").read_text(encoding="utf-8").split())
+        basis = ("fitted on 9 (of 11; the others hold no foreground) held-out in-plane slices of the scan the model "
+                 "was adapted on, degraded along each in-plane axis with its slices; it assumes the scan's statistics "
+                 "in-plane and through-plane are alike")
+        assert v["risk_note"].startswith(f"Calibrated: the risk scale comes from the model's per-scan calibration "
+                                         f"(card), {basis}; ")
+        calibration = dict(rows)["Calibration"]
+        assert f"Per-scan: {basis}" in calibration and "from 72 units of 18 volumes" in calibration
+        assert "inputs like the calibration data" not in v["meaning"]
+        assert ("(calibrated on this scan's own held-out in-plane slices, it is a guarantee on average over in-plane "
+                "problems like theirs, and holds through-plane as far as the scan's statistics in-plane and "
+                "through-plane are alike; ") in v["meaning"]
+        assert str(escape(v["risk_note"])) in page and str(escape(v["meaning"])) in page
+        said[known] = v["risk_note"] + v["meaning"] + calibration
+        noise = [value for label, value in rows if "noise std" in label.lower()]  # one row says it is not known
+        if not known:
+            assert len(noise) == 1 and noise[0].startswith("not known: the scan has no background")
+    measured = "the per-scan 90 % interval covered 84-96 % of voxels through-plane"
+    not_measured = "coverage through-plane was not measured for scans whose noise std is not known"
+    assert said[True].count(measured) == 3 and not_measured not in said[True]
+    assert said[False].count(not_measured) == 3 and "covered" not in said[False]
+    # a record made before the slices with foreground were recorded claims none of them
+    older = replace(_per_scan(True), details={k: v for k, v in _per_scan(True).details.items()
+                                              if k != "slices_with_foreground"})
+    assert "fitted on the held-out in-plane slices with foreground (11 held out) of the scan" in dict(card_rows(
+        {"calibration": json.loads(json.dumps(asdict(older)))}))["Calibration"]
 
 
 def test_report_says_what_a_flag_means_and_warns(tmp_path) -> None:
@@ -547,7 +623,9 @@ def test_a_per_scan_calibration_is_said_to_be_made_on_the_scan() -> None:
                              card={"risk": describe_risk(cal, mismatch, calibration_region=False).to_dict()},
                              risk_threshold=THRESHOLD, calibration=cal, calibration_mismatch=mismatch, input_name="x",
                              sr_axis=2, intensity_range=2.0, outside_training=[])["verdict"]
-        assert "per-scan calibration, on held-out in-plane slices of the scan it was adapted on" in v["risk_note"]
+        where = ("per-scan calibration (card), fitted on held-out in-plane slices of the scan" if mismatch is None
+                 else "per-scan calibration, on held-out in-plane slices of the scan it was adapted on")
+        assert where in v["risk_note"] and "model's calibration (card)" not in v["risk_note"]
         assert ("this scan's own held-out in-plane slices" in v["meaning"]) == (mismatch is None)
         assert "inputs like the calibration data" not in v["meaning"]
 

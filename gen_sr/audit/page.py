@@ -16,7 +16,15 @@ import jinja2
 import numpy as np
 
 from gen_sr.audit.figures import FigureRecord
-from gen_sr.audit.summary import INTENSITY_UNIT, coords, grouped, number, seconds
+from gen_sr.audit.summary import (
+    INTENSITY_UNIT,
+    coords,
+    grouped,
+    number,
+    per_scan_basis,
+    per_scan_coverage,
+    seconds,
+)
 from gen_sr.config import ConfigError, config_from_dict
 from gen_sr.model_card import Adaptation
 from gen_sr.risk import MISMATCH_WORDING, Calibration, grid_text, mismatch_text
@@ -118,8 +126,8 @@ def _calibration(v: Any) -> str:
         text += f", δ = {cal.delta:g} ({cal.bound} bound)"
     if units is not None:
         text += f", from {units} units" + (f" of {len(volumes)} volumes" if isinstance(volumes, list) else "")
-    else:
-        text += f", from {cal.num_volumes} volumes"
+    else:  # a record from before the units were recorded: num_volumes counts them all the same
+        text += f", from {cal.num_units} units"
     at_grid = ""
     if cal.scale_per_mm is not None:
         at_grid = f": {cal.scale_per_mm:.4g} per mm" + (
@@ -128,21 +136,11 @@ def _calibration(v: Any) -> str:
         text += f" ({grid}{at_grid})"
     text += f"; miss rate on the calibration data {cal.risk_hat:.3f}"
     if cal.per_scan:
-        held, used = details.get("held_out_slices"), details.get("slices_with_foreground")
-        count = f"{len(held)} " if isinstance(held, list) else ""
-        if isinstance(held, list) and isinstance(used, list) and len(used) < len(held):
-            count = f"{len(used)} (of {len(held)}; the others hold no foreground) "
-        text += (f". Per-scan: fitted on {count}held-out in-plane slices of the scan the model was adapted on, "
-                 "degraded along each in-plane axis with its slices; it assumes the scan's statistics in-plane and "
-                 "through-plane are alike")
-        measured = details.get("measured_coverage")
-        if cal.for_unknown_noise:  # a record made before this was fixed carries the known-noise figures: not its own
-            text += (". Made for runs whose noise std is not known (the interval counts the noise read in-plane); "
-                     "its coverage through-plane was not measured for scans whose noise std is not known")
-        elif isinstance(measured, list | tuple) and len(measured) == 2:
-            text += (f". Where this was measured (real and validation heads, every slice axis), the per-scan 90 % "
-                     f"interval covered {100 * float(measured[0]):.0f}-{100 * float(measured[1]):.0f} % of voxels "
-                     "through-plane, as heads are not alike along every axis")
+        text += f". Per-scan: {per_scan_basis(cal)}"
+        if cal.for_unknown_noise:
+            text += ". Made for runs whose noise std is not known (the interval counts the noise read in-plane)"
+        if (coverage := per_scan_coverage(cal)) is not None:
+            text += f"; {coverage}" if cal.for_unknown_noise else f". {coverage[0].upper()}{coverage[1:]}"
     if cal.outside_scale is not None:
         text += (f". Fitted per region: scale {cal.scale:.3g} in the calibration region (the mask given), "
                  f"{cal.outside_scale:.3g} in the rest of the foreground")
@@ -229,12 +227,11 @@ def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
     for key, value in card.items():
         if key == "interval":
             rows.append(("Interval", _plain(value)))  # as Calibration.describe words it
-        elif key == "noise_std" and not value and card.get("noise_std_estimated"):
-            rows.append(("Measurement noise std", "not known (fitted as 0)"))
-        elif key == "noise_std_estimated" and value and not card.get("noise_std"):
-            rows.append(("Noise std", _noise_not_known(card)))
-        elif key == "noise_std_in_plane" or (key == "steps" and steps is not None):
-            continue  # said in the noise std's row, and the sampler's
+        elif key == "noise_std" and not value and card.get("noise_std_estimated"):  # not known: fitted as 0
+            rows.append((_CARD[key][0], _noise_not_known(card)))
+        elif (key == "noise_std_in_plane" or (key == "steps" and steps is not None)
+              or (key == "noise_std_estimated" and value and "noise_std" in card and not card["noise_std"])):
+            continue  # said in the noise std's row (one row for a noise std not known), and the sampler's
         elif key == "sampler" and isinstance(value, str):  # its recorded name (the run record's) in words
             rows.append((_CARD[key][0], sampler_text(value, steps)))
         else:

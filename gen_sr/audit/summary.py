@@ -16,7 +16,8 @@ from gen_sr.physics import StructureVisibility
 from gen_sr.risk import MISMATCH_WORDING, Calibration, DataDisagreement, IntervalShape, Mismatch, mismatch_text
 
 __all__ = ["DISAGREEMENT_STAGES", "FRAME", "INTENSITY_UNIT", "DisagreementStage", "coords", "data_disagreement",
-           "flag_meaning", "geometry", "grouped", "number", "seconds", "thin_structures", "verdict"]
+           "flag_meaning", "geometry", "grouped", "number", "peaks_where", "per_scan_basis", "per_scan_coverage",
+           "seconds", "thin_structures", "verdict"]
 
 FRAME = "scanner (world) coordinates in mm, RAS+ (x: left → right, y: posterior → anterior, z: inferior → superior)"
 INTENSITY_UNIT = "input intensity units"
@@ -74,6 +75,58 @@ def _size(threshold: float, intensity_range: float | None) -> tuple[str, str]:
                                                    f"intensity range {intensity_range:.4g})")
 
 
+def per_scan_basis(calibration: Calibration) -> str:
+    """What a per-scan calibration (:attr:`~gen_sr.risk.Calibration.per_scan`) was fitted on and what it assumes, as
+    the card's calibration row and the summary say it: ``fitted on 9 (of 11; the others hold no foreground) held-out
+    in-plane slices of the scan the model was adapted on, degraded along each in-plane axis with its slices; it
+    assumes the scan's statistics in-plane and through-plane are alike``."""
+    held = calibration.details.get("held_out_slices")
+    used = calibration.details.get("slices_with_foreground")  # not in records made before it was recorded
+    if not isinstance(held, list):
+        slices = "held-out in-plane slices"
+    elif not isinstance(used, list):
+        slices = f"the held-out in-plane slices with foreground ({len(held)} held out)"
+    elif len(used) < len(held):
+        slices = f"{len(used)} (of {len(held)}; the others hold no foreground) held-out in-plane slices"
+    else:
+        slices = f"{len(held)} held-out in-plane slices"
+    return (f"fitted on {slices} of the scan the model was adapted on, degraded along each in-plane axis with its "
+            "slices; it assumes the scan's statistics in-plane and through-plane are alike")
+
+
+def per_scan_coverage(calibration: Calibration) -> str | None:
+    """How far the assumption of a per-scan calibration (:func:`per_scan_basis`) was seen to hold: the through-plane
+    coverage measured for such calibrations (``details["measured_coverage"]``), or, for one made for runs whose noise
+    std is not known, that it was not measured; ``None`` for a record that says neither."""
+    if calibration.for_unknown_noise:  # older records carry the known-noise figures: not its own
+        return "its coverage through-plane was not measured for scans whose noise std is not known"
+    measured = calibration.details.get("measured_coverage")
+    if isinstance(measured, list | tuple) and len(measured) == 2:
+        return (f"where this was measured, on real and validation heads along every slice axis, the per-scan 90 % "
+                f"interval covered {100 * float(measured[0]):.0f}-{100 * float(measured[1]):.0f} % of voxels "
+                "through-plane, as heads are not alike along every axis")
+    return None
+
+
+def _guarantee(calibration: Calibration) -> str:
+    """What the calibration's guarantee is over, in the summary's "if it holds" clause."""
+    if not calibration.per_scan:
+        return "it is a guarantee on average over inputs like the calibration data"
+    coverage = per_scan_coverage(calibration)
+    return ("calibrated on this scan's own held-out in-plane slices, it is a guarantee on average over in-plane "
+            "problems like theirs, and holds through-plane as far as the scan's statistics in-plane and through-plane "
+            "are alike" + ("" if coverage is None else f"; {coverage}"))
+
+
+def peaks_where(fallback: bool, region: str) -> str:
+    """Where the highest-risk places were ranked (:func:`~gen_sr.audit.clusters.ranked_peaks`; ``region``: the
+    counted region's name), as the verdict and the demo say it: ``away from the brain's rim``, or ``over the whole
+    volume`` where nothing there exceeds the threshold."""
+    if fallback:
+        return "over the whole volume"
+    return "away from the volume's edges" if region == "whole volume" else f"away from the {region}'s rim"
+
+
 def _no_coverage(short: str) -> str:
     """What a flag without a calibration that holds leaves open (the end of :func:`flag_meaning`'s text)."""
     return f"errors larger than {short} can occur anywhere, flagged or not, and no flagged fraction is expected."
@@ -127,13 +180,9 @@ def flag_meaning(threshold: float, *, calibration: Calibration | None, mismatch:
     if unflagged_fraction <= 0:
         return text, None
     bound = min(100.0, 100 * alpha / unflagged_fraction)
-    over = ("a per-scan calibration: made on this scan's own held-out in-plane slices, assuming its through-plane "
-            "problem is like the in-plane one" if calibration.per_scan
-            else "it is a guarantee on average over inputs like the calibration data")
-    text += (f" If it holds for this input ({over}), "
-             f"the truth lies outside its interval in at most {100 * alpha:g} % of voxels, so at most {bound:.3g} % of "
-             f"the unflagged voxels ({100 * unflagged_fraction:.1f} % of the {region}) can be off by more than "
-             f"{short}.")
+    text += (f" If it holds for this input ({_guarantee(calibration)}), the truth lies outside its interval in at "
+             f"most {100 * alpha:g} % of voxels, so at most {bound:.3g} % of the unflagged voxels "
+             f"({100 * unflagged_fraction:.1f} % of the {region}) can be off by more than {short}.")
     return text, bound
 
 
@@ -174,8 +223,7 @@ def verdict(*, flagged: int, foreground_voxels: int, region: CountedRegion, voxe
     if largest is not None:
         text += f"; largest cluster {grouped(largest['size_mm3'])} mm³"
     if peak is not None:
-        where = "over the whole volume" if peak_fallback else f"away from the {region.name}'s rim"
-        text += f"; highest-risk place {where} at {coords(peak['position_mm'])} mm"
+        text += f"; highest-risk place {peaks_where(peak_fallback, region.name)} at {coords(peak['position_mm'])} mm"
     meaning, bound = flag_meaning(threshold, calibration=calibration, mismatch=mismatch if calibrated else None,
                                   intensity_range=intensity_range, unflagged_fraction=1 - flagged / foreground_voxels,
                                   region=region.name)
@@ -205,6 +253,10 @@ def _risk_note(calibration: Calibration | None, mismatch: Mismatch | None) -> st
     if mismatch is not None:
         return (f"Calibrated {MISMATCH_WORDING[mismatch].label}: the risk scale comes from {source}, but "
                 f"{mismatch_text(mismatch)}.")
+    if calibration.per_scan:
+        coverage = per_scan_coverage(calibration)
+        return (f"Calibrated: the risk scale comes from the model's per-scan calibration (card), "
+                f"{per_scan_basis(calibration)}" + ("" if coverage is None else f"; {coverage}") + ".")
     return f"Calibrated: the risk scale comes from {source}."
 
 
