@@ -7,6 +7,7 @@ mistake into one line on stderr with exit code 2 (``--debug`` shows the tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -15,7 +16,7 @@ import os
 import sys
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from gen_sr.io import (
 
 if typing.TYPE_CHECKING:
     from gen_sr.run_record import CoarsenedInput, RiskRecord, RunPlan
+    from gen_sr.volume import Volume
 
 __all__ = ["main"]
 
@@ -119,6 +121,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.file is None:
         raise InputError("give a NIfTI file, or --model DIR for what a model was trained for")
 
+    plan = _plan(args) if args.model is not None else None  # a file it cannot run on: one line, before the header
     img, data = read_nifti(args.file)
     hdr = img.header
     affine = img.affine
@@ -150,8 +153,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if not finite.all():
         lines.append(f"warning:     {int((~finite).sum())} NaN or Inf voxels")
     print("\n".join(lines))
-    if args.model is not None:
-        _print_plan(args)
+    if plan is not None:
+        _print_plan(args, *plan)
     return 0
 
 
@@ -179,15 +182,23 @@ def _slices_from(plan: RunPlan) -> str:
     return ", ".join(f"{' and '.join(whats)} {_SLICES_FROM[source]}" for source, whats in sources.items())
 
 
-def _print_plan(args: argparse.Namespace) -> None:
-    """``info FILE --model DIR``: what ``super-resolve`` would do with the file at its defaults, without sampling."""
-    from gen_sr.pipelines.pipeline_latent_sr import format_bytes
-    from gen_sr.risk import grid_text, mismatch_text
+def _plan(args: argparse.Namespace) -> tuple[typing.Any, Volume, RunPlan]:
+    """``info FILE --model DIR``: the model, the file's volume (once, for the plan and the timing) and what
+    ``super-resolve`` would do with it at its defaults (:meth:`~gen_sr.pipelines.LatentDiffusionSRPipeline.plan`),
+    or one clear error line for a file it cannot run on (a 4D series without ``--volume``, no thick axis)."""
     from gen_sr.volume import load_volume
 
     pipe = _load_pipeline(args)
-    lr = load_volume(args.file, volume_index=args.volume)  # once, for the plan and the timing
-    plan = pipe.plan(lr, num_samples=args.samples, **_acquisition_kwargs(args))
+    lr = load_volume(args.file, volume_index=args.volume)
+    return pipe, lr, pipe.plan(lr, num_samples=args.samples, **_acquisition_kwargs(args))
+
+
+def _print_plan(args: argparse.Namespace, pipe: typing.Any, lr: Volume, plan: RunPlan) -> None:
+    """``info FILE --model DIR``: what ``super-resolve`` would do with the file at its defaults (:func:`_plan`),
+    without sampling; with ``--time``, how long it would take."""
+    from gen_sr.pipelines.pipeline_latent_sr import format_bytes
+    from gen_sr.risk import grid_text, mismatch_text
+
     have = plan.memory_available_bytes
     in_file = lambda ras: [ras[lr.axis_to_canonical(a)] for a in range(3)]  # noqa: E731 (the plan is in RAS+ order)
     rows = [("with model", args.model), ("acquisition", f"{plan.acquisition} (RAS+ axes; {_slices_from(plan)}; "
@@ -441,17 +452,18 @@ def cmd_super_resolve(args: argparse.Namespace) -> int:
         raise InputError("has no background air to read its noise std from (--noise-std auto), which the data "
                          "disagreement needs: pass its noise std", args.input)
     pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr, beside=args.output)
-    out = pipe(lr, keep_samples=False, output_type="np", calibration_region=args.calibration_region,
-               **_acquisition_kwargs(args), **_sampling_kwargs(args))
+    with _noise_said_first(args):
+        out = pipe(lr, keep_samples=False, output_type="np", calibration_region=args.calibration_region,
+                   **_acquisition_kwargs(args), **_sampling_kwargs(args))
     adapted = pipe.model_card.adapted
     run = dataclasses.replace(out.record, timings={**timings, **out.record.timings},
                               adaptation=None if adapted is None else dataclasses.asdict(adapted))
     if not process_state().is_main_process:  # under `accelerate launch`, the main process writes the outputs
         return 0
-    if not args.adapt:  # an adaptation printed it
+    if not args.adapt:  # an adaptation printed both first
         _print_coarsened(run.coarsened_input)
-    if run.noise_std_estimated and run.noise_std:  # a scan without air: the run warned
-        _print_noise_estimate(run.noise_std)
+        if run.noise_std_estimated and run.noise_std:  # a scan without air: the run warned
+            _print_noise_estimate(run.noise_std)
     # what audit --reuse checks its mean and std against (as written: the voxels a reader gets)
     last = sorted(outputs, key=lambda key: key == "mean")  # the mean last, as a cohort writes it
     run = dataclasses.replace(run, output_digests=save_maps(lr, {key: (getattr(out, key), out.affine, outputs[key])
@@ -535,12 +547,25 @@ def _print_risk(risk: RiskRecord | None) -> None:
 
 
 def _print_noise_estimate(std: float | None) -> None:
-    """The noise std read from the scan's air (``--noise-std auto``), or for a fit on a scan that has none, that its
-    per-scan calibration is for runs whose noise std is not known (:data:`~gen_sr.risk.NOISE_UNKNOWN_SHAPE`)."""
+    """The noise std read from the scan's air (``--noise-std auto``), or for a fit on a scan that has none, that it is
+    not known: the slices are fitted exactly, and its per-scan calibration is for such runs
+    (:data:`~gen_sr.risk.NOISE_UNKNOWN_SHAPE`)."""
     print(f"noise:    std {std:.4g} read from the scan's background air (--noise-std auto)" if std else
-          "noise:    no background air to read the noise std from (masked or cropped to the head): the per-scan\n"
-          "          calibration is for runs whose noise std is not known (interval std + 0.5 σ̂ read in-plane); pass "
-          "--noise-std where known")
+          "noise:    not known: no background air to read it from (masked or cropped to the head); the slices\n"
+          "          are fitted exactly, without a noise std, and the per-scan calibration is made for such runs\n"
+          "          (interval std + 0.5 σ̂ read in-plane); pass --noise-std where known")
+
+
+@contextlib.contextmanager
+def _noise_said_first(args: argparse.Namespace) -> Iterator[None]:
+    """Around a run: after ``--adapt``, whose fit printed the scan's noise std first (:func:`_fit`), the run's own
+    warning of a noise std not known is left out, so that it is said once."""
+    from gen_sr.pipelines.pipeline_latent_sr import NoiseUnknownWarning
+
+    with warnings.catch_warnings():
+        if args.adapt:
+            warnings.filterwarnings("ignore", category=NoiseUnknownWarning)
+        yield
 
 
 def _adaptation_noise(args: argparse.Namespace, scan_noise: float | None, *, target: bool = False) -> float | None:
@@ -558,11 +583,12 @@ def _adaptation_noise(args: argparse.Namespace, scan_noise: float | None, *, tar
     return {"none": 0.0, "given": scan_noise, "estimate": None}[choice]
 
 
-def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, *, report_noise: bool = True):
+def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path):
     """Adapt ``pipe`` to the scan ``lr`` and calibrate it there for the runs on it with the same ``--target-spacing``,
     ``--noise-std`` and ``--calibration-region`` (:func:`gen_sr.training.scan_fit.fit_to_scan`, on the scan as they
-    measure it: :func:`~gen_sr.training.scan_fit.measure_scan`), printing what was done: its resampling, with
-    ``report_noise`` the noise std read from its air (``--noise-std auto``), and the adaptation."""
+    measure it: :func:`~gen_sr.training.scan_fit.measure_scan`), printing what was done: first its resampling and the
+    noise std read from its air (``--noise-std auto``), which the adaptation and the runs after it use, then the
+    adaptation."""
     from gen_sr.eval.scan_calibration import check_noise_to_recorrupt
     from gen_sr.training.scan_fit import fit_to_scan, measure_scan
 
@@ -571,7 +597,7 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, *, report_noise: bo
     scan_noise = measured.noise_std
     if process_state().is_main_process:
         _print_coarsened(measured.coarsened)
-        if report_noise and args.noise_std == "auto":
+        if args.noise_std == "auto":
             _print_noise_estimate(scan_noise)
     if args.samples < 2:  # before any training: the calibration fits a multiple of the samples' spread
         raise InputError(f"the per-scan calibration needs the samples' spread, which {args.samples} sample has not",
@@ -602,7 +628,8 @@ def _fit(args: argparse.Namespace, pipe, lr, work_dir: Path, *, report_noise: bo
     if process_state().is_main_process:
         loss = record.heldout_loss
         if record.steps == 0:
-            print("adapted:  not fine-tuned (--steps 0): the pretrained UNet, calibrated on the scan")
+            flag = "--steps" if args.command == "fit" else "--adapt-steps"  # super-resolve's --steps: sampling
+            print(f"adapted:  not fine-tuned ({flag} 0): the pretrained UNet, calibrated on the scan")
         else:
             print(f"adapted:  {record.steps} steps on the in-plane slices of {args.input} in "
                   f"{fit.timings['adapt_s']:.0f} s" + (f"; held-out in-plane loss {loss[0]:.4f} -> {loss[1]:.4f}"
@@ -635,7 +662,7 @@ def _adapted_if_asked(args: argparse.Namespace, pipe, lr, beside: str) -> tuple[
     if model.exists() and not args.overwrite:
         raise InputError("holds an adapted model already", model,
                          f"use it with --model {model} (without --adapt), or pass --overwrite to adapt again")
-    fit = _fit(args, pipe, lr, folder, report_noise=False)  # the run prints it
+    fit = _fit(args, pipe, lr, folder)
     save_model(fit.pipe, model, overwrite=True)
     if process_state().is_main_process:
         print(f"wrote:    {model} (the adapted, calibrated model)")
@@ -902,14 +929,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     brain = load_volume(args.mask) if args.mask else None
     tissues = {name: load_volume(path) for name, path in args.tissue} or None
     pipe, timings = _adapted_if_asked(args, _load_pipeline(args), lr, beside=args.output_dir)
-    payload = audit(pipe, lr, out, input_name=Path(args.input).name, model_name=str(args.model), reference=reference,
-                    masks=tissues, brain_mask=brain, reuse=args.reuse, calibration_region=args.calibration_region,
-                    risk_threshold=args.risk_threshold, overwrite=args.overwrite, timings=timings,
-                    **_acquisition_kwargs(args), **_sampling_kwargs(args))
-    if not args.adapt and (coarsened := payload["card"].get("coarsened_input")):  # an adaptation printed it
-        _print_coarsened(CoarsenedInput.from_dict(coarsened))
-    if payload["card"].get("noise_std_estimated") and payload["card"]["noise_std"]:  # without air: the run warned
-        _print_noise_estimate(payload["card"]["noise_std"])
+    with _noise_said_first(args):
+        payload = audit(pipe, lr, out, input_name=Path(args.input).name, model_name=str(args.model),
+                        reference=reference, masks=tissues, brain_mask=brain, reuse=args.reuse,
+                        calibration_region=args.calibration_region, risk_threshold=args.risk_threshold,
+                        overwrite=args.overwrite, timings=timings, **_acquisition_kwargs(args),
+                        **_sampling_kwargs(args))
+    if not args.adapt:  # an adaptation printed both first
+        if coarsened := payload["card"].get("coarsened_input"):
+            _print_coarsened(CoarsenedInput.from_dict(coarsened))
+        if payload["card"].get("noise_std_estimated") and payload["card"]["noise_std"]:  # without air: the run warned
+            _print_noise_estimate(payload["card"]["noise_std"])
     _print_risk(RiskRecord.from_dict(payload["card"]["risk"]))  # audit returns report.json's payload: read back
     print(f"verdict:  {payload['verdict']['text']}")
     if (departs := payload["data_disagreement"]) is not None:

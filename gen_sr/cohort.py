@@ -289,20 +289,29 @@ def run_cohort(pipe: Any, scans: Sequence[tuple[Path, Path]], output_dir: str | 
 
 def run_settings(pipe: Any, seed: int, pipe_kwargs: dict[str, Any]) -> dict[str, Any]:
     """What makes a cohort's outputs what they are, as JSON (recorded in each sidecar as ``cohort_settings``): the
-    model folder and its content (:func:`~gen_sr.io.model_digests`: weights, card and calibration), the sampler
-    settings as the runs resolve them (``pipe.sampling_settings``: a step count left to the model's default equals
-    the same count given), the seed and the other pipeline arguments as given, but for ``batch_size`` (a memory knob:
-    the output depends on it only by float32 rounding). The acquisition's (target spacing, slice profile and
-    thickness) are recorded as given too, and a rerun compares them as each scan's run resolves them (its
-    ``operator``; :func:`run_cohort`)."""
+    settings as asked, the same for every scan (a rerun compares them with its own: :func:`run_cohort`), not as each
+    scan's run resolved them from its data (its run record says that). They are the model folder and its content
+    (:func:`~gen_sr.io.model_digests`: weights, card and calibration), the sampler settings as asked
+    (``sampling_as_asked``: ``pipe.sampling_settings``, so that a step count left to the model's default equals the
+    same count given; without ``noise_known``, which each scan's air decides where the noise std is ``"auto"``, and
+    with the ``refit_disagreement`` asked, which a run without a noise std does not do), the seed and the other
+    pipeline arguments as given, but for ``batch_size`` (a memory knob: the output depends on it only by float32
+    rounding). The acquisition's (target spacing, slice profile and thickness) are recorded as given too, and a rerun
+    compares them as each scan's run resolves them (its ``operator``; :func:`run_cohort`)."""
     model = getattr(pipe.config, "_name_or_path", None)
     folder = Path(model).resolve() if model and Path(model).is_dir() else None
     noise = pipe_kwargs.get("noise_std")
-    sampling = asdict(pipe.sampling_settings(**{**pipe_kwargs, "noise_std": noise if noise != "auto" else None}))
-    others = {k: v for k, v in pipe_kwargs.items() if k not in sampling and k != "batch_size"}
+    asked = asdict(pipe.sampling_settings(**{**pipe_kwargs, "noise_std": noise if noise != "auto" else None}))
+    others = {k: v for k, v in pipe_kwargs.items() if k not in asked and k != "batch_size"}
+    sampling = {k: v for k, v in asked.items() if k not in _RESOLVED_PER_SCAN}
     return json_ready({"model": None if folder is None else str(folder),
                        "model_files": None if folder is None else model_digests(folder),
-                       "sampling": sampling, "seed": seed, **dict(sorted(others.items()))})
+                       "sampling_as_asked": sampling, "seed": seed, **dict(sorted(others.items()))})
+
+
+_RESOLVED_PER_SCAN = ("noise_known",)
+"""Sampler settings that each scan's run resolves from its own data, left out of the settings as asked
+(:func:`run_settings`; records from before wrote ``noise_known`` there, always true, which a rerun does not compare)."""
 
 
 def single_scan_record(pipe: Any, seed: int, pipe_kwargs: dict[str, Any], stamp: dict[str, Any]) -> CohortRecord:
@@ -364,6 +373,8 @@ def _changes(earlier: _Scan, pipe: Any, settings: dict[str, Any], pipe_kwargs: d
     if recorded is None:
         return {}
     before, now = _flat(recorded), _flat(settings)
+    for key in _RESOLVED_PER_SCAN:  # an older record's, as asked (always true): not a setting
+        before.pop(key, None)
     if any(before.get(k) != now.get(k) for k in _ACQUISITION):
         given = {k: pipe_kwargs[k] for k in _ACQUISITION if k in pipe_kwargs}
         plan = pipe.plan(earlier.scan, noise_std=0.0, **given)  # a noise std given: no air to read for the plan

@@ -61,17 +61,21 @@ def check_output_file(path: PathLike, overwrite: bool = False, inputs: Sequence[
                       suffixes: Sequence[str] | None = None) -> Path:
     """Check one output file before any work is done; returns it as a ``Path``.
 
+    Its folder may be missing where the folder above it is writable: it is then created when the file is written
+    (:func:`atomic_write`), as an output folder is (:func:`check_output_dir`).
+
     Raises:
-        InputError: a wrong suffix, a missing or unwritable directory, an existing file without ``overwrite``, or
-            the same file as one of ``inputs`` or as the JSON sidecar of a NIfTI one (``scan.nii`` and the run record
-            of an output ``scan.nii.gz`` are both ``scan.json``).
+        InputError: a wrong suffix, a folder that is a file or is missing with the one above it, an unwritable
+            folder, an existing file without ``overwrite``, or the same file as one of ``inputs`` or as the JSON
+            sidecar of a NIfTI one (``scan.nii`` and the run record of an output ``scan.nii.gz`` are both
+            ``scan.json``).
     """
     p = Path(path)
     if suffixes is not None and not p.name.lower().endswith(tuple(suffixes)):
         raise InputError(f"output must end in {' or '.join(suffixes)}", p)
     if p.is_dir():
         raise InputError("is a directory; an output file name is needed", p)
-    check_writable_dir(p.parent)
+    _check_folder_of(p.parent)
     _check_not_an_input(p, inputs, "give the output another name")
     if p.exists() and not overwrite:
         raise InputError("output already exists", p, "pass --overwrite to replace it")
@@ -96,16 +100,22 @@ def check_output_path(path: PathLike, overwrite: bool = False, inputs: Sequence[
     return check_output_file(path, overwrite, inputs, NIFTI_SUFFIXES)
 
 
+def _check_folder_of(out: Path) -> None:
+    """Check a folder that outputs go into: it is a writable folder, or missing where its parent is one (it is then
+    created when written)."""
+    if out.exists() and not out.is_dir():
+        raise InputError("is a file; an output folder is needed", out)
+    check_writable_dir(out if out.is_dir() else out.parent,
+                       "the output folder" if out.is_dir() else "the output folder's parent")
+
+
 def check_output_dir(path: PathLike, overwrite: bool = False, markers: Sequence[str] = (),
                      inputs: Sequence[PathLike] = ()) -> Path:
     """Check an output folder before any work: it exists and is writable, or its parent is (it is then created
     when written); it holds none of ``markers`` (earlier outputs) unless ``overwrite``; none of them would be one of
     ``inputs`` or an input's JSON sidecar (:func:`check_output_file`), whatever ``overwrite``."""
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise InputError("is a file; an output folder is needed", out)
-    check_writable_dir(out if out.is_dir() else out.parent,
-                       "the output folder" if out.is_dir() else "the output folder's parent")
+    _check_folder_of(out)
     for marker in markers:
         _check_not_an_input(out / marker, inputs, "give another output folder")
     if not overwrite and (existing := [m for m in markers if (out / m).exists()]):
@@ -116,8 +126,10 @@ def check_output_dir(path: PathLike, overwrite: bool = False, markers: Sequence[
 def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> None:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; the temporary file never outlives a
     failure, and the failure itself is what is raised. The temporary name keeps the suffix, so writers that choose
-    the format by suffix still work."""
+    the format by suffix still work. A missing folder of ``path`` is created first (the output checks allow one
+    whose parent is writable: :func:`check_output_file`)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
     stem = path.name[: len(path.name) - len(suffix)]
     tmp = path.with_name(f".{stem}.partial-{os.getpid()}{suffix}")

@@ -166,10 +166,13 @@ class RunRecord:
             for 3D models.
         patch_size, skip_background, skipped_tiles: the tiling (``patch_size`` ``None``: the default one).
         processes: the processes the samples were split over.
-        noise_std: the noise std the projections used, in input units (0: none, or not known).
-        noise_std_estimated: whether it was asked to be read from the scan's air (``noise_std="auto"``).
+        noise_std: the noise std the projections used, in input units (0: none, the data taken as noise-free);
+            ``None`` where it was not known (asked to be read from air the scan does not have: the projections were
+            exact, as for noise-free data, and :attr:`noise_known` is ``False``).
+        noise_std_estimated: whether it was asked to be read from the scan's air (``noise_std="auto"``), whether or
+            not the scan had air to read it from.
         noise_known: ``False`` where it was asked to be read from air the scan does not have
-            (:attr:`SamplingSettings.noise_known`).
+            (:attr:`SamplingSettings.noise_known`; :attr:`noise_std` is then ``None``).
         noise_std_in_plane: for such a run, the noise std read in-plane (:func:`~gen_sr.physics.estimate_noise_std`),
             which its interval counts where its calibration was made for such runs; else ``None``.
         coarsened_input: how the input was resampled in-plane first, or ``None``.
@@ -212,7 +215,7 @@ class RunRecord:
     skip_background: float | None = None
     skipped_tiles: int = 0
     processes: int = 1
-    noise_std: float = 0.0
+    noise_std: float | None = 0.0
     noise_std_estimated: bool = False
     noise_known: bool = True
     noise_std_in_plane: float | None = None
@@ -240,12 +243,17 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunRecord:
-        """Read a record back (:meth:`to_dict`'s, or an older version's: a field it lacks takes its default, a
-        ``noise_std`` of ``null`` is 0). Keys that are not fields (what a cohort adds to its scans' records) are left
-        out. ``ValueError`` for a mapping without an ``operator`` (not a run record)."""
+        """Read a record back (:meth:`to_dict`'s, or an older version's: a field it lacks takes its default). A
+        ``noise_std`` is ``None`` where ``noise_known`` is false (older records wrote 0 there), else a number (a
+        ``null`` one, as records from before ``noise_known`` wrote for noise-free data, is 0). Keys that are not
+        fields (what a cohort adds to its scans' records) are left out. ``ValueError`` for a mapping without an
+        ``operator`` (not a run record)."""
         if not isinstance(d.get("operator"), Mapping):
             raise ValueError("no operator: not a run record")
-        return cls(**{k: _READ.get(k, _same)(v) for k, v in known_fields(cls, d).items()})
+        values = {k: _READ.get(k, _same)(v) for k, v in known_fields(cls, d).items()}
+        if values.get("noise_known", True) is False:
+            values["noise_std"] = None
+        return cls(**values)
 
     @property
     def sampling(self) -> SamplingSettings | None:
@@ -437,8 +445,12 @@ class CohortRecord:
             (:func:`~gen_sr.cohort.flagged_fraction`); ``None``: not recorded (a single-scan run's record).
         risk_threshold: the risk above which a voxel counted as flagged.
         seconds: the run's wall time; ``None``: not recorded (a single-scan run's record).
-        cohort_settings: the settings the outputs were made with (:func:`~gen_sr.cohort.run_settings`); ``None``:
-            from before they were recorded, or a run of an adapted model.
+        cohort_settings: the settings the outputs were made with, as asked (:func:`~gen_sr.cohort.run_settings`):
+            the same for every scan of a cohort, which a rerun compares with its own to decide whether a finished
+            scan's outputs are still its (so not what each scan's run resolved from its own data: its
+            ``sampling_as_asked`` holds no ``noise_known``, and its ``refit_disagreement`` is the one asked, which a
+            run without a noise std does not do; the run's own fields, :class:`RunRecord`, say what the run did);
+            ``None``: from before they were recorded, or a run of an adapted model.
         input_stamp: the scan and its JSON sidecar as the run found them (:func:`~gen_sr.cohort.input_stamp`);
             ``None``: not kept, and then the scan is taken as unchanged.
     """

@@ -862,8 +862,8 @@ def test_fit_on_a_scan_without_air_calibrates_the_default_runs_on_it_whose_noise
                  "--sampling-steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "no background air" in out and "(std + 0.5 × noise std), from 40 units" in out
-    assert re.search(r"the per-scan\s+calibration is for runs whose noise std is not known \(interval std \+ 0\.5 σ̂ "
-                     r"read in-plane\); pass --noise-std where known", out)
+    assert re.search(r"the slices\s+are fitted exactly, without a noise std, and the per-scan calibration is made for "
+                     r"such runs\s+\(interval std \+ 0\.5 σ̂ read in-plane\); pass --noise-std where known", out)
     fitted = LatentDiffusionSRPipeline.from_pretrained(tmp_path / "adapted").calibration
     assert fitted.for_unknown_noise and fitted.shape == NOISE_UNKNOWN_SHAPE and fitted.details["noise_std"] is None
     assert main(["super-resolve", "--model", str(tmp_path / "adapted"), "--input", str(tmp_path / "lr.nii.gz"),
@@ -873,6 +873,43 @@ def test_fit_on_a_scan_without_air_calibrates_the_default_runs_on_it_whose_noise
     assert run["risk"]["per_scan"] and run["risk"]["holds"] and run["risk"]["mismatch"] is None
     assert not run["noise_known"] and run["noise_std_in_plane"] > 0.01  # the scan's noise, read in-plane
     assert fitted.details["in_plane_noise_std"] == pytest.approx(run["noise_std_in_plane"])  # the problems' noise
+
+
+def test_adapting_on_a_scan_without_air_says_its_noise_first_once_and_given_one_says_the_noise_is_why(
+        tmp_path: Path, capsys) -> None:
+    """A walkthrough on a skull-stripped scan. ``super-resolve --adapt`` and ``audit --adapt``: the noise line comes
+    first (the adaptation and its calibration use that noise), and once (not again as the run's warning); the
+    output's folder, not made yet, is made as audit's is. The record says the noise std is not known (``null``).
+    Following the advice to pass ``--noise-std``, the adapted model's per-scan calibration (made for runs whose noise
+    is not known) says that the noise is why its coverage does not hold, not "other sampler settings"."""
+    from gen_sr.cli import main
+    from gen_sr.volume import save_volume
+
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    _, lr = _scan(shape=(24, 24, 30))  # foreground everywhere: no air
+    noisy = lr.with_data((lr.data + 0.03 * np.random.default_rng(0).standard_normal(lr.shape)).astype(np.float32))
+    save_volume(noisy, tmp_path / "lr.nii.gz")
+    scan = ["--model", str(tmp_path / "model"), "--input", str(tmp_path / "lr.nii.gz"), "--adapt", "--adapt-steps",
+            "0", "--holdout-every", "2", "--samples", "2", "--steps", "2"]
+    out = tmp_path / "out" / "sr.nii.gz"  # its folder is not there yet
+    for command in (["super-resolve", *scan, "--output", str(out)],
+                    ["audit", *scan, "--output-dir", str(tmp_path / "audit")]):
+        assert main(command) == 0
+        said = capsys.readouterr()
+        assert said.out.count("noise:") == 1 and said.out.startswith("noise:    not known: no background air"), said
+        assert said.out.index("noise:") < said.out.index("calibrated on the scan")  # before the adaptation
+        assert "no background air" not in said.err  # said once, first
+        assert "not fine-tuned (--adapt-steps 0)" in said.out  # its own flag: --steps are sampling steps here
+    run = json.loads((tmp_path / "out" / "sr.json").read_text())
+    assert out.is_file() and run["noise_std"] is None and run["noise_known"] is False and run["risk"]["holds"]
+    adapted = str(tmp_path / "out" / "sr_adaptation" / "model")
+    given = ["--noise-std", "0.03", "--samples", "2", "--steps", "2"]
+    assert main(["super-resolve", "--model", adapted, "--input", str(tmp_path / "lr.nii.gz"), "--output",
+                 str(tmp_path / "given.nii.gz"), *given]) == 0
+    err = capsys.readouterr().err
+    assert mismatch_text("noise_known") in err and "other sampler settings" not in err
+    run = json.loads((tmp_path / "given.json").read_text())
+    assert run["noise_std"] == 0.03 and run["risk"]["mismatch"] == "noise_known"
 
 
 def test_recorrupting_a_scan_whose_noise_std_is_not_known_is_refused_before_any_work(tmp_path: Path,
@@ -936,7 +973,7 @@ def test_fit_to_scan_at_its_defaults_calibrates_the_runs_at_the_defaults(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # without air the run warns that its noise std is not known
         out = fit.pipe(lr, generator=_gen(1), output_type="np", **run)
-    assert out.record.noise_known is air and (out.record.noise_std > 1.5) is air  # read from the air: about 2
+    assert out.record.noise_known is air and (out.record.noise_std > 1.5 if air else out.record.noise_std is None)
     risk = out.metadata["risk"]
     assert risk["per_scan"] and risk["mismatch"] is None and risk["holds"]
     noise = fit.calibration.calibration.details["noise_std"]

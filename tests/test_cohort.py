@@ -102,7 +102,7 @@ def test_a_cohort_runs_reports_a_failed_scan_and_a_rerun_skips_the_finished_ones
     rows = (tmp_path / "out" / "summary.tsv").read_text().splitlines()
     assert rows[0].split("\t")[:4] == ["scan", "status", "seconds", "noise_std"] and len(rows) == 6
     done = [r for r in summary["scans"] if r["status"] == "done"]
-    assert all(r["noise_std"] == 0 for r in done)  # boxes in zeros: no air to read a noise std from
+    assert all(r["noise_std"] is None for r in done)  # boxes in zeros: no air to read a noise std from, not known
     mean = tmp_path / "out" / "sub-00" / "anat" / "sub-00_desc-sr_T1w.nii.gz"
     assert nib.load(mean).shape == (12, 10, 15)
     sidecar = json.loads(mean.with_name("sub-00_desc-sr_T1w.json").read_text())
@@ -339,6 +339,18 @@ def test_a_single_scan_runs_outputs_at_a_cohorts_paths_are_taken_where_their_rec
         return paths.mean
 
     mean = single("out")
+    sidecar = mean.with_name("sub-00_desc-sr_T1w.json")
+    written = json.loads(sidecar.read_text())  # a box in zeros: no air, its noise std not known
+    assert written["noise_std"] is None and written["noise_known"] is False and not written["refit_disagreement"]
+    asked = written["cohort_settings"]["sampling_as_asked"]  # the same for every scan: as asked, not as resolved
+    assert "noise_known" not in asked and "sampling" not in written["cohort_settings"]
+    assert written["cohort_settings"]["noise_std"] == "auto"
+    assert RunRecord.from_dict(written).noise_std is None and not RunRecord.from_dict(written).sampling.noise_known
+    earlier = {**written, "noise_std": 0.0,  # as the version before wrote it: 0, and the settings under "sampling"
+               "cohort_settings": {**{k: v for k, v in written["cohort_settings"].items() if k != "sampling_as_asked"},
+                                   "sampling": {**asked, "noise_known": True}}}
+    sidecar.write_text(json.dumps(earlier))
+    assert RunRecord.from_dict(earlier).noise_std is None  # read as not known all the same
     stamp = mean.stat().st_mtime_ns
     capsys.readouterr()
     assert main(_cohort_args(tmp_path, "out")) == 0 and "1 done, 1 skipped" in capsys.readouterr().out

@@ -41,11 +41,13 @@ def test_writing_into_an_unwritable_folder_raises_the_real_error(unwritable: Pat
     assert "x.partial" in str(info.value)  # the write's own error, naming the file it tried, not a clean-up's
 
 
-def test_output_checks_name_the_problem(tmp_path: Path, unwritable: Path) -> None:
+def test_output_checks_name_the_problem(tmp_path: Path, unwritable: Path, hr_file: Path) -> None:
     with pytest.raises(InputError, match="not writable"):
         check_output_file(unwritable / "a.json")
-    with pytest.raises(InputError, match="does not exist"):
-        check_output_file(tmp_path / "missing" / "a.json")
+    with pytest.raises(InputError, match="the output folder's parent does not exist"):  # two folders missing
+        check_output_file(tmp_path / "missing" / "deeper" / "a.json")
+    with pytest.raises(InputError, match="is a file; an output folder is needed"):
+        check_output_file(hr_file / "a.json")
     with pytest.raises(InputError, match=r"must end in \.nii or \.nii\.gz"):
         check_output_path(tmp_path / "a.nrrd")
     (tmp_path / "a.nii.gz").write_bytes(b"x")
@@ -73,6 +75,15 @@ def test_output_checks_name_the_problem(tmp_path: Path, unwritable: Path) -> Non
         check_output_dir(tmp_path / "run", markers=["report.html", "report.json"])
     assert check_output_dir(tmp_path / "new") == tmp_path / "new"  # its parent is writable: created when written
     assert list(tmp_path.iterdir()) != [] and not any(p.name.startswith(".gen_sr-probe") for p in tmp_path.iterdir())
+
+
+def test_an_output_file_may_go_into_a_folder_not_made_yet_which_its_write_makes(tmp_path: Path) -> None:
+    """As an output folder may be missing where its parent is there (``audit --output-dir``), so may an output
+    file's folder (``super-resolve --output out/sr.nii.gz``): checked before any work, made when written."""
+    target = check_output_file(tmp_path / "out" / "sr.json")
+    assert not (tmp_path / "out").exists()  # the check makes nothing
+    write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1} and [p.name for p in (tmp_path / "out").iterdir()] == ["sr.json"]
 
 
 def test_json_is_strict_and_sidecars_sit_beside_their_volume(tmp_path: Path) -> None:

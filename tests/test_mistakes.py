@@ -217,3 +217,23 @@ def test_a_slice_profile_file_that_is_not_numbers_is_one_line(capsys, tmp_path: 
                    "--slice-thickness", "2", "--profile", profile)
     assert f"{profile}: a slice profile file holds numbers only" in err
     assert _files(tmp_path) == ["lr.nii.gz", "profile.txt"]
+
+
+def test_info_on_a_file_a_model_cannot_run_on_says_one_line_without_the_header_first(capsys, tmp_path: Path,
+                                                                                       model_dir: Path) -> None:
+    """``info FILE --model DIR`` on a 4D series without ``--volume``, or on a scan with no thick axis: the one error
+    line (exit 2), not the file's header and then the error (a walkthrough); the header where the file is fine."""
+    import nibabel as nib
+
+    lr = _lr()
+    series = tmp_path / "series.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([lr.data, lr.data], axis=-1), lr.affine), series)
+    iso = save_volume(Volume(lr.data, np.eye(4)), tmp_path / "iso.nii.gz")
+    for path, said in ((series, "series.nii.gz: is a 4D series of 2 volumes (pick one with --volume N"),
+                       (iso, "iso.nii.gz: has no coarse axis")):
+        assert main(["info", str(path), "--model", str(model_dir)]) == 2
+        printed = capsys.readouterr()
+        assert printed.out == "" and len(printed.err.strip().splitlines()) == 1 and said in printed.err, printed
+    assert main(["info", str(series), "--model", str(model_dir), "--volume", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"file:        {series}") and "output grid:" in printed

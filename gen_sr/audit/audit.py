@@ -101,7 +101,7 @@ def reuse_outputs(pipe: LatentDiffusionSRPipeline, lr: Volume, sr_path: str | Pa
     as_tensor = lambda v: torch.from_numpy(v.data.astype(np.float64))[None, None]  # noqa: E731
     dc = operator.residual_map(as_tensor(canon_mean), as_tensor(canon_lr))[0, 0].numpy()
     norm = pipe.intensity_normalization(canon_lr.data)
-    scale, sigma = norm.scale, run.noise_std
+    scale, sigma = norm.scale, run.noise_std or 0.0  # not known (None): its projections were exact
     disagreement = None
     if sigma > 0:  # in the pipeline's normalised units, as the pipeline computed it (its foreground is not offset-free)
         normalised = [torch.from_numpy(norm(v.data.astype(np.float64)))[None, None] for v in (canon_mean, canon_lr)]
@@ -324,7 +324,7 @@ def _against_reference(maps: dict[str, Volume], lr: Volume, reference: Volume, o
         mask = sum(m.canonical().data for m in masks.values()) >= 0.5
     else:
         mask = foreground(ref.data)
-    case = Case("input", ref, lr.canonical(), operator, run.noise_std)
+    case = Case("input", ref, lr.canonical(), operator, run.noise_std or 0.0)
     truth = ref.data.astype(np.float64)
     data_range = float(np.ptp(truth[mask]))
     std = maps["std"].canonical().data

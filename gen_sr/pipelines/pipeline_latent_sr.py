@@ -62,6 +62,7 @@ from gen_sr.risk import (
     Mismatch,
     SamplingSettings,
     grid_text,
+    mismatch_text,
     risk_map,
 )
 from gen_sr.run_record import RunPlan, RunRecord, TimeEstimate, describe_risk
@@ -71,8 +72,8 @@ from gen_sr.volume import IntensityNormalization, Volume, VolumeMemo, load_volum
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DEFAULT_NUM_SAMPLES", "CalibrationMismatchWarning", "LatentDiffusionSRPipeline", "OutsideTrainingWarning",
-           "SRPipelineOutput", "resolve_noise_std"]
+__all__ = ["DEFAULT_NUM_SAMPLES", "CalibrationMismatchWarning", "LatentDiffusionSRPipeline", "NoiseUnknownWarning",
+           "OutsideTrainingWarning", "SRPipelineOutput", "resolve_noise_std"]
 
 DEFAULT_NUM_SAMPLES = 8
 """Posterior samples per run unless a call says otherwise."""
@@ -98,6 +99,12 @@ and so does a Python session, ``pipe.plan(lr)`` then ``pipe(lr)``."""
 class OutsideTrainingWarning(UserWarning):
     """An input lies outside what the model was trained for (its model card); the output may be worse than the
     model card's figures."""
+
+
+class NoiseUnknownWarning(UserWarning):
+    """A run asked to read its noise std from the scan's background air (``noise_std="auto"``), which the scan does
+    not have (masked, skull-stripped or cropped to the head): its noise std is not known. A command that said so
+    before the run (``--adapt``, whose fit prints it first) leaves this one out."""
 
 
 @dataclass
@@ -249,8 +256,9 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
         grid (:attr:`calibration`'s settings, :meth:`~gen_sr.risk.Calibrations.nearest`), which does not hold for
         them (``warn``: a :class:`CalibrationMismatchWarning` says so, and which settings or grid have one, as it
         does for a record made with these settings on grids away from this one:
-        :meth:`~gen_sr.risk.Calibration.mismatch`)."""
-        exact = self.calibrations.find(settings, grid_spacing)
+        :meth:`~gen_sr.risk.Calibration.mismatch`; where that record differs only in the noise, known or not, the
+        warning says the noise is why, in the words of its :data:`~gen_sr.risk.Mismatch`)."""
+        asked, exact = settings, self.calibrations.find(settings, grid_spacing)
         if exact is None and not settings.noise_known:  # a model without records for such runs: as a noise-free one
             settings = replace(settings, noise_known=True)
             exact = self.calibrations.find(settings, grid_spacing)
@@ -270,7 +278,11 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
                               f"{MISMATCH_WORDING['grid'].advice}", CalibrationMismatchWarning, stacklevel=5)
             return nearest
         default = self.calibration
-        if default is not None and warn:
+        why = None if default is None else default.mismatch(asked)
+        if warn and why in ("noise_known", "noise_unknown"):  # only the noise differs (and the refit that follows it)
+            warnings.warn(f"this run's risk map uses the model's calibration, but {mismatch_text(why)}",
+                          CalibrationMismatchWarning, stacklevel=5)
+        elif default is not None and warn:
             made = "settings it did not record" if default.sampling is None else default.sampling.describe()
             warnings.warn(f"this run uses {settings.describe()}, which no calibration of the model was made with: its "
                           f"risk map uses the calibration made with {made}, whose coverage does not hold for these "
@@ -623,7 +635,7 @@ class LatentDiffusionSRPipeline(DiffusionPipeline):
             skip_background=skip_background,
             skipped_tiles=skipped,
             processes=processes,
-            noise_std=plan.noise_std or 0.0,
+            noise_std=plan.noise_std,
             noise_std_estimated=plan.noise_std_estimated,
             noise_known=plan.noise_known,
             noise_std_in_plane=plan.noise_std_in_plane,
@@ -1241,8 +1253,9 @@ def _warn_noise_unknown(source: str | None, counted: bool, in_plane: float) -> N
     interval = (f"its risk map's interval counts the noise read in-plane ({in_plane:.4g})" if counted
                 else "the risk map's calibration for that (made on noise-free slices) under-covers a noisy scan")
     warnings.warn(f"{source or 'the input'} has no background air to read its noise std from (masked, skull-stripped "
-                  f"or cropped to the head): the projections fit the data as without a noise std, and {interval}; "
-                  "pass its noise std where known, for a noise-aware fit", stacklevel=5)
+                  f"or cropped to the head): its noise std is not known, so its slices are fitted exactly, without "
+                  f"one, and {interval}; pass its noise std where known, for a noise-aware fit", NoiseUnknownWarning,
+                  stacklevel=5)
 
 
 def _check_settings(*, eta: float, noise_std: float | str, num_samples: int, batch_size: int, guidance: str,
