@@ -408,7 +408,7 @@ def test_card_rows_are_short_and_labelled() -> None:
                                    "miss rate on the calibration data 0.090")
     unknown = dict(card_rows({**AUDIT_CARD, "noise_std": 0.0, "noise_std_estimated": True}))
     assert unknown["Measurement noise std"].startswith("not known: the scan has no background air")
-    assert "Noise std" not in unknown  # one row says it: not known, fitted as noise-free
+    assert "Noise std" not in unknown  # one row says it: not known, the slices fitted exactly
     counted = card_rows({**AUDIT_CARD, "noise_std": 0.0, "noise_std_estimated": True, "noise_std_in_plane": 0.02})
     said = dict(counted)["Measurement noise std"]
     assert "the calibrated interval counts the noise read in-plane from its slices (0.02)" in said

@@ -227,7 +227,7 @@ def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
     for key, value in card.items():
         if key == "interval":
             rows.append(("Interval", _plain(value)))  # as Calibration.describe words it
-        elif key == "noise_std" and not value and card.get("noise_std_estimated"):  # not known: fitted as 0
+        elif key == "noise_std" and not value and card.get("noise_std_estimated"):  # not known: fitted exactly
             rows.append((_CARD[key][0], _noise_not_known(card)))
         elif (key == "noise_std_in_plane" or (key == "steps" and steps is not None)
               or (key == "noise_std_estimated" and value and "noise_std" in card and not card["noise_std"])):
@@ -241,9 +241,9 @@ def card_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _noise_not_known(card: Mapping[str, Any]) -> str:
-    """The noise std row of a run that had none: fitted as noise-free, and what its interval did about it."""
-    text = ("not known: the scan has no background air to read it from (--noise-std auto), so it was fitted as "
-            "noise-free; ")
+    """The noise std row of a run that had none: its slices fitted exactly, and what its interval did about it."""
+    text = ("not known: the scan has no background air to read it from (--noise-std auto), so its slices were "
+            "fitted exactly, without one; ")
     in_plane = card.get("noise_std_in_plane")  # on the card where the interval counted it
     if isinstance(in_plane, int | float):
         return text + (f"the calibrated interval counts the noise read in-plane from its slices ({in_plane:.3g}), as "
