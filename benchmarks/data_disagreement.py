@@ -313,8 +313,8 @@ def projection_check(pipe: LatentDiffusionSRPipeline, specs: list[str], args: ar
                 half = calibration.halfwidth(np.asarray(out.std, np.float64), mean, noise_std)
                 row[f"{given}_coverage"] = coverage(half, truth - mean, 1.0, brain)
         print(f"{spec}: PSNR " + ", ".join(f"{k} {v:.2f} dB" for k, v in row.items() if "_" not in k)
-              + f" (true std {case.noise_std:.4g}" + "".join(f", {k} {v:.4g}" for k, v in row.items()
-                                                            if k.endswith("_std"))
+              + f" (true std {case.noise_std:.4g}" + "".join(f", {k} {'not known' if v is None else format(v, '.4g')}"
+                                                            for k, v in row.items() if k.endswith("_std"))
               + "); calibrated coverage " + ", ".join(f"{k.removesuffix('_coverage')} {v:.3f}"
                                                       for k, v in row.items() if k.endswith("_coverage")), flush=True)
     return rows
