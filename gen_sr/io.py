@@ -126,10 +126,10 @@ def check_output_dir(path: PathLike, overwrite: bool = False, markers: Sequence[
 def atomic_write(path: PathLike, write: Callable[[Path], Any]) -> None:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``; the temporary file never outlives a
     failure, and the failure itself is what is raised. The temporary name keeps the suffix, so writers that choose
-    the format by suffix still work. A missing folder of ``path`` is created first (the output checks allow one
-    whose parent is writable: :func:`check_output_file`)."""
+    the format by suffix still work. A missing folder of ``path`` is created first, one level only, as the output
+    checks allow (one whose parent is writable: :func:`check_output_file`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
     stem = path.name[: len(path.name) - len(suffix)]
     tmp = path.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
